@@ -1,0 +1,98 @@
+"""The runtime contract every backend implements: `Engine.info` (the artifact's metadata) and `Engine.infer`.
+
+An engine takes a uint8 NHWC RGB batch (the host does no float work) and returns, per image,
+an [n, 6] float32 array (x1, y1, x2, y2, score, class) in input pixels. `infer` is thread-safe:
+up to `instances` calls run at once, each on its own session / execution context.
+"""
+
+from __future__ import annotations
+
+import json
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+__all__ = ["Engine", "EngineError", "EngineInfo"]
+
+
+class EngineError(RuntimeError):
+    """A model artifact that cannot be loaded or run; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class EngineInfo:
+    """Metadata carried inside every engine file (ONNX metadata_props, TensorRT header, .pt checkpoint)."""
+
+    names: dict[int, str]
+    imgsz: tuple[int, int]  # (height, width): the largest input the engine takes
+    stride: int = 32
+    batch: tuple[int, int] = (1, 1)  # (min, max) batch size
+    dynamic_hw: bool = False  # height and width may be any stride multiple up to imgsz
+    precision: str = "fp32"  # fp32 | fp16 | int8
+    variant: str = ""  # turbo | v1
+    scale: str = ""  # n | s | m | l | x
+    conf: float = 0.25  # score threshold applied inside the engine
+    iou: float = 0.7  # NMS IoU threshold applied inside the engine
+    max_det: int = 300
+    version: str = ""  # yolov12-serve version that wrote it
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def nc(self) -> int:
+        return len(self.names)
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["names"] = {str(k): v for k, v in self.names.items()}
+        return json.dumps(d, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> EngineInfo:
+        d = json.loads(text)
+        known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
+        known["names"] = {int(k): str(v) for k, v in (d.get("names") or {}).items()}
+        for key in ("imgsz", "batch"):
+            if key in known:
+                v = known[key]
+                known[key] = (int(v), int(v)) if isinstance(v, int | float) else tuple(int(x) for x in v)
+        return cls(**known)
+
+
+class Engine(ABC):
+    """A loaded model artifact on one device."""
+
+    info: EngineInfo
+    device: str  # "cpu", "cuda:0", ...
+    instances: int = 1
+
+    @abstractmethod
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """uint8 [B, H, W, 3] RGB (H, W multiples of the stride, within info.imgsz) -> B arrays [n, 6] in input pixels."""
+
+    def close(self) -> None:  # noqa: B027 - optional for backends holding no external resources
+        """Free sessions, contexts and device memory."""
+
+    def check_batch(self, batch: np.ndarray) -> None:
+        """Raise EngineError with the fix when `batch` does not fit this engine."""
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[-1] != 3:
+            raise EngineError(f"expected a uint8 [B,H,W,3] batch, got {batch.dtype} {list(batch.shape)}")
+        b, h, w = batch.shape[:3]
+        lo, hi = self.info.batch
+        if not lo <= b <= hi:
+            raise EngineError(f"batch of {b} outside the engine's range {lo}..{hi}: re-export with --batch {b} "
+                              "--dynamic, or send smaller batches")
+        ih, iw = self.info.imgsz
+        if self.info.dynamic_hw:
+            s = self.info.stride
+            if h % s or w % s or h > ih or w > iw:
+                raise EngineError(f"input {h}x{w} must be multiples of {s} within {ih}x{iw}")
+        elif (h, w) != (ih, iw):
+            raise EngineError(f"input {h}x{w} but the engine was exported for {ih}x{iw} (export with --dynamic)")
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""Letterbox geometry (numpy only, no torch): fit a frame into the engine's input and map boxes back.
+
+A stream is fitted to the smallest stride-multiple rectangle of its aspect ratio within the
+engine's size (640x360 at 320 -> 320x192), so wide frames run on fewer pixels than a square.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["Letterbox", "fit_shape", "plan_letterbox"]
+
+
+def fit_shape(src_hw: tuple[int, int], max_hw: tuple[int, int], stride: int = 32,
+              rect: bool = True) -> tuple[int, int]:
+    """Input (h, w) for a `src_hw` frame: scale to fit `max_hw`, then round up to stride multiples (rect)."""
+    if not rect:
+        return max_hw
+    h0, w0 = src_hw
+    r = min(max_hw[0] / h0, max_hw[1] / w0)
+    h = min(max_hw[0], math.ceil(round(h0 * r, 6) / stride) * stride)
+    w = min(max_hw[1], math.ceil(round(w0 * r, 6) / stride) * stride)
+    return int(h), int(w)
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """How one source shape maps into one input shape: resize by `ratio` to `new_hw`, pad by (`left`, `top`)."""
+
+    src_hw: tuple[int, int]
+    input_hw: tuple[int, int]
+    new_hw: tuple[int, int]
+    ratio: float
+    left: int
+    top: int
+
+    def unscale(self, dets: np.ndarray) -> np.ndarray:
+        """[n, 6] boxes in input pixels -> source-frame pixels (clipped to the frame); scores/classes untouched."""
+        out = dets.astype(np.float32, copy=True)
+        out[:, [0, 2]] = ((out[:, [0, 2]] - self.left) / self.ratio).clip(0, self.src_hw[1])
+        out[:, [1, 3]] = ((out[:, [1, 3]] - self.top) / self.ratio).clip(0, self.src_hw[0])
+        return out
+
+    def place(self, resized: np.ndarray, fill: int = 114) -> np.ndarray:
+        """Pad an already-resized [new_h, new_w, 3] image to the input shape (grey borders)."""
+        h, w = self.input_hw
+        if resized.shape[:2] == (h, w):
+            return resized
+        out = np.full((h, w, 3), fill, dtype=np.uint8)
+        out[self.top:self.top + self.new_hw[0], self.left:self.left + self.new_hw[1]] = resized
+        return out
+
+
+def plan_letterbox(src_hw: tuple[int, int], input_hw: tuple[int, int]) -> Letterbox:
+    """The resize ratio and centred padding that fit `src_hw` into `input_hw` keeping the aspect ratio."""
+    r = min(input_hw[0] / src_hw[0], input_hw[1] / src_hw[1])
+    new_h, new_w = max(1, round(src_hw[0] * r)), max(1, round(src_hw[1] * r))
+    top, left = (input_hw[0] - new_h) // 2, (input_hw[1] - new_w) // 2
+    return Letterbox(src_hw, input_hw, (new_h, new_w), r, left, top)

@@ -1,0 +1,36 @@
+"""Shared fixtures. ultralytics is a test-only oracle: configured offline, in a temp settings dir."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_YOLO_DIR = Path(tempfile.gettempdir()) / "yolov12-serve-tests-ultralytics"
+
+
+def _configure_ultralytics() -> None:
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(_YOLO_DIR))
+    font = _YOLO_DIR / "Ultralytics" / "Arial.ttf"
+    if not font.exists():
+        try:
+            import matplotlib
+
+            src = Path(matplotlib.__file__).parent / "mpl-data" / "fonts" / "ttf" / "DejaVuSans.ttf"
+            font.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, font)
+        except Exception:  # matplotlib missing: ultralytics only needs the font for plots
+            pass
+
+
+_configure_ultralytics()
+
+
+@pytest.fixture(scope="session")
+def ultralytics():
+    """The ultralytics package as an oracle, or a skip with the reason."""
+    return pytest.importorskip("ultralytics", reason="ultralytics (test-only oracle) is not installed")

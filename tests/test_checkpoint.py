@@ -1,0 +1,128 @@
+"""Checkpoints: ultralytics files load without ultralytics and give the same outputs; our format; hostile pickles."""
+
+from __future__ import annotations
+
+import copy
+import io
+import os
+import pickle
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from trainer import YOLO
+from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from trainer.nn import build_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _randomise_bn(model: torch.nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2)
+            m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5)
+            m.bias.data.uniform_(-0.2, 0.2)
+
+
+@pytest.mark.parametrize("scale", ["n", "s"])
+def test_ultralytics_checkpoint_matches_oracle(ultralytics, tmp_path: Path, scale: str) -> None:
+    """Build yolo12{n,s} in ultralytics, save it the way its trainer does, load here, compare outputs in fp32."""
+    from ultralytics.nn.tasks import DetectionModel as UltralyticsModel
+
+    torch.manual_seed(0)
+    theirs = UltralyticsModel(f"yolo12{scale}.yaml", nc=5, verbose=False).eval()
+    theirs.names = {i: f"defect{i}" for i in range(5)}
+    _randomise_bn(theirs)
+    path = tmp_path / "best.pt"
+    torch.save({"epoch": 3, "model": None, "ema": copy.deepcopy(theirs), "optimizer": None,
+                "train_args": {"imgsz": 320, "batch": 16}, "version": ultralytics.__version__}, path)
+
+    ckpt = load_checkpoint(path)
+    assert ckpt.source == "ultralytics"
+    assert (ckpt.spec.variant, ckpt.spec.scale, ckpt.spec.nc) == ("v1", scale, 5)
+    assert ckpt.spec.names[4] == "defect4" and ckpt.imgsz == 320
+    x = torch.rand(2, 3, 256, 320)
+    with torch.no_grad():
+        expected, ours = theirs(x)[0], ckpt.model(x)
+    assert ((expected - ours).abs().max() / expected.abs().max()).item() <= 1e-4
+
+
+def test_loads_without_ultralytics_installed(ultralytics, tmp_path: Path) -> None:
+    """A fresh interpreter with ultralytics made unimportable still loads an ultralytics file."""
+    from ultralytics import YOLO as UltralyticsYOLO
+
+    path = tmp_path / "u.pt"
+    UltralyticsYOLO("yolo12n.yaml").save(path)
+    code = (
+        "import sys; sys.modules['ultralytics'] = None\n"
+        "from trainer import YOLO\n"
+        f"m = YOLO({str(path)!r}); print(m.model.spec.variant, m.model.spec.scale, m.model.nc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["v1", "n", "80"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_hostile_pickle_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "evil.pt"
+    torch.save({"model": _Exploit(), "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match="refusing to load 'posix.system'|refusing to load 'os.system'"):
+        load_checkpoint(path)
+    raw = tmp_path / "evil_raw.pt"  # a legacy (non-zip) pickle
+    raw.write_bytes(pickle.dumps({"model": _Exploit()}))
+    with pytest.raises(CheckpointError):
+        load_checkpoint(raw)
+
+
+def test_own_format_loads_weights_only_and_round_trips(tmp_path: Path) -> None:
+    model = build_model("yolov12n.yaml", names=["scratch", "dent"]).eval()
+    _randomise_bn(model)
+    path = save_checkpoint(tmp_path / "w.pt", model, imgsz=320, train_args={"epochs": 3, "batch": 8}, epoch=2)
+    raw = torch.load(path, weights_only=True)
+    assert raw["spec"]["variant"] == "turbo" and raw["spec"]["scale"] == "n" and raw["imgsz"] == 320
+    assert raw["train_args"]["batch"] == 8
+    ckpt = load_checkpoint(path)
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ckpt.model(x))
+    assert ckpt.spec.names == {0: "scratch", 1: "dent"} and ckpt.imgsz == 320
+    assert YOLO(str(path)).names[1] == "dent"
+
+
+def test_ddp_prefixed_turbo_state_dict_reads_architecture(tmp_path: Path) -> None:
+    """A bare state dict saved from DDP: `module.` stripped; turbo, scale s, groups and nc read from the weights."""
+    model = build_model("yolov12s.yaml", nc=7)
+    path = tmp_path / "ddp.pt"
+    torch.save({f"module.{k}": v for k, v in model.state_dict().items()}, path)
+    ckpt = load_checkpoint(path)
+    assert (ckpt.spec.variant, ckpt.spec.scale, ckpt.spec.nc) == ("turbo", "s", 7)
+    assert ckpt.model.model[1].conv.groups == 2 and ckpt.model.model[3].conv.groups == 4
+
+
+def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+    model = build_model("yolov12n.yaml")
+    good = save_checkpoint(tmp_path / "good.pt", model)
+    torn = tmp_path / "torn.pt"
+    torn.write_bytes(good.read_bytes()[:5000])
+    with pytest.raises(CheckpointError, match="unreadable"):
+        load_checkpoint(torn)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("x.txt", "hello")
+    (tmp_path / "zip.pt").write_bytes(buf.getvalue())
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "zip.pt")
