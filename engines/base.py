@@ -69,7 +69,7 @@ class Engine(ABC):
 
     @abstractmethod
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
-        """uint8 [B, H, W, 3] RGB (H, W multiples of the stride, within info.imgsz) -> B arrays [n, 6] in input pixels."""
+        """uint8 [B, H, W, 3] RGB (H, W stride multiples within info.imgsz) -> B arrays [n, 6] in input pixels."""
 
     def close(self) -> None:  # noqa: B027 - optional for backends holding no external resources
         """Free sessions, contexts and device memory."""

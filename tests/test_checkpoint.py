@@ -78,7 +78,7 @@ class _Exploit:
 def test_hostile_pickle_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"model": _Exploit(), "epoch": 1}, path)
-    with pytest.raises(CheckpointError, match="refusing to load 'posix.system'|refusing to load 'os.system'"):
+    with pytest.raises(CheckpointError, match=r"refusing to load '(posix|os)\.system'"):
         load_checkpoint(path)
     raw = tmp_path / "evil_raw.pt"  # a legacy (non-zip) pickle
     raw.write_bytes(pickle.dumps({"model": _Exploit()}))

@@ -55,7 +55,7 @@ def test_nc_override_and_names() -> None:
     assert model.head.cv3[0][-1].out_channels == 3
     with pytest.raises(ValueError, match="class names"):
         build_model("yolov12n.yaml", nc=4, names=["a"])
-    with pytest.raises(FileNotFoundError, match="yolov12n.yaml"):
+    with pytest.raises(FileNotFoundError, match=r"yolov12n\.yaml"):
         build_model("yolov13q.yaml")
 
 

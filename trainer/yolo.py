@@ -29,7 +29,8 @@ class YOLO:
             self.ckpt = load_checkpoint(model)
             self.model = self.ckpt.model
         else:
-            raise ValueError(f"'{model}': expected a model yaml (yolov12n.yaml ... yolov12x-v1.yaml) or a .pt checkpoint")
+            raise ValueError(f"'{model}': expected a model yaml (yolov12n.yaml ... yolov12x-v1.yaml) "
+                             "or a .pt checkpoint")
 
     @property
     def names(self) -> dict[int, str]:
@@ -55,7 +56,7 @@ class YOLO:
 
         return val(self, **kwargs)
 
-    def export(self, format: str = "onnx", **kwargs: Any) -> str:  # noqa: A002 - the ultralytics keyword
+    def export(self, format: str = "onnx", **kwargs: Any) -> str:
         """Export to `format` ('onnx' or 'engine'); returns the written path."""
         from .export import export
 

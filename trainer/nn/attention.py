@@ -109,7 +109,7 @@ class AAttnV1(nn.Module):
         self.pe = Conv(dim, dim, 7, 1, 3, g=dim, act=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, c, h, w = x.shape
+        b, _, h, w = x.shape
         area = self.area if self.area > 1 else 1
         qkv = _split_areas(self.qkv(x), area)  # [B', N', 3C], channels [q_h | k_h | v_h] per head
         bn, n, _ = qkv.shape
