@@ -1,10 +1,12 @@
 """Area attention (YOLOv12's A2 module) and the R-ELAN block built from it.
 
 The token sequence (H*W, row-major) is cut into `area` contiguous chunks (horizontal
-stripes) that attend within themselves, batched as B*area. Attention runs through
+stripes) that attend within themselves, batched as B*area. On GPUs attention runs through
 `torch.nn.functional.scaled_dot_product_attention` (FlashAttention-2 kernels on supported
 GPUs, no extra package); the `flash-attn` package is used on CUDA when it is importable
-and the GPU supports it, never required.
+and the GPU supports it, never required. On CPU and in ONNX export the plain
+softmax(q k^T) v is used: SDPA's CPU fallback adds safe-softmax masking ops (all, where,
+isneginf) that cost about 6% of a yolov12n forward, and exports to a larger graph.
 
 Two released variants differ only in the projections:
 - turbo (official repository default): `qk` 1x1 C->2C, `v` 1x1 C->C, 5x5 depthwise `pe` on v.
@@ -22,7 +24,7 @@ from torch import nn
 from .blocks import C3k
 from .conv import Conv
 
-__all__ = ["A2C2f", "AAttn", "AAttnV1", "ABlock", "attention", "attention_backend"]
+__all__ = ["A2C2f", "AAttn", "AAttnV1", "ABlock", "attention", "attention_backend", "explicit_attention"]
 
 
 @functools.cache
@@ -45,18 +47,27 @@ def _flash_attn_usable(q: torch.Tensor) -> bool:
 
 
 def attention_backend(device: torch.device | str = "cpu") -> str:
-    """Name of the kernel `attention` uses on `device`: 'flash-attn' or 'sdpa'."""
+    """Name of the kernel `attention` uses on `device`: 'flash-attn', 'sdpa' (CUDA) or 'math' (CPU)."""
     probe = torch.empty(1, 1, 1, 32, device=device)
-    return "flash-attn" if _flash_attn_usable(probe) else "sdpa"
+    if _flash_attn_usable(probe):
+        return "flash-attn"
+    return "sdpa" if probe.is_cuda else "math"
+
+
+def explicit_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v, written out (the CPU and export path)."""
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Softmax(q k^T / sqrt(d)) v on [B, heads, N, d] tensors."""
+    """Softmax(q k^T / sqrt(d)) v on [B, heads, N, d] tensors, with the fastest kernel for the device."""
     if _flash_attn_usable(q):
         dtype = q.dtype if q.dtype in (torch.float16, torch.bfloat16) else torch.float16
         out = _flash_attn_func()(*(t.transpose(1, 2).to(dtype) for t in (q, k, v)))
         return out.transpose(1, 2).to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v)
+    if q.is_cuda and not torch.onnx.is_in_onnx_export():
+        return F.scaled_dot_product_attention(q, k, v)
+    return explicit_attention(q, k, v)
 
 
 def _split_areas(t: torch.Tensor, area: int) -> torch.Tensor:
@@ -72,9 +83,9 @@ def _heads(t: torch.Tensor, heads: int) -> torch.Tensor:
 
 
 def _merge(t: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
-    """[B*area, heads, N/area, d] attention output -> [B, C, H, W] map."""
-    t = t.transpose(1, 2).reshape(b, h * w, -1)
-    return t.transpose(1, 2).reshape(b, -1, h, w)
+    """[B*area, heads, N/area, d] attention output -> [B, C, H, W] map (one copy)."""
+    return t.permute(0, 1, 3, 2).reshape(b, -1, h, w) if t.shape[0] == b else \
+        t.transpose(1, 2).reshape(b, h, w, -1).permute(0, 3, 1, 2).contiguous()
 
 
 class AAttn(nn.Module):
