@@ -1,0 +1,110 @@
+"""Console scripts: yolov12-train, yolov12-val, yolov12-export, yolov12-data.
+
+Every option of `TrainConfig` is a flag (`--cos-lr`, `--micro-batch 8`, `--no-val` ...). Bad
+input ends with one readable line on stderr and exit status 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import MISSING, fields
+
+from .config import TrainConfig
+
+__all__ = ["data_main", "export_main", "train_main", "val_main"]
+
+_HELP = {
+    "model": "model yaml (yolov12n.yaml ... yolov12x.yaml turbo, yolov12n-v1.yaml ... v1) or a .pt to fine-tune",
+    "data": "dataset yaml (YOLO format: path, train, val, names)",
+    "batch": "GLOBAL batch size, split across GPUs and then into micro-batches as memory requires",
+    "device": "cpu, 0, or 0,1,2,3 (one process per GPU); default: GPU 0 if present else cpu",
+    "nproc": "processes on this machine (default: one per GPU listed; 1 on CPU; CPU DDP uses gloo)",
+    "micro_batch": "images per forward/backward (0 = probe GPU memory automatically)",
+    "grad_checkpointing": "recompute activations in backward: auto (when it lets more fit), on, off",
+    "amp": "mixed precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, off",
+    "resume": "continue the run in PROJECT/NAME (or give the path of a last.pt)",
+    "cache": "cache decoded images: ram or disk",
+    "cos_lr": "cosine LR schedule instead of linear",
+}
+
+
+_CHOICES = {"amp": ["auto", "bf16", "fp16", "off"], "grad_checkpointing": ["auto", "on", "off"],
+            "optimizer": ["auto", "SGD", "AdamW"]}
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    hints = typing.get_type_hints(TrainConfig)
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default if f.default is not MISSING else None
+        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        hint = hints[f.name]
+        if hint is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        elif f.name in ("resume", "cache"):  # bool | str: a bare flag means True, or give a value
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=default, help=help_text)
+        else:
+            base = {int: int, float: float, str: str}.get(typing.get_args(hint)[0] if typing.get_args(hint) else hint,
+                                                          str)
+            parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text,
+                                choices=_CHOICES.get(f.name))
+
+
+def _fail(prog: str, e: BaseException) -> int:
+    print(f"{prog}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def train_main(argv: list[str] | None = None) -> int:
+    """yolov12-train: train a YOLOv12 model on one GPU, several, several machines (torchrun) or the CPU."""
+    parser = argparse.ArgumentParser(
+        prog="yolov12-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Train YOLOv12. Writes PROJECT/NAME/weights/{last,best}.pt, results.csv and plots. "
+                    "A global batch of any size fits: it is split across GPUs, then into micro-batches.")
+    _add_config_flags(parser)
+    args = vars(parser.parse_args(argv))
+    try:
+        from . import YOLO
+        from .checkpoint import CheckpointError
+
+        model = args.pop("model")
+        metrics = YOLO(model).train(model=model, **args)
+    except KeyboardInterrupt:
+        print("yolov12-train: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
+        return _fail("yolov12-train", e)
+    if metrics:
+        print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    return 0
+
+
+def val_main(argv: list[str] | None = None) -> int:
+    """yolov12-val: mAP of a checkpoint on a dataset's val split."""
+    from .validate import val_main as run
+
+    return run(argv)
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """yolov12-export: write an ONNX model or a TensorRT engine with its metadata inside."""
+    from .export import export_main as run
+
+    return run(argv)
+
+
+def data_main(argv: list[str] | None = None) -> int:
+    """yolov12-data synth: generate a synthetic factory-defect dataset."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: yolov12-data synth --out DIR --images N [--imgsz S] [--seed K] [--val-fraction F]\n\n"
+              "  synth    textured factory surfaces with labelled defects (scratch, dent, crack, stain, missing_part)")
+        return 0 if argv else 2
+    if argv[0] != "synth":
+        return _fail("yolov12-data", ValueError(f"unknown command '{argv[0]}': expected 'synth'"))
+    from .data.synth import synth_main
+
+    return synth_main(argv[1:])

@@ -1,0 +1,127 @@
+"""Training options: one dataclass, its defaults the official YOLOv12 recipe (see reference/yolov12.md)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+__all__ = ["SCALE_AUGMENT", "TrainConfig"]
+
+# Per-scale augmentation defaults of the official recipe: (scale, mixup, copy_paste).
+SCALE_AUGMENT: dict[str, tuple[float, float, float]] = {
+    "n": (0.5, 0.0, 0.1), "s": (0.9, 0.05, 0.15), "m": (0.9, 0.15, 0.4), "l": (0.9, 0.15, 0.5), "x": (0.9, 0.2, 0.6),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything `YOLO(...).train(**kw)` and `yolov12-train` accept. Unknown keys are an error."""
+
+    # what and where
+    model: str = "yolov12n.yaml"
+    data: str = ""
+    epochs: int = 100
+    imgsz: int = 640
+    batch: int = 16  # GLOBAL batch: split across processes, then into micro-batches
+    device: str = ""  # "" = all visible GPUs' first ("0") else "cpu"; "0,1,2,3" = one process per GPU
+    nproc: int = 0  # processes on this machine; 0 = one per listed GPU (1 on CPU). CPU DDP uses gloo
+    workers: int = 8  # dataloader workers per process
+    project: str = "runs/train"
+    name: str = "exp"
+    exist_ok: bool = False
+    resume: bool | str = False  # True = PROJECT/NAME/weights/last.pt, or a path
+    cache: bool | str = False  # False | "ram" | "disk"
+    seed: int = 0
+    deterministic: bool = False
+
+    # memory and speed
+    amp: str = "auto"  # auto: bf16 where the GPU supports it, else fp16 + grad scaler; fp32 on CPU | bf16 | fp16 | off
+    grad_checkpointing: str = "auto"  # off | on | auto (on when it lets a larger micro-batch fit)
+    micro_batch: int = 0  # 0 = auto (probe GPU memory; the whole per-process batch on CPU)
+    sync_bn: bool = False
+    dist_timeout: float = 1800.0  # seconds before a collective gives up (a dead rank ends the run)
+
+    # optimisation
+    optimizer: str = "auto"  # auto | SGD | AdamW
+    lr0: float = 0.01
+    lrf: float = 0.01
+    momentum: float = 0.937
+    weight_decay: float = 5e-4
+    nbs: int = 64  # nominal batch: weight decay and loss scale are relative to it
+    warmup_epochs: float = 3.0
+    warmup_momentum: float = 0.8
+    warmup_bias_lr: float = 0.0
+    cos_lr: bool = False
+    ema: bool = True
+    ema_decay: float = 0.9999
+    ema_tau: float = 2000.0
+    clip_grad: float = 10.0
+    box: float = 7.5
+    cls: float = 0.5
+    dfl: float = 1.5
+
+    # augmentation (None = the per-scale default of the official recipe)
+    hsv_h: float = 0.015
+    hsv_s: float = 0.7
+    hsv_v: float = 0.4
+    degrees: float = 0.0
+    translate: float = 0.1
+    scale: float | None = None
+    shear: float = 0.0
+    perspective: float = 0.0
+    flipud: float = 0.0
+    fliplr: float = 0.5
+    mosaic: float = 1.0
+    mixup: float | None = None
+    copy_paste: float | None = None
+    close_mosaic: int = 10
+
+    # validation, saving, logging
+    val: bool = True
+    patience: int = 100  # stop after this many epochs without a better fitness
+    save_period: int = -1  # also keep epoch{N}.pt every N epochs
+    plots: bool = True
+    verbose: bool = True
+
+    @classmethod
+    def from_kwargs(cls, **kwargs: Any) -> TrainConfig:
+        """Build from keyword arguments; an unknown key is a ValueError naming the closest valid one."""
+        names = {f.name for f in fields(cls)}
+        for key in kwargs:
+            if key not in names:
+                close = difflib.get_close_matches(key, names, n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise ValueError(f"unknown training option '{key}'{hint}")
+        cfg = cls(**kwargs)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        """Reject values that would fail later, with the fix in the message."""
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if self.imgsz < 32 or self.imgsz % 32:
+            raise ValueError(f"imgsz must be a multiple of 32 (>= 32), got {self.imgsz}")
+        if self.amp not in ("auto", "bf16", "fp16", "off"):
+            raise ValueError(f"amp must be auto, bf16, fp16 or off, got '{self.amp}'")
+        if self.grad_checkpointing not in ("auto", "on", "off"):
+            raise ValueError(f"grad_checkpointing must be auto, on or off, got '{self.grad_checkpointing}'")
+        if self.optimizer not in ("auto", "SGD", "AdamW"):
+            raise ValueError(f"optimizer must be auto, SGD or AdamW, got '{self.optimizer}'")
+        if self.cache not in (False, True, "ram", "disk"):
+            raise ValueError(f"cache must be false, ram or disk, got '{self.cache}'")
+        if self.micro_batch < 0:
+            raise ValueError(f"micro_batch must be >= 0 (0 = automatic), got {self.micro_batch}")
+
+    def augment_defaults(self, scale_letter: str) -> None:
+        """Fill scale / mixup / copy_paste left at None with the official per-scale values."""
+        s, mix, cp = SCALE_AUGMENT.get(scale_letter, SCALE_AUGMENT["n"])
+        self.scale = s if self.scale is None else self.scale
+        self.mixup = mix if self.mixup is None else self.mixup
+        self.copy_paste = cp if self.copy_paste is None else self.copy_paste
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)

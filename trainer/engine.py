@@ -1,0 +1,440 @@
+"""The distributed trainer: a loop of steps with hooks (detectron2's shape), and the `train()` entry point.
+
+One optimizer step is one step on the whole global batch, however it is split: the batch is
+divided across processes, then into micro-batches; gradients of every micro-batch and rank are
+summed and normalised once by the global target-score sum (see `DetectionLoss`), so the update
+equals the one a single device holding the whole batch would make. DDP synchronises gradients only
+on the last micro-batch. An out-of-memory error halves the micro-batch and retries the step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import random
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .config import TrainConfig
+from .distributed import DistContext, barrier, init_process, launch, parse_devices, under_launcher
+from .ema import ModelEMA
+from .hooks import HookBase, StopTraining, default_hooks
+from .memory import autocast, choose_precision, is_oom, plan_memory
+from .nn import DetectionModel, build_model
+from .optim import build_optimizer, lr_lambda
+
+__all__ = ["Trainer", "train"]
+
+
+class Trainer:
+    """Owns the loop and the parts it wires together: data, model, loss, optimizer, EMA, hooks."""
+
+    def __init__(self, cfg: TrainConfig, model: DetectionModel, ctx: DistContext, save_dir: Path,
+                 hooks: list[HookBase] | None = None) -> None:
+        from .data import DetectionDataset, build_dataloader, load_data_config
+        from .loss import DetectionLoss
+
+        self.cfg, self.ctx, self.device, self.save_dir = cfg, ctx, ctx.device, save_dir
+        _seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+        self.data = load_data_config(cfg.data)
+        model = adapt_to_names(model, self.data.names)
+        cfg.augment_defaults(model.spec.scale)
+
+        # data: the global batch split evenly across processes
+        if cfg.batch % ctx.world_size:
+            raise ValueError(f"batch {cfg.batch} does not split evenly over {ctx.world_size} processes: use a multiple")
+        self.per_process = cfg.batch // ctx.world_size
+        self.train_set = DetectionDataset(self.data, "train", imgsz=cfg.imgsz, augment=True, hyp=cfg, cache=cfg.cache,
+                                          rect=False, batch_size=self.per_process, seed=cfg.seed)
+        self.train_loader = build_dataloader(self.train_set, self.per_process, cfg.workers, shuffle=True,
+                                             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+        self.iters_per_epoch = len(self.train_loader)
+        self.validator = None
+        if ctx.is_main and (cfg.val or cfg.epochs):
+            from .validate import Validator
+
+            val_set = DetectionDataset(self.data, "val", imgsz=cfg.imgsz, augment=False, cache=cfg.cache, rect=True,
+                                       batch_size=self.per_process * 2, seed=cfg.seed)
+            val_loader = build_dataloader(val_set, self.per_process * 2, cfg.workers, shuffle=False, rank=0,
+                                          world_size=1, seed=cfg.seed)
+            self.validator = Validator(val_loader, self.data.names, self.device)
+
+        # model, precision, memory plan
+        model = model.to(self.device).train()
+        if cfg.sync_bn and ctx.distributed:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.dtype = choose_precision(cfg.amp, self.device)
+        self.loss_fn = DetectionLoss(model, box=cfg.box, cls=cfg.cls, dfl=cfg.dfl)
+        self.model_without_ddp = model
+        plan = plan_memory(self.per_process, self.device, self.dtype, cfg.micro_batch, cfg.grad_checkpointing,
+                           self._probe)
+        model.set_grad_checkpointing(plan.grad_checkpointing)
+        self.micro_batch = plan.micro_batch
+        self.log(f"memory plan: {plan.describe(self.per_process)}; global batch {cfg.batch} over "
+                 f"{ctx.world_size} process(es)")
+        self.model = model
+        if ctx.distributed:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+
+        # optimisation
+        iterations = math.ceil(len(self.train_set) / max(cfg.batch, cfg.nbs)) * cfg.epochs
+        decay = cfg.weight_decay * cfg.batch / cfg.nbs
+        self.optimizer, self.optimizer_name, lr0 = build_optimizer(model, cfg.optimizer, cfg.lr0, cfg.momentum, decay,
+                                                                   iterations, model.nc)
+        self.momentum = cfg.momentum if cfg.optimizer != "auto" else 0.9
+        self.lr_factor = lr_lambda(cfg.epochs, cfg.lrf, cfg.cos_lr)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
+        self.log(f"optimizer {self.optimizer_name} lr0={lr0:g} momentum={self.momentum} weight_decay={decay:g}")
+
+        # loop state
+        self.start_epoch, self.epoch, self.iter = 0, 0, 0
+        self.metrics: dict[str, Any] = {}
+        self.fitness: float | None = None
+        self.best_fitness: float | None = None
+        self.best_epoch = 0
+        self.epoch_losses: dict[str, float] = {}
+        self.epoch_images_per_s = 0.0
+        self.last_step: dict[str, Any] = {}
+        self.start_time = time.time()
+        self.hooks: list[HookBase] = []
+        self.register_hooks(default_hooks() + list(hooks or []))
+
+    # ------------------------------------------------------------------ hooks and the loop
+    def register_hooks(self, hooks: list[HookBase]) -> None:
+        for h in hooks:
+            h.trainer = self
+            self.hooks.append(h)
+
+    def _call(self, stage: str) -> None:
+        for h in self.hooks:
+            getattr(h, stage)()
+
+    def train(self) -> dict[str, Any]:
+        """Run from `start_epoch` to `cfg.epochs`; returns the last validation metrics."""
+        try:
+            self._call("before_train")
+            for epoch in range(self.start_epoch, self.cfg.epochs):
+                self.epoch = epoch
+                self._set_epoch(epoch)
+                self._call("before_epoch")
+                self.epoch_losses, sums, norm_total = {}, torch.zeros(3), 0.0
+                for batch in self.train_loader:
+                    self._call("before_step")
+                    self.last_step = self.run_step(batch)
+                    sums += self.last_step["loss_sums"]
+                    norm_total += self.last_step["norm"]
+                    self.epoch_losses = dict(zip(("box", "cls", "dfl"), (sums / max(norm_total, 1.0)).tolist()))
+                    self.iter += 1
+                    self._call("after_step")
+                try:
+                    self._call("after_epoch")
+                except StopTraining:
+                    break
+        finally:
+            self._call("after_train")
+        barrier(self.ctx)  # only on the normal path: a failing rank must not wait for the others
+        return self.metrics
+
+    def _set_epoch(self, epoch: int) -> None:
+        for obj in (self.train_set, getattr(self.train_loader, "sampler", None),
+                    getattr(getattr(self.train_loader, "batch_sampler", None), "sampler", None)):
+            if hasattr(obj, "set_epoch"):
+                obj.set_epoch(epoch)
+
+    # ------------------------------------------------------------------ one optimizer step
+    def run_step(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """data -> loss -> backward over micro-batches -> one optimizer step; on OOM, retry at half the micro-batch."""
+        while True:
+            out = self._try_step(batch)
+            if out is not None:
+                return out
+            if self.micro_batch == 1:
+                raise torch.cuda.OutOfMemoryError("out of memory even at micro-batch 1: lower --imgsz or use "
+                                                  "--grad-checkpointing on")
+            self.micro_batch = max(1, self.micro_batch // 2)
+            self.log(f"out of memory: retrying the step with micro-batch {self.micro_batch}")
+
+    def _try_step(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        n = batch["img"].shape[0]
+        chunks = [(i, min(i + self.micro_batch, n)) for i in range(0, n, self.micro_batch)]
+        scale: float | None = None  # a constant per step; the exact normalisation is applied to the gradients below
+        loss_sums, norm, failed, last_total = torch.zeros(3), 0.0, False, None
+        for k, (a, b) in enumerate(chunks):
+            last = k == len(chunks) - 1
+            sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
+            try:
+                with sync:
+                    out = self._forward_loss(_slice_batch(batch, a, b))
+                    if not torch.isfinite(out.total):
+                        raise FloatingPointError(f"non-finite loss at iteration {self.iter} (epoch {self.epoch + 1}): "
+                                                 f"box/cls/dfl = {out.items.tolist()}")
+                    scale = scale or (b - a) / max(float(out.norm), 1.0)
+                    loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
+                    norm += float(out.norm)
+                    if not last:
+                        self.scaler.scale(out.total * scale).backward()
+                    else:
+                        last_total = out.total
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+                failed = True
+                break
+        if self.broadcast_flag(int(failed), op="max"):
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return None
+        self.scaler.scale(last_total * scale).backward()  # with DDP this one all-reduces the gradients
+
+        # exact normalisation: sum over micro-batches and ranks / global target-score sum, scaled to the global batch
+        global_norm = self.all_reduce_sum(norm)
+        factor = self.ctx.world_size * self.cfg.batch / max(global_norm, 1.0) / scale
+        self.scaler.unscale_(self.optimizer)
+        grads = [p.grad for p in self.model_without_ddp.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, factor)
+        if self.cfg.clip_grad > 0:
+            nn.utils.clip_grad_norm_(self.model_without_ddp.parameters(), self.cfg.clip_grad)
+        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        stepped = not self.scaler.is_enabled() or self.scaler.get_scale() >= scale_before
+        self.optimizer.zero_grad(set_to_none=True)
+        return {"loss_sums": loss_sums, "norm": norm, "images": n, "stepped": stepped}
+
+    def _forward_loss(self, batch: dict[str, Any]):
+        imgs = batch["img"].to(self.device, non_blocking=True).float() / 255
+        with autocast(self.device, self.dtype):
+            preds = self.model(imgs)
+        return self.loss_fn([p.float() for p in preds], _to_device(batch, self.device))
+
+    def _probe(self, n: int, checkpointing: bool) -> None:
+        """One forward + backward of n synthetic images at the training size (for the memory probe)."""
+        model = self.model_without_ddp
+        model.set_grad_checkpointing(checkpointing)
+        s = self.cfg.imgsz
+        batch = {"img": torch.randint(0, 255, (n, 3, s, s), dtype=torch.uint8),
+                 "batch_idx": torch.arange(n, dtype=torch.float32).repeat_interleave(4),
+                 "cls": torch.zeros(n * 4, 1), "bboxes": torch.rand(n * 4, 4) * 0.4 + 0.3}
+        out = self._forward_loss(batch)
+        out.total.backward()
+        model.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ distributed helpers
+    def broadcast_flag(self, value: int, op: str = "max") -> bool:
+        """Agree on a flag across ranks (max of all); True when any rank raised it."""
+        if not self.ctx.distributed:
+            return bool(value)
+        t = torch.tensor([value], device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def all_reduce_sum(self, value: float) -> float:
+        if not self.ctx.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
+        dist.all_reduce(t)
+        return float(t.item())
+
+    # ------------------------------------------------------------------ saving, resuming, logging
+    def eval_model(self) -> DetectionModel:
+        return self.ema.ema if self.ema is not None else self.model_without_ddp
+
+    def save(self, path: Path) -> None:
+        """A checkpoint that resumes exactly: weights, EMA, optimizer, scaler, schedule position and RNG states."""
+        save_checkpoint(
+            path, self.eval_model(), imgsz=self.cfg.imgsz, epoch=self.epoch, iteration=self.iter,
+            train_args=self.cfg.to_dict(), train_model={k: v.detach().cpu() for k, v in
+                                                        self.model_without_ddp.state_dict().items()},
+            ema=self.ema.state_dict() if self.ema else None, optimizer=self.optimizer.state_dict(),
+            scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), micro_batch=self.micro_batch,
+            best_fitness=self.best_fitness, best_epoch=self.best_epoch, metrics=_plain(self.metrics),
+            rng=_rng_state(), hooks=[h.state_dict() for h in self.hooks])
+
+    def resume_from(self, raw: dict[str, Any]) -> None:
+        """Restore everything `save` wrote; training continues with the next epoch."""
+        self.model_without_ddp.load_state_dict(raw["train_model"])
+        if self.ema is not None and raw.get("ema"):
+            self.ema.load_state_dict(raw["ema"])
+        self.optimizer.load_state_dict(raw["optimizer"])
+        self.scaler.load_state_dict(raw["scaler"])
+        self.scheduler.load_state_dict(raw["scheduler"])
+        self.start_epoch, self.iter = int(raw["epoch"]) + 1, int(raw["iteration"])
+        self.micro_batch = int(raw.get("micro_batch") or self.micro_batch)
+        self.best_fitness, self.best_epoch = raw.get("best_fitness"), int(raw.get("best_epoch") or 0)
+        self.metrics = dict(raw.get("metrics") or {})
+        for h, state in zip(self.hooks, raw.get("hooks") or []):
+            h.load_state_dict(state)
+        if self.start_epoch >= self.cfg.epochs - self.cfg.close_mosaic > 0:
+            self.train_set.close_mosaic()
+        _set_rng_state(raw["rng"], self.ctx.rank)
+        self.log(f"resumed from epoch {self.start_epoch} of {self.cfg.epochs}")
+
+    def log(self, msg: str) -> None:
+        if self.ctx.is_main and self.cfg.verbose:
+            print(msg, flush=True)
+
+
+# ---------------------------------------------------------------------- helpers
+def _slice_batch(batch: dict[str, Any], a: int, b: int) -> dict[str, Any]:
+    """Images a..b of a batch, with their labels re-indexed from 0."""
+    keep = (batch["batch_idx"] >= a) & (batch["batch_idx"] < b)
+    out = {k: v[a:b] if isinstance(v, list | tuple) else v for k, v in batch.items()}
+    out.update(img=batch["img"][a:b], batch_idx=batch["batch_idx"][keep] - a, cls=batch["cls"][keep],
+               bboxes=batch["bboxes"][keep])
+    return out
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) and k != "img" else v
+            for k, v in batch.items()}
+
+
+def _plain(metrics: dict[str, Any]) -> dict[str, Any]:
+    """Keep only what torch.load(weights_only=True) reads back: numbers, strings, nested dicts."""
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if isinstance(v, int | float | str | bool):
+            out[k] = v
+        elif isinstance(v, np.floating | np.integer):
+            out[k] = v.item()
+        elif isinstance(v, dict):
+            out[k] = _plain(v)
+    return out
+
+
+def _seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+
+
+def _rng_state() -> dict[str, Any]:
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"python": list(random.getstate()[1]), "python_version": random.getstate()[0],
+             "numpy": torch.from_numpy(keys.astype(np.int64)), "numpy_pos": int(pos),
+             "numpy_gauss": [int(has_gauss), float(gauss)], "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], rank: int) -> None:
+    random.setstate((state["python_version"], tuple(state["python"]), None))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), state["numpy_pos"],
+                         state["numpy_gauss"][0], state["numpy_gauss"][1]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def adapt_to_names(model: DetectionModel, names: dict[int, str]) -> DetectionModel:
+    """The model for the data's classes: itself when they match, else a new head (other weights kept)."""
+    if model.names == names:
+        return model
+    fresh = build_model(model.spec.yaml, names=names, variant=model.spec.variant)
+    if model.nc == len(names):
+        fresh.load_state_dict(model.state_dict())
+        return fresh
+    own = fresh.state_dict()
+    own.update({k: v for k, v in model.state_dict().items() if k in own and own[k].shape == v.shape})
+    fresh.load_state_dict(own)
+    return fresh
+
+
+def _unique_dir(project: str, name: str, exist_ok: bool) -> Path:
+    path = Path(project) / name
+    if exist_ok or not path.exists():
+        return path
+    i = 2
+    while (Path(project) / f"{name}{i}").exists():
+        i += 1
+    return Path(project) / f"{name}{i}"
+
+
+def _run(cfg_dict: dict[str, Any], save_dir: str, init_weights: str,
+         hooks: list[HookBase] | None = None) -> dict[str, Any]:
+    """One process's training (also the entry point of each launched rank)."""
+    cfg = TrainConfig(**cfg_dict)
+    ctx = init_process(parse_devices(cfg.device), cfg.dist_timeout)
+    try:
+        resume_raw = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
+        model = load_checkpoint(init_weights).model
+        trainer = Trainer(cfg, model, ctx, Path(save_dir), hooks)
+        if resume_raw is not None:
+            trainer.resume_from(resume_raw)
+        metrics = trainer.train()
+        return {k: v for k, v in _plain(metrics).items() if not isinstance(v, dict)}
+    finally:
+        if ctx.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _launched(cfg_dict: dict[str, Any], save_dir: str, init_weights: str) -> dict[str, Any]:
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    return record(_run)(cfg_dict, save_dir, init_weights)
+
+
+def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict[str, Any]:
+    """`YOLO(...).train(**kwargs)`: validate options, pick the save dir, start 1..N processes, load the best weights.
+
+    Returns the final validation metrics ('mAP50-95', 'mAP50', 'precision', 'recall').
+    """
+    cfg = TrainConfig.from_kwargs(**{"model": getattr(yolo, "source", "yolov12n.yaml"), **kwargs})
+    if not cfg.data:
+        raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
+    if cfg.resume:
+        last = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.project) / cfg.name / "weights" / "last.pt"
+        if not last.is_file():
+            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+        raw = torch.load(last, map_location="cpu", weights_only=True)
+        if raw.get("format") != FORMAT or "train_model" not in raw:
+            raise ValueError(f"{last} is not a resumable checkpoint of this trainer")
+        saved = TrainConfig(**raw["train_args"])
+        cfg = replace(saved, resume=str(last), device=cfg.device or saved.device, workers=cfg.workers)
+        save_dir = last.parent.parent
+    else:
+        save_dir = _unique_dir(cfg.project, cfg.name, cfg.exist_ok)
+    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+
+    # the starting weights travel to every rank as a file (identical initialisation everywhere);
+    # on resume the checkpoint itself gives the architecture, and `resume_from` the training state
+    if cfg.resume:
+        init_weights = str(cfg.resume)
+    else:
+        init_weights = str(save_dir / "weights" / "init.pt")
+        save_checkpoint(init_weights, yolo.model)
+    devices = parse_devices(cfg.device)
+    nproc = cfg.nproc or (len(devices) if devices != ["cpu"] else 1)
+    cfg_dict = cfg.to_dict()
+    if nproc > 1 and not under_launcher():
+        if hooks:
+            raise ValueError("extra hooks are not supported with several processes: run under torchrun instead")
+        metrics = launch(_launched, nproc, cfg_dict, str(save_dir), init_weights)
+    else:
+        metrics = _run(cfg_dict, str(save_dir), init_weights, hooks)
+    if not cfg.resume:
+        Path(init_weights).unlink(missing_ok=True)
+    best = save_dir / "weights" / "best.pt"
+    if best.exists():
+        yolo.ckpt = load_checkpoint(best)
+        yolo.model = yolo.ckpt.model
+    yolo.save_dir = save_dir
+    return metrics or {}

@@ -1,0 +1,216 @@
+"""Training hooks: everything around the loop that is not data -> loss -> step (detectron2's shape).
+
+Each hook sees the trainer and may act before/after training, each epoch and each step.
+Order matters only where noted in `default_hooks`.
+"""
+
+from __future__ import annotations
+
+import csv
+import resource
+import time
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .optim import warmup
+
+if TYPE_CHECKING:
+    from .engine import Trainer
+
+__all__ = [
+    "CheckpointHook", "CloseMosaicHook", "EMAHook", "EarlyStopHook", "HookBase", "LRScheduleHook", "PlotsHook",
+    "ProgressHook", "ResultsCSVHook", "StopTraining", "ValidationHook", "default_hooks",
+]
+
+
+class StopTraining(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """Raised by a hook to end training cleanly after the current epoch's bookkeeping."""
+
+
+class HookBase:
+    """A no-op hook; subclasses override what they need. `trainer` is set when registered."""
+
+    trainer: Trainer
+
+    def before_train(self) -> None: ...
+    def after_train(self) -> None: ...
+    def before_epoch(self) -> None: ...
+    def after_epoch(self) -> None: ...
+    def before_step(self) -> None: ...
+    def after_step(self) -> None: ...
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class LRScheduleHook(HookBase):
+    """Warmup per iteration for the first epochs, then the epoch schedule (linear or cosine)."""
+
+    def before_train(self) -> None:
+        t = self.trainer
+        self.warmup_iters = max(round(t.cfg.warmup_epochs * t.iters_per_epoch), 100) if t.cfg.warmup_epochs > 0 else -1
+
+    def before_step(self) -> None:
+        t = self.trainer
+        if t.iter <= self.warmup_iters:
+            warmup(t.optimizer, t.iter, self.warmup_iters, t.lr_factor(t.epoch), t.cfg.warmup_bias_lr,
+                   t.cfg.warmup_momentum, t.momentum)
+
+    def after_epoch(self) -> None:
+        self.trainer.scheduler.step()
+
+
+class EMAHook(HookBase):
+    """Blend the weights into the EMA after every optimizer step."""
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.ema is not None and t.last_step.get("stepped", True):
+            t.ema.update(t.model_without_ddp)
+
+
+class CloseMosaicHook(HookBase):
+    """Turn mosaic, mixup and copy-paste off for the last `close_mosaic` epochs (as the recipe does)."""
+
+    def before_epoch(self) -> None:
+        t = self.trainer
+        if t.cfg.close_mosaic and t.epoch >= t.cfg.epochs - t.cfg.close_mosaic and not getattr(self, "done", False):
+            t.train_set.close_mosaic()
+            self.done = True
+            t.log(f"closing mosaic for the last {t.cfg.close_mosaic} epochs")
+
+
+class ValidationHook(HookBase):
+    """Validate the EMA model on the main process after each epoch; others wait at a barrier."""
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        final = t.epoch + 1 == t.cfg.epochs
+        if t.ctx.is_main and t.validator is not None and (t.cfg.val or final):
+            t.metrics = t.validator(t.eval_model())
+            t.fitness = 0.1 * t.metrics["mAP50"] + 0.9 * t.metrics["mAP50-95"]
+
+
+class ResultsCSVHook(HookBase):
+    """Append one row per epoch to results.csv: losses, metrics, learning rates, speed."""
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if not t.ctx.is_main:
+            return
+        row = {"epoch": t.epoch + 1, **{f"train/{k}_loss": round(v, 5) for k, v in t.epoch_losses.items()},
+               **{f"metrics/{k}": round(float(t.metrics[k]), 5) for k in ("precision", "recall", "mAP50", "mAP50-95")
+                  if k in t.metrics},
+               **{f"lr/pg{i}": g["lr"] for i, g in enumerate(t.optimizer.param_groups)},
+               "images_per_s": round(t.epoch_images_per_s, 2), "time_s": round(time.time() - t.start_time, 1)}
+        path = t.save_dir / "results.csv"
+        new = not path.exists()
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)
+
+
+class CheckpointHook(HookBase):
+    """Save last.pt every epoch, best.pt when the fitness improves (main process only, atomically)."""
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if not t.ctx.is_main:
+            return
+        weights = t.save_dir / "weights"
+        t.save(weights / "last.pt")
+        if t.fitness is not None and (t.best_fitness is None or t.fitness >= t.best_fitness):
+            t.best_fitness = t.fitness
+            t.save(weights / "best.pt")
+        if t.cfg.save_period > 0 and (t.epoch + 1) % t.cfg.save_period == 0:
+            t.save(weights / f"epoch{t.epoch + 1}.pt")
+
+    def after_train(self) -> None:
+        t = self.trainer
+        best = t.save_dir / "weights" / "best.pt"
+        if t.ctx.is_main and not best.exists() and (t.save_dir / "weights" / "last.pt").exists():
+            t.save(best)  # no validation ran: the last weights are the best we know
+
+
+class EarlyStopHook(HookBase):
+    """Stop when the fitness has not improved for `patience` epochs (decided on the main process, shared)."""
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        stop = 0
+        if t.ctx.is_main and t.fitness is not None:
+            if t.best_fitness is None or t.fitness >= t.best_fitness:
+                t.best_epoch = t.epoch
+            stop = int(t.epoch - t.best_epoch >= t.cfg.patience)
+        if t.broadcast_flag(stop):
+            t.log(f"stopping early: no improvement for {t.cfg.patience} epochs (best epoch {t.best_epoch + 1})")
+            raise StopTraining
+
+
+class ProgressHook(HookBase):
+    """A progress bar on the main process: epoch, losses, images/s and peak memory."""
+
+    def before_epoch(self) -> None:
+        t = self.trainer
+        self.bar = None
+        self.images, self.t0 = 0, time.perf_counter()
+        if t.ctx.is_main and t.cfg.verbose:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=t.iters_per_epoch, desc=f"epoch {t.epoch + 1}/{t.cfg.epochs}", unit="batch",
+                            dynamic_ncols=True, leave=True)
+
+    def after_step(self) -> None:
+        t = self.trainer
+        self.images += t.last_step["images"] * t.ctx.world_size
+        t.epoch_images_per_s = self.images / max(time.perf_counter() - self.t0, 1e-9)
+        if self.bar is not None:
+            losses = " ".join(f"{k} {v:.3f}" for k, v in t.epoch_losses.items())
+            self.bar.set_postfix_str(f"{losses} | {t.epoch_images_per_s:.1f} img/s | {peak_memory_gb(t.device):.2f} GB")
+            self.bar.update(1)
+
+    def after_epoch(self) -> None:
+        t = self.trainer
+        if self.bar is not None:
+            self.bar.close()
+        if t.ctx.is_main and t.metrics:
+            m = t.metrics
+            t.log(f"epoch {t.epoch + 1}: mAP50-95 {m['mAP50-95']:.4f}  mAP50 {m['mAP50']:.4f}  "
+                  f"P {m.get('precision', 0):.3f}  R {m.get('recall', 0):.3f}")
+
+
+class PlotsHook(HookBase):
+    """Loss / metric curves and the PR curve as PNGs once training ends."""
+
+    def after_train(self) -> None:
+        t = self.trainer
+        if not (t.ctx.is_main and t.cfg.plots and (t.save_dir / "results.csv").exists()):
+            return
+        try:
+            from .plots import plot_pr_curve, plot_results
+
+            plot_results(t.save_dir / "results.csv", t.save_dir / "results.png")
+            if t.metrics.get("pr_curve") is not None:
+                plot_pr_curve(t.metrics, t.save_dir / "PR_curve.png")
+        except Exception as e:  # a plot must never cost a finished training run
+            t.log(f"plots skipped: {e}")
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory of this process: CUDA allocations on GPU, resident set size on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6  # KiB on Linux
+
+
+def default_hooks() -> list[HookBase]:
+    """The standard set, in order: LR before the step; EMA after it; validation before checkpoint and CSV."""
+    return [LRScheduleHook(), CloseMosaicHook(), EMAHook(), ProgressHook(), ValidationHook(), ResultsCSVHook(),
+            CheckpointHook(), EarlyStopHook(), PlotsHook()]
+
+
