@@ -1,0 +1,1 @@
+"""Package `yolov12` of the API protos."""
