@@ -1,0 +1,232 @@
+"""Validation: run a model over a dataset's val split, NMS, COCO metrics (mAP50-95, mAP50, P, R, per class).
+
+    from trainer import YOLO
+    metrics = YOLO("best.pt").val(data="defects.yaml", imgsz=640)     # or: yolov12-val --weights ... --data ...
+
+The trainer calls `Validator(dataloader, names, device)(ema_model)` after each epoch instead.
+Like ultralytics' validation, NMS keeps every class above `conf` per anchor (multi-label) at
+conf 0.001, so its figures compare with theirs; serving engines keep the best class only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .boxes import xywh2xyxy
+from .loss import DetectionLoss
+from .metrics import MetricsAccumulator
+from .postprocess import non_max_suppression, scale_boxes
+
+__all__ = ["Validator", "format_metrics", "val", "val_main"]
+
+
+class Validator:
+    """Evaluate a model on a fixed dataloader of batches (the `trainer.data` batch layout); call it with a model.
+
+    Returns `DetectionMetrics.as_dict()` plus 'speed_ms' (preprocess / inference / postprocess per image)
+    and, when `loss` is given, 'losses' (box / cls / dfl, normalised over the whole split as in training).
+    The model's train/eval mode is restored afterwards.
+    """
+
+    def __init__(self, dataloader: Iterable[dict[str, Any]], names: dict[int, str], device: str | torch.device = "cpu",
+                 conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False,
+                 multi_label: bool = True, loss: DetectionLoss | None = None, progress: bool = True) -> None:
+        self.dataloader, self.names = dataloader, dict(names)
+        self.device = torch.device(device)
+        self.conf, self.iou, self.max_det, self.multi_label = conf, iou, max_det, multi_label
+        self.half = half and self.device.type == "cuda"  # fp16 autocast on GPU only
+        self.loss, self.progress = loss, progress
+
+    def __call__(self, model: nn.Module) -> dict[str, Any]:
+        was_training = model.training
+        model.eval()
+        try:
+            return self._run(model)
+        finally:
+            model.train(was_training)
+
+    def _run(self, model: nn.Module) -> dict[str, Any]:
+        from tqdm import tqdm
+
+        if getattr(model, "nc", len(self.names)) != len(self.names):
+            raise ValueError(f"the model predicts {model.nc} classes but the dataset has {len(self.names)}: "
+                             "validate on the data the model was trained for")
+        acc = MetricsAccumulator(self.names, self.max_det)
+        seconds, images = np.zeros(3), 0
+        loss_sums, norm_sum = torch.zeros(3), 0.0
+        bar = tqdm(self.dataloader, desc="val", unit="batch", disable=not self.progress, leave=False)
+        with torch.inference_mode():
+            for batch in bar:
+                t0 = time.perf_counter()
+                img = batch["img"].to(self.device, non_blocking=True).float() / 255
+                t1 = self._sync(time.perf_counter())
+                with self._autocast():
+                    preds, maps = self._forward(model, img)
+                t2 = self._sync(time.perf_counter())
+                if self.loss is not None:
+                    out = self.loss([m.float() for m in maps], _on(batch, self.device))
+                    loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
+                    norm_sum += float(out.norm)
+                t3 = time.perf_counter()
+                dets = non_max_suppression(preds.float(), self.conf, self.iou, self.max_det,
+                                           multi_label=self.multi_label)
+                for i, det in enumerate(dets):
+                    acc.add(*self._to_original(batch, i, det, img.shape[2:]))
+                seconds += (t1 - t0, t2 - t1, time.perf_counter() - t3)
+                images += img.shape[0]
+        result = acc.compute().as_dict()
+        per_image = seconds * 1000 / max(images, 1)
+        result["speed_ms"] = dict(zip(("preprocess", "inference", "postprocess"), per_image.tolist()))
+        result["images"] = images
+        if self.loss is not None:
+            result["losses"] = dict(zip(("box", "cls", "dfl"), (loss_sums / max(norm_sum, 1.0)).tolist()))
+        return result
+
+    def _forward(self, model: nn.Module, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Eval-mode predictions [B, 4+nc, N]; also the raw head maps when the loss is wanted."""
+        if self.loss is None:
+            return model(img), None
+        head = model.head
+        head.training = True  # only the Detect module itself: it returns raw maps; its BatchNorms stay in eval
+        try:
+            maps = model(img)
+        finally:
+            head.training = False
+        return head.decode(maps), maps
+
+    @staticmethod
+    def _to_original(batch: dict[str, Any], i: int, det: torch.Tensor,
+                     input_hw: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+        """Image i's detections and labels, in original-image pixels."""
+        ori_hw = tuple(int(v) for v in batch["ori_shape"][i])
+        ratio_pad = batch["ratio_pad"][i] if batch.get("ratio_pad") is not None else None
+        sel = torch.as_tensor(batch["batch_idx"]).view(-1) == i
+        cls = torch.as_tensor(batch["cls"]).view(-1)[sel].float()
+        boxes = torch.as_tensor(batch["bboxes"]).view(-1, 4)[sel].float()
+        h, w = input_hw
+        boxes = xywh2xyxy(boxes * torch.tensor([w, h, w, h], dtype=torch.float32))
+        labels = torch.cat((cls[:, None], scale_boxes(boxes, input_hw, ori_hw, ratio_pad)), 1)
+        det = det.cpu()
+        det = torch.cat((scale_boxes(det[:, :4], input_hw, ori_hw, ratio_pad), det[:, 4:]), 1)
+        return det.numpy(), labels.numpy()
+
+    def _sync(self, t: float) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            return time.perf_counter()
+        return t
+
+    def _autocast(self):
+        if self.half:
+            return torch.autocast(device_type="cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+
+def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int = 640, batch: int = 16, device: str = "cpu",
+        conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False, workers: int = 0,
+        plots: bool = False, save_dir: str | Path | None = None, verbose: bool = True,
+        split: str = "val") -> dict[str, Any]:
+    """Validate a `YOLO`, a `DetectionModel` or a checkpoint path on `data`'s `split`; returns the metrics dict.
+
+    Keys: 'mAP50-95', 'mAP50', 'precision', 'recall', 'per_class' (name -> ap50_95, ap50, precision,
+    recall, instances, images), 'speed_ms' (preprocess / inference / postprocess per image), 'pr_curve'.
+    """
+    from .data import DetectionDataset, build_dataloader, load_data_config
+    from .distributed import parse_devices
+
+    if not data:
+        raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
+    model = _as_model(yolo_or_model)
+    devices = parse_devices(device)
+    if len(devices) > 1:
+        raise ValueError(f"validation runs on one device; got device={device!r}: pass one GPU index or cpu")
+    dev = torch.device("cpu" if devices == ["cpu"] else f"cuda:{devices[0]}")
+    data_cfg = load_data_config(data)
+    if model.nc != data_cfg.nc:
+        raise ValueError(f"the model predicts {model.nc} classes but {data} has {data_cfg.nc}: "
+                         "validate on the data the model was trained for")
+    dataset = DetectionDataset(data_cfg, split, imgsz=imgsz, augment=False, rect=True, batch_size=batch)
+    loader = build_dataloader(dataset, batch, workers, shuffle=False, rank=0, world_size=1)
+    validator = Validator(loader, data_cfg.names, dev, conf=conf, iou=iou, max_det=max_det, half=half,
+                          progress=verbose)
+    metrics = validator(model.to(dev))
+    if verbose:
+        print(format_metrics(metrics))
+    if plots:
+        from .plots import plot_pr_curve
+
+        out = Path(save_dir or "runs/val")
+        metrics["plots"] = [str(plot_pr_curve(metrics, out / "PR_curve.png"))]
+    return metrics
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """The per-class table ultralytics users know: Class, Images, Instances, P, R, mAP50, mAP50-95."""
+    head = f"{'Class':>22}{'Images':>11}{'Instances':>11}{'P':>11}{'R':>11}{'mAP50':>11}{'mAP50-95':>11}"
+    per = metrics.get("per_class", {})
+    total = sum(v["instances"] for v in per.values())
+    rows = [head, f"{'all':>22}{metrics.get('images', 0):>11}{total:>11}{metrics['precision']:>11.3g}"
+                  f"{metrics['recall']:>11.3g}{metrics['mAP50']:>11.3g}{metrics['mAP50-95']:>11.3g}"]
+    for name, v in per.items():
+        rows.append(f"{name:>22}{v['images']:>11}{v['instances']:>11}{v['precision']:>11.3g}{v['recall']:>11.3g}"
+                    f"{v['ap50']:>11.3g}{v['ap50_95']:>11.3g}")
+    speed = metrics.get("speed_ms")
+    if speed:
+        rows.append("Speed: " + ", ".join(f"{v:.1f} ms {k}" for k, v in speed.items()) + " per image")
+    return "\n".join(rows)
+
+
+def val_main(argv: list[str] | None = None) -> int:
+    """yolov12-val --weights best.pt --data data.yaml [--imgsz --batch --device ...]; exit status 0 on success."""
+    p = argparse.ArgumentParser(prog="yolov12-val", description="mAP of a checkpoint on a dataset split (COCO metrics)")
+    p.add_argument("--weights", required=True, help="checkpoint (.pt): ours, official YOLOv12 or ultralytics")
+    p.add_argument("--data", required=True, help="data.yaml (YOLO format)")
+    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu or one GPU index")
+    p.add_argument("--conf", type=float, default=0.001)
+    p.add_argument("--iou", type=float, default=0.7)
+    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--half", action="store_true", help="fp16 inference (GPU only)")
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--plots", action="store_true", help="write PR_curve.png into --save-dir")
+    p.add_argument("--save-dir", default="runs/val")
+    args = p.parse_args(argv)
+    try:
+        val(args.weights, data=args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, conf=args.conf,
+            iou=args.iou, max_det=args.max_det, half=args.half, workers=args.workers, plots=args.plots,
+            save_dir=args.save_dir, split=args.split)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:  # DataError, CheckpointError and friends
+        print(f"yolov12-val: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _as_model(obj: Any) -> nn.Module:
+    """A YOLO handle, a DetectionModel, or a checkpoint path -> the nn.Module."""
+    if isinstance(obj, nn.Module):
+        return obj
+    if hasattr(obj, "model") and isinstance(obj.model, nn.Module):
+        return obj.model
+    if isinstance(obj, str | Path):
+        from .checkpoint import load_checkpoint
+
+        if not Path(obj).exists():
+            raise FileNotFoundError(f"weights '{obj}' not found: pass the path of a .pt checkpoint")
+        return load_checkpoint(obj).model
+    raise TypeError(f"cannot validate a {type(obj).__name__}: pass a YOLO, a DetectionModel or a .pt path")
+
+
+def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if isinstance(v, torch.Tensor) and k != "img" else v for k, v in batch.items()}
