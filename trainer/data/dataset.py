@@ -49,11 +49,19 @@ class DetectionDataset(Dataset):
     the images, reused while newer than the image). rect: rectangular batches (images sorted by aspect
     ratio, each batch padded to its widest image rounded up to the stride plus `pad` strides, as
     ultralytics' validation does); use with a non-shuffled loader of the same `batch_size`.
+    seed: augmentations of sample i in epoch e come from rng(seed, e, i). workers: threads for the scan and
+    cache. verbose: log the label report (pass False on ranks other than 0).
     """
+
+    @staticmethod
+    def collate_fn(items: Sequence[dict[str, Any]]) -> dict[str, Any]:
+        """`collate` under ultralytics' name, for code that builds its own DataLoader."""
+        return collate(items)
 
     def __init__(self, cfg: DataConfig, split: str, imgsz: int = 640, augment: bool = False,
                  hyp: Mapping[str, Any] | None = None, cache: bool | str | None = False, rect: bool = False,
-                 batch_size: int = 16, stride: int = 32, pad: float = 0.5, seed: int = 0, workers: int = 8) -> None:
+                 batch_size: int = 16, stride: int = 32, pad: float = 0.5, seed: int = 0, workers: int = 8,
+                 verbose: bool = True) -> None:
         if not isinstance(imgsz, int) or imgsz < stride or imgsz % stride:
             raise ValueError(f"imgsz={imgsz!r}: must be a positive multiple of the stride {stride} (e.g. 320, 640)")
         if cache not in _CACHE_MODES:
@@ -63,7 +71,8 @@ class DetectionDataset(Dataset):
         self.hyp = check_hyp(hyp)
         self.names = dict(cfg.names)
         records, self.report = scan_split(cfg.images(split), cfg.nc, split=split, workers=workers)
-        self.report.log()  # once: problems per kind and the first lines
+        if verbose:  # once (rank 0): problems per kind and the first lines
+            self.report.log()
         if not records:
             raise DataError(f"{cfg.yaml_path}: split '{split}' has no usable images "
                             f"({self.report.images_found} found, all skipped):\n{self.report.summary()}")
