@@ -71,7 +71,7 @@ def evaluate_detections(predictions: Sequence[np.ndarray], labels: Sequence[np.n
     gt, dt = _to_coco(predictions, labels, names)
     max_det = max(max_det, max((len(p) for p in predictions), default=0))  # never ignore a kept detection
     full = _coco_eval(gt, dt, max_det)
-    precision = full.eval["precision"][:, :, :, 0, -1]  # [T, R, K]: area 'all', the one maxDets; -1 = no labels
+    precision = full.eval["precision"][:, :, :, 0, 0]  # [T, R, K]: area 'all', the one maxDets; -1 = no labels
     p50 = precision[0]
 
     label_cls = [lab[:, 0].astype(np.int64) for lab in labels]
@@ -100,13 +100,13 @@ def _to_coco(predictions: list[np.ndarray], labels: list[np.ndarray], names: dic
 
     annotations, detections = [], []
     for i, (pred, lab) in enumerate(zip(predictions, labels), start=1):
-        for c, x1, y1, x2, y2 in lab:
+        for c, x1, y1, x2, y2 in lab.tolist():  # Python floats: fast to walk, plain to store
             if not 0 <= int(c) < len(names):
                 raise ValueError(f"label class {int(c)} of image {i - 1} is outside 0..{len(names) - 1}")
             w, h = x2 - x1, y2 - y1
             annotations.append({"id": len(annotations) + 1, "image_id": i, "category_id": int(c) + 1,
                                 "bbox": [x1, y1, w, h], "area": w * h, "iscrowd": 0})
-        for x1, y1, x2, y2, score, c in pred:
+        for x1, y1, x2, y2, score, c in pred.tolist():
             if 0 <= int(c) < len(names):  # a class the dataset does not have cannot match anything
                 detections.append({"image_id": i, "category_id": int(c) + 1, "bbox": [x1, y1, x2 - x1, y2 - y1],
                                    "score": score})
@@ -125,6 +125,7 @@ def _coco_eval(gt, dt, max_det: int, iou_thrs: list[float] | None = None):
 
     ev = COCOeval_faster(gt, dt, "bbox", print_function=lambda *a, **k: None)
     ev.params.maxDets = [max_det]
+    ev.params.areaRng, ev.params.areaRngLbl = [[0.0, 1e10]], ["all"]  # COCO's 'all' range only
     if iou_thrs is not None:
         ev.params.iouThrs = np.asarray(iou_thrs, dtype=np.float64)
     ev.evaluate()
