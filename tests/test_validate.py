@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+import yaml
 from torchvision.ops import box_iou
 
 from engines.letterbox import plan_letterbox
@@ -257,3 +258,35 @@ def test_plots_from_one_epoch(tmp_path) -> None:
     assert plot_results(csv, tmp_path / "results2.png").stat().st_size > 0
     with pytest.raises(ValueError, match="no PR curve"):
         plot_pr_curve({"mAP50": 0.0}, tmp_path / "pr.png")
+
+
+def test_val_end_to_end_on_synthetic_defects(tmp_path, capsys) -> None:
+    """yolov12-val and YOLO.val on the synthetic defects: the dataset's loader, a checkpoint, the table, the plot."""
+    from trainer import YOLO
+    from trainer.checkpoint import save_checkpoint
+    from trainer.data import synthesize
+    from trainer.nn import build_model
+    from trainer.validate import val, val_main
+
+    data = synthesize(tmp_path / "defects", images=8, imgsz=128, val_fraction=0.5, seed=0)
+    torch.manual_seed(0)
+    model = build_model("yolov12n.yaml", nc=5)
+    weights = save_checkpoint(tmp_path / "w.pt", model)
+    argv = ["--weights", str(weights), "--data", str(data), "--imgsz", "128", "--batch", "2"]
+    assert val_main([*argv, "--plots", "--save-dir", str(tmp_path / "val")]) == 0
+    table = capsys.readouterr().out
+    assert "mAP50-95" in table and "all" in table.split("\n")[1]
+    assert (tmp_path / "val" / "PR_curve.png").stat().st_size > 0
+
+    metrics = YOLO(model).val(data=str(data), imgsz=128, batch=4, verbose=False)
+    assert metrics["images"] == 4 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
+    assert {"precision", "recall", "per_class", "speed_ms", "pr_curve"} <= set(metrics)
+    assert sum(v["instances"] for v in metrics["per_class"].values()) > 0
+
+    assert val_main(["--weights", str(weights), "--data", str(tmp_path / "missing.yaml")]) == 2
+    assert "missing.yaml" in capsys.readouterr().err
+    two_classes = tmp_path / "two.yaml"
+    cfg = yaml.safe_load(data.read_text())
+    two_classes.write_text(yaml.safe_dump({**cfg, "nc": 2, "names": ["a", "b"]}))
+    with pytest.raises(ValueError, match=r"predicts 5 classes but .*two\.yaml has 2"):
+        val(model, data=str(two_classes), imgsz=128, verbose=False)
