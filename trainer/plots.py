@@ -35,6 +35,8 @@ def plot_results(results_csv: str | Path, out_png: str | Path) -> Path:
     if any(math.isnan(e) for e in epochs):
         epochs = list(range(1, len(rows) + 1))
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     ncols = min(5, max(1, len(columns)))
     nrows = max(1, math.ceil(len(columns) / ncols))
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.2 * ncols, 2.8 * nrows), squeeze=False, tight_layout=True)
@@ -42,6 +44,7 @@ def plot_results(results_csv: str | Path, out_png: str | Path) -> Path:
         ax.plot(epochs, [_number(r.get(col)) for r in rows], marker="o", markersize=3, linewidth=1.5)
         ax.set_title(col.strip(), fontsize=10)
         ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(columns):]:
         ax.axis("off")
