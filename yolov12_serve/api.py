@@ -1,0 +1,243 @@
+"""The gRPC API (grpc.aio): thin routes over `ServerCore`, errors mapped to status codes, plus health and reflection.
+
+Status codes: InvalidArgumentError -> INVALID_ARGUMENT (bad id, URL, image), StreamExistsError ->
+ALREADY_EXISTS, StreamNotFoundError -> NOT_FOUND, ResourceExhaustedError -> RESOURCE_EXHAUSTED (stream
+limit; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
+UNAVAILABLE (draining, loading), a failed engine run -> INTERNAL. `grpc.health.v1.Health` says SERVING
+once the engines are loaded and NOT_SERVING while draining or when no engine works.
+"""
+
+# ruff: noqa: N802 - gRPC method names are the proto's (AddStream, ...)
+from __future__ import annotations
+
+import asyncio
+import functools
+import itertools
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from . import messages
+from .config import StreamSpec
+from .core import ServerCore
+from .errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    ServerError,
+    StreamExistsError,
+    StreamNotFoundError,
+    UnavailableError,
+)
+from .frames import now
+from .proto import detector_pb2 as pb
+from .proto import detector_pb2_grpc as pb_grpc
+from .stream import PUSH_WINDOW
+
+__all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "status_code"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # yolov12.v1.Detector
+
+_CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
+    (StreamExistsError, grpc.StatusCode.ALREADY_EXISTS),
+    (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
+    (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+]
+
+
+def status_code(error: Exception) -> grpc.StatusCode:
+    """The gRPC status for a core error (INTERNAL for anything unexpected)."""
+    for cls, code in _CODES:
+        if isinstance(error, cls):
+            return code
+    return grpc.StatusCode.INTERNAL
+
+
+def _unary(fn: Callable) -> Callable:
+    """Map ServerError to its status code for a unary handler."""
+
+    @functools.wraps(fn)
+    async def wrapper(self: DetectorService, request, context: grpc.aio.ServicerContext):
+        try:
+            return await fn(self, request, context)
+        except ServerError as e:
+            await context.abort(status_code(e), str(e))
+
+    return wrapper
+
+
+class DetectorService(pb_grpc.DetectorServicer):
+    """yolov12.v1.Detector over a ServerCore."""
+
+    def __init__(self, core: ServerCore, executor: ThreadPoolExecutor | None = None) -> None:
+        self.core = core
+        self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
+        self._push_ids = itertools.count()
+
+    def _names(self, device: str = "") -> dict[int, str]:
+        rt = self.core.runtimes.get(device) or next(iter(self.core.runtimes.values()))
+        return rt.engine.info.names
+
+    @_unary
+    async def AddStream(self, request: pb.AddStreamRequest, context) -> pb.StreamInfo:
+        spec = StreamSpec(request.stream_id, request.url, request.max_fps)
+        return messages.stream_info(self.core.add_stream(spec))
+
+    @_unary
+    async def RemoveStream(self, request: pb.RemoveStreamRequest, context) -> pb.RemoveStreamResponse:
+        return pb.RemoveStreamResponse(stream=messages.stream_info(self.core.remove_stream(request.stream_id)))
+
+    @_unary
+    async def ListStreams(self, request: pb.ListStreamsRequest, context) -> pb.ListStreamsResponse:
+        return pb.ListStreamsResponse(streams=[messages.stream_info(v) for v in self.core.list_streams()])
+
+    @_unary
+    async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
+        return messages.server_info(self.core.server_info())
+
+    async def WatchDetections(self, request: pb.WatchDetectionsRequest, context) -> AsyncIterator[pb.FrameDetections]:
+        ids = list(dict.fromkeys(request.stream_ids))
+        missing = [i for i in ids if not self.core.has_stream(i)]
+        if missing:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no stream {missing[0]!r} (ListStreams shows the ids)")
+        if self.core.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        sub = self.core.fanout.subscribe(ids or None, self.core.config.subscriber_queue, asyncio.get_running_loop())
+        try:
+            while (result := await sub.next()) is not None:
+                if result.error is None:
+                    yield messages.frame_detections(result, self._names(result.device))
+        finally:
+            self.core.fanout.unsubscribe(sub)
+
+    async def Detect(self, request_iterator: AsyncIterator[pb.Frame], context) -> AsyncIterator[pb.FrameDetections]:
+        """Push mode: one stream per call; the next frame is read only when fewer than PUSH_WINDOW are pending."""
+        first = await anext(aiter(request_iterator), None)
+        if first is None:
+            return
+        sid = first.stream_id or f"push-{next(self._push_ids)}"
+        try:
+            stream = self.core.open_push(sid)
+        except ServerError as e:
+            await context.abort(status_code(e), str(e))
+        loop = asyncio.get_running_loop()
+        sub = self.core.fanout.subscribe([sid], PUSH_WINDOW + 2, loop)
+        window = asyncio.Semaphore(PUSH_WINDOW)
+        state = {"sent": 0, "answered": 0, "done": False, "error": None}
+
+        async def read() -> None:
+            msg = first
+            try:
+                while msg is not None:
+                    if msg.stream_id and msg.stream_id != sid:
+                        raise InvalidArgumentError(f"one Detect call carries one stream: got {msg.stream_id!r} "
+                                                   f"after {sid!r} (open a call per stream)")
+                    await window.acquire()
+                    received = now()
+                    await loop.run_in_executor(self.executor, self.core.ingest_encoded, stream, msg.data,
+                                               msg.encoding, msg.width, msg.height, msg.frame_id,
+                                               msg.capture_time_us or time.time_ns() // 1000, received)
+                    state["sent"] += 1
+                    msg = await anext(aiter(request_iterator), None)
+            except Exception as e:  # a bad frame ends the call with its status; the client is gone otherwise
+                state["error"] = e
+                sub.close()
+                return
+            state["done"] = True
+            if state["sent"] == state["answered"]:
+                sub.close()
+
+        reader = asyncio.create_task(read())
+        try:
+            while (result := await sub.next()) is not None:
+                window.release()
+                state["answered"] += 1
+                if result.error is not None:
+                    await context.abort(grpc.StatusCode.INTERNAL, f"frame {result.frame_id}: {result.error}")
+                yield messages.frame_detections(result, self._names(result.device), sid)
+                if state["done"] and state["answered"] == state["sent"]:
+                    break
+        finally:
+            reader.cancel()
+            self.core.fanout.unsubscribe(sub)
+            self.core.close_stream(stream)
+        error = state["error"]
+        if isinstance(error, ServerError):
+            await context.abort(status_code(error), str(error))
+        elif error is not None and not isinstance(error, asyncio.CancelledError):
+            log.exception("Detect call failed", exc_info=error)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
+        elif not state["done"] and self.core.draining:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+
+    @_unary
+    async def DetectImage(self, request: pb.Frame, context) -> pb.FrameDetections:
+        received = now()
+        stream = self.core.open_image()
+        sub = self.core.fanout.subscribe([stream.stream_id], 2, asyncio.get_running_loop())
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                self.executor, self.core.ingest_encoded, stream, request.data, request.encoding, request.width,
+                request.height, request.frame_id, request.capture_time_us or time.time_ns() // 1000, received)
+            result = await sub.next()
+        finally:
+            self.core.fanout.unsubscribe(sub)
+            self.core.close_stream(stream)
+        if result is None:
+            raise UnavailableError("the server is shutting down")
+        if result.error is not None:
+            await context.abort(grpc.StatusCode.INTERNAL, result.error)
+        return messages.frame_detections(result, self._names(result.device), request.stream_id)
+
+
+class GrpcServer:
+    """The aio server with the Detector, health and reflection services; `start()` then `stop(grace)`."""
+
+    def __init__(self, core: ServerCore, address: str, max_message_bytes: int) -> None:
+        self.core = core
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ])
+        self.service = DetectorService(core)
+        pb_grpc.add_DetectorServicer_to_server(self.service, self.server)
+        self.health = health.aio.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server)
+        self.port = self.server.add_insecure_port(address)
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address} (port in use?)")
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip the health status of the whole server and of the Detector service."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def start(self) -> None:
+        await self.set_serving(False)
+        await self.server.start()
+
+    async def stop(self, grace: float) -> None:
+        """Refuse new calls, give running ones `grace` seconds, then cancel them."""
+        await self.server.stop(grace)
+        self.service.executor.shutdown(wait=False, cancel_futures=True)
+
+
+async def create_server(core: ServerCore, address: str = "127.0.0.1:0",
+                        max_message_bytes: int = 32 * 1024 * 1024) -> tuple[GrpcServer, int]:
+    """Build and start the gRPC server on `address` (port 0: any free port); returns it and the bound port."""
+    server = GrpcServer(core, address, max_message_bytes)
+    await server.start()
+    return server, server.port

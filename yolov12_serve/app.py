@@ -1,0 +1,106 @@
+"""The server's life: start gRPC (NOT_SERVING), load engines, serve metrics, add the initial streams, SERVING;
+then wait for SIGTERM / SIGINT / --duration and drain (NOT_SERVING, stop sources, finish frames in flight,
+end watchers, stop gRPC) well inside 10 seconds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+from dataclasses import dataclass
+from typing import TextIO
+
+from .api import GrpcServer, create_server
+from .config import ServerConfig, StreamSpec
+from .core import EngineLoader, ServerCore
+from .frames import now
+from .status import StatusPrinter, render_summary, render_table
+
+__all__ = ["DRAIN_S", "RunOptions", "run_server"]
+
+log = logging.getLogger(__name__)
+
+DRAIN_S = 3.0  # frames in flight get this long to finish; gRPC calls get GRPC_GRACE_S more
+GRPC_GRACE_S = 2.0
+
+
+@dataclass
+class RunOptions:
+    """How long to run and what to print, beside the server configuration."""
+
+    streams: list[StreamSpec]
+    duration: float | None = None  # seconds; None: until SIGTERM / SIGINT
+    status_interval: float | None = None  # seconds between status tables; None: no table
+    summary: bool = False  # print whole-run figures per stream at exit
+    out: TextIO | None = None
+
+
+async def run_server(config: ServerConfig, options: RunOptions, load_engine: EngineLoader | None = None) -> int:
+    """Run until stopped; returns the exit status (0 after a clean drain). ConfigError/EngineError on bad set-up."""
+    out = options.out or sys.stdout
+    loop = asyncio.get_running_loop()
+    core = ServerCore(config, load_engine)
+    grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes)
+    core.on_health_change = lambda serving: loop.call_soon_threadsafe(_flip_health, grpc_server, serving)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    started = now()
+    try:
+        await loop.run_in_executor(None, core.start)
+        metrics_port = core.metrics.serve(config.metrics_port, config.host) if config.metrics_port >= 0 else None
+        for spec in options.streams:
+            core.add_stream(spec)
+        print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
+              f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
+              f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)
+        started = now()
+        status = asyncio.create_task(_show_status(core, options, out)) if options.status_interval else None
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), options.duration)
+        if status is not None:
+            status.cancel()
+    except BaseException:
+        await _shutdown(core, grpc_server)
+        raise
+    elapsed = now() - started
+    log.info("draining")
+    t0 = now()
+    await _shutdown(core, grpc_server)
+    log.info("drained in %.2f s", now() - t0)
+    if options.summary:
+        print(render_summary(core.streams(), config.slo_ms, elapsed), file=out, flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(sig)
+    return 0
+
+
+_pending: set[asyncio.Task] = set()
+
+
+def _flip_health(server: GrpcServer, serving: bool) -> None:
+    task = asyncio.ensure_future(server.set_serving(serving))
+    _pending.add(task)  # keep a reference until it ran (the loop holds only weak ones)
+    task.add_done_callback(_pending.discard)
+
+
+async def _shutdown(core: ServerCore, grpc_server: GrpcServer) -> None:
+    await grpc_server.set_serving(False)
+    await asyncio.get_running_loop().run_in_executor(None, core.drain, DRAIN_S)
+    await grpc_server.stop(GRPC_GRACE_S)
+
+
+async def _show_status(core: ServerCore, options: RunOptions, out: TextIO) -> None:
+    printer = StatusPrinter(out)
+    while True:
+        await asyncio.sleep(options.status_interval)
+        printer.show(render_table(core.list_streams(), core.config.slo_ms))
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__

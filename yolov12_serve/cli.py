@@ -1,0 +1,120 @@
+"""`yolov12-serve`: parse the command line into a ServerConfig and run the server (exit 2 with one line on bad input).
+
+    yolov12-serve --demo                                   # bundled model, 4 synthetic cameras, live table
+    yolov12-serve --engines s.onnx --gpus cpu --source rtsp://cam1/stream --source rtsp://cam2/stream
+    yolov12-serve --engines s0.engine,s1.engine --gpus 0,1 --streams cameras.yaml --slo-ms 45
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+
+from .config import RtspOptions, ServerConfig, StreamSpec, load_streams_file
+from .errors import ConfigError, ServerError
+
+__all__ = ["build_parser", "main", "parse_config"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (names are a contract: see DESIGN.md)."""
+    p = argparse.ArgumentParser(prog="yolov12-serve", description="Real-time multi-camera YOLOv12 detection server "
+                                "(gRPC in and out, Prometheus metrics).")
+    p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "
+                   "(.onnx: ONNX Runtime; .engine/.plan: TensorRT; .pt: PyTorch)")
+    p.add_argument("--gpus", help="'cpu', a list '0,2' or a range '0-3' (default: all visible GPUs, else cpu)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
+    p.add_argument("--metrics-port", type=int, default=9464,
+                   help="Prometheus /metrics port (0: any free port, -1: off; default 9464)")
+    p.add_argument("--slo-ms", type=float, default=45.0, help="latency objective, ingest to publish (default 45)")
+    p.add_argument("--instances", type=int, default=2, help="engine instances per device, run concurrently (default 2)")
+    p.add_argument("--threads", type=int, help="CPU threads per instance (default: cores / instances)")
+    p.add_argument("--max-batch", type=int, default=8, help="largest batch (capped by the engine's; default 8)")
+    p.add_argument("--max-streams", type=int, default=64, help="stream limit (default 64)")
+    p.add_argument("--streams", metavar="FILE.yaml", help="cameras to add at start: 'streams: [{id, url, max_fps}]'")
+    p.add_argument("--source", action="append", default=[], metavar="URL",
+                   help="a camera to add at start (repeatable); ids cam0, cam1, ...")
+    p.add_argument("--demo", action="store_true",
+                   help="the embedded default: bundled model (unless --engines), 4 synthetic cameras, live table")
+    p.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
+    p.add_argument("--process-late", action="store_true",
+                   help="run frames that can no longer meet the SLO instead of dropping them as 'late'")
+    p.add_argument("--allow-files", action="store_true", help="accept local video files as stream URLs")
+    p.add_argument("--status", action=argparse.BooleanOptionalAction, default=None,
+                   help="show the live status table (default: on with --demo)")
+    p.add_argument("--subscriber-queue", type=int, default=64,
+                   help="results buffered per WatchDetections client before its oldest are dropped (default 64)")
+    p.add_argument("--max-message-mb", type=float, default=32.0, help="largest gRPC message (default 32 MB)")
+    p.add_argument("--stall-s", type=float, default=5.0, help="reconnect a camera silent this long (default 5)")
+    p.add_argument("--backoff-cap-s", type=float, default=30.0, help="longest wait between reconnects (default 30)")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return p
+
+
+def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpec]]:
+    """Resolve engines, devices and initial streams; ConfigError on anything wrong."""
+    from .demo import demo_model, demo_streams
+    from .devices import parse_gpus
+
+    engines = [e.strip() for e in (args.engines or "").split(",") if e.strip()]
+    if not engines:
+        if not args.demo:
+            raise ConfigError("no engine given: pass --engines MODEL.onnx (or --demo for the bundled model)")
+        engines = [demo_model()]
+    devices = parse_gpus(args.gpus)
+    if len(engines) > 1 and len(engines) != len(devices):
+        raise ConfigError(f"--engines lists {len(engines)} files for {len(devices)} devices ({','.join(devices)}): "
+                          "give one file for all or one per device")
+    if args.stall_s <= 0 or args.backoff_cap_s <= 0:
+        raise ConfigError("--stall-s and --backoff-cap-s must be positive")
+    config = ServerConfig(
+        engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
+        slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
+        max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
+        max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
+        rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
+                         backoff_base_s=min(0.5, args.backoff_cap_s)))
+    streams: list[StreamSpec] = []
+    if args.streams:
+        streams += load_streams_file(args.streams)
+    streams += [StreamSpec(f"cam{i}", url) for i, url in enumerate(args.source)]
+    if args.demo and not streams:
+        streams = demo_streams()
+    ids = [s.stream_id for s in streams]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"stream ids used twice: {dup} (--source gets cam0, cam1, ...; rename those in --streams)")
+    if len(streams) > config.max_streams:
+        raise ConfigError(f"{len(streams)} streams at start but --max-streams is {config.max_streams}")
+    return config, streams
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `yolov12-serve`; returns the exit status."""
+    from engines.base import EngineError
+
+    from .app import RunOptions, run_server
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config, streams = parse_config(args)
+        show = args.demo if args.status is None else args.status
+        options = RunOptions(streams, duration=args.duration, status_interval=1.0 if show else None,
+                             summary=bool(args.duration) or args.demo)
+        return asyncio.run(run_server(config, options))
+    except (ServerError, EngineError) as e:
+        print(f"yolov12-serve: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # a port in use, mostly
+        print(f"yolov12-serve: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

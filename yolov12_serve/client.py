@@ -1,0 +1,140 @@
+"""`Client`: the Python way to use a yolov12-serve server (wraps the generated gRPC stubs; synchronous).
+
+    from yolov12_serve.client import Client
+    with Client("localhost:50051") as c:
+        c.add_stream("line1-cam1", "rtsp://10.0.0.5/stream1")
+        for fd in c.watch(["line1-cam1"]):          # FrameDetections messages, boxes in source pixels
+            print(fd.frame_id, [(d.class_name, d.score) for d in fd.detections])
+        result = c.detect_image("part.jpg")          # one image: a path, JPEG/PNG bytes or an RGB array
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from .proto import detector_pb2 as pb
+from .proto import detector_pb2_grpc as pb_grpc
+
+__all__ = ["Client", "make_frame"]
+
+_ENCODINGS = {"jpeg": pb.ENCODING_JPEG, "jpg": pb.ENCODING_JPEG, "png": pb.ENCODING_PNG, "rgb": pb.ENCODING_RGB24,
+              "bgr": pb.ENCODING_BGR24}
+
+
+def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", frame_id: int = 0,
+               encoding: str = "jpeg", quality: int = 90, capture_time_us: int = 0) -> pb.Frame:
+    """A Frame from an RGB uint8 [H, W, 3] array (sent as `encoding`: jpeg, png, rgb, bgr), encoded bytes or a file."""
+    if isinstance(image, str | Path):
+        image = Path(image).read_bytes()
+    if isinstance(image, bytes):
+        return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=image, encoding=pb.ENCODING_UNSPECIFIED,
+                        capture_time_us=capture_time_us)
+    arr = np.ascontiguousarray(image, dtype=np.uint8)
+    if arr.ndim != 3 or arr.shape[2] != 3:
+        raise ValueError(f"expected an RGB image [H, W, 3], got shape {list(arr.shape)}")
+    enc = _ENCODINGS.get(encoding.lower())
+    if enc is None:
+        raise ValueError(f"unknown encoding {encoding!r}: use one of {sorted(_ENCODINGS)}")
+    h, w = arr.shape[:2]
+    if enc == pb.ENCODING_RGB24:
+        data = arr.tobytes()
+    elif enc == pb.ENCODING_BGR24:
+        data = np.ascontiguousarray(arr[..., ::-1]).tobytes()
+    else:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(arr).save(buf, format="JPEG" if enc == pb.ENCODING_JPEG else "PNG", quality=quality)
+        data = buf.getvalue()
+    return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=data, encoding=enc, width=w, height=h,
+                    capture_time_us=capture_time_us)
+
+
+class Client:
+    """A connection to one server. Methods raise grpc.RpcError with the server's status code and message."""
+
+    def __init__(self, target: str = "localhost:50051", timeout: float = 10.0,
+                 max_message_bytes: int = 32 * 1024 * 1024, channel: grpc.Channel | None = None) -> None:
+        self.timeout = timeout
+        self.channel = channel or grpc.insecure_channel(target, options=[
+            ("grpc.max_receive_message_length", max_message_bytes),
+            ("grpc.max_send_message_length", max_message_bytes)])
+        self.stub = pb_grpc.DetectorStub(self.channel)
+        self._health = health_pb2_grpc.HealthStub(self.channel)
+
+    def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0) -> pb.StreamInfo:
+        """Have the server pull a camera (returns at once, state CONNECTING)."""
+        return self.stub.AddStream(pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps),
+                                   timeout=self.timeout)
+
+    def remove_stream(self, stream_id: str) -> pb.StreamInfo:
+        """Stop a stream; returns its last state."""
+        return self.stub.RemoveStream(pb.RemoveStreamRequest(stream_id=stream_id), timeout=self.timeout).stream
+
+    def list_streams(self) -> list[pb.StreamInfo]:
+        """Every stream with state, device, fps, latency and last error."""
+        return list(self.stub.ListStreams(pb.ListStreamsRequest(), timeout=self.timeout).streams)
+
+    def stream(self, stream_id: str) -> pb.StreamInfo | None:
+        """One stream's info, or None when it is not registered."""
+        return next((s for s in self.list_streams() if s.stream_id == stream_id), None)
+
+    def watch(self, stream_ids: Iterable[str] = (), timeout: float | None = None) -> Iterator[pb.FrameDetections]:
+        """Detections as published (all streams when `stream_ids` is empty); `.cancel()` on the result stops it."""
+        return self.stub.WatchDetections(pb.WatchDetectionsRequest(stream_ids=list(stream_ids)), timeout=timeout)
+
+    def detect(self, frames: Iterable[pb.Frame | np.ndarray], stream_id: str = "",
+               timeout: float | None = None) -> Iterator[pb.FrameDetections]:
+        """Push mode: frames (Frame messages or RGB arrays, sent as JPEG) in, detections out in the same order."""
+
+        def messages() -> Iterator[pb.Frame]:
+            for i, f in enumerate(frames):
+                yield f if isinstance(f, pb.Frame) else make_frame(f, stream_id, i,
+                                                                   capture_time_us=time.time_ns() // 1000)
+
+        return self.stub.Detect(messages(), timeout=timeout)
+
+    def detect_image(self, image: np.ndarray | bytes | str | Path | pb.Frame, stream_id: str = "",
+                     frame_id: int = 0) -> pb.FrameDetections:
+        """Detections for one image (a path, JPEG/PNG bytes, an RGB array or a Frame)."""
+        frame = image if isinstance(image, pb.Frame) else make_frame(image, stream_id, frame_id)
+        return self.stub.DetectImage(frame, timeout=self.timeout)
+
+    def server_info(self) -> pb.ServerInfo:
+        """Engines, devices, class names, input size and SLO."""
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
+
+    def health(self, service: str = "") -> str:
+        """'SERVING', 'NOT_SERVING', ... from grpc.health.v1 ('' = the whole server)."""
+        resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        """Block until the server says SERVING (engines loaded); TimeoutError otherwise."""
+        end = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < end:
+            try:
+                last = self.health()
+                if last == "SERVING":
+                    return
+            except grpc.RpcError as e:
+                last = str(e.code())
+            time.sleep(0.1)
+        raise TimeoutError(f"server not SERVING after {timeout:.0f} s (last: {last})")
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

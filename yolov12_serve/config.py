@@ -1,0 +1,162 @@
+"""Server configuration (one dataclass the CLI fills) and validation of stream ids, URLs and streams files."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+from .errors import ConfigError, InvalidArgumentError
+
+__all__ = ["MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec", "load_streams_file",
+           "redact_url", "url_kind", "validate_stream_id"]
+
+MAX_ID_LEN = 128
+PULL_SCHEMES = ("rtsp", "rtsps", "synthetic")
+_ID_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no whitespace
+
+
+@dataclass
+class RtspOptions:
+    """How pulled cameras are opened and kept alive (timeouts, reconnect backoff, stall watchdog)."""
+
+    open_timeout_s: float = 5.0  # connect + describe + first packets
+    read_timeout_s: float = 5.0  # one blocking read; a silent server raises after this
+    stall_s: float = 5.0  # watchdog: STREAMING without a new frame this long -> reconnect
+    backoff_base_s: float = 0.5  # first retry delay; doubles per failure, with jitter
+    backoff_cap_s: float = 30.0
+
+
+@dataclass
+class ServerConfig:
+    """Everything `yolov12-serve` is told on the command line; `ServerCore` takes one of these."""
+
+    engines: list[str] = field(default_factory=list)
+    devices: list[str] = field(default_factory=lambda: ["cpu"])
+    host: str = "0.0.0.0"
+    port: int = 50051
+    metrics_port: int = 9464  # 0: any free port; negative: no metrics endpoint
+    slo_ms: float = 45.0
+    instances: int = 2  # engine instances (sessions / execution contexts) per device, used concurrently
+    threads: int | None = None  # intra-op threads per instance (CPU); None: cores // instances
+    max_batch: int = 8
+    max_streams: int = 64
+    process_late: bool = False  # process frames that can no longer meet the SLO instead of dropping them
+    allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
+    max_message_bytes: int = 32 * 1024 * 1024
+    subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
+    rtsp: RtspOptions = field(default_factory=RtspOptions)
+
+    def __post_init__(self) -> None:
+        if self.slo_ms <= 0:
+            raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
+        for name in ("instances", "max_batch", "max_streams", "subscriber_queue"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"--threads must be at least 1, got {self.threads}")
+        if not self.devices:
+            raise ConfigError("no device to run on: pass --gpus cpu or a GPU list such as --gpus 0,1")
+
+    @property
+    def slo_s(self) -> float:
+        return self.slo_ms / 1000.0
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """A camera to pull: its id, URL and optional frame-rate cap (0: every frame)."""
+
+    stream_id: str
+    url: str
+    max_fps: float = 0.0
+
+
+def validate_stream_id(stream_id: str) -> str:
+    """Return `stream_id` or raise InvalidArgumentError: 1..128 printable ASCII characters without whitespace."""
+    if not stream_id:
+        raise InvalidArgumentError("stream_id is empty: give each stream a short unique name such as 'line1-cam3'")
+    if len(stream_id) > MAX_ID_LEN:
+        raise InvalidArgumentError(f"stream_id is {len(stream_id)} characters long; the limit is {MAX_ID_LEN}")
+    if not _ID_RE.match(stream_id):
+        raise InvalidArgumentError(f"stream_id {stream_id!r} may only hold printable ASCII without spaces")
+    return stream_id
+
+
+def url_kind(url: str, allow_files: bool = False) -> str:
+    """Classify a stream URL as 'rtsp', 'synthetic' or 'file', or raise InvalidArgumentError saying what is accepted."""
+    if not url or not url.strip():
+        raise InvalidArgumentError("url is empty: give an rtsp:// or rtsps:// address")
+    if any(c.isspace() for c in url):
+        raise InvalidArgumentError(f"url {redact_url(url)!r} contains whitespace")
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme in ("rtsp", "rtsps"):
+        if not parts.hostname:
+            raise InvalidArgumentError(f"url {redact_url(url)!r} has no host: use rtsp://HOST[:PORT]/PATH")
+        try:
+            parts.port  # noqa: B018 - raises ValueError on a bad port
+        except ValueError as e:
+            raise InvalidArgumentError(f"url {redact_url(url)!r}: {e}") from None
+        return "rtsp"
+    if scheme == "synthetic":
+        return "synthetic"
+    if scheme == "file" or not scheme:
+        if not allow_files:
+            raise InvalidArgumentError(f"file sources are disabled: {redact_url(url)!r} (start the server with "
+                                  "--allow-files to accept local video files)")
+        return "file"
+    raise InvalidArgumentError(f"unsupported url {redact_url(url)!r}: use rtsp://, rtsps://, synthetic://NAME, "
+                          "or a file path with --allow-files")
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by '***' (safe to log and return to clients)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return url
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def load_streams_file(path: str | Path) -> list[StreamSpec]:
+    """Read a YAML list of cameras (`streams: [{id, url, max_fps}]`, or a bare list); one clear error per mistake."""
+    import yaml
+
+    path = Path(path)
+    try:
+        doc = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ConfigError(f"cannot read streams file {path}: {e.strerror or e}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"streams file {path} is not valid YAML: {e}") from None
+    items = doc.get("streams") if isinstance(doc, dict) else doc
+    if not isinstance(items, list):
+        raise ConfigError(f"streams file {path}: expected 'streams:' followed by a list of {{id, url}} entries")
+    specs: list[StreamSpec] = []
+    for i, item in enumerate(items):
+        where = f"streams file {path}, entry {i + 1}"
+        if not isinstance(item, dict) or "url" not in item:
+            raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {item!r}")
+        unknown = set(item) - {"id", "stream_id", "url", "max_fps"}
+        if unknown:
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps)")
+        sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
+        try:
+            max_fps = float(item.get("max_fps", 0) or 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: max_fps must be a number, got {item['max_fps']!r}") from None
+        try:
+            validate_stream_id(sid)
+        except InvalidArgumentError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        specs.append(StreamSpec(sid, str(item["url"]), max_fps))
+    ids = [s.stream_id for s in specs]
+    dup = sorted({i for i in ids if ids.count(i) > 1})
+    if dup:
+        raise ConfigError(f"streams file {path}: duplicate ids {dup}")
+    return specs

@@ -1,0 +1,79 @@
+"""Engine run time per (batch size, input shape), learned online; the scheduler asks it what a batch will cost.
+
+Each (batch, shape) keeps its last `window` run times; predictions are quantiles of that window,
+cached at each observation: the median (`q=0.5`, a typical run) and the 90th percentile (`q=0.9`, a
+slow run). A windowed quantile forgets one slow outlier (a page fault, a noisy neighbour) instead of
+dragging a mean for many runs. Unseen batch sizes are extrapolated from the nearest seen size of the
+same shape (linear in the batch: pessimistic on GPUs, where the scheduler then learns the real,
+smaller figure the first time slack lets it try); unseen shapes scale a seen shape by pixel count.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+
+import numpy as np
+
+__all__ = ["RunTimeModel"]
+
+Shape = tuple[int, int]
+
+
+class _Window:
+    __slots__ = ("p50", "p90", "times")
+
+    def __init__(self, window: int) -> None:
+        self.times: deque[float] = deque(maxlen=window)
+        self.p50 = self.p90 = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.times.append(seconds)
+        self.p50, self.p90 = (float(x) for x in np.quantile(np.fromiter(self.times, float), [0.5, 0.9]))
+
+    def get(self, q: float) -> float:
+        return self.p50 if q <= 0.5 else self.p90
+
+
+class RunTimeModel:
+    """Thread-safe online estimate of how long `Engine.infer` takes for a batch of `n` frames of `shape`."""
+
+    def __init__(self, window: int = 64, default_s: float = 0.02, default_shape: Shape = (320, 320)) -> None:
+        self.window = window
+        self.default_s = default_s  # batch-1 guess for default_shape before anything is measured
+        self.default_shape = default_shape
+        self._stats: dict[tuple[Shape, int], _Window] = {}
+        self._lock = threading.Lock()
+
+    def observe(self, n: int, shape: Shape, seconds: float) -> None:
+        """Record one measured run of a batch of `n` frames of `shape`."""
+        key = ((int(shape[0]), int(shape[1])), int(n))
+        with self._lock:
+            w = self._stats.get(key)
+            if w is None:
+                w = self._stats[key] = _Window(self.window)
+            w.add(float(seconds))
+
+    def predict(self, n: int, shape: Shape, q: float = 0.9) -> float:
+        """Seconds a batch of `n` frames of `shape` takes: q=0.9 a slow run (for planning), q=0.5 a typical one."""
+        shape = (int(shape[0]), int(shape[1]))
+        with self._lock:
+            w = self._stats.get((shape, n))
+            if w is not None:
+                return w.get(q)
+            same = [(m, st) for (sh, m), st in self._stats.items() if sh == shape]
+            if same:
+                below = [(m, st) for m, st in same if m <= n]
+                m, st = max(below, key=lambda x: x[0]) if below else min(same, key=lambda x: x[0])
+                return st.get(q) * max(1.0, n / m)
+            if self._stats:
+                (sh, m), st = max(self._stats.items(), key=lambda kv: (len(kv[1].times), -kv[0][1]))
+                pixels = (shape[0] * shape[1]) / (sh[0] * sh[1])
+                return st.get(q) * pixels * max(1.0, n / m)
+        pixels = (shape[0] * shape[1]) / (self.default_shape[0] * self.default_shape[1])
+        return self.default_s * pixels * n
+
+    def known(self) -> dict[tuple[Shape, int], tuple[float, float, int]]:
+        """Snapshot {(shape, n): (median s, p90 s, samples)} for status pages and benchmarks."""
+        with self._lock:
+            return {k: (w.p50, w.p90, len(w.times)) for k, w in self._stats.items()}

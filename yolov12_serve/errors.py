@@ -1,0 +1,37 @@
+"""Errors the server core raises; the API maps each class to one gRPC status code (api.py)."""
+
+from __future__ import annotations
+
+__all__ = ["ConfigError", "InvalidArgumentError", "ResourceExhaustedError", "ServerError", "StreamExistsError",
+           "StreamNotFoundError", "UnavailableError"]
+
+
+class ServerError(Exception):
+    """Base of the errors a request can cause; the message says what was wrong and how to fix it."""
+
+
+class InvalidArgumentError(ServerError, ValueError):
+    """Bad request content: an id, a URL, an image that cannot be decoded (INVALID_ARGUMENT)."""
+
+
+class ConfigError(InvalidArgumentError):
+    """Bad command-line or streams-file configuration (exit status 2 from the CLI)."""
+
+
+class StreamExistsError(ServerError):
+    """A stream with this id is already registered (ALREADY_EXISTS)."""
+
+
+class StreamNotFoundError(ServerError, KeyError):
+    """No stream with this id (NOT_FOUND)."""
+
+    def __str__(self) -> str:  # KeyError quotes its argument; keep the message readable
+        return str(self.args[0]) if self.args else ""
+
+
+class ResourceExhaustedError(ServerError):
+    """A limit was reached: --max-streams, or a message too large (RESOURCE_EXHAUSTED)."""
+
+
+class UnavailableError(ServerError):
+    """The server is draining or has no working engine (UNAVAILABLE)."""

@@ -1,0 +1,139 @@
+"""Results fan-out: every subscriber has its own bounded queue; a slow one loses its own oldest results, nobody waits.
+
+Workers publish from their threads; a subscriber reads from asyncio (gRPC handlers, woken through
+`call_soon_threadsafe`) or from a plain thread (`get(timeout)`). Publishing never blocks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from .frames import FrameResult
+
+__all__ = ["Fanout", "Subscription"]
+
+
+class Subscription:
+    """One reader's bounded queue of results, filtered by stream id (None: every public stream)."""
+
+    def __init__(self, stream_ids: Iterable[str] | None, maxsize: int,
+                 loop: asyncio.AbstractEventLoop | None = None,
+                 on_overflow: Callable[[int], None] | None = None) -> None:
+        self.stream_ids = frozenset(stream_ids) if stream_ids else None
+        self.maxsize = max(1, int(maxsize))
+        self.dropped = 0  # results this subscriber lost because it read too slowly
+        self._queue: deque[FrameResult] = deque()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._loop = loop
+        self._event = asyncio.Event() if loop is not None else None
+        self._closed = False
+        self._on_overflow = on_overflow
+
+    def wants(self, result: FrameResult) -> bool:
+        """True when this subscriber should receive `result`."""
+        if self.stream_ids is None:
+            return result.public
+        return result.stream_id in self.stream_ids
+
+    def offer(self, result: FrameResult) -> None:
+        """Queue `result` (called from worker threads); on overflow drop this subscriber's oldest result."""
+        with self._lock:
+            if self._closed:
+                return
+            overflow = len(self._queue) >= self.maxsize
+            if overflow:
+                self._queue.popleft()
+                self.dropped += 1
+            self._queue.append(result)
+            self._cond.notify()
+        if overflow and self._on_overflow is not None:
+            self._on_overflow(1)
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._loop is not None and self._event is not None:
+            with contextlib.suppress(RuntimeError):  # a closed loop: nobody is reading any more
+                self._loop.call_soon_threadsafe(self._event.set)
+
+    def close(self) -> None:
+        """End the subscription: readers get None once the queue is empty."""
+        with self._lock:
+            self._closed = True
+            self._cond.notify_all()
+        self._wake()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _pop(self) -> FrameResult | None:
+        with self._lock:
+            return self._queue.popleft() if self._queue else None
+
+    async def next(self) -> FrameResult | None:
+        """Await the next result (asyncio readers); None when the subscription was closed."""
+        assert self._event is not None, "subscribe with loop=... to read from asyncio"
+        while True:
+            item = self._pop()
+            if item is not None:
+                return item
+            if self._closed:
+                return None
+            self._event.clear()
+            if self._queue or self._closed:  # raced with offer()/close() between _pop and clear
+                continue
+            await self._event.wait()
+
+    def get(self, timeout: float | None = None) -> FrameResult | None:
+        """Block up to `timeout` for the next result (thread readers); None on timeout or close."""
+        with self._cond:
+            if not self._queue and not self._closed:
+                self._cond.wait(timeout)
+            return self._queue.popleft() if self._queue else None
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+
+class Fanout:
+    """Hands each published result to every subscription that wants it; never blocks the publisher."""
+
+    def __init__(self, on_overflow: Callable[[int], None] | None = None) -> None:
+        self._subs: list[Subscription] = []
+        self._lock = threading.Lock()
+        self._on_overflow = on_overflow
+
+    def subscribe(self, stream_ids: Iterable[str] | None = None, maxsize: int = 64,
+                  loop: asyncio.AbstractEventLoop | None = None) -> Subscription:
+        """A new subscription; pass the running loop to read it with `await sub.next()`."""
+        sub = Subscription(stream_ids, maxsize, loop, self._on_overflow)
+        with self._lock:
+            self._subs = [*self._subs, sub]
+        return sub
+
+    def unsubscribe(self, sub: Subscription) -> None:
+        """Remove and close a subscription."""
+        with self._lock:
+            self._subs = [s for s in self._subs if s is not sub]
+        sub.close()
+
+    def publish(self, result: FrameResult) -> None:
+        """Offer `result` to every interested subscriber (copy-on-write list: no lock held while offering)."""
+        for sub in self._subs:
+            if sub.wants(result):
+                sub.offer(result)
+
+    def close_all(self) -> None:
+        """Close every subscription (server shutdown): readers drain what they have, then end."""
+        with self._lock:
+            subs, self._subs = self._subs, []
+        for sub in subs:
+            sub.close()
+
+    def __len__(self) -> int:
+        return len(self._subs)

@@ -1,0 +1,49 @@
+"""The two records that travel the pipeline: a `Frame` (letterboxed input, where it came from) and its `FrameResult`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engines.letterbox import Letterbox
+
+__all__ = ["Frame", "FrameResult", "now"]
+
+now = time.perf_counter  # the pipeline's clock (seconds, monotonic, shared by all threads)
+
+
+@dataclass(eq=False)
+class Frame:
+    """One frame ready for the engine: `input` is uint8 [h, w, 3] RGB, letterboxed to the device's input shape."""
+
+    stream_id: str
+    frame_id: int
+    input: np.ndarray
+    letterbox: Letterbox
+    capture_time_us: int  # wall clock, microseconds since the epoch (the camera's or the client's)
+    ingest_time: float  # now() when the frame was handed to the scheduler (push: when it was received)
+    deadline: float  # ingest_time + SLO
+    droppable: bool = True  # pulled cameras: may be dropped as "late"; pushed frames are always answered
+    public: bool = True  # False: a one-off DetectImage frame, not shown to WatchDetections(all)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """The input (h, w): frames of the same shape batch together."""
+        return self.input.shape[0], self.input.shape[1]
+
+
+@dataclass(eq=False)
+class FrameResult:
+    """Detections of one frame in source-frame pixels ([n, 6] x1 y1 x2 y2 score class), or the error that stopped it."""
+
+    stream_id: str
+    frame_id: int
+    detections: np.ndarray
+    src_hw: tuple[int, int]
+    capture_time_us: int
+    latency_s: float  # ingest to publish
+    device: str
+    public: bool = True
+    error: str | None = None

@@ -1,0 +1,165 @@
+"""Prometheus metrics (prometheus-client, own registry) and the /metrics HTTP endpoint.
+
+Names are a contract (issue 5): yolov12_frame_latency_seconds{stream,device} (buckets dense around
+the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12_frames_total{stream},
+yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
+yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
+yolov12_slo_seconds, and with NVML yolov12_gpu_utilization_ratio / yolov12_gpu_memory_{used,total}_bytes.
+Per-stream series are removed when the stream is removed (no growth over a long run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .devices import GpuTelemetry
+
+__all__ = ["LiveSnapshot", "Metrics", "slo_buckets"]
+
+DROP_REASONS = ("superseded", "late", "error", "removed")  # the only values of frames_dropped_total{reason}
+STATES = ("CONNECTING", "STREAMING", "RECONNECTING", "STOPPED", "FAILED")
+
+
+def slo_buckets(slo_s: float) -> list[float]:
+    """Latency buckets dense around the SLO (every 10% from 0.5x to 1.5x) with a coarse tail either side."""
+    factors = [0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, 1.1, 1.2, 1.3, 1.5, 2.0, 3.0, 5.0, 10.0, 20.0]
+    return sorted({round(slo_s * f, 6) for f in factors})
+
+
+@dataclass
+class LiveSnapshot:
+    """Gauges read at scrape time from the running server."""
+
+    streams_by_state: dict[str, int] = field(default_factory=dict)
+    queue_depth: dict[str, int] = field(default_factory=dict)  # device -> frames waiting in mailboxes
+    in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
+
+
+class _LiveCollector(Collector):
+    def __init__(self, snapshot: Callable[[], LiveSnapshot], gpus: GpuTelemetry | None) -> None:
+        self._snapshot = snapshot
+        self._gpus = gpus
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        snap = self._snapshot()
+        streams = GaugeMetricFamily("yolov12_streams", "Registered streams by state.", labels=["state"])
+        for state in STATES:
+            streams.add_metric([state], snap.streams_by_state.get(state, 0))
+        yield streams
+        depth = GaugeMetricFamily("yolov12_queue_depth", "Frames waiting in stream mailboxes, per device.",
+                                  labels=["device"])
+        for dev, n in sorted(snap.queue_depth.items()):
+            depth.add_metric([dev], n)
+        yield depth
+        running = GaugeMetricFamily("yolov12_frames_in_flight", "Frames inside the engine now, per device.",
+                                    labels=["device"])
+        for dev, n in sorted(snap.in_flight.items()):
+            running.add_metric([dev], n)
+        yield running
+        if self._gpus is None:
+            return
+        samples = self._gpus.sample()
+        if not samples:
+            return
+        util = GaugeMetricFamily("yolov12_gpu_utilization_ratio", "GPU busy fraction (NVML).", labels=["device"])
+        used = GaugeMetricFamily("yolov12_gpu_memory_used_bytes", "GPU memory in use (NVML).", labels=["device"])
+        total = GaugeMetricFamily("yolov12_gpu_memory_total_bytes", "GPU memory size (NVML).", labels=["device"])
+        for s in samples:
+            util.add_metric([s.device], s.utilization)
+            used.add_metric([s.device], s.memory_used_bytes)
+            total.add_metric([s.device], s.memory_total_bytes)
+        yield from (util, used, total)
+
+
+class Metrics:
+    """All server metrics in one registry; `serve(port)` exposes them at /metrics."""
+
+    def __init__(self, slo_s: float, devices: list[str], max_batch: int = 64,
+                 snapshot: Callable[[], LiveSnapshot] | None = None) -> None:
+        from prometheus_client import disable_created_metrics
+
+        disable_created_metrics()  # the *_created series double the exposition and nobody graphs them
+        self.registry = r = CollectorRegistry()
+        self.devices = list(devices)
+        self.frame_latency = Histogram(
+            "yolov12_frame_latency_seconds", "Ingest (frame decoded or received) to publish, per stream and device.",
+            ["stream", "device"], buckets=slo_buckets(slo_s), registry=r)
+        self.inference = Histogram(
+            "yolov12_inference_seconds", "Engine.infer run time per batch.", ["device"],
+            buckets=[0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                     0.2, 0.3, 0.5, 1.0, 2.0], registry=r)
+        sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
+        self.batch_size = Histogram("yolov12_batch_size", "Frames per engine batch.", ["device"],
+                                    buckets=[s for s in sizes if s <= max(max_batch, 1)], registry=r)
+        self.frames = Counter("yolov12_frames", "Frames ingested (decoded from a camera or received).",
+                              ["stream"], registry=r)
+        self.frames_processed = Counter("yolov12_frames_processed", "Frames whose detections were published.",
+                                        ["stream", "device"], registry=r)
+        self.frames_dropped = Counter("yolov12_frames_dropped", "Frames dropped before publishing, by reason.",
+                                      ["stream", "reason"], registry=r)
+        self.reconnects = Counter("yolov12_stream_reconnects", "Camera reconnect attempts (lost, failed or stalled).",
+                                  ["stream"], registry=r)
+        self.results_dropped = Counter("yolov12_subscriber_results_dropped",
+                                       "Results a slow subscriber lost (its own oldest), summed over subscribers.",
+                                       registry=r)
+        self.slo = Gauge("yolov12_slo_seconds", "The latency objective, ingest to publish.", registry=r)
+        self.slo.set(slo_s)
+        self.engine_failures = Counter("yolov12_engine_failures", "Batches whose Engine.infer raised.", ["device"],
+                                       registry=r)
+        for dev in self.devices:
+            self.inference.labels(dev)
+            self.batch_size.labels(dev)
+            self.engine_failures.labels(dev)
+        self._gpus = GpuTelemetry(self.devices)
+        r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
+        self._http = None
+
+    def add_stream(self, stream_id: str) -> None:
+        """Create a stream's series at zero so rates exist from the start."""
+        self.frames.labels(stream_id)
+        self.reconnects.labels(stream_id)
+        for reason in DROP_REASONS:
+            self.frames_dropped.labels(stream_id, reason)
+
+    def forget_stream(self, stream_id: str) -> None:
+        """Remove every series labelled with this stream (called when it is removed)."""
+        for metric, labelsets in ((self.frames, [(stream_id,)]), (self.reconnects, [(stream_id,)])):
+            for labels in labelsets:
+                _remove(metric, labels)
+        for dev in self.devices:
+            _remove(self.frame_latency, (stream_id, dev))
+            _remove(self.frames_processed, (stream_id, dev))
+        for reason in DROP_REASONS:
+            _remove(self.frames_dropped, (stream_id, reason))
+
+    def serve(self, port: int, host: str = "0.0.0.0") -> int:
+        """Start the /metrics HTTP server in a daemon thread; returns the bound port (port 0: any free one)."""
+        from prometheus_client import start_http_server
+
+        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._http = httpd
+        return int(httpd.server_port)
+
+    def stop(self) -> None:
+        """Stop the HTTP endpoint."""
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            self._http = None
+
+    def exposition(self) -> bytes:
+        """The text a scrape would return (tests and the demo summary use it)."""
+        from prometheus_client import generate_latest
+
+        return generate_latest(self.registry)
+
+
+def _remove(metric, labels: tuple[str, ...]) -> None:
+    with contextlib.suppress(KeyError):
+        metric.remove(*labels)

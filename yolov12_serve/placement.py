@@ -1,0 +1,81 @@
+"""Which device a stream runs on: the least-loaded one, load = sum over its streams of fps x cost per frame / instances.
+
+Before a stream has run, its fps is its max_fps (or a typical camera's 25) and its cost the device's
+measured batch-1 time at full input size; both are refreshed from what the server measures.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+__all__ = ["DEFAULT_FPS", "Placement"]
+
+DEFAULT_FPS = 25.0
+
+
+@dataclass
+class _Device:
+    instances: int
+    frame_cost_s: float
+    healthy: bool = True
+
+
+class Placement:
+    """Tracks expected load per device and picks the least-loaded healthy device for a new or moved stream."""
+
+    def __init__(self) -> None:
+        self._devices: dict[str, _Device] = {}
+        self._streams: dict[str, tuple[str, float]] = {}  # stream -> (device, expected fps)
+        self._lock = threading.Lock()
+
+    def add_device(self, device: str, instances: int, frame_cost_s: float) -> None:
+        """Register a device with its engine instances and measured seconds per frame."""
+        with self._lock:
+            self._devices[device] = _Device(max(1, instances), max(frame_cost_s, 1e-6))
+
+    def set_healthy(self, device: str, healthy: bool) -> None:
+        """Mark a device usable or not (an engine that keeps failing)."""
+        with self._lock:
+            self._devices[device].healthy = healthy
+
+    def healthy_devices(self) -> list[str]:
+        with self._lock:
+            return [d for d, info in self._devices.items() if info.healthy]
+
+    def load(self, device: str) -> float:
+        """Expected busy fraction of the device's instances (1.0 = saturated)."""
+        with self._lock:
+            return self._load(device)
+
+    def _load(self, device: str) -> float:
+        info = self._devices[device]
+        fps = sum(f for d, f in self._streams.values() if d == device)
+        return fps * info.frame_cost_s / info.instances
+
+    def assign(self, stream_id: str, fps: float = 0.0, exclude: tuple[str, ...] = ()) -> str:
+        """Place a stream on the least-loaded healthy device (ties: the first); returns the device name."""
+        fps = fps if fps > 0 else DEFAULT_FPS
+        with self._lock:
+            candidates = [d for d, info in self._devices.items() if info.healthy and d not in exclude]
+            if not candidates:
+                raise RuntimeError("no healthy device to place the stream on")
+            self._streams.pop(stream_id, None)
+            device = min(candidates, key=lambda d: (self._load(d), list(self._devices).index(d)))
+            self._streams[stream_id] = (device, fps)
+            return device
+
+    def update_fps(self, stream_id: str, fps: float) -> None:
+        """Refresh a stream's measured rate (keeps later placements accurate)."""
+        with self._lock:
+            if stream_id in self._streams and fps > 0:
+                self._streams[stream_id] = (self._streams[stream_id][0], fps)
+
+    def release(self, stream_id: str) -> None:
+        """Forget a removed stream."""
+        with self._lock:
+            self._streams.pop(stream_id, None)
+
+    def streams_on(self, device: str) -> list[str]:
+        with self._lock:
+            return [s for s, (d, _) in self._streams.items() if d == device]

@@ -1,0 +1,52 @@
+"""Fit source frames into the engine input: plan the letterbox once per source shape, resize, pad (no torch, no cv2).
+
+Runs in the producer's thread (decoder, push handler), so resizing overlaps inference. Images are
+resized with Pillow (which releases the GIL); PyAV frames are resized by swscale while converting to RGB.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import numpy as np
+from PIL import Image
+
+from engines.letterbox import Letterbox, fit_shape, plan_letterbox
+
+if TYPE_CHECKING:
+    import av
+
+__all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image"]
+
+
+class InputPlanner:
+    """Picks each source shape's engine input: the smallest stride-multiple rectangle of its aspect within imgsz."""
+
+    def __init__(self, imgsz: tuple[int, int], stride: int = 32, dynamic_hw: bool = True) -> None:
+        self.imgsz = (int(imgsz[0]), int(imgsz[1]))
+        self.stride = int(stride)
+        self.dynamic_hw = dynamic_hw
+        self.plan = lru_cache(maxsize=64)(self._plan)
+
+    def _plan(self, src_hw: tuple[int, int]) -> Letterbox:
+        input_hw = fit_shape(src_hw, self.imgsz, self.stride, rect=self.dynamic_hw)
+        return plan_letterbox(src_hw, input_hw)
+
+
+def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox) -> np.ndarray:
+    """RGB uint8 [H, W, 3] (or a PIL image, possibly JPEG-draft-reduced) -> the letterboxed engine input."""
+    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
+    if pil.mode != "RGB":
+        pil = pil.convert("RGB")
+    new_h, new_w = lb.new_hw
+    if pil.size != (new_w, new_h):
+        pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    return lb.place(np.asarray(pil))
+
+
+def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox) -> np.ndarray:
+    """A decoded PyAV frame -> the letterboxed engine input (scale and colour conversion in one swscale pass)."""
+    new_h, new_w = lb.new_hw
+    rgb = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="BILINEAR")
+    return lb.place(rgb)

@@ -1,0 +1,203 @@
+"""Per-device batching policy behind a small interface (the vLLM shape): streams in, `Batch`es out, outputs back.
+
+`DeadlineScheduler` is work-conserving and deadline-aware. When an engine instance asks for work it
+looks at the newest frame of every stream that has none in flight, drops the frames that cannot meet
+their deadline even alone with a typical (median) run (reason "late", unless `process_late`), takes
+the frame with the earliest deadline and, among the ready frames of the same input shape (oldest
+deadline first), the largest batch whose slow-run (90th percentile) time still ends before that
+earliest deadline. So that a wrong, too-slow estimate cannot make it drop everything forever (and
+never measure again), one predicted-late frame per shape and `probe_s` is run anyway while it still
+has time left.
+
+One frame per stream is in flight at a time: results of a stream are published in order, and a
+stream cannot starve the others. Under load frames accumulate while all instances are busy, so
+batches grow exactly when batching pays; when idle a frame runs at once (no waiting window).
+"""
+
+from __future__ import annotations
+
+import threading
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .costmodel import RunTimeModel
+from .frames import Frame, now
+from .mailbox import Mailbox
+
+__all__ = ["Batch", "DeadlineScheduler", "Scheduler", "SchedulerStats"]
+
+DropCallback = Callable[[Frame, str], None]
+
+
+@dataclass
+class Batch:
+    """The scheduler -> worker contract: same-shape frames to run together, and what the scheduler expected."""
+
+    frames: list[Frame]
+    shape: tuple[int, int]
+    predicted_s: float
+    scheduled_at: float = field(default_factory=now)
+
+    @property
+    def size(self) -> int:
+        return len(self.frames)
+
+
+@dataclass(frozen=True)
+class SchedulerStats:
+    """A snapshot for metrics and status: frames waiting in mailboxes, frames running, streams served."""
+
+    queued: int
+    in_flight: int
+    streams: int
+
+
+class Scheduler(ABC):
+    """What a device worker needs from a batching policy. All methods are thread-safe."""
+
+    @abstractmethod
+    def add_stream(self, stream_id: str, capacity: int = 1) -> None:
+        """Start serving a stream (its frames arrive through `submit`; `capacity` frames may wait)."""
+
+    @abstractmethod
+    def remove_stream(self, stream_id: str) -> list[Frame]:
+        """Stop serving a stream; return its waiting frames (the caller drops or moves them)."""
+
+    @abstractmethod
+    def submit(self, frame: Frame) -> Frame | None:
+        """Offer a frame; returns the frame it superseded (already counted as dropped by the caller)."""
+
+    @abstractmethod
+    def schedule(self, timeout: float) -> Batch | None:
+        """Block up to `timeout` seconds for work; return the next batch, or None."""
+
+    @abstractmethod
+    def update_from_output(self, batch: Batch, elapsed_s: float | None) -> None:
+        """The batch finished (elapsed_s None: it failed): learn its run time, release its streams."""
+
+    @abstractmethod
+    def stats(self) -> SchedulerStats:
+        """Queue depth and in-flight counts now."""
+
+    @abstractmethod
+    def shutdown(self) -> None:
+        """Wake every waiting worker; `schedule` returns None from now on."""
+
+
+@dataclass
+class _StreamSlot:
+    mailbox: Mailbox = field(default_factory=Mailbox)
+    in_flight: bool = False
+
+
+class DeadlineScheduler(Scheduler):
+    """Earliest-deadline-first, largest batch that still meets the earliest deadline (see the module docstring)."""
+
+    def __init__(self, cost: RunTimeModel, max_batch: int, process_late: bool = False,
+                 on_drop: DropCallback | None = None, clock: Callable[[], float] = now, probe_s: float = 1.0) -> None:
+        self.cost = cost
+        self.probe_s = probe_s
+        self._last_probe: dict[tuple[int, int], float] = {}
+        self.max_batch = max(1, int(max_batch))
+        self.process_late = process_late
+        self.on_drop = on_drop or (lambda frame, reason: None)
+        self.clock = clock
+        self._slots: dict[str, _StreamSlot] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+
+    def add_stream(self, stream_id: str, capacity: int = 1) -> None:
+        with self._cond:
+            self._slots.setdefault(stream_id, _StreamSlot(Mailbox(capacity)))
+
+    def remove_stream(self, stream_id: str) -> list[Frame]:
+        with self._cond:
+            slot = self._slots.pop(stream_id, None)
+            frames = []
+            while slot is not None and (frame := slot.mailbox.take()) is not None:
+                frames.append(frame)
+            return frames
+
+    def submit(self, frame: Frame) -> Frame | None:
+        with self._cond:
+            slot = self._slots.get(frame.stream_id)
+            if slot is None or self._closed:
+                return frame  # the stream is gone (removed or moved): the frame goes nowhere
+            old = slot.mailbox.put(frame)
+            if not slot.in_flight:
+                self._cond.notify()
+            return old
+
+    def schedule(self, timeout: float) -> Batch | None:
+        late: list[Frame] = []
+        end = self.clock() + timeout
+        with self._cond:
+            while not self._closed:
+                batch = self._pick(self.clock(), late)
+                if batch is not None:
+                    break
+                remaining = end - self.clock()
+                if remaining <= 0:
+                    break
+                self._cond.wait(remaining)
+            else:
+                batch = None
+        for frame in late:
+            self.on_drop(frame, "late")
+        return batch
+
+    def _pick(self, t: float, late: list[Frame]) -> Batch | None:
+        ready: list[tuple[Frame, _StreamSlot]] = []
+        for slot in self._slots.values():
+            frame = slot.mailbox.peek()
+            if frame is None or slot.in_flight:
+                continue
+            typical = self.cost.predict(1, frame.shape, 0.5)
+            if frame.droppable and not self.process_late and t + typical > frame.deadline:
+                if t < frame.deadline and t - self._last_probe.get(frame.shape, -1e9) >= self.probe_s:
+                    self._last_probe[frame.shape] = t  # re-measure: the estimate may be stale
+                else:
+                    late.append(slot.mailbox.take())
+                    continue
+            ready.append((frame, slot))
+        if not ready:
+            return None
+        first = min(ready, key=lambda fs: fs[0].deadline)[0]
+        group = sorted((fs for fs in ready if fs[0].shape == first.shape), key=lambda fs: fs[0].deadline)
+        group = group[:self.max_batch]
+        n = 1
+        if t + self.cost.predict(1, first.shape, 0.5) > first.deadline:
+            n = len(group)  # the first frame is late whatever we do (push or --process-late): serve the most
+        else:
+            for k in range(len(group), 1, -1):
+                if t + self.cost.predict(k, first.shape) <= first.deadline:
+                    n = k
+                    break
+        frames = []
+        for frame, slot in group[:n]:
+            slot.mailbox.take()
+            slot.in_flight = True
+            frames.append(frame)
+        return Batch(frames, first.shape, self.cost.predict(n, first.shape), t)
+
+    def update_from_output(self, batch: Batch, elapsed_s: float | None) -> None:
+        if elapsed_s is not None:
+            self.cost.observe(batch.size, batch.shape, elapsed_s)
+        with self._cond:
+            for frame in batch.frames:
+                slot = self._slots.get(frame.stream_id)
+                if slot is not None:
+                    slot.in_flight = False
+            self._cond.notify_all()
+
+    def stats(self) -> SchedulerStats:
+        with self._cond:
+            queued = sum(len(s.mailbox) for s in self._slots.values())
+            running = sum(s.in_flight for s in self._slots.values())
+            return SchedulerStats(queued, running, len(self._slots))
+
+    def shutdown(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()

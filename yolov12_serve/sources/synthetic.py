@@ -1,0 +1,107 @@
+"""Synthetic conveyor cameras for the demo and benchmarks: `synthetic://NAME?fps=25&size=640x360&seed=1&speed=6`.
+
+Each camera renders one belt strip once: `strip` parts side by side, each a frame-sized scene with its
+defects (trainer.data.synth.render_scene: numpy + Pillow, no torch), and slides a window along it, so a
+frame costs a slice and a resize, not a render.
+Frames come at the camera's rate in real time; when the machine falls behind, ticks are skipped (a
+camera does not wait for its reader).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from dataclasses import dataclass
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from ..errors import InvalidArgumentError
+from ..frames import now
+from ..preprocess import letterbox_image
+from .base import FrameSink, Source, StreamState
+
+__all__ = ["SyntheticCamera", "SyntheticSource", "parse_synthetic_url", "render_strip"]
+
+
+@dataclass(frozen=True)
+class SyntheticCamera:
+    """What a synthetic:// URL asks for."""
+
+    name: str
+    fps: float = 25.0
+    size: tuple[int, int] = (360, 640)  # (h, w)
+    seed: int = 0
+    speed: int = 6  # belt pixels per frame
+    strip: int = 4  # strip length in frame widths
+
+
+def parse_synthetic_url(url: str) -> SyntheticCamera:
+    """`synthetic://NAME?fps=..&size=WxH&seed=..&speed=..` -> SyntheticCamera (InvalidArgumentError if malformed)."""
+    parts = urlsplit(url)
+    name = (parts.netloc + parts.path).strip("/") or "camera"
+    q = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+    unknown = set(q) - {"fps", "size", "seed", "speed"}
+    if unknown:
+        raise InvalidArgumentError(f"synthetic url: unknown parameters {sorted(unknown)} (fps, size=WxH, seed, speed)")
+    try:
+        fps = float(q.get("fps", 25))
+        w, h = (int(v) for v in q.get("size", "640x360").lower().split("x"))
+        seed = int(q.get("seed", zlib.crc32(name.encode())))
+        speed = int(q.get("speed", 6))
+    except ValueError:
+        raise InvalidArgumentError(f"synthetic url {url!r}: fps and seed are numbers, size is WIDTHxHEIGHT") from None
+    if not (0 < fps <= 240 and 32 <= w <= 4096 and 32 <= h <= 4096):
+        raise InvalidArgumentError(f"synthetic url {url!r}: need 0 < fps <= 240 and sizes within 32..4096")
+    return SyntheticCamera(name, fps, (h, w), seed, speed)
+
+
+def render_strip(cam: SyntheticCamera) -> np.ndarray:
+    """A belt strip of `strip` parts (frame-sized scenes with defects), plus the first again to wrap around."""
+    from trainer.data.synth import render_scene
+
+    h, w = cam.size
+    rng = np.random.default_rng(cam.seed)
+    parts = [np.asarray(render_scene(rng, (h, w))[0][..., :3], dtype=np.uint8) for _ in range(cam.strip)]
+    return np.ascontiguousarray(np.concatenate([*parts, parts[0]], axis=1))
+
+
+class SyntheticSource(Source):
+    """A demo camera: a belt scrolling past at a fixed rate."""
+
+    kind = "synthetic"
+
+    def __init__(self, sink: FrameSink, url: str) -> None:
+        super().__init__(sink)
+        self.camera = parse_synthetic_url(url)
+
+    def start(self) -> None:
+        threading.Thread(target=self._run, daemon=True, name=f"source-{self.sink.stream_id}").start()
+
+    def _run(self) -> None:
+        cam = self.camera
+        try:
+            strip = render_strip(cam)
+        except Exception as e:
+            self.sink.set_state(StreamState.FAILED, f"cannot render the synthetic scene: {type(e).__name__}: {e}")
+            return
+        h, w = cam.size
+        period = strip.shape[1] - w
+        fps = min(cam.fps, self.sink.max_fps) if self.sink.max_fps > 0 else cam.fps
+        dt = 1.0 / fps
+        self.sink.set_state(StreamState.STREAMING)
+        tick, t0 = 0, now()
+        while not self.stopped:
+            x = (tick * cam.speed) % period
+            lb = self.sink.plan((h, w))
+            image = letterbox_image(strip[:, x:x + w], lb)
+            self.last_frame_at = now()
+            self.sink.put(image, lb, time.time_ns() // 1000)
+            tick += 1
+            wait = t0 + tick * dt - now()
+            if wait < -dt:  # fell behind: skip the ticks already missed
+                tick = int((now() - t0) / dt) + 1
+                wait = t0 + tick * dt - now()
+            if wait > 0:
+                self._stopped.wait(wait)

@@ -1,0 +1,124 @@
+"""A registered stream: identity, state, the device it runs on, its rolling stats; the sink its source writes into."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from engines.letterbox import Letterbox
+
+from .frames import Frame, now
+from .sources.base import Source, StreamState
+from .stats import StreamStats
+
+if TYPE_CHECKING:
+    from .core import DeviceRuntime
+
+__all__ = ["PUSH_WINDOW", "Stream", "StreamView"]
+
+PUSH_WINDOW = 2  # frames a push call may have waiting or running: one decoding/queued while one runs
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """A read-only snapshot of a stream for the API and the status table."""
+
+    stream_id: str
+    url: str
+    kind: str
+    state: StreamState
+    device: str
+    fps: float
+    last_error: str
+    frames_processed: int
+    frames_dropped: int
+    reconnects: int
+    latency_p50_ms: float
+    latency_p99_ms: float
+    detections_per_frame: float
+    width: int
+    height: int
+
+
+class Stream:
+    """One camera (pulled or pushed) or one-off image: numbers its frames and sends them to its device's scheduler."""
+
+    def __init__(self, stream_id: str, url: str, kind: str, max_fps: float, slo_s: float,
+                 on_ingest: Callable[[Stream], None], on_drop: Callable[[Frame, str], None],
+                 on_reconnect: Callable[[Stream], None], droppable: bool = True, public: bool = True,
+                 metrics_label: str | None = None) -> None:
+        self.stream_id = stream_id
+        self.url = url
+        self.kind = kind
+        self.max_fps = max_fps
+        self.slo_s = slo_s
+        self.droppable = droppable
+        self.public = public
+        self.metrics_label = metrics_label or stream_id
+        self.state = StreamState.CONNECTING
+        self.last_error = ""
+        self.reconnects = 0
+        self.src_hw = (0, 0)
+        self.stats = StreamStats()
+        self.source: Source | None = None
+        self.runtime: DeviceRuntime | None = None
+        self._on_ingest = on_ingest
+        self._on_drop = on_drop
+        self._on_reconnect = on_reconnect
+        self._ids = itertools.count()
+        self._lock = threading.Lock()
+
+    @property
+    def device(self) -> str:
+        return self.runtime.name if self.runtime else ""
+
+    def bind(self, runtime: DeviceRuntime) -> None:
+        """Run on `runtime`'s device from now on (placement, or a move after an engine failure)."""
+        self.runtime = runtime
+        runtime.scheduler.add_stream(self.stream_id, capacity=1 if self.droppable else PUSH_WINDOW)
+
+    def plan(self, src_hw: tuple[int, int]) -> Letterbox:
+        """The letterbox for this source size on the current device."""
+        assert self.runtime is not None, "stream not placed on a device"
+        return self.runtime.planner.plan(src_hw)
+
+    def put(self, image: np.ndarray, letterbox: Letterbox, capture_time_us: int, frame_id: int | None = None,
+            ingest_time: float | None = None) -> Frame:
+        """Number the frame (unless the client did), stamp ingest time and deadline, hand it to the scheduler."""
+        t = now() if ingest_time is None else ingest_time
+        fid = next(self._ids) if frame_id is None else frame_id
+        self.src_hw = letterbox.src_hw
+        frame = Frame(self.stream_id, fid, image, letterbox, capture_time_us, t, t + self.slo_s,
+                      self.droppable, self.public)
+        self._on_ingest(self)
+        runtime = self.runtime
+        replaced = runtime.scheduler.submit(frame) if runtime is not None else frame
+        if replaced is not None:
+            self._on_drop(replaced, "removed" if replaced is frame else "superseded")
+        return frame
+
+    def set_state(self, state: StreamState, error: str = "") -> None:
+        """Record a state change; a removed (STOPPED) stream stays STOPPED whatever its source says later."""
+        with self._lock:
+            if self.state == StreamState.STOPPED:
+                return
+            self.state = state
+            if error:
+                self.last_error = error
+
+    def count_reconnect(self) -> None:
+        with self._lock:
+            self.reconnects += 1
+        self._on_reconnect(self)
+
+    def view(self) -> StreamView:
+        """A snapshot with rates over the last few seconds."""
+        snap = self.stats.snapshot()
+        return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
+                          snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
+                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0])

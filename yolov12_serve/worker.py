@@ -1,0 +1,97 @@
+"""A device worker: K threads, one per engine instance, each looping schedule -> infer -> map boxes -> publish.
+
+`Engine.infer` is thread-safe for `instances` callers (ONNX Runtime and TensorRT release the GIL
+while running), so K threads keep K sessions / execution contexts busy at once; while one batch
+runs, the next is scheduled by the thread that finished first. Boxes are mapped back to each
+frame's source pixels with the letterbox the frame carries (engines.letterbox).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+
+import numpy as np
+
+from engines.base import Engine
+
+from .frames import FrameResult, now
+from .scheduler import Batch, Scheduler
+
+__all__ = ["DeviceWorker"]
+
+log = logging.getLogger(__name__)
+
+FAILURES_BEFORE_UNHEALTHY = 3
+
+
+class DeviceWorker:
+    """Runs batches from `scheduler` on `engine` with `threads` concurrent callers; reports each batch and result."""
+
+    def __init__(self, device: str, engine: Engine, scheduler: Scheduler, publish: Callable[[FrameResult], None],
+                 threads: int = 1, on_batch: Callable[[str, int, float], None] | None = None,
+                 on_failure: Callable[[str, str], None] | None = None) -> None:
+        self.device = device
+        self.engine = engine
+        self.scheduler = scheduler
+        self.publish = publish
+        self.threads = max(1, int(threads))
+        self.on_batch = on_batch or (lambda device, size, seconds: None)
+        self.on_failure = on_failure or (lambda device, error: None)
+        self.consecutive_failures = 0
+        self.batches = 0
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    def start(self) -> None:
+        """Start the K worker threads."""
+        for i in range(self.threads):
+            t = threading.Thread(target=self._loop, name=f"worker-{self.device}-{i}", daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Let running batches finish (up to `timeout`), then end the threads."""
+        self._stop.set()
+        self.scheduler.shutdown()
+        end = now() + timeout
+        for t in self._threads:
+            t.join(max(0.0, end - now()))
+        self._threads = []
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            batch = self.scheduler.schedule(timeout=0.2)
+            if batch is not None:
+                self.run(batch)
+
+    def run(self, batch: Batch) -> None:
+        """Run one batch and publish one result per frame (an error result for each frame if the engine failed)."""
+        frames = batch.frames
+        x = frames[0].input[None] if len(frames) == 1 else np.stack([f.input for f in frames])
+        t0 = now()
+        error = None
+        try:
+            outputs = self.engine.infer(x)
+            if len(outputs) != len(frames):
+                raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")
+        except Exception as e:  # one failed batch must not kill the worker: report it and go on
+            error = f"{type(e).__name__}: {e}"
+            outputs = [np.zeros((0, 6), np.float32)] * len(frames)
+        elapsed = now() - t0
+        for frame, dets in zip(frames, outputs):
+            boxes = frame.letterbox.unscale(dets) if len(dets) else np.zeros((0, 6), np.float32)
+            self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
+                                     frame.capture_time_us, now() - frame.ingest_time, self.device,
+                                     frame.public, error))
+        self.scheduler.update_from_output(batch, None if error else elapsed)
+        self.batches += 1
+        if error is None:
+            self.consecutive_failures = 0
+            self.on_batch(self.device, len(frames), elapsed)
+            return
+        self.consecutive_failures += 1
+        log.error("%s: batch of %d failed: %s", self.device, len(frames), error)
+        if self.consecutive_failures == FAILURES_BEFORE_UNHEALTHY:
+            self.on_failure(self.device, error)
