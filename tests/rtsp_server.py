@@ -1,0 +1,102 @@
+"""A real RTSP server for the tests (GStreamer's gst-rtsp-server); run with Debian's /usr/bin/python3 (gi lives there).
+
+    /usr/bin/python3 tests/rtsp_server.py --port 8554 --mount cam0=frames0.rgb:640x360 --mount cam1=...:800x600
+
+Each mount loops the raw RGB24 frames of its file as a live H.264 stream at --fps (appsrc ! x264enc
+tune=zerolatency), shared by all clients of the mount. Prints "ready PORT" once listening. Commands on
+stdin, one per line: "pause NAME" (stop sending frames but keep connections open: a stalled camera),
+"resume NAME", "quit".
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import threading
+
+import gi
+
+gi.require_version("Gst", "1.0")
+gi.require_version("GstRtspServer", "1.0")
+from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+
+
+class LoopingMount:
+    """A shared live mount that pushes the next frame of its file into every prepared appsrc at `fps`."""
+
+    def __init__(self, name: str, path: str, width: int, height: int, fps: int) -> None:
+        self.name, self.width, self.height, self.fps = name, width, height, fps
+        with open(path, "rb") as f:
+            data = f.read()
+        size = width * height * 3
+        if not data or len(data) % size:
+            raise SystemExit(f"{path}: {len(data)} bytes is not a whole number of {width}x{height} RGB frames")
+        self.frames = [data[i:i + size] for i in range(0, len(data), size)]
+        self.paused = False
+        self.appsrcs: list[Gst.Element] = []
+        self.index = 0
+        self.factory = GstRtspServer.RTSPMediaFactory()
+        self.factory.set_launch(
+            f"( appsrc name=src is-live=true format=time do-timestamp=true "
+            f"caps=video/x-raw,format=RGB,width={width},height={height},framerate={fps}/1 "
+            "! videoconvert ! video/x-raw,format=I420 "
+            f"! x264enc tune=zerolatency speed-preset=ultrafast key-int-max={fps} bitrate=1500 "
+            "! video/x-h264,profile=baseline ! rtph264pay name=pay0 pt=96 config-interval=1 )")
+        self.factory.set_shared(True)
+        self.factory.connect("media-configure", self._configure)
+        GLib.timeout_add(int(1000 / fps), self._tick)
+
+    def _configure(self, factory, media) -> None:
+        src = media.get_element().get_by_name_recurse_up("src")
+        self.appsrcs.append(src)
+        media.connect("unprepared", lambda m: self.appsrcs.remove(src) if src in self.appsrcs else None)
+
+    def _tick(self) -> bool:
+        if self.paused or not self.appsrcs:
+            return True
+        frame = self.frames[self.index % len(self.frames)]
+        self.index += 1
+        for src in list(self.appsrcs):  # appsrc stamps each buffer with its own pipeline's running time
+            buf = Gst.Buffer.new_wrapped(frame)
+            buf.duration = Gst.SECOND // self.fps
+            src.emit("push-buffer", buf)
+        return True
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--port", type=int, required=True)
+    p.add_argument("--fps", type=int, default=25)
+    p.add_argument("--mount", action="append", required=True, help="NAME=FILE.rgb:WxH")
+    args = p.parse_args()
+    Gst.init(None)
+    server = GstRtspServer.RTSPServer()
+    server.set_address("127.0.0.1")
+    server.set_service(str(args.port))
+    mounts: dict[str, LoopingMount] = {}
+    for spec in args.mount:
+        name, rest = spec.split("=", 1)
+        path, size = rest.rsplit(":", 1)
+        w, h = (int(v) for v in size.split("x"))
+        mounts[name] = LoopingMount(name, path, w, h, args.fps)
+        server.get_mount_points().add_factory(f"/{name}", mounts[name].factory)
+    if server.attach(None) == 0:
+        raise SystemExit(f"cannot listen on port {args.port}")
+    loop = GLib.MainLoop()
+
+    def commands() -> None:
+        for line in sys.stdin:
+            cmd, _, name = line.strip().partition(" ")
+            if cmd == "quit":
+                break
+            if name in mounts and cmd in ("pause", "resume"):
+                GLib.idle_add(setattr, mounts[name], "paused", cmd == "pause")
+        GLib.idle_add(loop.quit)
+
+    threading.Thread(target=commands, daemon=True).start()
+    print(f"ready {args.port}", flush=True)
+    loop.run()
+
+
+if __name__ == "__main__":
+    main()

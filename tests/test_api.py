@@ -1,0 +1,264 @@
+"""The gRPC API against the real server (subprocess, ONNX Runtime engine, torch blocked) over a loopback socket:
+DetectImage on a photograph, push mode, watching streams, every error code, health, reflection, /metrics."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+from test_server_harness import ServerProcess, model_path, wait_until
+
+from yolov12_serve.client import make_frame
+from yolov12_serve.proto import detector_pb2 as pb
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess("--max-streams", "4", "--max-message-mb", "1", "--subscriber-queue", "8", "--instances", "2")
+    yield srv
+    srv.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    c = server.client()
+    c.wait_ready(30)
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope="module")
+def engine():
+    import engines
+
+    e = engines.load(model_path(), instances=1)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="module")
+def photo() -> np.ndarray:
+    """A real photograph (matplotlib ships it): Grace Hopper, 512x600 RGB."""
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:
+        return np.asarray(Image.open(f).convert("RGB"))
+
+
+def expected_detections(engine, image: np.ndarray) -> np.ndarray:
+    """The engine run directly on the letterboxed image, boxes mapped back to the photograph's pixels."""
+    from engines.letterbox import fit_shape, plan_letterbox
+
+    info = engine.info
+    lb = plan_letterbox(image.shape[:2], fit_shape(image.shape[:2], info.imgsz, info.stride, rect=info.dynamic_hw))
+    resized = np.asarray(Image.fromarray(image).resize(lb.new_hw[::-1], Image.BILINEAR, reducing_gap=None))
+    return lb.unscale(engine.infer(lb.place(resized)[None])[0])
+
+
+def as_array(fd: pb.FrameDetections) -> np.ndarray:
+    return np.array([[d.x1, d.y1, d.x2, d.y2, d.score, d.class_id] for d in fd.detections], np.float32).reshape(-1, 6)
+
+
+def assert_same_detections(got: np.ndarray, want: np.ndarray) -> None:
+    assert got.shape == want.shape
+    order_g, order_w = np.lexsort(got.T[::-1]), np.lexsort(want.T[::-1])
+    np.testing.assert_allclose(got[order_g], want[order_w], atol=0.05)
+
+
+# ------------------------------------------------------------------------------------------------ service basics
+def test_health_reflection_and_server_info(client, server):
+    assert client.health() == "SERVING"
+    assert client.health("yolov12.v1.Detector") == "SERVING"
+    from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+    stub = reflection_pb2_grpc.ServerReflectionStub(client.channel)
+    reqs = [reflection_pb2.ServerReflectionRequest(list_services=""),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="yolov12.v1.Detector")]
+    answers = list(stub.ServerReflectionInfo(iter(reqs), timeout=10))
+    services = {s.name for s in answers[0].list_services_response.service}
+    assert {"yolov12.v1.Detector", "grpc.health.v1.Health"} <= services
+    assert answers[1].file_descriptor_response.file_descriptor_proto  # the proto, for grpcurl and friends
+    info = client.server_info()
+    assert info.slo_ms == 45 and info.devices == ["cpu"] and info.input_height == 320
+    assert list(info.class_names)[:5] == ["scratch", "dent", "crack", "stain", "missing_part"]
+    assert info.engines[0].dynamic_hw and info.engines[0].instances == 2 and info.max_streams == 4
+
+
+# ------------------------------------------------------------------------------------------------ DetectImage, Detect
+def test_detect_image_on_a_photograph_in_source_pixels(client, engine, photo):
+    want = expected_detections(engine, photo)
+    h, w = photo.shape[:2]
+    for encoding in ("png", "rgb", "bgr"):  # lossless: exactly the engine's answer on these pixels
+        fd = client.detect_image(make_frame(photo, "hopper", 7, encoding=encoding, capture_time_us=123))
+        assert (fd.stream_id, fd.frame_id, fd.width, fd.height, fd.capture_time_us) == ("hopper", 7, w, h, 123)
+        got = as_array(fd)
+        assert_same_detections(got, want)
+        if len(got):
+            assert got[:, [0, 2]].max() <= w and got[:, [1, 3]].max() <= h and got[:, :4].min() >= 0
+            assert {d.class_name for d in fd.detections} <= set(client.server_info().class_names)
+        assert 0 < fd.latency_ms < 10_000
+    from matplotlib import cbook
+
+    with cbook.get_sample_data("grace_hopper.jpg") as f:  # the JPEG file as is
+        fd = client.detect_image(f.read())
+    assert_same_detections(as_array(fd), want)
+
+
+def test_push_mode_answers_every_frame_in_order_and_lists_the_stream(client, engine, photo):
+    rng = np.random.default_rng(0)
+    frames = [np.ascontiguousarray(np.roll(photo, int(s), axis=1)) for s in rng.integers(0, 200, 6)]
+    seen_listed = threading.Event()
+
+    def gen():
+        for i, f in enumerate(frames):
+            yield make_frame(f, "pusher", 100 + i, encoding="png")
+            if i == 3 and any(s.stream_id == "pusher" and s.url == "push://" for s in client.list_streams()):
+                seen_listed.set()
+
+    results = list(client.detect(gen(), timeout=60))
+    assert [r.frame_id for r in results] == [100 + i for i in range(6)]
+    assert all(r.stream_id == "pusher" for r in results)
+    for r, f in zip(results, frames):
+        assert_same_detections(as_array(r), expected_detections(engine, f))
+    assert seen_listed.is_set()
+    wait_until(lambda: client.stream("pusher") is None, 5, what="push stream removed after the call")
+
+
+# ------------------------------------------------------------------------------------------------ pulled streams
+def test_watch_streams_in_order_and_a_slow_watcher_does_not_stall_others(client, server):
+    for i in (1, 2):
+        info = client.add_stream(f"belt{i}", f"synthetic://belt{i}?fps=10&size=640x360")
+        assert info.state in (pb.STREAM_STATE_CONNECTING, pb.STREAM_STATE_STREAMING) and info.device == "cpu"
+    slow = client.watch()  # never read for a while: its own queue overflows, nobody else notices
+    fast = client.watch(["belt1", "belt2"])
+    got: dict[str, list[pb.FrameDetections]] = {"belt1": [], "belt2": []}
+    t0 = time.monotonic()
+    try:
+        for fd in fast:
+            got[fd.stream_id].append(fd)
+            if min(len(v) for v in got.values()) >= 12 or time.monotonic() - t0 > 30:
+                break
+        first_slow = next(slow)
+    finally:
+        fast.cancel()
+        slow.cancel()
+    for sid, fds in got.items():
+        assert len(fds) >= 12, f"{sid}: {len(fds)} results"
+        ids = [fd.frame_id for fd in fds]
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)
+        assert all(fd.width == 640 and fd.height == 360 for fd in fds)
+        boxes = np.concatenate([as_array(fd) for fd in fds])
+        if len(boxes):
+            assert boxes[:, [0, 2]].max() <= 640 and boxes[:, [1, 3]].max() <= 360
+    assert first_slow.stream_id in ("belt1", "belt2")
+    listed = {s.stream_id: s for s in client.list_streams()}
+    assert listed["belt1"].state == pb.STREAM_STATE_STREAMING and listed["belt1"].frames_processed >= 12
+    assert listed["belt1"].fps > 0 and listed["belt1"].width == 640
+    for i in (1, 2):
+        assert client.remove_stream(f"belt{i}").state == pb.STREAM_STATE_STOPPED
+    assert client.list_streams() == []
+
+
+# ------------------------------------------------------------------------------------------------ errors
+def code_of(fn) -> grpc.StatusCode:
+    with pytest.raises(grpc.RpcError) as e:
+        fn()
+    assert e.value.details()  # every error says what was wrong
+    return e.value.code()
+
+
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.mark.parametrize("stream_id,url", [
+    ("cam", "http://example.com/stream"),  # unsupported scheme
+    ("cam", "rtsp://"),  # no host
+    ("cam", "not a url"),  # whitespace
+    ("cam", "/etc/passwd"),  # a file without --allow-files
+    ("cam", "synthetic://x?colour=red"),  # bad synthetic parameters
+    ("", "rtsp://10.0.0.1/s"),  # empty id
+    ("x" * 129, "rtsp://10.0.0.1/s"),  # over-long id
+    ("has space", "rtsp://10.0.0.1/s"),
+])
+def test_bad_stream_requests_are_invalid_argument(client, stream_id, url):
+    assert code_of(lambda: client.add_stream(stream_id, url)) == INVALID
+
+
+def test_error_codes(client, photo):
+    client.add_stream("dup", "synthetic://dup?fps=5")
+    try:
+        assert code_of(lambda: client.add_stream("dup", "synthetic://other")) == grpc.StatusCode.ALREADY_EXISTS
+    finally:
+        client.remove_stream("dup")
+    assert code_of(lambda: client.remove_stream("nope")) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: next(client.watch(["nope"]))) == grpc.StatusCode.NOT_FOUND
+    assert code_of(lambda: client.detect_image(b"\xff\xd8\xff\xe0 not really a jpeg")) == INVALID
+    assert code_of(lambda: client.detect_image(b"GIF89a....")) == INVALID
+    bad_raw = pb.Frame(data=b"\x00" * 100, encoding=pb.ENCODING_RGB24, width=640, height=360)
+    assert code_of(lambda: client.detect_image(bad_raw)) == INVALID
+    assert code_of(lambda: client.detect_image(pb.Frame(data=b"", encoding=pb.ENCODING_PNG))) == INVALID
+    bad_push = iter([make_frame(photo[:64, :64], "p1", 0, encoding="png"), pb.Frame(stream_id="p1", data=b"junk")])
+    assert code_of(lambda: list(client.detect(bad_push, timeout=30))) == INVALID
+    mixed = iter([make_frame(photo[:64, :64], "p2", 0, "png"), make_frame(photo[:64, :64], "p3", 1, "png")])
+    assert code_of(lambda: list(client.detect(mixed, timeout=30))) == INVALID
+    # larger than --max-message-mb 1
+    huge = pb.Frame(data=bytes(3 * 700 * 700), encoding=pb.ENCODING_RGB24, width=700, height=700)
+    assert code_of(lambda: client.detect_image(huge)) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert client.list_streams() == []
+
+
+def test_stream_limit_is_resource_exhausted(client):
+    ids = [f"lim{i}" for i in range(4)]
+    try:
+        for sid in ids:
+            client.add_stream(sid, f"synthetic://{sid}?fps=2&size=320x180")
+        assert code_of(lambda: client.add_stream("one-more", "synthetic://x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    finally:
+        for sid in ids:
+            if client.stream(sid):
+                client.remove_stream(sid)
+
+
+# ------------------------------------------------------------------------------------------------ metrics, stubs
+NAMES = ["yolov12_frame_latency_seconds_bucket", "yolov12_inference_seconds_bucket", "yolov12_batch_size_bucket",
+         "yolov12_frames_total", "yolov12_frames_processed_total", "yolov12_frames_dropped_total",
+         "yolov12_stream_reconnects_total", "yolov12_streams", "yolov12_queue_depth", "yolov12_slo_seconds"]
+
+
+@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed (apt-get install prometheus)")
+def test_metrics_pass_promtool_and_carry_the_names(client, server):
+    client.add_stream("metered", "synthetic://metered?fps=10&size=640x360")
+    try:
+        wait_until(lambda: (client.stream("metered").frames_processed or 0) >= 3, 30, what="3 frames processed")
+        text = server.metrics()
+    finally:
+        client.remove_stream("metered")
+    check = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    for name in NAMES:
+        assert name in text, name
+    assert 'yolov12_frames_processed_total{device="cpu",stream="metered"}' in text
+    assert 'yolov12_slo_seconds 0.045' in text
+    assert 'yolov12_streams{state="STREAMING"} 1.0' in text
+    assert 'le="0.045"' in text and 'le="0.0405"' in text  # buckets dense around the SLO
+    after = server.metrics()
+    assert 'stream="metered"' not in after  # removed streams leave no series behind
+
+
+def test_generated_stubs_are_fresh(tmp_path: Path):
+    pytest.importorskip("grpc_tools", reason="grpcio-tools not installed")
+    from yolov12_serve.proto import codegen
+
+    written = codegen.generate(tmp_path)
+    for path in written:
+        committed = codegen.STUB_DIR / path.name
+        assert committed.read_text() == path.read_text(), f"{committed} is stale: run scripts/gen_protos"

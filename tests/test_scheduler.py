@@ -1,0 +1,361 @@
+"""The pipeline's policies on their own: mailbox, run-time model, deadline scheduler, fan-out, placement, backoff,
+and a device worker driving a deterministic engine (known cost per batch) through the real scheduler."""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engines.base import Engine, EngineInfo
+from engines.letterbox import plan_letterbox
+from yolov12_serve.costmodel import RunTimeModel
+from yolov12_serve.fanout import Fanout
+from yolov12_serve.frames import Frame, FrameResult
+from yolov12_serve.mailbox import Mailbox
+from yolov12_serve.placement import Placement
+from yolov12_serve.preprocess import InputPlanner
+from yolov12_serve.scheduler import DeadlineScheduler
+from yolov12_serve.sources.backoff import Backoff
+from yolov12_serve.worker import DeviceWorker
+
+SLO = 0.045
+
+
+def frame(stream: str, fid: int, t: float, shape=(192, 320), droppable: bool = True, slo: float = SLO) -> Frame:
+    lb = plan_letterbox((360, 640), shape)
+    return Frame(stream, fid, np.zeros((*shape, 3), np.uint8), lb, 0, t, t + slo, droppable)
+
+
+class Clock:
+    def __init__(self, t: float = 100.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def linear_cost(a: float, b: float, shapes=((192, 320), (320, 320)), up_to: int = 16) -> RunTimeModel:
+    """A run-time model that has seen t(n) = a + b*n for every batch size (pixel-scaled per shape)."""
+    cost = RunTimeModel()
+    for shape in shapes:
+        scale = shape[0] * shape[1] / (192 * 320)
+        for n in range(1, up_to + 1):
+            cost.observe(n, shape, (a + b * n) * scale)
+    return cost
+
+
+# ------------------------------------------------------------------------------------------------ mailbox
+def test_mailbox_newest_wins_and_push_window_keeps_order():
+    m = Mailbox()
+    a, b = frame("s", 0, 0.0), frame("s", 1, 0.0)
+    assert m.put(a) is None
+    assert m.put(b) is a  # a is superseded
+    assert m.take() is b and m.take() is None
+    fifo = Mailbox(capacity=2)
+    c = frame("s", 2, 0.0)
+    assert fifo.put(a) is None and fifo.put(b) is None
+    assert fifo.put(c) is a  # over capacity: the oldest goes
+    assert [fifo.take(), fifo.take()] == [b, c]
+
+
+# ------------------------------------------------------------------------------------------------ run-time model
+def test_run_time_model_learns_extrapolates_and_forgets_outliers():
+    cost = RunTimeModel(window=32)
+    for _ in range(31):
+        cost.observe(1, (192, 320), 0.010)
+    cost.observe(1, (192, 320), 0.200)  # one page fault
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.010)
+    assert cost.predict(1, (192, 320), 0.9) == pytest.approx(0.010)  # one outlier in 32 is not the p90
+    assert cost.predict(4, (192, 320)) == pytest.approx(0.040)  # unseen batch: linear from batch 1
+    cost.observe(4, (192, 320), 0.020)
+    assert cost.predict(4, (192, 320)) == pytest.approx(0.020)
+    assert cost.predict(8, (192, 320)) == pytest.approx(0.040)  # from the nearest smaller seen size
+    assert cost.predict(1, (384, 640), 0.5) == pytest.approx(0.040)  # unseen shape: 4x the pixels
+
+
+# ------------------------------------------------------------------------------------------------ scheduler
+def make_scheduler(cost, max_batch=16, process_late=False, clock=None):
+    drops: list[tuple[int, str]] = []
+    s = DeadlineScheduler(cost, max_batch, process_late, on_drop=lambda f, r: drops.append((f.frame_id, r)),
+                          clock=clock or Clock())
+    return s, drops
+
+
+def test_largest_batch_that_meets_the_earliest_deadline():
+    clock = Clock(100.0)
+    s, drops = make_scheduler(linear_cost(0.005, 0.005), clock=clock)
+    for i in range(8):
+        s.add_stream(f"s{i}")
+        s.submit(frame(f"s{i}", i, 100.0 + i * 0.001))  # ingest staggered by 1 ms
+    clock.t = 100.010  # 35 ms left for the first frame: t(n) = 5 + 5n ms <= 35 -> n = 6
+    batch = s.schedule(0)
+    assert [f.frame_id for f in batch.frames] == [0, 1, 2, 3, 4, 5]  # oldest deadline first
+    assert batch.predicted_s <= 0.035 + 1e-9
+    clock.t = 100.030  # frames 6, 7: deadlines 100.051, 100.052: 21 ms left -> t(2) = 15 ms fits
+    assert [f.frame_id for f in s.schedule(0).frames] == [6, 7]
+    assert drops == []
+
+
+def test_max_batch_caps_the_batch():
+    clock = Clock(100.0)
+    s, _ = make_scheduler(linear_cost(0.001, 0.001), max_batch=3, clock=clock)
+    for i in range(5):
+        s.add_stream(f"s{i}")
+        s.submit(frame(f"s{i}", i, 100.0))
+    assert s.schedule(0).size == 3
+    assert s.schedule(0).size == 2
+
+
+def test_frames_that_cannot_make_it_are_dropped_late_unless_process_late():
+    clock = Clock(100.0)
+    s, drops = make_scheduler(linear_cost(0.010, 0.010), clock=clock)
+    s.add_stream("a")
+    s.add_stream("b")
+    s.submit(frame("a", 1, 99.950))  # deadline 99.995: already past
+    s.submit(frame("b", 2, 99.990))  # deadline 100.035: 35 ms left, a typical run (20 ms) fits
+    batch = s.schedule(0)
+    assert [f.frame_id for f in batch.frames] == [2]
+    assert drops == [(1, "late")]
+    s2, drops2 = make_scheduler(linear_cost(0.010, 0.010), process_late=True, clock=clock)
+    s2.add_stream("a")
+    s2.submit(frame("a", 1, 99.950))
+    assert [f.frame_id for f in s2.schedule(0).frames] == [1]
+    assert drops2 == []
+
+
+def test_pushed_frames_are_never_dropped_late():
+    clock = Clock(100.0)
+    s, drops = make_scheduler(linear_cost(0.010, 0.010), clock=clock)
+    s.add_stream("p", capacity=2)
+    s.submit(frame("p", 7, 99.0, droppable=False))
+    assert [f.frame_id for f in s.schedule(0).frames] == [7]
+    assert drops == []
+
+
+def test_a_stale_pessimistic_estimate_is_re_measured_by_a_probe():
+    clock = Clock(100.0)
+    cost = RunTimeModel()
+    cost.observe(1, (192, 320), 0.100)  # measured once while the machine was busy: "every frame is late"
+    s, drops = make_scheduler(cost, clock=clock)
+    s.add_stream("a")
+    s.submit(frame("a", 1, 100.0))
+    probe = s.schedule(0)
+    assert [f.frame_id for f in probe.frames] == [1]  # the probe runs although predicted late
+    s.update_from_output(probe, 0.005)  # median of (100 ms, 5 ms) is still "late"
+    s.submit(frame("a", 2, 100.0))
+    clock.t = 100.001
+    assert s.schedule(0) is None and drops == [(2, "late")]  # no second probe within probe_s...
+    clock.t = 101.5
+    s.submit(frame("a", 3, 101.5))
+    assert [f.frame_id for f in s.schedule(0).frames] == [3]  # ...but one per second
+
+
+def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
+    clock = Clock(100.0)
+    s, _ = make_scheduler(linear_cost(0.002, 0.002), clock=clock)
+    for i, (shape, t) in enumerate([((192, 320), 100.0), ((320, 320), 99.999), ((192, 320), 100.0)]):
+        s.add_stream(f"s{i}")
+        s.submit(frame(f"s{i}", i, t, shape=shape))
+    first = s.schedule(0)
+    assert first.shape == (320, 320) and [f.frame_id for f in first.frames] == [1]
+    second = s.schedule(0)
+    assert second.shape == (192, 320) and sorted(f.frame_id for f in second.frames) == [0, 2]
+
+
+def test_one_frame_per_stream_in_flight_and_newest_frame_wins():
+    clock = Clock(100.0)
+    s, _ = make_scheduler(linear_cost(0.001, 0.001), clock=clock)
+    s.add_stream("a")
+    s.submit(frame("a", 1, 100.0))
+    batch = s.schedule(0)
+    assert s.submit(frame("a", 2, 100.0)) is None
+    superseded = s.submit(frame("a", 3, 100.0))
+    assert superseded.frame_id == 2
+    assert s.schedule(0) is None  # frame 3 waits: frame 1 of the same stream is still running
+    assert s.stats().queued == 1 and s.stats().in_flight == 1
+    s.update_from_output(batch, 0.002)
+    assert [f.frame_id for f in s.schedule(0).frames] == [3]
+
+
+def test_schedule_blocks_until_a_frame_arrives_and_shutdown_wakes_it():
+    s, _ = make_scheduler(linear_cost(0.001, 0.001), clock=time.perf_counter)
+    s.add_stream("a")
+    got = []
+    t = threading.Thread(target=lambda: got.append(s.schedule(5.0)))
+    t.start()
+    time.sleep(0.05)
+    s.submit(frame("a", 1, time.perf_counter()))
+    t.join(2)
+    assert got and got[0].frames[0].frame_id == 1
+    t = threading.Thread(target=lambda: got.append(s.schedule(5.0)))
+    t.start()
+    s.shutdown()
+    t.join(2)
+    assert not t.is_alive() and got[1] is None
+
+
+# ------------------------------------------------------------------------------------------------ fan-out
+def result(stream: str, fid: int, public: bool = True) -> FrameResult:
+    return FrameResult(stream, fid, np.zeros((0, 6), np.float32), (360, 640), 0, 0.01, "cpu", public)
+
+
+def test_slow_subscriber_loses_its_own_oldest_results_and_never_blocks_others():
+    overflow = []
+    fan = Fanout(on_overflow=overflow.append)
+    slow = fan.subscribe(None, maxsize=4)
+    fast = fan.subscribe(None, maxsize=4)
+    only_b = fan.subscribe(["b"], maxsize=100)
+    got_fast = []
+    t0 = time.perf_counter()
+    for i in range(100):
+        fan.publish(result("a" if i % 2 else "b", i))
+        while (r := fast.get(0)) is not None:
+            got_fast.append(r.frame_id)
+    assert time.perf_counter() - t0 < 1.0  # publishing never waited for the slow reader
+    assert got_fast == list(range(100))
+    assert [slow.get(0).frame_id for _ in range(4)] == [96, 97, 98, 99]  # only the newest survive
+    assert slow.dropped == 96 and sum(overflow) == 96
+    assert len(only_b) == 50
+    fan.publish(result("x", 1, public=False))  # a one-off DetectImage result: not for "all streams" readers
+    assert fast.get(0) is None
+    fan.unsubscribe(slow)
+    assert slow.closed and len(fan) == 2
+
+
+def test_async_subscriber_is_woken_from_a_worker_thread():
+    import asyncio
+
+    async def main():
+        fan = Fanout()
+        sub = fan.subscribe(["a"], 8, asyncio.get_running_loop())
+        threading.Timer(0.05, lambda: fan.publish(result("a", 5))).start()
+        r = await asyncio.wait_for(sub.next(), 2)
+        threading.Timer(0.05, sub.close).start()
+        end = await asyncio.wait_for(sub.next(), 2)
+        return r.frame_id, end
+
+    assert asyncio.run(main()) == (5, None)
+
+
+# ------------------------------------------------------------------------------------------------ placement, backoff
+def test_placement_picks_the_least_loaded_healthy_device():
+    p = Placement()
+    p.add_device("cuda:0", instances=2, frame_cost_s=0.004)
+    p.add_device("cuda:1", instances=2, frame_cost_s=0.004)
+    devices = [p.assign(f"s{i}", fps=25) for i in range(4)]
+    assert sorted(devices) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+    assert p.load("cuda:0") == pytest.approx(2 * 25 * 0.004 / 2)
+    big = p.assign("big", fps=200)
+    assert p.assign("next") != big  # the other device is now far less loaded
+    p.set_healthy("cuda:1", False)
+    assert p.assign("after") == "cuda:0"
+    p.set_healthy("cuda:0", False)
+    with pytest.raises(RuntimeError, match="no healthy device"):
+        p.assign("none")
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_the_cap():
+    b = Backoff(0.5, 4.0, random.Random(0))
+    delays = [b.next_delay() for _ in range(8)]
+    for i, d in enumerate(delays):
+        top = min(4.0, 0.5 * 2**i)
+        assert top / 2 <= d <= top
+    assert len({round(d, 6) for d in delays[4:]}) > 1  # capped delays still jitter
+    b.reset()
+    assert b.next_delay() <= 0.5
+
+
+# ------------------------------------------------------------------------------------------------ worker
+class CostEngine(Engine):
+    """A deterministic engine: sleeps a + b * batch (releasing the GIL, as ONNX Runtime does) and returns one box
+    covering the middle half of each input, tagged with the input's first pixel (which frame it came from)."""
+
+    def __init__(self, a: float = 0.004, b: float = 0.002, instances: int = 2, fail: bool = False) -> None:
+        self.info = EngineInfo(names={0: "part"}, imgsz=(320, 320), stride=32, batch=(1, 16), dynamic_hw=True)
+        self.device, self.instances, self.a, self.b, self.fail = "cpu", instances, a, b, fail
+        self.running = 0
+        self.max_running = 0
+        self.sizes: list[int] = []
+        self._lock = threading.Lock()
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.check_batch(batch)
+        with self._lock:
+            self.running += 1
+            self.max_running = max(self.max_running, self.running)
+            self.sizes.append(len(batch))
+        try:
+            time.sleep(self.a + self.b * len(batch))
+            if self.fail:
+                raise RuntimeError("device lost")
+            h, w = batch.shape[1:3]
+            return [np.array([[w / 4, h / 4, 3 * w / 4, 3 * h / 4, 0.9, 0]], np.float32) for _ in batch]
+        finally:
+            with self._lock:
+                self.running -= 1
+
+
+def test_worker_batches_under_load_keeps_order_and_maps_boxes_to_source_pixels():
+    engine = CostEngine()
+    cost = RunTimeModel()
+    sched = DeadlineScheduler(cost, max_batch=8)
+    results: list[FrameResult] = []
+    lock = threading.Lock()
+
+    def publish(r):
+        with lock:
+            results.append(r)
+
+    worker = DeviceWorker("cpu", engine, sched, publish, threads=2)
+    planner = InputPlanner((320, 320), 32)
+    lb = planner.plan((360, 640))
+    assert lb.input_hw == (192, 320)
+    streams = [f"cam{i}" for i in range(8)]
+    for s in streams:
+        sched.add_stream(s)
+    worker.start()
+    t_end = time.perf_counter() + 1.5
+    fid = 0
+    while time.perf_counter() < t_end:  # 8 cameras at ~100 fps each: far more than the engine can take
+        t = time.perf_counter()
+        for s in streams:
+            sched.submit(Frame(s, fid, np.zeros((192, 320, 3), np.uint8), lb, 0, t, t + 0.5))
+        fid += 1
+        time.sleep(0.01)
+    worker.stop()
+    assert len(results) > 50
+    assert max(engine.sizes) > 1  # frames piled up while both instances ran, so batches grew
+    assert engine.max_running == 2  # the two instances really ran at once
+    per_stream: dict[str, list[int]] = {}
+    for r in results:
+        per_stream.setdefault(r.stream_id, []).append(r.frame_id)
+        assert r.error is None and r.src_hw == (360, 640)
+        # the box covered the middle half of the 320x192 input: [80, 48, 240, 144]; the frame sits at top 6
+        np.testing.assert_allclose(r.detections[0, :4], [160, 84, 480, 276], atol=0.5)
+    assert set(per_stream) == set(streams)
+    for ids in per_stream.values():
+        assert ids == sorted(ids) and len(set(ids)) == len(ids)  # in order, no duplicates
+
+
+def test_worker_reports_engine_failures_as_error_results_then_unhealthy():
+    engine = CostEngine(fail=True)
+    sched = DeadlineScheduler(RunTimeModel(), max_batch=4)
+    results, failures = [], []
+    worker = DeviceWorker("cuda:1", engine, sched, results.append, threads=1,
+                          on_failure=lambda d, e: failures.append((d, e)))
+    lb = plan_letterbox((360, 640), (192, 320))
+    sched.add_stream("a")
+    worker.start()
+    for i in range(3):
+        t = time.perf_counter()
+        sched.submit(Frame("a", i, np.zeros((192, 320, 3), np.uint8), lb, 0, t, t + 10, droppable=False))
+        deadline = time.perf_counter() + 2
+        while len(results) <= i and time.perf_counter() < deadline:
+            time.sleep(0.005)
+    worker.stop()
+    assert [r.error for r in results] == ["RuntimeError: device lost"] * 3
+    assert failures == [("cuda:1", "RuntimeError: device lost")]

@@ -1,0 +1,153 @@
+"""The server as a program: `yolov12-serve` command line, --demo, SIGTERM drain, no torch on the serving path,
+and the configuration it validates (stream ids, URLs, streams files, --gpus)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+
+import grpc
+import pytest
+from test_server_harness import NO_TORCH, ROOT, ServerProcess, model_path
+
+from yolov12_serve.config import load_streams_file, redact_url, url_kind, validate_stream_id
+from yolov12_serve.devices import parse_gpus
+from yolov12_serve.errors import ConfigError, InvalidArgumentError
+
+pytestmark = pytest.mark.timeout(180)
+
+
+def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    code = NO_TORCH + "from yolov12_serve.cli import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT)
+
+
+# ------------------------------------------------------------------------------------------------ the program
+def test_sigterm_drains_and_exits_zero_within_10_s():
+    srv = ServerProcess("--source", "synthetic://a?fps=15", "--source", "synthetic://b?fps=15")
+    try:
+        c = srv.client()
+        c.wait_ready(30)
+        watch = c.watch()
+        first = next(watch)
+        assert first.stream_id in ("cam0", "cam1")
+        ended = threading.Event()
+        outcome: list[object] = []
+
+        def drain_watch():
+            try:
+                for _ in watch:
+                    pass
+                outcome.append("ended")
+            except grpc.RpcError as e:
+                outcome.append(e.code())
+            ended.set()
+
+        threading.Thread(target=drain_watch, daemon=True).start()
+        rc, seconds = srv.terminate()
+        assert rc == 0, srv.log()
+        assert seconds < 10
+        assert ended.wait(5), "the watcher was left hanging"
+        assert outcome[0] in ("ended", grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
+        assert "drained" in srv.log()
+    finally:
+        srv.close()
+
+
+def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
+    srv = ServerProcess("--demo", "--duration", "6", "--status", "--engines", str(model_path()))
+    try:
+        rc = srv.proc.wait(60)
+        out = srv.log()
+        assert rc == 0, out
+        assert "p99 ms" in out and "line1-cam4" in out  # the live table
+        summary = out[out.index("summary after"):]
+        assert all(f"line1-cam{i}" in summary for i in range(1, 5)) and "results/s" in summary
+    finally:
+        srv.close()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--engines", "x.onnx", "--gpus", "7"], "GPU 7 not present"),
+    (["--engines", "x.onnx", "--gpus", "zero"], "--gpus"),
+    (["--engines", "/nonexistent/model.onnx", "--gpus", "cpu", "--port", "0", "--metrics-port", "-1"],
+     "engine file not found"),
+    (["--gpus", "cpu"], "no engine given"),
+    (["--engines", "a.onnx,b.onnx", "--gpus", "cpu"], "2 files for 1 devices"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--slo-ms", "0"], "--slo-ms must be positive"),
+])
+def test_bad_command_lines_exit_2_with_one_line(args, message):
+    r = run_cli(*args)
+    assert r.returncode == 2, r.stderr
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_serving_imports_no_torch():
+    """The whole serving path (engines, sources, API) imported with torch blocked, and none of it pulls torch in."""
+    code = ("import sys; import yolov12_serve.cli, yolov12_serve.app, yolov12_serve.api, yolov12_serve.client, "
+            "yolov12_serve.sources.rtsp, yolov12_serve.sources.synthetic, yolov12_serve.sources.push, engines; "
+            "import engines.onnxruntime; from yolov12_serve.sources.synthetic import render_strip, SyntheticCamera; "
+            "render_strip(SyntheticCamera('x', size=(64, 96))); "
+            "print('torch' in sys.modules)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert r.returncode == 0 and r.stdout.strip() == "False", r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ configuration
+def test_stream_ids_and_urls():
+    assert validate_stream_id("line1-cam3") == "line1-cam3"
+    for bad in ("", "a b", "x" * 129, "tab\there", "caf\u00e9"):
+        with pytest.raises(InvalidArgumentError):
+            validate_stream_id(bad)
+    assert url_kind("rtsp://10.0.0.5:554/stream1") == "rtsp"
+    assert url_kind("rtsps://cam.local/s") == "rtsp"
+    assert url_kind("synthetic://belt?fps=5") == "synthetic"
+    assert url_kind("/videos/line1.mp4", allow_files=True) == "file"
+    with pytest.raises(InvalidArgumentError, match="--allow-files"):
+        url_kind("/videos/line1.mp4")
+    with pytest.raises(InvalidArgumentError, match="(?i)port out of range"):
+        url_kind("rtsp://cam:99999/s")
+    assert redact_url("rtsp://admin:secret@10.0.0.5:554/s") == "rtsp://admin:***@10.0.0.5:554/s"
+
+
+def test_streams_file(tmp_path):
+    good = tmp_path / "cams.yaml"
+    good.write_text("streams:\n  - id: a\n    url: rtsp://h/a\n    max_fps: 5\n  - {id: b, url: 'synthetic://b'}\n")
+    specs = load_streams_file(good)
+    assert [(s.stream_id, s.url, s.max_fps) for s in specs] == [("a", "rtsp://h/a", 5.0), ("b", "synthetic://b", 0.0)]
+    for text, message in [("streams: 3", "expected 'streams:'"), ("streams:\n  - {id: a}", "'url'"),
+                          ("- {id: a, url: x, fps: 3}", "unknown keys"), ("- {id: a, url: x}\n- {id: a, url: y}",
+                                                                          "duplicate ids"),
+                          ("- {id: '', url: x}", "empty"), ("streams: [", "not valid YAML")]:
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text)
+        with pytest.raises(ConfigError, match=message):
+            load_streams_file(bad)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_streams_file(tmp_path / "missing.yaml")
+
+
+def test_gpus_option():
+    assert parse_gpus(None, visible=[]) == ["cpu"]
+    assert parse_gpus(None, visible=[0, 1]) == ["cuda:0", "cuda:1"]
+    assert parse_gpus("cpu", visible=[0]) == ["cpu"]
+    assert parse_gpus("0-3", visible=[0, 1, 2, 3]) == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+    assert parse_gpus("0,2", visible=[0, 1, 2]) == ["cuda:0", "cuda:2"]
+    with pytest.raises(ConfigError, match="GPU 2,3 not present"):
+        parse_gpus("0-3", visible=[0, 1])
+    with pytest.raises(ConfigError, match="backwards"):
+        parse_gpus("3-1", visible=[0, 1, 2, 3])
+
+
+def test_status_table_flags_p99_over_the_slo():
+    from yolov12_serve.sources.base import StreamState
+    from yolov12_serve.status import render_table
+    from yolov12_serve.stream import StreamView
+
+    view = StreamView("cam", "rtsp://h/s", "rtsp", StreamState.STREAMING, "cpu", 25.0, "", 100, 3, 0, 20.0, 60.0,
+                      1.5, 640, 360)
+    table = render_table([view], slo_ms=45)
+    assert "cam" in table and "STREAMING" in table and "60.0!" in table

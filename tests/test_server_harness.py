@@ -1,0 +1,130 @@
+"""Helpers (no tests) for the server tests: the real `yolov12-serve` in a subprocess with torch import blocked,
+the model it serves, and polling. Imported by test_api.py, test_rtsp.py and test_server.py."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO_MODEL = ROOT / "yolov12_serve" / "assets" / "demo.onnx"
+CLASS_NAMES = {0: "scratch", 1: "dent", 2: "crack", 3: "stain", 4: "missing_part"}
+
+# The serving path must not import torch: every server these tests start has it blocked.
+NO_TORCH = "import sys; sys.modules['torch'] = None; "
+SERVE = NO_TORCH + "from yolov12_serve.cli import main; sys.exit(main(sys.argv[1:]))"
+
+
+def model_path() -> Path:
+    """The bundled demo model; where it is not there yet, a random yolov12n exported once to a temp cache."""
+    if DEMO_MODEL.is_file():
+        return DEMO_MODEL
+    cache = Path(tempfile.gettempdir()) / "yolov12-serve-tests" / "standin-yolov12n-320.onnx"
+    if not cache.is_file():
+        import torch
+
+        from trainer.export import export
+        from trainer.nn.builder import build_model
+
+        torch.manual_seed(0)
+        model = build_model("yolov12n.yaml", nc=5, names=CLASS_NAMES)
+        with torch.no_grad():
+            for seq in model.head.cv3:  # raise class scores so a random model still outputs boxes
+                seq[-1].bias.fill_(-0.4)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        export(model, format="onnx", imgsz=320, batch=16, dynamic=True, output=cache)
+    return cache
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, interval: float = 0.1, what: str = "condition"):
+    """Poll `predicate` until it returns something truthy (returned); AssertionError after `timeout`."""
+    end = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < end:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{what} not reached within {timeout:.0f} s (last: {last!r})")
+
+
+class ServerProcess:
+    """`yolov12-serve` on loopback with free ports, torch blocked; stdout is collected in `self.output`."""
+
+    def __init__(self, *args: str, model: Path | None = None, startup_s: float = 90.0) -> None:
+        engines = [] if "--demo" in args and model is None else ["--engines", str(model or model_path())]
+        cmd = [sys.executable, "-c", SERVE, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
+               "--gpus", "cpu", *engines, *args]
+        self.stderr = tempfile.NamedTemporaryFile("w+", prefix="yolov12-serve-", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the server
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, cwd=ROOT)
+        self.output: list[str] = []
+        self._ready = threading.Event()
+        self.port = self.metrics_port = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        if not self._ready.wait(startup_s):
+            self.kill()
+            raise AssertionError(f"server did not start in {startup_s:.0f} s:\n{self.log()}")
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.output.append(line)
+            m = re.search(r"gRPC on [\d.]+:(\d+), metrics on (?:[\d.]+:(\d+)|off)", line)
+            if m:
+                self.port, self.metrics_port = int(m.group(1)), int(m.group(2) or 0)
+                self._ready.set()
+        self._ready.set()  # exited
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def client(self, **kw):
+        from yolov12_serve.client import Client
+
+        return Client(self.address, **kw)
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def log(self) -> str:
+        self.stderr.flush()
+        return "".join(self.output) + Path(self.stderr.name).read_text()[-6000:]
+
+    def terminate(self, timeout: float = 15.0) -> tuple[int, float]:
+        """SIGTERM; returns (exit status, seconds it took)."""
+        t0 = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"server ignored SIGTERM for {timeout:.0f} s:\n{self.log()}") from None
+        return rc, time.monotonic() - t0
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(AssertionError):
+                self.terminate()
+        self.stderr.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.stderr.name)
