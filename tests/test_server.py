@@ -108,7 +108,7 @@ def test_stream_ids_and_urls():
     assert url_kind("/videos/line1.mp4", allow_files=True) == "file"
     with pytest.raises(InvalidArgumentError, match="--allow-files"):
         url_kind("/videos/line1.mp4")
-    with pytest.raises(InvalidArgumentError, match="(?i)port out of range"):
+    with pytest.raises(InvalidArgumentError, match=r"(?i)port out of range"):
         url_kind("rtsp://cam:99999/s")
     assert redact_url("rtsp://admin:secret@10.0.0.5:554/s") == "rtsp://admin:***@10.0.0.5:554/s"
 
