@@ -262,3 +262,34 @@ def test_generated_stubs_are_fresh(tmp_path: Path):
     for path in written:
         committed = codegen.STUB_DIR / path.name
         assert committed.read_text() == path.read_text(), f"{committed} is stale: run scripts/gen_protos"
+
+
+def test_removing_a_pushed_stream_ends_its_detect_call(client, photo):
+    sent_two = threading.Event()
+    release = threading.Event()
+
+    def gen():
+        for i in range(50):
+            yield make_frame(photo[:96, :128], "short-lived", i, encoding="png")
+            if i == 1:
+                sent_two.set()
+                release.wait(20)
+
+    call = client.detect(gen(), timeout=60)
+    got = []
+
+    def read():
+        try:
+            for r in call:
+                got.append(r.frame_id)
+        except grpc.RpcError as e:
+            got.append(e.code())
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    assert sent_two.wait(20)
+    wait_until(lambda: len(got) >= 2, 20, what="two results")
+    assert client.remove_stream("short-lived").state == pb.STREAM_STATE_STOPPED
+    reader.join(20)
+    release.set()
+    assert got[:2] == [0, 1] and got[-1] == grpc.StatusCode.ABORTED

@@ -6,6 +6,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+import time
 
 import grpc
 import pytest
@@ -151,3 +152,50 @@ def test_status_table_flags_p99_over_the_slo():
                       1.5, 640, 360)
     table = render_table([view], slo_ms=45)
     assert "cam" in table and "STREAMING" in table and "60.0!" in table
+
+
+def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
+    """Two devices (deterministic engines); cuda:1's engine starts failing: its streams move to cuda:0 and keep
+    producing results; when the last device fails too, health goes NOT_SERVING."""
+    from test_scheduler import CostEngine
+
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+
+    made: dict[str, CostEngine] = {}
+
+    def load(path, device="cpu", instances=1, **opts):
+        made[device] = CostEngine(a=0.002, b=0.001)
+        return made[device]
+
+    health: list[bool] = []
+    core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1"],
+                                   metrics_port=-1), load_engine=load)
+    core.on_health_change = health.append
+    core.start()
+    try:
+        for i in range(4):
+            core.add_stream(StreamSpec(f"s{i}", f"synthetic://s{i}?fps=20&size=320x180"))
+        assert sorted(v.device for v in core.list_streams()) == ["cuda:0", "cuda:0", "cuda:1", "cuda:1"]
+        sub = core.fanout.subscribe(None, 1000)
+        made["cuda:1"].fail = True
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and any(v.device == "cuda:1" for v in core.list_streams()):
+            time.sleep(0.05)
+        assert all(v.device == "cuda:0" for v in core.list_streams())
+        time.sleep(0.5)
+        while sub.get(0) is not None:  # forget what was published before the move
+            pass
+        time.sleep(1.0)
+        fresh = []
+        while (r := sub.get(0)) is not None:
+            fresh.append(r)
+        assert {r.stream_id for r in fresh if r.error is None} == {"s0", "s1", "s2", "s3"}
+        assert all(r.device == "cuda:0" for r in fresh)
+        made["cuda:0"].fail = True
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and False not in health:
+            time.sleep(0.05)
+        assert health[0] is True and health[-1] is False
+    finally:
+        core.drain(2)

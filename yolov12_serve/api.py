@@ -36,6 +36,7 @@ from .errors import (
 from .frames import now
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
+from .sources.base import StreamState
 from .stream import PUSH_WINDOW
 
 __all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "status_code"]
@@ -131,7 +132,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         loop = asyncio.get_running_loop()
         sub = self.core.fanout.subscribe([sid], PUSH_WINDOW + 2, loop)
         window = asyncio.Semaphore(PUSH_WINDOW)
-        state = {"sent": 0, "answered": 0, "done": False, "error": None}
+        state = {"sent": 0, "answered": 0, "done": False, "error": None, "finished": False}
+        stream.on_close(sub.close)  # RemoveStream from elsewhere (or a drain) ends this call
 
         async def read() -> None:
             msg = first
@@ -166,8 +168,10 @@ class DetectorService(pb_grpc.DetectorServicer):
                 if state["done"] and state["answered"] == state["sent"]:
                     break
         finally:
+            state["finished"] = state["done"] and state["answered"] == state["sent"]
             reader.cancel()
             self.core.fanout.unsubscribe(sub)
+            removed = stream.state == StreamState.STOPPED
             self.core.close_stream(stream)
         error = state["error"]
         if isinstance(error, ServerError):
@@ -175,8 +179,10 @@ class DetectorService(pb_grpc.DetectorServicer):
         elif error is not None and not isinstance(error, asyncio.CancelledError):
             log.exception("Detect call failed", exc_info=error)
             await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-        elif not state["done"] and self.core.draining:
+        elif not state["finished"] and self.core.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+        elif not state["finished"] and removed:
+            await context.abort(grpc.StatusCode.ABORTED, f"stream {sid!r} was removed (RemoveStream)")
 
     @_unary
     async def DetectImage(self, request: pb.Frame, context) -> pb.FrameDetections:

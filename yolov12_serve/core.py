@@ -186,7 +186,7 @@ class ServerCore:
             rt.worker.stop(max(0.1, end - now()))
         self.fanout.close_all()
         for s in streams:
-            s.set_state(StreamState.STOPPED)
+            s.close()
         for rt in self.runtimes.values():
             rt.engine.close()
         if self.metrics is not None:
@@ -228,12 +228,16 @@ class ServerCore:
         return stream
 
     def close_stream(self, stream: Stream) -> StreamView:
-        """End a push or image stream (the call that fed it is over)."""
-        if stream.public:
-            return self.remove_stream(stream.stream_id)
+        """End a push or image stream (the call that fed it is over); a no-op if it was removed meanwhile."""
         with self._lock:
-            self._private.pop(stream.stream_id, None)
-        self._unbind(stream, "removed")
+            if stream.public:
+                mine = self._streams.get(stream.stream_id) is stream
+            else:
+                mine = self._private.pop(stream.stream_id, None) is stream
+        if mine and stream.public:
+            self._unregister(stream, "removed")
+        elif mine:
+            self._unbind(stream, "removed")
         return stream.view()
 
     def ingest_encoded(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
@@ -286,7 +290,7 @@ class ServerCore:
             self.metrics.forget_stream(stream.stream_id)
 
     def _unbind(self, stream: Stream, reason: str) -> None:
-        stream.set_state(StreamState.STOPPED)
+        stream.close()
         if stream.runtime is not None:
             for pending in stream.runtime.scheduler.remove_stream(stream.stream_id):
                 self._drop(pending, reason)

@@ -72,6 +72,24 @@ class Stream:
         self._on_reconnect = on_reconnect
         self._ids = itertools.count()
         self._lock = threading.Lock()
+        self._on_close: list[Callable[[], None]] = []
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once when the stream is removed (a Detect call ends when its stream is removed)."""
+        with self._lock:
+            closed = self.state == StreamState.STOPPED
+            if not closed:
+                self._on_close.append(callback)
+        if closed:
+            callback()
+
+    def close(self) -> None:
+        """Mark the stream STOPPED and run the close callbacks (idempotent)."""
+        with self._lock:
+            self.state = StreamState.STOPPED
+            callbacks, self._on_close = self._on_close, []
+        for callback in callbacks:
+            callback()
 
     @property
     def device(self) -> str:
