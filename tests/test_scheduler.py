@@ -137,21 +137,21 @@ def test_pushed_frames_are_never_dropped_late():
 
 
 def test_a_stale_pessimistic_estimate_is_re_measured_by_a_probe():
-    clock = Clock(100.0)
+    clock = Clock(100.010)
     cost = RunTimeModel()
-    cost.observe(1, (192, 320), 0.100)  # measured once while the machine was busy: "every frame is late"
+    cost.observe(1, (192, 320), 0.040)  # measured once while the machine was busy
     s, drops = make_scheduler(cost, clock=clock)
     s.add_stream("a")
-    s.submit(frame("a", 1, 100.0))
+    s.submit(frame("a", 1, 100.0))  # 35 ms left, "needs" 40: predicted late
     probe = s.schedule(0)
-    assert [f.frame_id for f in probe.frames] == [1]  # the probe runs although predicted late
-    s.update_from_output(probe, 0.005)  # median of (100 ms, 5 ms) is still "late"
-    s.submit(frame("a", 2, 100.0))
-    clock.t = 100.001
-    assert s.schedule(0) is None and drops == [(2, "late")]  # no second probe within probe_s...
+    assert [f.frame_id for f in probe.frames] == [1]  # the probe runs anyway: it still has time left
+    s.update_from_output(probe, 0.005)  # median of (40 ms, 5 ms): 22.5 ms
+    clock.t = 100.030
+    s.submit(frame("a", 2, 100.0))  # 15 ms left: late, and no second probe within probe_s...
+    assert s.schedule(0) is None and drops == [(2, "late")]
     clock.t = 101.5
-    s.submit(frame("a", 3, 101.5))
-    assert [f.frame_id for f in s.schedule(0).frames] == [3]  # ...but one per second
+    s.submit(frame("a", 3, 101.47))  # 15 ms left again...
+    assert [f.frame_id for f in s.schedule(0).frames] == [3]  # ...but one probe per second
 
 
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
@@ -359,3 +359,14 @@ def test_worker_reports_engine_failures_as_error_results_then_unhealthy():
     worker.stop()
     assert [r.error for r in results] == ["RuntimeError: device lost"] * 3
     assert failures == [("cuda:1", "RuntimeError: device lost")]
+
+
+def test_an_slo_no_frame_can_meet_drops_nothing():
+    """An engine slower than the SLO: dropping cannot make anything on time, so frames run (SLO misses)."""
+    clock = Clock(100.0)
+    s, drops = make_scheduler(linear_cost(0.040, 0.020), clock=clock)  # 60 ms alone > 45 ms SLO
+    for i in range(3):
+        s.add_stream(f"s{i}")
+        s.submit(frame(f"s{i}", i, 99.990))
+    batch = s.schedule(0)
+    assert sorted(f.frame_id for f in batch.frames) == [0, 1, 2] and drops == []

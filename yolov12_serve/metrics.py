@@ -94,9 +94,9 @@ class Metrics:
             "yolov12_inference_seconds", "Engine.infer run time per batch.", ["device"],
             buckets=[0.001, 0.002, 0.004, 0.006, 0.008, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
                      0.2, 0.3, 0.5, 1.0, 2.0], registry=r)
-        sizes = sorted({1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch})
+        sizes = range(1, max_batch + 1) if max_batch <= 16 else {1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, max_batch}
         self.batch_size = Histogram("yolov12_batch_size", "Frames per engine batch.", ["device"],
-                                    buckets=[s for s in sizes if s <= max(max_batch, 1)], registry=r)
+                                    buckets=sorted(s for s in sizes if s <= max(max_batch, 1)), registry=r)
         self.frames = Counter("yolov12_frames", "Frames ingested (decoded from a camera or received).",
                               ["stream"], registry=r)
         self.frames_processed = Counter("yolov12_frames_processed", "Frames whose detections were published.",

@@ -5,14 +5,17 @@ looks at the newest frame of every stream that has none in flight, drops the fra
 their deadline even alone with a typical (median) run (reason "late", unless `process_late`), takes
 the frame with the earliest deadline and, among the ready frames of the same input shape (oldest
 deadline first), the largest batch whose slow-run (90th percentile) time still ends before that
-earliest deadline. So that a wrong, too-slow estimate cannot make it drop everything forever (and
-never measure again), one predicted-late frame per shape and `probe_s` is run anyway while it still
-has time left.
+earliest deadline, but no more than its share when other instances are idle too (so K instances run
+K batches at once instead of one instance taking everything while the others wait).
+
+So that a wrong, too-slow estimate cannot make it drop everything forever (and never measure again),
+one predicted-late frame per shape and `probe_s` is run anyway while it still has time left. When
+even a lone frame takes longer than the SLO (an engine too slow for it), dropping cannot help anyone:
+frames are then run, freshest first, and show up as SLO misses instead.
 
 One frame per stream is in flight at a time: results of a stream are published in order, and a
 stream cannot starve the others. Under load frames accumulate while all instances are busy, so
-batches grow exactly when batching pays; when idle a frame runs at once (no waiting window).
-"""
+batches grow exactly when batching pays; when idle a frame runs at once (no waiting window)."""
 
 from __future__ import annotations
 
@@ -106,6 +109,7 @@ class DeadlineScheduler(Scheduler):
         self._slots: dict[str, _StreamSlot] = {}
         self._cond = threading.Condition()
         self._closed = False
+        self._idle = 0  # worker threads waiting in schedule(): ready frames are shared among them
 
     def add_stream(self, stream_id: str, capacity: int = 1) -> None:
         with self._cond:
@@ -133,16 +137,20 @@ class DeadlineScheduler(Scheduler):
         late: list[Frame] = []
         end = self.clock() + timeout
         with self._cond:
-            while not self._closed:
-                batch = self._pick(self.clock(), late)
-                if batch is not None:
-                    break
-                remaining = end - self.clock()
-                if remaining <= 0:
-                    break
-                self._cond.wait(remaining)
-            else:
-                batch = None
+            self._idle += 1
+            try:
+                while not self._closed:
+                    batch = self._pick(self.clock(), late)
+                    if batch is not None:
+                        break
+                    remaining = end - self.clock()
+                    if remaining <= 0:
+                        break
+                    self._cond.wait(remaining)
+                else:
+                    batch = None
+            finally:
+                self._idle -= 1
         for frame in late:
             self.on_drop(frame, "late")
         return batch
@@ -154,7 +162,8 @@ class DeadlineScheduler(Scheduler):
             if frame is None or slot.in_flight:
                 continue
             typical = self.cost.predict(1, frame.shape, 0.5)
-            if frame.droppable and not self.process_late and t + typical > frame.deadline:
+            feasible = typical <= frame.deadline - frame.ingest_time  # could any frame of this shape be on time?
+            if frame.droppable and not self.process_late and feasible and t + typical > frame.deadline:
                 if t < frame.deadline and t - self._last_probe.get(frame.shape, -1e9) >= self.probe_s:
                     self._last_probe[frame.shape] = t  # re-measure: the estimate may be stale
                 else:
@@ -165,7 +174,8 @@ class DeadlineScheduler(Scheduler):
             return None
         first = min(ready, key=lambda fs: fs[0].deadline)[0]
         group = sorted((fs for fs in ready if fs[0].shape == first.shape), key=lambda fs: fs[0].deadline)
-        group = group[:self.max_batch]
+        share = -(-len(group) // self._idle) if self._idle > 1 else len(group)  # leave work for idle instances
+        group = group[:min(self.max_batch, share)]
         n = 1
         if t + self.cost.predict(1, first.shape, 0.5) > first.deadline:
             n = len(group)  # the first frame is late whatever we do (push or --process-late): serve the most
