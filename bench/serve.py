@@ -1,0 +1,329 @@
+"""Server throughput and latency on CPU (yolov12n at 320 through ONNX Runtime), printed as tables (issue 5).
+
+(a) saturation: results/s of the whole server (synthetic cameras -> mailboxes -> scheduler -> K engine
+    instances -> fan-out -> a gRPC watcher) over raw `Engine.infer` images/s on the same batches (the batch
+    sizes the server ran, same shape, same K threads). Goal >= 0.9.
+(b) half load: cameras offering half the raw throughput; p50 / p99 latency (ingest to publish, as the
+    server reports it per frame). Goal p99 <= SLO.
+(c) the same RTSP cameras (GStreamer server on loopback, 640x360 @ 25 fps): our server against ultralytics
+    `predict(stream=True)` with its own ONNX export, same weights (ultralytics' yolo12n initialisation loaded
+    into our v1 model, exported by our exporter). Results/s ratio (goal >= 1.2) and our p99 beside it.
+
+Every measured side runs in its own process, one after the other, with the same thread settings.
+
+    python bench/serve.py                    # all parts, 20 s windows
+    python bench/serve.py --parts a,b --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine, table, write_result
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = Path(tempfile.gettempdir()) / "yolov12-serve-bench"
+PY = sys.executable
+
+
+# ----------------------------------------------------------------------------------------------------- models
+def prepare_models() -> tuple[Path, Path]:
+    """(ours, theirs): ultralytics' yolo12n at its seed-0 initialisation, exported by each side at 320 (cached)."""
+    ours, theirs = WORK / "ours-yolov12n-v1-320.onnx", WORK / "theirs-yolo12n-320.onnx"
+    if ours.is_file() and theirs.is_file():
+        return ours, theirs
+    WORK.mkdir(parents=True, exist_ok=True)
+    code = f"""
+import os, shutil, tempfile
+os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
+import torch
+from ultralytics import YOLO
+from trainer.nn import build_model
+from trainer.export import export
+torch.manual_seed(0)
+y = YOLO("yolo12n.yaml")
+names = dict(y.model.names)
+ours = build_model("yolov12n-v1.yaml", nc=len(names), names=names)
+ours.load_state_dict(y.model.state_dict())
+export(ours, format="onnx", imgsz=320, batch=16, dynamic=True, output={str(ours)!r})
+os.chdir({str(WORK)!r})
+out = y.export(format="onnx", imgsz=320, dynamic=True, simplify=True)
+shutil.move(out, {str(theirs)!r})
+"""
+    subprocess.run([PY, "-c", code], check=True, cwd=ROOT)
+    return ours, theirs
+
+
+# ----------------------------------------------------------------------------------------------------- our server
+class Server:
+    """yolov12-serve in a subprocess on free ports; counts what a gRPC watcher receives."""
+
+    def __init__(self, model: Path, *args: str) -> None:
+        cmd = [PY, "-m", "yolov12_serve", "--engines", str(model), "--gpus", "cpu", "--host", "127.0.0.1",
+               "--port", "0", "--metrics-port", "0", "--log-level", "WARNING", *args]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
+        for line in self.proc.stdout:
+            m = re.search(r"gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)", line)
+            if m:
+                self.port, self.metrics_port = int(m.group(1)), int(m.group(2))
+                break
+        else:
+            raise RuntimeError("server did not start")
+        threading.Thread(target=lambda: [None for _ in self.proc.stdout], daemon=True).start()
+        from yolov12_serve.client import Client
+
+        self.client = Client(f"127.0.0.1:{self.port}")
+        self.client.wait_ready(60)
+        self.received: list[tuple[float, str, int, float]] = []  # (time, stream, frame id, latency ms)
+        self._watch = None
+
+    def watch(self) -> None:
+        self._watch = self.client.watch()
+
+        def run():
+            try:
+                for fd in self._watch:
+                    self.received.append((time.perf_counter(), fd.stream_id, fd.frame_id, fd.latency_ms))
+            except Exception:
+                pass
+
+        threading.Thread(target=run, daemon=True).start()
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+
+    def window(self, seconds: float, warmup: float) -> dict:
+        """Results/s, latency percentiles and batch sizes over a window after `warmup`."""
+        time.sleep(warmup)
+        m0, t0 = self.metrics(), time.perf_counter()
+        time.sleep(seconds)
+        m1, t1 = self.metrics(), time.perf_counter()
+        got = [r for r in self.received if t0 <= r[0] <= t1]
+        lat = np.array([r[3] for r in got]) if got else np.zeros(1)
+        return {"results_per_s": len(got) / (t1 - t0), "p50_ms": float(np.percentile(lat, 50)),
+                "p99_ms": float(np.percentile(lat, 99)), "batches": batch_sizes(m0, m1),
+                "dropped": {k: v for k, v in drops(m1).items() if v}}
+
+    def stop(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        self.client.close()
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+
+
+def batch_sizes(before: str, after: str) -> dict[int, int]:
+    """Batches run per size between two scrapes (the histogram has a bucket per size up to 16)."""
+    def cumulative(text: str) -> dict[int, float]:
+        out = {}
+        for le, v in re.findall(r'yolov12_batch_size_bucket\{device="cpu",le="([\d.]+)"\} ([\d.e+]+)', text):
+            out[int(float(le))] = float(v)
+        return out
+
+    a, b = cumulative(before), cumulative(after)
+    counts, prev = {}, 0.0
+    for size in sorted(b):
+        n = (b[size] - a.get(size, 0.0)) - prev
+        prev += n
+        if n > 0:
+            counts[size] = round(n)
+    return counts
+
+
+def drops(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for reason, v in re.findall(r'yolov12_frames_dropped_total\{reason="(\w+)",stream="[^"]+"\} ([\d.e+]+)', text):
+        out[reason] = out.get(reason, 0.0) + float(v)
+    return out
+
+
+def raw_throughput(model: Path, batches: dict[int, int], shape: tuple[int, int], instances: int,
+                   seconds: float) -> float:
+    """Images/s of Engine.infer from `instances` threads on the server's batch-size mix (its own process)."""
+    code = f"""
+import json, threading, time, numpy as np, engines
+e = engines.load({str(model)!r}, instances={instances})
+mix = {json.dumps({str(k): v for k, v in batches.items()})}
+sizes = [int(k) for k, v in mix.items() for _ in range(v)] or [1]
+rng = np.random.default_rng(0); rng.shuffle(sizes)
+x = {{s: np.random.default_rng(s).integers(0, 255, (s, {shape[0]}, {shape[1]}, 3), dtype=np.uint8) for s in set(sizes)}}
+for s in set(sizes): e.infer(x[s])
+done = [0]; lock = threading.Lock(); end = time.perf_counter() + {seconds}
+def run(i):
+    j = i
+    while time.perf_counter() < end:
+        s = sizes[j % len(sizes)]; j += {instances}
+        e.infer(x[s])
+        with lock: done[0] += s
+t0 = time.perf_counter()
+ts = [threading.Thread(target=run, args=(i,)) for i in range({instances})]
+[t.start() for t in ts]; [t.join() for t in ts]
+print(json.dumps(done[0] / (time.perf_counter() - t0)))
+"""
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT).stdout
+    return float(out.strip().splitlines()[-1])
+
+
+# ----------------------------------------------------------------------------------------------------- parts
+def part_a(model: Path, args) -> tuple[dict, float]:
+    """Saturation: many small synthetic cameras (letterbox = pad only), far more frames than the engine takes."""
+    srv = Server(model, "--instances", str(args.instances), "--max-batch", "8", "--slo-ms", str(args.slo_ms))
+    try:
+        for i in range(args.cameras):
+            srv.client.add_stream(f"sat{i}", f"synthetic://sat{i}?fps=30&size=320x180&seed={i}")
+        srv.watch()
+        w = srv.window(args.seconds, warmup=5)
+    finally:
+        srv.stop()
+    raw = raw_throughput(model, w["batches"], (192, 320), args.instances, args.seconds)
+    return w, raw
+
+
+def part_b(model: Path, args, raw: float) -> tuple[dict, float, int]:
+    """Half load: 640x360 cameras offering half of the raw throughput."""
+    cams = 6
+    fps = max(1.0, raw / 2 / cams)
+    srv = Server(model, "--instances", str(args.instances), "--max-batch", "8", "--slo-ms", str(args.slo_ms))
+    try:
+        for i in range(cams):
+            srv.client.add_stream(f"half{i}", f"synthetic://half{i}?fps={fps:.2f}&size=640x360&seed={i}")
+        srv.watch()
+        w = srv.window(args.seconds, warmup=5)
+    finally:
+        srv.stop()
+    return w, fps, cams
+
+
+def render_frames(folder: Path, n: int = 25) -> Path:
+    from yolov12_serve.sources.synthetic import SyntheticCamera, render_strip
+
+    path = folder / "cam.rgb"
+    if not path.is_file():
+        strip = render_strip(SyntheticCamera("bench", size=(360, 640), seed=5))
+        path.write_bytes(b"".join(np.ascontiguousarray(strip[:, x:x + 640]).tobytes() for x in range(0, n * 8, 8)))
+    return path
+
+
+def start_rtsp(frames: Path, cameras: int) -> tuple[subprocess.Popen, int]:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mounts = [f"--mount=cam{i}={frames}:640x360" for i in range(cameras)]
+    proc = subprocess.Popen(["/usr/bin/python3", str(ROOT / "tests" / "rtsp_server.py"), "--port", str(port),
+                             *mounts], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().startswith("ready")
+    return proc, port
+
+
+def ultralytics_rtsp(theirs: Path, urls: list[str], seconds: float, warmup: float, threads: int) -> float:
+    """Results/s of ultralytics predict(stream=True) on the RTSP URLs (its own process)."""
+    streams = WORK / "cams.streams"
+    streams.write_text("\n".join(urls) + "\n")
+    code = f"""
+import json, os, tempfile, time
+os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
+from ultralytics import YOLO
+m = YOLO({str(theirs)!r}, task="detect")
+t_start = time.perf_counter(); n = 0; t0 = None
+for r in m.predict(source={str(streams)!r}, stream=True, imgsz=320, verbose=False):
+    t = time.perf_counter()
+    if t0 is None and t - t_start >= {warmup}: t0, n = t, 0
+    n += 1
+    if t0 is not None and t - t0 >= {seconds}: break
+print(json.dumps(n / (time.perf_counter() - t0)))
+os._exit(0)
+"""
+    env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
+           "OPENCV_FFMPEG_CAPTURE_OPTIONS": "rtsp_transport;tcp"}
+    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=WORK, timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr[-3000:])
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def part_c(ours: Path, theirs: Path, args) -> tuple[dict, float]:
+    frames = render_frames(WORK)
+    gst, port = start_rtsp(frames, args.rtsp_cameras)
+    urls = [f"rtsp://127.0.0.1:{port}/cam{i}" for i in range(args.rtsp_cameras)]
+    try:
+        srv = Server(ours, "--instances", str(args.instances), "--max-batch", "8", "--slo-ms", str(args.slo_ms))
+        try:
+            for i, url in enumerate(urls):
+                srv.client.add_stream(f"rtsp{i}", url)
+            srv.watch()
+            w = srv.window(args.seconds, warmup=8)
+        finally:
+            srv.stop()
+        theirs_rate = ultralytics_rtsp(theirs, urls, args.seconds, warmup=8, threads=os.cpu_count() or 1)
+    finally:
+        gst.kill()
+    return w, theirs_rate
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", default="a,b,c")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--cameras", type=int, default=12, help="synthetic cameras for (a)")
+    p.add_argument("--rtsp-cameras", type=int, default=12, help="RTSP cameras for (c)")
+    p.add_argument("--instances", type=int, default=2)
+    p.add_argument("--slo-ms", type=float, default=45.0)
+    p.add_argument("--model", type=Path, help="our engine for (a) and (b) (default: ultralytics' weights, ours)")
+    args = p.parse_args()
+    parts = set(args.parts.split(","))
+    ours, theirs = prepare_models()
+    model = args.model or ours
+    lines = [f"Machine: {machine()} (shared with other work: figures vary run to run).",
+             f"Model: yolov12n at 320 ({model.name}), ONNX Runtime CPU, {args.instances} instances, "
+             f"max batch 8, SLO {args.slo_ms:g} ms, {args.seconds:g} s windows.", ""]
+    raw = None
+    if "a" in parts or "b" in parts:
+        w, raw = part_a(model, args)
+        ratio = w["results_per_s"] / raw
+        print(f"(a) server {w['results_per_s']:.1f} results/s, raw {raw:.1f} images/s, ratio {ratio:.2f}", flush=True)
+        mix = ", ".join(f"{k}x{v}" for k, v in sorted(w["batches"].items()))
+        lines += ["(a) saturation: server vs raw Engine.infer on the same batches (192x320 inputs)", "",
+                  table(["cameras", "server results/s", "raw images/s", "ratio (goal >= 0.9)", "p99 ms",
+                         "batches (size x count)"],
+                        [[f"{args.cameras} x 320x180@30", w["results_per_s"], raw, ratio, w["p99_ms"], mix]]), ""]
+    if "b" in parts:
+        w, fps, cams = part_b(model, args, raw)
+        print(f"(b) half load p50 {w['p50_ms']:.1f} ms p99 {w['p99_ms']:.1f} ms", flush=True)
+        lines += ["(b) half load (640x360 cameras offering half the raw throughput)", "",
+                  table(["cameras", "offered fps", "results/s", "p50 ms", "p99 ms", "SLO ms", "dropped"],
+                        [[f"{cams} x 640x360@{fps:.1f}", cams * fps, w["results_per_s"], w["p50_ms"], w["p99_ms"],
+                          args.slo_ms, json.dumps(w["dropped"])]]), ""]
+    if "c" in parts:
+        w, theirs_rate = part_c(ours, theirs, args)
+        ratio = w["results_per_s"] / theirs_rate
+        print(f"(c) ours {w['results_per_s']:.1f} results/s (p99 {w['p99_ms']:.1f} ms), ultralytics "
+              f"{theirs_rate:.1f}, ratio {ratio:.2f}", flush=True)
+        lines += [f"(c) {args.rtsp_cameras} RTSP cameras 640x360@25 (GStreamer on loopback), same weights", "",
+                  table(["cameras", "ours results/s", "ours p50 ms", "ours p99 ms", "ultralytics results/s",
+                         "ratio (goal >= 1.2)"],
+                        [[args.rtsp_cameras, w["results_per_s"], w["p50_ms"], w["p99_ms"], theirs_rate, ratio]]), ""]
+    text = "\n".join(lines)
+    print(text)
+    if parts == {"a", "b", "c"}:
+        print(f"written to {write_result('serve.md', text + chr(10))}")
+
+
+if __name__ == "__main__":
+    main()
