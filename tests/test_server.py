@@ -197,5 +197,8 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
         while time.monotonic() < wait and False not in health:
             time.sleep(0.05)
         assert health[0] is True and health[-1] is False
+        made["cuda:0"].fail = made["cuda:1"].fail = False
+        core._recheck("cuda:1")  # what the watchdog does every RECHECK_S
+        assert health[-1] is True and "cuda:1" in core.placement.healthy_devices()
     finally:
         core.drain(2)

@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 EngineLoader = Callable[..., Engine]  # (path, device=..., instances=..., **opts) -> Engine
 IMAGE_LABEL = "_image"  # the metrics label shared by all one-off DetectImage frames
+RECHECK_S = 10.0  # how often a failed engine is tried again
 
 
 @dataclass
@@ -361,12 +362,11 @@ class ServerCore:
         self.fanout.publish(result)
 
     def _on_batch(self, device: str, size: int, seconds: float) -> None:
-        if device in self._failed:  # the engine works again
+        if device in self._failed:  # the engine works again: the server can serve
             self._failed.discard(device)
             self.placement.set_healthy(device, True)
-            if not self._failed:
-                self.on_health_change(not self.draining)
-        if self.metrics is not None:
+            self.on_health_change(not self.draining)
+        if self.metrics is not None and size:
             self.metrics.inference.labels(device).observe(seconds)
             self.metrics.batch_size.labels(device).observe(size)
 
@@ -397,9 +397,15 @@ class ServerCore:
 
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
-        """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates."""
+        """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates;
+        re-test failed engines every RECHECK_S (a device that works again takes new streams)."""
         stall = self.config.rtsp.stall_s
+        last_recheck = now()
         while not self._stop.wait(min(0.25, stall / 4)):
+            if self._failed and now() - last_recheck > RECHECK_S:
+                last_recheck = now()
+                for device in list(self._failed):
+                    self._recheck(device)
             with self._lock:
                 streams = list(self._streams.values())
             t = now()
@@ -412,6 +418,16 @@ class ServerCore:
                     log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
                     src.restart(f"stalled: no frame for {idle:.1f} s")
                 self.placement.update_fps(s.stream_id, s.stats.snapshot(t).fps)
+
+    def _recheck(self, device: str) -> None:
+        rt = self.runtimes[device]
+        try:
+            rt.engine.infer(np.full((1, *rt.planner.imgsz, 3), 114, np.uint8))
+        except Exception as e:
+            log.warning("%s: engine still failing (%s: %s)", device, type(e).__name__, e)
+            return
+        log.info("%s: engine works again", device)
+        self._on_batch(device, 0, 0.0)
 
     def live_snapshot(self) -> LiveSnapshot:
         """Stream counts by state and per-device queue depth, for the metrics scrape."""

@@ -42,6 +42,7 @@ class DeviceWorker:
         self.consecutive_failures = 0
         self.batches = 0
         self._stop = threading.Event()
+        self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -86,12 +87,13 @@ class DeviceWorker:
                                      frame.capture_time_us, now() - frame.ingest_time, self.device,
                                      frame.public, error))
         self.scheduler.update_from_output(batch, None if error else elapsed)
-        self.batches += 1
+        with self._lock:  # K threads share the counters
+            self.batches += 1
+            self.consecutive_failures = 0 if error is None else self.consecutive_failures + 1
+            report = self.consecutive_failures == FAILURES_BEFORE_UNHEALTHY
         if error is None:
-            self.consecutive_failures = 0
             self.on_batch(self.device, len(frames), elapsed)
             return
-        self.consecutive_failures += 1
         log.error("%s: batch of %d failed: %s", self.device, len(frames), error)
-        if self.consecutive_failures == FAILURES_BEFORE_UNHEALTHY:
+        if report:
             self.on_failure(self.device, error)
