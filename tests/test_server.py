@@ -47,12 +47,27 @@ def test_sigterm_drains_and_exits_zero_within_10_s():
             ended.set()
 
         threading.Thread(target=drain_watch, daemon=True).start()
+        from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+        statuses: list[str] = []
+        health = health_pb2_grpc.HealthStub(c.channel).Watch(health_pb2.HealthCheckRequest(service=""))
+
+        def watch_health():
+            try:
+                for r in health:
+                    statuses.append(health_pb2.HealthCheckResponse.ServingStatus.Name(r.status))
+            except grpc.RpcError:
+                pass
+
+        threading.Thread(target=watch_health, daemon=True).start()
+        time.sleep(0.3)
         rc, seconds = srv.terminate()
         assert rc == 0, srv.log()
         assert seconds < 10
         assert ended.wait(5), "the watcher was left hanging"
         assert outcome[0] in ("ended", grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE)
         assert "drained" in srv.log()
+        assert statuses[0] == "SERVING" and "NOT_SERVING" in statuses  # load balancers see the drain
     finally:
         srv.close()
 
