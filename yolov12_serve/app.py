@@ -58,7 +58,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
               f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)
         started = now()
-        status = asyncio.create_task(_show_status(core, options, out)) if options.status_interval else None
+        status = asyncio.create_task(_show_status(core, options, out, port)) if options.status_interval else None
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), options.duration)
         if status is not None:
@@ -93,11 +93,12 @@ async def _shutdown(core: ServerCore, grpc_server: GrpcServer) -> None:
     await grpc_server.stop(GRPC_GRACE_S)
 
 
-async def _show_status(core: ServerCore, options: RunOptions, out: TextIO) -> None:
+async def _show_status(core: ServerCore, options: RunOptions, out: TextIO, port: int) -> None:
     printer = StatusPrinter(out)
     while True:
         await asyncio.sleep(options.status_interval)
-        printer.show(render_table(core.list_streams(), core.config.slo_ms))
+        title = f"yolov12-serve on {','.join(core.runtimes)}, gRPC :{port} - "
+        printer.show(render_table(core.list_streams(), core.config.slo_ms, title))
 
 
 def _version() -> str:

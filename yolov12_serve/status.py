@@ -14,15 +14,17 @@ _HEADER = f"{'stream':<16} {'state':<12} {'device':<7} {'fps':>6} {'p50 ms':>7} 
           f"{'done':>7} {'dropped':>7}  last error"
 
 
-def render_table(views: Iterable[StreamView], slo_ms: float) -> str:
-    """One line per stream, over the last few seconds; p99 above the SLO is flagged with '!'."""
-    lines = [_HEADER]
+def render_table(views: Iterable[StreamView], slo_ms: float, title: str = "") -> str:
+    """A title with totals, then one line per stream over the last few seconds; p99 above the SLO flagged '!'."""
+    views = list(views)
+    total = sum(v.fps for v in views)
+    lines = [f"{title}{len(views)} streams, {total:.1f} results/s, SLO {slo_ms:g} ms", _HEADER]
     for v in views:
         flag = "!" if v.latency_p99_ms > slo_ms else " "
         lines.append(f"{v.stream_id[:16]:<16} {v.state.name:<12} {v.device:<7} {v.fps:>6.1f} {v.latency_p50_ms:>7.1f} "
                      f"{v.latency_p99_ms:>6.1f}{flag} {v.detections_per_frame:>6.1f} {v.frames_processed:>7} "
                      f"{v.frames_dropped:>7}  {v.last_error[:60]}")
-    if len(lines) == 1:
+    if len(lines) == 2:
         lines.append("(no streams)")
     return "\n".join(lines)
 
