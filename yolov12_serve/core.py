@@ -140,8 +140,8 @@ class ServerCore:
         frame_cost = self._warm_up(engine, planner, cost)
         camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
         if cost.predict(1, camera, 0.5) > cfg.slo_s:
-            log.warning("%s: one frame takes %.0f ms, more than the %.0f ms SLO: most frames will be dropped as "
-                        "late; raise --slo-ms, use --process-late, or a smaller / faster engine", device,
+            log.warning("%s: one frame takes %.0f ms, more than the %.0f ms SLO: every frame will miss it; raise "
+                        "--slo-ms, or use a smaller / faster engine (or a quieter machine)", device,
                         cost.predict(1, camera, 0.5) * 1000, cfg.slo_ms)
         scheduler = DeadlineScheduler(cost, max_batch, cfg.process_late, on_drop=self._drop)
         worker = DeviceWorker(device, engine, scheduler, self._publish, threads=cfg.instances,
