@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import sys
 import time
 from collections.abc import Iterable
@@ -159,7 +160,7 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int = 640, ba
     loader = build_dataloader(dataset, batch, workers, shuffle=False, rank=0, world_size=1)
     validator = Validator(loader, data_cfg.names, dev, conf=conf, iou=iou, max_det=max_det, half=half,
                           progress=verbose)
-    metrics = validator(model.to(dev))
+    metrics = validator(copy.deepcopy(model).fuse().to(dev))  # BatchNorm folded, the caller's model untouched
     if verbose:
         print(format_metrics(metrics))
     if plots:
