@@ -171,6 +171,30 @@ def test_map_equals_pycocotools() -> None:
     assert ours.map50 == pytest.approx(precision[0][precision[0] > -1].mean(), abs=1e-3)
 
 
+def test_precision_recall_equal_ultralytics(ultralytics) -> None:
+    """P and R at the best-F1 confidence are ultralytics' own (their matching and ap_per_class on the same set)."""
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import ap_per_class
+
+    class Matcher(BaseValidator):
+        def __init__(self) -> None:  # only what match_predictions reads
+            self.iouv = torch.linspace(0.5, 0.95, 10)
+
+    preds, labels = _random_set(seed=2, images=40)
+    tp, conf, pred_cls, target_cls = [], [], [], []
+    for p, lab in zip(preds, labels):
+        p = p[np.argsort(-p[:, 4], kind="stable")]
+        target_cls.append(lab[:, 0])
+        iou = box_iou(torch.tensor(lab[:, 1:]), torch.tensor(p[:, :4]))
+        tp.append(Matcher().match_predictions(torch.tensor(p[:, 5]), torch.tensor(lab[:, 0]), iou).numpy())
+        conf.append(p[:, 4])
+        pred_cls.append(p[:, 5])
+    _, _, p, r, _, ap = ap_per_class(*(np.concatenate(x) for x in (tp, conf, pred_cls, target_cls)))[:6]
+    ours = evaluate_detections(preds, labels, NAMES)
+    assert ours.precision == pytest.approx(p.mean(), abs=1e-6) and ours.recall == pytest.approx(r.mean(), abs=1e-6)
+    assert ours.map50_95 == pytest.approx(ap.mean(), abs=0.01)  # AP integration differs: COCO steps, theirs trapz
+
+
 def test_no_detections_and_no_labels() -> None:
     _, labels = _random_set()
     m = evaluate_detections([np.zeros((0, 6))] * len(labels), labels, NAMES)
