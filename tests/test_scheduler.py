@@ -370,3 +370,15 @@ def test_an_slo_no_frame_can_meet_drops_nothing():
         s.submit(frame(f"s{i}", i, 99.990))
     batch = s.schedule(0)
     assert sorted(f.frame_id for f in batch.frames) == [0, 1, 2] and drops == []
+
+
+def test_boxes_back_to_source_pixels_match_the_letterbox_maths():
+    from yolov12_serve.preprocess import to_source_pixels
+
+    rng = np.random.default_rng(0)
+    for src, inp in [((360, 640), (192, 320)), ((600, 800), (256, 320)), ((512, 600), (288, 320))]:
+        lb = plan_letterbox(src, inp)
+        dets = np.concatenate([rng.uniform(-20, 340, (50, 4)), rng.uniform(0, 1, (50, 1)),
+                               rng.integers(0, 5, (50, 1))], axis=1).astype(np.float32)
+        np.testing.assert_allclose(to_source_pixels(dets, lb), lb.unscale(dets), rtol=1e-6, atol=1e-4)
+    assert to_source_pixels(np.zeros((0, 6), np.float32), lb).shape == (0, 6)

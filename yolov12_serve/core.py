@@ -324,7 +324,7 @@ class ServerCore:
     # ----------------------------------------------------------------------------------------- pipeline hooks
     def _on_ingest(self, stream: Stream) -> None:
         if self.metrics is not None:
-            self.metrics.frames.labels(stream.metrics_label).inc()
+            self.metrics.series(stream.metrics_label, stream.device).frames.inc()
 
     def _drop(self, frame: Frame, reason: str) -> None:
         stream = self._lookup(frame.stream_id)
@@ -357,8 +357,9 @@ class ServerCore:
                 if result.error:
                     self.metrics.frames_dropped.labels(label, "error").inc()
                 else:
-                    self.metrics.frame_latency.labels(label, result.device).observe(result.latency_s)
-                    self.metrics.frames_processed.labels(label, result.device).inc()
+                    series = self.metrics.series(label, result.device)
+                    series.latency.observe(result.latency_s)
+                    series.processed.inc()
         self.fanout.publish(result)
 
     def _on_batch(self, device: str, size: int, seconds: float) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
@@ -20,7 +21,7 @@ from prometheus_client.registry import Collector
 
 from .devices import GpuTelemetry
 
-__all__ = ["LiveSnapshot", "Metrics", "slo_buckets"]
+__all__ = ["LiveSnapshot", "Metrics", "StreamSeries", "slo_buckets"]
 
 DROP_REASONS = ("superseded", "late", "error", "removed")  # the only values of frames_dropped_total{reason}
 STATES = ("CONNECTING", "STREAMING", "RECONNECTING", "STOPPED", "FAILED")
@@ -39,6 +40,15 @@ class LiveSnapshot:
     streams_by_state: dict[str, int] = field(default_factory=dict)
     queue_depth: dict[str, int] = field(default_factory=dict)  # device -> frames waiting in mailboxes
     in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
+
+
+@dataclass(frozen=True)
+class StreamSeries:
+    """The per-frame series of one stream on one device."""
+
+    frames: Any
+    processed: Any
+    latency: Any
 
 
 class _LiveCollector(Collector):
@@ -119,6 +129,17 @@ class Metrics:
         self._gpus = GpuTelemetry(self.devices)
         r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
         self._http = None
+        self._series: dict[tuple[str, str], StreamSeries] = {}
+
+    def series(self, stream: str, device: str) -> StreamSeries:
+        """A stream's per-frame series on a device, looked up once (label lookups cost ~10 us each per frame)."""
+        key = (stream, device)
+        found = self._series.get(key)
+        if found is None:
+            found = self._series[key] = StreamSeries(self.frames.labels(stream),
+                                                     self.frames_processed.labels(stream, device),
+                                                     self.frame_latency.labels(stream, device))
+        return found
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's series at zero so rates exist from the start."""
@@ -129,6 +150,8 @@ class Metrics:
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove every series labelled with this stream (called when it is removed)."""
+        for key in [k for k in self._series if k[0] == stream_id]:
+            self._series.pop(key, None)
         for metric, labelsets in ((self.frames, [(stream_id,)]), (self.reconnects, [(stream_id,)])):
             for labels in labelsets:
                 _remove(metric, labels)
