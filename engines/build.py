@@ -1,0 +1,174 @@
+"""Build a TensorRT engine from our ONNX export (TensorRT 10 Python API), metadata header included.
+
+- precision: FP32, FP16 (`half`), or INT8 (`int8`) calibrated by an entropy calibrator over the
+  dataset's images letterboxed as at run time, with a reusable calibration cache; in INT8 the
+  head's sigmoid stays FP32 so scores keep their calibration. TensorRT >= 11 builds strongly
+  typed networks: FP16 then comes from an fp16 ONNX (trainer.export does that) and INT8
+  calibration no longer exists.
+- shapes: with a dynamic export, one optimisation profile per camera shape asked for (e.g.
+  640x640 and 384x640; default imgsz with any smaller stride multiple), batch min 1, opt and max
+  `batch`; the whole set repeated `contexts` times, because every execution context running at
+  once needs profiles of its own.
+- a timing cache (reused across builds: much faster rebuilds), a workspace limit, and the NMS
+  chosen at export (ONNX NonMaxSuppression -> TensorRT's INMSLayer, or the EfficientNMS plugin).
+
+The file written is a 4-byte little-endian length, the JSON EngineInfo, then the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .base import EngineError, EngineInfo
+from .metadata import read_info, write_engine_file
+from .tensorrt import import_tensorrt, make_logger
+
+__all__ = ["BuildOptions", "build_engine", "profile_shapes", "tensorrt_major"]
+
+
+@dataclass
+class BuildOptions:
+    """How to build: precision, batch and shapes, concurrency, caches, GPU."""
+
+    half: bool = False
+    int8: bool = False
+    calib_images: list[Path] | None = None  # images for INT8 calibration (trainer.export reads them from data.yaml)
+    calib_cache: str | Path | None = None  # default: <output>.calib beside the engine
+    batch: int = 1  # fixed batch, or the profile's opt and max batch when dynamic
+    dynamic: bool = False
+    shapes: list[tuple[int, int]] | None = None  # camera input shapes (h, w) to optimise for
+    contexts: int = 2  # execution contexts that may run at once (dynamic engines: a profile set each)
+    workspace_gib: float = 4.0
+    timing_cache: str | Path | None = None  # default: <output>.timing beside the engine
+    device: int = 0
+    data: str | Path | None = None  # recorded only; calib_images carry the files
+
+
+def tensorrt_major() -> int:
+    """Major version of the installed TensorRT (EngineError saying how to install it when missing)."""
+    return int(import_tensorrt().__version__.split(".")[0])
+
+
+def profile_shapes(info: EngineInfo, opts: BuildOptions) -> list[tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) NHWC shapes of the profiles of one context's set, validated against the export."""
+    h0, w0 = info.imgsz
+    s = info.stride
+    b = opts.batch
+    if not info.dynamic_hw:
+        if opts.shapes and any(tuple(x) != (h0, w0) for x in opts.shapes):
+            raise EngineError(f"--shapes need a dynamic export: the ONNX is fixed at {h0}x{w0} (add --dynamic)")
+        shape = (info.batch[0], h0, w0, 3)
+        return [(shape, shape, shape)]
+    if not opts.shapes:  # any stride multiple up to imgsz, tuned for imgsz
+        return [((1, s, s, 3), (b, h0, w0, 3), (b, h0, w0, 3))]
+    out = []
+    for h, w in opts.shapes:
+        if h % s or w % s or h > h0 or w > w0:
+            raise EngineError(f"shape {h}x{w}: must be multiples of {s} within the export's {h0}x{w0}")
+        out.append(((1, h, w, 3), (b, h, w, 3), (b, h, w, 3)))
+    return out
+
+
+def _keep_head_sigmoid_fp32(trt: Any, network: Any) -> int:
+    """In INT8 builds pin the head's class Sigmoid to FP32 (scores keep their calibration); returns how many.
+
+    The head is the highest-numbered `model.N`; its class sigmoid is the one directly under it
+    (`/model.21/Sigmoid`), unlike the SiLU sigmoids inside its convolutions (`/model.21/cv2.0/.../act/Sigmoid`).
+    """
+    found = []
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        m = re.search(r"/model\.(\d+)/Sigmoid[^/]*$", layer.name)
+        if m and layer.type == trt.LayerType.ACTIVATION:
+            found.append((int(m.group(1)), layer))
+    head = max((i for i, _ in found), default=-1)
+    pinned = [layer for i, layer in found if i == head]
+    for layer in pinned:
+        layer.precision = trt.float32
+        layer.set_output_type(0, trt.float32)
+    return len(pinned)
+
+
+def build_engine(onnx_path: str | Path, output: str | Path, opts: BuildOptions) -> Path:
+    """Build `output` (.engine) from our ONNX export at `onnx_path`; returns the engine path."""
+    import torch
+
+    trt = import_tensorrt()
+    major = int(trt.__version__.split(".")[0])
+    onnx_path, output = Path(onnx_path), Path(output)
+    info = read_info(onnx_path)
+    if opts.int8 and major >= 11:
+        raise EngineError(f"TensorRT {trt.__version__} removed INT8 calibration (strongly typed only): build --int8 "
+                          "with TensorRT 10, or use --half")
+    if opts.int8 and not opts.calib_images and not Path(opts.calib_cache or output.with_suffix(".calib")).is_file():
+        raise EngineError("INT8 needs calibration images: --data data.yaml (or an existing calibration cache)")
+    if opts.contexts < 1:
+        raise EngineError(f"contexts must be >= 1, got {opts.contexts}")
+    if not torch.cuda.is_available():
+        raise EngineError("building a TensorRT engine needs a CUDA GPU; none is visible to torch")
+    device = torch.device(f"cuda:{opts.device}")
+    shapes = profile_shapes(info, opts)
+    logger = make_logger(trt)
+    with torch.cuda.device(device):
+        builder = trt.Builder(logger)
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major >= 11 else 0
+        network = builder.create_network(flags)
+        parser = trt.OnnxParser(network, logger)
+        if not parser.parse_from_file(str(onnx_path)):
+            errors = "; ".join(str(parser.get_error(i).desc()) for i in range(parser.num_errors))
+            raise EngineError(f"TensorRT cannot parse {onnx_path}: {errors or 'no reason given'}")
+        config = builder.create_builder_config()
+        config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(opts.workspace_gib * (1 << 30)))
+        timing_file = Path(opts.timing_cache or output.with_suffix(".timing"))
+        cache = config.create_timing_cache(timing_file.read_bytes() if timing_file.is_file() else b"")
+        config.set_timing_cache(cache, ignore_mismatch=False)
+        if major < 11 and (opts.half or opts.int8):
+            config.set_flag(trt.BuilderFlag.FP16)  # INT8 builds fall back to FP16, not FP32, where INT8 cannot go
+        name = network.get_input(0).name
+        if info.dynamic_hw or -1 in tuple(network.get_input(0).shape):
+            for _ in range(opts.contexts):
+                for lo, opt, hi in shapes:
+                    profile = builder.create_optimization_profile()
+                    profile.set_shape(name, min=lo, opt=opt, max=hi)
+                    config.add_optimization_profile(profile)
+        if opts.int8:
+            from .calibration import CalibrationBatches, make_calibrator
+
+            config.set_flag(trt.BuilderFlag.INT8)
+            _, opt_shape, _ = shapes[0]  # TensorRT 10 calibrates at the first profile's opt shape
+            batches = CalibrationBatches(opts.calib_images or [], (opt_shape[1], opt_shape[2]), batch=opt_shape[0]) \
+                if opts.calib_images else None
+            calib_cache = Path(opts.calib_cache or output.with_suffix(".calib"))
+            config.int8_calibrator = make_calibrator(trt, batches, calib_cache, device) if batches else \
+                make_calibrator(trt, _CacheOnly(opt_shape), calib_cache, device)
+            if _keep_head_sigmoid_fp32(trt, network):
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
+        plan = builder.build_serialized_network(network, config)
+        if plan is None:
+            raise EngineError(f"TensorRT build failed: {' '.join(logger.errors[-3:]) or 'see the log above'}")
+        timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
+    props = torch.cuda.get_device_properties(device)
+    precision = "int8" if opts.int8 else "fp16" if opts.half else "fp32"
+    dynamic = info.dynamic_hw
+    extra = {**info.extra, "tensorrt": trt.__version__, "gpu": props.name,
+             "compute_capability": f"{props.major}.{props.minor}", "contexts": opts.contexts if dynamic else None,
+             "profiles_per_context": len(shapes) if dynamic else 0,
+             "shapes": [list(hw) for hw in opts.shapes] if opts.shapes else None,
+             "data": str(opts.data) if opts.data else None}
+    built = dataclasses.replace(info, precision=precision, batch=(1, opts.batch) if dynamic else info.batch,
+                                extra=extra)
+    return write_engine_file(output, built, plan)
+
+
+class _CacheOnly:
+    """Stand-in batches when only a calibration cache is reused: TensorRT reads the cache, asks for no images."""
+
+    def __init__(self, opt_shape: tuple[int, ...]) -> None:
+        self.batch, self.input_hw = opt_shape[0], (opt_shape[1], opt_shape[2])
+
+    def __iter__(self) -> Any:
+        return iter(())

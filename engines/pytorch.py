@@ -1,0 +1,176 @@
+"""PyTorch backend for `.pt` checkpoints: the GPU path where TensorRT is not installed, and a CPU fallback.
+
+This is the one place `engines` reaches into `trainer` (trainer.checkpoint to rebuild the model,
+trainer.postprocess for NMS), imported lazily so the ONNX serving path never imports torch.
+CUDA: fp16, channels_last, BatchNorm fused, and one CUDA graph per (batch bucket, H, W) per
+instance: a batch is padded up to the next bucket (1, 2, 4, 8, ...), replayed, and the padding
+dropped. CPU: fp32, eager. Each instance has its own copy of the module (weights shared) so
+concurrent calls never share the head's anchor cache.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .base import Engine, EngineError, EngineInfo
+from .pool import InstancePool
+
+__all__ = ["TorchEngine", "batch_buckets", "checkpoint_info"]
+
+
+def batch_buckets(max_batch: int) -> list[int]:
+    """Batch sizes that get a CUDA graph: powers of two below `max_batch`, then `max_batch` itself."""
+    out, b = [], 1
+    while b < max_batch:
+        out.append(b)
+        b *= 2
+    return [*out, max_batch]
+
+
+def _load(path: str | Path) -> Any:
+    from trainer.checkpoint import CheckpointError, load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except CheckpointError as e:
+        raise EngineError(f"{e} (a .pt engine is a checkpoint written by yolov12-train, or an official / "
+                          "ultralytics YOLOv12 .pt)") from None
+
+
+def _info(ckpt: Any, precision: str, max_batch: int, conf: float, iou: float, max_det: int) -> EngineInfo:
+    from trainer import __version__
+
+    model = ckpt.model
+    return EngineInfo(names={int(k): str(v) for k, v in model.names.items()}, imgsz=(ckpt.imgsz, ckpt.imgsz),
+                      stride=int(max(model.stride)), batch=(1, max_batch), dynamic_hw=True, precision=precision,
+                      variant=model.spec.variant, scale=model.spec.scale, conf=conf, iou=iou, max_det=max_det,
+                      version=__version__, extra={"layout": "pytorch", "source": ckpt.source})
+
+
+def checkpoint_info(path: str | Path, max_batch: int = 32, conf: float = 0.25, iou: float = 0.7,
+                    max_det: int = 300) -> EngineInfo:
+    """EngineInfo of a checkpoint as the PyTorch backend would serve it on the CPU (fp32)."""
+    return _info(_load(path), "fp32", max_batch, conf, iou, max_det)
+
+
+def _shared_copy(model: Any) -> Any:
+    """A copy of `model` whose parameters and buffers are the original's (only plain attributes are new)."""
+    memo = {id(t): t for t in [*model.parameters(), *model.buffers()]}
+    return copy.deepcopy(model, memo)
+
+
+@dataclass
+class _Slot:
+    """One instance: its module copy and, on CUDA, its stream and captured graphs."""
+
+    model: Any
+    stream: Any = None
+    pool: Any = None  # CUDA graph memory pool shared by this slot's graphs (they never run at once)
+    graphs: dict[tuple[int, int, int], tuple[Any, ...]] = field(default_factory=dict)
+
+
+class TorchEngine(Engine):
+    """A checkpoint served by PyTorch: fp16 + CUDA graphs on a GPU, fp32 on the CPU."""
+
+    def __init__(self, path: str | Path, device: str = "cpu", instances: int = 1, max_batch: int = 32,
+                 conf: float = 0.25, iou: float = 0.7, max_det: int = 300, cuda_graphs: bool = True,
+                 info: EngineInfo | None = None) -> None:
+        import torch
+
+        from trainer.postprocess import non_max_suppression
+
+        if instances < 1 or max_batch < 1:
+            raise EngineError(f"instances and max_batch must be >= 1, got {instances} and {max_batch}")
+        try:
+            self._device = torch.device(device)
+        except RuntimeError:
+            raise EngineError(f"unknown device '{device}': use 'cpu' or 'cuda:N'") from None
+        if self._device.type == "cuda" and not torch.cuda.is_available():
+            raise EngineError(f"device {device} asked for but torch sees no CUDA GPU: use device='cpu'")
+        self.path, self.device, self.instances = Path(path), str(self._device), instances
+        ckpt = _load(path)
+        self._cuda = self._device.type == "cuda"
+        model = ckpt.model.float().eval().fuse()
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if self._cuda:
+            model = model.half().to(self._device, memory_format=torch.channels_last)
+        self.info = _info(ckpt, "fp16" if self._cuda else "fp32", max_batch, conf, iou, max_det)
+        self._nms = non_max_suppression
+        self._graphs = cuda_graphs and self._cuda
+        self._buckets = batch_buckets(max_batch)
+        slots = [_Slot(model if k == 0 else _shared_copy(model)) for k in range(instances)]
+        if self._cuda:
+            for s in slots:
+                s.stream = torch.cuda.Stream(self._device)
+                s.pool = torch.cuda.graph_pool_handle()
+        self._pool = InstancePool(slots)
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        """uint8 [B, H, W, 3] RGB -> B float32 arrays [n, 6] (x1, y1, x2, y2, score, class) in input pixels."""
+        import torch
+
+        self.check_batch(batch)
+        with self._pool.borrow() as slot, torch.inference_mode():
+            if not self._cuda:
+                pred = slot.model(torch.from_numpy(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float() / 255)
+                dets = self._nms(pred, self.info.conf, self.info.iou, self.info.max_det)
+                return [d.numpy() for d in dets]
+            with torch.cuda.stream(slot.stream):
+                x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._device, non_blocking=True)
+                pred = self._run_cuda(slot, x)
+                dets = self._nms(pred, self.info.conf, self.info.iou, self.info.max_det)
+                out = [d.cpu().numpy() for d in dets]  # .cpu() waits for this stream's work
+        return out
+
+    # ---- CUDA
+    def _forward(self, model: Any, x: Any) -> Any:
+        import torch
+
+        return model(x.permute(0, 3, 1, 2).half().div_(255).contiguous(memory_format=torch.channels_last))
+
+    def _run_cuda(self, slot: _Slot, x: Any) -> Any:
+        b, h, w = x.shape[:3]
+        if not self._graphs:
+            return self._forward(slot.model, x)
+        bucket = next(k for k in self._buckets if k >= b)
+        key = (bucket, h, w)
+        if key not in slot.graphs:
+            slot.graphs[key] = self._capture(slot, bucket, h, w)
+        graph, static_in, static_out, _ = slot.graphs[key]
+        static_in[:b].copy_(x)
+        if b < bucket:
+            static_in[b:].zero_()
+        graph.replay()
+        return static_out[:b]
+
+    def _capture(self, slot: _Slot, bucket: int, h: int, w: int) -> tuple[Any, ...]:
+        """Warm up on this slot's stream, then capture one forward at (bucket, h, w) into a CUDA graph.
+
+        Returns (graph, input, output, anchors): the anchors made during capture live in the shared graph
+        pool and are kept referenced, or a later capture could reuse (and overwrite) their memory.
+        """
+        import torch
+
+        static_in = torch.zeros((bucket, h, w, 3), dtype=torch.uint8, device=self._device)
+        for _ in range(2):  # cuDNN autotuning and lazy init stay out of the graph
+            self._forward(slot.model, static_in)
+        slot.stream.synchronize()
+        slot.model.head._anchor_key = None  # anchors are rebuilt inside the capture, in the graph's own memory
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=slot.pool, stream=slot.stream, capture_error_mode="thread_local"):
+            static_out = self._forward(slot.model, static_in)
+        head = slot.model.head
+        anchors = (head.anchors, head.strides)
+        head._anchor_key = None  # the next capture (another shape) rebuilds its own
+        return graph, static_in, static_out, anchors
+
+    def close(self) -> None:
+        """Drop the captured graphs and the module copies."""
+        for slot in self._pool.close():
+            slot.graphs.clear()
