@@ -1,0 +1,222 @@
+"""Export: the ONNX graph contract, metadata, static/dynamic shapes, a torch-free runtime, and the CLI's errors.
+
+Equality of the exported graph with PyTorch + NMS is in test_engines.py; here the file itself is checked.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+import engines
+from engines import EngineError, EngineInfo
+from engines.metadata import ONNX_KEY, info_from_metadata, info_to_props, read_onnx_props
+from trainer import YOLO
+from trainer.export import ExportError, export, export_main
+
+REPO = Path(__file__).resolve().parents[1]
+ASSET = REPO / "tests" / "assets" / "yolov12n-defects.pt"
+NAMES = ["scratch", "dent", "crack", "stain", "missing_part"]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained asset, or a random yolov12n (nc=5) in our checkpoint format where it is absent."""
+    if ASSET.is_file():
+        return ASSET
+    from trainer.checkpoint import save_checkpoint
+    from trainer.nn import build_model
+
+    torch.manual_seed(0)
+    model = build_model("yolov12n.yaml", nc=5, names=NAMES)
+    return save_checkpoint(tmp_path_factory.mktemp("ckpt") / "standin.pt", model.eval(), imgsz=320)
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(str(checkpoint), imgsz=(256, 320), batch=3, dynamic=True, conf=0.3, iou=0.6, max_det=50,
+                  output=tmp_path_factory.mktemp("dyn") / "dyn.onnx")
+
+
+def _images(n: int, hw: tuple[int, int], seed: int = 0) -> np.ndarray:
+    """Synthetic inspection frames (what the model sees in service; pure noise drives an untrained net to chaos)."""
+    rng = np.random.default_rng(seed)
+    try:
+        from trainer.data.scene import render_scene
+    except ImportError:  # smooth random shading instead
+        coarse = rng.integers(40, 200, (n, hw[0] // 16 + 1, hw[1] // 16 + 1, 3)).astype(np.uint8)
+        return np.ascontiguousarray(coarse.repeat(16, 1).repeat(16, 2)[:, :hw[0], :hw[1]])
+    return np.stack([render_scene(rng, hw)[0] for _ in range(n)])
+
+
+def _dims(value_info: onnx.ValueInfoProto) -> list[int | str]:
+    return [d.dim_param or d.dim_value for d in value_info.type.tensor_type.shape.dim]
+
+
+# ----------------------------------------------------------------------------- graph contract
+def test_graph_contract(dynamic_onnx: Path) -> None:
+    """uint8 NHWC `images` in, float [B, max_det, 6] `detections` out, NMS inside, simplified, checker-clean."""
+    proto = onnx.load(str(dynamic_onnx))
+    onnx.checker.check_model(proto)
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == "images" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
+    b, h, w, c = _dims(inp)
+    assert isinstance(b, str) and isinstance(h, str) and isinstance(w, str) and c == 3
+    assert out.name == "detections" and out.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+    assert _dims(out)[1:] == [50, 6] and isinstance(_dims(out)[0], str)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"NonMaxSuppression", "TopK"} <= ops
+    assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node), "BatchNorm must be fused"
+
+
+def test_padding_rows_are_zero_and_detections_best_first(dynamic_onnx: Path) -> None:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(dynamic_onnx), providers=["CPUExecutionProvider"])
+    (y,) = session.run(None, {"images": _images(2, (128, 320))})
+    assert y.shape == (2, 50, 6) and y.dtype == np.float32
+    for det in y:
+        n = int((det[:, 4] > 0).sum())
+        assert (det[n:] == 0).all(), "rows past the detections must be all zero"
+        assert (np.diff(det[:n, 4]) <= 0).all() and (det[:n, 4] > 0.3).all()
+        assert np.isin(det[:n, 5], np.arange(5)).all()
+
+
+def test_metadata_round_trips(dynamic_onnx: Path, checkpoint: Path) -> None:
+    info = engines.read_info(dynamic_onnx)
+    model = YOLO(checkpoint).model
+    assert info.names == {int(k): v for k, v in model.names.items()} and info.nc == 5
+    assert (info.imgsz, info.stride, info.batch, info.dynamic_hw) == ((256, 320), 32, (1, 3), True)
+    assert (info.conf, info.iou, info.max_det, info.precision) == (0.3, 0.6, 50, "fp32")
+    assert (info.variant, info.scale) == (model.spec.variant, model.spec.scale)
+    assert info.extra["layout"] == "end2end" and info.extra["input"] == "uint8-nhwc"
+    props = read_onnx_props(dynamic_onnx)  # the torch-free reader agrees with the onnx package
+    assert props == {p.key: p.value for p in onnx.load(str(dynamic_onnx), load_external_data=False).metadata_props}
+    assert EngineInfo.from_json(props[ONNX_KEY]) == info
+    assert json.loads(props[ONNX_KEY])["imgsz"] == [256, 320]
+    # readable keys in ultralytics' conventions; they alone give back the same essentials
+    assert props["names"] == str(info.names) and props["imgsz"] == "[256, 320]" and props["stride"] == "32"
+    alone = info_from_metadata({k: v for k, v in props.items() if k != ONNX_KEY})
+    assert (alone.names, alone.imgsz, alone.batch, alone.dynamic_hw) == (info.names, info.imgsz, (1, 3), True)
+    assert info_from_metadata(info_to_props(info)) == info
+
+
+def test_static_export_is_fixed_and_agrees_with_dynamic(checkpoint: Path, dynamic_onnx: Path, tmp_path: Path) -> None:
+    path = export(YOLO(checkpoint), imgsz=(128, 320), batch=2, conf=0.3, iou=0.6, max_det=50, simplify=False,
+                  output=tmp_path / "static.onnx")
+    proto = onnx.load(str(path))
+    assert _dims(proto.graph.input[0]) == [2, 128, 320, 3] and _dims(proto.graph.output[0]) == [2, 50, 6]
+    static, dynamic = engines.load(path), engines.load(dynamic_onnx)
+    assert static.info.batch == (2, 2) and not static.info.dynamic_hw
+    x = _images(2, (128, 320), seed=1)
+    for a, b in zip(static.infer(x), dynamic.infer(x)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-2)  # pixels: 0.01 px apart at most
+    with pytest.raises(EngineError, match="exported for 128x320"):
+        static.infer(np.zeros((2, 96, 320, 3), np.uint8))
+    with pytest.raises(EngineError, match=r"range 2\.\.2"):
+        static.infer(x[:1])
+
+
+def test_raw_export_is_the_plain_head(checkpoint: Path, tmp_path: Path) -> None:
+    """`raw=True`: float NCHW in, [B, 4+nc, N] out, equal to the fused model's eval output."""
+    import onnxruntime as ort
+
+    path = export(str(checkpoint), imgsz=128, raw=True, simplify=False, output=tmp_path / "raw.onnx")
+    proto = onnx.load(str(path))
+    assert _dims(proto.graph.input[0]) == [1, 3, 128, 128] and proto.graph.output[0].name == "output0"
+    x = np.ascontiguousarray(_images(1, (128, 128), seed=2).transpose(0, 3, 1, 2)).astype(np.float32) / 255
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})
+    with torch.no_grad():
+        ref = YOLO(checkpoint).model.eval().fuse()(torch.from_numpy(x)).numpy()
+    assert y.shape == ref.shape == (1, 4 + 5, 16 * 16 + 8 * 8 + 4 * 4)
+    np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3)
+    assert read_onnx_props(path)["layout"] == "raw"
+
+
+def test_onnx_runtime_needs_no_torch(dynamic_onnx: Path) -> None:
+    """The serving path: load and run the export in a process where importing torch fails."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np, engines\n"
+            f"e = engines.load({str(dynamic_onnx)!r})\n"
+            "out = e.infer(np.zeros((2, 256, 320, 3), np.uint8))\n"
+            "assert len(out) == 2 and all(o.shape[1] == 6 for o in out)\n"
+            "assert 'torch' not in [m for m, v in sys.modules.items() if v is not None]\n"
+            "print(engines.read_info(" + repr(str(dynamic_onnx)) + ").names[0])\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.strip() == engines.read_info(dynamic_onnx).names[0]
+
+
+# ----------------------------------------------------------------------------- API and CLI errors
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"format": "tflite"}, "unknown format 'tflite'"),
+    ({"imgsz": 650}, "not a multiple of the model stride 32: use 640"),
+    ({"conf": 1.5}, r"conf must be in \[0, 1\)"),
+    ({"iou": 0}, r"iou must be in \(0, 1\]"),
+    ({"max_det": 0}, "max_det must be in 1..3840"),
+    ({"batch": 0}, "batch must be >= 1"),
+    ({"int8": True}, "int8 needs TensorRT calibration"),
+    ({"format": "engine", "int8": True}, "int8 needs calibration images: add --data"),
+    ({"half": True}, "fp16 ONNX is traced on a GPU"),
+    ({"nms": "efficient"}, "TensorRT plugin that ONNX Runtime cannot run"),
+    ({"output": "model.engine"}, r"should end in \.onnx"),
+])
+def test_bad_export_options_say_the_fix(checkpoint: Path, kwargs: dict, message: str) -> None:
+    with pytest.raises(ExportError, match=message):
+        export(str(checkpoint), **kwargs)
+
+
+def test_engine_export_without_tensorrt_says_how_to_get_it(checkpoint: Path, tmp_path: Path) -> None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        with pytest.raises(EngineError, match="TensorRT is not installed"):
+            export(str(checkpoint), format="engine", output=tmp_path / "m.engine")
+        assert not list(tmp_path.iterdir()), "nothing is written when TensorRT is missing"
+    else:
+        pytest.skip("TensorRT is installed here")
+
+
+@pytest.mark.parametrize("argv", [
+    ["--weights", "missing.pt"],
+    ["--weights", "{ckpt}", "--imgsz", "300"],
+    ["--weights", "{ckpt}", "--imgsz", "a,b"],
+    ["--weights", "{ckpt}", "--int8"],
+    ["--weights", "{ckpt}", "--format", "tflite"],
+    ["--weights", "{ckpt}", "--batch", "x"],
+    ["--weights", "{ckpt}", "--shapes", "640by640", "--format", "engine"],
+    ["--imgsz", "640"],
+])
+def test_cli_bad_input_is_one_line_and_exit_2(checkpoint: Path, argv: list[str],
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    assert export_main([a.replace("{ckpt}", str(checkpoint)) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("yolov12-export: error: ") and err.count("\n") == 1, err
+
+
+def test_cli_writes_the_file(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "cli.onnx"
+    rc = export_main(["--weights", str(checkpoint), "--imgsz", "96,128", "--max-det", "20", "--no-simplify",
+                      "--output", str(out)])
+    assert rc == 0 and capsys.readouterr().out.strip() == str(out)
+    info = engines.read_info(out)
+    assert (info.imgsz, info.max_det, info.batch, info.dynamic_hw) == ((96, 128), 20, (1, 1), False)
+
+
+def test_console_script_entry_point_runs(tmp_path: Path) -> None:
+    """`python -m trainer.export` (what the yolov12-export script calls) exits 2 with one line on a missing file."""
+    r = subprocess.run([sys.executable, "-m", "trainer.export", "--weights", str(tmp_path / "nope.pt")],
+                       capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "not found" in r.stderr, r.stderr
+
+
+def test_yolo_export_method_returns_the_path(checkpoint: Path, tmp_path: Path) -> None:
+    path = YOLO(checkpoint).export(format="onnx", imgsz=64, simplify=False, output=tmp_path / "y.onnx")
+    assert path == str(tmp_path / "y.onnx") and engines.read_info(path).imgsz == (64, 64)
