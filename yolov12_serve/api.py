@@ -89,22 +89,27 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     @_unary
     async def AddStream(self, request: pb.AddStreamRequest, context) -> pb.StreamInfo:
+        """Register a camera to pull; returns at once in CONNECTING."""
         spec = StreamSpec(request.stream_id, request.url, request.max_fps)
         return messages.stream_info(self.core.add_stream(spec))
 
     @_unary
     async def RemoveStream(self, request: pb.RemoveStreamRequest, context) -> pb.RemoveStreamResponse:
+        """Stop a stream; returns its last state."""
         return pb.RemoveStreamResponse(stream=messages.stream_info(self.core.remove_stream(request.stream_id)))
 
     @_unary
     async def ListStreams(self, request: pb.ListStreamsRequest, context) -> pb.ListStreamsResponse:
+        """Every registered stream with state, device and rates."""
         return pb.ListStreamsResponse(streams=[messages.stream_info(v) for v in self.core.list_streams()])
 
     @_unary
     async def GetServerInfo(self, request: pb.GetServerInfoRequest, context) -> pb.ServerInfo:
+        """Engines, devices, class names, input size, SLO."""
         return messages.server_info(self.core.server_info())
 
     async def WatchDetections(self, request: pb.WatchDetectionsRequest, context) -> AsyncIterator[pb.FrameDetections]:
+        """Results as published, from a bounded queue of this call's own (a slow reader loses its oldest)."""
         ids = list(dict.fromkeys(request.stream_ids))
         missing = [i for i in ids if not self.core.has_stream(i)]
         if missing:
@@ -186,6 +191,7 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     @_unary
     async def DetectImage(self, request: pb.Frame, context) -> pb.FrameDetections:
+        """One image through the same scheduler and engines as the cameras."""
         received = now()
         stream = self.core.open_image()
         sub = self.core.fanout.subscribe([stream.stream_id], 2, asyncio.get_running_loop())
@@ -232,6 +238,7 @@ class GrpcServer:
             await self.health.set(name, status)
 
     async def start(self) -> None:
+        """Listen; health says NOT_SERVING until the core has loaded its engines."""
         await self.set_serving(False)
         await self.server.start()
 

@@ -131,6 +131,7 @@ class Client:
         raise TimeoutError(f"server not SERVING after {timeout:.0f} s (last: {last})")
 
     def close(self) -> None:
+        """Close the channel."""
         self.channel.close()
 
     def __enter__(self) -> Client:

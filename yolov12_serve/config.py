@@ -61,6 +61,7 @@ class ServerConfig:
 
     @property
     def slo_s(self) -> float:
+        """The SLO in seconds."""
         return self.slo_ms / 1000.0
 
 

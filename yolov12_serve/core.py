@@ -318,6 +318,7 @@ class ServerCore:
             return sorted(self._streams.values(), key=lambda s: s.stream_id)
 
     def has_stream(self, stream_id: str) -> bool:
+        """True when a stream with this id is registered."""
         with self._lock:
             return stream_id in self._streams
 

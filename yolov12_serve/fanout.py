@@ -69,6 +69,7 @@ class Subscription:
 
     @property
     def closed(self) -> bool:
+        """True once closed (by the reader leaving or a server drain)."""
         return self._closed
 
     def _pop(self) -> FrameResult | None:

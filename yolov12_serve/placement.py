@@ -40,6 +40,7 @@ class Placement:
             self._devices[device].healthy = healthy
 
     def healthy_devices(self) -> list[str]:
+        """Devices that take streams."""
         with self._lock:
             return [d for d, info in self._devices.items() if info.healthy]
 
@@ -77,5 +78,6 @@ class Placement:
             self._streams.pop(stream_id, None)
 
     def streams_on(self, device: str) -> list[str]:
+        """Streams placed on `device`."""
         with self._lock:
             return [s for s, (d, _) in self._streams.items() if d == device]

@@ -44,6 +44,7 @@ class Batch:
 
     @property
     def size(self) -> int:
+        """Frames in the batch."""
         return len(self.frames)
 
 

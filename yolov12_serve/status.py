@@ -52,6 +52,7 @@ class StatusPrinter:
         self.tty = hasattr(self.out, "isatty") and self.out.isatty()
 
     def show(self, table: str) -> None:
+        """Print `table` (in place on a terminal)."""
         if self.tty:
             self.out.write("\x1b[H\x1b[2J" + table + "\n")
         else:

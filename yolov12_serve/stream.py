@@ -93,6 +93,7 @@ class Stream:
 
     @property
     def device(self) -> str:
+        """The device the stream runs on ('' before placement)."""
         return self.runtime.name if self.runtime else ""
 
     def bind(self, runtime: DeviceRuntime) -> None:
@@ -130,6 +131,7 @@ class Stream:
                 self.last_error = error
 
     def count_reconnect(self) -> None:
+        """Count one reconnect attempt (ListStreams and metrics show it)."""
         with self._lock:
             self.reconnects += 1
         self._on_reconnect(self)

@@ -73,4 +73,5 @@ class Source(ABC):
 
     @property
     def stopped(self) -> bool:
+        """True once `stop()` was called."""
         return self._stopped.is_set()
