@@ -26,14 +26,17 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------------ the program
-def test_sigterm_drains_and_exits_zero_within_10_s():
-    srv = ServerProcess("--source", "synthetic://a?fps=15", "--source", "synthetic://b?fps=15")
+def test_sigterm_drains_and_exits_zero_within_10_s(tmp_path):
+    cams = tmp_path / "cams.yaml"
+    cams.write_text("streams:\n  - {id: line2-cam1, url: 'synthetic://b?fps=15', max_fps: 10}\n")
+    srv = ServerProcess("--source", "synthetic://a?fps=15", "--streams", str(cams))
     try:
         c = srv.client()
         c.wait_ready(30)
+        assert sorted(s.stream_id for s in c.list_streams()) == ["cam0", "line2-cam1"]
         watch = c.watch()
         first = next(watch)
-        assert first.stream_id in ("cam0", "cam1")
+        assert first.stream_id in ("cam0", "line2-cam1")
         ended = threading.Event()
         outcome: list[object] = []
 
