@@ -34,19 +34,21 @@ __all__ = ["Validator", "format_metrics", "val", "val_main"]
 class Validator:
     """Evaluate a model on a fixed dataloader of batches (the `trainer.data` batch layout); call it with a model.
 
-    Returns `DetectionMetrics.as_dict()` plus 'speed_ms' (preprocess / inference / postprocess per image)
+    Returns `DetectionMetrics.as_dict()` plus 'speed_ms' (preprocess / inference / postprocess per image;
+    `warmup` runs one untimed image first so one-off kernel set-up does not count as inference)
     and, when `loss` is given, 'losses' (box / cls / dfl, normalised over the whole split as in training).
     The model's train/eval mode is restored afterwards.
     """
 
     def __init__(self, dataloader: Iterable[dict[str, Any]], names: dict[int, str], device: str | torch.device = "cpu",
                  conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False,
-                 multi_label: bool = True, loss: DetectionLoss | None = None, progress: bool = True) -> None:
+                 multi_label: bool = True, loss: DetectionLoss | None = None, progress: bool = True,
+                 warmup: bool = False) -> None:
         self.dataloader, self.names = dataloader, dict(names)
         self.device = torch.device(device)
         self.conf, self.iou, self.max_det, self.multi_label = conf, iou, max_det, multi_label
         self.half = half and self.device.type == "cuda"  # fp16 autocast on GPU only
-        self.loss, self.progress = loss, progress
+        self.loss, self.progress, self.warmup = loss, progress, warmup
 
     def __call__(self, model: nn.Module) -> dict[str, Any]:
         was_training = model.training
@@ -70,6 +72,10 @@ class Validator:
             for batch in bar:
                 t0 = time.perf_counter()
                 img = batch["img"].to(self.device, non_blocking=True).float() / 255
+                pre = self._sync(time.perf_counter()) - t0
+                if self.warmup and images == 0:  # one untimed image first: lazy kernel set-up is not inference time
+                    with self._autocast():
+                        model(img[:1])
                 t1 = self._sync(time.perf_counter())
                 with self._autocast():
                     preds, maps = self._forward(model, img)
@@ -83,7 +89,7 @@ class Validator:
                                            multi_label=self.multi_label)
                 for i, det in enumerate(dets):
                     acc.add(*self._to_original(batch, i, det, img.shape[2:]))
-                seconds += (t1 - t0, t2 - t1, time.perf_counter() - t3)
+                seconds += (pre, t2 - t1, time.perf_counter() - t3)
                 images += img.shape[0]
         result = acc.compute().as_dict()
         per_image = seconds * 1000 / max(images, 1)
@@ -159,7 +165,7 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int = 640, ba
     dataset = DetectionDataset(data_cfg, split, imgsz=imgsz, augment=False, rect=True, batch_size=batch)
     loader = build_dataloader(dataset, batch, workers, shuffle=False, rank=0, world_size=1)
     validator = Validator(loader, data_cfg.names, dev, conf=conf, iou=iou, max_det=max_det, half=half,
-                          progress=verbose)
+                          progress=verbose, warmup=True)
     metrics = validator(copy.deepcopy(model).fuse().to(dev))  # BatchNorm folded, the caller's model untouched
     if verbose:
         print(format_metrics(metrics))
