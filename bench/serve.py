@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # for _common; appended: bench/engines.py must not shadow engines
 from _common import machine, table, write_result
 
 ROOT = Path(__file__).resolve().parents[1]
