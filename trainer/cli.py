@@ -108,3 +108,7 @@ def data_main(argv: list[str] | None = None) -> int:
     from .data.synth import synth_main
 
     return synth_main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

@@ -6,12 +6,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["SCALE_AUGMENT", "TrainConfig"]
-
-# Per-scale augmentation defaults of the official recipe: (scale, mixup, copy_paste).
-SCALE_AUGMENT: dict[str, tuple[float, float, float]] = {
-    "n": (0.5, 0.0, 0.1), "s": (0.9, 0.05, 0.15), "m": (0.9, 0.15, 0.4), "l": (0.9, 0.15, 0.5), "x": (0.9, 0.2, 0.6),
-}
+__all__ = ["TrainConfig"]
 
 
 @dataclass
@@ -85,7 +80,7 @@ class TrainConfig:
     verbose: bool = True
 
     @classmethod
-    def from_kwargs(cls, **kwargs: Any) -> TrainConfig:
+    def from_kwargs(cls, /, **kwargs: Any) -> TrainConfig:
         """Build from keyword arguments; an unknown key is a ValueError naming the closest valid one."""
         names = {f.name for f in fields(cls)}
         for key in kwargs:
@@ -118,10 +113,12 @@ class TrainConfig:
 
     def augment_defaults(self, scale_letter: str) -> None:
         """Fill scale / mixup / copy_paste left at None with the official per-scale values."""
-        s, mix, cp = SCALE_AUGMENT.get(scale_letter, SCALE_AUGMENT["n"])
-        self.scale = s if self.scale is None else self.scale
-        self.mixup = mix if self.mixup is None else self.mixup
-        self.copy_paste = cp if self.copy_paste is None else self.copy_paste
+        from .data.augment import scale_defaults
+
+        defaults = scale_defaults(scale_letter if scale_letter in "nsmlx" and scale_letter else "n")
+        for key, value in defaults.items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -17,8 +17,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
-__all__ = ["DistContext", "barrier", "init_process", "launch", "parse_devices", "under_launcher"]
+__all__ = ["CPUSyncBatchNorm", "DistContext", "barrier", "convert_sync_batchnorm", "init_process", "launch",
+           "parse_devices", "under_launcher"]
 
 
 @dataclass(frozen=True)
@@ -120,3 +122,62 @@ def launch(entrypoint: Callable[..., Any], nproc: int, *args: Any) -> Any:
             message = message.get("message", message)
         raise RuntimeError(f"training process rank {rank} failed: {message}") from None
     return results[0]
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over ranks, differentiable: the gradient of a sum is the sum of the ranks' gradients."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
+
+
+class CPUSyncBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span every rank, for CPU (gloo) jobs.
+
+    torch's SyncBatchNorm only runs on GPUs. This one all-reduces per-channel sums, then sums of
+    squared deviations (float64, two passes) with a differentiable all-reduce, so forward and
+    backward equal BatchNorm over the union of the ranks' batches.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        c = x.shape[1]
+        xd = x.double()  # statistics in float64: as close to BatchNorm's own kernel as summation order allows
+        n_local = torch.tensor([x.numel() / c], dtype=torch.float64, device=x.device)
+        first = _AllReduceSum.apply(torch.cat([xd.sum((0, 2, 3)), n_local]))
+        n = first[-1]
+        mean = first[:c] / n
+        var = _AllReduceSum.apply((xd - mean.view(1, c, 1, 1)).pow(2).sum((0, 2, 3))) / n
+        with torch.no_grad():
+            self.num_batches_tracked += 1
+            m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            self.running_mean.mul_(1 - m).add_(mean.detach().to(x.dtype), alpha=m)
+            self.running_var.mul_(1 - m).add_((var.detach() * n / (n - 1).clamp(min=1)).to(x.dtype), alpha=m)
+        shape = (1, c, 1, 1)
+        y = ((xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
+        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+
+
+def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
+    """Cross-rank BatchNorm: torch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on CPU (same weights, same stats)."""
+    if device.type == "cuda":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    for name, child in model.named_children():
+        if type(child) is nn.BatchNorm2d:
+            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                    child.track_running_stats)
+            sync.load_state_dict(child.state_dict())
+            setattr(model, name, sync)
+        else:
+            convert_sync_batchnorm(child, device)
+    return model

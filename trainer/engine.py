@@ -25,7 +25,15 @@ from torch import nn
 
 from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import TrainConfig
-from .distributed import DistContext, barrier, init_process, launch, parse_devices, under_launcher
+from .distributed import (
+    DistContext,
+    barrier,
+    convert_sync_batchnorm,
+    init_process,
+    launch,
+    parse_devices,
+    under_launcher,
+)
 from .ema import ModelEMA
 from .hooks import HookBase, StopTraining, default_hooks
 from .memory import autocast, choose_precision, is_oom, plan_memory
@@ -53,8 +61,9 @@ class Trainer:
         if cfg.batch % ctx.world_size:
             raise ValueError(f"batch {cfg.batch} does not split evenly over {ctx.world_size} processes: use a multiple")
         self.per_process = cfg.batch // ctx.world_size
-        self.train_set = DetectionDataset(self.data, "train", imgsz=cfg.imgsz, augment=True, hyp=cfg, cache=cfg.cache,
-                                          rect=False, batch_size=self.per_process, seed=cfg.seed)
+        self.train_set = DetectionDataset(self.data, "train", imgsz=cfg.imgsz, augment=True, hyp=cfg.to_dict(),
+                                          cache=cfg.cache, rect=False, batch_size=self.per_process, seed=cfg.seed,
+                                          workers=max(cfg.workers, 1), verbose=ctx.is_main)
         self.train_loader = build_dataloader(self.train_set, self.per_process, cfg.workers, shuffle=True,
                                              rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
         self.iters_per_epoch = len(self.train_loader)
@@ -63,15 +72,15 @@ class Trainer:
             from .validate import Validator
 
             val_set = DetectionDataset(self.data, "val", imgsz=cfg.imgsz, augment=False, cache=cfg.cache, rect=True,
-                                       batch_size=self.per_process * 2, seed=cfg.seed)
+                                       batch_size=self.per_process * 2, seed=cfg.seed, workers=max(cfg.workers, 1))
             val_loader = build_dataloader(val_set, self.per_process * 2, cfg.workers, shuffle=False, rank=0,
                                           world_size=1, seed=cfg.seed)
-            self.validator = Validator(val_loader, self.data.names, self.device)
+            self.validator = Validator(val_loader, self.data.names, self.device, progress=cfg.verbose)
 
         # model, precision, memory plan
         model = model.to(self.device).train()
         if cfg.sync_bn and ctx.distributed:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            model = convert_sync_batchnorm(model, self.device)
         self.dtype = choose_precision(cfg.amp, self.device)
         self.loss_fn = DetectionLoss(model, box=cfg.box, cls=cfg.cls, dfl=cfg.dfl)
         self.model_without_ddp = model
@@ -84,7 +93,7 @@ class Trainer:
         self.model = model
         if ctx.distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
         # optimisation
         iterations = math.ceil(len(self.train_set) / max(cfg.batch, cfg.nbs)) * cfg.epochs
@@ -156,20 +165,25 @@ class Trainer:
     # ------------------------------------------------------------------ one optimizer step
     def run_step(self, batch: dict[str, Any]) -> dict[str, Any]:
         """data -> loss -> backward over micro-batches -> one optimizer step; on OOM, retry at half the micro-batch."""
-        while True:
-            out = self._try_step(batch)
-            if out is not None:
-                return out
+        while (stats := self.accumulate_gradients(batch)) is None:
             if self.micro_batch == 1:
                 raise torch.cuda.OutOfMemoryError("out of memory even at micro-batch 1: lower --imgsz or use "
                                                   "--grad-checkpointing on")
             self.micro_batch = max(1, self.micro_batch // 2)
             self.log(f"out of memory: retrying the step with micro-batch {self.micro_batch}")
+        stats["stepped"] = self.optimizer_step()
+        return stats
 
-    def _try_step(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+    def accumulate_gradients(self, batch: dict[str, Any]) -> dict[str, Any] | None:
+        """Leave in `.grad` the gradient of the whole global batch's loss; None when a rank ran out of memory.
+
+        Each micro-batch's un-normalised loss is back-propagated with one constant scale; DDP syncs on the
+        last. The summed gradients are then rescaled once by the global target-score sum (all-reduced) and
+        the global batch size: exactly the gradient of one step on the whole batch.
+        """
         n = batch["img"].shape[0]
         chunks = [(i, min(i + self.micro_batch, n)) for i in range(0, n, self.micro_batch)]
-        scale: float | None = None  # a constant per step; the exact normalisation is applied to the gradients below
+        scale: float | None = None  # constant within the step, so the final rescale is exact
         loss_sums, norm, failed, last_total = torch.zeros(3), 0.0, False, None
         for k, (a, b) in enumerate(chunks):
             last = k == len(chunks) - 1
@@ -180,39 +194,39 @@ class Trainer:
                     if not torch.isfinite(out.total):
                         raise FloatingPointError(f"non-finite loss at iteration {self.iter} (epoch {self.epoch + 1}): "
                                                  f"box/cls/dfl = {out.items.tolist()}")
-                    scale = scale or (b - a) / max(float(out.norm), 1.0)
+                    scale = scale or 1.0 / (b - a)  # the same on every rank (DDP averages scaled gradients)
                     loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
                     norm += float(out.norm)
-                    if not last:
-                        self.scaler.scale(out.total * scale).backward()
-                    else:
+                    if last:  # its backward (the one DDP syncs) waits until every rank is known to be fine
                         last_total = out.total
+                    else:
+                        self.scaler.scale(out.total * scale).backward()
             except Exception as e:
                 if not is_oom(e):
                     raise
                 failed = True
                 break
-        if self.broadcast_flag(int(failed), op="max"):
+        if self.broadcast_flag(int(failed)):
             self.optimizer.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
-        self.scaler.scale(last_total * scale).backward()  # with DDP this one all-reduces the gradients
-
-        # exact normalisation: sum over micro-batches and ranks / global target-score sum, scaled to the global batch
+        self.scaler.scale(last_total * scale).backward()
         global_norm = self.all_reduce_sum(norm)
-        factor = self.ctx.world_size * self.cfg.batch / max(global_norm, 1.0) / scale
+        factor = self.ctx.world_size * self.cfg.batch / max(global_norm, 1.0) / scale  # DDP averaged: x world size
         self.scaler.unscale_(self.optimizer)
-        grads = [p.grad for p in self.model_without_ddp.parameters() if p.grad is not None]
-        torch._foreach_mul_(grads, factor)
+        torch._foreach_mul_([p.grad for p in self.model_without_ddp.parameters() if p.grad is not None], factor)
+        return {"loss_sums": loss_sums, "norm": norm, "images": n}
+
+    def optimizer_step(self) -> bool:
+        """Clip, step, update the loss scaler, clear the gradients. False when fp16 overflow skipped the step."""
         if self.cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.model_without_ddp.parameters(), self.cfg.clip_grad)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        stepped = not self.scaler.is_enabled() or self.scaler.get_scale() >= scale_before
         self.optimizer.zero_grad(set_to_none=True)
-        return {"loss_sums": loss_sums, "norm": norm, "images": n, "stepped": stepped}
+        return not self.scaler.is_enabled() or self.scaler.get_scale() >= scale_before
 
     def _forward_loss(self, batch: dict[str, Any]):
         imgs = batch["img"].to(self.device, non_blocking=True).float() / 255
@@ -398,19 +412,24 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     Returns the final validation metrics ('mAP50-95', 'mAP50', 'precision', 'recall').
     """
     cfg = TrainConfig.from_kwargs(**{"model": getattr(yolo, "source", "yolov12n.yaml"), **kwargs})
-    if not cfg.data:
-        raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
-    if cfg.resume:
+    if cfg.resume:  # the saved options, except where to run
         last = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.project) / cfg.name / "weights" / "last.pt"
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
         raw = torch.load(last, map_location="cpu", weights_only=True)
         if raw.get("format") != FORMAT or "train_model" not in raw:
-            raise ValueError(f"{last} is not a resumable checkpoint of this trainer")
+            raise ValueError(f"{last} is not a resumable checkpoint of this trainer (or training already finished)")
         saved = TrainConfig(**raw["train_args"])
-        cfg = replace(saved, resume=str(last), device=cfg.device or saved.device, workers=cfg.workers)
+        cfg = replace(saved, resume=str(last), device=kwargs.get("device", saved.device),
+                      workers=kwargs.get("workers", saved.workers))
         save_dir = last.parent.parent
-    else:
+    if not cfg.data:
+        raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
+    devices = parse_devices(cfg.device)  # fail before anything is written
+    from .data import load_data_config
+
+    load_data_config(cfg.data)
+    if not cfg.resume:
         save_dir = _unique_dir(cfg.project, cfg.name, cfg.exist_ok)
     (save_dir / "weights").mkdir(parents=True, exist_ok=True)
 
@@ -421,7 +440,6 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     else:
         init_weights = str(save_dir / "weights" / "init.pt")
         save_checkpoint(init_weights, yolo.model)
-    devices = parse_devices(cfg.device)
     nproc = cfg.nproc or (len(devices) if devices != ["cpu"] else 1)
     cfg_dict = cfg.to_dict()
     if nproc > 1 and not under_launcher():
