@@ -16,24 +16,30 @@ from .base import Engine, EngineError, EngineInfo
 from .letterbox import Letterbox, fit_shape, plan_letterbox
 from .metadata import read_info
 
-__all__ = ["BACKENDS", "Engine", "EngineError", "EngineInfo", "Letterbox", "fit_shape", "load", "plan_letterbox",
-           "read_info"]
+__all__ = ["BACKENDS", "OPTIONS", "Engine", "EngineError", "EngineInfo", "Letterbox", "fit_shape", "load",
+           "plan_letterbox", "read_info"]
 
 BACKENDS = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt": "pytorch", ".pth": "pytorch"}
+OPTIONS = {"onnxruntime": ("threads", "spinning"), "tensorrt": ("cuda_graphs",),
+           "pytorch": ("max_batch", "conf", "iou", "max_det", "cuda_graphs")}
 
 
 def load(path: str | Path, device: str = "cpu", instances: int = 1, **opts: Any) -> Engine:
     """Open an engine file on `device` with `instances` concurrent workers; the backend follows the suffix.
 
-    .onnx -> ONNX Runtime (opts: threads, spinning); .engine/.plan -> TensorRT (opts: cuda_graphs);
-    .pt -> PyTorch (opts: max_batch, conf, iou, max_det, cuda_graphs). Raises EngineError with the fix
-    for a missing, unreadable or unknown file.
+    .onnx -> ONNX Runtime (device cpu or cuda:N; opts: threads, spinning); .engine/.plan -> TensorRT
+    (device cuda:N; opts: cuda_graphs); .pt -> PyTorch (opts: max_batch, conf, iou, max_det, cuda_graphs).
+    Raises EngineError with the fix for a missing, unreadable or unknown file.
     """
     path = Path(path)
     backend = BACKENDS.get(path.suffix.lower())
     if backend is None:
         raise EngineError(f"'{path}': unknown engine format '{path.suffix}': use .onnx (ONNX Runtime), "
                           ".engine/.plan (TensorRT) or .pt (PyTorch)")
+    unknown = sorted(set(opts) - set(OPTIONS[backend]))
+    if unknown:
+        raise EngineError(f"unknown option(s) {', '.join(unknown)} for the {backend} backend ({path.name}): "
+                          f"it takes {', '.join(OPTIONS[backend])}")
     if backend == "pytorch":  # the checkpoint is read once, by the backend (its metadata depends on opts)
         from .metadata import check_file
         from .pytorch import TorchEngine

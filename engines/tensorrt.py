@@ -230,7 +230,7 @@ class TensorRTEngine(Engine):
                 buffers[name] = torch.empty(n, dtype=dtype, device=self._device)
                 ctx.set_tensor_address(name, buffers[name].data_ptr())
             stream.synchronize()
-        return _Context(ctx, stream, profiles, buffers, active=profiles[0].index if self._dynamic() else None)
+        return _Context(ctx, stream, profiles, buffers, active=profiles[-1].index if self._dynamic() else None)
 
     # ---- inference
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:

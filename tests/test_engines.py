@@ -7,6 +7,7 @@ scores, so there are detections to compare). TensorRT and CUDA tests skip with t
 
 from __future__ import annotations
 
+import copy
 import threading
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from engines import EngineError, EngineInfo
 from engines.calibration import CalibrationBatches, letterbox_frame
 from engines.metadata import engine_header, info_from_metadata, write_engine_file
 from engines.nms import nms_numpy
+from trainer import YOLO
 
 ASSET = Path(__file__).parent / "assets" / "yolov12n-defects.pt"
 IMGSZ = 320
@@ -54,19 +56,23 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(checkpoint: Path) -> torch.nn.Module:
-    """The checkpoint's model, fused and in eval mode: the reference the engines must reproduce."""
-    from trainer.checkpoint import load_checkpoint
-
-    return load_checkpoint(checkpoint).model.float().eval().fuse()
+def yolo(checkpoint: Path) -> YOLO:
+    """The checkpoint loaded once; exports take it as well as a path."""
+    return YOLO(checkpoint)
 
 
 @pytest.fixture(scope="module")
-def onnx_path(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def model(yolo: YOLO) -> torch.nn.Module:
+    """The checkpoint's model, fused and in eval mode: the reference the engines must reproduce."""
+    return copy.deepcopy(yolo.model).float().eval().fuse()
+
+
+@pytest.fixture(scope="module")
+def onnx_path(yolo: YOLO, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The shipped form: dynamic batch 1..4 and H/W up to 320, NMS inside, simplified."""
     from trainer.export import export
 
-    return export(str(checkpoint), format="onnx", imgsz=IMGSZ, batch=MAX_BATCH, dynamic=True,
+    return export(yolo, format="onnx", imgsz=IMGSZ, batch=MAX_BATCH, dynamic=True,
                   output=tmp_path_factory.mktemp("onnx") / "model.onnx")
 
 
@@ -184,11 +190,11 @@ def test_concurrent_calls_on_k_sessions_match_sequential(onnx_path: Path) -> Non
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
 
 
-def test_raw_head_export_runs_with_host_nms(checkpoint: Path, engine: engines.Engine, tmp_path: Path) -> None:
+def test_raw_head_export_runs_with_host_nms(yolo: YOLO, engine: engines.Engine, tmp_path: Path) -> None:
     """`--raw` (ultralytics' layout): the backend converts to float NCHW and runs numpy NMS; same detections."""
     from trainer.export import export
 
-    raw = engines.load(export(str(checkpoint), imgsz=(192, 320), batch=2, dynamic=True, raw=True,
+    raw = engines.load(export(yolo, imgsz=(192, 320), batch=2, dynamic=True, raw=True,
                               simplify=False, output=tmp_path / "raw.onnx"))
     assert raw.info.extra["layout"] == "raw"
     frames = _frames(2, (192, 320), seed=11)
@@ -233,13 +239,13 @@ def test_pytorch_backend_cuda_graphs_match_cpu(checkpoint: Path, model: torch.nn
 
 # ----------------------------------------------------------------------------- TensorRT
 @pytest.fixture(scope="module")
-def trt_engine_path(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+def trt_engine_path(yolo: YOLO, tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("tensorrt", reason="TensorRT is not installed here (NVIDIA's index is unreachable)")
     if not torch.cuda.is_available():
         pytest.skip("TensorRT needs a CUDA GPU")
     from trainer.export import export
 
-    return export(str(checkpoint), format="engine", imgsz=IMGSZ, batch=MAX_BATCH, dynamic=True, half=True,
+    return export(yolo, format="engine", imgsz=IMGSZ, batch=MAX_BATCH, dynamic=True, half=True,
                   shapes=[(320, 320), (192, 320)], contexts=2, output=tmp_path_factory.mktemp("trt") / "m.engine")
 
 
@@ -356,3 +362,5 @@ def test_cuda_device_without_cuda_provider_is_explained(onnx_path: Path) -> None
         engines.load(onnx_path, device="cuda:0")
     with pytest.raises(EngineError, match="unknown device"):
         engines.load(onnx_path, device="tpu")
+    with pytest.raises(EngineError, match="it takes threads, spinning"):
+        engines.load(onnx_path, max_batch=8)

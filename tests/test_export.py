@@ -5,6 +5,7 @@ Equality of the exported graph with PyTorch + NMS is in test_engines.py; here th
 
 from __future__ import annotations
 
+import copy
 import json
 import subprocess
 import sys
@@ -40,8 +41,14 @@ def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dynamic_onnx(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export(str(checkpoint), imgsz=(256, 320), batch=3, dynamic=True, conf=0.3, iou=0.6, max_det=50,
+def yolo(checkpoint: Path) -> YOLO:
+    """The checkpoint loaded once (exports take a YOLO as well as a path)."""
+    return YOLO(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def dynamic_onnx(yolo: YOLO, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export(yolo, imgsz=(256, 320), batch=3, dynamic=True, conf=0.3, iou=0.6, max_det=50,
                   output=tmp_path_factory.mktemp("dyn") / "dyn.onnx")
 
 
@@ -89,9 +96,9 @@ def test_padding_rows_are_zero_and_detections_best_first(dynamic_onnx: Path) -> 
         assert np.isin(det[:n, 5], np.arange(5)).all()
 
 
-def test_metadata_round_trips(dynamic_onnx: Path, checkpoint: Path) -> None:
+def test_metadata_round_trips(dynamic_onnx: Path, yolo: YOLO) -> None:
     info = engines.read_info(dynamic_onnx)
-    model = YOLO(checkpoint).model
+    model = yolo.model
     assert info.names == {int(k): v for k, v in model.names.items()} and info.nc == 5
     assert (info.imgsz, info.stride, info.batch, info.dynamic_hw) == ((256, 320), 32, (1, 3), True)
     assert (info.conf, info.iou, info.max_det, info.precision) == (0.3, 0.6, 50, "fp32")
@@ -108,8 +115,8 @@ def test_metadata_round_trips(dynamic_onnx: Path, checkpoint: Path) -> None:
     assert info_from_metadata(info_to_props(info)) == info
 
 
-def test_static_export_is_fixed_and_agrees_with_dynamic(checkpoint: Path, dynamic_onnx: Path, tmp_path: Path) -> None:
-    path = export(YOLO(checkpoint), imgsz=(128, 320), batch=2, conf=0.3, iou=0.6, max_det=50, simplify=False,
+def test_static_export_is_fixed_and_agrees_with_dynamic(yolo: YOLO, dynamic_onnx: Path, tmp_path: Path) -> None:
+    path = export(yolo, imgsz=(128, 320), batch=2, conf=0.3, iou=0.6, max_det=50, simplify=False,
                   output=tmp_path / "static.onnx")
     proto = onnx.load(str(path))
     assert _dims(proto.graph.input[0]) == [2, 128, 320, 3] and _dims(proto.graph.output[0]) == [2, 50, 6]
@@ -124,17 +131,17 @@ def test_static_export_is_fixed_and_agrees_with_dynamic(checkpoint: Path, dynami
         static.infer(x[:1])
 
 
-def test_raw_export_is_the_plain_head(checkpoint: Path, tmp_path: Path) -> None:
+def test_raw_export_is_the_plain_head(yolo: YOLO, tmp_path: Path) -> None:
     """`raw=True`: float NCHW in, [B, 4+nc, N] out, equal to the fused model's eval output."""
     import onnxruntime as ort
 
-    path = export(str(checkpoint), imgsz=128, raw=True, simplify=False, output=tmp_path / "raw.onnx")
+    path = export(yolo, imgsz=128, raw=True, simplify=False, output=tmp_path / "raw.onnx")
     proto = onnx.load(str(path))
     assert _dims(proto.graph.input[0]) == [1, 3, 128, 128] and proto.graph.output[0].name == "output0"
     x = np.ascontiguousarray(_images(1, (128, 128), seed=2).transpose(0, 3, 1, 2)).astype(np.float32) / 255
     (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"images": x})
     with torch.no_grad():
-        ref = YOLO(checkpoint).model.eval().fuse()(torch.from_numpy(x)).numpy()
+        ref = copy.deepcopy(yolo.model).eval().fuse()(torch.from_numpy(x)).numpy()
     assert y.shape == ref.shape == (1, 4 + 5, 16 * 16 + 8 * 8 + 4 * 4)
     np.testing.assert_allclose(y, ref, rtol=1e-3, atol=1e-3)
     assert read_onnx_props(path)["layout"] == "raw"
@@ -168,17 +175,17 @@ def test_onnx_runtime_needs_no_torch(dynamic_onnx: Path) -> None:
     ({"nms": "efficient"}, "TensorRT plugin that ONNX Runtime cannot run"),
     ({"output": "model.engine"}, r"should end in \.onnx"),
 ])
-def test_bad_export_options_say_the_fix(checkpoint: Path, kwargs: dict, message: str) -> None:
+def test_bad_export_options_say_the_fix(yolo: YOLO, kwargs: dict, message: str) -> None:
     with pytest.raises(ExportError, match=message):
-        export(str(checkpoint), **kwargs)
+        export(yolo, **kwargs)
 
 
-def test_engine_export_without_tensorrt_says_how_to_get_it(checkpoint: Path, tmp_path: Path) -> None:
+def test_engine_export_without_tensorrt_says_how_to_get_it(yolo: YOLO, tmp_path: Path) -> None:
     try:
         import tensorrt  # noqa: F401
     except ImportError:
         with pytest.raises(EngineError, match="TensorRT is not installed"):
-            export(str(checkpoint), format="engine", output=tmp_path / "m.engine")
+            export(yolo, format="engine", output=tmp_path / "m.engine")
         assert not list(tmp_path.iterdir()), "nothing is written when TensorRT is missing"
     else:
         pytest.skip("TensorRT is installed here")
