@@ -345,7 +345,8 @@ def export(yolo: Any, format: str = "onnx", imgsz: int | tuple[int, int] | None 
     onnx_path = export_onnx(model, output.with_suffix(".onnx"), size, batch=batch, dynamic=dynamic, half=fp16_onnx,
                             conf=conf, iou=iou, max_det=max_det, raw=raw, simplify=simplify, nms=nms, device=dev)
     opts = BuildOptions(half=half, int8=int8, data=data, calib_images=_calibration_images(data) if int8 else None,
-                        batch=batch, dynamic=dynamic, shapes=shapes, workspace_gib=workspace, contexts=contexts,
+                        batch=32 if dynamic and batch == 1 else batch,  # as the ONNX records: --dynamic alone is 1..32
+                        dynamic=dynamic, shapes=shapes, workspace_gib=workspace, contexts=contexts,
                         timing_cache=timing_cache, calib_cache=calib_cache, device=dev.index or 0)
     return build_engine(onnx_path, output, opts)
 
