@@ -3,7 +3,8 @@
 Status codes: InvalidArgumentError -> INVALID_ARGUMENT (bad id, URL, image), StreamExistsError ->
 ALREADY_EXISTS, StreamNotFoundError -> NOT_FOUND, ResourceExhaustedError -> RESOURCE_EXHAUSTED (stream
 limit; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
-UNAVAILABLE (draining, loading), a failed engine run -> INTERNAL. `grpc.health.v1.Health` says SERVING
+UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), a failed
+engine run (EngineRunError) and anything unexpected -> INTERNAL. `grpc.health.v1.Health` says SERVING
 once the engines are loaded and NOT_SERVING while draining or when no engine works.
 """
 
@@ -26,6 +27,7 @@ from . import messages
 from .config import StreamSpec
 from .core import ServerCore
 from .errors import (
+    AbortedError,
     InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
@@ -36,8 +38,7 @@ from .errors import (
 from .frames import now
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
-from .sources.base import StreamState
-from .stream import PUSH_WINDOW
+from .pushcall import PushCall
 
 __all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "status_code"]
 
@@ -51,6 +52,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
+    (AbortedError, grpc.StatusCode.ABORTED),
 ]
 
 
@@ -125,69 +127,20 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.core.fanout.unsubscribe(sub)
 
     async def Detect(self, request_iterator: AsyncIterator[pb.Frame], context) -> AsyncIterator[pb.FrameDetections]:
-        """Push mode: one stream per call; the next frame is read only when fewer than PUSH_WINDOW are pending."""
+        """Push mode: one stream per call, results in order, frames read only while fewer than 2 are pending."""
         first = await anext(aiter(request_iterator), None)
         if first is None:
             return
         sid = first.stream_id or f"push-{next(self._push_ids)}"
         try:
-            stream = self.core.open_push(sid)
+            call = PushCall(self.core, self.core.open_push(sid), self.executor)
+            async for result in call.results(first, request_iterator):
+                yield messages.frame_detections(result, self._names(result.device), sid)
         except ServerError as e:
             await context.abort(status_code(e), str(e))
-        loop = asyncio.get_running_loop()
-        sub = self.core.fanout.subscribe([sid], PUSH_WINDOW + 2, loop)
-        window = asyncio.Semaphore(PUSH_WINDOW)
-        state = {"sent": 0, "answered": 0, "done": False, "error": None, "finished": False}
-        stream.on_close(sub.close)  # RemoveStream from elsewhere (or a drain) ends this call
-
-        async def read() -> None:
-            msg = first
-            try:
-                while msg is not None:
-                    if msg.stream_id and msg.stream_id != sid:
-                        raise InvalidArgumentError(f"one Detect call carries one stream: got {msg.stream_id!r} "
-                                                   f"after {sid!r} (open a call per stream)")
-                    await window.acquire()
-                    received = now()
-                    await loop.run_in_executor(self.executor, self.core.ingest_encoded, stream, msg.data,
-                                               msg.encoding, msg.width, msg.height, msg.frame_id,
-                                               msg.capture_time_us or time.time_ns() // 1000, received)
-                    state["sent"] += 1
-                    msg = await anext(aiter(request_iterator), None)
-            except Exception as e:  # a bad frame ends the call with its status; the client is gone otherwise
-                state["error"] = e
-                sub.close()
-                return
-            state["done"] = True
-            if state["sent"] == state["answered"]:
-                sub.close()
-
-        reader = asyncio.create_task(read())
-        try:
-            while (result := await sub.next()) is not None:
-                window.release()
-                state["answered"] += 1
-                if result.error is not None:
-                    await context.abort(grpc.StatusCode.INTERNAL, f"frame {result.frame_id}: {result.error}")
-                yield messages.frame_detections(result, self._names(result.device), sid)
-                if state["done"] and state["answered"] == state["sent"]:
-                    break
-        finally:
-            state["finished"] = state["done"] and state["answered"] == state["sent"]
-            reader.cancel()
-            self.core.fanout.unsubscribe(sub)
-            removed = stream.state == StreamState.STOPPED
-            self.core.close_stream(stream)
-        error = state["error"]
-        if isinstance(error, ServerError):
-            await context.abort(status_code(error), str(error))
-        elif error is not None and not isinstance(error, asyncio.CancelledError):
-            log.exception("Detect call failed", exc_info=error)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(error).__name__}: {error}")
-        elif not state["finished"] and self.core.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        elif not state["finished"] and removed:
-            await context.abort(grpc.StatusCode.ABORTED, f"stream {sid!r} was removed (RemoveStream)")
+        except Exception as e:  # a broken client stream, mostly
+            log.exception("Detect call on %s failed", sid)
+            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
 
     @_unary
     async def DetectImage(self, request: pb.Frame, context) -> pb.FrameDetections:

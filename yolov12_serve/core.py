@@ -242,7 +242,7 @@ class ServerCore:
         return stream.view()
 
     def ingest_encoded(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
-                       capture_time_us: int, received_at: float) -> Frame:
+                       capture_time_us: int, received_at: float) -> Frame | None:
         """Decode and letterbox a pushed frame (call from a worker thread), then hand it to the scheduler."""
         image, lb = decode_frame(data, encoding, width, height, stream.plan)
         return stream.put(image, lb, capture_time_us, frame_id=frame_id, ingest_time=received_at)
@@ -324,7 +324,7 @@ class ServerCore:
 
     # ----------------------------------------------------------------------------------------- pipeline hooks
     def _on_ingest(self, stream: Stream) -> None:
-        if self.metrics is not None:
+        if self.metrics is not None and self._lookup(stream.stream_id) is stream:  # not after its removal
             self.metrics.series(stream.metrics_label, stream.device).frames.inc()
 
     def _drop(self, frame: Frame, reason: str) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-__all__ = ["ConfigError", "InvalidArgumentError", "ResourceExhaustedError", "ServerError", "StreamExistsError",
-           "StreamNotFoundError", "UnavailableError"]
+__all__ = ["AbortedError", "ConfigError", "EngineRunError", "InvalidArgumentError", "ResourceExhaustedError",
+           "ServerError", "StreamExistsError", "StreamNotFoundError", "UnavailableError"]
 
 
 class ServerError(Exception):
@@ -35,3 +35,11 @@ class ResourceExhaustedError(ServerError):
 
 class UnavailableError(ServerError):
     """The server is draining or has no working engine (UNAVAILABLE)."""
+
+
+class AbortedError(ServerError):
+    """The stream a call was feeding was removed by someone else (ABORTED)."""
+
+
+class EngineRunError(ServerError):
+    """The engine failed on a frame a caller waits for (INTERNAL)."""

@@ -107,10 +107,13 @@ class Stream:
         return self.runtime.planner.plan(src_hw)
 
     def put(self, image: np.ndarray, letterbox: Letterbox, capture_time_us: int, frame_id: int | None = None,
-            ingest_time: float | None = None) -> Frame:
-        """Number the frame (unless the client did), stamp ingest time and deadline, hand it to the scheduler."""
+            ingest_time: float | None = None) -> Frame | None:
+        """Number the frame (unless the client did), stamp ingest time and deadline, hand it to the scheduler
+        (None once the stream is removed: nothing is counted or queued any more)."""
         t = now() if ingest_time is None else ingest_time
         fid = next(self._ids) if frame_id is None else frame_id
+        if self.state == StreamState.STOPPED:  # a source thread finishing its last frame after removal
+            return None
         self.src_hw = letterbox.src_hw
         frame = Frame(self.stream_id, fid, image, letterbox, capture_time_us, t, t + self.slo_s,
                       self.droppable, self.public)

@@ -1,0 +1,91 @@
+"""One Detect call (push mode): frames of one stream in, their results out in the same order.
+
+Back-pressure instead of dropping: the next frame is read from the client only while fewer than
+PUSH_WINDOW frames are pending (one decoding or waiting while one runs), so gRPC flow control slows a
+client that sends faster than the engine answers, and no pushed frame is ever superseded or "late".
+Frames are decoded and letterboxed in a thread pool; the call ends when the client has sent its last
+frame and every frame has been answered, or with an error: a bad frame (INVALID_ARGUMENT), its stream
+removed meanwhile (ABORTED), the server draining (UNAVAILABLE), the engine failing (INTERNAL).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from typing import Any
+
+from .core import ServerCore
+from .errors import AbortedError, EngineRunError, InvalidArgumentError, UnavailableError
+from .frames import FrameResult, now
+from .sources.base import StreamState
+from .stream import PUSH_WINDOW, Stream
+
+__all__ = ["PushCall"]
+
+
+class PushCall:
+    """Runs one push stream's frames through the core; iterate `results(first, rest)` for its FrameResults."""
+
+    def __init__(self, core: ServerCore, stream: Stream, executor: Executor) -> None:
+        self.core = core
+        self.stream = stream
+        self.executor = executor
+        self.sent = 0
+        self.answered = 0
+        self.client_done = False
+        self.error: BaseException | None = None
+
+    async def results(self, first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[FrameResult]:
+        """Feed `first` then `rest` (Frame messages); yield one result per frame, in order; ServerError on failure."""
+        loop = asyncio.get_running_loop()
+        sid = self.stream.stream_id
+        sub = self.core.fanout.subscribe([sid], PUSH_WINDOW + 2, loop)
+        self.stream.on_close(sub.close)  # RemoveStream from elsewhere (or a drain) ends this call
+        window = asyncio.Semaphore(PUSH_WINDOW)
+        reader = asyncio.create_task(self._read(first, rest, window, sub.close))
+        try:
+            while (result := await sub.next()) is not None:
+                window.release()
+                self.answered += 1
+                if result.error is not None:
+                    raise EngineRunError(f"frame {result.frame_id}: {result.error}")
+                yield result
+                if self.client_done and self.answered == self.sent:
+                    return
+        finally:
+            reader.cancel()
+            self.core.fanout.unsubscribe(sub)
+            removed = self.stream.state == StreamState.STOPPED
+            self.core.close_stream(self.stream)
+        if self.error is not None:
+            raise self.error
+        if self.core.draining:
+            raise UnavailableError("the server is shutting down")
+        if removed:
+            raise AbortedError(f"stream {sid!r} was removed (RemoveStream)")
+
+    async def _read(self, first: Any, rest: AsyncIterator[Any], window: asyncio.Semaphore, stop) -> None:
+        loop = asyncio.get_running_loop()
+        sid = self.stream.stream_id
+        msg = first
+        try:
+            while msg is not None:
+                if msg.stream_id and msg.stream_id != sid:
+                    raise InvalidArgumentError(f"one Detect call carries one stream: got {msg.stream_id!r} after "
+                                               f"{sid!r} (open a call per stream)")
+                await window.acquire()
+                received = now()
+                await loop.run_in_executor(self.executor, self.core.ingest_encoded, self.stream, msg.data,
+                                           msg.encoding, msg.width, msg.height, msg.frame_id,
+                                           msg.capture_time_us or time.time_ns() // 1000, received)
+                self.sent += 1
+                msg = await anext(aiter(rest), None)
+        except Exception as e:  # a bad frame (or a broken client stream) ends the call with its status
+            self.error = e
+            stop()
+            return
+        self.client_done = True
+        if self.sent == self.answered:
+            stop()
