@@ -118,7 +118,9 @@ class End2End(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        pred = self.model(images.permute(0, 3, 1, 2).to(dtype) / 255).float()  # [B, 4+nc, N]
+        # scale first, then NHWC -> NCHW: ONNX Runtime folds a float transpose that feeds the first convolution
+        # into its layout change (ReorderInput), where a uint8 transpose would run on its own, slowly
+        pred = self.model((images.to(dtype) / 255).permute(0, 3, 1, 2)).float()  # [B, 4+nc, N]
         boxes = xywh2xyxy(pred[:, :4].transpose(1, 2))  # [B, N, 4]
         cls = pred[:, 4:]  # [B, nc, N]
         score, label = cls.max(1)  # the best class per anchor, as trainer.postprocess does
@@ -276,7 +278,7 @@ def export_onnx(model: DetectionModel, path: str | Path, imgsz: tuple[int, int],
     spec = model.spec
     max_batch = (batch if batch > 1 else 32) if dynamic else batch  # --dynamic alone: batches of 1..32
     info = EngineInfo(
-        names={int(k): str(v) for k, v in model.names.items()}, imgsz=(h, w), stride=int(max(model.stride)),
+        names={int(k): str(v) for k, v in model.names.items()}, imgsz=(h, w), stride=stride,
         batch=(1, max_batch) if dynamic else (batch, batch), dynamic_hw=dynamic, precision="fp16" if half else "fp32",
         variant=spec.variant, scale=spec.scale, conf=conf, iou=iou, max_det=max_det, version=_version(),
         extra={"layout": "raw" if raw else "end2end", "nms": None if raw else nms, "opset": OPSET,
