@@ -34,9 +34,8 @@ import numpy as np
 
 _BENCH = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0]).resolve() == _BENCH:
-    sys.path.pop(0)  # bench/engines.py (another benchmark) must not shadow the engines package
-sys.path.append(str(_BENCH))
-from _common import machine, table, write_result  # noqa: E402
+    sys.path[0] = str(_BENCH.parent)  # the repo root: bench/engines.py must not shadow the engines package
+from bench._common import machine, table, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(tempfile.gettempdir()) / "yolov12-serve-bench"
