@@ -204,12 +204,13 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
         time.sleep(0.5)
         while sub.get(0) is not None:  # forget what was published before the move
             pass
-        time.sleep(1.0)
-        fresh = []
-        while (r := sub.get(0)) is not None:
-            fresh.append(r)
-        assert {r.stream_id for r in fresh if r.error is None} == {"s0", "s1", "s2", "s3"}
-        assert all(r.device == "cuda:0" for r in fresh)
+        served: dict[str, set[str]] = {}
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and len(served) < 4:  # every stream is answered again, by cuda:0
+            r = sub.get(0.1)
+            if r is not None and r.error is None:
+                served.setdefault(r.stream_id, set()).add(r.device)
+        assert served == {f"s{i}": {"cuda:0"} for i in range(4)}
         made["cuda:0"].fail = True
         wait = time.monotonic() + 20
         while time.monotonic() < wait and False not in health:
