@@ -156,7 +156,8 @@ def info_from_metadata(meta: dict[str, Any], source: str = "") -> EngineInfo:
     precision = "int8" if args.get("int8") else "fp16" if args.get("half") else "fp32"
     return EngineInfo(
         names={int(k): str(v) for k, v in names.items()}, imgsz=(int(imgsz[0]), int(imgsz[1])),
-        stride=int(_literal(meta.get("stride", 32))), batch=(1, batch) if dynamic else (batch, batch),
+        stride=int(_literal(meta.get("stride", 32))),
+        batch=(1, batch if batch > 1 else 32) if dynamic else (batch, batch),  # as ours: --dynamic alone is 1..32
         dynamic_hw=dynamic, precision=precision, conf=float(args.get("conf") or 0.25),
         iou=float(args.get("iou") or 0.7), max_det=int(args.get("max_det") or 300),
         version=f"ultralytics {meta.get('version', '')}".strip(),
