@@ -166,19 +166,24 @@ def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     assert second.shape == (192, 320) and sorted(f.frame_id for f in second.frames) == [0, 2]
 
 
-def test_one_frame_per_stream_in_flight_and_newest_frame_wins():
+def test_newest_frame_wins_and_only_push_streams_are_exclusive():
     clock = Clock(100.0)
     s, _ = make_scheduler(linear_cost(0.001, 0.001), clock=clock)
-    s.add_stream("a")
-    s.submit(frame("a", 1, 100.0))
-    batch = s.schedule(0)
-    assert s.submit(frame("a", 2, 100.0)) is None
-    superseded = s.submit(frame("a", 3, 100.0))
-    assert superseded.frame_id == 2
-    assert s.schedule(0) is None  # frame 3 waits: frame 1 of the same stream is still running
-    assert s.stats().queued == 1 and s.stats().in_flight == 1
-    s.update_from_output(batch, 0.002)
-    assert [f.frame_id for f in s.schedule(0).frames] == [3]
+    s.add_stream("cam")
+    s.add_stream("push", capacity=2, exclusive=True)
+    s.submit(frame("cam", 1, 100.0))
+    s.submit(frame("push", 1, 100.0, droppable=False))
+    first = s.schedule(0)
+    assert sorted((f.stream_id, f.frame_id) for f in first.frames) == [("cam", 1), ("push", 1)]
+    assert s.submit(frame("cam", 2, 100.0)) is None
+    assert s.submit(frame("cam", 3, 100.0)).frame_id == 2  # superseded while waiting
+    assert s.submit(frame("push", 2, 100.0, droppable=False)) is None
+    assert s.submit(frame("push", 3, 100.0, droppable=False)) is None  # a FIFO window: nothing superseded
+    second = s.schedule(0)  # the camera's next frame runs beside its previous one; the push stream waits
+    assert [(f.stream_id, f.frame_id) for f in second.frames] == [("cam", 3)]
+    assert s.stats().queued == 2 and s.stats().in_flight == 3
+    s.update_from_output(first, 0.002)
+    assert [(f.stream_id, f.frame_id) for f in s.schedule(0).frames] == [("push", 2)]
 
 
 def test_schedule_blocks_until_a_frame_arrives_and_shutdown_wakes_it():
@@ -337,8 +342,10 @@ def test_worker_batches_under_load_keeps_order_and_maps_boxes_to_source_pixels()
         # the box covered the middle half of the 320x192 input: [80, 48, 240, 144]; the frame sits at top 6
         np.testing.assert_allclose(r.detections[0, :4], [160, 84, 480, 276], atol=0.5)
     assert set(per_stream) == set(streams)
+    counts = [len(ids) for ids in per_stream.values()]
+    assert min(counts) >= 0.6 * max(counts), counts  # every camera gets a fair share of the engine
     for ids in per_stream.values():
-        assert ids == sorted(ids) and len(set(ids)) == len(ids)  # in order, no duplicates
+        assert len(set(ids)) == len(ids)  # no frame twice (order is restored by the core: Stream.accept)
 
 
 def test_worker_reports_engine_failures_as_error_results_then_unhealthy():
@@ -382,3 +389,15 @@ def test_boxes_back_to_source_pixels_match_the_letterbox_maths():
                                rng.integers(0, 5, (50, 1))], axis=1).astype(np.float32)
         np.testing.assert_allclose(to_source_pixels(dets, lb), lb.unscale(dets), rtol=1e-6, atol=1e-4)
     assert to_source_pixels(np.zeros((0, 6), np.float32), lb).shape == (0, 6)
+
+
+def test_results_overtaken_by_a_newer_frame_are_not_published():
+    from yolov12_serve.stream import Stream
+
+    def noop(*a):
+        return None
+
+    cam = Stream("cam", "synthetic://x", "synthetic", 0, SLO, noop, noop, noop)
+    assert [cam.accept(i) for i in (1, 3, 2, 4, 4)] == [True, True, False, True, False]
+    push = Stream("p", "push://", "push", 0, SLO, noop, noop, noop, droppable=False)
+    assert all(push.accept(i) for i in (5, 3, 3))  # the client's ids, answered as sent

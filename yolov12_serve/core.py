@@ -331,13 +331,16 @@ class ServerCore:
         stream = self._lookup(frame.stream_id)
         if stream is None:
             return  # removed meanwhile: its series are gone too
-        stream.stats.record_drop(reason)
-        if self.metrics is not None:
-            self.metrics.frames_dropped.labels(stream.metrics_label, reason).inc()
+        self._count_drop(stream, reason)
         if not frame.droppable:  # a push or DetectImage caller waits for this frame: answer it with the reason
             self.fanout.publish(FrameResult(frame.stream_id, frame.frame_id, np.zeros((0, 6), np.float32),
                                             frame.letterbox.src_hw, frame.capture_time_us, now() - frame.ingest_time,
                                             stream.device, frame.public, error=f"frame dropped ({reason})"))
+
+    def _count_drop(self, stream: Stream, reason: str) -> None:
+        stream.stats.record_drop(reason)
+        if self.metrics is not None:
+            self.metrics.frames_dropped.labels(stream.metrics_label, reason).inc()
 
     def _on_reconnect(self, stream: Stream) -> None:
         if self.metrics is not None:
@@ -348,6 +351,9 @@ class ServerCore:
 
     def _publish(self, result: FrameResult) -> None:
         stream = self._lookup(result.stream_id)
+        if stream is not None and not stream.accept(result.frame_id):  # a newer frame's result went out first
+            self._count_drop(stream, "superseded")
+            return
         if stream is not None:
             label = stream.metrics_label
             if result.error:

@@ -13,9 +13,13 @@ one predicted-late frame per shape and `probe_s` is run anyway while it still ha
 even a lone frame takes longer than the SLO (an engine too slow for it), dropping cannot help anyone:
 frames are then run, freshest first, and show up as SLO misses instead.
 
-One frame per stream is in flight at a time: results of a stream are published in order, and a
-stream cannot starve the others. Under load frames accumulate while all instances are busy, so
-batches grow exactly when batching pays; when idle a frame runs at once (no waiting window)."""
+A camera's next frame may run while its previous one still runs (on another instance): no stream
+waits behind its own batch, so under overload every stream gets the same share of the engine (with one
+frame per stream in flight, a stream alone in a short batch was served several times as often as
+streams sharing a long one). Results stay in frame order per stream: the core discards a result that
+arrives after a newer one of its stream was published (dropped as "superseded"). Push streams are
+`exclusive`: one frame in flight, every frame answered in order. Under load frames accumulate while all
+instances are busy, so batches grow exactly when batching pays; when idle a frame runs at once."""
 
 from __future__ import annotations
 
@@ -61,8 +65,9 @@ class Scheduler(ABC):
     """What a device worker needs from a batching policy. All methods are thread-safe."""
 
     @abstractmethod
-    def add_stream(self, stream_id: str, capacity: int = 1) -> None:
-        """Start serving a stream (its frames arrive through `submit`; `capacity` frames may wait)."""
+    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
+        """Start serving a stream: `capacity` frames may wait; `exclusive`: never two of its frames running at once
+        (push calls, answered strictly in order)."""
 
     @abstractmethod
     def remove_stream(self, stream_id: str) -> list[Frame]:
@@ -92,7 +97,8 @@ class Scheduler(ABC):
 @dataclass
 class _StreamSlot:
     mailbox: Mailbox = field(default_factory=Mailbox)
-    in_flight: bool = False
+    exclusive: bool = False
+    in_flight: int = 0
 
 
 class DeadlineScheduler(Scheduler):
@@ -112,9 +118,9 @@ class DeadlineScheduler(Scheduler):
         self._closed = False
         self._idle = 0  # worker threads waiting in schedule(): ready frames are shared among them
 
-    def add_stream(self, stream_id: str, capacity: int = 1) -> None:
+    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
         with self._cond:
-            self._slots.setdefault(stream_id, _StreamSlot(Mailbox(capacity)))
+            self._slots.setdefault(stream_id, _StreamSlot(Mailbox(capacity), exclusive))
 
     def remove_stream(self, stream_id: str) -> list[Frame]:
         with self._cond:
@@ -130,7 +136,7 @@ class DeadlineScheduler(Scheduler):
             if slot is None or self._closed:
                 return frame  # the stream is gone (removed or moved): the frame goes nowhere
             old = slot.mailbox.put(frame)
-            if not slot.in_flight:
+            if not (slot.exclusive and slot.in_flight):
                 self._cond.notify()
             return old
 
@@ -160,7 +166,7 @@ class DeadlineScheduler(Scheduler):
         ready: list[tuple[Frame, _StreamSlot]] = []
         for slot in self._slots.values():
             frame = slot.mailbox.peek()
-            if frame is None or slot.in_flight:
+            if frame is None or (slot.exclusive and slot.in_flight):
                 continue
             typical = self.cost.predict(1, frame.shape, 0.5)
             feasible = typical <= frame.deadline - frame.ingest_time  # could any frame of this shape be on time?
@@ -188,7 +194,7 @@ class DeadlineScheduler(Scheduler):
         frames = []
         for frame, slot in group[:n]:
             slot.mailbox.take()
-            slot.in_flight = True
+            slot.in_flight += 1
             frames.append(frame)
         return Batch(frames, first.shape, self.cost.predict(n, first.shape), t)
 
@@ -199,7 +205,7 @@ class DeadlineScheduler(Scheduler):
             for frame in batch.frames:
                 slot = self._slots.get(frame.stream_id)
                 if slot is not None:
-                    slot.in_flight = False
+                    slot.in_flight -= 1
             self._cond.notify_all()
 
     def stats(self) -> SchedulerStats:

@@ -73,6 +73,7 @@ class Stream:
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._on_close: list[Callable[[], None]] = []
+        self._last_published = -1
 
     def on_close(self, callback: Callable[[], None]) -> None:
         """Call `callback` once when the stream is removed (a Detect call ends when its stream is removed)."""
@@ -99,7 +100,10 @@ class Stream:
     def bind(self, runtime: DeviceRuntime) -> None:
         """Run on `runtime`'s device from now on (placement, or a move after an engine failure)."""
         self.runtime = runtime
-        runtime.scheduler.add_stream(self.stream_id, capacity=1 if self.droppable else PUSH_WINDOW)
+        if self.droppable:  # a camera: newest frame wins, frames may overlap (results re-ordered by `accept`)
+            runtime.scheduler.add_stream(self.stream_id)
+        else:  # pushed frames: a small FIFO window, one running at a time, each answered in order
+            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True)
 
     def plan(self, src_hw: tuple[int, int]) -> Letterbox:
         """The letterbox for this source size on the current device."""
@@ -123,6 +127,17 @@ class Stream:
         if replaced is not None:
             self._on_drop(replaced, "removed" if replaced is frame else "superseded")
         return frame
+
+    def accept(self, frame_id: int) -> bool:
+        """True if a result for `frame_id` may be published: newer than any published so far (so watchers see
+        frame ids increasing even when two frames of the stream ran at once). Pushed frames keep their order."""
+        if not self.droppable:
+            return True
+        with self._lock:
+            if frame_id <= self._last_published:
+                return False
+            self._last_published = frame_id
+            return True
 
     def set_state(self, state: StreamState, error: str = "") -> None:
         """Record a state change; a removed (STOPPED) stream stays STOPPED whatever its source says later."""
