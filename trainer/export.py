@@ -1,8 +1,9 @@
 """Export a model to ONNX (NMS inside the graph) or to a TensorRT engine, with its metadata inside the file.
 
 The ONNX graph contract (what `engines` and outside tools rely on):
-- input `images`: uint8 [B, H, W, 3] RGB, NHWC. The layout change and /255 happen in the graph, so
-  the host does no float work and moves 4x fewer bytes to a GPU.
+- input `images`: uint8 [B, H, W, 3] RGB, NHWC. The layout change and /255 happen in the graph (the
+  1/255 folded into the first convolution's weights), so the host does no float work and moves 4x
+  fewer bytes to a GPU.
 - output `detections`: float32 [B, max_det, 6] (x1, y1, x2, y2, score, class) in input pixels, best
   first; rows past the image's detections are all zero (score 0).
 - NMS in the graph: each anchor keeps its best class, scores <= conf are dropped, one ONNX
@@ -36,7 +37,7 @@ from torch import nn
 from .boxes import xywh2xyxy
 from .nn import DetectionModel
 
-__all__ = ["End2End", "ExportError", "export", "export_main", "export_onnx"]
+__all__ = ["End2End", "ExportError", "export", "export_main", "export_onnx", "fold_input_scale"]
 
 OPSET = 17  # NonMaxSuppression, TopK, ScatterND; read by ONNX Runtime >= 1.12 and TensorRT 8.6 / 10
 NMS_KINDS = ("onnx", "efficient")
@@ -114,15 +115,17 @@ class End2End(nn.Module):
     """uint8 NHWC images -> [B, max_det, 6] detections: the model, box decoding and class-aware NMS in one graph."""
 
     def __init__(self, model: DetectionModel, conf: float = 0.25, iou: float = 0.7, max_det: int = 300,
-                 nms: str = "onnx") -> None:
+                 nms: str = "onnx", scale_folded: bool = False) -> None:
         super().__init__()
         self.model, self.conf, self.iou, self.max_det, self.nms = model, conf, iou, max_det, nms
+        self.scale_folded = scale_folded  # the first conv's weights already hold the 1/255 (fold_input_scale)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dtype = next(self.model.parameters()).dtype
-        # scale first, then NHWC -> NCHW: ONNX Runtime folds a float transpose that feeds the first convolution
+        x = images.to(dtype) if self.scale_folded else images.to(dtype) / 255
+        # cast first, then NHWC -> NCHW: ONNX Runtime folds a float transpose that feeds the first convolution
         # into its layout change (ReorderInput), where a uint8 transpose would run on its own, slowly
-        pred = self.model((images.to(dtype) / 255).permute(0, 3, 1, 2)).float()  # [B, 4+nc, N]
+        pred = self.model(x.permute(0, 3, 1, 2)).float()  # [B, 4+nc, N]
         boxes = xywh2xyxy(pred[:, :4].transpose(1, 2))  # [B, N, 4]
         cls = pred[:, 4:]  # [B, nc, N]
         score, label = cls.max(1)  # the best class per anchor, as trainer.postprocess does
@@ -152,6 +155,17 @@ class End2End(nn.Module):
         valid = (rows < num.to(rows.dtype)).unsqueeze(-1).to(out_boxes.dtype)
         det = torch.cat((out_boxes, out_scores.unsqueeze(-1), out_classes.unsqueeze(-1).to(out_boxes.dtype)), 2)
         return det * valid
+
+
+def fold_input_scale(model: DetectionModel) -> DetectionModel:
+    """Divide the first convolution's weights by 255 (in place), so it takes 0..255 pixels: conv(x / 255) with
+    no division in the graph (one pass over every input pixel saved). Zero padding is unaffected."""
+    first = model.model[0].conv
+    if not isinstance(first, nn.Conv2d):
+        raise ExportError(f"the first layer is {type(first).__name__}, not a convolution: cannot fold the 1/255")
+    with torch.no_grad():
+        first.weight.div_(255)
+    return model
 
 
 # ----------------------------------------------------------------------------- options
@@ -266,7 +280,7 @@ def export_onnx(model: DetectionModel, path: str | Path, imgsz: tuple[int, int],
         names_in, names_out = ["images"], ["output0"]
         axes = {"images": {0: "batch", 2: "height", 3: "width"}, "output0": {0: "batch", 2: "anchors"}}
     else:
-        wrapper = End2End(net, conf, iou, max_det, nms).eval()
+        wrapper = End2End(fold_input_scale(net), conf, iou, max_det, nms, scale_folded=True).eval()
         example = torch.randint(0, 255, (example_batch, th, tw, 3), dtype=torch.uint8, device=device)
         names_in, names_out = ["images"], ["detections"]
         axes = {"images": {0: "batch", 1: "height", 2: "width"}, "detections": {0: "batch"}}
