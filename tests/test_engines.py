@@ -219,6 +219,7 @@ def test_numpy_nms_matches_torchvision() -> None:
 def test_pytorch_backend_on_cpu_matches_reference(checkpoint: Path, model: torch.nn.Module) -> None:
     eng = engines.load(checkpoint, instances=2)
     assert eng.info.precision == "fp32" and eng.info.dynamic_hw and eng.info.nc == 5
+    assert engines.read_info(checkpoint) == eng.info  # the metadata reader agrees without building an engine
     frames = _frames(2, (192, 320), seed=5)
     for g, w in zip(eng.infer(frames), _reference(model, frames, eng.info)):
         _assert_same(g, w, iou=0.999, score_tol=1e-4)
