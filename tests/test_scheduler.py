@@ -75,6 +75,7 @@ def test_run_time_model_learns_extrapolates_and_forgets_outliers():
     assert cost.predict(4, (192, 320)) == pytest.approx(0.020)
     assert cost.predict(8, (192, 320)) == pytest.approx(0.040)  # from the nearest smaller seen size
     assert cost.predict(1, (384, 640), 0.5) == pytest.approx(0.040)  # unseen shape: 4x the pixels
+    assert cost.predict(4, (384, 640), 0.5) == pytest.approx(0.080)  # ...from the same batch size where seen
 
 
 # ------------------------------------------------------------------------------------------------ scheduler
@@ -401,3 +402,15 @@ def test_results_overtaken_by_a_newer_frame_are_not_published():
     assert [cam.accept(i) for i in (1, 3, 2, 4, 4)] == [True, True, False, True, False]
     push = Stream("p", "push://", "push", 0, SLO, noop, noop, noop, droppable=False)
     assert all(push.accept(i) for i in (5, 3, 3))  # the client's ids, answered as sent
+
+
+def test_late_batches_take_the_efficient_size_big_where_batching_pays():
+    """Frames late anyway (here: pushed frames past their deadline) run in the batch size with the best frames/s:
+    1 where batching gains nothing (CPU-like costs), the largest where it does (GPU-like costs)."""
+    for cost, want in [(linear_cost(0.0, 0.010), 1), (linear_cost(0.030, 0.001), 6)]:
+        clock = Clock(100.0)
+        s, _ = make_scheduler(cost, clock=clock)
+        for i in range(6):
+            s.add_stream(f"p{i}", capacity=2, exclusive=True)
+            s.submit(frame(f"p{i}", i, 99.0, droppable=False))
+        assert s.schedule(0).size == want

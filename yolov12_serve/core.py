@@ -137,7 +137,7 @@ class ServerCore:
         planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
         max_batch = max(1, min(cfg.max_batch, info.batch[1]))
         cost = RunTimeModel()
-        frame_cost = self._warm_up(engine, planner, cost)
+        frame_cost = self._warm_up(engine, planner, cost, max_batch)
         camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
         if cost.predict(1, camera, 0.5) > cfg.slo_s:
             log.warning("%s: one frame takes %.0f ms, more than the %.0f ms SLO: every frame will miss it; raise "
@@ -153,18 +153,21 @@ class ServerCore:
         return DeviceRuntime(device, path, engine, planner, cost, scheduler, worker, max_batch)
 
     @staticmethod
-    def _warm_up(engine: Engine, planner: InputPlanner, cost: RunTimeModel) -> float:
-        """Run batch 1 at the full input and at a 16:9 camera's shape; seed the cost model; return s/frame."""
-        shapes = {planner.imgsz, fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)}
+    def _warm_up(engine: Engine, planner: InputPlanner, cost: RunTimeModel, max_batch: int) -> float:
+        """Seed the cost model: batch 1 at the full input, batches 1, 2, 4 .. max_batch at a 16:9 camera's shape
+        (how much batching pays on this device); returns seconds per frame at the full input."""
+        camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
+        sizes = sorted({1, max_batch, *(2**i for i in range(8) if 2**i < max_batch)})
+        runs = [(planner.imgsz, 1)] + [(camera, n) for n in sizes]
         full = 0.0
-        for shape in shapes:
-            x = np.full((1, *shape, 3), 114, np.uint8)
-            engine.infer(x)  # first run: allocations, kernel selection
+        for shape, n in runs:
+            x = np.full((n, *shape, 3), 114, np.uint8)
+            engine.infer(x)  # first run of a shape: allocations, kernel selection
             t0 = now()
             engine.infer(x)
             dt = now() - t0
-            cost.observe(1, shape, dt)
-            if shape == planner.imgsz:
+            cost.observe(n, shape, dt)
+            if (shape, n) == (planner.imgsz, 1):
                 full = dt
         return full
 

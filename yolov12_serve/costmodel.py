@@ -5,7 +5,8 @@ cached at each observation: the median (`q=0.5`, a typical run) and the 90th per
 slow run). A windowed quantile forgets one slow outlier (a page fault, a noisy neighbour) instead of
 dragging a mean for many runs. Unseen batch sizes are extrapolated from the nearest seen size of the
 same shape (linear in the batch: pessimistic on GPUs, where the scheduler then learns the real,
-smaller figure the first time slack lets it try); unseen shapes scale a seen shape by pixel count.
+smaller figure the first time slack lets it try); unseen shapes scale a seen shape by pixel count
+(the same batch size where one was seen). The server seeds it at start-up with batches 1, 2, 4, ...
 """
 
 from __future__ import annotations
@@ -73,6 +74,10 @@ class RunTimeModel:
                 below = [(m, st) for m, st in same if m <= n]
                 m, st = max(below, key=lambda x: x[0]) if below else min(same, key=lambda x: x[0])
                 return st.get(q) * max(1.0, n / m)
+            other = [(sh, st) for (sh, m), st in self._stats.items() if m == n]
+            if other:  # the same batch size at another shape, scaled by pixels (keeps batching efficiency)
+                sh, st = max(other, key=lambda x: len(x[1].times))
+                return st.get(q) * (shape[0] * shape[1]) / (sh[0] * sh[1])
             if self._stats:
                 (sh, m), st = max(self._stats.items(), key=lambda kv: (len(kv[1].times), -kv[0][1]))
                 pixels = (shape[0] * shape[1]) / (sh[0] * sh[1])

@@ -11,7 +11,9 @@ K batches at once instead of one instance taking everything while the others wai
 So that a wrong, too-slow estimate cannot make it drop everything forever (and never measure again),
 one predicted-late frame per shape and `probe_s` is run anyway while it still has time left. When
 even a lone frame takes longer than the SLO (an engine too slow for it), dropping cannot help anyone:
-frames are then run, freshest first, and show up as SLO misses instead.
+frames are then run, freshest first, and show up as SLO misses instead. A batch whose first frame is
+late anyway (that case, pushed frames, --process-late) gets the smallest size with 95% of the best
+frames/s the model knows: big on GPUs, where batching pays, 1 on CPUs, where it only adds latency.
 
 A camera's next frame may run while its previous one still runs (on another instance): no stream
 waits behind its own batch, so under overload every stream gets the same share of the engine (with one
@@ -185,7 +187,7 @@ class DeadlineScheduler(Scheduler):
         group = group[:min(self.max_batch, share)]
         n = 1
         if t + self.cost.predict(1, first.shape, 0.5) > first.deadline:
-            n = len(group)  # the first frame is late whatever we do (push or --process-late): serve the most
+            n = self._efficient_batch(len(group), first.shape)  # late whatever we do: throughput, then latency
         else:
             for k in range(len(group), 1, -1):
                 if t + self.cost.predict(k, first.shape) <= first.deadline:
@@ -197,6 +199,13 @@ class DeadlineScheduler(Scheduler):
             slot.in_flight += 1
             frames.append(frame)
         return Batch(frames, first.shape, self.cost.predict(n, first.shape), t)
+
+    def _efficient_batch(self, most: int, shape: tuple[int, int]) -> int:
+        """The smallest batch with 95% of the best frames/s up to `most`: large where batching pays (GPUs), 1 where
+        it does not (CPUs), since a bigger batch there only adds latency."""
+        rates = [k / max(self.cost.predict(k, shape, 0.5), 1e-9) for k in range(1, most + 1)]
+        best = max(rates)
+        return next(k for k, r in enumerate(rates, 1) if r >= 0.95 * best)
 
     def update_from_output(self, batch: Batch, elapsed_s: float | None) -> None:
         if elapsed_s is not None:
