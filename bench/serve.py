@@ -275,10 +275,14 @@ os._exit(0)
 """
     env = {**os.environ, "YOLO_OFFLINE": "1", "OMP_NUM_THREADS": str(threads),
            "OPENCV_FFMPEG_CAPTURE_OPTIONS": "rtsp_transport;tcp"}
-    out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=WORK, timeout=600)
-    if out.returncode != 0:
-        raise RuntimeError(out.stderr[-3000:])
-    return float(out.stdout.strip().splitlines()[-1])
+    error = ""
+    for _attempt in range(2):  # its LoadStreams gives up on a camera that sends nothing for 30 s while opening
+        out = subprocess.run([PY, "-c", code], capture_output=True, text=True, env=env, cwd=WORK, timeout=600)
+        if out.returncode == 0:
+            return float(out.stdout.strip().splitlines()[-1])
+        error = out.stderr.strip().splitlines()[-1] if out.stderr.strip() else f"exit {out.returncode}"
+        print(f"(c) ultralytics failed: {error}", flush=True)
+    raise RuntimeError(f"ultralytics could not run: {error}")
 
 
 def part_c(ours: Path, theirs: Path, args) -> tuple[dict, float]:
