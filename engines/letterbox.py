@@ -38,10 +38,16 @@ class Letterbox:
     top: int
 
     def unscale(self, dets: np.ndarray) -> np.ndarray:
-        """[n, 6] boxes in input pixels -> source-frame pixels (clipped to the frame); scores/classes untouched."""
-        out = dets.astype(np.float32, copy=True)
-        out[:, [0, 2]] = ((out[:, [0, 2]] - self.left) / self.ratio).clip(0, self.src_hw[1])
-        out[:, [1, 3]] = ((out[:, [1, 3]] - self.top) / self.ratio).clip(0, self.src_hw[0])
+        """[n, 6] boxes in input pixels -> source-frame pixels (clipped to the frame); scores/classes untouched.
+
+        In-place arithmetic on views (no fancy indexing): it runs once per served frame.
+        """
+        out = np.array(dets, dtype=np.float32, copy=True).reshape(-1, 6)
+        xy = out[:, :4].reshape(-1, 2, 2)  # [n, (x1, y1) / (x2, y2), (x, y)]
+        xy -= np.array([self.left, self.top], np.float32)
+        xy /= np.float32(self.ratio)
+        np.clip(xy[..., 0], 0, self.src_hw[1], out=xy[..., 0])
+        np.clip(xy[..., 1], 0, self.src_hw[0], out=xy[..., 1])
         return out
 
     def place(self, resized: np.ndarray, fill: int = 114) -> np.ndarray:

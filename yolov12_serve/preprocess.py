@@ -17,7 +17,7 @@ from engines.letterbox import Letterbox, fit_shape, plan_letterbox
 if TYPE_CHECKING:
     import av
 
-__all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image", "to_source_pixels"]
+__all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image"]
 
 
 class InputPlanner:
@@ -52,15 +52,3 @@ def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox) -> np.ndarray:
     new_h, new_w = lb.new_hw
     rgb = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="BILINEAR")
     return lb.place(rgb)
-
-
-def to_source_pixels(dets: np.ndarray, lb: Letterbox) -> np.ndarray:
-    """[n, 6] boxes in engine-input pixels -> source-frame pixels, clipped to the frame (= Letterbox.unscale,
-    with views instead of fancy indexing: ~5x less per-call overhead on the few boxes a frame has)."""
-    out = np.array(dets, dtype=np.float32, copy=True).reshape(-1, 6)
-    xy = out[:, :4].reshape(-1, 2, 2)  # [n, (x1,y1),(x2,y2), (x, y)]
-    xy -= np.array([lb.left, lb.top], np.float32)
-    xy /= np.float32(lb.ratio)
-    np.clip(xy[..., 0], 0, lb.src_hw[1], out=xy[..., 0])
-    np.clip(xy[..., 1], 0, lb.src_hw[0], out=xy[..., 1])
-    return out

@@ -3,7 +3,7 @@
 `Engine.infer` is thread-safe for `instances` callers (ONNX Runtime and TensorRT release the GIL
 while running), so K threads keep K sessions / execution contexts busy at once; while one batch
 runs, the next is scheduled by the thread that finished first. Boxes are mapped back to each
-frame's source pixels with the letterbox the frame carries (preprocess.to_source_pixels).
+frame's source pixels with the letterbox the frame carries (Letterbox.unscale).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import numpy as np
 from engines.base import Engine
 
 from .frames import FrameResult, now
-from .preprocess import to_source_pixels
 from .scheduler import Batch, Scheduler
 
 __all__ = ["DeviceWorker"]
@@ -83,7 +82,7 @@ class DeviceWorker:
             outputs = [np.zeros((0, 6), np.float32)] * len(frames)
         elapsed = now() - t0
         for frame, dets in zip(frames, outputs):
-            boxes = to_source_pixels(dets, frame.letterbox)
+            boxes = frame.letterbox.unscale(dets)
             self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
                                      frame.capture_time_us, now() - frame.ingest_time, self.device,
                                      frame.public, error))
