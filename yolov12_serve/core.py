@@ -131,7 +131,8 @@ class ServerCore:
 
     def _start_device(self, device: str, path: str) -> DeviceRuntime:
         cfg = self.config
-        opts = {"threads": cfg.threads} if cfg.threads else {}
+        # CPU threads per instance is an ONNX Runtime setting; the other backends size themselves
+        opts = {"threads": cfg.threads} if cfg.threads and path.lower().endswith(".onnx") else {}
         engine = self._load_engine(path, device=device, instances=cfg.instances, **opts)
         info = engine.info
         planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
