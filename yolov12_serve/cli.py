@@ -12,7 +12,7 @@ import asyncio
 import logging
 import sys
 
-from .config import RtspOptions, ServerConfig, StreamSpec, load_streams_file
+from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file
 from .errors import ConfigError, ServerError
 
 __all__ = ["build_parser", "main", "parse_config"]
@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
     p.add_argument("--process-late", action="store_true",
                    help="run frames that can no longer meet the SLO instead of dropping them as 'late'")
-    p.add_argument("--allow-files", action="store_true", help="accept local video files as stream URLs")
+    p.add_argument("--allow-files", action="store_true",
+                   help="accept local video files as stream URLs (played like cameras: real-time pace, looped)")
+    p.add_argument("--decode", choices=DECODE_MODES, default="cpu",
+                   help="where camera video is decoded: cpu (default), nvdec (the GPU's video decoder, falling back "
+                   "to the CPU where it is unavailable) or auto (nvdec for streams served on a GPU)")
     p.add_argument("--status", action=argparse.BooleanOptionalAction, default=None,
                    help="show the live status table (default: on with --demo)")
     p.add_argument("--subscriber-queue", type=int, default=64,
@@ -76,7 +80,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
-                         backoff_base_s=min(0.5, args.backoff_cap_s)))
+                         backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode))
     streams: list[StreamSpec] = []
     if args.streams:
         streams += load_streams_file(args.streams)

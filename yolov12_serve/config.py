@@ -9,10 +9,11 @@ from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError, InvalidArgumentError
 
-__all__ = ["MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec", "load_streams_file",
-           "redact_url", "url_kind", "validate_stream_id"]
+__all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
+           "load_streams_file", "redact_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
+DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
 PULL_SCHEMES = ("rtsp", "rtsps", "synthetic")
 _ID_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no whitespace
 
@@ -26,6 +27,11 @@ class RtspOptions:
     stall_s: float = 5.0  # watchdog: STREAMING without a new frame this long -> reconnect
     backoff_base_s: float = 0.5  # first retry delay; doubles per failure, with jitter
     backoff_cap_s: float = 30.0
+    decode: str = "cpu"  # 'cpu', 'nvdec' (the GPU's video decoder, CPU fallback) or 'auto' (nvdec on GPU devices)
+
+    def __post_init__(self) -> None:
+        if self.decode not in DECODE_MODES:
+            raise ConfigError(f"--decode {self.decode!r}: use one of {', '.join(DECODE_MODES)}")
 
 
 @dataclass

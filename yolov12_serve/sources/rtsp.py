@@ -7,7 +7,12 @@ then a retry after exponential backoff with jitter, forever until the stream is 
 that retrying cannot fix (no video track, no decoder for the codec, a missing file) -> FAILED.
 Stalls: the server's watchdog calls `restart()` when STREAMING brings no frame for `stall_s`; the stuck
 thread is abandoned (it exits at its next wake-up, when its read times out) and a fresh one connects.
-Files are paced at their own frame rate and loop at the end, like a camera that never stops.
+Files are paced at their own frame rate and loop at the end, like a camera that never stops (a recording
+replayed as a camera; the GPU check's 1080p cameras are such files).
+Decoding: on the CPU, or on the GPU's NVDEC (`--decode`, chosen per connect by hwdecode.py). Frames come
+back to system memory either way and are letterboxed here as before. When hardware decoding fails on a
+stream that is otherwise fine (the decoder will not open, or a packet fails in the hardware decoder), the
+stream is reopened at once on the CPU, with one warning, and stays there until it is removed.
 """
 
 from __future__ import annotations
@@ -15,12 +20,21 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from ..config import RtspOptions, redact_url
 from ..frames import now
 from ..preprocess import letterbox_avframe
 from .backoff import Backoff
 from .base import FrameSink, Source, StreamState
+from .hwdecode import hwaccel_for
+
+if TYPE_CHECKING:
+    import av
+    from av.codec.hwaccel import HWAccel
+    from av.container import InputContainer
+    from av.video.stream import VideoStream
 
 __all__ = ["AvSource", "PermanentSourceError"]
 
@@ -29,6 +43,10 @@ log = logging.getLogger(__name__)
 
 class PermanentSourceError(RuntimeError):
     """A source problem that retrying cannot fix (the stream goes FAILED)."""
+
+
+class _HardwareDecodeError(RuntimeError):
+    """NVDEC failed on a packet of a stream that was open and readable: reopen it decoding on the CPU."""
 
 
 def _describe(e: BaseException) -> str:
@@ -51,6 +69,8 @@ class AvSource(Source):
         self._gen = 0
         self._lock = threading.Lock()
         self._streaming = False
+        self._hardware_failed = ""  # why hardware decoding was given up for this stream ('' while allowed)
+        self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
 
     def start(self) -> None:
         self._spawn()
@@ -98,6 +118,8 @@ class AvSource(Source):
                 if self.is_file:
                     continue  # end of file: start again, like a camera that keeps sending
                 raise ConnectionError("the server ended the stream")
+            except _HardwareDecodeError:
+                continue  # reopen at once, decoding on the CPU (warned when it was given up)
             except PermanentSourceError as e:
                 if self._current(gen):
                     log.error("stream %s failed: %s", self.sink.stream_id, e)
@@ -114,31 +136,101 @@ class AvSource(Source):
                     self.sink.count_reconnect()
                 self._stopped.wait(backoff.next_delay())
 
-    def _stream_once(self, gen: int, backoff: Backoff) -> None:
+    def _hwaccel(self) -> HWAccel | None:
+        """The hardware acceleration for the next connection (None: decode on the CPU)."""
+        if self._hardware_failed:
+            return None
+        return hwaccel_for(self.options.decode, getattr(self.sink, "device", ""))
+
+    def _give_up_hardware(self, reason: str) -> None:
+        self._hardware_failed = reason
+        log.warning("stream %s: hardware decoding failed (%s); decoding this stream on the CPU from now on",
+                    self.sink.stream_id, reason)
+
+    def _open(self, hwaccel: HWAccel | None) -> InputContainer:
         import av
 
+        extra = {"hwaccel": hwaccel} if hwaccel is not None else {}  # PyAV < 14 has no such argument
         try:
-            container = av.open(self.url, options=self._av_options(),
-                                timeout=(self.options.open_timeout_s, self.options.read_timeout_s))
+            return av.open(self.url, options=self._av_options(),
+                           timeout=(self.options.open_timeout_s, self.options.read_timeout_s), **extra)
         except FileNotFoundError as e:
             if self.is_file:
                 raise PermanentSourceError(f"no such file: {self.url}") from e
             raise
         except av.error.ExitError:  # PyAV's timeout interrupts FFmpeg; say what timed out
             raise TimeoutError(f"no answer within {self.options.open_timeout_s:g} s while connecting") from None
+
+    def _open_with_fallback(self) -> tuple[InputContainer, bool]:
+        """(container, hardware decoding asked for?): a source that opens without the GPU but not with it keeps
+        going on the CPU."""
+        hwaccel = self._hwaccel()
+        try:
+            container = self._open(hwaccel)
+        except (PermanentSourceError, TimeoutError):
+            raise
+        except Exception as e:
+            if hwaccel is None:
+                raise
+            container = self._open(None)  # the source is fine without the GPU: the hardware decoder was at fault
+            self._give_up_hardware(f"opening the decoder: {_describe(e)}")
+            return container, False
+        return container, hwaccel is not None
+
+    def _on_hardware(self, video: VideoStream, requested: bool) -> bool:
+        """True when this connection's decoder runs on the GPU (its decoding errors are then the hardware's)."""
+        return requested and video.codec_context.is_hwaccel
+
+    def _note_decoder(self, video: VideoStream, requested: bool) -> None:
+        """After a connection's first frame: record (and log when it changes) where this stream is decoded."""
+        ctx = video.codec_context
+        on_gpu = requested and ctx.is_hwaccel and ctx.pix_fmt == "cuda"  # else FFmpeg decodes it in software
+        decoder = "nvdec" if on_gpu else "cpu"
+        if decoder != self.decoder:
+            if on_gpu:
+                log.info("stream %s: decoding on NVDEC (%s)", self.sink.stream_id,
+                         getattr(self.sink, "device", "") or "GPU 0")
+            elif requested:
+                log.info("stream %s: decoding on the CPU: NVDEC does not take its video (%s, %s)",
+                         self.sink.stream_id, ctx.name, ctx.format.name if ctx.format else "unknown format")
+        self.decoder = decoder
+
+    def _frames(self, container: InputContainer, video: VideoStream, hardware: bool) -> Iterator[av.VideoFrame]:
+        """The video's decoded frames (demuxing and decoding apart, so that a packet the hardware decoder fails
+        on is told from a failing source: it raises _HardwareDecodeError after giving up the hardware)."""
+        import av
+
+        for packet in container.demux(video):
+            try:
+                frames = packet.decode()
+            except av.error.FFmpegError as e:
+                if not hardware:
+                    raise
+                self._give_up_hardware(f"decoding: {_describe(e)}")
+                raise _HardwareDecodeError(str(e)) from e
+            yield from frames
+
+    def _stream_once(self, gen: int, backoff: Backoff) -> None:
+        import av
+
+        container, requested = self._open_with_fallback()
         try:
             if not container.streams.video:
                 raise PermanentSourceError(f"{redact_url(self.url)} has no video track")
             video = container.streams.video[0]
+            hardware = self._on_hardware(video, requested)
             video.thread_type = "SLICE"  # slice threads add no latency; frame threads would buffer frames
             min_gap = 1.0 / self.sink.max_fps if self.sink.max_fps > 0 else 0.0
             last_emit = -1e9
             t_start, pts_start = None, None
+            first = True
             try:
-                frames = container.decode(video)
-                for frame in frames:
+                for frame in self._frames(container, video, hardware):
                     if not self._current(gen):
                         return
+                    if first:
+                        first = False
+                        self._note_decoder(video, requested)
                     t = now()
                     self.last_frame_at = t
                     if not self._streaming:

@@ -1,0 +1,242 @@
+"""Where pulled video is decoded (`--decode cpu|nvdec|auto`) and how video files play as cameras.
+
+On a machine without NVDEC (CI) the hardware paths are exercised for real as far as they go: PyAV is asked for
+the CUDA device and fails, and the stream must fall back to CPU decoding with one warning and keep serving.
+Where NVDEC works, the same tests expect it to be used instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_server_harness import ServerProcess, wait_until
+
+from yolov12_serve.cli import build_parser, parse_config
+from yolov12_serve.config import DECODE_MODES, RtspOptions
+from yolov12_serve.errors import ConfigError
+from yolov12_serve.preprocess import InputPlanner
+from yolov12_serve.sources import hwdecode
+from yolov12_serve.sources.base import StreamState
+from yolov12_serve.sources.rtsp import AvSource
+
+pytestmark = pytest.mark.timeout(60)
+
+NVDEC = hwdecode.nvdec_problem(0) is None  # a GPU with NVDEC is visible to FFmpeg here
+
+
+def write_clip(path: Path, frames: int = 25, fps: int = 25, size: tuple[int, int] = (180, 320),
+               codec: str = "libx264", corrupt: int | None = None) -> Path:
+    """A short clip of moving gradients; `corrupt`: that frame's packet is replaced by garbage bytes."""
+    import av
+
+    h, w = size
+    pix = {"libx264": "yuv420p", "mjpeg": "yuvj420p"}[codec]
+    with av.open(str(path), "w") as out:
+        s = out.add_stream(codec, rate=fps)
+        s.width, s.height, s.pix_fmt = w, h, pix
+        ramp = np.linspace(0, 255, w, dtype=np.float32)[None, :, None]
+        for i in range(frames):
+            img = ((ramp + i * 8) % 256).astype(np.uint8).repeat(h, 0).repeat(3, 2)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                if packet.pts is not None and i == corrupt:
+                    bad = av.Packet(b"\x00" * 64)
+                    bad.stream, bad.pts, bad.dts, bad.time_base = s, packet.pts, packet.dts, packet.time_base
+                    packet = bad
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    return path
+
+
+class Sink:
+    """A stream stand-in that keeps what a source hands it (the source is what is tested)."""
+
+    def __init__(self, device: str = "cpu", imgsz: int = 320) -> None:
+        self.stream_id, self.max_fps, self.device = "cam", 0.0, device
+        self.planner = InputPlanner((imgsz, imgsz))
+        self.times: list[float] = []
+        self.shapes: set[tuple[int, ...]] = set()
+        self.states: list[tuple[StreamState, str]] = []
+        self.reconnects = 0
+        self._lock = threading.Lock()
+
+    def plan(self, src_hw):
+        return self.planner.plan(src_hw)
+
+    def put(self, image, letterbox, capture_time_us) -> None:
+        with self._lock:
+            self.times.append(time.monotonic())
+            self.shapes.add(image.shape)
+
+    def set_state(self, state, error: str = "") -> None:
+        self.states.append((state, error))
+
+    def count_reconnect(self) -> None:
+        self.reconnects += 1
+
+
+def run_source(source: AvSource, seconds: float) -> None:
+    source.start()
+    try:
+        time.sleep(seconds)
+    finally:
+        source.stop()
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def fresh_log_once(monkeypatch):
+    """Forget which one-time messages hwdecode already logged in this process."""
+    monkeypatch.setattr(hwdecode, "_logged", set())
+
+
+# ------------------------------------------------------------------------------------------------ option plumbing
+def test_decode_option_reaches_the_source_options():
+    parser = build_parser()
+    config, _ = parse_config(parser.parse_args(["--engines", "m.onnx", "--gpus", "cpu"]))
+    assert config.rtsp.decode == "cpu"  # the default: nothing changes for existing deployments
+    for mode in DECODE_MODES:
+        config, _ = parse_config(parser.parse_args(["--engines", "m.onnx", "--gpus", "cpu", "--decode", mode]))
+        assert config.rtsp.decode == mode
+
+
+def test_unknown_decode_mode_is_refused_with_the_choices(capsys):
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["--decode", "gpu"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "invalid choice: 'gpu'" in err and "'nvdec'" in err
+    with pytest.raises(ConfigError, match="use one of cpu, nvdec, auto"):
+        RtspOptions(decode="gpu")
+
+
+def test_gpu_index_of_device_names():
+    assert hwdecode.gpu_index("cuda:3") == 3
+    assert hwdecode.gpu_index("cuda") == 0
+    assert hwdecode.gpu_index("cpu") is None
+    assert hwdecode.gpu_index("") is None
+
+
+def test_cpu_and_auto_on_cpu_devices_never_touch_the_gpu(fresh_log_once, caplog):
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    assert hwdecode.hwaccel_for("cpu", "cuda:0") is None
+    assert hwdecode.hwaccel_for("auto", "cpu") is None
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    with pytest.raises(ValueError, match="decode mode"):
+        hwdecode.hwaccel_for("gpu", "cpu")
+
+
+def test_nvdec_without_a_usable_gpu_decodes_on_the_cpu_and_warns_once(fresh_log_once, caplog):
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    results = [hwdecode.hwaccel_for("nvdec", "cuda:0") for _ in range(3)]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    if NVDEC:
+        assert all(r is not None for r in results) and not warnings
+        return
+    assert results == [None, None, None]
+    assert len(warnings) == 1 and "decoding on the CPU" in warnings[0], warnings
+    assert hwdecode.nvdec_problem(0) in warnings[0]  # the reason is given
+    assert hwdecode.hwaccel_for("auto", "cuda:0") is None  # auto falls back quietly (logged at INFO)
+    assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
+
+
+# ------------------------------------------------------------------------------------------------ fallback
+def test_nvdec_stream_serves_frames_decoded_where_the_machine_allows(tmp_path, fresh_log_once, caplog):
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    clip = write_clip(tmp_path / "clip.mp4")
+    sink = Sink(device="cuda:0")
+    source = AvSource(sink, str(clip), RtspOptions(decode="nvdec"), is_file=True)
+    run_source(source, 1.0)
+    assert len(sink.times) >= 15, "frames must keep flowing whatever the decoder"
+    assert sink.shapes == {(192, 320, 3)}  # letterboxed exactly as with CPU decoding
+    assert source.decoder == ("nvdec" if NVDEC else "cpu")
+    assert sink.states[0][0] == StreamState.STREAMING and sink.reconnects == 0
+
+
+def test_hardware_decoder_that_will_not_open_falls_back_to_the_cpu_with_one_warning(tmp_path, monkeypatch, caplog):
+    """Skip the process-wide NVDEC check and hand the source a real CUDA HWAccel: without a GPU, PyAV fails to
+    open the decoder; the source must reopen the same file on the CPU, warn once, and not count a reconnect."""
+    from av.codec.hwaccel import HWAccel
+
+    from yolov12_serve.sources import rtsp
+
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    monkeypatch.setattr(rtsp, "hwaccel_for", lambda mode, device: HWAccel("cuda", allow_software_fallback=True))
+    clip = write_clip(tmp_path / "clip.mp4", frames=10)
+    sink = Sink(device="cuda:0")
+    source = AvSource(sink, str(clip), RtspOptions(decode="nvdec"), is_file=True)
+    run_source(source, 1.2)  # the 10-frame clip loops about three times: one warning, not one per loop
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(sink.times) >= 20
+    assert sink.reconnects == 0 and all(s == StreamState.STREAMING for s, _ in sink.states)
+    if NVDEC:
+        assert source.decoder == "nvdec" and not warnings
+    else:
+        assert source.decoder == "cpu"
+        assert len(warnings) == 1 and "hardware decoding failed (opening the decoder" in warnings[0], warnings
+
+
+class _CorruptedHardware(AvSource):
+    """A source whose software decoder is declared 'hardware' until given up: a corrupt packet then stands for a
+    failing GPU decoder (what cannot be broken on purpose on a real GPU)."""
+
+    def _on_hardware(self, video, requested: bool) -> bool:
+        return not self._hardware_failed
+
+
+def test_packet_failing_in_the_hardware_decoder_moves_the_stream_to_the_cpu(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    clip = write_clip(tmp_path / "bad.avi", frames=12, codec="mjpeg", corrupt=6)
+    sink = Sink()
+    source = _CorruptedHardware(sink, str(clip), RtspOptions(decode="nvdec", backoff_base_s=0.05, backoff_cap_s=0.05),
+                                is_file=True)
+    run_source(source, 1.5)
+    warnings = [r.getMessage() for r in caplog.records
+                if r.levelno == logging.WARNING and r.name == "yolov12_serve.sources.rtsp"]
+    gave_up = [w for w in warnings if "hardware decoding failed (decoding: InvalidDataError" in w]
+    assert len(gave_up) == 1, warnings  # once, then the stream stays on the CPU
+    assert source.decoder == "cpu"
+    # the hardware failure came first and reopened at once; the same bad packet on the CPU is a source error, as
+    # before: a reconnect with the error shown
+    assert warnings[0] == gave_up[0] and all("reconnecting" in w for w in warnings[1:])
+    reconnecting = [e for s, e in sink.states if s == StreamState.RECONNECTING]
+    assert sink.reconnects == len(reconnecting) >= 1 and all("InvalidDataError" in e for e in reconnecting)
+    assert len(sink.times) >= 12  # frames on both sides of the bad one, again and again
+
+
+# ------------------------------------------------------------------------------------------------ files as cameras
+def test_file_plays_in_real_time_and_loops(tmp_path):
+    clip = write_clip(tmp_path / "clip.mp4", frames=20, fps=25)  # 0.8 s
+    sink = Sink()
+    source = AvSource(sink, str(clip), RtspOptions(), is_file=True)
+    run_source(source, 2.0)
+    n = len(sink.times)
+    assert n > 30, f"{n} frames in 2 s from a 20-frame clip: it must loop"
+    assert n <= 2.0 * 25 + 3, f"{n} frames in 2 s: a 25 fps file must be paced, not decoded flat out"
+    gaps = np.diff(sink.times)
+    assert np.median(gaps) == pytest.approx(0.04, abs=0.012)
+
+
+def test_server_with_nvdec_serves_a_file_camera_on_any_machine(tmp_path):
+    """The real server (torch blocked) with --decode nvdec and two file cameras: detections flow; on a machine
+    without NVDEC the log says so once, not once per stream."""
+    clip = write_clip(tmp_path / "clip.mp4", frames=25)
+    server = ServerProcess("--allow-files", "--decode", "nvdec", "--source", str(clip), "--source", str(clip))
+    try:
+        with server.client() as client:
+            client.wait_ready(60)
+            wait_until(lambda: all(s.frames_processed > 5 for s in client.list_streams()), 30,
+                       what="both file cameras served")
+            assert {s.width for s in client.list_streams()} == {320}
+        log = server.log()
+        if not NVDEC:
+            assert log.count("--decode nvdec: NVDEC unavailable") == 1, log[-3000:]
+        assert "Traceback" not in log
+    finally:
+        rc, _ = server.terminate()
+    assert rc == 0

@@ -1,0 +1,103 @@
+"""Where a pulled camera's video is decoded (`--decode cpu|nvdec|auto`): on the CPU, or on the GPU's NVDEC engines.
+
+PyAV's wheels carry FFmpeg with NVIDIA's decoders and the `cuda` hardware device: a stream opened with
+`av.open(url, hwaccel=HWAccel("cuda", ...))` is decoded by NVDEC (FFmpeg's native H.264/HEVC decoder with its
+nvdec hwaccel), and each frame comes back to system memory (NV12), where the letterbox resize runs as before
+(swscale in the source's thread). What moves to the GPU is the entropy decoding and reconstruction, the
+largest part of a 1080p frame's CPU cost.
+
+The decoder uses the GPU's primary CUDA context (`primary_ctx=1`), the one PyTorch uses: no extra context per
+stream, no context switches between decoding and inference.
+
+Choice per stream, at each (re)connect:
+  cpu    always the CPU (the default).
+  nvdec  NVDEC on the stream's GPU (GPU 0 for a stream served on the CPU); when NVDEC cannot be used on this
+         machine, the CPU, with one warning per process.
+  auto   NVDEC when the stream is served on a GPU and NVDEC works there, else the CPU (logged once).
+A stream whose hardware decoding fails later falls back to the CPU with one warning (rtsp.py does that).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+from ..config import DECODE_MODES
+
+if TYPE_CHECKING:
+    from av.codec.hwaccel import HWAccel
+
+__all__ = ["DECODE_MODES", "gpu_index", "hwaccel_for", "nvdec_problem"]
+
+log = logging.getLogger(__name__)
+
+_logged: set[str] = set()
+_logged_lock = threading.Lock()
+
+
+def _log_once(level: int, message: str) -> None:
+    with _logged_lock:
+        if message in _logged:
+            return
+        _logged.add(message)
+    log.log(level, message)
+
+
+def gpu_index(device: str) -> int | None:
+    """The CUDA ordinal of a device name ('cuda:1' -> 1, 'cuda' -> 0), None for 'cpu' or ''."""
+    if not device.startswith("cuda"):
+        return None
+    _, _, index = device.partition(":")
+    return int(index) if index.isdigit() else 0
+
+
+@lru_cache(maxsize=16)
+def nvdec_problem(gpu: int = 0) -> str | None:
+    """Why NVDEC cannot decode H.264 on GPU `gpu` here (None when it can); checked once per GPU by opening
+    the CUDA device FFmpeg would decode on."""
+    try:
+        import av
+    except ImportError as e:
+        return f"PyAV is not installed ({e})"
+    try:
+        from av.codec.hwaccel import HWAccel, hwdevices_available
+    except ImportError:
+        return f"PyAV {av.__version__} has no hardware decoding (it came with PyAV 14)"
+    if "cuda" not in hwdevices_available():
+        return f"this PyAV's FFmpeg has no CUDA hardware device (it lists {hwdevices_available()})"
+    if "h264_cuvid" not in av.codecs_available:
+        return "this PyAV's FFmpeg was built without NVIDIA's decoders"
+    try:
+        HWAccel("cuda", device=str(gpu), options={"primary_ctx": "1"}).create(av.Codec("h264", "r"))
+    except Exception as e:  # no driver (EPERM / ENOSYS), no such GPU, ...
+        return f"cannot open CUDA device {gpu} for decoding ({type(e).__name__}: {str(e).strip() or 'no detail'})"
+    return None
+
+
+def hwaccel_for(mode: str, device: str) -> HWAccel | None:
+    """The PyAV hardware acceleration for a stream served on `device` ('cpu', 'cuda:N') under `--decode mode`,
+    or None to decode on the CPU. Never raises for a missing GPU: that is logged once and the CPU used."""
+    if mode not in DECODE_MODES:
+        raise ValueError(f"decode mode {mode!r}: use one of {', '.join(DECODE_MODES)}")
+    if mode == "cpu":
+        return None
+    gpu = gpu_index(device)
+    if mode == "auto" and gpu is None:
+        _log_once(logging.INFO, "--decode auto: streams served on the CPU are decoded on the CPU")
+        return None
+    gpu = gpu or 0
+    problem = nvdec_problem(gpu)
+    if problem is not None:
+        if mode == "auto":
+            _log_once(logging.INFO, f"--decode auto: decoding on the CPU: NVDEC unavailable: {problem}")
+        else:
+            _log_once(logging.WARNING, f"--decode nvdec: NVDEC unavailable, decoding on the CPU instead: {problem}")
+        return None
+    _log_once(logging.INFO, f"--decode {mode}: decoding cameras on NVDEC (GPU {gpu}), frames copied back to "
+              "system memory for the letterbox resize")
+    from av.codec.hwaccel import HWAccel
+
+    # allow_software_fallback: a stream NVDEC cannot take (a profile it lacks) is decoded by FFmpeg in software
+    return HWAccel("cuda", device=str(gpu), allow_software_fallback=True, options={"primary_ctx": "1"})
