@@ -220,6 +220,9 @@ def test_file_plays_in_real_time_and_loops(tmp_path):
     assert n <= 2.0 * 25 + 3, f"{n} frames in 2 s: a 25 fps file must be paced, not decoded flat out"
     gaps = np.diff(sink.times)
     assert np.median(gaps) == pytest.approx(0.04, abs=0.012)
+    # one schedule across loops: frame k is due k/25 s after the first, the loop's seam included (no reopen gap,
+    # no early restart)
+    assert (sink.times[-1] - sink.times[0]) == pytest.approx((n - 1) / 25, abs=0.03)
 
 
 def test_server_with_nvdec_serves_a_file_camera_on_any_machine(tmp_path):

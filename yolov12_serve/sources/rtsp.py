@@ -8,7 +8,8 @@ that retrying cannot fix (no video track, no decoder for the codec, a missing fi
 Stalls: the server's watchdog calls `restart()` when STREAMING brings no frame for `stall_s`; the stuck
 thread is abandoned (it exits at its next wake-up, when its read times out) and a fresh one connects.
 Files are paced at their own frame rate and loop at the end, like a camera that never stops (a recording
-replayed as a camera; the GPU check's 1080p cameras are such files).
+replayed as a camera; the GPU check's 1080p cameras are such files): the loop seeks back to the start on the
+same connection and keeps one schedule, so the seam has no gap and costs no decoder set-up.
 Decoding: on the CPU, or on the GPU's NVDEC (`--decode`, chosen per connect by hwdecode.py). Frames come
 back to system memory either way and are letterboxed here as before. When hardware decoding fails on a
 stream that is otherwise fine (the decoder will not open, or a packet fails in the hardware decoder), the
@@ -222,40 +223,78 @@ class AvSource(Source):
             video.thread_type = "SLICE"  # slice threads add no latency; frame threads would buffer frames
             min_gap = 1.0 / self.sink.max_fps if self.sink.max_fps > 0 else 0.0
             last_emit = -1e9
-            t_start, pts_start = None, None
+            pacer = _FilePacer() if self.is_file else None
             first = True
             try:
-                for frame in self._frames(container, video, hardware):
-                    if not self._current(gen):
-                        return
-                    if first:
-                        first = False
-                        self._note_decoder(video, requested)
-                    t = now()
-                    self.last_frame_at = t
-                    if not self._streaming:
-                        with self._lock:
-                            if not self._current(gen):
-                                return
-                            self._streaming = True
-                            self.sink.set_state(StreamState.STREAMING)
-                        backoff.reset()
-                    if self.is_file and frame.time is not None:  # pace files at their own rate
-                        if t_start is None:
-                            t_start, pts_start = t, frame.time
-                        wait = (frame.time - pts_start) - (t - t_start)
-                        if wait > 0:
-                            self._stopped.wait(wait)
-                            t = now()
-                    if min_gap and t - last_emit < min_gap * 0.95:
-                        continue
-                    last_emit = t
-                    lb = self.sink.plan((frame.height, frame.width))
-                    image = letterbox_avframe(frame, lb)
-                    self.sink.put(image, lb, time.time_ns() // 1000)
+                while True:
+                    for frame in self._frames(container, video, hardware):
+                        if not self._current(gen):
+                            return
+                        if first:
+                            first = False
+                            self._note_decoder(video, requested)
+                        t = now()
+                        self.last_frame_at = t
+                        if not self._streaming:
+                            with self._lock:
+                                if not self._current(gen):
+                                    return
+                                self._streaming = True
+                                self.sink.set_state(StreamState.STREAMING)
+                            backoff.reset()
+                        if pacer is not None and frame.time is not None:  # pace files at their own rate
+                            wait = pacer.wait(frame.time, t)
+                            if wait > 0:
+                                self._stopped.wait(wait)
+                                t = now()
+                        if min_gap and t - last_emit < min_gap * 0.95:
+                            continue
+                        last_emit = t
+                        lb = self.sink.plan((frame.height, frame.width))
+                        image = letterbox_avframe(frame, lb)
+                        self.sink.put(image, lb, time.time_ns() // 1000)
+                    if pacer is None or not self._current(gen) or not self._rewind(container):
+                        return  # a camera that ended, or a file that cannot seek (the caller reopens it)
+                    pacer.rewind()
             except av.error.DecoderNotFoundError as e:
                 raise PermanentSourceError(f"no decoder for {redact_url(self.url)}'s video: {e}") from e
             except av.error.ExitError:
                 raise TimeoutError(f"no data for {self.options.read_timeout_s:g} s") from None
         finally:
             container.close()
+
+    @staticmethod
+    def _rewind(container: InputContainer) -> bool:
+        """Seek a file back to its start (decoder flushed, same connection); False when it cannot seek."""
+        import av
+
+        try:
+            container.seek(0)
+        except (av.error.FFmpegError, OSError):
+            return False
+        return True
+
+
+class _FilePacer:
+    """Real-time pacing of a file's frames by their timestamps, without a gap or a jump where it loops."""
+
+    def __init__(self) -> None:
+        self.start: float | None = None  # wall time of the first frame
+        self.first = 0.0  # its media time
+        self.offset = 0.0  # media seconds played in earlier loops
+        self.last = 0.0  # media time of the latest frame
+        self.step = 0.04  # latest frame interval (the pause between a loop's last frame and the next first)
+
+    def wait(self, media_time: float, t: float) -> float:
+        """Seconds until the frame at `media_time` is due, at wall time `t`."""
+        if self.start is None:
+            self.start, self.first, self.last = t, media_time, media_time
+        if 0 < media_time - self.last < 1.0:
+            self.step = media_time - self.last
+        self.last = media_time
+        return self.offset + (media_time - self.first) - (t - self.start)
+
+    def rewind(self) -> None:
+        """The file starts again: its next frames follow the last one by one frame interval."""
+        self.offset += self.last - self.first + self.step
+        self.last = self.first
