@@ -145,6 +145,20 @@ def test_nvdec_without_a_usable_gpu_decodes_on_the_cpu_and_warns_once(fresh_log_
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
+def test_gpu_decoded_frames_are_told_from_software_ones():
+    """The probe's test stream decodes in software here; its planar frames must not pass for NVDEC's NV12."""
+    import io
+
+    import av
+
+    with av.open(io.BytesIO(hwdecode._tiny_h264()), format="h264") as c:
+        video = c.streams.video[0]
+        frames = list(c.decode(video))
+    assert len(frames) == 3
+    assert not hwdecode.decoded_on_gpu(video.codec_context, frames[0])
+    assert hwdecode.decoded_on_gpu(video.codec_context, frames[0].reformat(format="nv12"))  # what NVDEC hands back
+
+
 # ------------------------------------------------------------------------------------------------ fallback
 def test_nvdec_stream_serves_frames_decoded_where_the_machine_allows(tmp_path, fresh_log_once, caplog):
     caplog.set_level(logging.INFO, "yolov12_serve")

@@ -19,6 +19,7 @@ A stream whose hardware decoding fails later falls back to the CPU with one warn
 
 from __future__ import annotations
 
+import io
 import logging
 import threading
 from functools import lru_cache
@@ -29,7 +30,7 @@ from ..config import DECODE_MODES
 if TYPE_CHECKING:
     from av.codec.hwaccel import HWAccel
 
-__all__ = ["DECODE_MODES", "gpu_index", "hwaccel_for", "nvdec_problem"]
+__all__ = ["DECODE_MODES", "decoded_on_gpu", "gpu_index", "hwaccel_for", "nvdec_problem"]
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +56,9 @@ def gpu_index(device: str) -> int | None:
 
 @lru_cache(maxsize=16)
 def nvdec_problem(gpu: int = 0) -> str | None:
-    """Why NVDEC cannot decode H.264 on GPU `gpu` here (None when it can); checked once per GPU by opening
-    the CUDA device FFmpeg would decode on."""
+    """Why NVDEC cannot decode H.264 on GPU `gpu` here (None when it can); checked once per GPU by decoding a
+    tiny H.264 stream through the CUDA hwaccel (the CUDA device alone can open while the driver's video
+    library, libnvcuvid, is missing, and FFmpeg would then quietly decode in software)."""
     try:
         import av
     except ImportError as e:
@@ -72,8 +74,51 @@ def nvdec_problem(gpu: int = 0) -> str | None:
     try:
         HWAccel("cuda", device=str(gpu), options={"primary_ctx": "1"}).create(av.Codec("h264", "r"))
     except Exception as e:  # no driver (EPERM / ENOSYS), no such GPU, ...
-        return f"cannot open CUDA device {gpu} for decoding ({type(e).__name__}: {str(e).strip() or 'no detail'})"
+        return f"cannot open CUDA device {gpu} for decoding ({_describe(e)})"
+    try:
+        sample = _tiny_h264()
+    except Exception:  # no encoder in this FFmpeg: the device check above is all we can do
+        return None
+    try:
+        with av.open(io.BytesIO(sample), format="h264", hwaccel=HWAccel(
+                "cuda", device=str(gpu), allow_software_fallback=False, options={"primary_ctx": "1"})) as c:
+            video = c.streams.video[0]
+            frames = list(c.decode(video))
+    except Exception as e:
+        return f"NVDEC failed on a test H.264 stream on GPU {gpu} ({_describe(e)})"
+    if not frames or not decoded_on_gpu(video.codec_context, frames[0]):
+        return (f"NVDEC did not decode a test H.264 stream on GPU {gpu} (FFmpeg fell back to software; is the "
+                "driver's video library libnvcuvid missing?)")
     return None
+
+
+def decoded_on_gpu(ctx: object, frame: object) -> bool:
+    """Whether a frame from an hwaccel-opened decoder came from the GPU: the decoder's format is 'cuda', or the
+    frame is NV12/P010 (what NVDEC hands back; FFmpeg's software H.264/HEVC decoders give planar YUV)."""
+    return getattr(ctx, "pix_fmt", None) == "cuda" or frame.format.name in ("nv12", "p010le", "p016le")
+
+
+def _tiny_h264(frames: int = 3, size: tuple[int, int] = (144, 256)) -> bytes:
+    """A few frames of raw H.264 (Annex B) made by libx264, to try a decoder on."""
+    import av
+    import numpy as np
+
+    buf = io.BytesIO()
+    with av.open(buf, "w", format="h264") as out:
+        s = out.add_stream("libx264", rate=25)
+        s.height, s.width = size
+        s.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.full((*size, 3), 40 * i, np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                out.mux(packet)
+        for packet in s.encode():
+            out.mux(packet)
+    return buf.getvalue()
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {str(e).strip() or 'no detail'}"
 
 
 def hwaccel_for(mode: str, device: str) -> HWAccel | None:

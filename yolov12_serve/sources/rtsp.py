@@ -29,7 +29,7 @@ from ..frames import now
 from ..preprocess import letterbox_avframe
 from .backoff import Backoff
 from .base import FrameSink, Source, StreamState
-from .hwdecode import hwaccel_for
+from .hwdecode import decoded_on_gpu, hwaccel_for
 
 if TYPE_CHECKING:
     import av
@@ -182,10 +182,10 @@ class AvSource(Source):
         """True when this connection's decoder runs on the GPU (its decoding errors are then the hardware's)."""
         return requested and video.codec_context.is_hwaccel
 
-    def _note_decoder(self, video: VideoStream, requested: bool) -> None:
+    def _note_decoder(self, video: VideoStream, frame: av.VideoFrame, requested: bool) -> None:
         """After a connection's first frame: record (and log when it changes) where this stream is decoded."""
         ctx = video.codec_context
-        on_gpu = requested and ctx.is_hwaccel and ctx.pix_fmt == "cuda"  # else FFmpeg decodes it in software
+        on_gpu = requested and ctx.is_hwaccel and decoded_on_gpu(ctx, frame)  # else FFmpeg decoded it in software
         decoder = "nvdec" if on_gpu else "cpu"
         if decoder != self.decoder:
             if on_gpu:
@@ -232,7 +232,7 @@ class AvSource(Source):
                             return
                         if first:
                             first = False
-                            self._note_decoder(video, requested)
+                            self._note_decoder(video, frame, requested)
                         t = now()
                         self.last_frame_at = t
                         if not self._streaming:
