@@ -32,5 +32,17 @@ _configure_ultralytics()
 
 @pytest.fixture(scope="session")
 def ultralytics():
-    """The ultralytics package as an oracle, or a skip with the reason."""
-    return pytest.importorskip("ultralytics", reason="ultralytics (test-only oracle) is not installed")
+    """The ultralytics package as an oracle, or a skip with the reason.
+
+    Importing it monkey-patches PIL.Image.open and cv2.imread/imwrite/imshow process-wide; the
+    originals are put back so that tests after an oracle test see the libraries as users do.
+    """
+    import cv2
+    from PIL import Image
+
+    saved = (Image.open, cv2.imread, cv2.imwrite, cv2.imshow)
+    module = pytest.importorskip("ultralytics", reason="ultralytics (test-only oracle) is not installed")
+    import ultralytics.utils.patches  # noqa: F401 - the module that patches
+
+    Image.open, cv2.imread, cv2.imwrite, cv2.imshow = saved
+    return module

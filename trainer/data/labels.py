@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from .config import IMAGE_SUFFIXES, label_path_for
 
@@ -102,7 +102,9 @@ def read_image_shape(path: Path) -> tuple[int, int]:
                     f.seek(-2, 2)
                     if f.read() != b"\xff\xd9":
                         raise ValueError("truncated JPEG (no end-of-image marker)")
-    except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    except ValueError:
+        raise
+    except Exception as e:  # Pillow raises many kinds for broken files (and its plugins more)
         raise ValueError(f"corrupt image ({e})") from None
     if min(h, w) < MIN_IMAGE_SIDE:
         raise ValueError(f"image too small ({w}x{h}; each side must be at least {MIN_IMAGE_SIDE} px)")
