@@ -145,6 +145,22 @@ def test_nvdec_without_a_usable_gpu_decodes_on_the_cpu_and_warns_once(fresh_log_
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
 
 
+def test_cuda_context_errors_name_the_call():
+    """The primary context is reached through libcuda alone; without a driver (or GPU) the error says so."""
+    import ctypes
+
+    from yolov12_serve.sources.cudactx import CudaDriverError, make_current
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        with pytest.raises(CudaDriverError, match="no CUDA driver"):
+            make_current(0)
+        return
+    with pytest.raises(CudaDriverError, match=r"cuDeviceGet\(999\) failed: CUDA_ERROR_INVALID_DEVICE"):
+        make_current(999)
+
+
 def test_gpu_decoded_frames_are_told_from_software_ones():
     """The probe's test stream decodes in software here; its planar frames must not pass for NVDEC's NV12."""
     import io

@@ -6,8 +6,9 @@ nvdec hwaccel), and each frame comes back to system memory (NV12), where the let
 (swscale in the source's thread). What moves to the GPU is the entropy decoding and reconstruction, the
 largest part of a 1080p frame's CPU cost.
 
-The decoder uses the GPU's primary CUDA context (`primary_ctx=1`), the one PyTorch uses: no extra context per
-stream, no context switches between decoding and inference.
+The decoders run in the GPU's primary CUDA context, the one the engines use (cudactx.py makes it current on the
+source's thread and FFmpeg takes it with `current_ctx=1`): no context per stream, no time-slicing between
+decoding and inference.
 
 Choice per stream, at each (re)connect:
   cpu    always the CPU (the default).
@@ -26,6 +27,7 @@ from functools import lru_cache
 from typing import TYPE_CHECKING
 
 from ..config import DECODE_MODES
+from .cudactx import make_current
 
 if TYPE_CHECKING:
     from av.codec.hwaccel import HWAccel
@@ -64,7 +66,7 @@ def nvdec_problem(gpu: int = 0) -> str | None:
     except ImportError as e:
         return f"PyAV is not installed ({e})"
     try:
-        from av.codec.hwaccel import HWAccel, hwdevices_available
+        from av.codec.hwaccel import hwdevices_available
     except ImportError:
         return f"PyAV {av.__version__} has no hardware decoding (it came with PyAV 14)"
     if "cuda" not in hwdevices_available():
@@ -72,16 +74,15 @@ def nvdec_problem(gpu: int = 0) -> str | None:
     if "h264_cuvid" not in av.codecs_available:
         return "this PyAV's FFmpeg was built without NVIDIA's decoders"
     try:
-        HWAccel("cuda", device=str(gpu), options={"primary_ctx": "1"}).create(av.Codec("h264", "r"))
-    except Exception as e:  # no driver (EPERM / ENOSYS), no such GPU, ...
+        _cuda_hwaccel(gpu, fallback=False).create(av.Codec("h264", "r"))
+    except Exception as e:  # no driver, no such GPU, ...
         return f"cannot open CUDA device {gpu} for decoding ({_describe(e)})"
     try:
         sample = _tiny_h264()
     except Exception:  # no encoder in this FFmpeg: the device check above is all we can do
         return None
     try:
-        with av.open(io.BytesIO(sample), format="h264", hwaccel=HWAccel(
-                "cuda", device=str(gpu), allow_software_fallback=False, options={"primary_ctx": "1"})) as c:
+        with av.open(io.BytesIO(sample), format="h264", hwaccel=_cuda_hwaccel(gpu, fallback=False)) as c:
             video = c.streams.video[0]
             frames = list(c.decode(video))
     except Exception as e:
@@ -121,9 +122,19 @@ def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {str(e).strip() or 'no detail'}"
 
 
+def _cuda_hwaccel(gpu: int, fallback: bool) -> HWAccel:
+    """PyAV's CUDA acceleration on GPU `gpu`, in its primary context, which this makes current on the calling
+    thread (FFmpeg takes the current context when the stream is opened)."""
+    from av.codec.hwaccel import HWAccel
+
+    make_current(gpu)
+    return HWAccel("cuda", device=str(gpu), allow_software_fallback=fallback, options={"current_ctx": "1"})
+
+
 def hwaccel_for(mode: str, device: str) -> HWAccel | None:
     """The PyAV hardware acceleration for a stream served on `device` ('cpu', 'cuda:N') under `--decode mode`,
-    or None to decode on the CPU. Never raises for a missing GPU: that is logged once and the CPU used."""
+    or None to decode on the CPU; call it on the thread that opens the stream. Never raises for a missing GPU:
+    that is logged once and the CPU used."""
     if mode not in DECODE_MODES:
         raise ValueError(f"decode mode {mode!r}: use one of {', '.join(DECODE_MODES)}")
     if mode == "cpu":
@@ -142,7 +153,5 @@ def hwaccel_for(mode: str, device: str) -> HWAccel | None:
         return None
     _log_once(logging.INFO, f"--decode {mode}: decoding cameras on NVDEC (GPU {gpu}), frames copied back to "
               "system memory for the letterbox resize")
-    from av.codec.hwaccel import HWAccel
-
     # allow_software_fallback: a stream NVDEC cannot take (a profile it lacks) is decoded by FFmpeg in software
-    return HWAccel("cuda", device=str(gpu), allow_software_fallback=True, options={"primary_ctx": "1"})
+    return _cuda_hwaccel(gpu, fallback=True)
