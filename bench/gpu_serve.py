@@ -203,9 +203,13 @@ class Nvml:
         self.samples: list[tuple[float, float]] = []
 
     def sample(self) -> None:
-        if self.handle is not None:
+        if self.handle is None:
+            return
+        try:
             dec = self.nvml.nvmlDeviceGetDecoderUtilization(self.handle)[0]
             self.samples.append((float(dec), float(self.nvml.nvmlDeviceGetUtilizationRates(self.handle).gpu)))
+        except Exception:  # a reading NVML refuses on this machine: the columns stay empty
+            self.handle = None
 
     def take(self) -> tuple[float | None, float | None]:
         """(NVDEC %, GPU %) averaged since the last take."""
