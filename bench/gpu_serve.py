@@ -254,7 +254,7 @@ def run_path(plan: Plan, decode: str, clip: Path, tmp: Path, deadline: float) ->
     """One server with `--decode decode`: the ramp of steps until saturated or out of time."""
     log = tmp / f"server-{decode}.log"
     t0 = time.perf_counter()
-    server = Server(plan, decode, log)
+    server = Server(plan, decode, log, startup_s=min(240.0, max(60.0, deadline - t0)))
     out: dict[str, Any] = {"decode": decode, "startup_s": time.perf_counter() - t0, "rows": [], "stopped": ""}
     nvml = Nvml(plan.gpus)
     try:
