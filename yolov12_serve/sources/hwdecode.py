@@ -30,7 +30,9 @@ from ..config import DECODE_MODES
 from .cudactx import make_current
 
 if TYPE_CHECKING:
+    from av import VideoFrame
     from av.codec.hwaccel import HWAccel
+    from av.video.codeccontext import VideoCodecContext
 
 __all__ = ["DECODE_MODES", "decoded_on_gpu", "gpu_index", "hwaccel_for", "nvdec_problem"]
 
@@ -93,10 +95,10 @@ def nvdec_problem(gpu: int = 0) -> str | None:
     return None
 
 
-def decoded_on_gpu(ctx: object, frame: object) -> bool:
+def decoded_on_gpu(ctx: VideoCodecContext, frame: VideoFrame) -> bool:
     """Whether a frame from an hwaccel-opened decoder came from the GPU: the decoder's format is 'cuda', or the
     frame is NV12/P010 (what NVDEC hands back; FFmpeg's software H.264/HEVC decoders give planar YUV)."""
-    return getattr(ctx, "pix_fmt", None) == "cuda" or frame.format.name in ("nv12", "p010le", "p016le")
+    return ctx.pix_fmt == "cuda" or frame.format.name in ("nv12", "p010le", "p016le")
 
 
 def _tiny_h264(frames: int = 3, size: tuple[int, int] = (144, 256)) -> bytes:
