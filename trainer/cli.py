@@ -66,16 +66,24 @@ def train_main(argv: list[str] | None = None) -> int:
                     "A global batch of any size fits: it is split across GPUs, then into micro-batches.")
     _add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    try:
-        from . import YOLO
-        from .checkpoint import CheckpointError
+    from .data.config import load_data_config
 
+    try:  # option and data errors come before torch is even imported
+        TrainConfig.from_kwargs(**args)
+        if not args.get("resume"):
+            load_data_config(args["data"])
+    except (ValueError, FileNotFoundError) as e:
+        return _fail("yolov12-train", e)
+    from . import YOLO
+    from .checkpoint import CheckpointError
+
+    try:
         model = args.pop("model")
         metrics = YOLO(model).train(model=model, **args)
     except KeyboardInterrupt:
         print("yolov12-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError) as e:
+    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, TypeError) as e:
         return _fail("yolov12-train", e)
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
