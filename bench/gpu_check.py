@@ -95,8 +95,11 @@ def environment(device: str) -> tuple[str, Any]:
     try:
         import av
 
-        info["nvdec"] = "h264_cuvid" in av.codecs_available
+        from yolov12_serve.sources.hwdecode import nvdec_problem
+
         info["av_hwdevices"] = list(av.codec.hwaccel.hwdevices_available())
+        problem = nvdec_problem(0)  # decodes a tiny clip through the hardware path
+        info["nvdec"] = "works" if problem is None else f"unavailable: {problem}"
     except Exception as e:
         info["nvdec"] = f"unknown ({e})"
     return table(["key", "value"], [[k, v] for k, v in info.items()]), info
