@@ -153,3 +153,32 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         assert out.returncode == 2, out.stderr
         lines = [ln for ln in out.stderr.strip().splitlines() if ln]
         assert len(lines) == 1 and lines[0].startswith("yolov12-train: error:"), out.stderr
+
+
+DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
+
+
+def test_learns_synthetic_defects(tmp_path: Path) -> None:
+    """Acceptance 5, sized for CI: a fresh detection head on the demo backbone learns new synthetic defects.
+
+    Training yolov12n from scratch needs thousands of iterations before mAP moves (measured here: mAP50
+    0.001 after 8 epochs of 240 images), far beyond a CI budget. So the backbone and neck come from the
+    bundled demo checkpoint and the whole Detect head (box and class branches) is re-initialised: mAP50
+    starts at ~0 and must rise clearly in two short epochs. A broken loss, assigner, optimizer or
+    gradient normalisation keeps it at ~0.
+    """
+    from trainer.checkpoint import load_checkpoint
+    from trainer.data import synthesize
+
+    data = synthesize(tmp_path / "data", images=120, imgsz=320, val_fraction=0.25, seed=11)
+    pretrained = load_checkpoint(DEMO_CKPT).model
+    torch.manual_seed(0)
+    model = build_model(pretrained.spec.yaml, names=pretrained.names, variant=pretrained.spec.variant)
+    head = f"model.{len(model.model) - 1}."
+    model.load_state_dict({k: v for k, v in pretrained.state_dict().items() if not k.startswith(head)}, strict=False)
+    yolo = YOLO(model)
+    before = yolo.val(data=str(data), imgsz=320, batch=16, verbose=False)["mAP50"]
+    metrics = yolo.train(data=str(data), epochs=2, imgsz=320, batch=8, workers=0, warmup_epochs=0, optimizer="AdamW",
+                         lr0=0.002, close_mosaic=1, project=str(tmp_path), name="learn", plots=False, verbose=False)
+    assert before < 0.05
+    assert metrics["mAP50"] > max(0.2, before + 0.15), (before, metrics)
