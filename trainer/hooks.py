@@ -90,8 +90,10 @@ class ValidationHook(HookBase):
         t = self.trainer
         final = t.epoch + 1 == t.cfg.epochs
         if t.ctx.is_main and t.validator is not None and (t.cfg.val or final):
-            t.metrics = t.validator(t.eval_model())
-            t.fitness = 0.1 * t.metrics["mAP50"] + 0.9 * t.metrics["mAP50-95"]
+            t.metrics = m = t.validator(t.eval_model())
+            t.fitness = 0.1 * m["mAP50"] + 0.9 * m["mAP50-95"]
+            t.log(f"epoch {t.epoch + 1}: mAP50-95 {m['mAP50-95']:.4f}  mAP50 {m['mAP50']:.4f}  "
+                  f"P {m.get('precision', 0):.3f}  R {m.get('recall', 0):.3f}")
 
 
 class ResultsCSVHook(HookBase):
@@ -175,13 +177,8 @@ class ProgressHook(HookBase):
             self.bar.update(1)
 
     def after_epoch(self) -> None:
-        t = self.trainer
         if self.bar is not None:
             self.bar.close()
-        if t.ctx.is_main and t.metrics:
-            m = t.metrics
-            t.log(f"epoch {t.epoch + 1}: mAP50-95 {m['mAP50-95']:.4f}  mAP50 {m['mAP50']:.4f}  "
-                  f"P {m.get('precision', 0):.3f}  R {m.get('recall', 0):.3f}")
 
 
 class PlotsHook(HookBase):
