@@ -34,15 +34,20 @@ def machine() -> str:
 
 
 def interleaved(fns: dict[str, Callable[[], object]], repeats: int = 20, warmup: int = 3) -> dict[str, float]:
-    """Median seconds per call of each function, measured in alternation so machine noise hits all alike."""
+    """Median seconds per call of each function, measured in alternation so machine noise hits all alike.
+
+    The order rotates every round: in a fixed order each function always follows the same neighbour
+    (warm caches and allocator blocks of a same-shaped model, or cold ones), a bias that never averages out.
+    """
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict[str, list[float]] = {k: [] for k in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[:r % len(names)]:
             t0 = time.perf_counter()
-            fn()
+            fns[name]()
             times[name].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
