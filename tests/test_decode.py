@@ -69,6 +69,7 @@ class Sink:
         return self.planner.plan(src_hw)
 
     def put(self, image, letterbox, capture_time_us) -> None:
+        image = image() if callable(image) else image  # cameras defer the letterbox: run it, as a worker would
         with self._lock:
             self.times.append(time.monotonic())
             self.shapes.add(image.shape)

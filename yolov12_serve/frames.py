@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -16,22 +17,33 @@ now = time.perf_counter  # the pipeline's clock (seconds, monotonic, shared by a
 
 @dataclass(eq=False)
 class Frame:
-    """One frame ready for the engine: `input` is uint8 [h, w, 3] RGB, letterboxed to the device's input shape."""
+    """One frame for the engine: `input` is uint8 [h, w, 3] RGB, letterboxed to the device's input shape.
+
+    A camera hands over `prepare` instead (the letterbox of a decoded frame, not yet run): newest-wins drops
+    most frames of a busy camera, so only the frames that reach an engine pay for the conversion.
+    """
 
     stream_id: str
     frame_id: int
-    input: np.ndarray
+    input: np.ndarray | None
     letterbox: Letterbox
     capture_time_us: int  # wall clock, microseconds since the epoch (the camera's or the client's)
     ingest_time: float  # now() when the frame was handed to the scheduler (push: when it was received)
     deadline: float  # ingest_time + SLO
     droppable: bool = True  # pulled cameras: may be dropped as "late"; pushed frames are always answered
     public: bool = True  # False: a one-off DetectImage frame, not shown to WatchDetections(all)
+    prepare: Callable[[], np.ndarray] | None = None  # builds `input` when it is None
 
     @property
     def shape(self) -> tuple[int, int]:
         """The input (h, w): frames of the same shape batch together."""
-        return self.input.shape[0], self.input.shape[1]
+        return self.letterbox.input_hw if self.input is None else (self.input.shape[0], self.input.shape[1])
+
+    def materialize(self) -> np.ndarray:
+        """The engine input, built now if it was deferred (by the worker that runs the frame)."""
+        if self.input is None:
+            self.input, self.prepare = self.prepare(), None
+        return self.input
 
 
 @dataclass(eq=False)

@@ -110,7 +110,8 @@ class Stream:
         assert self.runtime is not None, "stream not placed on a device"
         return self.runtime.planner.plan(src_hw)
 
-    def put(self, image: np.ndarray, letterbox: Letterbox, capture_time_us: int, frame_id: int | None = None,
+    def put(self, image: np.ndarray | Callable[[], np.ndarray], letterbox: Letterbox, capture_time_us: int,
+            frame_id: int | None = None,
             ingest_time: float | None = None) -> Frame | None:
         """Number the frame (unless the client did), stamp ingest time and deadline, hand it to the scheduler
         (None once the stream is removed: nothing is counted or queued any more)."""
@@ -119,8 +120,9 @@ class Stream:
         if self.state == StreamState.STOPPED:  # a source thread finishing its last frame after removal
             return None
         self.src_hw = letterbox.src_hw
-        frame = Frame(self.stream_id, fid, image, letterbox, capture_time_us, t, t + self.slo_s,
-                      self.droppable, self.public)
+        deferred = callable(image)  # a camera's letterbox, run only if the frame reaches an engine
+        frame = Frame(self.stream_id, fid, None if deferred else image, letterbox, capture_time_us, t,
+                      t + self.slo_s, self.droppable, self.public, image if deferred else None)
         self._on_ingest(self)
         runtime = self.runtime
         replaced = runtime.scheduler.submit(frame) if runtime is not None else frame

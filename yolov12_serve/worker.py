@@ -70,10 +70,10 @@ class DeviceWorker:
     def run(self, batch: Batch) -> None:
         """Run one batch and publish one result per frame (an error result for each frame if the engine failed)."""
         frames = batch.frames
-        x = frames[0].input[None] if len(frames) == 1 else np.stack([f.input for f in frames])
         t0 = now()
         error = None
         try:
+            x = frames[0].materialize()[None] if len(frames) == 1 else np.stack([f.materialize() for f in frames])
             outputs = self.engine.infer(x)
             if len(outputs) != len(frames):
                 raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import enum
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Protocol
 
 import numpy as np
@@ -36,8 +37,9 @@ class FrameSink(Protocol):
         """The letterbox for frames of this source size on the stream's current device."""
         ...
 
-    def put(self, image: np.ndarray, letterbox: Letterbox, capture_time_us: int) -> None:
-        """Hand over one letterboxed frame (the stream numbers it and sends it to the scheduler)."""
+    def put(self, image: np.ndarray | Callable[[], np.ndarray], letterbox: Letterbox, capture_time_us: int) -> None:
+        """Hand over one letterboxed frame, or the call that letterboxes it (run only if the frame reaches an
+        engine); the stream numbers it and sends it to the scheduler."""
         ...
 
     def set_state(self, state: StreamState, error: str = "") -> None:

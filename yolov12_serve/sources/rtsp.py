@@ -18,6 +18,7 @@ stream is reopened at once on the CPU, with one warning, and stays there until i
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -251,8 +252,8 @@ class AvSource(Source):
                             continue
                         last_emit = t
                         lb = self.sink.plan((frame.height, frame.width))
-                        image = letterbox_avframe(frame, lb)
-                        self.sink.put(image, lb, time.time_ns() // 1000)
+                        # deferred: newest-wins drops most frames of a busy camera before they reach an engine
+                        self.sink.put(functools.partial(letterbox_avframe, frame, lb), lb, time.time_ns() // 1000)
                     if pacer is None or not self._current(gen) or not self._rewind(container):
                         return  # a camera that ended, or a file that cannot seek (the caller reopens it)
                     pacer.rewind()
