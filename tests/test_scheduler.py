@@ -415,3 +415,24 @@ def test_late_batches_take_the_efficient_size_big_where_batching_pays():
             s.add_stream(f"p{i}", capacity=2, exclusive=True)
             s.submit(frame(f"p{i}", i, 99.0, droppable=False))
         assert s.schedule(0).size == want
+
+
+def test_a_deferred_letterbox_runs_only_for_the_frame_that_is_run() -> None:
+    """A camera hands over the letterbox call, not the pixels: a superseded frame never pays for it."""
+    calls: list[int] = []
+
+    def deferred(fid: int):
+        def prepare() -> np.ndarray:
+            calls.append(fid)
+            return np.full((192, 320, 3), fid, np.uint8)
+        return prepare
+
+    lb = plan_letterbox((360, 640), (192, 320))
+    box = Mailbox(1)
+    for fid in range(3):
+        evicted = box.put(Frame("cam", fid, None, lb, 0, 0.0, SLO, prepare=deferred(fid)))
+        assert evicted is None or evicted.input is None  # dropped unconverted
+    newest = box.take()
+    assert newest.shape == (192, 320) and calls == []
+    assert int(newest.materialize()[0, 0, 0]) == 2 and newest.materialize() is newest.input
+    assert calls == [2]  # once, and only for the frame that ran
