@@ -78,6 +78,21 @@ def test_run_time_model_learns_extrapolates_and_forgets_outliers():
     assert cost.predict(4, (384, 640), 0.5) == pytest.approx(0.080)  # ...from the same batch size where seen
 
 
+
+def test_run_time_model_forgets_runs_older_than_its_horizon_but_keeps_the_newest():
+    clock = Clock(0.0)
+    cost = RunTimeModel(horizon_s=5.0, clock=clock)
+    for _ in range(40):
+        cost.observe(1, (192, 320), 0.060)  # cameras starting up crowd the CPU
+    clock.t = 30.0
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.060)  # nothing newer: the newest runs still stand
+    cost.observe(1, (192, 320), 0.020)  # one run after the horizon replaces the whole slow spell
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.020)
+    assert cost.known()[((192, 320), 1)][2] == 1
+    clock.t = 31.0
+    cost.observe(1, (192, 320), 0.030)  # within the horizon: both count
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.025)
+
 # ------------------------------------------------------------------------------------------------ scheduler
 def make_scheduler(cost, max_batch=16, process_late=False, clock=None):
     drops: list[tuple[int, str]] = []
@@ -154,6 +169,36 @@ def test_a_stale_pessimistic_estimate_is_re_measured_by_a_probe():
     s.submit(frame("a", 3, 101.47))  # 15 ms left again...
     assert [f.frame_id for f in s.schedule(0).frames] == [3]  # ...but one probe per second
 
+
+
+def test_frames_run_late_in_batches_still_re_measure_a_lone_frame_each_probe_period():
+    """A batch-1 estimate over the SLO (taken while the CPU was crowded) makes every frame "infeasible": they run
+    late, in the most efficient batch. A lone frame must still run once per probe_s, or the estimate never heals."""
+    clock = Clock(100.0)
+    cost = RunTimeModel(clock=clock)
+    for n, seconds in ((1, 0.060), (2, 0.050), (4, 0.080)):  # batch 1 looks slower than batch 2
+        cost.observe(n, (192, 320), seconds)
+    s, drops = make_scheduler(cost, max_batch=2, clock=clock)
+    for i in range(4):
+        s.add_stream(f"s{i}")
+        s.submit(frame(f"s{i}", i, 100.0))
+    assert s.schedule(0).size == 2  # the efficient batch, however late (the model was just measured)
+    clock.t = 100.5
+    assert s.schedule(0).size == 2  # within probe_s: batches again
+    for i in range(4):
+        s.submit(frame(f"s{i}", 20 + i, 101.0))
+    clock.t = 101.2
+    probe = s.schedule(0)
+    assert probe.size == 1  # a second on: one lone frame, measured...
+    s.update_from_output(probe, 0.020)
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.040)  # (60 + 20) / 2: feasible again
+    clock.t = 106.3  # the slow spell is now past the horizon
+    s.submit(frame("s0", 30, 106.28))  # 25 ms left: late by the estimate, but probed
+    probe = s.schedule(0)
+    assert [f.frame_id for f in probe.frames] == [30]
+    s.update_from_output(probe, 0.020)
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.020)  # only recent runs count: on time again
+    assert sorted(drops) == [(21, "late"), (22, "late"), (23, "late")]  # feasible frames past their deadline
 
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     clock = Clock(100.0)

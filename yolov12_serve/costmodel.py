@@ -1,18 +1,26 @@
 """Engine run time per (batch size, input shape), learned online; the scheduler asks it what a batch will cost.
 
-Each (batch, shape) keeps its last `window` run times; predictions are quantiles of that window,
-cached at each observation: the median (`q=0.5`, a typical run) and the 90th percentile (`q=0.9`, a
-slow run). A windowed quantile forgets one slow outlier (a page fault, a noisy neighbour) instead of
-dragging a mean for many runs. Unseen batch sizes are extrapolated from the nearest seen size of the
-same shape (linear in the batch: pessimistic on GPUs, where the scheduler then learns the real,
-smaller figure the first time slack lets it try); unseen shapes scale a seen shape by pixel count
-(the same batch size where one was seen). The server seeds it at start-up with batches 1, 2, 4, ...
+Each (batch, shape) keeps its last `window` run times of the last `horizon_s` seconds (at least the
+newest one); predictions are quantiles of that window, cached at each observation: the median (`q=0.5`,
+a typical run) and the 90th percentile (`q=0.9`, a slow run). A windowed quantile forgets one slow
+outlier (a page fault, a noisy neighbour) instead of dragging a mean for many runs, and the horizon
+makes a rarely run size forget a slow spell at once: otherwise runs measured while the CPU was
+crowded (cameras starting up) kept a size looking too slow to be chosen, so it was never measured
+again (the scheduler probes such sizes now and then; one probe after the horizon replaces them).
+
+Unseen batch sizes are extrapolated from the nearest seen size of the same shape (linear in the
+batch: pessimistic on GPUs, where the scheduler then learns the real, smaller figure the first time
+slack lets it try); unseen shapes scale a seen shape by pixel count (the same batch size where one
+was seen). The server seeds it at start-up with batches 1, 2, 4, ...
 """
 
 from __future__ import annotations
 
 import threading
 from collections import deque
+from collections.abc import Callable
+
+from .frames import now
 
 __all__ = ["RunTimeModel"]
 
@@ -31,12 +39,14 @@ class _Window:
     __slots__ = ("p50", "p90", "times")
 
     def __init__(self, window: int) -> None:
-        self.times: deque[float] = deque(maxlen=window)
+        self.times: deque[tuple[float, float]] = deque(maxlen=window)  # (observed at, run seconds)
         self.p50 = self.p90 = 0.0
 
-    def add(self, seconds: float) -> None:
-        self.times.append(seconds)
-        ordered = sorted(self.times)  # <= 64 floats: a plain sort beats numpy's per-call overhead 20x
+    def add(self, seconds: float, at: float, horizon_s: float) -> None:
+        self.times.append((at, seconds))
+        while len(self.times) > 1 and self.times[0][0] < at - horizon_s:
+            self.times.popleft()
+        ordered = sorted(t for _, t in self.times)  # <= 64 floats: a plain sort beats numpy's per-call overhead 20x
         self.p50, self.p90 = _quantile(ordered, 0.5), _quantile(ordered, 0.9)
 
     def get(self, q: float) -> float:
@@ -46,8 +56,11 @@ class _Window:
 class RunTimeModel:
     """Thread-safe online estimate of how long `Engine.infer` takes for a batch of `n` frames of `shape`."""
 
-    def __init__(self, window: int = 64, default_s: float = 0.02, default_shape: Shape = (320, 320)) -> None:
+    def __init__(self, window: int = 64, default_s: float = 0.02, default_shape: Shape = (320, 320),
+                 horizon_s: float = 5.0, clock: Callable[[], float] = now) -> None:
         self.window = window
+        self.horizon_s = horizon_s
+        self.clock = clock
         self.default_s = default_s  # batch-1 guess for default_shape before anything is measured
         self.default_shape = default_shape
         self._stats: dict[tuple[Shape, int], _Window] = {}
@@ -60,7 +73,7 @@ class RunTimeModel:
             w = self._stats.get(key)
             if w is None:
                 w = self._stats[key] = _Window(self.window)
-            w.add(float(seconds))
+            w.add(float(seconds), self.clock(), self.horizon_s)
 
     def predict(self, n: int, shape: Shape, q: float = 0.9) -> float:
         """Seconds a batch of `n` frames of `shape` takes: q=0.9 a slow run (for planning), q=0.5 a typical one."""

@@ -9,7 +9,9 @@ earliest deadline, but no more than its share when other instances are idle too 
 K batches at once instead of one instance taking everything while the others wait).
 
 So that a wrong, too-slow estimate cannot make it drop everything forever (and never measure again),
-one predicted-late frame per shape and `probe_s` is run anyway while it still has time left. When
+one predicted-late frame per shape and `probe_s` is run anyway while it still has time left, and
+while frames run late in batches, a lone frame at least once per `probe_s` (otherwise a batch-1
+estimate taken while the CPU was crowded kept every frame "infeasible", late and batched for good). When
 even a lone frame takes longer than the SLO (an engine too slow for it), dropping cannot help anyone:
 frames are then run, freshest first, and show up as SLO misses instead. A batch whose first frame is
 late anyway (that case, pushed frames, --process-late) gets the smallest size with 95% of the best
@@ -111,6 +113,7 @@ class DeadlineScheduler(Scheduler):
         self.cost = cost
         self.probe_s = probe_s
         self._last_probe: dict[tuple[int, int], float] = {}
+        self._last_single: dict[tuple[int, int], float] = {}  # when a lone frame of each shape last ran
         self.max_batch = max(1, int(max_batch))
         self.process_late = process_late
         self.on_drop = on_drop or (lambda frame, reason: None)
@@ -188,11 +191,15 @@ class DeadlineScheduler(Scheduler):
         n = 1
         if t + self.cost.predict(1, first.shape, 0.5) > first.deadline:
             n = self._efficient_batch(len(group), first.shape)  # late whatever we do: throughput, then latency
+            if n > 1 and t - self._last_single.setdefault(first.shape, t) >= self.probe_s:
+                n = 1  # re-measure a lone frame now and then: a stale, slow estimate must not keep us here for good
         else:
             for k in range(len(group), 1, -1):
                 if t + self.cost.predict(k, first.shape) <= first.deadline:
                     n = k
                     break
+        if n == 1:
+            self._last_single[first.shape] = t
         frames = []
         for frame, slot in group[:n]:
             slot.mailbox.take()
