@@ -2,13 +2,14 @@
 
 Each camera renders one belt strip once: `strip` parts side by side, each a frame-sized scene with its
 defects (trainer.data.synth.render_scene: numpy + Pillow, no torch), and slides a window along it, so a
-frame costs a slice and a resize, not a render.
+frame costs a slice (and a resize once it reaches an engine), not a render.
 Frames come at the camera's rate in real time; when the machine falls behind, ticks are skipped (a
 camera does not wait for its reader).
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 import zlib
@@ -95,9 +96,8 @@ class SyntheticSource(Source):
         while not self.stopped:
             x = (tick * cam.speed) % period
             lb = self.sink.plan((h, w))
-            image = letterbox_image(strip[:, x:x + w], lb)
-            self.last_frame_at = now()
-            self.sink.put(image, lb, time.time_ns() // 1000)
+            self.last_frame_at = now()  # the letterbox runs only if the frame reaches an engine (as for RTSP)
+            self.sink.put(functools.partial(letterbox_image, strip[:, x:x + w], lb), lb, time.time_ns() // 1000)
             tick += 1
             wait = t0 + tick * dt - now()
             if wait < -dt:  # fell behind: skip the ticks already missed
