@@ -438,6 +438,29 @@ def test_boxes_back_to_source_pixels_match_the_letterbox_maths():
     assert lb.unscale(np.zeros((0, 6), np.float32)).shape == (0, 6)
 
 
+
+def test_whole_factor_resizes_match_the_trainers_resize_and_others_stay_bilinear():
+    """640x360 -> 320x180 (a 2x box average) must give the pixels the trainer's cv2 INTER_LINEAR gives; a
+    non-whole factor still fits the planned letterbox."""
+    cv2 = pytest.importorskip("cv2", reason="opencv comes with the train extra")
+    from yolov12_serve.preprocess import letterbox_image
+
+    img = np.random.default_rng(0).integers(0, 256, (360, 640, 3), dtype=np.uint8)
+    lb = plan_letterbox((360, 640), (192, 320))
+    out = letterbox_image(img, lb)
+    inner = out[lb.top:lb.top + 180, lb.left:lb.left + 320].astype(int)
+    ref = cv2.resize(img, (320, 180), interpolation=cv2.INTER_LINEAR).astype(int)
+    assert np.abs(inner - ref).max() <= 1  # rounding only
+    assert (out[:lb.top] == 114).all() and (out[lb.top + 180:] == 114).all()
+    odd = plan_letterbox((300, 500), (192, 320))
+    assert letterbox_image(img[:300, :500], odd).shape == (192, 320, 3)
+    import av
+
+    from yolov12_serve.preprocess import letterbox_avframe
+
+    decoded = letterbox_avframe(av.VideoFrame.from_ndarray(img, format="rgb24"), lb)  # the RTSP path: swscale
+    assert np.abs(decoded[lb.top:lb.top + 180, lb.left:lb.left + 320].astype(int) - ref).max() <= 1
+
 def test_results_overtaken_by_a_newer_frame_are_not_published():
     from yolov12_serve.stream import Stream
 

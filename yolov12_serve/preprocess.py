@@ -1,7 +1,11 @@
 """Fit source frames into the engine input: plan the letterbox once per source shape, resize, pad (no torch, no cv2).
 
-Runs in the producer's thread (decoder, push handler), so resizing overlaps inference. Images are
-resized with Pillow (which releases the GIL); PyAV frames are resized by swscale while converting to RGB.
+Pushed images are fitted in the push handler; a camera's frames are fitted by the worker that runs them
+(a frame superseded in its mailbox is never converted). Images are resized with Pillow (which releases
+the GIL): by whole factors with `Image.reduce` (a box filter: the same pixels as the trainer's
+cv2 INTER_LINEAR at 2x, and 4x faster than Pillow's bilinear), otherwise bilinear. PyAV frames are
+resized by swscale while converting to RGB, with its area filter at whole factors for the same reason
+(its bilinear filter blurs: up to 65 levels off the trainer's pixels at 2x).
 """
 
 from __future__ import annotations
@@ -42,7 +46,10 @@ def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox) -> np.ndarra
     if pil.mode != "RGB":
         pil = pil.convert("RGB")
     new_h, new_w = lb.new_hw
-    if pil.size != (new_w, new_h):
+    factor = pil.size[0] // new_w
+    if factor >= 2 and pil.size == (new_w * factor, new_h * factor):
+        pil = pil.reduce(factor)  # 640x360 -> 320x180 and the like: a box average, 4x faster than bilinear
+    elif pil.size != (new_w, new_h):
         pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
     return lb.place(np.asarray(pil))
 
@@ -50,5 +57,7 @@ def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox) -> np.ndarra
 def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox) -> np.ndarray:
     """A decoded PyAV frame -> the letterboxed engine input (scale and colour conversion in one swscale pass)."""
     new_h, new_w = lb.new_hw
-    rgb = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="BILINEAR")
+    factor = frame.width // new_w
+    whole = factor >= 2 and (frame.width, frame.height) == (new_w * factor, new_h * factor)
+    rgb = frame.to_ndarray(width=new_w, height=new_h, format="rgb24", interpolation="AREA" if whole else "BILINEAR")
     return lb.place(rgb)
