@@ -88,7 +88,7 @@ def test_run_time_model_forgets_runs_older_than_its_horizon_but_keeps_the_newest
     assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.060)  # nothing newer: the newest runs still stand
     cost.observe(1, (192, 320), 0.020)  # one run after the horizon replaces the whole slow spell
     assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.020)
-    assert cost.known()[((192, 320), 1)][2] == 1
+    assert cost.known()[((192, 320), 1, 0)][2] == 1
     clock.t = 31.0
     cost.observe(1, (192, 320), 0.030)  # within the horizon: both count
     assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.025)
@@ -182,9 +182,13 @@ def test_frames_run_late_in_batches_still_re_measure_a_lone_frame_each_probe_per
     for i in range(4):
         s.add_stream(f"s{i}")
         s.submit(frame(f"s{i}", i, 100.0))
-    assert s.schedule(0).size == 2  # the efficient batch, however late (the model was just measured)
+    batch = s.schedule(0)
+    assert batch.size == 2  # the efficient batch, however late (the model was just measured)
+    s.update_from_output(batch, 0.050)
     clock.t = 100.5
-    assert s.schedule(0).size == 2  # within probe_s: batches again
+    batch = s.schedule(0)
+    assert batch.size == 2  # within probe_s: batches again
+    s.update_from_output(batch, 0.050)
     for i in range(4):
         s.submit(frame(f"s{i}", 20 + i, 101.0))
     clock.t = 101.2
@@ -199,6 +203,38 @@ def test_frames_run_late_in_batches_still_re_measure_a_lone_frame_each_probe_per
     s.update_from_output(probe, 0.020)
     assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.020)  # only recent runs count: on time again
     assert sorted(drops) == [(21, "late"), (22, "late"), (23, "late")]  # feasible frames past their deadline
+
+
+
+def test_a_frame_that_would_run_beside_another_batch_is_judged_by_runs_beside_one():
+    """Instances slow each other down (CPU cores, one GPU): 20 ms alone, 30 ms beside another batch. A frame with
+    25 ms left makes it on an idle device and not on a busy one; runs are learned by how many ran beside them."""
+    clock = Clock(100.0)
+    cost = RunTimeModel(clock=clock)
+    cost.observe(1, (192, 320), 0.020)
+    cost.observe(1, (192, 320), 0.030, others=1)
+    s, drops = make_scheduler(cost, clock=clock)
+    for name in "abcde":
+        s.add_stream(name)
+    s.submit(frame("a", 0, 100.0))
+    first = s.schedule(0)
+    assert first.others == 0
+    s.submit(frame("b", 1, 99.980))  # 25 ms left, one batch running: 30 ms predicted, late...
+    second = s.schedule(0)
+    assert [f.frame_id for f in second.frames] == [1] and second.others == 1  # ...but the shape's first probe
+    s.update_from_output(first, 0.030)  # it ran beside the second (started after it)
+    s.update_from_output(second, 0.030)
+    assert cost.known()[((192, 320), 1, 1)][2] == 3 and cost.known()[((192, 320), 1, 0)][2] == 1
+    clock.t = 100.100
+    s.submit(frame("c", 2, 100.100))
+    third = s.schedule(0)
+    s.submit(frame("d", 3, 100.080))  # 25 ms left beside a running batch: dropped
+    assert s.schedule(0) is None and drops == [(3, "late")]
+    s.update_from_output(third, 0.020)  # ran alone
+    assert cost.known()[((192, 320), 1, 0)][2] == 2
+    clock.t = 100.200
+    s.submit(frame("e", 4, 100.180))  # 25 ms left on an idle device: 20 ms alone fits
+    assert [f.frame_id for f in s.schedule(0).frames] == [4]
 
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     clock = Clock(100.0)

@@ -138,7 +138,7 @@ class ServerCore:
         planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
         max_batch = max(1, min(cfg.max_batch, info.batch[1]))
         cost = RunTimeModel()
-        frame_cost = self._warm_up(engine, planner, cost, max_batch)
+        frame_cost = self._warm_up(engine, planner, cost, max_batch, cfg.instances)
         camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
         if cost.predict(1, camera, 0.5) > cfg.slo_s:
             log.warning("%s: one frame takes %.0f ms, more than the %.0f ms SLO: every frame will miss it; raise "
@@ -154,9 +154,10 @@ class ServerCore:
         return DeviceRuntime(device, path, engine, planner, cost, scheduler, worker, max_batch)
 
     @staticmethod
-    def _warm_up(engine: Engine, planner: InputPlanner, cost: RunTimeModel, max_batch: int) -> float:
+    def _warm_up(engine: Engine, planner: InputPlanner, cost: RunTimeModel, max_batch: int, instances: int) -> float:
         """Seed the cost model: batch 1 at the full input, batches 1, 2, 4 .. max_batch at a 16:9 camera's shape
-        (how much batching pays on this device); returns seconds per frame at the full input."""
+        (how much batching pays on this device), and those again on all instances at once (how much they slow
+        each other down); returns seconds per frame at the full input."""
         camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
         sizes = sorted({1, max_batch, *(2**i for i in range(8) if 2**i < max_batch)})
         runs = [(planner.imgsz, 1)] + [(camera, n) for n in sizes]
@@ -170,6 +171,24 @@ class ServerCore:
             cost.observe(n, shape, dt)
             if (shape, n) == (planner.imgsz, 1):
                 full = dt
+        for n in sizes if instances > 1 else ():
+            x = np.full((n, *camera, 3), 114, np.uint8)
+            times: list[float] = []
+
+            def run(x: np.ndarray = x, times: list[float] = times) -> None:
+                t0 = now()
+                engine.infer(x)
+                times.append(now() - t0)
+
+            for _ in range(2):  # the first round is some instances' first run of the shape: not a fair figure
+                times.clear()
+                threads = [threading.Thread(target=run) for _ in range(instances)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+            for dt in times:
+                cost.observe(n, camera, dt, others=instances - 1)
         return full
 
     def drain(self, timeout: float = 5.0) -> None:

@@ -1,12 +1,15 @@
 """Engine run time per (batch size, input shape), learned online; the scheduler asks it what a batch will cost.
 
-Each (batch, shape) keeps its last `window` run times of the last `horizon_s` seconds (at least the
-newest one); predictions are quantiles of that window, cached at each observation: the median (`q=0.5`,
-a typical run) and the 90th percentile (`q=0.9`, a slow run). A windowed quantile forgets one slow
-outlier (a page fault, a noisy neighbour) instead of dragging a mean for many runs, and the horizon
-makes a rarely run size forget a slow spell at once: otherwise runs measured while the CPU was
-crowded (cameras starting up) kept a size looking too slow to be chosen, so it was never measured
-again (the scheduler probes such sizes now and then; one probe after the horizon replaces them).
+Each (shape, batch size, other batches running beside it) keeps its last `window` run times of the
+last `horizon_s` seconds (at least the newest one); predictions are quantiles of that window, cached at
+each observation: the median (`q=0.5`, a typical run) and the 90th percentile (`q=0.9`, a slow run).
+A windowed quantile forgets one slow outlier (a page fault, a noisy neighbour) instead of dragging a
+mean for many runs, and the horizon makes a rarely run size forget a slow spell at once: otherwise
+runs measured while the CPU was crowded (cameras starting up) kept a size looking too slow to be
+chosen, so it was never measured again (the scheduler probes such sizes now and then; one probe after
+the horizon replaces them). Runs are told apart by how many other batches shared the device, because
+instances slow each other down: a frame that had to wait for a free instance runs beside another
+batch, and predicting it from lone runs let it start, then miss its deadline.
 
 Unseen batch sizes are extrapolated from the nearest seen size of the same shape (linear in the
 batch: pessimistic on GPUs, where the scheduler then learns the real, smaller figure the first time
@@ -63,42 +66,54 @@ class RunTimeModel:
         self.clock = clock
         self.default_s = default_s  # batch-1 guess for default_shape before anything is measured
         self.default_shape = default_shape
-        self._stats: dict[tuple[Shape, int], _Window] = {}
+        self._stats: dict[tuple[Shape, int, int], _Window] = {}  # (shape, batch, other batches running)
         self._lock = threading.Lock()
 
-    def observe(self, n: int, shape: Shape, seconds: float) -> None:
-        """Record one measured run of a batch of `n` frames of `shape`."""
-        key = ((int(shape[0]), int(shape[1])), int(n))
+    def observe(self, n: int, shape: Shape, seconds: float, others: int = 0) -> None:
+        """Record one measured run of a batch of `n` frames of `shape`, while `others` other batches shared the
+        device (instances run at once slow each other down: on 2 CPU cores a lone frame took 18 ms alone, 25
+        beside another)."""
+        key = ((int(shape[0]), int(shape[1])), int(n), max(0, int(others)))
         with self._lock:
             w = self._stats.get(key)
             if w is None:
                 w = self._stats[key] = _Window(self.window)
             w.add(float(seconds), self.clock(), self.horizon_s)
 
-    def predict(self, n: int, shape: Shape, q: float = 0.9) -> float:
-        """Seconds a batch of `n` frames of `shape` takes: q=0.9 a slow run (for planning), q=0.5 a typical one."""
+    def predict(self, n: int, shape: Shape, q: float = 0.9, others: int = 0) -> float:
+        """Seconds a batch of `n` frames of `shape` takes beside `others` running batches: q=0.9 a slow run (for
+        planning), q=0.5 a typical one. Where this many others were never seen, the nearest fewer stand in."""
         shape = (int(shape[0]), int(shape[1]))
         with self._lock:
-            w = self._stats.get((shape, n))
-            if w is not None:
-                return w.get(q)
-            same = [(m, st) for (sh, m), st in self._stats.items() if sh == shape]
-            if same:
-                below = [(m, st) for m, st in same if m <= n]
-                m, st = max(below, key=lambda x: x[0]) if below else min(same, key=lambda x: x[0])
-                return st.get(q) * max(1.0, n / m)
-            other = [(sh, st) for (sh, m), st in self._stats.items() if m == n]
+            for level in range(max(0, int(others)), -1, -1):
+                seconds = self._same_shape(n, shape, q, level)
+                if seconds is not None:
+                    return seconds
+            level0 = {(sh, m): st for (sh, m, o), st in self._stats.items() if o == 0}
+            other = [(sh, st) for (sh, m), st in level0.items() if m == n]
             if other:  # the same batch size at another shape, scaled by pixels (keeps batching efficiency)
                 sh, st = max(other, key=lambda x: len(x[1].times))
                 return st.get(q) * (shape[0] * shape[1]) / (sh[0] * sh[1])
-            if self._stats:
-                (sh, m), st = max(self._stats.items(), key=lambda kv: (len(kv[1].times), -kv[0][1]))
+            if level0:
+                (sh, m), st = max(level0.items(), key=lambda kv: (len(kv[1].times), -kv[0][1]))
                 pixels = (shape[0] * shape[1]) / (sh[0] * sh[1])
                 return st.get(q) * pixels * max(1.0, n / m)
         pixels = (shape[0] * shape[1]) / (self.default_shape[0] * self.default_shape[1])
         return self.default_s * pixels * n
 
-    def known(self) -> dict[tuple[Shape, int], tuple[float, float, int]]:
-        """Snapshot {(shape, n): (median s, p90 s, samples)} for status pages and benchmarks."""
+    def _same_shape(self, n: int, shape: Shape, q: float, others: int) -> float | None:
+        """This (n, shape, others) as measured, or linear from the nearest measured batch size; None if unseen."""
+        w = self._stats.get((shape, n, others))
+        if w is not None:
+            return w.get(q)
+        same = [(m, st) for (sh, m, o), st in self._stats.items() if sh == shape and o == others]
+        if not same:
+            return None
+        below = [(m, st) for m, st in same if m <= n]
+        m, st = max(below, key=lambda x: x[0]) if below else min(same, key=lambda x: x[0])
+        return st.get(q) * max(1.0, n / m)
+
+    def known(self) -> dict[tuple[Shape, int, int], tuple[float, float, int]]:
+        """Snapshot {(shape, n, others): (median s, p90 s, samples)} for status pages and benchmarks."""
         with self._lock:
             return {k: (w.p50, w.p90, len(w.times)) for k, w in self._stats.items()}

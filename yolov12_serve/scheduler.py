@@ -49,6 +49,8 @@ class Batch:
     shape: tuple[int, int]
     predicted_s: float
     scheduled_at: float = field(default_factory=now)
+    others: int = 0  # batches already running on the device when this one started
+    seq: int = 0  # the device's batch counter at its start (batches started later ran beside it)
 
     @property
     def size(self) -> int:
@@ -122,6 +124,9 @@ class DeadlineScheduler(Scheduler):
         self._cond = threading.Condition()
         self._closed = False
         self._idle = 0  # worker threads waiting in schedule(): ready frames are shared among them
+        self._running = 0  # batches running now: each prediction is for a run beside that many
+        self._most_running = 1
+        self._started = 0
 
     def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
         with self._cond:
@@ -168,13 +173,14 @@ class DeadlineScheduler(Scheduler):
         return batch
 
     def _pick(self, t: float, late: list[Frame]) -> Batch | None:
+        busy = self._running  # a batch started now runs beside these (and is as slow as it will be then)
         ready: list[tuple[Frame, _StreamSlot]] = []
         for slot in self._slots.values():
             frame = slot.mailbox.peek()
             if frame is None or (slot.exclusive and slot.in_flight):
                 continue
-            typical = self.cost.predict(1, frame.shape, 0.5)
-            feasible = typical <= frame.deadline - frame.ingest_time  # could any frame of this shape be on time?
+            feasible = self.cost.predict(1, frame.shape, 0.5) <= frame.deadline - frame.ingest_time  # alone, at once
+            typical = self.cost.predict(1, frame.shape, 0.5, busy)
             if frame.droppable and not self.process_late and feasible and t + typical > frame.deadline:
                 if t < frame.deadline and t - self._last_probe.get(frame.shape, -1e9) >= self.probe_s:
                     self._last_probe[frame.shape] = t  # re-measure: the estimate may be stale
@@ -189,13 +195,13 @@ class DeadlineScheduler(Scheduler):
         share = -(-len(group) // self._idle) if self._idle > 1 else len(group)  # leave work for idle instances
         group = group[:min(self.max_batch, share)]
         n = 1
-        if t + self.cost.predict(1, first.shape, 0.5) > first.deadline:
-            n = self._efficient_batch(len(group), first.shape)  # late whatever we do: throughput, then latency
+        if t + self.cost.predict(1, first.shape, 0.5, busy) > first.deadline:
+            n = self._efficient_batch(len(group), first.shape, busy)  # late whatever we do: throughput, then latency
             if n > 1 and t - self._last_single.setdefault(first.shape, t) >= self.probe_s:
                 n = 1  # re-measure a lone frame now and then: a stale, slow estimate must not keep us here for good
         else:
             for k in range(len(group), 1, -1):
-                if t + self.cost.predict(k, first.shape) <= first.deadline:
+                if t + self.cost.predict(k, first.shape, 0.9, busy) <= first.deadline:
                     n = k
                     break
         if n == 1:
@@ -205,19 +211,24 @@ class DeadlineScheduler(Scheduler):
             slot.mailbox.take()
             slot.in_flight += 1
             frames.append(frame)
-        return Batch(frames, first.shape, self.cost.predict(n, first.shape), t)
+        self._running += 1
+        self._most_running = max(self._most_running, self._running)
+        self._started += 1
+        return Batch(frames, first.shape, self.cost.predict(n, first.shape, 0.9, busy), t, busy, self._started)
 
-    def _efficient_batch(self, most: int, shape: tuple[int, int]) -> int:
+    def _efficient_batch(self, most: int, shape: tuple[int, int], busy: int) -> int:
         """The smallest batch with 95% of the best frames/s up to `most`: large where batching pays (GPUs), 1 where
         it does not (CPUs), since a bigger batch there only adds latency."""
-        rates = [k / max(self.cost.predict(k, shape, 0.5), 1e-9) for k in range(1, most + 1)]
+        rates = [k / max(self.cost.predict(k, shape, 0.5, busy), 1e-9) for k in range(1, most + 1)]
         best = max(rates)
         return next(k for k, r in enumerate(rates, 1) if r >= 0.95 * best)
 
     def update_from_output(self, batch: Batch, elapsed_s: float | None) -> None:
-        if elapsed_s is not None:
-            self.cost.observe(batch.size, batch.shape, elapsed_s)
         with self._cond:
+            if elapsed_s is not None:  # it ran beside those running at its start and those started since
+                beside = min(batch.others + self._started - batch.seq, self._most_running - 1)
+                self.cost.observe(batch.size, batch.shape, elapsed_s, beside)
+            self._running = max(0, self._running - 1)
             for frame in batch.frames:
                 slot = self._slots.get(frame.stream_id)
                 if slot is not None:
