@@ -153,9 +153,10 @@ def test_pushed_frames_are_never_dropped_late():
 
 
 def test_a_stale_pessimistic_estimate_is_re_measured_by_a_probe():
-    clock = Clock(100.010)
-    cost = RunTimeModel()
-    cost.observe(1, (192, 320), 0.040)  # measured once while the machine was busy
+    clock = Clock(98.0)
+    cost = RunTimeModel(clock=clock)
+    cost.observe(1, (192, 320), 0.040)  # measured once while the machine was busy, 2 s ago
+    clock.t = 100.010
     s, drops = make_scheduler(cost, clock=clock)
     s.add_stream("a")
     s.submit(frame("a", 1, 100.0))  # 35 ms left, "needs" 40: predicted late
@@ -167,7 +168,22 @@ def test_a_stale_pessimistic_estimate_is_re_measured_by_a_probe():
     assert s.schedule(0) is None and drops == [(2, "late")]
     clock.t = 101.5
     s.submit(frame("a", 3, 101.47))  # 15 ms left again...
-    assert [f.frame_id for f in s.schedule(0).frames] == [3]  # ...but one probe per second
+    assert [f.frame_id for f in s.schedule(0).frames] == [3]  # ...but one probe per second while stale
+
+
+def test_fresh_estimates_are_not_probed():
+    """Under steady load the estimate is measured all the time: a predicted-late frame is dropped, not run as a
+    probe that would most likely miss the SLO."""
+    clock = Clock(100.0)
+    cost = RunTimeModel(clock=clock)
+    s, drops = make_scheduler(cost, clock=clock)
+    s.add_stream("a")
+    for i in range(3):
+        clock.t += 2.0
+        cost.observe(1, (192, 320), 0.030)  # just measured
+        s.submit(frame("a", i, clock.t - 0.020))  # 25 ms left, 30 needed
+        assert s.schedule(0) is None
+    assert drops == [(0, "late"), (1, "late"), (2, "late")]
 
 
 
@@ -205,7 +221,6 @@ def test_frames_run_late_in_batches_still_re_measure_a_lone_frame_each_probe_per
     assert sorted(drops) == [(21, "late"), (22, "late"), (23, "late")]  # feasible frames past their deadline
 
 
-
 def test_a_frame_that_would_run_beside_another_batch_is_judged_by_runs_beside_one():
     """Instances slow each other down (CPU cores, one GPU): 20 ms alone, 30 ms beside another batch. A frame with
     25 ms left makes it on an idle device and not on a busy one; runs are learned by how many ran beside them."""
@@ -214,27 +229,25 @@ def test_a_frame_that_would_run_beside_another_batch_is_judged_by_runs_beside_on
     cost.observe(1, (192, 320), 0.020)
     cost.observe(1, (192, 320), 0.030, others=1)
     s, drops = make_scheduler(cost, clock=clock)
-    for name in "abcde":
+    for name in "abcd":
         s.add_stream(name)
     s.submit(frame("a", 0, 100.0))
     first = s.schedule(0)
     assert first.others == 0
-    s.submit(frame("b", 1, 99.980))  # 25 ms left, one batch running: 30 ms predicted, late...
+    s.submit(frame("b", 1, 99.980))  # 25 ms left beside a running batch: 30 ms predicted, dropped
+    s.submit(frame("c", 2, 99.990))  # 35 ms left: runs beside it
     second = s.schedule(0)
-    assert [f.frame_id for f in second.frames] == [1] and second.others == 1  # ...but the shape's first probe
+    assert [f.frame_id for f in second.frames] == [2] and second.others == 1 and drops == [(1, "late")]
     s.update_from_output(first, 0.030)  # it ran beside the second (started after it)
     s.update_from_output(second, 0.030)
     assert cost.known()[((192, 320), 1, 1)][2] == 3 and cost.known()[((192, 320), 1, 0)][2] == 1
     clock.t = 100.100
-    s.submit(frame("c", 2, 100.100))
-    third = s.schedule(0)
-    s.submit(frame("d", 3, 100.080))  # 25 ms left beside a running batch: dropped
-    assert s.schedule(0) is None and drops == [(3, "late")]
-    s.update_from_output(third, 0.020)  # ran alone
+    s.submit(frame("d", 3, 100.075))  # 25 ms left on an idle device: 20 ms alone fits
+    alone = s.schedule(0)
+    assert [f.frame_id for f in alone.frames] == [3] and alone.others == 0
+    s.update_from_output(alone, 0.020)
     assert cost.known()[((192, 320), 1, 0)][2] == 2
-    clock.t = 100.200
-    s.submit(frame("e", 4, 100.180))  # 25 ms left on an idle device: 20 ms alone fits
-    assert [f.frame_id for f in s.schedule(0).frames] == [4]
+
 
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     clock = Clock(100.0)

@@ -101,6 +101,12 @@ class RunTimeModel:
         pixels = (shape[0] * shape[1]) / (self.default_shape[0] * self.default_shape[1])
         return self.default_s * pixels * n
 
+    def age(self, n: int, shape: Shape, others: int = 0) -> float:
+        """Seconds since a batch of `n` frames of `shape` beside `others` batches was last measured (inf: never)."""
+        with self._lock:
+            w = self._stats.get(((int(shape[0]), int(shape[1])), int(n), max(0, int(others))))
+            return self.clock() - w.times[-1][0] if w is not None else float("inf")
+
     def _same_shape(self, n: int, shape: Shape, q: float, others: int) -> float | None:
         """This (n, shape, others) as measured, or linear from the nearest measured batch size; None if unseen."""
         w = self._stats.get((shape, n, others))
