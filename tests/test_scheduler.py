@@ -249,6 +249,26 @@ def test_a_frame_that_would_run_beside_another_batch_is_judged_by_runs_beside_on
     assert cost.known()[((192, 320), 1, 0)][2] == 2
 
 
+def test_a_stale_slow_alone_figure_does_not_make_a_busy_device_give_up_on_the_slo():
+    """Saturated, a device never runs a frame alone, so a lone-run figure taken while cameras started up (60 ms,
+    over the SLO) stays. The fresh figure beside a running batch (27 ms) shows frames can be on time: a late one
+    is dropped, not run late as if the engine were too slow for the SLO."""
+    clock = Clock(100.0)
+    cost = RunTimeModel(clock=clock)
+    cost.observe(1, (192, 320), 0.060)
+    cost.observe(1, (192, 320), 0.027, others=1)
+    s, drops = make_scheduler(cost, clock=clock)
+    for name in "abc":
+        s.add_stream(name)
+    s.submit(frame("a", 0, 99.990))
+    running = s.schedule(0)
+    assert running.others == 0
+    s.submit(frame("b", 1, 99.970))  # 15 ms left: late whatever runs it
+    s.submit(frame("c", 2, 100.0))  # 45 ms left: on time beside the running batch
+    batch = s.schedule(0)
+    assert [f.frame_id for f in batch.frames] == [2] and drops == [(1, "late")]
+
+
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     clock = Clock(100.0)
     s, _ = make_scheduler(linear_cost(0.002, 0.002), clock=clock)

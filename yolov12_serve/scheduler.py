@@ -16,9 +16,12 @@ estimate taken while the CPU was crowded kept every frame "infeasible", late and
 Estimates in use are fresh by definition, so under steady load nothing is probed: each probe is a
 frame run against the prediction, and at 40 frames/s one a second was 2.5% of frames over the SLO. When
 even a lone frame takes longer than the SLO (an engine too slow for it), dropping cannot help anyone:
-frames are then run, freshest first, and show up as SLO misses instead. A batch whose first frame is
-late anyway (that case, pushed frames, --process-late) gets the smallest size with 95% of the best
-frames/s the model knows: big on GPUs, where batching pays, 1 on CPUs, where it only adds latency.
+frames are then run, freshest first, and show up as SLO misses instead. "A lone frame" is the faster
+of a frame alone and one beside the batches running now: under saturation a device is never idle,
+so its alone-figure can be stale (cameras starting up) for good while the beside-figure is fresh.
+A batch whose first frame is late anyway (that case, pushed frames, --process-late) gets the smallest
+size with 95% of the best frames/s the model knows: big on GPUs, where batching pays, 1 on CPUs,
+where it only adds latency.
 
 A camera's next frame may run while its previous one still runs (on another instance): no stream
 waits behind its own batch, so under overload every stream gets the same share of the engine (with one
@@ -181,8 +184,9 @@ class DeadlineScheduler(Scheduler):
             frame = slot.mailbox.peek()
             if frame is None or (slot.exclusive and slot.in_flight):
                 continue
-            feasible = self.cost.predict(1, frame.shape, 0.5) <= frame.deadline - frame.ingest_time  # alone, at once
             typical = self.cost.predict(1, frame.shape, 0.5, busy)
+            best = min(typical, self.cost.predict(1, frame.shape, 0.5))  # alone, or as now (see the module docs)
+            feasible = best <= frame.deadline - frame.ingest_time  # could a frame of this shape be on time at all?
             predicted_late = frame.droppable and not self.process_late and feasible and t + typical > frame.deadline
             if predicted_late and not (t < frame.deadline and self._probe(frame.shape, busy, t)):
                 late.append(slot.mailbox.take())
