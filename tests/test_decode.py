@@ -274,3 +274,31 @@ def test_server_with_nvdec_serves_a_file_camera_on_any_machine(tmp_path):
     finally:
         rc, _ = server.terminate()
     assert rc == 0
+
+
+def test_synthetic_cameras_started_together_keep_phases_of_their_own():
+    """Real cameras are not synchronised; demo cameras added at once must not all tick at once (bursts of frames
+    that no deadline scheduler can serve on time). Each keeps the phase its name and seed give it."""
+    import random
+
+    from yolov12_serve.frames import now
+    from yolov12_serve.sources.synthetic import SyntheticSource
+
+    fps = 20.0
+    sinks, sources = {}, []
+    for name in ("left", "right"):
+        sink = Sink()
+        sink.put = lambda image, letterbox, capture_time_us, times=sink.times: times.append(now())
+        sinks[name] = sink
+        sources.append(SyntheticSource(sink, f"synthetic://{name}?fps={fps:g}&size=64x64&seed=3"))
+    for s in sources:
+        s.start()
+    time.sleep(1.5)
+    for s in sources:
+        s.stop()
+    phase = {n: float(np.median([(t * fps) % 1.0 for t in sink.times[2:]])) for n, sink in sinks.items()}
+    expected = {n: random.Random(f"{n}:3").random() for n in sinks}
+    assert all(len(sink.times) >= 20 for sink in sinks.values())
+    for n in sinks:
+        gap = abs(phase[n] - expected[n]) % 1.0
+        assert min(gap, 1.0 - gap) < 0.1, (phase, expected)

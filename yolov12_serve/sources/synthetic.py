@@ -3,13 +3,15 @@
 Each camera renders one belt strip once: `strip` parts side by side, each a frame-sized scene with its
 defects (trainer.data.synth.render_scene: numpy + Pillow, no torch), and slides a window along it, so a
 frame costs a slice (and a resize once it reaches an engine), not a render.
-Frames come at the camera's rate in real time; when the machine falls behind, ticks are skipped (a
-camera does not wait for its reader).
+Frames come at the camera's rate in real time, at a phase of their own (seeded by name and seed); when
+the machine falls behind, ticks are skipped (a camera does not wait for its reader).
 """
 
 from __future__ import annotations
 
 import functools
+import math
+import random
 import threading
 import time
 import zlib
@@ -92,7 +94,11 @@ class SyntheticSource(Source):
         fps = min(cam.fps, self.sink.max_fps) if self.sink.max_fps > 0 else cam.fps
         dt = 1.0 / fps
         self.sink.set_state(StreamState.STREAMING)
-        tick, t0 = 0, now()
+        # Real cameras are not synchronised: each keeps its own fixed phase. Cameras added together would
+        # otherwise all tick together once their strips are rendered (frames arriving in bursts).
+        t0 = (math.floor(now() / dt) + 1 + random.Random(f"{cam.name}:{cam.seed}").random()) * dt
+        self._stopped.wait(max(0.0, t0 - now()))
+        tick = 0
         while not self.stopped:
             x = (tick * cam.speed) % period
             lb = self.sink.plan((h, w))
