@@ -3,9 +3,14 @@
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --mount cam0=frames0.rgb:640x360 --mount cam1=...:800x600
 
 Each mount loops the raw RGB24 frames of its file as a live H.264 stream at --fps (appsrc ! x264enc
-tune=zerolatency), shared by all clients of the mount. Prints "ready PORT" once listening. Commands on
+tune=zerolatency), shared by all clients of the mount. A --clip mount plays an H.264 .mp4 instead, with
+no encoder (benchmarks: the test server then takes almost no CPU), each client its own session from the
+clip's start: cameras connected one after another are out of phase, as real cameras are (the clients of
+a shared mount all get every frame at the same instant). Prints "ready PORT" once listening. Commands on
 stdin, one per line: "pause NAME" (stop sending frames but keep connections open: a stalled camera),
 "resume NAME", "quit".
+
+    /usr/bin/python3 tests/rtsp_server.py --port 8554 --clip cam=clip.mp4
 """
 
 from __future__ import annotations
@@ -63,12 +68,24 @@ class LoopingMount:
         return True
 
 
+def clip_factory(path: str) -> GstRtspServer.RTSPMediaFactory:
+    """A mount that re-packetises an H.264 .mp4 for each client (no encoding; paced by the clip's timestamps)."""
+    factory = GstRtspServer.RTSPMediaFactory()
+    factory.set_launch(f'( filesrc location="{path}" ! qtdemux ! h264parse ! rtph264pay name=pay0 pt=96 '
+                       "config-interval=1 )")
+    factory.set_shared(False)
+    return factory
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--mount", action="append", required=True, help="NAME=FILE.rgb:WxH")
+    p.add_argument("--mount", action="append", default=[], help="NAME=FILE.rgb:WxH")
+    p.add_argument("--clip", action="append", default=[], help="NAME=FILE.mp4 (H.264)")
     args = p.parse_args()
+    if not args.mount and not args.clip:
+        p.error("give at least one --mount or --clip")
     Gst.init(None)
     server = GstRtspServer.RTSPServer()
     server.set_address("127.0.0.1")
@@ -80,6 +97,9 @@ def main() -> None:
         w, h = (int(v) for v in size.split("x"))
         mounts[name] = LoopingMount(name, path, w, h, args.fps)
         server.get_mount_points().add_factory(f"/{name}", mounts[name].factory)
+    for spec in args.clip:
+        name, path = spec.split("=", 1)
+        server.get_mount_points().add_factory(f"/{name}", clip_factory(path))
     if server.attach(None) == 0:
         raise SystemExit(f"cannot listen on port {args.port}")
     loop = GLib.MainLoop()
