@@ -197,3 +197,50 @@ def test_unreachable_camera_retries_without_failing(client):
         assert "refused" in info.last_error.lower(), info.last_error
     finally:
         assert client.remove_stream("nowhere").state == pb.STREAM_STATE_STOPPED
+
+
+def test_clip_mount_serves_each_client_its_own_session_at_the_clip_rate(tmp_path):
+    """bench/serve.py (c)'s cameras: an H.264 clip re-packetised per client (no encoder), in real time."""
+    import threading
+
+    import av
+
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as out:
+        s = out.add_stream("libx264", rate=25)
+        s.width, s.height, s.pix_fmt = 160, 96, "yuv420p"
+        s.options = {"preset": "ultrafast", "tune": "zerolatency", "g": "25", "bf": "0"}
+        for i in range(100):
+            img = np.full((96, 160, 3), (i * 9) % 256, np.uint8)
+            out.mux(s.encode(av.VideoFrame.from_ndarray(img, format="rgb24")))
+        out.mux(s.encode())
+    port = free_port()
+    proc = subprocess.Popen([GST_PYTHON, str(ROOT / "tests" / "rtsp_server.py"), "--port", str(port),
+                             f"--clip=cam={clip}"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # it serves until stdin closes
+    try:
+        assert proc.stdout.readline().startswith("ready")
+        counts: dict[int, tuple[int, float]] = {}
+
+        def read(k: int) -> None:
+            with av.open(f"rtsp://127.0.0.1:{port}/cam", options={"rtsp_transport": "tcp"}, timeout=10) as c:
+                t0, n = None, 0
+                for _ in c.decode(video=0):
+                    t0 = t0 or time.monotonic()
+                    n += 1
+                    if time.monotonic() - t0 >= 2.0:
+                        break
+                counts[k] = (n, time.monotonic() - t0)
+
+        readers = [threading.Thread(target=read, args=(k,)) for k in range(2)]
+        for t in readers:
+            t.start()
+            time.sleep(0.3)
+        for t in readers:
+            t.join(30)
+        assert len(counts) == 2, "both clients get their own session"
+        for n, seconds in counts.values():
+            assert 25 <= n <= 100 and n / seconds < 60, (n, seconds)  # paced in real time, not read flat out
+    finally:
+        proc.kill()
+        proc.wait(10)
