@@ -42,6 +42,8 @@ class Letterbox:
 
         In-place arithmetic on views (no fancy indexing): it runs once per served frame.
         """
+        if not len(dets):  # most frames of an inspection camera: nothing found, nothing to map
+            return np.zeros((0, 6), np.float32)
         out = np.array(dets, dtype=np.float32, copy=True).reshape(-1, 6)
         xy = out[:, :4].reshape(-1, 2, 2)  # [n, (x1, y1) / (x2, y2), (x, y)]
         xy -= np.array([self.left, self.top], np.float32)
@@ -55,8 +57,10 @@ class Letterbox:
         h, w = self.input_hw
         if resized.shape[:2] == (h, w):
             return resized
-        out = np.full((h, w, 3), fill, dtype=np.uint8)
-        out[self.top:self.top + self.new_hw[0], self.left:self.left + self.new_hw[1]] = resized
+        (top, left), (nh, nw) = (self.top, self.left), self.new_hw
+        out = np.empty((h, w, 3), dtype=np.uint8)  # write each pixel once: borders grey, the middle the image
+        out[:top], out[top + nh:], out[top:top + nh, :left], out[top:top + nh, left + nw:] = fill, fill, fill, fill
+        out[top:top + nh, left:left + nw] = resized
         return out
 
 
