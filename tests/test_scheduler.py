@@ -221,16 +221,23 @@ def test_frames_run_late_in_batches_still_re_measure_a_lone_frame_each_probe_per
     assert sorted(drops) == [(21, "late"), (22, "late"), (23, "late")]  # feasible frames past their deadline
 
 
-def test_a_frame_that_would_run_beside_another_batch_is_judged_by_runs_beside_one():
-    """Instances slow each other down (CPU cores, one GPU): 20 ms alone, 30 ms beside another batch. A frame with
-    25 ms left makes it on an idle device and not on a busy one; runs are learned by how many ran beside them."""
-    clock = Clock(100.0)
+def alone_and_beside(alone_s: float, beside_s: float, streams: str, clock: Clock):
+    """A scheduler whose model has timed a lone frame alone and beside one other batch, with one stream per letter."""
     cost = RunTimeModel(clock=clock)
-    cost.observe(1, (192, 320), 0.020)
-    cost.observe(1, (192, 320), 0.030, others=1)
+    cost.observe(1, (192, 320), alone_s)
+    cost.observe(1, (192, 320), beside_s, others=1)
     s, drops = make_scheduler(cost, clock=clock)
-    for name in "abcd":
+    for name in streams:
         s.add_stream(name)
+    return cost, s, drops
+
+
+def test_a_frame_that_would_run_beside_another_batch_is_judged_by_runs_beside_one():
+    """Instances can slow each other down (execution contexts on one GPU): 20 ms alone, 30 ms beside another batch.
+    A frame with 25 ms left makes it on an idle device and not on a busy one; runs are learned by how many ran
+    beside them."""
+    clock = Clock(100.0)
+    cost, s, drops = alone_and_beside(0.020, 0.030, "abcd", clock)
     s.submit(frame("a", 0, 100.0))
     first = s.schedule(0)
     assert first.others == 0
@@ -254,12 +261,7 @@ def test_a_stale_slow_alone_figure_does_not_make_a_busy_device_give_up_on_the_sl
     over the SLO) stays. The fresh figure beside a running batch (27 ms) shows frames can be on time: a late one
     is dropped, not run late as if the engine were too slow for the SLO."""
     clock = Clock(100.0)
-    cost = RunTimeModel(clock=clock)
-    cost.observe(1, (192, 320), 0.060)
-    cost.observe(1, (192, 320), 0.027, others=1)
-    s, drops = make_scheduler(cost, clock=clock)
-    for name in "abc":
-        s.add_stream(name)
+    _, s, drops = alone_and_beside(0.060, 0.027, "abc", clock)
     s.submit(frame("a", 0, 99.990))
     running = s.schedule(0)
     assert running.others == 0
