@@ -18,9 +18,9 @@ from yolov12_serve.frames import Frame, FrameResult
 from yolov12_serve.mailbox import Mailbox
 from yolov12_serve.placement import Placement
 from yolov12_serve.preprocess import InputPlanner
-from yolov12_serve.scheduler import DeadlineScheduler
+from yolov12_serve.scheduler import Batch, DeadlineScheduler
 from yolov12_serve.sources.backoff import Backoff
-from yolov12_serve.worker import DeviceWorker
+from yolov12_serve.worker import FAILURES_BEFORE_UNHEALTHY, DeviceWorker
 
 SLO = 0.045
 
@@ -483,6 +483,31 @@ def test_worker_reports_engine_failures_as_error_results_then_unhealthy():
     worker.stop()
     assert [r.error for r in results] == ["RuntimeError: device lost"] * 3
     assert failures == [("cuda:1", "RuntimeError: device lost")]
+
+
+def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
+    """A deferred conversion that raises gives that frame an error result; its batch-mates still run and the
+    engine is not counted as failing (the run of a smaller batch is not learnt as the scheduled size's)."""
+    engine = CostEngine()
+    sched = DeadlineScheduler(RunTimeModel(), max_batch=4)
+    results, failures = [], []
+    worker = DeviceWorker("cpu", engine, sched, results.append, on_failure=lambda d, e: failures.append(e))
+    lb = plan_letterbox((360, 640), (192, 320))
+
+    def broken():
+        raise ValueError("bad stride")
+
+    for _ in range(FAILURES_BEFORE_UNHEALTHY + 1):
+        t = time.perf_counter()
+        frames = [Frame("a", i, None, lb, 0, t, t + 10, prepare=lambda: np.zeros((192, 320, 3), np.uint8))
+                  for i in range(3)]
+        frames[1].prepare = broken
+        worker.run(Batch(frames, (192, 320), 0.01))
+    by_id = {r.frame_id: r for r in results[-3:]}
+    assert by_id[1].error == "cannot prepare the frame: ValueError: bad stride" and len(by_id[1].detections) == 0
+    assert by_id[0].error is None and by_id[2].error is None and len(by_id[0].detections) == 1
+    assert engine.sizes == [2] * (FAILURES_BEFORE_UNHEALTHY + 1) and failures == []
+    assert sched.cost.known() == {}  # nothing learnt: the batch of 3 never ran as scheduled
 
 
 def test_an_slo_no_frame_can_meet_drops_nothing():

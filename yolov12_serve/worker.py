@@ -16,7 +16,7 @@ import numpy as np
 
 from engines.base import Engine
 
-from .frames import FrameResult, now
+from .frames import Frame, FrameResult, now
 from .scheduler import Batch, Scheduler
 
 __all__ = ["DeviceWorker"]
@@ -68,25 +68,29 @@ class DeviceWorker:
                 self.run(batch)
 
     def run(self, batch: Batch) -> None:
-        """Run one batch and publish one result per frame (an error result for each frame if the engine failed)."""
-        frames = batch.frames
+        """Run one batch and publish one result per frame (an error result for each frame if the engine failed,
+        or for a frame whose deferred letterbox failed: its batch-mates still run)."""
         t0 = now()
+        frames, inputs, unprepared = self._prepare(batch.frames)
         error = None
-        try:
-            x = frames[0].materialize()[None] if len(frames) == 1 else np.stack([f.materialize() for f in frames])
-            outputs = self.engine.infer(x)
-            if len(outputs) != len(frames):
-                raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")
-        except Exception as e:  # one failed batch must not kill the worker: report it and go on
-            error = f"{type(e).__name__}: {e}"
-            outputs = [np.zeros((0, 6), np.float32)] * len(frames)
+        outputs: list[np.ndarray] = []
+        if frames:
+            try:
+                outputs = self.engine.infer(inputs[0][None] if len(inputs) == 1 else np.stack(inputs))
+                if len(outputs) != len(frames):
+                    raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")
+            except Exception as e:  # one failed batch must not kill the worker: report it and go on
+                error = f"{type(e).__name__}: {e}"
+                outputs = [np.zeros((0, 6), np.float32)] * len(frames)
         elapsed = now() - t0
         for frame, dets in zip(frames, outputs):
-            boxes = frame.letterbox.unscale(dets)
-            self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
-                                     frame.capture_time_us, now() - frame.ingest_time, self.device,
-                                     frame.public, error))
-        self.scheduler.update_from_output(batch, None if error else elapsed)
+            self._publish(frame, frame.letterbox.unscale(dets), error)
+        for frame, why in unprepared:
+            self._publish(frame, np.zeros((0, 6), np.float32), why)
+        # a failed run, or a smaller batch than scheduled, says nothing about the scheduled batch's run time
+        self.scheduler.update_from_output(batch, None if error or unprepared else elapsed)
+        if not frames:
+            return
         with self._lock:  # K threads share the counters
             self.batches += 1
             self.consecutive_failures = 0 if error is None else self.consecutive_failures + 1
@@ -97,3 +101,20 @@ class DeviceWorker:
         log.error("%s: batch of %d failed: %s", self.device, len(frames), error)
         if report:
             self.on_failure(self.device, error)
+
+    @staticmethod
+    def _prepare(batch: list[Frame]) -> tuple[list[Frame], list[np.ndarray], list[tuple[Frame, str]]]:
+        """(frames, their engine inputs, [(frame, error)] for those whose deferred conversion raised)."""
+        frames, inputs, unprepared = [], [], []
+        for frame in batch:
+            try:
+                inputs.append(frame.materialize())
+                frames.append(frame)
+            except Exception as e:  # a bad decoded frame fails alone, not its batch-mates
+                unprepared.append((frame, f"cannot prepare the frame: {type(e).__name__}: {e}"))
+                log.warning("%s frame %d: %s", frame.stream_id, frame.frame_id, unprepared[-1][1])
+        return frames, inputs, unprepared
+
+    def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None) -> None:
+        self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
+                                 frame.capture_time_us, now() - frame.ingest_time, self.device, frame.public, error))
