@@ -99,6 +99,8 @@ def main() -> None:
         server.get_mount_points().add_factory(f"/{name}", mounts[name].factory)
     for spec in args.clip:
         name, path = spec.split("=", 1)
+        if '"' in path or "\\" in path:
+            p.error(f"--clip {spec!r}: the path may not contain a double quote or backslash (gst-launch syntax)")
         server.get_mount_points().add_factory(f"/{name}", clip_factory(path))
     if server.attach(None) == 0:
         raise SystemExit(f"cannot listen on port {args.port}")
