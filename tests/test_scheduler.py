@@ -271,6 +271,32 @@ def test_a_stale_slow_alone_figure_does_not_make_a_busy_device_give_up_on_the_sl
     assert [f.frame_id for f in batch.frames] == [2] and drops == [(1, "late")]
 
 
+def test_under_sustained_overload_the_newest_frames_go_first():
+    """Cameras offering more than the device can run: frames are lost whatever runs first, so the freshest run
+    (results well inside the SLO instead of just inside it); below capacity, and with pushed frames ready,
+    the earliest deadline goes first."""
+
+    def pick(offered_per_s: int, push: bool = False) -> list[str]:
+        clock = Clock(99.0)
+        s, _ = make_scheduler(linear_cost(0.010, 0.010), max_batch=1, clock=clock)  # 20 ms a frame: 50 frames/s
+        for name in ("a", "b", "c"):
+            s.add_stream(name)
+        for i in range(offered_per_s - 3):  # the last second's camera frames
+            clock.t = 99.0 + (i + 1) / offered_per_s
+            s.submit(frame("abc"[i % 3], i, clock.t))
+        clock.t = 100.0
+        for k, name in enumerate("abc"):  # now waiting: a the oldest (34 ms left), c the newest (44 ms left)
+            s.submit(frame(name, 100 + k, 99.989 + 0.005 * k))
+        if push:
+            s.add_stream("p", capacity=2, exclusive=True)
+            s.submit(frame("p", 999, clock.t - 0.010, droppable=False))
+        return [s.schedule(0).frames[0].stream_id for _ in range(2)]
+
+    assert pick(30) == ["a", "b"]  # 30 frames/s offered, 50 possible: deadline order
+    assert pick(90) == ["c", "b"]  # 90 offered: newest first
+    assert pick(90, push=True) == ["a", "p"]  # a pushed frame is ready: deadline order (it is never dropped)
+
+
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     clock = Clock(100.0)
     s, _ = make_scheduler(linear_cost(0.002, 0.002), clock=clock)

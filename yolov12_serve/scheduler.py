@@ -6,7 +6,10 @@ their deadline even alone with a typical (median) run (reason "late", unless `pr
 the frame with the earliest deadline and, among the ready frames of the same input shape (oldest
 deadline first), the largest batch whose slow-run (90th percentile) time still ends before that
 earliest deadline, but no more than its share when other instances are idle too (so K instances run
-K batches at once instead of one instance taking everything while the others wait).
+K batches at once instead of one instance taking everything while the others wait). Under sustained
+overload (cameras offering more frames per second than the instances can run) frames are lost whatever
+goes first, and the newest go first instead (same order rules, newest deadline first): results come
+fresh instead of just inside the SLO, and fewer cameras starve (see `_overloaded`).
 
 So that a wrong, too-slow estimate cannot make it drop everything forever (and never measure again),
 a lone frame is run to re-measure it when the model has not measured one (of that shape, beside as
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -45,6 +49,7 @@ from .mailbox import Mailbox
 __all__ = ["Batch", "DeadlineScheduler", "Scheduler", "SchedulerStats"]
 
 DropCallback = Callable[[Frame, str], None]
+ARRIVAL_WINDOW_S = 1.0  # the offered frame rate (overload or not) is counted over this long
 
 
 @dataclass
@@ -132,6 +137,7 @@ class DeadlineScheduler(Scheduler):
         self._running = 0  # batches running now: each prediction is for a run beside that many
         self._most_running = 1
         self._started = 0
+        self._arrivals: deque[float] = deque()  # when the last ARRIVAL_WINDOW_S of camera frames came
 
     def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
         with self._cond:
@@ -151,6 +157,8 @@ class DeadlineScheduler(Scheduler):
             if slot is None or self._closed:
                 return frame  # the stream is gone (removed or moved): the frame goes nowhere
             old = slot.mailbox.put(frame)
+            if frame.droppable:
+                self._count_arrivals(self.clock(), arrived=True)
             if not (slot.exclusive and slot.in_flight):
                 self._cond.notify()
             return old
@@ -194,8 +202,9 @@ class DeadlineScheduler(Scheduler):
             ready.append((frame, slot))
         if not ready:
             return None
-        first = min(ready, key=lambda fs: fs[0].deadline)[0]
-        group = sorted((fs for fs in ready if fs[0].shape == first.shape), key=lambda fs: fs[0].deadline)
+        sign = -1.0 if self._overloaded([f for f, _ in ready], t, busy) else 1.0  # newest first, or oldest
+        first = min(ready, key=lambda fs: sign * fs[0].deadline)[0]
+        group = sorted((fs for fs in ready if fs[0].shape == first.shape), key=lambda fs: sign * fs[0].deadline)
         share = -(-len(group) // self._idle) if self._idle > 1 else len(group)  # leave work for idle instances
         group = group[:min(self.max_batch, share)]
         n = 1
@@ -205,7 +214,7 @@ class DeadlineScheduler(Scheduler):
                 n = 1  # re-measure a lone frame now and then: a stale, slow estimate must not keep us here for good
         else:
             for k in range(len(group), 1, -1):
-                if t + self.cost.predict(k, first.shape, 0.9, busy) <= first.deadline:
+                if t + self.cost.predict(k, first.shape, 0.9, busy) <= min(f.deadline for f, _ in group[:k]):
                     n = k
                     break
         frames = []
@@ -217,6 +226,29 @@ class DeadlineScheduler(Scheduler):
         self._most_running = max(self._most_running, self._running)
         self._started += 1
         return Batch(frames, first.shape, self.cost.predict(n, first.shape, 0.9, busy), t, busy, self._started)
+
+    def _overloaded(self, frames: list[Frame], t: float, busy: int) -> bool:
+        """Do cameras offer more frames per second than the device's instances can run (each at its best batch)?
+
+        Then frames are lost whatever runs first, and in deadline order every result comes just inside the
+        SLO, where a slow run pushes it out: the newest frames go first instead, for as many results, each as
+        fresh as it can be. 12 synthetic cameras at 1.5x capacity on 2 CPU cores, 3 interleaved pairs of 12 s:
+        75.6 vs 72.2 results/s, p50 30 vs 37 ms, p99 46.5 vs 50.4 ms, fewest results of one camera 10-30 vs
+        0-25 (a camera whose frames always came just after another's starved in deadline order). Below
+        capacity deadline order stays: it loses nothing a burst can be saved from. Pushed frames are never
+        dropped: with any of them ready, deadline order stays too."""
+        if len(frames) < 2 or any(not f.droppable for f in frames):
+            return False
+        self._count_arrivals(t)
+        shape = frames[0].shape
+        best = max(n / max(self.cost.predict(n, shape, 0.5, busy), 1e-9) for n in range(1, self.max_batch + 1))
+        return len(self._arrivals) / ARRIVAL_WINDOW_S > self._most_running * best
+
+    def _count_arrivals(self, t: float, arrived: bool = False) -> None:
+        if arrived:
+            self._arrivals.append(t)
+        while self._arrivals and self._arrivals[0] < t - ARRIVAL_WINDOW_S:
+            self._arrivals.popleft()
 
     def _probe(self, shape: tuple[int, int], busy: int, t: float) -> bool:
         """Run a lone frame of `shape` now to re-measure it? Yes if its estimate is stale and no probe is recent."""
