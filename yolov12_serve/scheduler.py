@@ -241,11 +241,15 @@ class DeadlineScheduler(Scheduler):
             return False
         self._count_arrivals(t)
         shape = frames[0].shape
-        runs = [self.cost.predict(n, shape, 0.5, busy) for n in range(1, self.max_batch + 1)]
-        if any(t + runs[0] > f.deadline for f in frames):
+        one = max(self.cost.predict(1, shape, 0.5, busy), 1e-9)
+        if any(t + one > f.deadline for f in frames):
             return False  # a frame that runs late anyway (the SLO is out of reach, a probe): oldest first
-        best = max(n / max(r, 1e-9) for n, r in enumerate(runs, 1))
-        return len(self._arrivals) / ARRIVAL_WINDOW_S > self._most_running * best
+        offered = len(self._arrivals) / ARRIVAL_WINDOW_S
+        if offered <= self._most_running / one:
+            return False  # the instances keep up one frame at a time: no need to price the batches
+        best = max((n / max(self.cost.predict(n, shape, 0.5, busy), 1e-9) for n in range(2, self.max_batch + 1)),
+                   default=0.0)
+        return offered > self._most_running * max(1.0 / one, best)
 
     def _count_arrivals(self, t: float, arrived: bool = False) -> None:
         if arrived:
