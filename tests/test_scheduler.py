@@ -271,10 +271,11 @@ def test_a_stale_slow_alone_figure_does_not_make_a_busy_device_give_up_on_the_sl
     assert [f.frame_id for f in batch.frames] == [2] and drops == [(1, "late")]
 
 
-def test_under_sustained_overload_the_newest_frames_go_first():
-    """Cameras offering more than the device can run: frames are lost whatever runs first, so the freshest run
-    (results well inside the SLO instead of just inside it); below capacity, with pushed frames ready, and
-    with frames that run late anyway, the earliest deadline goes first."""
+def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_its_newest_frame():
+    """Cameras offering more than the device can run: frames are lost whatever runs first, so the camera served
+    longest ago goes first, with its newest frame (every camera gets its share, results come fresh); below
+    capacity, with pushed frames ready, and with frames that run late anyway, the earliest deadline goes
+    first."""
 
     def pick(offered_per_s: int, push: bool = False, run_s: float = 0.020) -> list[str]:
         clock = Clock(99.0)
@@ -290,10 +291,12 @@ def test_under_sustained_overload_the_newest_frames_go_first():
         if push:
             s.add_stream("p", capacity=2, exclusive=True)
             s.submit(frame("p", 999, clock.t - 0.010, droppable=False))
-        return [s.schedule(0).frames[0].stream_id for _ in range(2)]
+        first = s.schedule(0).frames[0].stream_id
+        s.submit(frame(first, 200, clock.t))  # the camera just served sends the newest frame of all
+        return [first, s.schedule(0).frames[0].stream_id]
 
     assert pick(30) == ["a", "b"]  # 30 frames/s offered, 50 possible: deadline order
-    assert pick(90) == ["c", "b"]  # 90 offered: newest first
+    assert pick(90) == ["c", "b"]  # 90 offered: the newest frame first, then the camera served longest ago
     assert pick(90, push=True) == ["a", "p"]  # a pushed frame is ready: deadline order (it is never dropped)
     # an engine slower than the SLO runs every frame late (none is dropped): the oldest must not wait for good
     assert pick(90, run_s=0.060) == ["a", "b"]
