@@ -388,6 +388,13 @@ def main() -> None:
     p.add_argument("--model", type=Path, help="our engine for (a) and (b) (default: ultralytics' weights, ours)")
     args = p.parse_args()
     parts = set(args.parts.split(","))
+    if not parts <= {"a", "b", "c"}:
+        p.error(f"--parts {args.parts!r}: a comma-separated subset of a,b,c")
+    for name in ("rounds", "b_rounds", "c_rounds", "cameras", "rtsp_cameras", "instances"):
+        if getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.seconds, args.round_seconds, args.overload) <= 0:
+        p.error("--seconds, --round-seconds and --overload must be positive")
     ours, theirs = prepare_models()
     model = args.model or ours
     load = os.getloadavg()[0]
