@@ -83,6 +83,14 @@ def test_graph_contract(dynamic_onnx: Path) -> None:
     assert not any(n.op_type == "BatchNormalization" for n in proto.graph.node), "BatchNorm must be fused"
 
 
+def test_every_softmax_runs_over_the_last_axis(dynamic_onnx: Path) -> None:
+    """ONNX Runtime runs a Softmax over any other axis through transposes: the DFL's softmax(1) (as ultralytics
+    exports it) took 0.9 ms of a 23 ms yolov12n run at 192x320 on one CPU core."""
+    softmaxes = [n for n in onnx.load(str(dynamic_onnx)).graph.node if n.op_type == "Softmax"]
+    assert softmaxes and all([a.i for a in n.attribute if a.name == "axis"] == [-1] for n in softmaxes), \
+        [(n.name, [a.i for a in n.attribute]) for n in softmaxes]
+
+
 def test_padding_rows_are_zero_and_detections_best_first(dynamic_onnx: Path) -> None:
     import onnxruntime as ort
 

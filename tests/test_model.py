@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from trainer import YOLO
-from trainer.nn import MODEL_CONFIGS, AAttn, AAttnV1, build_model
+from trainer.nn import DFL, MODEL_CONFIGS, AAttn, AAttnV1, build_model
 
 PUBLISHED = {  # nc = 80, from the official repository / ultralytics model summaries
     "yolov12n.yaml": 2_553_904, "yolov12s.yaml": 9_127_424, "yolov12m.yaml": 19_670_784,
@@ -47,6 +47,15 @@ def test_backward_reaches_every_parameter(cfg: str) -> None:
         if p.requires_grad:
             assert p.grad is not None, name
             assert torch.isfinite(p.grad).all(), name
+
+
+def test_dfl_is_the_expected_bin_of_each_box_side() -> None:
+    """DFL: per box side, softmax over its 16 bins, then sum_i p_i * i (what the loss trains; the bins-last
+    layout is an export speed-up and must not change a number)."""
+    x = torch.randn(2, 4 * 16, 50) * 3
+    expected = (x.view(2, 4, 16, 50).softmax(2) * torch.arange(16.0).view(1, 1, 16, 1)).sum(2)
+    assert torch.allclose(DFL(16)(x), expected, atol=1e-5)
+    assert set(DFL(16).state_dict()) == {"conv.weight"}  # ultralytics checkpoints carry it
 
 
 def test_nc_override_and_names() -> None:
