@@ -229,7 +229,10 @@ for line in sys.stdin:
         self.proc.stdin.write(json.dumps({"seconds": seconds, "mix": {str(k): v for k, v in (mix or {}).items()}})
                               + "\n")
         self.proc.stdin.flush()
-        rate, per_cpu = json.loads(self.proc.stdout.readline())
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the raw engine process ended (exit {self.proc.wait(10)}); its stderr is above")
+        rate, per_cpu = json.loads(line)
         return rate, per_cpu
 
     def close(self) -> None:
