@@ -394,6 +394,53 @@ def test_async_subscriber_is_woken_from_a_worker_thread():
     assert asyncio.run(main()) == (5, None)
 
 
+def test_async_subscriber_is_woken_once_per_burst_not_once_per_result():
+    import asyncio
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        wakes = []
+        schedule = loop.call_soon_threadsafe
+        loop.call_soon_threadsafe = lambda *a, **k: (wakes.append(1), schedule(*a, **k))[1]
+        fan = Fanout()
+        sub = fan.subscribe(None, 64, loop)
+        reader = asyncio.ensure_future(sub.next())
+        await asyncio.sleep(0.01)  # the reader is parked on an empty queue
+        for i in range(32):  # a batch's results, published before the reader gets to run
+            fan.publish(result("a", i))
+        first = await reader
+        rest = [(await sub.next()).frame_id for _ in range(31)]
+        return [first.frame_id, *rest], len(wakes)
+
+    ids, wakes = asyncio.run(main())
+    assert ids == list(range(32))
+    assert wakes == 1  # one self-pipe write for the burst (it was 32)
+
+
+def test_async_subscriber_misses_no_result_under_racing_bursts():
+    import asyncio
+
+    n = 5000
+
+    async def main():
+        fan = Fanout()
+        sub = fan.subscribe(None, n, asyncio.get_running_loop())
+
+        def publish():
+            rng = random.Random(1)
+            i = 0
+            while i < n:
+                for _ in range(min(rng.randint(1, 8), n - i)):
+                    fan.publish(result("a", i))
+                    i += 1
+                time.sleep(rng.random() * 1e-4)
+
+        threading.Thread(target=publish, daemon=True).start()
+        return [(await asyncio.wait_for(sub.next(), 5)).frame_id for _ in range(n)]  # a lost wake-up: timeout
+
+    assert asyncio.run(main()) == list(range(n))
+
+
 # ------------------------------------------------------------------------------------------------ placement, backoff
 def test_placement_picks_the_least_loaded_healthy_device():
     p = Placement()

@@ -1,7 +1,9 @@
 """Results fan-out: every subscriber has its own bounded queue; a slow one loses its own oldest results, nobody waits.
 
 Workers publish from their threads; a subscriber reads from asyncio (gRPC handlers, woken through
-`call_soon_threadsafe`) or from a plain thread (`get(timeout)`). Publishing never blocks.
+`call_soon_threadsafe` only while one is parked waiting: a reader busy sending is not woken again for
+every result, so a batch of 32 costs one wake-up, not 32) or from a plain thread (`get(timeout)`).
+Publishing never blocks.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ class Subscription:
         self._loop = loop
         self._event = asyncio.Event() if loop is not None else None
         self._closed = False
+        self._parked = False  # an asyncio reader found the queue empty and awaits the event: offer() wakes it
         self._on_overflow = on_overflow
 
     def wants(self, result: FrameResult) -> bool:
@@ -51,9 +54,11 @@ class Subscription:
                 self.dropped += 1
             self._queue.append(result)
             self._cond.notify()
+            wake, self._parked = self._parked, False
         if overflow and self._on_overflow is not None:
             self._on_overflow(1)
-        self._wake()
+        if wake:
+            self._wake()
 
     def _wake(self) -> None:
         if self._loop is not None and self._event is not None:
@@ -72,22 +77,17 @@ class Subscription:
         """True once closed (by the reader leaving or a server drain)."""
         return self._closed
 
-    def _pop(self) -> FrameResult | None:
-        with self._lock:
-            return self._queue.popleft() if self._queue else None
-
     async def next(self) -> FrameResult | None:
         """Await the next result (asyncio readers); None when the subscription was closed."""
         assert self._event is not None, "subscribe with loop=... to read from asyncio"
         while True:
-            item = self._pop()
-            if item is not None:
-                return item
-            if self._closed:
-                return None
-            self._event.clear()
-            if self._queue or self._closed:  # raced with offer()/close() between _pop and clear
-                continue
+            with self._lock:  # the emptiness check and parking are one step: an offer() after it wakes us
+                if self._queue:
+                    return self._queue.popleft()
+                if self._closed:
+                    return None
+                self._parked = True
+            self._event.clear()  # a wake scheduled by that offer() runs after this (same loop), never before
             await self._event.wait()
 
     def get(self, timeout: float | None = None) -> FrameResult | None:
