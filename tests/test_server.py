@@ -3,10 +3,13 @@ and the configuration it validates (stream ids, URLs, streams files, --gpus)."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -96,12 +99,36 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--gpus", "cpu"], "no engine given"),
     (["--engines", "a.onnx,b.onnx", "--gpus", "cpu"], "2 files for 1 devices"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--slo-ms", "0"], "--slo-ms must be positive"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--port", "99999"], "--port must be 0..65535"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--metrics-port", "70000"], "--metrics-port must be -1..65535"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--host", "192.0.2.1", "--port", "5000"], "check --host"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)
     assert r.returncode == 2, r.stderr
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
     assert len(lines) == 1 and message in lines[0], r.stderr
+
+
+def test_a_broken_streams_file_is_one_line_saying_where():
+    with tempfile.TemporaryDirectory() as tmp:
+        bad = Path(tmp) / "cams.yaml"
+        bad.write_text("streams: [\n")
+        r = run_cli("--engines", "x.onnx", "--gpus", "cpu", "--streams", str(bad))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert r.returncode == 2 and len(lines) == 1 and "not valid YAML at line 2, column 1" in lines[0], r.stderr
+
+
+@pytest.mark.parametrize("which", ["--port", "--metrics-port"])
+def test_a_port_in_use_is_one_line_naming_the_option(which):
+    with socket.create_server(("0.0.0.0", 0)) as held:  # a second server on the same port, as a newcomer might
+        port = str(held.getsockname()[1])
+        other = "--metrics-port" if which == "--port" else "--port"
+        ports = [which, port, other, "0"]
+        r = run_cli("--demo", "--gpus", "cpu", "--duration", "5", *ports)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr
+    assert f":{port}" in lines[0] and "in use" in lines[0] and f"pick another with {which}" in lines[0], r.stderr
 
 
 def test_serving_imports_no_torch():

@@ -12,9 +12,11 @@ once the engines are loaded and NOT_SERVING while draining or when no engine wor
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import itertools
 import logging
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -180,9 +182,13 @@ class GrpcServer:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        self.port = self.server.add_insecure_port(address)
+        _check_bindable(address)  # grpc would log its own multi-line error before failing
+        try:  # grpc returns 0 or, in newer releases, raises RuntimeError when it cannot bind
+            self.port = self.server.add_insecure_port(address)
+        except RuntimeError:
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot listen on {address} (port in use?)")
+            raise OSError(_cannot_listen(address, "grpc could not bind it", "check --host and --port"))
 
     async def set_serving(self, serving: bool) -> None:
         """Flip the health status of the whole server and of the Detector service."""
@@ -199,6 +205,27 @@ class GrpcServer:
         """Refuse new calls, give running ones `grace` seconds, then cancel them."""
         await self.server.stop(grace)
         self.service.executor.shutdown(wait=False, cancel_futures=True)
+
+
+def _cannot_listen(address: str, why: str, fix: str = "pick another with --port (0: any free port)") -> str:
+    return f"cannot listen for gRPC on {address}: {why}; {fix}"
+
+
+def _check_bindable(address: str) -> None:
+    """OSError with the fix when `address` (host:port, port not 0) cannot be bound, e.g. a port in use."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or int(port) == 0:
+        return
+    host = host.strip("[]") or "0.0.0.0"
+    try:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
+            probe.bind((host, int(port)))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise OSError(_cannot_listen(address, "the port is in use (another yolov12-serve?)")) from None
+        raise OSError(_cannot_listen(address, e.strerror or str(e), "check --host (0.0.0.0: every interface of "
+                                     "this machine)")) from None
 
 
 async def create_server(core: ServerCore, address: str = "127.0.0.1:0",

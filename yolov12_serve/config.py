@@ -60,6 +60,10 @@ class ServerConfig:
         for name in ("instances", "max_batch", "max_streams", "subscriber_queue"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be 0..65535 (0: any free port), got {self.port}")
+        if not -1 <= self.metrics_port <= 65535:
+            raise ConfigError(f"--metrics-port must be -1..65535 (0: any free port, -1: off), got {self.metrics_port}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:
@@ -139,8 +143,11 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read streams file {path}: {e.strerror or e}") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"streams file {path} is not valid YAML: {e}") from None
+    except yaml.YAMLError as e:  # its str() spans lines with a caret drawing: keep where and what
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"streams file {path} is not valid YAML{where}: {what}") from None
     items = doc.get("streams") if isinstance(doc, dict) else doc
     if not isinstance(items, list):
         raise ConfigError(f"streams file {path}: expected 'streams:' followed by a list of {{id, url}} entries")

@@ -165,7 +165,11 @@ class Metrics:
         """Start the /metrics HTTP server in a daemon thread; returns the bound port (port 0: any free one)."""
         from prometheus_client import start_http_server
 
-        httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        try:
+            httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+        except OSError as e:
+            raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another with "
+                          "--metrics-port (0: any free port, -1: off)") from None
         self._http = httpd
         return int(httpd.server_port)
 
