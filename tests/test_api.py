@@ -4,9 +4,11 @@ DetectImage on a photograph, push mode, watching streams, every error code, heal
 from __future__ import annotations
 
 import shutil
+import struct
 import subprocess
 import threading
 import time
+import zlib
 from pathlib import Path
 
 import grpc
@@ -179,6 +181,15 @@ def code_of(fn) -> grpc.StatusCode:
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
+def png_header_claiming(width: int, height: int) -> bytes:
+    """A few hundred bytes of PNG that say width x height (the pixel data is one short row): a bomb's shape."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(bytes(1 + 3 * width)))
+            + chunk(b"IEND", b""))
+
+
 @pytest.mark.parametrize("stream_id,url", [
     ("cam", "http://example.com/stream"),  # unsupported scheme
     ("cam", "rtsp://"),  # no host
@@ -203,6 +214,7 @@ def test_error_codes(client, photo):
     assert code_of(lambda: next(client.watch(["nope"]))) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: client.detect_image(b"\xff\xd8\xff\xe0 not really a jpeg")) == INVALID
     assert code_of(lambda: client.detect_image(b"GIF89a....")) == INVALID
+    assert code_of(lambda: client.detect_image(png_header_claiming(8000, 6000))) == INVALID  # 48M pixels
     bad_raw = pb.Frame(data=b"\x00" * 100, encoding=pb.ENCODING_RGB24, width=640, height=360)
     assert code_of(lambda: client.detect_image(bad_raw)) == INVALID
     assert code_of(lambda: client.detect_image(pb.Frame(data=b"", encoding=pb.ENCODING_PNG))) == INVALID

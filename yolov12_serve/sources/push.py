@@ -18,9 +18,11 @@ from engines.letterbox import Letterbox
 from ..errors import InvalidArgumentError
 from ..preprocess import letterbox_image
 
-__all__ = ["MAX_SIDE", "Encoding", "decode_frame", "sniff_encoding"]
+__all__ = ["MAX_PIXELS", "MAX_SIDE", "Encoding", "decode_frame", "sniff_encoding"]
 
 MAX_SIDE = 16384  # larger frames are refused (a decompression bomb guard as well)
+MAX_PIXELS = 40_000_000  # encoded images decoding to more are refused: an 8K frame is 33M; a small PNG must not
+                         # make the server allocate half a gigabyte (Pillow's own limit is 179M pixels)
 
 
 class Encoding(enum.IntEnum):
@@ -61,6 +63,9 @@ def decode_frame(data: bytes, encoding: int, width: int, height: int,
         w0, h0 = img.size
         if w0 > MAX_SIDE or h0 > MAX_SIDE:
             raise InvalidArgumentError(f"image is {w0}x{h0}; the largest side accepted is {MAX_SIDE}")
+        if w0 * h0 > MAX_PIXELS:
+            raise InvalidArgumentError(f"image is {w0}x{h0} ({w0 * h0 / 1e6:.0f}M pixels); at most "
+                                       f"{MAX_PIXELS / 1e6:.0f}M pixels are accepted (an 8K frame is 33M)")
         if (enc == Encoding.JPEG) != (fmt == "JPEG") or (enc == Encoding.PNG) != (fmt == "PNG"):
             raise InvalidArgumentError(f"encoding says {enc.name} but the data is {fmt}")
         lb = plan((h0, w0))
