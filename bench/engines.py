@@ -250,6 +250,45 @@ def side_by_side(work: Path, thread_counts: list[int], rounds: int, n: int) -> s
                   "detections per frame (ours / theirs)"], rows)
 
 
+def fixed_shape_table(onnx: Path, calls: int = 150) -> str:
+    """Single frames on fixed-shape sessions (engines/ort_fixed.py) against the dynamic session, 2 callers
+    busy, each alternating the two engines call by call: the median of per-pair ratios cancels the drift."""
+    import engines
+
+    rows = []
+    for hw in ((192, 320), (320, 320)):
+        for batch in (1, 2):
+            frames = synthetic_frames(batch, hw, seed=4)
+            dyn = engines.load(onnx, instances=2, threads=1, fixed_after=0)
+            fixed = engines.load(onnx, instances=2, threads=1, fixed_after=1)
+            for _ in range(3):
+                fixed.infer(frames)
+            end = time.perf_counter() + 30
+            while batch == 1 and not fixed.fixed_shapes and time.perf_counter() < end:
+                time.sleep(0.05)
+            pairs: list[tuple[float, float]] = []
+
+            def run(dyn=dyn, fixed=fixed, frames=frames, pairs=pairs) -> None:
+                for _ in range(calls // len(frames)):
+                    t0 = time.perf_counter()
+                    dyn.infer(frames)
+                    t1 = time.perf_counter()
+                    fixed.infer(frames)
+                    pairs.append((t1 - t0, time.perf_counter() - t1))
+
+            workers = [threading.Thread(target=run) for _ in range(2)]
+            for w in workers:
+                w.start()
+            for w in workers:
+                w.join()
+            d, f = np.array(pairs).T
+            rows.append([f"{hw[0]}x{hw[1]}", batch, "yes" if fixed.fixed_shapes else "no (batch > 1)",
+                         f"{np.median(d) * 1e3:.1f}", f"{np.median(f) * 1e3:.1f}", f"{np.median(f / d):.3f}"])
+            print("fixed shapes", rows[-1], flush=True)
+    return table(["input", "batch", "fixed session", "dynamic ms", "fixed-shape engine ms",
+                  "paired ratio (lower: faster)"], rows)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=os.cpu_count())
@@ -275,6 +314,7 @@ def main() -> None:
         load = os.getloadavg()[0]
         batches = batch_table(work / "turbo.onnx", args.threads, args.seconds)
         instances = instances_table(work / "turbo.onnx", args.seconds)
+        fixed = fixed_shape_table(work / "turbo.onnx")
         versus = side_by_side(work, sorted({1, args.threads}), args.rounds, args.frames_per_round)
     import onnxruntime
 
@@ -284,6 +324,8 @@ def main() -> None:
     text = (f"# ONNX Runtime engines (bench/engines.py)\n\n{header}\n\n"
             "## Batch size (yolov12n turbo, one session, square synthetic frames, NMS in the graph)\n\n"
             f"{batches}\n\n## Threads x instances (320x320 frames; K sessions driven by K threads)\n\n{instances}\n\n"
+            "## Fixed-shape sessions for single frames (2 instances x 1 thread, both busy; paired calls)\n\n"
+            f"{fixed}\n\n"
             "## Ours vs ultralytics, same weights (yolo12n = our v1), end to end incl. letterbox and NMS\n\n"
             f"{versus}\n")
     print(text)

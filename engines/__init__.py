@@ -20,14 +20,14 @@ __all__ = ["BACKENDS", "OPTIONS", "Engine", "EngineError", "EngineInfo", "Letter
            "plan_letterbox", "read_info"]
 
 BACKENDS = {".onnx": "onnxruntime", ".engine": "tensorrt", ".plan": "tensorrt", ".pt": "pytorch", ".pth": "pytorch"}
-OPTIONS = {"onnxruntime": ("threads", "spinning"), "tensorrt": ("cuda_graphs",),
+OPTIONS = {"onnxruntime": ("threads", "spinning", "fixed_after"), "tensorrt": ("cuda_graphs",),
            "pytorch": ("max_batch", "conf", "iou", "max_det", "cuda_graphs")}
 
 
 def load(path: str | Path, device: str = "cpu", instances: int = 1, **opts: Any) -> Engine:
     """Open an engine file on `device` with `instances` concurrent workers; the backend follows the suffix.
 
-    .onnx -> ONNX Runtime (device cpu or cuda:N; opts: threads, spinning); .engine/.plan -> TensorRT
+    .onnx -> ONNX Runtime (device cpu or cuda:N; opts: threads, spinning, fixed_after); .engine/.plan -> TensorRT
     (device cuda:N; opts: cuda_graphs); .pt -> PyTorch (opts: max_batch, conf, iou, max_det, cuda_graphs).
     Raises EngineError with the fix for a missing, unreadable or unknown file.
     """

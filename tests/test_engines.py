@@ -8,7 +8,9 @@ scores, so there are detections to compare). TensorRT and CUDA tests skip with t
 from __future__ import annotations
 
 import copy
+import logging
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -188,6 +190,60 @@ def test_concurrent_calls_on_k_sessions_match_sequential(onnx_path: Path) -> Non
     for i, exp in enumerate(expected):
         for g, w in zip(results[i], exp):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
+
+
+def test_single_frames_of_a_recurring_shape_move_to_fixed_shape_sessions_with_the_same_result(
+        onnx_path: Path) -> None:
+    eng = engines.load(onnx_path, instances=2, threads=1, fixed_after=3)
+    frames = {hw: _frames(1, hw, seed=hw[0]) for hw in [(192, 320), (320, 192)]}
+    pair = _frames(2, (192, 320), seed=5)
+    dynamic = {hw: eng.infer(x)[0] for hw, x in frames.items()}
+    pair_dynamic = eng.infer(pair)
+    for _ in range(3):
+        for x in frames.values():
+            eng.infer(x)
+        eng.infer(pair)
+    end = time.monotonic() + 60
+    while len(eng.fixed_shapes) < 2 and time.monotonic() < end:  # built in the background, 0.3 s each here
+        time.sleep(0.05)
+    assert eng.fixed_shapes == [(1, 192, 320, 3), (1, 320, 192, 3)]  # batches of 2 never get one
+    for hw, x in frames.items():
+        np.testing.assert_allclose(eng.infer(x)[0], dynamic[hw], rtol=0, atol=1e-4)
+    for g, w in zip(eng.infer(pair), pair_dynamic):
+        np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
+    eng.close()
+
+
+def test_fixed_shape_sessions_are_capped_and_a_failed_build_leaves_the_dynamic_session_serving(caplog) -> None:
+    from engines.ort_fixed import FixedShapeSessions
+
+    built = []
+    fixed = FixedShapeSessions(lambda shape: built.append(shape) or f"session{shape}", instances=2, after=2,
+                               max_shapes=2)
+    for h in (64, 96, 128):
+        for _ in range(3):
+            fixed.saw((1, h, 64, 3))
+    fixed.saw((2, 64, 64, 3))
+    fixed.saw((2, 64, 64, 3))
+    end = time.monotonic() + 10
+    while len(fixed.shapes) < 2 and time.monotonic() < end:
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert fixed.shapes == [(1, 64, 64, 3), (1, 96, 64, 3)] and len(built) == 4  # 2 shapes x 2 instances
+    assert fixed.get(1, (1, 96, 64, 3)) == "session(1, 96, 64, 3)" and fixed.get(0, (1, 128, 64, 3)) is None
+
+    def fail(shape):
+        raise RuntimeError("no")
+
+    broken = FixedShapeSessions(fail, instances=1, after=1)
+    with caplog.at_level(logging.WARNING):
+        broken.saw((1, 64, 64, 3))
+        end = time.monotonic() + 10
+        while "could not be built" not in caplog.text and time.monotonic() < end:
+            time.sleep(0.01)
+    assert broken.get(0, (1, 64, 64, 3)) is None and "the dynamic one serves" in caplog.text
+    broken.saw((1, 96, 64, 3))  # no further tries
+    assert broken.shapes == []
 
 
 def test_raw_head_export_runs_with_host_nms(yolo: YOLO, engine: engines.Engine, tmp_path: Path) -> None:
