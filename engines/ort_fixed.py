@@ -2,10 +2,11 @@
 
 With symbolic batch/height/width, ONNX Runtime runs the graph's shape arithmetic (Shape, Gather,
 Concat, Reshape chains around attention and the head) on every call: 940 nodes for yolov12n. With the
-dimensions fixed it folds them away (484 nodes) and a single 192x320 frame runs 3.5% faster on one
-thread (paired, 2 threads busy); at batch 2 the gain is 1.3%, at 4 none, so only single frames get
-these sessions. Once a shape has been run `after` times, a background thread builds one session per
-instance for it (0.3 s and ~25 MB each on a 2-core CPU); calls use the dynamic session until then.
+dimensions fixed it folds them away (484 nodes) and a single 192x320 frame runs 3.7-4.8% faster on one
+thread (paired calls, 2 threads busy; bench/engines.py); at batch 2 nothing is gained, so only single
+frames get these sessions. Once a shape has been run `after` times, a background thread builds one
+session per instance for it (0.3 s and ~29 MB each here: the demo server 311 -> 369 MB); calls use
+the dynamic session until then.
 """
 
 from __future__ import annotations
