@@ -2,7 +2,7 @@
 
 K sessions (instances) share the cores: each gets `threads` intra-op threads (default cores // K),
 and a pool lends one session per call, so up to K callers run at once. On the CPU, single frames of a
-shape that keeps coming get sessions with that shape fixed (ort_fixed.py: 3.5% faster at 192x320).
+shape that keeps coming get sessions with that shape fixed (ort_fixed.py: 4-5% faster at 192x320).
 Our end-to-end graphs take the uint8 NHWC batch as is and return [B, max_det, 6]; raw-head graphs
 (`--raw`, ultralytics exports) get the float NCHW conversion and NMS on the host (numpy).
 """
