@@ -36,6 +36,7 @@ class FixedShapeSessions:
         self._sessions: list[dict[tuple[int, ...], Any]] = [{} for _ in range(instances)]
         self._counts: dict[tuple[int, ...], int] = {}
         self._lock = threading.Lock()
+        self._building = threading.Lock()  # one build at a time: less CPU taken from serving, no lost update
         self._closed = False
         self._failed = False
 
@@ -55,17 +56,19 @@ class FixedShapeSessions:
             threading.Thread(target=self._build_all, args=(shape,), daemon=True, name="ort-fixed-shape").start()
 
     def _build_all(self, shape: tuple[int, ...]) -> None:
-        for i in range(len(self._sessions)):
-            if self._closed:
-                return
-            try:
-                session = self._build(shape)
-            except Exception as e:  # the dynamic session still serves: say it once and stop specialising
-                self._failed = True
-                log.warning("fixed-shape session for %s could not be built (%s: %s); the dynamic one serves",
-                            shape, type(e).__name__, e)
-                return
-            self._sessions[i] = {**self._sessions[i], shape: session}  # copy-on-write: readers take no lock
+        with self._building:
+            for i in range(len(self._sessions)):
+                if self._closed or self._failed:
+                    return
+                try:
+                    session = self._build(shape)
+                except Exception as e:  # the dynamic session still serves: say it once and stop specialising
+                    self._failed = True
+                    log.warning("fixed-shape session for %s could not be built (%s: %s); the dynamic one serves",
+                                shape, type(e).__name__, e)
+                    return
+                if not self._closed:
+                    self._sessions[i] = {**self._sessions[i], shape: session}  # copy-on-write: readers take no lock
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
