@@ -92,7 +92,7 @@ class OnnxRuntimeEngine(Engine):
         inp, out = first.get_inputs()[0], first.get_outputs()[0]
         symbolic = {i: d for i, d in enumerate(inp.shape) if isinstance(d, str)}
         self._fixed = (FixedShapeSessions(lambda shape: self._session(providers, symbolic, shape), instances,
-                                          fixed_after)
+                                          fixed_after, idle_priority=self.threads == 1)
                        if fixed_after > 0 and symbolic and providers == ["CPUExecutionProvider"] else None)
         self._input, self._output = inp.name, out.name
         self._input_dtype = {"tensor(uint8)": np.uint8, "tensor(float)": np.float32,

@@ -6,12 +6,17 @@ dimensions fixed it folds them away (484 nodes) and a single 192x320 frame runs 
 thread (paired calls, 2 threads busy; bench/engines.py); at batch 2 nothing is gained, so only single
 frames get these sessions. Once a shape has been run `after` times, a background thread builds one
 session per instance for it (0.3 s and ~29 MB each here: the demo server 311 -> 369 MB); calls use
-the dynamic session until then.
+the dynamic session until then. Where sessions run single-threaded (the 2-core default), the build
+runs at idle priority: at normal priority it took CPU from the instances for 0.6 s and showed as a
+latency spike (demo, 8 s: p99 52-70 ms against 33-48). Multi-threaded sessions would inherit the
+builder's priority in their thread pools, so theirs build at normal priority (one core of many).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -25,12 +30,15 @@ class FixedShapeSessions:
     """Per-instance sessions keyed by the exact feed shape; `get` is lock-free, `saw` counts and schedules builds.
 
     `build(shape)` makes one session for `shape` (called once per instance); `instances` is the number
-    of instances; at most `max_shapes` shapes are specialised (each costs a session per instance).
+    of instances; at most `max_shapes` shapes are specialised (each costs a session per instance);
+    `idle_priority` builds only with CPU nobody else wants (Linux SCHED_IDLE; only safe for sessions
+    without intra-op thread pools, which would inherit it).
     """
 
     def __init__(self, build: Callable[[tuple[int, ...]], Any], instances: int, after: int = 50,
-                 max_shapes: int = 4) -> None:
+                 max_shapes: int = 4, idle_priority: bool = False) -> None:
         self._build = build
+        self._idle_priority = idle_priority
         self._after = max(1, int(after))
         self._max_shapes = max_shapes
         self._sessions: list[dict[tuple[int, ...], Any]] = [{} for _ in range(instances)]
@@ -56,6 +64,9 @@ class FixedShapeSessions:
             threading.Thread(target=self._build_all, args=(shape,), daemon=True, name="ort-fixed-shape").start()
 
     def _build_all(self, shape: tuple[int, ...]) -> None:
+        if self._idle_priority:
+            with contextlib.suppress(AttributeError, OSError):  # not Linux: normal priority
+                os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))  # 0: this thread
         with self._building:
             for i in range(len(self._sessions)):
                 if self._closed or self._failed:
@@ -69,6 +80,8 @@ class FixedShapeSessions:
                     return
                 if not self._closed:
                     self._sessions[i] = {**self._sessions[i], shape: session}  # copy-on-write: readers take no lock
+            log.info("single frames of shape %s now run on fixed-shape sessions (%d built)", shape,
+                     len(self._sessions))
 
     @property
     def shapes(self) -> list[tuple[int, ...]]:
