@@ -281,8 +281,11 @@ def fixed_shape_table(onnx: Path, calls: int = 150) -> str:
                 w.start()
             for w in workers:
                 w.join()
+            used_fixed = "yes" if fixed.fixed_shapes else "no (batch > 1)"
+            dyn.close()
+            fixed.close()
             d, f = np.array(pairs).T
-            rows.append([f"{hw[0]}x{hw[1]}", batch, "yes" if fixed.fixed_shapes else "no (batch > 1)",
+            rows.append([f"{hw[0]}x{hw[1]}", batch, used_fixed,
                          f"{np.median(d) * 1e3:.1f}", f"{np.median(f) * 1e3:.1f}", f"{np.median(f / d):.3f}"])
             print("fixed shapes", rows[-1], flush=True)
     return table(["input", "batch", "fixed session", "dynamic ms", "fixed-shape engine ms",
