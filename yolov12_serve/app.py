@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import sys
@@ -54,6 +55,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         metrics_port = core.metrics.serve(config.metrics_port, config.host) if config.metrics_port >= 0 else None
         for spec in options.streams:
             core.add_stream(spec)
+        _freeze_startup_heap()
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
               f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)
@@ -76,6 +78,17 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.remove_signal_handler(sig)
     return 0
+
+
+def _freeze_startup_heap() -> None:
+    """Keep the objects made at start-up (modules, engines, gRPC) out of every later garbage collection.
+
+    A full collection walks every tracked object while holding the GIL: ~36k objects after start-up took
+    30-40 ms on a 2-core VM, a stall of nearly the whole 45 ms SLO for every frame in flight, once every
+    ~45 s at half load. Frozen, a full collection walks only what was made since (under 1 ms)."""
+    gc.collect()
+    gc.freeze()
+    log.debug("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
 
 
 _pending: set[asyncio.Task] = set()
