@@ -53,9 +53,9 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     try:
         await loop.run_in_executor(None, core.start)
         metrics_port = core.metrics.serve(config.metrics_port, config.host) if config.metrics_port >= 0 else None
+        _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
             core.add_stream(spec)
-        _freeze_startup_heap()
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
               f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)
@@ -85,7 +85,9 @@ def _freeze_startup_heap() -> None:
 
     A full collection walks every tracked object while holding the GIL: ~36k objects after start-up took
     30-40 ms on a 2-core VM, a stall of nearly the whole 45 ms SLO for every frame in flight, once every
-    ~45 s at half load. Frozen, a full collection walks only what was made since (under 1 ms)."""
+    ~45 s at half load. Frozen, a full collection walks only what was made since (under 1 ms). What is frozen
+    is never collected: the engines live as long as the process; a hot engine swap must free the old one's
+    sessions in its close(), not count on the collector."""
     gc.collect()
     gc.freeze()
     log.debug("garbage collector: %d start-up objects frozen", gc.get_freeze_count())
