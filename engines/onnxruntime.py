@@ -139,6 +139,8 @@ class OnnxRuntimeEngine(Engine):
             session = self._fixed.get(i, feed.shape) if self._fixed is not None else None
             if session is None:
                 session = self._sessions[i]
+                if session is None:  # closed after this call borrowed its instance
+                    raise EngineError("the engine was closed: load it again")
                 if self._fixed is not None:
                     self._fixed.saw(feed.shape)
             y = session.run([self._output], {self._input: feed})[0]
@@ -148,7 +150,9 @@ class OnnxRuntimeEngine(Engine):
         return [d[d[:, 4] > (0 if self._input_dtype == np.uint8 else self.info.conf)] for d in y]
 
     def close(self) -> None:
-        """Drop the sessions (their memory is freed when no call still holds one)."""
+        """Drop the sessions (their memory is freed when no call still holds one), whether or not the engine object
+        itself is ever collected (the server freezes its start-up objects out of garbage collection)."""
         self._pool.close()
+        self._sessions = [None] * len(self._sessions)
         if self._fixed is not None:
             self._fixed.close()

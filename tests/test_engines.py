@@ -11,6 +11,7 @@ import copy
 import logging
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -190,6 +191,18 @@ def test_concurrent_calls_on_k_sessions_match_sequential(onnx_path: Path) -> Non
     for i, exp in enumerate(expected):
         for g, w in zip(results[i], exp):
             np.testing.assert_allclose(g, w, rtol=0, atol=1e-4)
+
+
+def test_close_frees_the_sessions_while_the_engine_object_lives(onnx_path: Path) -> None:
+    """The server freezes its start-up objects out of garbage collection, so an engine in a reference cycle is never
+    collected: close() itself must let go of the ONNX Runtime sessions (their memory)."""
+    eng = engines.load(onnx_path, instances=2, threads=1)
+    eng.infer(_frames(1, (192, 320), seed=1))
+    refs = [weakref.ref(s) for s in eng._sessions]  # what close() must release
+    eng.close()
+    assert all(r() is None for r in refs)
+    with pytest.raises(EngineError, match="closed"):
+        eng.infer(_frames(1, (192, 320), seed=1))
 
 
 def test_single_frames_of_a_recurring_shape_move_to_fixed_shape_sessions_with_the_same_result(
