@@ -615,7 +615,8 @@ def test_boxes_back_to_source_pixels_match_the_letterbox_maths():
 
 def test_whole_factor_resizes_match_the_trainers_resize_and_others_stay_bilinear():
     """640x360 -> 320x180 (a 2x box average) must give the pixels the trainer's cv2 INTER_LINEAR gives; a
-    non-whole factor still fits the planned letterbox."""
+    non-whole factor still fits the planned letterbox; a box of a bigger picture gives the pixels of the same
+    region cut out first."""
     cv2 = pytest.importorskip("cv2", reason="opencv comes with the train extra")
     from yolov12_serve.preprocess import letterbox_image
 
@@ -628,6 +629,15 @@ def test_whole_factor_resizes_match_the_trainers_resize_and_others_stay_bilinear
     assert (out[:lb.top] == 114).all() and (out[lb.top + 180:] == 114).all()
     odd = plan_letterbox((300, 500), (192, 320))
     assert letterbox_image(img[:300, :500], odd).shape == (192, 320, 3)
+    from PIL import Image
+
+    strip = np.concatenate([img, img[:, ::-1]], axis=1)  # a synthetic camera's picture; a frame is a box of it
+    for box, plan in [((100, 0, 740, 360), lb), ((37, 20, 537, 320), odd), ((60, 0, 380, 180), plan_letterbox(
+            (180, 320), (192, 320)))]:
+        view = strip[box[1]:box[3], box[0]:box[2]]
+        expected = letterbox_image(np.ascontiguousarray(view), plan)
+        np.testing.assert_array_equal(letterbox_image(Image.fromarray(strip), plan, box), expected)
+        np.testing.assert_array_equal(letterbox_image(strip, plan, box), expected)
     import av
 
     from yolov12_serve.preprocess import letterbox_avframe

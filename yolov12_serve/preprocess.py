@@ -38,19 +38,29 @@ class InputPlanner:
         return plan_letterbox(src_hw, input_hw)
 
 
-def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox) -> np.ndarray:
-    """RGB uint8 [H, W, 3] (or a PIL image, possibly JPEG-draft-reduced) -> the letterboxed engine input."""
-    if isinstance(image, np.ndarray) and image.shape[:2] == lb.new_hw:
-        return lb.place(image) if lb.new_hw != lb.input_hw else np.ascontiguousarray(image)
-    pil = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    if pil.mode != "RGB":
-        pil = pil.convert("RGB")
+def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox,
+                    box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+    """RGB uint8 [H, W, 3] or a PIL image (possibly JPEG-draft-reduced), or its `box` (left, top, right, bottom),
+    -> the letterboxed engine input. A source that keeps its picture as a PIL image and passes the box of each
+    frame skips the array-to-image copy a frame would cost (0.3 of 0.8 ms at 640x360 on our 2 cores)."""
+    if isinstance(image, np.ndarray):
+        if box is not None:
+            image, box = image[box[1]:box[3], box[0]:box[2]], None
+        if image.shape[:2] == lb.new_hw:
+            return lb.place(image) if lb.new_hw != lb.input_hw else np.ascontiguousarray(image)
+        image = Image.fromarray(image)
+    pil = image if image.mode == "RGB" else image.convert("RGB")
+    box = box or (0, 0, *pil.size)
+    size = (box[2] - box[0], box[3] - box[1])
     new_h, new_w = lb.new_hw
-    factor = pil.size[0] // new_w
-    if factor >= 2 and pil.size == (new_w * factor, new_h * factor):
-        pil = pil.reduce(factor)  # 640x360 -> 320x180 and the like: a box average, 4x faster than bilinear
-    elif pil.size != (new_w, new_h):
-        pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
+    factor = size[0] // new_w
+    if factor >= 2 and size == (new_w * factor, new_h * factor):
+        pil = pil.reduce(factor, box=box)  # 640x360 -> 320x180 and the like: a box average, 4x faster than bilinear
+    else:
+        if box != (0, 0, *pil.size):
+            pil = pil.crop(box)  # a resize within a box would filter in pixels from outside it
+        if size != (new_w, new_h):
+            pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
     return lb.place(np.asarray(pil))
 
 

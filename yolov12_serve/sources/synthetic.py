@@ -2,7 +2,7 @@
 
 Each camera renders one belt strip once: `strip` parts side by side, each a frame-sized scene with its
 defects (trainer.data.synth.render_scene: numpy + Pillow, no torch), and slides a window along it, so a
-frame costs a slice (and a resize once it reaches an engine), not a render.
+frame costs a box of one picture of the strip (resized once it reaches an engine), not a render.
 Frames come at the camera's rate in real time, at a phase of their own (seeded by name and seed); when
 the machine falls behind, ticks are skipped (a camera does not wait for its reader).
 """
@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
+from PIL import Image
 
 from ..errors import InvalidArgumentError
 from ..frames import now
@@ -86,6 +87,7 @@ class SyntheticSource(Source):
         cam = self.camera
         try:
             strip = render_strip(cam)
+            picture = Image.fromarray(strip)  # each frame is a box of it: no array-to-image copy per frame
         except Exception as e:
             self.sink.set_state(StreamState.FAILED, f"cannot render the synthetic scene: {type(e).__name__}: {e}")
             return
@@ -103,7 +105,7 @@ class SyntheticSource(Source):
             x = (tick * cam.speed) % period
             lb = self.sink.plan((h, w))
             self.last_frame_at = now()  # the letterbox runs only if the frame reaches an engine (as for RTSP)
-            self.sink.put(functools.partial(letterbox_image, strip[:, x:x + w], lb), lb, time.time_ns() // 1000)
+            self.sink.put(functools.partial(letterbox_image, picture, lb, (x, 0, x + w, h)), lb, time.time_ns() // 1000)
             tick += 1
             wait = t0 + tick * dt - now()
             if wait < -dt:  # fell behind: skip the ticks already missed
