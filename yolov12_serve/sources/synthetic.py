@@ -86,13 +86,12 @@ class SyntheticSource(Source):
     def _run(self) -> None:
         cam = self.camera
         try:
-            strip = render_strip(cam)
-            picture = Image.fromarray(strip)  # each frame is a box of it: no array-to-image copy per frame
+            picture = Image.fromarray(render_strip(cam))  # each frame is a box of it: no array-to-image copy per frame
         except Exception as e:
             self.sink.set_state(StreamState.FAILED, f"cannot render the synthetic scene: {type(e).__name__}: {e}")
             return
         h, w = cam.size
-        period = strip.shape[1] - w
+        period = picture.size[0] - w
         fps = min(cam.fps, self.sink.max_fps) if self.sink.max_fps > 0 else cam.fps
         dt = 1.0 / fps
         self.sink.set_state(StreamState.STREAMING)
