@@ -12,6 +12,8 @@ of the module (weights shared) so concurrent calls never share the head's anchor
 from __future__ import annotations
 
 import copy
+import logging
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ from .base import Engine, EngineError, EngineInfo
 from .pool import InstancePool
 
 __all__ = ["TorchEngine", "batch_buckets", "checkpoint_info"]
+
+log = logging.getLogger(__name__)
 
 
 def batch_buckets(max_batch: int) -> list[int]:
@@ -103,6 +107,7 @@ class TorchEngine(Engine):
         self.info = _info(ckpt, "fp16" if self._cuda else "fp32", max_batch, conf, iou, max_det)
         self._nms = non_max_suppression
         self._graphs = cuda_graphs and self._cuda
+        self._capture_lock = threading.Lock()
         self._buckets = batch_buckets(max_batch)
         slots = [_Slot(model if k == 0 else _shared_copy(model)) for k in range(instances)]
         if self._cuda:
@@ -141,7 +146,15 @@ class TorchEngine(Engine):
         bucket = next(k for k in self._buckets if k >= b)
         key = (bucket, h, w)
         if key not in slot.graphs:
-            slot.graphs[key] = self._capture(slot, bucket, h, w)
+            # one capture at a time: torch.cuda.graph() empties the allocator's cache on entry, which a capture
+            # underway on another instance's stream would not survive
+            with self._capture_lock:
+                try:
+                    slot.graphs[key] = self._capture(slot, bucket, h, w)
+                except RuntimeError as e:  # a forward that cannot be captured: run eagerly from now on
+                    log.warning("%s: CUDA graph capture failed (%s); running without CUDA graphs", self.path, e)
+                    self._graphs = False
+                    return self._forward(slot.model, x)
         graph, static_in, static_out, _ = slot.graphs[key]
         static_in[:b].copy_(x)
         if b < bucket:
@@ -152,23 +165,21 @@ class TorchEngine(Engine):
     def _capture(self, slot: _Slot, bucket: int, h: int, w: int) -> tuple[Any, ...]:
         """Warm up on this slot's stream, then capture one forward at (bucket, h, w) into a CUDA graph.
 
-        Returns (graph, input, output, anchors): the anchors made during capture live in the shared graph
-        pool and are kept referenced, or a later capture could reuse (and overwrite) their memory.
+        The warm-up builds the head's anchors for this shape outside the capture (building them reads the
+        strides back to the host, which a capturing stream forbids); the graph reads them, so they are
+        returned with it, (graph, input, output, anchors), and stay alive as long as the graph does.
         """
         import torch
 
         static_in = torch.zeros((bucket, h, w, 3), dtype=torch.uint8, device=self._device)
-        for _ in range(2):  # cuDNN autotuning and lazy init stay out of the graph
+        for _ in range(2):  # cuDNN autotuning, lazy init and this shape's anchors stay out of the graph
             self._forward(slot.model, static_in)
         slot.stream.synchronize()
-        slot.model.head._anchor_key = None  # anchors are rebuilt inside the capture, in the graph's own memory
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=slot.pool, stream=slot.stream, capture_error_mode="thread_local"):
             static_out = self._forward(slot.model, static_in)
         head = slot.model.head
-        anchors = (head.anchors, head.strides)
-        head._anchor_key = None  # the next capture (another shape) rebuilds its own
-        return graph, static_in, static_out, anchors
+        return graph, static_in, static_out, (head.anchors, head.strides)
 
     def close(self) -> None:
         """Drop the captured graphs and the module copies."""
