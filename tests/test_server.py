@@ -12,9 +12,11 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from test_server_harness import NO_TORCH, ROOT, ServerProcess, model_path
 
+from engines.base import Engine, EngineInfo
 from yolov12_serve.config import load_streams_file, redact_url, url_kind, validate_stream_id
 from yolov12_serve.devices import parse_gpus
 from yolov12_serve.errors import ConfigError, InvalidArgumentError
@@ -208,6 +210,36 @@ def test_status_table_flags_p99_over_the_slo():
                       1.5, 640, 360)
     table = render_table([view], slo_ms=45)
     assert "cam" in table and "STREAMING" in table and "60.0!" in table
+
+
+def test_warm_up_times_no_instance_s_first_run_of_a_shape():
+    """Each instance's first run of a shape is slow (allocations; a CUDA graph capture on GPUs): the warm-up runs
+    it on every instance before it times one, so the cost model starts from steady-state run times."""
+    from engines.pool import InstancePool
+    from yolov12_serve.core import ServerCore
+    from yolov12_serve.costmodel import RunTimeModel
+    from yolov12_serve.preprocess import InputPlanner
+
+    class FirstRunSlowEngine(Engine):
+        def __init__(self, instances: int) -> None:
+            self.info = EngineInfo(names={0: "part"}, imgsz=(320, 320), stride=32, batch=(1, 8), dynamic_hw=True)
+            self.device, self.instances = "cpu", instances
+            self._pool = InstancePool([set() for _ in range(instances)])  # the shapes each instance has run
+
+        def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+            with self._pool.borrow() as seen:
+                first = batch.shape not in seen
+                seen.add(batch.shape)
+                time.sleep(0.2 if first else 0.002)
+            return [np.zeros((0, 6), np.float32) for _ in batch]
+
+    engine = FirstRunSlowEngine(instances=2)
+    planner = InputPlanner(engine.info.imgsz, engine.info.stride, engine.info.dynamic_hw)
+    cost = RunTimeModel()
+    full = ServerCore._warm_up(engine, planner, cost, max_batch=4, instances=2)
+    assert full < 0.1
+    assert cost.predict(1, (192, 320), 0.5) < 0.1
+    assert cost.predict(4, (192, 320), 0.5, others=1) < 0.1
 
 
 def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():

@@ -164,7 +164,8 @@ class ServerCore:
         full = 0.0
         for shape, n in runs:
             x = np.full((n, *shape, 3), 114, np.uint8)
-            engine.infer(x)  # first run of a shape: allocations, kernel selection
+            for _ in range(instances):  # each instance's first run of a shape (allocations, kernel selection, a
+                engine.infer(x)  # CUDA graph capture) stays out of the timed run, which borrows the first again
             t0 = now()
             engine.infer(x)
             dt = now() - t0
