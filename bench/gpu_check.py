@@ -1,10 +1,11 @@
 """Everything GPU-related, checked and timed in one call (issue 6): run it whenever a GPU is lent.
 
-    python bench/gpu_check.py --out $OUT          # on a CUDA machine, under 8 minutes
+    python bench/gpu_check.py --out $OUT          # on a CUDA machine: about 7 minutes (--budget 400)
     python bench/gpu_check.py --smoke --out DIR   # CPU, seconds: keeps the script from rotting (CI runs it)
 
 Sections, each written to OUT/gpu_check.md (tables) and OUT/gpu_check.json as it finishes, so a
-run cut short still leaves what it measured:
+run cut short still leaves what it measured; each gets a share of --budget and a section that no
+longer fits is reported as skipped (one device session is about 15 minutes, start-up included):
   0. environment: GPU, torch, attention backend, TensorRT / flash-attn / PyAV NVDEC availability
   1. correctness: the PyTorch backend on CUDA fp16 against the CPU fp32 reference on the same frames
      (detections matched by IoU; box and score errors), and TensorRT where it is importable
@@ -42,6 +43,7 @@ class Report:
 
     def __init__(self, out: Path) -> None:
         self.out, self.sections, self.data = out, [], {}
+        self.failed: list[str] = []
         out.mkdir(parents=True, exist_ok=True)
 
     def add(self, title: str, text: str, data: Any) -> None:
@@ -52,14 +54,29 @@ class Report:
         print(f"\n## {title}\n\n{text}\n", flush=True)
 
 
+class PartialSectionError(Exception):
+    """A section that failed in part: its table (with the failed rows) is still reported."""
+
+    def __init__(self, text: str, data: Any) -> None:
+        super().__init__("some rows failed")
+        self.text, self.data = text, data
+
+
 def section(report: Report, title: str, fn: Callable[[], tuple[str, Any]]) -> None:
     """Run one section; an exception is reported in its place and the next section still runs."""
     t0 = time.perf_counter()
+    failed = True
     try:
         text, data = fn()
+        failed = False
+    except PartialSectionError as e:
+        text, data = f"FAILED in part:\n\n{e.text}", e.data
     except Exception as e:
         text, data = f"FAILED: {e.__class__.__name__}: {e}\n\n```\n{traceback.format_exc()[-3000:]}\n```", None
-    report.add(f"{title} ({time.perf_counter() - t0:.0f} s)", text, data)
+    title = f"{title} ({time.perf_counter() - t0:.0f} s)"
+    if failed:
+        report.failed.append(title)
+    report.add(title, text, data)
 
 
 # ---------------------------------------------------------------------------------------------- 0
@@ -94,11 +111,10 @@ def environment(device: str) -> tuple[str, Any]:
             info[mod] = f"missing ({e.__class__.__name__})"
     try:
         import av
-
-        from yolov12_serve.sources.hwdecode import nvdec_problem
+        from gpu_serve import nvdec_probe
 
         info["av_hwdevices"] = list(av.codec.hwaccel.hwdevices_available())
-        problem = nvdec_problem(0)  # decodes a tiny clip through the hardware path
+        problem = nvdec_probe(0)  # decodes a tiny clip through the hardware path, in a child process
         info["nvdec"] = "works" if problem is None else f"unavailable: {problem}"
     except Exception as e:
         info["nvdec"] = f"unknown ({e})"
@@ -179,12 +195,21 @@ def correctness(device: str, tmp: Path, smoke: bool) -> tuple[str, Any]:
         except ImportError:
             rows.append(["tensorrt", "not installed here", "", "", ""])
     for name, make in candidates:
-        eng = make()
-        got = eng.infer(batch)
-        m = match(ref, got)
-        data[name] = m
-        rows.append([name, m["reference_dets"], f"{m['recall']:.3f}", m["min_iou"], m["max_score_err"]])
-        eng.close()
+        try:  # one candidate's failure (a TensorRT build, a CUDA graph capture) keeps the others' rows
+            eng = make()
+            got = [eng.infer(batch), eng.infer(batch)]  # first call: warm-up (and capture), second: replay
+            eng.close()
+        except Exception as e:
+            data[name] = {"error": f"{type(e).__name__}: {e}"}
+            rows.append([name, "FAILED", f"{type(e).__name__}: {str(e)[:200]}", "", ""])
+            continue
+        for call, dets in zip(("first call", "second call"), got):
+            m = match(ref, dets)
+            data[f"{name}, {call}"] = m
+            rows.append([f"{name}, {call}", m["reference_dets"], f"{m['recall']:.3f}", m["min_iou"],
+                         m["max_score_err"]])
+    if any("error" in v for v in data.values()):
+        raise PartialSectionError(table(["engine", "ref dets", "matched", "min IoU", "max |score err|"], rows), data)
     text = (f"Reference: CPU fp32, {len(batch)} frames {size[0]}x{size[1]}, detections with score >= 0.3.\n\n"
             + table(["engine", "ref dets", "matched", "min IoU", "max |score err|"], rows))
     return text, data
@@ -267,7 +292,7 @@ def _synthetic_batch(n: int, size: int) -> dict[str, Any]:
             "im_file": [""] * n, "ori_shape": [(size, size)] * n, "ratio_pad": [((1.0, 1.0), (0.0, 0.0))] * n}
 
 
-def training_memory(device: str, tmp: Path, smoke: bool) -> tuple[str, Any]:
+def training_memory(device: str, tmp: Path, smoke: bool, budget_s: float = 1e9) -> tuple[str, Any]:
     import torch
 
     from trainer.config import TrainConfig
@@ -287,9 +312,17 @@ def training_memory(device: str, tmp: Path, smoke: bool) -> tuple[str, Any]:
         configs = {"fp32, no checkpointing": ("off", "off", False), "fp32 + checkpointing": ("off", "on", False)}
     rows, out = [], []
     dev_index = device.split(":")[1] if ":" in device else "0"
-    for name, (amp, ckpt, micro_auto) in configs.items():
-        largest, ips = 0, None
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()  # the first row's peak must not include the earlier sections
+    t_start = time.perf_counter()
+    for i, (name, (amp, ckpt, micro_auto)) in enumerate(configs.items()):
+        largest, ips, verdict = 0, None, ""
+        share_end = t_start + budget_s * (i + 1) / len(configs)  # each configuration its share of the budget
         for b in batches:
+            if largest and time.perf_counter() > share_end:
+                out.append({"config": name, "batch": b, "skipped": "time"})
+                verdict = f">= {largest} (larger not tried: time)"
+                break
             cfg = TrainConfig.from_kwargs(data=str(data), imgsz=size, batch=b, workers=0, amp=amp,
                                           grad_checkpointing=ckpt, micro_batch=0 if micro_auto else b, verbose=False,
                                           device=dev_index if device.startswith("cuda") else "cpu", ema=False)
@@ -324,7 +357,7 @@ def training_memory(device: str, tmp: Path, smoke: bool) -> tuple[str, Any]:
                 if device.startswith("cuda"):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-        rows.append([name, largest or "none", f"{ips:,.1f}" if ips else "-"])
+        rows.append([name, verdict or largest or "none", f"{ips:,.1f}" if ips else "-"])
     text = (f"yolov12{scale} at {size}, one training step (forward, loss, backward, optimizer) per global batch "
             f"{batches}; 'auto micro-batch' probes memory and accumulates.\n\n"
             + table(["memory features", "largest batch that fits", "images/s at it"], rows))
@@ -336,8 +369,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes on the CPU (what CI runs)")
     parser.add_argument("--out", default=os.environ.get("OUT") or "gpu_check_out")
-    parser.add_argument("--compile", action="store_true", help="also time torch.compile (adds about a minute)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time torch.compile (slow: max-autotune compiles every batch size; not for a "
+                             "one-session run)")
     parser.add_argument("--only", default="", help="comma-separated sections to run: env,correct,speed,train,serve")
+    parser.add_argument("--budget", type=float, default=400.0,
+                        help="seconds for the whole check (default 400): training memory gets at most 90 s of it, "
+                             "the server the rest up to its own 175 s; a section that no longer fits is skipped")
     args = parser.parse_args()
     import torch
 
@@ -348,23 +386,34 @@ def main() -> int:
     report = Report(Path(args.out))
     only = set(filter(None, args.only.split(",")))
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
-    steps = [("env", "0. environment", lambda: environment(device)),
-             ("correct", "1. correctness", lambda: correctness(device, tmp, args.smoke)),
-             ("speed", "2. model speed", lambda: model_speed(device, args.smoke, args.compile)),
-             ("train", "3. training memory", lambda: training_memory(device, tmp, args.smoke))]
+    t0 = time.perf_counter()
+
+    def left() -> float:
+        return args.budget - (time.perf_counter() - t0)
+
+    # (key, title, run, the least time it needs to be worth starting)
+    steps = [("env", "0. environment", lambda: environment(device), 0.0),
+             ("correct", "1. correctness", lambda: correctness(device, tmp, args.smoke), 30.0),
+             ("speed", "2. model speed", lambda: model_speed(device, args.smoke, args.compile), 30.0),
+             ("train", "3. training memory",
+              lambda: training_memory(device, tmp, args.smoke, min(90.0, left() - 100.0)), 130.0)]
     try:
         from gpu_serve import server_check  # section 4 lives beside this file
 
-        steps.append(("serve", "4. server on one GPU", lambda: server_check(device, tmp, args.smoke)))
+        steps.append(("serve", "4. server on one GPU",
+                      lambda: server_check(device, tmp, args.smoke, None if args.smoke else left() - 5.0), 70.0))
     except ImportError as e:
         print(f"gpu_check: section 4 unavailable ({e})", file=sys.stderr)
-    t0 = time.perf_counter()
-    for key, title, fn in steps:
-        if not only or key in only:
-            section(report, title, fn)
+    for key, title, fn, least in steps:
+        if only and key not in only:
+            continue
+        if not args.smoke and left() < least:
+            report.add(f"{title} (skipped)", f"Skipped: {left():.0f} s of the {args.budget:g} s budget left, it needs "
+                       f"{least:g} s; run it alone with `--only {key}`.", None)
+            continue
+        section(report, title, fn)
     print(f"gpu_check: done in {time.perf_counter() - t0:.0f} s; tables in {report.out / 'gpu_check.md'}")
-    failed = [t for t in report.data if report.data[t] is None]
-    return 1 if failed else 0
+    return 1 if report.failed else 0
 
 
 if __name__ == "__main__":

@@ -277,16 +277,34 @@ def run_path(plan: Plan, decode: str, clip: Path, tmp: Path, deadline: float) ->
     return out
 
 
-def server_check(device: str, tmp: Path, smoke: bool) -> tuple[str, Any]:
-    """gpu_check section 4: (markdown with one row per decode path and camera count, JSON-able data)."""
+def nvdec_probe(gpu: int = 0, timeout_s: float = 60.0) -> str | None:
+    """`nvdec_problem(gpu)` in a child process: FFmpeg's NVDEC path has never run on the lent machines, and a
+    crash or hang in native code must cost this probe, not the whole check."""
+    code = ("from yolov12_serve.sources.hwdecode import nvdec_problem; import sys; "
+            f"sys.stdout.write('PROBLEM:' + (nvdec_problem({gpu}) or ''))")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout_s,
+                             cwd=REPO)
+    except subprocess.TimeoutExpired:
+        return f"the NVDEC probe hung (over {timeout_s:g} s)"
+    found = re.search(r"PROBLEM:(.*)\Z", out.stdout, re.S)
+    if out.returncode != 0 or found is None:
+        tail = (out.stderr.strip().splitlines() or [""])[-1]
+        return f"the NVDEC probe crashed (exit {out.returncode}{': ' + tail if tail else ''})"
+    return found.group(1).strip() or None
+
+
+def server_check(device: str, tmp: Path, smoke: bool, budget_s: float | None = None) -> tuple[str, Any]:
+    """gpu_check section 4: (markdown with one row per decode path and camera count, JSON-able data); `budget_s`
+    caps the plan's own time budget (what the whole check has left)."""
     t_start = time.perf_counter()
     plan = smoke_plan(tmp) if smoke or not device.startswith("cuda") else gpu_plan(tmp)
+    if budget_s is not None:
+        plan.budget_s = min(plan.budget_s, budget_s)
     h, w = plan.size
     clip = write_clip(tmp / f"camera-{w}x{h}.mp4", plan.size, CAMERA_FPS, plan.clip_s)
     clip_s = time.perf_counter() - t_start
-    from yolov12_serve.sources.hwdecode import nvdec_problem
-
-    problem = nvdec_problem(0)
+    problem = nvdec_probe(0)
     decodes = ["cpu", "nvdec"]
     if problem is not None and not smoke:
         decodes = ["cpu"]  # nothing to compare: say why below
@@ -294,7 +312,12 @@ def server_check(device: str, tmp: Path, smoke: bool) -> tuple[str, Any]:
     for i, decode in enumerate(decodes):
         left = plan.budget_s - (time.perf_counter() - t_start)
         deadline = time.perf_counter() + left / (len(decodes) - i)  # each path its share of what is left
-        paths.append(run_path(plan, decode, clip, tmp, deadline))
+        try:
+            paths.append(run_path(plan, decode, clip, tmp, deadline))
+        except Exception as e:  # one path's failure (a server that did not start) keeps the other path's rows
+            paths.append({"decode": decode, "startup_s": 0.0, "rows": [], "on_nvdec": 0, "nvdec_note": "",
+                          "hw_failures": 0, "tracebacks": 0,
+                          "stopped": f"FAILED: {type(e).__name__}: {e} (server-{decode}.log has the details)"})
     rows, best = [], {}
     for p in paths:
         ok = [r["streams"] for r in p["rows"] if r["ok"]]
