@@ -53,23 +53,33 @@ def tensorrt_major() -> int:
     return int(import_tensorrt().__version__.split(".")[0])
 
 
+def _nhwc(info: EngineInfo) -> bool:
+    """Our end-to-end exports take uint8 NHWC frames; raw-head exports (the ultralytics layout) float NCHW."""
+    return info.extra.get("input", "float-nchw") == "uint8-nhwc"
+
+
 def profile_shapes(info: EngineInfo, opts: BuildOptions) -> list[tuple[tuple[int, ...], ...]]:
-    """(min, opt, max) NHWC shapes of the profiles of one context's set, validated against the export."""
+    """(min, opt, max) input shapes of the profiles of one context's set (NHWC, or NCHW for a raw-head export),
+    validated against the export."""
     h0, w0 = info.imgsz
     s = info.stride
     b = opts.batch
+
+    def shape(n: int, h: int, w: int) -> tuple[int, ...]:
+        return (n, h, w, 3) if _nhwc(info) else (n, 3, h, w)
+
     if not info.dynamic_hw:
         if opts.shapes and any(tuple(x) != (h0, w0) for x in opts.shapes):
             raise EngineError(f"--shapes need a dynamic export: the ONNX is fixed at {h0}x{w0} (add --dynamic)")
-        shape = (info.batch[0], h0, w0, 3)
-        return [(shape, shape, shape)]
+        fixed = shape(info.batch[0], h0, w0)
+        return [(fixed, fixed, fixed)]
     if not opts.shapes:  # any stride multiple up to imgsz, tuned for imgsz
-        return [((1, s, s, 3), (b, h0, w0, 3), (b, h0, w0, 3))]
+        return [(shape(1, s, s), shape(b, h0, w0), shape(b, h0, w0))]
     out = []
     for h, w in opts.shapes:
         if h % s or w % s or h > h0 or w > w0:
             raise EngineError(f"shape {h}x{w}: must be multiples of {s} within the export's {h0}x{w0}")
-        out.append(((1, h, w, 3), (b, h, w, 3), (b, h, w, 3)))
+        out.append((shape(1, h, w), shape(b, h, w), shape(b, h, w)))
     return out
 
 
@@ -113,6 +123,7 @@ def build_engine(onnx_path: str | Path, output: str | Path, opts: BuildOptions) 
     device = torch.device(f"cuda:{opts.device}")
     shapes = profile_shapes(info, opts)
     logger = make_logger(trt)
+    mark = len(logger.errors)  # the shared logger's errors from here on are this build's
     with torch.cuda.device(device):
         builder = trt.Builder(logger)
         flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if major >= 11 else 0
@@ -139,17 +150,20 @@ def build_engine(onnx_path: str | Path, output: str | Path, opts: BuildOptions) 
             from .calibration import CalibrationBatches, make_calibrator
 
             config.set_flag(trt.BuilderFlag.INT8)
-            _, opt_shape, _ = shapes[0]  # TensorRT 10 calibrates at the first profile's opt shape
-            batches = CalibrationBatches(opts.calib_images or [], (opt_shape[1], opt_shape[2]), batch=opt_shape[0]) \
-                if opts.calib_images else None
+            _, opt_shape, _ = shapes[0]  # TensorRT 10 calibrates at the first profile's opt shape: its batch too
+            hw = (opt_shape[1], opt_shape[2]) if _nhwc(info) else (opt_shape[2], opt_shape[3])
+            batches = CalibrationBatches(opts.calib_images or [], hw, batch=opt_shape[0], exact_batch=True) \
+                if opts.calib_images else _CacheOnly(opt_shape[0], hw)
             calib_cache = Path(opts.calib_cache or output.with_suffix(".calib"))
-            config.int8_calibrator = make_calibrator(trt, batches, calib_cache, device) if batches else \
-                make_calibrator(trt, _CacheOnly(opt_shape), calib_cache, device)
+            calibrator = make_calibrator(trt, batches, calib_cache, device, nhwc=_nhwc(info))
+            config.int8_calibrator = calibrator
             if _keep_head_sigmoid_fp32(trt, network):
                 config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         plan = builder.build_serialized_network(network, config)
+        if opts.int8 and calibrator.error is not None:  # raised inside get_batch, where TensorRT only logs it
+            raise calibrator.error
         if plan is None:
-            raise EngineError(f"TensorRT build failed: {' '.join(logger.errors[-3:]) or 'see the log above'}")
+            raise EngineError(f"TensorRT build failed: {' '.join(logger.errors[mark:][-3:]) or 'see the log above'}")
         timing_file.write_bytes(bytes(config.get_timing_cache().serialize()))
     props = torch.cuda.get_device_properties(device)
     precision = "int8" if opts.int8 else "fp16" if opts.half else "fp32"
@@ -167,8 +181,8 @@ def build_engine(onnx_path: str | Path, output: str | Path, opts: BuildOptions) 
 class _CacheOnly:
     """Stand-in batches when only a calibration cache is reused: TensorRT reads the cache, asks for no images."""
 
-    def __init__(self, opt_shape: tuple[int, ...]) -> None:
-        self.batch, self.input_hw = opt_shape[0], (opt_shape[1], opt_shape[2])
+    def __init__(self, batch: int, input_hw: tuple[int, int]) -> None:
+        self.batch, self.input_hw = batch, input_hw
 
     def __iter__(self) -> Any:
         return iter(())

@@ -32,10 +32,15 @@ class CalibrationBatches:
     """Batches of `batch` letterboxed images at `input_hw`, from at most `limit` files spread over `files`."""
 
     def __init__(self, files: Sequence[str | Path], input_hw: tuple[int, int], batch: int = 8,
-                 limit: int = 512) -> None:
+                 limit: int = 512, exact_batch: bool = False) -> None:
+        """`exact_batch`: the batch is the engine profile's (TensorRT reads that many frames per pointer), so
+        fewer images than `batch` is an error instead of a smaller batch."""
         files = [Path(f) for f in files]
         if not files:
             raise EngineError("no calibration images: --data must name a dataset with images (its val split is used)")
+        if exact_batch and len(files) < batch:
+            raise EngineError(f"INT8 calibration runs at the engine's batch {batch} and the dataset has {len(files)} "
+                              f"images: add images, or build with --batch {len(files)} or less")
         if len(files) > limit:  # an even spread, not the first folder's worth
             files = [files[round(i * (len(files) - 1) / (limit - 1))] for i in range(limit)] if limit > 1 else files[:1]
         self.files, self.input_hw, self.batch = files, input_hw, max(1, min(batch, len(files)))
@@ -57,8 +62,11 @@ class CalibrationBatches:
             raise EngineError(f"calibration image {path} is unreadable ({e}): fix or remove it") from None
 
 
-def make_calibrator(trt: Any, batches: CalibrationBatches, cache_file: str | Path, device: Any) -> Any:
-    """A TensorRT IInt8EntropyCalibrator2 feeding `batches` from one CUDA buffer; reads/writes `cache_file`."""
+def make_calibrator(trt: Any, batches: CalibrationBatches, cache_file: str | Path, device: Any,
+                    nhwc: bool = True) -> Any:
+    """A TensorRT IInt8EntropyCalibrator2 feeding `batches` from one CUDA buffer (uint8 NHWC frames for our
+    exports, float NCHW in 0..1 for raw-head ones); reads/writes `cache_file`. An error while reading the images
+    is kept in `.error` (TensorRT only logs what get_batch raises and ends calibration early): re-raise it."""
     import torch
 
     class _EntropyCalibrator(trt.IInt8EntropyCalibrator2):
@@ -66,18 +74,24 @@ def make_calibrator(trt: Any, batches: CalibrationBatches, cache_file: str | Pat
             trt.IInt8EntropyCalibrator2.__init__(self)
             self.cache = Path(cache_file)
             self.batches = iter(batches)
+            self.error: Exception | None = None
             h, w = batches.input_hw
-            self.buffer = torch.empty((batches.batch, h, w, 3), dtype=torch.uint8, device=device)
+            n = batches.batch
+            shape, dtype = ((n, h, w, 3), torch.uint8) if nhwc else ((n, 3, h, w), torch.float32)
+            self.buffer = torch.empty(shape, dtype=dtype, device=device)
 
         def get_batch_size(self) -> int:
             return batches.batch
 
         def get_batch(self, names: list[str]) -> list[int] | None:
             try:
-                frames = next(self.batches)
+                frames = torch.from_numpy(next(self.batches))
             except StopIteration:
                 return None
-            self.buffer.copy_(torch.from_numpy(frames))
+            except Exception as e:  # an unreadable image: stop calibrating, and say so after the build
+                self.error = e
+                return None
+            self.buffer.copy_(frames if nhwc else frames.to(device).permute(0, 3, 1, 2).float().div_(255))
             torch.cuda.current_stream(device).synchronize()
             return [int(self.buffer.data_ptr())]
 

@@ -45,8 +45,23 @@ def import_tensorrt() -> Any:
     return trt
 
 
+_LOGGER: Any = None
+
+
 def make_logger(trt: Any) -> Any:
-    """A TensorRT logger that also keeps its errors, so a failure can be reported with TensorRT's reason."""
+    """The process's TensorRT logger, which also keeps its errors so a failure can be reported with TensorRT's
+    reason (read `logger.errors[mark:]` from a mark taken before the call). One per process: TensorRT keeps the
+    first logger it is given for good and warns about any other, so a second one would log nowhere and the
+    first must outlive every builder and runtime. Registers TensorRT's plugins once (EfficientNMS_TRT: a
+    plan using it does not deserialize in a fresh process without them)."""
+    global _LOGGER
+    if _LOGGER is None:
+        _LOGGER = _new_logger(trt)
+        trt.init_libnvinfer_plugins(_LOGGER, "")
+    return _LOGGER
+
+
+def _new_logger(trt: Any) -> Any:
     errors = {trt.ILogger.Severity.INTERNAL_ERROR, trt.ILogger.Severity.ERROR}
 
     class _Logger(trt.ILogger):
@@ -111,6 +126,7 @@ class _Context:
     active: int | None = None
     graphs: dict[tuple, Any] = field(default_factory=dict)
     graphs_ok: bool = True
+    last_key: tuple | None = None  # (profile, shape) of the context's last run
 
 
 class TensorRTEngine(Engine):
@@ -142,11 +158,12 @@ class TensorRTEngine(Engine):
         with open(self.path, "rb") as f:
             f.seek(offset)
             plan = f.read()
+        mark = len(self._logger.errors)
         with torch.cuda.device(self._device):
             self._runtime = trt.Runtime(self._logger)
             self._engine = self._runtime.deserialize_cuda_engine(plan)
         if self._engine is None:
-            reason = " ".join(self._logger.errors[-3:]) or "no reason given"
+            reason = " ".join(self._logger.errors[mark:][-3:]) or "no reason given"
             raise EngineError(f"{self.path}: TensorRT could not load the plan ({reason}). It was probably built with "
                               "another TensorRT version or for another GPU: rebuild it on this machine with "
                               "yolov12-export --format engine")
@@ -217,7 +234,7 @@ class TensorRTEngine(Engine):
             sizes: dict[str, int] = {}
             for prof in profiles:
                 if self._dynamic():
-                    ctx.set_optimization_profile_async(prof.index, stream.cuda_stream)
+                    self._switch_profile(ctx, prof.index, stream)
                     ctx.set_input_shape(self._input, prof.max)
                 for name in [self._input, *self._outputs]:
                     shape = tuple(ctx.get_tensor_shape(name))
@@ -248,7 +265,7 @@ class TensorRTEngine(Engine):
                 raise EngineError(f"input {shape} is outside the engine's optimisation profiles ({allowed}): send a "
                                   "shape it was built for, or rebuild with --batch / --shapes covering it")
             if self._dynamic() and c.active != prof.index:
-                c.ctx.set_optimization_profile_async(prof.index, c.stream.cuda_stream)
+                self._switch_profile(c.ctx, prof.index, c.stream)
                 c.active = prof.index
             inp = c.buffers[self._input][:math.prod(shape)].view(shape)
             if self._nhwc:  # our engines: the uint8 frames go straight into the input buffer
@@ -267,16 +284,29 @@ class TensorRTEngine(Engine):
         threshold = 0.0 if self._nhwc else self.info.conf
         return [d[d[:, 4] > threshold] for d in y]
 
+    def _switch_profile(self, ctx: Any, index: int, stream: Any) -> None:
+        try:
+            ok = ctx.set_optimization_profile_async(index, stream.cuda_stream)
+        except RuntimeError as e:  # the Python binding raises where the C++ API returns false
+            raise EngineError(f"{self.path}: TensorRT refused optimisation profile {index} ({e})") from None
+        if ok is False:
+            raise EngineError(f"{self.path}: TensorRT refused optimisation profile {index}")
+
     def _execute(self, c: _Context, key: tuple) -> None:
         import torch
 
         graph = c.graphs.get(key)
-        if graph is not None:
+        last, c.last_key = c.last_key, key
+        if graph is not None and last == key:  # a graph fixes its shapes: replay it only on an unchanged context
             graph.replay()
             return
+        # a plain run after a profile or shape change lets TensorRT recompute what that change needs; the
+        # graph captured for this shape becomes replayable again from the next call
+        mark = len(self._logger.errors)
         if not c.ctx.execute_async_v3(c.stream.cuda_stream):
-            raise EngineError(f"TensorRT failed to run ({' '.join(self._logger.errors[-2:]) or 'no reason given'})")
-        if self._graphs and c.graphs_ok:  # TensorRT has run this shape once: now capture it for the next calls
+            reason = " ".join(self._logger.errors[mark:][-2:]) or "no reason given"
+            raise EngineError(f"TensorRT failed to run ({reason})")
+        if self._graphs and c.graphs_ok and graph is None:  # ran this shape once: capture it for the next calls
             g = torch.cuda.CUDAGraph()
             try:
                 with torch.cuda.graph(g, stream=c.stream, capture_error_mode="thread_local"):

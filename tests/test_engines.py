@@ -387,6 +387,35 @@ def test_calibration_batches_are_letterboxed_like_frames(tmp_path: Path) -> None
         list(CalibrationBatches([tmp_path / "bad.png"], (64, 64), batch=1))
 
 
+def test_calibration_at_the_engine_batch_refuses_fewer_images_than_the_batch(tmp_path: Path) -> None:
+    """TensorRT reads a whole profile batch of frames per pointer: a smaller batch would be read past its end."""
+    from PIL import Image
+
+    files = []
+    for i in range(3):
+        Image.fromarray(np.full((64, 64, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    with pytest.raises(EngineError, match="batch 8 and the dataset has 3 images"):
+        CalibrationBatches(files, (64, 64), batch=8, exact_batch=True)
+    assert CalibrationBatches(files, (64, 64), batch=8).batch == 3  # not tied to an engine: fewer is fine
+    assert CalibrationBatches(files, (64, 64), batch=3, exact_batch=True).batch == 3
+
+
+def test_tensorrt_profiles_follow_the_export_s_input_layout() -> None:
+    """Our exports take uint8 NHWC frames, raw-head ones float NCHW: the profiles must have the input's layout
+    (TensorRT refuses a profile whose channel dimension differs from the network's)."""
+    from engines.build import BuildOptions, profile_shapes
+
+    def info(layout: str) -> EngineInfo:
+        return EngineInfo(names={0: "a"}, imgsz=(640, 640), batch=(1, 32), dynamic_hw=True, extra={"input": layout})
+
+    opts = BuildOptions(batch=16, dynamic=True, shapes=[(384, 640)])
+    assert profile_shapes(info("uint8-nhwc"), opts) == [((1, 384, 640, 3), (16, 384, 640, 3), (16, 384, 640, 3))]
+    assert profile_shapes(info("float-nchw"), opts) == [((1, 3, 384, 640), (16, 3, 384, 640), (16, 3, 384, 640))]
+    assert profile_shapes(info("float-nchw"), BuildOptions(batch=4, dynamic=True)) == [
+        ((1, 3, 32, 32), (4, 3, 640, 640), (4, 3, 640, 640))]
+
+
 # ----------------------------------------------------------------------------- bad files and inputs
 def _truncated(src: Path, dst: Path) -> Path:
     dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2])
