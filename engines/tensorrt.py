@@ -18,6 +18,7 @@ Written against the TensorRT 10 Python API; TensorRT is imported only when this 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,7 @@ class TensorRTEngine(Engine):
         self._output = "detections" if "detections" in self._outputs else self._outputs[0]
         # the host-synchronising NMS layer cannot be captured; a raw head or the EfficientNMS plugin can
         self._graphs = cuda_graphs and (self._raw or self.info.extra.get("nms") == "efficient")
+        self._capture_lock = threading.Lock()
         self._pool = InstancePool([self._make_context(k) for k in range(self._context_slots(instances))])
 
     # ---- set-up
@@ -308,8 +310,8 @@ class TensorRTEngine(Engine):
             raise EngineError(f"TensorRT failed to run ({reason})")
         if self._graphs and c.graphs_ok and graph is None:  # ran this shape once: capture it for the next calls
             g = torch.cuda.CUDAGraph()
-            try:
-                with torch.cuda.graph(g, stream=c.stream, capture_error_mode="thread_local"):
+            try:  # one capture at a time: torch.cuda.graph() empties the allocator cache, fatal to another capture
+                with self._capture_lock, torch.cuda.graph(g, stream=c.stream, capture_error_mode="thread_local"):
                     ok = c.ctx.execute_async_v3(c.stream.cuda_stream)
             except RuntimeError:
                 ok = False
