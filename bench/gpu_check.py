@@ -5,7 +5,8 @@
 
 Sections, each written to OUT/gpu_check.md (tables) and OUT/gpu_check.json as it finishes, so a
 run cut short still leaves what it measured; each gets a share of --budget and a section that no
-longer fits is reported as skipped (one device session is about 15 minutes, start-up included):
+longer fits is reported as skipped (one device session is about 15 minutes, start-up included).
+Section 4 runs before 3, so the server keeps its time when the earlier sections are slow:
   0. environment: GPU, torch, attention backend, TensorRT / flash-attn / PyAV NVDEC availability
   1. correctness: the PyTorch backend on CUDA fp16 against the CPU fp32 reference on the same frames
      (detections matched by IoU; box and score errors), and TensorRT where it is importable
@@ -374,8 +375,8 @@ def main() -> int:
                              "one-session run)")
     parser.add_argument("--only", default="", help="comma-separated sections to run: env,correct,speed,train,serve")
     parser.add_argument("--budget", type=float, default=400.0,
-                        help="seconds for the whole check (default 400): training memory gets at most 90 s of it, "
-                             "the server the rest up to its own 175 s; a section that no longer fits is skipped")
+                        help="seconds for the whole check (default 400): the server gets up to its own 175 s, then "
+                             "training memory at most 90 s of what is left; a section that no longer fits is skipped")
     args = parser.parse_args()
     import torch
 
@@ -391,19 +392,20 @@ def main() -> int:
     def left() -> float:
         return args.budget - (time.perf_counter() - t0)
 
-    # (key, title, run, the least time it needs to be worth starting)
+    # (key, title, run, the least time it needs to be worth starting). The server (the product) runs before
+    # training memory, so that a slow start of the session takes time from the latter, not from it.
     steps = [("env", "0. environment", lambda: environment(device), 0.0),
              ("correct", "1. correctness", lambda: correctness(device, tmp, args.smoke), 30.0),
-             ("speed", "2. model speed", lambda: model_speed(device, args.smoke, args.compile), 30.0),
-             ("train", "3. training memory",
-              lambda: training_memory(device, tmp, args.smoke, min(90.0, left() - 100.0)), 130.0)]
+             ("speed", "2. model speed", lambda: model_speed(device, args.smoke, args.compile), 30.0)]
     try:
         from gpu_serve import server_check  # section 4 lives beside this file
 
         steps.append(("serve", "4. server on one GPU",
-                      lambda: server_check(device, tmp, args.smoke, None if args.smoke else left() - 5.0), 70.0))
+                      lambda: server_check(device, tmp, args.smoke, None if args.smoke else left() - 30.0), 90.0))
     except ImportError as e:
         print(f"gpu_check: section 4 unavailable ({e})", file=sys.stderr)
+    steps.append(("train", "3. training memory",
+                  lambda: training_memory(device, tmp, args.smoke, min(90.0, left() - 10.0)), 40.0))
     for key, title, fn, least in steps:
         if only and key not in only:
             continue

@@ -59,6 +59,7 @@ class Plan:
     window_s: float
     budget_s: float  # the whole section, clip included
     server_args: list[str] = field(default_factory=list)
+    path_min_s: float = 60.0  # a decode path with less time than this is not started (a server start takes that)
 
 
 def gpu_plan(tmp: Path) -> Plan:
@@ -69,7 +70,7 @@ def gpu_plan(tmp: Path) -> Plan:
 def smoke_plan(tmp: Path) -> Plan:
     demo = REPO / "yolov12_serve" / "assets" / "demo.onnx"
     return Plan(demo if demo.is_file() else _checkpoint(tmp), "cpu", (360, 640), 2.0, (1, 2), 1.0, 2.0, 50.0,
-                ["--max-batch", "4", "--instances", "1"])
+                ["--max-batch", "4", "--instances", "1"], path_min_s=5.0)
 
 
 def _checkpoint(tmp: Path) -> Path:
@@ -311,7 +312,13 @@ def server_check(device: str, tmp: Path, smoke: bool, budget_s: float | None = N
     paths: list[dict[str, Any]] = []
     for i, decode in enumerate(decodes):
         left = plan.budget_s - (time.perf_counter() - t_start)
-        deadline = time.perf_counter() + left / (len(decodes) - i)  # each path its share of what is left
+        share = left / (len(decodes) - i)  # each path its share of what is left
+        if share < plan.path_min_s:
+            paths.append({"decode": decode, "startup_s": 0.0, "rows": [], "on_nvdec": 0, "nvdec_note": "",
+                          "hw_failures": 0, "tracebacks": 0,
+                          "stopped": f"not run: {share:.0f} s left for it, a server start needs {plan.path_min_s:g}"})
+            continue
+        deadline = time.perf_counter() + share
         try:
             paths.append(run_path(plan, decode, clip, tmp, deadline))
         except Exception as e:  # one path's failure (a server that did not start) keeps the other path's rows
