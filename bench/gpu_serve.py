@@ -295,6 +295,12 @@ def nvdec_probe(gpu: int = 0, timeout_s: float = 60.0) -> str | None:
     return found.group(1).strip() or None
 
 
+def _path_not_run(decode: str, why: str) -> dict[str, Any]:
+    """A decode path's entry when it was not measured: no rows, and why."""
+    return {"decode": decode, "startup_s": 0.0, "rows": [], "on_nvdec": 0, "nvdec_note": "", "hw_failures": 0,
+            "tracebacks": 0, "stopped": why}
+
+
 def server_check(device: str, tmp: Path, smoke: bool, budget_s: float | None = None) -> tuple[str, Any]:
     """gpu_check section 4: (markdown with one row per decode path and camera count, JSON-able data); `budget_s`
     caps the plan's own time budget (what the whole check has left)."""
@@ -314,17 +320,15 @@ def server_check(device: str, tmp: Path, smoke: bool, budget_s: float | None = N
         left = plan.budget_s - (time.perf_counter() - t_start)
         share = left / (len(decodes) - i)  # each path its share of what is left
         if share < plan.path_min_s:
-            paths.append({"decode": decode, "startup_s": 0.0, "rows": [], "on_nvdec": 0, "nvdec_note": "",
-                          "hw_failures": 0, "tracebacks": 0,
-                          "stopped": f"not run: {share:.0f} s left for it, a server start needs {plan.path_min_s:g}"})
+            paths.append(_path_not_run(decode, f"not run: {share:.0f} s left for it, a server start needs "
+                                               f"{plan.path_min_s:g}"))
             continue
         deadline = time.perf_counter() + share
         try:
             paths.append(run_path(plan, decode, clip, tmp, deadline))
         except Exception as e:  # one path's failure (a server that did not start) keeps the other path's rows
-            paths.append({"decode": decode, "startup_s": 0.0, "rows": [], "on_nvdec": 0, "nvdec_note": "",
-                          "hw_failures": 0, "tracebacks": 0,
-                          "stopped": f"FAILED: {type(e).__name__}: {e} (server-{decode}.log has the details)"})
+            paths.append(_path_not_run(decode, f"FAILED: {type(e).__name__}: {e} (server-{decode}.log has the "
+                                               "details)"))
     rows, best = [], {}
     for p in paths:
         ok = [r["streams"] for r in p["rows"] if r["ok"]]
