@@ -3,6 +3,8 @@ and the configuration it validates (stream ids, URLs, streams files, --gpus)."""
 
 from __future__ import annotations
 
+import contextlib
+import re
 import socket
 import subprocess
 import sys
@@ -142,6 +144,50 @@ def test_the_start_up_heap_is_frozen_out_of_garbage_collections():
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     frozen = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("frozen ")]
     assert r.returncode == 0 and frozen and frozen[0] > 10_000, r.stdout + r.stderr
+
+
+def _threads(pid: int) -> dict[int, tuple[int, int]]:
+    """{thread id: (nice, CPU ticks)} of a process, from /proc."""
+    out = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            out[int(task.name)] = (int(fields[16]), int(fields[11]) + int(fields[12]))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="per-thread priorities are read from Linux's /proc")
+def test_inference_threads_keep_the_default_priority_and_all_else_runs_lower():
+    """Camera ticks and gRPC sends that preempt a run delay every frame in it: they run at nice 10 (priority.py)."""
+    srv = ServerProcess("--source", "synthetic://a?fps=15", "--log-level", "DEBUG")
+    try:
+        srv.client().wait_ready(30)
+        m = re.search(r"CPU priority: \d+ threads at nice 10; threads \[([\d, ]+)\] at the default", srv.log())
+        assert m, srv.log()
+        favoured = {int(t) for t in m.group(1).split(",")}
+        watch = srv.client().watch()
+        next(watch)  # the camera has rendered its belt and frames flow
+        watch.cancel()
+        before = _threads(srv.proc.pid)
+        time.sleep(3)
+        after = _threads(srv.proc.pid)
+        assert after[srv.proc.pid][0] == 10  # the main thread: asyncio, gRPC handlers
+        busiest = sorted(after, key=lambda t: after[t][1] - before.get(t, (0, 0))[1])[-2:]
+        assert all(after[t][0] == 0 for t in busiest), (busiest, favoured, after)  # workers (or an engine's own)
+        assert all(after[t][0] == 0 for t in favoured if t in after)
+        srv.client().add_stream("late", "synthetic://late?fps=5")  # its thread is started by a lowered one
+        new = set(_threads(srv.proc.pid)) - set(after)
+        assert new and all(_threads(srv.proc.pid)[t][0] == 10 for t in new)
+    finally:
+        srv.close()
+    off = ServerProcess("--source", "synthetic://a?fps=5", "--background-nice", "0")
+    try:
+        off.client().wait_ready(30)
+        assert {nice for nice, _ in _threads(off.proc.pid).values()} == {0}
+    finally:
+        off.close()
+    r = run_cli("--demo", "--gpus", "cpu", "--background-nice", "20")
+    assert r.returncode == 2 and "--background-nice must be 0..19" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
 def test_serving_imports_no_torch():

@@ -14,6 +14,7 @@ import sys
 from dataclasses import dataclass
 from typing import TextIO
 
+from . import priority
 from .api import GrpcServer, create_server
 from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
@@ -53,6 +54,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     try:
         await loop.run_in_executor(None, core.start)
         metrics_port = core.metrics.serve(config.metrics_port, config.host) if config.metrics_port >= 0 else None
+        priority.lower_others(config.background_nice)  # the workers run: all else yields to them (priority.py)
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
             core.add_stream(spec)

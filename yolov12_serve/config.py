@@ -52,6 +52,7 @@ class ServerConfig:
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
     max_message_bytes: int = 32 * 1024 * 1024
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
+    background_nice: int = 10  # nice value of every thread but inference (gRPC, sources, metrics); 0: as started
     rtsp: RtspOptions = field(default_factory=RtspOptions)
 
     def __post_init__(self) -> None:
@@ -64,6 +65,9 @@ class ServerConfig:
             raise ConfigError(f"--port must be 0..65535 (0: any free port), got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be -1..65535 (0: any free port, -1: off), got {self.metrics_port}")
+        if not 0 <= self.background_nice <= 19:
+            raise ConfigError(f"--background-nice must be 0..19 (0: leave priorities alone), "
+                              f"got {self.background_nice}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:

@@ -20,7 +20,7 @@ import numpy as np
 from engines.base import Engine, EngineInfo
 from engines.letterbox import fit_shape
 
-from . import __version__
+from . import __version__, priority
 from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_stream_id
 from .costmodel import RunTimeModel
 from .errors import (
@@ -133,7 +133,9 @@ class ServerCore:
         cfg = self.config
         # CPU threads per instance is an ONNX Runtime setting; the other backends size themselves
         opts = {"threads": cfg.threads} if cfg.threads and path.lower().endswith(".onnx") else {}
+        before = priority.native_threads()
         engine = self._load_engine(path, device=device, instances=cfg.instances, **opts)
+        priority.favour(priority.native_threads() - before)  # its intra-op pools run inference too
         info = engine.info
         planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
         max_batch = max(1, min(cfg.max_batch, info.batch[1]))

@@ -16,6 +16,7 @@ import numpy as np
 
 from engines.base import Engine
 
+from . import priority
 from .frames import Frame, FrameResult, now
 from .scheduler import Batch, Scheduler
 
@@ -62,6 +63,7 @@ class DeviceWorker:
         self._threads = []
 
     def _loop(self) -> None:
+        priority.keep_default()  # inference runs ahead of the server's other threads (priority.py)
         while not self._stop.is_set():
             batch = self.scheduler.schedule(timeout=0.2)
             if batch is not None:
