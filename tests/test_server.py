@@ -247,6 +247,21 @@ def test_gpus_option():
         parse_gpus("3-1", visible=[0, 1, 2, 3])
 
 
+def test_stream_stats_keep_only_the_window():
+    """Readers (the watchdog's placement refresh 4x a second, the status table) scan what they keep under the lock
+    workers record with: it used to be the last 4096 results of every stream, now the last 5 s."""
+    from yolov12_serve.stats import StreamStats
+
+    st = StreamStats(window_s=5.0)
+    for i in range(3000):  # 30 s at 100 results/s; the first 25 s slow
+        st.record(0.5 if i < 2500 else 0.02, 1, t=i * 0.01)
+    assert len(st._recent) <= 502
+    snap = st.snapshot(t=29.995)
+    assert snap.fps == pytest.approx(100, rel=0.02) and st.fps(t=29.995) == snap.fps
+    assert snap.latency_p99_ms == pytest.approx(20.0) and snap.processed == 3000
+    assert st.fps(t=40.0) == 0.0 and st.snapshot(t=40.0).latency_p50_ms == 0.0  # a stream gone quiet
+
+
 def test_status_table_flags_p99_over_the_slo():
     from yolov12_serve.sources.base import StreamState
     from yolov12_serve.status import render_table

@@ -451,7 +451,7 @@ class ServerCore:
                 if idle > stall:
                     log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
                     src.restart(f"stalled: no frame for {idle:.1f} s")
-                self.placement.update_fps(s.stream_id, s.stats.snapshot(t).fps)
+                self.placement.update_fps(s.stream_id, s.stats.fps(t))
 
     def _recheck(self, device: str) -> None:
         rt = self.runtimes[device]

@@ -27,7 +27,9 @@ class StreamSnapshot:
 
 
 class StreamStats:
-    """Thread-safe: workers record results and drops, readers take snapshots."""
+    """Thread-safe: workers record results and drops, readers take snapshots. Only the window's results are
+    kept for the rolling figures (older ones are let go as new ones come), so a reader's cost, paid under the
+    lock the workers record with, is the window's results, not the last `maxlen`."""
 
     def __init__(self, window_s: float = 5.0, maxlen: int = 4096, history: int = 20000) -> None:
         self.window_s = window_s
@@ -45,6 +47,8 @@ class StreamStats:
         t = now() if t is None else t
         with self._lock:
             self._recent.append((t, latency_s, detections))
+            while self._recent[0][0] < t - self.window_s:
+                self._recent.popleft()
             self._history.append(latency_s)
             self.processed += 1
             self.detections += detections
@@ -60,17 +64,36 @@ class StreamStats:
         """fps and latency percentiles over the window (zeros when nothing was published in it)."""
         t = now() if t is None else t
         with self._lock:
-            recent = [r for r in self._recent if r[0] >= t - self.window_s]
+            recent = self._in_window(t)
             processed, dropped = self.processed, dict(self.dropped)
         if recent:
             lat = np.array([r[1] for r in recent]) * 1000.0
-            span = max(t - recent[0][0], 1e-6) if len(recent) > 1 else self.window_s
-            fps = (len(recent) - 1) / span if len(recent) > 1 else len(recent) / self.window_s
             p50, p99 = (float(x) for x in np.percentile(lat, [50, 99]))
             dets = float(np.mean([r[2] for r in recent]))
         else:
-            fps = p50 = p99 = dets = 0.0
-        return StreamSnapshot(fps, p50, p99, dets, processed, sum(dropped.values()), dropped)
+            p50 = p99 = dets = 0.0
+        return StreamSnapshot(self._rate(recent, t), p50, p99, dets, processed, sum(dropped.values()), dropped)
+
+    def fps(self, t: float | None = None) -> float:
+        """Results per second over the window (what placement needs, without the percentiles)."""
+        t = now() if t is None else t
+        with self._lock:
+            return self._rate(self._in_window(t), t)
+
+    def _in_window(self, t: float) -> list[tuple[float, float, int]]:
+        """The results published within the window before `t`, oldest first (caller holds the lock)."""
+        recent = []
+        for r in reversed(self._recent):  # newest first: stops at the window's start
+            if r[0] < t - self.window_s:
+                break
+            recent.append(r)
+        recent.reverse()
+        return recent
+
+    def _rate(self, recent: list[tuple[float, float, int]], t: float) -> float:
+        if len(recent) > 1:
+            return (len(recent) - 1) / max(t - recent[0][0], 1e-6)
+        return len(recent) / self.window_s
 
     def lifetime(self) -> StreamSnapshot:
         """Figures over the whole run (the last `history` latencies) for the end-of-run summary."""
