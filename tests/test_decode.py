@@ -8,6 +8,7 @@ Where NVDEC works, the same tests expect it to be used instead.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from pathlib import Path
@@ -254,6 +255,29 @@ def test_file_plays_in_real_time_and_loops(tmp_path):
     # one schedule across loops: frame k is due k/25 s after the first, the loop's seam included (no reopen gap,
     # no early restart)
     assert (sink.times[-1] - sink.times[0]) == pytest.approx((n - 1) / 25, abs=0.03)
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in Linux's /proc")
+def test_a_camera_up_to_1080p_is_decoded_in_its_own_thread_only(tmp_path):
+    """FFmpeg's slice threads woke two more threads per frame, preempting engine runs on few cores (rtsp.py)."""
+    clip = write_clip(tmp_path / "clip.mp4", frames=20, fps=25)
+
+    def threads() -> set[int]:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    before = threads()
+    sink = Sink()
+    source = AvSource(sink, str(clip), RtspOptions(), is_file=True)
+    source.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(sink.times) < 5 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(sink.times) >= 5
+        started = threads() - before
+    finally:
+        source.stop()
+    assert len(started) == 1, f"{len(started)} threads for one camera: its own and {len(started) - 1} decoder threads"
 
 
 def test_server_with_nvdec_serves_a_file_camera_on_any_machine(tmp_path):
