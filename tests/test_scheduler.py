@@ -302,6 +302,38 @@ def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_
     assert pick(90, run_s=0.060) == ["a", "b"]
 
 
+def test_a_pick_asks_the_run_time_model_each_question_once():
+    """Every ready stream asks about the same few batches: each is answered once per pick (12 cameras asked 41
+    questions, 15 of them different, on the worker's own time)."""
+
+    class Counting(RunTimeModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked: list[tuple] = []
+
+        def predict(self, n, shape, q=0.9, others=0):
+            self.asked.append((n, tuple(shape), q, others))
+            return super().predict(n, shape, q, others)
+
+    cost = Counting()
+    for n in range(1, 9):
+        cost.observe(n, (192, 320), 0.020 * n)  # CPU-like: a batch costs its frames
+    clock = Clock(100.0)
+    s, _ = make_scheduler(cost, max_batch=8, clock=clock)
+    for i in range(12):
+        s.add_stream(f"s{i}")
+    for k in range(40):  # a second of 12 cameras at 40 frames/s: overload, priced batch by batch
+        clock.t = 99.0 + k / 40
+        s.submit(frame(f"s{k % 12}", k, clock.t))
+    clock.t = 100.0
+    for i in range(12):
+        s.submit(frame(f"s{i}", 100 + i, 99.990 + i * 0.001))
+    cost.asked.clear()
+    batch = s.schedule(0)
+    assert batch is not None
+    assert len(cost.asked) == len(set(cost.asked)) > 0
+
+
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():
     clock = Clock(100.0)
     s, _ = make_scheduler(linear_cost(0.002, 0.002), clock=clock)
