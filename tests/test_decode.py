@@ -326,3 +326,31 @@ def test_synthetic_cameras_started_together_keep_phases_of_their_own():
     for n in sinks:
         gap = abs(phase[n] - expected[n]) % 1.0
         assert min(gap, 1.0 - gap) < 0.1, (phase, expected)
+
+
+def test_synthetic_frames_are_the_strips_window_fitted_with_or_without_a_resize():
+    """A demo camera's frame is the window of its belt strip at that tick, letterboxed: padded from a view of the
+    strip array where the engine takes the frame's size (320x180 at 320), resized through Pillow otherwise."""
+    from PIL import Image
+
+    from yolov12_serve.preprocess import letterbox_image
+    from yolov12_serve.sources.synthetic import SyntheticSource, parse_synthetic_url, render_strip
+
+    for size, imgsz in (("320x180", 320), ("640x360", 320)):
+        url = f"synthetic://belt?fps=50&size={size}&seed=4&speed=7"
+        sink, frames = Sink(imgsz=imgsz), []
+        sink.put = lambda image, letterbox, capture_time_us, frames=frames: frames.append((image(), letterbox))
+        source = SyntheticSource(sink, url)
+        source.start()
+        deadline = time.monotonic() + 10
+        while len(frames) < 3 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        source.stop()
+        cam = parse_synthetic_url(url)
+        picture = Image.fromarray(render_strip(cam))
+        (h, w), period = cam.size, picture.size[0] - cam.size[1]
+        assert len(frames) >= 3
+        for tick, (image, lb) in enumerate(frames[:3]):
+            x = (tick * cam.speed) % period
+            assert image.shape == (*lb.input_hw, 3)
+            np.testing.assert_array_equal(image, letterbox_image(picture, lb, (x, 0, x + w, h)))
