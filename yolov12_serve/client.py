@@ -77,6 +77,10 @@ class Watch:
         """Stop the stream: the reader gets a CANCELLED RpcError (or StopIteration if it had ended)."""
         return self.call.cancel()
 
+    def __getattr__(self, name: str) -> object:
+        """The rest of grpc's call (`code()`, `details()`, `add_done_callback`, ...), as watch() returned before."""
+        return getattr(self.call, name)
+
 
 class Client:
     """A connection to one server. Methods raise grpc.RpcError with the server's status code and message."""
