@@ -106,6 +106,10 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--engines", "x.onnx", "--gpus", "cpu", "--port", "99999"], "--port must be 0..65535"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--metrics-port", "70000"], "--metrics-port must be -1..65535"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--host", "192.0.2.1", "--port", "5000"], "check --host"),
+    # a bad camera URL is reported before anything loads (x.onnx does not exist: it would say so later)
+    (["--engines", "x.onnx", "--gpus", "cpu", "--source", "ftp://cam"], "stream cam0: unsupported url 'ftp://cam'"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--source", "/videos/line1.mp4"], "start the server with --allow-files"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt?fps=0"], "stream cam0: synthetic url"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)

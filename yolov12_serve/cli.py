@@ -12,8 +12,8 @@ import asyncio
 import logging
 import sys
 
-from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file
-from .errors import ConfigError, ServerError
+from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
+from .errors import ConfigError, InvalidArgumentError, ServerError
 
 __all__ = ["build_parser", "main", "parse_config"]
 
@@ -65,6 +65,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     """Resolve engines, devices and initial streams; ConfigError on anything wrong."""
     from .demo import demo_model, demo_streams
     from .devices import parse_gpus
+    from .sources.synthetic import parse_synthetic_url
 
     engines = [e.strip() for e in (args.engines or "").split(",") if e.strip()]
     if not engines:
@@ -97,6 +98,12 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         raise ConfigError(f"stream ids used twice: {dup} (--source gets cam0, cam1, ...; rename those in --streams)")
     if len(streams) > config.max_streams:
         raise ConfigError(f"{len(streams)} streams at start but --max-streams is {config.max_streams}")
+    for spec in streams:  # a mistyped URL is one line now, not after the engines have loaded
+        try:
+            if url_kind(spec.url, config.allow_files) == "synthetic":
+                parse_synthetic_url(spec.url)
+        except InvalidArgumentError as e:
+            raise ConfigError(f"stream {spec.stream_id}: {e}") from None
     return config, streams
 
 
