@@ -354,3 +354,34 @@ def test_synthetic_frames_are_the_strips_window_fitted_with_or_without_a_resize(
             x = (tick * cam.speed) % period
             assert image.shape == (*lb.input_hw, 3)
             np.testing.assert_array_equal(image, letterbox_image(picture, lb, (x, 0, x + w, h)))
+
+
+def test_a_synthetic_camera_moved_to_an_engine_of_another_size_keeps_serving_its_windows():
+    """A demo camera keeps one form of its strip (array to pad from, or picture to resize); a stream moved to an
+    engine of another input size converts it once and goes on handing over the strip's windows."""
+    from PIL import Image
+
+    from yolov12_serve.preprocess import InputPlanner, letterbox_image
+    from yolov12_serve.sources.synthetic import SyntheticSource, parse_synthetic_url, render_strip
+
+    url = "synthetic://moved?fps=40&size=320x180&seed=2&speed=5"
+    sink, frames = Sink(imgsz=320), []
+    sink.put = lambda image, letterbox, capture_time_us: frames.append((image(), letterbox))
+    source = SyntheticSource(sink, url)
+    source.start()
+    try:
+        for imgsz, count in ((320, 3), (640, 6), (320, 9)):  # pad only, then a resize, then pad only again
+            sink.planner = InputPlanner((imgsz, imgsz))
+            deadline = time.monotonic() + 10
+            while len(frames) < count and time.monotonic() < deadline:
+                time.sleep(0.01)
+    finally:
+        source.stop()
+    cam = parse_synthetic_url(url)
+    picture = Image.fromarray(render_strip(cam))
+    (h, w), period = cam.size, picture.size[0] - cam.size[1]
+    shapes = {lb.new_hw for _, lb in frames}
+    assert len(frames) >= 9 and shapes == {(180, 320), (360, 640)}, shapes
+    for image, lb in frames:
+        windows = (letterbox_image(picture, lb, (x, 0, x + w, h)) for x in range(0, period, cam.speed))
+        assert any(np.array_equal(image, want) for want in windows), lb

@@ -88,13 +88,13 @@ class SyntheticSource(Source):
     def _run(self) -> None:
         cam = self.camera
         try:
-            strip = render_strip(cam)
-            picture = Image.fromarray(strip)  # each frame to resize is a box of it: no array-to-image copy per frame
+            strip: np.ndarray | None = render_strip(cam)
         except Exception as e:
             self.sink.set_state(StreamState.FAILED, f"cannot render the synthetic scene: {type(e).__name__}: {e}")
             return
+        picture: Image.Image | None = None
         h, w = cam.size
-        period = picture.size[0] - w
+        period = strip.shape[1] - w
         fps = min(cam.fps, self.sink.max_fps) if self.sink.max_fps > 0 else cam.fps
         dt = 1.0 / fps
         self.sink.set_state(StreamState.STREAMING)
@@ -107,7 +107,17 @@ class SyntheticSource(Source):
             x = (tick * cam.speed) % period
             lb = self.sink.plan((h, w))
             self.last_frame_at = now()  # the letterbox runs only if the frame reaches an engine (as for RTSP)
-            image = strip if lb.new_hw == (h, w) else picture  # pad only: one copy of a view of the array
+            # One form of the strip is kept, the one the engine's input needs (both would double a camera's memory):
+            # the array where frames are only padded (one copy of a view), a PIL image where they are resized
+            # (a box of it: no array-to-image copy per frame). A stream moved to another engine converts once.
+            if lb.new_hw == (h, w):
+                if strip is None:
+                    strip, picture = np.asarray(picture), None
+                image = strip
+            else:
+                if picture is None:
+                    picture, strip = Image.fromarray(strip), None
+                image = picture
             self.sink.put(functools.partial(letterbox_image, image, lb, (x, 0, x + w, h)), lb, time.time_ns() // 1000)
             tick += 1
             wait = t0 + tick * dt - now()
