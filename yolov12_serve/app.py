@@ -54,7 +54,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     try:
         await loop.run_in_executor(None, core.start)
         metrics_port = core.metrics.serve(config.metrics_port, config.host) if config.metrics_port >= 0 else None
-        priority.lower_others(config.background_nice)  # the workers run: all else yields to them (priority.py)
+        # the workers run: all else yields to them (priority.py)
+        priority.lower_others(config.background_nice, config.background_batch)
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
             core.add_stream(spec)

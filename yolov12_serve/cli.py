@@ -51,9 +51,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the live status table (default: on with --demo)")
     p.add_argument("--subscriber-queue", type=int, default=64,
                    help="results buffered per WatchDetections client before its oldest are dropped (default 64)")
-    p.add_argument("--background-nice", type=int, default=10,
-                   help="CPU priority (nice) of every thread but inference: gRPC, cameras, metrics yield to the "
-                        "engines (0: leave priorities alone; default 10)")
+    p.add_argument("--background-batch", action=argparse.BooleanOptionalAction, default=True,
+                   help="run every thread but inference (gRPC, cameras, metrics) under Linux's SCHED_BATCH: they "
+                        "never preempt an engine run when they wake (default: on)")
+    p.add_argument("--background-nice", type=int, default=0,
+                   help="CPU priority (nice) of those threads too, 0..19 (default 0)")
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest gRPC message (default 32 MB)")
     p.add_argument("--stall-s", type=float, default=5.0, help="reconnect a camera silent this long (default 5)")
     p.add_argument("--backoff-cap-s", type=float, default=30.0, help="longest wait between reconnects (default 30)")
@@ -83,6 +85,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
+        background_batch=args.background_batch,
         background_nice=args.background_nice,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode))

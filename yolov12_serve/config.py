@@ -52,7 +52,8 @@ class ServerConfig:
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
     max_message_bytes: int = 32 * 1024 * 1024
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
-    background_nice: int = 10  # nice value of every thread but inference (gRPC, sources, metrics); 0: as started
+    background_batch: bool = True  # every thread but inference (gRPC, sources, metrics) under SCHED_BATCH (priority.py)
+    background_nice: int = 0  # and at this nice value (0: the default)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
 
     def __post_init__(self) -> None:
@@ -66,7 +67,7 @@ class ServerConfig:
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be -1..65535 (0: any free port, -1: off), got {self.metrics_port}")
         if not 0 <= self.background_nice <= 19:
-            raise ConfigError(f"--background-nice must be 0..19 (0: leave priorities alone), "
+            raise ConfigError(f"--background-nice must be 0..19 (0: the default priority), "
                               f"got {self.background_nice}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
