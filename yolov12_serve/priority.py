@@ -24,6 +24,7 @@ thread returns to the default policy itself; its nice value needs CAP_SYS_NICE t
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -96,14 +97,16 @@ def lower_others(nice: int, batch: bool = True) -> int:
         keep = set(_favoured)
     lowered = 0
     for tid in sorted(native_threads() - keep):
-        try:
-            if batch:
+        changed = False
+        if batch:
+            with contextlib.suppress(OSError):  # it has just ended, or a sandbox forbids the call: nice still helps
                 os.sched_setscheduler(tid, _BATCH, os.sched_param(0))
-            if nice > 0:
+                changed = True
+        if nice > 0:
+            with contextlib.suppress(OSError):  # it has just ended
                 os.setpriority(os.PRIO_PROCESS, tid, nice)
-            lowered += 1
-        except OSError:  # it has just ended
-            continue
+                changed = True
+        lowered += changed
     log.debug("CPU priority: %d threads under %s at nice %d; threads %s at the default", lowered,
               "SCHED_BATCH" if batch else "the default policy", nice, sorted(keep))
     return lowered
