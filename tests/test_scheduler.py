@@ -302,18 +302,18 @@ def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_
     assert pick(90, run_s=0.060) == ["a", "b"]
 
 
-def test_a_pick_asks_the_run_time_model_each_question_once():
-    """Every ready stream asks about the same few batches: each is answered once per pick (12 cameras asked 41
-    questions, 15 of them different, on the worker's own time)."""
+def test_the_run_time_model_works_out_each_answer_once_until_the_next_run_is_observed():
+    """Every ready stream asks about the same few batches (12 cameras asked 41 questions, 15 of them different, in
+    one pick): each is worked out once, picks reuse the answers, and an observed run makes them stale."""
 
     class Counting(RunTimeModel):
         def __init__(self) -> None:
             super().__init__()
-            self.asked: list[tuple] = []
+            self.worked_out: list[tuple] = []
 
-        def predict(self, n, shape, q=0.9, others=0):
-            self.asked.append((n, tuple(shape), q, others))
-            return super().predict(n, shape, q, others)
+        def _predict(self, shape, n, q, others):
+            self.worked_out.append((n, shape, q, others))
+            return super()._predict(shape, n, q, others)
 
     cost = Counting()
     for n in range(1, 9):
@@ -325,13 +325,27 @@ def test_a_pick_asks_the_run_time_model_each_question_once():
     for k in range(40):  # a second of 12 cameras at 40 frames/s: overload, priced batch by batch
         clock.t = 99.0 + k / 40
         s.submit(frame(f"s{k % 12}", k, clock.t))
+
+    def pick(first_id: int) -> Batch:
+        for i in range(12):
+            s.submit(frame(f"s{i}", first_id + i, clock.t - 0.010 + i * 0.001))
+        batch = s.schedule(0)
+        assert batch is not None
+        s.update_from_output(batch, None)  # a failed run: releases its streams, teaches the model nothing
+        return batch
+
     clock.t = 100.0
-    for i in range(12):
-        s.submit(frame(f"s{i}", 100 + i, 99.990 + i * 0.001))
-    cost.asked.clear()
-    batch = s.schedule(0)
-    assert batch is not None
-    assert len(cost.asked) == len(set(cost.asked)) > 0
+    cost.worked_out.clear()
+    pick(100)
+    assert len(cost.worked_out) == len(set(cost.worked_out)) > 0  # each question once per pick
+    asked = set(cost.worked_out)
+    cost.worked_out.clear()
+    pick(200)
+    assert cost.worked_out == []  # nothing observed since: every answer is remembered
+    cost.observe(1, (192, 320), 0.030)
+    assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.025)  # the new run counts at once
+    pick(300)
+    assert set(cost.worked_out) <= asked and len(cost.worked_out) > 1  # worked out again, once each
 
 
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():

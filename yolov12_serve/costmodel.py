@@ -68,6 +68,7 @@ class RunTimeModel:
         self.default_s = default_s  # batch-1 guess for default_shape before anything is measured
         self.default_shape = default_shape
         self._stats: dict[tuple[Shape, int, int], _Window] = {}  # (shape, batch, other batches running)
+        self._answers: dict[tuple[int, Shape, float, int], float] = {}  # predict()'s, until the next observe()
         self._lock = threading.Lock()
 
     def observe(self, n: int, shape: Shape, seconds: float, others: int = 0) -> None:
@@ -80,25 +81,36 @@ class RunTimeModel:
             if w is None:
                 w = self._stats[key] = _Window(self.window)
             w.add(float(seconds), self.clock(), self.horizon_s)
+            self._answers = {}  # a new dict, not clear(): a reader may hold the old one
 
     def predict(self, n: int, shape: Shape, q: float = 0.9, others: int = 0) -> float:
         """Seconds a batch of `n` frames of `shape` takes beside `others` running batches: q=0.9 a slow run (for
-        planning), q=0.5 a typical one. Where this many others were never seen, the nearest fewer stand in."""
-        shape = (int(shape[0]), int(shape[1]))
-        with self._lock:
-            for level in range(max(0, int(others)), -1, -1):
-                seconds = self._same_shape(n, shape, q, level)
-                if seconds is not None:
-                    return seconds
-            level0 = {(sh, m): st for (sh, m, o), st in self._stats.items() if o == 0}
-            other = [(sh, st) for (sh, m), st in level0.items() if m == n]
-            if other:  # the same batch size at another shape, scaled by pixels (keeps batching efficiency)
-                sh, st = max(other, key=lambda x: len(x[1].times))
-                return st.get(q) * (shape[0] * shape[1]) / (sh[0] * sh[1])
-            if level0:
-                (sh, m), st = max(level0.items(), key=lambda kv: (len(kv[1].times), -kv[0][1]))
-                pixels = (shape[0] * shape[1]) / (sh[0] * sh[1])
-                return st.get(q) * pixels * max(1.0, n / m)
+        planning), q=0.5 a typical one. Where this many others were never seen, the nearest fewer stand in.
+
+        Answers are remembered until the next observation (they depend on nothing else): a scheduler pick asks
+        about a dozen of them per frame it looks at, and at GPU rates picks are the server's hot path."""
+        key = (n, shape, q, others)
+        seconds = self._answers.get(key)
+        if seconds is None:
+            with self._lock:
+                seconds = self._answers[key] = self._predict((int(shape[0]), int(shape[1])), int(n), q, others)
+        return seconds
+
+    def _predict(self, shape: Shape, n: int, q: float, others: int) -> float:
+        """predict() worked out from the windows (the lock held)."""
+        for level in range(max(0, int(others)), -1, -1):
+            seconds = self._same_shape(n, shape, q, level)
+            if seconds is not None:
+                return seconds
+        level0 = {(sh, m): st for (sh, m, o), st in self._stats.items() if o == 0}
+        other = [(sh, st) for (sh, m), st in level0.items() if m == n]
+        if other:  # the same batch size at another shape, scaled by pixels (keeps batching efficiency)
+            sh, st = max(other, key=lambda x: len(x[1].times))
+            return st.get(q) * (shape[0] * shape[1]) / (sh[0] * sh[1])
+        if level0:
+            (sh, m), st = max(level0.items(), key=lambda kv: (len(kv[1].times), -kv[0][1]))
+            pixels = (shape[0] * shape[1]) / (sh[0] * sh[1])
+            return st.get(q) * pixels * max(1.0, n / m)
         pixels = (shape[0] * shape[1]) / (self.default_shape[0] * self.default_shape[1])
         return self.default_s * pixels * n
 

@@ -52,7 +52,6 @@ from .mailbox import Mailbox
 __all__ = ["Batch", "DeadlineScheduler", "Scheduler", "SchedulerStats"]
 
 DropCallback = Callable[[Frame, str], None]
-Predictor = Callable[..., float]  # (n, shape, q, others) -> seconds, as RunTimeModel.predict
 ARRIVAL_WINDOW_S = 1.0  # the offered frame rate (overload or not) is counted over this long
 
 
@@ -192,7 +191,7 @@ class DeadlineScheduler(Scheduler):
 
     def _pick(self, t: float, late: list[Frame]) -> Batch | None:
         busy = self._running  # a batch started now runs beside these (and is as slow as it will be then)
-        predict = self._predictor()
+        predict = self.cost.predict  # remembers its answers until the next run is observed
         ready: list[tuple[Frame, _StreamSlot]] = []
         for slot in self._slots.values():
             frame = slot.mailbox.peek()
@@ -208,7 +207,7 @@ class DeadlineScheduler(Scheduler):
             ready.append((frame, slot))
         if not ready:
             return None
-        if self._overloaded([f for f, _ in ready], t, busy, predict):  # the camera served longest ago, newest frame
+        if self._overloaded([f for f, _ in ready], t, busy):  # the camera served longest ago, newest frame
             def order(fs: tuple[Frame, _StreamSlot]) -> tuple[float, float]:
                 return (fs[1].served_at, -fs[0].deadline)
         else:
@@ -221,7 +220,7 @@ class DeadlineScheduler(Scheduler):
         n = 1
         if t + predict(1, first.shape, 0.5, busy) > first.deadline:
             # late whatever we do: throughput, then latency
-            n = self._efficient_batch(len(group), first.shape, busy, predict)
+            n = self._efficient_batch(len(group), first.shape, busy)
             if n > 1 and self._probe(first.shape, busy, t):
                 n = 1  # re-measure a lone frame now and then: a stale, slow estimate must not keep us here for good
         else:
@@ -240,7 +239,7 @@ class DeadlineScheduler(Scheduler):
         self._started += 1
         return Batch(frames, first.shape, predict(n, first.shape, 0.9, busy), t, busy, self._started)
 
-    def _overloaded(self, frames: list[Frame], t: float, busy: int, predict: Predictor) -> bool:
+    def _overloaded(self, frames: list[Frame], t: float, busy: int) -> bool:
         """Do cameras offer more frames per second than the device's instances can run (each at its best batch)?
 
         Then frames are lost whatever runs first, and in deadline order every result comes just inside the
@@ -256,6 +255,7 @@ class DeadlineScheduler(Scheduler):
             return False
         self._count_arrivals(t)
         shape = frames[0].shape
+        predict = self.cost.predict
         one = max(predict(1, shape, 0.5, busy), 1e-9)
         if any(t + one > f.deadline for f in frames):
             return False  # a frame that runs late anyway (the SLO is out of reach, a probe): oldest first
@@ -272,19 +272,6 @@ class DeadlineScheduler(Scheduler):
         while self._arrivals and self._arrivals[0] < t - ARRIVAL_WINDOW_S:
             self._arrivals.popleft()
 
-    def _predictor(self) -> Predictor:
-        """`cost.predict` remembered for one pick: every ready stream asks about the same few batches (12 streams
-        asked 41 times for 15 distinct figures; a pick took 240 us of CPU, now 215)."""
-        memo: dict[tuple[int, tuple[int, int], float, int], float] = {}
-
-        def predict(n: int, shape: tuple[int, int], q: float, others: int = 0) -> float:
-            key = (n, shape, q, others)
-            seconds = memo.get(key)
-            if seconds is None:
-                seconds = memo[key] = self.cost.predict(n, shape, q, others)
-            return seconds
-        return predict
-
     def _probe(self, shape: tuple[int, int], busy: int, t: float) -> bool:
         """Run a lone frame of `shape` now to re-measure it? Yes if its estimate is stale and no probe is recent."""
         if self.cost.age(1, shape, busy) < self.probe_s or t - self._last_probe.get(shape, -1e9) < self.probe_s:
@@ -292,10 +279,10 @@ class DeadlineScheduler(Scheduler):
         self._last_probe[shape] = t
         return True
 
-    def _efficient_batch(self, most: int, shape: tuple[int, int], busy: int, predict: Predictor) -> int:
+    def _efficient_batch(self, most: int, shape: tuple[int, int], busy: int) -> int:
         """The smallest batch with 95% of the best frames/s up to `most`: large where batching pays (GPUs), 1 where
         it does not (CPUs), since a bigger batch there only adds latency."""
-        rates = [k / max(predict(k, shape, 0.5, busy), 1e-9) for k in range(1, most + 1)]
+        rates = [k / max(self.cost.predict(k, shape, 0.5, busy), 1e-9) for k in range(1, most + 1)]
         best = max(rates)
         return next(k for k, r in enumerate(rates, 1) if r >= 0.95 * best)
 
