@@ -89,7 +89,7 @@ class RunTimeModel:
 
         Answers are remembered until the next observation (they depend on nothing else): a scheduler pick asks
         about a dozen of them per frame it looks at, and at GPU rates picks are the server's hot path."""
-        key = (n, shape, q, others)
+        key = (n, tuple(shape), q, others)  # a list shape hashes too
         seconds = self._answers.get(key)
         if seconds is None:
             with self._lock:
