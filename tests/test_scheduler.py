@@ -4,8 +4,11 @@ and a device worker driving a deterministic engine (known cost per batch) throug
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +26,7 @@ from yolov12_serve.sources.backoff import Backoff
 from yolov12_serve.worker import FAILURES_BEFORE_UNHEALTHY, DeviceWorker
 
 SLO = 0.045
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def frame(stream: str, fid: int, t: float, shape=(192, 320), droppable: bool = True, slo: float = SLO) -> Frame:
@@ -690,6 +694,37 @@ def test_whole_factor_resizes_match_the_trainers_resize_and_others_stay_bilinear
 
     decoded = letterbox_avframe(av.VideoFrame.from_ndarray(img, format="rgb24"), lb)  # the RTSP path: swscale
     assert np.abs(decoded[lb.top:lb.top + 180, lb.left:lb.left + 320].astype(int) - ref).max() <= 1
+
+
+def test_a_cameras_yuv_frame_is_scaled_on_the_calling_thread_near_the_rgb_box_average():
+    """A decoded 640x360 yuv420p frame -> 320x180: about a level off the box average of its RGB picture (what
+    the trainer's resize gives), and no swscale thread pool (PyAV >= 17 starts one per call otherwise: the
+    worker then sleeps waiting for threads that have no core to run on)."""
+    import av
+    from PIL import Image
+
+    from yolov12_serve.preprocess import letterbox_avframe
+    from yolov12_serve.sources.synthetic import SyntheticCamera, render_strip
+
+    belt = np.ascontiguousarray(render_strip(SyntheticCamera("t", size=(360, 640), seed=3))[:, :640])
+    frame = av.VideoFrame.from_ndarray(belt, format="rgb24").reformat(format="yuv420p")  # as a decoder gives it
+    lb = plan_letterbox((360, 640), (192, 320))
+    out = letterbox_avframe(frame, lb)[lb.top:lb.top + 180].astype(int)
+    box = np.asarray(Image.fromarray(frame.to_ndarray(format="rgb24")).reduce(2)).astype(int)
+    assert np.abs(out - box).mean() < 2  # 1.24 (one scale-and-convert pass: 1.21); the wrong colour range: 11.4
+    code = ("import os, av\n"
+            "from engines.letterbox import plan_letterbox\n"
+            "from yolov12_serve.preprocess import letterbox_avframe\n"
+            "f = av.VideoFrame(640, 360, 'yuv420p')\n"
+            "before = len(os.listdir('/proc/self/task'))\n"
+            "[letterbox_avframe(f, plan_letterbox((360, 640), (192, 320))) for _ in range(3)]\n"
+            "print(before, len(os.listdir('/proc/self/task')))\n")
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("counting threads needs Linux /proc")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    before, after = map(int, run.stdout.split())
+    assert after == before, run.stderr
+
 
 def test_results_overtaken_by_a_newer_frame_are_not_published():
     from yolov12_serve.stream import Stream
