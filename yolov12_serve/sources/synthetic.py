@@ -28,6 +28,8 @@ from ..frames import now
 from ..preprocess import letterbox_image
 from .base import FrameSink, Source, StreamState
 
+STOP_CHECK_S = 0.1  # a slow camera's thread notices its removal within this long
+
 __all__ = ["SyntheticCamera", "SyntheticSource", "parse_synthetic_url", "render_strip"]
 
 
@@ -124,5 +126,6 @@ class SyntheticSource(Source):
             if wait < -dt:  # fell behind: skip the ticks already missed
                 tick = int((now() - t0) / dt) + 1
                 wait = t0 + tick * dt - now()
-            if wait > 0:
-                self._stopped.wait(wait)
+            while wait > 0 and not self.stopped:  # a plain sleep: 15 us of CPU a tick against 35 for Event.wait
+                time.sleep(min(wait, STOP_CHECK_S))
+                wait = t0 + tick * dt - now()
