@@ -306,18 +306,20 @@ def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_
     assert pick(90, run_s=0.060) == ["a", "b"]
 
 
-def test_the_run_time_model_works_out_each_answer_once_until_the_next_run_is_observed():
+def test_the_run_time_model_plans_each_answer_once_and_observed_runs_update_it_without_replanning():
     """Every ready stream asks about the same few batches (12 cameras asked 41 questions, 15 of them different, in
-    one pick): each is worked out once, picks reuse the answers, and an observed run makes them stale."""
+    one pick) and every finished batch is observed: how each question is answered (which window, what scale) is
+    worked out once, an observed run changes the answers at once without working them out again, and only a new
+    window (a batch size or shape not seen before) makes the plans stale."""
 
     class Counting(RunTimeModel):
         def __init__(self) -> None:
             super().__init__()
             self.worked_out: list[tuple] = []
 
-        def _predict(self, shape, n, q, others):
-            self.worked_out.append((n, shape, q, others))
-            return super()._predict(shape, n, q, others)
+        def _plan(self, shape, n, others):
+            self.worked_out.append((n, shape, others))
+            return super()._plan(shape, n, others)
 
     cost = Counting()
     for n in range(1, 9):
@@ -342,14 +344,32 @@ def test_the_run_time_model_works_out_each_answer_once_until_the_next_run_is_obs
     cost.worked_out.clear()
     pick(100)
     assert len(cost.worked_out) == len(set(cost.worked_out)) > 0  # each question once per pick
-    asked = set(cost.worked_out)
     cost.worked_out.clear()
     pick(200)
-    assert cost.worked_out == []  # nothing observed since: every answer is remembered
-    cost.observe(1, (192, 320), 0.030)
+    assert cost.worked_out == []  # nothing new: every plan is remembered
+    cost.observe(1, (192, 320), 0.030)  # a run of a known size: the window changes, the plans stand
     assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.025)  # the new run counts at once
     pick(300)
-    assert set(cost.worked_out) <= asked and len(cost.worked_out) > 1  # worked out again, once each
+    assert cost.worked_out == []
+    cost.observe(1, (192, 320), 0.020, others=1)  # a new window: runs beside another batch, seen for the first time
+    assert cost.predict(1, (192, 320), 0.5, others=1) == pytest.approx(0.020)  # answered from the new window
+    assert cost.predict(2, (192, 320), 0.5, others=1) == pytest.approx(0.040)  # nearest measured size, scaled
+    cost.worked_out.clear()
+    pick(400)
+    assert len(cost.worked_out) > 1 and len(cost.worked_out) == len(set(cost.worked_out))  # planned again, once each
+
+
+def test_a_shape_never_measured_follows_the_longest_window_as_it_grows():
+    """An unseen shape is scaled from the seen shape with the most runs; that choice moves as runs come in, so its
+    plan is not kept past the next observed run."""
+    cost = RunTimeModel()
+    for _ in range(3):
+        cost.observe(1, (192, 320), 0.010)
+    cost.observe(1, (320, 320), 0.030)
+    assert cost.predict(1, (256, 320), 0.5) == pytest.approx(0.010 * (256 * 320) / (192 * 320))
+    for _ in range(5):
+        cost.observe(1, (320, 320), 0.030)
+    assert cost.predict(1, (256, 320), 0.5) == pytest.approx(0.030 * (256 * 320) / (320 * 320))
 
 
 def test_earliest_deadline_picks_the_shape_and_shapes_never_mix():

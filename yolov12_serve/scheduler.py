@@ -191,7 +191,7 @@ class DeadlineScheduler(Scheduler):
 
     def _pick(self, t: float, late: list[Frame]) -> Batch | None:
         busy = self._running  # a batch started now runs beside these (and is as slow as it will be then)
-        predict = self.cost.predict  # remembers its answers until the next run is observed
+        predict = self.cost.predict  # works out how to answer each question once (costmodel.py)
         ready: list[tuple[Frame, _StreamSlot]] = []
         for slot in self._slots.values():
             frame = slot.mailbox.peek()
