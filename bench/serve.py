@@ -272,12 +272,16 @@ def part_a(model: Path, args) -> list[tuple[dict, tuple[float, float], float]]:
     rounds = []
     try:
         capacity = raw_engine.run(3)[0]
-        fps = min(30.0, max(1.0, args.overload * capacity / args.cameras))  # saturate, without 10x wasted frames
-        print(f"(a) raw capacity ~{capacity:.0f} images/s: {args.cameras} cameras at {fps:.1f} fps", flush=True)
+        print(f"(a) raw capacity ~{capacity:.0f} images/s", flush=True)
         srv = Server(model, "--instances", str(args.instances), "--max-batch", "8", "--slo-ms", str(args.slo_ms))
         srv.watch()
         slices = max(1, round(args.round_seconds / args.slice_seconds))
         for r in range(args.rounds):
+            # the fastest raw rate seen so far: a probe taken in a slow spell (86 images/s once, against 130-160 in
+            # the rounds after it) offered 1.4x the capacity, where phase gaps leave the engine without a frame
+            if rounds:
+                capacity = max(capacity, rounds[-1][1][0])
+            fps = min(30.0, max(1.0, args.overload * capacity / args.cameras))  # saturate, without 10x wasted frames
             for i in range(args.cameras):
                 srv.client.add_stream(f"sat{r}-{i}", f"synthetic://sat{r}-{i}?fps={fps:.2f}&size=320x180&seed={i}")
             if r == 0:
@@ -294,7 +298,8 @@ def part_a(model: Path, args) -> list[tuple[dict, tuple[float, float], float]]:
                 srv.client.remove_stream(f"sat{r}-{i}")
             w, raw = combine(parts)
             print(f"(a) round {r + 1}: server {w['results_per_s']:.1f} results/s ({w['results_per_cpu_s']:.1f} per "
-                  f"CPU-s), raw {raw[0]:.1f} images/s ({raw[1]:.1f} per CPU-s), {slices} slices", flush=True)
+                  f"CPU-s), raw {raw[0]:.1f} images/s ({raw[1]:.1f} per CPU-s), {slices} slices, cameras at "
+                  f"{fps:.1f} fps", flush=True)
             rounds.append((w, raw, fps))
             time.sleep(0.5)
     finally:
@@ -499,14 +504,15 @@ def main() -> None:
     if "a" in parts or "b" in parts:
         rounds = part_a(model, args)
         rows = []
-        fps = rounds[0][2]
+        offered = sorted({f"{r[2]:.1f}" for r in rounds}, key=float)
+        fps = offered[0] if len(offered) == 1 else f"{offered[0]}-{offered[-1]}"
         for i, (w, (rate, per_cpu), _) in enumerate(rounds):
             mix = ", ".join(f"{k}x{v}" for k, v in sorted(w["batches"].items()))
             rows.append([i + 1, w["results_per_s"], rate, w["results_per_s"] / rate, w["results_per_cpu_s"], per_cpu,
                          w["results_per_cpu_s"] / per_cpu, w["cores"], w["per_camera"], mix])
         raw = float(np.median([r[2] for r in rows]))
-        lines += [f"(a) saturation: {args.cameras} synthetic cameras 320x180 at {fps:.1f} fps ({args.overload:g}x the "
-                  "raw capacity; inputs 192x320), server vs raw "
+        lines += [f"(a) saturation: {args.cameras} synthetic cameras 320x180 at {fps} fps ({args.overload:g}x the "
+                  "fastest raw rate seen before the round; inputs 192x320), server vs raw "
                   "Engine.infer on the same batches (same K threads). Median ratios: wall "
                   f"{float(np.median([r[3] for r in rows])):.2f}, per CPU-second "
                   f"{float(np.median([r[6] for r in rows])):.2f} (goal >= 0.9). Where other work takes CPU, the "
