@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -34,10 +34,11 @@ class Frame:
     public: bool = True  # False: a one-off DetectImage frame, not shown to WatchDetections(all)
     prepare: Callable[[], np.ndarray] | None = None  # builds `input` when it is None
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        """The input (h, w): frames of the same shape batch together."""
-        return self.letterbox.input_hw if self.input is None else (self.input.shape[0], self.input.shape[1])
+    shape: tuple[int, int] = field(init=False)  # the input (h, w): frames of the same shape batch together
+
+    def __post_init__(self) -> None:
+        # worked out once: the scheduler asks for it several times per pick (a deferred input is built to it)
+        self.shape = self.letterbox.input_hw if self.input is None else (self.input.shape[0], self.input.shape[1])
 
     def materialize(self) -> np.ndarray:
         """The engine input, built now if it was deferred (by the worker that runs the frame)."""

@@ -44,6 +44,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import accumulate
 
 from .costmodel import RunTimeModel
 from .frames import Frame, now
@@ -193,15 +194,19 @@ class DeadlineScheduler(Scheduler):
         busy = self._running  # a batch started now runs beside these (and is as slow as it will be then)
         predict = self.cost.predict  # works out how to answer each question once (costmodel.py)
         ready: list[tuple[Frame, _StreamSlot]] = []
+        lone: dict[tuple[int, int], tuple[float, float]] = {}  # shape -> (typical run as now, best of that and alone)
         for slot in self._slots.values():
             frame = slot.mailbox.peek()
             if frame is None or (slot.exclusive and slot.in_flight):
                 continue
-            typical = predict(1, frame.shape, 0.5, busy)
-            best = min(typical, predict(1, frame.shape, 0.5))  # alone, or as now (see the module docs)
+            shape = frame.shape
+            if (known := lone.get(shape)) is None:
+                typical = predict(1, shape, 0.5, busy)
+                known = lone[shape] = (typical, min(typical, predict(1, shape, 0.5)))  # alone, or as now (module docs)
+            typical, best = known
             feasible = best <= frame.deadline - frame.ingest_time  # could a frame of this shape be on time at all?
             predicted_late = frame.droppable and not self.process_late and feasible and t + typical > frame.deadline
-            if predicted_late and not (t < frame.deadline and self._probe(frame.shape, busy, t)):
+            if predicted_late and not (t < frame.deadline and self._probe(shape, busy, t)):
                 late.append(slot.mailbox.take())
                 continue
             ready.append((frame, slot))
@@ -214,18 +219,20 @@ class DeadlineScheduler(Scheduler):
             def order(fs: tuple[Frame, _StreamSlot]) -> tuple[float, float]:
                 return (0.0, fs[0].deadline)
         first = min(ready, key=order)[0]
-        group = sorted((fs for fs in ready if fs[0].shape == first.shape), key=order)
+        shape = first.shape
+        group = sorted((fs for fs in ready if fs[0].shape == shape), key=order)
         share = -(-len(group) // self._idle) if self._idle > 1 else len(group)  # leave work for idle instances
         group = group[:min(self.max_batch, share)]
         n = 1
-        if t + predict(1, first.shape, 0.5, busy) > first.deadline:
+        if t + lone[shape][0] > first.deadline:
             # late whatever we do: throughput, then latency
-            n = self._efficient_batch(len(group), first.shape, busy)
-            if n > 1 and self._probe(first.shape, busy, t):
+            n = self._efficient_batch(len(group), shape, busy)
+            if n > 1 and self._probe(shape, busy, t):
                 n = 1  # re-measure a lone frame now and then: a stale, slow estimate must not keep us here for good
         else:
+            earliest = list(accumulate((f.deadline for f, _ in group), min))  # the first k frames' earliest deadline
             for k in range(len(group), 1, -1):
-                if t + predict(k, first.shape, 0.9, busy) <= min(f.deadline for f, _ in group[:k]):
+                if t + predict(k, shape, 0.9, busy) <= earliest[k - 1]:
                     n = k
                     break
         frames = []
@@ -237,7 +244,7 @@ class DeadlineScheduler(Scheduler):
         self._running += 1
         self._most_running = max(self._most_running, self._running)
         self._started += 1
-        return Batch(frames, first.shape, predict(n, first.shape, 0.9, busy), t, busy, self._started)
+        return Batch(frames, shape, predict(n, shape, 0.9, busy), t, busy, self._started)
 
     def _overloaded(self, frames: list[Frame], t: float, busy: int) -> bool:
         """Do cameras offer more frames per second than the device's instances can run (each at its best batch)?
