@@ -97,6 +97,24 @@ def test_run_time_model_forgets_runs_older_than_its_horizon_but_keeps_the_newest
     cost.observe(1, (192, 320), 0.030)  # within the horizon: both count
     assert cost.predict(1, (192, 320), 0.5) == pytest.approx(0.025)
 
+def test_run_time_model_quantiles_are_those_of_the_runs_in_its_window_and_horizon():
+    """The window keeps its runs sorted as they come and go (not sorted again per run): its quantiles must stay
+    numpy's over exactly the last `window` runs of the last `horizon_s` seconds (the newest always kept)."""
+    rng = random.Random(7)
+    clock = Clock(0.0)
+    cost = RunTimeModel(window=8, horizon_s=0.5, clock=clock)
+    runs: list[tuple[float, float]] = []
+    for _ in range(500):
+        clock.t += rng.choice([0.01, 0.05, 0.3, 0.7])
+        seconds = rng.choice([0.010, 0.012, 0.020, rng.random() * 0.03])  # repeated values too
+        cost.observe(1, (192, 320), seconds)
+        runs.append((clock.t, seconds))
+        kept = [x for at, x in runs[-8:] if at >= clock.t - 0.5] or [seconds]
+        p50, p90, count = cost.known()[((192, 320), 1, 0)]
+        assert count == len(kept)
+        assert (p50, p90) == pytest.approx((np.quantile(kept, 0.5), np.quantile(kept, 0.9)), abs=1e-12)
+
+
 # ------------------------------------------------------------------------------------------------ scheduler
 def make_scheduler(cost, max_batch=16, process_late=False, clock=None):
     drops: list[tuple[int, str]] = []

@@ -292,6 +292,25 @@ def test_stream_stats_keep_only_the_window():
     assert st.fps(t=40.0) == 0.0 and st.snapshot(t=40.0).latency_p50_ms == 0.0  # a stream gone quiet
 
 
+def test_metric_series_looked_up_once_are_fresh_for_a_stream_added_again():
+    """Per-frame series are kept once looked up; removing a stream must forget them, or a stream added again
+    under the same id would count into series no scrape shows."""
+    from yolov12_serve.metrics import Metrics
+
+    m = Metrics(0.045, ["cpu"])
+    for _ in range(2):
+        m.add_stream("cam")
+        m.dropped("cam", "late").inc()
+        m.series("cam", "cpu").processed.inc()
+        m.runs("cpu")[1].observe(1)
+        text = m.exposition().decode()
+        assert 'yolov12_frames_dropped_total{reason="late",stream="cam"} 1.0' in text
+        assert 'yolov12_frames_processed_total{device="cpu",stream="cam"} 1.0' in text
+        m.forget_stream("cam")
+        assert 'stream="cam"' not in m.exposition().decode()
+    assert 'yolov12_batch_size_count{device="cpu"} 2.0' in m.exposition().decode()
+
+
 def test_status_table_flags_p99_over_the_slo():
     from yolov12_serve.sources.base import StreamState
     from yolov12_serve.status import render_table

@@ -366,7 +366,7 @@ class ServerCore:
     def _count_drop(self, stream: Stream, reason: str) -> None:
         stream.stats.record_drop(reason)
         if self.metrics is not None:
-            self.metrics.frames_dropped.labels(stream.metrics_label, reason).inc()
+            self.metrics.dropped(stream.metrics_label, reason).inc()
 
     def _on_reconnect(self, stream: Stream) -> None:
         if self.metrics is not None:
@@ -388,7 +388,7 @@ class ServerCore:
                 stream.stats.record(result.latency_s, len(result.detections))
             if self.metrics is not None:
                 if result.error:
-                    self.metrics.frames_dropped.labels(label, "error").inc()
+                    self.metrics.dropped(label, "error").inc()
                 else:
                     series = self.metrics.series(label, result.device)
                     series.latency.observe(result.latency_s)
@@ -401,8 +401,9 @@ class ServerCore:
             self.placement.set_healthy(device, True)
             self.on_health_change(not self.draining)
         if self.metrics is not None and size:
-            self.metrics.inference.labels(device).observe(seconds)
-            self.metrics.batch_size.labels(device).observe(size)
+            inference, batch_size = self.metrics.runs(device)
+            inference.observe(seconds)
+            batch_size.observe(size)
 
     def _on_subscriber_overflow(self, n: int) -> None:
         if self.metrics is not None:

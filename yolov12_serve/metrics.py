@@ -122,14 +122,15 @@ class Metrics:
         self.slo.set(slo_s)
         self.engine_failures = Counter("yolov12_engine_failures", "Batches whose Engine.infer raised.", ["device"],
                                        registry=r)
+        self._runs: dict[str, tuple[Any, Any]] = {}
         for dev in self.devices:
-            self.inference.labels(dev)
-            self.batch_size.labels(dev)
+            self.runs(dev)
             self.engine_failures.labels(dev)
         self._gpus = GpuTelemetry(self.devices)
         r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
         self._http = None
         self._series: dict[tuple[str, str], StreamSeries] = {}
+        self._dropped: dict[tuple[str, str], Any] = {}
 
     def series(self, stream: str, device: str) -> StreamSeries:
         """A stream's per-frame series on a device, looked up once (label lookups cost ~10 us each per frame)."""
@@ -141,6 +142,21 @@ class Metrics:
                                                      self.frame_latency.labels(stream, device))
         return found
 
+    def runs(self, device: str) -> tuple[Any, Any]:
+        """A device's (run time, batch size) histograms, looked up once."""
+        found = self._runs.get(device)
+        if found is None:
+            found = self._runs[device] = (self.inference.labels(device), self.batch_size.labels(device))
+        return found
+
+    def dropped(self, stream: str, reason: str) -> Any:
+        """A stream's drop counter for `reason`, looked up once (a camera under overload drops about a frame per
+        result, in the worker that picks)."""
+        found = self._dropped.get((stream, reason))
+        if found is None:
+            found = self._dropped[(stream, reason)] = self.frames_dropped.labels(stream, reason)
+        return found
+
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's series at zero so rates exist from the start."""
         self.frames.labels(stream_id)
@@ -150,8 +166,9 @@ class Metrics:
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove every series labelled with this stream (called when it is removed)."""
-        for key in [k for k in self._series if k[0] == stream_id]:
-            self._series.pop(key, None)
+        for cache in (self._series, self._dropped):  # list(): one step, while workers may add keys
+            for key in [k for k in list(cache) if k[0] == stream_id]:
+                cache.pop(key, None)
         for metric, labelsets in ((self.frames, [(stream_id,)]), (self.reconnects, [(stream_id,)])):
             for labels in labelsets:
                 _remove(metric, labels)
