@@ -52,13 +52,18 @@ class Letterbox:
         np.clip(xy[..., 1], 0, self.src_hw[0], out=xy[..., 1])
         return out
 
-    def place(self, resized: np.ndarray, fill: int = 114) -> np.ndarray:
-        """Pad an already-resized [new_h, new_w, 3] image to the input shape (grey borders)."""
+    def place(self, resized: np.ndarray, fill: int = 114, out: np.ndarray | None = None) -> np.ndarray:
+        """Pad an already-resized [new_h, new_w, 3] image to the input shape (grey borders); into `out` (uint8
+        [h, w, 3], e.g. one frame of a batch array) when given, so a batch is not copied again to stack it."""
         h, w = self.input_hw
         if resized.shape[:2] == (h, w):
-            return resized
+            if out is None:
+                return resized
+            out[...] = resized
+            return out
         (top, left), (nh, nw) = (self.top, self.left), self.new_hw
-        out = np.empty((h, w, 3), dtype=np.uint8)  # write each pixel once: borders grey, the middle the image
+        if out is None:
+            out = np.empty((h, w, 3), dtype=np.uint8)  # write each pixel once: borders grey, the middle the image
         out[:top], out[top + nh:], out[top:top + nh, :left], out[top:top + nh, left + nw:] = fill, fill, fill, fill
         out[top:top + nh, left:left + nw] = resized
         return out

@@ -660,13 +660,17 @@ def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
     worker = DeviceWorker("cpu", engine, sched, results.append, on_failure=lambda d, e: failures.append(e))
     lb = plan_letterbox((360, 640), (192, 320))
 
-    def broken():
+    def broken(out=None):
         raise ValueError("bad stride")
+
+    def grey(out=None):  # a deferred letterbox: into its place in the batch array when given one
+        out = np.empty((192, 320, 3), np.uint8) if out is None else out
+        out.fill(114)
+        return out
 
     for _ in range(FAILURES_BEFORE_UNHEALTHY + 1):
         t = time.perf_counter()
-        frames = [Frame("a", i, None, lb, 0, t, t + 10, prepare=lambda: np.zeros((192, 320, 3), np.uint8))
-                  for i in range(3)]
+        frames = [Frame("a", i, None, lb, 0, t, t + 10, prepare=grey) for i in range(3)]
         frames[1].prepare = broken
         worker.run(Batch(frames, (192, 320), 0.01))
     by_id = {r.frame_id: r for r in results[-3:]}
@@ -674,6 +678,39 @@ def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
     assert by_id[0].error is None and by_id[2].error is None and len(by_id[0].detections) == 1
     assert engine.sizes == [2] * (FAILURES_BEFORE_UNHEALTHY + 1) and failures == []
     assert sched.cost.known() == {}  # nothing learnt: the batch of 3 never ran as scheduled
+
+
+def test_a_batchs_frames_are_letterboxed_straight_into_the_array_the_engine_gets():
+    """No stacking copy: each deferred letterbox writes into its frame's place in one batch array; a frame whose
+    letterbox fails leaves its place to the next, and the engine sees exactly the frames' own letterboxes."""
+    import functools
+
+    from yolov12_serve.preprocess import letterbox_image
+
+    seen: list[np.ndarray] = []
+
+    class Recording(CostEngine):
+        def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+            seen.append(batch)
+            return super().infer(batch)
+
+    worker = DeviceWorker("cpu", Recording(a=0, b=0), DeadlineScheduler(RunTimeModel(), max_batch=4), lambda r: None)
+    lb = plan_letterbox((180, 320), (192, 320))
+    images = [np.random.default_rng(i).integers(0, 255, (180, 640, 3), np.uint8) for i in range(4)]
+
+    def broken(out=None):
+        raise ValueError("bad stride")
+
+    t = time.perf_counter()
+    box = (0, 0, 320, 180)  # a synthetic camera's frame: a box of its strip, padded to the input in place
+    frames = [Frame("a", i, None, lb, 0, t, t + 10, prepare=functools.partial(letterbox_image, im, lb, box))
+              for i, im in enumerate(images)]
+    frames[1].prepare = broken
+    worker.run(Batch(frames, (192, 320), 0.01))
+    expected = np.stack([letterbox_image(images[i], lb, box) for i in (0, 2, 3)])
+    assert len(seen) == 1 and seen[0].shape == (3, 192, 320, 3)
+    assert np.array_equal(seen[0], expected)
+    assert all(np.shares_memory(frames[i].input, seen[0]) for i in (0, 2, 3))  # filled in place, not copied
 
 
 def test_an_slo_no_frame_can_meet_drops_nothing():
@@ -750,6 +787,8 @@ def test_a_cameras_yuv_frame_is_scaled_on_the_calling_thread_near_the_rgb_box_av
     out = letterbox_avframe(frame, lb)[lb.top:lb.top + 180].astype(int)
     box = np.asarray(Image.fromarray(frame.to_ndarray(format="rgb24")).reduce(2)).astype(int)
     assert np.abs(out - box).mean() < 2  # 1.24 (one scale-and-convert pass: 1.21); the wrong colour range: 11.4
+    place = np.zeros((2, 192, 320, 3), np.uint8)[1]  # its place in a batch array: the same pixels, written there
+    assert letterbox_avframe(frame, lb, out=place) is place and np.array_equal(place, letterbox_avframe(frame, lb))
     code = ("import os, av\n"
             "from engines.letterbox import plan_letterbox\n"
             "from yolov12_serve.preprocess import letterbox_avframe\n"

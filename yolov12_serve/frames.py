@@ -32,7 +32,7 @@ class Frame:
     deadline: float  # ingest_time + SLO
     droppable: bool = True  # pulled cameras: may be dropped as "late"; pushed frames are always answered
     public: bool = True  # False: a one-off DetectImage frame, not shown to WatchDetections(all)
-    prepare: Callable[[], np.ndarray] | None = None  # builds `input` when it is None
+    prepare: Callable[..., np.ndarray] | None = None  # builds `input` when it is None: prepare(out=None)
 
     shape: tuple[int, int] = field(init=False)  # the input (h, w): frames of the same shape batch together
 
@@ -40,10 +40,14 @@ class Frame:
         # worked out once: the scheduler asks for it several times per pick (a deferred input is built to it)
         self.shape = self.letterbox.input_hw if self.input is None else (self.input.shape[0], self.input.shape[1])
 
-    def materialize(self) -> np.ndarray:
-        """The engine input, built now if it was deferred (by the worker that runs the frame)."""
+    def materialize(self, out: np.ndarray | None = None) -> np.ndarray:
+        """The engine input, built now if it was deferred (by the worker that runs the frame); with `out` (its
+        place in the batch array) built or copied there, so that a batch is not stacked from copies."""
         if self.input is None:
-            self.input, self.prepare = self.prepare(), None
+            self.input, self.prepare = (self.prepare() if out is None else self.prepare(out=out)), None
+        elif out is not None:
+            out[...] = self.input
+            return out
         return self.input
 
 

@@ -40,15 +40,18 @@ class InputPlanner:
 
 
 def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox,
-                    box: tuple[int, int, int, int] | None = None) -> np.ndarray:
+                    box: tuple[int, int, int, int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """RGB uint8 [H, W, 3] or a PIL image (possibly JPEG-draft-reduced), or its `box` (left, top, right, bottom),
-    -> the letterboxed engine input. A source that keeps its picture as a PIL image and passes the box of each
-    frame skips the array-to-image copy a frame would cost (0.3 of 0.8 ms at 640x360 on our 2 cores)."""
+    -> the letterboxed engine input (written into `out` when given: a frame of the batch array). A source that
+    keeps its picture as a PIL image and passes the box of each frame skips the array-to-image copy a frame
+    would cost (0.3 of 0.8 ms at 640x360 on our 2 cores)."""
     if isinstance(image, np.ndarray):
         if box is not None:
             image, box = image[box[1]:box[3], box[0]:box[2]], None
         if image.shape[:2] == lb.new_hw:
-            return lb.place(image) if lb.new_hw != lb.input_hw else np.ascontiguousarray(image)
+            if lb.new_hw != lb.input_hw or out is not None:
+                return lb.place(image, out=out)
+            return np.ascontiguousarray(image)
         image = Image.fromarray(image)
     pil = image if image.mode == "RGB" else image.convert("RGB")
     box = box or (0, 0, *pil.size)
@@ -62,11 +65,11 @@ def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox,
             pil = pil.crop(box)  # a resize within a box would filter in pixels from outside it
         if size != (new_w, new_h):
             pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
-    return lb.place(np.asarray(pil))
+    return lb.place(np.asarray(pil), out=out)
 
 
-def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox) -> np.ndarray:
-    """A decoded PyAV frame -> the letterboxed engine input.
+def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox, out: np.ndarray | None = None) -> np.ndarray:
+    """A decoded PyAV frame -> the letterboxed engine input (into `out` when given).
 
     Scaled in the frame's own format first (a camera's planar YUV 4:2:0 is half the bytes of RGB, and its
     chroma is already at half size), then converted at the small size: 640x360 -> 320x180 costs 180 us of
@@ -78,4 +81,4 @@ def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox) -> np.ndarray:
     factor = frame.width // new_w
     whole = factor >= 2 and (frame.width, frame.height) == (new_w * factor, new_h * factor)
     small = frame.reformat(width=new_w, height=new_h, interpolation="AREA" if whole else "BILINEAR", threads=1)
-    return lb.place(small.to_ndarray(format="rgb24", threads=1))
+    return lb.place(small.to_ndarray(format="rgb24", threads=1), out=out)

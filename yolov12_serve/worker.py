@@ -78,7 +78,7 @@ class DeviceWorker:
         outputs: list[np.ndarray] = []
         if frames:
             try:
-                outputs = self.engine.infer(inputs[0][None] if len(inputs) == 1 else np.stack(inputs))
+                outputs = self.engine.infer(inputs)
                 if len(outputs) != len(frames):
                     raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")
             except Exception as e:  # one failed batch must not kill the worker: report it and go on
@@ -105,17 +105,25 @@ class DeviceWorker:
             self.on_failure(self.device, error)
 
     @staticmethod
-    def _prepare(batch: list[Frame]) -> tuple[list[Frame], list[np.ndarray], list[tuple[Frame, str]]]:
-        """(frames, their engine inputs, [(frame, error)] for those whose deferred conversion raised)."""
-        frames, inputs, unprepared = [], [], []
+    def _prepare(batch: list[Frame]) -> tuple[list[Frame], np.ndarray, list[tuple[Frame, str]]]:
+        """(frames, their engine input [n, h, w, 3], [(frame, error)] for those whose deferred conversion raised).
+
+        Frames of a batch are letterboxed straight into one batch array (a frame a batch-mate failed to fill
+        is taken by the next): stacking them afterwards copied every frame again, 24 MB a batch of 32 at 640."""
+        frames: list[Frame] = []
+        unprepared: list[tuple[Frame, str]] = []
+        single = len(batch) == 1
+        array = None if single else np.empty((len(batch), *batch[0].shape, 3), np.uint8)
         for frame in batch:
             try:
-                inputs.append(frame.materialize())
+                x = frame.materialize() if single else frame.materialize(out=array[len(frames)])
                 frames.append(frame)
             except Exception as e:  # a bad decoded frame fails alone, not its batch-mates
                 unprepared.append((frame, f"cannot prepare the frame: {type(e).__name__}: {e}"))
                 log.warning("%s frame %d: %s", frame.stream_id, frame.frame_id, unprepared[-1][1])
-        return frames, inputs, unprepared
+        if single:
+            return frames, (x[None] if frames else np.empty((0, 0, 0, 3), np.uint8)), unprepared
+        return frames, array[:len(frames)], unprepared
 
     def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None) -> None:
         self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
