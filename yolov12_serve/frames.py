@@ -45,7 +45,7 @@ class Frame:
         place in the batch array) built or copied there, so that a batch is not stacked from copies."""
         if self.input is None:
             self.input, self.prepare = (self.prepare() if out is None else self.prepare(out=out)), None
-        elif out is not None:
+        if out is not None and self.input is not out:  # an input built elsewhere (pushed, or out not honoured)
             out[...] = self.input
             return out
         return self.input
