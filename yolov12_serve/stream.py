@@ -110,7 +110,7 @@ class Stream:
         assert self.runtime is not None, "stream not placed on a device"
         return self.runtime.planner.plan(src_hw)
 
-    def put(self, image: np.ndarray | Callable[[], np.ndarray], letterbox: Letterbox, capture_time_us: int,
+    def put(self, image: np.ndarray | Callable[..., np.ndarray], letterbox: Letterbox, capture_time_us: int,
             frame_id: int | None = None,
             ingest_time: float | None = None) -> Frame | None:
         """Number the frame (unless the client did), stamp ingest time and deadline, hand it to the scheduler

@@ -37,9 +37,10 @@ class FrameSink(Protocol):
         """The letterbox for frames of this source size on the stream's current device."""
         ...
 
-    def put(self, image: np.ndarray | Callable[[], np.ndarray], letterbox: Letterbox, capture_time_us: int) -> None:
+    def put(self, image: np.ndarray | Callable[..., np.ndarray], letterbox: Letterbox, capture_time_us: int) -> None:
         """Hand over one letterboxed frame, or the call that letterboxes it (run only if the frame reaches an
-        engine); the stream numbers it and sends it to the scheduler."""
+        engine, as `call(out=None)`: given `out`, its place in a batch array, it writes there and returns it);
+        the stream numbers it and sends it to the scheduler."""
         ...
 
     def set_state(self, state: StreamState, error: str = "") -> None:
