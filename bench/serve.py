@@ -478,9 +478,9 @@ def main() -> None:
                    help="(a): the server and raw take turns this long (the machine's speed drifts by 10%% within a "
                         "minute: short turns put both sides on the same machine)")
     p.add_argument("--overload", type=float, default=2.5,
-                   help="(a): cameras offer this times the raw capacity (a frame can only start within SLO - run time "
-                        "of its capture, ~20 ms here: at 1.5x, gaps between the cameras' phases left the engine "
-                        "without a frame it could still finish in time for 4-10%% of a window)")
+                   help="(a): cameras offer this times the fastest raw rate seen so far (a frame can only start "
+                        "within SLO - run time of its capture, ~20 ms here: at 1.5x, gaps between the cameras' phases "
+                        "left the engine without a frame it could still finish in time for 4-10%% of a window)")
     p.add_argument("--slo-ms", type=float, default=45.0)
     p.add_argument("--model", type=Path, help="our engine for (a) and (b) (default: ultralytics' weights, ours)")
     args = p.parse_args()
