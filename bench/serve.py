@@ -3,8 +3,8 @@
 (a) saturation: results/s of the whole server (synthetic cameras -> mailboxes -> scheduler -> K engine
     instances -> fan-out -> a gRPC watcher) over raw `Engine.infer` images/s on the same batches (the batch
     sizes the server ran, same shape, same K threads), the two taking turns every 2 s. Goal >= 0.9.
-(b) half load: cameras offering half the raw throughput (probed before each round); p50 / p99 latency (ingest to publish, as the
-    server reports it per frame). Goal p99 <= SLO.
+(b) half load: cameras offering half the raw throughput (probed before each round); p50 / p99 latency
+    (ingest to publish, as the server reports it per frame). Goal p99 <= SLO.
 (c) the same RTSP cameras (GStreamer server on loopback, 640x360 @ 25 fps): our server against ultralytics
     `predict(stream=True)` with its own ONNX export, same weights (ultralytics' yolo12n initialisation loaded
     into our v1 model, exported by our exporter). Results/s ratio (goal >= 1.2) and our p99 beside it.
