@@ -3,6 +3,7 @@ DetectImage on a photograph, push mode, watching streams, every error code, heal
 
 from __future__ import annotations
 
+import re
 import shutil
 import struct
 import subprocess
@@ -293,6 +294,8 @@ def test_generated_stubs_are_fresh(tmp_path: Path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools not installed")
     from yolov12_serve.proto import codegen
 
+    floor = re.search(r'"grpcio>=([0-9.]+)"', (codegen.REPO_ROOT / "pyproject.toml").read_text()).group(1)
+    assert floor == codegen.GRPC_FLOOR, "the stubs' grpcio version must be pyproject's floor"
     written = codegen.generate(tmp_path)
     for path in written:
         committed = codegen.STUB_DIR / path.name

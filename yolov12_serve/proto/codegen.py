@@ -2,11 +2,14 @@
 
 Used by `scripts/gen_protos` and by the test that fails when the committed stubs are stale. The
 generated gRPC module imports its messages as `yolov12.v1`; that line is rewritten to a relative
-import so the stubs live inside this package without touching sys.path.
+import so the stubs live inside this package without touching sys.path. The grpcio version the stubs
+demand at import is pinned to the project's floor (pyproject's `grpcio>=`), not to whichever
+grpcio-tools generated them: the stubs then come out the same from any tools release.
 """
 
 from __future__ import annotations
 
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -17,6 +20,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 PROTO_ROOT = REPO_ROOT / "protos"
 PROTO_FILES = ("yolov12/v1/detector.proto",)
 STUB_DIR = Path(__file__).resolve().parent / "yolov12" / "v1"
+GRPC_FLOOR = "1.85.1"  # pyproject.toml: grpcio>=1.85.1
 
 
 def generate(out_dir: Path = STUB_DIR, proto_root: Path = PROTO_ROOT) -> list[Path]:
@@ -39,6 +43,7 @@ def generate(out_dir: Path = STUB_DIR, proto_root: Path = PROTO_ROOT) -> list[Pa
             for suffix in ("_pb2.py", "_pb2_grpc.py"):
                 src = Path(tmp) / f"{stem}{suffix}"
                 text = src.read_text().replace(f"from {package} import ", "from . import ")
+                text = re.sub(r"GRPC_GENERATED_VERSION = '[^']*'", f"GRPC_GENERATED_VERSION = '{GRPC_FLOOR}'", text)
                 dst = out_dir / src.name
                 dst.write_text(text)
                 written.append(dst)
