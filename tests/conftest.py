@@ -46,3 +46,17 @@ def ultralytics():
 
     Image.open, cv2.imread, cv2.imwrite, cv2.imshow = saved
     return module
+
+
+def no_augment() -> dict[str, float]:
+    """Training options for no augmentation at all: every rank and every run sees the same pixels per image."""
+    return {"mosaic": 0.0, "mixup": 0.0, "copy_paste": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0,
+            "fliplr": 0.0, "translate": 0.0, "scale": 0.0}
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 20-image synthetic defect dataset at 96 px (16 train, 4 val), for training tests."""
+    from trainer.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("tiny"), images=20, imgsz=96, val_fraction=0.2, seed=3)

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
+from conftest import no_augment
 from torch import nn
 
 from trainer import YOLO
@@ -18,21 +18,13 @@ from trainer.engine import Trainer
 from trainer.hooks import HookBase, StopTraining
 from trainer.nn import build_model
 
-# No augmentation at all: every rank and every run sees the same pixels for the same image.
-NO_AUGMENT = {"mosaic": 0.0, "mixup": 0.0, "copy_paste": 0.0, "hsv_h": 0.0, "hsv_s": 0.0, "hsv_v": 0.0,
-              "fliplr": 0.0, "translate": 0.0, "scale": 0.0}
-
-
-@pytest.fixture(scope="module")
-def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from trainer.data import synthesize
-
-    return synthesize(tmp_path_factory.mktemp("tiny"), images=20, imgsz=96, val_fraction=0.2, seed=3)
+DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
 
 
 def _cfg(data: Path, **kw) -> TrainConfig:
+    """Small CPU runs. Clipping is off: it rescales every step to one norm and would hide a wrong gradient scale."""
     base = {"data": str(data), "imgsz": 96, "batch": 8, "workers": 0, "epochs": 2, "optimizer": "SGD", "lr0": 0.01,
-            "ema": False, "verbose": False, "plots": False, "warmup_epochs": 0.0, **NO_AUGMENT}
+            "ema": False, "verbose": False, "plots": False, "warmup_epochs": 0.0, "clip_grad": 0.0, **no_augment()}
     base.update(kw)
     return TrainConfig.from_kwargs(**base)
 
@@ -41,13 +33,19 @@ def _grads(model: torch.nn.Module) -> torch.Tensor:
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-def test_micro_batches_give_the_whole_batch_gradient(tiny_data: Path, tmp_path: Path) -> None:
-    """Acceptance 1: k micro-batches accumulate to the gradient of one step on the whole batch (BN in eval)."""
-    torch.manual_seed(0)
-    trainer = Trainer(_cfg(tiny_data), build_model("yolov12n.yaml"), DistContext(), tmp_path)
-    for m in trainer.model.modules():
+def _bn_eval(model: torch.nn.Module) -> None:
+    """BatchNorm on its running statistics: the gradient no longer depends on how the batch is split."""
+    for m in model.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.eval()
+
+
+def test_micro_batches_give_the_whole_batch_gradient(tiny_data: Path, tmp_path: Path) -> None:
+    """k micro-batches accumulate to the gradient of one step on the whole batch (BatchNorm in eval: in train
+    mode each micro-batch normalises by its own statistics, as any split batch does)."""
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg(tiny_data), build_model("yolov12n.yaml"), DistContext(), tmp_path)
+    _bn_eval(trainer.model)
     batch = next(iter(trainer.train_loader))
     grads = {}
     for micro in (8, 4, 3, 1):
@@ -61,49 +59,152 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_data: Path, tmp_path: 
         assert rel < 1e-5, (micro, rel.item())
 
 
-def _ddp_rank(cfg_dict: dict, init: str, save_dir: str, steps: int) -> None:
-    """Runs in each launched process: `steps` optimizer steps, then this rank's weights to a file."""
+def test_every_image_weighs_the_same_in_a_short_last_batch(tiny_data: Path, tmp_path: Path) -> None:
+    """The gradient is normalised by the images a batch holds, not by --batch: the same 4 images twice give
+    exactly twice the gradient of those 4 images once (a short last batch is not inflated to a full one). The
+    trained demo model, so that the target-score sum is above the loss's floor of 1 (a random one predicts none)."""
+    from trainer.checkpoint import load_checkpoint
+
+    trainer = Trainer(_cfg(tiny_data, batch=8), load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path)
+    _bn_eval(trainer.model)
+    full = next(iter(trainer.train_loader))
+    from trainer.data.dataset import collate
+
+    items = [{"img": full["img"][i], "cls": full["cls"][full["batch_idx"] == i],
+              "bboxes": full["bboxes"][full["batch_idx"] == i], "im_file": "", "ori_shape": (96, 96),
+              "ratio_pad": None} for i in range(4)]
+    grads = []
+    for batch in (collate(items), collate(items + items)):
+        stats = trainer.accumulate_gradients(batch)
+        assert stats is not None and stats["norm"] > 1
+        grads.append(_grads(trainer.model).clone())
+        trainer.optimizer.zero_grad(set_to_none=True)
+    rel = (grads[1] - 2 * grads[0]).norm() / (2 * grads[0]).norm()
+    assert rel < 1e-5, rel.item()
+
+
+def test_the_memory_planner_probes_on_the_cpu_and_leaves_the_model_untouched(tiny_data: Path,
+                                                                            tmp_path: Path) -> None:
+    """With a budget in bytes the planner probes on the CPU (the path a GPU takes by default): real forward and
+    backward passes measured by the process's peak memory. A budget below what the process already holds gives
+    micro-batch 1, an ample one the whole per-process batch; the probe leaves weights, BatchNorm statistics and
+    gradients exactly as they were."""
+    torch.manual_seed(0)
+    model = build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for budget, expected in (("1MB", 1), ("1TB", 8)):
+        trainer = Trainer(_cfg(tiny_data, memory_budget=budget), model, DistContext(), tmp_path)
+        assert trainer.plan.probed and trainer.micro_batch == expected, (budget, trainer.plan)
+        for k, v in trainer.model.state_dict().items():
+            assert torch.equal(v, before[k]), f"{budget}: planning changed {k}"
+        assert all(p.grad is None for p in trainer.model.parameters())
+    unplanned = Trainer(_cfg(tiny_data), model, DistContext(), tmp_path)
+    assert not unplanned.plan.probed and unplanned.micro_batch == 8  # a CPU without a budget is not probed
+
+
+def _ddp_rank(runs: list[dict], init: str, save_dir: str, steps: int) -> None:
+    """Runs in each launched process: for each config, `steps` optimizer steps; then this rank's results to a file."""
     from trainer.checkpoint import load_checkpoint
 
     ctx = init_process(["cpu"], 120)
-    trainer = Trainer(TrainConfig(**cfg_dict), load_checkpoint(init).model, ctx, Path(save_dir))
-    loader = iter(trainer.train_loader)
-    for _ in range(steps):
-        trainer.run_step(next(loader))
-    torch.save(trainer.model_without_ddp.state_dict(), Path(save_dir) / f"rank{ctx.rank}.pt")
+    results = {}
+    for i, run in enumerate(runs):
+        trainer = Trainer(TrainConfig(**run["cfg"]), load_checkpoint(init).model, ctx, Path(save_dir))
+        if run["bn_eval"]:
+            _bn_eval(trainer.model)
+        loader = iter(trainer.train_loader)
+        for _ in range(steps):
+            trainer.run_step(next(loader))
+        results[i] = trainer.model.state_dict()
+    torch.save(results, Path(save_dir) / f"rank{ctx.rank}.pt")
     torch.distributed.destroy_process_group()
 
 
+def _single(cfg: TrainConfig, init: Path, tmp_path: Path, steps: int, bn_eval: bool) -> dict[str, torch.Tensor]:
+    from trainer.checkpoint import load_checkpoint
+
+    single = Trainer(cfg, load_checkpoint(init).model, DistContext(), tmp_path)
+    if bn_eval:
+        _bn_eval(single.model)
+    loader = iter(single.train_loader)
+    for _ in range(steps):
+        single.run_step(next(loader))
+    return single.model.state_dict()
+
+
 def test_two_gloo_processes_equal_one_process(tiny_data: Path, tmp_path: Path) -> None:
-    """Acceptance 2: two real gloo ranks end with identical weights, equal to one process on the whole batch."""
+    """Two real gloo ranks end with bitwise-identical weights, equal to one process on the whole batch: exactly
+    (1e-5) with BatchNorm in eval, and up to summation order with cross-rank BatchNorm in train mode."""
     from trainer.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     init = save_checkpoint(tmp_path / "init.pt", build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]))
-    cfg = _cfg(tiny_data, sync_bn=True)
-    launch(_ddp_rank, 2, cfg.to_dict(), str(init), str(tmp_path), 2)
+    small = {"lr0": 1e-4}  # unclipped steps of a random model are large: keep them small, so they stay comparable
+    runs = [{"cfg": _cfg(tiny_data, **small).to_dict(), "bn_eval": True},
+            {"cfg": _cfg(tiny_data, sync_bn=True, **small).to_dict(), "bn_eval": False}]
+    launch(_ddp_rank, 2, runs, str(init), str(tmp_path), 2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    for k in rank0:
-        assert torch.equal(rank0[k], rank1[k]), k
-
-    single_cfg = _cfg(tiny_data, sync_bn=False)
-    from trainer.checkpoint import load_checkpoint
-
-    single = Trainer(single_cfg, load_checkpoint(init).model, DistContext(), tmp_path)
-    loader = iter(single.train_loader)
-    for _ in range(2):
-        single.run_step(next(loader))
-    ref = single.model_without_ddp.state_dict()
     start = torch.load(init)["model"]
-    keys = [k for k in ref if ref[k].is_floating_point() and "running" not in k]
-    moved_single = torch.cat([(ref[k] - start[k]).flatten() for k in keys])
-    moved_ddp = torch.cat([(rank0[k] - start[k]).flatten() for k in keys])
-    assert moved_single.norm() > 1e-3  # the steps did change the weights
-    # equal up to float32 summation order (which SyncBatchNorm statistics amplify through depth: ~1e-4)
-    assert (moved_ddp - moved_single).norm() / moved_single.norm() < 1e-2
-    stats = [k for k in ref if "running_mean" in k]
-    for k in stats:
-        torch.testing.assert_close(rank0[k], ref[k], rtol=1e-3, atol=1e-4, msg=k)
+    for i in (0, 1):
+        for k in rank0[i]:
+            assert torch.equal(rank0[i][k], rank1[i][k]), (i, k)
+
+    def moved(state: dict) -> torch.Tensor:
+        return torch.cat([(state[k] - start[k]).flatten() for k in start
+                          if start[k].is_floating_point() and "running" not in k])
+
+    exact = _single(_cfg(tiny_data, **small), init, tmp_path, 2, bn_eval=True)
+    assert moved(exact).norm() > 1e-3  # the steps did change the weights
+    # exact up to float32 summation order over two steps (measured 1.2e-5); a wrong scale is off by O(1)
+    assert (moved(rank0[0]) - moved(exact)).norm() / moved(exact).norm() < 1e-4
+
+    ref = _single(_cfg(tiny_data, **small), init, tmp_path, 2, bn_eval=False)
+    # equal up to float32 summation order (which BatchNorm statistics amplify through depth: ~1e-4)
+    assert (moved(rank0[1]) - moved(ref)).norm() / moved(ref).norm() < 1e-2
+    for k in (k for k in ref if "running_mean" in k):
+        torch.testing.assert_close(rank0[1][k], ref[k], rtol=1e-3, atol=1e-4, msg=k)
+
+
+def _disagreeing_rank(cfg_dict: dict, init: str, save_dir: str) -> None:
+    """Each rank's own memory probe finds a different micro-batch (4 on rank 0, 2 on rank 1)."""
+    import trainer.engine
+    from trainer.checkpoint import load_checkpoint
+    from trainer.memory import MemoryPlan
+
+    ctx = init_process(["cpu"], 120)
+    trainer.engine.plan_memory = lambda *a, **k: MemoryPlan(4 if ctx.rank == 0 else 2, False, None, probed=True)
+    t = Trainer(TrainConfig(**cfg_dict), load_checkpoint(init).model, ctx, Path(save_dir))
+    t.run_step(next(iter(t.train_loader)))
+    torch.save({"micro": t.micro_batch, "state": t.model.state_dict()}, Path(save_dir) / f"plan{ctx.rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_ranks_agree_on_one_micro_batch(tiny_data: Path, tmp_path: Path) -> None:
+    """Ranks that probe different micro-batches run the smallest; the replicas stay bitwise identical."""
+    from trainer.checkpoint import save_checkpoint
+
+    torch.manual_seed(0)
+    init = save_checkpoint(tmp_path / "init.pt", build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]))
+    launch(_disagreeing_rank, 2, _cfg(tiny_data).to_dict(), str(init), str(tmp_path))
+    plans = [torch.load(tmp_path / f"plan{r}.pt") for r in (0, 1)]
+    assert plans[0]["micro"] == plans[1]["micro"] == 2
+    for k, v in plans[0]["state"].items():
+        assert torch.equal(v, plans[1]["state"][k]), k
+
+
+def test_the_same_seed_gives_bitwise_the_same_weights(tiny_data: Path, tmp_path: Path) -> None:
+    """Two epochs from a yaml with --seed 7: the same weights, bit for bit, with 0 or 2 loader workers and
+    run again; another seed starts elsewhere (the seed reaches the initial weights)."""
+    def run(name: str, seed: int, workers: int) -> dict[str, torch.Tensor]:
+        YOLO("yolov12n.yaml").train(data=str(tiny_data), imgsz=96, batch=8, epochs=2, workers=workers, seed=seed,
+                                    project=str(tmp_path), name=name, plots=False, verbose=False, val=False)
+        return torch.load(tmp_path / name / "weights" / "last.pt", weights_only=True)["train_model"]
+
+    a, b, c = run("a", 7, 0), run("b", 7, 0), run("c", 7, 2)
+    for k in a:
+        assert torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]), k
+    other = run("d", 8, 0)
+    assert not all(torch.equal(a[k], other[k]) for k in a)
 
 
 class _StopAfter(HookBase):
@@ -155,9 +256,6 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         assert out.returncode == 2, out.stderr
         lines = [ln for ln in out.stderr.strip().splitlines() if ln]
         assert len(lines) == 1 and lines[0].startswith("yolov12-train: error:"), out.stderr
-
-
-DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
 
 
 def test_learns_synthetic_defects(tmp_path: Path) -> None:

@@ -22,6 +22,11 @@ _HELP = {
     "device": "cpu, 0, or 0,1,2,3 (one process per GPU); default: GPU 0 if present else cpu",
     "nproc": "processes on this machine (default: one per GPU listed; 1 on CPU; CPU DDP uses gloo)",
     "micro_batch": "images per forward/backward (0 = probe GPU memory automatically)",
+    "memory_budget": "peak memory per process the automatic micro-batch plans for, e.g. 40GB or 20GiB "
+                     "(default: 90%% of the GPU; on a CPU, set it to probe there too)",
+    "rect": "rectangular training batches: images grouped by aspect ratio, each batch padded only to its own "
+            "shape (no mosaic); saves compute on wide or tall images",
+    "seed": "seeds the initial weights of a model built from a yaml, the data order and every augmentation",
     "grad_checkpointing": "recompute activations in backward: auto (when it lets more fit), on, off",
     "amp": "mixed precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, off",
     "resume": "continue the run in PROJECT/NAME (or give the path of a last.pt)",
@@ -39,7 +44,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         default = f.default if f.default is not MISSING else None
-        help_text = _HELP.get(f.name, "") + (f" (default: {default})" if default not in (None, "") else "")
+        shown = f"(default: {default})" if default not in (None, "") else ""
+        help_text = " ".join(part for part in (_HELP.get(f.name, ""), shown) if part)
         hint = hints[f.name]
         if hint is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
@@ -61,7 +67,7 @@ def _fail(prog: str, e: BaseException) -> int:
 def train_main(argv: list[str] | None = None) -> int:
     """yolov12-train: train a YOLOv12 model on one GPU, several, several machines (torchrun) or the CPU."""
     parser = argparse.ArgumentParser(
-        prog="yolov12-train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="yolov12-train",
         description="Train YOLOv12. Writes PROJECT/NAME/weights/{last,best}.pt, results.csv and plots. "
                     "A global batch of any size fits: it is split across GPUs, then into micro-batches.")
     _add_config_flags(parser)

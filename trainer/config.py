@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import difflib
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "parse_bytes"]
 
 
 @dataclass
@@ -34,6 +35,7 @@ class TrainConfig:
     amp: str = "auto"  # auto: bf16 where the GPU supports it, else fp16 + grad scaler; fp32 on CPU | bf16 | fp16 | off
     grad_checkpointing: str = "auto"  # off | on | auto (on when it lets a larger micro-batch fit)
     micro_batch: int = 0  # 0 = auto (probe GPU memory; the whole per-process batch on CPU)
+    memory_budget: str = ""  # peak bytes per process the probe plans for ("40GB"); "" = 90% of the GPU, no probe on CPU
     sync_bn: bool = False
     dist_timeout: float = 1800.0  # seconds before a collective gives up (a dead rank ends the run)
 
@@ -110,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"cache must be false, ram or disk, got '{self.cache}'")
         if self.micro_batch < 0:
             raise ValueError(f"micro_batch must be >= 0 (0 = automatic), got {self.micro_batch}")
+        if self.memory_budget:
+            parse_bytes(self.memory_budget)
 
     def augment_defaults(self, scale_letter: str) -> None:
         """Fill scale / mixup / copy_paste left at None with the official per-scale values."""
@@ -122,3 +126,17 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+          "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """'24GB', '512MiB', '1.5e9' or a number -> bytes; ValueError with the accepted forms otherwise."""
+    if isinstance(text, int | float):
+        return int(text)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-z]*)\s*", str(text).lower())
+    if not m or m.group(2) not in _UNITS:
+        raise ValueError(f"memory size '{text}': use bytes or a unit, e.g. 24GB, 40GiB, 512MiB")
+    return int(float(m.group(1)) * _UNITS[m.group(2)])

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,8 +19,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["CPUSyncBatchNorm", "DistContext", "barrier", "convert_sync_batchnorm", "init_process", "launch",
-           "parse_devices", "under_launcher"]
+from .lockstep import all_reduce_sum
+
+__all__ = ["CrossRankBatchNorm", "DistContext", "all_reduce_tensors", "barrier", "broadcast_module",
+           "convert_sync_batchnorm", "init_process", "launch", "parse_devices", "under_launcher"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +79,10 @@ def init_process(devices: list[str], timeout_s: float) -> DistContext:
     rank, world, local = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
     if devices == ["cpu"]:
         dev, backend = torch.device("cpu"), "gloo"
+        # the machine's cores split between this machine's ranks: more threads than cores makes every
+        # OpenMP barrier wait for a descheduled thread (a step several times slower)
+        local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(local_world, 1)))
     else:
         dev, backend = torch.device(f"cuda:{devices[local % len(devices)]}"), "nccl"
         torch.cuda.set_device(dev)
@@ -125,59 +131,99 @@ def launch(entrypoint: Callable[..., Any], nproc: int, *args: Any) -> Any:
 
 
 class _AllReduceSum(torch.autograd.Function):
-    """Sum over ranks, differentiable: the gradient of a sum is the sum of the ranks' gradients."""
+    """Sum over ranks, differentiable (the gradient of a sum is the sum of the ranks' gradients); both
+    directions go through the step's ledger, so a rank that fails mid-step can still enter them."""
 
     @staticmethod
     def forward(ctx, t: torch.Tensor) -> torch.Tensor:
-        t = t.clone()
-        dist.all_reduce(t)
-        return t
+        return all_reduce_sum(t.clone())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
-        grad = grad.clone()
-        dist.all_reduce(grad)
-        return grad
+        return all_reduce_sum(grad.clone())
 
 
-class CPUSyncBatchNorm(nn.BatchNorm2d):
-    """BatchNorm whose batch statistics span every rank, for CPU (gloo) jobs.
+class CrossRankBatchNorm(nn.BatchNorm2d):
+    """BatchNorm whose batch statistics span every rank (what SyncBatchNorm does), on CPUs and GPUs.
 
-    torch's SyncBatchNorm only runs on GPUs. This one all-reduces per-channel sums, then sums of
-    squared deviations (float64, two passes) with a differentiable all-reduce, so forward and
-    backward equal BatchNorm over the union of the ranks' batches.
+    Each rank reduces its own batch to per-channel sums, sums of squared deviations from its own mean and
+    count-weighted squared means (float64 on CPU, float32 on GPU); one differentiable all-reduce combines
+    them into the union's mean and variance (the parallel-variance formula, as SyncBatchNorm's gather does),
+    so forward and backward equal BatchNorm over the union of the ranks' batches, with one collective each
+    way. torch's SyncBatchNorm is not used even on GPUs: its collectives cannot be counted, and a rank that
+    runs out of memory mid-forward must enter the ones it missed (see `trainer.lockstep`).
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        c = x.shape[1]
-        xd = x.double()  # statistics in float64: as close to BatchNorm's own kernel as summation order allows
-        n_local = torch.tensor([x.numel() / c], dtype=torch.float64, device=x.device)
-        first = _AllReduceSum.apply(torch.cat([xd.sum((0, 2, 3)), n_local]))
-        n = first[-1]
-        mean = first[:c] / n
-        var = _AllReduceSum.apply((xd - mean.view(1, c, 1, 1)).pow(2).sum((0, 2, 3))) / n
+        c, shape = x.shape[1], (1, x.shape[1], 1, 1)
+        xs = x.to(torch.float64 if x.device.type == "cpu" else torch.float32)
+        n_local = x.numel() / c
+        local_sum = xs.sum((0, 2, 3))
+        local_m2 = (xs - (local_sum / n_local).view(shape)).pow(2).sum((0, 2, 3))
+        count = torch.full((1,), n_local, dtype=xs.dtype, device=x.device)
+        total = _AllReduceSum.apply(torch.cat([local_sum, local_m2, local_sum.pow(2) / n_local, count]))
+        s, m2, q, n = total[:c], total[c:2 * c], total[2 * c:3 * c], total[-1]
+        mean = s / n
+        var = (m2 + q - s.pow(2) / n).clamp(min=0) / n
         with torch.no_grad():
             self.num_batches_tracked += 1
             m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            self.running_mean.mul_(1 - m).add_(mean.detach().to(x.dtype), alpha=m)
-            self.running_var.mul_(1 - m).add_((var.detach() * n / (n - 1).clamp(min=1)).to(x.dtype), alpha=m)
-        shape = (1, c, 1, 1)
-        y = ((xd - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)).to(x.dtype)
-        return y * self.weight.view(shape) + self.bias.view(shape) if self.affine else y
+            self.running_mean.mul_(1 - m).add_(mean.detach().to(self.running_mean.dtype), alpha=m)
+            unbiased = var.detach() * n / (n - 1).clamp(min=1)
+            self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        y = (xs - mean.view(shape)) * torch.rsqrt(var.view(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.view(shape).to(y.dtype) + self.bias.view(shape).to(y.dtype)
+        return y.to(x.dtype)
 
 
-def convert_sync_batchnorm(model: nn.Module, device: torch.device) -> nn.Module:
-    """Cross-rank BatchNorm: torch's SyncBatchNorm on CUDA, CPUSyncBatchNorm on CPU (same weights, same stats)."""
-    if device.type == "cuda":
-        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
+def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+    """Every plain BatchNorm2d becomes a CrossRankBatchNorm with the same weights and statistics (in place)."""
     for name, child in model.named_children():
         if type(child) is nn.BatchNorm2d:
-            sync = CPUSyncBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats)
+            sync = CrossRankBatchNorm(child.num_features, child.eps, child.momentum, child.affine,
+                                      child.track_running_stats).to(next(child.buffers()).device)
             sync.load_state_dict(child.state_dict())
             setattr(model, name, sync)
         else:
-            convert_sync_batchnorm(child, device)
+            convert_sync_batchnorm(child)
     return model
+
+
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Give every rank `src`'s parameters and buffers (the start of training, as DDP's constructor does)."""
+    with torch.no_grad():
+        for t in [*module.parameters(), *module.buffers()]:
+            dist.broadcast(t.data, src)
+
+
+def _buckets(tensors: list[torch.Tensor], bucket_bytes: int) -> Iterator[list[torch.Tensor]]:
+    bucket: list[torch.Tensor] = []
+    size = 0
+    for t in tensors:
+        if bucket and (size + t.numel() * t.element_size() > bucket_bytes or t.dtype != bucket[0].dtype):
+            yield bucket
+            bucket, size = [], 0
+        bucket.append(t)
+        size += t.numel() * t.element_size()
+    if bucket:
+        yield bucket
+
+
+def all_reduce_tensors(tensors: list[torch.Tensor], average: bool = False, bucket_bytes: int = 25 << 20) -> None:
+    """Sum (or average) tensors over ranks in place, flattened into buckets of about `bucket_bytes`.
+
+    Every rank must pass the same list (same shapes and dtypes, same order).
+    """
+    world = dist.get_world_size()
+    for bucket in _buckets(tensors, bucket_bytes):
+        flat = torch.cat([t.reshape(-1) for t in bucket])
+        dist.all_reduce(flat)
+        if average:
+            flat /= world
+        offset = 0
+        for t in bucket:
+            t.copy_(flat[offset:offset + t.numel()].view_as(t))
+            offset += t.numel()

@@ -27,7 +27,9 @@ from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     DistContext,
+    all_reduce_tensors,
     barrier,
+    broadcast_module,
     convert_sync_batchnorm,
     init_process,
     launch,
@@ -36,7 +38,8 @@ from .distributed import (
 )
 from .ema import ModelEMA
 from .hooks import HookBase, StopTraining, default_hooks
-from .memory import autocast, choose_precision, is_oom, plan_memory
+from .lockstep import StepLedger
+from .memory import MemoryPlan, autocast, choose_precision, is_oom, parse_bytes, plan_memory
 from .nn import DetectionModel, build_model
 from .optim import build_optimizer, lr_lambda
 
@@ -80,20 +83,17 @@ class Trainer:
         # model, precision, memory plan
         model = model.to(self.device).train()
         if cfg.sync_bn and ctx.distributed:
-            model = convert_sync_batchnorm(model, self.device)
+            model = convert_sync_batchnorm(model)
+        if ctx.distributed:
+            broadcast_module(model)  # every rank starts from rank 0's weights, whatever built them
+        self.model = model
         self.dtype = choose_precision(cfg.amp, self.device)
         self.loss_fn = DetectionLoss(model, box=cfg.box, cls=cfg.cls, dfl=cfg.dfl)
-        self.model_without_ddp = model
-        plan = plan_memory(self.per_process, self.device, self.dtype, cfg.micro_batch, cfg.grad_checkpointing,
-                           self._probe)
-        model.set_grad_checkpointing(plan.grad_checkpointing)
-        self.micro_batch = plan.micro_batch
-        self.log(f"memory plan: {plan.describe(self.per_process)}; global batch {cfg.batch} over "
+        self.ledger = StepLedger(self.device)
+        self.plan = self.plan_memory()
+        self.micro_batch = self.plan.micro_batch
+        self.log(f"memory plan: {self.plan.describe(self.per_process)}; global batch {cfg.batch} over "
                  f"{ctx.world_size} process(es)")
-        self.model = model
-        if ctx.distributed:
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
 
         # optimisation
         iterations = math.ceil(len(self.train_set) / max(cfg.batch, cfg.nbs)) * cfg.epochs
@@ -162,66 +162,126 @@ class Trainer:
             if hasattr(obj, "set_epoch"):
                 obj.set_epoch(epoch)
 
+    # ------------------------------------------------------------------ memory
+    def plan_memory(self) -> MemoryPlan:
+        """Micro-batch and checkpointing for this device, then agreed by every rank (the smallest micro-batch,
+        checkpointing if any rank needs it): ranks that accumulated differently would step differently.
+
+        Probing runs real forward and backward passes; the model's BatchNorm statistics are put back
+        afterwards, and cross-rank BatchNorm stays local meanwhile (ranks probe independently).
+        """
+        cfg = self.cfg
+        budget = parse_bytes(cfg.memory_budget) if cfg.memory_budget else 0
+        with self.ledger.local(), self._buffers_kept():
+            plan = plan_memory(self.per_process, self.device, self.dtype, cfg.micro_batch, cfg.grad_checkpointing,
+                               self._probe, budget)
+        if self.ctx.distributed:
+            mine = torch.tensor([-plan.micro_batch, int(plan.grad_checkpointing)], device=self._comm_device)
+            dist.all_reduce(mine, op=dist.ReduceOp.MAX)
+            plan = replace(plan, micro_batch=-int(mine[0]), grad_checkpointing=bool(mine[1]))
+        self.model.set_grad_checkpointing(plan.grad_checkpointing)
+        if self.ctx.distributed and cfg.sync_bn:
+            with self._buffers_kept():  # the in-step collectives of one micro-batch, for a rank that fails mid-step
+                self.ledger.record(lambda: self._probe(1, plan.grad_checkpointing))
+        return plan
+
+    def _probe(self, n: int, checkpointing: bool) -> None:
+        """One forward + backward of n synthetic images at the training size (for the memory probe)."""
+        self.model.set_grad_checkpointing(checkpointing)
+        s = self.cfg.imgsz
+        batch = {"img": torch.randint(0, 255, (n, 3, s, s), dtype=torch.uint8),
+                 "batch_idx": torch.arange(n, dtype=torch.float32).repeat_interleave(4),
+                 "cls": torch.zeros(n * 4, 1), "bboxes": torch.rand(n * 4, 4) * 0.4 + 0.3}
+        try:
+            self._forward_loss(batch).total.backward()
+        finally:
+            self.model.zero_grad(set_to_none=True)
+
+    @contextlib.contextmanager
+    def _buffers_kept(self):
+        """Put the model's buffers (BatchNorm statistics) back as they were when the block ends."""
+        saved = [b.detach().clone() for b in self.model.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, v in zip(self.model.buffers(), saved):
+                    b.copy_(v)
+
     # ------------------------------------------------------------------ one optimizer step
     def run_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """data -> loss -> backward over micro-batches -> one optimizer step; on OOM, retry at half the micro-batch."""
+        """data -> loss -> backward over micro-batches -> one optimizer step.
+
+        Out of memory on any rank: every rank discards the step, halves the micro-batch and replays it.
+        """
         while (stats := self.accumulate_gradients(batch)) is None:
             if self.micro_batch == 1:
                 raise torch.cuda.OutOfMemoryError("out of memory even at micro-batch 1: lower --imgsz or use "
                                                   "--grad-checkpointing on")
             self.micro_batch = max(1, self.micro_batch // 2)
-            self.log(f"out of memory: retrying the step with micro-batch {self.micro_batch}")
+            self.log(f"out of memory on a rank: every rank retries the step with micro-batch {self.micro_batch}")
         stats["stepped"] = self.optimizer_step()
         return stats
 
     def accumulate_gradients(self, batch: dict[str, Any]) -> dict[str, Any] | None:
-        """Leave in `.grad` the gradient of the whole global batch's loss; None when a rank ran out of memory.
+        """Leave in `.grad` the gradient of the whole global batch's loss; None when any rank ran out of memory.
 
-        Each micro-batch's un-normalised loss is back-propagated with one constant scale; DDP syncs on the
-        last. The summed gradients are then rescaled once by the global target-score sum (all-reduced) and
-        the global batch size: exactly the gradient of one step on the whole batch.
+        Each micro-batch's un-normalised loss is back-propagated with one constant scale, all inside the
+        out-of-memory guard. At the step's end every rank enters the same collectives in the same order:
+        the failure flag with the target-score and image sums, then (when no rank failed) the gradients and
+        the BatchNorm statistics. The summed gradients are rescaled once by the global image count over the
+        global target-score sum: exactly the gradient of one step on the whole batch. A failed step is undone
+        on every rank: gradients cleared, BatchNorm statistics restored.
         """
         n = batch["img"].shape[0]
         chunks = [(i, min(i + self.micro_batch, n)) for i in range(0, n, self.micro_batch)]
-        scale: float | None = None  # constant within the step, so the final rescale is exact
-        loss_sums, norm, failed, last_total = torch.zeros(3), 0.0, False, None
-        for k, (a, b) in enumerate(chunks):
-            last = k == len(chunks) - 1
-            sync = contextlib.nullcontext() if last or not self.ctx.distributed else self.model.no_sync()
-            try:
-                with sync:
+        scale = 1.0 / (chunks[0][1] - chunks[0][0])  # constant within the step, so the final rescale is exact
+        buffers = [b.detach().clone() for b in self.model.buffers()]
+        loss_sums, norm, failed = torch.zeros(3), 0.0, False
+        with self.ledger.active():
+            for k, (a, b) in enumerate(chunks):
+                self.ledger.begin_micro_step()
+                try:
                     out = self._forward_loss(_slice_batch(batch, a, b))
                     if not torch.isfinite(out.total):
                         raise FloatingPointError(f"non-finite loss at iteration {self.iter} (epoch {self.epoch + 1}): "
                                                  f"box/cls/dfl = {out.items.tolist()}")
-                    scale = scale or 1.0 / (b - a)  # the same on every rank (DDP averages scaled gradients)
+                    self.scaler.scale(out.total * scale).backward()
+                except Exception as e:
+                    if not is_oom(e):
+                        raise
+                    failed = True
+                else:
                     loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
                     norm += float(out.norm)
-                    if last:  # its backward (the one DDP syncs) waits until every rank is known to be fine
-                        last_total = out.total
-                    else:
-                        self.scaler.scale(out.total * scale).backward()
-            except Exception as e:
-                if not is_oom(e):
-                    raise
-                failed = True
+                    continue
+                self.ledger.enter_rest(len(chunks) - k - 1)  # outside `except`: the failed graph is freed
                 break
-        if self.broadcast_flag(int(failed)):
+        any_failed, global_norm, global_images = self._sum_over_ranks([float(failed), norm, float(n)])
+        if any_failed:
             self.optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for buf, saved in zip(self.model.buffers(), buffers):
+                    buf.copy_(saved)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             return None
-        self.scaler.scale(last_total * scale).backward()
-        global_norm = self.all_reduce_sum(norm)
-        factor = self.ctx.world_size * self.cfg.batch / max(global_norm, 1.0) / scale  # DDP averaged: x world size
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        if self.ctx.distributed:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            all_reduce_tensors([p.grad for p in params])
+            all_reduce_tensors([b for b in self.model.buffers() if b.is_floating_point()], average=True)
+        factor = global_images / max(global_norm, 1.0) / scale
         self.scaler.unscale_(self.optimizer)
-        torch._foreach_mul_([p.grad for p in self.model_without_ddp.parameters() if p.grad is not None], factor)
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
         return {"loss_sums": loss_sums, "norm": norm, "images": n}
 
     def optimizer_step(self) -> bool:
         """Clip, step, update the loss scaler, clear the gradients. False when fp16 overflow skipped the step."""
         if self.cfg.clip_grad > 0:
-            nn.utils.clip_grad_norm_(self.model_without_ddp.parameters(), self.cfg.clip_grad)
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -234,44 +294,37 @@ class Trainer:
             preds = self.model(imgs)
         return self.loss_fn([p.float() for p in preds], _to_device(batch, self.device))
 
-    def _probe(self, n: int, checkpointing: bool) -> None:
-        """One forward + backward of n synthetic images at the training size (for the memory probe)."""
-        model = self.model_without_ddp
-        model.set_grad_checkpointing(checkpointing)
-        s = self.cfg.imgsz
-        batch = {"img": torch.randint(0, 255, (n, 3, s, s), dtype=torch.uint8),
-                 "batch_idx": torch.arange(n, dtype=torch.float32).repeat_interleave(4),
-                 "cls": torch.zeros(n * 4, 1), "bboxes": torch.rand(n * 4, 4) * 0.4 + 0.3}
-        out = self._forward_loss(batch)
-        out.total.backward()
-        model.zero_grad(set_to_none=True)
-
     # ------------------------------------------------------------------ distributed helpers
+    @property
+    def _comm_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _sum_over_ranks(self, values: list[float]) -> list[float]:
+        """Sums over ranks of a few numbers, in one collective (float64: exact for counts)."""
+        if not self.ctx.distributed:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=self._comm_device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def broadcast_flag(self, value: int, op: str = "max") -> bool:
         """Agree on a flag across ranks (max of all); True when any rank raised it."""
         if not self.ctx.distributed:
             return bool(value)
-        t = torch.tensor([value], device=self.device if self.device.type == "cuda" else "cpu")
+        t = torch.tensor([value], device=self._comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
-    def all_reduce_sum(self, value: float) -> float:
-        if not self.ctx.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self.device if self.device.type == "cuda" else "cpu")
-        dist.all_reduce(t)
-        return float(t.item())
-
     # ------------------------------------------------------------------ saving, resuming, logging
     def eval_model(self) -> DetectionModel:
-        return self.ema.ema if self.ema is not None else self.model_without_ddp
+        return self.ema.ema if self.ema is not None else self.model
 
     def save(self, path: Path) -> None:
         """A checkpoint that resumes exactly: weights, EMA, optimizer, scaler, schedule position and RNG states."""
         save_checkpoint(
             path, self.eval_model(), imgsz=self.cfg.imgsz, epoch=self.epoch, iteration=self.iter,
             train_args=self.cfg.to_dict(), train_model={k: v.detach().cpu() for k, v in
-                                                        self.model_without_ddp.state_dict().items()},
+                                                        self.model.state_dict().items()},
             ema=self.ema.state_dict() if self.ema else None, optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), micro_batch=self.micro_batch,
             best_fitness=self.best_fitness, best_epoch=self.best_epoch, metrics=_plain(self.metrics),
@@ -279,7 +332,7 @@ class Trainer:
 
     def resume_from(self, raw: dict[str, Any]) -> None:
         """Restore everything `save` wrote; training continues with the next epoch."""
-        self.model_without_ddp.load_state_dict(raw["train_model"])
+        self.model.load_state_dict(raw["train_model"])
         if self.ema is not None and raw.get("ema"):
             self.ema.load_state_dict(raw["ema"])
         self.optimizer.load_state_dict(raw["optimizer"])
@@ -294,7 +347,7 @@ class Trainer:
         if self.start_epoch >= self.cfg.epochs - self.cfg.close_mosaic > 0:
             self.train_set.close_mosaic()
         _set_rng_state(raw["rng"], self.ctx.rank)
-        self.log(f"resumed from epoch {self.start_epoch} of {self.cfg.epochs}")
+        self.log(f"resuming at epoch {self.start_epoch + 1} of {self.cfg.epochs}")
 
     def log(self, msg: str) -> None:
         if self.ctx.is_main and self.cfg.verbose:
@@ -372,6 +425,19 @@ def adapt_to_names(model: DetectionModel, names: dict[int, str]) -> DetectionMod
     return fresh
 
 
+# what a resumed run may run differently; everything else is the saved run's
+_RESUME_MAY_CHANGE = ("device", "nproc", "workers", "dist_timeout", "verbose", "plots", "memory_budget")
+
+
+def _initial_model(yolo: Any, names: dict[int, str], seed: int) -> DetectionModel:
+    """The weights training starts from, made under `seed`: a model fresh from a yaml is built again seeded,
+    and a head for other classes than the data's is replaced, also seeded (the same seed, the same start)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build_model(yolo.cfg_yaml, names=names) if getattr(yolo, "cfg_yaml", None) else yolo.model
+        return adapt_to_names(model, names)
+
+
 def _unique_dir(project: str, name: str, exist_ok: bool) -> Path:
     path = Path(project) / name
     if exist_ok or not path.exists():
@@ -420,15 +486,14 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
         if raw.get("format") != FORMAT or "train_model" not in raw:
             raise ValueError(f"{last} is not a resumable checkpoint of this trainer (or training already finished)")
         saved = TrainConfig(**raw["train_args"])
-        cfg = replace(saved, resume=str(last), device=kwargs.get("device", saved.device),
-                      workers=kwargs.get("workers", saved.workers))
+        cfg = replace(saved, resume=str(last), **{k: kwargs[k] for k in _RESUME_MAY_CHANGE if k in kwargs})
         save_dir = last.parent.parent
     if not cfg.data:
         raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
     devices = parse_devices(cfg.device)  # fail before anything is written
     from .data import load_data_config
 
-    load_data_config(cfg.data)
+    data = load_data_config(cfg.data)
     if not cfg.resume:
         save_dir = _unique_dir(cfg.project, cfg.name, cfg.exist_ok)
     (save_dir / "weights").mkdir(parents=True, exist_ok=True)
@@ -439,7 +504,7 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
         init_weights = str(cfg.resume)
     else:
         init_weights = str(save_dir / "weights" / "init.pt")
-        save_checkpoint(init_weights, yolo.model)
+        save_checkpoint(init_weights, _initial_model(yolo, data.names, cfg.seed))
     nproc = cfg.nproc or (len(devices) if devices != ["cpu"] else 1)
     cfg_dict = cfg.to_dict()
     if nproc > 1 and not under_launcher():
@@ -454,5 +519,6 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     if best.exists():
         yolo.ckpt = load_checkpoint(best)
         yolo.model = yolo.ckpt.model
+        yolo.cfg_yaml = None  # trained: a next train() continues from these weights
     yolo.save_dir = save_dir
     return metrics or {}

@@ -69,7 +69,7 @@ class EMAHook(HookBase):
     def after_step(self) -> None:
         t = self.trainer
         if t.ema is not None and t.last_step.get("stepped", True):
-            t.ema.update(t.model_without_ddp)
+            t.ema.update(t.model)
 
 
 class CloseMosaicHook(HookBase):

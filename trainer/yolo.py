@@ -20,11 +20,13 @@ class YOLO:
     def __init__(self, model: str | Path | DetectionModel = "yolov12n.yaml", nc: int | None = None,
                  names: dict[int, str] | list[str] | None = None) -> None:
         self.ckpt: Checkpoint | None = None
+        self.cfg_yaml: str | None = None  # set while `.model` is a fresh build of a yaml: training rebuilds it seeded
         self.source = str(model) if not isinstance(model, DetectionModel) else "<module>"
         if isinstance(model, DetectionModel):
             self.model = model
         elif str(model).endswith((".yaml", ".yml")):
             self.model = build_model(model, nc=nc, names=names)
+            self.cfg_yaml = str(model)
         elif str(model).endswith((".pt", ".pth")):
             self.ckpt = load_checkpoint(model)
             self.model = self.ckpt.model

@@ -1,0 +1,127 @@
+"""Out of memory on one rank of a real two-process gloo job: every rank discards the step, halves, replays, in step.
+
+An out-of-memory error is raised on one rank inside a middle layer (layer 5, a plain convolution of the
+backbone, so BatchNorm layers run before and after it), in its forward or in its backward, at the first,
+a middle or the last of three micro-batches, with plain and with cross-rank BatchNorm (and once with
+gradient checkpointing). The run must go on (no hang, no error), every rank must end with bitwise-identical
+weights and statistics, and the step must equal a clean step at the halved micro-batch (BatchNorm in train
+mode: a failed attempt's statistics updates must have been rolled back).
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import no_augment
+
+from trainer.config import TrainConfig
+from trainer.distributed import init_process, launch
+from trainer.engine import Trainer
+
+pytestmark = pytest.mark.slow
+
+FAULT_LAYER = 5  # backbone: Conv at P4/16 (not a checkpointed block, so its hooks run once per forward)
+PER_RANK, MICRO = 6, 2  # three micro-batches per rank: first, middle, last
+
+
+class InjectedOOM:
+    """Raises torch.OutOfMemoryError once, in the forward or the backward of one layer, at micro-batch `at`."""
+
+    def __init__(self, layer: torch.nn.Module) -> None:
+        self.armed: tuple[str, int] | None = None
+        self.calls = 0
+        self.fired = 0
+        layer.register_forward_hook(self._forward)
+
+    def arm(self, phase: str, at: int) -> None:
+        self.armed, self.calls = (phase, at), 0
+
+    def _raise(self, *_: object) -> None:
+        self.armed = None
+        self.fired += 1
+        raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+    def _forward(self, module: torch.nn.Module, inputs: object, output: torch.Tensor) -> None:
+        if self.armed is None:
+            return
+        phase, at = self.armed
+        k, self.calls = self.calls, self.calls + 1
+        if k != at:
+            return
+        if phase == "forward":
+            self._raise()
+        output.register_hook(self._raise)  # fires mid-backward, when this layer's output gradient is computed
+
+
+def _cases() -> list[tuple[str, bool, bool, str, tuple[int, ...]]]:
+    """(name, sync_bn, checkpointing, phase, failing micro-batch per rank; -1 = this rank does not fail)."""
+    out = []
+    for sync_bn, phase, at in itertools.product((False, True), ("forward", "backward"), range(PER_RANK // MICRO)):
+        out.append((f"{'syncbn' if sync_bn else 'bn'}-{phase}-{('first', 'middle', 'last')[at]}", sync_bn, False,
+                    phase, (-1, at)))
+    out.append(("syncbn-ckpt-backward-middle", True, True, "backward", (-1, 1)))
+    out.append(("syncbn-both-ranks-forward", True, False, "forward", (2, 0)))
+    return out
+
+
+def _fault_rank(cfg_base: dict, init: str, out_dir: str) -> None:
+    """In each launched process: every case's step with its fault, and once per set-up the clean step at the
+    halved micro-batch (the same start, the same batch)."""
+    from trainer.checkpoint import load_checkpoint
+
+    ctx = init_process(["cpu"], 120)
+    results: dict[str, object] = {}
+    setups: dict[tuple[bool, bool], tuple[Trainer, InjectedOOM, dict, dict]] = {}
+
+    def step(t: Trainer, start: dict, batch: dict, micro: int) -> dict[str, torch.Tensor]:
+        t.model.load_state_dict(start)
+        t.optimizer.state.clear()
+        t.micro_batch = micro
+        t.run_step(batch)
+        return {k: v.clone() for k, v in t.model.state_dict().items()}
+
+    for name, sync_bn, ckpt, phase, fail_at in _cases():
+        if (sync_bn, ckpt) not in setups:
+            cfg = TrainConfig(**{**cfg_base, "sync_bn": sync_bn, "grad_checkpointing": "on" if ckpt else "off"})
+            t = Trainer(cfg, load_checkpoint(init).model, ctx, Path(out_dir))
+            start, batch = copy.deepcopy(t.model.state_dict()), next(iter(t.train_loader))
+            setups[sync_bn, ckpt] = (t, InjectedOOM(t.model.model[FAULT_LAYER]), start, batch)
+            results[f"clean:{sync_bn}:{ckpt}"] = step(t, start, batch, MICRO // 2)
+        t, fault, start, batch = setups[sync_bn, ckpt]
+        if fail_at[ctx.rank] >= 0:
+            fault.arm(phase, fail_at[ctx.rank])
+        results[name] = step(t, start, batch, MICRO)
+        results[name + ":micro_after"] = t.micro_batch
+        results[name + ":fired"] = fault.fired
+        fault.fired, fault.armed = 0, None
+    torch.save(results, Path(out_dir) / f"faults-rank{ctx.rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_an_oom_on_one_rank_is_agreed_discarded_and_replayed_by_every_rank(tmp_path: Path,
+                                                                           tiny_data: Path) -> None:
+    from trainer.checkpoint import save_checkpoint
+    from trainer.nn import build_model
+
+    torch.manual_seed(0)
+    init = save_checkpoint(tmp_path / "init.pt", build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]))
+    cfg = TrainConfig.from_kwargs(data=str(tiny_data), imgsz=96, batch=2 * PER_RANK, workers=0, optimizer="SGD",
+                                  lr0=0.01, ema=False, verbose=False, plots=False, warmup_epochs=0.0, clip_grad=0.0,
+                                  micro_batch=MICRO, dist_timeout=60.0, **no_augment())
+    launch(_fault_rank, 2, cfg.to_dict(), str(init), str(tmp_path))
+    ranks = [torch.load(tmp_path / f"faults-rank{r}.pt") for r in (0, 1)]
+    start = torch.load(init)["model"]
+    for name, sync_bn, ckpt, _, fail_at in _cases():
+        for r in (0, 1):
+            assert ranks[r][name + ":fired"] == int(fail_at[r] >= 0), (name, r)  # the fault did fire
+            assert ranks[r][name + ":micro_after"] == MICRO // 2, (name, r)  # every rank halved
+        faulty, clean = ranks[0][name], ranks[0][f"clean:{sync_bn}:{ckpt}"]
+        for k in faulty:
+            assert torch.equal(faulty[k], ranks[1][name][k]), f"{name}: ranks differ at {k}"
+            torch.testing.assert_close(faulty[k], clean[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
+        moved = max((faulty[k] - start[k]).abs().max().item() for k in start if faulty[k].is_floating_point())
+        assert moved > 1e-4, name  # the replayed step did step
