@@ -3,7 +3,8 @@
 Status codes: InvalidArgumentError -> INVALID_ARGUMENT (bad id, URL, image), StreamExistsError ->
 ALREADY_EXISTS, StreamNotFoundError -> NOT_FOUND, ResourceExhaustedError -> RESOURCE_EXHAUSTED (stream
 limit; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
-UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), a failed
+UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), WrongShardError
+-> FAILED_PRECONDITION (a camera another replica owns, --shard-count > 1: the message names it), a failed
 engine run (EngineRunError) and anything unexpected -> INTERNAL. `grpc.health.v1.Health` says SERVING
 once the engines are loaded and NOT_SERVING while draining or when no engine works.
 """
@@ -36,6 +37,7 @@ from .errors import (
     StreamExistsError,
     StreamNotFoundError,
     UnavailableError,
+    WrongShardError,
 )
 from .frames import now
 from .proto import detector_pb2 as pb
@@ -55,6 +57,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AbortedError, grpc.StatusCode.ABORTED),
+    (WrongShardError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 
@@ -116,6 +119,11 @@ class DetectorService(pb_grpc.DetectorServicer):
         """Results as published, from a bounded queue of this call's own (a slow reader loses its oldest)."""
         ids = list(dict.fromkeys(request.stream_ids))
         missing = [i for i in ids if not self.core.has_stream(i)]
+        for sid in missing:  # a camera of another replica: say which (FAILED_PRECONDITION)
+            try:
+                self.core.check_owner(sid)
+            except WrongShardError as e:
+                await context.abort(status_code(e), str(e))
         if missing:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no stream {missing[0]!r} (ListStreams shows the ids)")
         if self.core.draining:

@@ -14,6 +14,7 @@ import sys
 
 from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, ServerError
+from .sharding import ShardSpec
 
 __all__ = ["build_parser", "main", "parse_config"]
 
@@ -59,6 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest gRPC message (default 32 MB)")
     p.add_argument("--stall-s", type=float, default=5.0, help="reconnect a camera silent this long (default 5)")
     p.add_argument("--backoff-cap-s", type=float, default=30.0, help="longest wait between reconnects (default 30)")
+    p.add_argument("--shard-count", type=int, metavar="N",
+                   help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
+                   "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
+    p.add_argument("--shard-index", type=int, metavar="I",
+                   help="this replica's shard, 0..N-1 (default: the ordinal ending the pod name, $POD_NAME or the "
+                   "host name, as a Kubernetes StatefulSet names its pods)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -80,6 +87,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
                           "give one file for all or one per device")
     if args.stall_s <= 0 or args.backoff_cap_s <= 0:
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
+    shard = ShardSpec.resolve(args.shard_index, args.shard_count)
     config = ServerConfig(
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
@@ -88,7 +96,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         background_batch=args.background_batch,
         background_nice=args.background_nice,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
-                         backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode))
+                         backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode),
+        shard=shard)
     streams: list[StreamSpec] = []
     if args.streams:
         streams += load_streams_file(args.streams)
@@ -99,6 +108,10 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ConfigError(f"stream ids used twice: {dup} (--source gets cam0, cam1, ...; rename those in --streams)")
+    if shard.count > 1:  # every replica reads the same camera list and keeps its own share
+        mine = [s for s in streams if shard.owns(s.stream_id)]
+        logging.getLogger(__name__).info("%s: serving %d of the %d cameras listed", shard, len(mine), len(streams))
+        streams = mine
     if len(streams) > config.max_streams:
         raise ConfigError(f"{len(streams)} streams at start but --max-streams is {config.max_streams}")
     for spec in streams:  # a mistyped URL is one line now, not after the engines have loaded

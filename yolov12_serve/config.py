@@ -8,6 +8,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError, InvalidArgumentError
+from .sharding import ShardSpec
 
 __all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
            "load_streams_file", "redact_url", "url_kind", "validate_stream_id"]
@@ -55,6 +56,7 @@ class ServerConfig:
     background_batch: bool = True  # every thread but inference (gRPC, sources, metrics) under SCHED_BATCH (priority.py)
     background_nice: int = 0  # and at this nice value (0: the default)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
+    shard: ShardSpec = field(default_factory=ShardSpec)  # which cameras this replica serves (sharding.py)
 
     def __post_init__(self) -> None:
         if self.slo_ms <= 0:

