@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import no_augment
 from torch import nn
@@ -19,6 +20,34 @@ from trainer.hooks import HookBase, StopTraining
 from trainer.nn import build_model
 
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
+
+
+def test_sigterm_stops_with_one_line_and_results_log_each_epochs_own_learning_rate(tiny_data: Path,
+                                                                                   tmp_path: Path) -> None:
+    """SIGTERM mid-run: exit 143 with one line saying how to resume, no traceback; results.csv holds the learning
+    rate each epoch ran with (epoch 1: lr0; epoch 2: lr0 x the linear schedule at 1), not the next epoch's."""
+    import csv
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.cli", "--data", str(tiny_data), "--imgsz", "96",
+                             "--batch", "8", "--epochs", "50", "--workers", "0", "--device", "cpu", "--optimizer",
+                             "SGD", "--lr0", "0.01", "--warmup-epochs", "0", "--no-plots", "--no-val",
+                             "--project", str(tmp_path), "--name", "run"], stderr=subprocess.PIPE, text=True,
+                            cwd=tmp_path)
+    results = tmp_path / "run" / "results.csv"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and proc.poll() is None:
+        if results.exists() and len(results.read_text().splitlines()) >= 3:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "yolov12-train: terminated (resume with --resume)"
+    rows = list(csv.DictReader(results.open()))
+    assert float(rows[0]["lr/pg0"]) == pytest.approx(0.01)
+    assert float(rows[1]["lr/pg0"]) == pytest.approx(0.01 * ((1 - 1 / 50) * (1 - 0.01) + 0.01))
 
 
 def _cfg(data: Path, **kw) -> TrainConfig:

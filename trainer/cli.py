@@ -7,6 +7,7 @@ input ends with one readable line on stderr and exit status 2, never a traceback
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import typing
 from dataclasses import MISSING, fields
@@ -59,6 +60,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
                                 choices=_CHOICES.get(f.name))
 
 
+class TerminatedError(Exception):
+    """SIGTERM (a scheduler's stop, `kill`): ends training like Ctrl-C, with a line instead of a traceback."""
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise TerminatedError
+
+
 def _fail(prog: str, e: BaseException) -> int:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
@@ -83,6 +92,7 @@ def train_main(argv: list[str] | None = None) -> int:
     from . import YOLO
     from .checkpoint import CheckpointError
 
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         model = args.pop("model")
         metrics = YOLO(model).train(model=model, **args)
@@ -91,6 +101,12 @@ def train_main(argv: list[str] | None = None) -> int:
         return 130
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, TypeError) as e:
         return _fail("yolov12-train", e)
+    except Exception as e:
+        # with several processes torch's launcher stops the ranks and raises its own SignalException
+        if not isinstance(e, TerminatedError) and type(e).__name__ != "SignalException":
+            raise
+        print("yolov12-train: terminated (resume with --resume)", file=sys.stderr)
+        return 143
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     return 0

@@ -138,13 +138,13 @@ class Trainer:
                 self.epoch = epoch
                 self._set_epoch(epoch)
                 self._call("before_epoch")
-                self.epoch_losses, sums, norm_total = {}, torch.zeros(3), 0.0
+                self.epoch_losses, sums, weights = {}, torch.zeros(3), 0.0
                 for batch in self.train_loader:
                     self._call("before_step")
                     self.last_step = self.run_step(batch)
                     sums += self.last_step["loss_sums"]
-                    norm_total += self.last_step["norm"]
-                    self.epoch_losses = dict(zip(("box", "cls", "dfl"), (sums / max(norm_total, 1.0)).tolist()))
+                    weights += self.last_step["weight"]
+                    self.epoch_losses = dict(zip(("box", "cls", "dfl"), (sums / max(weights, 1e-12)).tolist()))
                     self.iter += 1
                     self._call("after_step")
                 try:
@@ -237,7 +237,7 @@ class Trainer:
         chunks = [(i, min(i + self.micro_batch, n)) for i in range(0, n, self.micro_batch)]
         scale = 1.0 / (chunks[0][1] - chunks[0][0])  # constant within the step, so the final rescale is exact
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        loss_sums, norm, failed = torch.zeros(3), 0.0, False
+        loss_sums, norm, weight, failed = torch.zeros(3), 0.0, 0.0, False
         with self.ledger.active():
             for k, (a, b) in enumerate(chunks):
                 self.ledger.begin_micro_step()
@@ -252,8 +252,9 @@ class Trainer:
                         raise
                     failed = True
                 else:
-                    loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
                     norm += float(out.norm)
+                    weight += max(float(out.norm), 1.0)  # items are per max(norm, 1): weigh them back to sums
+                    loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
                     continue
                 self.ledger.enter_rest(len(chunks) - k - 1)  # outside `except`: the failed graph is freed
                 break
@@ -276,7 +277,7 @@ class Trainer:
         factor = global_images / max(global_norm, 1.0) / scale
         self.scaler.unscale_(self.optimizer)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
-        return {"loss_sums": loss_sums, "norm": norm, "images": n}
+        return {"loss_sums": loss_sums, "norm": norm, "weight": weight, "images": n}
 
     def optimizer_step(self) -> bool:
         """Clip, step, update the loss scaler, clear the gradients. False when fp16 overflow skipped the step."""

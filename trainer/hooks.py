@@ -97,16 +97,21 @@ class ValidationHook(HookBase):
 
 
 class ResultsCSVHook(HookBase):
-    """Append one row per epoch to results.csv: losses, metrics, learning rates, speed."""
+    """Append one row per epoch to results.csv: losses, metrics, the learning rates the epoch ran with, speed."""
+
+    def after_step(self) -> None:
+        # read here: by the time after_epoch runs, LRScheduleHook has already moved to the next epoch's rates
+        self.lrs = [g["lr"] for g in self.trainer.optimizer.param_groups]
 
     def after_epoch(self) -> None:
         t = self.trainer
         if not t.ctx.is_main:
             return
+        lrs = getattr(self, "lrs", None) or [g["lr"] for g in t.optimizer.param_groups]
         row = {"epoch": t.epoch + 1, **{f"train/{k}_loss": round(v, 5) for k, v in t.epoch_losses.items()},
                **{f"metrics/{k}": round(float(t.metrics[k]), 5) for k in ("precision", "recall", "mAP50", "mAP50-95")
                   if k in t.metrics},
-               **{f"lr/pg{i}": g["lr"] for i, g in enumerate(t.optimizer.param_groups)},
+               **{f"lr/pg{i}": lr for i, lr in enumerate(lrs)},
                "images_per_s": round(t.epoch_images_per_s, 2), "time_s": round(time.time() - t.start_time, 1)}
         path = t.save_dir / "results.csv"
         new = not path.exists()
