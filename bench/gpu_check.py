@@ -11,6 +11,8 @@ Section 4 runs before 3, so the server keeps its time when the earlier sections 
   1. correctness: the PyTorch backend on CUDA fp16 against the CPU fp32 reference on the same frames
      (detections matched by IoU; box and score errors), and TensorRT where it is importable
   2. model speed: yolov12n/s at 640, batch 1..64, eager vs CUDA graphs (vs torch.compile with --compile)
+  3a. the trainer's promise: yolov12s at 640, global batch 256, one whole epoch with the automatic memory
+     plan (the micro-batch the planner chose, the peak memory, no out-of-memory error)
   3. training memory: one training step of yolov12s at 640 at growing global batch, for memory
      features off / bf16 / bf16 + checkpointing / bf16 + automatic micro-batching: the largest batch
      that fits and images/s
@@ -293,6 +295,49 @@ def _synthetic_batch(n: int, size: int) -> dict[str, Any]:
             "im_file": [""] * n, "ori_shape": [(size, size)] * n, "ratio_pad": [((1.0, 1.0), (0.0, 0.0))] * n}
 
 
+def training_epoch(device: str, tmp: Path, smoke: bool) -> tuple[str, dict[str, Any]]:
+    """The trainer's promise on one GPU: yolov12s at 640, global batch 256, whole epochs with nothing set by hand
+    (the planner probes the micro-batch, checkpointing and precision are automatic), through `Trainer.train`."""
+    import torch
+
+    from trainer.config import TrainConfig
+    from trainer.data import synthesize
+    from trainer.distributed import DistContext
+    from trainer.engine import Trainer
+    from trainer.nn import build_model
+
+    size, scale, batch, images = (64, "n", 8, 16) if smoke else (640, "s", 256, 512)
+    data = synthesize(tmp / "epoch-data", images=images + images // 8, imgsz=size, val_fraction=1 / 9, seed=1)
+    cuda = device.startswith("cuda")
+    cfg = TrainConfig.from_kwargs(data=str(data), imgsz=size, batch=batch, epochs=1, workers=0 if smoke else 8,
+                                  cache="ram", plots=False, verbose=False, device=device.split(":")[-1] if cuda
+                                  else "cpu", memory_budget="" if cuda else "64GB")  # a CPU probes only when asked
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    (tmp / "epoch-run" / "weights").mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(cfg, build_model(f"yolov12{scale}.yaml", nc=5), DistContext(device=torch.device(device)),
+                      tmp / "epoch-run")
+    planned = trainer.micro_batch
+    t0 = time.perf_counter()
+    trainer.train()
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_reserved() / 2**30 if cuda else None
+    card = torch.cuda.get_device_properties(0).total_memory / 2**30 if cuda else None
+    out = {"model": f"yolov12{scale}", "imgsz": size, "global_batch": batch, "images": len(trainer.train_set),
+           "micro_batch_planned": planned, "micro_batch_final": trainer.micro_batch,
+           "accumulation_steps": -(-batch // trainer.micro_batch), "plan": trainer.plan.describe(batch),
+           "peak_reserved_gb": peak, "card_gb": card, "seconds": seconds,
+           "images_per_s": len(trainer.train_set) / seconds, "mAP50": trainer.metrics.get("mAP50")}
+    text = (f"yolov12{scale} at {size}, global batch {batch}, one epoch of {out['images']} images through "
+            f"`Trainer.train` (validation included), nothing set by hand: no out-of-memory error ends it.\n\n"
+            + table(["memory plan (chosen by the planner)", "micro-batch after the epoch", "peak reserved GB",
+                     "card GB", "epoch s (incl. probe and val)"],
+                    [[out["plan"], out["micro_batch_final"], f"{peak:.1f}" if peak else "-",
+                      f"{card:.0f}" if card else "-", f"{seconds:.1f}"]]))
+    return text, out
+
+
 def training_memory(device: str, tmp: Path, smoke: bool, budget_s: float = 1e9) -> tuple[str, Any]:
     import torch
 
@@ -373,7 +418,8 @@ def main() -> int:
     parser.add_argument("--compile", action="store_true",
                         help="also time torch.compile (slow: max-autotune compiles every batch size; not for a "
                              "one-session run)")
-    parser.add_argument("--only", default="", help="comma-separated sections to run: env,correct,speed,train,serve")
+    parser.add_argument("--only", default="",
+                        help="comma-separated sections to run: env,correct,speed,serve,epoch,train")
     parser.add_argument("--budget", type=float, default=400.0,
                         help="seconds for the whole check (default 400): the server gets up to its own 175 s, then "
                              "training memory at most 90 s of what is left; a section that no longer fits is skipped")
@@ -404,6 +450,8 @@ def main() -> int:
                       lambda: server_check(device, tmp, args.smoke, None if args.smoke else left() - 30.0), 90.0))
     except ImportError as e:
         print(f"gpu_check: section 4 unavailable ({e})", file=sys.stderr)
+    steps.append(("epoch", "3a. a global batch of 256 for a whole epoch",
+                  lambda: training_epoch(device, tmp, args.smoke), 60.0))
     steps.append(("train", "3. training memory",
                   lambda: training_memory(device, tmp, args.smoke, min(90.0, left() - 10.0)), 40.0))
     for key, title, fn, least in steps:

@@ -17,7 +17,7 @@ def test_gpu_check_smoke_runs_every_section(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     data = json.loads((tmp_path / "gpu_check.json").read_text())
     titles = " ".join(data)
-    for section in ("0. environment", "1. correctness", "2. model speed", "3. training memory",
+    for section in ("0. environment", "1. correctness", "2. model speed", "3a. a global batch", "3. training memory",
                     "4. server on one GPU"):
         assert section in titles
     report = (tmp_path / "gpu_check.md").read_text()

@@ -314,3 +314,34 @@ def test_learns_synthetic_defects(tmp_path: Path) -> None:
                          verbose=False)
     assert before < 0.01
     assert metrics["mAP50"] > max(0.15, before + 0.15), (before, metrics)
+
+
+def test_rect_training_batches_are_aspect_ratio_groups_shuffled_per_epoch(tiny_data: Path, tmp_path: Path) -> None:
+    """--rect: each step is one aspect-ratio group padded to its own (not square) shape, split evenly over the
+    ranks; an epoch covers every image; the order of the groups changes with the epoch, reproducibly."""
+    from trainer.data.loader import RectBatchSampler
+
+    torch.manual_seed(0)
+    trainer = Trainer(_cfg(tiny_data, rect=True, batch=4), build_model("yolov12n.yaml"), DistContext(), tmp_path)
+    ds = trainer.train_set
+    shapes = []
+    for batch in trainer.train_loader:
+        h, w = batch["img"].shape[2:]
+        shapes.append((h, w))
+        assert (h, w) in {tuple(s) for s in ds.batch_shapes.tolist()}
+    assert any(h != w for h, w in shapes) and max(h * w for h, w in shapes) <= 96 * 96  # a 16:9 group: 64 x 96
+    assert trainer.run_step(next(iter(trainer.train_loader)))["images"] == 4
+
+    def epoch(rank: int, e: int) -> list[list[int]]:
+        sampler = RectBatchSampler(len(ds), 4, rank, 2, seed=0)
+        sampler.set_epoch(e)
+        return list(sampler)
+
+    for e in (0, 1):
+        steps = [a + b for a, b in zip(epoch(0, e), epoch(1, e))]
+        assert all(len(step) == 4 for step in steps)
+        assert sorted(i for step in steps for i in step) == list(range(len(ds)))
+        assert all(len({int(ds.batch_index[i]) for i in step}) == 1 for step in steps)  # one group per step
+    assert epoch(0, 0) == epoch(0, 0) and [epoch(0, e) for e in range(4)] != [epoch(0, 0)] * 4
+    short = RectBatchSampler(10, 4, 1, 4, seed=0, shuffle=False)  # groups of 4, 4, 2 over 4 ranks
+    assert [len(b) for b in short] == [1, 1, 1]

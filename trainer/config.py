@@ -28,6 +28,7 @@ class TrainConfig:
     exist_ok: bool = False
     resume: bool | str = False  # True = PROJECT/NAME/weights/last.pt, or a path
     cache: bool | str = False  # False | "ram" | "disk"
+    rect: bool = False  # rectangular batches: aspect-ratio groups, each padded to its own shape (no mosaic)
     seed: int = 0
     deterministic: bool = False
 

@@ -3,8 +3,10 @@
 One optimizer step is one step on the whole global batch, however it is split: the batch is
 divided across processes, then into micro-batches; gradients of every micro-batch and rank are
 summed and normalised once by the global target-score sum (see `DetectionLoss`), so the update
-equals the one a single device holding the whole batch would make. DDP synchronises gradients only
-on the last micro-batch. An out-of-memory error halves the micro-batch and retries the step.
+equals the one a single device holding the whole batch would make. There is no DDP wrapper: each
+rank runs all its micro-batches inside the out-of-memory guard, then every rank enters the same
+collectives at the step's end (the failure flag, then gradients and BatchNorm statistics). An
+out-of-memory error on any rank makes every rank discard the step, halve the micro-batch and retry.
 """
 
 from __future__ import annotations
@@ -65,10 +67,12 @@ class Trainer:
             raise ValueError(f"batch {cfg.batch} does not split evenly over {ctx.world_size} processes: use a multiple")
         self.per_process = cfg.batch // ctx.world_size
         self.train_set = DetectionDataset(self.data, "train", imgsz=cfg.imgsz, augment=True, hyp=cfg.to_dict(),
-                                          cache=cfg.cache, rect=False, batch_size=self.per_process, seed=cfg.seed,
+                                          cache=cfg.cache, rect=cfg.rect, pad=0.0,  # no extra stride: as ultralytics
+                                          batch_size=cfg.batch if cfg.rect else self.per_process, seed=cfg.seed,
                                           workers=max(cfg.workers, 1), verbose=ctx.is_main)
         self.train_loader = build_dataloader(self.train_set, self.per_process, cfg.workers, shuffle=True,
-                                             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed)
+                                             rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
+                                             rect_batches=cfg.rect)
         self.iters_per_epoch = len(self.train_loader)
         self.validator = None
         if ctx.is_main and (cfg.val or cfg.epochs):
