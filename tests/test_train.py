@@ -22,6 +22,13 @@ from trainer.nn import build_model
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
 
 
+def test_help_states_each_default_once() -> None:
+    out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, timeout=60)
+    text = " ".join(out.stdout.split())  # argparse wraps lines
+    assert out.returncode == 0 and "--memory-budget" in text and "--rect" in text
+    assert "--epochs EPOCHS (default: 100) --imgsz" in text and "(default: 16) (default" not in text
+
+
 def test_sigterm_stops_with_one_line_and_results_log_each_epochs_own_learning_rate(tiny_data: Path,
                                                                                    tmp_path: Path) -> None:
     """SIGTERM mid-run: exit 143 with one line saying how to resume, no traceback; results.csv holds the learning
