@@ -422,6 +422,34 @@ def test_newest_frame_wins_and_only_push_streams_are_exclusive():
     assert [(f.stream_id, f.frame_id) for f in s.schedule(0).frames] == [("push", 2)]
 
 
+def test_a_stream_added_again_gets_a_new_slot_that_its_old_frames_never_touch():
+    """A stream's frames carry its incarnation: a frame of the removed one goes nowhere, its batch finishing does
+    not count down the new one (the count went to -1 and an exclusive push stream then ran two frames at once),
+    and a removal of the old incarnation leaves the new one's slot alone."""
+    clock = Clock(100.0)
+    s, _ = make_scheduler(linear_cost(0.001, 0.001), clock=clock)
+    s.add_stream("p", capacity=2, exclusive=True, epoch=1)
+    old = frame("p", 5, 100.0, droppable=False)
+    old.epoch = 1
+    s.submit(old)
+    running = s.schedule(0)
+    assert running.frames == [old] and s.stats().in_flight == 1
+    assert s.remove_stream("p", epoch=1) == []
+    s.add_stream("p", capacity=2, exclusive=True, epoch=2)
+    late = frame("p", 6, 100.0, droppable=False)
+    late.epoch = 1
+    assert s.submit(late) is late  # the old call's next frame: refused, not queued into the new stream
+    new = [frame("p", i, 100.0, droppable=False) for i in range(2)]
+    for f in new:
+        f.epoch = 2
+        assert s.submit(f) is None
+    assert s.schedule(0).frames == [new[0]]  # the new stream's own first frame runs beside the old one
+    s.update_from_output(running, 0.002)  # the old frame finishes: the new stream still has one running
+    assert s.schedule(0) is None  # exclusive: frame 1 waits for frame 0, as it must
+    assert s.stats().in_flight == 1
+    assert s.remove_stream("p", epoch=1) == [] and s.stats().streams == 1  # the old owner cannot remove it
+
+
 def test_schedule_blocks_until_a_frame_arrives_and_shutdown_wakes_it():
     s, _ = make_scheduler(linear_cost(0.001, 0.001), clock=time.perf_counter)
     s.add_stream("a")

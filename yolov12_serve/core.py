@@ -100,6 +100,7 @@ class ServerCore:
         self._private: dict[str, Stream] = {}
         self._lock = threading.RLock()
         self._image_ids = itertools.count()
+        self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self._failed: set[str] = set()  # devices whose engine keeps failing
@@ -247,24 +248,23 @@ class ServerCore:
         """A private one-off stream for DetectImage (not listed, not watched, metrics under one shared label)."""
         self._check_serving()
         sid = f"\x00image-{next(self._image_ids)}"
-        stream = Stream(sid, "image://", "image", 0.0, self.config.slo_s, self._on_ingest, self._drop,
-                        self._on_reconnect, droppable=False, public=False, metrics_label=IMAGE_LABEL)
         with self._lock:
+            stream = Stream(sid, "image://", "image", 0.0, self.config.slo_s, self._on_ingest, self._drop,
+                            self._on_reconnect, droppable=False, public=False, metrics_label=IMAGE_LABEL,
+                            epoch=next(self._epochs))
             stream.bind(self.runtimes[self.placement.assign(sid)])
             self._private[sid] = stream
         return stream
 
     def close_stream(self, stream: Stream) -> StreamView:
-        """End a push or image stream (the call that fed it is over); a no-op if it was removed meanwhile."""
+        """End a push or image stream (the call that fed it is over); a no-op if it was removed meanwhile (the id
+        may name a newer incarnation by now: that one is left alone)."""
         with self._lock:
-            if stream.public:
-                mine = self._streams.get(stream.stream_id) is stream
-            else:
-                mine = self._private.pop(stream.stream_id, None) is stream
-        if mine and stream.public:
-            self._unregister(stream, "removed")
-        elif mine:
-            self._unbind(stream, "removed")
+            if stream.public and self._streams.get(stream.stream_id) is stream:
+                self._unregister(stream, "removed")
+            elif not stream.public and self._private.get(stream.stream_id) is stream:
+                del self._private[stream.stream_id]
+                self._unbind(stream, "removed")
         return stream.view()
 
     def ingest_encoded(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
@@ -281,48 +281,53 @@ class ServerCore:
 
     def _register(self, stream_id: str, url: str, kind: str, max_fps: float, droppable: bool) -> Stream:
         self._check_serving()
-        with self._lock:
+        with self._lock:  # registration and removal are one step each: an id re-added never meets its old self
             if stream_id in self._streams:
                 raise StreamExistsError(f"stream {stream_id!r} already exists: remove it first or pick another id")
             if len(self._streams) >= self.config.max_streams:
                 raise ResourceExhaustedError(f"stream limit reached ({self.config.max_streams}): remove a stream "
                                              "or start the server with a larger --max-streams")
             stream = Stream(stream_id, url, kind, max_fps, self.config.slo_s, self._on_ingest, self._drop,
-                            self._on_reconnect, droppable=droppable)
+                            self._on_reconnect, droppable=droppable, epoch=next(self._epochs))
             device = self.placement.assign(stream_id, max_fps)
             stream.bind(self.runtimes[device])
             self._streams[stream_id] = stream
-        if self.metrics is not None:
-            self.metrics.add_stream(stream_id)
+            if self.metrics is not None:
+                self.metrics.add_stream(stream_id)
         return stream
 
     def remove_stream(self, stream_id: str) -> StreamView:
         """Stop a stream and free what it held; NOT_FOUND if it is unknown."""
         with self._lock:
-            stream = self._streams.pop(stream_id, None)
-        if stream is None:
-            raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
-        self._unregister(stream, "removed")
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
+            self._unregister(stream, "removed")
         log.info("stream %s removed", stream_id)
         return stream.view()
 
     def _unregister(self, stream: Stream, reason: str) -> None:
+        """Forget a public stream and free what it held: source, mailbox, placement, metric series. Under the
+        lock as a whole, so that a registration of the same id comes before or after it, never in between (it
+        used to remove the new stream's mailbox, placement and series)."""
         with self._lock:
-            self._streams.pop(stream.stream_id, None)
-        if stream.source is not None:
-            stream.source.stop()
-        self._unbind(stream, reason)
-        self.placement.release(stream.stream_id)
-        if self.metrics is not None:
-            self.metrics.forget_stream(stream.stream_id)
+            if self._streams.get(stream.stream_id) is stream:
+                del self._streams[stream.stream_id]
+            if stream.source is not None:
+                stream.source.stop()
+            self._unbind(stream, reason)
+            self.placement.release(stream.stream_id)
+            if self.metrics is not None:
+                self.metrics.forget_stream(stream.stream_id)
 
     def _unbind(self, stream: Stream, reason: str) -> None:
-        stream.close()
-        if stream.runtime is not None:
-            for pending in stream.runtime.scheduler.remove_stream(stream.stream_id):
-                self._drop(pending, reason)
-        if not stream.public:
-            self.placement.release(stream.stream_id)
+        with self._lock:
+            if stream.runtime is not None:
+                for pending in stream.runtime.scheduler.remove_stream(stream.stream_id, stream.epoch):
+                    self._drop(pending, reason)
+            stream.close()
+            if not stream.public:
+                self.placement.release(stream.stream_id)
 
     def get_stream(self, stream_id: str) -> Stream:
         """The registered stream, or StreamNotFoundError."""
@@ -350,18 +355,19 @@ class ServerCore:
 
     # ----------------------------------------------------------------------------------------- pipeline hooks
     def _on_ingest(self, stream: Stream) -> None:
-        if self.metrics is not None and self._lookup(stream.stream_id) is stream:  # not after its removal
+        if self.metrics is not None and self._lookup(stream.stream_id, stream.epoch) is stream:  # not once removed
             self.metrics.series(stream.metrics_label, stream.device).frames.inc()
 
     def _drop(self, frame: Frame, reason: str) -> None:
-        stream = self._lookup(frame.stream_id)
+        stream = self._lookup(frame.stream_id, frame.epoch)
         if stream is None:
-            return  # removed meanwhile: its series are gone too
+            return  # removed meanwhile (maybe added again: a new stream): its series are gone too
         self._count_drop(stream, reason)
         if not frame.droppable:  # a push or DetectImage caller waits for this frame: answer it with the reason
             self.fanout.publish(FrameResult(frame.stream_id, frame.frame_id, np.zeros((0, 6), np.float32),
                                             frame.letterbox.src_hw, frame.capture_time_us, now() - frame.ingest_time,
-                                            stream.device, frame.public, error=f"frame dropped ({reason})"))
+                                            stream.device, frame.public, error=f"frame dropped ({reason})",
+                                            epoch=frame.epoch))
 
     def _count_drop(self, stream: Stream, reason: str) -> None:
         stream.stats.record_drop(reason)
@@ -372,27 +378,30 @@ class ServerCore:
         if self.metrics is not None:
             self.metrics.reconnects.labels(stream.metrics_label).inc()
 
-    def _lookup(self, stream_id: str) -> Stream | None:
-        return self._streams.get(stream_id) or self._private.get(stream_id)
+    def _lookup(self, stream_id: str, epoch: int) -> Stream | None:
+        """The registered stream of this id and incarnation (None once removed, even if the id was added again)."""
+        stream = self._streams.get(stream_id) or self._private.get(stream_id)
+        return stream if stream is not None and stream.epoch == epoch else None
 
     def _publish(self, result: FrameResult) -> None:
-        stream = self._lookup(result.stream_id)
-        if stream is not None and not stream.accept(result.frame_id):  # a newer frame's result went out first
+        stream = self._lookup(result.stream_id, result.epoch)
+        if stream is None:
+            return  # its stream was removed while the frame ran: nobody is owed it (a new incarnation least of all)
+        if not stream.accept(result.frame_id):  # a newer frame's result went out first
             self._count_drop(stream, "superseded")
             return
-        if stream is not None:
-            label = stream.metrics_label
+        label = stream.metrics_label
+        if result.error:
+            stream.stats.record_drop("error")
+        else:
+            stream.stats.record(result.latency_s, len(result.detections))
+        if self.metrics is not None:
             if result.error:
-                stream.stats.record_drop("error")
+                self.metrics.dropped(label, "error").inc()
             else:
-                stream.stats.record(result.latency_s, len(result.detections))
-            if self.metrics is not None:
-                if result.error:
-                    self.metrics.dropped(label, "error").inc()
-                else:
-                    series = self.metrics.series(label, result.device)
-                    series.latency.observe(result.latency_s)
-                    series.processed.inc()
+                series = self.metrics.series(label, result.device)
+                series.latency.observe(result.latency_s)
+                series.processed.inc()
         self.fanout.publish(result)
 
     def _on_batch(self, device: str, size: int, seconds: float) -> None:
@@ -425,7 +434,7 @@ class ServerCore:
             moving = [s for s in [*self._streams.values(), *self._private.values()] if s.device == device]
             for stream in moving:
                 old = stream.runtime
-                pending = old.scheduler.remove_stream(stream.stream_id) if old is not None else []
+                pending = old.scheduler.remove_stream(stream.stream_id, stream.epoch) if old is not None else []
                 stream.bind(self.runtimes[self.placement.assign(stream.stream_id, stream.max_fps)])
                 for frame in pending:  # re-letterboxing for another input size is not worth it: drop
                     self._drop(frame, "error")

@@ -65,7 +65,7 @@ class Batch:
     predicted_s: float
     scheduled_at: float = field(default_factory=now)
     others: int = 0  # batches already running on the device when this one started
-    seq: int = 0  # the device's batch counter at its start (batches started later ran beside it)
+    seq: int = 0  # the device's batch counter at its start (batches started later ran beside it); 0: not scheduled
 
     @property
     def size(self) -> int:
@@ -86,17 +86,20 @@ class Scheduler(ABC):
     """What a device worker needs from a batching policy. All methods are thread-safe."""
 
     @abstractmethod
-    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
-        """Start serving a stream: `capacity` frames may wait; `exclusive`: never two of its frames running at once
-        (push calls, answered strictly in order)."""
+    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False, epoch: int = 0) -> None:
+        """Start serving incarnation `epoch` of a stream: `capacity` frames may wait; `exclusive`: never two of its
+        frames running at once (push calls, answered strictly in order). Another incarnation of the id is
+        replaced: its frames still running are no longer counted as the stream's."""
 
     @abstractmethod
-    def remove_stream(self, stream_id: str) -> list[Frame]:
-        """Stop serving a stream; return its waiting frames (the caller drops or moves them)."""
+    def remove_stream(self, stream_id: str, epoch: int | None = None) -> list[Frame]:
+        """Stop serving a stream (only incarnation `epoch`, when given); return its waiting frames (the caller
+        drops or moves them)."""
 
     @abstractmethod
     def submit(self, frame: Frame) -> Frame | None:
-        """Offer a frame; returns the frame it superseded (already counted as dropped by the caller)."""
+        """Offer a frame; returns the frame it superseded (already counted as dropped by the caller), or the frame
+        itself when its stream's incarnation is not served here (removed, moved, or added again since)."""
 
     @abstractmethod
     def schedule(self, timeout: float) -> Batch | None:
@@ -119,6 +122,7 @@ class Scheduler(ABC):
 class _StreamSlot:
     mailbox: Mailbox = field(default_factory=Mailbox)
     exclusive: bool = False
+    epoch: int = 0  # the incarnation served: frames and finished batches of another one do not count here
     in_flight: int = 0
     served_at: float = float("-inf")  # when a frame of this stream last started running
 
@@ -142,25 +146,31 @@ class DeadlineScheduler(Scheduler):
         self._running = 0  # batches running now: each prediction is for a run beside that many
         self._most_running = 1
         self._started = 0
+        self._frames_running = 0  # frames of every batch picked and not yet finished, whatever became of their streams
         self._arrivals: deque[float] = deque()  # when the last ARRIVAL_WINDOW_S of camera frames came
 
-    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
+    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False, epoch: int = 0) -> None:
         with self._cond:
-            self._slots.setdefault(stream_id, _StreamSlot(Mailbox(capacity), exclusive))
+            slot = self._slots.get(stream_id)
+            if slot is None or slot.epoch != epoch:
+                self._slots[stream_id] = _StreamSlot(Mailbox(capacity), exclusive, epoch)
 
-    def remove_stream(self, stream_id: str) -> list[Frame]:
+    def remove_stream(self, stream_id: str, epoch: int | None = None) -> list[Frame]:
         with self._cond:
-            slot = self._slots.pop(stream_id, None)
+            slot = self._slots.get(stream_id)
+            if slot is None or (epoch is not None and slot.epoch != epoch):
+                return []  # another incarnation is served now: not this caller's to remove
+            del self._slots[stream_id]
             frames = []
-            while slot is not None and (frame := slot.mailbox.take()) is not None:
+            while (frame := slot.mailbox.take()) is not None:
                 frames.append(frame)
             return frames
 
     def submit(self, frame: Frame) -> Frame | None:
         with self._cond:
             slot = self._slots.get(frame.stream_id)
-            if slot is None or self._closed:
-                return frame  # the stream is gone (removed or moved): the frame goes nowhere
+            if slot is None or slot.epoch != frame.epoch or self._closed:
+                return frame  # the stream is gone (removed, moved or added again): the frame goes nowhere
             old = slot.mailbox.put(frame)
             if frame.droppable:
                 self._count_arrivals(self.clock(), arrived=True)
@@ -242,6 +252,7 @@ class DeadlineScheduler(Scheduler):
             slot.served_at = t
             frames.append(frame)
         self._running += 1
+        self._frames_running += n
         self._most_running = max(self._most_running, self._running)
         self._started += 1
         return Batch(frames, shape, predict(n, shape, 0.9, busy), t, busy, self._started)
@@ -298,18 +309,23 @@ class DeadlineScheduler(Scheduler):
             if elapsed_s is not None:  # it ran beside those running at its start and those started since
                 beside = min(batch.others + self._started - batch.seq, self._most_running - 1)
                 self.cost.observe(batch.size, batch.shape, elapsed_s, beside)
-            self._running = max(0, self._running - 1)
+            if batch.seq == 0:  # not started by schedule() (a probe, a test): nothing to release
+                self._cond.notify_all()
+                return
+            self._running -= 1
+            self._frames_running -= batch.size
+            assert self._running >= 0 and self._frames_running >= 0, f"batch {batch.seq} finished twice"
             for frame in batch.frames:
                 slot = self._slots.get(frame.stream_id)
-                if slot is not None:
+                if slot is not None and slot.epoch == frame.epoch:  # not a newer incarnation's count
                     slot.in_flight -= 1
+                    assert slot.in_flight >= 0, f"{frame.stream_id}: more frames finished than started"
             self._cond.notify_all()
 
     def stats(self) -> SchedulerStats:
         with self._cond:
             queued = sum(len(s.mailbox) for s in self._slots.values())
-            running = sum(s.in_flight for s in self._slots.values())
-            return SchedulerStats(queued, running, len(self._slots))
+            return SchedulerStats(queued, self._frames_running, len(self._slots))
 
     def shutdown(self) -> None:
         with self._cond:

@@ -51,8 +51,9 @@ class Stream:
     def __init__(self, stream_id: str, url: str, kind: str, max_fps: float, slo_s: float,
                  on_ingest: Callable[[Stream], None], on_drop: Callable[[Frame, str], None],
                  on_reconnect: Callable[[Stream], None], droppable: bool = True, public: bool = True,
-                 metrics_label: str | None = None) -> None:
+                 metrics_label: str | None = None, epoch: int = 0) -> None:
         self.stream_id = stream_id
+        self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
         self.url = url
         self.kind = kind
         self.max_fps = max_fps
@@ -101,9 +102,9 @@ class Stream:
         """Run on `runtime`'s device from now on (placement, or a move after an engine failure)."""
         self.runtime = runtime
         if self.droppable:  # a camera: newest frame wins, frames may overlap (results re-ordered by `accept`)
-            runtime.scheduler.add_stream(self.stream_id)
+            runtime.scheduler.add_stream(self.stream_id, epoch=self.epoch)
         else:  # pushed frames: a small FIFO window, one running at a time, each answered in order
-            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True)
+            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True, epoch=self.epoch)
 
     def plan(self, src_hw: tuple[int, int]) -> Letterbox:
         """The letterbox for this source size on the current device."""
@@ -122,7 +123,7 @@ class Stream:
         self.src_hw = letterbox.src_hw
         deferred = callable(image)  # a camera's letterbox, run only if the frame reaches an engine
         frame = Frame(self.stream_id, fid, None if deferred else image, letterbox, capture_time_us, t,
-                      t + self.slo_s, self.droppable, self.public, image if deferred else None)
+                      t + self.slo_s, self.droppable, self.public, image if deferred else None, self.epoch)
         self._on_ingest(self)
         runtime = self.runtime
         replaced = runtime.scheduler.submit(frame) if runtime is not None else frame

@@ -127,4 +127,5 @@ class DeviceWorker:
 
     def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None) -> None:
         self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
-                                 frame.capture_time_us, now() - frame.ingest_time, self.device, frame.public, error))
+                                 frame.capture_time_us, now() - frame.ingest_time, self.device, frame.public, error,
+                                 frame.epoch))
