@@ -275,6 +275,16 @@ def test_gpus_option():
         parse_gpus("0-3", visible=[0, 1])
     with pytest.raises(ConfigError, match="backwards"):
         parse_gpus("3-1", visible=[0, 1, 2, 3])
+    assert parse_gpus("cpu:2", visible=[0]) == ["cpu:0", "cpu:1"]  # CPU devices that fail on their own, as GPUs
+    for bad in ("cpu:0", "cpu:x", "cpu2"):
+        with pytest.raises(ConfigError, match="cpu:N"):
+            parse_gpus(bad, visible=[])
+    from yolov12_serve.devices import engine_device, split_cpu_threads
+
+    assert [engine_device(d) for d in ("cpu", "cpu:1", "cuda:1")] == ["cpu", "cpu", "cuda:1"]
+    assert split_cpu_threads(["cpu:0", "cpu:1"], instances=2, cores=8) == 2  # the cores shared by all instances
+    assert split_cpu_threads(["cpu:0", "cpu:1"], instances=2, cores=2) == 1
+    assert split_cpu_threads(["cpu"], instances=2, cores=8) is None  # the backend's default
 
 
 def test_stream_stats_keep_only_the_window():

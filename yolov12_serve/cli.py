@@ -24,7 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(gRPC in and out, Prometheus metrics).")
     p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "
                    "(.onnx: ONNX Runtime; .engine/.plan: TensorRT; .pt: PyTorch)")
-    p.add_argument("--gpus", help="'cpu', a list '0,2' or a range '0-3' (default: all visible GPUs, else cpu)")
+    p.add_argument("--gpus", help="'cpu', 'cpu:N' (N CPU devices sharing the cores), a list '0,2' or a range '0-3' "
+                   "(default: all visible GPUs, else cpu)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
     p.add_argument("--metrics-port", type=int, default=9464,

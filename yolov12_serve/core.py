@@ -23,6 +23,7 @@ from engines.letterbox import fit_shape
 from . import __version__, priority
 from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_stream_id
 from .costmodel import RunTimeModel
+from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
     InvalidArgumentError,
@@ -133,9 +134,10 @@ class ServerCore:
     def _start_device(self, device: str, path: str) -> DeviceRuntime:
         cfg = self.config
         # CPU threads per instance is an ONNX Runtime setting; the other backends size themselves
-        opts = {"threads": cfg.threads} if cfg.threads and path.lower().endswith(".onnx") else {}
+        threads = cfg.threads or split_cpu_threads(cfg.devices, cfg.instances)
+        opts = {"threads": threads} if threads and path.lower().endswith(".onnx") else {}
         before = priority.native_threads()
-        engine = self._load_engine(path, device=device, instances=cfg.instances, **opts)
+        engine = self._load_engine(path, device=engine_device(device), instances=cfg.instances, **opts)
         priority.favour(priority.native_threads() - before)  # its intra-op pools run inference too
         info = engine.info
         planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
