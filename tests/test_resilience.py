@@ -11,9 +11,22 @@ import time
 
 import grpc
 import pytest
+from test_rtsp import _gstreamer_ok, start_cameras, stop_cameras
 from test_server_harness import ServerProcess, wait_until
 
+from yolov12_serve.proto import detector_pb2 as pb
+
 pytestmark = pytest.mark.timeout(300)
+needs_gstreamer = pytest.mark.skipif(not _gstreamer_ok(), reason="GStreamer RTSP server (python3-gi, "
+                                     "gir1.2-gst-rtsp-server-1.0) not installed: scripts/setup test installs it")
+
+
+@pytest.fixture(scope="module")
+def rtsp(tmp_path_factory):
+    """Two RTSP cameras on loopback (tests/rtsp_server.py): cam0 640x360, cam1 800x600, 25 fps."""
+    server = start_cameras(tmp_path_factory.mktemp("rtsp"))
+    yield server
+    stop_cameras(server)
 
 
 def gauge(text: str, name: str, **labels: str) -> float | None:
@@ -101,5 +114,100 @@ def test_an_id_re_added_while_its_frames_run_is_a_new_stream_every_time(tmp_path
         rc, _ = srv.terminate()
         assert rc == 0 and "drained" in srv.log()
         assert "AssertionError" not in srv.log()
+    finally:
+        srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ hung engines
+@pytest.mark.slow
+@needs_gstreamer
+def test_a_hung_engine_fails_its_device_over_and_a_hung_re_check_stops_no_watchdog(tmp_path, rtsp):
+    """Two CPU devices, an RTSP camera on each; cpu:1's engine stops answering. The hang is caught within 2 s of
+    the run's deadline, health and metrics say so, cpu:1's camera goes on with results from cpu:0; its re-checks
+    (every 0.5 s) hang as well and still a stalled camera is caught (the re-check used to run on the watchdog's
+    thread). Once the engine answers again, a re-check puts cpu:1 back in service."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    srv = ServerProcess("--gpus", "cpu:2", "--instances", "1", "--run-deadline-s", "1", "--recheck-s", "0.5",
+                        "--stall-s", "1.5", "--backoff-cap-s", "1", "--slo-ms", "500", faults=faults)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        for name in ("cam0", "cam1"):
+            c.add_stream(name, rtsp.url(name))
+        def streaming() -> dict[str, str]:
+            found = {s.stream_id: s.device for s in c.list_streams()
+                     if s.state == pb.STREAM_STATE_STREAMING and s.frames_processed > 3}
+            return found if len(found) == 2 else {}
+
+        devices = wait_until(streaming, 60, what="both cameras streaming")
+        assert sorted(devices.values()) == ["cpu:0", "cpu:1"], devices
+        moved = next(sid for sid, dev in devices.items() if dev == "cpu:1")
+        reader = Reader(c.watch([moved]))
+        (faults / "hang-cpu-1").touch()
+        hung_at = time.monotonic()
+        wait_until(lambda: c.health("yolov12.v1.Detector/cpu:1") == "NOT_SERVING", 30, 0.05, "cpu:1 NOT_SERVING")
+        detected_s = time.monotonic() - hung_at
+        assert detected_s < 1.0 + 2.0 + 0.5, detected_s  # deadline 1 s (+ up to a frame until a run starts)
+        assert c.health() == "SERVING"  # the server still serves, on cpu:0
+        status = {d.device: d for d in c.server_info().device_status}
+        assert not status["cpu:1"].healthy and status["cpu:1"].state == "hung"
+        assert "engine run hung" in status["cpu:1"].error and status["cpu:0"].healthy
+        text = srv.metrics()
+        assert gauge(text, "yolov12_device_healthy", device="cpu:1") == 0
+        assert gauge(text, "yolov12_device_healthy", device="cpu:0") == 1
+        assert gauge(text, "yolov12_engine_hangs_total", device="cpu:1") >= 1
+        assert "engine run hung" in srv.log()
+        hung = reader.first(lambda fd: fd.error, timeout=30)  # watchers see why that frame has no detections
+        assert "engine run hung" in hung.error and hung.device == "cpu:1" and not hung.detections
+        reader.first(lambda fd: fd.device == "cpu:0" and not fd.error, timeout=30)  # the camera goes on
+        info = c.stream(moved)
+        assert info.device == "cpu:0" and "engine run hung" in info.last_error
+        wait_until(lambda: gauge(srv.metrics(), "yolov12_engine_hangs_total", device="cpu:1") >= 2, 30,
+                   what="a re-check hung as well")
+        rtsp.command("pause cam0")  # the watchdog still runs: a stalled camera is caught
+        try:
+            info = wait_until(lambda: (s := c.stream("cam0")) and s.state == pb.STREAM_STATE_RECONNECTING and s, 20,
+                              0.05, "cam0 caught stalled")
+            assert "stalled" in info.last_error
+        finally:
+            rtsp.command("resume cam0")
+        (faults / "hang-cpu-1").unlink()  # the engine answers again: a re-check passes
+        wait_until(lambda: c.health("yolov12.v1.Detector/cpu:1") == "SERVING", 30, 0.1, "cpu:1 back in service")
+        assert gauge(srv.metrics(), "yolov12_device_healthy", device="cpu:1") == 1
+        reader.close()
+    finally:
+        srv.close()
+
+
+def test_a_camera_whose_frames_the_engine_cannot_run_fails_alone(tmp_path):
+    """The engine fails on every 192x320 input (a 640x360 camera's) and runs others. That camera shows the error
+    (error results, last_error); its device stays in service, and so does the other one (the bad camera used to
+    fail its device, then, moved, the next)."""
+    srv = ServerProcess("--gpus", "cpu:2", "--instances", "1", "--slo-ms", "1000", faults=tmp_path)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        (tmp_path / "refuse-192x320").touch()  # after the warm-up, which runs that shape
+        c.add_stream("bad", "synthetic://bad?fps=10&size=640x360")
+        c.add_stream("good", "synthetic://good?fps=10&size=800x600")
+        reader = Reader(c.watch(["bad", "good"]))
+        failed = reader.first(lambda fd: fd.stream_id == "bad" and fd.error, timeout=60)
+        assert "cannot run a 192x320 input" in failed.error and not failed.detections
+        wait_until(lambda: "the engine fails on 192x320 inputs but runs others" in srv.log(), 60,
+                   what="the shape refused after a probe")
+        marks = reader.results.qsize()
+        for _ in range(marks):
+            reader.results.get_nowait()
+        good = [reader.first(lambda fd: fd.stream_id == "good" and not fd.error, timeout=30) for _ in range(5)]
+        assert len({fd.frame_id for fd in good}) == 5
+        reader.first(lambda fd: fd.stream_id == "bad" and fd.error, timeout=30)  # still failing, alone
+        streams = {s.stream_id: s for s in c.list_streams()}
+        assert "cannot run a 192x320 input" in streams["bad"].last_error and not streams["good"].last_error
+        assert {d.device: d.healthy for d in c.server_info().device_status} == {"cpu:0": True, "cpu:1": True}
+        assert c.health() == "SERVING" and "out of service" not in srv.log()
+        text = srv.metrics()
+        assert gauge(text, "yolov12_engine_failures_total", device=streams["bad"].device) >= 3  # every batch
+        reader.close()
     finally:
         srv.close()

@@ -18,12 +18,14 @@ from engines.letterbox import plan_letterbox
 from yolov12_serve.costmodel import RunTimeModel
 from yolov12_serve.fanout import Fanout
 from yolov12_serve.frames import Frame, FrameResult
+from yolov12_serve.health import DeviceHealth, DeviceState, Verdict
 from yolov12_serve.mailbox import Mailbox
 from yolov12_serve.placement import Placement
 from yolov12_serve.preprocess import InputPlanner
 from yolov12_serve.scheduler import Batch, DeadlineScheduler
 from yolov12_serve.sources.backoff import Backoff
-from yolov12_serve.worker import FAILURES_BEFORE_UNHEALTHY, DeviceWorker
+from yolov12_serve.supervisor import RunDeadline, RunSupervisor
+from yolov12_serve.worker import DeviceWorker
 
 SLO = 0.045
 ROOT = Path(__file__).resolve().parents[1]
@@ -659,12 +661,11 @@ def test_worker_batches_under_load_keeps_order_and_maps_boxes_to_source_pixels()
         assert len(set(ids)) == len(ids)  # no frame twice (order is restored by the core: Stream.accept)
 
 
-def test_worker_reports_engine_failures_as_error_results_then_unhealthy():
+def test_worker_reports_engine_failures_as_error_results_and_each_failed_batch():
     engine = CostEngine(fail=True)
     sched = DeadlineScheduler(RunTimeModel(), max_batch=4)
-    results, failures = [], []
-    worker = DeviceWorker("cuda:1", engine, sched, results.append, threads=1,
-                          on_failure=lambda d, e: failures.append((d, e)))
+    results, outcomes = [], []
+    worker = DeviceWorker("cuda:1", engine, sched, results.append, threads=1, on_outcome=outcomes.append)
     lb = plan_letterbox((360, 640), (192, 320))
     sched.add_stream("a")
     worker.start()
@@ -676,7 +677,139 @@ def test_worker_reports_engine_failures_as_error_results_then_unhealthy():
             time.sleep(0.005)
     worker.stop()
     assert [r.error for r in results] == ["RuntimeError: device lost"] * 3
-    assert failures == [("cuda:1", "RuntimeError: device lost")]
+    assert [(o.device, o.shape, o.size, o.error) for o in outcomes] == [("cuda:1", (192, 320), 1,
+                                                                         "RuntimeError: device lost")] * 3
+    assert sched.stats().in_flight == 0
+
+
+def test_device_health_streaks_reset_and_one_shape_is_not_the_device():
+    """Failures in a row fail a device (any shape: at once; one shape: after a probe of a known shape fails);
+    a re-check that passes resets the streak, so the next streak is reported again (it was not); a shape the
+    device cannot run while it runs others is refused, and its failures stop counting."""
+    clock = Clock(0.0)
+    h = DeviceHealth("cpu:1", threshold=3, clock=clock)
+    a, b = (192, 320), (320, 320)
+    assert [h.failed("boom", a, 1), h.failed("boom", b, 1)] == [Verdict.NONE] * 2
+    assert h.succeeded(a, started_at=0.0) is Verdict.NONE and h.streak == 0  # any batch that runs resets it
+    for _ in range(2):  # twice: after recovering, the same fault is reported again
+        clock.t += 1
+        verdicts = [h.failed("boom", a, 1), h.failed("boom", b, 2), h.failed("boom", a, 1)]
+        assert verdicts == [Verdict.NONE, Verdict.NONE, Verdict.UNHEALTHY] and h.state is DeviceState.FAILED
+        assert not h.healthy and h.probe_plan([b]) == (a, 1)  # the re-check runs the batch that failed
+        assert h.failed("boom", a, 1) is Verdict.NONE  # reported once per episode
+        assert h.succeeded(a, started_at=clock.t - 0.5) is Verdict.NONE  # began before the fault: proves nothing
+        assert h.probed(False, "still") is Verdict.NONE and not h.healthy
+        assert h.probed(True) is Verdict.RECOVERED and h.healthy and h.streak == 0
+    for _ in range(2):
+        h.failed("bad shape", b, 1)
+    assert h.failed("bad shape", b, 1) is Verdict.PROBE and h.healthy  # suspect: still serving
+    assert h.probe_plan([b, a]) == (a, 1)  # a shape it ran, other than the suspect one
+    assert h.probed(True) is Verdict.NONE and h.state is DeviceState.HEALTHY and h.refused_shapes == {b}
+    assert [h.failed("bad shape", b, 1) for _ in range(5)] == [Verdict.NONE] * 5 and h.streak == 0
+    assert h.succeeded(b, started_at=clock.t) is Verdict.NONE and h.refused_shapes == set()  # b runs again
+    for _ in range(2):
+        h.failed("boom", a, 1)
+    assert h.failed("boom", a, 1) is Verdict.PROBE
+    assert h.probed(False, "the known shape fails too") is Verdict.UNHEALTHY and h.state is DeviceState.FAILED
+    assert h.hung("hung", a, 1) is Verdict.NONE  # already out of service
+    h2 = DeviceHealth("cpu:0", clock=clock)
+    assert h2.hung("no answer", a, 4) is Verdict.UNHEALTHY and h2.state is DeviceState.HUNG
+    assert h2.probe_plan([b]) == (a, 4)  # the shape and size that hung, not the full input
+
+
+class BlockingEngine(CostEngine):
+    """Blocks every call while `hang` is set (a CUDA call that never returns), until the test clears it."""
+
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.hang = threading.Event()
+        self.released = threading.Event()
+        self.threads: list[str] = []
+
+    def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+        self.threads.append(threading.current_thread().name)
+        if self.hang.is_set():
+            self.released.wait(30)
+        return super().infer(batch)
+
+
+def test_a_hung_run_is_answered_its_thread_replaced_and_its_late_return_ignored():
+    engine = BlockingEngine(a=0.001, b=0.0, instances=2)
+    sched = DeadlineScheduler(RunTimeModel(), max_batch=1)
+    results: list[FrameResult] = []
+    hung = []
+    supervisor = RunSupervisor(lambda run: (hung.append(run), worker.abandon(run), worker.replenish()),
+                               period_s=0.02)
+    worker = DeviceWorker("cpu:1", engine, sched, results.append, threads=2, supervisor=supervisor,
+                          deadline=RunDeadline(floor_s=0.3, factor=1))
+    lb = plan_letterbox((360, 640), (192, 320))
+    sched.add_stream("p", capacity=2, exclusive=True)
+    supervisor.start()
+    worker.start()
+    try:
+        engine.hang.set()
+        t = time.perf_counter()
+        sched.submit(Frame("p", 0, np.zeros((192, 320, 3), np.uint8), lb, 0, t, t + 10, droppable=False))
+        deadline = time.perf_counter() + 20
+        while not results and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert len(hung) == 1 and results[0].frame_id == 0 and "engine run hung" in results[0].error
+        assert sched.stats().in_flight == 0 and worker.replaced == 1
+        assert worker.live_threads == 2  # the stuck thread no longer counts; a new one took its place
+        engine.hang.clear()
+        t = time.perf_counter()
+        sched.submit(Frame("p", 1, np.zeros((192, 320, 3), np.uint8), lb, 0, t, t + 10, droppable=False))
+        deadline = time.perf_counter() + 20
+        while len(results) < 2 and time.perf_counter() < deadline:
+            time.sleep(0.01)
+        assert results[1].frame_id == 1 and results[1].error is None
+        engine.released.set()  # the stuck call returns at last: nothing more is published for its frame
+        time.sleep(0.3)
+        assert len(results) == 2 and sched.stats().in_flight == 0
+    finally:
+        engine.released.set()
+        worker.stop()
+        supervisor.stop()
+
+
+def test_a_worker_thread_survives_an_error_outside_the_engine_and_counts_it():
+    sched = DeadlineScheduler(RunTimeModel(), max_batch=1)
+    published: list[FrameResult] = []
+    errors: list[str] = []
+
+    def publish(r: FrameResult) -> None:
+        if r.frame_id == 0:
+            raise KeyError("a bug in publishing")
+        published.append(r)
+
+    worker = DeviceWorker("cpu", CostEngine(a=0.001, b=0.0), sched, publish, threads=1, on_error=errors.append)
+    lb = plan_letterbox((360, 640), (192, 320))
+    sched.add_stream("a")
+    worker.start()
+    try:
+        for i in range(2):
+            t = time.perf_counter()
+            sched.submit(Frame("a", i, np.zeros((192, 320, 3), np.uint8), lb, 0, t, t + 10))
+            deadline = time.perf_counter() + 10
+            while len(errors) + len(published) <= i and time.perf_counter() < deadline:
+                time.sleep(0.01)
+        assert errors == ["cpu"] and worker.errors == 1 and [r.frame_id for r in published] == [1]
+        assert sched.stats().in_flight == 0  # the failed batch was released all the same
+    finally:
+        worker.stop()
+
+
+def test_a_batch_the_engine_refuses_fails_its_frames_not_the_device():
+    """A shape the engine does not take (here: not a stride multiple) is the frames' error, never a device failure."""
+    sched = DeadlineScheduler(RunTimeModel(), max_batch=2)
+    results, outcomes = [], []
+    worker = DeviceWorker("cpu", CostEngine(), sched, results.append, on_outcome=outcomes.append)
+    lb = plan_letterbox((100, 100), (100, 100))
+    frames = [Frame("odd", i, np.zeros((100, 100, 3), np.uint8), lb, 0, 0.0, 10.0) for i in range(2)]
+    for _ in range(5):
+        worker.run(Batch(frames, (100, 100), 0.01))
+    assert outcomes == [] and len(results) == 10
+    assert all("the engine cannot take this frame" in r.error and "multiples of 32" in r.error for r in results)
 
 
 def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
@@ -684,8 +817,8 @@ def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
     engine is not counted as failing (the run of a smaller batch is not learnt as the scheduled size's)."""
     engine = CostEngine()
     sched = DeadlineScheduler(RunTimeModel(), max_batch=4)
-    results, failures = [], []
-    worker = DeviceWorker("cpu", engine, sched, results.append, on_failure=lambda d, e: failures.append(e))
+    results, outcomes = [], []
+    worker = DeviceWorker("cpu", engine, sched, results.append, on_outcome=outcomes.append)
     lb = plan_letterbox((360, 640), (192, 320))
 
     def broken(out=None):
@@ -696,7 +829,7 @@ def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
         out.fill(114)
         return out
 
-    for _ in range(FAILURES_BEFORE_UNHEALTHY + 1):
+    for _ in range(4):
         t = time.perf_counter()
         frames = [Frame("a", i, None, lb, 0, t, t + 10, prepare=grey) for i in range(3)]
         frames[1].prepare = broken
@@ -704,7 +837,7 @@ def test_a_frame_whose_deferred_letterbox_fails_fails_alone():
     by_id = {r.frame_id: r for r in results[-3:]}
     assert by_id[1].error == "cannot prepare the frame: ValueError: bad stride" and len(by_id[1].detections) == 0
     assert by_id[0].error is None and by_id[2].error is None and len(by_id[0].detections) == 1
-    assert engine.sizes == [2] * (FAILURES_BEFORE_UNHEALTHY + 1) and failures == []
+    assert engine.sizes == [2] * 4 and [o.error for o in outcomes] == [None] * 4
     assert sched.cost.known() == {}  # nothing learnt: the batch of 3 never ran as scheduled
 
 

@@ -336,9 +336,9 @@ def test_warm_up_times_no_instance_s_first_run_of_a_shape():
     """Each instance's first run of a shape is slow (allocations; a CUDA graph capture on GPUs): the warm-up runs
     it on every instance before it times one, so the cost model starts from steady-state run times."""
     from engines.pool import InstancePool
-    from yolov12_serve.core import ServerCore
     from yolov12_serve.costmodel import RunTimeModel
     from yolov12_serve.preprocess import InputPlanner
+    from yolov12_serve.runtime import warm_up
 
     class FirstRunSlowEngine(Engine):
         def __init__(self, instances: int) -> None:
@@ -356,7 +356,7 @@ def test_warm_up_times_no_instance_s_first_run_of_a_shape():
     engine = FirstRunSlowEngine(instances=2)
     planner = InputPlanner(engine.info.imgsz, engine.info.stride, engine.info.dynamic_hw)
     cost = RunTimeModel()
-    full = ServerCore._warm_up(engine, planner, cost, max_batch=4, instances=2)
+    full = warm_up(engine, planner, cost, max_batch=4, instances=2)
     assert full < 0.1
     assert cost.predict(1, (192, 320), 0.5) < 0.1
     assert cost.predict(4, (192, 320), 0.5, others=1) < 0.1
@@ -377,9 +377,11 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
         return made[device]
 
     health: list[bool] = []
+    devices: list[tuple[str, bool]] = []
     core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1"],
-                                   metrics_port=-1), load_engine=load)
+                                   metrics_port=-1, recheck_s=0.2), load_engine=load)
     core.on_health_change = health.append
+    core.on_device_health = lambda device, ok: devices.append((device, ok))
     core.start()
     try:
         for i in range(4):
@@ -406,8 +408,58 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
         while time.monotonic() < wait and False not in health:
             time.sleep(0.05)
         assert health[0] is True and health[-1] is False
-        made["cuda:0"].fail = made["cuda:1"].fail = False
-        core._recheck("cuda:1")  # what the watchdog does every RECHECK_S
-        assert health[-1] is True and "cuda:1" in core.placement.healthy_devices()
+        assert ("cuda:1", False) in devices and devices[-1] == ("cuda:0", False)
+        made["cuda:0"].fail = made["cuda:1"].fail = False  # the re-checks (every 0.2 s) find both working again
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and len(core.placement.healthy_devices()) < 2:
+            time.sleep(0.05)
+        assert health[-1] is True and sorted(core.placement.healthy_devices()) == ["cuda:0", "cuda:1"]
+    finally:
+        core.drain(2)
+
+
+def test_two_devices_failing_at_once_hand_every_stream_to_the_healthy_one():
+    """cuda:1 and cuda:2 fail at the same moment: failover is serialised and each reads the others' own health,
+    so no stream is moved onto a device failing too (they picked each other); every failed batch is counted,
+    and the streams show the engine's error until results come again."""
+    from test_scheduler import CostEngine
+
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+
+    made: dict[str, CostEngine] = {}
+
+    def load(path, device="cpu", instances=1, **opts):
+        made[device] = CostEngine(a=0.002, b=0.001)
+        return made[device]
+
+    core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1", "cuda:2"],
+                                   metrics_port=-1, recheck_s=60), load_engine=load)
+    core.start()
+    try:
+        for i in range(6):
+            core.add_stream(StreamSpec(f"s{i}", f"synthetic://s{i}?fps=20&size=320x180"))
+        assert sorted(v.device for v in core.list_streams()) == ["cuda:0"] * 2 + ["cuda:1"] * 2 + ["cuda:2"] * 2
+        made["cuda:1"].fail = made["cuda:2"].fail = True
+        wait = time.monotonic() + 30
+        while time.monotonic() < wait and any(v.device != "cuda:0" for v in core.list_streams()):
+            time.sleep(0.05)
+        assert all(v.device == "cuda:0" for v in core.list_streams())
+        assert sorted(core.placement.healthy_devices()) == ["cuda:0"]
+        text = core.metrics.exposition().decode()
+        for device in ("cuda:1", "cuda:2"):
+            m = re.search(rf'yolov12_engine_failures_total{{device="{device}"}} (\S+)', text)
+            assert m and float(m.group(1)) >= 3, text  # each failed batch, not each streak
+        moved = [v for v in core.list_streams() if "device lost" in v.last_error]
+        assert len(moved) >= 4
+        sub = core.fanout.subscribe(None, 1000)
+        served: set[str] = set()
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and len(served) < 6:
+            r = sub.get(0.1)
+            if r is not None and r.error is None:
+                assert r.device == "cuda:0"
+                served.add(r.stream_id)
+        assert served == {f"s{i}" for i in range(6)}
     finally:
         core.drain(2)

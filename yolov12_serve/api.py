@@ -5,7 +5,8 @@ ALREADY_EXISTS, StreamNotFoundError -> NOT_FOUND, ResourceExhaustedError -> RESO
 limit; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
 UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), a failed
 engine run (EngineRunError) and anything unexpected -> INTERNAL. `grpc.health.v1.Health` says SERVING
-once the engines are loaded and NOT_SERVING while draining or when no engine works.
+once the engines are loaded and NOT_SERVING while draining or when no engine works; each device has its own
+entry, `yolov12.v1.Detector/DEVICE`, NOT_SERVING while that device is out of service.
 """
 
 # ruff: noqa: N802 - gRPC method names are the proto's (AddStream, ...)
@@ -42,7 +43,7 @@ from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 from .pushcall import PushCall
 
-__all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "status_code"]
+__all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "device_health_name", "status_code"]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,11 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AbortedError, grpc.StatusCode.ABORTED),
 ]
+
+
+def device_health_name(device: str) -> str:
+    """The grpc.health.v1 service name under which one device's health is reported."""
+    return f"{SERVICE_NAME}/{device}"
 
 
 def status_code(error: Exception) -> grpc.StatusCode:
@@ -122,9 +128,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         sub = self.core.fanout.subscribe(ids or None, self.core.config.subscriber_queue, asyncio.get_running_loop())
         try:
-            while (result := await sub.next()) is not None:
-                if result.error is None:
-                    yield messages.frame_detections(result, self._names(result.device))
+            while (result := await sub.next()) is not None:  # error results too: `error` says why no detections
+                yield messages.frame_detections(result, self._names(result.device))
         finally:
             self.core.fanout.unsubscribe(sub)
 
@@ -195,6 +200,12 @@ class GrpcServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    async def set_device_serving(self, device: str, serving: bool) -> None:
+        """Flip one device's health (service name `yolov12.v1.Detector/DEVICE`, e.g. `.../cuda:1`): NOT_SERVING
+        while its engine is out of service, though the server may still serve on the others."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(device_health_name(device), status)
 
     async def start(self) -> None:
         """Listen; health says NOT_SERVING until the core has loaded its engines."""

@@ -47,6 +47,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     core = ServerCore(config, load_engine)
     grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes)
     core.on_health_change = lambda serving: loop.call_soon_threadsafe(_flip_health, grpc_server, serving)
+    core.on_device_health = lambda device, ok: loop.call_soon_threadsafe(_flip_device, grpc_server, device, ok)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
@@ -100,7 +101,14 @@ _pending: set[asyncio.Task] = set()
 
 
 def _flip_health(server: GrpcServer, serving: bool) -> None:
-    task = asyncio.ensure_future(server.set_serving(serving))
+    _keep(asyncio.ensure_future(server.set_serving(serving)))
+
+
+def _flip_device(server: GrpcServer, device: str, serving: bool) -> None:
+    _keep(asyncio.ensure_future(server.set_device_serving(device, serving)))
+
+
+def _keep(task: asyncio.Future) -> None:
     _pending.add(task)  # keep a reference until it ran (the loop holds only weak ones)
     task.add_done_callback(_pending.discard)
 

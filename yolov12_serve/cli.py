@@ -60,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest gRPC message (default 32 MB)")
     p.add_argument("--stall-s", type=float, default=5.0, help="reconnect a camera silent this long (default 5)")
     p.add_argument("--backoff-cap-s", type=float, default=30.0, help="longest wait between reconnects (default 30)")
+    p.add_argument("--run-deadline-s", type=float, default=2.0,
+                   help="an engine run is declared hung (the device taken out of service, its streams moved) after "
+                        "max(this, --run-deadline-factor x its expected slow run) (default 2)")
+    p.add_argument("--run-deadline-factor", type=float, default=10.0,
+                   help="multiple of a batch's expected slow (p90) run time it may take before it is hung (default 10)")
+    p.add_argument("--recheck-s", type=float, default=10.0,
+                   help="how often the engine of a device out of service is tried again (default 10)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -87,7 +94,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
         background_batch=args.background_batch,
-        background_nice=args.background_nice,
+        background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
+        run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode))
     streams: list[StreamSpec] = []

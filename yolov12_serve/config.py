@@ -54,6 +54,10 @@ class ServerConfig:
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
     background_batch: bool = True  # every thread but inference (gRPC, sources, metrics) under SCHED_BATCH (priority.py)
     background_nice: int = 0  # and at this nice value (0: the default)
+    run_deadline_floor_s: float = 2.0  # an engine run is hung after max(this, factor x its expected slow run)
+    run_deadline_factor: float = 10.0
+    recheck_s: float = 10.0  # how often a device out of service has its engine re-checked
+    failures_before_unhealthy: int = 3  # batches failing in a row before a device is taken out of service
     rtsp: RtspOptions = field(default_factory=RtspOptions)
 
     def __post_init__(self) -> None:
@@ -69,6 +73,11 @@ class ServerConfig:
         if not 0 <= self.background_nice <= 19:
             raise ConfigError(f"--background-nice must be 0..19 (0: the default priority), "
                               f"got {self.background_nice}")
+        if self.run_deadline_floor_s <= 0 or self.run_deadline_factor < 1:
+            raise ConfigError(f"--run-deadline-s must be positive and --run-deadline-factor at least 1, got "
+                              f"{self.run_deadline_floor_s} and {self.run_deadline_factor}")
+        if self.recheck_s <= 0:
+            raise ConfigError(f"--recheck-s must be positive, got {self.recheck_s}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:

@@ -1,9 +1,12 @@
-"""The server core: loads an engine per device, keeps the stream registry, places streams, publishes results.
+"""The server core: loads an engine per device, keeps the stream registry, places streams, publishes results, and
+keeps devices honest (a device whose engine fails or hangs hands its streams to the others).
 
 Everything the API does goes through here (`add_stream`, `remove_stream`, `list_streams`, `open_push`,
-`open_image`, `server_info`, `drain`); the core owns one `DeviceRuntime` per device (engine, input
-planner, scheduler, worker) and the results fan-out. Threads: one per pulled source, K per device
-worker, one watchdog; the API's asyncio loop only reads fan-out subscriptions.
+`open_image`, `server_info`, `drain`); the core owns one `DeviceRuntime` per device (runtime.py: engine, input
+planner, scheduler, worker, health) and the results fan-out. Threads: one per pulled source, K per device worker,
+one watchdog (stalled cameras, placement rates, when to re-check a failed device), one run supervisor (engine
+runs past their deadline: supervisor.py), and a short-lived probe thread per device re-checking its engine (a
+probe may hang too: it blocks nothing else). The API's asyncio loop only reads fan-out subscriptions.
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import Engine, EngineInfo
-from engines.letterbox import fit_shape
+from engines.base import EngineInfo
 
-from . import __version__, priority
+from . import __version__
 from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_stream_id
-from .costmodel import RunTimeModel
 from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
@@ -34,36 +35,33 @@ from .errors import (
 )
 from .fanout import Fanout
 from .frames import Frame, FrameResult, now
+from .health import DeviceHealth, Verdict
 from .metrics import LiveSnapshot, Metrics
 from .placement import Placement
-from .preprocess import InputPlanner
+from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
 from .stream import Stream, StreamView
-from .worker import DeviceWorker
+from .supervisor import Run, RunDeadline, RunSupervisor
+from .worker import BatchOutcome, DeviceWorker
 
-__all__ = ["DeviceRuntime", "EngineLoader", "ServerCore", "ServerInfoView"]
+__all__ = ["DeviceRuntime", "DeviceStatusView", "EngineLoader", "ServerCore", "ServerInfoView"]
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[..., Engine]  # (path, device=..., instances=..., **opts) -> Engine
 IMAGE_LABEL = "_image"  # the metrics label shared by all one-off DetectImage frames
-RECHECK_S = 10.0  # how often a failed engine is tried again
 
 
-@dataclass
-class DeviceRuntime:
-    """Everything that serves one device: its engine, input planner, cost model, scheduler and worker."""
+@dataclass(frozen=True)
+class DeviceStatusView:
+    """One device as GetServerInfo reports it: healthy or not, and why."""
 
-    name: str
-    engine_path: str
-    engine: Engine
-    planner: InputPlanner
-    cost: RunTimeModel
-    scheduler: DeadlineScheduler
-    worker: DeviceWorker
-    max_batch: int
+    device: str
+    healthy: bool
+    state: str
+    error: str
+    model_version: str
 
 
 @dataclass(frozen=True)
@@ -71,7 +69,7 @@ class ServerInfoView:
     """What GetServerInfo reports."""
 
     version: str
-    engines: list[tuple[str, str, EngineInfo, int]]  # (path, device, info, instances)
+    engines: list[tuple[str, str, EngineInfo, int, str]]  # (path, device, info, instances, model version)
     devices: list[str]
     class_names: list[str]
     input_hw: tuple[int, int]
@@ -79,39 +77,49 @@ class ServerInfoView:
     max_batch: int
     max_streams: int
     process_late: bool
+    device_status: list[DeviceStatusView]
 
 
-def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts) -> Engine:
+def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts):
+    """engines.load on the backend's device for a server device ('cpu:1', one of --gpus cpu:N, opens on 'cpu')."""
     import engines
 
-    return engines.load(path, device=device, instances=instances, **opts)
+    return engines.load(path, device=engine_device(device), instances=instances, **opts)
 
 
 class ServerCore:
-    """Engines per device, stream registry, placement, watchdog and fan-out; thread-safe."""
+    """Engines per device, stream registry, placement, watchdog, failover and fan-out; thread-safe."""
 
     def __init__(self, config: ServerConfig, load_engine: EngineLoader | None = None) -> None:
         self.config = config
-        self._load_engine = load_engine or _default_loader
+        self._load_engine = load_engine
         self.runtimes: dict[str, DeviceRuntime] = {}
         self.placement = Placement()
         self.metrics: Metrics | None = None
         self.fanout = Fanout(on_overflow=self._on_subscriber_overflow)
+        self.supervisor = RunSupervisor(self._on_hung)
+        self.deadline = RunDeadline(config.run_deadline_floor_s, config.run_deadline_factor)
         self._streams: dict[str, Stream] = {}
         self._private: dict[str, Stream] = {}
         self._lock = threading.RLock()
+        self._failover_lock = threading.Lock()  # one device's streams move at a time (two failing at once)
         self._image_ids = itertools.count()
         self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._failed: set[str] = set()  # devices whose engine keeps failing
         self.ready = False
         self.draining = False
         self.on_health_change: Callable[[bool], None] = lambda serving: None
+        self.on_device_health: Callable[[str, bool], None] = lambda device, healthy: None
+
+    @property
+    def loader(self) -> EngineLoader:
+        """How engine files are opened (the default looked up at call time, so a test may wrap it)."""
+        return self._load_engine or _default_loader
 
     # ----------------------------------------------------------------------------------------- start / stop
     def start(self) -> None:
-        """Load and warm up one engine per device, start the workers and the watchdog (blocking, seconds)."""
+        """Load and warm up one engine per device, start the workers, the supervisor and the watchdog (blocking)."""
         cfg = self.config
         paths = cfg.engines
         if not paths:
@@ -124,78 +132,44 @@ class ServerCore:
                 raise ConfigError(f"engine file not found: {p}")
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
         for i, device in enumerate(cfg.devices):
-            path = paths[i] if len(paths) > 1 else paths[0]
-            self.runtimes[device] = self._start_device(device, path)
+            self.runtimes[device] = self._start_device(device, paths[i] if len(paths) > 1 else paths[0])
+        self.supervisor.start()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._watchdog.start()
         self.ready = True
-        self.on_health_change(True)
+        for device in self.runtimes:
+            self.on_device_health(device, True)
+        self._update_serving()
+
+    def engine_path(self, device: str) -> str:
+        """The engine file configured for `device`."""
+        paths = self.config.engines
+        return paths[self.config.devices.index(device)] if len(paths) > 1 else paths[0]
+
+    def _threads_per_instance(self) -> int | None:
+        return self.config.threads or split_cpu_threads(self.config.devices, self.config.instances)
 
     def _start_device(self, device: str, path: str) -> DeviceRuntime:
         cfg = self.config
-        # CPU threads per instance is an ONNX Runtime setting; the other backends size themselves
-        threads = cfg.threads or split_cpu_threads(cfg.devices, cfg.instances)
-        opts = {"threads": threads} if threads and path.lower().endswith(".onnx") else {}
-        before = priority.native_threads()
-        engine = self._load_engine(path, device=engine_device(device), instances=cfg.instances, **opts)
-        priority.favour(priority.native_threads() - before)  # its intra-op pools run inference too
-        info = engine.info
-        planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
-        max_batch = max(1, min(cfg.max_batch, info.batch[1]))
-        cost = RunTimeModel()
-        frame_cost = self._warm_up(engine, planner, cost, max_batch, cfg.instances)
-        camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
-        if cost.predict(1, camera, 0.5) > cfg.slo_s:
+        loaded = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch, self._threads_per_instance())
+        self._warn_if_too_slow(device, loaded.cost.predict(1, loaded.camera_shape, 0.5))
+        scheduler = DeadlineScheduler(loaded.cost, loaded.max_batch, cfg.process_late, on_drop=self._drop)
+        worker = DeviceWorker(device, loaded.engine, scheduler, self._publish, threads=cfg.instances,
+                              on_outcome=self._on_outcome, on_error=self._on_worker_error,
+                              supervisor=self.supervisor, deadline=self.deadline, model_version=loaded.version)
+        rt = DeviceRuntime(device, loaded, scheduler, worker, DeviceHealth(device, cfg.failures_before_unhealthy))
+        self.placement.add_device(device, cfg.instances, loaded.frame_cost_s)
+        worker.start()
+        info = loaded.info
+        log.info("%s: %s (model %s, %s, input %s, batch <= %d, %d instances)", device, path, loaded.version,
+                 info.precision, info.imgsz, loaded.max_batch, cfg.instances)
+        return rt
+
+    def _warn_if_too_slow(self, device: str, one_frame_s: float) -> None:
+        if one_frame_s > self.config.slo_s:
             log.warning("%s: one frame takes %.0f ms, more than the %.0f ms SLO: every frame will miss it; raise "
                         "--slo-ms, or use a smaller / faster engine (or a quieter machine)", device,
-                        cost.predict(1, camera, 0.5) * 1000, cfg.slo_ms)
-        scheduler = DeadlineScheduler(cost, max_batch, cfg.process_late, on_drop=self._drop)
-        worker = DeviceWorker(device, engine, scheduler, self._publish, threads=cfg.instances,
-                              on_batch=self._on_batch, on_failure=self._on_engine_failure)
-        self.placement.add_device(device, cfg.instances, frame_cost)
-        worker.start()
-        log.info("%s: %s (%s, input %s, batch <= %d, %d instances)", device, path, info.precision, info.imgsz,
-                 max_batch, cfg.instances)
-        return DeviceRuntime(device, path, engine, planner, cost, scheduler, worker, max_batch)
-
-    @staticmethod
-    def _warm_up(engine: Engine, planner: InputPlanner, cost: RunTimeModel, max_batch: int, instances: int) -> float:
-        """Seed the cost model: batch 1 at the full input, batches 1, 2, 4 .. max_batch at a 16:9 camera's shape
-        (how much batching pays on this device), and those again on all instances at once (how much they slow
-        each other down); returns seconds per frame at the full input."""
-        camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
-        sizes = sorted({1, max_batch, *(2**i for i in range(8) if 2**i < max_batch)})
-        runs = [(planner.imgsz, 1)] + [(camera, n) for n in sizes]
-        full = 0.0
-        for shape, n in runs:
-            x = np.full((n, *shape, 3), 114, np.uint8)
-            for _ in range(instances):  # each instance's first run of a shape (allocations, kernel selection, a
-                engine.infer(x)  # CUDA graph capture) stays out of the timed run, which borrows the first again
-            t0 = now()
-            engine.infer(x)
-            dt = now() - t0
-            cost.observe(n, shape, dt)
-            if (shape, n) == (planner.imgsz, 1):
-                full = dt
-        for n in sizes if instances > 1 else ():
-            x = np.full((n, *camera, 3), 114, np.uint8)
-            times: list[float] = []
-
-            def run(x: np.ndarray = x, times: list[float] = times) -> None:
-                t0 = now()
-                engine.infer(x)
-                times.append(now() - t0)
-
-            for _ in range(2):  # the first round is some instances' first run of the shape: not a fair figure
-                times.clear()
-                threads = [threading.Thread(target=run) for _ in range(instances)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            for dt in times:
-                cost.observe(n, camera, dt, others=instances - 1)
-        return full
+                        one_frame_s * 1000, self.config.slo_ms)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Stop taking work, stop the sources, let frames in flight finish (up to `timeout`), stop the workers."""
@@ -204,7 +178,7 @@ class ServerCore:
                 return
             self.draining = True
             streams = list(self._streams.values())
-        self.on_health_change(False)
+        self._update_serving()
         for s in streams:
             if s.source is not None:
                 s.source.stop()
@@ -212,13 +186,15 @@ class ServerCore:
         while now() < end and any(rt.scheduler.stats().in_flight for rt in self.runtimes.values()):
             self._stop.wait(0.02)
         self._stop.set()
+        self.supervisor.stop()
         for rt in self.runtimes.values():
             rt.worker.stop(max(0.1, end - now()))
         self.fanout.close_all()
         for s in streams:
             s.close()
         for rt in self.runtimes.values():
-            rt.engine.close()
+            if not self.supervisor.running(rt.name):  # an engine stuck in a hung run is left to the process exit
+                rt.engine.close()
         if self.metrics is not None:
             self.metrics.stop()
 
@@ -395,6 +371,7 @@ class ServerCore:
         label = stream.metrics_label
         if result.error:
             stream.stats.record_drop("error")
+            stream.note_error(result.error)
         else:
             stream.stats.record(result.latency_s, len(result.detections))
         if self.metrics is not None:
@@ -406,77 +383,178 @@ class ServerCore:
                 series.processed.inc()
         self.fanout.publish(result)
 
-    def _on_batch(self, device: str, size: int, seconds: float) -> None:
-        if device in self._failed:  # the engine works again: the server can serve
-            self._failed.discard(device)
-            self.placement.set_healthy(device, True)
-            self.on_health_change(not self.draining)
-        if self.metrics is not None and size:
-            inference, batch_size = self.metrics.runs(device)
-            inference.observe(seconds)
-            batch_size.observe(size)
-
     def _on_subscriber_overflow(self, n: int) -> None:
         if self.metrics is not None:
             self.metrics.results_dropped.inc(n)
 
-    def _on_engine_failure(self, device: str, error: str) -> None:
-        """An engine failed several batches in a row: move its streams to the healthy devices, if any."""
-        if self.metrics is not None:
-            self.metrics.engine_failures.labels(device).inc()
-        self._failed.add(device)
-        others = [d for d in self.placement.healthy_devices() if d != device]
-        if not others:
-            log.error("%s keeps failing (%s) and no other device is healthy: NOT_SERVING", device, error)
-            self.on_health_change(False)
+    # ----------------------------------------------------------------------------------------- device health
+    def _on_outcome(self, outcome: BatchOutcome) -> None:
+        """A batch ran (or raised): metrics, then the device's health decides whether anything must change."""
+        rt = self.runtimes.get(outcome.device)
+        if rt is None:
             return
-        log.error("%s keeps failing (%s): moving its streams to %s", device, error, ",".join(others))
-        self.placement.set_healthy(device, False)
-        with self._lock:
-            moving = [s for s in [*self._streams.values(), *self._private.values()] if s.device == device]
-            for stream in moving:
-                old = stream.runtime
-                pending = old.scheduler.remove_stream(stream.stream_id, stream.epoch) if old is not None else []
-                stream.bind(self.runtimes[self.placement.assign(stream.stream_id, stream.max_fps)])
-                for frame in pending:  # re-letterboxing for another input size is not worth it: drop
-                    self._drop(frame, "error")
+        if outcome.error is None:
+            if self.metrics is not None:
+                inference, batch_size = self.metrics.runs(outcome.device)
+                inference.observe(outcome.seconds)
+                batch_size.observe(outcome.size)
+            verdict = rt.health.succeeded(outcome.shape, outcome.started)
+        else:
+            if self.metrics is not None:
+                self.metrics.engine_failures.labels(outcome.device).inc()
+            verdict = rt.health.failed(outcome.error, outcome.shape, outcome.size)
+        self._act(rt, verdict)
+
+    def _on_worker_error(self, device: str) -> None:
+        if self.metrics is not None:
+            self.metrics.worker_errors.labels(device).inc()
+
+    def _on_hung(self, run: Run) -> None:
+        """The supervisor found a run past its deadline (its thread): answer its frames, replace its thread, and
+        take the device out of service."""
+        rt = self.runtimes.get(run.device)
+        if rt is None:
+            return
+        if self.metrics is not None:
+            self.metrics.engine_hangs.labels(run.device).inc()
+        error = f"engine run hung: {run.describe()} got no answer within {run.deadline_s:.1f} s"
+        log.error("%s: %s%s", run.device, error, "" if run.owner is not None else " (a re-check)")
+        if run.owner is not None:
+            rt.worker.abandon(run)  # its frames answered first: a result of a moved stream's later frame would
+        self._act(rt, rt.health.hung(error, run.shape, run.size))  # make them superseded
+        rt.worker.replenish()  # after the move: the new thread must find no frame of theirs left to hang on
+
+    def _act(self, rt: DeviceRuntime, verdict: Verdict) -> None:
+        if verdict is Verdict.PROBE:
+            fault = rt.health.fault
+            log.warning("%s: %d batches in a row failed, all at %s (%s): probing a shape it ran before to tell the "
+                        "device from the input", rt.name, rt.health.streak, fault.shape if fault else "?",
+                        fault.error if fault else "")
+            self._start_probe(rt)
+        elif verdict is Verdict.UNHEALTHY:
+            self._fail_over(rt)
+        elif verdict is Verdict.RECOVERED:
+            self._recover(rt)
+
+    def _start_probe(self, rt: DeviceRuntime) -> None:
+        """Probe the device's engine in a thread of its own (at most one per device: a probe may hang)."""
+        with rt.lock:
+            if rt.probing or self._stop.is_set():
+                return
+            rt.probing = True
+            rt.last_probe = now()
+        threading.Thread(target=self._probe, args=(rt,), name=f"probe-{rt.name}", daemon=True).start()
+
+    def _probe(self, rt: DeviceRuntime) -> None:
+        try:
+            plan = rt.health.probe_plan(rt.loaded.known_shapes)
+            if plan is None:
+                return
+            shape, size = plan
+            ok, error = rt.probe(shape, size, self.supervisor, self.deadline)
+            if ok is None:
+                return  # it hung: the supervisor reported that
+            if not ok:
+                log.warning("%s: engine still failing on a batch of %d at %dx%d (%s)", rt.name, size, *shape, error)
+            refused = rt.health.refused_shapes
+            self._act(rt, rt.health.probed(ok, error))
+            new = rt.health.refused_shapes - refused
+            for shape in new:
+                log.error("%s: the engine fails on %dx%d inputs but runs others: frames of that shape fail alone "
+                          "(their streams show the error); the device keeps serving", rt.name, *shape)
+        except Exception:
+            log.exception("%s: probing the engine failed", rt.name)
+        finally:
+            with rt.lock:
+                rt.probing = False
+                rt.last_probe = now()
+
+    def _fail_over(self, rt: DeviceRuntime) -> None:
+        """Take a device out of service: its streams move to the healthy devices (serialised: two devices failing
+        at once must not pick each other), health and metrics say so; with no healthy device left the streams
+        stay (NOT_SERVING) and the re-checks go on."""
+        fault = rt.health.fault
+        why = fault.error if fault is not None else "failing"
+        with self._failover_lock:
+            for name, other in self.runtimes.items():  # every device's own verdict, not a stale flag
+                self.placement.set_healthy(name, other.health.healthy)
+            self.on_device_health(rt.name, False)
+            self._update_serving()
+            if not self.placement.healthy_devices():
+                log.error("%s is out of service (%s) and no other device is healthy: NOT_SERVING; its streams stay "
+                          "and the engine is re-checked every %g s", rt.name, why, self.config.recheck_s)
+                return
+            with self._lock:
+                moving = [s for s in [*self._streams.values(), *self._private.values()] if s.runtime is rt]
+                targets = {}
+                for stream in moving:
+                    target = self.placement.assign(stream.stream_id, self._expected_fps(stream))
+                    self._move(stream, self.runtimes[target])
+                    targets[target] = targets.get(target, 0) + 1
+        where = ", ".join(f"{n} to {d}" for d, n in sorted(targets.items())) or "none to move"
+        log.error("%s is out of service (%s): streams moved: %s; re-checked every %g s", rt.name, why, where,
+                  self.config.recheck_s)
+
+    def _move(self, stream: Stream, target: DeviceRuntime) -> None:
+        """Run a stream on `target` from its next frame; its waiting frames go along where they fit the target's
+        input (the same engine geometry), else they are dropped as errors (the lock held)."""
+        old = stream.runtime
+        pending = old.scheduler.remove_stream(stream.stream_id, stream.epoch) if old is not None else []
+        stream.bind(target)
+        for frame in pending:
+            if target.planner.plan(frame.letterbox.src_hw) == frame.letterbox:
+                replaced = target.scheduler.submit(frame)
+                if replaced is not None:
+                    self._drop(replaced, "superseded" if replaced is not frame else "error")
+            else:
+                self._drop(frame, "error")
+
+    def _recover(self, rt: DeviceRuntime) -> None:
+        with self._failover_lock:
+            self.placement.set_healthy(rt.name, True)
+        log.info("%s: engine works again: the device takes streams", rt.name)
+        self.on_device_health(rt.name, True)
+        self._update_serving()
+
+    def _update_serving(self) -> None:
+        """Health says SERVING while the engines are loaded, the server is not draining and a device is healthy."""
+        serving = self.ready and not self.draining and any(rt.health.healthy for rt in self.runtimes.values())
+        self.on_health_change(serving)
+
+    def _expected_fps(self, stream: Stream) -> float:
+        return stream.max_fps
 
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
-        """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates;
-        re-test failed engines every RECHECK_S (a device that works again takes new streams)."""
+        """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates; start
+        a re-check of each device out of service every `recheck_s` (in a probe thread: never on this one, so a
+        hung re-check cannot stop stall detection)."""
         stall = self.config.rtsp.stall_s
-        last_recheck = now()
         while not self._stop.wait(min(0.25, stall / 4)):
-            if self._failed and now() - last_recheck > RECHECK_S:
-                last_recheck = now()
-                for device in list(self._failed):
-                    self._recheck(device)
-            with self._lock:
-                streams = list(self._streams.values())
-            t = now()
-            for s in streams:
-                src = s.source
-                if src is None or not src.watchdog or s.state != StreamState.STREAMING:
-                    continue
-                idle = t - src.last_frame_at
-                if idle > stall:
-                    log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
-                    src.restart(f"stalled: no frame for {idle:.1f} s")
-                self.placement.update_fps(s.stream_id, s.stats.fps(t))
+            try:
+                self._watch_once(stall)
+            except Exception:  # the watchdog must outlive any one bad round
+                log.exception("watchdog round failed")
 
-    def _recheck(self, device: str) -> None:
-        rt = self.runtimes[device]
-        try:
-            rt.engine.infer(np.full((1, *rt.planner.imgsz, 3), 114, np.uint8))
-        except Exception as e:
-            log.warning("%s: engine still failing (%s: %s)", device, type(e).__name__, e)
-            return
-        log.info("%s: engine works again", device)
-        self._on_batch(device, 0, 0.0)
+    def _watch_once(self, stall: float) -> None:
+        t = now()
+        for rt in list(self.runtimes.values()):
+            if not rt.health.healthy and not rt.probing and t - rt.last_probe >= self.config.recheck_s:
+                self._start_probe(rt)
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            src = s.source
+            if src is None or not src.watchdog or s.state != StreamState.STREAMING:
+                continue
+            idle = t - src.last_frame_at
+            if idle > stall:
+                log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
+                src.restart(f"stalled: no frame for {idle:.1f} s")
+            self.placement.update_fps(s.stream_id, s.stats.fps(t))
 
     def live_snapshot(self) -> LiveSnapshot:
-        """Stream counts by state and per-device queue depth, for the metrics scrape."""
+        """Stream counts by state, per-device queue depth, frames in flight and health, for the metrics scrape."""
         snap = LiveSnapshot()
         with self._lock:
             streams = list(self._streams.values())
@@ -486,18 +564,24 @@ class ServerCore:
             st = rt.scheduler.stats()
             snap.queue_depth[name] = st.queued
             snap.in_flight[name] = st.in_flight
+            snap.device_healthy[name] = rt.health.healthy
         return snap
 
     def server_info(self) -> ServerInfoView:
-        """Engines, devices, class names, input size and SLO."""
+        """Engines, devices and their health, class names, input size and SLO."""
         rts = list(self.runtimes.values())
         info = rts[0].engine.info if rts else EngineInfo(names={}, imgsz=(0, 0))
         names = [info.names.get(i, str(i)) for i in range(max(info.names, default=-1) + 1)]
+        status = []
+        for rt in rts:
+            fault = rt.health.fault
+            status.append(DeviceStatusView(rt.name, rt.health.healthy, rt.health.state.value,
+                                           fault.error if fault is not None else "", rt.version))
         return ServerInfoView(
-            __version__, [(rt.engine_path, rt.name, rt.engine.info, self.config.instances) for rt in rts],
+            __version__, [(rt.engine_path, rt.name, rt.engine.info, self.config.instances, rt.version) for rt in rts],
             list(self.runtimes), names, tuple(info.imgsz), self.config.slo_ms,
             max((rt.max_batch for rt in rts), default=self.config.max_batch), self.config.max_streams,
-            self.config.process_late)
+            self.config.process_late, status)
 
     def class_name(self, class_id: int, device: str | None = None) -> str:
         """The class name for an id from the engine of `device` (or the first one)."""

@@ -66,3 +66,4 @@ class FrameResult:
     public: bool = True
     error: str | None = None
     epoch: int = 0  # the incarnation of the stream that sent the frame (Frame.epoch)
+    model_version: str = ""  # the engine that ran it (runtime.model_version); '' when none did

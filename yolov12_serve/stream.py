@@ -151,6 +151,11 @@ class Stream:
             if error:
                 self.last_error = error
 
+    def note_error(self, error: str) -> None:
+        """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""
+        with self._lock:
+            self.last_error = error
+
     def count_reconnect(self) -> None:
         """Count one reconnect attempt (ListStreams and metrics show it)."""
         with self._lock:
