@@ -211,3 +211,96 @@ def test_a_camera_whose_frames_the_engine_cannot_run_fails_alone(tmp_path):
         reader.close()
     finally:
         srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ restarts
+class Churn:
+    """Adds streams (and removes some) over gRPC in a thread, recording what the server acknowledged: `acked`
+    {id: (url, max_fps)} and the one call in flight when it stopped."""
+
+    def __init__(self, client, port: int, first_id: int, acked: dict[str, tuple[str, float]],
+                 remove_share: float, seed: int) -> None:
+        import random
+
+        self.client, self.port, self.next_id, self.acked = client, port, first_id, acked
+        self.remove_share, self.rng = remove_share, random.Random(seed)
+        self.pending: tuple[str, str] | None = None  # ("add" | "remove", id)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            try:
+                if self.acked and self.rng.random() < self.remove_share:
+                    sid = self.rng.choice(sorted(self.acked))
+                    self.pending = ("remove", sid)
+                    self.client.remove_stream(sid)
+                    del self.acked[sid]
+                else:
+                    i, self.next_id = self.next_id, self.next_id + 1
+                    sid = f"cam{i}"
+                    url = f"rtsp://op:pw{i}x@127.0.0.1:{self.port}/s{i}" if i % 2 else f"rtsp://127.0.0.1:{self.port}/s{i}"
+                    self.pending = ("add", sid)
+                    self.client.add_stream(sid, url, max_fps=i % 5)
+                    self.acked[sid] = (url, float(i % 5))
+                self.pending = None
+            except grpc.RpcError:
+                return
+
+    def check(self, listed: dict) -> None:
+        """The listed streams are the acknowledged ones (the call in flight may have happened or not)."""
+        maybe = {self.pending[1]} if self.pending else set()
+        assert set(self.acked) - maybe <= set(listed) <= set(self.acked) | maybe, (sorted(self.acked), sorted(listed))
+        for sid in maybe:  # settle it: what the server kept is what it will keep
+            if sid in listed and sid not in self.acked:
+                self.acked[sid] = ("", listed[sid].max_fps)
+            elif sid not in listed:
+                self.acked.pop(sid, None)
+
+
+def test_kill_9_while_streams_come_and_go_brings_back_exactly_the_acknowledged_ones(tmp_path):
+    """Twice: streams are added (and, the second time, removed) over gRPC while the server is killed with SIGKILL
+    at a random moment; restarted on the same --state-dir, it has every stream whose AddStream was answered OK
+    and none whose RemoveStream was, with its URL and max_fps (only the one call in flight may have gone either
+    way). The stream list holds no password; the credentials file (mode 0600) does; no password reaches the log."""
+    import os
+    import random
+
+    from test_rtsp import free_port
+
+    from yolov12_serve.config import redact_url
+
+    state = tmp_path / "state"
+    dead = free_port()  # cameras that refuse: cheap to keep reconnecting
+    acked: dict[str, tuple[str, float]] = {}
+    rng = random.Random(27)
+    churn = None
+    for round_ in range(3):
+        srv = ServerProcess("--state-dir", str(state), "--max-streams", "500", "--backoff-cap-s", "5")
+        try:
+            c = srv.client()
+            c.wait_ready(60)
+            listed = {s.stream_id: s for s in c.list_streams()}
+            if churn is not None:
+                churn.check(listed)
+            for sid, (url, fps) in acked.items():
+                assert listed[sid].max_fps == pytest.approx(fps)
+                assert not url or listed[sid].url == redact_url(url)
+            if round_ == 2:
+                streams_file = (state / "streams.json").read_text()
+                credentials = state / "credentials.json"
+                assert "pw" not in streams_file and "op:***@" in streams_file
+                assert os.stat(credentials).st_mode & 0o777 == 0o600
+                with_password = [url for url, _ in acked.values() if "pw" in url]
+                assert with_password and all(url in credentials.read_text() for url in with_password)
+                assert not re.search(r"pw\d+x", srv.log())
+                break
+            churn = Churn(c, dead, churn.next_id if churn else 0, acked, remove_share=0.3 * round_, seed=round_)
+            wait_until(lambda n=8 * (round_ + 1): len(acked) >= n, 60, 0.02, "streams added")
+            time.sleep(rng.random() * 0.3)
+            srv.kill()
+            churn.stop.set()
+            churn.thread.join(30)
+        finally:
+            srv.close()

@@ -111,6 +111,9 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "ftp://cam"], "stream cam0: unsupported url 'ftp://cam'"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "/videos/line1.mp4"], "start the server with --allow-files"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt?fps=0"], "stream cam0: synthetic url"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--state-dir", "/tmp/s", "--no-state"], "contradict each other"),
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
+      "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)
@@ -463,3 +466,41 @@ def test_two_devices_failing_at_once_hand_every_stream_to_the_healthy_one():
         assert served == {f"s{i}" for i in range(6)}
     finally:
         core.drain(2)
+
+
+def test_the_stream_store_keeps_the_set_whole_and_passwords_apart(tmp_path):
+    """Saved and loaded back as given; the list holds no password, the credentials file (0600) does; of two saves
+    at once the later state is the one written (the snapshot is taken under the store's lock); a broken file is
+    one clear error."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from yolov12_serve.config import StreamSpec
+    from yolov12_serve.state import StreamStore
+
+    store = StreamStore(tmp_path / "state")
+    store.open()
+    assert store.load() == []
+    specs = [StreamSpec("a", "rtsp://cam/a", 5.0), StreamSpec("b", "rtsp://op:s3cret@cam/b", 0.0)]
+    store.save(lambda: specs)
+    assert StreamStore(tmp_path / "state").load() == specs
+    assert "s3cret" not in store.streams_path.read_text() and "op:***@cam/b" in store.streams_path.read_text()
+    assert json.loads(store.credentials_path.read_text())["urls"] == {"b": "rtsp://op:s3cret@cam/b"}
+    assert (store.credentials_path.stat().st_mode & 0o777) == 0o600
+    current: list[StreamSpec] = []
+    lock = threading.Lock()
+
+    def add_and_save(i: int) -> None:
+        with lock:
+            current.append(StreamSpec(f"s{i}", f"rtsp://u:p{i}@cam/{i}"))
+        store.save(lambda: list(current))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add_and_save, range(40)))
+    assert {s.stream_id for s in StreamStore(tmp_path / "state").load()} == {f"s{i}" for i in range(40)}
+    assert not [p for p in store.folder.iterdir() if p.name.endswith(".tmp")]
+    store.save(lambda: [])  # every stream removed: its credentials go too
+    assert json.loads(store.credentials_path.read_text())["urls"] == {} and store.load() == []
+    store.streams_path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"streams\.json is not valid JSON"):
+        store.load()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,9 +67,14 @@ class ServerProcess:
 
     def __init__(self, *args: str, model: Path | None = None, startup_s: float = 90.0,
                  faults: Path | None = None) -> None:
-        """`faults`: a folder of fault switches for the engines (tests/fault_injection.py)."""
+        """`faults`: a folder of fault switches for the engines (tests/fault_injection.py). Unless `args` name a
+        --state-dir or --no-state, the server keeps its streams in a fresh temporary folder (never the user's)."""
         engines = [] if "--demo" in args and model is None else ["--engines", str(model or model_path())]
         gpus = [] if "--gpus" in args else ["--gpus", "cpu"]
+        self.state_dir: str | None = None
+        if "--state-dir" not in args and "--no-state" not in args:
+            self.state_dir = tempfile.mkdtemp(prefix="yolov12-serve-state-")
+            args = (*args, "--state-dir", self.state_dir)
         cmd = [sys.executable, "-c", SERVE if faults is None else SERVE_WITH_FAULTS, "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "0", *gpus, *engines, *args]
         self.stderr = tempfile.NamedTemporaryFile("w+", prefix="yolov12-serve-", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the server
@@ -138,3 +144,5 @@ class ServerProcess:
         self.stderr.close()
         with contextlib.suppress(OSError):
             os.unlink(self.stderr.name)
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)

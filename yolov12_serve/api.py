@@ -101,12 +101,14 @@ class DetectorService(pb_grpc.DetectorServicer):
     async def AddStream(self, request: pb.AddStreamRequest, context) -> pb.StreamInfo:
         """Register a camera to pull; returns at once in CONNECTING."""
         spec = StreamSpec(request.stream_id, request.url, request.max_fps)
-        return messages.stream_info(self.core.add_stream(spec))
+        # in a thread: the stream set is saved (fsync) before the answer, and the loop serves others meanwhile
+        return messages.stream_info(await asyncio.to_thread(self.core.add_stream, spec))
 
     @_unary
     async def RemoveStream(self, request: pb.RemoveStreamRequest, context) -> pb.RemoveStreamResponse:
         """Stop a stream; returns its last state."""
-        return pb.RemoveStreamResponse(stream=messages.stream_info(self.core.remove_stream(request.stream_id)))
+        view = await asyncio.to_thread(self.core.remove_stream, request.stream_id)
+        return pb.RemoveStreamResponse(stream=messages.stream_info(view))
 
     @_unary
     async def ListStreams(self, request: pb.ListStreamsRequest, context) -> pb.ListStreamsResponse:

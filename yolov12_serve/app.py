@@ -59,7 +59,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         priority.lower_others(config.background_nice, config.background_batch)
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
-            core.add_stream(spec)
+            core.add_stream(spec, persist=False)  # the command line brings them back
+        core.restore_streams()
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
               f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)

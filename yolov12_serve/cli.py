@@ -67,6 +67,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiple of a batch's expected slow (p90) run time it may take before it is hung (default 10)")
     p.add_argument("--recheck-s", type=float, default=10.0,
                    help="how often the engine of a device out of service is tried again (default 10)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where the streams added over gRPC are kept, so that a restart brings them back (default: "
+                        "$XDG_STATE_HOME/yolov12-serve, else ~/.local/state/yolov12-serve)")
+    p.add_argument("--no-state", action="store_true", help="keep no stream set: a restart forgets streams added "
+                   "over gRPC")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -88,6 +93,11 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
                           "give one file for all or one per device")
     if args.stall_s <= 0 or args.backoff_cap_s <= 0:
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
+    if args.no_state and args.state_dir:
+        raise ConfigError("--state-dir and --no-state contradict each other: give one")
+    from .state import default_state_dir
+
+    state_dir = None if args.no_state else str(args.state_dir or default_state_dir())
     config = ServerConfig(
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
@@ -95,7 +105,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
         background_batch=args.background_batch,
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
-        run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s,
+        run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode))
     streams: list[StreamSpec] = []

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit, urlunsplit
 from .errors import ConfigError, InvalidArgumentError
 
 __all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
-           "load_streams_file", "redact_url", "url_kind", "validate_stream_id"]
+           "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
 DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
@@ -58,6 +58,7 @@ class ServerConfig:
     run_deadline_factor: float = 10.0
     recheck_s: float = 10.0  # how often a device out of service has its engine re-checked
     failures_before_unhealthy: int = 3  # batches failing in a row before a device is taken out of service
+    state_dir: str | None = None  # where the streams added over gRPC are kept across restarts (None: nowhere)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
 
     def __post_init__(self) -> None:
@@ -146,6 +147,17 @@ def redact_url(url: str) -> str:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrub_url(text: str, url: str) -> str:
+    """`text` (an error message, mostly FFmpeg's, that may quote the URL) with `url`'s password masked."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    if not password:
+        return text
+    return text.replace(url, redact_url(url)).replace(f":{password}@", ":***@")
 
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:

@@ -29,6 +29,7 @@ from .errors import (
     ConfigError,
     InvalidArgumentError,
     ResourceExhaustedError,
+    ServerError,
     StreamExistsError,
     StreamNotFoundError,
     UnavailableError,
@@ -42,6 +43,7 @@ from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
+from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import Run, RunDeadline, RunSupervisor
 from .worker import BatchOutcome, DeviceWorker
@@ -99,6 +101,8 @@ class ServerCore:
         self.fanout = Fanout(on_overflow=self._on_subscriber_overflow)
         self.supervisor = RunSupervisor(self._on_hung)
         self.deadline = RunDeadline(config.run_deadline_floor_s, config.run_deadline_factor)
+        self.store = StreamStore(config.state_dir) if config.state_dir else None
+        self._saved: list[StreamSpec] = []  # read from the store at start, added again by restore_streams()
         self._streams: dict[str, Stream] = {}
         self._private: dict[str, Stream] = {}
         self._lock = threading.RLock()
@@ -130,6 +134,9 @@ class ServerCore:
         for p in paths:
             if not Path(p).is_file():
                 raise ConfigError(f"engine file not found: {p}")
+        if self.store is not None:  # a state folder that cannot be used is said before the engines load
+            self.store.open()
+            self._saved = self.store.load()
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
         for i, device in enumerate(cfg.devices):
             self.runtimes[device] = self._start_device(device, paths[i] if len(paths) > 1 else paths[0])
@@ -199,21 +206,76 @@ class ServerCore:
             self.metrics.stop()
 
     # ----------------------------------------------------------------------------------------- streams
-    def add_stream(self, spec: StreamSpec) -> StreamView:
-        """Validate, register and start pulling a camera; returns at once (state CONNECTING)."""
+    def add_stream(self, spec: StreamSpec, persist: bool = True) -> StreamView:
+        """Validate, register and start pulling a camera; returns at once (state CONNECTING). With `persist` (a
+        stream added over gRPC) and a state folder, the stream set is saved before this returns: a stream
+        acknowledged is a stream a restart brings back (UNAVAILABLE, and nothing added, when it cannot be saved)."""
+        stream = self._add(spec, persistent=persist and self.store is not None)
+        if stream.persistent:
+            try:
+                self._save_streams()
+            except OSError as e:
+                self._unregister(stream, "removed")
+                raise UnavailableError(f"cannot save the stream set in {self.store.folder} "
+                                       f"({e.strerror or e}): the stream was not added") from None
+        stream.source.start()
+        log.info("stream %s added (%s) on %s", stream.stream_id, stream.url, stream.device)
+        return stream.view()
+
+    def _add(self, spec: StreamSpec, persistent: bool) -> Stream:
         validate_stream_id(spec.stream_id)
         kind = url_kind(spec.url, self.config.allow_files)
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
+        stream.spec, stream.persistent = spec, persistent
         try:
             stream.source = make_source(kind, stream, spec.url, self.config.rtsp)
         except Exception:
             self._unregister(stream, "removed")
             raise
-        stream.source.start()
-        log.info("stream %s added (%s) on %s", stream.stream_id, stream.url, stream.device)
-        return stream.view()
+        return stream
+
+    def restore_streams(self) -> int:
+        """Add the streams saved in the state folder again (after the command line's: an id given there wins);
+        returns how many. A saved stream that cannot be added is logged and dropped from the set."""
+        saved, self._saved = self._saved, []
+        restored, dropped = 0, False
+        for spec in saved:
+            if self.has_stream(spec.stream_id):
+                log.warning("stream %s is saved in %s and given on the command line: the command line's is used",
+                            spec.stream_id, self.store.folder if self.store else "?")
+                dropped = True
+                continue
+            try:
+                stream = self._add(spec, persistent=True)
+            except ServerError as e:
+                log.error("stream %s saved in %s cannot be added again (%s); it is dropped from the saved set",
+                          spec.stream_id, self.store.folder if self.store else "?", e)
+                dropped = True
+                continue
+            stream.source.start()
+            restored += 1
+        if dropped:
+            self._save_streams_logged()
+        if restored:
+            log.info("%d streams restored from %s", restored, self.store.folder if self.store else "?")
+        return restored
+
+    def _save_streams(self) -> None:
+        if self.store is not None:
+            self.store.save(self._persistent_specs)
+
+    def _save_streams_logged(self) -> None:
+        try:
+            self._save_streams()
+        except OSError as e:
+            log.error("cannot save the stream set in %s (%s): a restart may bring back removed streams",
+                      self.store.folder if self.store else "?", e.strerror or e)
+
+    def _persistent_specs(self) -> list[StreamSpec]:
+        with self._lock:
+            return [s.spec for s in self._streams.values() if s.persistent and s.spec is not None]
 
     def open_push(self, stream_id: str) -> Stream:
         """Register a stream fed by a Detect call (listed as push://, never dropped as late: the client paces it)."""
@@ -281,6 +343,8 @@ class ServerCore:
             if stream is None:
                 raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
             self._unregister(stream, "removed")
+        if stream.persistent:
+            self._save_streams_logged()
         log.info("stream %s removed", stream_id)
         return stream.view()
 

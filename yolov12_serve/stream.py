@@ -12,6 +12,7 @@ import numpy as np
 
 from engines.letterbox import Letterbox
 
+from .config import StreamSpec
 from .frames import Frame, now
 from .sources.base import Source, StreamState
 from .stats import StreamStats
@@ -43,6 +44,7 @@ class StreamView:
     detections_per_frame: float
     width: int
     height: int
+    max_fps: float = 0.0
 
 
 class Stream:
@@ -54,6 +56,8 @@ class Stream:
                  metrics_label: str | None = None, epoch: int = 0) -> None:
         self.stream_id = stream_id
         self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
+        self.spec: StreamSpec | None = None  # what AddStream asked for, URL credentials included (never shown)
+        self.persistent = False  # kept in the state folder (added over gRPC, not from the command line)
         self.url = url
         self.kind = kind
         self.max_fps = max_fps
@@ -167,4 +171,4 @@ class Stream:
         snap = self.stats.snapshot()
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
-                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0])
+                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps)
