@@ -3,9 +3,9 @@ switches the test flips, for the failure paths that need a GPU or a rare event (
 never returns").
 
 In a server subprocess the switches are files in a folder (`YOLOV12_TEST_FAULTS`), named per device with ':'
-written '-' (`hang-cpu-1`, `delay-cpu-0` holding seconds, `fail-cpu-1`, `refuse-192x320` for one input shape
-on every device). `install()` wraps the server's default engine loader with `FaultyEngine`; `ServerProcess(...,
-faults=folder)` starts a server that calls it first. In-process tests flip the same files.
+written '-' (`hang-cpu-1`, `delay-cpu-0` holding seconds per frame, `fail-cpu-1`, `refuse-192x320` for one
+input shape on every device). `install()` wraps the server's default engine loader with `FaultyEngine`;
+`ServerProcess(..., faults=folder)` starts a server that calls it first. In-process tests flip the same files.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def switch_name(kind: str, device: str) -> str:
 
 class FaultyEngine(Engine):
     """A real engine behind switches: `hang-DEV` blocks every call while the file exists (a CUDA call that never
-    returns), `fail-DEV` raises, `delay-DEV` sleeps that many seconds first (frames stay in flight longer),
+    returns), `fail-DEV` raises, `delay-DEV` sleeps that many seconds per frame first (frames stay in flight
+    longer; a device fills with few frames, and batching gains nothing, as on a CPU),
     `refuse-HxW` raises for inputs of that shape only (a shape the engine cannot run)."""
 
     def __init__(self, inner: Engine, device: str, control: Path) -> None:
@@ -56,7 +57,7 @@ class FaultyEngine(Engine):
             raise RuntimeError(f"injected: this engine cannot run a {h}x{w} input")
         delay = self._on("delay")
         if delay is not None:
-            time.sleep(float(delay.read_text() or 0))
+            time.sleep(float(delay.read_text() or 0) * len(batch))
         return self.inner.infer(batch)
 
     def close(self) -> None:

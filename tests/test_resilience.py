@@ -304,3 +304,179 @@ def test_kill_9_while_streams_come_and_go_brings_back_exactly_the_acknowledged_o
             churn.thread.join(30)
         finally:
             srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ overload
+def test_a_device_that_stays_over_capacity_hands_a_camera_to_a_lighter_one(tmp_path):
+    """Two CPU devices whose frames take 40 ms longer each (so few fill them). Placed before they sent a frame, by
+    what they said they would send, two 20 fps cameras share one device and a 2 fps camera that announced 100
+    has the other: the first is offered 40 frames/s, twice what it can run, and loses frames (counting what it
+    processed, it looked no fuller than its capacity). Placement counts offered frames: after --rebalance-s of
+    it, one of the two moves."""
+    for device in ("cpu-0", "cpu-1"):
+        (tmp_path / f"delay-{device}").write_text("0.04")
+    srv = ServerProcess("--gpus", "cpu:2", "--instances", "1", "--rebalance-s", "1.5", "--slo-ms", "1000",
+                        faults=tmp_path)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        c.add_stream("b", "synthetic://b?fps=2&size=320x180", max_fps=100)
+        for sid in ("a", "c"):
+            c.add_stream(sid, f"synthetic://{sid}?fps=20&size=320x180")
+        devices = {s.stream_id: s.device for s in c.list_streams()}
+        assert devices["a"] == devices["c"] != devices["b"], devices
+        wait_until(lambda: len({s.device for s in c.list_streams() if s.stream_id in "ac"}) == 2, 60, 0.2,
+                   "the two busy cameras on different devices")
+        assert gauge(srv.metrics(), "yolov12_stream_moves_total", reason="rebalance") >= 1
+        assert "over capacity" in srv.log()
+        before = {s.stream_id: s.frames_processed for s in c.list_streams()}
+        wait_until(lambda: all(s.frames_processed > before[s.stream_id] + 3 for s in c.list_streams()), 60,
+                   what="every camera served after the move")
+    finally:
+        srv.close()
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+
+
+def _quantile_from_histogram(text: str, name: str, q: float, **labels: str) -> float:
+    """The upper edge of the bucket holding quantile `q` of a Prometheus histogram in an exposition."""
+    want = "".join(f',{k}="{v}"' for k, v in sorted(labels.items()))
+    buckets = []
+    for m in re.finditer(rf'^{name}_bucket\{{(.*)\}} (\S+)$', text, flags=re.M):
+        le = re.search(r'le="([^"]+)"', m.group(1)).group(1)
+        rest = re.sub(r',?le="[^"]+"', "", m.group(1))
+        if "".join(f",{p}" for p in sorted(filter(None, rest.split(",")))) == want:
+            buckets.append((float(le), float(m.group(2))))
+    buckets.sort()
+    total = buckets[-1][1]
+    return next(le for le, count in buckets if count >= q * total)
+
+
+@pytest.mark.slow
+def test_three_times_overload_keeps_cameras_served_on_time_and_memory_bounded(tmp_path):
+    """Three 5 fps cameras use about half of a device whose frames take 60 ms more each (2 instances); then
+    twelve clients flood it with DetectImage calls, some three times what it runs in all. The cameras keep their
+    share and their results stay within the objective plus one batch run time (p99); images beyond what can run
+    are refused or dropped late, with RESOURCE_EXHAUSTED, and counted by reason; memory stays put. (Pushed
+    frames never dropped late and went first in deadline order: the cameras starved.)"""
+    import numpy as np
+
+    from yolov12_serve.client import make_frame
+
+    (tmp_path / "delay-cpu").write_text("0.06")
+    slo_ms = 250  # a frame that waits for a run and then runs (2 x 70 ms) makes it
+    srv = ServerProcess("--slo-ms", str(slo_ms), "--instances", "2", "--max-pending-images", "16", faults=tmp_path)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        cams = [f"cam{i}" for i in range(3)]
+        for sid in cams:
+            c.add_stream(sid, f"synthetic://{sid}?fps=5&size=320x180")
+        reader = Reader(c.watch(cams))
+        wait_until(lambda: all((c.stream(s).frames_processed or 0) > 10 for s in cams), 60, what="cameras running")
+        time.sleep(2)
+        before = {s.stream_id: s.frames_processed for s in c.list_streams()}
+        t0 = time.monotonic()
+        time.sleep(4)
+        alone = {s.stream_id: (s.frames_processed - before[s.stream_id]) / (time.monotonic() - t0)
+                 for s in c.list_streams()}
+        rss_before = _rss_mb(srv.proc.pid)
+        image = make_frame(np.random.default_rng(0).integers(0, 255, (180, 320, 3), np.uint8), encoding="jpeg")
+        outcomes: dict[str, int] = {}
+        stop = threading.Event()
+        lock = threading.Lock()
+
+        def flood() -> None:
+            client = srv.client(timeout=30)
+            while not stop.is_set():
+                try:
+                    client.detect_image(image)
+                    key = "OK"
+                except grpc.RpcError as e:
+                    key = e.code().name
+                with lock:
+                    outcomes[key] = outcomes.get(key, 0) + 1
+            client.close()
+
+        flooders = [threading.Thread(target=flood, daemon=True) for _ in range(12)]
+        for t in flooders:
+            t.start()
+        time.sleep(3)  # the flood settles
+        while not reader.results.empty():
+            reader.results.get_nowait()
+        before = {s.stream_id: s.frames_processed for s in c.list_streams()}
+        t0 = time.monotonic()
+        time.sleep(8)
+        flooded = {s.stream_id: (s.frames_processed - before[s.stream_id]) / (time.monotonic() - t0)
+                   for s in c.list_streams()}
+        latencies = []
+        while not reader.results.empty():
+            fd = reader.results.get_nowait()
+            if not fd.error:
+                latencies.append(fd.latency_ms)
+        rss_flood = _rss_mb(srv.proc.pid)
+        stop.set()
+        for t in flooders:
+            t.join(30)
+        reader.close()
+        text = srv.metrics()
+        images_per_s = outcomes.get("OK", 0) / 11
+        offered = sum(outcomes.values()) / 11 + 15
+        throughput = images_per_s + sum(flooded.values())
+        assert offered > 2.5 * throughput, (outcomes, offered, throughput)  # the flood really was ~3x
+        for sid in cams:  # each camera keeps (most of) its share: the images together get one camera's turn
+            assert flooded[sid] >= 0.6 * alone[sid], (flooded, alone, outcomes)
+        assert images_per_s > 1, outcomes  # images are served too, just not all of them
+        assert outcomes.get("RESOURCE_EXHAUSTED", 0) > 0, outcomes
+        run_p99_ms = 1000 * _quantile_from_histogram(text, "yolov12_inference_seconds", 0.99, device="cpu")
+        p99 = float(np.percentile(latencies, 99))
+        assert p99 <= slo_ms + run_p99_ms, (p99, run_p99_ms, len(latencies))
+        assert (gauge(text, "yolov12_frames_dropped_total", reason="late", stream="_image") or 0) > 0
+        assert rss_flood - rss_before < 100, (rss_before, rss_flood)
+    finally:
+        srv.close()
+
+
+def test_push_frames_the_engine_cannot_run_are_answered_and_calls_are_bounded(tmp_path):
+    """A Detect call whose frames fail is answered frame by frame (`error` set) and goes on to its end (it ended
+    at the first failed frame, INTERNAL); DetectImage says INTERNAL; and beyond --max-concurrent-rpcs calls at
+    once (three watchers here) the server answers RESOURCE_EXHAUSTED instead of queueing without limit."""
+    import numpy as np
+
+    from yolov12_serve.client import make_frame
+
+    srv = ServerProcess("--max-concurrent-rpcs", "3", faults=tmp_path)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        (tmp_path / "refuse-192x320").touch()
+        image = np.random.default_rng(1).integers(0, 255, (360, 640, 3), np.uint8)
+        frames = [make_frame(image, "pusher", i, encoding="png") for i in range(4)]
+        results = list(c.detect(iter(frames), timeout=60))
+        assert [r.frame_id for r in results] == [0, 1, 2, 3]
+        assert all("cannot run a 192x320 input" in r.error and not r.detections for r in results)
+        with pytest.raises(grpc.RpcError) as e:
+            c.detect_image(frames[0])
+        assert e.value.code() == grpc.StatusCode.INTERNAL and "192x320" in e.value.details()
+        c.add_stream("w", "synthetic://w?fps=2&size=320x180")
+        watches = [c.watch(["w"]) for _ in range(3)]
+        for w in watches:
+            next(w)  # each call is open on the server
+        with pytest.raises(grpc.RpcError) as e:
+            c.list_streams()
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for w in watches:
+            w.cancel()
+
+        def accepted() -> bool:
+            try:
+                return c.list_streams() is not None
+            except grpc.RpcError:
+                return False
+
+        wait_until(accepted, 10, what="calls accepted again")
+    finally:
+        srv.close()

@@ -167,13 +167,42 @@ def test_frames_that_cannot_make_it_are_dropped_late_unless_process_late():
     assert drops2 == []
 
 
-def test_pushed_frames_are_never_dropped_late():
-    clock = Clock(100.0)
-    s, drops = make_scheduler(linear_cost(0.010, 0.010), clock=clock)
-    s.add_stream("p", capacity=2)
-    s.submit(frame("p", 7, 99.0, droppable=False))
-    assert [f.frame_id for f in s.schedule(0).frames] == [7]
-    assert drops == []
+def test_pushed_frames_have_deadlines_too():
+    """A pushed frame past its deadline is dropped as late (its caller is answered with the reason): exempt, a
+    flood of them ran ahead of every camera. --process-late runs it anyway."""
+    for process_late, want in [(False, []), (True, [7])]:
+        clock = Clock(100.0)
+        s, drops = make_scheduler(linear_cost(0.010, 0.010), process_late=process_late, clock=clock)
+        s.add_stream("p", capacity=2, exclusive=True)
+        s.submit(frame("p", 7, 99.0, droppable=False))
+        batch = s.schedule(0)
+        assert ([f.frame_id for f in batch.frames] if batch else []) == want
+        assert drops == ([] if process_late else [(7, "late")])
+
+
+def test_under_overload_one_off_images_share_one_turn():
+    """Every DetectImage call is a stream of its own: as such each was "never served" and went before every
+    camera. In one group they take one camera's turn between the cameras'."""
+    clock = Clock(99.0)
+    s, _ = make_scheduler(linear_cost(0.010, 0.010), max_batch=1, clock=clock)  # 50 frames/s
+    for name in ("a", "b"):
+        s.add_stream(name)
+    for i in range(6):
+        s.add_stream(f"img{i}", capacity=2, exclusive=True, group="_image")
+    for i in range(90):  # the last second: 90 frames offered
+        clock.t = 99.0 + (i + 1) / 90
+        s.submit(frame("ab"[i % 2], i, clock.t))
+    clock.t = 100.0
+    for k in range(6):
+        s.submit(frame(f"img{k}", 500 + k, 99.999, droppable=False))
+    for k, name in enumerate("ab"):
+        s.submit(frame(name, 100 + k, 99.990 + 0.001 * k))
+    order = []
+    for _ in range(4):
+        batch = s.schedule(0)
+        order.append(batch.frames[0].stream_id[:3])
+        s.update_from_output(batch, 0.02)
+    assert order == ["img", "b", "a", "img"]
 
 
 def test_a_stale_pessimistic_estimate_is_re_measured_by_a_probe():
@@ -298,8 +327,7 @@ def test_a_stale_slow_alone_figure_does_not_make_a_busy_device_give_up_on_the_sl
 def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_its_newest_frame():
     """Cameras offering more than the device can run: frames are lost whatever runs first, so the camera served
     longest ago goes first, with its newest frame (every camera gets its share, results come fresh); below
-    capacity, with pushed frames ready, and with frames that run late anyway, the earliest deadline goes
-    first."""
+    capacity, and with frames that run late anyway, the earliest deadline goes first."""
 
     def pick(offered_per_s: int, push: bool = False, run_s: float = 0.020) -> list[str]:
         clock = Clock(99.0)
@@ -321,7 +349,7 @@ def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_
 
     assert pick(30) == ["a", "b"]  # 30 frames/s offered, 50 possible: deadline order
     assert pick(90) == ["c", "b"]  # 90 offered: the newest frame first, then the camera served longest ago
-    assert pick(90, push=True) == ["a", "p"]  # a pushed frame is ready: deadline order (it is never dropped)
+    assert pick(90, push=True) == ["c", "b"]  # a pushed frame no longer forces deadline order: it takes its turn
     # an engine slower than the SLO runs every frame late (none is dropped): the oldest must not wait for good
     assert pick(90, run_s=0.060) == ["a", "b"]
 
@@ -574,6 +602,27 @@ def test_placement_picks_the_least_loaded_healthy_device():
     p.set_healthy("cuda:0", False)
     with pytest.raises(RuntimeError, match="no healthy device"):
         p.assign("none")
+
+
+def test_placement_plans_the_move_that_lightens_the_busiest_device_most():
+    p = Placement()
+    p.add_device("cpu:0", instances=1, frame_cost_s=0.020)
+    p.add_device("cpu:1", instances=1, frame_cost_s=0.020)
+    for sid in ("a", "b", "c"):
+        p.assign(sid, fps=25)  # a, c on cpu:0 (ties go first), b on cpu:1
+    assert p.streams_on("cpu:0") == ["a", "c"]
+    for sid, offered in (("a", 30), ("b", 2), ("c", 20)):  # what they turn out to offer
+        p.update_fps(sid, offered)
+    assert p.loads() == pytest.approx({"cpu:0": 1.0, "cpu:1": 0.04})
+    assert p.plan_move("cpu:0", {"a", "c"}) == ("c", "cpu:1")  # loads 0.6 / 0.44, against 0.4 / 0.64 for a
+    assert p.plan_move("cpu:0", {"a"}) == ("a", "cpu:1")  # only the movable
+    p.move("c", "cpu:1")
+    assert p.loads() == pytest.approx({"cpu:0": 0.6, "cpu:1": 0.44})
+    assert p.plan_move("cpu:0", {"a"}) is None  # 0 / 1.04: the busier one would be busier
+    assert p.plan_move("cpu:1", {"b", "c"}) is None
+    p.set_healthy("cpu:1", False)
+    p.update_fps("a", 80)
+    assert p.plan_move("cpu:0", {"a"}) is None  # nowhere healthy to go
 
 
 def test_backoff_grows_exponentially_with_jitter_up_to_the_cap():
@@ -977,11 +1026,11 @@ def test_results_overtaken_by_a_newer_frame_are_not_published():
 
 
 def test_late_batches_take_the_efficient_size_big_where_batching_pays():
-    """Frames late anyway (here: pushed frames past their deadline) run in the batch size with the best frames/s:
+    """Frames late anyway (here: past their deadline, with --process-late) run in the batch size with the best frames/s:
     1 where batching gains nothing (CPU-like costs), the largest where it does (GPU-like costs)."""
     for cost, want in [(linear_cost(0.0, 0.010), 1), (linear_cost(0.030, 0.001), 6)]:
         clock = Clock(100.0)
-        s, _ = make_scheduler(cost, clock=clock)
+        s, _ = make_scheduler(cost, process_late=True, clock=clock)
         for i in range(6):
             s.add_stream(f"p{i}", capacity=2, exclusive=True)
             s.submit(frame(f"p{i}", i, 99.0, droppable=False))

@@ -167,6 +167,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.core.close_stream(stream)
         if result is None:
             raise UnavailableError("the server is shutting down")
+        if result.drop_reason == "late":
+            raise ResourceExhaustedError(f"{result.error}: retry later")
         if result.error is not None:
             await context.abort(grpc.StatusCode.INTERNAL, result.error)
         return messages.frame_detections(result, self._names(result.device), request.stream_id)
@@ -181,7 +183,7 @@ class GrpcServer:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ])
+        ], maximum_concurrent_rpcs=core.config.max_concurrent_rpcs)  # beyond: RESOURCE_EXHAUSTED, memory bounded
         self.service = DetectorService(core)
         pb_grpc.add_DetectorServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()

@@ -67,6 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="multiple of a batch's expected slow (p90) run time it may take before it is hung (default 10)")
     p.add_argument("--recheck-s", type=float, default=10.0,
                    help="how often the engine of a device out of service is tried again (default 10)")
+    p.add_argument("--max-pending-images", type=int, default=32,
+                   help="DetectImage calls served at once; more are refused with RESOURCE_EXHAUSTED (default 32)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                   help="gRPC calls at once, watchers and Detect calls included; more are refused with "
+                        "RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--rebalance-s", type=float, default=10.0,
+                   help="a device whose cameras offer more frames than it can run for this long hands one to a less "
+                        "loaded device (0: never; default 10)")
     p.add_argument("--state-dir", metavar="DIR",
                    help="where the streams added over gRPC are kept, so that a restart brings them back (default: "
                         "$XDG_STATE_HOME/yolov12-serve, else ~/.local/state/yolov12-serve)")
@@ -106,6 +114,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         background_batch=args.background_batch,
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
         run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,
+        max_pending_images=args.max_pending_images, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        rebalance_s=args.rebalance_s,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode))
     streams: list[StreamSpec] = []

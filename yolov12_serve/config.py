@@ -59,12 +59,16 @@ class ServerConfig:
     recheck_s: float = 10.0  # how often a device out of service has its engine re-checked
     failures_before_unhealthy: int = 3  # batches failing in a row before a device is taken out of service
     state_dir: str | None = None  # where the streams added over gRPC are kept across restarts (None: nowhere)
+    max_pending_images: int = 32  # DetectImage calls being decoded, waiting or running at once; more: refused
+    max_concurrent_rpcs: int = 256  # gRPC calls at once (watchers and Detect calls included); more: refused
+    rebalance_s: float = 10.0  # a device over capacity this long gives a stream to a less loaded one (0: never)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
 
     def __post_init__(self) -> None:
         if self.slo_ms <= 0:
             raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
-        for name in ("instances", "max_batch", "max_streams", "subscriber_queue"):
+        for name in ("instances", "max_batch", "max_streams", "subscriber_queue", "max_pending_images",
+                     "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:

@@ -107,6 +107,7 @@ class ServerCore:
         self._private: dict[str, Stream] = {}
         self._lock = threading.RLock()
         self._failover_lock = threading.Lock()  # one device's streams move at a time (two failing at once)
+        self._over_since: dict[str, float] = {}  # device -> since when its load is over capacity (rebalancing)
         self._image_ids = itertools.count()
         self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
@@ -285,13 +286,17 @@ class ServerCore:
         return stream
 
     def open_image(self) -> Stream:
-        """A private one-off stream for DetectImage (not listed, not watched, metrics under one shared label)."""
+        """A private one-off stream for DetectImage (not listed, not watched, metrics under one shared label, one
+        turn under overload for all of them); RESOURCE_EXHAUSTED beyond --max-pending-images at once."""
         self._check_serving()
         sid = f"\x00image-{next(self._image_ids)}"
         with self._lock:
+            if len(self._private) >= self.config.max_pending_images:
+                raise ResourceExhaustedError(f"{len(self._private)} images are being detected already (the limit, "
+                                             "--max-pending-images): retry later, or push a stream with Detect")
             stream = Stream(sid, "image://", "image", 0.0, self.config.slo_s, self._on_ingest, self._drop,
                             self._on_reconnect, droppable=False, public=False, metrics_label=IMAGE_LABEL,
-                            epoch=next(self._epochs))
+                            epoch=next(self._epochs), group=IMAGE_LABEL)
             stream.bind(self.runtimes[self.placement.assign(sid)])
             self._private[sid] = stream
         return stream
@@ -406,10 +411,12 @@ class ServerCore:
             return  # removed meanwhile (maybe added again: a new stream): its series are gone too
         self._count_drop(stream, reason)
         if not frame.droppable:  # a push or DetectImage caller waits for this frame: answer it with the reason
+            why = ("it could not run within the latency objective: the server is overloaded" if reason == "late"
+                   else reason)
             self.fanout.publish(FrameResult(frame.stream_id, frame.frame_id, np.zeros((0, 6), np.float32),
                                             frame.letterbox.src_hw, frame.capture_time_us, now() - frame.ingest_time,
-                                            stream.device, frame.public, error=f"frame dropped ({reason})",
-                                            epoch=frame.epoch))
+                                            stream.device, frame.public, error=f"frame dropped ({why})",
+                                            epoch=frame.epoch, drop_reason=reason))
 
     def _count_drop(self, stream: Stream, reason: str) -> None:
         stream.stats.record_drop(reason)
@@ -555,6 +562,8 @@ class ServerCore:
                     target = self.placement.assign(stream.stream_id, self._expected_fps(stream))
                     self._move(stream, self.runtimes[target])
                     targets[target] = targets.get(target, 0) + 1
+                    if self.metrics is not None and stream.public:
+                        self.metrics.stream_moves.labels("failover").inc()
         where = ", ".join(f"{n} to {d}" for d, n in sorted(targets.items())) or "none to move"
         log.error("%s is out of service (%s): streams moved: %s; re-checked every %g s", rt.name, why, where,
                   self.config.recheck_s)
@@ -586,7 +595,8 @@ class ServerCore:
         self.on_health_change(serving)
 
     def _expected_fps(self, stream: Stream) -> float:
-        return stream.max_fps
+        """What placement should expect of a stream moving: what it offered lately, else its cap."""
+        return stream.stats.offered_fps() or stream.max_fps
 
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
@@ -608,6 +618,7 @@ class ServerCore:
         with self._lock:
             streams = list(self._streams.values())
         for s in streams:
+            self.placement.update_fps(s.stream_id, s.stats.offered_fps(t))  # offered, not processed: see placement
             src = s.source
             if src is None or not src.watchdog or s.state != StreamState.STREAMING:
                 continue
@@ -615,7 +626,37 @@ class ServerCore:
             if idle > stall:
                 log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
                 src.restart(f"stalled: no frame for {idle:.1f} s")
-            self.placement.update_fps(s.stream_id, s.stats.fps(t))
+        self._rebalance(t)
+
+    def _rebalance(self, t: float) -> None:
+        """A healthy device whose cameras have offered more than it can run for `rebalance_s` hands one camera to
+        a device where it lowers the busier load (one move per period, so rates settle before the next)."""
+        if self.config.rebalance_s <= 0 or len(self.runtimes) < 2:
+            return
+        loads = self.placement.loads()
+        for device, load in loads.items():
+            if load <= 1.0 or not self.runtimes[device].health.healthy:
+                self._over_since.pop(device, None)
+                continue
+            since = self._over_since.setdefault(device, t)
+            if t - since < self.config.rebalance_s:
+                continue
+            self._over_since[device] = t  # the next move, if any, after another period
+            with self._failover_lock, self._lock:
+                movable = {s.stream_id for s in self._streams.values() if s.droppable and s.runtime is not None
+                           and s.runtime.name == device}
+                plan = self.placement.plan_move(device, movable)
+                if plan is None:
+                    continue
+                sid, target = plan
+                stream = self._streams[sid]
+                self.placement.move(sid, target)
+                self._move(stream, self.runtimes[target])
+            if self.metrics is not None:
+                self.metrics.stream_moves.labels("rebalance").inc()
+            after = self.placement.loads()
+            log.warning("%s has been over capacity (load %.2f) for %g s: stream %s moved to %s (loads now %.2f and "
+                        "%.2f)", device, load, self.config.rebalance_s, sid, target, after[device], after[target])
 
     def live_snapshot(self) -> LiveSnapshot:
         """Stream counts by state, per-device queue depth, frames in flight and health, for the metrics scrape."""

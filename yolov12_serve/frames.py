@@ -67,3 +67,4 @@ class FrameResult:
     error: str | None = None
     epoch: int = 0  # the incarnation of the stream that sent the frame (Frame.epoch)
     model_version: str = ""  # the engine that ran it (runtime.model_version); '' when none did
+    drop_reason: str = ""  # the frame was dropped before it ran ('late', ...): `error` says so to its caller

@@ -136,6 +136,11 @@ class Metrics:
                                     ["device"], registry=r)
         self.worker_errors = Counter("yolov12_worker_errors", "Exceptions caught in a device worker outside the engine "
                                      "call (the thread goes on).", ["device"], registry=r)
+        self.stream_moves = Counter("yolov12_stream_moves", "Streams moved to another device, by reason: failover (its "
+                                    "device failed or hung) or rebalance (its device stayed over capacity).",
+                                    ["reason"], registry=r)
+        for reason in ("failover", "rebalance"):
+            self.stream_moves.labels(reason)
         self._runs: dict[str, tuple[Any, Any]] = {}
         for dev in self.devices:
             self.runs(dev)

@@ -55,7 +55,7 @@ class LoadedEngine:
     planner: InputPlanner
     cost: RunTimeModel
     max_batch: int
-    frame_cost_s: float  # batch 1 at the full input, measured at warm-up (placement's first guess)
+    frame_cost_s: float  # seconds per camera frame at the batch size that runs them fastest (placement's cost)
     version: str
 
     @property
@@ -87,7 +87,9 @@ def load_engine(loader: EngineLoader, device: str, path: str, instances: int, ma
         planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
         batch = max(1, min(max_batch, info.batch[1]))
         cost = RunTimeModel()
-        frame_cost = warm_up(engine, planner, cost, batch, instances)
+        warm_up(engine, planner, cost, batch, instances)
+        camera = fit_shape(CAMERA_HW, planner.imgsz, planner.stride, rect=planner.dynamic_hw)
+        frame_cost = min(cost.predict(n, camera, 0.5) / n for n in range(1, batch + 1))
     except BaseException:
         engine.close()
         raise

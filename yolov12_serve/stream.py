@@ -53,7 +53,7 @@ class Stream:
     def __init__(self, stream_id: str, url: str, kind: str, max_fps: float, slo_s: float,
                  on_ingest: Callable[[Stream], None], on_drop: Callable[[Frame, str], None],
                  on_reconnect: Callable[[Stream], None], droppable: bool = True, public: bool = True,
-                 metrics_label: str | None = None, epoch: int = 0) -> None:
+                 metrics_label: str | None = None, epoch: int = 0, group: str | None = None) -> None:
         self.stream_id = stream_id
         self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
         self.spec: StreamSpec | None = None  # what AddStream asked for, URL credentials included (never shown)
@@ -65,6 +65,7 @@ class Stream:
         self.droppable = droppable
         self.public = public
         self.metrics_label = metrics_label or stream_id
+        self.group = group  # streams sharing one turn under overload (all DetectImage calls); None: its own
         self.state = StreamState.CONNECTING
         self.last_error = ""
         self.reconnects = 0
@@ -106,9 +107,10 @@ class Stream:
         """Run on `runtime`'s device from now on (placement, or a move after an engine failure)."""
         self.runtime = runtime
         if self.droppable:  # a camera: newest frame wins, frames may overlap (results re-ordered by `accept`)
-            runtime.scheduler.add_stream(self.stream_id, epoch=self.epoch)
+            runtime.scheduler.add_stream(self.stream_id, epoch=self.epoch, group=self.group)
         else:  # pushed frames: a small FIFO window, one running at a time, each answered in order
-            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True, epoch=self.epoch)
+            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True, epoch=self.epoch,
+                                         group=self.group)
 
     def plan(self, src_hw: tuple[int, int]) -> Letterbox:
         """The letterbox for this source size on the current device."""
@@ -129,6 +131,7 @@ class Stream:
         frame = Frame(self.stream_id, fid, None if deferred else image, letterbox, capture_time_us, t,
                       t + self.slo_s, self.droppable, self.public, image if deferred else None, self.epoch)
         self._on_ingest(self)
+        self.stats.record_offered(t)
         runtime = self.runtime
         replaced = runtime.scheduler.submit(frame) if runtime is not None else frame
         if replaced is not None:
