@@ -4,6 +4,7 @@ over loopback gRPC."""
 
 from __future__ import annotations
 
+import itertools
 import queue
 import re
 import threading
@@ -42,12 +43,14 @@ class Reader:
     def __init__(self, watch) -> None:
         self.watch = watch
         self.results: queue.Queue = queue.Queue()
+        self.seen: list = []  # every result, in order (`first` takes from the queue only)
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
             for fd in self.watch:
+                self.seen.append(fd)
                 self.results.put(fd)
         except grpc.RpcError:
             pass
@@ -478,5 +481,82 @@ def test_push_frames_the_engine_cannot_run_are_answered_and_calls_are_bounded(tm
                 return False
 
         wait_until(accepted, 10, what="calls accepted again")
+    finally:
+        srv.close()
+
+
+# ------------------------------------------------------------------------------------------------ hot swap
+def _retrained_copy(src, dst, note: str):
+    """The same network with one more metadata entry: another file, another model version."""
+    import onnx
+
+    model = onnx.load(str(src))
+    entry = model.metadata_props.add()
+    entry.key, entry.value = "note", note
+    onnx.save(model, str(dst))
+    return dst
+
+
+@pytest.mark.slow
+def test_engines_swap_while_cameras_stream(tmp_path):
+    """Four cameras stream while the engine is swapped (ReloadEngines with a new file, then SIGHUP after the file
+    was replaced on disk): no camera loses more than one frame in a row, results carry the new model's version as
+    soon as it serves (GetServerInfo shows it), a bad file is refused with the running engine kept, and memory
+    comes back to within 10% of what it was."""
+    import shutil
+    import signal
+
+    from test_server_harness import model_path
+
+    served = tmp_path / "model.onnx"
+    shutil.copy(model_path(), served)
+    v2 = _retrained_copy(served, tmp_path / "v2.onnx", "retrained")
+    v3 = _retrained_copy(served, tmp_path / "v3.onnx", "retrained again")
+    srv = ServerProcess("--slo-ms", "1000", "--instances", "2", model=served)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        v1 = c.server_info().engines[0].model_version
+        cams = [f"cam{i}" for i in range(4)]
+        for sid in cams:
+            c.add_stream(sid, f"synthetic://{sid}?fps=5&size=640x360")
+        reader = Reader(c.watch(cams))
+        wait_until(lambda: all((c.stream(s).frames_processed or 0) > 20 for s in cams), 60,
+                   what="cameras running, fixed-shape sessions built")
+        time.sleep(3)
+        rss_before = _rss_mb(srv.proc.pid)
+        mark = len(reader.seen)
+        shutil.copy(v2, served)  # the file replaced on disk, then SIGHUP
+        srv.proc.send_signal(signal.SIGHUP)
+        new = wait_until(lambda: (v := c.server_info().engines[0].model_version) != v1 and v, 60, 0.1,
+                         "the SIGHUP reload")
+        assert c.server_info().engines[0].path == str(served)
+        reader.first(lambda fd: fd.model_version == new, timeout=30)
+        engines = c.reload_engines([str(v3)])
+        third = engines[0].model_version
+        assert third not in (v1, new) and engines[0].path == str(v3)
+        assert c.server_info().engines[0].model_version == third
+        with pytest.raises(grpc.RpcError) as e:
+            c.reload_engines([str(tmp_path / "missing.onnx")])
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        broken = tmp_path / "broken.onnx"
+        broken.write_bytes(b"not an onnx file at all")
+        with pytest.raises(grpc.RpcError) as e:
+            c.reload_engines([str(broken)])
+        assert e.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "running engines are kept" in e.value.details()
+        assert c.server_info().engines[0].model_version == third
+        reader.first(lambda fd: fd.model_version == third, timeout=30)
+        time.sleep(4)  # the new engine's fixed-shape sessions are built (50 single frames), as the old one's were
+        rss_after = _rss_mb(srv.proc.pid)
+        reader.close()
+        results = reader.seen[mark:]
+        for sid in cams:
+            ids = [fd.frame_id for fd in results if fd.stream_id == sid and not fd.error]
+            gaps = [b - a for a, b in itertools.pairwise(ids)]
+            assert len(ids) > 20 and max(gaps) <= 2, (sid, ids)
+        versions = [fd.model_version for fd in results]
+        assert versions[0] == v1 and versions[-1] == third and set(versions) == {v1, new, third}
+        assert rss_after <= 1.10 * rss_before, (rss_before, rss_after)
+        assert "engine reload refused" in srv.log() and "SIGHUP: reloading" in srv.log()
     finally:
         srv.close()

@@ -31,6 +31,7 @@ from .config import StreamSpec
 from .core import ServerCore
 from .errors import (
     AbortedError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
@@ -38,7 +39,7 @@ from .errors import (
     StreamNotFoundError,
     UnavailableError,
 )
-from .frames import now
+from .frames import FrameResult, now
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 from .pushcall import PushCall
@@ -56,6 +57,7 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (ResourceExhaustedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AbortedError, grpc.StatusCode.ABORTED),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
 
 
@@ -93,9 +95,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
         self._push_ids = itertools.count()
 
-    def _names(self, device: str = "") -> dict[int, str]:
-        rt = self.core.runtimes.get(device) or next(iter(self.core.runtimes.values()))
-        return rt.engine.info.names
+    def _names(self, result: FrameResult) -> dict[int, str]:
+        return self.core.class_names(result.model_version, result.device)
 
     @_unary
     async def AddStream(self, request: pb.AddStreamRequest, context) -> pb.StreamInfo:
@@ -131,7 +132,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         sub = self.core.fanout.subscribe(ids or None, self.core.config.subscriber_queue, asyncio.get_running_loop())
         try:
             while (result := await sub.next()) is not None:  # error results too: `error` says why no detections
-                yield messages.frame_detections(result, self._names(result.device))
+                yield messages.frame_detections(result, self._names(result))
         finally:
             self.core.fanout.unsubscribe(sub)
 
@@ -144,7 +145,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         try:
             call = PushCall(self.core, self.core.open_push(sid), self.executor)
             async for result in call.results(first, request_iterator):
-                yield messages.frame_detections(result, self._names(result.device), sid)
+                yield messages.frame_detections(result, self._names(result), sid)
         except ServerError as e:
             await context.abort(status_code(e), str(e))
         except Exception as e:  # a broken client stream, mostly
@@ -171,7 +172,13 @@ class DetectorService(pb_grpc.DetectorServicer):
             raise ResourceExhaustedError(f"{result.error}: retry later")
         if result.error is not None:
             await context.abort(grpc.StatusCode.INTERNAL, result.error)
-        return messages.frame_detections(result, self._names(result.device), request.stream_id)
+        return messages.frame_detections(result, self._names(result), request.stream_id)
+
+    @_unary
+    async def ReloadEngines(self, request: pb.ReloadEnginesRequest, context) -> pb.ReloadEnginesResponse:
+        """Operator: swap in the engine files (again), streams flowing; a bad file is refused, the old kept."""
+        view = await asyncio.to_thread(self.core.reload_engines, list(request.engines))
+        return pb.ReloadEnginesResponse(engines=messages.server_info(view).engines)
 
 
 class GrpcServer:

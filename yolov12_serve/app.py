@@ -18,6 +18,7 @@ from . import priority
 from .api import GrpcServer, create_server
 from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
+from .errors import ServerError
 from .frames import now
 from .status import StatusPrinter, render_summary, render_table
 
@@ -51,6 +52,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _keep(asyncio.ensure_future(_reload_on_sighup(core))))
     started = now()
     try:
         await loop.run_in_executor(None, core.start)
@@ -80,9 +82,18 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     log.info("drained in %.2f s", now() - t0)
     if options.summary:
         print(render_summary(core.streams(), config.slo_ms, elapsed), file=out, flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     return 0
+
+
+async def _reload_on_sighup(core: ServerCore) -> None:
+    """SIGHUP: reload the engine files (ReloadEngines without arguments); a refusal is logged, nothing else."""
+    log.info("SIGHUP: reloading the engine files")
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, core.reload_engines, None)
+    except ServerError as e:
+        log.error("SIGHUP: engine reload refused: %s", e)
 
 
 def _freeze_startup_heap() -> None:

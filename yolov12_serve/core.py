@@ -27,6 +27,7 @@ from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_str
 from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
@@ -39,7 +40,7 @@ from .frames import Frame, FrameResult, now
 from .health import DeviceHealth, Verdict
 from .metrics import LiveSnapshot, Metrics
 from .placement import Placement
-from .runtime import DeviceRuntime, EngineLoader, load_engine
+from .runtime import DeviceRuntime, EngineLoader, LoadedEngine, load_engine, release_freed_memory
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
@@ -108,6 +109,9 @@ class ServerCore:
         self._lock = threading.RLock()
         self._failover_lock = threading.Lock()  # one device's streams move at a time (two failing at once)
         self._over_since: dict[str, float] = {}  # device -> since when its load is over capacity (rebalancing)
+        self._reload_lock = threading.Lock()  # one engine reload at a time, the next waits
+        self._names: dict[str, dict[int, str]] = {}  # model version -> class names (results name their classes
+        # by the engine that ran them, also across a swap that changes them)
         self._image_ids = itertools.count()
         self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
@@ -167,11 +171,85 @@ class ServerCore:
                               supervisor=self.supervisor, deadline=self.deadline, model_version=loaded.version)
         rt = DeviceRuntime(device, loaded, scheduler, worker, DeviceHealth(device, cfg.failures_before_unhealthy))
         self.placement.add_device(device, cfg.instances, loaded.frame_cost_s)
+        self._names[loaded.version] = loaded.info.names
         worker.start()
         info = loaded.info
         log.info("%s: %s (model %s, %s, input %s, batch <= %d, %d instances)", device, path, loaded.version,
                  info.precision, info.imgsz, loaded.max_batch, cfg.instances)
         return rt
+
+    # ----------------------------------------------------------------------------------------- hot engine swap
+    def reload_engines(self, paths: list[str] | None = None) -> ServerInfoView:
+        """Load the engine files again (or `paths`: one for all devices or one per device) beside the running ones,
+        warm them up, switch every device over between two batches and free the old engines once their last
+        batch ends (blocking, seconds). A file that cannot be loaded or warmed up is refused
+        (FailedPreconditionError) and every running engine kept: all devices switch, or none. Reloads run one
+        after another (a second waits for the first)."""
+        self._check_serving()
+        with self._reload_lock:
+            self._check_serving()
+            return self._reload(list(paths) if paths else list(self.config.engines))
+
+    def _reload(self, paths: list[str]) -> ServerInfoView:
+        cfg = self.config
+        if len(paths) not in (1, len(cfg.devices)):
+            raise InvalidArgumentError(f"{len(paths)} engine files for {len(cfg.devices)} devices: give one file for "
+                                       "all devices or one per device")
+        for p in paths:
+            if not Path(p).is_file():
+                raise InvalidArgumentError(f"engine file not found: {p}")
+        log.info("reloading engines: %s", ", ".join(paths))
+        loaded: dict[str, LoadedEngine] = {}
+        for i, device in enumerate(cfg.devices):
+            path = paths[i] if len(paths) > 1 else paths[0]
+            try:
+                loaded[device] = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch,
+                                             self._threads_per_instance())
+            except Exception as e:  # a bad file: nothing switches
+                for done in loaded.values():
+                    done.engine.close()
+                why = f"{path} cannot serve on {device} ({type(e).__name__}: {str(e)[:300]})"
+                log.error("engine reload refused: %s; the running engines are kept", why)
+                raise FailedPreconditionError(f"{why}; the running engines are kept") from None
+        switched_at = now()
+        old: dict[str, LoadedEngine] = {}
+        with self._failover_lock:
+            for device, new in loaded.items():
+                rt = self.runtimes[device]
+                self._names[new.version] = new.info.names
+                old[device] = rt.swap(new)
+                self.placement.set_cost(device, new.frame_cost_s)
+                self._warn_if_too_slow(device, new.cost.predict(1, new.camera_shape, 0.5))
+        cfg.engines = paths
+        for device, new in loaded.items():
+            log.info("%s: now serving %s (model %s, was %s)", device, new.path, new.version, old[device].version)
+            rt = self.runtimes[device]
+            if rt.health.reset() is Verdict.RECOVERED:
+                self._recover(rt)
+        for device, previous in old.items():
+            self._close_when_idle(device, previous, switched_at)
+        return self.server_info()
+
+    def _close_when_idle(self, device: str, previous: LoadedEngine, switched_at: float) -> None:
+        """Free an engine swapped out once the runs that started on it before `switched_at` have ended (a hung one
+        keeps it: it is left to the process exit, and said so)."""
+        end = now() + self.deadline.floor_s + 5.0
+        while any(r.started <= switched_at for r in self.supervisor.running(device)) and now() < end:
+            self._stop.wait(0.01)
+        if any(r.started <= switched_at for r in self.supervisor.running(device)):
+            log.warning("%s: the old engine (model %s) still has a run in progress: it is not freed", device,
+                        previous.version)
+            return
+        previous.engine.close()
+        release_freed_memory()
+
+    def class_names(self, model_version: str, device: str = "") -> dict[int, str]:
+        """Class names of the model that produced a result (its version), else of `device`'s engine now."""
+        names = self._names.get(model_version)
+        if names is not None:
+            return names
+        rt = self.runtimes.get(device) or next(iter(self.runtimes.values()))
+        return rt.engine.info.names
 
     def _warn_if_too_slow(self, device: str, one_frame_s: float) -> None:
         if one_frame_s > self.config.slo_s:

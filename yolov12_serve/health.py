@@ -152,6 +152,14 @@ class DeviceHealth:
                 return Verdict.RECOVERED
             return Verdict.NONE
 
+    def reset(self) -> Verdict:
+        """A new engine was loaded and warmed up on the device: whatever failed before is gone."""
+        with self._lock:
+            was = self.healthy
+            self._become_healthy()
+            self._refused.clear()
+            return Verdict.NONE if was else Verdict.RECOVERED
+
     def _become_healthy(self) -> None:
         self.state = DeviceState.HEALTHY
         self.fault = None

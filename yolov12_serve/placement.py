@@ -37,6 +37,11 @@ class Placement:
         with self._lock:
             self._devices[device] = _Device(max(1, instances), max(frame_cost_s, 1e-6))
 
+    def set_cost(self, device: str, frame_cost_s: float) -> None:
+        """A device's new seconds per frame (another engine after a hot swap)."""
+        with self._lock:
+            self._devices[device].frame_cost_s = max(frame_cost_s, 1e-6)
+
     def set_healthy(self, device: str, healthy: bool) -> None:
         """Mark a device usable or not (an engine that keeps failing)."""
         with self._lock:

@@ -57,8 +57,7 @@ class DeviceWorker:
                  on_error: Callable[[str], None] | None = None, supervisor: RunSupervisor | None = None,
                  deadline: RunDeadline | None = None, model_version: str = "") -> None:
         self.device = device
-        self.engine = engine
-        self.model_version = model_version  # stamped on every result (changes with the engine on a swap)
+        self._model = (engine, model_version)  # one attribute: a swap replaces both at once (`use`)
         self.scheduler = scheduler
         self.publish = publish
         self.threads = max(1, int(threads))
@@ -74,6 +73,20 @@ class DeviceWorker:
         self._threads: list[threading.Thread] = []
         self._retired: set[threading.Thread] = set()
         self._serial = 0
+
+    @property
+    def engine(self) -> Engine:
+        """The engine batches run on (from the next batch on, after `use`)."""
+        return self._model[0]
+
+    @property
+    def model_version(self) -> str:
+        """The version stamped on results of the engine in use."""
+        return self._model[1]
+
+    def use(self, engine: Engine, model_version: str) -> None:
+        """Run the next batches on `engine` (a hot swap): batches running finish on the old one."""
+        self._model = (engine, model_version)
 
     def start(self) -> None:
         """Start the K worker threads."""
@@ -132,7 +145,7 @@ class DeviceWorker:
                 self._publish(frame, EMPTY, why)
             if not frames:
                 return True
-            engine = self.engine  # once per batch: a swap takes effect at the next
+            engine, version = self._model  # once per batch: a swap takes effect at the next
             try:
                 engine.check_batch(inputs)
             except EngineError as e:  # the frames' shape or number, not the device: their streams' error
@@ -158,7 +171,6 @@ class DeviceWorker:
                 released = True  # declared hung: `abandon` answered the frames and released the batch
                 log.warning("%s: the hung %s came back after %.1f s", self.device, run.describe(), elapsed)
                 return False
-            version = self.model_version
             for frame, dets in zip(frames, outputs):
                 self._publish(frame, frame.letterbox.unscale(dets), error, version)
             # a failed run, or a smaller batch than scheduled, says nothing about the scheduled batch's run time
