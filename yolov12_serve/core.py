@@ -219,7 +219,6 @@ class ServerCore:
                 self._names[new.version] = new.info.names
                 old[device] = rt.swap(new)
                 self.placement.set_cost(device, new.frame_cost_s)
-                self._warn_if_too_slow(device, new.cost.predict(1, new.camera_shape, 0.5))
         cfg.engines = paths
         for device, new in loaded.items():
             log.info("%s: now serving %s (model %s, was %s)", device, new.path, new.version, old[device].version)
@@ -357,7 +356,8 @@ class ServerCore:
             return [s.spec for s in self._streams.values() if s.persistent and s.spec is not None]
 
     def open_push(self, stream_id: str) -> Stream:
-        """Register a stream fed by a Detect call (listed as push://, never dropped as late: the client paces it)."""
+        """Register a stream fed by a Detect call (listed as push://; its frames run in order, a late one is answered
+        as dropped)."""
         validate_stream_id(stream_id)
         stream = self._register(stream_id, "push://", "push", 0.0, droppable=False)
         stream.set_state(StreamState.STREAMING)
