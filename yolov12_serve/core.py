@@ -1,5 +1,6 @@
-"""The server core: loads an engine per device, keeps the stream registry, places streams, publishes results, and
-keeps devices honest (a device whose engine fails or hangs hands its streams to the others).
+"""The server core: loads an engine per device, keeps the stream registry, places streams, publishes results; with
+its two other parts it keeps devices honest (failover.py: a device whose engine fails or hangs hands its streams
+to the others) and swaps engines while streams flow (swap.py).
 
 Everything the API does goes through here (`add_stream`, `remove_stream`, `list_streams`, `open_push`,
 `open_image`, `server_info`, `drain`); the core owns one `DeviceRuntime` per device (runtime.py: engine, input
@@ -27,7 +28,6 @@ from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_str
 from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
-    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
@@ -35,19 +35,21 @@ from .errors import (
     StreamNotFoundError,
     UnavailableError,
 )
+from .failover import DeviceCare
 from .fanout import Fanout
 from .frames import Frame, FrameResult, now
-from .health import DeviceHealth, Verdict
+from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
 from .placement import Placement
-from .runtime import DeviceRuntime, EngineLoader, LoadedEngine, load_engine, release_freed_memory
+from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
 from .state import StreamStore
 from .stream import Stream, StreamView
-from .supervisor import Run, RunDeadline, RunSupervisor
-from .worker import BatchOutcome, DeviceWorker
+from .supervisor import RunDeadline, RunSupervisor
+from .swap import EngineSwap
+from .worker import DeviceWorker
 
 __all__ = ["DeviceRuntime", "DeviceStatusView", "EngineLoader", "ServerCore", "ServerInfoView"]
 
@@ -90,8 +92,9 @@ def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts):
     return engines.load(path, device=engine_device(device), instances=instances, **opts)
 
 
-class ServerCore:
-    """Engines per device, stream registry, placement, watchdog, failover and fan-out; thread-safe."""
+class ServerCore(DeviceCare, EngineSwap):
+    """Engines per device, stream registry, placement, watchdog and fan-out; failover (failover.py) and hot engine
+    swap (swap.py) are its other two parts. Thread-safe."""
 
     def __init__(self, config: ServerConfig, load_engine: EngineLoader | None = None) -> None:
         self.config = config
@@ -177,70 +180,6 @@ class ServerCore:
         log.info("%s: %s (model %s, %s, input %s, batch <= %d, %d instances)", device, path, loaded.version,
                  info.precision, info.imgsz, loaded.max_batch, cfg.instances)
         return rt
-
-    # ----------------------------------------------------------------------------------------- hot engine swap
-    def reload_engines(self, paths: list[str] | None = None) -> ServerInfoView:
-        """Load the engine files again (or `paths`: one for all devices or one per device) beside the running ones,
-        warm them up, switch every device over between two batches and free the old engines once their last
-        batch ends (blocking, seconds). A file that cannot be loaded or warmed up is refused
-        (FailedPreconditionError) and every running engine kept: all devices switch, or none. Reloads run one
-        after another (a second waits for the first)."""
-        self._check_serving()
-        with self._reload_lock:
-            self._check_serving()
-            return self._reload(list(paths) if paths else list(self.config.engines))
-
-    def _reload(self, paths: list[str]) -> ServerInfoView:
-        cfg = self.config
-        if len(paths) not in (1, len(cfg.devices)):
-            raise InvalidArgumentError(f"{len(paths)} engine files for {len(cfg.devices)} devices: give one file for "
-                                       "all devices or one per device")
-        for p in paths:
-            if not Path(p).is_file():
-                raise InvalidArgumentError(f"engine file not found: {p}")
-        log.info("reloading engines: %s", ", ".join(paths))
-        loaded: dict[str, LoadedEngine] = {}
-        for i, device in enumerate(cfg.devices):
-            path = paths[i] if len(paths) > 1 else paths[0]
-            try:
-                loaded[device] = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch,
-                                             self._threads_per_instance())
-            except Exception as e:  # a bad file: nothing switches
-                for done in loaded.values():
-                    done.engine.close()
-                why = f"{path} cannot serve on {device} ({type(e).__name__}: {str(e)[:300]})"
-                log.error("engine reload refused: %s; the running engines are kept", why)
-                raise FailedPreconditionError(f"{why}; the running engines are kept") from None
-        switched_at = now()
-        old: dict[str, LoadedEngine] = {}
-        with self._failover_lock:
-            for device, new in loaded.items():
-                rt = self.runtimes[device]
-                self._names[new.version] = new.info.names
-                old[device] = rt.swap(new)
-                self.placement.set_cost(device, new.frame_cost_s)
-        cfg.engines = paths
-        for device, new in loaded.items():
-            log.info("%s: now serving %s (model %s, was %s)", device, new.path, new.version, old[device].version)
-            rt = self.runtimes[device]
-            if rt.health.reset() is Verdict.RECOVERED:
-                self._recover(rt)
-        for device, previous in old.items():
-            self._close_when_idle(device, previous, switched_at)
-        return self.server_info()
-
-    def _close_when_idle(self, device: str, previous: LoadedEngine, switched_at: float) -> None:
-        """Free an engine swapped out once the runs that started on it before `switched_at` have ended (a hung one
-        keeps it: it is left to the process exit, and said so)."""
-        end = now() + self.deadline.floor_s + 5.0
-        while any(r.started <= switched_at for r in self.supervisor.running(device)) and now() < end:
-            self._stop.wait(0.01)
-        if any(r.started <= switched_at for r in self.supervisor.running(device)):
-            log.warning("%s: the old engine (model %s) still has a run in progress: it is not freed", device,
-                        previous.version)
-            return
-        previous.engine.close()
-        release_freed_memory()
 
     def class_names(self, model_version: str, device: str = "") -> dict[int, str]:
         """Class names of the model that produced a result (its version), else of `device`'s engine now."""
@@ -536,146 +475,6 @@ class ServerCore:
         if self.metrics is not None:
             self.metrics.results_dropped.inc(n)
 
-    # ----------------------------------------------------------------------------------------- device health
-    def _on_outcome(self, outcome: BatchOutcome) -> None:
-        """A batch ran (or raised): metrics, then the device's health decides whether anything must change."""
-        rt = self.runtimes.get(outcome.device)
-        if rt is None:
-            return
-        if outcome.error is None:
-            if self.metrics is not None:
-                inference, batch_size = self.metrics.runs(outcome.device)
-                inference.observe(outcome.seconds)
-                batch_size.observe(outcome.size)
-            verdict = rt.health.succeeded(outcome.shape, outcome.started)
-        else:
-            if self.metrics is not None:
-                self.metrics.engine_failures.labels(outcome.device).inc()
-            verdict = rt.health.failed(outcome.error, outcome.shape, outcome.size)
-        self._act(rt, verdict)
-
-    def _on_worker_error(self, device: str) -> None:
-        if self.metrics is not None:
-            self.metrics.worker_errors.labels(device).inc()
-
-    def _on_hung(self, run: Run) -> None:
-        """The supervisor found a run past its deadline (its thread): answer its frames, replace its thread, and
-        take the device out of service."""
-        rt = self.runtimes.get(run.device)
-        if rt is None:
-            return
-        if self.metrics is not None:
-            self.metrics.engine_hangs.labels(run.device).inc()
-        error = f"engine run hung: {run.describe()} got no answer within {run.deadline_s:.1f} s"
-        log.error("%s: %s%s", run.device, error, "" if run.owner is not None else " (a re-check)")
-        if run.owner is not None:
-            rt.worker.abandon(run)  # its frames answered first: a result of a moved stream's later frame would
-        self._act(rt, rt.health.hung(error, run.shape, run.size))  # make them superseded
-        rt.worker.replenish()  # after the move: the new thread must find no frame of theirs left to hang on
-
-    def _act(self, rt: DeviceRuntime, verdict: Verdict) -> None:
-        if verdict is Verdict.PROBE:
-            fault = rt.health.fault
-            log.warning("%s: %d batches in a row failed, all at %s (%s): probing a shape it ran before to tell the "
-                        "device from the input", rt.name, rt.health.streak, fault.shape if fault else "?",
-                        fault.error if fault else "")
-            self._start_probe(rt)
-        elif verdict is Verdict.UNHEALTHY:
-            self._fail_over(rt)
-        elif verdict is Verdict.RECOVERED:
-            self._recover(rt)
-
-    def _start_probe(self, rt: DeviceRuntime) -> None:
-        """Probe the device's engine in a thread of its own (at most one per device: a probe may hang)."""
-        with rt.lock:
-            if rt.probing or self._stop.is_set():
-                return
-            rt.probing = True
-            rt.last_probe = now()
-        threading.Thread(target=self._probe, args=(rt,), name=f"probe-{rt.name}", daemon=True).start()
-
-    def _probe(self, rt: DeviceRuntime) -> None:
-        try:
-            plan = rt.health.probe_plan(rt.loaded.known_shapes)
-            if plan is None:
-                return
-            shape, size = plan
-            ok, error = rt.probe(shape, size, self.supervisor, self.deadline)
-            if ok is None:
-                return  # it hung: the supervisor reported that
-            if not ok:
-                log.warning("%s: engine still failing on a batch of %d at %dx%d (%s)", rt.name, size, *shape, error)
-            refused = rt.health.refused_shapes
-            self._act(rt, rt.health.probed(ok, error))
-            new = rt.health.refused_shapes - refused
-            for shape in new:
-                log.error("%s: the engine fails on %dx%d inputs but runs others: frames of that shape fail alone "
-                          "(their streams show the error); the device keeps serving", rt.name, *shape)
-        except Exception:
-            log.exception("%s: probing the engine failed", rt.name)
-        finally:
-            with rt.lock:
-                rt.probing = False
-                rt.last_probe = now()
-
-    def _fail_over(self, rt: DeviceRuntime) -> None:
-        """Take a device out of service: its streams move to the healthy devices (serialised: two devices failing
-        at once must not pick each other), health and metrics say so; with no healthy device left the streams
-        stay (NOT_SERVING) and the re-checks go on."""
-        fault = rt.health.fault
-        why = fault.error if fault is not None else "failing"
-        with self._failover_lock:
-            for name, other in self.runtimes.items():  # every device's own verdict, not a stale flag
-                self.placement.set_healthy(name, other.health.healthy)
-            self.on_device_health(rt.name, False)
-            self._update_serving()
-            if not self.placement.healthy_devices():
-                log.error("%s is out of service (%s) and no other device is healthy: NOT_SERVING; its streams stay "
-                          "and the engine is re-checked every %g s", rt.name, why, self.config.recheck_s)
-                return
-            with self._lock:
-                moving = [s for s in [*self._streams.values(), *self._private.values()] if s.runtime is rt]
-                targets = {}
-                for stream in moving:
-                    target = self.placement.assign(stream.stream_id, self._expected_fps(stream))
-                    self._move(stream, self.runtimes[target])
-                    targets[target] = targets.get(target, 0) + 1
-                    if self.metrics is not None and stream.public:
-                        self.metrics.stream_moves.labels("failover").inc()
-        where = ", ".join(f"{n} to {d}" for d, n in sorted(targets.items())) or "none to move"
-        log.error("%s is out of service (%s): streams moved: %s; re-checked every %g s", rt.name, why, where,
-                  self.config.recheck_s)
-
-    def _move(self, stream: Stream, target: DeviceRuntime) -> None:
-        """Run a stream on `target` from its next frame; its waiting frames go along where they fit the target's
-        input (the same engine geometry), else they are dropped as errors (the lock held)."""
-        old = stream.runtime
-        pending = old.scheduler.remove_stream(stream.stream_id, stream.epoch) if old is not None else []
-        stream.bind(target)
-        for frame in pending:
-            if target.planner.plan(frame.letterbox.src_hw) == frame.letterbox:
-                replaced = target.scheduler.submit(frame)
-                if replaced is not None:
-                    self._drop(replaced, "superseded" if replaced is not frame else "error")
-            else:
-                self._drop(frame, "error")
-
-    def _recover(self, rt: DeviceRuntime) -> None:
-        with self._failover_lock:
-            self.placement.set_healthy(rt.name, True)
-        log.info("%s: engine works again: the device takes streams", rt.name)
-        self.on_device_health(rt.name, True)
-        self._update_serving()
-
-    def _update_serving(self) -> None:
-        """Health says SERVING while the engines are loaded, the server is not draining and a device is healthy."""
-        serving = self.ready and not self.draining and any(rt.health.healthy for rt in self.runtimes.values())
-        self.on_health_change(serving)
-
-    def _expected_fps(self, stream: Stream) -> float:
-        """What placement should expect of a stream moving: what it offered lately, else its cap."""
-        return stream.stats.offered_fps() or stream.max_fps
-
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
         """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates; start
@@ -705,36 +504,6 @@ class ServerCore:
                 log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
                 src.restart(f"stalled: no frame for {idle:.1f} s")
         self._rebalance(t)
-
-    def _rebalance(self, t: float) -> None:
-        """A healthy device whose cameras have offered more than it can run for `rebalance_s` hands one camera to
-        a device where it lowers the busier load (one move per period, so rates settle before the next)."""
-        if self.config.rebalance_s <= 0 or len(self.runtimes) < 2:
-            return
-        loads = self.placement.loads()
-        for device, load in loads.items():
-            if load <= 1.0 or not self.runtimes[device].health.healthy:
-                self._over_since.pop(device, None)
-                continue
-            since = self._over_since.setdefault(device, t)
-            if t - since < self.config.rebalance_s:
-                continue
-            self._over_since[device] = t  # the next move, if any, after another period
-            with self._failover_lock, self._lock:
-                movable = {s.stream_id for s in self._streams.values() if s.droppable and s.runtime is not None
-                           and s.runtime.name == device}
-                plan = self.placement.plan_move(device, movable)
-                if plan is None:
-                    continue
-                sid, target = plan
-                stream = self._streams[sid]
-                self.placement.move(sid, target)
-                self._move(stream, self.runtimes[target])
-            if self.metrics is not None:
-                self.metrics.stream_moves.labels("rebalance").inc()
-            after = self.placement.loads()
-            log.warning("%s has been over capacity (load %.2f) for %g s: stream %s moved to %s (loads now %.2f and "
-                        "%.2f)", device, load, self.config.rebalance_s, sid, target, after[device], after[target])
 
     def live_snapshot(self) -> LiveSnapshot:
         """Stream counts by state, per-device queue depth, frames in flight and health, for the metrics scrape."""
