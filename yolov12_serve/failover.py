@@ -86,10 +86,13 @@ class DeviceCare:
             self.metrics.engine_hangs.labels(run.device).inc()
         error = f"engine run hung: {run.describe()} got no answer within {run.deadline_s:.1f} s"
         log.error("%s: %s%s", run.device, error, "" if run.owner is not None else " (a re-check)")
+        # Its frames are answered before the streams move (a later frame's result, run on another device, would
+        # make theirs superseded), and the stuck thread replaced after (the new one must find no frame of theirs
+        # left to hang on).
         if run.owner is not None:
-            rt.worker.abandon(run)  # its frames answered first: a result of a moved stream's later frame would
-        self._act(rt, rt.health.hung(error, run.shape, run.size))  # make them superseded
-        rt.worker.replenish()  # after the move: the new thread must find no frame of theirs left to hang on
+            rt.worker.abandon(run)
+        self._act(rt, rt.health.hung(error, run.shape, run.size))
+        rt.worker.replenish()
 
     def _act(self, rt: DeviceRuntime, verdict: Verdict) -> None:
         if verdict is Verdict.PROBE:
