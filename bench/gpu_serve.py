@@ -119,7 +119,7 @@ class Server:
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
         cmd = [sys.executable, "-m", "yolov12_serve", "--engines", str(plan.engine), "--gpus", plan.gpus,
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--allow-files", "--decode", decode,
-               "--slo-ms", str(SLO_MS), "--max-streams", str(max(plan.steps)), *plan.server_args]
+               "--no-state", "--slo-ms", str(SLO_MS), "--max-streams", str(max(plan.steps)), *plan.server_args]
         self.log_path = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO, env=env)

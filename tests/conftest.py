@@ -28,6 +28,8 @@ def _configure_ultralytics() -> None:
 
 
 _configure_ultralytics()
+# servers the tests start keep their stream set here unless told otherwise, never in the user's state folder
+os.environ["XDG_STATE_HOME"] = tempfile.mkdtemp(prefix="yolov12-serve-tests-state-")
 
 
 @pytest.fixture(scope="session")

@@ -69,11 +69,10 @@ class RtspServer:
         return f"rtsp://127.0.0.1:{self.port}/{mount}"
 
 
-@pytest.fixture(scope="module")
-def rtsp(tmp_path_factory):
+def start_cameras(folder: Path) -> RtspServer:
+    """The RTSP server with SIZES' mounts (a second of a synthetic belt each, looped), started."""
     from yolov12_serve.sources.synthetic import SyntheticCamera, render_strip
 
-    folder = tmp_path_factory.mktemp("rtsp")
     mounts = {}
     for i, (name, (w, h)) in enumerate(SIZES.items()):
         strip = render_strip(SyntheticCamera(name, size=(h, w), seed=10 + i))
@@ -82,10 +81,20 @@ def rtsp(tmp_path_factory):
         mounts[name] = (path, (w, h))
     server = RtspServer(free_port(), mounts)
     server.start()
-    yield server
+    return server
+
+
+def stop_cameras(server: RtspServer) -> None:
     with contextlib.suppress(Exception):
         server.command("quit")
     server.kill()
+
+
+@pytest.fixture(scope="module")
+def rtsp(tmp_path_factory):
+    server = start_cameras(tmp_path_factory.mktemp("rtsp"))
+    yield server
+    stop_cameras(server)
 
 
 @pytest.fixture(scope="module")

@@ -111,6 +111,9 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "ftp://cam"], "stream cam0: unsupported url 'ftp://cam'"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "/videos/line1.mp4"], "start the server with --allow-files"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt?fps=0"], "stream cam0: synthetic url"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--state-dir", "/tmp/s", "--no-state"], "contradict each other"),
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
+      "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)
@@ -275,6 +278,16 @@ def test_gpus_option():
         parse_gpus("0-3", visible=[0, 1])
     with pytest.raises(ConfigError, match="backwards"):
         parse_gpus("3-1", visible=[0, 1, 2, 3])
+    assert parse_gpus("cpu:2", visible=[0]) == ["cpu:0", "cpu:1"]  # CPU devices that fail on their own, as GPUs
+    for bad in ("cpu:0", "cpu:x", "cpu2"):
+        with pytest.raises(ConfigError, match="cpu:N"):
+            parse_gpus(bad, visible=[])
+    from yolov12_serve.devices import engine_device, split_cpu_threads
+
+    assert [engine_device(d) for d in ("cpu", "cpu:1", "cuda:1")] == ["cpu", "cpu", "cuda:1"]
+    assert split_cpu_threads(["cpu:0", "cpu:1"], instances=2, cores=8) == 2  # the cores shared by all instances
+    assert split_cpu_threads(["cpu:0", "cpu:1"], instances=2, cores=2) == 1
+    assert split_cpu_threads(["cpu"], instances=2, cores=8) is None  # the backend's default
 
 
 def test_stream_stats_keep_only_the_window():
@@ -326,9 +339,9 @@ def test_warm_up_times_no_instance_s_first_run_of_a_shape():
     """Each instance's first run of a shape is slow (allocations; a CUDA graph capture on GPUs): the warm-up runs
     it on every instance before it times one, so the cost model starts from steady-state run times."""
     from engines.pool import InstancePool
-    from yolov12_serve.core import ServerCore
     from yolov12_serve.costmodel import RunTimeModel
     from yolov12_serve.preprocess import InputPlanner
+    from yolov12_serve.runtime import warm_up
 
     class FirstRunSlowEngine(Engine):
         def __init__(self, instances: int) -> None:
@@ -346,7 +359,7 @@ def test_warm_up_times_no_instance_s_first_run_of_a_shape():
     engine = FirstRunSlowEngine(instances=2)
     planner = InputPlanner(engine.info.imgsz, engine.info.stride, engine.info.dynamic_hw)
     cost = RunTimeModel()
-    full = ServerCore._warm_up(engine, planner, cost, max_batch=4, instances=2)
+    full = warm_up(engine, planner, cost, max_batch=4, instances=2)
     assert full < 0.1
     assert cost.predict(1, (192, 320), 0.5) < 0.1
     assert cost.predict(4, (192, 320), 0.5, others=1) < 0.1
@@ -367,9 +380,11 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
         return made[device]
 
     health: list[bool] = []
+    devices: list[tuple[str, bool]] = []
     core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1"],
-                                   metrics_port=-1), load_engine=load)
+                                   metrics_port=-1, recheck_s=0.2), load_engine=load)
     core.on_health_change = health.append
+    core.on_device_health = lambda device, ok: devices.append((device, ok))
     core.start()
     try:
         for i in range(4):
@@ -396,8 +411,96 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
         while time.monotonic() < wait and False not in health:
             time.sleep(0.05)
         assert health[0] is True and health[-1] is False
-        made["cuda:0"].fail = made["cuda:1"].fail = False
-        core._recheck("cuda:1")  # what the watchdog does every RECHECK_S
-        assert health[-1] is True and "cuda:1" in core.placement.healthy_devices()
+        assert ("cuda:1", False) in devices and devices[-1] == ("cuda:0", False)
+        made["cuda:0"].fail = made["cuda:1"].fail = False  # the re-checks (every 0.2 s) find both working again
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and len(core.placement.healthy_devices()) < 2:
+            time.sleep(0.05)
+        assert health[-1] is True and sorted(core.placement.healthy_devices()) == ["cuda:0", "cuda:1"]
     finally:
         core.drain(2)
+
+
+def test_two_devices_failing_at_once_hand_every_stream_to_the_healthy_one():
+    """cuda:1 and cuda:2 fail at the same moment: failover is serialised and each reads the others' own health,
+    so no stream is moved onto a device failing too (they picked each other); every failed batch is counted,
+    and the streams show the engine's error until results come again."""
+    from test_scheduler import CostEngine
+
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+
+    made: dict[str, CostEngine] = {}
+
+    def load(path, device="cpu", instances=1, **opts):
+        made[device] = CostEngine(a=0.002, b=0.001)
+        return made[device]
+
+    core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1", "cuda:2"],
+                                   metrics_port=-1, recheck_s=60), load_engine=load)
+    core.start()
+    try:
+        for i in range(6):
+            core.add_stream(StreamSpec(f"s{i}", f"synthetic://s{i}?fps=20&size=320x180"))
+        assert sorted(v.device for v in core.list_streams()) == ["cuda:0"] * 2 + ["cuda:1"] * 2 + ["cuda:2"] * 2
+        made["cuda:1"].fail = made["cuda:2"].fail = True
+        wait = time.monotonic() + 30
+        while time.monotonic() < wait and any(v.device != "cuda:0" for v in core.list_streams()):
+            time.sleep(0.05)
+        assert all(v.device == "cuda:0" for v in core.list_streams())
+        assert sorted(core.placement.healthy_devices()) == ["cuda:0"]
+        text = core.metrics.exposition().decode()
+        for device in ("cuda:1", "cuda:2"):
+            m = re.search(rf'yolov12_engine_failures_total{{device="{device}"}} (\S+)', text)
+            assert m and float(m.group(1)) >= 3, text  # each failed batch, not each streak
+        moved = [v for v in core.list_streams() if "device lost" in v.last_error]
+        assert len(moved) >= 4
+        sub = core.fanout.subscribe(None, 1000)
+        served: set[str] = set()
+        wait = time.monotonic() + 20
+        while time.monotonic() < wait and len(served) < 6:
+            r = sub.get(0.1)
+            if r is not None and r.error is None:
+                assert r.device == "cuda:0"
+                served.add(r.stream_id)
+        assert served == {f"s{i}" for i in range(6)}
+    finally:
+        core.drain(2)
+
+
+def test_the_stream_store_keeps_the_set_whole_and_passwords_apart(tmp_path):
+    """Saved and loaded back as given; the list holds no password, the credentials file (0600) does; of two saves
+    at once the later state is the one written (the snapshot is taken under the store's lock); a broken file is
+    one clear error."""
+    import json
+    from concurrent.futures import ThreadPoolExecutor
+
+    from yolov12_serve.config import StreamSpec
+    from yolov12_serve.state import StreamStore
+
+    store = StreamStore(tmp_path / "state")
+    store.open()
+    assert store.load() == []
+    specs = [StreamSpec("a", "rtsp://cam/a", 5.0), StreamSpec("b", "rtsp://op:s3cret@cam/b", 0.0)]
+    store.save(lambda: specs)
+    assert StreamStore(tmp_path / "state").load() == specs
+    assert "s3cret" not in store.streams_path.read_text() and "op:***@cam/b" in store.streams_path.read_text()
+    assert json.loads(store.credentials_path.read_text())["urls"] == {"b": "rtsp://op:s3cret@cam/b"}
+    assert (store.credentials_path.stat().st_mode & 0o777) == 0o600
+    current: list[StreamSpec] = []
+    lock = threading.Lock()
+
+    def add_and_save(i: int) -> None:
+        with lock:
+            current.append(StreamSpec(f"s{i}", f"rtsp://u:p{i}@cam/{i}"))
+        store.save(lambda: list(current))
+
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(add_and_save, range(40)))
+    assert {s.stream_id for s in StreamStore(tmp_path / "state").load()} == {f"s{i}" for i in range(40)}
+    assert not [p for p in store.folder.iterdir() if p.name.endswith(".tmp")]
+    store.save(lambda: [])  # every stream removed: its credentials go too
+    assert json.loads(store.credentials_path.read_text())["urls"] == {} and store.load() == []
+    store.streams_path.write_text("{not json")
+    with pytest.raises(ConfigError, match=r"streams\.json is not valid JSON"):
+        store.load()

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +24,9 @@ CLASS_NAMES = {0: "scratch", 1: "dent", 2: "crack", 3: "stain", 4: "missing_part
 # The serving path must not import torch: every server these tests start has it blocked.
 NO_TORCH = "import sys; sys.modules['torch'] = None; "
 SERVE = NO_TORCH + "from yolov12_serve.cli import main; sys.exit(main(sys.argv[1:]))"
+# the same with engines behind fault switches (tests/fault_injection.py)
+SERVE_WITH_FAULTS = (NO_TORCH + f"sys.path.insert(0, {str(ROOT / 'tests')!r}); import fault_injection; "
+                     "fault_injection.install(); from yolov12_serve.cli import main; sys.exit(main(sys.argv[1:]))")
 
 
 def model_path() -> Path:
@@ -61,12 +65,24 @@ def wait_until(predicate: Callable[[], object], timeout: float, interval: float 
 class ServerProcess:
     """`yolov12-serve` on loopback with free ports, torch blocked; stdout is collected in `self.output`."""
 
-    def __init__(self, *args: str, model: Path | None = None, startup_s: float = 90.0) -> None:
+    def __init__(self, *args: str, model: Path | None = None, startup_s: float = 90.0,
+                 faults: Path | None = None) -> None:
+        """`faults`: a folder of fault switches for the engines (tests/fault_injection.py). Unless `args` name a
+        --state-dir or --no-state, the server keeps its streams in a fresh temporary folder (never the user's)."""
         engines = [] if "--demo" in args and model is None else ["--engines", str(model or model_path())]
-        cmd = [sys.executable, "-c", SERVE, "--host", "127.0.0.1", "--port", "0", "--metrics-port", "0",
-               "--gpus", "cpu", *engines, *args]
+        gpus = [] if "--gpus" in args else ["--gpus", "cpu"]
+        self.state_dir: str | None = None
+        if "--state-dir" not in args and "--no-state" not in args:
+            self.state_dir = tempfile.mkdtemp(prefix="yolov12-serve-state-")
+            args = (*args, "--state-dir", self.state_dir)
+        cmd = [sys.executable, "-c", SERVE if faults is None else SERVE_WITH_FAULTS, "--host", "127.0.0.1",
+               "--port", "0", "--metrics-port", "0", *gpus, *engines, *args]
         self.stderr = tempfile.NamedTemporaryFile("w+", prefix="yolov12-serve-", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the server
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        if faults is not None:
+            from fault_injection import ENV
+
+            env[ENV] = str(faults)
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env, cwd=ROOT)
         self.output: list[str] = []
         self._ready = threading.Event()
@@ -128,3 +144,5 @@ class ServerProcess:
         self.stderr.close()
         with contextlib.suppress(OSError):
             os.unlink(self.stderr.name)
+        if self.state_dir is not None:
+            shutil.rmtree(self.state_dir, ignore_errors=True)

@@ -6,7 +6,8 @@ limit; oversized messages are refused by gRPC itself with the same code), Unavai
 UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), WrongShardError
 -> FAILED_PRECONDITION (a camera another replica owns, --shard-count > 1: the message names it), a failed
 engine run (EngineRunError) and anything unexpected -> INTERNAL. `grpc.health.v1.Health` says SERVING
-once the engines are loaded and NOT_SERVING while draining or when no engine works.
+once the engines are loaded and NOT_SERVING while draining or when no engine works; each device has its own
+entry, `yolov12.v1.Detector/DEVICE`, NOT_SERVING while that device is out of service.
 """
 
 # ruff: noqa: N802 - gRPC method names are the proto's (AddStream, ...)
@@ -31,6 +32,7 @@ from .config import StreamSpec
 from .core import ServerCore
 from .errors import (
     AbortedError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
@@ -39,12 +41,12 @@ from .errors import (
     UnavailableError,
     WrongShardError,
 )
-from .frames import now
+from .frames import FrameResult, now
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 from .pushcall import PushCall
 
-__all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "status_code"]
+__all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "device_health_name", "status_code"]
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +60,13 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (UnavailableError, grpc.StatusCode.UNAVAILABLE),
     (AbortedError, grpc.StatusCode.ABORTED),
     (WrongShardError, grpc.StatusCode.FAILED_PRECONDITION),
+    (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
+
+
+def device_health_name(device: str) -> str:
+    """The grpc.health.v1 service name under which one device's health is reported."""
+    return f"{SERVICE_NAME}/{device}"
 
 
 def status_code(error: Exception) -> grpc.StatusCode:
@@ -90,20 +98,21 @@ class DetectorService(pb_grpc.DetectorServicer):
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
         self._push_ids = itertools.count()
 
-    def _names(self, device: str = "") -> dict[int, str]:
-        rt = self.core.runtimes.get(device) or next(iter(self.core.runtimes.values()))
-        return rt.engine.info.names
+    def _names(self, result: FrameResult) -> dict[int, str]:
+        return self.core.class_names(result.model_version, result.device)
 
     @_unary
     async def AddStream(self, request: pb.AddStreamRequest, context) -> pb.StreamInfo:
         """Register a camera to pull; returns at once in CONNECTING."""
         spec = StreamSpec(request.stream_id, request.url, request.max_fps)
-        return messages.stream_info(self.core.add_stream(spec))
+        # in a thread: the stream set is saved (fsync) before the answer, and the loop serves others meanwhile
+        return messages.stream_info(await asyncio.to_thread(self.core.add_stream, spec))
 
     @_unary
     async def RemoveStream(self, request: pb.RemoveStreamRequest, context) -> pb.RemoveStreamResponse:
         """Stop a stream; returns its last state."""
-        return pb.RemoveStreamResponse(stream=messages.stream_info(self.core.remove_stream(request.stream_id)))
+        view = await asyncio.to_thread(self.core.remove_stream, request.stream_id)
+        return pb.RemoveStreamResponse(stream=messages.stream_info(view))
 
     @_unary
     async def ListStreams(self, request: pb.ListStreamsRequest, context) -> pb.ListStreamsResponse:
@@ -130,9 +139,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         sub = self.core.fanout.subscribe(ids or None, self.core.config.subscriber_queue, asyncio.get_running_loop())
         try:
-            while (result := await sub.next()) is not None:
-                if result.error is None:
-                    yield messages.frame_detections(result, self._names(result.device))
+            while (result := await sub.next()) is not None:  # error results too: `error` says why no detections
+                yield messages.frame_detections(result, self._names(result))
         finally:
             self.core.fanout.unsubscribe(sub)
 
@@ -145,7 +153,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         try:
             call = PushCall(self.core, self.core.open_push(sid), self.executor)
             async for result in call.results(first, request_iterator):
-                yield messages.frame_detections(result, self._names(result.device), sid)
+                yield messages.frame_detections(result, self._names(result), sid)
         except ServerError as e:
             await context.abort(status_code(e), str(e))
         except Exception as e:  # a broken client stream, mostly
@@ -168,9 +176,17 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.core.close_stream(stream)
         if result is None:
             raise UnavailableError("the server is shutting down")
+        if result.drop_reason == "late":
+            raise ResourceExhaustedError(f"{result.error}: retry later")
         if result.error is not None:
             await context.abort(grpc.StatusCode.INTERNAL, result.error)
-        return messages.frame_detections(result, self._names(result.device), request.stream_id)
+        return messages.frame_detections(result, self._names(result), request.stream_id)
+
+    @_unary
+    async def ReloadEngines(self, request: pb.ReloadEnginesRequest, context) -> pb.ReloadEnginesResponse:
+        """Operator: swap in the engine files (again), streams flowing; a bad file is refused, the old kept."""
+        view = await asyncio.to_thread(self.core.reload_engines, list(request.engines))
+        return pb.ReloadEnginesResponse(engines=messages.server_info(view).engines)
 
 
 class GrpcServer:
@@ -182,7 +198,7 @@ class GrpcServer:
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
-        ])
+        ], maximum_concurrent_rpcs=core.config.max_concurrent_rpcs)  # beyond: RESOURCE_EXHAUSTED, memory bounded
         self.service = DetectorService(core)
         pb_grpc.add_DetectorServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
@@ -203,6 +219,12 @@ class GrpcServer:
         status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         for name in ("", SERVICE_NAME):
             await self.health.set(name, status)
+
+    async def set_device_serving(self, device: str, serving: bool) -> None:
+        """Flip one device's health (service name `yolov12.v1.Detector/DEVICE`, e.g. `.../cuda:1`): NOT_SERVING
+        while its engine is out of service, though the server may still serve on the others."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        await self.health.set(device_health_name(device), status)
 
     async def start(self) -> None:
         """Listen; health says NOT_SERVING until the core has loaded its engines."""

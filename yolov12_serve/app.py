@@ -18,6 +18,7 @@ from . import priority
 from .api import GrpcServer, create_server
 from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
+from .errors import ServerError
 from .frames import now
 from .status import StatusPrinter, render_summary, render_table
 
@@ -47,9 +48,11 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     core = ServerCore(config, load_engine)
     grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes)
     core.on_health_change = lambda serving: loop.call_soon_threadsafe(_flip_health, grpc_server, serving)
+    core.on_device_health = lambda device, ok: loop.call_soon_threadsafe(_flip_device, grpc_server, device, ok)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _keep(asyncio.ensure_future(_reload_on_sighup(core))))
     started = now()
     try:
         await loop.run_in_executor(None, core.start)
@@ -58,7 +61,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         priority.lower_others(config.background_nice, config.background_batch)
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
-            core.add_stream(spec)
+            core.add_stream(spec, persist=False)  # the command line brings them back
+        core.restore_streams()
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
               f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)
@@ -78,9 +82,18 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     log.info("drained in %.2f s", now() - t0)
     if options.summary:
         print(render_summary(core.streams(), config.slo_ms, elapsed), file=out, flush=True)
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     return 0
+
+
+async def _reload_on_sighup(core: ServerCore) -> None:
+    """SIGHUP: reload the engine files (ReloadEngines without arguments); a refusal is logged, nothing else."""
+    log.info("SIGHUP: reloading the engine files")
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, core.reload_engines, None)
+    except ServerError as e:
+        log.error("SIGHUP: engine reload refused: %s", e)
 
 
 def _freeze_startup_heap() -> None:
@@ -100,7 +113,14 @@ _pending: set[asyncio.Task] = set()
 
 
 def _flip_health(server: GrpcServer, serving: bool) -> None:
-    task = asyncio.ensure_future(server.set_serving(serving))
+    _keep(asyncio.ensure_future(server.set_serving(serving)))
+
+
+def _flip_device(server: GrpcServer, device: str, serving: bool) -> None:
+    _keep(asyncio.ensure_future(server.set_device_serving(device, serving)))
+
+
+def _keep(task: asyncio.Future) -> None:
     _pending.add(task)  # keep a reference until it ran (the loop holds only weak ones)
     task.add_done_callback(_pending.discard)
 

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "(gRPC in and out, Prometheus metrics).")
     p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "
                    "(.onnx: ONNX Runtime; .engine/.plan: TensorRT; .pt: PyTorch)")
-    p.add_argument("--gpus", help="'cpu', a list '0,2' or a range '0-3' (default: all visible GPUs, else cpu)")
+    p.add_argument("--gpus", help="'cpu', 'cpu:N' (N CPU devices sharing the cores), a list '0,2' or a range '0-3' "
+                   "(default: all visible GPUs, else cpu)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
     p.add_argument("--metrics-port", type=int, default=9464,
@@ -66,6 +67,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shard-index", type=int, metavar="I",
                    help="this replica's shard, 0..N-1 (default: the ordinal ending the pod name, $POD_NAME or the "
                    "host name, as a Kubernetes StatefulSet names its pods)")
+    p.add_argument("--run-deadline-s", type=float, default=2.0,
+                   help="an engine run is declared hung (the device taken out of service, its streams moved) after "
+                        "max(this, --run-deadline-factor x its expected slow run) (default 2)")
+    p.add_argument("--run-deadline-factor", type=float, default=10.0,
+                   help="multiple of a batch's expected slow (p90) run time it may take before it is hung (default 10)")
+    p.add_argument("--recheck-s", type=float, default=10.0,
+                   help="how often the engine of a device out of service is tried again (default 10)")
+    p.add_argument("--max-pending-images", type=int, default=32,
+                   help="DetectImage calls served at once; more are refused with RESOURCE_EXHAUSTED (default 32)")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=256,
+                   help="gRPC calls at once, watchers and Detect calls included; more are refused with "
+                        "RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--rebalance-s", type=float, default=10.0,
+                   help="a device whose cameras offer more frames than it can run for this long hands one to a less "
+                        "loaded device (0: never; default 10)")
+    p.add_argument("--state-dir", metavar="DIR",
+                   help="where the streams added over gRPC are kept, so that a restart brings them back (default: "
+                        "$XDG_STATE_HOME/yolov12-serve, else ~/.local/state/yolov12-serve)")
+    p.add_argument("--no-state", action="store_true", help="keep no stream set: a restart forgets streams added "
+                   "over gRPC")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -88,13 +109,21 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     if args.stall_s <= 0 or args.backoff_cap_s <= 0:
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
+    if args.no_state and args.state_dir:
+        raise ConfigError("--state-dir and --no-state contradict each other: give one")
+    from .state import default_state_dir
+
+    state_dir = None if args.no_state else str(args.state_dir or default_state_dir())
     config = ServerConfig(
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
         background_batch=args.background_batch,
-        background_nice=args.background_nice,
+        background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
+        run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,
+        max_pending_images=args.max_pending_images, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        rebalance_s=args.rebalance_s,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode),
         shard=shard)

@@ -140,6 +140,12 @@ class Client:
         """Engines, devices, class names, input size and SLO."""
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
 
+    def reload_engines(self, engines: Iterable[str] = (), timeout: float = 300.0) -> list[pb.EngineInfo]:
+        """Swap in the engine files (again: empty `engines`), streams flowing; returns what runs now. A file that
+        cannot serve raises FAILED_PRECONDITION and the running engines stay."""
+        request = pb.ReloadEnginesRequest(engines=list(engines))
+        return list(self.stub.ReloadEngines(request, timeout=timeout).engines)
+
     def health(self, service: str = "") -> str:
         """'SERVING', 'NOT_SERVING', ... from grpc.health.v1 ('' = the whole server)."""
         resp = self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)

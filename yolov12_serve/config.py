@@ -11,7 +11,7 @@ from .errors import ConfigError, InvalidArgumentError
 from .sharding import ShardSpec
 
 __all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
-           "load_streams_file", "redact_url", "url_kind", "validate_stream_id"]
+           "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
 DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
@@ -55,13 +55,22 @@ class ServerConfig:
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
     background_batch: bool = True  # every thread but inference (gRPC, sources, metrics) under SCHED_BATCH (priority.py)
     background_nice: int = 0  # and at this nice value (0: the default)
+    run_deadline_floor_s: float = 2.0  # an engine run is hung after max(this, factor x its expected slow run)
+    run_deadline_factor: float = 10.0
+    recheck_s: float = 10.0  # how often a device out of service has its engine re-checked
+    failures_before_unhealthy: int = 3  # batches failing in a row before a device is taken out of service
+    state_dir: str | None = None  # where the streams added over gRPC are kept across restarts (None: nowhere)
+    max_pending_images: int = 32  # DetectImage calls being decoded, waiting or running at once; more: refused
+    max_concurrent_rpcs: int = 256  # gRPC calls at once (watchers and Detect calls included); more: refused
+    rebalance_s: float = 10.0  # a device over capacity this long gives a stream to a less loaded one (0: never)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
     shard: ShardSpec = field(default_factory=ShardSpec)  # which cameras this replica serves (sharding.py)
 
     def __post_init__(self) -> None:
         if self.slo_ms <= 0:
             raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
-        for name in ("instances", "max_batch", "max_streams", "subscriber_queue"):
+        for name in ("instances", "max_batch", "max_streams", "subscriber_queue", "max_pending_images",
+                     "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -71,6 +80,11 @@ class ServerConfig:
         if not 0 <= self.background_nice <= 19:
             raise ConfigError(f"--background-nice must be 0..19 (0: the default priority), "
                               f"got {self.background_nice}")
+        if self.run_deadline_floor_s <= 0 or self.run_deadline_factor < 1:
+            raise ConfigError(f"--run-deadline-s must be positive and --run-deadline-factor at least 1, got "
+                              f"{self.run_deadline_floor_s} and {self.run_deadline_factor}")
+        if self.recheck_s <= 0:
+            raise ConfigError(f"--recheck-s must be positive, got {self.recheck_s}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:
@@ -139,6 +153,17 @@ def redact_url(url: str) -> str:
         return url
     netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
     return urlunsplit(parts._replace(netloc=netloc))
+
+
+def scrub_url(text: str, url: str) -> str:
+    """`text` (an error message, mostly FFmpeg's, that may quote the URL) with `url`'s password masked."""
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        return text
+    if not password:
+        return text
+    return text.replace(url, redact_url(url)).replace(f":{password}@", ":***@")
 
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:

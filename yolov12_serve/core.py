@@ -1,9 +1,13 @@
-"""The server core: loads an engine per device, keeps the stream registry, places streams, publishes results.
+"""The server core: loads an engine per device, keeps the stream registry, places streams, publishes results; with
+its two other parts it keeps devices honest (failover.py: a device whose engine fails or hangs hands its streams
+to the others) and swaps engines while streams flow (swap.py).
 
 Everything the API does goes through here (`add_stream`, `remove_stream`, `list_streams`, `open_push`,
-`open_image`, `server_info`, `drain`); the core owns one `DeviceRuntime` per device (engine, input
-planner, scheduler, worker) and the results fan-out. Threads: one per pulled source, K per device
-worker, one watchdog; the API's asyncio loop only reads fan-out subscriptions.
+`open_image`, `server_info`, `drain`); the core owns one `DeviceRuntime` per device (runtime.py: engine, input
+planner, scheduler, worker, health) and the results fan-out. Threads: one per pulled source, K per device worker,
+one watchdog (stalled cameras, placement rates, when to re-check a failed device), one run supervisor (engine
+runs past their deadline: supervisor.py), and a short-lived probe thread per device re-checking its engine (a
+probe may hang too: it blocks nothing else). The API's asyncio loop only reads fan-out subscriptions.
 """
 
 from __future__ import annotations
@@ -17,53 +21,53 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import Engine, EngineInfo
-from engines.letterbox import fit_shape
+from engines.base import EngineInfo
 
-from . import __version__, priority
+from . import __version__
 from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_stream_id
-from .costmodel import RunTimeModel
+from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
     InvalidArgumentError,
     ResourceExhaustedError,
+    ServerError,
     StreamExistsError,
     StreamNotFoundError,
     UnavailableError,
     WrongShardError,
 )
+from .failover import DeviceCare
 from .fanout import Fanout
 from .frames import Frame, FrameResult, now
+from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
 from .placement import Placement
-from .preprocess import InputPlanner
+from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
+from .state import StreamStore
 from .stream import Stream, StreamView
+from .supervisor import RunDeadline, RunSupervisor
+from .swap import EngineSwap
 from .worker import DeviceWorker
 
-__all__ = ["DeviceRuntime", "EngineLoader", "ServerCore", "ServerInfoView"]
+__all__ = ["DeviceRuntime", "DeviceStatusView", "EngineLoader", "ServerCore", "ServerInfoView"]
 
 log = logging.getLogger(__name__)
 
-EngineLoader = Callable[..., Engine]  # (path, device=..., instances=..., **opts) -> Engine
 IMAGE_LABEL = "_image"  # the metrics label shared by all one-off DetectImage frames
-RECHECK_S = 10.0  # how often a failed engine is tried again
 
 
-@dataclass
-class DeviceRuntime:
-    """Everything that serves one device: its engine, input planner, cost model, scheduler and worker."""
+@dataclass(frozen=True)
+class DeviceStatusView:
+    """One device as GetServerInfo reports it: healthy or not, and why."""
 
-    name: str
-    engine_path: str
-    engine: Engine
-    planner: InputPlanner
-    cost: RunTimeModel
-    scheduler: DeadlineScheduler
-    worker: DeviceWorker
-    max_batch: int
+    device: str
+    healthy: bool
+    state: str
+    error: str
+    model_version: str
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class ServerInfoView:
     """What GetServerInfo reports."""
 
     version: str
-    engines: list[tuple[str, str, EngineInfo, int]]  # (path, device, info, instances)
+    engines: list[tuple[str, str, EngineInfo, int, str]]  # (path, device, info, instances, model version)
     devices: list[str]
     class_names: list[str]
     input_hw: tuple[int, int]
@@ -79,38 +83,56 @@ class ServerInfoView:
     max_batch: int
     max_streams: int
     process_late: bool
+    device_status: list[DeviceStatusView]
 
 
-def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts) -> Engine:
+def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts):
+    """engines.load on the backend's device for a server device ('cpu:1', one of --gpus cpu:N, opens on 'cpu')."""
     import engines
 
-    return engines.load(path, device=device, instances=instances, **opts)
+    return engines.load(path, device=engine_device(device), instances=instances, **opts)
 
 
-class ServerCore:
-    """Engines per device, stream registry, placement, watchdog and fan-out; thread-safe."""
+class ServerCore(DeviceCare, EngineSwap):
+    """Engines per device, stream registry, placement, watchdog and fan-out; failover (failover.py) and hot engine
+    swap (swap.py) are its other two parts. Thread-safe."""
 
     def __init__(self, config: ServerConfig, load_engine: EngineLoader | None = None) -> None:
         self.config = config
-        self._load_engine = load_engine or _default_loader
+        self._load_engine = load_engine
         self.runtimes: dict[str, DeviceRuntime] = {}
         self.placement = Placement()
         self.metrics: Metrics | None = None
         self.fanout = Fanout(on_overflow=self._on_subscriber_overflow)
+        self.supervisor = RunSupervisor(self._on_hung)
+        self.deadline = RunDeadline(config.run_deadline_floor_s, config.run_deadline_factor)
+        self.store = StreamStore(config.state_dir) if config.state_dir else None
+        self._saved: list[StreamSpec] = []  # read from the store at start, added again by restore_streams()
         self._streams: dict[str, Stream] = {}
         self._private: dict[str, Stream] = {}
         self._lock = threading.RLock()
+        self._failover_lock = threading.Lock()  # one device's streams move at a time (two failing at once)
+        self._over_since: dict[str, float] = {}  # device -> since when its load is over capacity (rebalancing)
+        self._reload_lock = threading.Lock()  # one engine reload at a time, the next waits
+        self._names: dict[str, dict[int, str]] = {}  # model version -> class names (results name their classes
+        # by the engine that ran them, also across a swap that changes them)
         self._image_ids = itertools.count()
+        self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
-        self._failed: set[str] = set()  # devices whose engine keeps failing
         self.ready = False
         self.draining = False
         self.on_health_change: Callable[[bool], None] = lambda serving: None
+        self.on_device_health: Callable[[str, bool], None] = lambda device, healthy: None
+
+    @property
+    def loader(self) -> EngineLoader:
+        """How engine files are opened (the default looked up at call time, so a test may wrap it)."""
+        return self._load_engine or _default_loader
 
     # ----------------------------------------------------------------------------------------- start / stop
     def start(self) -> None:
-        """Load and warm up one engine per device, start the workers and the watchdog (blocking, seconds)."""
+        """Load and warm up one engine per device, start the workers, the supervisor and the watchdog (blocking)."""
         cfg = self.config
         paths = cfg.engines
         if not paths:
@@ -121,79 +143,58 @@ class ServerCore:
         for p in paths:
             if not Path(p).is_file():
                 raise ConfigError(f"engine file not found: {p}")
+        if self.store is not None:  # a state folder that cannot be used is said before the engines load
+            self.store.open()
+            self._saved = self.store.load()
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
         for i, device in enumerate(cfg.devices):
-            path = paths[i] if len(paths) > 1 else paths[0]
-            self.runtimes[device] = self._start_device(device, path)
+            self.runtimes[device] = self._start_device(device, paths[i] if len(paths) > 1 else paths[0])
+        self.supervisor.start()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
         self._watchdog.start()
         self.ready = True
-        self.on_health_change(True)
+        for device in self.runtimes:
+            self.on_device_health(device, True)
+        self._update_serving()
+
+    def engine_path(self, device: str) -> str:
+        """The engine file configured for `device`."""
+        paths = self.config.engines
+        return paths[self.config.devices.index(device)] if len(paths) > 1 else paths[0]
+
+    def _threads_per_instance(self) -> int | None:
+        return self.config.threads or split_cpu_threads(self.config.devices, self.config.instances)
 
     def _start_device(self, device: str, path: str) -> DeviceRuntime:
         cfg = self.config
-        # CPU threads per instance is an ONNX Runtime setting; the other backends size themselves
-        opts = {"threads": cfg.threads} if cfg.threads and path.lower().endswith(".onnx") else {}
-        before = priority.native_threads()
-        engine = self._load_engine(path, device=device, instances=cfg.instances, **opts)
-        priority.favour(priority.native_threads() - before)  # its intra-op pools run inference too
-        info = engine.info
-        planner = InputPlanner(info.imgsz, info.stride, info.dynamic_hw)
-        max_batch = max(1, min(cfg.max_batch, info.batch[1]))
-        cost = RunTimeModel()
-        frame_cost = self._warm_up(engine, planner, cost, max_batch, cfg.instances)
-        camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
-        if cost.predict(1, camera, 0.5) > cfg.slo_s:
+        loaded = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch, self._threads_per_instance())
+        self._warn_if_too_slow(device, loaded.cost.predict(1, loaded.camera_shape, 0.5))
+        scheduler = DeadlineScheduler(loaded.cost, loaded.max_batch, cfg.process_late, on_drop=self._drop)
+        worker = DeviceWorker(device, loaded.engine, scheduler, self._publish, threads=cfg.instances,
+                              on_outcome=self._on_outcome, on_error=self._on_worker_error,
+                              supervisor=self.supervisor, deadline=self.deadline, model_version=loaded.version)
+        rt = DeviceRuntime(device, loaded, scheduler, worker, DeviceHealth(device, cfg.failures_before_unhealthy))
+        self.placement.add_device(device, cfg.instances, loaded.frame_cost_s)
+        self._names[loaded.version] = loaded.info.names
+        worker.start()
+        info = loaded.info
+        log.info("%s: %s (model %s, %s, input %s, batch <= %d, %d instances)", device, path, loaded.version,
+                 info.precision, info.imgsz, loaded.max_batch, cfg.instances)
+        return rt
+
+    def class_names(self, model_version: str, device: str = "") -> dict[int, str]:
+        """Class names of the model that produced a result (its version), else of `device`'s engine now."""
+        names = self._names.get(model_version)
+        if names is not None:
+            return names
+        rt = self.runtimes.get(device) or next(iter(self.runtimes.values()))
+        return rt.engine.info.names
+
+    def _warn_if_too_slow(self, device: str, one_frame_s: float) -> None:
+        if one_frame_s > self.config.slo_s:
             log.warning("%s: one frame takes %.0f ms, more than the %.0f ms SLO: every frame will miss it; raise "
                         "--slo-ms, or use a smaller / faster engine (or a quieter machine)", device,
-                        cost.predict(1, camera, 0.5) * 1000, cfg.slo_ms)
-        scheduler = DeadlineScheduler(cost, max_batch, cfg.process_late, on_drop=self._drop)
-        worker = DeviceWorker(device, engine, scheduler, self._publish, threads=cfg.instances,
-                              on_batch=self._on_batch, on_failure=self._on_engine_failure)
-        self.placement.add_device(device, cfg.instances, frame_cost)
-        worker.start()
-        log.info("%s: %s (%s, input %s, batch <= %d, %d instances)", device, path, info.precision, info.imgsz,
-                 max_batch, cfg.instances)
-        return DeviceRuntime(device, path, engine, planner, cost, scheduler, worker, max_batch)
-
-    @staticmethod
-    def _warm_up(engine: Engine, planner: InputPlanner, cost: RunTimeModel, max_batch: int, instances: int) -> float:
-        """Seed the cost model: batch 1 at the full input, batches 1, 2, 4 .. max_batch at a 16:9 camera's shape
-        (how much batching pays on this device), and those again on all instances at once (how much they slow
-        each other down); returns seconds per frame at the full input."""
-        camera = fit_shape((360, 640), planner.imgsz, planner.stride, rect=planner.dynamic_hw)
-        sizes = sorted({1, max_batch, *(2**i for i in range(8) if 2**i < max_batch)})
-        runs = [(planner.imgsz, 1)] + [(camera, n) for n in sizes]
-        full = 0.0
-        for shape, n in runs:
-            x = np.full((n, *shape, 3), 114, np.uint8)
-            for _ in range(instances):  # each instance's first run of a shape (allocations, kernel selection, a
-                engine.infer(x)  # CUDA graph capture) stays out of the timed run, which borrows the first again
-            t0 = now()
-            engine.infer(x)
-            dt = now() - t0
-            cost.observe(n, shape, dt)
-            if (shape, n) == (planner.imgsz, 1):
-                full = dt
-        for n in sizes if instances > 1 else ():
-            x = np.full((n, *camera, 3), 114, np.uint8)
-            times: list[float] = []
-
-            def run(x: np.ndarray = x, times: list[float] = times) -> None:
-                t0 = now()
-                engine.infer(x)
-                times.append(now() - t0)
-
-            for _ in range(2):  # the first round is some instances' first run of the shape: not a fair figure
-                times.clear()
-                threads = [threading.Thread(target=run) for _ in range(instances)]
-                for t in threads:
-                    t.start()
-                for t in threads:
-                    t.join()
-            for dt in times:
-                cost.observe(n, camera, dt, others=instances - 1)
-        return full
+                        one_frame_s * 1000, self.config.slo_ms)
 
     def drain(self, timeout: float = 5.0) -> None:
         """Stop taking work, stop the sources, let frames in flight finish (up to `timeout`), stop the workers."""
@@ -202,7 +203,7 @@ class ServerCore:
                 return
             self.draining = True
             streams = list(self._streams.values())
-        self.on_health_change(False)
+        self._update_serving()
         for s in streams:
             if s.source is not None:
                 s.source.stop()
@@ -210,63 +211,124 @@ class ServerCore:
         while now() < end and any(rt.scheduler.stats().in_flight for rt in self.runtimes.values()):
             self._stop.wait(0.02)
         self._stop.set()
+        self.supervisor.stop()
         for rt in self.runtimes.values():
             rt.worker.stop(max(0.1, end - now()))
         self.fanout.close_all()
         for s in streams:
             s.close()
         for rt in self.runtimes.values():
-            rt.engine.close()
+            if not self.supervisor.running(rt.name):  # an engine stuck in a hung run is left to the process exit
+                rt.engine.close()
         if self.metrics is not None:
             self.metrics.stop()
 
     # ----------------------------------------------------------------------------------------- streams
-    def add_stream(self, spec: StreamSpec) -> StreamView:
-        """Validate, register and start pulling a camera; returns at once (state CONNECTING)."""
+    def add_stream(self, spec: StreamSpec, persist: bool = True) -> StreamView:
+        """Validate, register and start pulling a camera; returns at once (state CONNECTING). With `persist` (a
+        stream added over gRPC) and a state folder, the stream set is saved before this returns: a stream
+        acknowledged is a stream a restart brings back (UNAVAILABLE, and nothing added, when it cannot be saved)."""
+        stream = self._add(spec, persistent=persist and self.store is not None)
+        if stream.persistent:
+            try:
+                self._save_streams()
+            except OSError as e:
+                self._unregister(stream, "removed")
+                raise UnavailableError(f"cannot save the stream set in {self.store.folder} "
+                                       f"({e.strerror or e}): the stream was not added") from None
+        stream.source.start()
+        log.info("stream %s added (%s) on %s", stream.stream_id, stream.url, stream.device)
+        return stream.view()
+
+    def _add(self, spec: StreamSpec, persistent: bool) -> Stream:
         validate_stream_id(spec.stream_id)
         self.check_owner(spec.stream_id)
         kind = url_kind(spec.url, self.config.allow_files)
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
+        stream.spec, stream.persistent = spec, persistent
         try:
             stream.source = make_source(kind, stream, spec.url, self.config.rtsp)
         except Exception:
             self._unregister(stream, "removed")
             raise
-        stream.source.start()
-        log.info("stream %s added (%s) on %s", stream.stream_id, stream.url, stream.device)
-        return stream.view()
+        return stream
+
+    def restore_streams(self) -> int:
+        """Add the streams saved in the state folder again (after the command line's: an id given there wins);
+        returns how many. A saved stream that cannot be added is logged and dropped from the set."""
+        saved, self._saved = self._saved, []
+        restored, dropped = 0, False
+        for spec in saved:
+            if self.has_stream(spec.stream_id):
+                log.warning("stream %s is saved in %s and given on the command line: the command line's is used",
+                            spec.stream_id, self.store.folder if self.store else "?")
+                dropped = True
+                continue
+            try:
+                stream = self._add(spec, persistent=True)
+            except ServerError as e:
+                log.error("stream %s saved in %s cannot be added again (%s); it is dropped from the saved set",
+                          spec.stream_id, self.store.folder if self.store else "?", e)
+                dropped = True
+                continue
+            stream.source.start()
+            restored += 1
+        if dropped:
+            self._save_streams_logged()
+        if restored:
+            log.info("%d streams restored from %s", restored, self.store.folder if self.store else "?")
+        return restored
+
+    def _save_streams(self) -> None:
+        if self.store is not None:
+            self.store.save(self._persistent_specs)
+
+    def _save_streams_logged(self) -> None:
+        try:
+            self._save_streams()
+        except OSError as e:
+            log.error("cannot save the stream set in %s (%s): a restart may bring back removed streams",
+                      self.store.folder if self.store else "?", e.strerror or e)
+
+    def _persistent_specs(self) -> list[StreamSpec]:
+        with self._lock:
+            return [s.spec for s in self._streams.values() if s.persistent and s.spec is not None]
 
     def open_push(self, stream_id: str) -> Stream:
-        """Register a stream fed by a Detect call (listed as push://, never dropped as late: the client paces it)."""
+        """Register a stream fed by a Detect call (listed as push://; its frames run in order, a late one is answered
+        as dropped)."""
         validate_stream_id(stream_id)
         stream = self._register(stream_id, "push://", "push", 0.0, droppable=False)
         stream.set_state(StreamState.STREAMING)
         return stream
 
     def open_image(self) -> Stream:
-        """A private one-off stream for DetectImage (not listed, not watched, metrics under one shared label)."""
+        """A private one-off stream for DetectImage (not listed, not watched, metrics under one shared label, one
+        turn under overload for all of them); RESOURCE_EXHAUSTED beyond --max-pending-images at once."""
         self._check_serving()
         sid = f"\x00image-{next(self._image_ids)}"
-        stream = Stream(sid, "image://", "image", 0.0, self.config.slo_s, self._on_ingest, self._drop,
-                        self._on_reconnect, droppable=False, public=False, metrics_label=IMAGE_LABEL)
         with self._lock:
+            if len(self._private) >= self.config.max_pending_images:
+                raise ResourceExhaustedError(f"{len(self._private)} images are being detected already (the limit, "
+                                             "--max-pending-images): retry later, or push a stream with Detect")
+            stream = Stream(sid, "image://", "image", 0.0, self.config.slo_s, self._on_ingest, self._drop,
+                            self._on_reconnect, droppable=False, public=False, metrics_label=IMAGE_LABEL,
+                            epoch=next(self._epochs), group=IMAGE_LABEL)
             stream.bind(self.runtimes[self.placement.assign(sid)])
             self._private[sid] = stream
         return stream
 
     def close_stream(self, stream: Stream) -> StreamView:
-        """End a push or image stream (the call that fed it is over); a no-op if it was removed meanwhile."""
+        """End a push or image stream (the call that fed it is over); a no-op if it was removed meanwhile (the id
+        may name a newer incarnation by now: that one is left alone)."""
         with self._lock:
-            if stream.public:
-                mine = self._streams.get(stream.stream_id) is stream
-            else:
-                mine = self._private.pop(stream.stream_id, None) is stream
-        if mine and stream.public:
-            self._unregister(stream, "removed")
-        elif mine:
-            self._unbind(stream, "removed")
+            if stream.public and self._streams.get(stream.stream_id) is stream:
+                self._unregister(stream, "removed")
+            elif not stream.public and self._private.get(stream.stream_id) is stream:
+                del self._private[stream.stream_id]
+                self._unbind(stream, "removed")
         return stream.view()
 
     def ingest_encoded(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
@@ -283,49 +345,56 @@ class ServerCore:
 
     def _register(self, stream_id: str, url: str, kind: str, max_fps: float, droppable: bool) -> Stream:
         self._check_serving()
-        with self._lock:
+        with self._lock:  # registration and removal are one step each: an id re-added never meets its old self
             if stream_id in self._streams:
                 raise StreamExistsError(f"stream {stream_id!r} already exists: remove it first or pick another id")
             if len(self._streams) >= self.config.max_streams:
                 raise ResourceExhaustedError(f"stream limit reached ({self.config.max_streams}): remove a stream "
                                              "or start the server with a larger --max-streams")
             stream = Stream(stream_id, url, kind, max_fps, self.config.slo_s, self._on_ingest, self._drop,
-                            self._on_reconnect, droppable=droppable)
+                            self._on_reconnect, droppable=droppable, epoch=next(self._epochs))
             device = self.placement.assign(stream_id, max_fps)
             stream.bind(self.runtimes[device])
             self._streams[stream_id] = stream
-        if self.metrics is not None:
-            self.metrics.add_stream(stream_id)
+            if self.metrics is not None:
+                self.metrics.add_stream(stream_id)
         return stream
 
     def remove_stream(self, stream_id: str) -> StreamView:
         """Stop a stream and free what it held; NOT_FOUND if it is unknown."""
         with self._lock:
-            stream = self._streams.pop(stream_id, None)
-        if stream is None:
-            self.check_owner(stream_id)  # another replica's camera: say which
-            raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
-        self._unregister(stream, "removed")
+            stream = self._streams.get(stream_id)
+            if stream is None:
+                self.check_owner(stream_id)  # another replica's camera: say which
+                raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
+            self._unregister(stream, "removed")
+        if stream.persistent:
+            self._save_streams_logged()
         log.info("stream %s removed", stream_id)
         return stream.view()
 
     def _unregister(self, stream: Stream, reason: str) -> None:
+        """Forget a public stream and free what it held: source, mailbox, placement, metric series. Under the
+        lock as a whole, so that a registration of the same id comes before or after it, never in between (it
+        used to remove the new stream's mailbox, placement and series)."""
         with self._lock:
-            self._streams.pop(stream.stream_id, None)
-        if stream.source is not None:
-            stream.source.stop()
-        self._unbind(stream, reason)
-        self.placement.release(stream.stream_id)
-        if self.metrics is not None:
-            self.metrics.forget_stream(stream.stream_id)
+            if self._streams.get(stream.stream_id) is stream:
+                del self._streams[stream.stream_id]
+            if stream.source is not None:
+                stream.source.stop()
+            self._unbind(stream, reason)
+            self.placement.release(stream.stream_id)
+            if self.metrics is not None:
+                self.metrics.forget_stream(stream.stream_id)
 
     def _unbind(self, stream: Stream, reason: str) -> None:
-        stream.close()
-        if stream.runtime is not None:
-            for pending in stream.runtime.scheduler.remove_stream(stream.stream_id):
-                self._drop(pending, reason)
-        if not stream.public:
-            self.placement.release(stream.stream_id)
+        with self._lock:
+            if stream.runtime is not None:
+                for pending in stream.runtime.scheduler.remove_stream(stream.stream_id, stream.epoch):
+                    self._drop(pending, reason)
+            stream.close()
+            if not stream.public:
+                self.placement.release(stream.stream_id)
 
     def check_owner(self, stream_id: str) -> None:
         """WrongShardError naming the owner when another replica serves `stream_id` (--shard-count > 1)."""
@@ -362,18 +431,21 @@ class ServerCore:
 
     # ----------------------------------------------------------------------------------------- pipeline hooks
     def _on_ingest(self, stream: Stream) -> None:
-        if self.metrics is not None and self._lookup(stream.stream_id) is stream:  # not after its removal
+        if self.metrics is not None and self._lookup(stream.stream_id, stream.epoch) is stream:  # not once removed
             self.metrics.series(stream.metrics_label, stream.device).frames.inc()
 
     def _drop(self, frame: Frame, reason: str) -> None:
-        stream = self._lookup(frame.stream_id)
+        stream = self._lookup(frame.stream_id, frame.epoch)
         if stream is None:
-            return  # removed meanwhile: its series are gone too
+            return  # removed meanwhile (maybe added again: a new stream): its series are gone too
         self._count_drop(stream, reason)
         if not frame.droppable:  # a push or DetectImage caller waits for this frame: answer it with the reason
+            why = ("it could not run within the latency objective: the server is overloaded" if reason == "late"
+                   else reason)
             self.fanout.publish(FrameResult(frame.stream_id, frame.frame_id, np.zeros((0, 6), np.float32),
                                             frame.letterbox.src_hw, frame.capture_time_us, now() - frame.ingest_time,
-                                            stream.device, frame.public, error=f"frame dropped ({reason})"))
+                                            stream.device, frame.public, error=f"frame dropped ({why})",
+                                            epoch=frame.epoch, drop_reason=reason))
 
     def _count_drop(self, stream: Stream, reason: str) -> None:
         stream.stats.record_drop(reason)
@@ -384,124 +456,97 @@ class ServerCore:
         if self.metrics is not None:
             self.metrics.reconnects.labels(stream.metrics_label).inc()
 
-    def _lookup(self, stream_id: str) -> Stream | None:
-        return self._streams.get(stream_id) or self._private.get(stream_id)
+    def _lookup(self, stream_id: str, epoch: int) -> Stream | None:
+        """The registered stream of this id and incarnation (None once removed, even if the id was added again)."""
+        stream = self._streams.get(stream_id) or self._private.get(stream_id)
+        return stream if stream is not None and stream.epoch == epoch else None
 
     def _publish(self, result: FrameResult) -> None:
-        stream = self._lookup(result.stream_id)
-        if stream is not None and not stream.accept(result.frame_id):  # a newer frame's result went out first
+        stream = self._lookup(result.stream_id, result.epoch)
+        if stream is None:
+            return  # its stream was removed while the frame ran: nobody is owed it (a new incarnation least of all)
+        if not stream.accept(result.frame_id):  # a newer frame's result went out first
             self._count_drop(stream, "superseded")
             return
-        if stream is not None:
-            label = stream.metrics_label
+        label = stream.metrics_label
+        if result.error:
+            stream.stats.record_drop("error")
+            stream.note_error(result.error)
+        else:
+            stream.stats.record(result.latency_s, len(result.detections))
+        if self.metrics is not None:
             if result.error:
-                stream.stats.record_drop("error")
+                self.metrics.dropped(label, "error").inc()
             else:
-                stream.stats.record(result.latency_s, len(result.detections))
-            if self.metrics is not None:
-                if result.error:
-                    self.metrics.dropped(label, "error").inc()
-                else:
-                    series = self.metrics.series(label, result.device)
-                    series.latency.observe(result.latency_s)
-                    series.processed.inc()
+                series = self.metrics.series(label, result.device)
+                series.latency.observe(result.latency_s)
+                series.processed.inc()
         self.fanout.publish(result)
-
-    def _on_batch(self, device: str, size: int, seconds: float) -> None:
-        if device in self._failed:  # the engine works again: the server can serve
-            self._failed.discard(device)
-            self.placement.set_healthy(device, True)
-            self.on_health_change(not self.draining)
-        if self.metrics is not None and size:
-            inference, batch_size = self.metrics.runs(device)
-            inference.observe(seconds)
-            batch_size.observe(size)
 
     def _on_subscriber_overflow(self, n: int) -> None:
         if self.metrics is not None:
             self.metrics.results_dropped.inc(n)
 
-    def _on_engine_failure(self, device: str, error: str) -> None:
-        """An engine failed several batches in a row: move its streams to the healthy devices, if any."""
-        if self.metrics is not None:
-            self.metrics.engine_failures.labels(device).inc()
-        self._failed.add(device)
-        others = [d for d in self.placement.healthy_devices() if d != device]
-        if not others:
-            log.error("%s keeps failing (%s) and no other device is healthy: NOT_SERVING", device, error)
-            self.on_health_change(False)
-            return
-        log.error("%s keeps failing (%s): moving its streams to %s", device, error, ",".join(others))
-        self.placement.set_healthy(device, False)
-        with self._lock:
-            moving = [s for s in [*self._streams.values(), *self._private.values()] if s.device == device]
-            for stream in moving:
-                old = stream.runtime
-                pending = old.scheduler.remove_stream(stream.stream_id) if old is not None else []
-                stream.bind(self.runtimes[self.placement.assign(stream.stream_id, stream.max_fps)])
-                for frame in pending:  # re-letterboxing for another input size is not worth it: drop
-                    self._drop(frame, "error")
-
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
-        """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates;
-        re-test failed engines every RECHECK_S (a device that works again takes new streams)."""
+        """Restart pulled sources that stopped delivering frames while STREAMING; refresh placement rates; start
+        a re-check of each device out of service every `recheck_s` (in a probe thread: never on this one, so a
+        hung re-check cannot stop stall detection)."""
         stall = self.config.rtsp.stall_s
-        last_recheck = now()
         while not self._stop.wait(min(0.25, stall / 4)):
-            if self._failed and now() - last_recheck > RECHECK_S:
-                last_recheck = now()
-                for device in list(self._failed):
-                    self._recheck(device)
-            with self._lock:
-                streams = list(self._streams.values())
-            t = now()
-            for s in streams:
-                src = s.source
-                if src is None or not src.watchdog or s.state != StreamState.STREAMING:
-                    continue
-                idle = t - src.last_frame_at
-                if idle > stall:
-                    log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
-                    src.restart(f"stalled: no frame for {idle:.1f} s")
-                self.placement.update_fps(s.stream_id, s.stats.fps(t))
+            try:
+                self._watch_once(stall)
+            except Exception:  # the watchdog must outlive any one bad round
+                log.exception("watchdog round failed")
 
-    def _recheck(self, device: str) -> None:
-        rt = self.runtimes[device]
-        try:
-            rt.engine.infer(np.full((1, *rt.planner.imgsz, 3), 114, np.uint8))
-        except Exception as e:
-            log.warning("%s: engine still failing (%s: %s)", device, type(e).__name__, e)
-            return
-        log.info("%s: engine works again", device)
-        self._on_batch(device, 0, 0.0)
+    def _watch_once(self, stall: float) -> None:
+        t = now()
+        for rt in list(self.runtimes.values()):
+            if not rt.health.healthy and not rt.probing and t - rt.last_probe >= self.config.recheck_s:
+                self._start_probe(rt)
+        with self._lock:
+            streams = list(self._streams.values())
+        for s in streams:
+            self.placement.update_fps(s.stream_id, s.stats.offered_fps(t))  # offered, not processed: see placement
+            src = s.source
+            if src is None or not src.watchdog or s.state != StreamState.STREAMING:
+                continue
+            idle = t - src.last_frame_at
+            if idle > stall:
+                log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
+                src.restart(f"stalled: no frame for {idle:.1f} s")
+        self._rebalance(t)
 
     def live_snapshot(self) -> LiveSnapshot:
-        """Streams by state, per-device queue depth and engine health, for the metrics scrape."""
+        """Streams by state, per-device queue depth, frames in flight and engine health, for the metrics scrape."""
         snap = LiveSnapshot()
         with self._lock:
             streams = list(self._streams.values())
         for s in streams:
             snap.streams_by_state[s.state.name] = snap.streams_by_state.get(s.state.name, 0) + 1
             snap.stream_states[s.stream_id] = s.state.name
-        failed = set(self._failed)
         for name, rt in self.runtimes.items():
-            snap.device_healthy[name] = name not in failed
             st = rt.scheduler.stats()
             snap.queue_depth[name] = st.queued
             snap.in_flight[name] = st.in_flight
+            snap.device_healthy[name] = rt.health.healthy
         return snap
 
     def server_info(self) -> ServerInfoView:
-        """Engines, devices, class names, input size and SLO."""
+        """Engines, devices and their health, class names, input size and SLO."""
         rts = list(self.runtimes.values())
         info = rts[0].engine.info if rts else EngineInfo(names={}, imgsz=(0, 0))
         names = [info.names.get(i, str(i)) for i in range(max(info.names, default=-1) + 1)]
+        status = []
+        for rt in rts:
+            fault = rt.health.fault
+            status.append(DeviceStatusView(rt.name, rt.health.healthy, rt.health.state.value,
+                                           fault.error if fault is not None else "", rt.version))
         return ServerInfoView(
-            __version__, [(rt.engine_path, rt.name, rt.engine.info, self.config.instances) for rt in rts],
+            __version__, [(rt.engine_path, rt.name, rt.engine.info, self.config.instances, rt.version) for rt in rts],
             list(self.runtimes), names, tuple(info.imgsz), self.config.slo_ms,
             max((rt.max_batch for rt in rts), default=self.config.max_batch), self.config.max_streams,
-            self.config.process_late)
+            self.config.process_late, status)
 
     def class_name(self, class_id: int, device: str | None = None) -> str:
         """The class name for an id from the engine of `device` (or the first one)."""

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from .errors import ConfigError
 
-__all__ = ["GpuSample", "GpuTelemetry", "parse_gpus", "visible_gpus"]
+__all__ = ["GpuSample", "GpuTelemetry", "engine_device", "parse_gpus", "split_cpu_threads", "visible_gpus"]
 
 
 def _nvml():
@@ -62,13 +62,21 @@ def _physical_index(i: int) -> int:
 
 
 def parse_gpus(spec: str | None, visible: list[int] | None = None) -> list[str]:
-    """`--gpus` -> device names: None = all visible GPUs else ['cpu']; 'cpu'; '0-3'; '0,2'. One clear error."""
+    """`--gpus` -> device names: None = all visible GPUs else ['cpu']; 'cpu'; 'cpu:N' (N CPU devices 'cpu:0' ..
+    sharing the cores: a device each can fail, be drained and take streams on its own, as GPUs do); '0-3'; '0,2'.
+    One clear error."""
     visible = visible_gpus() if visible is None else visible
     if spec is None or spec.strip() == "":
         return [f"cuda:{i}" for i in visible] or ["cpu"]
     spec = spec.strip().lower()
     if spec == "cpu":
         return ["cpu"]
+    if spec.startswith("cpu"):
+        m = re.fullmatch(r"cpu:(\d+)", spec)
+        if not m or not 1 <= int(m.group(1)) <= 64:
+            raise ConfigError(f"--gpus {spec!r}: CPU devices are 'cpu' or 'cpu:N' with N in 1..64 (N devices "
+                              "sharing the cores)")
+        return [f"cpu:{i}" for i in range(int(m.group(1)))]
     wanted: list[int] = []
     for part in spec.split(","):
         part = part.strip()
@@ -85,6 +93,26 @@ def parse_gpus(spec: str | None, visible: list[int] | None = None) -> list[str]:
         raise ConfigError(f"--gpus {spec}: GPU {','.join(map(str, missing))} not present (visible GPUs: {seen}); "
                           "use --gpus cpu or a visible index")
     return [f"cuda:{i}" for i in wanted]
+
+
+def engine_device(device: str) -> str:
+    """The device an engine backend is opened on for a server device: 'cpu:1' (one of `--gpus cpu:N`) -> 'cpu'."""
+    return "cpu" if device.startswith("cpu") else device
+
+
+def split_cpu_threads(devices: list[str], instances: int, cores: int | None = None) -> int | None:
+    """Intra-op threads per engine instance when several CPU devices share the cores (cores / (devices x
+    instances), at least 1; `cores`: those this process may use); None for one CPU device (the backend's own
+    default: cores / instances)."""
+    cpus = sum(d.startswith("cpu") for d in devices)
+    if cpus <= 1:
+        return None
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+    return max(1, cores // (cpus * max(1, instances)))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-__all__ = ["AbortedError", "ConfigError", "EngineRunError", "InvalidArgumentError", "ResourceExhaustedError",
-           "ServerError", "StreamExistsError", "StreamNotFoundError", "UnavailableError", "WrongShardError"]
+__all__ = ["AbortedError", "ConfigError", "EngineRunError", "FailedPreconditionError", "InvalidArgumentError",
+           "ResourceExhaustedError", "ServerError", "StreamExistsError", "StreamNotFoundError", "UnavailableError",
+           "WrongShardError"]
 
 
 class ServerError(Exception):
@@ -39,6 +40,10 @@ class UnavailableError(ServerError):
 
 class AbortedError(ServerError):
     """The stream a call was feeding was removed by someone else (ABORTED)."""
+
+
+class FailedPreconditionError(ServerError):
+    """Not possible as things are: an engine file that does not load or run, kept out (FAILED_PRECONDITION)."""
 
 
 class EngineRunError(ServerError):

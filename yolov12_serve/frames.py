@@ -33,6 +33,7 @@ class Frame:
     droppable: bool = True  # pulled cameras: may be dropped as "late"; pushed frames are always answered
     public: bool = True  # False: a one-off DetectImage frame, not shown to WatchDetections(all)
     prepare: Callable[..., np.ndarray] | None = None  # builds `input` when it is None: prepare(out=None)
+    epoch: int = 0  # the incarnation of its stream: a stream removed and added again under the same id is new
 
     shape: tuple[int, int] = field(init=False)  # the input (h, w): frames of the same shape batch together
 
@@ -64,3 +65,6 @@ class FrameResult:
     device: str
     public: bool = True
     error: str | None = None
+    epoch: int = 0  # the incarnation of the stream that sent the frame (Frame.epoch)
+    model_version: str = ""  # the engine that ran it (runtime.model_version); '' when none did
+    drop_reason: str = ""  # the frame was dropped before it ran ('late', ...): `error` says so to its caller

@@ -18,7 +18,7 @@ def stream_info(view: StreamView) -> pb.StreamInfo:
         stream_id=view.stream_id, url=view.url, state=int(view.state), device=view.device, fps=view.fps,
         last_error=view.last_error, frames_processed=view.frames_processed, frames_dropped=view.frames_dropped,
         reconnects=view.reconnects, latency_p50_ms=view.latency_p50_ms, latency_p99_ms=view.latency_p99_ms,
-        width=view.width, height=view.height)
+        width=view.width, height=view.height, max_fps=view.max_fps)
 
 
 def frame_detections(result: FrameResult, names: dict[int, str], stream_id: str | None = None) -> pb.FrameDetections:
@@ -30,7 +30,8 @@ def frame_detections(result: FrameResult, names: dict[int, str], stream_id: str 
         stream_id=result.stream_id if stream_id is None else stream_id, frame_id=result.frame_id, detections=dets,
         width=result.src_hw[1], height=result.src_hw[0],
         capture_time_us=result.capture_time_us or time.time_ns() // 1000,
-        latency_ms=result.latency_s * 1000.0, device=result.device)
+        latency_ms=result.latency_s * 1000.0, device=result.device, error=result.error or "",
+        model_version=result.model_version)
 
 
 def server_info(view: ServerInfoView) -> pb.ServerInfo:
@@ -39,8 +40,11 @@ def server_info(view: ServerInfoView) -> pb.ServerInfo:
                              stride=info.stride, batch_min=info.batch[0], batch_max=info.batch[1],
                              dynamic_hw=info.dynamic_hw, precision=info.precision, variant=info.variant,
                              scale=info.scale, instances=instances, conf=info.conf, iou=info.iou,
-                             max_det=info.max_det)
-               for path, device, info, instances in view.engines]
+                             max_det=info.max_det, model_version=version)
+               for path, device, info, instances, version in view.engines]
+    status = [pb.DeviceStatus(device=d.device, healthy=d.healthy, state=d.state, error=d.error,
+                              model_version=d.model_version) for d in view.device_status]
     return pb.ServerInfo(version=view.version, engines=engines, devices=view.devices, class_names=view.class_names,
                          input_height=view.input_hw[0], input_width=view.input_hw[1], slo_ms=view.slo_ms,
-                         max_batch=view.max_batch, max_streams=view.max_streams, process_late=view.process_late)
+                         max_batch=view.max_batch, max_streams=view.max_streams, process_late=view.process_late,
+                         device_status=status)

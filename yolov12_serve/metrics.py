@@ -4,9 +4,12 @@ Names are a contract (issue 5): yolov12_frame_latency_seconds{stream,device} (bu
 the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12_frames_total{stream},
 yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
-yolov12_slo_seconds, and with NVML yolov12_gpu_utilization_ratio / yolov12_gpu_memory_{used,total}_bytes.
-Read at scrape time for the shipped alerts (deploy/prometheus): yolov12_stream_state{stream,state} (1 for the
-stream's current state, 0 for the others, as kube-state-metrics does) and yolov12_device_healthy{device}.
+yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
+yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
+yolov12_worker_errors_total{device}; and with NVML yolov12_gpu_utilization_ratio /
+yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
+yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
+does).
 Per-stream series are removed when the stream is removed (no growth over a long run).
 """
 
@@ -43,7 +46,7 @@ class LiveSnapshot:
     queue_depth: dict[str, int] = field(default_factory=dict)  # device -> frames waiting in mailboxes
     in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
     stream_states: dict[str, str] = field(default_factory=dict)  # stream -> state name (STATES)
-    device_healthy: dict[str, bool] = field(default_factory=dict)  # device -> its engine works
+    device_healthy: dict[str, bool] = field(default_factory=dict)  # device -> takes streams
 
 
 @dataclass(frozen=True)
@@ -82,10 +85,11 @@ class _LiveCollector(Collector):
             for state in STATES:
                 per_stream.add_metric([sid, state], 1 if state == current else 0)
         yield per_stream
-        healthy = GaugeMetricFamily("yolov12_device_healthy", "1 while the device's engine works, 0 while it fails.",
+        healthy = GaugeMetricFamily("yolov12_device_healthy", "1 while a device's engine works and it takes streams, "
+                                    "0 once it failed or hung (its streams moved to the healthy devices).",
                                     labels=["device"])
         for dev, ok in sorted(snap.device_healthy.items()):
-            healthy.add_metric([dev], 1 if ok else 0)
+            healthy.add_metric([dev], 1.0 if ok else 0.0)
         yield healthy
         if self._gpus is None:
             return
@@ -137,10 +141,20 @@ class Metrics:
         self.slo.set(slo_s)
         self.engine_failures = Counter("yolov12_engine_failures", "Batches whose Engine.infer raised.", ["device"],
                                        registry=r)
+        self.engine_hangs = Counter("yolov12_engine_hangs", "Engine runs declared hung (no answer by their deadline).",
+                                    ["device"], registry=r)
+        self.worker_errors = Counter("yolov12_worker_errors", "Exceptions caught in a device worker outside the engine "
+                                     "call (the thread goes on).", ["device"], registry=r)
+        self.stream_moves = Counter("yolov12_stream_moves", "Streams moved to another device, by reason: failover (its "
+                                    "device failed or hung) or rebalance (its device stayed over capacity).",
+                                    ["reason"], registry=r)
+        for reason in ("failover", "rebalance"):
+            self.stream_moves.labels(reason)
         self._runs: dict[str, tuple[Any, Any]] = {}
         for dev in self.devices:
             self.runs(dev)
-            self.engine_failures.labels(dev)
+            for counter in (self.engine_failures, self.engine_hangs, self.worker_errors):
+                counter.labels(dev)
         self._gpus = GpuTelemetry(self.devices)
         r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
         self._http = None

@@ -1,11 +1,13 @@
 """One Detect call (push mode): frames of one stream in, their results out in the same order.
 
-Back-pressure instead of dropping: the next frame is read from the client only while fewer than
+Back-pressure instead of queueing: the next frame is read from the client only while fewer than
 PUSH_WINDOW frames are pending (one decoding or waiting while one runs), so gRPC flow control slows a
-client that sends faster than the engine answers, and no pushed frame is ever superseded or "late".
-Frames are decoded and letterboxed in a thread pool; the call ends when the client has sent its last
+client that sends faster than the engine answers, and no pushed frame is ever superseded. A frame that
+cannot run within the latency objective (an overloaded server) is dropped as "late" like a camera's, and
+answered all the same: its FrameDetections carry `error` (so does a frame the engine failed on) and the call
+goes on. Frames are decoded and letterboxed in a thread pool; the call ends when the client has sent its last
 frame and every frame has been answered, or with an error: a bad frame (INVALID_ARGUMENT), its stream
-removed meanwhile (ABORTED), the server draining (UNAVAILABLE), the engine failing (INTERNAL).
+removed meanwhile (ABORTED), the server draining (UNAVAILABLE).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from concurrent.futures import Executor
 from typing import Any
 
 from .core import ServerCore
-from .errors import AbortedError, EngineRunError, InvalidArgumentError, UnavailableError
+from .errors import AbortedError, InvalidArgumentError, UnavailableError
 from .frames import FrameResult, now
 from .sources.base import StreamState
 from .stream import PUSH_WINDOW, Stream
@@ -49,9 +51,7 @@ class PushCall:
             while (result := await sub.next()) is not None:
                 window.release()
                 self.answered += 1
-                if result.error is not None:
-                    raise EngineRunError(f"frame {result.frame_id}: {result.error}")
-                yield result
+                yield result  # an error result too: `error` says why this frame has no detections
                 if self.client_done and self.answered == self.sent:
                     return
         finally:

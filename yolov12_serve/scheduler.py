@@ -25,9 +25,14 @@ even a lone frame takes longer than the SLO (an engine too slow for it), droppin
 frames are then run, freshest first, and show up as SLO misses instead. "A lone frame" is the faster
 of a frame alone and one beside the batches running now: under saturation a device is never idle,
 so its alone-figure can be stale (cameras starting up) for good while the beside-figure is fresh.
-A batch whose first frame is late anyway (that case, pushed frames, --process-late) gets the smallest
+A batch whose first frame is late anyway (that case, --process-late) gets the smallest
 size with 95% of the best frames/s the model knows: big on GPUs, where batching pays, 1 on CPUs,
 where it only adds latency.
+
+Pushed frames (Detect, DetectImage) have deadlines too and are dropped as late like a camera's (their
+callers get the frame answered with the reason): they used to be exempt and keep deadline order, so a flood
+of DetectImage calls ran ahead of every camera. For the overload order every stream has a fairness `group`:
+a camera is its own, all one-off DetectImage streams share one, so images together get one camera's share.
 
 A camera's next frame may run while its previous one still runs (on another instance): no stream
 waits behind its own batch, so under overload every stream gets the same share of the engine (with one
@@ -65,7 +70,7 @@ class Batch:
     predicted_s: float
     scheduled_at: float = field(default_factory=now)
     others: int = 0  # batches already running on the device when this one started
-    seq: int = 0  # the device's batch counter at its start (batches started later ran beside it)
+    seq: int = 0  # the device's batch counter at its start (batches started later ran beside it); 0: not scheduled
 
     @property
     def size(self) -> int:
@@ -86,17 +91,22 @@ class Scheduler(ABC):
     """What a device worker needs from a batching policy. All methods are thread-safe."""
 
     @abstractmethod
-    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
-        """Start serving a stream: `capacity` frames may wait; `exclusive`: never two of its frames running at once
-        (push calls, answered strictly in order)."""
+    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False, epoch: int = 0,
+                   group: str | None = None) -> None:
+        """Start serving incarnation `epoch` of a stream: `capacity` frames may wait; `exclusive`: never two of its
+        frames running at once (push calls, answered strictly in order); `group`: the streams that share one
+        turn under overload (default: its own). Another incarnation of the id is replaced: its frames still
+        running are no longer counted as the stream's."""
 
     @abstractmethod
-    def remove_stream(self, stream_id: str) -> list[Frame]:
-        """Stop serving a stream; return its waiting frames (the caller drops or moves them)."""
+    def remove_stream(self, stream_id: str, epoch: int | None = None) -> list[Frame]:
+        """Stop serving a stream (only incarnation `epoch`, when given); return its waiting frames (the caller
+        drops or moves them)."""
 
     @abstractmethod
     def submit(self, frame: Frame) -> Frame | None:
-        """Offer a frame; returns the frame it superseded (already counted as dropped by the caller)."""
+        """Offer a frame; returns the frame it superseded (already counted as dropped by the caller), or the frame
+        itself when its stream's incarnation is not served here (removed, moved, or added again since)."""
 
     @abstractmethod
     def schedule(self, timeout: float) -> Batch | None:
@@ -119,8 +129,9 @@ class Scheduler(ABC):
 class _StreamSlot:
     mailbox: Mailbox = field(default_factory=Mailbox)
     exclusive: bool = False
+    epoch: int = 0  # the incarnation served: frames and finished batches of another one do not count here
+    group: str = ""  # fairness under overload: streams of one group share one turn (DetectImage's one-off streams)
     in_flight: int = 0
-    served_at: float = float("-inf")  # when a frame of this stream last started running
 
 
 class DeadlineScheduler(Scheduler):
@@ -142,28 +153,37 @@ class DeadlineScheduler(Scheduler):
         self._running = 0  # batches running now: each prediction is for a run beside that many
         self._most_running = 1
         self._started = 0
-        self._arrivals: deque[float] = deque()  # when the last ARRIVAL_WINDOW_S of camera frames came
+        self._frames_running = 0  # frames of every batch picked and not yet finished, whatever became of their streams
+        self._arrivals: deque[float] = deque()  # when the last ARRIVAL_WINDOW_S of frames came
+        self._served_at: dict[str, float] = {}  # group -> when a frame of it last started running
 
-    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False) -> None:
+    def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False, epoch: int = 0,
+                   group: str | None = None) -> None:
         with self._cond:
-            self._slots.setdefault(stream_id, _StreamSlot(Mailbox(capacity), exclusive))
+            slot = self._slots.get(stream_id)
+            if slot is None or slot.epoch != epoch:
+                self._slots[stream_id] = _StreamSlot(Mailbox(capacity), exclusive, epoch, group or stream_id)
 
-    def remove_stream(self, stream_id: str) -> list[Frame]:
+    def remove_stream(self, stream_id: str, epoch: int | None = None) -> list[Frame]:
         with self._cond:
-            slot = self._slots.pop(stream_id, None)
+            slot = self._slots.get(stream_id)
+            if slot is None or (epoch is not None and slot.epoch != epoch):
+                return []  # another incarnation is served now: not this caller's to remove
+            del self._slots[stream_id]
+            if not any(s.group == slot.group for s in self._slots.values()):
+                self._served_at.pop(slot.group, None)  # a group's turn lives as long as one of its streams
             frames = []
-            while slot is not None and (frame := slot.mailbox.take()) is not None:
+            while (frame := slot.mailbox.take()) is not None:
                 frames.append(frame)
             return frames
 
     def submit(self, frame: Frame) -> Frame | None:
         with self._cond:
             slot = self._slots.get(frame.stream_id)
-            if slot is None or self._closed:
-                return frame  # the stream is gone (removed or moved): the frame goes nowhere
+            if slot is None or slot.epoch != frame.epoch or self._closed:
+                return frame  # the stream is gone (removed, moved or added again): the frame goes nowhere
             old = slot.mailbox.put(frame)
-            if frame.droppable:
-                self._count_arrivals(self.clock(), arrived=True)
+            self._count_arrivals(self.clock(), arrived=True)
             if not (slot.exclusive and slot.in_flight):
                 self._cond.notify()
             return old
@@ -205,16 +225,19 @@ class DeadlineScheduler(Scheduler):
                 known = lone[shape] = (typical, min(typical, predict(1, shape, 0.5)))  # alone, or as now (module docs)
             typical, best = known
             feasible = best <= frame.deadline - frame.ingest_time  # could a frame of this shape be on time at all?
-            predicted_late = frame.droppable and not self.process_late and feasible and t + typical > frame.deadline
+            predicted_late = not self.process_late and feasible and t + typical > frame.deadline
             if predicted_late and not (t < frame.deadline and self._probe(shape, busy, t)):
                 late.append(slot.mailbox.take())
                 continue
             ready.append((frame, slot))
         if not ready:
             return None
-        if self._overloaded([f for f, _ in ready], t, busy):  # the camera served longest ago, newest frame
+        if self._overloaded([f for f, _ in ready], t, busy):  # the group served longest ago, newest frame
+            served_at = self._served_at
+            never = float("-inf")
+
             def order(fs: tuple[Frame, _StreamSlot]) -> tuple[float, float]:
-                return (fs[1].served_at, -fs[0].deadline)
+                return (served_at.get(fs[1].group, never), -fs[0].deadline)
         else:
             def order(fs: tuple[Frame, _StreamSlot]) -> tuple[float, float]:
                 return (0.0, fs[0].deadline)
@@ -239,9 +262,10 @@ class DeadlineScheduler(Scheduler):
         for frame, slot in group[:n]:
             slot.mailbox.take()
             slot.in_flight += 1
-            slot.served_at = t
+            self._served_at[slot.group] = t
             frames.append(frame)
         self._running += 1
+        self._frames_running += n
         self._most_running = max(self._most_running, self._running)
         self._started += 1
         return Batch(frames, shape, predict(n, shape, 0.9, busy), t, busy, self._started)
@@ -256,9 +280,9 @@ class DeadlineScheduler(Scheduler):
         (server subprocess, gRPC watcher): deadline order p50 36-39 ms, p99 47-53, fewest results of one
         camera 0-29; newest first p50 28-33, fewest 10-30; this order p50 31-35, fewest 40-62 (of ~75 each,
         the fair share), same results/s within the noise. Below capacity deadline order stays: it loses
-        nothing a burst can be saved from. Pushed frames are never dropped: with any of them ready, deadline
-        order stays too."""
-        if len(frames) < 2 or any(not f.droppable for f in frames):
+        nothing a burst can be saved from. Pushed frames count as offered load and take turns like cameras (all
+        DetectImage calls as one group)."""
+        if len(frames) < 2:
             return False
         self._count_arrivals(t)
         shape = frames[0].shape
@@ -298,18 +322,23 @@ class DeadlineScheduler(Scheduler):
             if elapsed_s is not None:  # it ran beside those running at its start and those started since
                 beside = min(batch.others + self._started - batch.seq, self._most_running - 1)
                 self.cost.observe(batch.size, batch.shape, elapsed_s, beside)
-            self._running = max(0, self._running - 1)
+            if batch.seq == 0:  # not started by schedule() (a probe, a test): nothing to release
+                self._cond.notify_all()
+                return
+            self._running -= 1
+            self._frames_running -= batch.size
+            assert self._running >= 0 and self._frames_running >= 0, f"batch {batch.seq} finished twice"
             for frame in batch.frames:
                 slot = self._slots.get(frame.stream_id)
-                if slot is not None:
+                if slot is not None and slot.epoch == frame.epoch:  # not a newer incarnation's count
                     slot.in_flight -= 1
+                    assert slot.in_flight >= 0, f"{frame.stream_id}: more frames finished than started"
             self._cond.notify_all()
 
     def stats(self) -> SchedulerStats:
         with self._cond:
             queued = sum(len(s.mailbox) for s in self._slots.values())
-            running = sum(s.in_flight for s in self._slots.values())
-            return SchedulerStats(queued, running, len(self._slots))
+            return SchedulerStats(queued, self._frames_running, len(self._slots))
 
     def shutdown(self) -> None:
         with self._cond:

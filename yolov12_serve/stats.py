@@ -41,6 +41,7 @@ class StreamStats:
         self.first_at: float | None = None
         self.last_at: float | None = None
         self.dropped: Counter[str] = Counter()
+        self._offered: deque[float] = deque()  # when each frame of the window was offered (ingested)
 
     def record(self, latency_s: float, detections: int, t: float | None = None) -> None:
         """One published result."""
@@ -54,6 +55,25 @@ class StreamStats:
             self.detections += detections
             self.first_at = t if self.first_at is None else self.first_at
             self.last_at = t
+
+    def record_offered(self, t: float) -> None:
+        """One frame handed to the scheduler (run, dropped or not): the stream's offered load."""
+        with self._lock:
+            self._offered.append(t)
+            while self._offered[0] < t - self.window_s:
+                self._offered.popleft()
+
+    def offered_fps(self, t: float | None = None) -> float:
+        """Frames offered per second over the window: what placement needs (the processed rate of a camera on an
+        overloaded device is what it lost, not what it asks for)."""
+        t = now() if t is None else t
+        with self._lock:
+            while self._offered and self._offered[0] < t - self.window_s:
+                self._offered.popleft()
+            n = len(self._offered)
+            if n > 1:
+                return (n - 1) / max(t - self._offered[0], 1e-6)
+            return n / self.window_s
 
     def record_drop(self, reason: str) -> None:
         """One frame dropped for `reason`."""

@@ -12,6 +12,7 @@ import numpy as np
 
 from engines.letterbox import Letterbox
 
+from .config import StreamSpec
 from .frames import Frame, now
 from .sources.base import Source, StreamState
 from .stats import StreamStats
@@ -43,6 +44,7 @@ class StreamView:
     detections_per_frame: float
     width: int
     height: int
+    max_fps: float = 0.0
 
 
 class Stream:
@@ -51,8 +53,11 @@ class Stream:
     def __init__(self, stream_id: str, url: str, kind: str, max_fps: float, slo_s: float,
                  on_ingest: Callable[[Stream], None], on_drop: Callable[[Frame, str], None],
                  on_reconnect: Callable[[Stream], None], droppable: bool = True, public: bool = True,
-                 metrics_label: str | None = None) -> None:
+                 metrics_label: str | None = None, epoch: int = 0, group: str | None = None) -> None:
         self.stream_id = stream_id
+        self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
+        self.spec: StreamSpec | None = None  # what AddStream asked for, URL credentials included (never shown)
+        self.persistent = False  # kept in the state folder (added over gRPC, not from the command line)
         self.url = url
         self.kind = kind
         self.max_fps = max_fps
@@ -60,6 +65,7 @@ class Stream:
         self.droppable = droppable
         self.public = public
         self.metrics_label = metrics_label or stream_id
+        self.group = group  # streams sharing one turn under overload (all DetectImage calls); None: its own
         self.state = StreamState.CONNECTING
         self.last_error = ""
         self.reconnects = 0
@@ -101,9 +107,10 @@ class Stream:
         """Run on `runtime`'s device from now on (placement, or a move after an engine failure)."""
         self.runtime = runtime
         if self.droppable:  # a camera: newest frame wins, frames may overlap (results re-ordered by `accept`)
-            runtime.scheduler.add_stream(self.stream_id)
+            runtime.scheduler.add_stream(self.stream_id, epoch=self.epoch, group=self.group)
         else:  # pushed frames: a small FIFO window, one running at a time, each answered in order
-            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True)
+            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True, epoch=self.epoch,
+                                         group=self.group)
 
     def plan(self, src_hw: tuple[int, int]) -> Letterbox:
         """The letterbox for this source size on the current device."""
@@ -122,8 +129,9 @@ class Stream:
         self.src_hw = letterbox.src_hw
         deferred = callable(image)  # a camera's letterbox, run only if the frame reaches an engine
         frame = Frame(self.stream_id, fid, None if deferred else image, letterbox, capture_time_us, t,
-                      t + self.slo_s, self.droppable, self.public, image if deferred else None)
+                      t + self.slo_s, self.droppable, self.public, image if deferred else None, self.epoch)
         self._on_ingest(self)
+        self.stats.record_offered(t)
         runtime = self.runtime
         replaced = runtime.scheduler.submit(frame) if runtime is not None else frame
         if replaced is not None:
@@ -150,6 +158,11 @@ class Stream:
             if error:
                 self.last_error = error
 
+    def note_error(self, error: str) -> None:
+        """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""
+        with self._lock:
+            self.last_error = error
+
     def count_reconnect(self) -> None:
         """Count one reconnect attempt (ListStreams and metrics show it)."""
         with self._lock:
@@ -161,4 +174,4 @@ class Stream:
         snap = self.stats.snapshot()
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
-                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0])
+                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps)

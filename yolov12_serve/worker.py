@@ -4,6 +4,14 @@
 while running), so K threads keep K sessions / execution contexts busy at once; while one batch
 runs, the next is scheduled by the thread that finished first. Boxes are mapped back to each
 frame's source pixels with the letterbox the frame carries (Letterbox.unscale).
+
+Every engine call is registered with the run supervisor (supervisor.py) under a deadline. A run declared hung
+is answered by `abandon` (error results for its frames, the batch released) from the supervisor's thread, and
+its thread is replaced: the stuck thread exits if its call ever returns. A thread never dies silently: an
+exception outside the engine call is logged and counted (`on_error`) and the loop goes on. A batch the engine
+refuses before running it (`Engine.check_batch`: a shape or size it cannot take) fails its frames alone, as
+their streams' errors, never the device's. The engine is read once per batch, so a swap (`engine = new`) takes
+effect between batches.
 """
 
 from __future__ import annotations
@@ -11,98 +19,200 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 
-from engines.base import Engine
+from engines.base import Engine, EngineError
 
 from . import priority
 from .frames import Frame, FrameResult, now
 from .scheduler import Batch, Scheduler
+from .supervisor import Run, RunDeadline, RunSupervisor
 
-__all__ = ["DeviceWorker"]
+__all__ = ["BatchOutcome", "DeviceWorker"]
 
 log = logging.getLogger(__name__)
 
-FAILURES_BEFORE_UNHEALTHY = 3
+EMPTY = np.zeros((0, 6), np.float32)
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One batch the engine ran, or raised on (`error`): what the device's health and metrics learn from it."""
+
+    device: str
+    shape: tuple[int, int]
+    size: int
+    seconds: float
+    started: float
+    error: str | None = None
 
 
 class DeviceWorker:
     """Runs batches from `scheduler` on `engine` with `threads` concurrent callers; reports each batch and result."""
 
     def __init__(self, device: str, engine: Engine, scheduler: Scheduler, publish: Callable[[FrameResult], None],
-                 threads: int = 1, on_batch: Callable[[str, int, float], None] | None = None,
-                 on_failure: Callable[[str, str], None] | None = None) -> None:
+                 threads: int = 1, on_outcome: Callable[[BatchOutcome], None] | None = None,
+                 on_error: Callable[[str], None] | None = None, supervisor: RunSupervisor | None = None,
+                 deadline: RunDeadline | None = None, model_version: str = "") -> None:
         self.device = device
-        self.engine = engine
+        self._model = (engine, model_version)  # one attribute: a swap replaces both at once (`use`)
         self.scheduler = scheduler
         self.publish = publish
         self.threads = max(1, int(threads))
-        self.on_batch = on_batch or (lambda device, size, seconds: None)
-        self.on_failure = on_failure or (lambda device, error: None)
-        self.consecutive_failures = 0
+        self.on_outcome = on_outcome or (lambda outcome: None)
+        self.on_error = on_error or (lambda device: None)
+        self.supervisor = supervisor or RunSupervisor(lambda run: None)  # without one nothing is ever hung
+        self.deadline = deadline or RunDeadline()
         self.batches = 0
+        self.errors = 0  # exceptions caught outside the engine call
+        self.replaced = 0  # threads replaced after a hung run
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._retired: set[threading.Thread] = set()
+        self._serial = 0
+
+    @property
+    def engine(self) -> Engine:
+        """The engine batches run on (from the next batch on, after `use`)."""
+        return self._model[0]
+
+    @property
+    def model_version(self) -> str:
+        """The version stamped on results of the engine in use."""
+        return self._model[1]
+
+    def use(self, engine: Engine, model_version: str) -> None:
+        """Run the next batches on `engine` (a hot swap): batches running finish on the old one."""
+        self._model = (engine, model_version)
 
     def start(self) -> None:
         """Start the K worker threads."""
-        for i in range(self.threads):
-            t = threading.Thread(target=self._loop, name=f"worker-{self.device}-{i}", daemon=True)
-            t.start()
+        for _ in range(self.threads):
+            self._spawn()
+
+    def _spawn(self) -> None:
+        with self._lock:
+            self._serial += 1
+            t = threading.Thread(target=self._loop, name=f"worker-{self.device}-{self._serial - 1}", daemon=True)
             self._threads.append(t)
+        t.start()
+
+    @property
+    def live_threads(self) -> int:
+        """Threads serving now (not counting those stuck in a hung run)."""
+        with self._lock:
+            return sum(t.is_alive() for t in self._threads)
 
     def stop(self, timeout: float = 5.0) -> None:
-        """Let running batches finish (up to `timeout`), then end the threads."""
+        """Let running batches finish (up to `timeout`), then end the threads (a thread stuck in a hung run is left)."""
         self._stop.set()
         self.scheduler.shutdown()
         end = now() + timeout
-        for t in self._threads:
+        with self._lock:
+            threads, self._threads = self._threads, []
+        for t in threads:
             t.join(max(0.0, end - now()))
-        self._threads = []
 
     def _loop(self) -> None:
         priority.keep_default()  # inference runs ahead of the server's other threads (priority.py)
-        while not self._stop.is_set():
-            batch = self.scheduler.schedule(timeout=0.2)
-            if batch is not None:
-                self.run(batch)
-
-    def run(self, batch: Batch) -> None:
-        """Run one batch and publish one result per frame (an error result for each frame if the engine failed,
-        or for a frame whose deferred letterbox failed: its batch-mates still run)."""
-        t0 = now()
-        frames, inputs, unprepared = self._prepare(batch.frames)
-        error = None
-        outputs: list[np.ndarray] = []
-        if frames:
+        me = threading.current_thread()
+        while not self._stop.is_set() and me not in self._retired:
             try:
-                outputs = self.engine.infer(inputs)
+                batch = self.scheduler.schedule(timeout=0.2)
+                if batch is not None:
+                    self.run(batch)
+            except Exception:  # one bad batch or bug must not end a thread: K threads would silently become K-1
+                with self._lock:
+                    self.errors += 1
+                log.exception("%s: worker error (counted in yolov12_worker_errors_total; the thread goes on)",
+                              self.device)
+                self.on_error(self.device)
+                self._stop.wait(0.01)  # no hot loop if the error repeats
+
+    def run(self, batch: Batch) -> bool:
+        """Run one batch and publish one result per frame (an error result for each frame if the engine failed or
+        refused the batch, or for a frame whose deferred letterbox failed: its batch-mates still run). Returns
+        False when the run was declared hung meanwhile (its frames answered by `abandon`)."""
+        t0 = now()
+        learned: float | None = None
+        released = False
+        try:
+            frames, inputs, unprepared = self._prepare(batch.frames)
+            for frame, why in unprepared:
+                self._publish(frame, EMPTY, why)
+            if not frames:
+                return True
+            engine, version = self._model  # once per batch: a swap takes effect at the next
+            try:
+                engine.check_batch(inputs)
+            except EngineError as e:  # the frames' shape or number, not the device: their streams' error
+                why = f"the engine cannot take this frame: {e}"
+                log.warning("%s: %s (%d frames of %s)", self.device, why, len(frames), frames[0].stream_id)
+                for frame in frames:
+                    self._publish(frame, EMPTY, why)
+                return True
+            shape = (int(inputs.shape[1]), int(inputs.shape[2]))
+            run = self.supervisor.begin(self.device, shape, len(frames), self.deadline(batch.predicted_s),
+                                        owner=(batch, frames))
+            error = None
+            outputs: list[np.ndarray] = []
+            try:
+                outputs = engine.infer(inputs)
                 if len(outputs) != len(frames):
                     raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")
             except Exception as e:  # one failed batch must not kill the worker: report it and go on
                 error = f"{type(e).__name__}: {e}"
-                outputs = [np.zeros((0, 6), np.float32)] * len(frames)
-        elapsed = now() - t0
-        for frame, dets in zip(frames, outputs):
-            self._publish(frame, frame.letterbox.unscale(dets), error)
-        for frame, why in unprepared:
-            self._publish(frame, np.zeros((0, 6), np.float32), why)
-        # a failed run, or a smaller batch than scheduled, says nothing about the scheduled batch's run time
-        self.scheduler.update_from_output(batch, None if error or unprepared else elapsed)
-        if not frames:
-            return
-        with self._lock:  # K threads share the counters
-            self.batches += 1
-            self.consecutive_failures = 0 if error is None else self.consecutive_failures + 1
-            report = self.consecutive_failures == FAILURES_BEFORE_UNHEALTHY
-        if error is None:
-            self.on_batch(self.device, len(frames), elapsed)
-            return
-        log.error("%s: batch of %d failed: %s", self.device, len(frames), error)
-        if report:
-            self.on_failure(self.device, error)
+                outputs = [EMPTY] * len(frames)
+            elapsed = now() - t0
+            if not self.supervisor.end(run):
+                released = True  # declared hung: `abandon` answered the frames and released the batch
+                log.warning("%s: the hung %s came back after %.1f s", self.device, run.describe(), elapsed)
+                return False
+            for frame, dets in zip(frames, outputs):
+                self._publish(frame, frame.letterbox.unscale(dets), error, version)
+            # a failed run, or a smaller batch than scheduled, says nothing about the scheduled batch's run time
+            learned = None if error or unprepared else elapsed
+            with self._lock:  # K threads share the counter
+                self.batches += 1
+            if error is not None:
+                log.error("%s: batch of %d failed: %s", self.device, len(frames), error)
+            self._report(BatchOutcome(self.device, shape, len(frames), elapsed, batch.scheduled_at, error))
+            return True
+        finally:
+            if not released:
+                self.scheduler.update_from_output(batch, learned)
+
+    def _report(self, outcome: BatchOutcome) -> None:
+        try:
+            self.on_outcome(outcome)
+        except Exception:
+            log.exception("%s: reporting a batch failed", self.device)
+
+    def abandon(self, run: Run) -> None:
+        """Answer a run declared hung (error results for its frames, its batch released) and retire its thread
+        (called from the supervisor's thread; the stuck thread exits if its call ever returns). `replenish`
+        then starts its replacement."""
+        batch, frames = run.owner
+        why = f"engine run hung: no answer within {run.deadline_s:.1f} s ({run.describe()})"
+        for frame in frames:
+            self._publish(frame, EMPTY, why)
+        self.scheduler.update_from_output(batch, None)
+        with self._lock:
+            self._retired.add(run.thread)
+            if run.thread in self._threads:
+                self._threads.remove(run.thread)
+                self.replaced += 1
+
+    def replenish(self) -> None:
+        """Start threads until `threads` serve again (after `abandon` retired one)."""
+        while not self._stop.is_set():
+            with self._lock:
+                if len(self._threads) >= self.threads:
+                    return
+            self._spawn()
 
     @staticmethod
     def _prepare(batch: list[Frame]) -> tuple[list[Frame], np.ndarray, list[tuple[Frame, str]]]:
@@ -125,6 +235,7 @@ class DeviceWorker:
             return frames, (x[None] if frames else np.empty((0, 0, 0, 3), np.uint8)), unprepared
         return frames, array[:len(frames)], unprepared
 
-    def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None) -> None:
+    def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None, version: str | None = None) -> None:
         self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
-                                 frame.capture_time_us, now() - frame.ingest_time, self.device, frame.public, error))
+                                 frame.capture_time_us, now() - frame.ingest_time, self.device, frame.public, error,
+                                 frame.epoch, self.model_version if version is None else version))

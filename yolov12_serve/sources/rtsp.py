@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from ..config import RtspOptions, redact_url
+from ..config import RtspOptions, redact_url, scrub_url
 from ..frames import now
 from ..preprocess import letterbox_avframe
 from .backoff import Backoff
@@ -130,15 +130,16 @@ class AvSource(Source):
                 continue  # reopen at once, decoding on the CPU (warned when it was given up)
             except PermanentSourceError as e:
                 if self._current(gen):
-                    log.error("stream %s failed: %s", self.sink.stream_id, e)
-                    self.sink.set_state(StreamState.FAILED, str(e))
+                    why = scrub_url(str(e), self.url)  # FFmpeg's errors quote the URL: no password leaves
+                    log.error("stream %s failed: %s", self.sink.stream_id, why)
+                    self.sink.set_state(StreamState.FAILED, why)
                 return
             except Exception as e:
                 with self._lock:
                     if not self._current(gen):
                         break
                     self._streaming = False
-                    msg = _describe(e)
+                    msg = scrub_url(_describe(e), self.url)
                     log.warning("stream %s: %s; reconnecting", self.sink.stream_id, msg)
                     self.sink.set_state(StreamState.RECONNECTING, msg)
                     self.sink.count_reconnect()
@@ -181,7 +182,7 @@ class AvSource(Source):
             if hwaccel is None:
                 raise
             container = self._open(None)  # the source is fine without the GPU: the hardware decoder was at fault
-            self._give_up_hardware(f"opening the decoder: {_describe(e)}")
+            self._give_up_hardware(scrub_url(f"opening the decoder: {_describe(e)}", self.url))
             return container, False
         return container, hwaccel is not None
 
@@ -214,7 +215,7 @@ class AvSource(Source):
             except av.error.FFmpegError as e:
                 if not hardware:
                     raise
-                self._give_up_hardware(f"decoding: {_describe(e)}")
+                self._give_up_hardware(scrub_url(f"decoding: {_describe(e)}", self.url))
                 raise _HardwareDecodeError(str(e)) from e
             yield from frames
 

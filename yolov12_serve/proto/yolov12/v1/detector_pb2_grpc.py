@@ -70,6 +70,11 @@ class DetectorStub:
                 request_serializer=yolov12_dot_v1_dot_detector__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=yolov12_dot_v1_dot_detector__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.ReloadEngines = channel.unary_unary(
+                '/yolov12.v1.Detector/ReloadEngines',
+                request_serializer=yolov12_dot_v1_dot_detector__pb2.ReloadEnginesRequest.SerializeToString,
+                response_deserializer=yolov12_dot_v1_dot_detector__pb2.ReloadEnginesResponse.FromString,
+                _registered_method=True)
 
 
 class DetectorServicer:
@@ -128,6 +133,15 @@ class DetectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadEngines(self, request, context):
+        """Operator: load the engine files again (or the ones named) beside the running ones, warm them up and switch
+        every device over between two batches, then free the old ones; streams keep flowing. A file that cannot be
+        loaded or run is refused (FAILED_PRECONDITION) and the running engines are kept. SIGHUP does the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DetectorServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -165,6 +179,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=yolov12_dot_v1_dot_detector__pb2.GetServerInfoRequest.FromString,
                     response_serializer=yolov12_dot_v1_dot_detector__pb2.ServerInfo.SerializeToString,
+            ),
+            'ReloadEngines': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadEngines,
+                    request_deserializer=yolov12_dot_v1_dot_detector__pb2.ReloadEnginesRequest.FromString,
+                    response_serializer=yolov12_dot_v1_dot_detector__pb2.ReloadEnginesResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -357,6 +376,33 @@ class Detector:
             '/yolov12.v1.Detector/GetServerInfo',
             yolov12_dot_v1_dot_detector__pb2.GetServerInfoRequest.SerializeToString,
             yolov12_dot_v1_dot_detector__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadEngines(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yolov12.v1.Detector/ReloadEngines',
+            yolov12_dot_v1_dot_detector__pb2.ReloadEnginesRequest.SerializeToString,
+            yolov12_dot_v1_dot_detector__pb2.ReloadEnginesResponse.FromString,
             options,
             channel_credentials,
             insecure,
