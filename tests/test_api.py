@@ -26,7 +26,8 @@ pytestmark = pytest.mark.timeout(180)
 
 @pytest.fixture(scope="module")
 def server():
-    srv = ServerProcess("--max-streams", "4", "--max-message-mb", "1", "--subscriber-queue", "8", "--instances", "2")
+    srv = ServerProcess("--max-streams", "4", "--max-message-mb", "1", "--subscriber-queue", "8", "--instances", "2",
+                        "--allow-synthetic")
     yield srv
     srv.close()
 

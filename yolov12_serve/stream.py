@@ -15,6 +15,7 @@ from engines.letterbox import Letterbox
 from .frames import Frame, now
 from .sources.base import Source, StreamState
 from .stats import StreamStats
+from .urls import redact_text
 
 if TYPE_CHECKING:
     from .core import DeviceRuntime
@@ -148,7 +149,7 @@ class Stream:
                 return
             self.state = state
             if error:
-                self.last_error = error
+                self.last_error = redact_text(error)  # shown by ListStreams and the status table: no passwords
 
     def count_reconnect(self) -> None:
         """Count one reconnect attempt (ListStreams and metrics show it)."""
