@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import re
 import shutil
 import signal
 import socket
@@ -185,8 +186,9 @@ def test_sharded_client_passes_tls_and_token_to_every_replica(mtls, pki):
 
 # ------------------------------------------------------------------------------------------------ TLS, SIGHUP reload
 def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, tmp_path):
-    """A TLS server without client CA: plaintext refused, any TLS client served (with a token). SIGHUP brings a
-    certificate of another CA (for gRPC and /metrics) and a new token file; a broken file then keeps the old."""
+    """A TLS server without client CA: plaintext refused, any TLS client served (with a token), health alone on a
+    plaintext port for probes. SIGHUP brings a certificate of another CA (for gRPC and /metrics) and a new token
+    file; a broken file then keeps the old."""
     live = tmp_path / "live"
     live.mkdir()
     cert, key = live / "server.crt", live / "server.key"
@@ -194,8 +196,12 @@ def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, t
     shutil.copy(pki["server"].key, key)
     tokens = token_file(live / "tokens", f"{OPERATOR} operator")
     srv = ServerProcess("--tls-cert", str(cert), "--tls-key", str(key), "--auth-token-file", str(tokens),
-                        "--no-reflection", "--metrics-tls", "--allow-synthetic")
+                        "--no-reflection", "--metrics-tls", "--allow-synthetic", "--health-port", "0")
     try:
+        health_port = int(re.search(r"health also on 127\.0\.0\.1:(\d+)", "".join(srv.output)).group(1))
+        with Client(f"127.0.0.1:{health_port}") as probe:  # what a kubelet's gRPC probe does: plaintext, no token
+            probe.wait_ready(60)
+            assert code_of(probe.list_streams) == grpc.StatusCode.UNIMPLEMENTED  # health, and nothing else
         with Client(srv.address, tls_ca=pki["ca"].cert, token=OPERATOR) as c:
             c.wait_ready(60)
             assert c.list_streams() == []

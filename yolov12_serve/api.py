@@ -42,6 +42,7 @@ from .errors import (
     WrongShardError,
 )
 from .frames import now
+from .healthport import start_health_port
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 from .pushcall import PushCall
@@ -195,6 +196,7 @@ class GrpcServer:
         pb_grpc.add_DetectorServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        self.health_only: grpc.aio.Server | None = None  # --health-port (healthport.py)
         if security.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
@@ -220,9 +222,16 @@ class GrpcServer:
         await self.set_serving(False)
         await self.server.start()
 
+    async def serve_health_on(self, host: str, port: int) -> int:
+        """Also answer grpc.health.v1 alone, plaintext, on host:port (--health-port); returns the bound port."""
+        self.health_only, bound = await start_health_port(self.health, host, port)
+        return bound
+
     async def stop(self, grace: float) -> None:
         """Refuse new calls, give running ones `grace` seconds, then cancel them."""
         await self.server.stop(grace)
+        if self.health_only is not None:
+            await self.health_only.stop(0)
         self.service.executor.shutdown(wait=False, cancel_futures=True)
 
 

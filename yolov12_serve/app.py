@@ -49,6 +49,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     security = Security(config.security)  # certificates and tokens checked before anything else starts
     grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes,
                                             security)
+    health_port = None if config.health_port is None else await grpc_server.serve_health_on(config.host,
+                                                                                             config.health_port)
     core.on_health_change = lambda serving: loop.call_soon_threadsafe(_flip_health, grpc_server, serving)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -67,7 +69,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         https = " over HTTPS" if config.security.metrics_tls else ""
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
               f"{f'{metrics_host}:{metrics_port}/metrics{https}' if metrics_port is not None else 'off'}, devices "
-              f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms, {security.describe()}", file=out, flush=True)
+              f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms, {security.describe()}"
+              f"{'' if health_port is None else f', health also on {config.host}:{health_port}'}", file=out, flush=True)
         security.warn_if_open(config.host)  # once it serves (a start that fails says only why)
         started = now()
         status = asyncio.create_task(_show_status(core, options, out, port)) if options.status_interval else None

@@ -95,6 +95,9 @@ def _add_security_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--allow-synthetic", action="store_true",
                    help="accept synthetic:// demo cameras (on with --demo; each costs up to ~250 MB)")
     g.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default: --host)")
+    g.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also answer grpc.health.v1 alone, plaintext and without a token, on this port: for probes "
+                   "that cannot speak TLS (Kubernetes' gRPC probes); default: health only on --port")
     g.add_argument("--metrics-tls", action="store_true",
                    help="serve /metrics over HTTPS with --tls-cert/--tls-key (with --tls-client-ca, scrapers "
                    "must present a client certificate)")
@@ -129,6 +132,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
         allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
+        health_port=args.health_port,
         allow_hosts=tuple(h.strip() for h in (args.allow_hosts or "").split(",") if h.strip()),
         security=_security_config(args),
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,

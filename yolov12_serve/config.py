@@ -61,6 +61,7 @@ class ServerConfig:
     allow_synthetic: bool = False  # accept synthetic:// demo cameras (--allow-synthetic, --demo): ~250 MB each
     allow_hosts: tuple[str, ...] = ()  # networks and names cameras may be at (empty: all but link-local, metadata)
     metrics_host: str | None = None  # where /metrics listens (None: the gRPC --host)
+    health_port: int | None = None  # grpc.health.v1 alone, plaintext, on this port too (None: not; healthport.py)
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, tokens, reflection (security.py)
     max_message_bytes: int = 32 * 1024 * 1024
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
@@ -79,6 +80,8 @@ class ServerConfig:
             raise ConfigError(f"--port must be 0..65535 (0: any free port), got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be -1..65535 (0: any free port, -1: off), got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"--health-port must be 0..65535 (0: any free port), got {self.health_port}")
         if not 0 <= self.background_nice <= 19:
             raise ConfigError(f"--background-nice must be 0..19 (0: the default priority), "
                               f"got {self.background_nice}")
