@@ -258,9 +258,14 @@ def http_errors() -> type[Exception]:
 
 
 # ------------------------------------------------------------------------------------------------ cameras
-def test_camera_schemes_and_hosts_are_refused_over_grpc_with_the_reason(tmp_path):
-    srv = ServerProcess("--metrics-port", "-1", "--allow-hosts", "127.0.0.0/8,10.0.0.0/8,cam.example")
+def test_camera_schemes_and_hosts_are_refused_over_grpc_with_the_reason_and_metrics_bind_apart(tmp_path):
+    srv = ServerProcess("--metrics-host", "127.0.0.2", "--allow-hosts", "127.0.0.0/8,10.0.0.0/8,cam.example")
     try:
+        assert f"metrics on 127.0.0.2:{srv.metrics_port}/metrics" in "".join(srv.output)  # --metrics-host
+        with urllib.request.urlopen(f"http://127.0.0.2:{srv.metrics_port}/metrics", timeout=10) as r:
+            assert b"yolov12_slo_seconds" in r.read()
+        with pytest.raises(OSError):  # not on the gRPC --host
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.metrics_port}/metrics", timeout=10).read()
         with srv.client() as c:
             c.wait_ready(60)
             cases = [
@@ -321,7 +326,8 @@ def test_a_camera_password_appears_nowhere(tmp_path, monkeypatch):
             c.add_stream("door", f"rtsp://admin:hunter2-secret@127.0.0.1:{dead}/x?token=tok-secret-42&ch=1")
             cams = ["cam0", "door"]
             if rtsp is not None:
-                c.add_stream("live", f"rtsp://admin:hunter2-secret@127.0.0.1:{rtsp.port}/cam?token=tok-secret-42")
+                # by name: every connection resolves it, checks it and connects to the address (allowlist.pin)
+                c.add_stream("live", f"rtsp://admin:hunter2-secret@localhost:{rtsp.port}/cam?token=tok-secret-42")
                 wait_until(lambda: c.stream("live").state == pb.STREAM_STATE_STREAMING, 30, what="live streaming")
                 rtsp.kill()  # the camera dies mid-stream: FFmpeg's errors from a session that was open
                 cams.append("live")
