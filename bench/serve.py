@@ -80,7 +80,7 @@ class Server:
 
     def __init__(self, model: Path, *args: str) -> None:
         cmd = [PY, "-m", "yolov12_serve", "--engines", str(model), "--gpus", "cpu", "--host", "127.0.0.1",
-               "--port", "0", "--metrics-port", "0", "--log-level", "INFO", "--no-state", *args]
+               "--port", "0", "--metrics-port", "0", "--log-level", "INFO", "--no-state", "--allow-synthetic", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=ROOT)
         for line in self.proc.stdout:
             m = re.search(r"gRPC on [\d.]+:(\d+), metrics on [\d.]+:(\d+)", line)

@@ -44,7 +44,8 @@ def process_figures(pid: int) -> tuple[float, int, int]:
 def start_server(args: argparse.Namespace, state_dir: str) -> tuple[subprocess.Popen, int]:
     """The server on loopback with a free port; returns it and its gRPC port."""
     model = args.model or str(ROOT / "yolov12_serve" / "assets" / "demo.onnx")
-    cmd = [sys.executable, "-c", SERVE, "--engines", model, "--gpus", args.gpus, "--host", "127.0.0.1", "--port", "0",
+    cmd = [sys.executable, "-c", SERVE, "--engines", model, "--gpus", args.gpus, "--allow-synthetic", "--host",
+           "127.0.0.1", "--port", "0",
            "--metrics-port", "-1", "--no-status", "--state-dir", state_dir, "--log-level", "WARNING"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     for line in proc.stdout:

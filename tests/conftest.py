@@ -62,3 +62,20 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from trainer.data import synthesize
 
     return synthesize(tmp_path_factory.mktemp("tiny"), images=20, imgsz=96, val_fraction=0.2, seed=3)
+
+
+def _hypothesis_profiles() -> None:
+    """Property-based tests (tests/test_fuzz.py) run a bounded number of examples by default ('ci', within a couple
+    of minutes); `pytest --hypothesis-profile long` is the longer run."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # the test extra not installed: those tests skip themselves
+        return
+    common = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
+                                                          HealthCheck.data_too_large]}
+    settings.register_profile("ci", max_examples=60, **common)
+    settings.register_profile("long", max_examples=1500, **common)
+    settings.load_profile("ci")
+
+
+_hypothesis_profiles()

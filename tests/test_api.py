@@ -28,7 +28,7 @@ pytestmark = pytest.mark.timeout(180)
 def server():
     # --process-late: these tests compare answers, and a pushed frame may be dropped as late on a busy machine
     srv = ServerProcess("--max-streams", "4", "--max-message-mb", "1", "--subscriber-queue", "8", "--instances", "2",
-                        "--process-late")
+                        "--process-late", "--allow-synthetic")
     yield srv
     srv.close()
 

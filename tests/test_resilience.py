@@ -84,7 +84,7 @@ def test_an_id_re_added_while_its_frames_run_is_a_new_stream_every_time(tmp_path
     superseded. In-flight counts never go negative and are back to 0 once the streams are gone (they used to
     reach -1, and a drain then waited its whole timeout)."""
     (tmp_path / "delay-cpu").write_text("0.08")  # with 10 fps cameras: a frame is in flight most of the time
-    srv = ServerProcess("--slo-ms", "2000", "--instances", "2", faults=tmp_path)
+    srv = ServerProcess("--allow-synthetic", "--slo-ms", "2000", "--instances", "2", faults=tmp_path)
     try:
         c = srv.client()
         c.wait_ready(30)
@@ -131,7 +131,8 @@ def test_a_hung_engine_fails_its_device_over_and_a_hung_re_check_stops_no_watchd
     thread). Once the engine answers again, a re-check puts cpu:1 back in service."""
     faults = tmp_path / "faults"
     faults.mkdir()
-    srv = ServerProcess("--gpus", "cpu:2", "--instances", "1", "--run-deadline-s", "1", "--recheck-s", "0.5",
+    srv = ServerProcess("--allow-synthetic",
+                        "--gpus", "cpu:2", "--instances", "1", "--run-deadline-s", "1", "--recheck-s", "0.5",
                         "--stall-s", "1.5", "--backoff-cap-s", "1", "--slo-ms", "500", faults=faults)
     try:
         c = srv.client()
@@ -187,7 +188,7 @@ def test_a_camera_whose_frames_the_engine_cannot_run_fails_alone(tmp_path):
     """The engine fails on every 192x320 input (a 640x360 camera's) and runs others. That camera shows the error
     (error results, last_error); its device stays in service, and so does the other one (the bad camera used to
     fail its device, then, moved, the next)."""
-    srv = ServerProcess("--gpus", "cpu:2", "--instances", "1", "--slo-ms", "1000", faults=tmp_path)
+    srv = ServerProcess("--allow-synthetic", "--gpus", "cpu:2", "--instances", "1", "--slo-ms", "1000", faults=tmp_path)
     try:
         c = srv.client()
         c.wait_ready(60)
@@ -280,7 +281,8 @@ def test_kill_9_while_streams_come_and_go_brings_back_exactly_the_acknowledged_o
     rng = random.Random(27)
     churn = None
     for round_ in range(3):
-        srv = ServerProcess("--state-dir", str(state), "--max-streams", "500", "--backoff-cap-s", "5")
+        srv = ServerProcess("--allow-synthetic",
+                            "--state-dir", str(state), "--max-streams", "500", "--backoff-cap-s", "5")
         try:
             c = srv.client()
             c.wait_ready(60)
@@ -318,7 +320,8 @@ def test_a_device_that_stays_over_capacity_hands_a_camera_to_a_lighter_one(tmp_p
     it, one of the two moves."""
     for device in ("cpu-0", "cpu-1"):
         (tmp_path / f"delay-{device}").write_text("0.04")
-    srv = ServerProcess("--gpus", "cpu:2", "--instances", "1", "--rebalance-s", "1.5", "--slo-ms", "1000",
+    srv = ServerProcess("--allow-synthetic",
+                        "--gpus", "cpu:2", "--instances", "1", "--rebalance-s", "1.5", "--slo-ms", "1000",
                         faults=tmp_path)
     try:
         c = srv.client()
@@ -371,7 +374,8 @@ def test_three_times_overload_keeps_cameras_served_on_time_and_memory_bounded(tm
 
     (tmp_path / "delay-cpu").write_text("0.06")
     slo_ms = 250  # a frame that waits for a run and then runs (2 x 70 ms) makes it
-    srv = ServerProcess("--slo-ms", str(slo_ms), "--instances", "2", "--max-pending-images", "16", faults=tmp_path)
+    srv = ServerProcess("--allow-synthetic",
+                        "--slo-ms", str(slo_ms), "--instances", "2", "--max-pending-images", "16", faults=tmp_path)
     try:
         c = srv.client()
         c.wait_ready(60)
@@ -451,7 +455,7 @@ def test_push_frames_the_engine_cannot_run_are_answered_and_calls_are_bounded(tm
 
     from yolov12_serve.client import make_frame
 
-    srv = ServerProcess("--max-concurrent-rpcs", "3", faults=tmp_path)
+    srv = ServerProcess("--allow-synthetic", "--max-concurrent-rpcs", "3", faults=tmp_path)
     try:
         c = srv.client()
         c.wait_ready(60)
@@ -512,7 +516,7 @@ def test_engines_swap_while_cameras_stream(tmp_path):
     shutil.copy(model_path(), served)
     v2 = _retrained_copy(served, tmp_path / "v2.onnx", "retrained")
     v3 = _retrained_copy(served, tmp_path / "v3.onnx", "retrained again")
-    srv = ServerProcess("--slo-ms", "1000", "--instances", "2", model=served)
+    srv = ServerProcess("--allow-synthetic", "--slo-ms", "1000", "--instances", "2", model=served)
     try:
         c = srv.client()
         c.wait_ready(60)

@@ -37,7 +37,7 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 def test_sigterm_drains_and_exits_zero_within_10_s(tmp_path):
     cams = tmp_path / "cams.yaml"
     cams.write_text("streams:\n  - {id: line2-cam1, url: 'synthetic://b?fps=15', max_fps: 10}\n")
-    srv = ServerProcess("--source", "synthetic://a?fps=15", "--streams", str(cams))
+    srv = ServerProcess("--source", "synthetic://a?fps=15", "--streams", str(cams), "--allow-synthetic")
     try:
         c = srv.client()
         c.wait_ready(30)
@@ -110,7 +110,10 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     # a bad camera URL is reported before anything loads (x.onnx does not exist: it would say so later)
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "ftp://cam"], "stream cam0: unsupported url 'ftp://cam'"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "/videos/line1.mp4"], "start the server with --allow-files"),
-    (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt?fps=0"], "stream cam0: synthetic url"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--allow-synthetic", "--source", "synthetic://belt?fps=0"],
+     "stream cam0: synthetic url"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt"], "stream cam0: synthetic:// demo cameras "
+     "are off on this server: start it with --allow-synthetic (or --demo)"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--state-dir", "/tmp/s", "--no-state"], "contradict each other"),
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
       "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
@@ -148,7 +151,7 @@ def test_the_start_up_heap_is_frozen_out_of_garbage_collections():
     code = (NO_TORCH + "import gc; from yolov12_serve.cli import main; rc = main(sys.argv[1:]); "
             "print('frozen', gc.get_freeze_count()); sys.exit(rc)")
     r = subprocess.run([sys.executable, "-c", code, "--engines", str(model_path()), "--port", "0", "--metrics-port",
-                        "-1", "--source", "synthetic://a?fps=5", "--duration", "0.5"],
+                        "-1", "--allow-synthetic", "--source", "synthetic://a?fps=5", "--duration", "0.5"],
                        capture_output=True, text=True, timeout=120, cwd=ROOT)
     frozen = [int(line.split()[1]) for line in r.stdout.splitlines() if line.startswith("frozen ")]
     assert r.returncode == 0 and frozen and frozen[0] > 10_000, r.stdout + r.stderr
@@ -189,7 +192,7 @@ def test_inference_threads_keep_the_default_priority_and_all_else_yields():
     """Camera ticks and gRPC sends that preempt a run delay every frame in it: they run under SCHED_BATCH (never
     preempting on wake-up) at full weight (a lower nice got them preempted holding the GIL: see priority.py)."""
     batch, other = os.SCHED_BATCH, os.SCHED_OTHER
-    srv = ServerProcess("--source", "synthetic://a?fps=15", "--log-level", "DEBUG")
+    srv = ServerProcess("--source", "synthetic://a?fps=15", "--log-level", "DEBUG", "--allow-synthetic")
     try:
         srv.client().wait_ready(30)
         m = re.search(r"CPU priority: \d+ threads under SCHED_BATCH at nice 0; threads \[([\d, ]+)\] at the default",
@@ -211,7 +214,8 @@ def test_inference_threads_keep_the_default_priority_and_all_else_yields():
         assert new and all(_threads(srv.proc.pid)[t][1] == batch for t in new)
     finally:
         srv.close()
-    niced = ServerProcess("--source", "synthetic://a?fps=5", "--no-background-batch", "--background-nice", "7")
+    niced = ServerProcess("--source", "synthetic://a?fps=5", "--no-background-batch", "--background-nice", "7",
+                          "--allow-synthetic")
     try:
         niced.client().wait_ready(30)
         threads = _threads(niced.proc.pid)
@@ -382,7 +386,7 @@ def test_an_engine_that_keeps_failing_hands_its_streams_to_a_healthy_device():
     health: list[bool] = []
     devices: list[tuple[str, bool]] = []
     core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1"],
-                                   metrics_port=-1, recheck_s=0.2), load_engine=load)
+                                   metrics_port=-1, recheck_s=0.2, allow_synthetic=True), load_engine=load)
     core.on_health_change = health.append
     core.on_device_health = lambda device, ok: devices.append((device, ok))
     core.start()
@@ -437,6 +441,7 @@ def test_two_devices_failing_at_once_hand_every_stream_to_the_healthy_one():
         return made[device]
 
     core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cuda:0", "cuda:1", "cuda:2"],
+                                   allow_synthetic=True,
                                    metrics_port=-1, recheck_s=60), load_engine=load)
     core.start()
     try:

@@ -1,6 +1,7 @@
 """The gRPC API (grpc.aio): thin routes over `ServerCore`, errors mapped to status codes, plus health and reflection.
 
-Status codes: InvalidArgumentError -> INVALID_ARGUMENT (bad id, URL, image), StreamExistsError ->
+Status codes: InvalidArgumentError -> INVALID_ARGUMENT (bad id, URL, image; also a request that cannot be parsed:
+guard.py), PermissionDeniedError -> PERMISSION_DENIED (a camera host outside --allow-hosts), StreamExistsError ->
 ALREADY_EXISTS, StreamNotFoundError -> NOT_FOUND, ResourceExhaustedError -> RESOURCE_EXHAUSTED (stream
 limit; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
 UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), WrongShardError
@@ -34,6 +35,7 @@ from .errors import (
     AbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
+    PermissionDeniedError,
     ResourceExhaustedError,
     ServerError,
     StreamExistsError,
@@ -42,9 +44,12 @@ from .errors import (
     WrongShardError,
 )
 from .frames import FrameResult, now
+from .healthport import start_health_port
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 from .pushcall import PushCall
+from .security import Security
+from .urls import redact_text
 
 __all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "device_health_name", "status_code"]
 
@@ -53,6 +58,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # yolov12.v1.Detector
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
+    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
     (InvalidArgumentError, grpc.StatusCode.INVALID_ARGUMENT),
     (StreamExistsError, grpc.StatusCode.ALREADY_EXISTS),
     (StreamNotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -85,7 +91,7 @@ def _unary(fn: Callable) -> Callable:
         try:
             return await fn(self, request, context)
         except ServerError as e:
-            await context.abort(status_code(e), str(e))
+            await context.abort(status_code(e), redact_text(str(e)))
 
     return wrapper
 
@@ -155,10 +161,10 @@ class DetectorService(pb_grpc.DetectorServicer):
             async for result in call.results(first, request_iterator):
                 yield messages.frame_detections(result, self._names(result), sid)
         except ServerError as e:
-            await context.abort(status_code(e), str(e))
+            await context.abort(status_code(e), redact_text(str(e)))
         except Exception as e:  # a broken client stream, mostly
             log.exception("Detect call on %s failed", sid)
-            await context.abort(grpc.StatusCode.INTERNAL, f"{type(e).__name__}: {e}")
+            await context.abort(grpc.StatusCode.INTERNAL, redact_text(f"{type(e).__name__}: {e}"))
 
     @_unary
     async def DetectImage(self, request: pb.Frame, context) -> pb.FrameDetections:
@@ -190,11 +196,14 @@ class DetectorService(pb_grpc.DetectorServicer):
 
 
 class GrpcServer:
-    """The aio server with the Detector, health and reflection services; `start()` then `stop(grace)`."""
+    """The aio server with the Detector, health and reflection services; `start()` then `stop(grace)`. `security`
+    (security.py) brings TLS, tokens and the malformed-request guard; by default plaintext without tokens."""
 
-    def __init__(self, core: ServerCore, address: str, max_message_bytes: int) -> None:
+    def __init__(self, core: ServerCore, address: str, max_message_bytes: int,
+                 security: Security | None = None) -> None:
         self.core = core
-        self.server = grpc.aio.server(options=[
+        self.security = security = security or Security()
+        self.server = grpc.aio.server(interceptors=security.interceptors(), options=[
             ("grpc.max_receive_message_length", max_message_bytes),
             ("grpc.max_send_message_length", max_message_bytes),
             ("grpc.so_reuseport", 0),
@@ -203,12 +212,16 @@ class GrpcServer:
         pb_grpc.add_DetectorServicer_to_server(self.service, self.server)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-            self.server)
+        self.health_only: grpc.aio.Server | None = None  # --health-port (healthport.py)
+        if security.reflection:
+            reflection.enable_server_reflection(
+                (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+                self.server)
         _check_bindable(address)  # grpc would log its own multi-line error before failing
+        credentials = security.server_credentials()
         try:  # grpc returns 0 or, in newer releases, raises RuntimeError when it cannot bind
-            self.port = self.server.add_insecure_port(address)
+            self.port = (self.server.add_insecure_port(address) if credentials is None
+                         else self.server.add_secure_port(address, credentials))
         except RuntimeError:
             self.port = 0
         if self.port == 0:
@@ -231,9 +244,16 @@ class GrpcServer:
         await self.set_serving(False)
         await self.server.start()
 
+    async def serve_health_on(self, host: str, port: int) -> int:
+        """Also answer grpc.health.v1 alone, plaintext, on host:port (--health-port); returns the bound port."""
+        self.health_only, bound = await start_health_port(self.health, host, port)
+        return bound
+
     async def stop(self, grace: float) -> None:
         """Refuse new calls, give running ones `grace` seconds, then cancel them."""
         await self.server.stop(grace)
+        if self.health_only is not None:
+            await self.health_only.stop(0)
         self.service.executor.shutdown(wait=False, cancel_futures=True)
 
 
@@ -258,9 +278,9 @@ def _check_bindable(address: str) -> None:
                                      "this machine)")) from None
 
 
-async def create_server(core: ServerCore, address: str = "127.0.0.1:0",
-                        max_message_bytes: int = 32 * 1024 * 1024) -> tuple[GrpcServer, int]:
+async def create_server(core: ServerCore, address: str = "127.0.0.1:0", max_message_bytes: int = 32 * 1024 * 1024,
+                        security: Security | None = None) -> tuple[GrpcServer, int]:
     """Build and start the gRPC server on `address` (port 0: any free port); returns it and the bound port."""
-    server = GrpcServer(core, address, max_message_bytes)
+    server = GrpcServer(core, address, max_message_bytes, security)
     await server.start()
     return server, server.port

@@ -20,6 +20,7 @@ from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
 from .errors import ServerError
 from .frames import now
+from .security import Security
 from .status import StatusPrinter, render_summary, render_table
 
 __all__ = ["DRAIN_S", "RunOptions", "run_server"]
@@ -46,26 +47,39 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     out = options.out or sys.stdout
     loop = asyncio.get_running_loop()
     core = ServerCore(config, load_engine)
-    grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes)
+    security = Security(config.security)  # certificates and tokens checked before anything else starts
+    grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes,
+                                            security)
+    health_port = None if config.health_port is None else await grpc_server.serve_health_on(config.host,
+                                                                                             config.health_port)
     core.on_health_change = lambda serving: loop.call_soon_threadsafe(_flip_health, grpc_server, serving)
     core.on_device_health = lambda device, ok: loop.call_soon_threadsafe(_flip_device, grpc_server, device, ok)
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, lambda: _keep(asyncio.ensure_future(_reload_on_sighup(core))))
+
+    def on_sighup() -> None:  # certificates and tokens read again, then the engine files
+        security.reload()
+        _keep(asyncio.ensure_future(_reload_on_sighup(core)))
+
+    loop.add_signal_handler(signal.SIGHUP, on_sighup)
     started = now()
     try:
         await loop.run_in_executor(None, core.start)
-        metrics_port = core.metrics.serve(config.metrics_port, config.host) if config.metrics_port >= 0 else None
+        metrics_host = config.metrics_host or config.host
+        metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
         # the workers run: all else yields to them (priority.py)
         priority.lower_others(config.background_nice, config.background_batch)
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
             core.add_stream(spec, persist=False)  # the command line brings them back
         core.restore_streams()
+        https = " over HTTPS" if config.security.metrics_tls else ""
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
-              f"{f'{config.host}:{metrics_port}/metrics' if metrics_port is not None else 'off'}, devices "
-              f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms", file=out, flush=True)
+              f"{f'{metrics_host}:{metrics_port}/metrics{https}' if metrics_port is not None else 'off'}, devices "
+              f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms, {security.describe()}"
+              f"{'' if health_port is None else f', health also on {config.host}:{health_port}'}", file=out, flush=True)
+        security.warn_if_open(config.host)  # once it serves (a start that fails says only why)
         started = now()
         status = asyncio.create_task(_show_status(core, options, out, port)) if options.status_interval else None
         with contextlib.suppress(asyncio.TimeoutError):
@@ -94,6 +108,17 @@ async def _reload_on_sighup(core: ServerCore) -> None:
         await asyncio.get_running_loop().run_in_executor(None, core.reload_engines, None)
     except ServerError as e:
         log.error("SIGHUP: engine reload refused: %s", e)
+
+
+def _serve_metrics(core: ServerCore, config: ServerConfig, security: Security, host: str) -> int:
+    """Start /metrics on `host` (HTTPS with the gRPC certificate under --metrics-tls, reloaded with it)."""
+    tls = config.security.tls if config.security.metrics_tls else None
+    if tls is None:
+        return core.metrics.serve(config.metrics_port, host)
+    port = core.metrics.serve(config.metrics_port, host, certfile=tls.cert, keyfile=tls.key,
+                              client_cafile=tls.client_ca)
+    security.on_reload(lambda: core.metrics.reload_certificate(tls.cert, tls.key, tls.client_ca))
+    return port
 
 
 def _freeze_startup_heap() -> None:

@@ -3,6 +3,8 @@
     yolov12-serve --demo                                   # bundled model, 4 synthetic cameras, live table
     yolov12-serve --engines s.onnx --gpus cpu --source rtsp://cam1/stream --source rtsp://cam2/stream
     yolov12-serve --engines s0.engine,s1.engine --gpus 0,1 --streams cameras.yaml --slo-ms 45
+    yolov12-serve --engines s.onnx --streams cameras.yaml --allow-hosts 10.1.0.0/16 --auth-token-file tokens
+                  --tls-cert server.crt --tls-key server.key       # on a plant network: docs/security.md
 """
 
 from __future__ import annotations
@@ -13,8 +15,11 @@ import logging
 import sys
 
 from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
-from .errors import ConfigError, InvalidArgumentError, ServerError
+from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
+from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
+from .tls import TlsFiles
+from .urls import expand_credentials, redact_text
 
 __all__ = ["build_parser", "main", "parse_config"]
 
@@ -88,7 +93,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-state", action="store_true", help="keep no stream set: a restart forgets streams added "
                    "over gRPC")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    _add_security_flags(p)
     return p
+
+
+def _add_security_flags(p: argparse.ArgumentParser) -> None:
+    """TLS, tokens, allowlists, /metrics binding (docs/security.md)."""
+    g = p.add_argument_group("security (docs/security.md)")
+    g.add_argument("--tls-cert", metavar="FILE", help="serve gRPC over TLS with this PEM certificate (chain); "
+                   "reloaded on SIGHUP")
+    g.add_argument("--tls-key", metavar="FILE", help="the certificate's PEM private key")
+    g.add_argument("--tls-client-ca", metavar="FILE",
+                   help="mutual TLS: clients must present a certificate signed by this PEM CA")
+    g.add_argument("--auth-token-file", metavar="FILE",
+                   help="bearer tokens, one 'TOKEN ROLE' per line (roles: viewer, operator; '#' comments); "
+                   "calls without a valid token are refused (health stays open); reloaded on SIGHUP")
+    g.add_argument("--reflection", action=argparse.BooleanOptionalAction, default=True,
+                   help="offer gRPC server reflection (needs a viewer token when tokens are on; default: on)")
+    g.add_argument("--allow-hosts", metavar="LIST",
+                   help="where cameras may be: comma-separated networks and host names (10.1.0.0/16,10.2.3.4,"
+                   "cam1.plant,*.line1.plant); default: any host but link-local and cloud metadata addresses")
+    g.add_argument("--allow-synthetic", action="store_true",
+                   help="accept synthetic:// demo cameras (on with --demo; each costs up to ~250 MB)")
+    g.add_argument("--metrics-host", metavar="ADDR", help="address /metrics listens on (default: --host)")
+    g.add_argument("--health-port", type=int, metavar="PORT",
+                   help="also answer grpc.health.v1 alone, plaintext and without a token, on this port: for probes "
+                   "that cannot speak TLS (Kubernetes' gRPC probes); default: health only on --port")
+    g.add_argument("--metrics-tls", action="store_true",
+                   help="serve /metrics over HTTPS with --tls-cert/--tls-key (with --tls-client-ca, scrapers "
+                   "must present a client certificate)")
+
+
+def _security_config(args: argparse.Namespace) -> SecurityConfig:
+    tls = TlsFiles.from_flags(args.tls_cert, args.tls_key, args.tls_client_ca)
+    return SecurityConfig(tls=tls, token_file=args.auth_token_file, reflection=args.reflection,
+                          metrics_tls=args.metrics_tls)
 
 
 def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpec]]:
@@ -118,6 +157,10 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
+        allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
+        health_port=args.health_port,
+        allow_hosts=tuple(h.strip() for h in (args.allow_hosts or "").split(",") if h.strip()),
+        security=_security_config(args),
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
         background_batch=args.background_batch,
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
@@ -130,7 +173,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     streams: list[StreamSpec] = []
     if args.streams:
         streams += load_streams_file(args.streams)
-    streams += [StreamSpec(f"cam{i}", url) for i, url in enumerate(args.source)]
+    # ${VAR} in the operator's own URLs comes from the environment (never in URLs sent over gRPC: urls.py)
+    streams += [StreamSpec(f"cam{i}", expand_credentials(url, f"--source cam{i}")) for i, url in enumerate(args.source)]
     if args.demo and not streams:
         streams = demo_streams()
     ids = [s.stream_id for s in streams]
@@ -145,10 +189,12 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         raise ConfigError(f"{len(streams)} streams at start but --max-streams is {config.max_streams}")
     for spec in streams:  # a mistyped URL is one line now, not after the engines have loaded
         try:
-            if url_kind(spec.url, config.allow_files) == "synthetic":
+            kind = url_kind(spec.url, config.allow_files)
+            config.camera_policy.check(spec.url, kind)
+            if kind == "synthetic":
                 parse_synthetic_url(spec.url)
-        except InvalidArgumentError as e:
-            raise ConfigError(f"stream {spec.stream_id}: {e}") from None
+        except (InvalidArgumentError, PermissionDeniedError) as e:
+            raise ConfigError(f"stream {spec.stream_id}: {redact_text(str(e))}") from None
     return config, streams
 
 
@@ -160,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    install_log_redaction()  # no camera password in any log line, whoever writes it
     try:
         config, streams = parse_config(args)
         show = args.demo if args.status is None else args.status
@@ -167,10 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                              summary=bool(args.duration) or args.demo)
         return asyncio.run(run_server(config, options))
     except (ServerError, EngineError) as e:
-        print(f"yolov12-serve: error: {e}", file=sys.stderr)
+        print(f"yolov12-serve: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:  # a port in use, mostly
-        print(f"yolov12-serve: error: {e}", file=sys.stderr)
+        print(f"yolov12-serve: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

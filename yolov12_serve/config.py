@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import functools
+import math
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
+from .allowlist import CameraPolicy
 from .errors import ConfigError, InvalidArgumentError
+from .security import SecurityConfig
 from .sharding import ShardSpec
+from .urls import expand_credentials, redact_text
+from .urls import redact_url as _redact_url
 
 __all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
            "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
@@ -29,6 +35,7 @@ class RtspOptions:
     backoff_base_s: float = 0.5  # first retry delay; doubles per failure, with jitter
     backoff_cap_s: float = 30.0
     decode: str = "cpu"  # 'cpu', 'nvdec' (the GPU's video decoder, CPU fallback) or 'auto' (nvdec on GPU devices)
+    hosts: CameraPolicy | None = None  # checks the camera's host at every connection (allowlist.py); None: no check
 
     def __post_init__(self) -> None:
         if self.decode not in DECODE_MODES:
@@ -51,6 +58,11 @@ class ServerConfig:
     max_streams: int = 64
     process_late: bool = False  # process frames that can no longer meet the SLO instead of dropping them
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
+    allow_synthetic: bool = False  # accept synthetic:// demo cameras (--allow-synthetic, --demo): ~250 MB each
+    allow_hosts: tuple[str, ...] = ()  # networks and names cameras may be at (empty: all but link-local, metadata)
+    metrics_host: str | None = None  # where /metrics listens (None: the gRPC --host)
+    health_port: int | None = None  # grpc.health.v1 alone, plaintext, on this port too (None: not; healthport.py)
+    security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, tokens, reflection (security.py)
     max_message_bytes: int = 32 * 1024 * 1024
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
     background_batch: bool = True  # every thread but inference (gRPC, sources, metrics) under SCHED_BATCH (priority.py)
@@ -77,6 +89,8 @@ class ServerConfig:
             raise ConfigError(f"--port must be 0..65535 (0: any free port), got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
             raise ConfigError(f"--metrics-port must be -1..65535 (0: any free port, -1: off), got {self.metrics_port}")
+        if self.health_port is not None and not 0 <= self.health_port <= 65535:
+            raise ConfigError(f"--health-port must be 0..65535 (0: any free port), got {self.health_port}")
         if not 0 <= self.background_nice <= 19:
             raise ConfigError(f"--background-nice must be 0..19 (0: the default priority), "
                               f"got {self.background_nice}")
@@ -89,6 +103,12 @@ class ServerConfig:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:
             raise ConfigError("no device to run on: pass --gpus cpu or a GPU list such as --gpus 0,1")
+        self.rtsp = replace(self.rtsp, hosts=self.camera_policy)  # every connection checks its host again
+
+    @functools.cached_property
+    def camera_policy(self) -> CameraPolicy:
+        """Which camera URLs and hosts are accepted (allowlist.py); ConfigError for a bad --allow-hosts entry."""
+        return CameraPolicy(self.allow_hosts, self.allow_synthetic, self.allow_files)
 
     @property
     def slo_s(self) -> float:
@@ -103,6 +123,10 @@ class StreamSpec:
     stream_id: str
     url: str
     max_fps: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not math.isfinite(self.max_fps) or self.max_fps < 0:  # NaN would pass a '< 0' test and poison placement
+            raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {self.max_fps}")
 
 
 def validate_stream_id(stream_id: str) -> str:
@@ -122,11 +146,20 @@ def url_kind(url: str, allow_files: bool = False) -> str:
         raise InvalidArgumentError("url is empty: give an rtsp:// or rtsps:// address")
     if any(c.isspace() for c in url):
         raise InvalidArgumentError(f"url {redact_url(url)!r} contains whitespace")
-    parts = urlsplit(url)
+    if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in url):
+        raise InvalidArgumentError(f"url {redact_url(url)!r} contains control characters")
+    try:
+        parts = urlsplit(url)
+        parts.hostname  # noqa: B018 - raises ValueError on a malformed host ('[::1' or bad IDNA)
+    except ValueError as e:
+        raise InvalidArgumentError(f"url {redact_url(url)!r} is malformed: {e}") from None
     scheme = parts.scheme.lower()
     if scheme in ("rtsp", "rtsps"):
         if not parts.hostname:
             raise InvalidArgumentError(f"url {redact_url(url)!r} has no host: use rtsp://HOST[:PORT]/PATH")
+        if not parts.hostname.isascii():
+            raise InvalidArgumentError(f"url {redact_url(url)!r}: write a non-ASCII host name in its ASCII "
+                                       "(punycode, xn--...) form")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as e:
@@ -144,15 +177,9 @@ def url_kind(url: str, allow_files: bool = False) -> str:
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by '***' (safe to log and return to clients)."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return url
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL with its password and credential parameters replaced by '***' (safe to log and return to clients;
+    urls.py: one masking for the whole server)."""
+    return _redact_url(url)
 
 
 def scrub_url(text: str, url: str) -> str:
@@ -167,7 +194,9 @@ def scrub_url(text: str, url: str) -> str:
 
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:
-    """Read a YAML list of cameras (`streams: [{id, url, max_fps}]`, or a bare list); one clear error per mistake."""
+    """Read a YAML list of cameras (`streams: [{id, url, max_fps, credentials}]`, or a bare list); one clear error
+    per mistake. URLs may hold `${VAR}` (from the environment) and `credentials: FILE` names a file holding
+    `USER:PASSWORD` (relative to the list's folder), so that the list itself holds no secret (urls.py)."""
     import yaml
 
     path = Path(path)
@@ -187,10 +216,10 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
     for i, item in enumerate(items):
         where = f"streams file {path}, entry {i + 1}"
         if not isinstance(item, dict) or "url" not in item:
-            raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {item!r}")
-        unknown = set(item) - {"id", "stream_id", "url", "max_fps"}
+            raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
+        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "credentials"}
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, credentials)")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)
@@ -200,7 +229,11 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
             validate_stream_id(sid)
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
-        specs.append(StreamSpec(sid, str(item["url"]), max_fps))
+        url = expand_credentials(str(item["url"]), f"{where} ({sid})", item.get("credentials"), base=path.parent)
+        try:
+            specs.append(StreamSpec(sid, url, max_fps))
+        except InvalidArgumentError as e:
+            raise ConfigError(f"{where}: {e}") from None
     ids = [s.stream_id for s in specs]
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:

@@ -244,6 +244,7 @@ class ServerCore(DeviceCare, EngineSwap):
         validate_stream_id(spec.stream_id)
         self.check_owner(spec.stream_id)
         kind = url_kind(spec.url, self.config.allow_files)
+        self.config.camera_policy.check(spec.url, kind)  # scheme and host allowed? (allowlist.py)
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 __all__ = ["AbortedError", "ConfigError", "EngineRunError", "FailedPreconditionError", "InvalidArgumentError",
-           "ResourceExhaustedError", "ServerError", "StreamExistsError", "StreamNotFoundError", "UnavailableError",
-           "WrongShardError"]
+           "PermissionDeniedError", "ResourceExhaustedError", "ServerError", "StreamExistsError", "StreamNotFoundError",
+           "UnavailableError", "WrongShardError"]
 
 
 class ServerError(Exception):
@@ -56,3 +56,7 @@ class WrongShardError(ServerError):
     def __init__(self, message: str, owner: int) -> None:
         super().__init__(message)
         self.owner = owner
+
+
+class PermissionDeniedError(ServerError):
+    """The request is understood but not allowed: a camera host outside --allow-hosts (PERMISSION_DENIED)."""

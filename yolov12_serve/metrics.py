@@ -16,6 +16,7 @@ Per-stream series are removed when the stream is removed (no growth over a long 
 from __future__ import annotations
 
 import contextlib
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -25,6 +26,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .devices import GpuTelemetry
+from .errors import ConfigError
 
 __all__ = ["LiveSnapshot", "Metrics", "StreamSeries", "slo_buckets"]
 
@@ -207,17 +209,37 @@ class Metrics:
         for reason in DROP_REASONS:
             _remove(self.frames_dropped, (stream_id, reason))
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Start the /metrics HTTP server in a daemon thread; returns the bound port (port 0: any free one)."""
+    def serve(self, port: int, host: str = "0.0.0.0", certfile: str | None = None, keyfile: str | None = None,
+              client_cafile: str | None = None) -> int:
+        """Start the /metrics HTTP server in a daemon thread; returns the bound port (port 0: any free one). With
+        `certfile` and `keyfile` it speaks HTTPS; with `client_cafile` too, scrapers must present a certificate
+        signed by that CA."""
         from prometheus_client import start_http_server
 
+        tls = {"certfile": certfile, "keyfile": keyfile, "client_cafile": client_cafile,
+               "client_auth_required": client_cafile is not None} if certfile else {}
         try:
-            httpd, _thread = start_http_server(port, addr=host, registry=self.registry)
+            httpd, _thread = start_http_server(port, addr=host, registry=self.registry, **tls)
+        except ssl.SSLError as e:
+            raise ConfigError(f"cannot serve metrics over HTTPS with {certfile}: {e.reason or e}") from None
         except OSError as e:
             raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another with "
                           "--metrics-port (0: any free port, -1: off)") from None
         self._http = httpd
         return int(httpd.server_port)
+
+    def reload_certificate(self, certfile: str, keyfile: str, client_cafile: str | None = None) -> None:
+        """Use new certificate files for the next HTTPS connections (SIGHUP); ConfigError when they are bad."""
+        context = getattr(getattr(self._http, "socket", None), "context", None)
+        if context is None:
+            return
+        try:
+            context.load_cert_chain(certfile, keyfile)
+            if client_cafile:
+                context.load_verify_locations(cafile=client_cafile)
+        except (ssl.SSLError, OSError) as e:
+            raise ConfigError(f"metrics certificate {certfile} not reloaded: {getattr(e, 'reason', None) or e}") \
+                from None
 
     def stop(self) -> None:
         """Stop the HTTP endpoint."""

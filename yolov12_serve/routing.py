@@ -77,7 +77,8 @@ class MergedWatch:
 
 
 class ShardedClient:
-    """Clients for replicas 0..N-1 (`addresses[i]` runs `--shard-index i --shard-count N`), routing by camera id."""
+    """Clients for replicas 0..N-1 (`addresses[i]` runs `--shard-index i --shard-count N`), routing by camera id.
+    `client_kwargs` go to every replica's Client: timeout, and TLS and token (tls_ca, cert, key, token, ...)."""
 
     def __init__(self, addresses: Sequence[str], **client_kwargs: Any) -> None:
         if not addresses:

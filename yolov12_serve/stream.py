@@ -16,6 +16,7 @@ from .config import StreamSpec
 from .frames import Frame, now
 from .sources.base import Source, StreamState
 from .stats import StreamStats
+from .urls import redact_text
 
 if TYPE_CHECKING:
     from .core import DeviceRuntime
@@ -156,7 +157,7 @@ class Stream:
                 return
             self.state = state
             if error:
-                self.last_error = error
+                self.last_error = redact_text(error)  # shown by ListStreams and the status table: no passwords
 
     def note_error(self, error: str) -> None:
         """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING
 from ..config import RtspOptions, redact_url, scrub_url
 from ..frames import now
 from ..preprocess import letterbox_avframe
+from ..urls import redact_text
 from .backoff import Backoff
 from .base import FrameSink, Source, StreamState
 from .hwdecode import decoded_on_gpu, hwaccel_for
@@ -58,8 +59,9 @@ class _HardwareDecodeError(RuntimeError):
 
 
 def _describe(e: BaseException) -> str:
+    """The error in one line, URLs in it masked: FFmpeg's errors quote the URL, password included."""
     text = str(e).strip() or repr(e)
-    return f"{type(e).__name__}: {text}"
+    return redact_text(f"{type(e).__name__}: {text}")
 
 
 class AvSource(Source):
@@ -160,8 +162,10 @@ class AvSource(Source):
         import av
 
         extra = {"hwaccel": hwaccel} if hwaccel is not None else {}  # PyAV < 14 has no such argument
+        # the host checked again and pinned to an allowed address: no DNS rebinding past --allow-hosts
+        url = self.url if self.is_file or self.options.hosts is None else self.options.hosts.pin(self.url)
         try:
-            return av.open(self.url, options=self._av_options(),
+            return av.open(url, options=self._av_options(),
                            timeout=(self.options.open_timeout_s, self.options.read_timeout_s), **extra)
         except FileNotFoundError as e:
             if self.is_file:

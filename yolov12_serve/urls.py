@@ -1,0 +1,136 @@
+"""Camera URLs: secrets masked wherever text leaves the process, and credentials taken from outside the camera list.
+
+Masking (`redact_url`, `redact_text`): a URL's password (`rtsp://user:***@host/...`) and the values of query or
+fragment parameters that carry credentials (`?token=***`, `password=`, `key=`, `sig=`, `X-Amz-Signature=`, ...)
+are replaced by `***`; everything else is kept byte for byte (an IPv6 host `[fe80::1%eth0]:554` stays as it was,
+nothing is re-encoded), so a masked URL still says which camera it is. A malformed URL is masked by the same
+rules without being parsed by `urllib` (which would raise). `redact_text` masks every URL inside free text: FFmpeg's
+errors quote the URL they failed on, password included (`Connection refused: 'rtsp://user:pw@...'`).
+
+Credentials from outside (`expand_credentials`): the operator's camera list (a --streams file, --source) may write
+`rtsp://${CAM_USER}:${CAM_PASS}@10.0.0.5/stream1` (environment variables; values in the user-info part are
+percent-encoded, so a password may hold ':' or '@'), or give a stream `credentials: FILE`, a file holding
+`USER:PASSWORD` (a Kubernetes / Docker secret mounted as a file), so that cameras.yaml itself holds none. A
+variable that is not set is a one-line ConfigError naming it. URLs sent over gRPC (AddStream) are never expanded:
+a client must not be able to make the server read its environment or files into a URL it chooses.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from .errors import ConfigError
+
+__all__ = ["MASK", "expand_credentials", "redact_text", "redact_url", "secret_param"]
+
+MASK = "***"
+
+# a URL: scheme://, then anything but whitespace and the quotes / brackets that surround URLs in messages
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*://[^\s'\"<>`]+")
+_SPLIT = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*:)?(?P<slashes>//)?(?P<rest>.*)$", re.S)
+# parameter names that carry credentials: token, access_token, password, passwd, pwd, secret, key, apikey,
+# api_key, sig, signature, auth, authorization, credential(s), session, X-Amz-Security-Token, ...
+_SECRET_NAME = re.compile(r"token|pass|pwd|secret|key|sig|auth|cred|session|cookie|ticket", re.I)
+_VAR = re.compile(r"\$\{([^}]*)\}")
+_VAR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def secret_param(name: str) -> bool:
+    """True when a query parameter of this name carries a credential (its value is masked)."""
+    return bool(_SECRET_NAME.search(unquote(name)))
+
+
+def _mask_params(text: str, sep: str = "&") -> str:
+    out = []
+    for part in text.split(sep):
+        name, eq, value = part.partition("=")
+        out.append(f"{name}={MASK}" if eq and value and secret_param(name) else part)
+    return sep.join(out)
+
+
+def redact_url(url: str) -> str:
+    """`url` with its password and credential-carrying parameters replaced by '***' (safe to log and show).
+
+    Only the secret parts change: host, port, path and the other parameters are kept as written (IPv6 hosts
+    included). Strings that are not URLs come back unchanged."""
+    m = _SPLIT.match(url)
+    if m is None:  # pragma: no cover - the pattern matches every string
+        return url
+    scheme, slashes, rest = m.group("scheme") or "", m.group("slashes") or "", m.group("rest")
+    if not slashes:  # no authority part: 'file.mp4', 'mailto:x', ... (a query may still carry a token)
+        authority, tail = "", rest
+    else:
+        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+        authority, tail = rest[:cut], rest[cut:]
+    if "@" in authority:
+        userinfo, _, hostport = authority.rpartition("@")
+        user, colon, password = userinfo.partition(":")
+        if colon and password:
+            authority = f"{user}:{MASK}@{hostport}"
+    path, hash_, fragment = tail.partition("#")
+    path, qmark, query = path.partition("?")
+    if qmark:
+        query = _mask_params(query)
+    if hash_:
+        fragment = _mask_params(fragment)  # OAuth-style '#access_token=...'
+    return f"{scheme}{slashes}{authority}{path}{qmark}{query}{hash_}{fragment}"
+
+
+def redact_text(text: str) -> str:
+    """`text` with every URL in it masked by `redact_url` (error messages, log lines)."""
+    if "://" not in text:
+        return text
+    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+
+
+def expand_credentials(url: str, where: str, credentials: str | Path | None = None,
+                       env: Mapping[str, str] | None = None, base: Path | None = None) -> str:
+    """The operator's `url` with `${VAR}` taken from the environment and, with `credentials` (a file holding
+    `USER:PASSWORD`, relative to `base`), that user and password put in its user-info part; ConfigError naming
+    what is missing (`where` says which stream). User-info values are percent-encoded; other values go in as
+    they are (a whole URL may come from one variable)."""
+    env = os.environ if env is None else env
+    scheme_end = url.find("://")
+    auth_start = scheme_end + 3 if scheme_end >= 0 else -1
+    auth_end = len(url)
+    if auth_start >= 0:
+        for ch in "/?#":  # a placeholder holds none of these: the template's authority ends at the first
+            i = url.find(ch, auth_start)
+            if i >= 0:
+                auth_end = min(auth_end, i)
+    userinfo_end = url.rfind("@", auth_start, auth_end) if auth_start >= 0 else -1
+
+    def value(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if not _VAR_NAME.match(name):
+            raise ConfigError(f"{where}: '${{{name}}}' in its url is not a variable name (letters, digits, _)")
+        if name not in env:
+            raise ConfigError(f"{where}: environment variable {name} is not set (its url uses ${{{name}}})")
+        in_userinfo = auth_start <= m.start() < userinfo_end
+        return quote(env[name], safe="") if in_userinfo else env[name]
+
+    expanded = _VAR.sub(value, url)
+    if credentials is None:
+        return expanded
+    path = Path(credentials)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        line = path.read_text().strip()
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read its credentials file {path}: {e.strerror or e}") from None
+    user, colon, password = line.partition(":")
+    if not colon or not user or "\n" in line:
+        raise ConfigError(f"{where}: credentials file {path} must hold one line USER:PASSWORD")
+    head, sep, rest = expanded.partition("://")
+    if not sep:
+        raise ConfigError(f"{where}: credentials need a URL with a host (rtsp://HOST/...)")
+    hostpart = rest
+    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+    if "@" in rest[:cut]:
+        raise ConfigError(f"{where}: its url already holds a user name: give credentials in one place only")
+    return f"{head}://{quote(user, safe='')}:{quote(password, safe='')}@{hostpart}"
