@@ -140,8 +140,8 @@ def test_tokens_and_roles_on_every_rpc(mtls, pki):
             with contextlib.suppress(grpc.RpcError):
                 clients["operator"].remove_stream("belt2")
 
-    def reload_engines(c: Client) -> None:  # issue 27's RPC: its role is in the table before it exists here
-        c.channel.unary_unary("/yolov12.v1.Detector/ReloadEngines")(b"", timeout=10)
+    def reload_engines(c: Client) -> None:
+        c.reload_engines()
 
     def health_watch(c: Client) -> None:
         from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -162,7 +162,7 @@ def test_tokens_and_roles_on_every_rpc(mtls, pki):
         "Reflection": (reflect, OK, OK),
         "AddStream": (add_and_remove, DENIED, OK),
         "RemoveStream": (remove, DENIED, OK),
-        "ReloadEngines": (reload_engines, DENIED, grpc.StatusCode.UNIMPLEMENTED),
+        "ReloadEngines": (reload_engines, DENIED, OK),
     }
     got, want = {}, {}
     for rpc, (call, viewer, operator) in calls.items():
