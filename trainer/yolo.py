@@ -1,4 +1,4 @@
-"""`YOLO`: the user-facing handle on a model (build, load, train, validate, export, predict), as ultralytics users expect.
+"""`YOLO`: the handle on a model (build, load, train, validate, export, predict), as ultralytics users expect.
 
 `YOLO("best.onnx")` and `YOLO("best.engine")` open an exported engine for prediction only; such a handle has no
 PyTorch model, so train / val / export say so. Opening one imports neither torch nor the server: `predict`

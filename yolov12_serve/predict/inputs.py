@@ -33,7 +33,7 @@ from engines.letterbox import Letterbox
 
 from ..preprocess import letterbox_avframe, letterbox_image
 
-__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "Decoded", "Input", "SourceError", "Sources", "load_rgb",
+__all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "AvPicture", "Decoded", "Input", "SourceError", "Sources", "load_rgb",
            "resolve_sources"]
 
 IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff", ".webp"})
@@ -281,7 +281,7 @@ def _read_video(item: Input, plan: Plan, vid_stride: int) -> Iterator[Decoded]:
                 if index % vid_stride == 0:
                     lb = plan((frame.height, frame.width))
                     x = letterbox_avframe(frame, lb)
-                    yield Decoded(item.name, item.url, index, x, lb, partial(_avframe_rgb, frame), frame.time,
+                    yield Decoded(item.name, item.url, index, x, lb, AvPicture(frame), frame.time,
                                   time.perf_counter() - t0)
                     t0 = time.perf_counter()  # skipped frames' decoding counts towards the next frame kept
                 index += 1
@@ -291,5 +291,13 @@ def _read_video(item: Input, plan: Plan, vid_stride: int) -> Iterator[Decoded]:
         container.close()
 
 
-def _avframe_rgb(frame: Any) -> np.ndarray:
-    return frame.to_ndarray(format="rgb24")
+class AvPicture:
+    """A decoded PyAV frame kept as it came (YUV), made RGB only when a result's `orig_img` is asked for."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: Any) -> None:
+        self.frame = frame  # av.VideoFrame
+
+    def __call__(self) -> np.ndarray:
+        return self.frame.to_ndarray(format="rgb24")

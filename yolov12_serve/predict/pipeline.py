@@ -51,7 +51,7 @@ from ..frames import Frame, FrameResult, now
 from ..preprocess import InputPlanner
 from ..scheduler import DeadlineScheduler
 from ..worker import DeviceWorker
-from .inputs import Decoded, Input, SourceError, Sources, read_offline, resolve_sources
+from .inputs import AvPicture, Decoded, Input, SourceError, Sources, read_offline, resolve_sources
 from .results import Boxes, Result
 
 __all__ = ["PredictError", "Predictor", "parse_device"]
@@ -218,7 +218,7 @@ def _picture_of(prepare: Any) -> Any:
         return None
     first = prepare.args[0]
     if hasattr(first, "to_ndarray") and hasattr(first, "reformat"):  # av.VideoFrame
-        return functools.partial(first.to_ndarray, format="rgb24")
+        return AvPicture(first)
     box = prepare.args[2] if len(prepare.args) > 2 else None
 
     def crop(image: Any = first, box: Any = box) -> np.ndarray:
@@ -483,6 +483,9 @@ class _Run:
         from ..config import RtspOptions
         from ..sources import make_source
 
+        if self.sources.live:
+            logging.getLogger("yolov12_serve.sources.rtsp").addFilter(self._quiet)
+
         seen: dict[str, int] = {}
         for k, item in enumerate(self.sources.live):
             dev = self.devices[k % len(self.devices)]
@@ -495,10 +498,17 @@ class _Run:
             self.sinks.append(sink)
             sink.source.start()
 
+    def _quiet(self, record: logging.LogRecord) -> bool:
+        """Log filter: a camera's first failed connection is our one error, not also the source's warning."""
+        args = record.args if isinstance(record.args, tuple) else ()
+        return not any(args[:1] == (s.stream_id,) and not s.streamed for s in self.sinks)
+
     def stop(self) -> None:
         with self.cond:
             self.stopping = True
             self.cond.notify_all()
+        if self.sources.live:
+            logging.getLogger("yolov12_serve.sources.rtsp").removeFilter(self._quiet)
         for sink in self.sinks:
             if sink.source is not None:
                 sink.source.stop()
