@@ -39,7 +39,8 @@ class YOLO:
         self.engine: Path | None = None  # an exported engine: prediction only
         self.engine_info: EngineInfo | None = None
         self._model: DetectionModel | None = None
-        self._weights_file: tuple[Path, Checkpoint] | None = None  # the .pt `.ckpt` was read from, while it is that
+        self._weights_file: tuple[Path, Any] | None = None  # a .pt and the fingerprint `.model` had when read from it
+        self._snapshot: tuple[Path, Any] | None = None  # the same for the temporary checkpoint predict wrote last
         self._predictor: tuple[tuple[Any, ...], Predictor] | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         if isinstance(model, str | Path):
@@ -55,7 +56,7 @@ class YOLO:
 
                 self.ckpt = load_checkpoint(model)
                 self.model = self.ckpt.model
-                self._weights_file = (Path(model), self.ckpt)
+                self._weights_file = (Path(model), _fingerprint(self.model))
             elif text.endswith(ENGINE_SUFFIXES):
                 import engines
 
@@ -117,7 +118,7 @@ class YOLO:
         metrics = train(self, **kwargs)
         best = Path(getattr(self, "save_dir", "")) / "weights" / "best.pt"
         if self.ckpt is not None and best.is_file():  # predict reads the trained weights from their file
-            self._weights_file = (best, self.ckpt)
+            self._weights_file = (best, _fingerprint(self.model))
         return metrics
 
     def val(self, **kwargs: Any) -> dict[str, Any]:
@@ -149,7 +150,8 @@ class YOLO:
         '0,1,2,3' (files are spread over the devices, cameras placed round-robin); `half` fp16 where the engine
         can choose (a .pt on a GPU); `instances` engine instances per device (default: 2 on GPUs and for ONNX on
         a multi-core CPU). Runs the server's engines, scheduler and workers: `yolov12_serve.predict`.
-        A model built from a yaml or changed in memory is saved to a temporary checkpoint for each call.
+        A model built from a yaml, or changed in memory since it was read or last predicted with, is saved to a
+        temporary checkpoint first (engines load files); the engines are kept for the next call otherwise.
         """
         batch = int(kwargs.get("batch", 1) or 1)
         weights = self._predict_weights()
@@ -168,21 +170,30 @@ class YOLO:
         """The file the engines load: the engine, the checkpoint `.model` came from, or a snapshot of `.model`."""
         if self.engine is not None:
             return self.engine
-        if self._weights_file is not None:
-            path, ckpt = self._weights_file
-            if self.ckpt is ckpt and self._model is ckpt.model and path.is_file():
-                return path
+        now = _fingerprint(self.model)
+        for saved in (self._weights_file, self._snapshot):
+            if saved is not None and saved[1] == now and saved[0].is_file():
+                return saved[0]
         from .checkpoint import save_checkpoint
 
         if self._tmp is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="yolov12-predict-")
         path = Path(self._tmp.name) / "model.pt"
         imgsz = self.ckpt.imgsz if self.ckpt is not None else 640
-        self.close()  # the engine on the previous snapshot
-        return save_checkpoint(path, self.model, imgsz=imgsz)
+        self.close()  # the engines on the previous snapshot
+        save_checkpoint(path, self.model, imgsz=imgsz)
+        self._snapshot = (path, now)
+        return path
 
     def close(self) -> None:
         """Free the engines `predict` loaded (they are kept between calls)."""
         if self._predictor is not None:
             self._predictor[1].close()
             self._predictor = None
+
+
+def _fingerprint(model: Any) -> tuple[Any, ...]:
+    """Changes whenever the weights do: every parameter's and buffer's storage and in-place version counter (an
+    optimizer step, `zero_()`, `load_state_dict` and `.to()` all change one), without reading the weights."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return (id(model), *((t.data_ptr(), t._version) for t in tensors))

@@ -228,6 +228,20 @@ def _picture_of(prepare: Any) -> Any:
     return crop if isinstance(first, np.ndarray) or hasattr(first, "convert") else None
 
 
+def _mask(text: str, url: str) -> str:
+    """`text` with `url` (FFmpeg quotes it in its errors) and its password masked."""
+    from urllib.parse import urlsplit
+
+    from ..config import redact_url
+
+    text = text.replace(url, redact_url(url))
+    try:
+        password = urlsplit(url).password
+    except ValueError:
+        password = None
+    return text.replace(password, "***") if password else text
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """One call's settings (validated by `Predictor.predict`)."""
@@ -622,7 +636,7 @@ class _Run:
             sink.streamed = True
             return
         if state == StreamState.FAILED or (state == StreamState.RECONNECTING and not sink.streamed):
-            why = error or "it stopped"
+            why = _mask(error or "it stopped", sink.item.url)
             with self.cond:
                 if self.fatal is None and not self.stopping:
                     self.fatal = SourceError(f"{sink.item.name}: {'cannot connect' if not sink.streamed else 'failed'}"
