@@ -13,8 +13,10 @@ server's `Frame`s and come back as its `FrameResult`s. What differs is only how 
   bounded however slowly the results are consumed.
 - Live inputs (cameras) are the server's sources feeding a sink of ours: one stream per camera with the
   server's one-frame, newest-wins mailbox (a frame not yet taken when the next arrives is dropped as
-  superseded), letterboxed only if it reaches an engine, cameras spread round-robin over the devices. While
-  a camera has `window` results the caller has not taken, its new frames are dropped too (never queued).
+  superseded), letterboxed only if it reaches an engine, cameras spread round-robin over the devices. The
+  results are newest-wins too: a camera's result the caller has not taken when the next one comes is
+  dropped (the server's fan-out does the same to a slow subscriber), so a slow caller always gets the
+  freshest frame and a camera holds at most a frame waiting, one per engine instance and one result.
   A camera that cannot be reached at first is an error; one that drops later is reconnected with backoff.
 
 Device: 'cpu', 'cpu:N' (N CPU engines sharing the cores: what several GPUs look like, on a laptop), a GPU
@@ -191,7 +193,7 @@ class _LiveSink:
         self.max_fps = 0.0  # every frame (newest-wins does the rest)
         self.vid_stride = vid_stride
         self.received = 0  # frames the source handed over
-        self.window = 0  # results not yet taken by the caller, plus frames offered and not yet answered
+        self.untaken = 0  # results waiting for the caller (at most one: newest-wins)
         self.last_published = -1
         self.streamed = False
         self.reconnects = 0
@@ -254,7 +256,6 @@ class PredictOptions:
     batch: int
     vid_stride: int
     window: int  # offline frames read and not yet handed over
-    live_window: int  # per camera: frames offered and not answered, plus results not yet handed over
 
 
 class Predictor:
@@ -400,8 +401,7 @@ class Predictor:
                                              f"(export again with --iou {iou})")
         lanes = self._lanes_per_device(batch) * len(self.devices)
         host_conf = conf if conf is not None and not host_nms and conf > info.conf else None  # else the engine's
-        return PredictOptions(hw, host_conf, iou, classes, max_det, batch, vid_stride, window or 4 * lanes,
-                              self._instances() + 1)
+        return PredictOptions(hw, host_conf, iou, classes, max_det, batch, vid_stride, window or 4 * lanes)
 
     def _imgsz(self, imgsz: Any) -> tuple[int, int]:
         """The largest engine input (h, w) of this call: stride multiples (rounded up), within what the engine takes."""
@@ -587,7 +587,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------- cameras
     def offer_live(self, sink: _LiveSink, image: Any, letterbox: Any, capture_time_us: int) -> None:
-        """A camera's frame (from its source thread): offered newest-wins, or dropped while its window is full."""
+        """A camera's frame (from its source thread), offered newest-wins."""
         index = sink.received
         sink.received += 1
         if index % sink.vid_stride:
@@ -595,10 +595,6 @@ class _Run:
         with self.cond:
             if self.stopping:
                 return
-            if sink.window >= self.opts.live_window:
-                sink.dropped += 1
-                return
-            sink.window += 1
             pending = _Pending(sink.item.name, sink.item.name, index, None, capture_time_us / 1e6, 0.0, live=sink)
             self.inflight[(sink.stream_id, index)] = pending
         if callable(image):
@@ -623,9 +619,7 @@ class _Run:
         if old is not None:  # superseded in the mailbox (or the stream is gone): never answered
             with self.cond:
                 if self.inflight.pop((old.stream_id, old.frame_id), None) is not None:
-                    sink.window -= 1
                     sink.dropped += 1
-                self.cond.notify_all()
 
     def live_state(self, sink: _LiveSink, state: int, error: str) -> None:
         from ..sources import StreamState
@@ -681,10 +675,15 @@ class _Run:
                 if isinstance(item, BaseException):
                     self.fatal = self.fatal or item
                 elif pending.index < sink.last_published:  # a newer frame of the camera was answered first
-                    sink.window -= 1
                     sink.dropped += 1
                 else:
                     sink.last_published = pending.index
+                    if sink.untaken:  # the caller has not taken the camera's previous result: the newest wins
+                        stale = next(k for k, (s, _) in enumerate(self.live_results) if s is sink)
+                        del self.live_results[stale]
+                        sink.dropped += 1
+                    else:
+                        sink.untaken = 1
                     self.live_results.append((sink, item))
             self.cond.notify_all()
 
@@ -714,7 +713,7 @@ class _Run:
                         raise self.read_error[1]
                     if self.live_results:
                         sink, item = self.live_results.popleft()
-                        sink.window -= 1
+                        sink.untaken = 0
                         break
                     if self.reader_done and self.next_seq == self.read and self.read_error is None and not self.sinks:
                         return
