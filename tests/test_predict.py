@@ -219,6 +219,18 @@ def test_stream_true_is_a_generator_that_reads_only_a_window_ahead(predictor, fo
     assert len(rest) == 41 and predictor.stats["read"] == 42
 
 
+def test_a_script_that_exits_right_after_predicting_exits_cleanly():
+    """ONNX Runtime aborted the process ('terminate called', status 134) when it exited while the engine built a
+    fixed-shape session in the background (after 50 frames of one shape): predict builds none."""
+    for pause in (0.05, 0.1, 0.15, 0.2):  # the exit lands inside such a build at one of these (4 in 6 at 0.1 s)
+        code = ("import time, numpy as np\n"
+                "from yolov12_serve.predict import Predictor\n"
+                f"p = Predictor({str(DEMO)!r}, device='cpu')\n"
+                f"print(len(p.predict(np.zeros((52, 96, 128, 3), np.uint8))))\ntime.sleep({pause})\n")
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert out.returncode == 0 and out.stdout.strip() == "52", (pause, out.returncode, out.stderr[-1000:])
+
+
 def test_closing_the_generator_stops_its_threads(predictor, folder):
     import threading
 

@@ -299,6 +299,9 @@ class Predictor:
             cores = max(1, available_cores() // sum(d.load_as == "cpu" for d in self.devices))
             instances = instances or min(2, cores)
             opts["threads"] = max(1, cores // instances)
+            # No fixed-shape sessions (ort_fixed.py): they are built by a daemon thread after 50 frames of a shape,
+            # and a script that exits during that build aborts in ONNX Runtime ('terminate called', status 134).
+            opts["fixed_after"] = 0
         elif self.backend == "pytorch":
             opts["max_batch"] = max_batch
             instances = instances or (1 if cpu else 2)  # torch's CPU thread pool is shared: one instance uses it all
