@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(e, 2)
     saver = _Saver(Path(args.save)) if args.save else None
     json_out = _JsonArray(Path(args.save_json)) if args.save_json else None
-    bar = None
+    bar = results = None
     t0 = time.perf_counter()
     frames = detections = 0
     try:
@@ -110,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("yolov12-predict: interrupted\n")
         return 130
     finally:
+        if results is not None:
+            results.close()  # stops the reader, the cameras and the workers before the engines are freed
         if bar is not None:
             bar.close()
         for closer in (saver, json_out):
