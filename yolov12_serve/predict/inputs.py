@@ -19,6 +19,7 @@ reachability when they connect (the first connection failing is the error; later
 from __future__ import annotations
 
 import glob
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -145,7 +146,7 @@ def _one(source: Any, counter: list[int]) -> list[Input]:
         raise SourceError("the source is an empty string")
     if "://" in text:
         return [_url(text)]
-    if any(c in text for c in "*?["):
+    if any(c in text for c in "*?[") and not Path(text).exists():  # 'shot[1].jpg' that exists is a file
         matches = sorted(Path(p) for p in glob.glob(text, recursive=True))
         files = [p for p in matches if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES]
         if not files:
@@ -274,7 +275,8 @@ def _read_video(item: Input, plan: Plan, vid_stride: int) -> Iterator[Decoded]:
         raise SourceError(f"{item.name}: not a readable video ({type(e).__name__}: {e})") from None
     try:
         video = container.streams.video[0]
-        video.thread_type = "AUTO"  # throughput, not latency: frame threads too
+        if _cores() >= 8:  # frame threads keep a fast GPU fed with large video; on 2 busy cores they decoded a
+            video.thread_type = "AUTO"  # 720p clip at 245 frames/s against 874 with the default (one thread here)
         t0 = time.perf_counter()
         for packet in container.demux(video):
             for frame in packet.decode():
@@ -289,6 +291,13 @@ def _read_video(item: Input, plan: Plan, vid_stride: int) -> Iterator[Decoded]:
         raise SourceError(f"{item.name}: cannot decode frame {index} ({type(e).__name__}: {e})") from None
     finally:
         container.close()
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 class AvPicture:
