@@ -435,7 +435,7 @@ def test_truncated_video_gives_the_frames_it_has_or_one_error(predictor, video, 
 
 
 # ----------------------------------------------------------------------------------------------------- results
-def test_result_plot_save_and_json(predictor, folder, tmp_path):
+def test_result_plot_save_and_json(predictor, folder, tmp_path, monkeypatch):
     r = next(r for r in predictor.predict(folder) if len(r) >= 2)
     drawn = r.plot()
     assert drawn.shape == r.orig_img.shape and drawn.dtype == np.uint8
@@ -443,6 +443,8 @@ def test_result_plot_save_and_json(predictor, folder, tmp_path):
     assert not np.array_equal(drawn[y1:y2, x1], r.orig_img[y1:y2, x1]), "the box's left edge is drawn"
     out = r.save(tmp_path / "drawn.png")
     assert Image.open(out).size == (r.orig_shape[1], r.orig_shape[0])
+    monkeypatch.chdir(tmp_path)
+    assert r.save() == Path(r.path).name  # a folder's image keeps its name (its frame is its place in the folder)
     d = json.loads(r.to_json())
     assert d["path"] == r.path and d["frame"] == r.frame and d["shape"] == list(r.orig_shape)
     assert [det["class"] for det in d["detections"]] == r.boxes.cls.tolist()

@@ -135,7 +135,7 @@ class Result:
         if filename is None:
             p = Path(self.path)
             still = p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-            filename = p.name if still and self.frame == 0 and p.name else f"{p.stem or 'frame'}_{self.frame:06d}.jpg"
+            filename = p.name if still else f"{p.stem or 'frame'}_{self.frame:06d}.jpg"
         Image.fromarray(self.plot()).save(filename)
         return str(filename)
 
