@@ -148,4 +148,4 @@ def test_yolo_api_info_counts_flops() -> None:
     assert info["parameters"] == PUBLISHED["yolov12n.yaml"]
     assert 1.0 < info["gflops"] < 3.0  # about a quarter of the 640 figure
     with pytest.raises(ValueError, match="expected a model yaml"):
-        YOLO("model.onnx")
+        YOLO("model.txt")

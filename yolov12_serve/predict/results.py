@@ -1,0 +1,174 @@
+"""What `predict` yields: one `Result` per frame, its `Boxes` in source-frame pixels, and drawing them.
+
+Images are RGB throughout, as everywhere in this project (engines take RGB, `orig_img` and `plot()` give
+RGB): unlike ultralytics, whose arrays are OpenCV's BGR. `Image.fromarray(result.plot())` saves as seen.
+A result does not copy its frame: `orig_img` is produced when first asked for (image files are decoded
+again at full size, video frames converted from the decoder's YUV), so a stream of results that are never
+drawn costs no full-size RGB frame each.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["Boxes", "Result", "draw_boxes"]
+
+# ultralytics' palette (hex), so plots look familiar
+_PALETTE = [tuple(int(h[i:i + 2], 16) for i in (0, 2, 4)) for h in (
+    "FF3838", "FF9D97", "FF701F", "FFB21D", "CFD231", "48F90A", "92CC17", "3DDB86", "1A9334", "00D4BB",
+    "2C99A8", "00C2FF", "344593", "6473FF", "0018EC", "8438FF", "520085", "CB38FF", "FF95C8", "FF37C7")]
+
+
+class Boxes:
+    """Detections of one frame: `data` float32 [n, 6] = x1, y1, x2, y2 (source pixels), score, class."""
+
+    __slots__ = ("data", "orig_shape")
+
+    def __init__(self, data: np.ndarray, orig_shape: tuple[int, int]) -> None:
+        self.data = np.asarray(data, dtype=np.float32).reshape(-1, 6)
+        self.orig_shape = orig_shape  # (h, w) of the source frame
+
+    @property
+    def xyxy(self) -> np.ndarray:
+        """[n, 4] corners in source pixels."""
+        return self.data[:, :4]
+
+    @property
+    def conf(self) -> np.ndarray:
+        """[n] scores."""
+        return self.data[:, 4]
+
+    @property
+    def cls(self) -> np.ndarray:
+        """[n] class indices (int64)."""
+        return self.data[:, 5].astype(np.int64)
+
+    @property
+    def xywh(self) -> np.ndarray:
+        """[n, 4] centre x, centre y, width, height in source pixels."""
+        x1, y1, x2, y2 = self.xyxy.T
+        return np.stack([(x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1], axis=1)
+
+    @property
+    def xyxyn(self) -> np.ndarray:
+        """[n, 4] corners as fractions of the frame's width and height."""
+        h, w = self.orig_shape
+        return self.xyxy / np.array([w, h, w, h], np.float32)
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Boxes({len(self)} in a {self.orig_shape[1]}x{self.orig_shape[0]} frame)"
+
+
+@dataclass(eq=False)
+class Result:
+    """One frame's detections, where the frame came from, and how long each step took.
+
+    `source` is what was named (a path, a folder, a URL with any password masked, 'array0'); `path` the file
+    the frame came from (the image itself for folders and globs); `frame` its index in its source (a video's
+    frame number counting every decoded frame, so `vid_stride=2` gives 0, 2, 4, ...; a camera's count of frames
+    received, so the gaps are frames it skipped as superseded); `time` the frame's position in a video file
+    (seconds), or a camera's capture time (seconds since the epoch); `speed` milliseconds per step:
+    'preprocess' (decode and letterbox; a camera's decode runs in its reader and is not counted),
+    'inference' (the engine run divided by the frames of its batch), 'postprocess' (boxes to results) and
+    'batch' (frames in that engine run).
+    """
+
+    boxes: Boxes
+    names: dict[int, str]
+    source: str
+    path: str
+    frame: int
+    orig_shape: tuple[int, int]
+    speed: dict[str, float]
+    device: str = "cpu"
+    time: float | None = None
+    picture: Callable[[], np.ndarray] | np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def orig_img(self) -> np.ndarray:
+        """The source frame, RGB uint8 [H, W, 3] (made when first asked for, then kept)."""
+        if self.picture is None:
+            raise ValueError(f"{self.source} frame {self.frame}: this source does not keep its frames")
+        if callable(self.picture):
+            self.picture = np.asarray(self.picture())
+        return self.picture
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+    def summary(self, decimals: int = 2) -> list[dict[str, Any]]:
+        """One dict per detection: name, class, confidence, box (x1, y1, x2, y2 in source pixels)."""
+        out = []
+        for (x1, y1, x2, y2, score, c) in self.boxes.data.tolist():
+            out.append({"name": self.names.get(int(c), str(int(c))), "class": int(c),
+                        "confidence": round(score, 5),
+                        "box": {k: round(v, decimals) for k, v in zip(("x1", "y1", "x2", "y2"), (x1, y1, x2, y2))}})
+        return out
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data: source, path, frame, time, shape [h, w], device, speed (ms) and the detections."""
+        return {"source": self.source, "path": self.path, "frame": self.frame, "time": self.time,
+                "shape": list(self.orig_shape), "device": self.device,
+                "speed": {k: round(v, 3) for k, v in self.speed.items()}, "detections": self.summary()}
+
+    def to_json(self, indent: int | None = None) -> str:
+        """`to_dict()` as JSON."""
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def plot(self, labels: bool = True, conf: bool = True, line_width: int | None = None) -> np.ndarray:
+        """A copy of the frame (RGB) with the boxes drawn, labelled 'name 0.87'."""
+        return draw_boxes(self.orig_img, self.boxes.data, self.names, labels=labels, conf=conf, line_width=line_width)
+
+    def save(self, filename: str | Path | None = None) -> str:
+        """Write `plot()` to `filename` (format from its suffix; default: the image's name, or
+        'STEM_FRAME.jpg' for a video or camera frame, in the working directory); returns the path written."""
+        if filename is None:
+            p = Path(self.path)
+            still = p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+            filename = p.name if still else f"{p.stem or 'frame'}_{self.frame:06d}.jpg"
+        Image.fromarray(self.plot()).save(filename)
+        return str(filename)
+
+    def __repr__(self) -> str:
+        return (f"Result({self.source!r} frame {self.frame}: {len(self)} detections in {self.orig_shape[1]}x"
+                f"{self.orig_shape[0]}, {self.speed.get('inference', 0):.1f} ms inference on {self.device})")
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)  # Pillow >= 10.1: a scalable font
+    except TypeError:
+        return ImageFont.load_default()
+
+
+def draw_boxes(image: np.ndarray, dets: np.ndarray, names: dict[int, str], labels: bool = True, conf: bool = True,
+               line_width: int | None = None) -> np.ndarray:
+    """RGB uint8 [H, W, 3] and [n, 6] detections -> a new RGB array with the boxes and their labels drawn."""
+    h, w = image.shape[:2]
+    lw = line_width or max(round((h + w) / 2 * 0.003), 2)
+    canvas = Image.fromarray(np.ascontiguousarray(image[..., :3]))
+    draw = ImageDraw.Draw(canvas)
+    font = _font(max(10, lw * 6)) if labels else None
+    for x1, y1, x2, y2, score, c in np.asarray(dets, dtype=np.float32).reshape(-1, 6).tolist():
+        colour = _PALETTE[int(c) % len(_PALETTE)]
+        draw.rectangle((x1, y1, x2, y2), outline=colour, width=lw)
+        if font is None:
+            continue
+        text = names.get(int(c), str(int(c))) + (f" {score:.2f}" if conf else "")
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+        tw, th = right - left, bottom - top
+        ty = y1 - th - 2 * lw if y1 - th - 2 * lw >= 0 else y1  # above the box, inside it at the top edge
+        draw.rectangle((x1, ty, x1 + tw + 2 * lw, ty + th + 2 * lw), fill=colour)
+        fg = (255, 255, 255) if sum(colour) < 400 else (0, 0, 0)
+        draw.text((x1 + lw - left, ty + lw - top), text, fill=fg, font=font)
+    return np.asarray(canvas)
