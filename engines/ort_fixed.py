@@ -10,20 +10,26 @@ the dynamic session until then. Where sessions run single-threaded (the 2-core d
 runs at idle priority: at normal priority it took CPU from the instances for 0.6 s and showed as a
 latency spike (demo, 8 s: p99 52-70 ms against 33-48). Multi-threaded sessions would inherit the
 builder's priority in their thread pools, so theirs build at normal priority (one core of many).
+A process that exits while ONNX Runtime builds in that thread aborts (status 134): `close` waits for a
+build in progress, and every set still open is closed at interpreter exit.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
 __all__ = ["FixedShapeSessions"]
 
 log = logging.getLogger(__name__)
+_open_sets: weakref.WeakSet[FixedShapeSessions] = weakref.WeakSet()
+CLOSE_WAIT_S = 30.0  # a build of every instance's session takes about a second; idle priority may stretch it
 
 
 class FixedShapeSessions:
@@ -47,6 +53,7 @@ class FixedShapeSessions:
         self._building = threading.Lock()  # one build at a time: less CPU taken from serving, no lost update
         self._closed = False
         self._failed = False
+        _open_sets.add(self)
 
     def get(self, instance: int, shape: tuple[int, ...]) -> Any | None:
         """The fixed-shape session of `instance` for `shape`, or None (not built yet, or not a single frame)."""
@@ -89,6 +96,15 @@ class FixedShapeSessions:
         return sorted(set.intersection(*(set(s) for s in self._sessions))) if self._sessions else []
 
     def close(self) -> None:
-        """Stop building and drop the sessions."""
+        """Stop building (waiting for a build under way: ONNX Runtime must not be mid-build at exit) and drop
+        the sessions."""
         self._closed = True
+        if self._building.acquire(timeout=CLOSE_WAIT_S):
+            self._building.release()
         self._sessions = [{} for _ in self._sessions]
+
+
+@atexit.register
+def _close_open_sets() -> None:
+    for sessions in list(_open_sets):
+        sessions.close()
