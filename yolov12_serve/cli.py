@@ -58,6 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the live status table (default: on with --demo)")
     p.add_argument("--subscriber-queue", type=int, default=64,
                    help="results buffered per WatchDetections client before its oldest are dropped (default 64)")
+    p.add_argument("--batch-subscriber-queue", type=int, default=8192,
+                   help="results buffered per WatchDetectionBatches client (the Python client's watch) before its "
+                   "oldest are dropped (default 8192)")
+    p.add_argument("--watch-batch-ms", type=float, default=5.0,
+                   help="WatchDetectionBatches sends at most one message per this many ms, each with every result "
+                   "since the last (default 5; a client may ask for another)")
     p.add_argument("--background-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="run every thread but inference (gRPC, cameras, metrics) under Linux's SCHED_BATCH: they "
                         "never preempt an engine run when they wake (default: on)")
@@ -162,6 +168,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         allow_hosts=tuple(h.strip() for h in (args.allow_hosts or "").split(",") if h.strip()),
         security=_security_config(args),
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
+        batch_subscriber_queue=args.batch_subscriber_queue, watch_batch_ms=args.watch_batch_ms,
         background_batch=args.background_batch,
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
         run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,

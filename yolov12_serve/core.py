@@ -12,6 +12,7 @@ probe may hang too: it blocks nothing else). The API's asyncio loop only reads f
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -37,7 +38,7 @@ from .errors import (
     WrongShardError,
 )
 from .failover import DeviceCare
-from .fanout import Fanout
+from .fanout import Fanout, Subscription
 from .frames import Frame, FrameResult, now
 from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
@@ -117,6 +118,7 @@ class ServerCore(DeviceCare, EngineSwap):
         self._names: dict[str, dict[int, str]] = {}  # model version -> class names (results name their classes
         # by the engine that ran them, also across a swap that changes them)
         self._image_ids = itertools.count()
+        self._watch_ids = itertools.count(1)  # watchers are numbered in their metric label
         self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -484,9 +486,30 @@ class ServerCore(DeviceCare, EngineSwap):
                 series.processed.inc()
         self.fanout.publish(result)
 
-    def _on_subscriber_overflow(self, n: int) -> None:
+    def _on_subscriber_overflow(self, sub: Subscription, n: int) -> None:
         if self.metrics is not None:
             self.metrics.results_dropped.inc(n)
+            if sub.label is not None:
+                self.metrics.watcher_dropped(sub.label).inc(n)
+
+    def open_watch(self, stream_ids: list[str] | None, loop: asyncio.AbstractEventLoop, peer: str = "",
+                   batched: bool = False) -> Subscription:
+        """A watcher's subscription (WatchDetections, or WatchDetectionBatches with `batched`: a queue of
+        --batch-subscriber-queue results), named '<n> <peer>' in the per-watcher metrics until `close_watch`."""
+        if self.draining:
+            raise UnavailableError("the server is shutting down")
+        label = f"{next(self._watch_ids)} {peer}".strip()
+        size = self.config.batch_subscriber_queue if batched else self.config.subscriber_queue
+        sub = self.fanout.subscribe(stream_ids, size, loop, label=label)
+        if self.metrics is not None:
+            self.metrics.add_watcher(label)
+        return sub
+
+    def close_watch(self, sub: Subscription) -> None:
+        """End a watcher's subscription and forget its metric series."""
+        self.fanout.unsubscribe(sub)
+        if self.metrics is not None and sub.label is not None:
+            self.metrics.forget_watcher(sub.label)
 
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
@@ -526,6 +549,9 @@ class ServerCore(DeviceCare, EngineSwap):
         for s in streams:
             snap.streams_by_state[s.state.name] = snap.streams_by_state.get(s.state.name, 0) + 1
             snap.stream_states[s.stream_id] = s.state.name
+        for sub in self.fanout.subscriptions():
+            if sub.label is not None:
+                snap.watcher_queued[sub.label] = len(sub)
         for name, rt in self.runtimes.items():
             st = rt.scheduler.stats()
             snap.queue_depth[name] = st.queued

@@ -9,7 +9,9 @@ yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_tot
 yolov12_worker_errors_total{device}; and with NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
-does).
+does). Watchers: yolov12_subscriber_results_dropped_total (all, past ones too), and per connected watcher
+yolov12_watcher_results_dropped_total{watcher} and yolov12_watcher_queued_results{watcher} (label '<n> <peer>',
+removed when it disconnects).
 Per-stream series are removed when the stream is removed (no growth over a long run).
 """
 
@@ -49,6 +51,7 @@ class LiveSnapshot:
     in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
     stream_states: dict[str, str] = field(default_factory=dict)  # stream -> state name (STATES)
     device_healthy: dict[str, bool] = field(default_factory=dict)  # device -> takes streams
+    watcher_queued: dict[str, int] = field(default_factory=dict)  # watcher label -> results waiting for it
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,12 @@ class _LiveCollector(Collector):
         for dev, ok in sorted(snap.device_healthy.items()):
             healthy.add_metric([dev], 1.0 if ok else 0.0)
         yield healthy
+        queued = GaugeMetricFamily("yolov12_watcher_queued_results", "Results waiting to be sent to each connected "
+                                   "watcher (WatchDetections, WatchDetectionBatches): one near its queue's size is "
+                                   "about to lose results.", labels=["watcher"])
+        for label, n in sorted(snap.watcher_queued.items()):
+            queued.add_metric([label], n)
+        yield queued
         if self._gpus is None:
             return
         samples = self._gpus.sample()
@@ -139,6 +148,11 @@ class Metrics:
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
                                        "Results a slow subscriber lost (its own oldest), summed over subscribers.",
                                        registry=r)
+        self.watcher_results_dropped = Counter(
+            "yolov12_watcher_results_dropped", "Results one connected watcher lost because it read too slowly (its "
+            "oldest first), labelled '<n> <peer>'; the series goes when the watcher disconnects (the sum over all, "
+            "past watchers too: yolov12_subscriber_results_dropped_total).", ["watcher"], registry=r)
+        self._watchers: dict[str, Any] = {}
         self.slo = Gauge("yolov12_slo_seconds", "The latency objective, ingest to publish.", registry=r)
         self.slo.set(slo_s)
         self.engine_failures = Counter("yolov12_engine_failures", "Batches whose Engine.infer raised.", ["device"],
@@ -187,6 +201,22 @@ class Metrics:
         if found is None:
             found = self._dropped[(stream, reason)] = self.frames_dropped.labels(stream, reason)
         return found
+
+    def watcher_dropped(self, label: str) -> Any:
+        """A connected watcher's loss counter (created by `add_watcher`)."""
+        found = self._watchers.get(label)
+        if found is None:
+            found = self._watchers[label] = self.watcher_results_dropped.labels(label)
+        return found
+
+    def add_watcher(self, label: str) -> None:
+        """Create a watcher's loss counter at zero (its rate exists from the start)."""
+        self.watcher_dropped(label)
+
+    def forget_watcher(self, label: str) -> None:
+        """Remove a disconnected watcher's series (their number stays that of the watchers connected)."""
+        self._watchers.pop(label, None)
+        _remove(self.watcher_results_dropped, (label,))
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's series at zero so rates exist from the start."""
