@@ -172,16 +172,16 @@ class ServerCore(DeviceCare, EngineSwap):
         loaded = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch, self._threads_per_instance())
         self._warn_if_too_slow(device, loaded.cost.predict(1, loaded.camera_shape, 0.5))
         scheduler = DeadlineScheduler(loaded.cost, loaded.max_batch, cfg.process_late, on_drop=self._drop)
-        worker = DeviceWorker(device, loaded.engine, scheduler, self._publish, threads=cfg.instances,
+        worker = DeviceWorker(device, loaded.engine, scheduler, self._publish, threads=loaded.instances,
                               on_outcome=self._on_outcome, on_error=self._on_worker_error,
                               supervisor=self.supervisor, deadline=self.deadline, model_version=loaded.version)
         rt = DeviceRuntime(device, loaded, scheduler, worker, DeviceHealth(device, cfg.failures_before_unhealthy))
-        self.placement.add_device(device, cfg.instances, loaded.frame_cost_s)
+        self.placement.add_device(device, loaded.instances, loaded.frame_cost_s)
         self._names[loaded.version] = loaded.info.names
         worker.start()
         info = loaded.info
         log.info("%s: %s (model %s, %s, input %s, batch <= %d, %d instances)", device, path, loaded.version,
-                 info.precision, info.imgsz, loaded.max_batch, cfg.instances)
+                 info.precision, info.imgsz, loaded.max_batch, loaded.instances)
         return rt
 
     def class_names(self, model_version: str, device: str = "") -> dict[int, str]:
@@ -570,7 +570,7 @@ class ServerCore(DeviceCare, EngineSwap):
             status.append(DeviceStatusView(rt.name, rt.health.healthy, rt.health.state.value,
                                            fault.error if fault is not None else "", rt.version))
         return ServerInfoView(
-            __version__, [(rt.engine_path, rt.name, rt.engine.info, self.config.instances, rt.version) for rt in rts],
+            __version__, [(rt.engine_path, rt.name, rt.engine.info, rt.loaded.instances, rt.version) for rt in rts],
             list(self.runtimes), names, tuple(info.imgsz), self.config.slo_ms,
             max((rt.max_batch for rt in rts), default=self.config.max_batch), self.config.max_streams,
             self.config.process_late, status)
