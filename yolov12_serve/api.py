@@ -221,6 +221,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.core.close_stream(stream)
         if result is None:
             raise UnavailableError("the server is shutting down")
+        if result.drop_reason == "invalid":  # decoded in a device process (--worker-processes): a bad image
+            raise InvalidArgumentError(result.error)
         if result.drop_reason == "late":
             raise ResourceExhaustedError(f"{result.error}: retry later")
         if result.error is not None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 
-from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
+from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9464,
                    help="Prometheus /metrics port (0: any free port, -1: off; default 9464)")
     p.add_argument("--slo-ms", type=float, default=45.0, help="latency objective, ingest to publish (default 45)")
+    p.add_argument("--worker-processes", choices=WORKER_PROCESSES, default="auto",
+                   help="a process per device (its engine, scheduler and camera decoders; the API process keeps "
+                   "gRPC, placement, metrics): on, off, or auto (default: on for two or more GPUs)")
     p.add_argument("--instances", type=int, default=2, help="engine instances per device, run concurrently (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads per instance (default: cores / instances)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (capped by the engine's; default 8)")
@@ -173,7 +176,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
         run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,
         max_pending_images=args.max_pending_images, max_concurrent_rpcs=args.max_concurrent_rpcs,
-        rebalance_s=args.rebalance_s,
+        rebalance_s=args.rebalance_s, worker_processes=args.worker_processes,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode),
         shard=shard)

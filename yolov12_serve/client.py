@@ -83,6 +83,7 @@ class Watch:
         self._pending: Iterator[pb.FrameDetections] = iter(())
         self._fallback = fallback  # a server without WatchDetectionBatches (older): the per-result call instead
         self._started = False
+        self._cancelled = False
 
     def __iter__(self) -> Watch:
         return self
@@ -92,7 +93,7 @@ class Watch:
             return next(self.call)
         while True:
             fd = next(self._pending, None)
-            if fd is not None:
+            if fd is not None and not self._cancelled:
                 return fd
             try:
                 batch = next(self.call)
@@ -107,7 +108,10 @@ class Watch:
             self._pending = iter(batch.results)
 
     def cancel(self) -> bool:
-        """Stop the stream: the reader gets a CANCELLED RpcError (or StopIteration if it had ended)."""
+        """Stop the stream: the reader gets a CANCELLED RpcError (or StopIteration if it had ended), also where
+        results of the last batch were still to be handed out."""
+        self._cancelled = True
+        self._pending = iter(())
         return self.call.cancel()
 
     def __getattr__(self, name: str) -> object:

@@ -16,12 +16,13 @@ from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text
 from .urls import redact_url as _redact_url
 
-__all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
-           "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
+__all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "WORKER_PROCESSES", "RtspOptions", "ServerConfig",
+           "StreamSpec", "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
 DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
 PULL_SCHEMES = ("rtsp", "rtsps", "synthetic")
+WORKER_PROCESSES = ("auto", "on", "off")  # --worker-processes
 _ID_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no whitespace
 
 
@@ -77,6 +78,8 @@ class ServerConfig:
     max_pending_images: int = 32  # DetectImage calls being decoded, waiting or running at once; more: refused
     max_concurrent_rpcs: int = 256  # gRPC calls at once (watchers and Detect calls included); more: refused
     rebalance_s: float = 10.0  # a device over capacity this long gives a stream to a less loaded one (0: never)
+    worker_processes: str = "auto"  # a process per device: on, off, auto (on for two or more GPUs; see `processes`)
+    engine_loader: str | None = None  # 'module:function' device processes open engines with (tests: faults)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
     shard: ShardSpec = field(default_factory=ShardSpec)  # which cameras this replica serves (sharding.py)
 
@@ -107,12 +110,24 @@ class ServerConfig:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:
             raise ConfigError("no device to run on: pass --gpus cpu or a GPU list such as --gpus 0,1")
+        if self.worker_processes not in WORKER_PROCESSES:
+            raise ConfigError(f"--worker-processes {self.worker_processes!r}: use one of {', '.join(WORKER_PROCESSES)}")
         self.rtsp = replace(self.rtsp, hosts=self.camera_policy)  # every connection checks its host again
 
     @functools.cached_property
     def camera_policy(self) -> CameraPolicy:
         """Which camera URLs and hosts are accepted (allowlist.py); ConfigError for a bad --allow-hosts entry."""
         return CameraPolicy(self.allow_hosts, self.allow_synthetic, self.allow_files)
+
+    @property
+    def processes(self) -> bool:
+        """Whether each device runs in a process of its own (procs/). `auto`: for two or more GPUs, where one
+        interpreter lock would have to carry every device's frames (bench/README.md, host path: a frame holds it
+        for about 0.2 ms, so one process tops out near 5,000 frames/s however many cores it has); not on the CPU,
+        where the engines take the cores and a second process only adds its own copy of the work per frame."""
+        if self.worker_processes == "auto":
+            return sum(d.startswith("cuda") for d in self.devices) >= 2
+        return self.worker_processes == "on"
 
     @property
     def slo_s(self) -> float:

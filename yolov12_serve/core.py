@@ -43,10 +43,13 @@ from .frames import Frame, FrameResult, now
 from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
 from .placement import Placement
+from .processes import ProcessDevices
+from .procs import RemoteRuntime, RemoteSource
 from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
+from .sources.synthetic import parse_synthetic_url
 from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
@@ -69,6 +72,7 @@ class DeviceStatusView:
     state: str
     error: str
     model_version: str
+    pid: int = 0  # the process serving the device (--worker-processes); 0: the server's own
 
 
 @dataclass(frozen=True)
@@ -94,9 +98,9 @@ def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts):
     return engines.load(path, device=engine_device(device), instances=instances, **opts)
 
 
-class ServerCore(DeviceCare, EngineSwap):
-    """Engines per device, stream registry, placement, watchdog and fan-out; failover (failover.py) and hot engine
-    swap (swap.py) are its other two parts. Thread-safe."""
+class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
+    """Engines per device, stream registry, placement, watchdog and fan-out; failover (failover.py), hot engine
+    swap (swap.py) and devices in processes of their own (processes.py) are its other parts. Thread-safe."""
 
     def __init__(self, config: ServerConfig, load_engine: EngineLoader | None = None) -> None:
         self.config = config
@@ -149,7 +153,13 @@ class ServerCore(DeviceCare, EngineSwap):
             self.store.open()
             self._saved = self.store.load()
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
-        for i, device in enumerate(cfg.devices):
+        if cfg.processes:
+            if self._load_engine is not None:
+                raise ConfigError("device processes open engines with their own loader: give "
+                                  "ServerConfig.engine_loader ('module:function') instead of load_engine")
+            self._start_remote_devices({d: paths[i] if len(paths) > 1 else paths[0]
+                                        for i, d in enumerate(cfg.devices)})
+        for i, device in enumerate(cfg.devices if not cfg.processes else ()):
             self.runtimes[device] = self._start_device(device, paths[i] if len(paths) > 1 else paths[0])
         self.supervisor.start()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
@@ -252,7 +262,12 @@ class ServerCore(DeviceCare, EngineSwap):
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
         stream.spec, stream.persistent = spec, persistent
         try:
-            stream.source = make_source(kind, stream, spec.url, self.config.rtsp)
+            if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
+                if kind == "synthetic":  # its parameters checked here, as the source's constructor does
+                    parse_synthetic_url(spec.url)
+                stream.source = RemoteSource(stream, spec.url, kind)
+            else:
+                stream.source = make_source(kind, stream, spec.url, self.config.rtsp)
         except Exception:
             self._unregister(stream, "removed")
             raise
@@ -336,7 +351,13 @@ class ServerCore(DeviceCare, EngineSwap):
 
     def ingest_encoded(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
                        capture_time_us: int, received_at: float) -> Frame | None:
-        """Decode and letterbox a pushed frame (call from a worker thread), then hand it to the scheduler."""
+        """Decode and letterbox a pushed frame (call from a worker thread), then hand it to the scheduler; a device in
+        a process of its own gets the bytes and does that there (None: a bad image is answered with an error
+        result whose drop_reason is 'invalid')."""
+        rt = stream.runtime
+        if isinstance(rt, RemoteRuntime):
+            rt.push(stream, data, encoding, width, height, frame_id, capture_time_us, received_at)
+            return None
         image, lb = decode_frame(data, encoding, width, height, stream.plan)
         return stream.put(image, lb, capture_time_us, frame_id=frame_id, ingest_time=received_at)
 
@@ -392,6 +413,8 @@ class ServerCore(DeviceCare, EngineSwap):
 
     def _unbind(self, stream: Stream, reason: str) -> None:
         with self._lock:
+            if isinstance(stream.runtime, RemoteRuntime) and not stream.droppable:
+                stream.runtime.forget_pushes(stream.stream_id, stream.epoch)
             if stream.runtime is not None:
                 for pending in stream.runtime.scheduler.remove_stream(stream.stream_id, stream.epoch):
                     self._drop(pending, reason)
@@ -443,17 +466,21 @@ class ServerCore(DeviceCare, EngineSwap):
             return  # removed meanwhile (maybe added again: a new stream): its series are gone too
         self._count_drop(stream, reason)
         if not frame.droppable:  # a push or DetectImage caller waits for this frame: answer it with the reason
-            why = ("it could not run within the latency objective: the server is overloaded" if reason == "late"
-                   else reason)
-            self.fanout.publish(FrameResult(frame.stream_id, frame.frame_id, np.zeros((0, 6), np.float32),
-                                            frame.letterbox.src_hw, frame.capture_time_us, now() - frame.ingest_time,
-                                            stream.device, frame.public, error=f"frame dropped ({why})",
-                                            epoch=frame.epoch, drop_reason=reason))
+            self._answer_drop(stream, frame.frame_id, frame.letterbox.src_hw, frame.capture_time_us,
+                              frame.ingest_time, frame.public, frame.epoch, reason)
 
-    def _count_drop(self, stream: Stream, reason: str) -> None:
-        stream.stats.record_drop(reason)
+    def _answer_drop(self, stream: Stream, frame_id: int, src_hw: tuple[int, int], capture_time_us: int,
+                     ingest_time: float, public: bool, epoch: int, reason: str) -> None:
+        """The error result a pushed or DetectImage frame dropped before it ran is answered with."""
+        why = "it could not run within the latency objective: the server is overloaded" if reason == "late" else reason
+        self.fanout.publish(FrameResult(stream.stream_id, frame_id, np.zeros((0, 6), np.float32), src_hw,
+                                        capture_time_us, now() - ingest_time, stream.device, public,
+                                        error=f"frame dropped ({why})", epoch=epoch, drop_reason=reason))
+
+    def _count_drop(self, stream: Stream, reason: str, n: int = 1) -> None:
+        stream.stats.record_drop(reason, n)
         if self.metrics is not None:
-            self.metrics.dropped(stream.metrics_label, reason).inc()
+            self.metrics.dropped(stream.metrics_label, reason).inc(n)
 
     def _on_reconnect(self, stream: Stream) -> None:
         if self.metrics is not None:
@@ -568,7 +595,8 @@ class ServerCore(DeviceCare, EngineSwap):
         for rt in rts:
             fault = rt.health.fault
             status.append(DeviceStatusView(rt.name, rt.health.healthy, rt.health.state.value,
-                                           fault.error if fault is not None else "", rt.version))
+                                           fault.error if fault is not None else "", rt.version,
+                                           getattr(rt, "pid", 0)))
         return ServerInfoView(
             __version__, [(rt.engine_path, rt.name, rt.engine.info, rt.loaded.instances, rt.version) for rt in rts],
             list(self.runtimes), names, tuple(info.imgsz), self.config.slo_ms,

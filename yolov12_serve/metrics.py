@@ -6,7 +6,8 @@ yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stre
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
 yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
-yolov12_worker_errors_total{device}; and with NVML yolov12_gpu_utilization_ratio /
+yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes); and with
+NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
 does). Watchers: yolov12_subscriber_results_dropped_total (all, past ones too), and per connected watcher
@@ -161,6 +162,8 @@ class Metrics:
                                     ["device"], registry=r)
         self.worker_errors = Counter("yolov12_worker_errors", "Exceptions caught in a device worker outside the engine "
                                      "call (the thread goes on).", ["device"], registry=r)
+        self.worker_restarts = Counter("yolov12_worker_restarts", "Device processes started again after they ended "
+                                       "unasked (--worker-processes).", ["device"], registry=r)
         self.stream_moves = Counter("yolov12_stream_moves", "Streams moved to another device, by reason: failover (its "
                                     "device failed or hung) or rebalance (its device stayed over capacity).",
                                     ["reason"], registry=r)
@@ -169,7 +172,7 @@ class Metrics:
         self._runs: dict[str, tuple[Any, Any]] = {}
         for dev in self.devices:
             self.runs(dev)
-            for counter in (self.engine_failures, self.engine_hangs, self.worker_errors):
+            for counter in (self.engine_failures, self.engine_hangs, self.worker_errors, self.worker_restarts):
                 counter.labels(dev)
         self._gpus = GpuTelemetry(self.devices)
         r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
