@@ -153,13 +153,14 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self.store.open()
             self._saved = self.store.load()
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
-        if cfg.processes:
+        processes = cfg.processes and not (self._load_engine is not None and cfg.worker_processes == "auto")
+        if processes:  # (an engine loader given to the core opens engines in this process: auto keeps them here)
             if self._load_engine is not None:
                 raise ConfigError("device processes open engines with their own loader: give "
                                   "ServerConfig.engine_loader ('module:function') instead of load_engine")
             self._start_remote_devices({d: paths[i] if len(paths) > 1 else paths[0]
                                         for i, d in enumerate(cfg.devices)})
-        for i, device in enumerate(cfg.devices if not cfg.processes else ()):
+        for i, device in enumerate(cfg.devices if not processes else ()):
             self.runtimes[device] = self._start_device(device, paths[i] if len(paths) > 1 else paths[0])
         self.supervisor.start()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
