@@ -30,7 +30,7 @@ class Outbox:
     """Events to the API process, sent in batches from a thread of their own (`put`, `count` never block on the
     pipe). `on_broken` is called once if the pipe breaks (the API process is gone)."""
 
-    def __init__(self, conn: Any, interval: float = 0.002, limit: int = 4096, on_broken: Any = None) -> None:
+    def __init__(self, conn: Any, interval: float = 0.005, limit: int = 4096, on_broken: Any = None) -> None:
         self._conn = conn
         self.interval = interval
         self.limit = limit
