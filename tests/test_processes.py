@@ -186,6 +186,11 @@ def test_a_failing_device_process_hands_its_streams_to_the_other(tmp_path):
         (tmp_path / "fail-cpu-1").unlink()
         wait_until(lambda: c.health("yolov12.v1.Detector/cpu:1") == "SERVING", 60, what="cpu:1 back in service")
         assert fd.device == "cpu:0"
+        before = {e.device: e.model_version for e in c.server_info().engines}
+        engines = c.reload_engines()  # a hot swap: each device process loads, then all switch
+        assert {e.device: e.model_version for e in engines} == before and len(engines) == 2
+        t = time.monotonic()
+        reader.first(lambda fd: not fd.error and time.monotonic() > t, 30)  # still serving after the swap
     finally:
         if reader is not None:
             reader.close()

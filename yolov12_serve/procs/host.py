@@ -365,8 +365,10 @@ class DeviceHost:
 
 def main(conn: Any, spec: WorkerSpec) -> None:
     """The device process's entry point (multiprocessing spawn target)."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # ^C reaches the whole process group: the API process drains us
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a reload comes as a command
+    # ^C reaches the whole process group, and systemd's stop SIGTERMs the whole cgroup: the API process drains its
+    # device processes itself (a device process ending first would be started again); a reload comes as a command
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
     logging.basicConfig(level=spec.log_level, format=f"%(asctime)s %(levelname)s %(name)s [{spec.device}]: "
                         "%(message)s")
     from ..security import install_log_redaction
