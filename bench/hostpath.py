@@ -3,9 +3,10 @@ can carry and deliver, printed as a table (not a test).
 
 The model is the zero-cost graph of tests/zero_model.py (`images` uint8 in, `detections` [B, 300, 6] out holding
 no box, metadata as our exporter writes it), served with --max-batch 32 to synthetic cameras of 320x180 at 25 fps.
-Offered loads: 3,200 frames/s (128 cameras), then 1x, 2x and 4x the ceiling measured first (one process, 256
-cameras). Two layouts, taking turns in every round: `--gpus cpu` (one process, as today) and `--gpus cpu:2
---worker-processes on` (an API process and two device processes, the cores split between them). One subscriber,
+Offered loads: 3,200 frames/s (128 cameras), then 1x, 2x and 4x the ceiling measured first (the most one process
+ran offered 256 or 384 cameras). Two layouts, taking turns in every round: `--gpus cpu` (one process, as today)
+and `--gpus cpu:2 --worker-processes on` (an API process and two device processes, the cores split between them);
+two engine instances in all either way. One subscriber,
 in its own process, watches every stream with `Client.watch` (WatchDetectionBatches). Per measurement: a fresh
 server, 8 s to settle, a 15 s window; processed/s from yolov12_frames_processed_total, delivered/s and p50/p99
 (ingest to publish, as the server reports it per result) from the subscriber, CPU from every server process
@@ -274,10 +275,13 @@ def main() -> int:
     model = zero_model()
     print(f"machine: {machine()}", flush=True)
     ceiling = args.ceiling
-    if ceiling is None:
-        row = measure("one process", 256, model, args.warm, args.seconds)
-        ceiling = row["processed"]
-        print(f"ceiling (one process, 256 cameras, 6,400 offered): {ceiling:,.0f} frames/s", flush=True)
+    if ceiling is None:  # the most one process ran, offered 6,400 and 9,600 frames/s
+        ceiling = 0.0
+        for cameras in (256, 384):
+            row = measure("one process", cameras, model, args.warm, args.seconds)
+            print(f"ceiling: one process, {cameras} cameras ({cameras * FPS:,} offered): {row['processed']:,.0f} "
+                  "frames/s", flush=True)
+            ceiling = max(ceiling, row["processed"])
     levels = {"3,200/s": 128, **{f"{k}x": max(1, round(k * ceiling / FPS)) for k in (1, 2, 4)}}
     if args.levels:
         levels = {k: v for k, v in levels.items() if k in args.levels.split(";")}
@@ -322,7 +326,7 @@ def render(rows: list[dict], gil: list[dict], ceiling: float, levels: dict[str, 
     lines = [f"# Host path, zero-cost model ({time.strftime('%Y-%m-%d')})", "",
              f"Machine: {machine()}. {args.rounds} rounds of {args.seconds:g} s windows after {args.warm:g} s, "
              f"layouts alternating; mean ± standard error over rounds. Ceiling measured first: {ceiling:,.0f} "
-             "frames/s (one process, 256 cameras).", "", table(head, body), ""]
+             "frames/s (the most one process ran, offered 256 or 384 cameras).", "", table(head, body), ""]
     goals = []
     for layout in LAYOUTS:
         at3200 = [r["delivered"] / r["processed"] for r in rows if r["level"] == "3,200/s" and r["layout"] == layout]

@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--slo-ms", type=float, default=45.0, help="latency objective, ingest to publish (default 45)")
     p.add_argument("--worker-processes", choices=WORKER_PROCESSES, default="auto",
                    help="a process per device (its engine, scheduler and camera decoders; the API process keeps "
-                   "gRPC, placement, metrics): on, off, or auto (default: on for two or more GPUs)")
+                   "gRPC, placement, metrics): on, off, or auto (default: on for two or more devices)")
     p.add_argument("--instances", type=int, default=2, help="engine instances per device, run concurrently (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads per instance (default: cores / instances)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (capped by the engine's; default 8)")
