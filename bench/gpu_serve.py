@@ -3,7 +3,8 @@
 Each camera is a synthetic conveyor recording (trainer.data.synth scenes on a sliding belt, encoded once per run
 by libx264 like an IP camera: High profile, no B-frames, one keyframe a second) that the server plays as a camera
 (`--allow-files`: real-time pace, seamless loop). `yolov12-serve` runs as a subprocess with the PyTorch backend
-on the GPU, once per decode path (`--decode cpu`, then `--decode nvdec`: PyAV's CUDA hwaccel); cameras are added
+on the GPU, once per decode path (`--decode cpu`, then `--decode nvdec`: PyAV's CUDA hwaccel), then the better
+path again with the device in a process of its own (`--worker-processes on`, issue 28); cameras are added
 over gRPC in steps (N = 8, 16, 32, 48, 64) and one `Client.watch` reads every result. Per step: results/s,
 p50/p99 latency (FrameDetections.latency_ms: ingest to publish), server-counted drops, frames delivered
 against what the cameras sent (a decoder that cannot keep up loses frames before the server counts them),
@@ -63,7 +64,7 @@ class Plan:
 
 
 def gpu_plan(tmp: Path) -> Plan:
-    return Plan(_checkpoint(tmp), "0", (1080, 1920), 6.0, (8, 16, 32, 48, 64), 2.0, 8.0, 175.0,
+    return Plan(_checkpoint(tmp), "0", (1080, 1920), 6.0, (8, 16, 32, 48, 64), 2.0, 8.0, 240.0,
                 ["--max-batch", "32", "--instances", "2"])
 
 
@@ -111,15 +112,29 @@ def write_clip(path: Path, size: tuple[int, int] = (1080, 1920), fps: int = CAME
 
 
 # ------------------------------------------------------------------------------------------------ the server
+def _cpu_seconds(pid: int) -> float:
+    """CPU seconds of process `pid` and of its children (device processes, --worker-processes on), from /proc."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
 class Server:
     """`yolov12-serve` in a subprocess on free ports (log in a file), with one watcher reading every result."""
 
-    def __init__(self, plan: Plan, decode: str, log: Path, startup_s: float = 240.0) -> None:
+    def __init__(self, plan: Plan, decode: str, log: Path, startup_s: float = 240.0, processes: bool = False) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)}
         cmd = [sys.executable, "-m", "yolov12_serve", "--engines", str(plan.engine), "--gpus", plan.gpus,
                "--host", "127.0.0.1", "--port", "0", "--metrics-port", "-1", "--allow-files", "--decode", decode,
-               "--no-state", "--slo-ms", str(SLO_MS), "--max-streams", str(max(plan.steps)), *plan.server_args]
+               "--no-state", "--slo-ms", str(SLO_MS), "--max-streams", str(max(plan.steps)), *plan.server_args,
+               "--worker-processes", "on" if processes else "off"]
         self.log_path = log
         self._log = log.open("w")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, text=True, cwd=REPO, env=env)
@@ -162,11 +177,9 @@ class Server:
     def counters(self) -> dict[str, Any]:
         """Processed / dropped totals, streaming cameras, server CPU seconds, at one instant."""
         streams = self.client.list_streams()
-        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
         return {"t": time.perf_counter(), "processed": sum(s.frames_processed for s in streams),
                 "dropped": sum(s.frames_dropped for s in streams), "streaming": sum(s.state == 2 for s in streams),
-                "errors": sorted({s.last_error for s in streams if s.last_error}),
-                "cpu_s": (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")}
+                "errors": sorted({s.last_error for s in streams if s.last_error}), "cpu_s": _cpu_seconds(self.proc.pid)}
 
     def log(self) -> str:
         self._log.flush()
@@ -251,12 +264,19 @@ def measure(server: Server, n: int, clip: Path, plan: Plan, nvml: Nvml) -> dict[
     return row
 
 
-def run_path(plan: Plan, decode: str, clip: Path, tmp: Path, deadline: float) -> dict[str, Any]:
-    """One server with `--decode decode`: the ramp of steps until saturated or out of time."""
-    log = tmp / f"server-{decode}.log"
+def path_name(decode: str, processes: bool) -> str:
+    return f"{decode}, device process" if processes else decode
+
+
+def run_path(plan: Plan, decode: str, clip: Path, tmp: Path, deadline: float,
+             processes: bool = False) -> dict[str, Any]:
+    """One server with `--decode decode` (and the device in a process of its own): the ramp of steps until
+    saturated or out of time."""
+    name = path_name(decode, processes)
+    log = tmp / f"server-{name.replace(', ', '-').replace(' ', '-')}.log"
     t0 = time.perf_counter()
-    server = Server(plan, decode, log, startup_s=min(240.0, max(60.0, deadline - t0)))
-    out: dict[str, Any] = {"decode": decode, "startup_s": time.perf_counter() - t0, "rows": [], "stopped": ""}
+    server = Server(plan, decode, log, startup_s=min(240.0, max(60.0, deadline - t0)), processes=processes)
+    out: dict[str, Any] = {"decode": name, "startup_s": time.perf_counter() - t0, "rows": [], "stopped": ""}
     nvml = Nvml(plan.gpus)
     try:
         for n in plan.steps:
@@ -312,23 +332,24 @@ def server_check(device: str, tmp: Path, smoke: bool, budget_s: float | None = N
     clip = write_clip(tmp / f"camera-{w}x{h}.mp4", plan.size, CAMERA_FPS, plan.clip_s)
     clip_s = time.perf_counter() - t_start
     problem = nvdec_probe(0)
-    decodes = ["cpu", "nvdec"]
+    decodes = [("cpu", False), ("nvdec", False)]
     if problem is not None and not smoke:
-        decodes = ["cpu"]  # nothing to compare: say why below
+        decodes = [("cpu", False)]  # nothing to compare: say why below
+    decodes.append((decodes[-1][0], True))  # the same with the device in a process of its own
     paths: list[dict[str, Any]] = []
-    for i, decode in enumerate(decodes):
+    for i, (decode, processes) in enumerate(decodes):
+        name = path_name(decode, processes)
         left = plan.budget_s - (time.perf_counter() - t_start)
         share = left / (len(decodes) - i)  # each path its share of what is left
         if share < plan.path_min_s:
-            paths.append(_path_not_run(decode, f"not run: {share:.0f} s left for it, a server start needs "
-                                               f"{plan.path_min_s:g}"))
+            paths.append(_path_not_run(name, f"not run: {share:.0f} s left for it, a server start needs "
+                                             f"{plan.path_min_s:g}"))
             continue
         deadline = time.perf_counter() + share
         try:
-            paths.append(run_path(plan, decode, clip, tmp, deadline))
+            paths.append(run_path(plan, decode, clip, tmp, deadline, processes))
         except Exception as e:  # one path's failure (a server that did not start) keeps the other path's rows
-            paths.append(_path_not_run(decode, f"FAILED: {type(e).__name__}: {e} (server-{decode}.log has the "
-                                               "details)"))
+            paths.append(_path_not_run(name, f"FAILED: {type(e).__name__}: {e} (its server log has the details)"))
     rows, best = [], {}
     for p in paths:
         ok = [r["streams"] for r in p["rows"] if r["ok"]]
@@ -344,7 +365,7 @@ def server_check(device: str, tmp: Path, smoke: bool, budget_s: float | None = N
              f"pass = p99 <= {SLO_MS:g} ms and delivered >= {DELIVERED_MIN:.0%}. Letterbox resize on the CPU "
              "(swscale) on both paths: NVDEC frames come back to system memory."]
     for p in paths:
-        on = f"{p['on_nvdec']} cameras decoded on NVDEC" if p["decode"] == "nvdec" else "CPU decoding"
+        on = f"{p['on_nvdec']} cameras decoded on NVDEC" if p["decode"].startswith("nvdec") else "CPU decoding"
         extra = [p["stopped"]] if p["stopped"] else []
         extra += [p["nvdec_note"]] if p["nvdec_note"] else []
         extra += [f"{p['hw_failures']} hardware-decode fallbacks"] if p["hw_failures"] else []

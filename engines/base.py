@@ -14,7 +14,9 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["Engine", "EngineError", "EngineInfo"]
+__all__ = ["PAD_VALUE", "Engine", "EngineError", "EngineInfo", "pad_batch", "run_padded"]
+
+PAD_VALUE = 114  # the grey of letterbox borders, also what pads a batch up to an engine's minimum
 
 
 class EngineError(RuntimeError):
@@ -42,6 +44,25 @@ class EngineInfo:
     @property
     def nc(self) -> int:
         return len(self.names)
+
+    @property
+    def shapes(self) -> list[tuple[int, int]] | None:
+        """The only input (h, w) the engine takes, when it was built for a list of them (a TensorRT engine built
+        with --shapes: an optimisation profile each); None: any stride multiple within imgsz (dynamic_hw) or
+        imgsz alone."""
+        return self._listed("shapes")
+
+    @property
+    def plan_shapes(self) -> list[tuple[int, int]] | None:
+        """The input shapes to plan frames within: `shapes`, or those the engine prepared itself for (a PyTorch
+        engine's CUDA graphs, `graph_shapes`: others run, but eagerly); None: any."""
+        return self.shapes or self._listed("graph_shapes")
+
+    def _listed(self, key: str) -> list[tuple[int, int]] | None:
+        listed = self.extra.get(key)
+        if not listed or not self.dynamic_hw:
+            return None
+        return [(int(h), int(w)) for h, w in listed]
 
     def to_json(self) -> str:
         d = asdict(self)
@@ -84,6 +105,11 @@ class Engine(ABC):
             raise EngineError(f"batch of {b} outside the engine's range {lo}..{hi}: re-export with --batch {b} "
                               "--dynamic, or send smaller batches")
         ih, iw = self.info.imgsz
+        shapes = self.info.shapes
+        if shapes is not None and (h, w) not in shapes:
+            built = ", ".join(f"{sh}x{sw}" for sh, sw in shapes)
+            raise EngineError(f"input {h}x{w} is not one of the shapes the engine was built for ({built}): rebuild "
+                              f"with --shapes listing it (the server plans every camera within the built shapes)")
         if self.info.dynamic_hw:
             s = self.info.stride
             if h % s or w % s or h > ih or w > iw:
@@ -91,8 +117,30 @@ class Engine(ABC):
         elif (h, w) != (ih, iw):
             raise EngineError(f"input {h}x{w} but the engine was exported for {ih}x{iw} (export with --dynamic)")
 
+    def prepare(self, shapes: list[tuple[int, int]], max_batch: int) -> None:  # noqa: B027 - optional
+        """Get ready, before serving, for every input (h, w) in `shapes` at batch sizes up to `max_batch` (the
+        PyTorch backend captures its CUDA graphs here: a capture while serving stalls the device); the server
+        calls it at load, with the shapes its input planner can produce."""
+
     def __enter__(self) -> Engine:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def pad_batch(batch: np.ndarray, min_batch: int) -> np.ndarray:
+    """`batch` with grey frames appended up to `min_batch` (a static --batch 8 engine takes batches of 8 only);
+    itself when it is large enough."""
+    n = len(batch)
+    if n >= min_batch:
+        return batch
+    padded = np.empty((min_batch, *batch.shape[1:]), batch.dtype)
+    padded[:n] = batch
+    padded[n:] = PAD_VALUE
+    return padded
+
+
+def run_padded(engine: Engine, batch: np.ndarray) -> list[np.ndarray]:
+    """`engine.infer` on a batch padded up to the engine's minimum batch; the padding's results dropped."""
+    return engine.infer(pad_batch(batch, engine.info.batch[0]))[:len(batch)]

@@ -2,9 +2,12 @@
 
 - precision: FP32, FP16 (`half`), or INT8 (`int8`) calibrated by an entropy calibrator over the
   dataset's images letterboxed as at run time, with a reusable calibration cache; in INT8 the
-  head's sigmoid stays FP32 so scores keep their calibration. TensorRT >= 11 builds strongly
-  typed networks: FP16 then comes from an fp16 ONNX (trainer.export does that) and INT8
-  calibration no longer exists.
+  head's sigmoid stays FP32 so scores keep their calibration. Everything after the model (box
+  decoding, the class offsets of the class-aware NMS, NMS, top-k) stays FP32 in FP16 and INT8
+  builds: the offsets are class index x a span of hundreds of pixels, where FP16's spacing is
+  4-8 px, enough to merge or split small defects. TensorRT >= 11 builds strongly typed
+  networks: FP16 then comes from an fp16 ONNX (trainer.export does that, its post-processing
+  typed FP32) and INT8 calibration no longer exists.
 - shapes: with a dynamic export, one optimisation profile per camera shape asked for (e.g.
   640x640 and 384x640; default imgsz with any smaller stride multiple), batch min 1, opt and max
   `batch`; the whole set repeated `contexts` times, because every execution context running at
@@ -27,7 +30,7 @@ from .base import EngineError, EngineInfo
 from .metadata import read_info, write_engine_file
 from .tensorrt import import_tensorrt, make_logger
 
-__all__ = ["BuildOptions", "build_engine", "profile_shapes", "tensorrt_major"]
+__all__ = ["BuildOptions", "build_engine", "keep_postprocess_fp32", "profile_shapes", "tensorrt_major"]
 
 
 @dataclass
@@ -103,6 +106,32 @@ def _keep_head_sigmoid_fp32(trt: Any, network: Any) -> int:
     return len(pinned)
 
 
+MODEL_SCOPE = "/model/"  # names of the model's own nodes (trainer.export's End2End.model); the rest wraps it
+
+
+def keep_postprocess_fp32(trt: Any, network: Any) -> int:
+    """Pin every layer after the model's last one (box decoding, class offsets, NMS, top-k: trainer.export's End2End
+    after `self.model`) to FP32, those with a float output; returns how many. The parser adds layers in the ONNX
+    graph's order, which the tracer wrote in execution order; the model's layers carry its scope in their
+    names. A weakly typed FP16 / INT8 build may otherwise run them in FP16 (TensorRT < 11; 11 obeys the ONNX's
+    types, which keep them FP32)."""
+    layers = [network.get_layer(i) for i in range(network.num_layers)]
+    last = max((i for i, layer in enumerate(layers) if layer.name.startswith(MODEL_SCOPE)), default=None)
+    if last is None:
+        return 0
+    floats = {trt.float32, trt.float16}
+    pinned = 0
+    for layer in layers[last + 1:]:
+        outs = [k for k in range(layer.num_outputs) if layer.get_output(k).dtype in floats]
+        if not outs:
+            continue
+        layer.precision = trt.float32
+        for k in outs:
+            layer.set_output_type(k, trt.float32)
+        pinned += 1
+    return pinned
+
+
 def build_engine(onnx_path: str | Path, output: str | Path, opts: BuildOptions) -> Path:
     """Build `output` (.engine) from our ONNX export at `onnx_path`; returns the engine path."""
     import torch
@@ -139,6 +168,8 @@ def build_engine(onnx_path: str | Path, output: str | Path, opts: BuildOptions) 
         config.set_timing_cache(cache, ignore_mismatch=False)
         if major < 11 and (opts.half or opts.int8):
             config.set_flag(trt.BuilderFlag.FP16)  # INT8 builds fall back to FP16, not FP32, where INT8 cannot go
+            if keep_postprocess_fp32(trt, network):  # the NMS class offsets: see the module's docstring
+                config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
         name = network.get_input(0).name
         if info.dynamic_hw or -1 in tuple(network.get_input(0).shape):
             for _ in range(opts.contexts):

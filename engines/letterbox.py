@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["Letterbox", "fit_shape", "plan_letterbox"]
+__all__ = ["CAMERA_ASPECTS", "Letterbox", "aspect_shapes", "fit_shape", "pick_shape", "plan_letterbox"]
+
+CAMERA_ASPECTS = ((9, 16), (3, 4), (1, 1), (4, 3), (16, 9))  # (h, w): 16:9 and 4:3 cameras, square, their portraits
 
 
 def fit_shape(src_hw: tuple[int, int], max_hw: tuple[int, int], stride: int = 32,
@@ -24,6 +26,35 @@ def fit_shape(src_hw: tuple[int, int], max_hw: tuple[int, int], stride: int = 32
     h = min(max_hw[0], math.ceil(round(h0 * r, 6) / stride) * stride)
     w = min(max_hw[1], math.ceil(round(w0 * r, 6) / stride) * stride)
     return int(h), int(w)
+
+
+def aspect_shapes(max_hw: tuple[int, int], stride: int = 32) -> list[tuple[int, int]]:
+    """The inputs common cameras get within `max_hw` (CAMERA_ASPECTS), and `max_hw` itself: a finite set to prepare
+    an engine for (CUDA graphs) and to plan every camera within (pick_shape)."""
+    shapes = [fit_shape((h * 120, w * 120), max_hw, stride) for h, w in CAMERA_ASPECTS]
+    return list(dict.fromkeys([*shapes, (int(max_hw[0]), int(max_hw[1]))]))
+
+
+def pick_shape(src_hw: tuple[int, int], shapes: list[tuple[int, int]], max_hw: tuple[int, int],
+               stride: int = 32) -> tuple[int, int]:
+    """The input (h, w) for a `src_hw` frame on an engine that takes only `shapes` (a TensorRT engine built with
+    --shapes: one optimisation profile each; a PyTorch engine's CUDA-graph shapes): the smallest of them that
+    keeps the frame at the scale `fit_shape` would give it, else the one that shrinks it least (ties: the
+    smaller). A 4:3 camera on an engine built for 640x640 and 384x640 runs at 640x640, not at the 480x640
+    no profile covers."""
+    if not shapes:
+        raise ValueError("pick_shape needs at least one shape")
+    h0, w0 = src_hw
+    ideal = fit_shape(src_hw, max_hw, stride, rect=True)
+    want = min(ideal[0] / h0, ideal[1] / w0) * (1 - 1e-9)
+
+    def scale(hw: tuple[int, int]) -> float:
+        return min(hw[0] / h0, hw[1] / w0)
+
+    keeping = [hw for hw in shapes if scale(hw) >= want]
+    if keeping:
+        return min(keeping, key=lambda hw: hw[0] * hw[1])
+    return min(shapes, key=lambda hw: (-scale(hw), hw[0] * hw[1]))
 
 
 @dataclass(frozen=True)

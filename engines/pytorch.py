@@ -4,7 +4,13 @@ This is the one place `engines` reaches into `trainer` (trainer.checkpoint to re
 trainer.postprocess for NMS), imported lazily so the ONNX serving path never imports torch.
 CUDA: fp16, channels_last, BatchNorm fused, and one CUDA graph per (batch bucket, H, W) per
 instance: a batch is padded up to the next bucket (1, 2, 4, 8, ...), replayed, and the padding
-dropped. CPU: fp32, eager, channels_last (7-17% faster than NCHW with oneDNN's convolutions on
+dropped. The input shapes are a finite set on CUDA (EngineInfo.plan_shapes: the shapes of common camera
+aspects within imgsz, engines.letterbox.aspect_shapes; the server plans every camera within them), and
+`prepare` captures every (bucket, shape) at load: a capture synchronises the device and empties the
+allocator's cache, a stall of every instance, so once prepared a shape not captured runs eagerly instead of
+being captured while serving (an engine never prepared, e.g. used directly, captures each shape at its
+first use, as before). Frames go up through a pinned staging buffer per instance (a copy from pageable
+memory is synchronous). CPU: fp32, eager, channels_last (7-17% faster than NCHW with oneDNN's convolutions on
 the CI machine; the NHWC uint8 input is already laid out that way). Each instance has its own copy
 of the module (weights shared) so concurrent calls never share the head's anchor cache.
 """
@@ -21,6 +27,7 @@ from typing import Any
 import numpy as np
 
 from .base import Engine, EngineError, EngineInfo
+from .letterbox import aspect_shapes
 from .pool import InstancePool
 
 __all__ = ["TorchEngine", "batch_buckets", "checkpoint_info"]
@@ -47,14 +54,21 @@ def _load(path: str | Path) -> Any:
                           "ultralytics YOLOv12 .pt)") from None
 
 
-def _info(ckpt: Any, precision: str, max_batch: int, conf: float, iou: float, max_det: int) -> EngineInfo:
+def _info(ckpt: Any, precision: str, max_batch: int, conf: float, iou: float, max_det: int,
+          graphs: bool = False) -> EngineInfo:
+    """The engine's metadata; with `graphs` (CUDA graphs) the input shapes are the finite set it captures."""
     from trainer import __version__
 
     model = ckpt.model
-    return EngineInfo(names={int(k): str(v) for k, v in model.names.items()}, imgsz=(ckpt.imgsz, ckpt.imgsz),
-                      stride=int(max(model.stride)), batch=(1, max_batch), dynamic_hw=True, precision=precision,
+    stride = int(max(model.stride))
+    imgsz = (ckpt.imgsz, ckpt.imgsz)
+    extra = {"layout": "pytorch", "source": ckpt.source}
+    if graphs:  # planned within, captured at load (others run eagerly)
+        extra["graph_shapes"] = [list(hw) for hw in aspect_shapes(imgsz, stride)]
+    return EngineInfo(names={int(k): str(v) for k, v in model.names.items()}, imgsz=imgsz,
+                      stride=stride, batch=(1, max_batch), dynamic_hw=True, precision=precision,
                       variant=model.spec.variant, scale=model.spec.scale, conf=conf, iou=iou, max_det=max_det,
-                      version=__version__, extra={"layout": "pytorch", "source": ckpt.source})
+                      version=__version__, extra=extra)
 
 
 def checkpoint_info(path: str | Path, max_batch: int = 32, conf: float = 0.25, iou: float = 0.7,
@@ -77,6 +91,7 @@ class _Slot:
     stream: Any = None
     pool: Any = None  # CUDA graph memory pool shared by this slot's graphs (they never run at once)
     graphs: dict[tuple[int, int, int], tuple[Any, ...]] = field(default_factory=dict)
+    staging: Any = None  # pinned host buffer the frames go up from (max batch x imgsz, uint8)
 
 
 class TorchEngine(Engine):
@@ -104,17 +119,36 @@ class TorchEngine(Engine):
         for p in model.parameters():
             p.requires_grad_(False)
         model = (model.half().to(self._device) if self._cuda else model).to(memory_format=torch.channels_last)
-        self.info = _info(ckpt, "fp16" if self._cuda else "fp32", max_batch, conf, iou, max_det)
-        self._nms = non_max_suppression
         self._graphs = cuda_graphs and self._cuda
+        self.info = _info(ckpt, "fp16" if self._cuda else "fp32", max_batch, conf, iou, max_det, self._graphs)
+        self._nms = non_max_suppression
         self._capture_lock = threading.Lock()
         self._buckets = batch_buckets(max_batch)
+        self._prepared = False  # once prepare() captured the planned shapes, no capture happens while serving
+        self._eager_shapes: set[tuple[int, int, int]] = set()  # shapes run eagerly since (logged once each)
         slots = [_Slot(model if k == 0 else _shared_copy(model)) for k in range(instances)]
         if self._cuda:
+            h, w = self.info.imgsz
             for s in slots:
                 s.stream = torch.cuda.Stream(self._device)
                 s.pool = torch.cuda.graph_pool_handle()
+                s.staging = torch.empty((max_batch, h, w, 3), dtype=torch.uint8, pin_memory=True)
         self._pool = InstancePool(slots)
+
+    def prepare(self, shapes: list[tuple[int, int]], max_batch: int) -> None:
+        """Capture a CUDA graph on every instance for every (batch bucket up to `max_batch`, shape): at load, not
+        while serving. A no-op on the CPU or without CUDA graphs."""
+        if not self._graphs:
+            return
+        top = next((k for k in self._buckets if k >= max_batch), self._buckets[-1])
+        buckets = [k for k in self._buckets if k <= top]
+        for slot in self._pool.items:
+            for h, w in shapes:
+                for bucket in buckets:
+                    if (bucket, h, w) not in slot.graphs:
+                        with self._capture_lock:
+                            slot.graphs[(bucket, h, w)] = self._capture(slot, bucket, h, w)
+        self._prepared = True
 
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
         """uint8 [B, H, W, 3] RGB -> B float32 arrays [n, 6] (x1, y1, x2, y2, score, class) in input pixels."""
@@ -127,7 +161,9 @@ class TorchEngine(Engine):
                 dets = self._nms(pred, self.info.conf, self.info.iou, self.info.max_det)
                 return [d.numpy() for d in dets]
             with torch.cuda.stream(slot.stream):
-                x = torch.from_numpy(np.ascontiguousarray(batch)).to(self._device, non_blocking=True)
+                host = slot.staging.view(-1)[:batch.size].view(batch.shape)
+                host.numpy()[...] = batch  # pinned: the copy up is asynchronous (this slot's last one has ended)
+                x = host.to(self._device, non_blocking=True)
                 pred = self._run_cuda(slot, x)
                 dets = self._nms(pred, self.info.conf, self.info.iou, self.info.max_det)
                 out = [d.cpu().numpy() for d in dets]  # .cpu() waits for this stream's work
@@ -145,6 +181,12 @@ class TorchEngine(Engine):
             return self._forward(slot.model, x)
         bucket = next(k for k in self._buckets if k >= b)
         key = (bucket, h, w)
+        if key not in slot.graphs and self._prepared:  # not a shape the planner gives: eager, no capture stall
+            if key not in self._eager_shapes:
+                self._eager_shapes.add(key)
+                log.warning("%s: batch %d at %dx%d was not prepared at load: it runs without a CUDA graph",
+                            self.path, bucket, h, w)
+            return self._forward(slot.model, x)
         if key not in slot.graphs:
             # one capture at a time: torch.cuda.graph() empties the allocator's cache on entry, which a capture
             # underway on another instance's stream would not survive

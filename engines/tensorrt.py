@@ -9,7 +9,16 @@ layer syncs with the host) each (profile, shape) is captured in a CUDA graph aft
 
 With dynamic shapes TensorRT needs one optimisation profile per concurrently running context:
 our builder adds a profile set per context (`--contexts`), and a context switches between the
-profiles of its set (one per camera shape) with `set_optimization_profile_async`.
+profiles of its set (one per camera shape) with `set_optimization_profile_async`. An engine with fewer
+sets than the instances asked for (ultralytics' dynamic engines have one profile) serves with as many
+contexts as it has sets and says so at load (`instances` is then the smaller number: `context_slots`).
+An engine built with `--shapes` takes those input shapes only: the server plans every camera within them
+(engines.letterbox.pick_shape) and `check_batch` refuses any other before it runs. A static engine built
+with `--batch 8` takes batches of 8 only: callers pad (engines.base.run_padded; the server's worker does).
+
+Host-to-device copies go through a pinned staging buffer per context (pageable memory is copied by CUDA
+through its own bounce buffer, synchronously), sized for the context's largest input; a context's next call
+starts after its previous one synchronised on its outputs, so the buffer is never overwritten under a copy.
 
 Files: our engines and ultralytics' (same header: 4-byte little-endian length + JSON + plan).
 Written against the TensorRT 10 Python API; TensorRT is imported only when this backend is used.
@@ -30,7 +39,7 @@ from .metadata import engine_header, info_from_metadata
 from .nms import nms_torch
 from .pool import InstancePool
 
-__all__ = ["TensorRTEngine", "import_tensorrt", "make_logger"]
+__all__ = ["TensorRTEngine", "context_slots", "import_tensorrt", "make_logger"]
 
 _NO_TRT = ("TensorRT is not installed (`import tensorrt` failed): install it from NVIDIA "
            "(`pip install tensorrt` with NVIDIA's index, or use an NVIDIA TensorRT container), "
@@ -106,6 +115,18 @@ def _check_target(info: EngineInfo, trt_version: str, gpu_name: str, capability:
                           f"this is {gpu_name} ({here}): {rebuild}")
 
 
+def context_slots(dynamic: bool, n_profiles: int, per_context: int | None, instances: int) -> int:
+    """Execution contexts an engine can run at once for `instances` asked for: all of them for a static engine;
+    with dynamic shapes one per optimisation-profile set (`per_context` profiles each: our builder's
+    profiles_per_context; None: all profiles form one set, as in ultralytics' engines), never more than asked."""
+    if instances < 1:
+        raise EngineError(f"instances must be >= 1, got {instances}")
+    if not dynamic:
+        return instances
+    per = per_context if per_context else max(n_profiles, 1)
+    return max(1, min(instances, n_profiles // per))
+
+
 @dataclass
 class _Profile:
     index: int
@@ -124,6 +145,7 @@ class _Context:
     stream: Any
     profiles: list[_Profile]
     buffers: dict[str, Any]
+    staging: Any = None  # pinned host memory for the input's H2D copy (sized like the input buffer)
     active: int | None = None
     graphs: dict[tuple, Any] = field(default_factory=dict)
     graphs_ok: bool = True
@@ -179,7 +201,15 @@ class TensorRTEngine(Engine):
         # the host-synchronising NMS layer cannot be captured; a raw head or the EfficientNMS plugin can
         self._graphs = cuda_graphs and (self._raw or self.info.extra.get("nms") == "efficient")
         self._capture_lock = threading.Lock()
-        self._pool = InstancePool([self._make_context(k) for k in range(self._context_slots(instances))])
+        slots = self._context_slots(instances)
+        if slots < instances:
+            sets = self._engine.num_optimization_profiles
+            print(f"[yolov12-serve] {self.path.name}: {instances} instances asked for but the engine has "
+                  f"{sets} optimisation profile(s) ({slots} set(s): TensorRT runs one context per set at once); "
+                  f"serving with {slots}. Rebuild with `yolov12-export --format engine --contexts {instances}` "
+                  "for more.")
+        self.instances = slots
+        self._pool = InstancePool([self._make_context(k) for k in range(slots)])
 
     # ---- set-up
     def _io_names(self, trt: Any) -> tuple[list[str], list[str]]:
@@ -195,26 +225,16 @@ class TensorRTEngine(Engine):
         return -1 in tuple(self._engine.get_tensor_shape(self._input))
 
     def _context_slots(self, instances: int) -> int:
-        if instances < 1:
-            raise EngineError(f"instances must be >= 1, got {instances}")
-        if not self._dynamic():
-            return instances
-        n_profiles = self._engine.num_optimization_profiles
-        per_slot = int(self.info.extra.get("profiles_per_context", n_profiles if n_profiles else 1))
-        slots = max(1, n_profiles // max(per_slot, 1))
-        if instances > slots:
-            raise EngineError(f"{self.path}: built for {slots} concurrent execution context(s) and {instances} asked "
-                              f"for (with dynamic shapes TensorRT needs one optimisation profile per context): use "
-                              f"instances <= {slots}, or rebuild with `yolov12-export --format engine --contexts "
-                              f"{instances}`")
-        return instances
+        per = self.info.extra.get("profiles_per_context")
+        return context_slots(self._dynamic(), self._engine.num_optimization_profiles, int(per) if per else None,
+                             instances)
 
     def _profiles(self, slot: int) -> list[_Profile]:
         if not self._dynamic():
             shape = tuple(self._engine.get_tensor_shape(self._input))
             return [_Profile(0, shape, shape)]
         n = self._engine.num_optimization_profiles
-        per_slot = int(self.info.extra.get("profiles_per_context", n))
+        per_slot = int(self.info.extra.get("profiles_per_context") or n)
         out = []
         for p in range(slot * per_slot, (slot + 1) * per_slot):
             lo, _, hi = self._engine.get_tensor_profile_shape(self._input, p)
@@ -248,8 +268,11 @@ class TensorRTEngine(Engine):
                 dtype = _nptype(self._trt, self._engine.get_tensor_dtype(name))
                 buffers[name] = torch.empty(n, dtype=dtype, device=self._device)
                 ctx.set_tensor_address(name, buffers[name].data_ptr())
+            # the uint8 frames as they come (NHWC), pinned: a pageable source makes every copy synchronous
+            staging = torch.empty(sizes[self._input], dtype=torch.uint8, pin_memory=True)
             stream.synchronize()
-        return _Context(ctx, stream, profiles, buffers, active=profiles[-1].index if self._dynamic() else None)
+        return _Context(ctx, stream, profiles, buffers, staging,
+                        active=profiles[-1].index if self._dynamic() else None)
 
     # ---- inference
     def infer(self, batch: np.ndarray) -> list[np.ndarray]:
@@ -258,8 +281,9 @@ class TensorRTEngine(Engine):
 
         self.check_batch(batch)
         with self._pool.borrow() as c, torch.cuda.device(self._device), torch.cuda.stream(c.stream):
-            host = torch.from_numpy(np.ascontiguousarray(batch))
-            b, h, w = host.shape[:3]
+            b, h, w = batch.shape[:3]
+            host = c.staging[:batch.size].view(b, h, w, 3)
+            host.numpy()[...] = batch  # into pinned memory (the previous call's copy from it has completed)
             shape = (b, h, w, 3) if self._nhwc else (b, 3, h, w)
             prof = next((p for p in c.profiles if p.fits(shape)), None)
             if prof is None:

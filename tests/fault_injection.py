@@ -4,8 +4,10 @@ never returns").
 
 In a server subprocess the switches are files in a folder (`YOLOV12_TEST_FAULTS`), named per device with ':'
 written '-' (`hang-cpu-1`, `delay-cpu-0` holding seconds per frame, `fail-cpu-1`, `refuse-192x320` for one
-input shape on every device). `install()` wraps the server's default engine loader with `FaultyEngine`;
-`ServerProcess(..., faults=folder)` starts a server that calls it first. In-process tests flip the same files.
+input shape on every device). `install()` wraps the server's default engine loader with `FaultyEngine`, and has
+device processes (--worker-processes) open their engines with `load` (ServerConfig.engine_loader: they inherit the
+environment and sys.path); `ServerProcess(..., faults=folder)` starts a server that calls it first. In-process
+tests flip the same files.
 """
 
 from __future__ import annotations
@@ -64,17 +66,33 @@ class FaultyEngine(Engine):
         self.inner.close()
 
 
+def load(path: str, device: str = "cpu", instances: int = 1, **opts) -> Engine:
+    """The engine loader of device processes (`fault_injection:load`): the real engine behind the switches."""
+    from yolov12_serve import core
+
+    return FaultyEngine(core._default_loader(path, device=device, instances=instances, **opts), device,
+                        Path(os.environ[ENV]))
+
+
 def install() -> None:
     """Wrap the server's default engine loader (call before the server starts) when ENV names a folder."""
     folder = os.environ.get(ENV)
     if not folder:
         return
-    from yolov12_serve import core
+    from yolov12_serve import cli, core
 
     real = core._default_loader
     control = Path(folder)
 
-    def load(path: str, device: str = "cpu", instances: int = 1, **opts) -> Engine:
+    def wrapped(path: str, device: str = "cpu", instances: int = 1, **opts) -> Engine:
         return FaultyEngine(real(path, device=device, instances=instances, **opts), device, control)
 
-    core._default_loader = load
+    core._default_loader = wrapped
+    parse = cli.parse_config
+
+    def parse_config(args):  # device processes open their engines with `load` (they do not run install())
+        config, streams = parse(args)
+        config.engine_loader = "fault_injection:load"
+        return config, streams
+
+    cli.parse_config = parse_config

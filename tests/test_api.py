@@ -24,11 +24,13 @@ from yolov12_serve.proto import detector_pb2 as pb
 pytestmark = pytest.mark.timeout(180)
 
 
-@pytest.fixture(scope="module")
-def server():
+@pytest.fixture(scope="module", params=["off", "on"], ids=["one-process", "device-process"])
+def server(request):
+    """Every API test runs against both layouts: the device in the server's own process, and in a process of its
+    own (--worker-processes on: frames decoded there, pushed bytes and results over its pipe)."""
     # --process-late: these tests compare answers, and a pushed frame may be dropped as late on a busy machine
-    srv = ServerProcess("--max-streams", "4", "--max-message-mb", "1", "--subscriber-queue", "8", "--instances", "2",
-                        "--process-late", "--allow-synthetic")
+    srv = ServerProcess("--worker-processes", request.param, "--max-streams", "4", "--max-message-mb", "1",
+                        "--subscriber-queue", "8", "--instances", "2", "--process-late", "--allow-synthetic")
     yield srv
     srv.close()
 

@@ -185,8 +185,9 @@ def test_detect_answers_every_pushed_frame(op, batch, stream_id):
 METHODS = {  # method -> (request streamed, response streamed)
     "AddStream": (False, False), "RemoveStream": (False, False), "ListStreams": (False, False),
     "GetServerInfo": (False, False), "DetectImage": (False, False), "WatchDetections": (False, True),
-    "Detect": (True, True),
+    "WatchDetectionBatches": (False, True), "Detect": (True, True),
 }
+WATCH_REQUEST = {"WatchDetections": pb.WatchDetectionsRequest, "WatchDetectionBatches": pb.WatchDetectionBatchesRequest}
 
 
 @given(method=st.sampled_from(sorted(METHODS)), payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=3))
@@ -201,8 +202,8 @@ def test_bytes_that_are_no_request_are_invalid_argument(op, method, payloads):
     else:
         call = lambda: channel.unary_unary(name)(payloads[0], timeout=20)  # noqa: E731
     code, details = outcome(call)
-    if code == S.DEADLINE_EXCEEDED and method == "WatchDetections":  # a valid request to watch every stream: it
-        assert not pb.WatchDetectionsRequest.FromString(payloads[0]).stream_ids  # waits, as it should, for results
+    if code == S.DEADLINE_EXCEEDED and method in WATCH_REQUEST:  # a valid request to watch every stream: it
+        assert not WATCH_REQUEST[method].FromString(payloads[0]).stream_ids  # waits, as it should, for results
         return
     assert_client_mistake(code, details, (method, payloads))
     clean(op)  # bytes that happened to be a valid AddStreamRequest
@@ -216,7 +217,8 @@ def test_bytes_that_are_not_utf8_are_invalid_argument_not_unknown(op):
 
 
 ROLE_OF = {"AddStream": "operator", "RemoveStream": "operator", "ListStreams": "viewer", "GetServerInfo": "viewer",
-           "WatchDetections": "viewer", "DetectImage": "viewer", "ReloadEngines": "operator"}
+           "WatchDetections": "viewer", "WatchDetectionBatches": "viewer", "DetectImage": "viewer",
+           "ReloadEngines": "operator"}
 
 
 @given(token=st.one_of(st.sampled_from([None, VIEWER, OPERATOR, VIEWER + "x", OPERATOR[:-1], ""]),

@@ -504,7 +504,7 @@ def result(stream: str, fid: int, public: bool = True) -> FrameResult:
 
 def test_slow_subscriber_loses_its_own_oldest_results_and_never_blocks_others():
     overflow = []
-    fan = Fanout(on_overflow=overflow.append)
+    fan = Fanout(on_overflow=lambda sub, n: overflow.append(n))
     slow = fan.subscribe(None, maxsize=4)
     fast = fan.subscribe(None, maxsize=4)
     only_b = fan.subscribe(["b"], maxsize=100)

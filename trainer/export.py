@@ -133,7 +133,9 @@ class End2End(nn.Module):
             classes = torch.arange(cls.shape[1], device=cls.device).view(1, -1, 1)
             return self._efficient(boxes, cls * (label.unsqueeze(1) == classes).to(cls.dtype))
         # class-aware NMS as one NMS over all boxes, each class shifted into a region of its own (torchvision's
-        # batched_nms trick): no [B, nc, N] score tensor and one pass instead of nc
+        # batched_nms trick): no [B, nc, N] score tensor and one pass instead of nc. In FP32 whatever the model's
+        # precision (`pred` was cast above; engines.build pins these layers in FP16 TensorRT builds): the offsets
+        # reach class x span, thousands of pixels, where FP16's spacing is 4-8 px
         span = boxes.max() - boxes.min() + 1
         shifted = boxes + (label.to(boxes.dtype) * span).unsqueeze(-1)
         sel = _OnnxNMS.apply(shifted, score.unsqueeze(1), self.max_det, self.iou, self.conf)  # [K, 3] (batch, 0, box)
@@ -258,9 +260,6 @@ def export_onnx(model: DetectionModel, path: str | Path, imgsz: tuple[int, int],
     from engines.metadata import info_to_props
 
     device = device or torch.device("cpu")
-    if half and device.type == "cpu":
-        raise ExportError("fp16 ONNX is traced on a GPU: add --device 0, or export fp32 (TensorRT builds FP16 "
-                          "from it with --format engine --half)")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     stride = int(max(model.stride))
@@ -354,6 +353,9 @@ def export(yolo: Any, format: str = "onnx", imgsz: int | tuple[int, int] | None 
     if format == "onnx":
         if output.suffix.lower() != ".onnx":
             raise ExportError(f"output '{output}' should end in .onnx for --format onnx")
+        if half and _device(device).type == "cpu":  # ONNX Runtime on the CPU runs fp16 slower than fp32
+            raise ExportError("fp16 ONNX is traced on a GPU: add --device 0, or export fp32 (TensorRT builds FP16 "
+                              "from it with --format engine --half)")
         return export_onnx(model, output, size, batch=batch, dynamic=dynamic, half=half, conf=conf, iou=iou,
                            max_det=max_det, raw=raw, simplify=simplify, nms=nms, device=_device(device))
     if output.suffix.lower() not in (".engine", ".plan"):

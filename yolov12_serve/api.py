@@ -51,10 +51,12 @@ from .pushcall import PushCall
 from .security import Security
 from .urls import redact_text
 
-__all__ = ["SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "device_health_name", "status_code"]
+__all__ = ["BATCH_LIMIT", "SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "device_health_name",
+           "status_code"]
 
 log = logging.getLogger(__name__)
 
+BATCH_LIMIT = 1024  # results per DetectionBatch at most (and half of --max-message-mb in bytes)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # yolov12.v1.Detector
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -68,6 +70,11 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
     (WrongShardError, grpc.StatusCode.FAILED_PRECONDITION),
     (FailedPreconditionError, grpc.StatusCode.FAILED_PRECONDITION),
 ]
+
+
+def _weigh(result: FrameResult) -> int:
+    """An upper bound of a result's bytes in a DetectionBatch (a batch stays within half the message limit)."""
+    return 96 + 64 * len(result.detections) + len(result.error or "")
 
 
 def device_health_name(device: str) -> str:
@@ -130,9 +137,10 @@ class DetectorService(pb_grpc.DetectorServicer):
         """Engines, devices, class names, input size, SLO."""
         return messages.server_info(self.core.server_info())
 
-    async def WatchDetections(self, request: pb.WatchDetectionsRequest, context) -> AsyncIterator[pb.FrameDetections]:
-        """Results as published, from a bounded queue of this call's own (a slow reader loses its oldest)."""
-        ids = list(dict.fromkeys(request.stream_ids))
+    async def _check_watch(self, stream_ids, context) -> list[str]:
+        """The ids to watch (duplicates dropped); aborts NOT_FOUND / FAILED_PRECONDITION (another replica's) /
+        UNAVAILABLE (draining)."""
+        ids = list(dict.fromkeys(stream_ids))
         missing = [i for i in ids if not self.core.has_stream(i)]
         for sid in missing:  # a camera of another replica: say which (FAILED_PRECONDITION)
             try:
@@ -143,12 +151,43 @@ class DetectorService(pb_grpc.DetectorServicer):
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no stream {missing[0]!r} (ListStreams shows the ids)")
         if self.core.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
-        sub = self.core.fanout.subscribe(ids or None, self.core.config.subscriber_queue, asyncio.get_running_loop())
+        return ids
+
+    async def WatchDetections(self, request: pb.WatchDetectionsRequest, context) -> AsyncIterator[pb.FrameDetections]:
+        """Results as published, from a bounded queue of this call's own (a slow reader loses its oldest)."""
+        ids = await self._check_watch(request.stream_ids, context)
+        sub = self.core.open_watch(ids or None, asyncio.get_running_loop(), context.peer())
         try:
             while (result := await sub.next()) is not None:  # error results too: `error` says why no detections
                 yield messages.frame_detections(result, self._names(result))
         finally:
-            self.core.fanout.unsubscribe(sub)
+            self.core.close_watch(sub)
+
+    async def WatchDetectionBatches(self, request: pb.WatchDetectionBatchesRequest,
+                                    context) -> AsyncIterator[pb.DetectionBatch]:
+        """Results in batches: wait for one, send every result waiting, then let the next gather for the rest of
+        `max_delay_ms` (a batch that reached BATCH_LIMIT goes on at once: the watcher is behind). The queue holds
+        --batch-subscriber-queue results; a watcher further behind loses its oldest (`dropped` says how many)."""
+        ids = await self._check_watch(request.stream_ids, context)
+        delay_ms = request.max_delay_ms or self.core.config.watch_batch_ms
+        if not 1 <= delay_ms <= 1000:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_delay_ms must be 1..1000 (0: the server's "
+                                f"{self.core.config.watch_batch_ms:g}), got {delay_ms}")
+        delay = delay_ms / 1000.0
+        loop = asyncio.get_running_loop()
+        sub = self.core.open_watch(ids or None, loop, context.peer(), batched=True)
+        try:
+            budget = self.core.config.max_message_bytes // 2
+            while (taken := await sub.next_batch(BATCH_LIMIT, _weigh, budget)) is not None:
+                results, lost = taken
+                started = loop.time()
+                yield pb.DetectionBatch(results=[messages.frame_detections(r, self._names(r)) for r in results],
+                                        dropped=lost)
+                full = len(results) >= BATCH_LIMIT or sum(map(_weigh, results)) > budget // 2
+                if not full:  # the next batch gathers for the rest of the period (a full one: behind, go on at once)
+                    await asyncio.sleep(max(0.0, delay - (loop.time() - started)))
+        finally:
+            self.core.close_watch(sub)
 
     async def Detect(self, request_iterator: AsyncIterator[pb.Frame], context) -> AsyncIterator[pb.FrameDetections]:
         """Push mode: one stream per call, results in order, frames read only while fewer than 2 are pending."""
@@ -182,6 +221,8 @@ class DetectorService(pb_grpc.DetectorServicer):
             self.core.close_stream(stream)
         if result is None:
             raise UnavailableError("the server is shutting down")
+        if result.drop_reason == "invalid":  # decoded in a device process (--worker-processes): a bad image
+            raise InvalidArgumentError(result.error)
         if result.drop_reason == "late":
             raise ResourceExhaustedError(f"{result.error}: retry later")
         if result.error is not None:

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import sys
 
-from .config import DECODE_MODES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
+from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9464,
                    help="Prometheus /metrics port (0: any free port, -1: off; default 9464)")
     p.add_argument("--slo-ms", type=float, default=45.0, help="latency objective, ingest to publish (default 45)")
+    p.add_argument("--worker-processes", choices=WORKER_PROCESSES, default="auto",
+                   help="a process per device (its engine, scheduler and camera decoders; the API process keeps "
+                   "gRPC, placement, metrics): on, off, or auto (default: on for two or more devices)")
     p.add_argument("--instances", type=int, default=2, help="engine instances per device, run concurrently (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads per instance (default: cores / instances)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (capped by the engine's; default 8)")
@@ -58,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="show the live status table (default: on with --demo)")
     p.add_argument("--subscriber-queue", type=int, default=64,
                    help="results buffered per WatchDetections client before its oldest are dropped (default 64)")
+    p.add_argument("--batch-subscriber-queue", type=int, default=8192,
+                   help="results buffered per WatchDetectionBatches client (the Python client's watch) before its "
+                   "oldest are dropped (default 8192)")
+    p.add_argument("--watch-batch-ms", type=float, default=5.0,
+                   help="WatchDetectionBatches sends at most one message per this many ms, each with every result "
+                   "since the last (default 5; a client may ask for another)")
     p.add_argument("--background-batch", action=argparse.BooleanOptionalAction, default=True,
                    help="run every thread but inference (gRPC, cameras, metrics) under Linux's SCHED_BATCH: they "
                         "never preempt an engine run when they wake (default: on)")
@@ -162,11 +171,12 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         allow_hosts=tuple(h.strip() for h in (args.allow_hosts or "").split(",") if h.strip()),
         security=_security_config(args),
         max_message_bytes=int(args.max_message_mb * 1024 * 1024), subscriber_queue=args.subscriber_queue,
+        batch_subscriber_queue=args.batch_subscriber_queue, watch_batch_ms=args.watch_batch_ms,
         background_batch=args.background_batch,
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
         run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,
         max_pending_images=args.max_pending_images, max_concurrent_rpcs=args.max_concurrent_rpcs,
-        rebalance_s=args.rebalance_s,
+        rebalance_s=args.rebalance_s, worker_processes=args.worker_processes,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode),
         shard=shard)

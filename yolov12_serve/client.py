@@ -3,7 +3,7 @@
     from yolov12_serve.client import Client
     with Client("localhost:50051") as c:
         c.add_stream("line1-cam1", "rtsp://10.0.0.5/stream1")
-        for fd in c.watch(["line1-cam1"]):          # FrameDetections messages, boxes in source pixels
+        for fd in c.watch(["line1-cam1"]):          # FrameDetections, boxes in source pixels (sent in batches)
             print(fd.frame_id, [(d.class_name, d.score) for d in fd.detections])
         result = c.detect_image("part.jpg")          # one image: a path, JPEG/PNG bytes or an RGB array
 
@@ -16,7 +16,7 @@ from __future__ import annotations
 import collections
 import io
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import grpc
@@ -65,22 +65,53 @@ def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", fram
 
 
 class Watch:
-    """A WatchDetections call: iterate it for FrameDetections, `cancel()` it from any thread. It holds its channel:
-    read in the caller's thread (the client's channel option), the call would otherwise end ("Channel
-    deallocated") as soon as a `Client(...).watch()` left its client behind."""
+    """A watch call: iterate it for FrameDetections, `cancel()` it from any thread. By default it is a
+    WatchDetectionBatches call (results arrive a batch per message, every few ms, and are handed out one by one:
+    a watcher that keeps up gets every result), else a WatchDetections call (a message per result). `dropped`
+    counts the results the server reported lost because this watcher fell behind (batched calls only), `messages`
+    the batches received. It holds
+    its channel: read in the caller's thread (the client's channel option), the call would otherwise end
+    ("Channel deallocated") as soon as a `Client(...).watch()` left its client behind."""
 
-    def __init__(self, call: grpc.Call, channel: grpc.Channel) -> None:
+    def __init__(self, call: grpc.Call, channel: grpc.Channel, batched: bool = False,
+                 fallback: Callable[[], grpc.Call] | None = None) -> None:
         self.call = call
+        self.batched = batched
+        self.dropped = 0
+        self.messages = 0
         self._channel = channel
+        self._pending: Iterator[pb.FrameDetections] = iter(())
+        self._fallback = fallback  # a server without WatchDetectionBatches (older): the per-result call instead
+        self._started = False
+        self._cancelled = False
 
     def __iter__(self) -> Watch:
         return self
 
     def __next__(self) -> pb.FrameDetections:
-        return next(self.call)
+        if not self.batched:
+            return next(self.call)
+        while True:
+            fd = next(self._pending, None)
+            if fd is not None and not self._cancelled:
+                return fd
+            try:
+                batch = next(self.call)
+            except grpc.RpcError as e:
+                if self._started or self._fallback is None or e.code() != grpc.StatusCode.UNIMPLEMENTED:
+                    raise
+                self.call, self.batched = self._fallback(), False
+                return next(self.call)
+            self._started = True
+            self.messages += 1
+            self.dropped += batch.dropped
+            self._pending = iter(batch.results)
 
     def cancel(self) -> bool:
-        """Stop the stream: the reader gets a CANCELLED RpcError (or StopIteration if it had ended)."""
+        """Stop the stream: the reader gets a CANCELLED RpcError (or StopIteration if it had ended), also where
+        results of the last batch were still to be handed out."""
+        self._cancelled = True
+        self._pending = iter(())
         return self.call.cancel()
 
     def __getattr__(self, name: str) -> object:
@@ -184,10 +215,23 @@ class Client:
         """One stream's info, or None when it is not registered."""
         return next((s for s in self.list_streams() if s.stream_id == stream_id), None)
 
-    def watch(self, stream_ids: Iterable[str] = (), timeout: float | None = None) -> Watch:
-        """Detections as published (all streams when `stream_ids` is empty); `.cancel()` on the result stops it."""
-        return Watch(self.stub.WatchDetections(pb.WatchDetectionsRequest(stream_ids=list(stream_ids)),
-                                               timeout=timeout), self.channel)
+    def watch(self, stream_ids: Iterable[str] = (), timeout: float | None = None, batched: bool = True,
+              max_delay_ms: int = 0) -> Watch:
+        """Detections as published (all streams when `stream_ids` is empty), one FrameDetections at a time;
+        `.cancel()` on the result stops it. `batched` (the default): they travel in WatchDetectionBatches
+        messages, every `max_delay_ms` at most (0: the server's default, 5 ms), so a watcher that keeps up gets
+        every result at thousands a second (a server without that call is watched per result instead);
+        `batched=False`: one WatchDetections message per result (a slow watcher loses more)."""
+        ids = list(stream_ids)
+
+        def per_result() -> grpc.Call:
+            return self.stub.WatchDetections(pb.WatchDetectionsRequest(stream_ids=ids), timeout=timeout)
+
+        if not batched:
+            return Watch(per_result(), self.channel)
+        request = pb.WatchDetectionBatchesRequest(stream_ids=ids, max_delay_ms=max_delay_ms)
+        return Watch(self.stub.WatchDetectionBatches(request, timeout=timeout), self.channel, batched=True,
+                     fallback=per_result)
 
     def detect(self, frames: Iterable[pb.Frame | np.ndarray], stream_id: str = "",
                timeout: float | None = None) -> Iterator[pb.FrameDetections]:

@@ -16,12 +16,13 @@ from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text
 from .urls import redact_url as _redact_url
 
-__all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "RtspOptions", "ServerConfig", "StreamSpec",
-           "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
+__all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "WORKER_PROCESSES", "RtspOptions", "ServerConfig",
+           "StreamSpec", "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
 DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
 PULL_SCHEMES = ("rtsp", "rtsps", "synthetic")
+WORKER_PROCESSES = ("auto", "on", "off")  # --worker-processes
 _ID_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no whitespace
 
 
@@ -65,6 +66,8 @@ class ServerConfig:
     security: SecurityConfig = field(default_factory=SecurityConfig)  # TLS, tokens, reflection (security.py)
     max_message_bytes: int = 32 * 1024 * 1024
     subscriber_queue: int = 64  # results buffered per WatchDetections client before its oldest are dropped
+    batch_subscriber_queue: int = 8192  # the same per WatchDetectionBatches client (about 1.3 s at 6,400 results/s)
+    watch_batch_ms: float = 5.0  # WatchDetectionBatches: at most one message per this long (unless a client asks)
     background_batch: bool = True  # every thread but inference (gRPC, sources, metrics) under SCHED_BATCH (priority.py)
     background_nice: int = 0  # and at this nice value (0: the default)
     run_deadline_floor_s: float = 2.0  # an engine run is hung after max(this, factor x its expected slow run)
@@ -75,14 +78,16 @@ class ServerConfig:
     max_pending_images: int = 32  # DetectImage calls being decoded, waiting or running at once; more: refused
     max_concurrent_rpcs: int = 256  # gRPC calls at once (watchers and Detect calls included); more: refused
     rebalance_s: float = 10.0  # a device over capacity this long gives a stream to a less loaded one (0: never)
+    worker_processes: str = "auto"  # a process per device: on, off, auto (on for two or more devices: `processes`)
+    engine_loader: str | None = None  # 'module:function' device processes open engines with (tests: faults)
     rtsp: RtspOptions = field(default_factory=RtspOptions)
     shard: ShardSpec = field(default_factory=ShardSpec)  # which cameras this replica serves (sharding.py)
 
     def __post_init__(self) -> None:
         if self.slo_ms <= 0:
             raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
-        for name in ("instances", "max_batch", "max_streams", "subscriber_queue", "max_pending_images",
-                     "max_concurrent_rpcs"):
+        for name in ("instances", "max_batch", "max_streams", "subscriber_queue", "batch_subscriber_queue",
+                     "max_pending_images", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.port <= 65535:
@@ -97,18 +102,33 @@ class ServerConfig:
         if self.run_deadline_floor_s <= 0 or self.run_deadline_factor < 1:
             raise ConfigError(f"--run-deadline-s must be positive and --run-deadline-factor at least 1, got "
                               f"{self.run_deadline_floor_s} and {self.run_deadline_factor}")
+        if not 1 <= self.watch_batch_ms <= 1000:
+            raise ConfigError(f"--watch-batch-ms must be 1..1000, got {self.watch_batch_ms}")
         if self.recheck_s <= 0:
             raise ConfigError(f"--recheck-s must be positive, got {self.recheck_s}")
         if self.threads is not None and self.threads < 1:
             raise ConfigError(f"--threads must be at least 1, got {self.threads}")
         if not self.devices:
             raise ConfigError("no device to run on: pass --gpus cpu or a GPU list such as --gpus 0,1")
+        if self.worker_processes not in WORKER_PROCESSES:
+            raise ConfigError(f"--worker-processes {self.worker_processes!r}: use one of {', '.join(WORKER_PROCESSES)}")
         self.rtsp = replace(self.rtsp, hosts=self.camera_policy)  # every connection checks its host again
 
     @functools.cached_property
     def camera_policy(self) -> CameraPolicy:
         """Which camera URLs and hosts are accepted (allowlist.py); ConfigError for a bad --allow-hosts entry."""
         return CameraPolicy(self.allow_hosts, self.allow_synthetic, self.allow_files)
+
+    @property
+    def processes(self) -> bool:
+        """Whether each device runs in a process of its own (procs/). `auto`: with two or more devices (GPUs, or
+        `--gpus cpu:N`). Measured on 2 cores with a zero-cost model (bench/README.md, host path): within one
+        process's ceiling both layouts cost the same CPU per frame (1.06-1.14x) and deliver everything; past it
+        one process slowed to 0.22-0.86 of its peak while `cpu:2` in processes stayed at its own, 1.7x higher.
+        One device has nothing to split per device: it stays in the server's process."""
+        if self.worker_processes == "auto":
+            return len(self.devices) >= 2
+        return self.worker_processes == "on"
 
     @property
     def slo_s(self) -> float:

@@ -12,6 +12,7 @@ probe may hang too: it blocks nothing else). The API's asyncio loop only reads f
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -37,15 +38,18 @@ from .errors import (
     WrongShardError,
 )
 from .failover import DeviceCare
-from .fanout import Fanout
+from .fanout import Fanout, Subscription
 from .frames import Frame, FrameResult, now
 from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
 from .placement import Placement
+from .processes import ProcessDevices
+from .procs import RemoteRuntime, RemoteSource
 from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
+from .sources.synthetic import parse_synthetic_url
 from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
@@ -68,6 +72,7 @@ class DeviceStatusView:
     state: str
     error: str
     model_version: str
+    pid: int = 0  # the process serving the device (--worker-processes); 0: the server's own
 
 
 @dataclass(frozen=True)
@@ -93,9 +98,9 @@ def _default_loader(path: str, device: str = "cpu", instances: int = 1, **opts):
     return engines.load(path, device=engine_device(device), instances=instances, **opts)
 
 
-class ServerCore(DeviceCare, EngineSwap):
-    """Engines per device, stream registry, placement, watchdog and fan-out; failover (failover.py) and hot engine
-    swap (swap.py) are its other two parts. Thread-safe."""
+class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
+    """Engines per device, stream registry, placement, watchdog and fan-out; failover (failover.py), hot engine
+    swap (swap.py) and devices in processes of their own (processes.py) are its other parts. Thread-safe."""
 
     def __init__(self, config: ServerConfig, load_engine: EngineLoader | None = None) -> None:
         self.config = config
@@ -117,6 +122,7 @@ class ServerCore(DeviceCare, EngineSwap):
         self._names: dict[str, dict[int, str]] = {}  # model version -> class names (results name their classes
         # by the engine that ran them, also across a swap that changes them)
         self._image_ids = itertools.count()
+        self._watch_ids = itertools.count(1)  # watchers are numbered in their metric label
         self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
@@ -147,7 +153,14 @@ class ServerCore(DeviceCare, EngineSwap):
             self.store.open()
             self._saved = self.store.load()
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
-        for i, device in enumerate(cfg.devices):
+        processes = cfg.processes and not (self._load_engine is not None and cfg.worker_processes == "auto")
+        if processes:  # (an engine loader given to the core opens engines in this process: auto keeps them here)
+            if self._load_engine is not None:
+                raise ConfigError("device processes open engines with their own loader: give "
+                                  "ServerConfig.engine_loader ('module:function') instead of load_engine")
+            self._start_remote_devices({d: paths[i] if len(paths) > 1 else paths[0]
+                                        for i, d in enumerate(cfg.devices)})
+        for i, device in enumerate(cfg.devices if not processes else ()):
             self.runtimes[device] = self._start_device(device, paths[i] if len(paths) > 1 else paths[0])
         self.supervisor.start()
         self._watchdog = threading.Thread(target=self._watch, name="watchdog", daemon=True)
@@ -170,16 +183,16 @@ class ServerCore(DeviceCare, EngineSwap):
         loaded = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch, self._threads_per_instance())
         self._warn_if_too_slow(device, loaded.cost.predict(1, loaded.camera_shape, 0.5))
         scheduler = DeadlineScheduler(loaded.cost, loaded.max_batch, cfg.process_late, on_drop=self._drop)
-        worker = DeviceWorker(device, loaded.engine, scheduler, self._publish, threads=cfg.instances,
+        worker = DeviceWorker(device, loaded.engine, scheduler, self._publish, threads=loaded.instances,
                               on_outcome=self._on_outcome, on_error=self._on_worker_error,
                               supervisor=self.supervisor, deadline=self.deadline, model_version=loaded.version)
         rt = DeviceRuntime(device, loaded, scheduler, worker, DeviceHealth(device, cfg.failures_before_unhealthy))
-        self.placement.add_device(device, cfg.instances, loaded.frame_cost_s)
+        self.placement.add_device(device, loaded.instances, loaded.frame_cost_s)
         self._names[loaded.version] = loaded.info.names
         worker.start()
         info = loaded.info
         log.info("%s: %s (model %s, %s, input %s, batch <= %d, %d instances)", device, path, loaded.version,
-                 info.precision, info.imgsz, loaded.max_batch, cfg.instances)
+                 info.precision, info.imgsz, loaded.max_batch, loaded.instances)
         return rt
 
     def class_names(self, model_version: str, device: str = "") -> dict[int, str]:
@@ -250,7 +263,12 @@ class ServerCore(DeviceCare, EngineSwap):
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
         stream.spec, stream.persistent = spec, persistent
         try:
-            stream.source = make_source(kind, stream, spec.url, self.config.rtsp)
+            if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
+                if kind == "synthetic":  # its parameters checked here, as the source's constructor does
+                    parse_synthetic_url(spec.url)
+                stream.source = RemoteSource(stream, spec.url, kind)
+            else:
+                stream.source = make_source(kind, stream, spec.url, self.config.rtsp)
         except Exception:
             self._unregister(stream, "removed")
             raise
@@ -334,7 +352,13 @@ class ServerCore(DeviceCare, EngineSwap):
 
     def ingest_encoded(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
                        capture_time_us: int, received_at: float) -> Frame | None:
-        """Decode and letterbox a pushed frame (call from a worker thread), then hand it to the scheduler."""
+        """Decode and letterbox a pushed frame (call from a worker thread), then hand it to the scheduler; a device in
+        a process of its own gets the bytes and does that there (None: a bad image is answered with an error
+        result whose drop_reason is 'invalid')."""
+        rt = stream.runtime
+        if isinstance(rt, RemoteRuntime):
+            rt.push(stream, data, encoding, width, height, frame_id, capture_time_us, received_at)
+            return None
         image, lb = decode_frame(data, encoding, width, height, stream.plan)
         return stream.put(image, lb, capture_time_us, frame_id=frame_id, ingest_time=received_at)
 
@@ -390,6 +414,8 @@ class ServerCore(DeviceCare, EngineSwap):
 
     def _unbind(self, stream: Stream, reason: str) -> None:
         with self._lock:
+            if isinstance(stream.runtime, RemoteRuntime) and not stream.droppable:
+                stream.runtime.forget_pushes(stream.stream_id, stream.epoch)
             if stream.runtime is not None:
                 for pending in stream.runtime.scheduler.remove_stream(stream.stream_id, stream.epoch):
                     self._drop(pending, reason)
@@ -441,17 +467,21 @@ class ServerCore(DeviceCare, EngineSwap):
             return  # removed meanwhile (maybe added again: a new stream): its series are gone too
         self._count_drop(stream, reason)
         if not frame.droppable:  # a push or DetectImage caller waits for this frame: answer it with the reason
-            why = ("it could not run within the latency objective: the server is overloaded" if reason == "late"
-                   else reason)
-            self.fanout.publish(FrameResult(frame.stream_id, frame.frame_id, np.zeros((0, 6), np.float32),
-                                            frame.letterbox.src_hw, frame.capture_time_us, now() - frame.ingest_time,
-                                            stream.device, frame.public, error=f"frame dropped ({why})",
-                                            epoch=frame.epoch, drop_reason=reason))
+            self._answer_drop(stream, frame.frame_id, frame.letterbox.src_hw, frame.capture_time_us,
+                              frame.ingest_time, frame.public, frame.epoch, reason)
 
-    def _count_drop(self, stream: Stream, reason: str) -> None:
-        stream.stats.record_drop(reason)
+    def _answer_drop(self, stream: Stream, frame_id: int, src_hw: tuple[int, int], capture_time_us: int,
+                     ingest_time: float, public: bool, epoch: int, reason: str) -> None:
+        """The error result a pushed or DetectImage frame dropped before it ran is answered with."""
+        why = "it could not run within the latency objective: the server is overloaded" if reason == "late" else reason
+        self.fanout.publish(FrameResult(stream.stream_id, frame_id, np.zeros((0, 6), np.float32), src_hw,
+                                        capture_time_us, now() - ingest_time, stream.device, public,
+                                        error=f"frame dropped ({why})", epoch=epoch, drop_reason=reason))
+
+    def _count_drop(self, stream: Stream, reason: str, n: int = 1) -> None:
+        stream.stats.record_drop(reason, n)
         if self.metrics is not None:
-            self.metrics.dropped(stream.metrics_label, reason).inc()
+            self.metrics.dropped(stream.metrics_label, reason).inc(n)
 
     def _on_reconnect(self, stream: Stream) -> None:
         if self.metrics is not None:
@@ -484,9 +514,30 @@ class ServerCore(DeviceCare, EngineSwap):
                 series.processed.inc()
         self.fanout.publish(result)
 
-    def _on_subscriber_overflow(self, n: int) -> None:
+    def _on_subscriber_overflow(self, sub: Subscription, n: int) -> None:
         if self.metrics is not None:
             self.metrics.results_dropped.inc(n)
+            if sub.label is not None:
+                self.metrics.watcher_dropped(sub.label).inc(n)
+
+    def open_watch(self, stream_ids: list[str] | None, loop: asyncio.AbstractEventLoop, peer: str = "",
+                   batched: bool = False) -> Subscription:
+        """A watcher's subscription (WatchDetections, or WatchDetectionBatches with `batched`: a queue of
+        --batch-subscriber-queue results), named '<n> <peer>' in the per-watcher metrics until `close_watch`."""
+        if self.draining:
+            raise UnavailableError("the server is shutting down")
+        label = f"{next(self._watch_ids)} {peer}".strip()
+        size = self.config.batch_subscriber_queue if batched else self.config.subscriber_queue
+        sub = self.fanout.subscribe(stream_ids, size, loop, label=label)
+        if self.metrics is not None:
+            self.metrics.add_watcher(label)
+        return sub
+
+    def close_watch(self, sub: Subscription) -> None:
+        """End a watcher's subscription and forget its metric series."""
+        self.fanout.unsubscribe(sub)
+        if self.metrics is not None and sub.label is not None:
+            self.metrics.forget_watcher(sub.label)
 
     # ----------------------------------------------------------------------------------------- watchdog, info
     def _watch(self) -> None:
@@ -526,6 +577,9 @@ class ServerCore(DeviceCare, EngineSwap):
         for s in streams:
             snap.streams_by_state[s.state.name] = snap.streams_by_state.get(s.state.name, 0) + 1
             snap.stream_states[s.stream_id] = s.state.name
+        for sub in self.fanout.subscriptions():
+            if sub.label is not None:
+                snap.watcher_queued[sub.label] = len(sub)
         for name, rt in self.runtimes.items():
             st = rt.scheduler.stats()
             snap.queue_depth[name] = st.queued
@@ -542,9 +596,10 @@ class ServerCore(DeviceCare, EngineSwap):
         for rt in rts:
             fault = rt.health.fault
             status.append(DeviceStatusView(rt.name, rt.health.healthy, rt.health.state.value,
-                                           fault.error if fault is not None else "", rt.version))
+                                           fault.error if fault is not None else "", rt.version,
+                                           getattr(rt, "pid", 0)))
         return ServerInfoView(
-            __version__, [(rt.engine_path, rt.name, rt.engine.info, self.config.instances, rt.version) for rt in rts],
+            __version__, [(rt.engine_path, rt.name, rt.engine.info, rt.loaded.instances, rt.version) for rt in rts],
             list(self.runtimes), names, tuple(info.imgsz), self.config.slo_ms,
             max((rt.max_batch for rt in rts), default=self.config.max_batch), self.config.max_streams,
             self.config.process_late, status)

@@ -43,7 +43,7 @@ def server_info(view: ServerInfoView) -> pb.ServerInfo:
                              max_det=info.max_det, model_version=version)
                for path, device, info, instances, version in view.engines]
     status = [pb.DeviceStatus(device=d.device, healthy=d.healthy, state=d.state, error=d.error,
-                              model_version=d.model_version) for d in view.device_status]
+                              model_version=d.model_version, pid=d.pid) for d in view.device_status]
     return pb.ServerInfo(version=view.version, engines=engines, devices=view.devices, class_names=view.class_names,
                          input_height=view.input_hw[0], input_width=view.input_hw[1], slo_ms=view.slo_ms,
                          max_batch=view.max_batch, max_streams=view.max_streams, process_late=view.process_late,

@@ -6,10 +6,13 @@ yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stre
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
 yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
-yolov12_worker_errors_total{device}; and with NVML yolov12_gpu_utilization_ratio /
+yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes); and with
+NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
-does).
+does). Watchers: yolov12_subscriber_results_dropped_total (all, past ones too), and per connected watcher
+yolov12_watcher_results_dropped_total{watcher} and yolov12_watcher_queued_results{watcher} (label '<n> <peer>',
+removed when it disconnects).
 Per-stream series are removed when the stream is removed (no growth over a long run).
 """
 
@@ -49,6 +52,7 @@ class LiveSnapshot:
     in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
     stream_states: dict[str, str] = field(default_factory=dict)  # stream -> state name (STATES)
     device_healthy: dict[str, bool] = field(default_factory=dict)  # device -> takes streams
+    watcher_queued: dict[str, int] = field(default_factory=dict)  # watcher label -> results waiting for it
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,12 @@ class _LiveCollector(Collector):
         for dev, ok in sorted(snap.device_healthy.items()):
             healthy.add_metric([dev], 1.0 if ok else 0.0)
         yield healthy
+        queued = GaugeMetricFamily("yolov12_watcher_queued_results", "Results waiting to be sent to each connected "
+                                   "watcher (WatchDetections, WatchDetectionBatches): one near its queue's size is "
+                                   "about to lose results.", labels=["watcher"])
+        for label, n in sorted(snap.watcher_queued.items()):
+            queued.add_metric([label], n)
+        yield queued
         if self._gpus is None:
             return
         samples = self._gpus.sample()
@@ -139,6 +149,11 @@ class Metrics:
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
                                        "Results a slow subscriber lost (its own oldest), summed over subscribers.",
                                        registry=r)
+        self.watcher_results_dropped = Counter(
+            "yolov12_watcher_results_dropped", "Results one connected watcher lost because it read too slowly (its "
+            "oldest first), labelled '<n> <peer>'; the series goes when the watcher disconnects (the sum over all, "
+            "past watchers too: yolov12_subscriber_results_dropped_total).", ["watcher"], registry=r)
+        self._watchers: dict[str, Any] = {}
         self.slo = Gauge("yolov12_slo_seconds", "The latency objective, ingest to publish.", registry=r)
         self.slo.set(slo_s)
         self.engine_failures = Counter("yolov12_engine_failures", "Batches whose Engine.infer raised.", ["device"],
@@ -147,6 +162,8 @@ class Metrics:
                                     ["device"], registry=r)
         self.worker_errors = Counter("yolov12_worker_errors", "Exceptions caught in a device worker outside the engine "
                                      "call (the thread goes on).", ["device"], registry=r)
+        self.worker_restarts = Counter("yolov12_worker_restarts", "Device processes started again after they ended "
+                                       "unasked (--worker-processes).", ["device"], registry=r)
         self.stream_moves = Counter("yolov12_stream_moves", "Streams moved to another device, by reason: failover (its "
                                     "device failed or hung) or rebalance (its device stayed over capacity).",
                                     ["reason"], registry=r)
@@ -155,7 +172,7 @@ class Metrics:
         self._runs: dict[str, tuple[Any, Any]] = {}
         for dev in self.devices:
             self.runs(dev)
-            for counter in (self.engine_failures, self.engine_hangs, self.worker_errors):
+            for counter in (self.engine_failures, self.engine_hangs, self.worker_errors, self.worker_restarts):
                 counter.labels(dev)
         self._gpus = GpuTelemetry(self.devices)
         r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
@@ -187,6 +204,22 @@ class Metrics:
         if found is None:
             found = self._dropped[(stream, reason)] = self.frames_dropped.labels(stream, reason)
         return found
+
+    def watcher_dropped(self, label: str) -> Any:
+        """A connected watcher's loss counter (created by `add_watcher`)."""
+        found = self._watchers.get(label)
+        if found is None:
+            found = self._watchers[label] = self.watcher_results_dropped.labels(label)
+        return found
+
+    def add_watcher(self, label: str) -> None:
+        """Create a watcher's loss counter at zero (its rate exists from the start)."""
+        self.watcher_dropped(label)
+
+    def forget_watcher(self, label: str) -> None:
+        """Remove a disconnected watcher's series (their number stays that of the watchers connected)."""
+        self._watchers.pop(label, None)
+        _remove(self.watcher_results_dropped, (label,))
 
     def add_stream(self, stream_id: str) -> None:
         """Create a stream's series at zero so rates exist from the start."""

@@ -17,26 +17,48 @@ from typing import TYPE_CHECKING
 import numpy as np
 from PIL import Image
 
-from engines.letterbox import Letterbox, fit_shape, plan_letterbox
+from engines.letterbox import Letterbox, fit_shape, pick_shape, plan_letterbox
 
 if TYPE_CHECKING:
     import av
+
+    from engines.base import EngineInfo
 
 __all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image"]
 
 
 class InputPlanner:
-    """Picks each source shape's engine input: the smallest stride-multiple rectangle of its aspect within imgsz."""
+    """Picks each source shape's engine input: the smallest stride-multiple rectangle of its aspect within imgsz, or,
+    on an engine that takes a fixed list of `shapes` (EngineInfo.shapes: a TensorRT engine built with --shapes),
+    the best of those (engines.letterbox.pick_shape)."""
 
-    def __init__(self, imgsz: tuple[int, int], stride: int = 32, dynamic_hw: bool = True) -> None:
+    def __init__(self, imgsz: tuple[int, int], stride: int = 32, dynamic_hw: bool = True,
+                 shapes: list[tuple[int, int]] | None = None) -> None:
         self.imgsz = (int(imgsz[0]), int(imgsz[1]))
         self.stride = int(stride)
         self.dynamic_hw = dynamic_hw
+        self.shapes = [(int(h), int(w)) for h, w in shapes] if shapes and dynamic_hw else None
         self.plan = lru_cache(maxsize=64)(self._plan)
 
+    @classmethod
+    def for_engine(cls, info: EngineInfo) -> InputPlanner:
+        """The planner for an engine: its size, stride, dynamic H/W and the shapes it was built or prepared for (a
+        TensorRT engine's profiles, a PyTorch engine's CUDA graphs), from its metadata."""
+        return cls(info.imgsz, info.stride, info.dynamic_hw, info.plan_shapes)
+
+    @property
+    def full_shape(self) -> tuple[int, int]:
+        """The largest input frames get: imgsz, or the built shape a frame of that size gets."""
+        return self.input_shape(self.imgsz)
+
+    def input_shape(self, src_hw: tuple[int, int]) -> tuple[int, int]:
+        """The engine input (h, w) frames of `src_hw` get."""
+        if self.shapes is not None:
+            return pick_shape(src_hw, self.shapes, self.imgsz, self.stride)
+        return fit_shape(src_hw, self.imgsz, self.stride, rect=self.dynamic_hw)
+
     def _plan(self, src_hw: tuple[int, int]) -> Letterbox:
-        input_hw = fit_shape(src_hw, self.imgsz, self.stride, rect=self.dynamic_hw)
-        return plan_letterbox(src_hw, input_hw)
+        return plan_letterbox(src_hw, self.input_shape(src_hw))
 
 
 def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox,

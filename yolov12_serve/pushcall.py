@@ -49,6 +49,8 @@ class PushCall:
         reader = asyncio.create_task(self._read(first, rest, window, sub.close))
         try:
             while (result := await sub.next()) is not None:
+                if result.drop_reason == "invalid":  # decoded in a device process: the client's bad frame
+                    raise InvalidArgumentError(result.error)
                 window.release()
                 self.answered += 1
                 yield result  # an error result too: `error` says why this frame has no detections

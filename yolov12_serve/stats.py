@@ -56,10 +56,13 @@ class StreamStats:
             self.first_at = t if self.first_at is None else self.first_at
             self.last_at = t
 
-    def record_offered(self, t: float) -> None:
-        """One frame handed to the scheduler (run, dropped or not): the stream's offered load."""
+    def record_offered(self, t: float, n: int = 1) -> None:
+        """`n` frames handed to the scheduler (run, dropped or not) at `t`: the stream's offered load."""
         with self._lock:
-            self._offered.append(t)
+            if n == 1:
+                self._offered.append(t)
+            else:
+                self._offered.extend([t] * n)
             while self._offered[0] < t - self.window_s:
                 self._offered.popleft()
 
@@ -75,10 +78,10 @@ class StreamStats:
                 return (n - 1) / max(t - self._offered[0], 1e-6)
             return n / self.window_s
 
-    def record_drop(self, reason: str) -> None:
-        """One frame dropped for `reason`."""
+    def record_drop(self, reason: str, n: int = 1) -> None:
+        """`n` frames dropped for `reason`."""
         with self._lock:
-            self.dropped[reason] += 1
+            self.dropped[reason] += n
 
     def snapshot(self, t: float | None = None) -> StreamSnapshot:
         """fps and latency percentiles over the window (zeros when nothing was published in it)."""

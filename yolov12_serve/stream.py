@@ -14,6 +14,7 @@ from engines.letterbox import Letterbox
 
 from .config import StreamSpec
 from .frames import Frame, now
+from .runtime import PUSH_WINDOW  # re-exported: pushcall.py imports it from here
 from .sources.base import Source, StreamState
 from .stats import StreamStats
 from .urls import redact_text
@@ -23,7 +24,6 @@ if TYPE_CHECKING:
 
 __all__ = ["PUSH_WINDOW", "Stream", "StreamView"]
 
-PUSH_WINDOW = 2  # frames a push call may have waiting or running: one decoding/queued while one runs
 
 
 @dataclass(frozen=True)
@@ -107,11 +107,7 @@ class Stream:
     def bind(self, runtime: DeviceRuntime) -> None:
         """Run on `runtime`'s device from now on (placement, or a move after an engine failure)."""
         self.runtime = runtime
-        if self.droppable:  # a camera: newest frame wins, frames may overlap (results re-ordered by `accept`)
-            runtime.scheduler.add_stream(self.stream_id, epoch=self.epoch, group=self.group)
-        else:  # pushed frames: a small FIFO window, one running at a time, each answered in order
-            runtime.scheduler.add_stream(self.stream_id, capacity=PUSH_WINDOW, exclusive=True, epoch=self.epoch,
-                                         group=self.group)
+        runtime.attach(self)
 
     def plan(self, src_hw: tuple[int, int]) -> Letterbox:
         """The letterbox for this source size on the current device."""

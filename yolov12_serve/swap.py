@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 from .errors import FailedPreconditionError, InvalidArgumentError
 from .frames import now
 from .health import Verdict
+from .procs import RemoteRuntime
 from .runtime import LoadedEngine, load_engine, release_freed_memory
 
 if TYPE_CHECKING:
@@ -71,9 +72,13 @@ class EngineSwap:
         loaded: dict[str, LoadedEngine] = {}
         for i, device in enumerate(cfg.devices):
             path = paths[i] if len(paths) > 1 else paths[0]
+            rt = self.runtimes[device]
             try:
-                loaded[device] = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch,
-                                             self._threads_per_instance())
+                if isinstance(rt, RemoteRuntime):  # loaded and warmed up in the device's own process
+                    loaded[device] = rt.prepare_swap(path)
+                else:
+                    loaded[device] = load_engine(self.loader, device, path, cfg.instances, cfg.max_batch,
+                                                 self._threads_per_instance())
             except Exception as e:  # a bad file: nothing switches
                 for done in loaded.values():
                     done.engine.close()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engines.base import Engine, EngineError
+from engines.base import PAD_VALUE, Engine, EngineError
 
 from . import priority
 from .frames import Frame, FrameResult, now
@@ -140,12 +140,12 @@ class DeviceWorker:
         learned: float | None = None
         released = False
         try:
-            frames, inputs, unprepared = self._prepare(batch.frames)
+            engine, version = self._model  # once per batch: a swap takes effect at the next
+            frames, inputs, unprepared = self._prepare(batch.frames, engine.info.batch[0])
             for frame, why in unprepared:
                 self._publish(frame, EMPTY, why)
             if not frames:
                 return True
-            engine, version = self._model  # once per batch: a swap takes effect at the next
             try:
                 engine.check_batch(inputs)
             except EngineError as e:  # the frames' shape or number, not the device: their streams' error
@@ -161,8 +161,9 @@ class DeviceWorker:
             outputs: list[np.ndarray] = []
             try:
                 outputs = engine.infer(inputs)
-                if len(outputs) != len(frames):
-                    raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(frames)}")
+                if len(outputs) != len(inputs):
+                    raise RuntimeError(f"engine returned {len(outputs)} results for a batch of {len(inputs)}")
+                outputs = outputs[:len(frames)]  # the padding's (an engine's minimum batch) dropped
             except Exception as e:  # one failed batch must not kill the worker: report it and go on
                 error = f"{type(e).__name__}: {e}"
                 outputs = [EMPTY] * len(frames)
@@ -215,15 +216,18 @@ class DeviceWorker:
             self._spawn()
 
     @staticmethod
-    def _prepare(batch: list[Frame]) -> tuple[list[Frame], np.ndarray, list[tuple[Frame, str]]]:
+    def _prepare(batch: list[Frame], min_batch: int = 1) -> tuple[list[Frame], np.ndarray,
+                                                                   list[tuple[Frame, str]]]:
         """(frames, their engine input [n, h, w, 3], [(frame, error)] for those whose deferred conversion raised).
 
         Frames of a batch are letterboxed straight into one batch array (a frame a batch-mate failed to fill
-        is taken by the next): stacking them afterwards copied every frame again, 24 MB a batch of 32 at 640."""
+        is taken by the next): stacking them afterwards copied every frame again, 24 MB a batch of 32 at 640.
+        An engine that takes no fewer than `min_batch` frames (a static --batch 8 TensorRT engine) gets the
+        batch padded with grey frames up to it; their results are dropped."""
         frames: list[Frame] = []
         unprepared: list[tuple[Frame, str]] = []
-        single = len(batch) == 1
-        array = None if single else np.empty((len(batch), *batch[0].shape, 3), np.uint8)
+        single = len(batch) == 1 and min_batch <= 1
+        array = None if single else np.empty((max(len(batch), min_batch), *batch[0].shape, 3), np.uint8)
         for frame in batch:
             try:
                 x = frame.materialize() if single else frame.materialize(out=array[len(frames)])
@@ -233,7 +237,9 @@ class DeviceWorker:
                 log.warning("%s frame %d: %s", frame.stream_id, frame.frame_id, unprepared[-1][1])
         if single:
             return frames, (x[None] if frames else np.empty((0, 0, 0, 3), np.uint8)), unprepared
-        return frames, array[:len(frames)], unprepared
+        rows = max(len(frames), min_batch) if frames else 0
+        array[len(frames):rows] = PAD_VALUE
+        return frames, array[:rows], unprepared
 
     def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None, version: str | None = None) -> None:
         self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,

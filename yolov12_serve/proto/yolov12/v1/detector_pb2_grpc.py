@@ -55,6 +55,11 @@ class DetectorStub:
                 request_serializer=yolov12_dot_v1_dot_detector__pb2.WatchDetectionsRequest.SerializeToString,
                 response_deserializer=yolov12_dot_v1_dot_detector__pb2.FrameDetections.FromString,
                 _registered_method=True)
+        self.WatchDetectionBatches = channel.unary_stream(
+                '/yolov12.v1.Detector/WatchDetectionBatches',
+                request_serializer=yolov12_dot_v1_dot_detector__pb2.WatchDetectionBatchesRequest.SerializeToString,
+                response_deserializer=yolov12_dot_v1_dot_detector__pb2.DetectionBatch.FromString,
+                _registered_method=True)
         self.Detect = channel.stream_stream(
                 '/yolov12.v1.Detector/Detect',
                 request_serializer=yolov12_dot_v1_dot_detector__pb2.Frame.SerializeToString,
@@ -106,6 +111,17 @@ class DetectorServicer:
     def WatchDetections(self, request, context):
         """Detections as they are published; empty stream_ids means all streams (also those added later).
         A slow watcher loses its own oldest results (never stalls the server or other watchers).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchDetectionBatches(self, request, context):
+        """Detections in batches: at most one message every few milliseconds (max_delay_ms), each holding every result
+        published since the last, in order per stream. A watcher that keeps up gets every result; one that falls
+        further behind than the server's batch-watch queue loses its own oldest results, counted in `dropped`.
+        One message per result (WatchDetections) costs both sides a few hundred microseconds each: a batch costs
+        about that per message, whatever it holds. The Python client's watch() uses this.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -164,6 +180,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.WatchDetections,
                     request_deserializer=yolov12_dot_v1_dot_detector__pb2.WatchDetectionsRequest.FromString,
                     response_serializer=yolov12_dot_v1_dot_detector__pb2.FrameDetections.SerializeToString,
+            ),
+            'WatchDetectionBatches': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchDetectionBatches,
+                    request_deserializer=yolov12_dot_v1_dot_detector__pb2.WatchDetectionBatchesRequest.FromString,
+                    response_serializer=yolov12_dot_v1_dot_detector__pb2.DetectionBatch.SerializeToString,
             ),
             'Detect': grpc.stream_stream_rpc_method_handler(
                     servicer.Detect,
@@ -295,6 +316,33 @@ class Detector:
             '/yolov12.v1.Detector/WatchDetections',
             yolov12_dot_v1_dot_detector__pb2.WatchDetectionsRequest.SerializeToString,
             yolov12_dot_v1_dot_detector__pb2.FrameDetections.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchDetectionBatches(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/yolov12.v1.Detector/WatchDetectionBatches',
+            yolov12_dot_v1_dot_detector__pb2.WatchDetectionBatchesRequest.SerializeToString,
+            yolov12_dot_v1_dot_detector__pb2.DetectionBatch.FromString,
             options,
             channel_credentials,
             insecure,
