@@ -51,6 +51,7 @@ from engines.base import Engine, EngineError, EngineInfo
 from ..costmodel import RunTimeModel
 from ..frames import Frame, FrameResult, now
 from ..preprocess import InputPlanner
+from ..runtime import plannable_shapes
 from ..scheduler import DeadlineScheduler
 from ..worker import DeviceWorker
 from .inputs import AvPicture, Decoded, Input, SourceError, Sources, read_offline, resolve_sources
@@ -460,7 +461,8 @@ class _Run:
     def __init__(self, predictor: Predictor, sources: Sources, opts: PredictOptions) -> None:
         self.p, self.sources, self.opts = predictor, sources, opts
         info = predictor.info
-        self.planner = InputPlanner(opts.imgsz, info.stride, info.dynamic_hw)
+        # within the shapes the engine was built or prepared for (a TensorRT engine's profiles), as the server plans
+        self.planner = InputPlanner(opts.imgsz, info.stride, info.dynamic_hw, info.plan_shapes)
         self.names = dict(info.names)
         self.cond = threading.Condition()
         self.devices: list[_Device] = []
@@ -480,7 +482,9 @@ class _Run:
     # ------------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
         lanes = self.p._lanes_per_device(self.opts.batch)
+        shapes = plannable_shapes(self.planner)
         for spec in self.p.devices:
+            self.p.engines[spec.name].prepare(shapes, self.opts.batch)  # CUDA graphs now, not while predicting
             engine = _TimedEngine(self.p.engines[spec.name])
             scheduler = DeadlineScheduler(RunTimeModel(), max_batch=self.opts.batch, process_late=True)
             worker = DeviceWorker(spec.name, engine, scheduler, self._publish, threads=engine.instances)
