@@ -162,6 +162,8 @@ class EarlyStopHook(HookBase):
 class ProgressHook(HookBase):
     """A progress bar on the main process: epoch, losses, images/s and peak memory."""
 
+    bar: Any = None
+
     def before_epoch(self) -> None:
         t = self.trainer
         self.bar = None
@@ -184,6 +186,11 @@ class ProgressHook(HookBase):
     def after_epoch(self) -> None:
         if self.bar is not None:
             self.bar.close()
+            self.bar = None
+
+    def after_train(self) -> None:
+        # a stop mid-epoch (SIGTERM, Ctrl-C, an error): close the bar now, or it redraws after the stop's last line
+        self.after_epoch()
 
 
 class PlotsHook(HookBase):
