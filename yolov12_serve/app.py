@@ -70,6 +70,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
         # the workers run: all else yields to them (priority.py)
         priority.lower_others(config.background_nice, config.background_batch)
+        priority.shorten_lock_turns()
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
             core.add_stream(spec, persist=False)  # the command line brings them back

@@ -131,6 +131,7 @@ class DeviceHost:
         from .. import priority
 
         priority.lower_others(cfg.background_nice, cfg.background_batch)
+        priority.shorten_lock_turns()
         gc.collect()
         gc.freeze()  # as app.py does: the start-up heap stays out of every later collection
         self.outbox.put(("hello", describe(loaded), os.getpid()))
