@@ -33,12 +33,6 @@ from ..preprocess import letterbox_image
 from .base import FrameSink, Source, StreamState
 
 STOP_CHECK_S = 0.1
-# Behind schedule the ticker would run tick after tick holding the interpreter lock, and an engine worker that
-# let it go (an engine call, a large copy) waited for it each time, up to the switch interval (priority.py): with
-# hundreds of cameras over capacity batches slowed to a crawl (congestion collapse). After this long of ticking
-# without a pause it sleeps for a moment, and a waiting worker takes the lock.
-TICK_SLICE_S = 0.0003
-TICK_PAUSE_S = 0.0001
 log = logging.getLogger(__name__)  # a slow camera's thread notices its removal within this long
 
 __all__ = ["SyntheticCamera", "SyntheticSource", "parse_synthetic_url", "render_strip"]
@@ -127,23 +121,18 @@ class _Ticker:
             self._cond.notify()
 
     def _run(self) -> None:
-        busy_since = now()
         while True:
             with self._cond:
                 while not self._heap:
                     self._cond.wait()
                 when, _, source = self._heap[0]
-                t = now()
-                wait = when - t
-                if wait <= 0 and t - busy_since > TICK_SLICE_S:
-                    wait = TICK_PAUSE_S  # behind: give the interpreter lock to whoever waits for it (TICK_SLICE_S)
+                wait = when - now()
                 if wait > 0:
                     self._cond.release()
                     try:  # a plain sleep: 15 us of CPU a tick against 35 for a condition's timed wait
                         time.sleep(min(wait, STOP_CHECK_S))
                     finally:
                         self._cond.acquire()
-                    busy_since = now()
                     continue
                 heapq.heappop(self._heap)
             if source.stopped:
