@@ -115,6 +115,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self._saved: list[StreamSpec] = []  # read from the store at start, added again by restore_streams()
         self._streams: dict[str, Stream] = {}
         self._private: dict[str, Stream] = {}
+        self._sync_lock = threading.Lock()  # one sync_counts at a time (two scrapes at once would add twice)
         self._lock = threading.RLock()
         self._failover_lock = threading.Lock()  # one device's streams move at a time (two failing at once)
         self._over_since: dict[str, float] = {}  # device -> since when its load is over capacity (rebalancing)
@@ -152,7 +153,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if self.store is not None:  # a state folder that cannot be used is said before the engines load
             self.store.open()
             self._saved = self.store.load()
-        self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot)
+        self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot,
+                               before_scrape=self.sync_counts)
         processes = cfg.processes and not (self._load_engine is not None and cfg.worker_processes == "auto")
         if processes:  # (an engine loader given to the core opens engines in this process: auto keeps them here)
             if self._load_engine is not None:
@@ -458,8 +460,30 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
 
     # ----------------------------------------------------------------------------------------- pipeline hooks
     def _on_ingest(self, stream: Stream) -> None:
+        if not stream.droppable:  # a camera's frames are counted in its stats and added up at a scrape (sync_counts)
+            self._count_ingest(stream)
+
+    def _count_ingest(self, stream: Stream, n: int = 1) -> None:
         if self.metrics is not None and self._lookup(stream.stream_id, stream.epoch) is stream:  # not once removed
-            self.metrics.series(stream.metrics_label, stream.device).frames.inc()
+            self.metrics.series(stream.metrics_label, stream.device).frames.inc(n)
+
+    def sync_counts(self) -> None:
+        """Add what each camera offered, and had superseded, since the last call to its Prometheus counters (run
+        before every scrape). Counted per frame only in the stream's stats: two counter increments a frame were
+        a fifth of a camera tick, and past capacity ticks outnumber results four to one."""
+        if self.metrics is None:
+            return
+        with self._lock:
+            streams = [s for s in self._streams.values() if s.droppable]
+        with self._sync_lock:
+            for stream in streams:
+                offered, superseded = stream.stats.offered, stream.stats.dropped["superseded"]
+                was_offered, was_superseded = stream.synced
+                if offered > was_offered:
+                    self.metrics.frames.labels(stream.metrics_label).inc(offered - was_offered)
+                if superseded > was_superseded:
+                    self.metrics.dropped(stream.metrics_label, "superseded").inc(superseded - was_superseded)
+                stream.synced = (offered, superseded)
 
     def _drop(self, frame: Frame, reason: str) -> None:
         stream = self._lookup(frame.stream_id, frame.epoch)
@@ -480,7 +504,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
 
     def _count_drop(self, stream: Stream, reason: str, n: int = 1) -> None:
         stream.stats.record_drop(reason, n)
-        if self.metrics is not None:
+        if self.metrics is not None and not (reason == "superseded" and stream.droppable):  # that one: sync_counts
             self.metrics.dropped(stream.metrics_label, reason).inc(n)
 
     def _on_reconnect(self, stream: Stream) -> None:

@@ -64,6 +64,21 @@ class StreamSeries:
     latency: Any
 
 
+class _BeforeScrape(Collector):
+    """Runs a callback at the start of every scrape (counts kept outside the counters are added to them) and
+    yields no metric."""
+
+    def __init__(self, callback: Callable[[], None]) -> None:
+        self._callback = callback
+
+    def describe(self) -> list:
+        return []
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        self._callback()
+        return []
+
+
 class _LiveCollector(Collector):
     def __init__(self, snapshot: Callable[[], LiveSnapshot], gpus: GpuTelemetry | None) -> None:
         self._snapshot = snapshot
@@ -122,11 +137,14 @@ class Metrics:
     """All server metrics in one registry; `serve(port)` exposes them at /metrics."""
 
     def __init__(self, slo_s: float, devices: list[str], max_batch: int = 64,
-                 snapshot: Callable[[], LiveSnapshot] | None = None) -> None:
+                 snapshot: Callable[[], LiveSnapshot] | None = None,
+                 before_scrape: Callable[[], None] | None = None) -> None:
         from prometheus_client import disable_created_metrics
 
         disable_created_metrics()  # the *_created series double the exposition and nobody graphs them
         self.registry = r = CollectorRegistry()
+        if before_scrape is not None:  # registered first: collected (run) before every other metric
+            r.register(_BeforeScrape(before_scrape))
         self.devices = list(devices)
         self.frame_latency = Histogram(
             "yolov12_frame_latency_seconds", "Ingest (frame decoded or received) to publish, per stream and device.",

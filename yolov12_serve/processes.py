@@ -160,8 +160,8 @@ class ProcessDevices:
             if stream is None:
                 continue
             if kind == "in":  # frames ingested: frames_total and the stream's offered rate (placement)
-                if self.metrics is not None:
-                    self.metrics.series(stream.metrics_label, stream.device).frames.inc(n)
+                if not stream.droppable:  # a camera's: added up at a scrape (sync_counts)
+                    self._count_ingest(stream, n)
                 stream.stats.record_offered(t, n)
             elif kind == "dr":
                 self._count_drop(stream, key[2], n)

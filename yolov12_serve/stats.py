@@ -42,6 +42,7 @@ class StreamStats:
         self.last_at: float | None = None
         self.dropped: Counter[str] = Counter()
         self._offered: deque[float] = deque()  # when each frame of the window was offered (ingested)
+        self.offered = 0  # frames offered in all
 
     def record(self, latency_s: float, detections: int, t: float | None = None) -> None:
         """One published result."""
@@ -59,6 +60,7 @@ class StreamStats:
     def record_offered(self, t: float, n: int = 1) -> None:
         """`n` frames handed to the scheduler (run, dropped or not) at `t`: the stream's offered load."""
         with self._lock:
+            self.offered += n
             if n == 1:
                 self._offered.append(t)
             else:

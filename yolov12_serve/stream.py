@@ -72,6 +72,7 @@ class Stream:
         self.reconnects = 0
         self.src_hw = (0, 0)
         self.stats = StreamStats()
+        self.synced = (0, 0)  # (offered, superseded) of `stats` already added to /metrics (ServerCore.sync_counts)
         self.source: Source | None = None
         self.runtime: DeviceRuntime | None = None
         self._on_ingest = on_ingest
