@@ -60,6 +60,7 @@ __all__ = ["Batch", "DeadlineScheduler", "Scheduler", "SchedulerStats"]
 
 DropCallback = Callable[[Frame, str], None]
 ARRIVAL_WINDOW_S = 1.0  # the offered frame rate (overload or not) is counted over this long
+RAN_MARGIN = 1.25  # offered over run frames/s beyond which a device is overloaded whatever its engine's estimate
 
 
 @dataclass
@@ -158,6 +159,9 @@ class DeadlineScheduler(Scheduler):
         self._started = 0
         self._frames_running = 0  # frames of every batch picked and not yet finished, whatever became of their streams
         self._arrivals: deque[float] = deque()  # when the last ARRIVAL_WINDOW_S of frames came
+        self._ran: deque[tuple[float, int]] = deque()  # (when, frames) of the batches started in that window
+        self._ran_frames = 0
+        self._first_pick: float | None = None
         self._ready: dict[str, _StreamSlot] = {}  # streams with a frame waiting: a pick looks at these, not at all
         # Groups in the order of their last turn, longest ago first (never served: first), with when it was and
         # their streams: under overload a pick walks the front of this instead of sorting every ready frame.
@@ -287,6 +291,10 @@ class DeadlineScheduler(Scheduler):
                 self._turns[slot.group] = t
                 self._turns.move_to_end(slot.group)
             frames.append(frame)
+        self._ran.append((t, n))
+        self._ran_frames += n
+        if self._first_pick is None:
+            self._first_pick = t
         self._running += 1
         self._frames_running += n
         self._most_running = max(self._most_running, self._running)
@@ -356,7 +364,10 @@ class DeadlineScheduler(Scheduler):
         camera 0-29; newest first p50 28-33, fewest 10-30; this order p50 31-35, fewest 40-62 (of ~75 each,
         the fair share), same results/s within the noise. Below capacity deadline order stays: it loses
         nothing a burst can be saved from. Pushed frames count as offered load and take turns like cameras (all
-        DetectImage calls as one group)."""
+        DetectImage calls as one group). Overloaded too: a second in which RAN_MARGIN times fewer frames started
+        than came, whatever the engine's estimate says; a fast engine's host path (picking, letterboxing,
+        publishing, camera ticks) is then the limit, which the engine's run times do not show (a model that
+        costs nothing, 1,024 cameras: every pick sorted them all by deadline)."""
         if len(self._ready) < 2:
             return False
         self._count_arrivals(t)
@@ -364,6 +375,11 @@ class DeadlineScheduler(Scheduler):
         predict = self.cost.predict
         one = max(predict(1, shape, 0.5, busy), 1e-9)
         offered = len(self._arrivals) / ARRIVAL_WINDOW_S
+        while self._ran and self._ran[0][0] < t - ARRIVAL_WINDOW_S:
+            self._ran_frames -= self._ran.popleft()[1]
+        if (self._first_pick is not None and t - self._first_pick >= ARRIVAL_WINDOW_S
+                and offered > RAN_MARGIN * self._ran_frames / ARRIVAL_WINDOW_S):
+            return True  # measured: far fewer frames run than come, whatever the engine's estimate (the host's limit)
         if offered <= self._most_running / one:
             return False  # the instances keep up one frame at a time: no need to price the batches
         best = max((n / max(predict(n, shape, 0.5, busy), 1e-9) for n in range(2, self.max_batch + 1)),
