@@ -354,6 +354,30 @@ def test_under_sustained_overload_the_camera_served_longest_ago_goes_first_with_
     assert pick(90, run_s=0.060) == ["a", "b"]
 
 
+
+def test_a_device_that_runs_far_fewer_frames_than_come_is_overloaded_whatever_its_engine_s_estimate():
+    """A fast engine's host path (picking, letterboxing, publishing, camera ticks) can be the limit, which the
+    engine's run times do not show: a second in which 1.25x more frames came than started is overload too."""
+
+    def overloaded(picked_every: int) -> bool:
+        clock = Clock(98.0)
+        s, _ = make_scheduler(linear_cost(0.0002, 0.0001), max_batch=1, clock=clock)  # the engine: ~3,000/s
+        for name in "abc":
+            s.add_stream(name)
+        for k in range(180):  # two seconds of 90 frames/s, of which the host starts one in `picked_every`
+            clock.t = 98.0 + (k + 1) / 90
+            s.submit(frame("abc"[k % 3], k, clock.t))
+            if k % picked_every == 0:
+                batch = s.schedule(0)
+                if batch is not None:
+                    s.update_from_output(batch, None)
+        for k, name in enumerate("ab"):
+            s.submit(frame(name, 500 + k, clock.t))
+        return s._overloaded(clock.t, 0)
+
+    assert overloaded(picked_every=3)  # 30 of 90 frames/s run
+    assert not overloaded(picked_every=1)  # every frame runs: deadline order stays
+
 def test_an_overloaded_pick_walks_the_turns_and_picks_what_sorting_every_stream_picks():
     """Under overload a pick walks the groups in the order of their turns until it holds a batch (not sorting
     every ready stream: at 1,024 cameras that was 1.2 ms a pick under the interpreter lock). Fed the same frames,
