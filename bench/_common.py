@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+_ROOT = Path(__file__).resolve().parents[1]
 
 
 def machine() -> str:
@@ -68,3 +71,31 @@ def write_result(name: str, text: str) -> Path:
     path = RESULTS / name
     path.write_text(text)
     return path
+
+
+def export_pair(work: Path, imgsz: int) -> tuple[Path, Path]:
+    """(ours, theirs): ultralytics' yolo12n at its seed-0 initialisation, exported to ONNX at `imgsz` by our
+    exporter and by ultralytics' (cached in `work`): the pair every side-by-side benchmark compares."""
+    ours, theirs = work / f"ours-yolov12n-v1-{imgsz}.onnx", work / f"theirs-yolo12n-{imgsz}.onnx"
+    if ours.is_file() and theirs.is_file():
+        return ours, theirs
+    work.mkdir(parents=True, exist_ok=True)
+    code = f"""
+import os, shutil, tempfile
+os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
+import torch
+from ultralytics import YOLO
+from trainer.nn import build_model
+from trainer.export import export
+torch.manual_seed(0)
+y = YOLO("yolo12n.yaml")
+names = dict(y.model.names)
+ours = build_model("yolov12n-v1.yaml", nc=len(names), names=names)
+ours.load_state_dict(y.model.state_dict())
+export(ours, format="onnx", imgsz={imgsz}, batch=16, dynamic=True, output={str(ours)!r})
+os.chdir({str(work)!r})
+out = y.export(format="onnx", imgsz={imgsz}, dynamic=True, simplify=True)
+shutil.move(out, {str(theirs)!r})
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=_ROOT, env={**os.environ, "PYTHONPATH": str(_ROOT)})
+    return ours, theirs

@@ -39,7 +39,7 @@ import numpy as np
 _BENCH = Path(__file__).resolve().parent
 if sys.path and Path(sys.path[0]).resolve() == _BENCH:
     sys.path[0] = str(_BENCH.parent)  # the repo root: bench/engines.py must not shadow the engines package
-from bench._common import machine, table, write_result  # noqa: E402
+from bench._common import export_pair, machine, table, write_result  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = Path(tempfile.gettempdir()) / "yolov12-serve-bench"
@@ -49,29 +49,7 @@ PY = sys.executable
 # ----------------------------------------------------------------------------------------------------- models
 def prepare_models() -> tuple[Path, Path]:
     """(ours, theirs): ultralytics' yolo12n at its seed-0 initialisation, exported by each side at 320 (cached)."""
-    ours, theirs = WORK / "ours-yolov12n-v1-320.onnx", WORK / "theirs-yolo12n-320.onnx"
-    if ours.is_file() and theirs.is_file():
-        return ours, theirs
-    WORK.mkdir(parents=True, exist_ok=True)
-    code = f"""
-import os, shutil, tempfile
-os.environ.setdefault("YOLO_OFFLINE", "1"); os.environ.setdefault("YOLO_CONFIG_DIR", tempfile.mkdtemp())
-import torch
-from ultralytics import YOLO
-from trainer.nn import build_model
-from trainer.export import export
-torch.manual_seed(0)
-y = YOLO("yolo12n.yaml")
-names = dict(y.model.names)
-ours = build_model("yolov12n-v1.yaml", nc=len(names), names=names)
-ours.load_state_dict(y.model.state_dict())
-export(ours, format="onnx", imgsz=320, batch=16, dynamic=True, output={str(ours)!r})
-os.chdir({str(WORK)!r})
-out = y.export(format="onnx", imgsz=320, dynamic=True, simplify=True)
-shutil.move(out, {str(theirs)!r})
-"""
-    subprocess.run([PY, "-c", code], check=True, cwd=ROOT)
-    return ours, theirs
+    return export_pair(WORK, 320)
 
 
 # ----------------------------------------------------------------------------------------------------- our server

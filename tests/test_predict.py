@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_rtsp import GST_PYTHON, _gstreamer_ok
 
 import engines
 from yolov12_serve.predict import Predictor, Result, SourceError
@@ -28,7 +29,6 @@ from yolov12_serve.preprocess import InputPlanner, letterbox_avframe, letterbox_
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "yolov12_serve" / "assets" / "demo.onnx"
 CHECKPOINT = ROOT / "tests" / "assets" / "yolov12n-defects.pt"
-GST_PYTHON = "/usr/bin/python3"
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -345,14 +345,6 @@ def test_unreachable_camera_is_one_error_naming_it(predictor):
     with pytest.raises(SourceError, match=r"rtsp://user:\*\*\*@127\.0\.0\.1:\d+/cam: cannot connect") as e:
         next(gen)
     assert "secret" not in str(e.value)
-
-
-def _gstreamer_ok() -> bool:
-    try:
-        probe = "import gi; gi.require_version('GstRtspServer', '1.0'); from gi.repository import GstRtspServer"
-        return subprocess.run([GST_PYTHON, "-c", probe], capture_output=True, timeout=30).returncode == 0
-    except (OSError, subprocess.SubprocessError):
-        return False
 
 
 @pytest.fixture(scope="module")

@@ -584,13 +584,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             streams = list(self._streams.values())
         for s in streams:
             self.placement.update_fps(s.stream_id, s.stats.offered_fps(t))  # offered, not processed: see placement
-            src = s.source
-            if src is None or not src.watchdog or s.state != StreamState.STREAMING:
-                continue
-            idle = t - src.last_frame_at
-            if idle > stall:
-                log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
-                src.restart(f"stalled: no frame for {idle:.1f} s")
+            s.restart_if_stalled(t, stall)
         self._rebalance(t)
 
     def live_snapshot(self) -> LiveSnapshot:

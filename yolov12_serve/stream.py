@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,6 +22,8 @@ from .urls import redact_text
 
 if TYPE_CHECKING:
     from .core import DeviceRuntime
+
+log = logging.getLogger(__name__)
 
 __all__ = ["PUSH_WINDOW", "Stream", "StreamView"]
 
@@ -160,6 +163,16 @@ class Stream:
         """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""
         with self._lock:
             self.last_error = error
+
+    def restart_if_stalled(self, t: float, stall_s: float) -> None:
+        """The watchdog's check: reconnect a pulled camera that is STREAMING but sent no frame for `stall_s`."""
+        src = self.source
+        if src is None or not src.watchdog or self.state != StreamState.STREAMING:
+            return
+        idle = t - src.last_frame_at
+        if idle > stall_s:
+            log.warning("stream %s stalled (no frame for %.1f s): reconnecting", self.stream_id, idle)
+            src.restart(f"stalled: no frame for {idle:.1f} s")
 
     def count_reconnect(self) -> None:
         """Count one reconnect attempt (ListStreams and metrics show it)."""

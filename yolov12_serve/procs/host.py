@@ -346,13 +346,7 @@ class DeviceHost:
                 with self.lock:
                     streams = list(self.streams.values())
                 for s in streams:
-                    src = s.source
-                    if src is None or not src.watchdog or s.state != StreamState.STREAMING:
-                        continue
-                    idle = t - src.last_frame_at
-                    if idle > stall:
-                        log.warning("stream %s stalled (no frame for %.1f s): reconnecting", s.stream_id, idle)
-                        src.restart(f"stalled: no frame for {idle:.1f} s")
+                    s.restart_if_stalled(t, stall)
                 st = self.rt.scheduler.stats()
                 self.outbox.put(("stats", st.queued, st.in_flight, st.streams, self.rt.worker.live_threads))
             except Exception:
