@@ -332,7 +332,8 @@ def test_metric_series_looked_up_once_are_fresh_for_a_stream_added_again():
 def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exactly():
     """A camera's ingested and superseded frames are counted per frame only in its stats (two counter increments
     a tick were a fifth of its cost) and added to frames_total and frames_dropped_total{superseded} before each
-    scrape: every scrape shows exactly what the stats hold, and scraping again adds nothing twice."""
+    scrape: every scrape shows exactly what the stats hold, and scraping again adds nothing twice. Those of its
+    frames shed under overload (never handed over: Stream.admit) are among them."""
     from test_scheduler import CostEngine
 
     from yolov12_serve.config import ServerConfig, StreamSpec
@@ -340,10 +341,10 @@ def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exa
 
     core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
                                    allow_synthetic=True),
-                      load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.05, b=0.0))
+                      load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.2, b=0.0))
     core.start()
     try:
-        core.add_stream(StreamSpec("cam", "synthetic://cam?fps=50&size=320x180"))  # 50 fps, 20 frames/s run
+        core.add_stream(StreamSpec("cam", "synthetic://cam?fps=50&size=320x180"))  # 50 fps, 10 frames/s run
         stream = core.get_stream("cam")
 
         def counted(text: str, name: str, **labels: str) -> float:
@@ -352,11 +353,14 @@ def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exa
             return float(m.group(1)) if m else -1.0
 
         deadline = time.monotonic() + 20
-        while time.monotonic() < deadline and stream.stats.dropped["superseded"] < 10:
+        scheduler = core.runtimes["cpu"].scheduler
+        while time.monotonic() < deadline and (stream.stats.dropped["superseded"] < 10 or scheduler.stats().shed < 5):
             time.sleep(0.1)
+        assert scheduler.stats().shed >= 5  # 5x overloaded, turns 100 ms apart: the camera sheds frames
+        stream.source.stop()  # nothing more comes: what the stats hold is final
+        time.sleep(0.3)
+        assert stream.stats.offered == next(stream._ids) + scheduler.stats().shed  # handed over (numbered) or shed
         for _ in range(2):
-            stream.source.stop()  # nothing more comes: what the stats hold is final
-            time.sleep(0.3)
             text = core.metrics.exposition().decode()
             assert counted(text, "yolov12_frames_total", stream="cam") == stream.stats.offered > 10
             assert (counted(text, "yolov12_frames_dropped_total", reason="superseded", stream="cam")

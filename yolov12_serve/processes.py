@@ -165,6 +165,8 @@ class ProcessDevices:
                 stream.stats.record_offered(t, n)
             elif kind == "dr":
                 self._count_drop(stream, key[2], n)
+            elif kind == "sh":  # frames a camera did not hand over under overload: offered, and superseded
+                stream.stats.record_shed(t, n)
 
     def remote_state(self, rt: RemoteRuntime, stream_id: str, epoch: int, state: int, error: str) -> None:
         stream = self._lookup(stream_id, epoch)

@@ -10,7 +10,8 @@ K batches at once instead of one instance taking everything while the others wai
 overload (cameras offering more frames per second than the instances can run) frames are lost whatever
 goes first; the newest frame of the camera served longest ago goes first instead: no camera starves
 and results come fresher than just inside the SLO (see `_overloaded`); a pick then walks the groups in the
-order of their turns until it holds a batch, instead of sorting every camera (`_walk_turns`). Shares still
+order of their turns until it holds a batch, instead of sorting every camera (`_walk_turns`). Cameras then shed
+the frames that could not run before they cost the host path (`admits`, `_admission`). Shares still
 follow the cameras' phases: a frame that finds an instance idle and no other frame on time runs at once
 (work-conserving), so a camera whose frames come right after a gap in the others' phases gets more (12 RTSP cameras at
 25 fps on 2 cores: 2-14 results/s per camera, 64% of runs started by a lone on-time frame).
@@ -61,6 +62,8 @@ __all__ = ["Batch", "DeadlineScheduler", "Scheduler", "SchedulerStats"]
 DropCallback = Callable[[Frame, str], None]
 ARRIVAL_WINDOW_S = 1.0  # the offered frame rate (overload or not) is counted over this long
 RAN_MARGIN = 1.25  # offered over run frames/s beyond which a device is overloaded whatever its engine's estimate
+ADMIT_LEAD = 1.0  # under measured overload a camera hands over frames from this many SLOs before its turn is due
+ADMISSION_EVERY_S = 0.1  # how often a pick re-reads the offered and run rates for admission
 
 
 @dataclass
@@ -82,15 +85,25 @@ class Batch:
 
 @dataclass(frozen=True)
 class SchedulerStats:
-    """A snapshot for metrics and status: frames waiting in mailboxes, frames running, streams served."""
+    """A snapshot for metrics and status: frames waiting in mailboxes, frames running, streams served, and the
+    frames cameras shed under overload so far (Stream.admit)."""
 
     queued: int
     in_flight: int
     streams: int
+    shed: int = 0
 
 
 class Scheduler(ABC):
     """What a device worker needs from a batching policy. All methods are thread-safe."""
+
+    def admits(self, group: str) -> bool:
+        """Should a camera of fairness `group` hand over the frame it has now (see Stream.admit)? Lock-free: a camera
+        thread asks this per frame."""
+        return True
+
+    def note_shed(self) -> None:  # noqa: B027 - a policy without admission control needs no count
+        """A camera's frame was not handed over (`admits` said no): offered load all the same."""
 
     @abstractmethod
     def add_stream(self, stream_id: str, capacity: int = 1, exclusive: bool = False, epoch: int = 0,
@@ -162,6 +175,13 @@ class DeadlineScheduler(Scheduler):
         self._ran: deque[tuple[float, int]] = deque()  # (when, frames) of the batches started in that window
         self._ran_frames = 0
         self._first_pick: float | None = None
+        self._shed = 0  # frames the cameras did not hand over (note_shed): a plain count, read every ADMISSION_EVERY_S
+        self._shed_marks: deque[tuple[float, int]] = deque()  # (when, _shed) over the last ARRIVAL_WINDOW_S
+        self._admission_at = float("-inf")
+        self._measured_over = False  # more frames came (handed over or not) than RAN_MARGIN times those that ran:
+        # admission control on (admits)
+        self._frontier = float("-inf")  # the latest previous turn of a group served: turns come to groups in order
+        self._admit_until = float("inf")  # groups whose last turn is later than this shed their frames (admits)
         self._ready: dict[str, _StreamSlot] = {}  # streams with a frame waiting: a pick looks at these, not at all
         # Groups in the order of their last turn, longest ago first (never served: first), with when it was and
         # their streams: under overload a pick walks the front of this instead of sorting every ready frame.
@@ -218,6 +238,12 @@ class DeadlineScheduler(Scheduler):
                 self._cond.notify()
             return old
 
+    def admits(self, group: str) -> bool:
+        return self._turns.get(group, float("-inf")) <= self._admit_until
+
+    def note_shed(self) -> None:
+        self._shed += 1  # no lock (a camera thread calls this per frame): a lost count only blurs an estimate
+
     def schedule(self, timeout: float) -> Batch | None:
         late: list[Frame] = []
         end = self.clock() + timeout
@@ -243,6 +269,8 @@ class DeadlineScheduler(Scheduler):
     def _pick(self, t: float, late: list[Frame]) -> Batch | None:
         busy = self._running  # a batch started now runs beside these (and is as slow as it will be then)
         lone: dict[tuple[int, int], tuple[float, float]] = {}  # shape -> (typical run as now, best of that and alone)
+        if t - self._admission_at >= ADMISSION_EVERY_S:
+            self._admission(t)
         overloaded = self._overloaded(t, busy)
         ready = None
         if overloaded and len(self._ready) > self.walk_from:
@@ -254,6 +282,7 @@ class DeadlineScheduler(Scheduler):
             if overloaded and any(t + lone[f.shape][0] > f.deadline for f, _ in ready):
                 overloaded = False  # a frame that runs late anyway (the SLO is out of reach, a probe): oldest first
         if not ready:
+            self._admit_until = float("inf")  # nothing to run: every camera's next frame is wanted (until a pick)
             return None
         if overloaded:  # the group served longest ago, newest frame
             turns = self._turns
@@ -287,10 +316,14 @@ class DeadlineScheduler(Scheduler):
             if not slot.mailbox:
                 del self._ready[frame.stream_id]
             slot.in_flight += 1
-            if self._turns.get(slot.group, t) != t:  # its turn now: to the back of the order
+            if (before := self._turns.get(slot.group, t)) != t:  # its turn now: to the back of the order
+                if before > self._frontier:
+                    self._frontier = before
                 self._turns[slot.group] = t
                 self._turns.move_to_end(slot.group)
             frames.append(frame)
+        if self._measured_over:
+            self._admit_until = self._frontier + ADMIT_LEAD * (first.deadline - first.ingest_time)
         self._ran.append((t, n))
         self._ran_frames += n
         if self._first_pick is None:
@@ -370,21 +403,45 @@ class DeadlineScheduler(Scheduler):
         costs nothing, 1,024 cameras: every pick sorted them all by deadline)."""
         if len(self._ready) < 2:
             return False
+        if self._measured_over:
+            return True  # measured: far fewer frames run than come, whatever the engine's estimate (the host's limit)
         self._count_arrivals(t)
         shape = next(iter(self._ready.values())).mailbox.peek().shape
         predict = self.cost.predict
         one = max(predict(1, shape, 0.5, busy), 1e-9)
         offered = len(self._arrivals) / ARRIVAL_WINDOW_S
-        while self._ran and self._ran[0][0] < t - ARRIVAL_WINDOW_S:
-            self._ran_frames -= self._ran.popleft()[1]
-        if (self._first_pick is not None and t - self._first_pick >= ARRIVAL_WINDOW_S
-                and offered > RAN_MARGIN * self._ran_frames / ARRIVAL_WINDOW_S):
-            return True  # measured: far fewer frames run than come, whatever the engine's estimate (the host's limit)
         if offered <= self._most_running / one:
             return False  # the instances keep up one frame at a time: no need to price the batches
         best = max((n / max(predict(n, shape, 0.5, busy), 1e-9) for n in range(2, self.max_batch + 1)),
                    default=0.0)
         return offered > self._most_running * max(1.0 / one, best)
+
+    def _admission(self, t: float) -> None:
+        """Re-read the offered (handed over or shed) and started frames of the last second: is the device overloaded
+        by measure, and should cameras shed the frames that cannot run (`admits`)?
+
+        Past capacity most of a camera's frames are lost whatever the order. Handing each over anyway costs the host
+        path per frame (a letterbox plan, a Frame, this lock, a drop): 1,024 cameras offering 4x what two device
+        processes ran cost them a quarter of their frames/s. Turns come to groups in order (the one served longest
+        ago first), so a group's next turn is near when the groups served now had their last turn about when it
+        had its own: the cameras hand over frames only from ADMIT_LEAD SLOs before that (`_frontier`), fresh when
+        their turn comes, and the others cost a count. A pick that finds nothing to run lifts admission until the
+        next batch (it must never starve the engine), and the shed frames count as offered, so admission does not
+        hide the overload that started it."""
+        self._admission_at = t
+        self._count_arrivals(t)
+        while self._ran and self._ran[0][0] < t - ARRIVAL_WINDOW_S:
+            self._ran_frames -= self._ran.popleft()[1]
+        marks = self._shed_marks
+        marks.append((t, self._shed))
+        while marks[0][0] < t - ARRIVAL_WINDOW_S:
+            marks.popleft()
+        offered = len(self._arrivals) + self._shed - marks[0][1]
+        ran = self._ran_frames
+        self._measured_over = (self._first_pick is not None and t - self._first_pick >= ARRIVAL_WINDOW_S
+                               and offered > RAN_MARGIN * ran)
+        if not self._measured_over:
+            self._admit_until = float("inf")
 
     def _count_arrivals(self, t: float, arrived: bool = False) -> None:
         if arrived:
@@ -427,7 +484,7 @@ class DeadlineScheduler(Scheduler):
     def stats(self) -> SchedulerStats:
         with self._cond:
             queued = sum(len(s.mailbox) for s in self._slots.values())
-            return SchedulerStats(queued, self._frames_running, len(self._slots))
+            return SchedulerStats(queued, self._frames_running, len(self._slots), self._shed)
 
     def shutdown(self) -> None:
         with self._cond:

@@ -57,7 +57,8 @@ class Stream:
     def __init__(self, stream_id: str, url: str, kind: str, max_fps: float, slo_s: float,
                  on_ingest: Callable[[Stream], None], on_drop: Callable[[Frame, str], None],
                  on_reconnect: Callable[[Stream], None], droppable: bool = True, public: bool = True,
-                 metrics_label: str | None = None, epoch: int = 0, group: str | None = None) -> None:
+                 metrics_label: str | None = None, epoch: int = 0, group: str | None = None,
+                 on_shed: Callable[[Stream], None] | None = None) -> None:
         self.stream_id = stream_id
         self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
         self.spec: StreamSpec | None = None  # what AddStream asked for, URL credentials included (never shown)
@@ -81,6 +82,7 @@ class Stream:
         self._on_ingest = on_ingest
         self._on_drop = on_drop
         self._on_reconnect = on_reconnect
+        self._on_shed = on_shed  # told of each frame `admit` turned away (a device process tells the API process)
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._on_close: list[Callable[[], None]] = []
@@ -117,6 +119,20 @@ class Stream:
         """The letterbox for this source size on the current device."""
         assert self.runtime is not None, "stream not placed on a device"
         return self.runtime.planner.plan(src_hw)
+
+    def admit(self, t: float) -> bool:
+        """Should the source prepare and hand over the frame that came at `t`? A camera's, not while its device is
+        overloaded and it handed one over less than the scheduler's `admit_gap` ago: then the frame is counted as
+        offered and dropped ("superseded": the stream's next frame takes its turn) before it costs a letterbox
+        plan, a Frame, the scheduler's lock and a drop (see DeadlineScheduler._admission)."""
+        runtime = self.runtime
+        if runtime is None or not self.droppable or runtime.scheduler.admits(self.group or self.stream_id):
+            return True
+        self.stats.record_shed(t)
+        runtime.scheduler.note_shed()
+        if self._on_shed is not None:
+            self._on_shed(self)
+        return False
 
     def put(self, image: np.ndarray | Callable[..., np.ndarray], letterbox: Letterbox, capture_time_us: int,
             frame_id: int | None = None,

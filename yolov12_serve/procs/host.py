@@ -166,7 +166,7 @@ class DeviceHost:
             stream = _HostStream(self, stream_id, opts["url"], opts["kind"], opts["max_fps"], opts["slo_s"],
                                  self._on_ingest, self._drop, self._on_reconnect, droppable=opts["droppable"],
                                  public=opts["public"], metrics_label=opts["metrics_label"], epoch=epoch,
-                                 group=opts["group"])
+                                 group=opts["group"], on_shed=self._on_shed)
             if not opts["droppable"]:
                 stream.state = StreamState.STREAMING
             stream.bind(self.rt)
@@ -298,6 +298,9 @@ class DeviceHost:
     # ------------------------------------------------------------------------------------------ callbacks
     def _on_ingest(self, stream: Stream) -> None:
         self.outbox.count("in", (stream.stream_id, stream.epoch))
+
+    def _on_shed(self, stream: Stream) -> None:
+        self.outbox.count("sh", (stream.stream_id, stream.epoch))
 
     def _drop(self, frame: Frame, reason: str) -> None:
         if self._lookup(frame.stream_id, frame.epoch) is not None:

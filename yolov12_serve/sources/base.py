@@ -37,6 +37,11 @@ class FrameSink(Protocol):
         """The letterbox for frames of this source size on the stream's current device."""
         ...
 
+    def admit(self, t: float) -> bool:
+        """Should the frame that came at `t` be prepared and handed over? False under overload when the stream
+        handed one over recently (the sink counted this one as offered and dropped)."""
+        ...
+
     def put(self, image: np.ndarray | Callable[..., np.ndarray], letterbox: Letterbox, capture_time_us: int) -> None:
         """Hand over one letterboxed frame, or the call that letterboxes it (run only if the frame reaches an
         engine, as `call(out=None)`: given `out`, its place in a batch array, it writes there and returns it);

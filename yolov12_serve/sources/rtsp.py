@@ -264,6 +264,8 @@ class AvSource(Source):
                         if min_gap and t - last_emit < min_gap * 0.95:
                             continue
                         last_emit = t
+                        if not self.sink.admit(t):
+                            continue  # overloaded: this camera's turn comes with a later frame
                         lb = self.sink.plan((frame.height, frame.width))
                         # deferred: newest-wins drops most frames of a busy camera before they reach an engine
                         self.sink.put(functools.partial(letterbox_avframe, frame, lb), lb, time.time_ns() // 1000)
