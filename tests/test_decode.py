@@ -64,7 +64,14 @@ class Sink:
         self.shapes: set[tuple[int, ...]] = set()
         self.states: list[tuple[StreamState, str]] = []
         self.reconnects = 0
+        self.admitting = True  # what the stream would say under overload (Stream.admit): False sheds every frame
+        self.shed = 0
         self._lock = threading.Lock()
+
+    def admit(self, t: float) -> bool:
+        if not self.admitting:
+            self.shed += 1
+        return self.admitting
 
     def plan(self, src_hw):
         return self.planner.plan(src_hw)
@@ -255,6 +262,31 @@ def test_file_plays_in_real_time_and_loops(tmp_path):
     # one schedule across loops: frame k is due k/25 s after the first, the loop's seam included (no reopen gap,
     # no early restart)
     assert (sink.times[-1] - sink.times[0]) == pytest.approx((n - 1) / 25, abs=0.03)
+
+
+def test_a_camera_sheds_the_frames_its_stream_does_not_admit_and_stays_alive(tmp_path):
+    """Past capacity a stream sheds a camera's frames at the source (Stream.admit): a file camera and a synthetic
+    one hand over none of them, yet every frame still counts as arrived (the stall watchdog must not restart
+    a camera that only sheds)."""
+    from yolov12_serve.frames import now
+    from yolov12_serve.sources.synthetic import SyntheticSource
+
+    clip = write_clip(tmp_path / "clip.mp4", frames=20, fps=25)
+    sinks = [Sink(), Sink()]
+    sources = [AvSource(sinks[0], str(clip), RtspOptions(), is_file=True),
+               SyntheticSource(sinks[1], "synthetic://cam?fps=25&size=64x64")]
+    for sink in sinks:
+        sink.admitting = False
+    for source in sources:
+        source.start()
+    try:
+        time.sleep(1.5)
+        for source, sink in zip(sources, sinks, strict=True):
+            assert sink.times == [] and sink.shed >= 20, (source.kind, sink.shed)
+            assert now() - source.last_frame_at < 0.2, source.kind
+    finally:
+        for source in sources:
+            source.stop()
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in Linux's /proc")
