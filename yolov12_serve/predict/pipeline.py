@@ -201,6 +201,9 @@ class _LiveSink:
         self.dropped = 0
         self.source: Any = None
 
+    def admit(self, t: float) -> bool:
+        return True  # every frame is offered: newest-wins at the caller's pace (offer_live) drops the rest
+
     def plan(self, src_hw: tuple[int, int]) -> Any:
         return self.run.planner.plan(src_hw)
 
