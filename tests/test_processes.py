@@ -243,3 +243,36 @@ def test_metrics_of_every_process_in_one_exposition_with_a_single_process_s_name
     if promtool:
         out = subprocess.run([promtool, "check", "metrics"], input=texts["on"], capture_output=True, text=True)
         assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_frames_a_camera_sheds_in_a_device_process_count_as_offered_in_the_api_process(tmp_path):
+    """Past capacity a camera in a device process sheds most of its frames at the source (Stream.admit); the API
+    process still counts every one as offered and superseded (the device process sums them in its outbox): a
+    100 fps camera on an engine that runs ~3 frames a second shows ~100 frames/s in frames_total, not only the
+    ~15 a second it hands over near its turns."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    for device in DEVICES:
+        (faults / f"delay-{device.replace(':', '-')}").write_text("0.3")  # seconds per frame
+    srv = ServerProcess("--gpus", "cpu:2", "--worker-processes", "on", "--instances", "1", "--allow-synthetic",
+                        faults=faults)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        c.add_stream("cam", "synthetic://cam?fps=100&size=320x180")
+        wait_until(lambda: (gauge(srv.metrics(), "yolov12_frames_processed_total", device=c.list_streams()[0].device,
+                                  stream="cam") or 0) >= 3, 60)
+        time.sleep(1.5)  # a second of measured overload: admission is on
+
+        def counts() -> tuple[float, float, float]:
+            text = srv.metrics()
+            return (time.monotonic(), gauge(text, "yolov12_frames_total", stream="cam") or 0.0,
+                    gauge(text, "yolov12_frames_dropped_total", reason="superseded", stream="cam") or 0.0)
+
+        t0, offered0, superseded0 = counts()
+        time.sleep(3)
+        t1, offered1, superseded1 = counts()
+        assert (offered1 - offered0) / (t1 - t0) >= 60, (offered0, offered1)
+        assert (superseded1 - superseded0) / (t1 - t0) >= 50, (superseded0, superseded1)
+    finally:
+        srv.close()
