@@ -60,25 +60,22 @@ class StreamStats:
     def record_offered(self, t: float, n: int = 1) -> None:
         """`n` frames handed to the scheduler (run, dropped or not) at `t`: the stream's offered load."""
         with self._lock:
-            self.offered += n
-            if n == 1:
-                self._offered.append(t)
-            else:
-                self._offered.extend([t] * n)
-            while self._offered[0] < t - self.window_s:
-                self._offered.popleft()
+            self._offer(t, n)
 
     def record_shed(self, t: float, n: int = 1) -> None:
         """`n` frames of a camera not handed over under overload (Stream.admit): offered, and dropped as superseded."""
         with self._lock:
-            self.offered += n
+            self._offer(t, n)
             self.dropped["superseded"] += n
-            if n == 1:
-                self._offered.append(t)
-            else:
-                self._offered.extend([t] * n)
-            while self._offered[0] < t - self.window_s:
-                self._offered.popleft()
+
+    def _offer(self, t: float, n: int) -> None:
+        self.offered += n
+        if n == 1:
+            self._offered.append(t)
+        else:
+            self._offered.extend([t] * n)
+        while self._offered[0] < t - self.window_s:
+            self._offered.popleft()
 
     def offered_fps(self, t: float | None = None) -> float:
         """Frames offered per second over the window: what placement needs (the processed rate of a camera on an

@@ -122,9 +122,9 @@ class Stream:
 
     def admit(self, t: float) -> bool:
         """Should the source prepare and hand over the frame that came at `t`? A camera's, not while its device is
-        overloaded and it handed one over less than the scheduler's `admit_gap` ago: then the frame is counted as
-        offered and dropped ("superseded": the stream's next frame takes its turn) before it costs a letterbox
-        plan, a Frame, the scheduler's lock and a drop (see DeadlineScheduler._admission)."""
+        overloaded by measure and its turn is more than one SLO away (the scheduler's `admits`): then the frame is
+        counted as offered and dropped ("superseded": a later frame of the stream takes its turn) before it costs a
+        letterbox plan, a Frame, the scheduler's lock and a drop (see DeadlineScheduler._admission)."""
         runtime = self.runtime
         if runtime is None or not self.droppable or runtime.scheduler.admits(self.group or self.stream_id):
             return True

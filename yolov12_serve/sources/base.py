@@ -38,8 +38,8 @@ class FrameSink(Protocol):
         ...
 
     def admit(self, t: float) -> bool:
-        """Should the frame that came at `t` be prepared and handed over? False under overload when the stream
-        handed one over recently (the sink counted this one as offered and dropped)."""
+        """Should the frame that came at `t` be prepared and handed over? False under overload while the stream's
+        turn is far (the sink counted this one as offered and dropped); the source still counts it as arrived."""
         ...
 
     def put(self, image: np.ndarray | Callable[..., np.ndarray], letterbox: Letterbox, capture_time_us: int) -> None:
