@@ -185,6 +185,31 @@ def test_sharded_client_passes_tls_and_token_to_every_replica(mtls, pki):
 
 
 # ------------------------------------------------------------------------------------------------ TLS, SIGHUP reload
+def test_ctl_speaks_mutual_tls_with_a_token_file_and_names_the_missing_token_or_role(mtls, pki, tmp_path, capsys,
+                                                                                    monkeypatch):
+    from yolov12_serve import ctl
+
+    tls = ["--server", mtls.address, "--tls-ca", str(pki["ca"].cert), "--cert", str(pki["client"].cert),
+           "--key", str(pki["client"].key)]
+    viewer, operator = tmp_path / "viewer.token", tmp_path / "operator.token"
+    viewer.write_text(VIEWER + "\n")
+    operator.write_text(OPERATOR + "\n")
+    mtls_client(mtls, pki).wait_ready(60)
+    out = io.StringIO()
+    assert ctl.main([*tls, "streams"], out) == 1 and out.getvalue() == ""
+    err = capsys.readouterr().err
+    assert err.startswith("yolov12-ctl: UNAUTHENTICATED: ") and "--token-file FILE" in err
+    assert ctl.main([*tls, "--token-file", str(viewer), "add", "ctl-cam", "synthetic://c?fps=5"], out) == 1
+    assert capsys.readouterr().err.startswith("yolov12-ctl: PERMISSION_DENIED: ")
+    assert ctl.main([*tls, "--token-file", str(operator), "add", "ctl-cam", "synthetic://c?fps=5"], out) == 0
+    monkeypatch.setenv("YOLOV12_TOKEN", VIEWER)  # where --token-file is not given
+    assert ctl.main([*tls, "--json", "streams"], out) == 0
+    assert '"stream_id": "ctl-cam"' in out.getvalue()
+    assert ctl.main([*tls, "--token-file", str(operator), "remove", "ctl-cam"], out) == 0
+    plaintext = ["--server", mtls.address, "--token-file", str(operator), "--timeout", "5", "streams"]
+    assert ctl.main(plaintext, out) == 1 and "UNAVAILABLE" in capsys.readouterr().err
+
+
 def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, tmp_path):
     """A TLS server without client CA: plaintext refused, any TLS client served (with a token), health alone on a
     plaintext port for probes. SIGHUP brings a certificate of another CA (for gRPC and /metrics) and a new token

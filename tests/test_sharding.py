@@ -3,6 +3,8 @@ the hash's properties on many ids, then two real servers over loopback gRPC shar
 
 from __future__ import annotations
 
+import io
+import json
 import os
 from collections import Counter
 
@@ -134,3 +136,23 @@ def test_two_replicas_split_the_cameras_and_the_client_routes_to_the_owner(repli
             watch.cancel()
         assert fleet.remove_stream(new).stream_id == new
         wait_until(lambda: fleet.stream(new) is None, 10, what="stream removed")
+
+
+@pytest.mark.timeout(180)
+def test_ctl_routes_cameras_to_their_replica_and_lists_them_all(replicas):
+    from yolov12_serve import ctl
+
+    fleet = [arg for s in replicas for arg in ("--server", s.address)]
+    new = next(f"ctl{i}" for i in range(100) if owner(f"ctl{i}", 2) == 1)
+    out = io.StringIO()
+    with ShardedClient([s.address for s in replicas]) as direct:
+        direct.wait_ready(60)
+        assert ctl.main([*fleet, "add", new, "synthetic://x?fps=3&size=320x180"], out) == 0
+        assert direct.clients[1].stream(new) is not None and direct.clients[0].stream(new) is None
+    out = io.StringIO()
+    assert ctl.main([*fleet, "--json", "streams"], out) == 0
+    assert sorted(json.loads(line)["stream_id"] for line in out.getvalue().splitlines()) == sorted([*CAMS, new])
+    out = io.StringIO()
+    assert ctl.main([*fleet, "health"], out) == 0
+    assert out.getvalue() == "".join(f"{s.address}: SERVING\n" for s in replicas)
+    assert ctl.main([*fleet, "remove", new], io.StringIO()) == 0

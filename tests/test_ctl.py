@@ -1,0 +1,112 @@
+"""`yolov12-ctl` against the real server over its socket: cameras added, listed, watched and removed from a shell,
+images detected as the Python client sees them, and every refusal one line with its status and exit code."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+from test_server_harness import ROOT, ServerProcess, wait_until
+
+from yolov12_serve import ctl
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture(scope="module")
+def server():
+    srv = ServerProcess("--max-streams", "4", "--instances", "1", "--allow-synthetic", "--no-status")
+    srv.client().wait_ready(60)
+    yield srv
+    srv.close()
+
+
+def run(*argv: str) -> tuple[int, str]:
+    """Exit status and standard output of one `yolov12-ctl` command, run in this process."""
+    out = io.StringIO()
+    return ctl.main(list(argv), out=out), out.getvalue()
+
+
+def json_lines(text: str) -> list[dict]:
+    return [json.loads(line) for line in text.splitlines()]
+
+
+def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
+    at = ("--server", server.address)
+    rc, out = run(*at, "add", "dock-cam", "synthetic://dock?fps=10&size=320x180")
+    assert rc == 0 and out.splitlines()[0].split()[:3] == ["STREAM", "STATE", "DEVICE"]
+    assert out.splitlines()[1].split()[:3] == ["dock-cam", "CONNECTING", "cpu"]
+
+    def listed() -> dict:
+        (stream,) = json_lines(run(*at, "streams", "--json")[1])
+        return stream if stream["frames_processed"] != "0" else {}
+
+    stream = wait_until(listed, 30, what="a processed frame")
+    assert (stream["stream_id"], stream["state"], stream["device"], stream["width"]) == ("dock-cam", "STREAMING",
+                                                                                         "cpu", 320)
+
+    rc, out = run(*at, "watch", "dock-cam", "--count", "3", "--json")  # --json after the command reads as meant
+    results = json_lines(out)
+    assert rc == 0 and len(results) == 3 and {r["stream_id"] for r in results} == {"dock-cam"}
+    ids = [int(r["frame_id"]) for r in results]
+    assert ids == sorted(ids) and len(set(ids)) == 3
+    assert (results[0]["width"], results[0]["height"]) == (320, 180)
+    rc, out = run(*at, "watch", "--count", "2")  # every camera, as text
+    assert rc == 0 and all(line.startswith("dock-cam #") and " ms: " in line for line in out.splitlines())
+
+    rc, out = run(*at, "remove", "dock-cam", "--json")
+    assert rc == 0 and json_lines(out)[0]["state"] == "STOPPED"
+    assert run(*at, "streams") == (0, "no streams (add one: yolov12-ctl add ID URL)\n")
+
+
+def test_detect_prints_what_the_python_client_gets(server, tmp_path):
+    from matplotlib import cbook
+
+    photo = cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)
+    rc, out = run("--server", server.address, "--json", "detect", str(photo))
+    (got,) = json_lines(out)
+    with server.client() as c:
+        want = c.detect_image(photo)
+    assert rc == 0 and got["image"] == str(photo) and (got["width"], got["height"]) == (want.width, want.height)
+    assert len(got.get("detections", [])) == len(want.detections) > 0
+    assert got["detections"][0]["class_name"] == want.detections[0].class_name
+    rc, out = run("--server", server.address, "detect", str(photo))
+    assert rc == 0 and out.startswith(f"{photo}: ") and f"{len(want.detections)} detections" in out
+
+
+def test_info_health_and_the_installed_command(server, monkeypatch):
+    monkeypatch.setenv("YOLOV12_SERVER", f" {server.address} ")  # where --server is not given
+    rc, out = run("info")
+    assert rc == 0 and f"{server.address}: yolov12-serve" in out and "device cpu: healthy" in out
+    assert "classes: scratch, dent, crack, stain, missing_part" in out
+    done = subprocess.run([sys.executable, "-m", "yolov12_serve.ctl", "health", "--server", server.address],
+                          capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"{server.address}: SERVING\n", "")
+
+
+@pytest.mark.parametrize("argv, status, line", [
+    (("remove", "no-such-cam"), 1, "yolov12-ctl: NOT_FOUND: no stream 'no-such-cam'"),
+    (("add", "bad id", "synthetic://x"), 1, "yolov12-ctl: INVALID_ARGUMENT: stream_id 'bad id'"),
+    (("watch", "no-such-cam", "--count", "1"), 1, "yolov12-ctl: NOT_FOUND: "),
+    (("--token-file", "/nonexistent/token", "streams"), 2, "yolov12-ctl: cannot read the token file"),
+    (("--cert", __file__, "streams"), 2, "yolov12-ctl: --cert and --key go together"),
+    (("detect", "/nonexistent.jpg"), 2, "yolov12-ctl: cannot read /nonexistent.jpg"),
+    (("detect", __file__), 1, "yolov12-ctl: INVALID_ARGUMENT: frame data is neither JPEG nor PNG"),
+])
+def test_a_refusal_is_one_line_with_its_status(server, capsys, argv, status, line):
+    rc, out = run("--server", server.address, *argv)
+    err = capsys.readouterr().err
+    assert (rc, out) == (status, "") and err.startswith(line) and err.count("\n") == 1, err
+
+
+def test_an_unreachable_server_says_where_it_looked(capsys):
+    rc, _ = run("--server", "127.0.0.1:1", "--timeout", "5", "streams")
+    err = capsys.readouterr().err
+    assert rc == 1 and err.startswith("yolov12-ctl: UNAVAILABLE: cannot reach 127.0.0.1:1") and "--server" in err
+    assert run("--server", "127.0.0.1:1", "--timeout", "5", "health") == (1, "127.0.0.1:1: UNAVAILABLE\n")
+    with pytest.raises(SystemExit) as e:
+        ctl.main(["frobnicate"])
+    assert e.value.code == 2 and capsys.readouterr().err.startswith("yolov12-ctl: argument COMMAND: invalid choice")

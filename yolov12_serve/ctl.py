@@ -1,0 +1,294 @@
+"""`yolov12-ctl`: run a yolov12-serve server from a shell (cameras, detections, health, engines) over its gRPC API.
+
+    yolov12-ctl add line1-cam1 rtsp://10.0.0.5/stream1 --max-fps 10
+    yolov12-ctl streams                          # a table: state, device, fps, latency, drops, last error
+    yolov12-ctl watch line1-cam1 --count 100 --json
+    yolov12-ctl detect part.jpg
+    yolov12-ctl --server detector.plant:50051 --tls-ca ca.crt --token-file viewer.token info
+
+`--server` (or YOLOV12_SERVER, comma-separated) names one server, or every replica of a sharded deployment in
+shard order: cameras are then routed to their owner as `ShardedClient` does. A failed call is one line on stderr
+with the gRPC status and what to do, exit status 1; a bad argument or file exit 2; Ctrl-C 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, TextIO
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from .client import Client
+from .proto import detector_pb2 as pb
+from .routing import ShardedClient
+
+__all__ = ["main"]
+
+DEFAULT_SERVER = "localhost:50051"
+HINTS = {  # what to do about a refused call, by status code
+    grpc.StatusCode.UNAVAILABLE: "is the server running and reachable there? (--server, or YOLOV12_SERVER; "
+                                 "--tls-ca for a server with TLS)",
+    grpc.StatusCode.UNAUTHENTICATED: "the server wants a token: --token-file FILE (or YOLOV12_TOKEN)",
+    grpc.StatusCode.PERMISSION_DENIED: "use a token with the role the message names",
+    grpc.StatusCode.DEADLINE_EXCEEDED: "the server did not answer in time: --timeout S",
+}
+
+
+class UsageError(Exception):
+    """A bad argument or unreadable file: one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (not the usage block)
+        sys.stderr.write(f"yolov12-ctl: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def _common_options(parser: argparse.ArgumentParser) -> None:
+    """The options every command takes, before or after its name ("watch cam1 --json" reads as meant)."""
+    parser.add_argument("--server", action="append", metavar="HOST:PORT",
+                        help="the server; repeat for every replica of a sharded deployment, in shard order "
+                        f"(default: $YOLOV12_SERVER, comma-separated, else {DEFAULT_SERVER})")
+    parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate that signed the server's (turns TLS on)")
+    parser.add_argument("--cert", metavar="FILE", help="this client's certificate, for a server with --tls-client-ca")
+    parser.add_argument("--key", metavar="FILE", help="this client's key (with --cert)")
+    parser.add_argument("--server-name", help="check the server's certificate for this name instead of the host's")
+    parser.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (default: $YOLOV12_TOKEN)")
+    parser.add_argument("--timeout", type=float, help="seconds a call may take (default: 10)")
+    parser.add_argument("--json", action="store_true", help="JSON output, one object per line (for scripts)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="yolov12-ctl", description="Control a running yolov12-serve: add and remove cameras, list "
+                "them, watch detections, detect images, check health, swap engines.",
+                epilog="Exit status: 0 done, 1 the server refused or could not be reached (the line says why), "
+                "2 bad arguments, 130 interrupted.")
+    _common_options(p)
+    p.set_defaults(timeout=10.0)
+    commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def sub(name: str, help: str) -> argparse.ArgumentParser:  # its common options default to the main parser's
+        parser = commands.add_parser(name, help=help, description=help, argument_default=argparse.SUPPRESS)
+        _common_options(parser)
+        return parser
+
+    sub("streams", "every camera: state, device, fps, latency, drops, last error")
+    add = sub("add", "have the server pull a camera")
+    add.add_argument("stream_id", help="camera id: 1..128 printable characters, no spaces")
+    add.add_argument("url", help="rtsp://, rtsps://, synthetic://NAME (with --allow-synthetic) or a file "
+                     "(with --allow-files)")
+    add.add_argument("--max-fps", type=float, default=0.0, help="frames per second to detect on (default: all)")
+    rm = sub("remove", "stop a camera")
+    rm.add_argument("stream_id")
+    watch = sub("watch", "detections as they are published, one line per frame")
+    watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
+    watch.add_argument("--count", type=int, default=0, help="stop after this many frames (default: never)")
+    watch.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: never)")
+    detect = sub("detect", "detections for image files (JPEG or PNG) pushed to the server")
+    detect.add_argument("images", nargs="+", metavar="IMAGE")
+    sub("info", "engines, devices and their health, classes, SLO")
+    sub("health", "SERVING or not, per server (exit 0 only when every one serves)")
+    reload = sub("reload", "swap in engine files while streams flow (none: the same files again)")
+    reload.add_argument("engines", nargs="*", default=[], metavar="ENGINE", help="engine files on the server's machine")
+    return p
+
+
+def _servers(args: argparse.Namespace) -> list[str]:
+    given = args.server or [s for s in os.environ.get("YOLOV12_SERVER", "").split(",") if s.strip()]
+    return [s.strip() for s in given] or [DEFAULT_SERVER]
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.token_file is None:
+        return os.environ.get("YOLOV12_TOKEN") or None
+    try:
+        token = Path(args.token_file).read_text().strip()
+    except OSError as e:
+        raise UsageError(f"cannot read the token file: {e.strerror}: {args.token_file}") from None
+    if not token or any(c.isspace() for c in token):
+        raise UsageError(f"{args.token_file} must hold the token alone (one line, no spaces)")
+    return token
+
+
+def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    for flag, path in (("--tls-ca", args.tls_ca), ("--cert", args.cert), ("--key", args.key)):
+        if path is not None and not Path(path).is_file():
+            raise UsageError(f"{flag} {path}: no such file")
+    if (args.cert is None) != (args.key is None):
+        raise UsageError("--cert and --key go together (mutual TLS)")
+    return {"timeout": args.timeout, "tls_ca": args.tls_ca, "cert": args.cert, "key": args.key,
+            "server_name": args.server_name, "token": _token(args)}
+
+
+def _state(value: int) -> str:
+    return pb.StreamState.Name(value).removeprefix("STREAM_STATE_")
+
+
+def _as_dict(message: Any) -> dict[str, Any]:
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        out.write("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() + "\n")
+
+
+def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO) -> int:
+    if as_json:
+        for s in streams:
+            out.write(json.dumps({**_as_dict(s), "state": _state(s.state)}) + "\n")
+        return 0
+    if not streams:
+        out.write("no streams (add one: yolov12-ctl add ID URL)\n")
+        return 0
+    rows = [("STREAM", "STATE", "DEVICE", "FPS", "P50 MS", "P99 MS", "PROCESSED", "DROPPED", "RECONNECTS", "SIZE",
+             "URL", "LAST ERROR")]
+    for s in streams:
+        rows.append((s.stream_id, _state(s.state), s.device or "-", f"{s.fps:.1f}", f"{s.latency_p50_ms:.1f}",
+                     f"{s.latency_p99_ms:.1f}", str(s.frames_processed), str(s.frames_dropped), str(s.reconnects),
+                     f"{s.width}x{s.height}" if s.width else "-", s.url, s.last_error or ""))
+    _table(rows, out)
+    return 0
+
+
+def _describe(fd: pb.FrameDetections) -> str:
+    if fd.error:
+        return f"{fd.stream_id} #{fd.frame_id}: error: {fd.error}"
+    boxes = ", ".join(f"{d.class_name or d.class_id} {d.score:.2f} ({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f})"
+                      for d in fd.detections)
+    return (f"{fd.stream_id} #{fd.frame_id} {fd.width}x{fd.height} {fd.latency_ms:.1f} ms: "
+            f"{len(fd.detections)} detections{': ' + boxes if boxes else ''}")
+
+
+def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
+    watch = c.watch(args.stream_ids, timeout=args.duration or None)
+    seen = 0
+    try:
+        for fd in watch:
+            out.write((json.dumps(_as_dict(fd)) if args.json else _describe(fd)) + "\n")
+            out.flush()
+            seen += 1
+            if args.count and seen >= args.count:
+                break
+    except grpc.RpcError as e:
+        if e.code() != grpc.StatusCode.DEADLINE_EXCEEDED or not args.duration:
+            raise
+    finally:
+        watch.cancel()
+    return 0
+
+
+def _detect(c: Client, args: argparse.Namespace, out: TextIO) -> int:
+    for path in args.images:
+        try:
+            data = Path(path).read_bytes()
+        except OSError as e:
+            raise UsageError(f"cannot read {path}: {e.strerror}") from None
+        fd = c.detect_image(data)
+        out.write((json.dumps({"image": path, **_as_dict(fd)}) if args.json else f"{path}: {_describe(fd)}") + "\n")
+    return 0
+
+
+def _info(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> int:
+    for address, c in clients:
+        info = c.server_info()
+        if as_json:
+            out.write(json.dumps({"server": address, **_as_dict(info)}) + "\n")
+            continue
+        out.write(f"{address}: yolov12-serve {info.version}, SLO {info.slo_ms:g} ms, max batch {info.max_batch}, "
+                  f"up to {info.max_streams} streams, input {info.input_height}x{info.input_width}\n")
+        out.write(f"  classes: {', '.join(info.class_names)}\n")
+        for e in info.engines:
+            out.write(f"  engine {e.path} on {e.device}: {e.precision}, input {e.input_height}x{e.input_width}"
+                      f"{' (dynamic)' if e.dynamic_hw else ''}, batch {e.batch_min}..{e.batch_max}, "
+                      f"{e.instances} instances, model {e.model_version}\n")
+        for d in info.device_status:
+            where = f", process {d.pid}" if d.pid else ""
+            out.write(f"  device {d.device}: {d.state}{where}{': ' + d.error if d.error else ''}\n")
+    return 0
+
+
+def _health(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> int:
+    serving = True
+    for address, c in clients:
+        try:
+            status = c.health()
+        except grpc.RpcError as e:
+            status = e.code().name
+        serving &= status == "SERVING"
+        out.write((json.dumps({"server": address, "status": status}) if as_json else f"{address}: {status}") + "\n")
+    return 0 if serving else 1
+
+
+def _reload(clients: Sequence[tuple[str, Client]], args: argparse.Namespace, out: TextIO) -> int:
+    for address, c in clients:
+        engines = c.reload_engines(args.engines, timeout=max(args.timeout, 300.0))
+        for e in engines:
+            out.write((json.dumps({"server": address, **_as_dict(e)}) if args.json
+                       else f"{address}: {e.device} runs {e.path} (model {e.model_version})") + "\n")
+    return 0
+
+
+def run(args: argparse.Namespace, out: TextIO) -> int:
+    """Carry out one parsed command against the server(s); returns the exit status."""
+    servers = _servers(args)
+    kwargs = _client_kwargs(args)
+    routed = ShardedClient(servers, **kwargs) if len(servers) > 1 else None
+    clients = routed.clients if routed is not None else [Client(servers[0], **kwargs)]
+    each = list(zip(servers, clients, strict=True))
+    c: Client | ShardedClient = routed if routed is not None else clients[0]
+    commands: dict[str, Callable[[], int]] = {
+        "streams": lambda: _print_streams(c.list_streams(), args.json, out),
+        "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps)], args.json, out),
+        "remove": lambda: _print_streams([c.remove_stream(args.stream_id)], args.json, out),
+        "watch": lambda: _watch(c, args, out),
+        "detect": lambda: _detect(clients[0], args, out),
+        "info": lambda: _info(each, args.json, out),
+        "health": lambda: _health(each, args.json, out),
+        "reload": lambda: _reload(each, args, out),
+    }
+    try:
+        return commands[args.command]()
+    finally:
+        for client in clients:
+            client.close()
+
+
+def _one_line(e: grpc.RpcError, servers: list[str]) -> str:
+    code = e.code()
+    details = (e.details() or "").splitlines()[0] if e.details() else ""
+    if code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach {', '.join(servers)}" + (f" ({details})" if details else "")
+    hint = HINTS.get(code)
+    return f"{code.name}: {details}" + (f"; {hint}" if hint else "")
+
+
+def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
+    """Entry point of `yolov12-ctl`; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    out = out or sys.stdout
+    try:
+        return run(args, out)
+    except UsageError as e:
+        sys.stderr.write(f"yolov12-ctl: {e}\n")
+        return 2
+    except grpc.RpcError as e:
+        sys.stderr.write(f"yolov12-ctl: {_one_line(e, _servers(args))}\n")
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except BrokenPipeError:  # piped into head: the reader has all it wanted
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
