@@ -309,6 +309,30 @@ def test_stream_stats_keep_only_the_window():
     assert st.fps(t=40.0) == 0.0 and st.snapshot(t=40.0).latency_p50_ms == 0.0  # a stream gone quiet
 
 
+def test_frames_shed_without_the_lock_are_in_every_reader_s_figures():
+    """A camera thread counts a shed frame without the stats lock (note_shed); whichever reader comes next takes
+    it in: the snapshot's drops (ListStreams), the offered rate (placement), the exact counts (metrics)."""
+    from yolov12_serve.stats import StreamStats
+
+    def shedding(offered: int = 0, shed: int = 0) -> StreamStats:
+        st = StreamStats(window_s=5.0)
+        for i in range(offered):
+            st.record_offered(i * 0.04)
+        for _ in range(shed):
+            st.note_shed()
+        return st
+
+    assert shedding(2, 3).snapshot(t=1.0).dropped_by_reason == {"superseded": 3}
+    assert shedding(0, 4).snapshot(t=1.0).dropped == 4
+    assert shedding(50, 0).offered_fps(t=2.0) == pytest.approx(25, rel=0.05)
+    assert shedding(50, 50).offered_fps(t=2.0) > 45  # the 50 shed ones counted at the reader's time
+    st = shedding(5, 7)
+    assert st.counts() == (12, 7) and st.counts() == (12, 7)  # taken in once
+    st.note_shed()
+    st.record_offered(1.0)
+    assert st.counts() == (14, 8) and st.lifetime().dropped == 8
+
+
 def test_metric_series_looked_up_once_are_fresh_for_a_stream_added_again():
     """Per-frame series are kept once looked up; removing a stream must forget them, or a stream added again
     under the same id would count into series no scrape shows."""
@@ -354,17 +378,17 @@ def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exa
 
         deadline = time.monotonic() + 20
         scheduler = core.runtimes["cpu"].scheduler
-        while time.monotonic() < deadline and (stream.stats.dropped["superseded"] < 10 or scheduler.stats().shed < 5):
+        while time.monotonic() < deadline and (stream.stats.counts()[1] < 10 or scheduler.stats().shed < 5):
             time.sleep(0.1)
         assert scheduler.stats().shed >= 5  # 5x overloaded, turns 100 ms apart: the camera sheds frames
         stream.source.stop()  # nothing more comes: what the stats hold is final
         time.sleep(0.3)
-        assert stream.stats.offered == next(stream._ids) + scheduler.stats().shed  # handed over (numbered) or shed
+        offered, superseded = stream.stats.counts()
+        assert offered == next(stream._ids) + scheduler.stats().shed  # handed over (numbered) or shed
         for _ in range(2):
             text = core.metrics.exposition().decode()
-            assert counted(text, "yolov12_frames_total", stream="cam") == stream.stats.offered > 10
-            assert (counted(text, "yolov12_frames_dropped_total", reason="superseded", stream="cam")
-                    == stream.stats.dropped["superseded"] >= 10)
+            assert counted(text, "yolov12_frames_total", stream="cam") == offered > 10
+            assert counted(text, "yolov12_frames_dropped_total", reason="superseded", stream="cam") == superseded >= 10
     finally:
         core.drain(2)
 

@@ -477,7 +477,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             streams = [s for s in self._streams.values() if s.droppable]
         with self._sync_lock:
             for stream in streams:
-                offered, superseded = stream.stats.offered, stream.stats.dropped["superseded"]
+                offered, superseded = stream.stats.counts()
                 was_offered, was_superseded = stream.synced
                 if offered > was_offered:
                     self.metrics.frames.labels(stream.metrics_label).inc(offered - was_offered)

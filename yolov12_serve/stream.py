@@ -128,7 +128,7 @@ class Stream:
         runtime = self.runtime
         if runtime is None or not self.droppable or runtime.scheduler.admits(self.group or self.stream_id):
             return True
-        self.stats.record_shed(t)
+        self.stats.note_shed()
         runtime.scheduler.note_shed()
         if self._on_shed is not None:
             self._on_shed(self)
