@@ -56,6 +56,8 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     assert (results[0]["width"], results[0]["height"]) == (320, 180)
     rc, out = run(*at, "watch", "--count", "2")  # every camera, as text
     assert rc == 0 and all(line.startswith("dock-cam #") and " ms: " in line for line in out.splitlines())
+    rc, out = run(*at, "watch", "--duration", "1")  # its end is no error
+    assert rc == 0 and 3 <= len(out.splitlines()) <= 12
 
     rc, out = run(*at, "remove", "dock-cam", "--json")
     assert rc == 0 and json_lines(out)[0]["state"] == "STOPPED"
