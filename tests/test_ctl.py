@@ -109,6 +109,10 @@ def test_an_unreachable_server_says_where_it_looked(capsys):
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("yolov12-ctl: UNAVAILABLE: cannot reach 127.0.0.1:1") and "--server" in err
     assert run("--server", "127.0.0.1:1", "--timeout", "5", "health") == (1, "127.0.0.1:1: UNAVAILABLE\n")
-    with pytest.raises(SystemExit) as e:
-        ctl.main(["frobnicate"])
-    assert e.value.code == 2 and capsys.readouterr().err.startswith("yolov12-ctl: argument COMMAND: invalid choice")
+    for argv, line in ((["frobnicate"], "argument COMMAND: invalid choice"),
+                       (["watch", "--count", "-2"], "argument --count: must be 0 or more, got -2"),
+                       (["--timeout", "0", "streams"], "argument --timeout: must be more than 0, got 0")):
+        with pytest.raises(SystemExit) as e:
+            ctl.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"yolov12-ctl: {line}") and err.count("\n") == 1, err

@@ -44,6 +44,22 @@ class UsageError(Exception):
     """A bad argument or unreadable file: one line, exit status 2."""
 
 
+def seconds(text: str) -> float:
+    """argparse type: a number of seconds above 0 (its name is what argparse's message calls it)."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def count(text: str) -> int:
+    """argparse type: a count of 0 or more."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # one line, exit 2 (not the usage block)
         sys.stderr.write(f"yolov12-ctl: {message} (see --help)\n")
@@ -60,7 +76,7 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--key", metavar="FILE", help="this client's key (with --cert)")
     parser.add_argument("--server-name", help="check the server's certificate for this name instead of the host's")
     parser.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (default: $YOLOV12_TOKEN)")
-    parser.add_argument("--timeout", type=float, help="seconds a call may take (default: 10)")
+    parser.add_argument("--timeout", type=seconds, help="seconds a call may take (default: 10)")
     parser.add_argument("--json", action="store_true", help="JSON output, one object per line (for scripts)")
 
 
@@ -88,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("stream_id")
     watch = sub("watch", "detections as they are published, one line per frame")
     watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
-    watch.add_argument("--count", type=int, default=0, help="stop after this many frames (default: never)")
-    watch.add_argument("--duration", type=float, default=0.0, help="stop after this many seconds (default: never)")
+    watch.add_argument("--count", type=count, default=0, help="stop after this many frames (default: never)")
+    watch.add_argument("--duration", type=seconds, default=None, help="stop after this many seconds (default: never)")
     detect = sub("detect", "detections for image files (JPEG or PNG) pushed to the server")
     detect.add_argument("images", nargs="+", metavar="IMAGE")
     sub("info", "engines, devices and their health, classes, SLO")
