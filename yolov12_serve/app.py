@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
+import shutil
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TextIO
 
 from . import priority
@@ -159,10 +162,25 @@ async def _shutdown(core: ServerCore, grpc_server: GrpcServer) -> None:
 
 async def _show_status(core: ServerCore, options: RunOptions, out: TextIO, port: int) -> None:
     printer = StatusPrinter(out)
+    host = core.config.host if core.config.host not in ("0.0.0.0", "::", "") else "localhost"
+    hint = f"from another shell: {_ctl_command()} --server {host}:{port} streams (or watch, info, add ID URL, --help)"
     while True:
         await asyncio.sleep(options.status_interval)
         title = f"yolov12-serve on {','.join(core.runtimes)}, gRPC :{port} - "
-        printer.show(render_table(core.list_streams(), core.config.slo_ms, title))
+        printer.show(render_table(core.list_streams(), core.config.slo_ms, title) + "\n" + hint)
+
+
+def _ctl_command() -> str:
+    """How to run yolov12-ctl from here: by name when it is on PATH, else where this Python installed it (a
+    newcomer running scripts/demo has .venv/bin, not on PATH)."""
+    installed = Path(sys.executable).parent / "yolov12-ctl"
+    on_path = shutil.which("yolov12-ctl")
+    if on_path and Path(on_path).resolve() == installed.resolve():
+        return "yolov12-ctl"
+    if installed.is_file():
+        relative = os.path.relpath(installed)
+        return relative if not relative.startswith("..") else str(installed)
+    return f"{Path(sys.executable).name} -m yolov12_serve.ctl"
 
 
 def _version() -> str:
