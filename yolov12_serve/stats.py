@@ -76,8 +76,8 @@ class StreamStats:
 
     def note_shed(self) -> None:
         """One frame of this camera not handed over under overload (Stream.admit), counted without the lock: past
-        capacity most ticks shed, and the lock, the window's deque and the drop counter were 3 of a shed tick's
-        8 us (1,000 cameras on the 2-core VM). Only the thread delivering the camera's frames calls it (one at a
+        capacity most ticks shed, and the lock, the window's deque and the drop counter were 3 of a shed tick's ~9
+        us (1,000 cameras on the 2-core VM). Only the thread delivering the camera's frames calls it (one at a
         time: no count is lost); the next locked call takes the count in (`_take_shed`), so readers see it all."""
         self._shed += 1
 
