@@ -1,13 +1,13 @@
 """One Detect call (push mode): frames of one stream in, their results out in the same order.
 
-Back-pressure instead of queueing: the next frame is read from the client only while fewer than
-PUSH_WINDOW frames are pending (one decoding or waiting while one runs), so gRPC flow control slows a
-client that sends faster than the engine answers, and no pushed frame is ever superseded. A frame that
-cannot run within the latency objective (an overloaded server) is dropped as "late" like a camera's, and
-answered all the same: its FrameDetections carry `error` (so does a frame the engine failed on) and the call
-goes on. Frames are decoded and letterboxed in a thread pool; the call ends when the client has sent its last
-frame and every frame has been answered, or with an error: a bad frame (INVALID_ARGUMENT), its stream
-removed meanwhile (ABORTED), the server draining (UNAVAILABLE).
+Back-pressure instead of queueing: the next frame is read from the client only while fewer than PUSH_WINDOW
+frames are pending (one decoding or waiting while one runs), so gRPC flow control slows a client that sends
+faster than the engine answers, and no pushed frame is ever superseded. A frame that cannot run within the
+latency objective while the server is overloaded is dropped as "late" like a camera's (with room to spare it
+runs late), and answered all the same: its FrameDetections carry `error` (so does a frame the engine failed
+on) and the call goes on. Frames are decoded and letterboxed in a thread pool; the call ends when the client
+has sent its last frame and every frame has been answered, or with an error: a bad frame (INVALID_ARGUMENT),
+its stream removed meanwhile (ABORTED), the server draining (UNAVAILABLE).
 """
 
 from __future__ import annotations

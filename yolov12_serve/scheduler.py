@@ -31,9 +31,12 @@ A batch whose first frame is late anyway (that case, --process-late) gets the sm
 size with 95% of the best frames/s the model knows: big on GPUs, where batching pays, 1 on CPUs,
 where it only adds latency.
 
-Pushed frames (Detect, DetectImage) have deadlines too and are dropped as late like a camera's (their
-callers get the frame answered with the reason): they used to be exempt and keep deadline order, so a flood
-of DetectImage calls ran ahead of every camera. For the overload order every stream has a fairness `group`:
+Pushed frames (Detect, DetectImage) have deadlines too and, while the device is overloaded, are dropped as
+late like a camera's (their callers get the frame answered with the reason): they used to be exempt and keep
+deadline order, so a flood of DetectImage calls ran ahead of every camera. Below capacity a late pushed frame
+runs (an SLO miss): its caller waits for that very frame and nobody else loses one. A 12-MP phone JPEG takes
+~50 ms to decode on the 2-core VM, so it reached an idle server's scheduler already past a 45 ms objective and
+was refused as "overloaded" every time. For the overload order every stream has a fairness `group`:
 a camera is its own, all one-off DetectImage streams share one, so images together get one camera's share.
 
 A camera's next frame may run while its previous one still runs (on another instance): no stream
@@ -271,14 +274,14 @@ class DeadlineScheduler(Scheduler):
         lone: dict[tuple[int, int], tuple[float, float]] = {}  # shape -> (typical run as now, best of that and alone)
         if t - self._admission_at >= ADMISSION_EVERY_S:
             self._admission(t)
-        overloaded = self._overloaded(t, busy)
+        overloaded = over = self._overloaded(t, busy)  # over: the device's state; overloaded: the order of this pick
         ready = None
         if overloaded and len(self._ready) > self.walk_from:
             ready = self._walk_turns(t, late, busy, lone)  # None: a frame runs late anyway, deadline order instead
             overloaded = ready is not None
         if ready is None:
             ready = [(frame, slot) for slot in list(self._ready.values())
-                     if (frame := self._admit(slot, t, late, busy, lone)) is not None]
+                     if (frame := self._admit(slot, t, late, busy, lone, over)) is not None]
             if overloaded and any(t + lone[f.shape][0] > f.deadline for f, _ in ready):
                 overloaded = False  # a frame that runs late anyway (the SLO is out of reach, a probe): oldest first
         if not ready:
@@ -335,10 +338,11 @@ class DeadlineScheduler(Scheduler):
         return Batch(frames, shape, predict(n, shape, 0.9, busy), t, busy, self._started)
 
     def _admit(self, slot: _StreamSlot, t: float, late: list[Frame], busy: int,
-               lone: dict[tuple[int, int], tuple[float, float]]) -> Frame | None:
+               lone: dict[tuple[int, int], tuple[float, float]], overloaded: bool) -> Frame | None:
         """A ready stream's next frame if it may run now; frames that cannot meet their deadline are taken into
-        `late` (dropped) until one can, unless it runs to re-measure the model (a probe) or could never be on
-        time anyway. A push stream's window can hold several: a late one must not hide the next."""
+        `late` (dropped) until one can, unless it runs to re-measure the model (a probe), could never be on
+        time anyway, or is a pushed frame (its caller waits for it) while the device is not overloaded. A push
+        stream's window can hold several: a late one must not hide the next."""
         if slot.exclusive and slot.in_flight:
             return None
         while (frame := slot.mailbox.peek()) is not None:
@@ -349,7 +353,7 @@ class DeadlineScheduler(Scheduler):
             typical, best = known
             feasible = best <= frame.deadline - frame.ingest_time  # could a frame of this shape be on time at all?
             if (self.process_late or not feasible or t + typical <= frame.deadline
-                    or (t < frame.deadline and self._probe(shape, busy, t))):
+                    or not (frame.droppable or overloaded) or (t < frame.deadline and self._probe(shape, busy, t))):
                 return frame
             late.append(slot.mailbox.take())
             if not slot.mailbox:
@@ -373,7 +377,7 @@ class DeadlineScheduler(Scheduler):
                     break
                 block = turn
             for slot in self._members[group].values():
-                if slot.mailbox and (frame := self._admit(slot, t, late, busy, lone)) is not None:
+                if slot.mailbox and (frame := self._admit(slot, t, late, busy, lone, True)) is not None:
                     if t + lone[frame.shape][0] > frame.deadline:
                         return None
                     ready.append((frame, slot))
