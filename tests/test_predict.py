@@ -8,6 +8,7 @@ with PyAV; the camera is the GStreamer RTSP server on loopback (skipped where it
 
 from __future__ import annotations
 
+import io
 import json
 import socket
 import subprocess
@@ -25,6 +26,7 @@ from yolov12_serve.predict import Predictor, Result, SourceError
 from yolov12_serve.predict.cli import main as predict_main
 from yolov12_serve.predict.inputs import load_rgb
 from yolov12_serve.preprocess import InputPlanner, letterbox_avframe, letterbox_image
+from yolov12_serve.sources.push import decode_frame
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "yolov12_serve" / "assets" / "demo.onnx"
@@ -135,6 +137,50 @@ def test_jpegs_are_decoded_reduced_as_pushed_frames_and_boxes_land_on_the_full_i
     assert_same(r.boxes.data, expected(engine, x, lb), path.name)
     assert r.orig_img.shape == (720, 1280, 3) and r.source == str(path) and r.frame == 0
     assert len(r) and r.boxes.xyxy[:, 2].max() > 320, "boxes are in source pixels, not the 320-wide input"
+
+
+# how a camera stores a picture taken in each EXIF orientation: what undoes Pillow's exif_transpose
+STORED = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+          4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_90,
+          7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_270}
+
+
+def stored_as(upright: np.ndarray, orientation: int, fmt: str) -> bytes:
+    """The file bytes of `upright` as a phone writes it held that way: pixels turned, EXIF orientation set."""
+    image = Image.fromarray(upright)
+    if STORED[orientation] is not None:
+        image = image.transpose(STORED[orientation])
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    image.save(buf, format=fmt, exif=exif.tobytes(), **({"quality": 92} if fmt == "JPEG" else {}))
+    return buf.getvalue()
+
+
+def test_pushed_images_are_turned_upright_as_their_exif_orientation_says(planner):
+    """DetectImage and Detect see a photo as every viewer shows it (a portrait phone photo is stored sideways):
+    for each of the 8 orientations the engine input and the plan are those of the upright picture."""
+    upright = scene(31, (640, 360))
+    want = letterbox_image(upright, planner.plan((640, 360)))
+    for orientation in STORED:
+        x, lb = decode_frame(stored_as(upright, orientation, "PNG"), 0, 0, 0, planner.plan)
+        assert lb.src_hw == (640, 360), orientation
+        np.testing.assert_array_equal(x, want, err_msg=f"orientation {orientation}")
+
+
+def test_a_portrait_phone_jpeg_gets_the_same_boxes_from_predict_and_the_server_in_upright_pixels(
+        predictor, engine, planner, tmp_path):
+    upright = scene(31, (1280, 720))
+    path = tmp_path / "portrait.jpg"
+    path.write_bytes(stored_as(upright, 6, "JPEG"))  # stored 1280 wide, 720 high: a phone held upright
+    x, lb = decode_frame(path.read_bytes(), 0, 0, 0, planner.plan)  # the server's push decoding
+    assert lb.src_hw == (1280, 720)
+    assert np.abs(x.astype(int) - letterbox_image(upright, lb).astype(int)).mean() < 3  # JPEG noise, not a turn
+    (r,) = predictor.predict(str(path))
+    assert r.orig_img.shape == (1280, 720, 3)
+    assert len(r), "the scene should hold defects the demo model finds (else this test proves little)"
+    assert_same(r.boxes.data, expected(engine, x, lb), path.name)
+    assert r.boxes.xyxy[:, 3].max() > 720, "boxes are in the upright picture's pixels"
 
 
 def test_glob_list_and_mixed_sources_keep_the_order_named(predictor, folder):

@@ -11,11 +11,12 @@ trainer's pixels at 2x).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from engines.letterbox import Letterbox, fit_shape, pick_shape, plan_letterbox
 
@@ -24,7 +25,9 @@ if TYPE_CHECKING:
 
     from engines.base import EngineInfo
 
-__all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image"]
+__all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image", "letterbox_upright"]
+
+EXIF_ORIENTATION = 0x0112  # how the camera was held: 1 upright; 5-8 a quarter turn (width and height trade places)
 
 
 class InputPlanner:
@@ -88,6 +91,21 @@ def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox,
         if size != (new_w, new_h):
             pil = pil.resize((new_w, new_h), Image.BILINEAR, reducing_gap=None)
     return lb.place(np.asarray(pil), out=out)
+
+
+def letterbox_upright(img: Image.Image, plan: Callable[[tuple[int, int]], Letterbox]) -> tuple[np.ndarray, Letterbox]:
+    """An opened (not yet loaded) JPEG or PNG -> its letterboxed engine input and plan, turned upright as its EXIF
+    orientation says (a phone photo taken in portrait is stored sideways: boxes then come in the picture's pixels as
+    every viewer shows it). A JPEG is decoded at the smallest scale >= the engine's size (libjpeg's DCT scaling)."""
+    w0, h0 = img.size
+    orientation = img.getexif().get(EXIF_ORIENTATION, 1)
+    turned = orientation in (5, 6, 7, 8)
+    lb = plan((w0, h0) if turned else (h0, w0))
+    if img.format == "JPEG":
+        nh, nw = lb.new_hw
+        img.draft("RGB", (nh, nw) if turned else (nw, nh))
+    img.load()
+    return letterbox_image(ImageOps.exif_transpose(img) if orientation != 1 else img, lb), lb
 
 
 def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox, out: np.ndarray | None = None) -> np.ndarray:

@@ -1,12 +1,13 @@
 """What `predict` reads: the `source` argument resolved into inputs, and the offline inputs read frame by frame.
 
-- Offline (read as fast as the engine takes them, every frame, in order): image files, folders and globs
-  of images and videos, video files, numpy arrays (RGB uint8 [H, W, 3], or [N, H, W, 3] for N frames) and PIL
-  images. Images are decoded with Pillow (JPEGs at reduced scale when the engine input is much smaller, as
-  the server decodes pushed JPEGs) and letterboxed with the server's `letterbox_image`; videos are decoded
-  with PyAV and letterboxed with the server's `letterbox_avframe` (scaled in YUV, converted at the small size).
-  A video file is not a camera here: it is read once, unpaced, and every frame is kept (the server's file
-  source paces a file at its frame rate and loops it, as a recorded camera).
+- Offline (read as fast as the engine takes them, every frame, in order): image files, folders and globs of
+  images and videos, video files, numpy arrays (RGB uint8 [H, W, 3], or [N, H, W, 3] for N frames) and PIL
+  images. Images are decoded with Pillow (JPEGs at reduced scale when the engine input is much smaller, as the
+  server decodes pushed JPEGs, turned upright as their EXIF orientation says) and letterboxed with the
+  server's `letterbox_upright`; videos are decoded with PyAV and letterboxed with the server's
+  `letterbox_avframe` (scaled in YUV, converted at the small size). A video file is not a camera here: it is
+  read once, unpaced, and every frame is kept (the server's file source paces a file at its frame rate and
+  loops it, as a recorded camera).
 - Live (newest frame wins, as in the server): rtsp:// and rtsps:// cameras (and synthetic:// demo cameras),
   pulled by the server's own sources (sources/rtsp.py, sources/synthetic.py).
 
@@ -32,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.letterbox import Letterbox
 
-from ..preprocess import letterbox_avframe, letterbox_image
+from ..preprocess import EXIF_ORIENTATION, letterbox_avframe, letterbox_image, letterbox_upright
 
 __all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "AvPicture", "Decoded", "Input", "SourceError", "Sources", "load_rgb",
            "resolve_sources"]
@@ -41,7 +42,6 @@ IMAGE_SUFFIXES = frozenset({".bmp", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".t
 VIDEO_SUFFIXES = frozenset({".asf", ".avi", ".gif", ".m4v", ".mkv", ".mov", ".mp4", ".mpeg", ".mpg", ".ts", ".wmv",
                             ".webm", ".h264", ".h265", ".hevc"})
 LIVE_SCHEMES = ("rtsp", "rtsps", "synthetic")
-_ORIENTATION = 0x0112  # EXIF tag: how the camera held the picture
 
 
 class SourceError(ValueError):
@@ -240,7 +240,7 @@ def read_offline(inputs: list[Input], plan: Plan, vid_stride: int = 1) -> Iterat
 def load_rgb(path: str | Path) -> np.ndarray:
     """An image file at full size as RGB uint8 [H, W, 3], turned upright as its EXIF orientation says."""
     with Image.open(path) as img:
-        if img.getexif().get(_ORIENTATION, 1) != 1:
+        if img.getexif().get(EXIF_ORIENTATION, 1) != 1:
             img = ImageOps.exif_transpose(img)
         return np.asarray(img.convert("RGB"))
 
@@ -249,15 +249,7 @@ def _read_image(source: str, path: Path, index: int, plan: Plan) -> Decoded:
     t0 = time.perf_counter()
     try:
         with Image.open(path) as img:
-            w0, h0 = img.size
-            orientation = img.getexif().get(_ORIENTATION, 1)
-            turned = orientation in (5, 6, 7, 8)  # quarter turns: width and height trade places
-            lb = plan((w0, h0) if turned else (h0, w0))
-            if img.format == "JPEG":  # decode at the smallest scale >= the engine's size (as for pushed JPEGs)
-                nh, nw = lb.new_hw
-                img.draft("RGB", (nh, nw) if turned else (nw, nh))
-            img.load()
-            x = letterbox_image(ImageOps.exif_transpose(img) if orientation != 1 else img, lb)
+            x, lb = letterbox_upright(img, plan)
             if not x.flags.writeable:  # Pillow's own buffer (no resize was needed): torch warns on those
                 x = x.copy()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

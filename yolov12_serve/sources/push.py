@@ -1,7 +1,8 @@
 """Frames pushed over gRPC: decode JPEG / PNG / raw RGB24 / BGR24 and letterbox them (in a worker thread).
 
 JPEGs are decoded at reduced scale when the engine input is much smaller than the frame (libjpeg's
-DCT scaling through Pillow's `draft`), which cuts decode time by up to 4x for big frames.
+DCT scaling through Pillow's `draft`), which cuts decode time by up to 4x for big frames; JPEG and PNG
+images are turned upright as their EXIF orientation says (as `yolov12-predict` does).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from engines.letterbox import Letterbox
 
 from ..errors import InvalidArgumentError
-from ..preprocess import letterbox_image
+from ..preprocess import letterbox_image, letterbox_upright
 
 __all__ = ["MAX_PIXELS", "MAX_SIDE", "Encoding", "decode_frame", "sniff_encoding"]
 
@@ -68,15 +69,11 @@ def decode_frame(data: bytes, encoding: int, width: int, height: int,
                                        f"{MAX_PIXELS / 1e6:.0f}M pixels are accepted (an 8K frame is 33M)")
         if (enc == Encoding.JPEG) != (fmt == "JPEG") or (enc == Encoding.PNG) != (fmt == "PNG"):
             raise InvalidArgumentError(f"encoding says {enc.name} but the data is {fmt}")
-        lb = plan((h0, w0))
-        if fmt == "JPEG":
-            img.draft("RGB", (lb.new_hw[1], lb.new_hw[0]))  # decode at the smallest scale >= the target
-        img.load()
+        return letterbox_upright(img, plan)
     except InvalidArgumentError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         raise InvalidArgumentError(f"cannot decode the {enc.name} image: {e}") from None
-    return letterbox_image(img, lb), lb
 
 
 def _decode_raw(data: bytes, enc: Encoding, width: int, height: int,
