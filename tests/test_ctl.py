@@ -8,6 +8,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from test_server_harness import ROOT, ServerProcess, wait_until
 
@@ -78,6 +79,52 @@ def test_detect_prints_what_the_python_client_gets(server, tmp_path):
     assert got["detections"][0]["class_name"] == want.detections[0].class_name
     rc, out = run("--server", server.address, "detect", str(photo))
     assert rc == 0 and out.startswith(f"{photo}: ") and f"{len(want.detections)} detections" in out
+
+
+def test_detect_sends_machine_vision_formats_as_png_and_refuses_16_bit_in_one_line(server, tmp_path, capsys):
+    """BMP and TIFF (what machine-vision cameras save) and WebP are sent as PNG: the same pixels, the same boxes
+    as the PNG; a 16-bit TIFF is refused before sending, with what to do (exit 2)."""
+    from matplotlib import cbook
+    from PIL import Image, features
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        pixels = img.convert("RGB")
+    formats = ["png", "bmp", "tiff"] + (["webp"] if features.check("webp") else [])
+    got = {}
+    for fmt in formats:
+        path = tmp_path / f"hopper.{fmt}"
+        pixels.save(path, **({"lossless": True} if fmt == "webp" else {}))
+        rc, out = run("--server", server.address, "--json", "detect", str(path))
+        assert rc == 0, (fmt, capsys.readouterr().err)
+        (result,) = json_lines(out)
+        got[fmt] = result.get("detections", [])
+    assert got["png"] and all(got[fmt] == got["png"] for fmt in formats), got
+    deep = tmp_path / "mono16.tif"
+    Image.fromarray(np.full((64, 64), 3000, np.uint16)).save(deep)
+    rc, out = run("--server", server.address, "detect", str(deep))
+    err = capsys.readouterr().err
+    assert (rc, out) == (2, "") and err.startswith(f"yolov12-ctl: {deep}: a TIFF image in mode I;16") and (
+        "8-bit RGB" in err and err.count("\n") == 1), err
+
+
+def test_an_image_sent_as_png_is_turned_upright_first():
+    """A sideways-stored WebP (EXIF orientation 6: a camera held in portrait) arrives as the upright picture."""
+    from PIL import Image, features
+
+    from yolov12_serve.client import make_frame
+
+    if not features.check("webp"):
+        pytest.skip("this Pillow was built without WebP")
+    upright = np.random.default_rng(5).integers(0, 255, (48, 32, 3), np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buf = io.BytesIO()
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(buf, format="WEBP", lossless=True,
+                                                                        exif=exif.tobytes())
+    frame = make_frame(buf.getvalue())
+    with Image.open(io.BytesIO(frame.data)) as sent:
+        assert sent.format == "PNG"
+        np.testing.assert_array_equal(np.asarray(sent), upright)
 
 
 def test_info_health_and_the_installed_command(server, monkeypatch):

@@ -5,7 +5,7 @@
         c.add_stream("line1-cam1", "rtsp://10.0.0.5/stream1")
         for fd in c.watch(["line1-cam1"]):          # FrameDetections, boxes in source pixels (sent in batches)
             print(fd.frame_id, [(d.class_name, d.score) for d in fd.detections])
-        result = c.detect_image("part.jpg")          # one image: a path, JPEG/PNG bytes or an RGB array
+        result = c.detect_image("part.jpg")          # one image: a path (JPEG, PNG, BMP, TIFF...), bytes, RGB array
 
     # a server with --tls-cert/--tls-key (and --tls-client-ca) and --auth-token-file (docs/security.md)
     with Client("detector.plant:50051", tls_ca="ca.crt", cert="me.crt", key="me.key", token=token) as c: ...
@@ -37,12 +37,14 @@ _ENCODINGS = {"jpeg": pb.ENCODING_JPEG, "jpg": pb.ENCODING_JPEG, "png": pb.ENCOD
 
 def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", frame_id: int = 0,
                encoding: str = "jpeg", quality: int = 90, capture_time_us: int = 0) -> pb.Frame:
-    """A Frame from an RGB uint8 [H, W, 3] array (sent as `encoding`: jpeg, png, rgb, bgr), encoded bytes or a file."""
+    """A Frame from an RGB uint8 [H, W, 3] array (sent as `encoding`: jpeg, png, rgb, bgr), encoded bytes or a file.
+    JPEG and PNG go as they are; another 8-bit image Pillow reads (BMP and TIFF from machine-vision cameras, WebP,
+    GIF) goes as a lossless PNG, turned upright as its EXIF orientation says."""
     if isinstance(image, str | Path):
         image = Path(image).read_bytes()
     if isinstance(image, bytes):
-        return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=image, encoding=pb.ENCODING_UNSPECIFIED,
-                        capture_time_us=capture_time_us)
+        return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=_jpeg_or_png(image),
+                        encoding=pb.ENCODING_UNSPECIFIED, capture_time_us=capture_time_us)
     arr = np.ascontiguousarray(image, dtype=np.uint8)
     if arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"expected an RGB image [H, W, 3], got shape {list(arr.shape)}")
@@ -62,6 +64,27 @@ def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", fram
         data = buf.getvalue()
     return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=data, encoding=enc, width=w, height=h,
                     capture_time_us=capture_time_us)
+
+
+def _jpeg_or_png(data: bytes) -> bytes:
+    """`data` if it is JPEG or PNG (what the server decodes) or no image at all (the server says what is wrong);
+    another image format re-encoded as PNG. ValueError for an image deeper than 8 bits a channel: scaling it to
+    8 bits is the model's business, not a guess here."""
+    if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
+                raise ValueError(f"a {img.format} image in mode {img.mode} (more than 8 bits a channel): convert it "
+                                 "to 8-bit RGB the way the model's training images were, then send that")
+            upright = ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
+        return data  # not an image Pillow knows: sent as it is, and refused by the server with the reason
+    buf = io.BytesIO()
+    upright.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
 
 
 class Watch:
@@ -246,7 +269,7 @@ class Client:
 
     def detect_image(self, image: np.ndarray | bytes | str | Path | pb.Frame, stream_id: str = "",
                      frame_id: int = 0) -> pb.FrameDetections:
-        """Detections for one image (a path, JPEG/PNG bytes, an RGB array or a Frame)."""
+        """Detections for one image (a path or bytes of JPEG, PNG, BMP, TIFF..., an RGB array or a Frame)."""
         frame = image if isinstance(image, pb.Frame) else make_frame(image, stream_id, frame_id)
         return self.stub.DetectImage(frame, timeout=self.timeout)
 

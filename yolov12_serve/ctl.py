@@ -24,7 +24,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from .client import Client
+from .client import Client, make_frame
 from .proto import detector_pb2 as pb
 from .routing import ShardedClient
 
@@ -106,7 +106,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many frames (default: never)")
     watch.add_argument("--duration", type=seconds, default=None, help="stop after this many seconds (default: never)")
-    detect = sub("detect", "detections for image files (JPEG or PNG) pushed to the server")
+    detect = sub("detect", "detections for image files (JPEG, PNG; BMP, TIFF, WebP sent as PNG) pushed to the server")
     detect.add_argument("images", nargs="+", metavar="IMAGE")
     sub("info", "engines, devices and their health, classes, SLO")
     sub("health", "SERVING or not, per server (exit 0 only when every one serves)")
@@ -207,7 +207,11 @@ def _detect(c: Client, args: argparse.Namespace, out: TextIO) -> int:
             data = Path(path).read_bytes()
         except OSError as e:
             raise UsageError(f"cannot read {path}: {e.strerror}") from None
-        fd = c.detect_image(data)
+        try:
+            frame = make_frame(data)  # JPEG and PNG as they are; BMP, TIFF, WebP... as PNG
+        except ValueError as e:
+            raise UsageError(f"{path}: {e}") from None
+        fd = c.detect_image(frame)
         out.write((json.dumps({"image": path, **_as_dict(fd)}) if args.json else f"{path}: {_describe(fd)}") + "\n")
     return 0
 
