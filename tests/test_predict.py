@@ -183,6 +183,19 @@ def test_a_portrait_phone_jpeg_gets_the_same_boxes_from_predict_and_the_server_i
     assert r.boxes.xyxy[:, 3].max() > 720, "boxes are in the upright picture's pixels"
 
 
+def test_a_16_bit_image_is_refused_with_what_to_do_not_clipped_to_white(predictor, planner, tmp_path):
+    """A 16-bit mono PNG (machine-vision cameras write them) would become a white frame: the server answers
+    INVALID_ARGUMENT and predict one SourceError, both saying to send 8-bit RGB."""
+    from yolov12_serve.errors import InvalidArgumentError
+
+    path = tmp_path / "mono16.png"
+    Image.fromarray(np.full((120, 160), 3000, np.uint16)).save(path)
+    with pytest.raises(InvalidArgumentError, match=r"mode I;16 \(more than 8 bits a channel\).*8-bit RGB"):
+        decode_frame(path.read_bytes(), 0, 0, 0, planner.plan)
+    with pytest.raises(SourceError, match=r"mono16.png: cannot read the image .*8-bit RGB"):
+        predictor.predict(str(path))
+
+
 def test_glob_list_and_mixed_sources_keep_the_order_named(predictor, folder):
     arr = scene(3, (240, 320))
     results = predictor.predict([str(folder / "part03.png"), str(folder / "part0[0-1].png"), arr])

@@ -24,6 +24,7 @@ import numpy as np
 from grpc.experimental import ChannelOptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from .preprocess import check_eight_bit
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 
@@ -68,17 +69,14 @@ def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", fram
 
 def _jpeg_or_png(data: bytes) -> bytes:
     """`data` if it is JPEG or PNG (what the server decodes) or no image at all (the server says what is wrong);
-    another image format re-encoded as PNG. ValueError for an image deeper than 8 bits a channel: scaling it to
-    8 bits is the model's business, not a guess here."""
+    another image format re-encoded as PNG. ValueError for an image deeper than 8 bits a channel."""
     if data[:3] == b"\xff\xd8\xff" or data[:8] == b"\x89PNG\r\n\x1a\n":
         return data
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:
         with Image.open(io.BytesIO(data)) as img:
-            if img.mode not in ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"):
-                raise ValueError(f"a {img.format} image in mode {img.mode} (more than 8 bits a channel): convert it "
-                                 "to 8-bit RGB the way the model's training images were, then send that")
+            check_eight_bit(img)
             upright = ImageOps.exif_transpose(img).convert("RGB")
     except (UnidentifiedImageError, OSError, SyntaxError, Image.DecompressionBombError):
         return data  # not an image Pillow knows: sent as it is, and refused by the server with the reason

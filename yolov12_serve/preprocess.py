@@ -25,9 +25,18 @@ if TYPE_CHECKING:
 
     from engines.base import EngineInfo
 
-__all__ = ["InputPlanner", "letterbox_avframe", "letterbox_image", "letterbox_upright"]
+__all__ = ["InputPlanner", "check_eight_bit", "letterbox_avframe", "letterbox_image", "letterbox_upright"]
 
 EXIF_ORIENTATION = 0x0112  # how the camera was held: 1 upright; 5-8 a quarter turn (width and height trade places)
+EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
+
+
+def check_eight_bit(img: Image.Image) -> None:
+    """ValueError for an image deeper than 8 bits a channel (a 16-bit machine-vision TIFF or PNG): Pillow would clip
+    it to white, and how to scale it to 8 bits is the model's business (as its training images were), not a guess."""
+    if img.mode not in EIGHT_BIT_MODES:
+        raise ValueError(f"a {img.format or ''} image in mode {img.mode} (more than 8 bits a channel): convert it to "
+                         "8-bit RGB the way the model's training images were, then send that")
 
 
 class InputPlanner:
@@ -96,7 +105,9 @@ def letterbox_image(image: np.ndarray | Image.Image, lb: Letterbox,
 def letterbox_upright(img: Image.Image, plan: Callable[[tuple[int, int]], Letterbox]) -> tuple[np.ndarray, Letterbox]:
     """An opened (not yet loaded) JPEG or PNG -> its letterboxed engine input and plan, turned upright as its EXIF
     orientation says (a phone photo taken in portrait is stored sideways: boxes then come in the picture's pixels as
-    every viewer shows it). A JPEG is decoded at the smallest scale >= the engine's size (libjpeg's DCT scaling)."""
+    every viewer shows it). A JPEG is decoded at the smallest scale >= the engine's size (libjpeg's DCT scaling).
+    ValueError for an image deeper than 8 bits a channel."""
+    check_eight_bit(img)
     w0, h0 = img.size
     orientation = img.getexif().get(EXIF_ORIENTATION, 1)
     turned = orientation in (5, 6, 7, 8)
