@@ -354,6 +354,44 @@ def test_metric_series_looked_up_once_are_fresh_for_a_stream_added_again():
 
 
 
+def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_unknown_ids_are_retried(tmp_path):
+    """Between loading its engines and adding its saved streams a restarting server is not SERVING, and a call
+    naming an id it does not hold yet is UNAVAILABLE ("retry"), not NOT_FOUND: a watcher that came back first
+    would otherwise be told its camera is gone (found by a subscriber following the server through a restart)."""
+    from test_scheduler import CostEngine
+
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+    from yolov12_serve.errors import StreamNotFoundError, UnavailableError
+
+    config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
+                          allow_synthetic=True, state_dir=str(tmp_path))
+
+    def load(path, device="cpu", instances=1, **opts):
+        return CostEngine(a=0.002, b=0.001)
+
+    before = ServerCore(config, load_engine=load)
+    before.start()
+    before.add_stream(StreamSpec("belt", "synthetic://belt?fps=5&size=320x180"))
+    before.drain(2)
+    core = ServerCore(config, load_engine=load)
+    health: list[bool] = []
+    core.on_health_change = health.append
+    core.start(hold=True)
+    try:
+        assert True not in health
+        with pytest.raises(UnavailableError, match="still adding its saved streams; retry in a moment"):
+            core.remove_stream("belt")
+        assert core.restore_streams() == 1
+        core.opened()
+        assert health[-1] is True
+        core.remove_stream("belt")
+        with pytest.raises(StreamNotFoundError):
+            core.remove_stream("belt")
+    finally:
+        core.drain(2)
+
+
 def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exactly():
     """A camera's ingested and superseded frames are counted per frame only in its stats (two counter increments
     a tick were a fifth of its cost) and added to frames_total and frames_dropped_total{superseded} before each

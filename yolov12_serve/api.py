@@ -139,7 +139,7 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     async def _check_watch(self, stream_ids, context) -> list[str]:
         """The ids to watch (duplicates dropped); aborts NOT_FOUND / FAILED_PRECONDITION (another replica's) /
-        UNAVAILABLE (draining)."""
+        UNAVAILABLE (draining, or starting: an unknown id may be a saved stream not added yet)."""
         ids = list(dict.fromkeys(stream_ids))
         missing = [i for i in ids if not self.core.has_stream(i)]
         for sid in missing:  # a camera of another replica: say which (FAILED_PRECONDITION)
@@ -148,6 +148,10 @@ class DetectorService(pb_grpc.DetectorServicer):
             except WrongShardError as e:
                 await context.abort(status_code(e), str(e))
         if missing:
+            try:
+                self.core.check_started()  # it may be one of the saved streams, not added yet: UNAVAILABLE
+            except ServerError as e:
+                await context.abort(status_code(e), str(e))
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no stream {missing[0]!r} (ListStreams shows the ids)")
         if self.core.draining:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")

@@ -68,7 +68,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     started = now()
     try:
-        await loop.run_in_executor(None, core.start)
+        await loop.run_in_executor(None, core.start, True)  # health says SERVING once the streams are back
         metrics_host = config.metrics_host or config.host
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
         # the workers run: all else yields to them (priority.py)
@@ -78,6 +78,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         for spec in options.streams:
             core.add_stream(spec, persist=False)  # the command line brings them back
         core.restore_streams()
+        core.opened()
         https = " over HTTPS" if config.security.metrics_tls else ""
         print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
               f"{f'{metrics_host}:{metrics_port}/metrics{https}' if metrics_port is not None else 'off'}, devices "

@@ -128,6 +128,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
         self.ready = False
+        self.starting = True  # until the streams of the command line and the state folder are back (`opened`)
         self.draining = False
         self.on_health_change: Callable[[bool], None] = lambda serving: None
         self.on_device_health: Callable[[str, bool], None] = lambda device, healthy: None
@@ -138,8 +139,9 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         return self._load_engine or _default_loader
 
     # ----------------------------------------------------------------------------------------- start / stop
-    def start(self) -> None:
-        """Load and warm up one engine per device, start the workers, the supervisor and the watchdog (blocking)."""
+    def start(self, hold: bool = False) -> None:
+        """Load and warm up one engine per device, start the workers, the supervisor and the watchdog (blocking).
+        `hold`: health stays NOT_SERVING until `opened()` (the caller adds its streams first)."""
         cfg = self.config
         paths = cfg.engines
         if not paths:
@@ -170,6 +172,13 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self.ready = True
         for device in self.runtimes:
             self.on_device_health(device, True)
+        if not hold:
+            self.opened()
+
+    def opened(self) -> None:
+        """The streams the server starts with are in: health may say SERVING, and a watch or removal of an unknown
+        id is NOT_FOUND from now on (before, UNAVAILABLE: a client that came back before its camera did retries)."""
+        self.starting = False
         self._update_serving()
 
     def engine_path(self, device: str) -> str:
@@ -364,6 +373,11 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         image, lb = decode_frame(data, encoding, width, height, stream.plan)
         return stream.put(image, lb, capture_time_us, frame_id=frame_id, ingest_time=received_at)
 
+    def check_started(self) -> None:
+        """UNAVAILABLE while the streams the server starts with are still being added (an unknown id may be one)."""
+        if self.starting:
+            raise UnavailableError("the server is starting and still adding its saved streams; retry in a moment")
+
     def _check_serving(self) -> None:
         if self.draining:
             raise UnavailableError("the server is shutting down")
@@ -393,6 +407,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             stream = self._streams.get(stream_id)
             if stream is None:
                 self.check_owner(stream_id)  # another replica's camera: say which
+                self.check_started()
                 raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
             self._unregister(stream, "removed")
         if stream.persistent:

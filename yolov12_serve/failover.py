@@ -43,6 +43,7 @@ class DeviceCare:
         supervisor: RunSupervisor
         deadline: RunDeadline
         ready: bool
+        starting: bool
         draining: bool
         on_health_change: Callable[[bool], None]
         on_device_health: Callable[[str, bool], None]
@@ -189,8 +190,10 @@ class DeviceCare:
         self._update_serving()
 
     def _update_serving(self) -> None:
-        """Health says SERVING while the engines are loaded, the server is not draining and a device is healthy."""
-        serving = self.ready and not self.draining and any(rt.health.healthy for rt in self.runtimes.values())
+        """Health says SERVING once the engines are loaded and the starting streams added, while the server is not
+        draining and a device is healthy."""
+        serving = (self.ready and not self.starting and not self.draining
+                   and any(rt.health.healthy for rt in self.runtimes.values()))
         self.on_health_change(serving)
 
     def _expected_fps(self, stream: Stream) -> float:
