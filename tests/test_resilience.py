@@ -311,6 +311,77 @@ def test_kill_9_while_streams_come_and_go_brings_back_exactly_the_acknowledged_o
             srv.close()
 
 
+def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_path, capsys):
+    """A subscriber feeding a plant system must not go deaf when the server is upgraded: the server drains and
+    is down for a while, then comes back on the same port with its saved camera. A plain watch ends there; a
+    followed one (Client.watch(follow=True), `yolov12-ctl watch --follow`) tells of the gap, waits, and goes on
+    with the restored camera's results; cancelled during a gap it ends at once."""
+    import io
+
+    from test_rtsp import free_port
+
+    from yolov12_serve import ctl
+
+    port, state = free_port(), tmp_path / "state"
+    args = ("--port", str(port), "--state-dir", str(state), "--allow-synthetic", "--no-status")
+    srv = ServerProcess(*args)
+    address = f"127.0.0.1:{port}"
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        c.add_stream("belt", "synthetic://belt?fps=10&size=320x180")
+        seen: dict[str, list] = {"followed": [], "plain": [], "idle": []}
+        gaps: list[tuple[str, int]] = []  # what was told, and how many results had come by then
+        followed = c.watch(["belt"], follow=True, on_gap=lambda text: gaps.append((text, len(seen["followed"]))))
+        plain, idle = c.watch(["belt"]), c.watch(["belt"], follow=True)
+        ends: dict[str, BaseException | None] = {}
+
+        def read(name: str, watch) -> None:
+            try:
+                for fd in watch:
+                    seen[name].append(fd.frame_id)
+            except grpc.RpcError as e:
+                ends[name] = e
+            else:
+                ends[name] = None
+
+        readers = [threading.Thread(target=read, args=item, daemon=True)
+                   for item in (("followed", followed), ("plain", plain), ("idle", idle))]
+        for t in readers:
+            t.start()
+        out = io.StringIO()
+        shell = threading.Thread(target=lambda: ends.setdefault("ctl", ctl.main(
+            ["--server", address, "watch", "belt", "--follow", "--json", "--count", "40"], out=out)), daemon=True)
+        shell.start()
+        wait_until(lambda: min(len(seen["followed"]), len(out.getvalue().splitlines())) >= 5, 30,
+                   what="results before the restart")
+        srv.close()  # SIGTERM: drains, ends the calls, exits
+        readers[1].join(15)
+        assert not readers[1].is_alive(), "a plain watch ends with the server"
+        assert ends["plain"] is None or ends["plain"].code() == grpc.StatusCode.UNAVAILABLE
+        wait_until(lambda: len(gaps) == 1, 15, what="the gap told")
+        before = gaps[0][1]
+        idle.cancel()  # during the gap: no call is open, the wait between tries ends at once
+        readers[2].join(5)
+        assert not readers[2].is_alive() and ends["idle"] is None
+        time.sleep(2)  # the server is down: every try meets UNAVAILABLE
+        srv = ServerProcess(*args)
+        wait_until(lambda: len(seen["followed"]) >= before + 5, 60, what="results after the restart")
+        shell.join(60)
+        followed.cancel()
+        readers[0].join(10)
+    finally:
+        srv.close()
+    told = [text for text, _ in gaps]
+    assert told[0].startswith("watch interrupted (") and told[1:] == ["watching again"] and followed.gaps == 1, gaps
+    after = seen["followed"][before:]
+    assert len(after) >= 5 and after == sorted(after)  # the restored camera's results, in order
+    assert ends["ctl"] == 0, capsys.readouterr().err
+    assert len(out.getvalue().splitlines()) == 40
+    err = capsys.readouterr().err  # "watching again" comes with the first result after the gap
+    assert "yolov12-ctl: watch interrupted (" in err and "yolov12-ctl: watching again" in err, err
+
+
 # ------------------------------------------------------------------------------------------------ overload
 def test_a_device_that_stays_over_capacity_hands_a_camera_to_a_lighter_one(tmp_path):
     """Two CPU devices whose frames take 40 ms longer each (so few fill them). Placed before they sent a frame, by

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import io
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
@@ -28,7 +29,7 @@ from .preprocess import check_eight_bit
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 
-__all__ = ["Client", "Watch", "make_frame"]
+__all__ = ["Client", "FollowedWatch", "Watch", "make_frame"]
 
 Pem = bytes | str | Path  # PEM data, or the path of a PEM file
 
@@ -140,6 +141,72 @@ class Watch:
         return getattr(self.call, name)
 
 
+class FollowedWatch:
+    """A watch that outlives server restarts (`Client.watch(..., follow=True)`): when the call ends (the server
+    drained for an upgrade) or the server cannot be reached (UNAVAILABLE: gone, restarting, still loading), it
+    tries again, 0.5 s after the first failure and up to every `retry_cap_s`, until the server answers; any other
+    status (NOT_FOUND, UNAUTHENTICATED, ...) ends it as it would a plain watch. `on_gap(text)` hears of each gap
+    and each resumption (a log line, say); `gaps` counts them. Results published while no call was open are not
+    seen, and a camera restored after a restart numbers its frames from 0 again. `timeout` bounds the whole watch;
+    `cancel()` ends it from any thread, during a wait too (the reader then gets StopIteration)."""
+
+    def __init__(self, open_call: Callable[[float | None], Watch], timeout: float | None = None,
+                 on_gap: Callable[[str], None] | None = None, retry_cap_s: float = 5.0) -> None:
+        self._open_call = open_call
+        self._end = None if timeout is None else time.monotonic() + timeout
+        self._on_gap = on_gap or (lambda text: None)
+        self._retry_cap_s = retry_cap_s
+        self._stop = threading.Event()
+        self._watch: Watch | None = None
+        self._in_gap = False
+        self.gaps = 0
+        self.dropped = 0  # results the server reported lost because this watcher fell behind, over every call
+
+    def __iter__(self) -> FollowedWatch:
+        return self
+
+    def __next__(self) -> pb.FrameDetections:
+        delay = 0.5
+        while True:
+            if self._stop.is_set():
+                raise StopIteration
+            remaining = None if self._end is None else self._end - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise StopIteration
+            if self._watch is None:
+                self._watch = self._open_call(remaining)
+                if self._stop.is_set():  # cancel() ran meanwhile and saw no call to cancel
+                    self._watch.cancel()
+            before = self._watch.dropped
+            try:
+                fd = next(self._watch)
+            except StopIteration:
+                why = "the server ended the call (shutting down or restarting)"
+            except grpc.RpcError as e:
+                if self._stop.is_set() or e.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                why = f"UNAVAILABLE: {e.details()}"
+            else:
+                self.dropped += self._watch.dropped - before
+                if self._in_gap:
+                    self._in_gap = False
+                    self._on_gap("watching again")
+                return fd
+            self._watch = None
+            if not self._in_gap:
+                self._in_gap = True
+                self.gaps += 1
+                self._on_gap(f"watch interrupted ({why}); trying again until the server is back")
+            self._stop.wait(delay)
+            delay = min(2 * delay, self._retry_cap_s)
+
+    def cancel(self) -> bool:
+        """Stop following: the open call is cancelled, a wait between tries ends at once."""
+        self._stop.set()
+        watch = self._watch
+        return watch.cancel() if watch is not None else True
+
+
 def _read_pem(value: Pem | None, what: str) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -237,12 +304,16 @@ class Client:
         return next((s for s in self.list_streams() if s.stream_id == stream_id), None)
 
     def watch(self, stream_ids: Iterable[str] = (), timeout: float | None = None, batched: bool = True,
-              max_delay_ms: int = 0) -> Watch:
+              max_delay_ms: int = 0, follow: bool = False,
+              on_gap: Callable[[str], None] | None = None) -> Watch | FollowedWatch:
         """Detections as published (all streams when `stream_ids` is empty), one FrameDetections at a time;
         `.cancel()` on the result stops it. `batched` (the default): they travel in WatchDetectionBatches
         messages, every `max_delay_ms` at most (0: the server's default, 5 ms), so a watcher that keeps up gets
         every result at thousands a second (a server without that call is watched per result instead);
-        `batched=False`: one WatchDetections message per result (a slow watcher loses more)."""
+        `batched=False`: one WatchDetections message per result (a slow watcher loses more). `follow`: go on
+        through server restarts and outages (`FollowedWatch`; `on_gap` hears of each gap)."""
+        if follow:
+            return FollowedWatch(lambda left: self.watch(stream_ids, left, batched, max_delay_ms), timeout, on_gap)
         ids = list(stream_ids)
 
         def per_result() -> grpc.Call:

@@ -106,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many frames (default: never)")
     watch.add_argument("--duration", type=seconds, default=None, help="stop after this many seconds (default: never)")
+    watch.add_argument("--follow", action="store_true",
+                       help="go on through server restarts and outages, trying again until the server is back (a "
+                            "note on stderr at each gap); without it the watch ends when the server does")
     detect = sub("detect", "detections for image files (JPEG, PNG; BMP, TIFF, WebP sent as PNG) pushed to the server")
     detect.add_argument("images", nargs="+", metavar="IMAGE")
     sub("info", "engines, devices and their health, classes, SLO")
@@ -184,7 +187,10 @@ def _describe(fd: pb.FrameDetections) -> str:
 
 
 def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
-    watch = c.watch(args.stream_ids, timeout=args.duration or None)
+    def note(text: str) -> None:
+        print(f"yolov12-ctl: {text}", file=sys.stderr, flush=True)
+
+    watch = c.watch(args.stream_ids, timeout=args.duration or None, follow=args.follow, on_gap=note)
     seen = 0
     try:
         for fd in watch:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import grpc
@@ -123,18 +123,23 @@ class ShardedClient:
         """Every replica's streams, by id."""
         return sorted((s for c in self.clients for s in c.list_streams()), key=lambda s: s.stream_id)
 
-    def watch(self, stream_ids: Iterable[str] = (), timeout: float | None = None) -> Any:
-        """Detections of these cameras from their owners (all cameras of every replica when empty), merged."""
+    def watch(self, stream_ids: Iterable[str] = (), timeout: float | None = None, follow: bool = False,
+              on_gap: Callable[[str], None] | None = None) -> Any:
+        """Detections of these cameras from their owners (all cameras of every replica when empty), merged;
+        `follow`: each replica's watch goes on through its restarts (`on_gap` hears "ADDRESS: ...")."""
         ids = list(dict.fromkeys(stream_ids))
-        if ids:
-            by_shard: dict[int, list[str]] = {}
-            for sid in ids:
-                by_shard.setdefault(self.owner(sid), []).append(sid)
-            if len(by_shard) == 1:
-                (shard, mine), = by_shard.items()
-                return self.clients[shard].watch(mine, timeout)
-            return MergedWatch([self.clients[s].watch(mine, timeout) for s, mine in sorted(by_shard.items())])
-        return MergedWatch([c.watch((), timeout) for c in self.clients])
+        by_shard: dict[int, list[str]] = {}
+        for sid in ids:
+            by_shard.setdefault(self.owner(sid), []).append(sid)
+        wanted = sorted(by_shard.items()) if ids else [(shard, []) for shard in range(len(self.clients))]
+
+        def one(shard: int, mine: list[str]) -> Any:
+            told = None if on_gap is None else (lambda text, a=self.addresses[shard]: on_gap(f"{a}: {text}"))
+            return self.clients[shard].watch(mine, timeout, follow=follow, on_gap=told)
+
+        if len(wanted) == 1 and ids:
+            return one(*wanted[0])
+        return MergedWatch([one(shard, mine) for shard, mine in wanted])
 
     def health(self) -> dict[str, str]:
         """Each replica's health ('SERVING', ..., or the gRPC code name when it cannot be reached)."""
