@@ -34,6 +34,29 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------------------------------ the program
+def _console_scripts() -> dict[str, str]:
+    from importlib.metadata import distribution
+
+    return {ep.name: ep.value for ep in distribution("yolov12-serve").entry_points if ep.group == "console_scripts"}
+
+
+@pytest.mark.parametrize("name", sorted(_console_scripts()))
+def test_every_command_says_its_version(name, capsys):
+    """What a bug report or an upgrade check asks first: `yolov12-serve --version` and the like, for every command
+    the package installs (a new one without it fails here)."""
+    import importlib
+
+    from yolov12_serve import __version__
+
+    module, function = _console_scripts()[name].split(":")
+    main = getattr(importlib.import_module(module), function)
+    try:
+        status = main(["--version"])
+    except SystemExit as e:
+        status = e.code
+    assert (status, capsys.readouterr().out) == (0, f"{name} {__version__}\n")
+
+
 def test_sigterm_drains_and_exits_zero_within_10_s(tmp_path):
     cams = tmp_path / "cams.yaml"
     cams.write_text("streams:\n  - {id: line2-cam1, url: 'synthetic://b?fps=15', max_fps: 10}\n")

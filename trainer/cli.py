@@ -12,6 +12,7 @@ import sys
 import typing
 from dataclasses import MISSING, fields
 
+from . import __version__
 from .config import TrainConfig
 
 __all__ = ["data_main", "export_main", "train_main", "val_main"]
@@ -79,6 +80,7 @@ def train_main(argv: list[str] | None = None) -> int:
         prog="yolov12-train",
         description="Train YOLOv12. Writes PROJECT/NAME/weights/{last,best}.pt, results.csv and plots. "
                     "A global batch of any size fits: it is split across GPUs, then into micro-batches.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     from .data.config import load_data_config
@@ -129,6 +131,9 @@ def export_main(argv: list[str] | None = None) -> int:
 def data_main(argv: list[str] | None = None) -> int:
     """yolov12-data synth: generate a synthetic factory-defect dataset."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["--version"]:
+        print(f"yolov12-data {__version__}")
+        return 0
     if not argv or argv[0] in ("-h", "--help"):
         print("usage: yolov12-data synth --out DIR --images N [--imgsz S] [--seed K] [--val-fraction F]\n\n"
               "  synth    textured factory surfaces with labelled defects (scratch, dent, crack, stain, missing_part)")

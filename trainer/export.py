@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import __version__
 from .boxes import xywh2xyxy
 from .nn import DetectionModel
 
@@ -419,6 +420,7 @@ def _parse_shapes(text: str | None) -> list[tuple[int, int]] | None:
 def export_main(argv: list[str] | None = None) -> int:
     """yolov12-export: the CLI of `export`; prints the written path, or one error line and exits 2."""
     p = _OneLineParser(prog="yolov12-export", description="Export a checkpoint to ONNX or a TensorRT engine.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="checkpoint (.pt) or model yaml (random weights)")
     p.add_argument("--format", default="onnx", choices=["onnx", "engine"])
     p.add_argument("--imgsz", nargs="+", default=None, help="640, or height,width (default: the training size)")

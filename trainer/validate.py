@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from . import __version__
 from .boxes import xywh2xyxy
 from .loss import DetectionLoss
 from .metrics import MetricsAccumulator
@@ -196,6 +197,7 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 def val_main(argv: list[str] | None = None) -> int:
     """yolov12-val --weights best.pt --data data.yaml [--imgsz --batch --device ...]; exit status 0 on success."""
     p = argparse.ArgumentParser(prog="yolov12-val", description="mAP of a checkpoint on a dataset split (COCO metrics)")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="checkpoint (.pt): ours, official YOLOv12 or ultralytics")
     p.add_argument("--data", required=True, help="data.yaml (YOLO format)")
     p.add_argument("--imgsz", type=int, default=640)

@@ -14,6 +14,7 @@ import asyncio
 import logging
 import sys
 
+from . import __version__
 from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .security import SecurityConfig, install_log_redaction
@@ -28,6 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     """The argument parser (names are a contract: see DESIGN.md)."""
     p = argparse.ArgumentParser(prog="yolov12-serve", description="Real-time multi-camera YOLOv12 detection server "
                                 "(gRPC in and out, Prometheus metrics).")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "
                    "(.onnx: ONNX Runtime; .engine/.plan: TensorRT; .pt: PyTorch)")
     p.add_argument("--gpus", help="'cpu', 'cpu:N' (N CPU devices sharing the cores), a list '0,2' or a range '0-3' "

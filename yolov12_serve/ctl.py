@@ -24,6 +24,7 @@ from typing import Any, TextIO
 import grpc
 from google.protobuf.json_format import MessageToDict
 
+from . import __version__
 from .client import Client, make_frame
 from .proto import detector_pb2 as pb
 from .routing import ShardedClient
@@ -85,6 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "them, watch detections, detect images, check health, swap engines.",
                 epilog="Exit status: 0 done, 1 the server refused or could not be reached (the line says why), "
                 "2 bad arguments, 130 interrupted.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _common_options(p)
     p.set_defaults(timeout=10.0)
     commands = p.add_subparsers(dest="command", required=True, metavar="COMMAND")

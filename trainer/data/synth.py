@@ -25,6 +25,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from .. import __version__
 from .scene import CLASS_NAMES, render_scene
 
 __all__ = ["ASPECTS", "CLASS_NAMES", "frame_size", "render_scene", "synth_main", "synthesize"]
@@ -152,6 +153,7 @@ def synth_main(argv: list[str] | None = None) -> int:
         args_in = args_in[1:]
     parser = argparse.ArgumentParser(prog=GENERATOR_TAG, description="Write a synthetic factory-defect dataset "
                                      f"({', '.join(CLASS_NAMES)}) in YOLO format with exact labels.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--out", required=True, type=Path, help="output folder (new, empty, or an earlier synth run)")
     parser.add_argument("--images", type=int, default=200, help="number of images (default 200)")
     parser.add_argument("--imgsz", type=_parse_imgsz, default=640,

@@ -22,6 +22,7 @@ from fractions import Fraction
 from pathlib import Path
 from typing import Any, TextIO
 
+from .. import __version__
 from .inputs import IMAGE_SUFFIXES, SourceError, resolve_sources
 from .results import Result
 
@@ -44,6 +45,7 @@ def _imgsz(text: str) -> int | tuple[int, int]:
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="yolov12-predict", description="Detect objects in images, folders, globs, videos and rtsp:// "
                 "cameras with an .onnx, .engine or .pt model.")
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="model: .onnx (ONNX Runtime), .engine (TensorRT) or .pt")
     p.add_argument("--source", required=True, nargs="+", help="image, folder, glob, video, rtsp:// URL (several: "
                    "one after another; cameras at once)")
