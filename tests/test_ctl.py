@@ -152,6 +152,28 @@ def test_a_refusal_is_one_line_with_its_status(server, capsys, argv, status, lin
     assert (rc, out) == (status, "") and err.startswith(line) and err.count("\n") == 1, err
 
 
+def test_a_server_that_answers_unavailable_itself_is_quoted_not_called_unreachable():
+    """Starting (adding its saved streams) or shutting down, the server was reached and says why: its words, without
+    "cannot reach" and the network advice that fits only a connection that failed (that case: the test below)."""
+    import grpc
+
+    class Answered(grpc.RpcError):  # the status and details a call raised with (what _one_line reads of it)
+        def __init__(self, details: str) -> None:
+            self._details = details
+
+        def code(self) -> grpc.StatusCode:
+            return grpc.StatusCode.UNAVAILABLE
+
+        def details(self) -> str:
+            return self._details
+
+    for said in ("the server is shutting down",
+                 "the server is starting and still adding its saved streams; retry in a moment"):
+        assert ctl._one_line(Answered(said), ["plant:50051"]) == f"UNAVAILABLE: {said}"
+    failed = ctl._one_line(Answered("failed to connect to all addresses"), ["plant:50051"])
+    assert failed.startswith("UNAVAILABLE: cannot reach plant:50051 (failed to connect") and "--server" in failed
+
+
 def test_an_unreachable_server_says_where_it_looked(capsys):
     rc, _ = run("--server", "127.0.0.1:1", "--timeout", "5", "streams")
     err = capsys.readouterr().err

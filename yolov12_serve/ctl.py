@@ -41,6 +41,9 @@ HINTS = {  # what to do about a refused call, by status code
 }
 
 
+SERVER_SAYS_UNAVAILABLE = ("the server is ", "cannot save the stream set")  # how the server's own UNAVAILABLE begin
+
+
 class UsageError(Exception):
     """A bad argument or unreadable file: one line, exit status 2."""
 
@@ -292,9 +295,11 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
 def _one_line(e: grpc.RpcError, servers: list[str]) -> str:
     code = e.code()
     details = (e.details() or "").splitlines()[0] if e.details() else ""
-    if code == grpc.StatusCode.UNAVAILABLE:
-        details = f"cannot reach {', '.join(servers)}" + (f" ({details})" if details else "")
     hint = HINTS.get(code)
+    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(SERVER_SAYS_UNAVAILABLE):
+        hint = None  # the server was reached and said why (starting, shutting down): its words, no network advice
+    elif code == grpc.StatusCode.UNAVAILABLE:
+        details = f"cannot reach {', '.join(servers)}" + (f" ({details})" if details else "")
     return f"{code.name}: {details}" + (f"; {hint}" if hint else "")
 
 
