@@ -100,6 +100,26 @@ def test_health_reflection_and_server_info(client, server):
     assert info.engines[0].dynamic_hw and info.engines[0].instances == 2 and info.max_streams == 4
 
 
+# ------------------------------------------------------------------------------------------------ the client's frames
+def test_make_frame_takes_mono_and_pil_pixels_and_refuses_what_it_would_have_to_guess():
+    """A machine-vision SDK hands out mono [H, W] uint8 arrays, a script PIL images: both are sent as RGB. Other
+    dtypes are refused with what to do: they were cast to uint8 (uint16 3000 became 184, floats in 0..1 black)."""
+    def sent(image) -> np.ndarray:
+        return np.frombuffer(make_frame(image, encoding="rgb").data, np.uint8).reshape(48, 64, 3)
+
+    mono = np.random.default_rng(3).integers(0, 255, (48, 64), np.uint8)
+    rgb = np.repeat(mono[..., None], 3, axis=2)
+    for image in (mono, mono[..., None], rgb, Image.fromarray(mono), Image.fromarray(rgb)):
+        np.testing.assert_array_equal(sent(image), rgb)
+    for bad, match in [(rgb.astype(np.float32) / 255, "uint8 pixels .* got float32: convert first"),
+                       (rgb.astype(np.uint16) * 16, "got uint16"),
+                       (np.zeros((48, 64, 4), np.uint8), r"RGB image \[H, W, 3\] \(or mono \[H, W\]\), got shape "
+                                                          r"\[48, 64, 4\]"),
+                       (Image.fromarray(mono.astype(np.uint16) * 200), "mode I;16")]:
+        with pytest.raises(ValueError, match=match):
+            make_frame(bad)
+
+
 # ------------------------------------------------------------------------------------------------ DetectImage, Detect
 def test_detect_image_on_a_photograph_in_source_pixels(client, engine, photo):
     want = expected_detections(engine, photo)

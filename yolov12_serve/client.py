@@ -19,6 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 import numpy as np
@@ -26,6 +27,9 @@ from grpc.experimental import ChannelOptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .preprocess import check_eight_bit
+
+if TYPE_CHECKING:
+    from PIL.Image import Image
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 
@@ -37,19 +41,17 @@ _ENCODINGS = {"jpeg": pb.ENCODING_JPEG, "jpg": pb.ENCODING_JPEG, "png": pb.ENCOD
               "bgr": pb.ENCODING_BGR24}
 
 
-def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", frame_id: int = 0,
+def make_frame(image: np.ndarray | Image | bytes | str | Path, stream_id: str = "", frame_id: int = 0,
                encoding: str = "jpeg", quality: int = 90, capture_time_us: int = 0) -> pb.Frame:
-    """A Frame from an RGB uint8 [H, W, 3] array (sent as `encoding`: jpeg, png, rgb, bgr), encoded bytes or a file.
-    JPEG and PNG go as they are; another 8-bit image Pillow reads (BMP and TIFF from machine-vision cameras, WebP,
-    GIF) goes as a lossless PNG, turned upright as its EXIF orientation says."""
+    """A Frame from an RGB uint8 [H, W, 3] array, a mono [H, W] one or a PIL image (sent as `encoding`: jpeg, png,
+    rgb, bgr), encoded bytes or a file. JPEG and PNG go as they are; another 8-bit image Pillow reads (BMP and TIFF
+    from machine-vision cameras, WebP, GIF) goes as a lossless PNG, turned upright as its EXIF orientation says."""
     if isinstance(image, str | Path):
         image = Path(image).read_bytes()
     if isinstance(image, bytes):
         return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=_jpeg_or_png(image),
                         encoding=pb.ENCODING_UNSPECIFIED, capture_time_us=capture_time_us)
-    arr = np.ascontiguousarray(image, dtype=np.uint8)
-    if arr.ndim != 3 or arr.shape[2] != 3:
-        raise ValueError(f"expected an RGB image [H, W, 3], got shape {list(arr.shape)}")
+    arr = _rgb_pixels(image)
     enc = _ENCODINGS.get(encoding.lower())
     if enc is None:
         raise ValueError(f"unknown encoding {encoding!r}: use one of {sorted(_ENCODINGS)}")
@@ -66,6 +68,26 @@ def make_frame(image: np.ndarray | bytes | str | Path, stream_id: str = "", fram
         data = buf.getvalue()
     return pb.Frame(stream_id=stream_id, frame_id=frame_id, data=data, encoding=enc, width=w, height=h,
                     capture_time_us=capture_time_us)
+
+
+def _rgb_pixels(image: np.ndarray | Image) -> np.ndarray:
+    """An RGB uint8 [H, W, 3] array from an array of that kind, a mono one ([H, W] or [H, W, 1]: a machine-vision
+    camera's) or a PIL image. Other dtypes are refused, not cast: uint16 3000 became 184 and floats in 0..1 a black
+    frame."""
+    if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
+        check_eight_bit(image)
+        return np.asarray(image.convert("RGB"))
+    arr = np.asarray(image)
+    if arr.dtype != np.uint8:
+        raise ValueError(f"expected uint8 pixels (0..255), got {arr.dtype}: convert first, e.g. "
+                         "(x * 255).round().astype(np.uint8) for floats in 0..1")
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[..., 0]
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] != 3 or 0 in arr.shape:
+        raise ValueError(f"expected an RGB image [H, W, 3] (or mono [H, W]), got shape {list(arr.shape)}")
+    return np.ascontiguousarray(arr)
 
 
 def _jpeg_or_png(data: bytes) -> bytes:
@@ -336,9 +358,10 @@ class Client:
 
         return self.stub.Detect(messages(), timeout=timeout)
 
-    def detect_image(self, image: np.ndarray | bytes | str | Path | pb.Frame, stream_id: str = "",
+    def detect_image(self, image: np.ndarray | Image | bytes | str | Path | pb.Frame, stream_id: str = "",
                      frame_id: int = 0) -> pb.FrameDetections:
-        """Detections for one image (a path or bytes of JPEG, PNG, BMP, TIFF..., an RGB array or a Frame)."""
+        """Detections for one image (a path or bytes of JPEG, PNG, BMP, TIFF..., an RGB or mono uint8 array, a PIL
+        image, or a Frame)."""
         frame = image if isinstance(image, pb.Frame) else make_frame(image, stream_id, frame_id)
         return self.stub.DetectImage(frame, timeout=self.timeout)
 
