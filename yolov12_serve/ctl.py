@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many frames (default: never)")
     watch.add_argument("--duration", type=seconds, default=None, help="stop after this many seconds (default: never)")
-    watch.add_argument("--follow", action="store_true",
+    watch.add_argument("--follow", action="store_true", default=False,
                        help="go on through server restarts and outages, trying again until the server is back (a "
                             "note on stderr at each gap); without it the watch ends when the server does")
     detect = sub("detect", "detections for image files (JPEG, PNG; BMP, TIFF, WebP sent as PNG) pushed to the server")
