@@ -81,6 +81,37 @@ def test_detect_prints_what_the_python_client_gets(server, tmp_path):
     assert rc == 0 and out.startswith(f"{photo}: ") and f"{len(want.detections)} detections" in out
 
 
+def test_detect_save_draws_the_boxes_on_the_picture_as_the_server_saw_it(server, tmp_path, capsys):
+    """--save DIR writes each image with its boxes drawn, upright (a sideways-stored portrait PNG here), under its
+    own name; a DIR that would overwrite the original is refused in one line."""
+    from matplotlib import cbook
+    from PIL import Image
+
+    from yolov12_serve.predict.results import _PALETTE
+
+    with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
+        upright = np.asarray(img.convert("RGB"))  # 600 high, 512 wide
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored turned a quarter: 512 high, 600 wide
+    photo = tmp_path / "hopper.png"
+    Image.fromarray(upright).transpose(Image.Transpose.ROTATE_90).save(photo, exif=exif.tobytes())
+    rc, out = run("--server", server.address, "--json", "detect", str(photo), "--save", str(tmp_path / "drawn"))
+    (got,) = json_lines(out)
+    assert rc == 0 and got["saved"] == str(tmp_path / "drawn" / "hopper.png") and (got["width"], got["height"]) == (
+        512, 600)
+    drawn = np.asarray(Image.open(got["saved"]).convert("RGB"))
+    assert drawn.shape == upright.shape and got["detections"]
+    first = got["detections"][0]
+    x, y = int(first["x1"]), int((first["y1"] + first["y2"]) / 2)  # the box's left edge, halfway down
+    edge = {tuple(px) for px in drawn[y, x - 1:x + 3]}
+    assert _PALETTE[first["class_id"] % len(_PALETTE)] in edge, (edge, first)
+    before = photo.read_bytes()
+    rc, out = run("--server", server.address, "detect", str(photo), "--save", str(tmp_path))
+    err = capsys.readouterr().err
+    assert (rc, out, photo.read_bytes() == before) == (2, "", True) and err.startswith(
+        f"yolov12-ctl: --save {tmp_path} is where {photo} is") and err.count("\n") == 1, err
+
+
 def test_detect_sends_machine_vision_formats_as_png_and_refuses_16_bit_in_one_line(server, tmp_path, capsys):
     """BMP and TIFF (what machine-vision cameras save) and WebP are sent as PNG: the same pixels, the same boxes
     as the PNG; a 16-bit TIFF is refused before sending, with what to do (exit 2)."""

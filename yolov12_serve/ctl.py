@@ -3,7 +3,7 @@
     yolov12-ctl add line1-cam1 rtsp://10.0.0.5/stream1 --max-fps 10
     yolov12-ctl streams                          # a table: state, device, fps, latency, drops, last error
     yolov12-ctl watch line1-cam1 --count 100 --json
-    yolov12-ctl detect part.jpg
+    yolov12-ctl detect part.jpg --save drawn/            # boxes drawn on a copy of each image
     yolov12-ctl --server detector.plant:50051 --tls-ca ca.crt --token-file viewer.token info
 
 `--server` (or YOLOV12_SERVER, comma-separated) names one server, or every replica of a sharded deployment in
@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "note on stderr at each gap); without it the watch ends when the server does")
     detect = sub("detect", "detections for image files (JPEG, PNG; BMP, TIFF, WebP sent as PNG) pushed to the server")
     detect.add_argument("images", nargs="+", metavar="IMAGE")
+    detect.add_argument("--save", metavar="DIR", default=None,
+                        help="also write each image with its boxes drawn into DIR, under its own name")
     sub("info", "engines, devices and their health, classes, SLO")
     sub("health", "SERVING or not, per server (exit 0 only when every one serves)")
     reload = sub("reload", "swap in engine files while streams flow (none: the same files again)")
@@ -223,8 +225,31 @@ def _detect(c: Client, args: argparse.Namespace, out: TextIO) -> int:
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
         fd = c.detect_image(frame)
-        out.write((json.dumps({"image": path, **_as_dict(fd)}) if args.json else f"{path}: {_describe(fd)}") + "\n")
+        drawn = {} if args.save is None else {"saved": _save_drawn(path, fd, Path(args.save))}
+        out.write((json.dumps({"image": path, **drawn, **_as_dict(fd)}) if args.json else
+                   f"{path}: {_describe(fd)}" + (f" (drawn in {drawn['saved']})" if drawn else "")) + "\n")
     return 0
+
+
+def _save_drawn(path: str, fd: pb.FrameDetections, folder: Path) -> str:
+    """`path` turned upright (as the server saw it) with `fd`'s boxes drawn, written to FOLDER/NAME; the path."""
+    import numpy as np
+    from PIL import Image
+
+    from .predict.inputs import load_rgb
+    from .predict.results import draw_boxes
+
+    dets = np.array([[d.x1, d.y1, d.x2, d.y2, d.score, d.class_id] for d in fd.detections], np.float32)
+    target = folder / Path(path).name
+    if target.resolve() == Path(path).resolve():
+        raise UsageError(f"--save {folder} is where {path} is: pick another folder (it would be overwritten)")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(draw_boxes(load_rgb(path), dets, {d.class_id: d.class_name for d in fd.detections})).save(
+            target)
+    except OSError as e:
+        raise UsageError(f"cannot write the drawn image into {folder}: {e.strerror or e}") from None
+    return str(target)
 
 
 def _info(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> int:
