@@ -3,7 +3,7 @@
     yolov12-ctl add line1-cam1 rtsp://10.0.0.5/stream1 --max-fps 10
     yolov12-ctl streams                          # a table: state, device, fps, latency, drops, last error
     yolov12-ctl watch line1-cam1 --count 100 --json
-    yolov12-ctl detect part.jpg --save drawn/            # boxes drawn on a copy of each image
+    yolov12-ctl detect part.jpg --save drawn/    # boxes drawn on a copy of each image
     yolov12-ctl --server detector.plant:50051 --tls-ca ca.crt --token-file viewer.token info
 
 `--server` (or YOLOV12_SERVER, comma-separated) names one server, or every replica of a sharded deployment in
