@@ -66,6 +66,61 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     assert run(*at, "streams") == (0, "no streams (add one: yolov12-ctl add ID URL)\n")
 
 
+def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsys):
+    """A plant's camera list in a file, applied to a running server (no restart): a dry run changes nothing;
+    then the missing camera is added, the one whose max_fps changed replaced, the unchanged one left running,
+    one the file does not list kept (removed with --prune, which also frees room for the one refused before:
+    --max-streams 4); applying again changes nothing. A refused camera is a line on stderr and exit 1."""
+    at = ("--server", server.address)
+    with server.client() as c:
+        c.add_stream("old", "synthetic://old?fps=2&size=320x180")
+        c.add_stream("keep", "synthetic://keep?fps=2&size=320x180", max_fps=1)
+        c.add_stream("tune", "synthetic://tune?fps=2&size=320x180")
+        running = {s.stream_id: s.url for s in c.list_streams()}
+        cameras = tmp_path / "cameras.yaml"
+        cameras.write_text("streams:\n"
+                           "  - {id: keep, url: 'synthetic://keep?fps=2&size=320x180', max_fps: 1}\n"
+                           "  - {id: tune, url: 'synthetic://tune?fps=2&size=320x180', max_fps: 1}\n"
+                           "  - {id: new, url: 'synthetic://new?fps=2&size=320x180'}\n"
+                           "  - {id: late, url: 'synthetic://late?fps=2&size=320x180'}\n")
+
+        def plan(*extra: str) -> tuple[int, dict[str, tuple[str, str]], str]:
+            rc, out = run(*at, "apply", str(cameras), "--json", *extra)
+            return rc, {r["stream_id"]: (r["action"], r["result"]) for r in json_lines(out)}, capsys.readouterr().err
+
+        rc, steps, _ = plan("--dry-run")
+        assert rc == 0 and steps == {"old": ("unlisted", "kept (--prune removes it)"), "keep": ("keep", ""),
+                                     "tune": ("replace", "dry run"), "new": ("add", "dry run"),
+                                     "late": ("add", "dry run")}
+        assert {s.stream_id: s.url for s in c.list_streams()} == running
+        rc, steps, err = plan()
+        assert rc == 1 and steps["late"] == ("add", "failed: RESOURCE_EXHAUSTED"), steps
+        assert err.startswith("yolov12-ctl: add late: RESOURCE_EXHAUSTED: stream limit reached") and err.count(
+            "\n") == 1, err
+        listed = {s.stream_id: s for s in c.list_streams()}
+        assert sorted(listed) == ["keep", "new", "old", "tune"] and listed["tune"].max_fps == 1
+        rc, out = run(*at, "apply", str(cameras), "--prune")
+        assert rc == 0 and out.splitlines()[-1] == "1 added, 0 replaced, 1 removed, 3 unchanged, 0 not in the file"
+        assert sorted(s.stream_id for s in c.list_streams()) == ["keep", "late", "new", "tune"]
+        assert plan("--prune")[:2] == (0, {sid: ("keep", "") for sid in ("keep", "late", "new", "tune")})
+        rc, _ = run(*at, "apply", str(tmp_path / "missing.yaml"))
+        assert rc == 2 and capsys.readouterr().err.startswith("yolov12-ctl: cannot read streams file")
+        for sid in ("keep", "late", "new", "tune"):
+            c.remove_stream(sid)
+
+
+def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
+    """A push stream belongs to its live Detect call: --prune leaves it. The server lists URLs with passwords
+    masked: the file's URL is compared masked too (else every camera with a password was replaced each time)."""
+    from yolov12_serve.config import StreamSpec
+    from yolov12_serve.proto import detector_pb2 as pb
+
+    listed = [pb.StreamInfo(stream_id="pusher", url="push://"),
+              pb.StreamInfo(stream_id="gate", url="rtsp://op:***@10.0.0.7/s1", max_fps=5)]
+    wanted = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0)]
+    assert [(a, sid) for a, sid, _ in ctl.plan_apply(wanted, listed, prune=True)] == [("keep", "gate")]
+
+
 def test_detect_prints_what_the_python_client_gets(server, tmp_path):
     from matplotlib import cbook
 

@@ -2,6 +2,7 @@
 
     yolov12-ctl add line1-cam1 rtsp://10.0.0.5/stream1 --max-fps 10
     yolov12-ctl streams                          # a table: state, device, fps, latency, drops, last error
+    yolov12-ctl apply cameras.yaml --prune       # the cameras become those of the file, no restart
     yolov12-ctl watch line1-cam1 --count 100 --json
     yolov12-ctl detect part.jpg --save drawn/    # boxes drawn on a copy of each image
     yolov12-ctl --server detector.plant:50051 --tls-ca ca.crt --token-file viewer.token info
@@ -26,6 +27,8 @@ from google.protobuf.json_format import MessageToDict
 
 from . import __version__
 from .client import Client, make_frame
+from .config import StreamSpec, load_streams_file, redact_url
+from .errors import ConfigError
 from .proto import detector_pb2 as pb
 from .routing import ShardedClient
 
@@ -107,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-fps", type=float, default=0.0, help="frames per second to detect on (default: all)")
     rm = sub("remove", "stop a camera")
     rm.add_argument("stream_id")
+    apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
+                "replace those whose URL or max_fps changed, and with --prune remove the others")
+    apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, credentials}] (docs/serving.md)")
+    apply.add_argument("--prune", action="store_true", default=False,
+                       help="also remove the cameras the file does not list (pushed streams are never touched)")
+    apply.add_argument("--dry-run", action="store_true", default=False, help="print what would change, change nothing")
     watch = sub("watch", "detections as they are published, one line per frame")
     watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many frames (default: never)")
@@ -252,6 +261,62 @@ def _save_drawn(path: str, fd: pb.FrameDetections, folder: Path) -> str:
     return str(target)
 
 
+def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
+               prune: bool) -> list[tuple[str, str, StreamSpec | None]]:
+    """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals
+    first (they free --max-streams room), then replacements (a URL or max_fps changed), then additions; unchanged
+    cameras are "keep", and cameras the file does not list "unlisted" (or "remove" with `prune`). URLs are
+    compared as the server shows them, passwords masked: a changed password alone is not seen."""
+    have = {s.stream_id: s for s in listed if s.url != "push://"}  # a pushed stream belongs to its Detect call
+    want = {s.stream_id: s for s in wanted}
+    steps: list[tuple[str, str, StreamSpec | None]] = []
+    for sid in sorted(set(have) - set(want)):
+        steps.append(("remove" if prune else "unlisted", sid, None))
+    for sid, spec in want.items():
+        cur = have.get(sid)
+        if cur is None:
+            continue
+        same = cur.url == redact_url(spec.url) and abs(cur.max_fps - spec.max_fps) < 1e-3
+        steps.append(("keep" if same else "replace", sid, spec))
+    steps += [("add", sid, spec) for sid, spec in want.items() if sid not in have]
+    order = {"remove": 0, "replace": 1, "add": 2, "keep": 3, "unlisted": 4}
+    return sorted(steps, key=lambda step: order[step[0]])
+
+
+def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
+    try:
+        wanted = load_streams_file(args.file)
+    except ConfigError as e:
+        raise UsageError(str(e)) from None
+    done: list[tuple[str, str, str, str]] = []  # action, id, url, result
+    for action, sid, spec in plan_apply(wanted, c.list_streams(), args.prune):
+        result = {"keep": "", "unlisted": "kept (--prune removes it)"}.get(action,
+                                                                          "dry run" if args.dry_run else "done")
+        if result == "done":
+            try:
+                if action in ("remove", "replace"):
+                    c.remove_stream(sid)
+                if spec is not None and action in ("replace", "add"):
+                    c.add_stream(sid, spec.url, spec.max_fps)
+            except grpc.RpcError as e:
+                result = f"failed: {e.code().name}"
+                print(f"yolov12-ctl: {action} {sid}: {_one_line(e, _servers(args))}", file=sys.stderr, flush=True)
+        done.append((action, sid, redact_url(spec.url) if spec is not None else "", result))
+    if args.json:
+        for action, sid, url, result in done:
+            out.write(json.dumps({"action": action, "stream_id": sid, "url": url, "result": result}) + "\n")
+    else:
+        _table([("ACTION", "STREAM", "URL", "RESULT"), *((a, sid, url or "-", r) for a, sid, url, r in done)], out)
+        n = {a: sum(1 for step in done if step[0] == a and not step[3].startswith("failed"))
+             for a in ("add", "replace", "remove", "keep", "unlisted")}
+        verbs = ("to add", "to replace", "to remove") if args.dry_run else ("added", "replaced", "removed")
+        failed = sum(1 for step in done if step[3].startswith("failed"))
+        out.write(f"{n['add']} {verbs[0]}, {n['replace']} {verbs[1]}, {n['remove']} {verbs[2]}, {n['keep']} unchanged, "
+                  f"{n['unlisted']} not in the file" + (" (dry run: nothing changed)" if args.dry_run else "")
+                  + (f"; {failed} failed (said above)" if failed else "") + "\n")
+    return 1 if any(step[3].startswith("failed") for step in done) else 0
+
+
 def _info(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> int:
     for address, c in clients:
         info = c.server_info()
@@ -304,6 +369,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         "streams": lambda: _print_streams(c.list_streams(), args.json, out),
         "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps)], args.json, out),
         "remove": lambda: _print_streams([c.remove_stream(args.stream_id)], args.json, out),
+        "apply": lambda: _apply(c, args, out),
         "watch": lambda: _watch(c, args, out),
         "detect": lambda: _detect(clients[0], args, out),
         "info": lambda: _info(each, args.json, out),
