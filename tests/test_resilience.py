@@ -311,7 +311,7 @@ def test_kill_9_while_streams_come_and_go_brings_back_exactly_the_acknowledged_o
             srv.close()
 
 
-def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_path, capsys):
+def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_path, capsys, caplog):
     """A subscriber feeding a plant system must not go deaf when the server is upgraded: the server drains and
     is down for a while, then comes back on the same port with its saved camera. A plain watch ends there; a
     followed one (Client.watch(follow=True), `yolov12-ctl watch --follow`) tells of the gap, waits, and goes on
@@ -361,6 +361,7 @@ def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_p
         assert ends["plain"] is None or ends["plain"].code() == grpc.StatusCode.UNAVAILABLE
         wait_until(lambda: len(gaps) == 1, 15, what="the gap told")
         before = gaps[0][1]
+        wait_until(lambda: "watch: watch interrupted (" in caplog.text, 15, what="the gap logged (no on_gap given)")
         idle.cancel()  # during the gap: no call is open, the wait between tries ends at once
         readers[2].join(5)
         assert not readers[2].is_alive() and ends["idle"] is None

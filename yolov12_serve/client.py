@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import io
+import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -34,6 +35,8 @@ from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "FollowedWatch", "Watch", "make_frame"]
+
+log = logging.getLogger(__name__)
 
 Pem = bytes | str | Path  # PEM data, or the path of a PEM file
 
@@ -164,19 +167,19 @@ class Watch:
 
 
 class FollowedWatch:
-    """A watch that outlives server restarts (`Client.watch(..., follow=True)`): when the call ends (the server
-    drained for an upgrade) or the server cannot be reached (UNAVAILABLE: gone, restarting, still loading), it
-    tries again, 0.5 s after the first failure and up to every `retry_cap_s`, until the server answers; any other
-    status (NOT_FOUND, UNAUTHENTICATED, ...) ends it as it would a plain watch. `on_gap(text)` hears of each gap
-    and each resumption (a log line, say); `gaps` counts them. Results published while no call was open are not
-    seen, and a camera restored after a restart numbers its frames from 0 again. `timeout` bounds the whole watch;
-    `cancel()` ends it from any thread, during a wait too (the reader then gets StopIteration)."""
+    """A watch that outlives server restarts (`Client.watch(..., follow=True)`): when the call ends (the server drained
+    for an upgrade) or the server cannot be reached (UNAVAILABLE: gone, restarting, still loading), it tries again,
+    0.5 s after the first failure and up to every `retry_cap_s`, until the server answers; any other status
+    (NOT_FOUND, UNAUTHENTICATED, ...) ends it as it would a plain watch. `on_gap(text)` hears of each gap and each
+    resumption (default: a warning on this module's logger); `gaps` counts them. Results published while no call was
+    open are not seen, and a camera restored after a restart numbers its frames from 0 again. `timeout` bounds the
+    whole watch; `cancel()` ends it from any thread, during a wait too (the reader then gets StopIteration)."""
 
     def __init__(self, open_call: Callable[[float | None], Watch], timeout: float | None = None,
                  on_gap: Callable[[str], None] | None = None, retry_cap_s: float = 5.0) -> None:
         self._open_call = open_call
         self._end = None if timeout is None else time.monotonic() + timeout
-        self._on_gap = on_gap or (lambda text: None)
+        self._on_gap = on_gap or (lambda text: log.warning("watch: %s", text))
         self._retry_cap_s = retry_cap_s
         self._stop = threading.Event()
         self._watch: Watch | None = None
