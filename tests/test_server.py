@@ -377,15 +377,18 @@ def test_metric_series_looked_up_once_are_fresh_for_a_stream_added_again():
 
 
 
-def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_unknown_ids_are_retried(tmp_path):
-    """Between loading its engines and adding its saved streams a restarting server is not SERVING, and a call
-    naming an id it does not hold yet is UNAVAILABLE ("retry"), not NOT_FOUND: a watcher that came back first
-    would otherwise be told its camera is gone (found by a subscriber following the server through a restart)."""
+def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_says_retry(tmp_path):
+    """Between loading its engines and adding its saved streams a restarting server is not SERVING, and over gRPC
+    ListStreams (it would be short of them), RemoveStream and a watch naming an id it does not hold yet are
+    UNAVAILABLE ("retry"), not NOT_FOUND: a watcher that came back first was told its camera was gone."""
+    import asyncio
+
     from test_scheduler import CostEngine
 
+    from yolov12_serve.api import create_server
+    from yolov12_serve.client import Client
     from yolov12_serve.config import ServerConfig, StreamSpec
     from yolov12_serve.core import ServerCore
-    from yolov12_serve.errors import StreamNotFoundError, UnavailableError
 
     config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
                           allow_synthetic=True, state_dir=str(tmp_path))
@@ -401,17 +404,27 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_u
     health: list[bool] = []
     core.on_health_change = health.append
     core.start(hold=True)
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(create_server(core), loop).result(30)
     try:
-        assert True not in health
-        with pytest.raises(UnavailableError, match="still adding its saved streams; retry in a moment"):
-            core.remove_stream("belt")
-        assert core.restore_streams() == 1
-        core.opened()
-        assert health[-1] is True
-        core.remove_stream("belt")
-        with pytest.raises(StreamNotFoundError):
-            core.remove_stream("belt")
+        with Client(f"127.0.0.1:{port}") as c:
+            for call in (c.list_streams, lambda: c.remove_stream("belt"), lambda: next(iter(c.watch(["belt"])))):
+                with pytest.raises(grpc.RpcError) as e:
+                    call()
+                assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
+                assert "still adding its saved streams; retry in a moment" in e.value.details()
+            assert True not in health
+            assert core.restore_streams() == 1
+            core.opened()
+            assert health[-1] is True and [s.stream_id for s in c.list_streams()] == ["belt"]
+            c.remove_stream("belt")
+            with pytest.raises(grpc.RpcError) as e:
+                next(iter(c.watch(["belt"])))
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
     finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
         core.drain(2)
 
 

@@ -129,7 +129,9 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     @_unary
     async def ListStreams(self, request: pb.ListStreamsRequest, context) -> pb.ListStreamsResponse:
-        """Every registered stream with state, device and rates."""
+        """Every registered stream with state, device and rates (UNAVAILABLE while the saved ones are being added:
+        the list would be short of them)."""
+        self.core.check_started()
         return pb.ListStreamsResponse(streams=[messages.stream_info(v) for v in self.core.list_streams()])
 
     @_unary
