@@ -167,6 +167,27 @@ def test_detect_save_draws_the_boxes_on_the_picture_as_the_server_saw_it(server,
         f"yolov12-ctl: --save {tmp_path} is where {photo} is") and err.count("\n") == 1, err
 
 
+def test_detect_takes_a_folder_of_images(server, tmp_path, capsys):
+    """A folder stands for the images in it, by name (not other files, not subfolders); one with none is one line."""
+    from PIL import Image
+
+    parts = tmp_path / "parts"
+    (parts / "older").mkdir(parents=True)
+    pixels = Image.fromarray(np.full((90, 160, 3), 128, np.uint8))
+    for name in ("b.bmp", "a.PNG", "older/c.png"):
+        pixels.save(parts / name)
+    (parts / "notes.txt").write_text("not an image")
+    rc, out = run("--server", server.address, "detect", str(parts))
+    assert rc == 0 and [line.split(": ")[0] for line in out.splitlines()] == [str(parts / "a.PNG"),
+                                                                              str(parts / "b.bmp")]
+    rc, out = run("--server", server.address, "detect", str(parts / "older"), str(tmp_path / "none"))
+    assert rc == 2 and out.startswith(f"{parts / 'older' / 'c.png'}: ")  # what came before the unreadable one
+    assert capsys.readouterr().err.startswith(f"yolov12-ctl: cannot read {tmp_path}/none")
+    (tmp_path / "empty").mkdir()
+    rc, _ = run("--server", server.address, "detect", str(tmp_path / "empty"))
+    assert rc == 2 and capsys.readouterr().err.startswith(f"yolov12-ctl: no images in {tmp_path / 'empty'} (looked")
+
+
 def test_detect_sends_machine_vision_formats_as_png_and_refuses_16_bit_in_one_line(server, tmp_path, capsys):
     """BMP and TIFF (what machine-vision cameras save) and WebP are sent as PNG: the same pixels, the same boxes
     as the PNG; a 16-bit TIFF is refused before sending, with what to do (exit 2)."""

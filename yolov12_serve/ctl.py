@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="go on through server restarts and outages, trying again until the server is back (a "
                             "note on stderr at each gap); without it the watch ends when the server does")
     detect = sub("detect", "detections for image files (JPEG, PNG; BMP, TIFF, WebP sent as PNG) pushed to the server")
-    detect.add_argument("images", nargs="+", metavar="IMAGE")
+    detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     detect.add_argument("--save", metavar="DIR", default=None,
                         help="also write each image with its boxes drawn into DIR, under its own name")
     sub("info", "engines, devices and their health, classes, SLO")
@@ -223,8 +223,25 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
     return 0
 
 
+def _image_files(named: Sequence[str]) -> list[str]:
+    """The files named, a folder standing for the images in it (by name; not its subfolders)."""
+    from .predict.inputs import IMAGE_SUFFIXES
+
+    files: list[str] = []
+    for name in named:
+        folder = Path(name)
+        if not folder.is_dir():
+            files.append(name)
+            continue
+        found = sorted(str(f) for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        if not found:
+            raise UsageError(f"no images in {name} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+        files += found
+    return files
+
+
 def _detect(c: Client, args: argparse.Namespace, out: TextIO) -> int:
-    for path in args.images:
+    for path in _image_files(args.images):
         try:
             data = Path(path).read_bytes()
         except OSError as e:
