@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import threading
 from collections import Counter
 
 import grpc
@@ -156,3 +157,35 @@ def test_ctl_routes_cameras_to_their_replica_and_lists_them_all(replicas):
     assert ctl.main([*fleet, "health"], out) == 0
     assert out.getvalue() == "".join(f"{s.address}: SERVING\n" for s in replicas)
     assert ctl.main([*fleet, "remove", new], io.StringIO()) == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_followed_fleet_watch_goes_on_when_a_replica_goes_away(replicas):
+    """(Runs last: it stops replica 1.) A followed watch of every camera keeps the other replica's results coming
+    and tells, naming the replica, that one went away; the reader sees no error, and ends when cancelled."""
+    told: list[str] = []
+    seen: list[str] = []
+    ended: list[object] = []
+    with ShardedClient([s.address for s in replicas]) as fleet:
+        fleet.wait_ready(60)
+        held = [{s.stream_id for s in c.list_streams()} for c in fleet.clients]
+        watch = fleet.watch(follow=True, on_gap=told.append)
+
+        def read() -> None:
+            try:
+                seen.extend(fd.stream_id for fd in watch)
+                ended.append("end")
+            except grpc.RpcError as e:
+                ended.append(e)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        wait_until(lambda: all(ids & set(seen) for ids in held), 30, what="results of both replicas")
+        replicas[1].close()
+        wait_until(lambda: told, 20, what="the gap told")
+        assert told[0].startswith(f"{replicas[1].address}: watch interrupted ("), told
+        after = len(seen)
+        wait_until(lambda: len(held[0] & set(seen[after:])) >= 2, 30, what="replica 0's results after the gap")
+        watch.cancel()
+        reader.join(10)
+    assert ended == ["end"] and len(told) == 1, (ended, told)
