@@ -7,6 +7,7 @@ import io
 import json
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -285,6 +286,11 @@ def test_an_unreachable_server_says_where_it_looked(capsys):
     rc, _ = run("--server", "127.0.0.1:1", "--timeout", "5", "streams")
     err = capsys.readouterr().err
     assert rc == 1 and err.startswith("yolov12-ctl: UNAVAILABLE: cannot reach 127.0.0.1:1") and "--server" in err
+    t0 = time.monotonic()  # --follow waits for it instead, until --duration is up
+    assert run("--server", "127.0.0.1:1", "watch", "--follow", "--duration", "2") == (0, "")
+    err = capsys.readouterr().err
+    assert 1.9 < time.monotonic() - t0 < 10 and err.startswith("yolov12-ctl: watch interrupted (UNAVAILABLE: ") and (
+        err.count("\n") == 1), err
     assert run("--server", "127.0.0.1:1", "--timeout", "5", "health") == (1, "127.0.0.1:1: UNAVAILABLE\n")
     for argv, line in ((["frobnicate"], "argument COMMAND: invalid choice"),
                        (["watch", "--count", "-2"], "argument --count: must be 0 or more, got -2"),
