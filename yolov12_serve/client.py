@@ -28,11 +28,11 @@ from grpc.experimental import ChannelOptions
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from .preprocess import check_eight_bit
+from .proto import detector_pb2 as pb
+from .proto import detector_pb2_grpc as pb_grpc
 
 if TYPE_CHECKING:
     from PIL.Image import Image
-from .proto import detector_pb2 as pb
-from .proto import detector_pb2_grpc as pb_grpc
 
 __all__ = ["Client", "FollowedWatch", "Watch", "make_frame"]
 
