@@ -379,8 +379,9 @@ def test_metric_series_looked_up_once_are_fresh_for_a_stream_added_again():
 
 def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_says_retry(tmp_path):
     """Between loading its engines and adding its saved streams a restarting server is not SERVING, and over gRPC
-    ListStreams (it would be short of them), RemoveStream and a watch naming an id it does not hold yet are
-    UNAVAILABLE ("retry"), not NOT_FOUND: a watcher that came back first was told its camera was gone."""
+    ListStreams (it would be short of them), AddStream (the id may be a saved one), RemoveStream and a watch naming
+    an id it does not hold yet are UNAVAILABLE ("retry"), not NOT_FOUND: a watcher that came back first was told
+    its camera was gone."""
     import asyncio
 
     from test_scheduler import CostEngine
@@ -409,7 +410,8 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
     server, port = asyncio.run_coroutine_threadsafe(create_server(core), loop).result(30)
     try:
         with Client(f"127.0.0.1:{port}") as c:
-            for call in (c.list_streams, lambda: c.remove_stream("belt"), lambda: next(iter(c.watch(["belt"])))):
+            for call in (c.list_streams, lambda: c.remove_stream("belt"), lambda: next(iter(c.watch(["belt"]))),
+                         lambda: c.add_stream("belt", "synthetic://belt?fps=5&size=320x180")):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value

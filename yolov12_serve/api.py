@@ -116,7 +116,9 @@ class DetectorService(pb_grpc.DetectorServicer):
 
     @_unary
     async def AddStream(self, request: pb.AddStreamRequest, context) -> pb.StreamInfo:
-        """Register a camera to pull; returns at once in CONNECTING."""
+        """Register a camera to pull; returns at once in CONNECTING (UNAVAILABLE while the saved cameras are being
+        added: the id may be one of them)."""
+        self.core.check_started()
         spec = StreamSpec(request.stream_id, request.url, request.max_fps)
         # in a thread: the stream set is saved (fsync) before the answer, and the loop serves others meanwhile
         return messages.stream_info(await asyncio.to_thread(self.core.add_stream, spec))
