@@ -67,6 +67,17 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     assert run(*at, "streams") == (0, "no streams (add one: yolov12-ctl add ID URL)\n")
 
 
+def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, capsys):
+    at = ("--server", server.address)
+    for sid in ("r1", "r2"):
+        assert run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180")[0] == 0
+    rc, out = run(*at, "remove", "r1", "nope", "r2", "--json")
+    err = capsys.readouterr().err
+    assert rc == 1 and [r["stream_id"] for r in json_lines(out)] == ["r1", "r2"]
+    assert err.startswith("yolov12-ctl: remove nope: NOT_FOUND: no stream 'nope'") and err.count("\n") == 1, err
+    assert run(*at, "streams")[1].startswith("no streams")
+
+
 def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsys):
     """A plant's camera list in a file, applied to a running server (no restart): a dry run changes nothing;
     then the missing camera is added, the one whose max_fps changed replaced, the unchanged one left running,

@@ -108,8 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url", help="rtsp://, rtsps://, synthetic://NAME (with --allow-synthetic) or a file "
                      "(with --allow-files)")
     add.add_argument("--max-fps", type=float, default=0.0, help="frames per second to detect on (default: all)")
-    rm = sub("remove", "stop a camera")
-    rm.add_argument("stream_id")
+    rm = sub("remove", "stop cameras")
+    rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
                 "replace those whose URL or max_fps changed, and with --prune remove the others")
     apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, credentials}] (docs/serving.md)")
@@ -221,6 +221,22 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
     finally:
         watch.cancel()
     return 0
+
+
+def _remove(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
+    """Remove each camera named; one that cannot be removed is a line on stderr, the others still go (exit 1)."""
+    removed, failed = [], 0
+    for sid in args.stream_ids:
+        try:
+            removed.append(c.remove_stream(sid))
+        except grpc.RpcError as e:
+            if len(args.stream_ids) == 1:
+                raise
+            failed += 1
+            print(f"yolov12-ctl: remove {sid}: {_one_line(e, _servers(args))}", file=sys.stderr, flush=True)
+    if removed:
+        _print_streams(removed, args.json, out)
+    return 1 if failed else 0
 
 
 def _image_files(named: Sequence[str]) -> list[str]:
@@ -385,7 +401,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     commands: dict[str, Callable[[], int]] = {
         "streams": lambda: _print_streams(c.list_streams(), args.json, out),
         "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps)], args.json, out),
-        "remove": lambda: _print_streams([c.remove_stream(args.stream_id)], args.json, out),
+        "remove": lambda: _remove(c, args, out),
         "apply": lambda: _apply(c, args, out),
         "watch": lambda: _watch(c, args, out),
         "detect": lambda: _detect(clients[0], args, out),
