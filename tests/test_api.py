@@ -314,6 +314,28 @@ def test_metrics_pass_promtool_and_carry_the_names(client, server):
     assert 'stream="metered"' not in after  # removed streams leave no series behind
 
 
+def test_detections_are_counted_per_stream_and_class(client, server, photo):
+    """yolov12_detections_total{stream, class}: a defect rate per line in Grafana. An image's detections add
+    exactly what it was answered with; a camera's series appear with its detections and go with the camera."""
+    from collections import Counter
+
+    def counted(stream: str) -> Counter:
+        pattern = rf'^yolov12_detections_total\{{class="([^"]+)",stream="{stream}"\}} (\S+)$'
+        return Counter({m[0]: float(m[1]) for m in re.findall(pattern, server.metrics(), flags=re.M)})
+
+    before = counted("_image")
+    fd = client.detect_image(make_frame(photo, encoding="png"))
+    answered = Counter(d.class_name for d in fd.detections)
+    assert answered and counted("_image") - before == answered
+    client.add_stream("counted", "synthetic://counted?fps=10&size=640x360")
+    try:
+        wait_until(lambda: sum(counted("counted").values()) > 0, 30, what="a camera's detections counted")
+        assert set(counted("counted")) <= set(client.server_info().class_names)
+    finally:
+        client.remove_stream("counted")
+    assert not counted("counted")
+
+
 def test_generated_stubs_are_fresh(tmp_path: Path):
     pytest.importorskip("grpc_tools", reason="grpcio-tools not installed")
     from yolov12_serve.proto import codegen

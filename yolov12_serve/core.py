@@ -551,7 +551,17 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 series = self.metrics.series(label, result.device)
                 series.latency.observe(result.latency_s)
                 series.processed.inc()
+                if len(result.detections):
+                    self._count_detections(label, result)
         self.fanout.publish(result)
+
+    def _count_detections(self, label: str, result: FrameResult) -> None:
+        """yolov12_detections_total{stream, class}: one increment per class found in the frame."""
+        assert self.metrics is not None
+        names = self.class_names(result.model_version, result.device)
+        classes, counts = np.unique(result.detections[:, 5].astype(np.int64), return_counts=True)
+        for c, n in zip(classes.tolist(), counts.tolist(), strict=True):
+            self.metrics.detected(label, names.get(c, str(c))).inc(n)
 
     def _on_subscriber_overflow(self, sub: Subscription, n: int) -> None:
         if self.metrics is not None:

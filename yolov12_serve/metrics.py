@@ -3,6 +3,7 @@
 Names are a contract (issue 5): yolov12_frame_latency_seconds{stream,device} (buckets dense around
 the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12_frames_total{stream},
 yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
+yolov12_detections_total{stream,class} (a class's series from its first detection),
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
 yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
@@ -162,6 +163,10 @@ class Metrics:
                                         ["stream", "device"], registry=r)
         self.frames_dropped = Counter("yolov12_frames_dropped", "Frames dropped before publishing, by reason.",
                                       ["stream", "reason"], registry=r)
+        self.detections = Counter("yolov12_detections", "Detections published, per stream and class (a defect rate "
+                                  "per line); a class's series appears with its first detection.",
+                                  ["stream", "class"], registry=r)
+        self._detected: dict[tuple[str, str], Any] = {}
         self.reconnects = Counter("yolov12_stream_reconnects", "Camera reconnect attempts (lost, failed or stalled).",
                                   ["stream"], registry=r)
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
@@ -223,6 +228,13 @@ class Metrics:
             found = self._dropped[(stream, reason)] = self.frames_dropped.labels(stream, reason)
         return found
 
+    def detected(self, stream: str, class_name: str) -> Any:
+        """A stream's detection counter for one class, looked up once."""
+        found = self._detected.get((stream, class_name))
+        if found is None:
+            found = self._detected[(stream, class_name)] = self.detections.labels(stream, class_name)
+        return found
+
     def watcher_dropped(self, label: str) -> Any:
         """A connected watcher's loss counter (created by `add_watcher`)."""
         found = self._watchers.get(label)
@@ -248,6 +260,9 @@ class Metrics:
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove every series labelled with this stream (called when it is removed)."""
+        for key in [k for k in list(self._detected) if k[0] == stream_id]:
+            self._detected.pop(key, None)
+            _remove(self.detections, key)
         for cache in (self._series, self._dropped):  # list(): one step, while workers may add keys
             for key in [k for k in list(cache) if k[0] == stream_id]:
                 cache.pop(key, None)

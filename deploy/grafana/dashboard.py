@@ -153,6 +153,16 @@ def build() -> dict[str, Any]:
                target(f"yolov12_gpu_memory_total_bytes{{{DEVICE_SEL}}}", "{{device}} total")],
               (16, 44, 8, 8), "GPU memory in use and its size (NVML); Yolov12GPUMemoryNearFull fires over 95%.",
               "bytes"),
+        row("Detections", 52),
+        panel("timeseries", "Detections per minute by class",
+              [target(f"sum by (class) (rate(yolov12_detections_total{{{STREAM_SEL}}}[$__rate_interval])) * 60",
+                      "{{class}}")],
+              (0, 53, 12, 8), "What the model finds on the selected streams, per class: the defect rate of the "
+              "line (a jump or a drop to zero is worth a look).", "short"),
+        panel("timeseries", "Detections per minute per stream",
+              [target(f"sum by (stream) (rate(yolov12_detections_total{{{STREAM_SEL}}}[$__rate_interval])) * 60",
+                      "{{stream}}")],
+              (12, 53, 12, 8), "Detections of every class on each selected stream.", "short"),
     ]
     for i, p in enumerate(panels, start=1):
         p["id"] = i
