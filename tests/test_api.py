@@ -314,6 +314,45 @@ def test_metrics_pass_promtool_and_carry_the_names(client, server):
     assert 'stream="metered"' not in after  # removed streams leave no series behind
 
 
+def test_a_camera_s_min_score_keeps_its_weaker_detections_from_everyone(client, server):
+    """AddStream min_score: the line's own threshold. Scenes of the same synthetic camera, watched with no threshold
+    and with one at their median score: the second camera's published detections (and counted ones) all reach it,
+    ListStreams shows it, and a value outside 0..1 is INVALID_ARGUMENT."""
+
+    def scores(sid: str, frames: int) -> list[float]:
+        watch = client.watch([sid])
+        found: list[float] = []
+        try:
+            for k, fd in enumerate(watch):
+                found += [d.score for d in fd.detections]
+                if k + 1 >= frames:
+                    break
+        finally:
+            watch.cancel()
+        return found
+
+    url = "synthetic://scored?fps=10&size=640x360"
+    client.add_stream("open", url)
+    try:
+        seen = scores("open", 20)
+    finally:
+        client.remove_stream("open")
+    threshold = float(np.median(seen))
+    assert min(seen) < threshold, seen  # some detections below it, or this test shows nothing
+    client.add_stream("strict", url, min_score=threshold)
+    try:
+        assert client.stream("strict").min_score == pytest.approx(threshold)
+        kept = scores("strict", 20)
+        assert kept and min(kept) >= threshold - 1e-6, (threshold, sorted(kept)[:5])
+        counted = re.findall(r'^yolov12_detections_total\{class="[^"]+",stream="strict"\} (\S+)$', server.metrics(),
+                             flags=re.M)
+        assert counted and sum(map(float, counted)) >= len(kept)
+    finally:
+        client.remove_stream("strict")
+    assert code_of(lambda: client.add_stream("bad", url, min_score=1.5)) == INVALID
+    assert client.list_streams() == []
+
+
 def test_detections_are_counted_per_stream_and_class(client, server, photo):
     """yolov12_detections_total{stream, class}: a defect rate per line in Grafana. An image's detections add
     exactly what it was answered with; a camera's series appear with its detections and go with the camera."""

@@ -70,7 +70,8 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
 def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, capsys):
     at = ("--server", server.address)
     for sid in ("r1", "r2"):
-        assert run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180")[0] == 0
+        rc, out = run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180", "--min-score", "0.3", "--json")
+        assert rc == 0 and json_lines(out)[0]["min_score"] == pytest.approx(0.3)
     rc, out = run(*at, "remove", "r1", "nope", "r2", "--json")
     err = capsys.readouterr().err
     assert rc == 1 and [r["stream_id"] for r in json_lines(out)] == ["r1", "r2"]
@@ -128,9 +129,11 @@ def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
     from yolov12_serve.proto import detector_pb2 as pb
 
     listed = [pb.StreamInfo(stream_id="pusher", url="push://"),
-              pb.StreamInfo(stream_id="gate", url="rtsp://op:***@10.0.0.7/s1", max_fps=5)]
-    wanted = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0)]
+              pb.StreamInfo(stream_id="gate", url="rtsp://op:***@10.0.0.7/s1", max_fps=5, min_score=0.5)]
+    wanted = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5)]
     assert [(a, sid) for a, sid, _ in ctl.plan_apply(wanted, listed, prune=True)] == [("keep", "gate")]
+    stricter = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.7)]  # a new threshold: replaced
+    assert [(a, sid) for a, sid, _ in ctl.plan_apply(stricter, listed, prune=True)] == [("replace", "gate")]
 
 
 def test_detect_prints_what_the_python_client_gets(server, tmp_path):

@@ -281,13 +281,17 @@ def test_stream_ids_and_urls():
 
 def test_streams_file(tmp_path):
     good = tmp_path / "cams.yaml"
-    good.write_text("streams:\n  - id: a\n    url: rtsp://h/a\n    max_fps: 5\n  - {id: b, url: 'synthetic://b'}\n")
+    good.write_text("streams:\n  - id: a\n    url: rtsp://h/a\n    max_fps: 5\n    min_score: 0.6\n"
+                    "  - {id: b, url: 'synthetic://b'}\n")
     specs = load_streams_file(good)
-    assert [(s.stream_id, s.url, s.max_fps) for s in specs] == [("a", "rtsp://h/a", 5.0), ("b", "synthetic://b", 0.0)]
+    assert [(s.stream_id, s.url, s.max_fps, s.min_score) for s in specs] == [("a", "rtsp://h/a", 5.0, 0.6),
+                                                                             ("b", "synthetic://b", 0.0, 0.0)]
     for text, message in [("streams: 3", "expected 'streams:'"), ("streams:\n  - {id: a}", "'url'"),
                           ("- {id: a, url: x, fps: 3}", "unknown keys"), ("- {id: a, url: x}\n- {id: a, url: y}",
                                                                           "duplicate ids"),
-                          ("- {id: '', url: x}", "empty"), ("streams: [", "not valid YAML")]:
+                          ("- {id: '', url: x}", "empty"), ("streams: [", "not valid YAML"),
+                          ("- {id: a, url: 'rtsp://h/a', min_score: 1.5}", "min_score must be 0..1"),
+                          ("- {id: a, url: 'rtsp://h/a', min_score: high}", "min_score must be a number")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
@@ -399,7 +403,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
 
     before = ServerCore(config, load_engine=load)
     before.start()
-    before.add_stream(StreamSpec("belt", "synthetic://belt?fps=5&size=320x180"))
+    before.add_stream(StreamSpec("belt", "synthetic://belt?fps=5&size=320x180", min_score=0.4))
     before.drain(2)
     core = ServerCore(config, load_engine=load)
     health: list[bool] = []
@@ -419,7 +423,8 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
             assert True not in health
             assert core.restore_streams() == 1
             core.opened()
-            assert health[-1] is True and [s.stream_id for s in c.list_streams()] == ["belt"]
+            assert health[-1] is True and [(s.stream_id, round(s.min_score, 3)) for s in c.list_streams()] == [
+                ("belt", 0.4)]  # its threshold saved with it
             c.remove_stream("belt")
             with pytest.raises(grpc.RpcError) as e:
                 next(iter(c.watch(["belt"])))

@@ -119,7 +119,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         """Register a camera to pull; returns at once in CONNECTING (UNAVAILABLE while the saved cameras are being
         added: the id may be one of them)."""
         self.core.check_started()
-        spec = StreamSpec(request.stream_id, request.url, request.max_fps)
+        spec = StreamSpec(request.stream_id, request.url, request.max_fps, request.min_score)
         # in a thread: the stream set is saved (fsync) before the answer, and the loop serves others meanwhile
         return messages.stream_info(await asyncio.to_thread(self.core.add_stream, spec))
 

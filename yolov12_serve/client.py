@@ -311,10 +311,11 @@ class Client:
             options = [*options, ("grpc.ssl_target_name_override", server_name)]
         return grpc.secure_channel(target, creds, options=options)
 
-    def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0) -> pb.StreamInfo:
-        """Have the server pull a camera (returns at once, state CONNECTING)."""
-        return self.stub.AddStream(pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps),
-                                   timeout=self.timeout)
+    def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0, min_score: float = 0.0) -> pb.StreamInfo:
+        """Have the server pull a camera (returns at once, state CONNECTING); `min_score`: publish only its
+        detections scoring at least this (0: all the engine returns)."""
+        request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score)
+        return self.stub.AddStream(request, timeout=self.timeout)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:
         """Stop a stream; returns its last state."""

@@ -138,15 +138,19 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A camera to pull: its id, URL and optional frame-rate cap (0: every frame)."""
+    """A camera to pull: its id, URL, optional frame-rate cap (0: every frame) and the lowest score of a detection
+    published (0: all the engine returns: a line's own threshold without exporting the model again)."""
 
     stream_id: str
     url: str
     max_fps: float = 0.0
+    min_score: float = 0.0
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_fps) or self.max_fps < 0:  # NaN would pass a '< 0' test and poison placement
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {self.max_fps}")
+        if not 0.0 <= self.min_score <= 1.0:  # NaN fails this too
+            raise InvalidArgumentError(f"min_score must be 0..1 (0: every detection), got {self.min_score}")
 
 
 def validate_stream_id(stream_id: str) -> str:
@@ -237,21 +241,26 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         where = f"streams file {path}, entry {i + 1}"
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
-        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "credentials"}
+        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "credentials"}
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, credentials)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, min_score, "
+                              "credentials)")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: max_fps must be a number, got {item['max_fps']!r}") from None
         try:
+            min_score = float(item.get("min_score", 0) or 0)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: min_score must be a number, got {item['min_score']!r}") from None
+        try:
             validate_stream_id(sid)
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
         url = expand_credentials(str(item["url"]), f"{where} ({sid})", item.get("credentials"), base=path.parent)
         try:
-            specs.append(StreamSpec(sid, url, max_fps))
+            specs.append(StreamSpec(sid, url, max_fps, min_score))
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
     ids = [s.stream_id for s in specs]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import itertools
 import logging
 import threading
@@ -273,7 +274,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
-        stream.spec, stream.persistent = spec, persistent
+        stream.spec, stream.persistent, stream.min_score = spec, persistent, spec.min_score
         try:
             if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
                 if kind == "synthetic":  # its parameters checked here, as the source's constructor does
@@ -540,6 +541,9 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self._count_drop(stream, "superseded")
             return
         label = stream.metrics_label
+        if stream.min_score > 0 and len(result.detections):  # the camera's own threshold (AddStream min_score)
+            result = dataclasses.replace(result, detections=result.detections[result.detections[:, 4]
+                                                                              >= stream.min_score])
         if result.error:
             stream.stats.record_drop("error")
             stream.note_error(result.error)

@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("url", help="rtsp://, rtsps://, synthetic://NAME (with --allow-synthetic) or a file "
                      "(with --allow-files)")
     add.add_argument("--max-fps", type=float, default=0.0, help="frames per second to detect on (default: all)")
+    add.add_argument("--min-score", type=float, default=0.0,
+                     help="publish only detections scoring at least this, 0..1 (default 0: all the engine returns)")
     rm = sub("remove", "stop cameras")
     rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
@@ -296,10 +298,10 @@ def _save_drawn(path: str, fd: pb.FrameDetections, folder: Path) -> str:
 
 def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
                prune: bool) -> list[tuple[str, str, StreamSpec | None]]:
-    """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals
-    first (they free --max-streams room), then replacements (a URL or max_fps changed), then additions; unchanged
-    cameras are "keep", and cameras the file does not list "unlisted" (or "remove" with `prune`). URLs are
-    compared as the server shows them, passwords masked: a changed password alone is not seen."""
+    """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals first
+    (they free --max-streams room), then replacements (URL, max_fps or min_score changed), then additions; unchanged
+    cameras are "keep", and cameras the file does not list "unlisted" (or "remove" with `prune`). URLs are compared
+    as the server shows them, passwords masked: a changed password alone is not seen."""
     have = {s.stream_id: s for s in listed if s.url != "push://"}  # a pushed stream belongs to its Detect call
     want = {s.stream_id: s for s in wanted}
     steps: list[tuple[str, str, StreamSpec | None]] = []
@@ -309,7 +311,8 @@ def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
         cur = have.get(sid)
         if cur is None:
             continue
-        same = cur.url == redact_url(spec.url) and abs(cur.max_fps - spec.max_fps) < 1e-3
+        same = (cur.url == redact_url(spec.url) and abs(cur.max_fps - spec.max_fps) < 1e-3
+                and abs(cur.min_score - spec.min_score) < 1e-4)
         steps.append(("keep" if same else "replace", sid, spec))
     steps += [("add", sid, spec) for sid, spec in want.items() if sid not in have]
     order = {"remove": 0, "replace": 1, "add": 2, "keep": 3, "unlisted": 4}
@@ -330,7 +333,7 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                 if action in ("remove", "replace"):
                     c.remove_stream(sid)
                 if spec is not None and action in ("replace", "add"):
-                    c.add_stream(sid, spec.url, spec.max_fps)
+                    c.add_stream(sid, spec.url, spec.max_fps, spec.min_score)
             except grpc.RpcError as e:
                 result = f"failed: {e.code().name}"
                 print(f"yolov12-ctl: {action} {sid}: {_one_line(e, _servers(args))}", file=sys.stderr, flush=True)
@@ -400,7 +403,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     c: Client | ShardedClient = routed if routed is not None else clients[0]
     commands: dict[str, Callable[[], int]] = {
         "streams": lambda: _print_streams(c.list_streams(), args.json, out),
-        "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps)], args.json, out),
+        "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps, args.min_score)],
+                                      args.json, out),
         "remove": lambda: _remove(c, args, out),
         "apply": lambda: _apply(c, args, out),
         "watch": lambda: _watch(c, args, out),

@@ -97,6 +97,7 @@ class StreamStore:
         for item in streams.get("streams", []) if streams else []:
             try:
                 sid, url, max_fps = str(item["id"]), str(item["url"]), float(item.get("max_fps", 0.0))
+                min_score = float(item.get("min_score", 0.0))
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(f"{self.streams_path}: malformed entry {item!r}; fix or remove it (or start with "
                                   "--no-state)") from None
@@ -106,7 +107,7 @@ class StreamStore:
             elif "***" in url:
                 log.warning("stream %s: its credentials are missing from %s; it is added with the masked URL",
                             sid, self.credentials_path)
-            specs.append(StreamSpec(sid, url, max_fps))
+            specs.append(StreamSpec(sid, url, max_fps, min_score))
         return specs
 
     def _read(self, path: Path) -> dict | None:
@@ -132,7 +133,8 @@ class StreamStore:
         with self._lock:
             specs = snapshot()
             credentials = {s.stream_id: s.url for s in specs if redact_url(s.url) != s.url}
-            streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": s.max_fps} for s in specs]
+            streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": s.max_fps, "min_score": s.min_score}
+                       for s in specs]
             old = self._credentials or {}
             if any(old.get(k) != v for k, v in credentials.items()):
                 self._write_credentials({**old, **credentials})

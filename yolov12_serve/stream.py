@@ -49,6 +49,7 @@ class StreamView:
     width: int
     height: int
     max_fps: float = 0.0
+    min_score: float = 0.0
 
 
 class Stream:
@@ -66,6 +67,7 @@ class Stream:
         self.url = url
         self.kind = kind
         self.max_fps = max_fps
+        self.min_score = 0.0  # detections scoring less are not published (AddStream's min_score)
         self.slo_s = slo_s
         self.droppable = droppable
         self.public = public
@@ -201,4 +203,4 @@ class Stream:
         snap = self.stats.snapshot()
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
-                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps)
+                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps, self.min_score)
