@@ -113,7 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub("remove", "stop cameras")
     rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
-                "replace those whose URL or max_fps changed, and with --prune remove the others")
+                "replace those whose URL, max_fps or min_score changed, and with --prune remove the others")
     apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, credentials}] (docs/serving.md)")
     apply.add_argument("--prune", action="store_true", default=False,
                        help="also remove the cameras the file does not list (pushed streams are never touched)")
@@ -125,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--follow", action="store_true", default=False,
                        help="go on through server restarts and outages, trying again until the server is back (a "
                             "note on stderr at each gap); without it the watch ends when the server does")
-    detect = sub("detect", "detections for image files (JPEG, PNG; BMP, TIFF, WebP sent as PNG) pushed to the server")
+    detect = sub("detect", "detections for image files or folders of them (JPEG, PNG; BMP, TIFF, WebP sent as PNG) "
+                 "pushed to the server")
     detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     detect.add_argument("--save", metavar="DIR", default=None,
                         help="also write each image with its boxes drawn into DIR, under its own name")
