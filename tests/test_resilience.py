@@ -436,7 +436,7 @@ def _quantile_from_histogram(text: str, name: str, q: float, **labels: str) -> f
 @pytest.mark.slow
 def test_three_times_overload_keeps_cameras_served_on_time_and_memory_bounded(tmp_path):
     """Three 5 fps cameras use about half of a device whose frames take 60 ms more each (2 instances); then
-    twelve clients flood it with DetectImage calls, some three times what it runs in all. The cameras keep their
+    sixteen clients flood it with DetectImage calls, some three times what it runs in all. The cameras keep their
     share and their results stay within the objective plus one batch run time (p99); images beyond what can run
     are refused or dropped late, with RESOURCE_EXHAUSTED, and counted by reason; memory stays put. (Pushed
     frames never dropped late and went first in deadline order: the cameras starved.)"""
@@ -480,7 +480,7 @@ def test_three_times_overload_keeps_cameras_served_on_time_and_memory_bounded(tm
                     outcomes[key] = outcomes.get(key, 0) + 1
             client.close()
 
-        flooders = [threading.Thread(target=flood, daemon=True) for _ in range(12)]
+        flooders = [threading.Thread(target=flood, daemon=True) for _ in range(16)]
         for t in flooders:
             t.start()
         time.sleep(3)  # the flood settles
