@@ -118,7 +118,11 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
         assert plan("--prune")[:2] == (0, {sid: ("keep", "") for sid in ("keep", "late", "new", "tune")})
         rc, _ = run(*at, "apply", str(tmp_path / "missing.yaml"))
         assert rc == 2 and capsys.readouterr().err.startswith("yolov12-ctl: cannot read streams file")
-        for sid in ("keep", "late", "new", "tune"):
+        cameras.write_text(cameras.read_text().replace("synthetic://tune?fps=2&size=320x180", "/clips/tune.mp4"))
+        rc, steps, err = plan()  # a file camera on a server without --allow-files: the old one is gone, say so
+        assert rc == 1 and steps["tune"][0] == "replace" and steps["tune"][1].endswith("(removed, not added back)")
+        assert err.startswith("yolov12-ctl: replace tune (removed, not added back): INVALID_ARGUMENT"), err
+        for sid in ("keep", "late", "new"):
             c.remove_stream(sid)
 
 

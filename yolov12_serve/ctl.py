@@ -330,14 +330,18 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
         result = {"keep": "", "unlisted": "kept (--prune removes it)"}.get(action,
                                                                           "dry run" if args.dry_run else "done")
         if result == "done":
+            removed = False
             try:
                 if action in ("remove", "replace"):
                     c.remove_stream(sid)
+                    removed = True
                 if spec is not None and action in ("replace", "add"):
                     c.add_stream(sid, spec.url, spec.max_fps, spec.min_score)
             except grpc.RpcError as e:
-                result = f"failed: {e.code().name}"
-                print(f"yolov12-ctl: {action} {sid}: {_one_line(e, _servers(args))}", file=sys.stderr, flush=True)
+                gone = " (removed, not added back)" if removed and action == "replace" else ""
+                result = f"failed: {e.code().name}{gone}"
+                print(f"yolov12-ctl: {action} {sid}{gone}: {_one_line(e, _servers(args))}", file=sys.stderr,
+                      flush=True)
         done.append((action, sid, redact_url(spec.url) if spec is not None else "", result))
     if args.json:
         for action, sid, url, result in done:
