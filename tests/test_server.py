@@ -420,6 +420,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
                     call()
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value
                 assert "still adding its saved streams; retry in a moment" in e.value.details()
+            core._update_serving()  # what a device's health changing during the restore calls
             assert True not in health
             assert core.restore_streams() == 1
             core.opened()
