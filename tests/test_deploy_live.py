@@ -331,8 +331,8 @@ def test_alertmanager_routes_by_severity_and_inhibits_stream_alerts_of_a_server_
                 for a in get_json(f"{am}/api/v2/alerts") if a["labels"].get("instance", "").endswith(":9464")
                 and a["labels"]["instance"] in ("down:9464", "up:9464")}
 
-    # the inhibition's source (server down) first, then the rest: posted in one request, a stream alert of the down
-    # server was once paged before Alertmanager's inhibitor had seen its source (a CI run)
+    # the inhibition's source (server down) first, then the rest: posted in one request, Alertmanager's inhibitor
+    # may see the source only after the dispatcher has paged the down server's stream alert
     post(posted[:1])
     wait_until(lambda: states().get(("Yolov12ServerDown", "down:9464"), {}).get("state") == "active", 20,
                interval=0.2, what="the server-down alert active")

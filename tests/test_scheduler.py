@@ -169,9 +169,9 @@ def test_frames_that_cannot_make_it_are_dropped_late_unless_process_late():
 
 def test_pushed_frames_have_deadlines_too():
     """Past its deadline on a device with room, a pushed frame runs (its caller waits for that very frame: a 12-MP
-    JPEG decoded past the objective was refused as "overloaded" by an idle server) and a camera's is dropped (a
-    newer one comes); on an overloaded device a pushed one is dropped as late too (exempt, a flood of them ran
-    ahead of every camera). --process-late runs them all."""
+    JPEG can take the whole objective to decode, and "overloaded" would be false) and a camera's is dropped (a
+    newer one comes); on an overloaded device a pushed one is dropped as late too (exempt, a flood of them would
+    run ahead of every camera). --process-late runs them all."""
 
     def outcome(process_late: bool, overloaded: bool, droppable: bool) -> str:
         clock = Clock(99.0)

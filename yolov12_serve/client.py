@@ -75,8 +75,8 @@ def make_frame(image: np.ndarray | Image | bytes | str | Path, stream_id: str = 
 
 def _rgb_pixels(image: np.ndarray | Image) -> np.ndarray:
     """An RGB uint8 [H, W, 3] array from an array of that kind, a mono one ([H, W] or [H, W, 1]: a machine-vision
-    camera's) or a PIL image. Other dtypes are refused, not cast: uint16 3000 became 184 and floats in 0..1 a black
-    frame."""
+    camera's) or a PIL image. Other dtypes are refused, not cast: a cast turns uint16 3000 into 184 and floats in
+    0..1 into a black frame."""
     if hasattr(image, "convert") and hasattr(image, "mode"):  # a PIL image
         check_eight_bit(image)
         return np.asarray(image.convert("RGB"))

@@ -35,8 +35,8 @@ Pushed frames (Detect, DetectImage) have deadlines too and, while the device is 
 late like a camera's (their callers get the frame answered with the reason): they used to be exempt and keep
 deadline order, so a flood of DetectImage calls ran ahead of every camera. Below capacity a late pushed frame
 runs (an SLO miss): its caller waits for that very frame and nobody else loses one. A 12-MP phone JPEG takes
-~50 ms to decode on the 2-core VM, so it reached an idle server's scheduler already past a 45 ms objective and
-was refused as "overloaded" every time. For the overload order every stream has a fairness `group`:
+~50 ms to decode on the 2-core VM, so it reaches an idle server's scheduler already past a 45 ms objective, and
+"overloaded" would be a false answer. For the overload order every stream has a fairness `group`:
 a camera is its own, all one-off DetectImage streams share one, so images together get one camera's share.
 
 A camera's next frame may run while its previous one still runs (on another instance): no stream
