@@ -77,9 +77,10 @@ class Sink:
         return self.planner.plan(src_hw)
 
     def put(self, image, letterbox, capture_time_us) -> None:
+        handed = time.monotonic()  # when the source let the frame go (its pacing), not when the letterbox ended
         image = image() if callable(image) else image  # cameras defer the letterbox: run it, as a worker would
         with self._lock:
-            self.times.append(time.monotonic())
+            self.times.append(handed)
             self.shapes.add(image.shape)
 
     def set_state(self, state, error: str = "") -> None:
@@ -259,9 +260,12 @@ def test_file_plays_in_real_time_and_loops(tmp_path):
     assert n <= 2.0 * 25 + 3, f"{n} frames in 2 s: a 25 fps file must be paced, not decoded flat out"
     gaps = np.diff(sink.times)
     assert np.median(gaps) == pytest.approx(0.04, abs=0.012)
-    # one schedule across loops: frame k is due k/25 s after the first, the loop's seam included (no reopen gap,
-    # no early restart)
-    assert (sink.times[-1] - sink.times[0]) == pytest.approx((n - 1) / 25, abs=0.03)
+    # one schedule across loops: frame k is due k/25 s after the first, the loop's seams included (no reopen gap,
+    # no early restart). Compared by the median lag behind that schedule in the first and the last loop, so that
+    # one frame a busy machine hands over late (the first or the last, say) does not decide it
+    lag = np.asarray(sink.times) - sink.times[0] - np.arange(n) / 25
+    first_loop, last_loop = np.median(lag[:20]), np.median(lag[(n - 1) // 20 * 20:])
+    assert last_loop - first_loop == pytest.approx(0, abs=0.02), (first_loop, last_loop)
 
 
 def test_a_camera_sheds_the_frames_its_stream_does_not_admit_and_stays_alive(tmp_path):
