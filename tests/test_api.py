@@ -353,6 +353,53 @@ def test_a_camera_s_min_score_keeps_its_weaker_detections_from_everyone(client, 
     assert client.list_streams() == []
 
 
+def test_a_camera_s_classes_and_zone_keep_the_rest_from_everyone(client, server):
+    """AddStream classes and zone: watched with them, the same synthetic camera publishes only detections of the
+    class asked for whose box centre is in the zone (a left part of the frame), ListStreams shows both, and an unknown
+    class or a zone that is no polygon is INVALID_ARGUMENT saying what is wrong. (The zone's edge is where the
+    class's detections are split in half: the belt moves on, so a fixed edge may have nothing on one side.)"""
+
+    def found(sid: str, frames: int) -> list[tuple[str, float, float]]:  # (class, centre x, centre y) in fractions
+        watch = client.watch([sid])
+        seen: list[tuple[str, float, float]] = []
+        try:
+            for k, fd in enumerate(watch):
+                seen += [(d.class_name, (d.x1 + d.x2) / 2 / fd.width, (d.y1 + d.y2) / 2 / fd.height)
+                         for d in fd.detections]
+                if k + 1 >= frames:
+                    break
+        finally:
+            watch.cancel()
+        return seen
+
+    url = "synthetic://zoned?fps=10&size=640x360"
+    client.add_stream("whole", url)
+    try:
+        seen = found("whole", 30)
+    finally:
+        client.remove_stream("whole")
+    wanted = max({c for c, _, _ in seen}, key=[c for c, _, _ in seen].count)
+    edge = round(float(np.median([x for c, x, _ in seen if c == wanted])), 3)  # the zone: left of the class's median
+    left = [(0.0, 0.0), (edge, 0.0), (edge, 1.0), (0.0, 1.0)]
+    assert any(c != wanted for c, _, _ in seen) and any(x > edge for c, x, _ in seen if c == wanted), seen
+    client.add_stream("narrow", url, classes=[wanted], zone=left)
+    try:
+        info = client.stream("narrow")
+        assert list(info.classes) == [wanted] and list(info.zone) == pytest.approx([0, 0, edge, 0, edge, 1, 0, 1])
+        kept = found("narrow", 30)
+        assert kept and all(c == wanted and x <= edge + 1e-6 for c, x, _ in kept), kept
+    finally:
+        client.remove_stream("narrow")
+    with pytest.raises(grpc.RpcError) as e:
+        client.add_stream("bad", url, classes=["scrach"])
+    assert e.value.code() == INVALID and "unknown classes ['scrach']" in e.value.details() \
+        and wanted in e.value.details()  # the model's classes listed
+    assert code_of(lambda: client.add_stream("bad", url, zone=[(0, 0), (1, 1)])) == INVALID
+    assert code_of(lambda: client.stub.AddStream(pb.AddStreamRequest(stream_id="bad", url=url, zone=[0, 0, 1]),
+                                                 timeout=10)) == INVALID
+    assert client.list_streams() == []
+
+
 def test_detections_are_counted_per_stream_and_class(client, server, photo):
     """yolov12_detections_total{stream, class}: a defect rate per line in Grafana. An image's detections add
     exactly what it was answered with; a camera's series appear with its detections and go with the camera."""

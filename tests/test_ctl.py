@@ -30,7 +30,10 @@ def server():
 def run(*argv: str) -> tuple[int, str]:
     """Exit status and standard output of one `yolov12-ctl` command, run in this process."""
     out = io.StringIO()
-    return ctl.main(list(argv), out=out), out.getvalue()
+    try:
+        return ctl.main(list(argv), out=out), out.getvalue()
+    except SystemExit as e:  # a command line argparse refuses
+        return int(e.code or 0), out.getvalue()
 
 
 def json_lines(text: str) -> list[dict]:
@@ -70,8 +73,11 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
 def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, capsys):
     at = ("--server", server.address)
     for sid in ("r1", "r2"):
-        rc, out = run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180", "--min-score", "0.3", "--json")
-        assert rc == 0 and json_lines(out)[0]["min_score"] == pytest.approx(0.3)
+        rc, out = run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180", "--min-score", "0.3", "--json",
+                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1")
+        (info,) = json_lines(out)
+        assert rc == 0 and info["min_score"] == pytest.approx(0.3) and info["classes"] == ["dent", "crack"]
+        assert info["zone"] == pytest.approx([0, 0.5, 1, 0.5, 1, 1])
     rc, out = run(*at, "remove", "r1", "nope", "r2", "--json")
     err = capsys.readouterr().err
     assert rc == 1 and [r["stream_id"] for r in json_lines(out)] == ["r1", "r2"]
@@ -138,6 +144,15 @@ def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
     assert [(a, sid) for a, sid, _ in ctl.plan_apply(wanted, listed, prune=True)] == [("keep", "gate")]
     stricter = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.7)]  # a new threshold: replaced
     assert [(a, sid) for a, sid, _ in ctl.plan_apply(stricter, listed, prune=True)] == [("replace", "gate")]
+    zone = ((0.0, 0.1), (1.0, 0.1), (1.0, 0.9))
+    listed[1].classes[:] = ["dent"]
+    listed[1].zone[:] = [c for p in zone for c in p]
+    same = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent",), zone)]
+    assert [a for a, _, _ in ctl.plan_apply(same, listed, prune=True)] == ["keep"]  # float32 on the wire: same
+    for other in [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent", "crack"), zone),
+                  StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent",), zone[:2] + ((0.5, 0.9),)),
+                  StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent",))]:
+        assert [a for a, _, _ in ctl.plan_apply([other], listed, prune=True)] == ["replace"], other
 
 
 def test_detect_prints_what_the_python_client_gets(server, tmp_path):
@@ -266,6 +281,11 @@ def test_info_health_and_the_installed_command(server, monkeypatch):
 @pytest.mark.parametrize("argv, status, line", [
     (("remove", "no-such-cam"), 1, "yolov12-ctl: NOT_FOUND: no stream 'no-such-cam'"),
     (("add", "bad id", "synthetic://x"), 1, "yolov12-ctl: INVALID_ARGUMENT: stream_id 'bad id'"),
+    (("add", "c", "synthetic://x", "--classes", "scrach"), 1, "yolov12-ctl: INVALID_ARGUMENT: unknown classes "
+     "['scrach'] for stream c: the model's classes are crack, dent, missing_part, scratch, stain"),
+    (("add", "c", "synthetic://x", "--zone", "0,0,1,1"), 2, "yolov12-ctl: argument --zone: a zone is a polygon of "
+     "at least 3 points"),
+    (("add", "c", "synthetic://x", "--zone", "0,0,1,0,left"), 2, "yolov12-ctl: argument --zone: expected numbers"),
     (("watch", "no-such-cam", "--count", "1"), 1, "yolov12-ctl: NOT_FOUND: "),
     (("--token-file", "/nonexistent/token", "streams"), 2, "yolov12-ctl: cannot read the token file"),
     (("--cert", __file__, "streams"), 2, "yolov12-ctl: --cert and --key go together"),

@@ -43,6 +43,7 @@ from .errors import (
     UnavailableError,
     WrongShardError,
 )
+from .filters import zone_from_flat
 from .frames import FrameResult, now
 from .healthport import start_health_port
 from .proto import detector_pb2 as pb
@@ -119,7 +120,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         """Register a camera to pull; returns at once in CONNECTING (UNAVAILABLE while the saved cameras are being
         added: the id may be one of them)."""
         self.core.check_started()
-        spec = StreamSpec(request.stream_id, request.url, request.max_fps, request.min_score)
+        spec = StreamSpec(request.stream_id, request.url, request.max_fps, request.min_score, tuple(request.classes),
+                          zone_from_flat(request.zone))
         # in a thread: the stream set is saved (fsync) before the answer, and the loop serves others meanwhile
         return messages.stream_info(await asyncio.to_thread(self.core.add_stream, spec))
 

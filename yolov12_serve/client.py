@@ -18,7 +18,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -311,10 +311,13 @@ class Client:
             options = [*options, ("grpc.ssl_target_name_override", server_name)]
         return grpc.secure_channel(target, creds, options=options)
 
-    def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0, min_score: float = 0.0) -> pb.StreamInfo:
-        """Have the server pull a camera (returns at once, state CONNECTING); `min_score`: publish only its
-        detections scoring at least this (0: all the engine returns)."""
-        request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score)
+    def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0, min_score: float = 0.0,
+                   classes: Sequence[str] = (), zone: Sequence[tuple[float, float]] = ()) -> pb.StreamInfo:
+        """Have the server pull a camera (returns at once, state CONNECTING). Publish only its detections scoring at
+        least `min_score` (0: all the engine returns), of `classes` (names; empty: all), whose box centre lies in
+        `zone` (a polygon of (x, y) fractions of the frame, e.g. [(0, .3), (1, .3), (1, .8), (0, .8)]; empty: all)."""
+        request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score,
+                                      classes=list(classes), zone=[float(c) for point in zone for c in point])
         return self.stub.AddStream(request, timeout=self.timeout)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:

@@ -11,6 +11,7 @@ from urllib.parse import urlsplit
 
 from .allowlist import CameraPolicy
 from .errors import ConfigError, InvalidArgumentError
+from .filters import DetectionFilter, check_classes, check_zone
 from .security import SecurityConfig
 from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text
@@ -138,19 +139,28 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """A camera to pull: its id, URL, optional frame-rate cap (0: every frame) and the lowest score of a detection
-    published (0: all the engine returns: a line's own threshold without exporting the model again)."""
+    """A camera to pull: its id, URL, optional frame-rate cap (0: every frame), and what of its detections is
+    published (filters.py): the lowest score (0: all the engine returns: a line's own threshold without exporting
+    the model again), the classes (empty: all) and the zone their box centres must lie in (empty: the frame)."""
 
     stream_id: str
     url: str
     max_fps: float = 0.0
     min_score: float = 0.0
+    classes: tuple[str, ...] = ()
+    zone: tuple[tuple[float, float], ...] = ()  # polygon corners (x, y) as fractions of the frame's width, height
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_fps) or self.max_fps < 0:  # NaN would pass a '< 0' test and poison placement
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {self.max_fps}")
         if not 0.0 <= self.min_score <= 1.0:  # NaN fails this too
             raise InvalidArgumentError(f"min_score must be 0..1 (0: every detection), got {self.min_score}")
+        object.__setattr__(self, "classes", check_classes(self.classes))
+        object.__setattr__(self, "zone", check_zone(self.zone))
+
+    def detection_filter(self) -> DetectionFilter:
+        """What of this camera's detections is published."""
+        return DetectionFilter(self.min_score, self.classes, self.zone)
 
 
 def validate_stream_id(stream_id: str) -> str:
@@ -218,9 +228,9 @@ def scrub_url(text: str, url: str) -> str:
 
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:
-    """Read a YAML list of cameras (`streams: [{id, url, max_fps, credentials}]`, or a bare list); one clear error
-    per mistake. URLs may hold `${VAR}` (from the environment) and `credentials: FILE` names a file holding
-    `USER:PASSWORD` (relative to the list's folder), so that the list itself holds no secret (urls.py)."""
+    """Read a YAML list of cameras (`streams: [{id, url, max_fps, min_score, classes, zone, credentials}]`, or a bare
+    list); one clear error per mistake. URLs may hold `${VAR}` (from the environment) and `credentials: FILE` names a
+    file holding `USER:PASSWORD` (relative to the list's folder), so that the list itself holds no secret (urls.py)."""
     import yaml
 
     path = Path(path)
@@ -241,10 +251,10 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         where = f"streams file {path}, entry {i + 1}"
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
-        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "credentials"}
+        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "classes", "zone", "credentials"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, min_score, "
-                              "credentials)")
+                              "classes, zone, credentials)")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)
@@ -254,13 +264,25 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
             min_score = float(item.get("min_score", 0) or 0)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: min_score must be a number, got {item['min_score']!r}") from None
+        classes, zone = item.get("classes") or [], item.get("zone") or []
+        if isinstance(classes, str):
+            classes = [classes]
+        if not isinstance(classes, list):
+            raise ConfigError(f"{where}: classes must be a list of class names, got {classes!r}")
+        try:
+            if not isinstance(zone, list) or not all(isinstance(p, list) and len(p) == 2 for p in zone):
+                raise TypeError
+            zone = [(float(x), float(y)) for x, y in zone]
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: zone must be a list of [x, y] points (fractions of the frame, 0..1), "
+                              f"got {item['zone']!r}") from None
         try:
             validate_stream_id(sid)
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
         url = expand_credentials(str(item["url"]), f"{where} ({sid})", item.get("credentials"), base=path.parent)
         try:
-            specs.append(StreamSpec(sid, url, max_fps, min_score))
+            specs.append(StreamSpec(sid, url, max_fps, min_score, tuple(str(c) for c in classes), tuple(zone)))
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
     ids = [s.stream_id for s in specs]

@@ -254,6 +254,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         """Validate, register and start pulling a camera; returns at once (state CONNECTING). With `persist` (a
         stream added over gRPC) and a state folder, the stream set is saved before this returns: a stream
         acknowledged is a stream a restart brings back (UNAVAILABLE, and nothing added, when it cannot be saved)."""
+        self._check_classes(spec)
         stream = self._add(spec, persistent=persist and self.store is not None)
         if stream.persistent:
             try:
@@ -266,6 +267,17 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         log.info("stream %s added (%s) on %s", stream.stream_id, stream.url, stream.device)
         return stream.view()
 
+    def _check_classes(self, spec: StreamSpec) -> None:
+        """InvalidArgumentError for a class the served models do not have (a typo would publish nothing). Saved
+        streams are not checked again: after a swap to a model without the class they keep their other ones."""
+        known = {n for rt in self.runtimes.values() for n in rt.engine.info.names.values()}
+        unknown = [c for c in spec.classes if c not in known]
+        if unknown:
+            shown = sorted(known)
+            listed = ", ".join(shown[:40]) + (f", ... ({len(shown)} in all)" if len(shown) > 40 else "")
+            raise InvalidArgumentError(f"unknown classes {unknown} for stream {spec.stream_id}: the model's classes "
+                                       f"are {listed or '(none)'}")
+
     def _add(self, spec: StreamSpec, persistent: bool) -> Stream:
         validate_stream_id(spec.stream_id)
         self.check_owner(spec.stream_id)
@@ -274,7 +286,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
-        stream.spec, stream.persistent, stream.min_score = spec, persistent, spec.min_score
+        stream.spec, stream.persistent, stream.filter = spec, persistent, spec.detection_filter()
         try:
             if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
                 if kind == "synthetic":  # its parameters checked here, as the source's constructor does
@@ -541,9 +553,9 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self._count_drop(stream, "superseded")
             return
         label = stream.metrics_label
-        if stream.min_score > 0 and len(result.detections):  # the camera's own threshold (AddStream min_score)
-            result = dataclasses.replace(result, detections=result.detections[result.detections[:, 4]
-                                                                              >= stream.min_score])
+        if stream.filter.active and len(result.detections):  # the camera's own score, classes and zone (AddStream)
+            names = self.class_names(result.model_version, result.device)
+            result = dataclasses.replace(result, detections=stream.filter(result.detections, result.src_hw, names))
         if result.error:
             stream.stats.record_drop("error")
             stream.note_error(result.error)

@@ -28,7 +28,8 @@ from google.protobuf.json_format import MessageToDict
 from . import __version__
 from .client import Client, make_frame
 from .config import StreamSpec, load_streams_file, redact_url
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgumentError
+from .filters import zone_from_flat
 from .proto import detector_pb2 as pb
 from .routing import ShardedClient
 
@@ -65,6 +66,22 @@ def count(text: str) -> int:
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
     return value
+
+
+def zone(text: str) -> list[tuple[float, float]]:
+    """argparse type: x,y pairs 'X0,Y0,X1,Y1,...' (fractions of the frame, at least three points)."""
+    try:
+        values = [float(v) for v in text.replace(" ", ",").split(",") if v]
+        return list(zone_from_flat(values))
+    except InvalidArgumentError as e:  # before ValueError: it is one
+        raise argparse.ArgumentTypeError(str(e)) from None
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers X0,Y0,X1,Y1,... got {text!r}") from None
+
+
+def class_list(text: str) -> list[str]:
+    """argparse type: comma-separated class names."""
+    return [n.strip() for n in text.split(",") if n.strip()]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -110,11 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-fps", type=float, default=0.0, help="frames per second to detect on (default: all)")
     add.add_argument("--min-score", type=float, default=0.0,
                      help="publish only detections scoring at least this, 0..1 (default 0: all the engine returns)")
+    add.add_argument("--classes", type=class_list, default=[], metavar="NAME,NAME",
+                     help="publish only detections of these classes, as the model names them (default: all)")
+    add.add_argument("--zone", type=zone, default=[], metavar="X,Y,X,Y,X,Y",
+                     help="publish only detections whose box centre lies in this polygon, its corners as fractions "
+                     "of the frame's width and height (0,0 top left; e.g. 0,.3,1,.3,1,.8,0,.8; default: all)")
     rm = sub("remove", "stop cameras")
     rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
-                "replace those whose URL, max_fps or min_score changed, and with --prune remove the others")
-    apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, credentials}] (docs/serving.md)")
+                "replace those whose URL, max_fps, min_score, classes or zone changed, and with --prune remove the "
+                "others")
+    apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, min_score, classes, zone, credentials}] "
+                       "(docs/serving.md)")
     apply.add_argument("--prune", action="store_true", default=False,
                        help="also remove the cameras the file does not list (pushed streams are never touched)")
     apply.add_argument("--dry-run", action="store_true", default=False, help="print what would change, change nothing")
@@ -300,7 +324,7 @@ def _save_drawn(path: str, fd: pb.FrameDetections, folder: Path) -> str:
 def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
                prune: bool) -> list[tuple[str, str, StreamSpec | None]]:
     """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals first
-    (they free --max-streams room), then replacements (URL, max_fps or min_score changed), then additions; unchanged
+    (they free --max-streams room), then replacements (URL, max_fps or a filter changed), then additions; unchanged
     cameras are "keep", and cameras the file does not list "unlisted" (or "remove" with `prune`). URLs are compared
     as the server shows them, passwords masked: a changed password alone is not seen."""
     have = {s.stream_id: s for s in listed if s.url != "push://"}  # a pushed stream belongs to its Detect call
@@ -312,8 +336,10 @@ def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
         cur = have.get(sid)
         if cur is None:
             continue
+        flat_zone = [c for point in spec.zone for c in point]  # the wire's float32 rounds: compared within 1e-4
         same = (cur.url == redact_url(spec.url) and abs(cur.max_fps - spec.max_fps) < 1e-3
-                and abs(cur.min_score - spec.min_score) < 1e-4)
+                and abs(cur.min_score - spec.min_score) < 1e-4 and tuple(cur.classes) == spec.classes
+                and len(cur.zone) == len(flat_zone) and all(abs(a - b) < 1e-4 for a, b in zip(cur.zone, flat_zone)))
         steps.append(("keep" if same else "replace", sid, spec))
     steps += [("add", sid, spec) for sid, spec in want.items() if sid not in have]
     order = {"remove": 0, "replace": 1, "add": 2, "keep": 3, "unlisted": 4}
@@ -336,7 +362,7 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                     c.remove_stream(sid)
                     removed = True
                 if spec is not None and action in ("replace", "add"):
-                    c.add_stream(sid, spec.url, spec.max_fps, spec.min_score)
+                    c.add_stream(sid, spec.url, spec.max_fps, spec.min_score, spec.classes, spec.zone)
             except grpc.RpcError as e:
                 gone = " (removed, not added back)" if removed and action == "replace" else ""
                 result = f"failed: {e.code().name}{gone}"
@@ -408,8 +434,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     c: Client | ShardedClient = routed if routed is not None else clients[0]
     commands: dict[str, Callable[[], int]] = {
         "streams": lambda: _print_streams(c.list_streams(), args.json, out),
-        "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps, args.min_score)],
-                                      args.json, out),
+        "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps, args.min_score,
+                                                    args.classes, args.zone)], args.json, out),
         "remove": lambda: _remove(c, args, out),
         "apply": lambda: _apply(c, args, out),
         "watch": lambda: _watch(c, args, out),

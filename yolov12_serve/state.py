@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .config import StreamSpec, redact_url
-from .errors import ConfigError
+from .errors import ConfigError, InvalidArgumentError
 
 __all__ = ["CREDENTIALS_FILE", "STREAMS_FILE", "StreamStore", "default_state_dir"]
 
@@ -98,6 +98,8 @@ class StreamStore:
             try:
                 sid, url, max_fps = str(item["id"]), str(item["url"]), float(item.get("max_fps", 0.0))
                 min_score = float(item.get("min_score", 0.0))
+                classes = tuple(str(c) for c in item.get("classes", ()))
+                zone = tuple((float(x), float(y)) for x, y in item.get("zone", ()))
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(f"{self.streams_path}: malformed entry {item!r}; fix or remove it (or start with "
                                   "--no-state)") from None
@@ -107,7 +109,11 @@ class StreamStore:
             elif "***" in url:
                 log.warning("stream %s: its credentials are missing from %s; it is added with the masked URL",
                             sid, self.credentials_path)
-            specs.append(StreamSpec(sid, url, max_fps, min_score))
+            try:
+                specs.append(StreamSpec(sid, url, max_fps, min_score, classes, zone))
+            except InvalidArgumentError as e:
+                raise ConfigError(f"{self.streams_path}: entry {sid}: {e}; fix or remove it (or start with "
+                                  "--no-state)") from None
         return specs
 
     def _read(self, path: Path) -> dict | None:
@@ -133,8 +139,8 @@ class StreamStore:
         with self._lock:
             specs = snapshot()
             credentials = {s.stream_id: s.url for s in specs if redact_url(s.url) != s.url}
-            streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": s.max_fps, "min_score": s.min_score}
-                       for s in specs]
+            streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": s.max_fps, "min_score": s.min_score,
+                        "classes": list(s.classes), "zone": [list(p) for p in s.zone]} for s in specs]
             old = self._credentials or {}
             if any(old.get(k) != v for k, v in credentials.items()):
                 self._write_credentials({**old, **credentials})

@@ -14,6 +14,7 @@ import numpy as np
 from engines.letterbox import Letterbox
 
 from .config import StreamSpec
+from .filters import DetectionFilter
 from .frames import Frame, now
 from .runtime import PUSH_WINDOW  # re-exported: pushcall.py imports it from here
 from .sources.base import Source, StreamState
@@ -50,6 +51,8 @@ class StreamView:
     height: int
     max_fps: float = 0.0
     min_score: float = 0.0
+    classes: tuple[str, ...] = ()
+    zone: tuple[tuple[float, float], ...] = ()
 
 
 class Stream:
@@ -67,7 +70,7 @@ class Stream:
         self.url = url
         self.kind = kind
         self.max_fps = max_fps
-        self.min_score = 0.0  # detections scoring less are not published (AddStream's min_score)
+        self.filter = DetectionFilter()  # what of its detections is published (AddStream's min_score, classes, zone)
         self.slo_s = slo_s
         self.droppable = droppable
         self.public = public
@@ -203,4 +206,5 @@ class Stream:
         snap = self.stats.snapshot()
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
-                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps, self.min_score)
+                          snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
+                          self.filter.min_score, self.filter.classes, self.filter.zone)
