@@ -390,6 +390,9 @@ def test_a_camera_s_classes_and_zone_keep_the_rest_from_everyone(client, server)
         assert kept and all(c == wanted and x <= edge + 1e-6 for c, x, _ in kept), kept
     finally:
         client.remove_stream("narrow")
+    flat = client.add_stream("flat", url, classes=wanted, zone=np.ravel(left))  # one name; corners given flat
+    client.remove_stream("flat")
+    assert list(flat.classes) == [wanted] and list(flat.zone) == pytest.approx([0, 0, edge, 0, edge, 1, 0, 1])
     with pytest.raises(grpc.RpcError) as e:
         client.add_stream("bad", url, classes=["scrach"])
     assert e.value.code() == INVALID and "unknown classes ['scrach']" in e.value.details() \
@@ -398,6 +401,35 @@ def test_a_camera_s_classes_and_zone_keep_the_rest_from_everyone(client, server)
     assert code_of(lambda: client.stub.AddStream(pb.AddStreamRequest(stream_id="bad", url=url, zone=[0, 0, 1]),
                                                  timeout=10)) == INVALID
     assert client.list_streams() == []
+
+
+def test_a_snapshot_is_the_camera_s_next_picture_full_size(client, server):
+    """GetSnapshot: a JPEG of the camera's own size that is a frame of what it films (a synthetic camera's belt
+    strip, found at one offset to within JPEG's loss); an unknown id is NOT_FOUND, a camera that sends nothing is
+    UNAVAILABLE saying its state."""
+    import io
+
+    from yolov12_serve.sources.synthetic import parse_synthetic_url, render_strip
+
+    url = "synthetic://aimed?fps=10&size=640x360"
+    client.add_stream("aimed", url)
+    client.add_stream("dark", "rtsp://127.0.0.1:9/none")  # nothing listens there: it never sends a frame
+    try:
+        shot = client.snapshot("aimed")
+        picture = Image.open(io.BytesIO(shot.jpeg))
+        assert picture.format == "JPEG" and picture.size == (shot.width, shot.height) == (640, 360)
+        seen = np.asarray(picture.convert("RGB"), np.int16)[::6, ::6]
+        strip = render_strip(parse_synthetic_url(url)).astype(np.int16)
+        errors = [float(np.abs(strip[::6, x:x + 640:6] - seen).mean()) for x in range(0, strip.shape[1] - 639, 2)]
+        assert min(errors) < 3 < 10 < np.median(errors), (min(errors), np.median(errors))
+        with pytest.raises(grpc.RpcError) as e:
+            client.snapshot("dark")
+        assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no frame came from 'dark' in 5 s (it is " \
+            in e.value.details(), e.value.details()
+    finally:
+        client.remove_stream("aimed")
+        client.remove_stream("dark")
+    assert code_of(lambda: client.snapshot("aimed")) == grpc.StatusCode.NOT_FOUND
 
 
 def test_detections_are_counted_per_stream_and_class(client, server, photo):

@@ -132,6 +132,39 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
             c.remove_stream(sid)
 
 
+def test_snapshot_saves_what_the_camera_sees_with_its_zone_and_published_boxes_drawn(server, tmp_path):
+    """`snapshot ID FILE` saves the camera's picture as the server sent it; with --draw, its zone is outlined and only
+    the detections it would publish are drawn. A still belt (speed=0): every snapshot is the same picture, so the
+    test can count what the zone keeps of DetectImage's answer for it."""
+    from PIL import Image
+
+    from yolov12_serve.filters import DetectionFilter
+
+    at = ("--server", server.address)
+    left = [(0.05, 0.05), (0.5, 0.05), (0.5, 0.95), (0.05, 0.95)]
+    assert run(*at, "add", "aim", "synthetic://aim?fps=10&size=640x360&speed=0", "--zone",
+               ",".join(f"{c:g}" for p in left for c in p))[0] == 0
+    try:
+        plain, drawn = tmp_path / "aim.jpg", tmp_path / "aim-drawn.png"
+        rc, out = run(*at, "snapshot", "aim", str(plain))
+        assert rc == 0 and out == f"{plain}: aim 640x360\n"
+        assert Image.open(plain).format == "JPEG" and Image.open(plain).size == (640, 360)
+        rc, out = run(*at, "--json", "snapshot", "aim", str(drawn), "--draw")
+        (said,) = json_lines(out)
+        with server.client() as c:
+            fd = c.detect_image(plain.read_bytes())
+        found = np.array([[d.x1, d.y1, d.x2, d.y2, d.score, d.class_id] for d in fd.detections], np.float32)
+        kept = DetectionFilter(zone=left)(found, (360, 640), {})
+        assert 0 < len(kept) < len(found), (len(kept), len(found))  # the zone leaves some out, or this shows nothing
+        assert rc == 0 and said["saved"] == str(drawn) and said["detections"] == len(kept), (said, len(kept))
+        picture = np.asarray(Image.open(drawn).convert("RGB")).astype(int)
+        edge = picture[int(0.05 * 360), 64:300]  # the zone's top edge
+        assert (np.abs(edge - ctl.ZONE_COLOUR).max(axis=1) < 30).mean() > 0.8
+        assert run(*at, "snapshot", "aim", str(tmp_path / "no-such-dir" / "x.jpg"))[0] == 2
+    finally:
+        run(*at, "remove", "aim")
+
+
 def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
     """A push stream belongs to its live Detect call: --prune leaves it. The server lists URLs with passwords
     masked: the file's URL is compared masked too (else every camera with a password was replaced each time)."""

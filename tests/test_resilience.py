@@ -315,12 +315,14 @@ def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_p
     """A subscriber feeding a plant system must not go deaf when the server is upgraded: the server drains and
     is down for a while, then comes back on the same port with its saved camera. A plain watch ends there; a
     followed one (Client.watch(follow=True), `yolov12-ctl watch --follow`) tells of the gap, waits, and goes on
-    with the restored camera's results; cancelled during a gap it ends at once."""
+    with the restored camera's results; cancelled during a gap it ends at once, and while it opens a call, too."""
     import io
 
     from test_rtsp import free_port
 
     from yolov12_serve import ctl
+    from yolov12_serve.client import FollowedWatch
+    from yolov12_serve.proto import detector_pb2 as pb
 
     port, state = free_port(), tmp_path / "state"
     args = ("--port", str(port), "--state-dir", str(state), "--allow-synthetic", "--no-status")
@@ -330,6 +332,18 @@ def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_p
         c = srv.client()
         c.wait_ready(60)
         c.add_stream("belt", "synthetic://belt?fps=10&size=320x180")
+        racing: list[FollowedWatch] = []
+
+        def open_while_cancelled(remaining: float | None):  # cancel() comes while the call opens: none to cancel yet
+            racing[0].cancel()
+            return c.watch(["belt"], remaining)
+
+        racing.append(FollowedWatch(open_while_cancelled, on_gap=lambda text: pytest.fail(f"told {text!r}")))
+        try:
+            got = next(racing[0])
+        except (StopIteration, grpc.RpcError) as e:
+            got = e
+        assert not isinstance(got, pb.FrameDetections), "a cancelled followed watch went on with the call it opened"
         seen: dict[str, list] = {"followed": [], "plain": [], "idle": []}
         gaps: list[tuple[str, int]] = []  # what was told, and how many results had come by then
         followed = c.watch(["belt"], follow=True, on_gap=lambda text: gaps.append((text, len(seen["followed"]))))

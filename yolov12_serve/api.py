@@ -143,6 +143,12 @@ class DetectorService(pb_grpc.DetectorServicer):
         """Engines, devices, class names, input size, SLO."""
         return messages.server_info(self.core.server_info())
 
+    @_unary
+    async def GetSnapshot(self, request: pb.GetSnapshotRequest, context) -> pb.Snapshot:
+        """The camera's next picture as JPEG (waited for in a thread: the loop serves others meanwhile)."""
+        jpeg, width, height = await asyncio.to_thread(self.core.snapshot, request.stream_id)
+        return pb.Snapshot(stream_id=request.stream_id, jpeg=jpeg, width=width, height=height)
+
     async def _check_watch(self, stream_ids, context) -> list[str]:
         """The ids to watch (duplicates dropped); aborts NOT_FOUND / FAILED_PRECONDITION (another replica's) /
         UNAVAILABLE (draining, or starting: an unknown id may be a saved stream not added yet)."""

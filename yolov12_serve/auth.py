@@ -43,7 +43,7 @@ MIN_TOKEN_LEN = 16
 _DETECTOR = "/yolov12.v1.Detector/"
 METHOD_ROLES: dict[str, str] = {
     **{_DETECTOR + m: "viewer" for m in ("WatchDetections", "WatchDetectionBatches", "ListStreams", "GetServerInfo",
-                                         "Detect", "DetectImage")},
+                                         "Detect", "DetectImage", "GetSnapshot")},
     **{_DETECTOR + m: "operator" for m in ("AddStream", "RemoveStream", "ReloadEngines")},
     **{f"/grpc.health.v1.Health/{m}": OPEN for m in ("Check", "Watch", "List")},
     # reflection describes the API (no data), but it is the map an intruder reads first: a token is asked

@@ -218,6 +218,8 @@ class FollowedWatch:
                     self._on_gap("watching again")
                 return fd
             self._watch = None
+            if self._stop.is_set():  # cancelled: the call's end is no gap
+                raise StopIteration
             if not self._in_gap:
                 self._in_gap = True
                 self.gaps += 1
@@ -270,6 +272,11 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
         return continuation(self._details(client_call_details), request_iterator)
 
 
+def _flat(zone: Sequence[tuple[float, float]] | Sequence[float]) -> list[float]:
+    """A zone's corners as the wire's x0, y0, x1, y1, ... (given as pairs, or already flat)."""
+    return [float(c) for point in zone for c in (point if isinstance(point, Sequence | np.ndarray) else (point,))]
+
+
 class Client:
     """A connection to one server. Methods raise grpc.RpcError with the server's status code and message.
 
@@ -315,9 +322,11 @@ class Client:
                    classes: Sequence[str] = (), zone: Sequence[tuple[float, float]] = ()) -> pb.StreamInfo:
         """Have the server pull a camera (returns at once, state CONNECTING). Publish only its detections scoring at
         least `min_score` (0: all the engine returns), of `classes` (names; empty: all), whose box centre lies in
-        `zone` (a polygon of (x, y) fractions of the frame, e.g. [(0, .3), (1, .3), (1, .8), (0, .8)]; empty: all)."""
+        `zone` (a polygon of (x, y) fractions of the frame, e.g. [(0, .3), (1, .3), (1, .8), (0, .8)], or the same
+        numbers flat; empty: all)."""
         request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score,
-                                      classes=list(classes), zone=[float(c) for point in zone for c in point])
+                                      classes=[classes] if isinstance(classes, str) else list(classes),
+                                      zone=_flat(zone))
         return self.stub.AddStream(request, timeout=self.timeout)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:
@@ -371,6 +380,12 @@ class Client:
         image, or a Frame)."""
         frame = image if isinstance(image, pb.Frame) else make_frame(image, stream_id, frame_id)
         return self.stub.DetectImage(frame, timeout=self.timeout)
+
+    def snapshot(self, stream_id: str) -> pb.Snapshot:
+        """A camera's next picture, full size: `.jpeg` (bytes), `.width`, `.height` (UNAVAILABLE when it sends no
+        frame within a few seconds). `Image.open(io.BytesIO(s.jpeg))` reads it."""
+        timeout = None if self.timeout is None else max(self.timeout, 15.0)  # the server waits up to 5 s for a frame
+        return self.stub.GetSnapshot(pb.GetSnapshotRequest(stream_id=stream_id), timeout=timeout)
 
     def server_info(self) -> pb.ServerInfo:
         """Engines, devices, class names, input size and SLO."""

@@ -24,13 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from engines.base import EngineInfo
+from engines.base import EngineError, EngineInfo
 
 from . import __version__
 from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_stream_id
 from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
+    FailedPreconditionError,
     InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
@@ -49,6 +50,7 @@ from .processes import ProcessDevices
 from .procs import RemoteRuntime, RemoteSource
 from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
+from .snapshot import encode_jpeg
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
 from .sources.synthetic import parse_synthetic_url
@@ -63,6 +65,7 @@ __all__ = ["DeviceRuntime", "DeviceStatusView", "EngineLoader", "ServerCore", "S
 log = logging.getLogger(__name__)
 
 IMAGE_LABEL = "_image"  # the metrics label shared by all one-off DetectImage frames
+SNAPSHOT_WAIT_S = 5.0  # how long GetSnapshot waits for a camera's next frame
 
 
 @dataclass(frozen=True)
@@ -470,6 +473,34 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if stream is None:
             raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
         return stream
+
+    def snapshot(self, stream_id: str, timeout: float = SNAPSHOT_WAIT_S) -> tuple[bytes, int, int]:
+        """GetSnapshot: the camera's next picture as (JPEG, width, height). NOT_FOUND for an unknown id,
+        FAILED_PRECONDITION for a pushed stream (its client has the picture), UNAVAILABLE when no frame comes within
+        `timeout` (a camera that is down: its state and last error say why)."""
+        with self._lock:
+            stream = self._streams.get(stream_id)
+        if stream is None:
+            self.check_owner(stream_id)
+            self.check_started()
+            raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
+        if stream.kind == "push":
+            raise FailedPreconditionError(f"stream {stream_id!r} is pushed by a client (Detect): its pictures are the "
+                                          "client's")
+        runtime = stream.runtime
+        if isinstance(runtime, RemoteRuntime):
+            try:
+                taken = runtime.snapshot(stream_id, stream.epoch, timeout)
+            except EngineError as e:
+                raise UnavailableError(f"{runtime.name}: {e}") from None
+        else:
+            picture = stream.pictures.take(timeout)
+            taken = None if picture is None else (encode_jpeg(picture), picture.shape[1], picture.shape[0])
+        if taken is None:
+            why = f": {stream.last_error}" if stream.last_error else ""
+            raise UnavailableError(f"no frame came from {stream_id!r} in {timeout:g} s (it is {stream.state.name}"
+                                   f"{why}); ListStreams shows its state")
+        return taken
 
     def list_streams(self) -> list[StreamView]:
         """Snapshots of all registered streams, by id."""

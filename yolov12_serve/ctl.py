@@ -5,6 +5,7 @@
     yolov12-ctl apply cameras.yaml --prune       # the cameras become those of the file, no restart
     yolov12-ctl watch line1-cam1 --count 100 --json
     yolov12-ctl detect part.jpg --save drawn/    # boxes drawn on a copy of each image
+    yolov12-ctl snapshot line1-cam1 cam1.jpg --draw   # what the camera sees now, its zone and boxes drawn
     yolov12-ctl --server detector.plant:50051 --tls-ca ca.crt --token-file viewer.token info
 
 `--server` (or YOLOV12_SERVER, comma-separated) names one server, or every replica of a sharded deployment in
@@ -36,6 +37,7 @@ from .routing import ShardedClient
 __all__ = ["main"]
 
 DEFAULT_SERVER = "localhost:50051"
+ZONE_COLOUR = (255, 221, 0)  # a camera's zone outline in `snapshot --draw` (yellow: seen on grey belts and dark parts)
 HINTS = {  # what to do about a refused call, by status code
     grpc.StatusCode.UNAVAILABLE: "is the server running and reachable there? (--server, or YOLOV12_SERVER; "
                                  "--tls-ca for a server with TLS)",
@@ -154,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
     detect.add_argument("--save", metavar="DIR", default=None,
                         help="also write each image with its boxes drawn into DIR, under its own name")
+    snap = sub("snapshot", "a camera's next picture, full size, saved as an image file (to aim it, to set its zone)")
+    snap.add_argument("stream_id", help="the camera")
+    snap.add_argument("file", help="where to save it (.jpg as the server sends it; .png and others converted)")
+    snap.add_argument("--draw", action="store_true", default=False,
+                      help="draw the camera's zone and the detections in the picture that the camera would publish "
+                      "(its min_score, classes and zone applied)")
     sub("info", "engines, devices and their health, classes, SLO")
     sub("health", "SERVING or not, per server (exit 0 only when every one serves)")
     reload = sub("reload", "swap in engine files while streams flow (none: the same files again)")
@@ -321,6 +329,57 @@ def _save_drawn(path: str, fd: pb.FrameDetections, folder: Path) -> str:
     return str(target)
 
 
+def _snapshot(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
+    import io
+
+    from PIL import Image
+
+    shot = c.snapshot(args.stream_id)
+    target = Path(args.file)
+    drawn = _draw_snapshot(c, shot) if args.draw else None
+    try:
+        if drawn is None and target.suffix.lower() in (".jpg", ".jpeg"):
+            target.write_bytes(shot.jpeg)
+        else:
+            picture = drawn[0] if drawn is not None else Image.open(io.BytesIO(shot.jpeg))
+            picture.save(target)
+    except (OSError, ValueError) as e:  # ValueError: a suffix Pillow has no format for
+        raise UsageError(f"cannot save {target}: {getattr(e, 'strerror', None) or e}") from None
+    found = {} if drawn is None else {"detections": drawn[1]}
+    out.write((json.dumps({"stream_id": shot.stream_id, "saved": str(target), "width": shot.width,
+                           "height": shot.height, **found}) if args.json else
+               f"{target}: {shot.stream_id} {shot.width}x{shot.height}" +
+               (f", its zone and {drawn[1]} detections drawn" if drawn is not None else "")) + "\n")
+    return 0
+
+
+def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, int]:
+    """The picture with the camera's zone outlined and the detections it would publish (DetectImage, then its
+    filters) drawn; and how many."""
+    import io
+
+    import numpy as np
+    from PIL import Image, ImageDraw
+
+    from .filters import DetectionFilter
+    from .predict.results import draw_boxes
+
+    info = next((s for s in c.list_streams() if s.stream_id == shot.stream_id), None)
+    client = c.client_for(shot.stream_id) if isinstance(c, ShardedClient) else c
+    fd = client.detect_image(shot.jpeg)
+    dets = np.array([[d.x1, d.y1, d.x2, d.y2, d.score, d.class_id] for d in fd.detections], np.float32).reshape(-1, 6)
+    names = {d.class_id: d.class_name for d in fd.detections}
+    zone = list(zip(info.zone[0::2], info.zone[1::2], strict=True)) if info is not None else []
+    if info is not None:
+        dets = DetectionFilter(info.min_score, list(info.classes), zone)(dets, (shot.height, shot.width), names)
+    picture = Image.fromarray(draw_boxes(np.asarray(Image.open(io.BytesIO(shot.jpeg)).convert("RGB")), dets, names))
+    if zone:
+        width = max(2, round((shot.width + shot.height) / 2 * 0.004))
+        corners = [(x * shot.width, y * shot.height) for x, y in zone]
+        ImageDraw.Draw(picture).line([*corners, corners[0]], fill=ZONE_COLOUR, width=width, joint="curve")
+    return picture, len(dets)
+
+
 def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
                prune: bool) -> list[tuple[str, str, StreamSpec | None]]:
     """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals first
@@ -440,6 +499,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         "apply": lambda: _apply(c, args, out),
         "watch": lambda: _watch(c, args, out),
         "detect": lambda: _detect(clients[0], args, out),
+        "snapshot": lambda: _snapshot(c, args, out),
         "info": lambda: _info(each, args.json, out),
         "health": lambda: _health(each, args.json, out),
         "reload": lambda: _reload(each, args, out),

@@ -68,6 +68,7 @@ class DetectionFilter:
 
     @property
     def active(self) -> bool:
+        """Whether it leaves anything out (else publishing skips it)."""
         return self.min_score > 0 or bool(self.classes) or bool(self.zone)
 
     def __call__(self, detections: np.ndarray, src_hw: tuple[int, int], names: Mapping[int, str]) -> np.ndarray:

@@ -11,8 +11,8 @@ trainer's pixels at 2x).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
-from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
     from engines.base import EngineInfo
 
-__all__ = ["InputPlanner", "check_eight_bit", "letterbox_avframe", "letterbox_image", "letterbox_upright"]
+__all__ = ["AvPicture", "InputPlanner", "check_eight_bit", "letterbox_avframe", "letterbox_image", "letterbox_upright",
+           "source_picture"]
 
 EXIF_ORIENTATION = 0x0112  # how the camera was held: 1 upright; 5-8 a quarter turn (width and height trade places)
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
@@ -50,7 +51,7 @@ class InputPlanner:
         self.stride = int(stride)
         self.dynamic_hw = dynamic_hw
         self.shapes = [(int(h), int(w)) for h, w in shapes] if shapes and dynamic_hw else None
-        self.plan = lru_cache(maxsize=64)(self._plan)
+        self.plan = functools.lru_cache(maxsize=64)(self._plan)
 
     @classmethod
     def for_engine(cls, info: EngineInfo) -> InputPlanner:
@@ -133,3 +134,35 @@ def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox, out: np.ndarray | Non
     whole = factor >= 2 and (frame.width, frame.height) == (new_w * factor, new_h * factor)
     small = frame.reformat(width=new_w, height=new_h, interpolation="AREA" if whole else "BILINEAR", threads=1)
     return lb.place(small.to_ndarray(format="rgb24", threads=1), out=out)
+
+
+class AvPicture:
+    """A decoded PyAV frame kept as it came (YUV), made RGB only when its full picture is asked for."""
+
+    __slots__ = ("frame",)
+
+    def __init__(self, frame: av.VideoFrame) -> None:
+        self.frame = frame
+
+    def __call__(self) -> np.ndarray:
+        return self.frame.to_ndarray(format="rgb24")
+
+
+def source_picture(prepare: object) -> Callable[[], np.ndarray] | None:
+    """The full source picture behind a camera's deferred letterbox (`letterbox_avframe` on a decoded PyAV frame,
+    `letterbox_image` on a synthetic camera's strip and the box of the frame), as a call making RGB [H, W, 3];
+    None for anything else. For predict's `orig_img` and GetSnapshot: only when asked, never per frame."""
+    if not isinstance(prepare, functools.partial) or not prepare.args:
+        return None
+    if prepare.func is letterbox_avframe:
+        return AvPicture(prepare.args[0])
+    if prepare.func is not letterbox_image:
+        return None
+    image = prepare.args[0]
+    box = prepare.args[2] if len(prepare.args) > 2 else prepare.keywords.get("box")
+
+    def crop() -> np.ndarray:
+        rgb = np.asarray(image if isinstance(image, np.ndarray) else image.convert("RGB"))
+        return rgb[box[1]:box[3], box[0]:box[2]] if box is not None else rgb
+
+    return crop

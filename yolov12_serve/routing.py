@@ -120,6 +120,10 @@ class ShardedClient:
         """One camera's info from its owner, or None when it is not registered there."""
         return self.client_for(stream_id).stream(stream_id)
 
+    def snapshot(self, stream_id: str) -> pb.Snapshot:
+        """GetSnapshot on the camera's owner."""
+        return self.client_for(stream_id).snapshot(stream_id)
+
     def list_streams(self) -> list[pb.StreamInfo]:
         """Every replica's streams, by id."""
         return sorted((s for c in self.clients for s in c.list_streams()), key=lambda s: s.stream_id)

@@ -17,6 +17,7 @@ from .config import StreamSpec
 from .filters import DetectionFilter
 from .frames import Frame, now
 from .runtime import PUSH_WINDOW  # re-exported: pushcall.py imports it from here
+from .snapshot import PictureRequests
 from .sources.base import Source, StreamState
 from .stats import StreamStats
 from .urls import redact_text
@@ -71,6 +72,7 @@ class Stream:
         self.kind = kind
         self.max_fps = max_fps
         self.filter = DetectionFilter()  # what of its detections is published (AddStream's min_score, classes, zone)
+        self.pictures = PictureRequests()  # GetSnapshot's callers, given the next frame's picture
         self.slo_s = slo_s
         self.droppable = droppable
         self.public = public
@@ -149,6 +151,8 @@ class Stream:
         if self.state == StreamState.STOPPED:  # a source thread finishing its last frame after removal
             return None
         self.src_hw = letterbox.src_hw
+        if self.pictures.wanted:  # GetSnapshot is waiting for this camera's next picture
+            self.pictures.offer(image)
         deferred = callable(image)  # a camera's letterbox, run only if the frame reaches an engine
         frame = Frame(self.stream_id, fid, None if deferred else image, letterbox, capture_time_us, t,
                       t + self.slo_s, self.droppable, self.public, image if deferred else None, self.epoch)

@@ -33,7 +33,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.letterbox import Letterbox
 
-from ..preprocess import EXIF_ORIENTATION, letterbox_avframe, letterbox_image, letterbox_upright
+from ..preprocess import EXIF_ORIENTATION, AvPicture, letterbox_avframe, letterbox_image, letterbox_upright
 
 __all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "AvPicture", "Decoded", "Input", "SourceError", "Sources", "load_rgb",
            "resolve_sources"]
@@ -292,13 +292,3 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-class AvPicture:
-    """A decoded PyAV frame kept as it came (YUV), made RGB only when a result's `orig_img` is asked for."""
-
-    __slots__ = ("frame",)
-
-    def __init__(self, frame: Any) -> None:
-        self.frame = frame  # av.VideoFrame
-
-    def __call__(self) -> np.ndarray:
-        return self.frame.to_ndarray(format="rgb24")

@@ -32,7 +32,6 @@ once (export again to get it). `classes` is always a host filter.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import threading
@@ -50,11 +49,11 @@ from engines.base import Engine, EngineError, EngineInfo
 
 from ..costmodel import RunTimeModel
 from ..frames import Frame, FrameResult, now
-from ..preprocess import InputPlanner
+from ..preprocess import InputPlanner, source_picture
 from ..runtime import plannable_shapes
 from ..scheduler import DeadlineScheduler
 from ..worker import DeviceWorker
-from .inputs import AvPicture, Decoded, Input, SourceError, Sources, read_offline, resolve_sources
+from .inputs import Decoded, Input, SourceError, Sources, read_offline, resolve_sources
 from .results import Boxes, Result
 
 __all__ = ["PredictError", "Predictor", "parse_device"]
@@ -215,23 +214,6 @@ class _LiveSink:
 
     def count_reconnect(self) -> None:
         self.reconnects += 1
-
-
-def _picture_of(prepare: Any) -> Any:
-    """The source frame behind a source's deferred letterbox (a call on a decoded PyAV frame, or on a synthetic
-    camera's picture and a box of it), as a call making RGB; None when the source's form is not known."""
-    if not isinstance(prepare, functools.partial) or not prepare.args:
-        return None
-    first = prepare.args[0]
-    if hasattr(first, "to_ndarray") and hasattr(first, "reformat"):  # av.VideoFrame
-        return AvPicture(first)
-    box = prepare.args[2] if len(prepare.args) > 2 else None
-
-    def crop(image: Any = first, box: Any = box) -> np.ndarray:
-        rgb = np.asarray(image if isinstance(image, np.ndarray) else image.convert("RGB"))
-        return rgb[box[1]:box[3], box[0]:box[2]] if box is not None else rgb
-
-    return crop if isinstance(first, np.ndarray) or hasattr(first, "convert") else None
 
 
 def _mask(text: str, url: str) -> str:
@@ -608,7 +590,7 @@ class _Run:
             pending = _Pending(sink.item.name, sink.item.name, index, None, capture_time_us / 1e6, 0.0, live=sink)
             self.inflight[(sink.stream_id, index)] = pending
         if callable(image):
-            pending.picture = _picture_of(image)
+            pending.picture = source_picture(image)
             prepare = image
 
             def timed(out: np.ndarray | None = None) -> np.ndarray:  # the letterbox runs in the worker: time it

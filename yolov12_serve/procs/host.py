@@ -36,6 +36,7 @@ from ..frames import Frame, FrameResult, now
 from ..health import DeviceHealth
 from ..runtime import DeviceRuntime, LoadedEngine, load_engine, release_freed_memory
 from ..scheduler import DeadlineScheduler
+from ..snapshot import encode_jpeg
 from ..sources import StreamState, make_source
 from ..sources.push import decode_frame
 from ..stream import Stream
@@ -233,6 +234,23 @@ class DeviceHost:
     # ------------------------------------------------------------------------------------------ engine
     def _reply(self, request: int, ok: bool, payload: Any) -> None:
         self.outbox.put(("reply", request, ok, payload))
+
+    def _cmd_snapshot(self, request: int, stream_id: str, epoch: int, timeout: float) -> None:
+        """The camera's next picture as JPEG, answered from a thread of its own (the wait must not hold the commands
+        up); not ok when no frame comes within `timeout` or the stream is not here (moved, removed)."""
+        stream = self._lookup(stream_id, epoch)
+        if stream is None:
+            self._reply(request, False, "the stream is not on this device")
+            return
+
+        def answer() -> None:
+            picture = stream.pictures.take(timeout)
+            if picture is None:
+                self._reply(request, False, "no frame came")
+            else:
+                self._reply(request, True, (encode_jpeg(picture), picture.shape[1], picture.shape[0]))
+
+        threading.Thread(target=answer, name=f"snapshot {stream_id}", daemon=True).start()
 
     def _cmd_probe(self, request: int, shape: tuple[int, int], size: int) -> None:
         def run() -> None:  # in a thread: a probe may hang, the command loop must not

@@ -440,6 +440,12 @@ class RemoteRuntime:
                 if not pending:
                     del self._pushes[(stream_id, epoch)]
 
+    def snapshot(self, stream_id: str, epoch: int, timeout: float) -> tuple[bytes, int, int] | None:
+        """The camera's next picture, taken and encoded in the device process (GetSnapshot): (JPEG, width, height),
+        or None when no frame came within `timeout`; EngineError if the process does not answer."""
+        ok, payload = self.request("snapshot", stream_id, epoch, timeout, timeout=timeout + 5)
+        return tuple(payload) if ok else None
+
     def forget_pushes(self, stream_id: str, epoch: int) -> None:
         """A push or image stream ended: nothing of it is owed any more."""
         with self._pushes_lock:

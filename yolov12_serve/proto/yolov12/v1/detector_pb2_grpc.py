@@ -75,6 +75,11 @@ class DetectorStub:
                 request_serializer=yolov12_dot_v1_dot_detector__pb2.GetServerInfoRequest.SerializeToString,
                 response_deserializer=yolov12_dot_v1_dot_detector__pb2.ServerInfo.FromString,
                 _registered_method=True)
+        self.GetSnapshot = channel.unary_unary(
+                '/yolov12.v1.Detector/GetSnapshot',
+                request_serializer=yolov12_dot_v1_dot_detector__pb2.GetSnapshotRequest.SerializeToString,
+                response_deserializer=yolov12_dot_v1_dot_detector__pb2.Snapshot.FromString,
+                _registered_method=True)
         self.ReloadEngines = channel.unary_unary(
                 '/yolov12.v1.Detector/ReloadEngines',
                 request_serializer=yolov12_dot_v1_dot_detector__pb2.ReloadEnginesRequest.SerializeToString,
@@ -149,6 +154,14 @@ class DetectorServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetSnapshot(self, request, context):
+        """A camera's next picture, full size, as JPEG (to aim it, to draw its zone). UNAVAILABLE when no frame comes
+        within a few seconds (the camera is down), FAILED_PRECONDITION for a pushed stream.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ReloadEngines(self, request, context):
         """Operator: load the engine files again (or the ones named) beside the running ones, warm them up and switch
         every device over between two batches, then free the old ones; streams keep flowing. A file that cannot be
@@ -200,6 +213,11 @@ def add_DetectorServicer_to_server(servicer, server):
                     servicer.GetServerInfo,
                     request_deserializer=yolov12_dot_v1_dot_detector__pb2.GetServerInfoRequest.FromString,
                     response_serializer=yolov12_dot_v1_dot_detector__pb2.ServerInfo.SerializeToString,
+            ),
+            'GetSnapshot': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetSnapshot,
+                    request_deserializer=yolov12_dot_v1_dot_detector__pb2.GetSnapshotRequest.FromString,
+                    response_serializer=yolov12_dot_v1_dot_detector__pb2.Snapshot.SerializeToString,
             ),
             'ReloadEngines': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadEngines,
@@ -424,6 +442,33 @@ class Detector:
             '/yolov12.v1.Detector/GetServerInfo',
             yolov12_dot_v1_dot_detector__pb2.GetServerInfoRequest.SerializeToString,
             yolov12_dot_v1_dot_detector__pb2.ServerInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetSnapshot(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/yolov12.v1.Detector/GetSnapshot',
+            yolov12_dot_v1_dot_detector__pb2.GetSnapshotRequest.SerializeToString,
+            yolov12_dot_v1_dot_detector__pb2.Snapshot.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,66 @@
+"""GetSnapshot: a camera's next picture, full size, as JPEG (to aim a camera, to draw its zone). The picture is taken
+from the next frame the camera delivers, and only while someone waits for one: otherwise a frame costs one flag test.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+
+import numpy as np
+from PIL import Image
+
+from .preprocess import source_picture
+
+__all__ = ["JPEG_QUALITY", "PictureRequests", "encode_jpeg"]
+
+JPEG_QUALITY = 90
+
+
+class _Waiter:
+    __slots__ = ("done", "picture")
+
+    def __init__(self) -> None:
+        self.done = threading.Event()
+        self.picture: np.ndarray | None = None
+
+
+class PictureRequests:
+    """Callers waiting for a stream's next picture. `wanted` is read by the stream for every frame; the frame that
+    comes while it is set gives its full picture (`offer`) to every caller waiting then."""
+
+    def __init__(self) -> None:
+        self.wanted = False
+        self._lock = threading.Lock()
+        self._waiting: list[_Waiter] = []
+
+    def take(self, timeout: float) -> np.ndarray | None:
+        """The next frame's RGB picture [H, W, 3], or None when no frame came within `timeout` seconds."""
+        waiter = _Waiter()
+        with self._lock:
+            self._waiting.append(waiter)
+            self.wanted = True
+        if waiter.done.wait(timeout):
+            return waiter.picture
+        with self._lock:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+            self.wanted = bool(self._waiting)
+        return waiter.picture  # a frame may have come between the wait's end and the lock
+
+    def offer(self, prepare: object) -> None:
+        """A frame came (its deferred letterbox, see preprocess.source_picture): hand its picture to the waiting."""
+        with self._lock:
+            waiting, self._waiting, self.wanted = self._waiting, [], False
+        make = source_picture(prepare)
+        picture = make() if make is not None else None
+        for waiter in waiting:
+            waiter.picture = picture
+            waiter.done.set()
+
+
+def encode_jpeg(picture: np.ndarray, quality: int = JPEG_QUALITY) -> bytes:
+    """RGB uint8 [H, W, 3] -> JPEG bytes."""
+    out = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(picture)).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
