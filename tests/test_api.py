@@ -144,19 +144,21 @@ def test_push_mode_answers_every_frame_in_order_and_lists_the_stream(client, eng
     rng = np.random.default_rng(0)
     frames = [np.ascontiguousarray(np.roll(photo, int(s), axis=1)) for s in rng.integers(0, 200, 6)]
     seen_listed = threading.Event()
+    snapshot_codes = []  # GetSnapshot of a pushed stream: its pictures are the client's
 
     def gen():
         for i, f in enumerate(frames):
             yield make_frame(f, "pusher", 100 + i, encoding="png")
             if i == 3 and any(s.stream_id == "pusher" and s.url == "push://" for s in client.list_streams()):
                 seen_listed.set()
+                snapshot_codes.append(code_of(lambda: client.snapshot("pusher")))
 
     results = list(client.detect(gen(), timeout=60))
     assert [r.frame_id for r in results] == [100 + i for i in range(6)]
     assert all(r.stream_id == "pusher" for r in results)
     for r, f in zip(results, frames):
         assert_same_detections(as_array(r), expected_detections(engine, f))
-    assert seen_listed.is_set()
+    assert seen_listed.is_set() and snapshot_codes == [grpc.StatusCode.FAILED_PRECONDITION]
     wait_until(lambda: client.stream("pusher") is None, 5, what="push stream removed after the call")
 
 
