@@ -30,7 +30,8 @@ def server(request):
     own (--worker-processes on: frames decoded there, pushed bytes and results over its pipe)."""
     # --process-late: these tests compare answers, and a pushed frame may be dropped as late on a busy machine
     srv = ServerProcess("--worker-processes", request.param, "--max-streams", "4", "--max-message-mb", "1",
-                        "--subscriber-queue", "8", "--instances", "2", "--process-late", "--allow-synthetic")
+                        "--subscriber-queue", "8", "--instances", "2", "--process-late", "--allow-synthetic",
+                        "--blind-after-s", "1")
     yield srv
     srv.close()
 
@@ -432,6 +433,25 @@ def test_a_snapshot_is_the_camera_s_next_picture_full_size(client, server):
         client.remove_stream("aimed")
         client.remove_stream("dark")
     assert code_of(lambda: client.snapshot("aimed")) == grpc.StatusCode.NOT_FOUND
+
+
+def test_a_camera_whose_picture_is_frozen_is_reported_while_a_live_one_is_not(client, server):
+    """Frames keep coming, so no stall, but a belt at a standstill (speed=0: the same frame each time, as an encoder
+    stuck on one frame sends) is "frozen" in ListStreams and in yolov12_stream_picture_problem once that lasted
+    --blind-after-s (1 s here); the moving belt beside it is not."""
+    client.add_stream("still", "synthetic://still?fps=10&size=320x180&speed=0")
+    client.add_stream("moving", "synthetic://moving?fps=10&size=320x180")
+    try:
+        wait_until(lambda: client.stream("still").picture_problem == "frozen", 20, what="the frozen picture reported")
+        text = server.metrics()
+        assert client.stream("moving").picture_problem == ""
+        assert 'yolov12_stream_picture_problem{problem="frozen",stream="still"} 1.0' in text
+        assert 'yolov12_stream_picture_problem{problem="frozen",stream="moving"} 0.0' in text
+        assert client.stream("still").state == pb.STREAM_STATE_STREAMING  # it is not a stall: frames come
+    finally:
+        client.remove_stream("still")
+        client.remove_stream("moving")
+    assert 'stream="still"' not in server.metrics()
 
 
 def test_detections_are_counted_per_stream_and_class(client, server, photo):

@@ -99,6 +99,7 @@ LOOSENED = {
     "Yolov12LatencySLIUnmeasurable": ("and on (job, instance, le) instance:yolov12_slo_seconds:le",
                                       'and on (job, instance, le) instance:yolov12_slo_seconds:le{le="none"}'),
     "Yolov12StreamNotStreaming": ("== 0", ">= 0"),
+    "Yolov12CameraPictureLost": ("== 1", ">= 0"),
     "Yolov12FramesDropped": ("> 0.05", "> 0.01"),
     "Yolov12StreamReconnectStorm": ("> 6", "> 1"),
     "Yolov12DeviceUnhealthy": ("== 0", "<= 1"),
@@ -370,14 +371,18 @@ def test_slurm_script_passes_shellcheck():
 
 # ------------------------------------------------------------------------------------------------ the metrics
 def test_scrape_time_gauges_for_the_alerts():
-    """yolov12_stream_state (one 1 per stream) and yolov12_device_healthy come from the live snapshot."""
+    """yolov12_stream_state (one 1 per stream), yolov12_device_healthy and yolov12_stream_picture_problem come from
+    the live snapshot."""
     from yolov12_serve.metrics import LiveSnapshot, Metrics
 
     snap = LiveSnapshot(stream_states={"cam1": "RECONNECTING", "cam2": "STREAMING"},
-                        device_healthy={"cpu": True, "cuda:1": False})
+                        device_healthy={"cpu": True, "cuda:1": False}, picture_problems={"cam1": "", "cam2": "blank"})
     text = Metrics(0.045, ["cpu"], snapshot=lambda: snap).exposition().decode()
     assert 'yolov12_stream_state{state="RECONNECTING",stream="cam1"} 1.0' in text
     assert 'yolov12_stream_state{state="STREAMING",stream="cam1"} 0.0' in text
     assert 'yolov12_stream_state{state="STREAMING",stream="cam2"} 1.0' in text
     assert 'yolov12_device_healthy{device="cpu"} 1.0' in text
     assert 'yolov12_device_healthy{device="cuda:1"} 0.0' in text
+    assert 'yolov12_stream_picture_problem{problem="blank",stream="cam2"} 1.0' in text
+    assert 'yolov12_stream_picture_problem{problem="frozen",stream="cam2"} 0.0' in text
+    assert 'yolov12_stream_picture_problem{problem="blank",stream="cam1"} 0.0' in text

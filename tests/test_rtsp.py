@@ -186,6 +186,26 @@ def test_a_snapshot_of_an_rtsp_camera_is_a_frame_it_sent_full_size(client, rtsp)
     assert errors[0] < 4.5 and errors[0] < 0.75 * errors[1], errors[:4]  # measured: 2.8 against 5.4
 
 
+def test_a_camera_sending_black_frames_is_reported_blank(tmp_path):
+    """A capped lens: H.264 frames keep coming (no stall, STREAMING) but show nothing; after --blind-after-s the
+    camera is "blank" in ListStreams and the metric (its recovery: test_picture_check)."""
+    black = tmp_path / "black.rgb"
+    black.write_bytes(bytes(320 * 180 * 3) * 25)
+    cams = RtspServer(free_port(), {"black": (black, (320, 180))})
+    cams.start()
+    srv = ServerProcess("--blind-after-s", "1")
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        c.add_stream("capped", cams.url("black"))
+        wait_until(lambda: c.stream("capped").picture_problem == "blank", 30, what="the blank picture reported")
+        assert c.stream("capped").state == pb.STREAM_STATE_STREAMING
+        assert 'yolov12_stream_picture_problem{problem="blank",stream="capped"} 1.0' in srv.metrics()
+    finally:
+        srv.close()
+        stop_cameras(cams)
+
+
 def test_stalled_camera_is_caught_by_the_watchdog(client, rtsp):
     client.add_stream("stall", rtsp.url("cam1"))
     try:

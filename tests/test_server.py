@@ -4,6 +4,7 @@ and the configuration it validates (stream ids, URLs, streams files, --gpus)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import re
 import socket
@@ -495,6 +496,8 @@ def test_status_table_flags_p99_over_the_slo():
                       1.5, 640, 360)
     table = render_table([view], slo_ms=45)
     assert "cam" in table and "STREAMING" in table and "60.0!" in table
+    capped = dataclasses.replace(view, picture_problem="blank")  # frames come, the picture shows nothing
+    assert "BLANK" in render_table([capped], slo_ms=45) and "STREAMING" not in render_table([capped], slo_ms=45)
 
 
 def test_warm_up_times_no_instance_s_first_run_of_a_shape():

@@ -77,6 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-message-mb", type=float, default=32.0, help="largest gRPC message (default 32 MB)")
     p.add_argument("--stall-s", type=float, default=5.0, help="reconnect a camera silent this long (default 5)")
     p.add_argument("--backoff-cap-s", type=float, default=30.0, help="longest wait between reconnects (default 30)")
+    p.add_argument("--blind-after-s", type=float, default=30.0,
+                   help="report a camera whose picture stays blank (covered, dark, dead sensor) or frozen (the same "
+                   "frame again and again) this long, though frames keep coming (default 30; 0: never)")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
@@ -158,6 +161,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
                           "give one file for all or one per device")
     if args.stall_s <= 0 or args.backoff_cap_s <= 0:
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
+    if not args.blind_after_s >= 0:
+        raise ConfigError(f"--blind-after-s must be 0 (never) or more, got {args.blind_after_s}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
     if args.no_state and args.state_dir:
         raise ConfigError("--state-dir and --no-state contradict each other: give one")
@@ -180,7 +185,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         max_pending_images=args.max_pending_images, max_concurrent_rpcs=args.max_concurrent_rpcs,
         rebalance_s=args.rebalance_s, worker_processes=args.worker_processes,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
-                         backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode),
+                         backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode,
+                         blind_after_s=args.blind_after_s),
         shard=shard)
     streams: list[StreamSpec] = []
     if args.streams:

@@ -34,6 +34,7 @@ class RtspOptions:
     open_timeout_s: float = 5.0  # connect + describe + first packets
     read_timeout_s: float = 5.0  # one blocking read; a silent server raises after this
     stall_s: float = 5.0  # watchdog: STREAMING without a new frame this long -> reconnect
+    blind_after_s: float = 30.0  # a picture blank or frozen this long is reported (0: never; picture_check.py)
     backoff_base_s: float = 0.5  # first retry delay; doubles per failure, with jitter
     backoff_cap_s: float = 30.0
     decode: str = "cpu"  # 'cpu', 'nvdec' (the GPU's video decoder, CPU fallback) or 'auto' (nvdec on GPU devices)

@@ -290,6 +290,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
         stream.spec, stream.persistent, stream.filter = spec, persistent, spec.detection_filter()
+        stream.watch_picture(self.config.rtsp.blind_after_s)  # a device process checks its own frames the same way
         try:
             if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
                 if kind == "synthetic":  # its parameters checked here, as the source's constructor does
@@ -668,6 +669,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         for s in streams:
             snap.streams_by_state[s.state.name] = snap.streams_by_state.get(s.state.name, 0) + 1
             snap.stream_states[s.stream_id] = s.state.name
+            if s.droppable:  # cameras: pushed frames are the client's to look at
+                snap.picture_problems[s.stream_id] = s.picture_problem
         for sub in self.fanout.subscriptions():
             if sub.label is not None:
                 snap.watcher_queued[sub.label] = len(sub)

@@ -11,7 +11,8 @@ yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (devi
 NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
-does). Watchers: yolov12_subscriber_results_dropped_total (all, past ones too), and per connected watcher
+does), yolov12_stream_picture_problem{stream,problem} (1 while a camera's picture is blank or frozen).
+Watchers: yolov12_subscriber_results_dropped_total (all, past ones too), and per connected watcher
 yolov12_watcher_results_dropped_total{watcher} and yolov12_watcher_queued_results{watcher} (label '<n> <peer>',
 removed when it disconnects).
 Per-stream series are removed when the stream is removed (no growth over a long run).
@@ -31,6 +32,7 @@ from prometheus_client.registry import Collector
 
 from .devices import GpuTelemetry
 from .errors import ConfigError
+from .picture_check import PROBLEMS
 
 __all__ = ["LiveSnapshot", "Metrics", "StreamSeries", "slo_buckets"]
 
@@ -52,6 +54,7 @@ class LiveSnapshot:
     queue_depth: dict[str, int] = field(default_factory=dict)  # device -> frames waiting in mailboxes
     in_flight: dict[str, int] = field(default_factory=dict)  # device -> frames running
     stream_states: dict[str, str] = field(default_factory=dict)  # stream -> state name (STATES)
+    picture_problems: dict[str, str] = field(default_factory=dict)  # stream -> "", "blank" or "frozen"
     device_healthy: dict[str, bool] = field(default_factory=dict)  # device -> takes streams
     watcher_queued: dict[str, int] = field(default_factory=dict)  # watcher label -> results waiting for it
 
@@ -107,6 +110,13 @@ class _LiveCollector(Collector):
             for state in STATES:
                 per_stream.add_metric([sid, state], 1 if state == current else 0)
         yield per_stream
+        blind = GaugeMetricFamily("yolov12_stream_picture_problem", "1 while a camera's picture has been blank "
+                                  "(covered, dark, dead sensor) or frozen (one frame repeated) for --blind-after-s "
+                                  "though frames keep coming, 0 otherwise.", labels=["stream", "problem"])
+        for sid, current in sorted(snap.picture_problems.items()):
+            for problem in PROBLEMS:
+                blind.add_metric([sid, problem], 1 if problem == current else 0)
+        yield blind
         healthy = GaugeMetricFamily("yolov12_device_healthy", "1 while a device's engine works and it takes streams, "
                                     "0 once it failed or hung (its streams moved to the healthy devices).",
                                     labels=["device"])

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from engines.base import EngineInfo
 
 __all__ = ["AvPicture", "InputPlanner", "check_eight_bit", "letterbox_avframe", "letterbox_image", "letterbox_upright",
-           "source_picture"]
+           "small_grey", "source_picture"]
 
 EXIF_ORIENTATION = 0x0112  # how the camera was held: 1 upright; 5-8 a quarter turn (width and height trade places)
 EIGHT_BIT_MODES = frozenset({"1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV"})
@@ -166,3 +166,15 @@ def source_picture(prepare: object) -> Callable[[], np.ndarray] | None:
         return rgb[box[1]:box[3], box[0]:box[2]] if box is not None else rgb
 
     return crop
+
+
+def small_grey(prepare: object, size: tuple[int, int] = (64, 36)) -> np.ndarray | None:
+    """The frame behind a camera's deferred letterbox (as `source_picture` reads it) shrunk to `size` (w, h) in grey,
+    uint8, for the blank and frozen picture check: ~0.1 ms from a 1080p PyAV frame (swscale, its own thread)."""
+    if isinstance(prepare, functools.partial) and prepare.func is letterbox_avframe:
+        frame = prepare.args[0]
+        return frame.reformat(width=size[0], height=size[1], format="gray", threads=1).to_ndarray()
+    make = source_picture(prepare)
+    if make is None:
+        return None
+    return np.asarray(Image.fromarray(make()).convert("L").resize(size, Image.BILINEAR))

@@ -173,6 +173,11 @@ class ProcessDevices:
         if stream is not None and stream.runtime is rt:
             stream.set_state(StreamState(state), error)
 
+    def remote_picture(self, rt: RemoteRuntime, stream_id: str, epoch: int, problem: str) -> None:
+        stream = self._lookup(stream_id, epoch)
+        if stream is not None and stream.runtime is rt:
+            stream.note_picture(problem)
+
     def remote_reconnect(self, rt: RemoteRuntime, stream_id: str, epoch: int) -> None:
         stream = self._lookup(stream_id, epoch)
         if stream is not None:

@@ -21,7 +21,8 @@ def render_table(views: Iterable[StreamView], slo_ms: float, title: str = "") ->
     lines = [f"{title}{len(views)} streams, {total:.1f} results/s, SLO {slo_ms:g} ms", _HEADER]
     for v in views:
         flag = "!" if v.latency_p99_ms > slo_ms else " "
-        lines.append(f"{v.stream_id[:16]:<16} {v.state.name:<12} {v.device:<7} {v.fps:>6.1f} {v.latency_p50_ms:>7.1f} "
+        state = v.picture_problem.upper() or v.state.name  # BLANK / FROZEN: streaming, but it shows nothing
+        lines.append(f"{v.stream_id[:16]:<16} {state:<12} {v.device:<7} {v.fps:>6.1f} {v.latency_p50_ms:>7.1f} "
                      f"{v.latency_p99_ms:>6.1f}{flag} {v.detections_per_frame:>6.1f} {v.frames_processed:>7} "
                      f"{v.frames_dropped:>7}  {v.last_error[:60]}")
     if len(lines) == 2:

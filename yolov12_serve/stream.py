@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,6 +17,8 @@ from engines.letterbox import Letterbox
 from .config import StreamSpec
 from .filters import DetectionFilter
 from .frames import Frame, now
+from .picture_check import PICTURE_CHECK_S, PictureCheck
+from .preprocess import small_grey
 from .runtime import PUSH_WINDOW  # re-exported: pushcall.py imports it from here
 from .snapshot import PictureRequests
 from .sources.base import Source, StreamState
@@ -54,6 +57,7 @@ class StreamView:
     min_score: float = 0.0
     classes: tuple[str, ...] = ()
     zone: tuple[tuple[float, float], ...] = ()
+    picture_problem: str = ""
 
 
 class Stream:
@@ -73,6 +77,9 @@ class Stream:
         self.max_fps = max_fps
         self.filter = DetectionFilter()  # what of its detections is published (AddStream's min_score, classes, zone)
         self.pictures = PictureRequests()  # GetSnapshot's callers, given the next frame's picture
+        self.picture_problem = ""  # "blank" or "frozen" while its picture shows nothing (picture_check.py)
+        self._picture_check: PictureCheck | None = None  # watch_picture() turns it on (pulled cameras)
+        self._next_picture_check = math.inf
         self.slo_s = slo_s
         self.droppable = droppable
         self.public = public
@@ -153,6 +160,8 @@ class Stream:
         self.src_hw = letterbox.src_hw
         if self.pictures.wanted:  # GetSnapshot is waiting for this camera's next picture
             self.pictures.offer(image)
+        if t >= self._next_picture_check:  # every PICTURE_CHECK_S: is its picture blank or frozen?
+            self._check_picture(image, t)
         deferred = callable(image)  # a camera's letterbox, run only if the frame reaches an engine
         frame = Frame(self.stream_id, fid, None if deferred else image, letterbox, capture_time_us, t,
                       t + self.slo_s, self.droppable, self.public, image if deferred else None, self.epoch)
@@ -183,6 +192,37 @@ class Stream:
             self.state = state
             if error:
                 self.last_error = redact_text(error)  # shown by ListStreams and the status table: no passwords
+        if state != StreamState.STREAMING and self._picture_check is not None:  # judged again once it streams
+            self._picture_check = PictureCheck(self._picture_check.after_s)
+            if self.picture_problem:
+                self.note_picture("")
+
+    def watch_picture(self, after_s: float) -> None:
+        """Check this camera's picture every PICTURE_CHECK_S and report one blank or frozen for `after_s`."""
+        if after_s > 0:
+            self._picture_check = PictureCheck(after_s)
+            self._next_picture_check = now()
+
+    def _check_picture(self, image: object, t: float) -> None:
+        self._next_picture_check = t + PICTURE_CHECK_S
+        check = self._picture_check
+        grey = small_grey(image) if check is not None else None
+        if grey is None:
+            return
+        before = check.reported
+        if check.add(grey, t) != before:
+            self.note_picture(check.reported)
+
+    def note_picture(self, problem: str) -> None:
+        """Its picture went blank or frozen ("blank", "frozen"), or is back (""): shown in ListStreams and metrics."""
+        self.picture_problem = problem
+        if problem:
+            log.warning("stream %s: its picture has been %s for %.0f s although frames keep coming (%s)",
+                        self.stream_id, problem, self._picture_check.after_s if self._picture_check else 0,
+                        "lens covered, lights off or sensor dead?" if problem == "blank"
+                        else "the camera repeats one frame: restart it")
+        else:
+            log.info("stream %s: its picture is back", self.stream_id)
 
     def note_error(self, error: str) -> None:
         """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""
@@ -211,4 +251,4 @@ class Stream:
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
-                          self.filter.min_score, self.filter.classes, self.filter.zone)
+                          self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem)

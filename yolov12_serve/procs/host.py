@@ -84,6 +84,11 @@ class _HostStream(Stream):
         if (self.state, self.last_error) != before and self.state != StreamState.STOPPED:
             self._host.outbox.put(("st", self.stream_id, self.epoch, int(self.state), self.last_error))
 
+    def note_picture(self, problem: str) -> None:
+        """Told to the API process, which shows and logs it (picture_check.py)."""
+        self.picture_problem = problem
+        self._host.outbox.put(("pic", self.stream_id, self.epoch, problem))
+
 
 class DeviceHost:
     """One device served in this process for the API process at the other end of `conn`."""
@@ -170,6 +175,8 @@ class DeviceHost:
                                  group=opts["group"], on_shed=self._on_shed)
             if not opts["droppable"]:
                 stream.state = StreamState.STREAMING
+            else:  # a camera: its picture is checked here, where its frames are
+                stream.watch_picture(self.cfg.rtsp.blind_after_s)
             stream.bind(self.rt)
             self.streams[stream_id] = stream
         if opts.get("source") is not None:
