@@ -50,9 +50,28 @@ def test_a_stream_reports_a_frozen_camera_and_forgets_it_when_the_camera_stops_s
     strip = np.random.default_rng(1).integers(0, 255, (90, 480, 3), dtype=np.uint8)
     lb = plan_letterbox((90, 160), (96, 160))
     t0 = now()
-    for k in range(3):  # the same box of the strip each time: frozen
+    for k in range(3):  # the same box of the strip each time: frozen (samples come 0.75-1.25 x PICTURE_CHECK_S apart)
         stream.put(functools.partial(letterbox_image, strip, lb, (0, 0, 160, 90)), lb, 0,
-                   ingest_time=t0 + k * (PICTURE_CHECK_S + 0.1))
+                   ingest_time=t0 + k * 1.3 * PICTURE_CHECK_S)
     assert stream.picture_problem == "frozen" and stream.view().picture_problem == "frozen"
     stream.set_state(StreamState.RECONNECTING, "connection lost")
+    assert stream.picture_problem == ""
+
+
+def test_a_looped_recording_is_not_taken_for_a_frozen_camera():
+    """A 1 s clip looped at 25 fps (a recording replayed as a camera, the test RTSP server's mounts): samples taken
+    exactly 2 s apart would land on the same frame of the loop every time; uneven spacing does not."""
+    from yolov12_serve.frames import now
+    from yolov12_serve.sources.base import StreamState
+    from yolov12_serve.stream import Stream
+
+    stream = Stream("clip", "/videos/clip.mp4", "file", 0.0, 0.045, lambda s: None, lambda f, r: None, lambda s: None)
+    stream.set_state(StreamState.STREAMING)
+    stream.watch_picture(after_s=10.0)
+    strip = np.random.default_rng(2).integers(0, 255, (90, 400, 3), dtype=np.uint8)
+    lb = plan_letterbox((90, 160), (96, 160))
+    t0 = now()
+    for k in range(25 * 60):  # a minute of frames
+        x = (k % 25) * 8
+        stream.put(functools.partial(letterbox_image, strip, lb, (x, 0, x + 160, 90)), lb, 0, ingest_time=t0 + k / 25)
     assert stream.picture_problem == ""

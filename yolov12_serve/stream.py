@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import logging
 import math
+import random
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -204,7 +205,8 @@ class Stream:
             self._next_picture_check = now()
 
     def _check_picture(self, image: object, t: float) -> None:
-        self._next_picture_check = t + PICTURE_CHECK_S
+        # at uneven spacing: a looped file (or a test server's loop) must not show the same frame at every sample
+        self._next_picture_check = t + PICTURE_CHECK_S * random.uniform(0.75, 1.25)
         check = self._picture_check
         grey = small_grey(image) if check is not None else None
         if grey is None:
