@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+from PIL import Image
 
 from engines.letterbox import plan_letterbox
 from yolov12_serve.picture_check import PictureCheck
@@ -30,8 +31,10 @@ def test_small_grey_reads_a_synthetic_camera_s_frame_box():
     strip = np.zeros((90, 480, 3), np.uint8)
     strip[:, 160:320] = 200  # the box the frame shows is all bright
     lb = plan_letterbox((90, 160), (96, 160))
-    grey = small_grey(functools.partial(letterbox_image, strip, lb, (160, 0, 320, 90)))
-    assert grey.shape == (36, 64) and grey.dtype == np.uint8 and grey.min() == grey.max() == 200
+    for image in (strip, Image.fromarray(strip)):  # kept as an array, or as a PIL image when frames are resized
+        grey = small_grey(functools.partial(letterbox_image, image, lb, (160, 0, 320, 90)))
+        assert grey.ndim == 2 and grey.size <= 80 * 45 and grey.dtype == np.uint8, grey.shape
+        assert grey.min() == grey.max() == 200  # the box, not the dark strip around it
     assert small_grey(np.zeros((96, 160, 3), np.uint8)) is None  # a pushed frame: not a camera's
 
 
