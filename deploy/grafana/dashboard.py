@@ -163,6 +163,14 @@ def build() -> dict[str, Any]:
               [target(f"sum by (stream) (rate(yolov12_detections_total{{{STREAM_SEL}}}[$__rate_interval])) * 60",
                       "{{stream}}")],
               (12, 53, 12, 8), "Detections of every class on each selected stream.", "short"),
+        panel("state-timeline", "Camera picture",
+              [target(f"max by (instance, stream) (yolov12_stream_picture_problem{{{STREAM_SEL}}})",
+                      "{{instance}} {{stream}}")],
+              (0, 61, 24, 6), "Cameras that stream but show nothing: blank (covered, dark, dead sensor) or frozen "
+              "(one frame repeated) for --blind-after-s; Yolov12CameraPictureLost pages a minute later.",
+              fieldConfig={"defaults": {"mappings": [{"type": "value", "options": {
+                  "0": {"text": "no problem seen", "color": "green"},
+                  "1": {"text": "blank or frozen", "color": "red"}}}]}}),
     ]
     for i, p in enumerate(panels, start=1):
         p["id"] = i
