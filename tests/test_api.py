@@ -317,22 +317,27 @@ def test_metrics_pass_promtool_and_carry_the_names(client, server):
     assert 'stream="metered"' not in after  # removed streams leave no series behind
 
 
+def first_results(client, stream_id: str, frames: int) -> list[pb.FrameDetections]:
+    """The next `frames` results published for one stream."""
+    watch = client.watch([stream_id])
+    got: list[pb.FrameDetections] = []
+    try:
+        for fd in watch:
+            got.append(fd)
+            if len(got) >= frames:
+                break
+    finally:
+        watch.cancel()
+    return got
+
+
 def test_a_camera_s_min_score_keeps_its_weaker_detections_from_everyone(client, server):
     """AddStream min_score: the line's own threshold. Scenes of the same synthetic camera, watched with no threshold
     and with one at their median score: the second camera's published detections (and counted ones) all reach it,
     ListStreams shows it, and a value outside 0..1 is INVALID_ARGUMENT."""
 
     def scores(sid: str, frames: int) -> list[float]:
-        watch = client.watch([sid])
-        found: list[float] = []
-        try:
-            for k, fd in enumerate(watch):
-                found += [d.score for d in fd.detections]
-                if k + 1 >= frames:
-                    break
-        finally:
-            watch.cancel()
-        return found
+        return [d.score for fd in first_results(client, sid, frames) for d in fd.detections]
 
     url = "synthetic://scored?fps=10&size=640x360"
     client.add_stream("open", url)
@@ -363,17 +368,8 @@ def test_a_camera_s_classes_and_zone_keep_the_rest_from_everyone(client, server)
     class's detections are split in half: the belt moves on, so a fixed edge may have nothing on one side.)"""
 
     def found(sid: str, frames: int) -> list[tuple[str, float, float]]:  # (class, centre x, centre y) in fractions
-        watch = client.watch([sid])
-        seen: list[tuple[str, float, float]] = []
-        try:
-            for k, fd in enumerate(watch):
-                seen += [(d.class_name, (d.x1 + d.x2) / 2 / fd.width, (d.y1 + d.y2) / 2 / fd.height)
-                         for d in fd.detections]
-                if k + 1 >= frames:
-                    break
-        finally:
-            watch.cancel()
-        return seen
+        return [(d.class_name, (d.x1 + d.x2) / 2 / fd.width, (d.y1 + d.y2) / 2 / fd.height)
+                for fd in first_results(client, sid, frames) for d in fd.detections]
 
     url = "synthetic://zoned?fps=10&size=640x360"
     client.add_stream("whole", url)
