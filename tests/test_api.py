@@ -434,19 +434,24 @@ def test_a_snapshot_is_the_camera_s_next_picture_full_size(client, server):
 def test_a_camera_whose_picture_is_frozen_is_reported_while_a_live_one_is_not(client, server):
     """Frames keep coming, so no stall, but a belt at a standstill (speed=0: the same frame each time, as an encoder
     stuck on one frame sends) is "frozen" in ListStreams and in yolov12_stream_picture_problem once that lasted
-    --blind-after-s (1 s here); the moving belt beside it is not."""
+    --blind-after-s (1 s here); the moving belt beside it is not, nor a still one whose own blind_after_s is 0 (its
+    ListStreams entry says so; the other's has none: the server's)."""
     client.add_stream("still", "synthetic://still?fps=10&size=320x180&speed=0")
     client.add_stream("moving", "synthetic://moving?fps=10&size=320x180")
+    client.add_stream("parked", "synthetic://still?fps=10&size=320x180&speed=0", blind_after_s=0)
     try:
         wait_until(lambda: client.stream("still").picture_problem == "frozen", 20, what="the frozen picture reported")
+        time.sleep(1)  # the parked one had as long as the still one, and a sample more
         text = server.metrics()
-        assert client.stream("moving").picture_problem == ""
+        assert client.stream("moving").picture_problem == "" and client.stream("parked").picture_problem == ""
+        parked, still = client.stream("parked"), client.stream("still")
+        assert parked.HasField("blind_after_s") and parked.blind_after_s == 0 and not still.HasField("blind_after_s")
         assert 'yolov12_stream_picture_problem{problem="frozen",stream="still"} 1.0' in text
         assert 'yolov12_stream_picture_problem{problem="frozen",stream="moving"} 0.0' in text
         assert client.stream("still").state == pb.STREAM_STATE_STREAMING  # it is not a stall: frames come
     finally:
-        client.remove_stream("still")
-        client.remove_stream("moving")
+        for sid in ("still", "moving", "parked"):
+            client.remove_stream(sid)
     assert 'stream="still"' not in server.metrics()
 
 

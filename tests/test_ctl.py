@@ -74,10 +74,10 @@ def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, 
     at = ("--server", server.address)
     for sid in ("r1", "r2"):
         rc, out = run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180", "--min-score", "0.3", "--json",
-                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1")
+                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1", "--blind-after-s", "0")
         (info,) = json_lines(out)
         assert rc == 0 and info["min_score"] == pytest.approx(0.3) and info["classes"] == ["dent", "crack"]
-        assert info["zone"] == pytest.approx([0, 0.5, 1, 0.5, 1, 1])
+        assert info["zone"] == pytest.approx([0, 0.5, 1, 0.5, 1, 1]) and info["blind_after_s"] == 0
     rc, out = run(*at, "remove", "r1", "nope", "r2", "--json")
     err = capsys.readouterr().err
     assert rc == 1 and [r["stream_id"] for r in json_lines(out)] == ["r1", "r2"]
@@ -186,6 +186,11 @@ def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
                   StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent",), zone[:2] + ((0.5, 0.9),)),
                   StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent",))]:
         assert [a for a, _, _ in ctl.plan_apply([other], listed, prune=True)] == ["replace"], other
+    own = [StreamSpec("gate", "rtsp://op:secret@10.0.0.7/s1", 5.0, 0.5, ("dent",), zone, blind_after_s=0)]
+    assert [a for a, _, _ in ctl.plan_apply(own, listed, prune=True)] == ["replace"]  # the server's -> its own
+    listed[1].blind_after_s = 0
+    assert [a for a, _, _ in ctl.plan_apply(own, listed, prune=True)] == ["keep"]
+    assert [a for a, _, _ in ctl.plan_apply(same, listed, prune=True)] == ["replace"]  # its own -> the server's
 
 
 def test_detect_prints_what_the_python_client_gets(server, tmp_path):

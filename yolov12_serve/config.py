@@ -150,12 +150,16 @@ class StreamSpec:
     min_score: float = 0.0
     classes: tuple[str, ...] = ()
     zone: tuple[tuple[float, float], ...] = ()  # polygon corners (x, y) as fractions of the frame's width, height
+    blind_after_s: float | None = None  # its own --blind-after-s (0: never); None: the server's
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_fps) or self.max_fps < 0:  # NaN would pass a '< 0' test and poison placement
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {self.max_fps}")
         if not 0.0 <= self.min_score <= 1.0:  # NaN fails this too
             raise InvalidArgumentError(f"min_score must be 0..1 (0: every detection), got {self.min_score}")
+        if self.blind_after_s is not None and not (math.isfinite(self.blind_after_s) and self.blind_after_s >= 0):
+            raise InvalidArgumentError(f"blind_after_s must be >= 0 (0: never check the picture), got "
+                                       f"{self.blind_after_s}")
         object.__setattr__(self, "classes", check_classes(self.classes))
         object.__setattr__(self, "zone", check_zone(self.zone))
 
@@ -229,7 +233,8 @@ def scrub_url(text: str, url: str) -> str:
 
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:
-    """Read a YAML list of cameras (`streams: [{id, url, max_fps, min_score, classes, zone, credentials}]`, or a bare
+    """Read a YAML list of cameras (`streams: [{id, url, max_fps, min_score, classes, zone, blind_after_s,
+    credentials}]`, or a bare
     list); one clear error per mistake. URLs may hold `${VAR}` (from the environment) and `credentials: FILE` names a
     file holding `USER:PASSWORD` (relative to the list's folder), so that the list itself holds no secret (urls.py)."""
     import yaml
@@ -252,10 +257,11 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         where = f"streams file {path}, entry {i + 1}"
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
-        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "classes", "zone", "credentials"}
+        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "classes", "zone", "blind_after_s",
+                               "credentials"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, min_score, "
-                              "classes, zone, credentials)")
+                              "classes, zone, blind_after_s, credentials)")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)
@@ -265,6 +271,10 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
             min_score = float(item.get("min_score", 0) or 0)
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: min_score must be a number, got {item['min_score']!r}") from None
+        try:
+            blind_after_s = None if item.get("blind_after_s") is None else float(item["blind_after_s"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: blind_after_s must be a number, got {item['blind_after_s']!r}") from None
         classes, zone = item.get("classes") or [], item.get("zone") or []
         if isinstance(classes, str):
             classes = [classes]
@@ -283,7 +293,8 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
             raise ConfigError(f"{where}: {e}") from None
         url = expand_credentials(str(item["url"]), f"{where} ({sid})", item.get("credentials"), base=path.parent)
         try:
-            specs.append(StreamSpec(sid, url, max_fps, min_score, tuple(str(c) for c in classes), tuple(zone)))
+            specs.append(StreamSpec(sid, url, max_fps, min_score, tuple(str(c) for c in classes), tuple(zone),
+                                    blind_after_s))
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
     ids = [s.stream_id for s in specs]

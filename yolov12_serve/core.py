@@ -288,9 +288,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self.config.camera_policy.check(spec.url, kind)  # scheme and host allowed? (allowlist.py)
         if spec.max_fps < 0:
             raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
-        stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True)
+        blind_after_s = self.config.rtsp.blind_after_s if spec.blind_after_s is None else spec.blind_after_s
+        stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True,
+                                blind_after_s=blind_after_s)
         stream.spec, stream.persistent, stream.filter = spec, persistent, spec.detection_filter()
-        stream.watch_picture(self.config.rtsp.blind_after_s)  # a device process checks its own frames the same way
         try:
             if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
                 if kind == "synthetic":  # its parameters checked here, as the source's constructor does
@@ -402,7 +403,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if not self.ready:
             raise UnavailableError("the server is still loading its engines; retry in a moment")
 
-    def _register(self, stream_id: str, url: str, kind: str, max_fps: float, droppable: bool) -> Stream:
+    def _register(self, stream_id: str, url: str, kind: str, max_fps: float, droppable: bool,
+                  blind_after_s: float = 0.0) -> Stream:
         self._check_serving()
         with self._lock:  # registration and removal are one step each: an id re-added never meets its old self
             if stream_id in self._streams:
@@ -412,6 +414,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                                              "or start the server with a larger --max-streams")
             stream = Stream(stream_id, url, kind, max_fps, self.config.slo_s, self._on_ingest, self._drop,
                             self._on_reconnect, droppable=droppable, epoch=next(self._epochs))
+            stream.watch_picture(blind_after_s)  # before it is bound: a device process is told it then
             device = self.placement.assign(stream_id, max_fps)
             stream.bind(self.runtimes[device])
             self._streams[stream_id] = stream

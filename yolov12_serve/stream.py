@@ -59,6 +59,7 @@ class StreamView:
     classes: tuple[str, ...] = ()
     zone: tuple[tuple[float, float], ...] = ()
     picture_problem: str = ""
+    blind_after_s: float | None = None  # as asked for in AddStream (None: the server's --blind-after-s)
 
 
 class Stream:
@@ -80,6 +81,7 @@ class Stream:
         self.pictures = PictureRequests()  # GetSnapshot's callers, given the next frame's picture
         self.picture_problem = ""  # "blank" or "frozen" while its picture shows nothing (picture_check.py)
         self._picture_check: PictureCheck | None = None  # watch_picture() turns it on (pulled cameras)
+        self.blind_after_s = 0.0
         self._next_picture_check = math.inf
         self.slo_s = slo_s
         self.droppable = droppable
@@ -199,7 +201,8 @@ class Stream:
                 self.note_picture("")
 
     def watch_picture(self, after_s: float) -> None:
-        """Check this camera's picture every PICTURE_CHECK_S and report one blank or frozen for `after_s`."""
+        """Check this camera's picture every PICTURE_CHECK_S and report one blank or frozen for `after_s` (0: not)."""
+        self.blind_after_s = after_s  # a device process is told it when the stream is attached there
         if after_s > 0:
             self._picture_check = PictureCheck(after_s)
             self._next_picture_check = now()
@@ -253,4 +256,5 @@ class Stream:
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
-                          self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem)
+                          self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
+                          self.spec.blind_after_s if self.spec is not None else None)

@@ -176,7 +176,7 @@ class DeviceHost:
             if not opts["droppable"]:
                 stream.state = StreamState.STREAMING
             else:  # a camera: its picture is checked here, where its frames are
-                stream.watch_picture(self.cfg.rtsp.blind_after_s)
+                stream.watch_picture(opts.get("blind_after_s", self.cfg.rtsp.blind_after_s))
             stream.bind(self.rt)
             self.streams[stream_id] = stream
         if opts.get("source") is not None:
