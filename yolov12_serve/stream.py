@@ -197,8 +197,7 @@ class Stream:
                 self.last_error = redact_text(error)  # shown by ListStreams and the status table: no passwords
         if state != StreamState.STREAMING and self._picture_check is not None:  # judged again once it streams
             self._picture_check = PictureCheck(self._picture_check.after_s)
-            if self.picture_problem:
-                self.note_picture("")
+            self.picture_problem = ""  # its state tells now (a device process's API side clears its own on "st")
 
     def watch_picture(self, after_s: float) -> None:
         """Check this camera's picture every PICTURE_CHECK_S and report one blank or frozen for `after_s` (0: not)."""
@@ -223,7 +222,7 @@ class Stream:
         self.picture_problem = problem
         if problem:
             log.warning("stream %s: its picture has been %s for %.0f s although frames keep coming (%s)",
-                        self.stream_id, problem, self._picture_check.after_s if self._picture_check else 0,
+                        self.stream_id, problem, self.blind_after_s,
                         "lens covered, lights off or sensor dead?" if problem == "blank"
                         else "the camera repeats one frame: restart it")
         else:
