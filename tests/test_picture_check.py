@@ -78,3 +78,46 @@ def test_a_looped_recording_is_not_taken_for_a_frozen_camera():
         x = (k % 25) * 8
         stream.put(functools.partial(letterbox_image, strip, lb, (x, 0, x + 160, 90)), lb, 0, ingest_time=t0 + k / 25)
     assert stream.picture_problem == ""
+
+
+def test_a_frame_whose_picture_cannot_be_read_never_ends_the_camera():
+    """Sampling and snapshots run in the camera's own thread (Stream.put): a frame form they cannot convert (a GPU
+    frame swscale refuses, say) turns the check off and fails the snapshot with why, and the frame still goes on."""
+    import threading
+
+    from yolov12_serve.frames import now
+    from yolov12_serve.preprocess import letterbox_avframe
+    from yolov12_serve.snapshot import PictureUnreadableError
+    from yolov12_serve.sources.base import StreamState
+    from yolov12_serve.stream import Stream
+
+    class Unreadable:  # what PyAV would raise on a frame it cannot convert
+        width, height = 1920, 1080
+
+        def reformat(self, *args, **kwargs):
+            raise ValueError("cannot convert a cuda frame")
+
+        def to_ndarray(self, *args, **kwargs):
+            raise ValueError("cannot convert a cuda frame")
+
+    stream = Stream("gpu-cam", "rtsp://h/s", "rtsp", 0.0, 0.045, lambda s: None, lambda f, r: None, lambda s: None)
+    stream.set_state(StreamState.STREAMING)
+    stream.watch_picture(after_s=1.0)
+    lb = plan_letterbox((1080, 1920), (192, 320))
+    outcome: list[object] = []
+
+    def snapshot() -> None:
+        try:
+            outcome.append(stream.pictures.take(5))
+        except PictureUnreadableError as e:
+            outcome.append(e)
+
+    waiter = threading.Thread(target=snapshot)
+    waiter.start()
+    while not stream.pictures.wanted:
+        threading.Event().wait(0.01)
+    frame = stream.put(functools.partial(letterbox_avframe, Unreadable(), lb), lb, 0, ingest_time=now())
+    waiter.join(5)
+    assert frame is not None  # the frame went on to the scheduler
+    assert len(outcome) == 1 and isinstance(outcome[0], PictureUnreadableError) and "cuda frame" in str(outcome[0])
+    assert stream._picture_check is None and stream.picture_problem == ""  # the check is off, nothing reported

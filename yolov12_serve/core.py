@@ -50,7 +50,7 @@ from .processes import ProcessDevices
 from .procs import RemoteRuntime, RemoteSource
 from .runtime import DeviceRuntime, EngineLoader, load_engine
 from .scheduler import DeadlineScheduler
-from .snapshot import encode_jpeg
+from .snapshot import PictureUnreadableError, encode_jpeg
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
 from .sources.synthetic import parse_synthetic_url
@@ -498,7 +498,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             except EngineError as e:
                 raise UnavailableError(f"{runtime.name}: {e}") from None
         else:
-            picture = stream.pictures.take(timeout)
+            try:
+                picture = stream.pictures.take(timeout)
+            except PictureUnreadableError as e:
+                raise UnavailableError(f"the picture of {stream_id!r} cannot be taken: {e}") from None
             taken = None if picture is None else (encode_jpeg(picture), picture.shape[1], picture.shape[0])
         if taken is None:
             why = f": {stream.last_error}" if stream.last_error else ""

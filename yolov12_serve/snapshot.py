@@ -12,17 +12,22 @@ from PIL import Image
 
 from .preprocess import source_picture
 
-__all__ = ["JPEG_QUALITY", "PictureRequests", "encode_jpeg"]
+__all__ = ["JPEG_QUALITY", "PictureRequests", "PictureUnreadableError", "encode_jpeg"]
 
 JPEG_QUALITY = 90
 
 
+class PictureUnreadableError(Exception):
+    """The frame came but its picture could not be made (a form the converter cannot read)."""
+
+
 class _Waiter:
-    __slots__ = ("done", "picture")
+    __slots__ = ("done", "error", "picture")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.picture: np.ndarray | None = None
+        self.error = ""
 
 
 class PictureRequests:
@@ -35,27 +40,37 @@ class PictureRequests:
         self._waiting: list[_Waiter] = []
 
     def take(self, timeout: float) -> np.ndarray | None:
-        """The next frame's RGB picture [H, W, 3], or None when no frame came within `timeout` seconds."""
+        """The next frame's RGB picture [H, W, 3], or None when no frame came within `timeout` seconds;
+        PictureUnreadableError when one came whose picture could not be made."""
         waiter = _Waiter()
         with self._lock:
             self._waiting.append(waiter)
             self.wanted = True
-        if waiter.done.wait(timeout):
-            return waiter.picture
-        with self._lock:
-            if waiter in self._waiting:
-                self._waiting.remove(waiter)
-            self.wanted = bool(self._waiting)
-        return waiter.picture  # a frame may have come between the wait's end and the lock
+        if not waiter.done.wait(timeout):
+            with self._lock:
+                if waiter in self._waiting:
+                    self._waiting.remove(waiter)
+                self.wanted = bool(self._waiting)
+        if waiter.error:  # (a frame may have come between the wait's end and the lock)
+            raise PictureUnreadableError(waiter.error)
+        return waiter.picture
 
     def offer(self, prepare: object) -> None:
-        """A frame came (its deferred letterbox, see preprocess.source_picture): hand its picture to the waiting."""
+        """A frame came (its deferred letterbox, see preprocess.source_picture): hand its picture to the waiting.
+        Runs in the camera's thread, so it never raises: a picture it cannot make is the waiters' error."""
         with self._lock:
             waiting, self._waiting, self.wanted = self._waiting, [], False
-        make = source_picture(prepare)
-        picture = make() if make is not None else None
+        picture, error = None, ""
+        try:
+            make = source_picture(prepare)
+            if make is None:
+                error = f"its frames come as {type(prepare).__name__}, which has no picture to take"
+            else:
+                picture = make()
+        except Exception as e:
+            error = f"{type(e).__name__}: {e}"
         for waiter in waiting:
-            waiter.picture = picture
+            waiter.picture, waiter.error = picture, error
             waiter.done.set()
 
 

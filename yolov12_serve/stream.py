@@ -210,7 +210,13 @@ class Stream:
         # at uneven spacing: a looped file (or a test server's loop) must not show the same frame at every sample
         self._next_picture_check = t + PICTURE_CHECK_S * random.uniform(0.75, 1.25)
         check = self._picture_check
-        grey = small_grey(image) if check is not None else None
+        try:
+            grey = small_grey(image) if check is not None else None
+        except Exception as e:  # in the camera's thread: a frame it cannot sample must never end the camera
+            log.warning("stream %s: its picture cannot be sampled (%s: %s); its blank and frozen check is off",
+                        self.stream_id, type(e).__name__, e)
+            self._picture_check, self._next_picture_check = None, math.inf
+            return
         if grey is None:
             return
         before = check.reported

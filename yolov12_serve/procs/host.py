@@ -36,7 +36,7 @@ from ..frames import Frame, FrameResult, now
 from ..health import DeviceHealth
 from ..runtime import DeviceRuntime, LoadedEngine, load_engine, release_freed_memory
 from ..scheduler import DeadlineScheduler
-from ..snapshot import encode_jpeg
+from ..snapshot import PictureUnreadableError, encode_jpeg
 from ..sources import StreamState, make_source
 from ..sources.push import decode_frame
 from ..stream import Stream
@@ -251,9 +251,13 @@ class DeviceHost:
             return
 
         def answer() -> None:
-            picture = stream.pictures.take(timeout)
+            try:
+                picture = stream.pictures.take(timeout)
+            except PictureUnreadableError as e:
+                self._reply(request, False, f"the picture cannot be taken: {e}")
+                return
             if picture is None:
-                self._reply(request, False, "no frame came")
+                self._reply(request, False, "")  # no frame came
             else:
                 self._reply(request, True, (encode_jpeg(picture), picture.shape[1], picture.shape[0]))
 

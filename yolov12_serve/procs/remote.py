@@ -443,8 +443,11 @@ class RemoteRuntime:
 
     def snapshot(self, stream_id: str, epoch: int, timeout: float) -> tuple[bytes, int, int] | None:
         """The camera's next picture, taken and encoded in the device process (GetSnapshot): (JPEG, width, height),
-        or None when no frame came within `timeout`; EngineError if the process does not answer."""
+        or None when no frame came within `timeout`; EngineError if the process does not answer, or says why the
+        picture cannot be taken."""
         ok, payload = self.request("snapshot", stream_id, epoch, timeout, timeout=timeout + 5)
+        if not ok and payload:
+            raise EngineError(str(payload))
         return tuple(payload) if ok else None
 
     def forget_pushes(self, stream_id: str, epoch: int) -> None:
