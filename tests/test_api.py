@@ -331,6 +331,15 @@ def first_results(client, stream_id: str, frames: int) -> list[pb.FrameDetection
     return got
 
 
+def results_of_a_camera(client, stream_id: str, url: str, frames: int) -> list[pb.FrameDetections]:
+    """Add a camera, take its next `frames` results, remove it."""
+    client.add_stream(stream_id, url)
+    try:
+        return first_results(client, stream_id, frames)
+    finally:
+        client.remove_stream(stream_id)
+
+
 def test_a_camera_s_min_score_keeps_its_weaker_detections_from_everyone(client, server):
     """AddStream min_score: the line's own threshold. Scenes of the same synthetic camera, watched with no threshold
     and with one at their median score: the second camera's published detections (and counted ones) all reach it,
@@ -340,11 +349,7 @@ def test_a_camera_s_min_score_keeps_its_weaker_detections_from_everyone(client, 
         return [d.score for fd in first_results(client, sid, frames) for d in fd.detections]
 
     url = "synthetic://scored?fps=10&size=640x360"
-    client.add_stream("open", url)
-    try:
-        seen = scores("open", 20)
-    finally:
-        client.remove_stream("open")
+    seen = [d.score for fd in results_of_a_camera(client, "open", url, 20) for d in fd.detections]
     threshold = float(np.median(seen))
     assert min(seen) < threshold, seen  # some detections below it, or this test shows nothing
     client.add_stream("strict", url, min_score=threshold)
@@ -372,11 +377,8 @@ def test_a_camera_s_classes_and_zone_keep_the_rest_from_everyone(client, server)
                 for fd in first_results(client, sid, frames) for d in fd.detections]
 
     url = "synthetic://zoned?fps=10&size=640x360"
-    client.add_stream("whole", url)
-    try:
-        seen = found("whole", 30)
-    finally:
-        client.remove_stream("whole")
+    seen = [(d.class_name, (d.x1 + d.x2) / 2 / fd.width, (d.y1 + d.y2) / 2 / fd.height)
+            for fd in results_of_a_camera(client, "whole", url, 30) for d in fd.detections]
     wanted = max({c for c, _, _ in seen}, key=[c for c, _, _ in seen].count)
     edge = round(float(np.median([x for c, x, _ in seen if c == wanted])), 3)  # the zone: left of the class's median
     left = [(0.0, 0.0), (edge, 0.0), (edge, 1.0), (0.0, 1.0)]

@@ -234,9 +234,9 @@ def scrub_url(text: str, url: str) -> str:
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:
     """Read a YAML list of cameras (`streams: [{id, url, max_fps, min_score, classes, zone, blind_after_s,
-    credentials}]`, or a bare
-    list); one clear error per mistake. URLs may hold `${VAR}` (from the environment) and `credentials: FILE` names a
-    file holding `USER:PASSWORD` (relative to the list's folder), so that the list itself holds no secret (urls.py)."""
+    credentials}]`, or a bare list); one clear error per mistake. URLs may hold `${VAR}` (from the environment) and
+    `credentials: FILE` names a file holding `USER:PASSWORD` (relative to the list's folder), so that the list itself
+    holds no secret (urls.py)."""
     import yaml
 
     path = Path(path)

@@ -2,7 +2,7 @@
 frozen (an encoder that sends the same frame again and again). The stall watchdog cannot see these: frames keep
 coming. Every `PICTURE_CHECK_S` or so (unevenly: a looped recording must not show the same frame at each sample)
 a stream's next frame is sampled small and grey (preprocess.small_grey, in the source's thread: ~15 us from a
-1080p frame); a problem that lasts `after_s` is reported (ListStreams `picture_problem`, the metric
+1080p frame on the AMD EPYC VM); a problem that lasts `after_s` is reported (ListStreams `picture_problem`, the metric
 `yolov12_stream_picture_problem`, a log line), and cleared with the first good sample."""
 
 from __future__ import annotations

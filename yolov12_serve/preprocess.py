@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -136,6 +136,18 @@ def letterbox_avframe(frame: av.VideoFrame, lb: Letterbox, out: np.ndarray | Non
     return lb.place(small.to_ndarray(format="rgb24", threads=1), out=out)
 
 
+def _deferred(prepare: object) -> tuple[str, Any, tuple[int, int, int, int] | None]:
+    """What a camera's deferred letterbox holds: ("av", the PyAV frame, None), ("image", a synthetic camera's strip,
+    the frame's box in it), or ("", None, None) for anything else (a pushed frame is already an array)."""
+    if not isinstance(prepare, functools.partial) or not prepare.args:
+        return "", None, None
+    if prepare.func is letterbox_avframe:
+        return "av", prepare.args[0], None
+    if prepare.func is letterbox_image:
+        return "image", prepare.args[0], prepare.args[2] if len(prepare.args) > 2 else prepare.keywords.get("box")
+    return "", None, None
+
+
 class AvPicture:
     """A decoded PyAV frame kept as it came (YUV), made RGB only when its full picture is asked for."""
 
@@ -152,14 +164,11 @@ def source_picture(prepare: object) -> Callable[[], np.ndarray] | None:
     """The full source picture behind a camera's deferred letterbox (`letterbox_avframe` on a decoded PyAV frame,
     `letterbox_image` on a synthetic camera's strip and the box of the frame), as a call making RGB [H, W, 3];
     None for anything else. For predict's `orig_img` and GetSnapshot: only when asked, never per frame."""
-    if not isinstance(prepare, functools.partial) or not prepare.args:
+    kind, image, box = _deferred(prepare)
+    if kind == "av":
+        return AvPicture(image)
+    if kind != "image":
         return None
-    if prepare.func is letterbox_avframe:
-        return AvPicture(prepare.args[0])
-    if prepare.func is not letterbox_image:
-        return None
-    image = prepare.args[0]
-    box = prepare.args[2] if len(prepare.args) > 2 else prepare.keywords.get("box")
 
     def crop() -> np.ndarray:
         rgb = np.asarray(image if isinstance(image, np.ndarray) else image.convert("RGB"))
@@ -172,17 +181,12 @@ def small_grey(prepare: object, size: tuple[int, int] = (64, 36)) -> np.ndarray 
     """The frame behind a camera's deferred letterbox (see `source_picture`) shrunk to about `size` (w, h) in grey,
     uint8, for the blank and frozen picture check; None for other forms. Cheap, as it runs for every camera every
     few seconds: nearest pixels, no filter (a flat or repeated picture stays one when sampled)."""
-    if not isinstance(prepare, functools.partial) or not prepare.args:
-        return None
-    if prepare.func is letterbox_avframe:
-        frame = prepare.args[0]
-        # nearest pixels: 14 us from a 1080p frame on the 2-core VM (the default bicubic filter took ~440)
-        return frame.reformat(width=size[0], height=size[1], format="gray", interpolation="POINT",
+    kind, image, box = _deferred(prepare)
+    if kind == "av":  # nearest pixels: 14 us from a 1080p frame on the AMD EPYC VM (2 cores), bicubic ~440
+        return image.reformat(width=size[0], height=size[1], format="gray", interpolation="POINT",
                               threads=1).to_ndarray()
-    if prepare.func is not letterbox_image:
+    if kind != "image":
         return None
-    image = prepare.args[0]
-    box = prepare.args[2] if len(prepare.args) > 2 else prepare.keywords.get("box")
     if isinstance(image, np.ndarray):
         left, top, right, bottom = box or (0, 0, image.shape[1], image.shape[0])
         step_x, step_y = max(1, (right - left) // size[0]), max(1, (bottom - top) // size[1])
