@@ -140,6 +140,7 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt"], "stream cam0: synthetic:// demo cameras "
      "are off on this server: start it with --allow-synthetic (or --demo)"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--state-dir", "/tmp/s", "--no-state"], "contradict each other"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--blind-after-s", "-1"], "--blind-after-s must be 0 (never) or more"),
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
       "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
 ])
