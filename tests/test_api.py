@@ -433,6 +433,35 @@ def test_a_snapshot_is_the_camera_s_next_picture_full_size(client, server):
     assert code_of(lambda: client.snapshot("aimed")) == grpc.StatusCode.NOT_FOUND
 
 
+def test_a_tracked_camera_gives_each_part_one_id_and_counts_the_parts(client, server):
+    """AddStream track: on a synthetic belt (parts sliding left 6 px a frame) detections carry their object's id from
+    its second frame on, the same id while the part crosses the frame (far fewer ids than detections; each id's box
+    moves with the belt), yolov12_objects_total counts the ids handed out (1..N), ListStreams says it tracks; an
+    untracked camera's detections carry no id, and the count goes with the camera."""
+    url = "synthetic://tracked?fps=10&size=640x360"
+    plain = results_of_a_camera(client, "plain", url, 10)
+    assert any(fd.detections for fd in plain) and all(d.track_id == 0 for fd in plain for d in fd.detections)
+    client.add_stream("tracked", url, track=True)
+    try:
+        assert client.stream("tracked").track
+        got = first_results(client, "tracked", 40)
+        path: dict[int, list[float]] = {}  # id -> its box centre's x, frame by frame
+        for fd in got:
+            for d in fd.detections:
+                if d.track_id:
+                    path.setdefault(d.track_id, []).append((d.x1 + d.x2) / 2)
+        found = sum(len(fd.detections) for fd in got)
+        assert path and sum(map(len, path.values())) >= 0.7 * found and len(path) * 5 <= found, (found, path)
+        long = {i: xs for i, xs in path.items() if len(xs) >= 5}
+        assert long and all(xs[-1] < xs[0] for xs in long.values()), long  # carried left by the belt
+        counted = re.findall(r'^yolov12_objects_total\{class="[^"]+",stream="tracked"\} (\S+)$', server.metrics(),
+                             flags=re.M)
+        assert set(path) <= set(range(1, int(sum(map(float, counted))) + 1)), (sorted(path), counted)
+    finally:
+        client.remove_stream("tracked")
+    assert 'stream="tracked"' not in server.metrics()
+
+
 def test_a_camera_whose_picture_is_frozen_is_reported_while_a_live_one_is_not(client, server):
     """Frames keep coming, so no stall, but a belt at a standstill (speed=0: the same frame each time, as an encoder
     stuck on one frame sends) is "frozen" in ListStreams and in yolov12_stream_picture_problem once that lasted

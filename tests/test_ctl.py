@@ -3,6 +3,7 @@ images detected as the Python client sees them, and every refusal one line with 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import subprocess
@@ -14,6 +15,7 @@ import pytest
 from test_server_harness import ROOT, ServerProcess, wait_until
 
 from yolov12_serve import ctl
+from yolov12_serve.proto import detector_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -74,10 +76,11 @@ def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, 
     at = ("--server", server.address)
     for sid in ("r1", "r2"):
         rc, out = run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180", "--min-score", "0.3", "--json",
-                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1", "--blind-after-s", "0")
+                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1", "--blind-after-s", "0", "--track")
         (info,) = json_lines(out)
         assert rc == 0 and info["min_score"] == pytest.approx(0.3) and info["classes"] == ["dent", "crack"]
         assert info["zone"] == pytest.approx([0, 0.5, 1, 0.5, 1, 1]) and info["blind_after_s"] == 0
+        assert info["track"] is True
     rc, out = run(*at, "remove", "r1", "nope", "r2", "--json")
     err = capsys.readouterr().err
     assert rc == 1 and [r["stream_id"] for r in json_lines(out)] == ["r1", "r2"]
@@ -169,7 +172,6 @@ def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
     """A push stream belongs to its live Detect call: --prune leaves it. The server lists URLs with passwords
     masked: the file's URL is compared masked too (else every camera with a password was replaced each time)."""
     from yolov12_serve.config import StreamSpec
-    from yolov12_serve.proto import detector_pb2 as pb
 
     listed = [pb.StreamInfo(stream_id="pusher", url="push://"),
               pb.StreamInfo(stream_id="gate", url="rtsp://op:***@10.0.0.7/s1", max_fps=5, min_score=0.5)]
@@ -191,6 +193,10 @@ def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
     listed[1].blind_after_s = 0
     assert [a for a, _, _ in ctl.plan_apply(own, listed, prune=True)] == ["keep"]
     assert [a for a, _, _ in ctl.plan_apply(same, listed, prune=True)] == ["replace"]  # its own -> the server's
+    tracked = [dataclasses.replace(own[0], track=True)]
+    assert [a for a, _, _ in ctl.plan_apply(tracked, listed, prune=True)] == ["replace"]  # tracking turned on
+    listed[1].track = True
+    assert [a for a, _, _ in ctl.plan_apply(tracked, listed, prune=True)] == ["keep"]
 
 
 def test_detect_prints_what_the_python_client_gets(server, tmp_path):
@@ -375,3 +381,11 @@ def test_an_unreachable_server_says_where_it_looked(capsys):
             ctl.main(argv)
         err = capsys.readouterr().err
         assert e.value.code == 2 and err.startswith(f"yolov12-ctl: {line}") and err.count("\n") == 1, err
+
+
+def test_watch_lines_show_each_tracked_object_s_id():
+    fd = pb.FrameDetections(stream_id="belt", frame_id=7, width=640, height=360, latency_ms=3.0, detections=[
+        pb.Detection(x1=1, y1=2, x2=30, y2=40, score=0.91, class_id=1, class_name="dent", track_id=12),
+        pb.Detection(x1=5, y1=6, x2=9, y2=9, score=0.5, class_id=2, class_name="crack")])  # seen once: no id yet
+    assert ctl._describe(fd) == ("belt #7 640x360 3.0 ms: 2 detections: dent [12] 0.91 (1,2,30,40), "
+                                 "crack 0.50 (5,6,9,9)")

@@ -198,7 +198,7 @@ def test_dashboard_has_the_panels_and_variables_the_issue_asks_for():
                    "yolov12_frames_total", "yolov12_frames_dropped_total", "yolov12_batch_size", "yolov12_queue_depth",
                    "yolov12_stream_state", "yolov12_streams", "yolov12_device_healthy",
                    "yolov12_gpu_utilization_ratio", "yolov12_gpu_memory_used_bytes", "yolov12_detections_total",
-                   "yolov12_stream_picture_problem"):
+                   "yolov12_stream_picture_problem", "yolov12_objects_total"):
         assert needle in exprs, needle
     assert any(p["type"] == "heatmap" for p in board["panels"])
     names = {v["name"] for v in board["templating"]["list"]}

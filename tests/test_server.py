@@ -285,13 +285,14 @@ def test_streams_file(tmp_path):
     good = tmp_path / "cams.yaml"
     good.write_text("streams:\n  - id: a\n    url: rtsp://h/a\n    max_fps: 5\n    min_score: 0.6\n"
                     "    classes: [scratch, dent]\n    zone: [[0, 0.3], [1, 0.3], [1, 0.8], [0, 0.8]]\n"
-                    "  - {id: b, url: 'synthetic://b', classes: crack, blind_after_s: 0}\n")
+                    "  - {id: b, url: 'synthetic://b', classes: crack, blind_after_s: 0, track: true}\n")
     specs = load_streams_file(good)
     assert [(s.stream_id, s.url, s.max_fps, s.min_score) for s in specs] == [("a", "rtsp://h/a", 5.0, 0.6),
                                                                              ("b", "synthetic://b", 0.0, 0.0)]
     assert specs[0].classes == ("scratch", "dent") and specs[0].zone == ((0, 0.3), (1, 0.3), (1, 0.8), (0, 0.8))
     assert specs[1].classes == ("crack",) and specs[1].zone == () and specs[1].blind_after_s == 0
     assert specs[0].blind_after_s is None  # the server's --blind-after-s
+    assert (specs[0].track, specs[1].track) == (False, True)
     for text, message in [("streams: 3", "expected 'streams:'"), ("streams:\n  - {id: a}", "'url'"),
                           ("- {id: a, url: x, fps: 3}", "unknown keys"), ("- {id: a, url: x}\n- {id: a, url: y}",
                                                                           "duplicate ids"),
@@ -304,7 +305,8 @@ def test_streams_file(tmp_path):
                           ("- {id: a, url: 'rtsp://h/a', zone: [[0, 0], [.5, .5], [1, 1]]}", "encloses no area"),
                           ("- {id: a, url: 'rtsp://h/a', classes: {a: 1}}", "list of class names"),
                           ("- {id: a, url: 'rtsp://h/a', blind_after_s: -1}", "blind_after_s must be >= 0"),
-                          ("- {id: a, url: 'rtsp://h/a', blind_after_s: soon}", "blind_after_s must be a number")]:
+                          ("- {id: a, url: 'rtsp://h/a', blind_after_s: soon}", "blind_after_s must be a number"),
+                          ("- {id: a, url: 'rtsp://h/a', track: 'yes'}", "track must be true or false")]:
         bad = tmp_path / "bad.yaml"
         bad.write_text(text)
         with pytest.raises(ConfigError, match=message):
@@ -418,7 +420,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
     before.start()
     zone = ((0.0, 0.25), (1.0, 0.25), (1.0, 0.75), (0.0, 0.75))
     before.add_stream(StreamSpec("belt", "synthetic://belt?fps=5&size=320x180", min_score=0.4, classes=("part",),
-                                 zone=zone, blind_after_s=120))
+                                 zone=zone, blind_after_s=120, track=True))
     before.drain(2)
     core = ServerCore(config, load_engine=load)
     health: list[bool] = []
@@ -440,8 +442,8 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
             assert core.restore_streams() == 1
             core.opened()
             assert health[-1] is True and [(s.stream_id, round(s.min_score, 3), list(s.classes), list(s.zone),
-                                            s.blind_after_s) for s in c.list_streams()] == [
-                ("belt", 0.4, ["part"], [c for p in zone for c in p], 120)]  # its filters saved with it
+                                            s.blind_after_s, s.track) for s in c.list_streams()] == [
+                ("belt", 0.4, ["part"], [c for p in zone for c in p], 120, True)]  # its filters saved with it
             c.remove_stream("belt")
             with pytest.raises(grpc.RpcError) as e:
                 next(iter(c.watch(["belt"])))

@@ -320,15 +320,16 @@ class Client:
 
     def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0, min_score: float = 0.0,
                    classes: Sequence[str] = (), zone: Sequence[tuple[float, float]] = (),
-                   blind_after_s: float | None = None) -> pb.StreamInfo:
+                   blind_after_s: float | None = None, track: bool = False) -> pb.StreamInfo:
         """Have the server pull a camera (returns at once, state CONNECTING). Publish only its detections scoring at
         least `min_score` (0: all the engine returns), of `classes` (names; empty: all), whose box centre lies in
         `zone` (a polygon of (x, y) fractions of the frame, e.g. [(0, .3), (1, .3), (1, .8), (0, .8)], or the same
         numbers flat; empty: all). `blind_after_s`: report its picture blank or frozen after this long (0: never;
-        None: the server's --blind-after-s)."""
+        None: the server's --blind-after-s). `track`: follow each object, its detections carrying one `track_id`
+        from frame to frame (0 for one seen once so far), and count objects in yolov12_objects_total."""
         request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score,
                                       classes=[classes] if isinstance(classes, str) else list(classes),
-                                      zone=_flat(zone), blind_after_s=blind_after_s)
+                                      zone=_flat(zone), blind_after_s=blind_after_s, track=track)
         return self.stub.AddStream(request, timeout=self.timeout)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:

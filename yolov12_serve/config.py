@@ -151,6 +151,7 @@ class StreamSpec:
     classes: tuple[str, ...] = ()
     zone: tuple[tuple[float, float], ...] = ()  # polygon corners (x, y) as fractions of the frame's width, height
     blind_after_s: float | None = None  # its own --blind-after-s (0: never); None: the server's
+    track: bool = False  # follow each object: track ids on its detections, objects counted (tracking.py)
 
     def __post_init__(self) -> None:
         if not math.isfinite(self.max_fps) or self.max_fps < 0:  # NaN would pass a '< 0' test and poison placement
@@ -258,10 +259,10 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
         unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "classes", "zone", "blind_after_s",
-                               "credentials"}
+                               "track", "credentials"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, min_score, "
-                              "classes, zone, blind_after_s, credentials)")
+                              "classes, zone, blind_after_s, track, credentials)")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)
@@ -275,6 +276,9 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
             blind_after_s = None if item.get("blind_after_s") is None else float(item["blind_after_s"])
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: blind_after_s must be a number, got {item['blind_after_s']!r}") from None
+        track = item.get("track", False)
+        if not isinstance(track, bool):
+            raise ConfigError(f"{where}: track must be true or false, got {track!r}")
         classes, zone = item.get("classes") or [], item.get("zone") or []
         if isinstance(classes, str):
             classes = [classes]
@@ -294,7 +298,7 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         url = expand_credentials(str(item["url"]), f"{where} ({sid})", item.get("credentials"), base=path.parent)
         try:
             specs.append(StreamSpec(sid, url, max_fps, min_score, tuple(str(c) for c in classes), tuple(zone),
-                                    blind_after_s))
+                                    blind_after_s, track))
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
     ids = [s.stream_id for s in specs]

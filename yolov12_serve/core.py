@@ -58,6 +58,7 @@ from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
 from .swap import EngineSwap
+from .tracking import Tracker
 from .worker import DeviceWorker
 
 __all__ = ["DeviceRuntime", "DeviceStatusView", "EngineLoader", "ServerCore", "ServerInfoView"]
@@ -292,6 +293,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True,
                                 blind_after_s=blind_after_s)
         stream.spec, stream.persistent, stream.filter = spec, persistent, spec.detection_filter()
+        stream.tracker = Tracker() if spec.track else None
         try:
             if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
                 if kind == "synthetic":  # its parameters checked here, as the source's constructor does
@@ -594,6 +596,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if stream.filter.active and len(result.detections):  # the camera's own score, classes and zone (AddStream)
             names = self.class_names(result.model_version, result.device)
             result = dataclasses.replace(result, detections=stream.filter(result.detections, result.src_hw, names))
+        confirmed: list[int] = []
+        if stream.tracker is not None and not result.error:  # AddStream track: each object's id
+            track_ids, confirmed = stream.track(result.detections, result.capture_time_us / 1e6 or now())
+            result = dataclasses.replace(result, track_ids=track_ids)
         if result.error:
             stream.stats.record_drop("error")
             stream.note_error(result.error)
@@ -608,6 +614,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 series.processed.inc()
                 if len(result.detections):
                     self._count_detections(label, result)
+                if confirmed:
+                    names = self.class_names(result.model_version, result.device)
+                    for c in confirmed:
+                        self.metrics.counted(label, names.get(c, str(c))).inc()
         self.fanout.publish(result)
 
     def _count_detections(self, label: str, result: FrameResult) -> None:

@@ -133,16 +133,19 @@ def build_parser() -> argparse.ArgumentParser:
                      help="publish only detections of these classes, as the model names them (default: all)")
     add.add_argument("--blind-after-s", type=float, default=None, metavar="S",
                      help="report its picture blank or frozen after S seconds (0: never; default: the server's)")
+    add.add_argument("--track", action="store_true", default=False,
+                     help="follow each object from frame to frame: its detections carry a track id, and "
+                     "yolov12_objects_total counts objects (a part on a belt once, not once per frame)")
     add.add_argument("--zone", type=zone, default=[], metavar="X,Y,X,Y,X,Y",
                      help="publish only detections whose box centre lies in this polygon, its corners as fractions "
                      "of the frame's width and height (0,0 top left; e.g. 0,.3,1,.3,1,.8,0,.8; default: all)")
     rm = sub("remove", "stop cameras")
     rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
-                "replace those whose URL, max_fps, min_score, classes, zone or blind_after_s changed, and with --prune "
-                "remove the others")
+                "replace those whose URL, max_fps, min_score, classes, zone, blind_after_s or track changed, and with "
+                "--prune remove the others")
     apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, min_score, classes, zone, blind_after_s, "
-                       "credentials}] (docs/serving.md)")
+                       "track, credentials}] (docs/serving.md)")
     apply.add_argument("--prune", action="store_true", default=False,
                        help="also remove the cameras the file does not list (pushed streams are never touched)")
     apply.add_argument("--dry-run", action="store_true", default=False, help="print what would change, change nothing")
@@ -234,8 +237,8 @@ def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO)
 def _describe(fd: pb.FrameDetections) -> str:
     if fd.error:
         return f"{fd.stream_id} #{fd.frame_id}: error: {fd.error}"
-    boxes = ", ".join(f"{d.class_name or d.class_id} {d.score:.2f} ({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f})"
-                      for d in fd.detections)
+    boxes = ", ".join(f"{d.class_name or d.class_id}{f' [{d.track_id}]' if d.track_id else ''} {d.score:.2f} "
+                      f"({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f})" for d in fd.detections)
     return (f"{fd.stream_id} #{fd.frame_id} {fd.width}x{fd.height} {fd.latency_ms:.1f} ms: "
             f"{len(fd.detections)} detections{': ' + boxes if boxes else ''}")
 
@@ -386,7 +389,7 @@ def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, i
 def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
                prune: bool) -> list[tuple[str, str, StreamSpec | None]]:
     """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals first
-    (they free --max-streams room), then replacements (URL, max_fps, a filter or blind_after_s changed), then
+    (they free --max-streams room), then replacements (URL, max_fps, a filter, blind_after_s or track changed), then
     additions; unchanged cameras are "keep", and cameras the file does not list "unlisted" (or "remove" with
     `prune`). URLs are compared as the server shows them, passwords masked: a changed password alone is not seen."""
     have = {s.stream_id: s for s in listed if s.url != "push://"}  # a pushed stream belongs to its Detect call
@@ -402,8 +405,9 @@ def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
         own = cur.blind_after_s if cur.HasField("blind_after_s") else None
         same_blind = own == spec.blind_after_s or (own is not None and spec.blind_after_s is not None
                                                    and abs(own - spec.blind_after_s) < 1e-3)
-        same = (same_blind and cur.url == redact_url(spec.url) and abs(cur.max_fps - spec.max_fps) < 1e-3
-                and abs(cur.min_score - spec.min_score) < 1e-4 and tuple(cur.classes) == spec.classes
+        same = (same_blind and cur.track == spec.track and cur.url == redact_url(spec.url)
+                and abs(cur.max_fps - spec.max_fps) < 1e-3 and abs(cur.min_score - spec.min_score) < 1e-4
+                and tuple(cur.classes) == spec.classes
                 and len(cur.zone) == len(flat_zone) and all(abs(a - b) < 1e-4 for a, b in zip(cur.zone, flat_zone)))
         steps.append(("keep" if same else "replace", sid, spec))
     steps += [("add", sid, spec) for sid, spec in want.items() if sid not in have]
@@ -428,7 +432,7 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                     removed = True
                 if spec is not None and action in ("replace", "add"):
                     c.add_stream(sid, spec.url, spec.max_fps, spec.min_score, spec.classes, spec.zone,
-                                 spec.blind_after_s)
+                                 spec.blind_after_s, spec.track)
             except grpc.RpcError as e:
                 gone = " (removed, not added back)" if removed and action == "replace" else ""
                 result = f"failed: {e.code().name}{gone}"
@@ -501,7 +505,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     commands: dict[str, Callable[[], int]] = {
         "streams": lambda: _print_streams(c.list_streams(), args.json, out),
         "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps, args.min_score,
-                                                    args.classes, args.zone, args.blind_after_s)], args.json, out),
+                                                    args.classes, args.zone, args.blind_after_s, args.track)],
+                                               args.json, out),
         "remove": lambda: _remove(c, args, out),
         "apply": lambda: _apply(c, args, out),
         "watch": lambda: _watch(c, args, out),

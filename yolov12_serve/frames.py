@@ -68,3 +68,4 @@ class FrameResult:
     epoch: int = 0  # the incarnation of the stream that sent the frame (Frame.epoch)
     model_version: str = ""  # the engine that ran it (runtime.model_version); '' when none did
     drop_reason: str = ""  # the frame was dropped before it ran ('late', ...): `error` says so to its caller
+    track_ids: np.ndarray | None = None  # per detection, on a tracked camera (tracking.py; 0: seen once so far)

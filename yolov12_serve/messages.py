@@ -20,7 +20,7 @@ def stream_info(view: StreamView) -> pb.StreamInfo:
         reconnects=view.reconnects, latency_p50_ms=view.latency_p50_ms, latency_p99_ms=view.latency_p99_ms,
         width=view.width, height=view.height, max_fps=view.max_fps, min_score=view.min_score,
         classes=view.classes, zone=[c for point in view.zone for c in point], picture_problem=view.picture_problem,
-        blind_after_s=view.blind_after_s)
+        blind_after_s=view.blind_after_s, track=view.track)
 
 
 def frame_detections(result: FrameResult, names: dict[int, str], stream_id: str | None = None) -> pb.FrameDetections:
@@ -28,6 +28,9 @@ def frame_detections(result: FrameResult, names: dict[int, str], stream_id: str 
     dets = [pb.Detection(x1=float(d[0]), y1=float(d[1]), x2=float(d[2]), y2=float(d[3]), score=float(d[4]),
                          class_id=int(d[5]), class_name=names.get(int(d[5]), str(int(d[5]))))
             for d in result.detections.tolist()]
+    if result.track_ids is not None:
+        for det, track_id in zip(dets, result.track_ids.tolist(), strict=True):
+            det.track_id = track_id
     return pb.FrameDetections(
         stream_id=result.stream_id if stream_id is None else stream_id, frame_id=result.frame_id, detections=dets,
         width=result.src_hw[1], height=result.src_hw[0],

@@ -4,6 +4,7 @@ Names are a contract (issue 5): yolov12_frame_latency_seconds{stream,device} (bu
 the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12_frames_total{stream},
 yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
 yolov12_detections_total{stream,class} (a class's series from its first detection),
+yolov12_objects_total{stream,class} (objects on cameras that track them, each counted once),
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
 yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
@@ -177,6 +178,10 @@ class Metrics:
                                   "per line); a class's series appears with its first detection.",
                                   ["stream", "class"], registry=r)
         self._detected: dict[tuple[str, str], Any] = {}
+        self.objects = Counter("yolov12_objects", "Objects seen on cameras that track them (AddStream track), per "
+                               "stream and class: each counted once, when seen in a second frame (parts per minute).",
+                               ["stream", "class"], registry=r)
+        self._objects: dict[tuple[str, str], Any] = {}
         self.reconnects = Counter("yolov12_stream_reconnects", "Camera reconnect attempts (lost, failed or stalled).",
                                   ["stream"], registry=r)
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
@@ -245,6 +250,13 @@ class Metrics:
             found = self._detected[(stream, class_name)] = self.detections.labels(stream, class_name)
         return found
 
+    def counted(self, stream: str, class_name: str) -> Any:
+        """A tracked stream's object counter for one class, looked up once."""
+        found = self._objects.get((stream, class_name))
+        if found is None:
+            found = self._objects[(stream, class_name)] = self.objects.labels(stream, class_name)
+        return found
+
     def watcher_dropped(self, label: str) -> Any:
         """A connected watcher's loss counter (created by `add_watcher`)."""
         found = self._watchers.get(label)
@@ -270,9 +282,10 @@ class Metrics:
 
     def forget_stream(self, stream_id: str) -> None:
         """Remove every series labelled with this stream (called when it is removed)."""
-        for key in [k for k in list(self._detected) if k[0] == stream_id]:
-            self._detected.pop(key, None)
-            _remove(self.detections, key)
+        for cache, metric in ((self._detected, self.detections), (self._objects, self.objects)):
+            for key in [k for k in list(cache) if k[0] == stream_id]:
+                cache.pop(key, None)
+                _remove(metric, key)
         for cache in (self._series, self._dropped):  # list(): one step, while workers may add keys
             for key in [k for k in list(cache) if k[0] == stream_id]:
                 cache.pop(key, None)

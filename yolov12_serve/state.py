@@ -101,6 +101,7 @@ class StreamStore:
                 classes = tuple(str(c) for c in item.get("classes", ()))
                 zone = tuple((float(x), float(y)) for x, y in item.get("zone", ()))
                 blind_after_s = None if item.get("blind_after_s") is None else float(item["blind_after_s"])
+                track = bool(item.get("track", False))
             except (KeyError, TypeError, ValueError):
                 raise ConfigError(f"{self.streams_path}: malformed entry {item!r}; fix or remove it (or start with "
                                   "--no-state)") from None
@@ -111,7 +112,7 @@ class StreamStore:
                 log.warning("stream %s: its credentials are missing from %s; it is added with the masked URL",
                             sid, self.credentials_path)
             try:
-                specs.append(StreamSpec(sid, url, max_fps, min_score, classes, zone, blind_after_s))
+                specs.append(StreamSpec(sid, url, max_fps, min_score, classes, zone, blind_after_s, track))
             except InvalidArgumentError as e:
                 raise ConfigError(f"{self.streams_path}: entry {sid}: {e}; fix or remove it (or start with "
                                   "--no-state)") from None
@@ -141,7 +142,8 @@ class StreamStore:
             specs = snapshot()
             credentials = {s.stream_id: s.url for s in specs if redact_url(s.url) != s.url}
             streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": s.max_fps, "min_score": s.min_score,
-                        "classes": list(s.classes), "zone": [list(p) for p in s.zone], "blind_after_s": s.blind_after_s}
+                        "classes": list(s.classes), "zone": [list(p) for p in s.zone], "blind_after_s": s.blind_after_s,
+                        "track": s.track}
                        for s in specs]
             old = self._credentials or {}
             if any(old.get(k) != v for k, v in credentials.items()):

@@ -24,6 +24,7 @@ from .runtime import PUSH_WINDOW  # re-exported: pushcall.py imports it from her
 from .snapshot import PictureRequests
 from .sources.base import Source, StreamState
 from .stats import StreamStats
+from .tracking import Tracker
 from .urls import redact_text
 
 if TYPE_CHECKING:
@@ -60,6 +61,7 @@ class StreamView:
     zone: tuple[tuple[float, float], ...] = ()
     picture_problem: str = ""
     blind_after_s: float | None = None  # as asked for in AddStream (None: the server's --blind-after-s)
+    track: bool = False
 
 
 class Stream:
@@ -78,6 +80,7 @@ class Stream:
         self.kind = kind
         self.max_fps = max_fps
         self.filter = DetectionFilter()  # what of its detections is published (AddStream's min_score, classes, zone)
+        self.tracker: Tracker | None = None  # AddStream track: its objects' ids (tracking.py); None: not tracked
         self.pictures = PictureRequests()  # GetSnapshot's callers, given the next frame's picture
         self.picture_problem = ""  # "blank" or "frozen" while its picture shows nothing (picture_check.py)
         self._picture_check: PictureCheck | None = None  # watch_picture() turns it on (pulled cameras)
@@ -223,6 +226,13 @@ class Stream:
         if check.add(grey, t) != before:
             self.note_picture(check.reported)
 
+    def track(self, detections: np.ndarray, t: float) -> tuple[np.ndarray, list[int]]:
+        """Its tracker's ids for a result's detections at capture time `t`, and the classes of objects confirmed
+        (one result at a time: two workers may publish this camera's frames at once)."""
+        assert self.tracker is not None
+        with self._lock:
+            return self.tracker.update(detections, t)
+
     def note_picture(self, problem: str) -> None:
         """Its picture went blank or frozen ("blank", "frozen"), or is back (""): shown in ListStreams and metrics."""
         self.picture_problem = problem
@@ -262,4 +272,4 @@ class Stream:
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
                           self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
-                          self.spec.blind_after_s if self.spec is not None else None)
+                          self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None)

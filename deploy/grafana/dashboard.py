@@ -171,6 +171,11 @@ def build() -> dict[str, Any]:
               fieldConfig={"defaults": {"mappings": [{"type": "value", "options": {
                   "0": {"text": "no problem seen", "color": "green"},
                   "1": {"text": "blank or frozen", "color": "red"}}}]}}),
+        panel("timeseries", "Objects per minute by stream and class",
+              [target(f"sum by (stream, class) (rate(yolov12_objects_total{{{STREAM_SEL}}}[$__rate_interval])) * 60",
+                      "{{stream}} {{class}}")],
+              (0, 67, 24, 8), "Parts and defects on cameras that track objects (AddStream track): each object once, "
+              "however many frames show it (parts per minute; a defect rate per part).", "short"),
     ]
     for i, p in enumerate(panels, start=1):
         p["id"] = i

@@ -1,0 +1,91 @@
+"""The tracker alone (tracking.py): ids that follow parts on a belt through gaps, not through time-outs or flicker."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from yolov12_serve.tracking import Tracker, box_iou
+
+
+def part(x: float, y: float, w: float = 40, h: float = 30, cls: int = 0, score: float = 0.9) -> list[float]:
+    return [x, y, x + w, y + h, score, cls]
+
+
+def run(tracker: Tracker, frames: list[tuple[float, list[list[float]]]]) -> tuple[list[list[int]], list[int]]:
+    """Each frame's ids, and every class confirmed, in order."""
+    ids, confirmed = [], []
+    for t, dets in frames:
+        got, new = tracker.update(np.array(dets, np.float32).reshape(-1, 6), t)
+        ids.append(got.tolist())
+        confirmed += new
+    return ids, confirmed
+
+
+def test_a_part_on_a_belt_keeps_one_id_and_is_counted_once():
+    frames = [(i / 25, [part(600 - 6 * i, 100)]) for i in range(40)]
+    ids, confirmed = run(Tracker(), frames)
+    assert ids[0] == [0]  # one sighting is not an object yet
+    assert all(f == [1] for f in ids[1:]), ids
+    assert confirmed == [0]
+
+
+def test_two_parts_side_by_side_and_two_classes_crossing_keep_their_own_ids():
+    # two of one class 60 px apart moving left; a part of another class moving right through them
+    frames = [(i / 25, [part(300 - 6 * i, 100), part(360 - 6 * i, 100), part(100 + 8 * i, 100, cls=1)])
+              for i in range(40)]
+    ids, confirmed = run(Tracker(), frames)
+    assert all(f == [1, 2, 3] for f in ids[1:]), ids
+    assert sorted(confirmed) == [0, 0, 1]
+
+
+def test_dropped_frames_and_a_fast_part_are_bridged_by_its_velocity():
+    """A part moving 30 px a frame (most of its 40 px width) loses half a second of frames under overload: where
+    it was last seen it no longer overlaps, where its velocity puts it, it does."""
+    frames = [(i / 25, [part(1000 - 30 * i, 100)]) for i in range(30) if not 10 <= i < 22]
+    ids, _ = run(Tracker(), frames)
+    assert all(f == [1] for f in ids[1:]), ids
+    after_gap = Tracker(min_iou=0.2)
+    run(after_gap, frames[:10])
+    predicted_shift = after_gap._velocity[0] * (22 - 9) / 25
+    assert np.allclose(predicted_shift, [-30 * 13, 0], atol=1e-3)  # 30 px a frame, measured from its boxes
+
+
+def test_a_part_moving_further_than_its_width_between_its_first_frames_is_still_one_object():
+    """No velocity is known at the second sighting and the boxes do not overlap: the centre-distance match (within
+    the box's larger side) takes it."""
+    frames = [(i / 5, [part(900 - 45 * i, 100, w=30, h=60)]) for i in range(6)]  # 45 px a frame, 30 px wide
+    assert box_iou(np.array([part(900, 100, 30, 60)[:4]]), np.array([part(855, 100, 30, 60)[:4]]))[0, 0] == 0
+    ids, confirmed = run(Tracker(), frames)
+    assert all(f == [1] for f in ids[1:]) and confirmed == [0], ids
+
+
+def test_a_part_gone_longer_than_max_age_comes_back_as_a_new_object():
+    frames = [(i / 25, [part(300, 100)]) for i in range(5)] + [(2.0 + i / 25, [part(300, 100)]) for i in range(5)]
+    ids, confirmed = run(Tracker(max_age_s=1.0), frames)
+    assert ids[1:5] == [[1]] * 4 and ids[5] == [0] and ids[6:] == [[2]] * 4, ids
+    assert confirmed == [0, 0]
+
+
+def test_a_one_frame_flicker_never_becomes_an_object():
+    frames = [(i / 25, [part(300 - 6 * i, 100)] + ([part(50, 200, cls=2)] if i == 7 else [])) for i in range(20)]
+    ids, confirmed = run(Tracker(), frames)
+    assert ids[7] == [1, 0] and confirmed == [0], ids  # the flicker is published without an id, never counted
+
+
+def test_no_detections_and_an_empty_tracker_are_fine():
+    tracker = Tracker()
+    ids, confirmed = tracker.update(np.zeros((0, 6), np.float32), 0.0)
+    assert ids.shape == (0,) and confirmed == [] and len(tracker) == 0
+    run(tracker, [(0.0, [part(10, 10)]), (0.04, [])])
+    assert len(tracker) == 1  # kept until max_age_s
+    tracker.update(np.zeros((0, 6), np.float32), 5.0)
+    assert len(tracker) == 0
+
+
+def test_a_class_is_part_of_an_object_s_identity():
+    """A box that reads as another class from one frame on is another object, counted in that class (a defect box
+    lies on its part's box: one track for both would hand the part's id to the defect)."""
+    frames = [(i / 25, [part(300 - 6 * i, 100, cls=0 if i < 10 else 1)]) for i in range(20)]
+    ids, confirmed = run(Tracker(), frames)
+    assert ids[9] == [1] and ids[10] == [0] and ids[11:] == [[2]] * 9, ids
+    assert confirmed == [0, 1]
