@@ -9,6 +9,7 @@ with PyAV; the camera is the GStreamer RTSP server on loopback (skipped where it
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import socket
 import subprocess
@@ -504,12 +505,48 @@ def test_result_plot_save_and_json(predictor, folder, tmp_path, monkeypatch):
     assert isinstance(r, Result) and len(r.boxes.xywh) == len(r) and (r.boxes.xyxyn <= 1).all()
 
 
+def test_track_gives_each_object_one_id_through_a_video(predictor, video, tmp_path, capsys):
+    """track=True: the same boxes, each with its object's id (0 in an object's first frame), the same while the
+    object slides right 4 px a frame (the video's scenes change every 6 frames: a scene's objects leave, others
+    come); the summary, the drawing and the CLI carry the ids, and the CLI counts the objects."""
+    plain = list(predictor.predict(video))
+    tracked = list(predictor.predict(video, track=True))
+    assert all(r.boxes.id is None and not r.boxes.is_track for r in plain)
+    for a, b in zip(plain, tracked, strict=True):
+        np.testing.assert_array_equal(a.boxes.data, b.boxes.data)
+        assert b.boxes.is_track and b.boxes.id.shape == (len(b),)
+    path: dict[int, list[tuple[int, float, float]]] = {}  # id -> (frame, centre x, width) per sighting
+    for r in tracked:
+        for i, box in zip(r.boxes.id.tolist(), r.boxes.xywh.tolist(), strict=True):
+            if i:
+                path.setdefault(i, []).append((r.frame, box[0], box[2]))
+    found = sum(len(r) for r in tracked)
+    assert path and sum(map(len, path.values())) >= 0.6 * found and len(path) * 3 <= found, path
+    long = [p for p in path.values() if len(p) >= 4]
+    assert long and all(p[-1][1] > p[0][1] for p in long), long  # carried right with the picture
+    # frame to frame an id stays on its object: 4 px on, give or take a third of its width (a crack's boxes jitter)
+    steps = [(b[1] - a[1] - 4) / b[2] for p in path.values() for a, b in itertools.pairwise(p)
+             if b[0] == a[0] + 1]
+    assert steps and max(map(abs, steps)) < 1 / 3, steps
+    r = next(r for r in tracked if (r.boxes.id > 0).any())
+    k = int(np.argmax(r.boxes.id > 0))
+    assert r.summary()[k]["track_id"] == r.boxes.id[k] and "track_id" not in plain[r.frame].summary()[k]
+    assert not np.array_equal(r.plot(), plain[r.frame].plot())  # the label says '#ID'
+    rc = predict_main(["--weights", str(DEMO), "--source", str(video), "--track", "--no-progress",
+                       "--save-json", str(tmp_path / "t.json")])
+    assert rc == 0 and f"{len(path)} objects" in capsys.readouterr().out
+    records = json.loads((tmp_path / "t.json").read_text())
+    assert {d["track_id"] for rec in records for d in rec["detections"]} - {0} == set(path)
+
+
 # ----------------------------------------------------------------------------------------------------- YOLO
 def test_yolo_opens_an_onnx_engine_for_predict_without_importing_torch(folder):
     code = (f"import sys; sys.modules['torch'] = None\n"
             f"from trainer import YOLO\n"
             f"m = YOLO({str(DEMO)!r})\n"
             f"rs = m.predict({str(folder)!r}, conf=0.5)\n"
+            f"ts = m.track({str(folder)!r}, conf=0.5)\n"
+            f"assert all(t.boxes.is_track and not r.boxes.is_track for r, t in zip(rs, ts))\n"
             f"print(len(rs), sum(len(r) for r in rs), m.names[0])\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -146,10 +146,11 @@ class YOLO:
         (not OpenCV's BGR: flip it with `frame[..., ::-1]`), a PIL image, or a list of these. Files, folders,
         videos and arrays are read as fast as the engine takes them and every frame is answered in order;
         cameras keep the newest frame (those the engine is too busy for are dropped), so use `stream=True`.
-        Keywords: imgsz, conf, iou, classes, max_det, batch, vid_stride; `device` 'cpu', 'cpu:N', '0',
-        '0,1,2,3' (files are spread over the devices, cameras placed round-robin); `half` fp16 where the engine
-        can choose (a .pt on a GPU); `instances` engine instances per device (default: 2 on GPUs and for ONNX on
-        a multi-core CPU). Runs the server's engines, scheduler and workers: `yolov12_serve.predict`.
+        Keywords: imgsz, conf, iou, classes, max_det, batch, vid_stride, track (an id per object: `track()`);
+        `device` 'cpu', 'cpu:N', '0', '0,1,2,3' (files are spread over the devices, cameras placed round-robin);
+        `half` fp16 where the engine can choose (a .pt on a GPU); `instances` engine instances per device
+        (default: 2 on GPUs and for ONNX on a multi-core CPU). Runs the server's engines, scheduler and workers:
+        `yolov12_serve.predict`.
         A model built from a yaml, or changed in memory since it was read or last predicted with, is saved to a
         temporary checkpoint first (engines load files); the engines are kept for the next call otherwise.
         """
@@ -165,6 +166,11 @@ class YOLO:
         return self._predictor[1].predict(source, stream=stream, **kwargs)
 
     __call__ = predict
+
+    def track(self, source: Any = None, **kwargs: Any) -> Iterator[Result] | list[Result]:
+        """`predict(source, track=True, ...)`: each object keeps one id through the frames of its source
+        (`result.boxes.id`; 0 for an object seen in one frame so far), as the server's AddStream track does."""
+        return self.predict(source, track=True, **kwargs)
 
     def _predict_weights(self) -> Path:
         """The file the engines load: the engine, the checkpoint `.model` came from, or a snapshot of `.model`."""

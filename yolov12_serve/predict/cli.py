@@ -60,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cpu, cpu:N, 0, 0,1,2,3 (default: the first GPU the engine can use, else cpu)")
     p.add_argument("--half", action="store_true", help="fp16 where the engine allows (a .pt on a GPU)")
     p.add_argument("--vid-stride", type=int, default=1, help="every Nth frame of videos and cameras (default: 1)")
+    p.add_argument("--track", action="store_true",
+                   help="follow each object through its video or camera: a track id per box (drawn as #ID, "
+                   "'track_id' in --save-json) and the objects counted")
     p.add_argument("--instances", type=int, help="engine instances per device")
     p.add_argument("--duration", type=float, help="stop after this many seconds (cameras never end on their own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -86,16 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     bar = results = None
     t0 = time.perf_counter()
     frames = detections = 0
+    objects: set[tuple[str, int]] = set()  # (source, track id) with --track
     try:
         results = predictor.predict(sources, stream=True, imgsz=args.imgsz, conf=args.conf, iou=args.iou,
                                     classes=args.classes, max_det=args.max_det, batch=args.batch,
-                                    vid_stride=args.vid_stride)
+                                    vid_stride=args.vid_stride, track=args.track)
         if sources.offline and not args.no_progress:
             bar = _progress(sources.total(args.vid_stride))
         live = {i.name for i in sources.live}
         for r in results:
             frames += 1
             detections += len(r)
+            if r.boxes.id is not None:
+                objects.update((r.source, int(i)) for i in r.boxes.id if i)
             if saver is not None:
                 saver.add(r)
             if json_out is not None:
@@ -122,8 +128,9 @@ def main(argv: list[str] | None = None) -> int:
         predictor.close()
     seconds = time.perf_counter() - t0
     where = f"; saved to {args.save}" if args.save else ""
-    print(f"{frames} frames, {detections} detections in {seconds:.1f} s ({frames / max(seconds, 1e-9):.1f} frames/s)"
-          f"{where}")
+    counted = f", {len(objects)} objects" if args.track else ""
+    print(f"{frames} frames, {detections} detections{counted} in {seconds:.1f} s "
+          f"({frames / max(seconds, 1e-9):.1f} frames/s){where}")
     return 0
 
 

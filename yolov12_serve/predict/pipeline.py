@@ -52,6 +52,7 @@ from ..frames import Frame, FrameResult, now
 from ..preprocess import InputPlanner, source_picture
 from ..runtime import plannable_shapes
 from ..scheduler import DeadlineScheduler
+from ..tracking import Tracker
 from ..worker import DeviceWorker
 from .inputs import Decoded, Input, SourceError, Sources, read_offline, resolve_sources
 from .results import Boxes, Result
@@ -242,6 +243,7 @@ class PredictOptions:
     batch: int
     vid_stride: int
     window: int  # offline frames read and not yet handed over
+    track: bool = False  # give each object a track id per source (tracking.py)
 
 
 class Predictor:
@@ -310,8 +312,9 @@ class Predictor:
     def predict(self, source: Any, *, stream: bool = False, imgsz: int | Sequence[int] | None = None,
                 conf: float | None = None, iou: float | None = None, classes: int | Sequence[int] | None = None,
                 max_det: int | None = None, batch: int = 1, vid_stride: int = 1,
-                window: int | None = None) -> Iterator[Result] | list[Result]:
+                window: int | None = None, track: bool = False) -> Iterator[Result] | list[Result]:
         """Detections for every frame of `source` (see `resolve_sources`): a generator when `stream`, else a list.
+        `track`: follow each object through the frames of its source (`Boxes.id`, as the server's AddStream track).
 
         Sources are checked at once (SourceError names a bad one); a camera is found unreachable when the
         generator first runs. `window`: frames read ahead of the caller (default: 4 per lane).
@@ -320,7 +323,8 @@ class Predictor:
         if not stream and sources.live:
             raise ValueError(f"{sources.live[0].name} is a live camera: its results never end; use stream=True and "
                              "stop when you have what you need")
-        opts = self._options(imgsz, conf, iou, classes, max_det, batch, vid_stride, window)
+        opts = dataclasses.replace(self._options(imgsz, conf, iou, classes, max_det, batch, vid_stride, window),
+                                   track=bool(track))
         if not stream and any(i.kind == "video" for i in sources.inputs):
             log.info("predict(stream=False) on a video keeps every frame's result (and its frame) in memory; "
                      "stream=True keeps a few")
@@ -461,6 +465,7 @@ class _Run:
         self.reader_done = False
         self.fatal: BaseException | None = None  # a camera error, raised at once
         self.yielded = 0
+        self.trackers: dict[str, Tracker] = {}  # per source, with opts.track
         self.stopping = False
         self._reader: threading.Thread | None = None
 
@@ -712,5 +717,14 @@ class _Run:
                     self.cond.wait()
             if isinstance(item, BaseException):
                 raise item
+            if self.opts.track:
+                self._track(item)
             self.yielded += 1
             yield item
+
+    def _track(self, result: Result) -> None:
+        """Its boxes' track ids: one tracker per source, fed in the source's frame order (results() order), at the
+        frame's time (a video's position, a camera's capture time; images: 30 a second)."""
+        tracker = self.trackers.setdefault(result.source, Tracker())
+        t = result.time if result.time is not None else result.frame / 30.0
+        result.boxes.id, _ = tracker.update(result.boxes.data, t)
