@@ -42,6 +42,13 @@ def json_lines(text: str) -> list[dict]:
     return [json.loads(line) for line in text.splitlines()]
 
 
+def column(table: str, name: str) -> list[str]:
+    """One column of a printed table, row by row (the header names where it starts)."""
+    header, *rows = table.splitlines()
+    start = header.index(name)
+    return [row[start:].split()[0] for row in rows]
+
+
 def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     at = ("--server", server.address)
     rc, out = run(*at, "add", "dock-cam", "synthetic://dock?fps=10&size=320x180")
@@ -55,6 +62,7 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     stream = wait_until(listed, 30, what="a processed frame")
     assert (stream["stream_id"], stream["state"], stream["device"], stream["width"]) == ("dock-cam", "STREAMING",
                                                                                          "cpu", 320)
+    assert column(run(*at, "streams")[1], "OBJECTS") == ["-"]  # not tracked
 
     rc, out = run(*at, "watch", "dock-cam", "--count", "3", "--json")  # --json after the command reads as meant
     results = json_lines(out)
@@ -81,6 +89,7 @@ def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, 
         assert rc == 0 and info["min_score"] == pytest.approx(0.3) and info["classes"] == ["dent", "crack"]
         assert info["zone"] == pytest.approx([0, 0.5, 1, 0.5, 1, 1]) and info["blind_after_s"] == 0
         assert info["track"] is True
+    assert all(n.isdigit() for n in column(run(*at, "streams")[1], "OBJECTS"))  # tracked: a count, not '-'
     rc, out = run(*at, "remove", "r1", "nope", "r2", "--json")
     err = capsys.readouterr().err
     assert rc == 1 and [r["stream_id"] for r in json_lines(out)] == ["r1", "r2"]

@@ -141,6 +141,7 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
      "are off on this server: start it with --allow-synthetic (or --demo)"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--state-dir", "/tmp/s", "--no-state"], "contradict each other"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--blind-after-s", "-1"], "--blind-after-s must be 0 (never) or more"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--track-min-score", "1.5"], "--track-min-score must be 0..1"),
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
       "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
 ])
@@ -411,7 +412,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
     from yolov12_serve.core import ServerCore
 
     config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
-                          allow_synthetic=True, state_dir=str(tmp_path))
+                          allow_synthetic=True, state_dir=str(tmp_path), track_min_score=0.8)
 
     def load(path, device="cpu", instances=1, **opts):
         return CostEngine(a=0.002, b=0.001)
@@ -444,6 +445,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
             assert health[-1] is True and [(s.stream_id, round(s.min_score, 3), list(s.classes), list(s.zone),
                                             s.blind_after_s, s.track) for s in c.list_streams()] == [
                 ("belt", 0.4, ["part"], [c for p in zone for c in p], 120, True)]  # its filters saved with it
+            assert core._streams["belt"].tracker.new_track_score == 0.8  # --track-min-score
             c.remove_stream("belt")
             with pytest.raises(grpc.RpcError) as e:
                 next(iter(c.watch(["belt"])))
@@ -504,6 +506,11 @@ def test_status_table_flags_p99_over_the_slo():
     assert "cam" in table and "STREAMING" in table and "60.0!" in table
     capped = dataclasses.replace(view, picture_problem="blank")  # frames come, the picture shows nothing
     assert "BLANK" in render_table([capped], slo_ms=45) and "STREAMING" not in render_table([capped], slo_ms=45)
+    header, line = table.splitlines()[1:3]
+    column = header.index("objects") + len("objects")
+    assert line[:column].endswith(" -")  # not tracked
+    tracked = render_table([dataclasses.replace(view, track=True, objects=37)], slo_ms=45).splitlines()[2]
+    assert tracked[:column].endswith(" 37"), tracked
 
 
 def test_warm_up_times_no_instance_s_first_run_of_a_shape():

@@ -89,3 +89,15 @@ def test_a_class_is_part_of_an_object_s_identity():
     ids, confirmed = run(Tracker(), frames)
     assert ids[9] == [1] and ids[10] == [0] and ids[11:] == [[2]] * 9, ids
     assert confirmed == [0, 1]
+
+
+def test_a_weak_detection_continues_an_object_but_never_starts_one():
+    """A model's weak boxes (duplicates, flicker) would each be an object: below new_track_score a detection can
+    only carry on a track that a confident one started."""
+    frames = [(i / 25, [part(300 - 6 * i, 100, score=0.9 if i < 3 else 0.3),  # a part whose score then drops
+                        part(100, 250, cls=1, score=0.3)])  # a weak box that stays put
+              for i in range(12)]
+    ids, confirmed = run(Tracker(new_track_score=0.5), frames)
+    assert all(f == [1, 0] for f in ids[1:]) and confirmed == [0], ids
+    ids, confirmed = run(Tracker(new_track_score=0.0), frames)
+    assert sorted(ids[1]) == [1, 2] and sorted(confirmed) == [0, 1], ids  # without the rule: two objects

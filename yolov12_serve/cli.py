@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blind-after-s", type=float, default=30.0,
                    help="report a camera whose picture stays blank (covered, dark, dead sensor) or frozen (the same "
                    "frame again and again) this long, though frames keep coming (default 30; 0: never)")
+    p.add_argument("--track-min-score", type=float, default=0.5, metavar="S",
+                   help="on cameras added with track, the score a detection needs to start an object (weaker ones "
+                   "only continue one: a model's weak duplicate boxes are not counted as parts; default 0.5)")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
@@ -163,6 +166,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
     if not args.blind_after_s >= 0:
         raise ConfigError(f"--blind-after-s must be 0 (never) or more, got {args.blind_after_s}")
+    if not 0 <= args.track_min_score <= 1:
+        raise ConfigError(f"--track-min-score must be 0..1, got {args.track_min_score}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
     if args.no_state and args.state_dir:
         raise ConfigError("--state-dir and --no-state contradict each other: give one")
@@ -172,7 +177,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     config = ServerConfig(
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
-        max_streams=args.max_streams, process_late=args.process_late, allow_files=args.allow_files,
+        max_streams=args.max_streams, process_late=args.process_late, track_min_score=args.track_min_score,
+        allow_files=args.allow_files,
         allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
         health_port=args.health_port,
         allow_hosts=tuple(h.strip() for h in (args.allow_hosts or "").split(",") if h.strip()),

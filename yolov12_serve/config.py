@@ -60,6 +60,7 @@ class ServerConfig:
     max_batch: int = 8
     max_streams: int = 64
     process_late: bool = False  # process frames that can no longer meet the SLO instead of dropping them
+    track_min_score: float = 0.5  # on tracked cameras, the score a detection needs to start an object (tracking.py)
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
     allow_synthetic: bool = False  # accept synthetic:// demo cameras (--allow-synthetic, --demo): ~250 MB each
     allow_hosts: tuple[str, ...] = ()  # networks and names cameras may be at (empty: all but link-local, metadata)

@@ -293,7 +293,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True,
                                 blind_after_s=blind_after_s)
         stream.spec, stream.persistent, stream.filter = spec, persistent, spec.detection_filter()
-        stream.tracker = Tracker() if spec.track else None
+        stream.tracker = Tracker(new_track_score=self.config.track_min_score) if spec.track else None
         try:
             if isinstance(stream.runtime, RemoteRuntime):  # decoded in the device's process
                 if kind == "synthetic":  # its parameters checked here, as the source's constructor does

@@ -223,13 +223,14 @@ def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO)
     if not streams:
         out.write("no streams (add one: yolov12-ctl add ID URL)\n")
         return 0
-    rows = [("STREAM", "STATE", "DEVICE", "FPS", "P50 MS", "P99 MS", "PROCESSED", "DROPPED", "RECONNECTS", "SIZE",
-             "URL", "LAST ERROR")]
+    rows = [("STREAM", "STATE", "DEVICE", "FPS", "P50 MS", "P99 MS", "PROCESSED", "DROPPED", "RECONNECTS", "OBJECTS",
+             "SIZE", "URL", "LAST ERROR")]
     for s in streams:
         state = _state(s.state) + (f" ({s.picture_problem})" if s.picture_problem else "")  # e.g. STREAMING (blank)
         rows.append((s.stream_id, state, s.device or "-", f"{s.fps:.1f}", f"{s.latency_p50_ms:.1f}",
                      f"{s.latency_p99_ms:.1f}", str(s.frames_processed), str(s.frames_dropped), str(s.reconnects),
-                     f"{s.width}x{s.height}" if s.width else "-", s.url, s.last_error or ""))
+                     str(s.objects) if s.track else "-", f"{s.width}x{s.height}" if s.width else "-", s.url,
+                     s.last_error or ""))
     _table(rows, out)
     return 0
 

@@ -25,7 +25,8 @@ def demo_model() -> str:
 
 
 def demo_streams(cameras: int = 4, fps: float = 15.0, size: tuple[int, int] = (640, 360)) -> list[StreamSpec]:
-    """`cameras` synthetic conveyor cameras (w x h at `fps`), each with its own belt."""
+    """`cameras` synthetic conveyor cameras (w x h at `fps`), each with its own belt, its parts tracked (ids in the
+    results, objects counted in the table)."""
     w, h = size
-    return [StreamSpec(f"line1-cam{i + 1}", f"synthetic://line1-cam{i + 1}?fps={fps:g}&size={w}x{h}&seed={i + 1}")
-            for i in range(cameras)]
+    return [StreamSpec(f"line1-cam{i + 1}", f"synthetic://line1-cam{i + 1}?fps={fps:g}&size={w}x{h}&seed={i + 1}",
+                       track=True) for i in range(cameras)]

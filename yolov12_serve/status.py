@@ -1,4 +1,5 @@
-"""The live status table (stream, state, fps, p50/p99 latency, detections, drops) and the end-of-run summary."""
+"""The live status table (stream, state, fps, p50/p99 latency, detections, objects, drops) and the end-of-run
+summary."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from .stream import Stream, StreamView
 __all__ = ["StatusPrinter", "render_summary", "render_table"]
 
 _HEADER = f"{'stream':<16} {'state':<12} {'device':<7} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'dets/f':>6} " \
-          f"{'done':>7} {'dropped':>7}  last error"
+          f"{'objects':>7} {'done':>7} {'dropped':>7}  last error"
 
 
 def render_table(views: Iterable[StreamView], slo_ms: float, title: str = "") -> str:
@@ -23,7 +24,8 @@ def render_table(views: Iterable[StreamView], slo_ms: float, title: str = "") ->
         flag = "!" if v.latency_p99_ms > slo_ms else " "
         state = v.picture_problem.upper() or v.state.name  # BLANK / FROZEN: streaming, but it shows nothing
         lines.append(f"{v.stream_id[:16]:<16} {state:<12} {v.device:<7} {v.fps:>6.1f} {v.latency_p50_ms:>7.1f} "
-                     f"{v.latency_p99_ms:>6.1f}{flag} {v.detections_per_frame:>6.1f} {v.frames_processed:>7} "
+                     f"{v.latency_p99_ms:>6.1f}{flag} {v.detections_per_frame:>6.1f} "
+                     f"{str(v.objects) if v.track else '-':>7} {v.frames_processed:>7} "
                      f"{v.frames_dropped:>7}  {v.last_error[:60]}")
     if len(lines) == 2:
         lines.append("(no streams)")

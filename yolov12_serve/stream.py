@@ -62,6 +62,7 @@ class StreamView:
     picture_problem: str = ""
     blind_after_s: float | None = None  # as asked for in AddStream (None: the server's --blind-after-s)
     track: bool = False
+    objects: int = 0  # with track: objects counted so far
 
 
 class Stream:
@@ -81,6 +82,7 @@ class Stream:
         self.max_fps = max_fps
         self.filter = DetectionFilter()  # what of its detections is published (AddStream's min_score, classes, zone)
         self.tracker: Tracker | None = None  # AddStream track: its objects' ids (tracking.py); None: not tracked
+        self.objects = 0  # objects its tracker confirmed
         self.pictures = PictureRequests()  # GetSnapshot's callers, given the next frame's picture
         self.picture_problem = ""  # "blank" or "frozen" while its picture shows nothing (picture_check.py)
         self._picture_check: PictureCheck | None = None  # watch_picture() turns it on (pulled cameras)
@@ -231,7 +233,9 @@ class Stream:
         (one result at a time: two workers may publish this camera's frames at once)."""
         assert self.tracker is not None
         with self._lock:
-            return self.tracker.update(detections, t)
+            ids, confirmed = self.tracker.update(detections, t)
+            self.objects += len(confirmed)
+            return ids, confirmed
 
     def note_picture(self, problem: str) -> None:
         """Its picture went blank or frozen ("blank", "frozen"), or is back (""): shown in ListStreams and metrics."""
@@ -272,4 +276,5 @@ class Stream:
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
                           self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
-                          self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None)
+                          self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None,
+                          self.objects)

@@ -314,7 +314,8 @@ class Predictor:
                 max_det: int | None = None, batch: int = 1, vid_stride: int = 1,
                 window: int | None = None, track: bool = False) -> Iterator[Result] | list[Result]:
         """Detections for every frame of `source` (see `resolve_sources`): a generator when `stream`, else a list.
-        `track`: follow each object through the frames of its source (`Boxes.id`, as the server's AddStream track).
+        `track`: follow each object through the frames of its source (`Boxes.id`, as the server's AddStream track;
+        an object starts from a detection scoring 0.5, the server's default --track-min-score).
 
         Sources are checked at once (SourceError names a bad one); a camera is found unreachable when the
         generator first runs. `window`: frames read ahead of the caller (default: 4 per lane).
