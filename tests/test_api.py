@@ -3,6 +3,7 @@ DetectImage on a photograph, push mode, watching streams, every error code, heal
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import struct
@@ -19,19 +20,22 @@ from PIL import Image
 from test_server_harness import ServerProcess, model_path, wait_until
 
 from yolov12_serve.client import make_frame
+from yolov12_serve.predict.results import _PALETTE
 from yolov12_serve.proto import detector_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module", params=["off", "on"], ids=["one-process", "device-process"])
-def server(request):
+def server(request, tmp_path_factory):
     """Every API test runs against both layouts: the device in the server's own process, and in a process of its
     own (--worker-processes on: frames decoded there, pushed bytes and results over its pipe)."""
     # --process-late: these tests compare answers, and a pushed frame may be dropped as late on a busy machine
+    evidence = tmp_path_factory.mktemp("evidence")
     srv = ServerProcess("--worker-processes", request.param, "--max-streams", "4", "--max-message-mb", "1",
                         "--subscriber-queue", "8", "--instances", "2", "--process-late", "--allow-synthetic",
-                        "--blind-after-s", "1")
+                        "--blind-after-s", "1", "--evidence-dir", str(evidence))
+    srv.evidence = evidence
     yield srv
     srv.close()
 
@@ -458,10 +462,21 @@ def test_a_tracked_camera_gives_each_part_one_id_and_counts_the_parts(client, se
         counted = re.findall(r'^yolov12_objects_total\{class="[^"]+",stream="tracked"\} (\S+)$', server.metrics(),
                              flags=re.M)
         assert set(path) <= set(range(1, int(sum(map(float, counted))) + 1)), (sorted(path), counted)
+        # --evidence-dir: a picture of each object counted, its box drawn, and its record
+        records = wait_until(lambda: [json.loads(p.read_text()) for p in (server.evidence / "tracked").glob("*.json")]
+                             or None, 20, what="an evidence picture")
     finally:
         removed = client.remove_stream("tracked")
     assert removed.track and removed.objects >= max(len(path), sum(map(float, counted)))  # ListStreams counts too
     assert 'stream="tracked"' not in server.metrics()
+    assert {r["track_id"] for r in records} <= set(range(1, removed.objects + 1)), records
+    for r in records:
+        picture = np.asarray(Image.open(server.evidence / "tracked" / r["picture"]))
+        x1, y1, x2, y2 = (round(v) for v in r["box"])
+        assert picture.shape == (360, 640, 3) and r["stream_id"] == "tracked" and 0 <= x1 < x2 <= 640, r
+        edge = picture[(y1 + y2) // 2 - 2:(y1 + y2) // 2 + 3, max(x1, 1)].astype(int)  # its left edge, halfway down
+        assert np.abs(edge - _PALETTE[r["class_id"] % len(_PALETTE)]).mean() < 50, (r, edge)
+    assert re.search(r"^yolov12_evidence_pictures_total [1-9]", server.metrics(), flags=re.M)
 
 
 def test_a_camera_whose_picture_is_frozen_is_reported_while_a_live_one_is_not(client, server):

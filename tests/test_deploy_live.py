@@ -246,11 +246,15 @@ def stack(tmp_path_factory):
         hook.close()
 
 
-SOURCES = [arg for i in (1, 2) for arg in ("--source", f"synthetic://line1-cam{i}?fps=8&size=320x180&seed={i}")]
+SOURCES = ["--streams", str(Path(tempfile.mkdtemp(prefix="live-cams-")) / "cams.yaml")]  # written by the test
 
 
 def test_panels_rules_and_the_latency_alert_live(stack):
     prom, hook, ports = stack["prom"], stack["hook"], stack["ports"]
+    # two cameras; the second tracks its parts (the objects panel), at a size where the demo model is sure of some
+    Path(SOURCES[1]).write_text(
+        "streams:\n  - {id: cam0, url: 'synthetic://line1-cam1?fps=8&size=320x180&seed=1'}\n"
+        "  - {id: cam1, url: 'synthetic://line1-cam2?fps=8&size=640x360&seed=2', track: true}\n")
     t0 = time.monotonic()
     # an SLO no frame can meet, and late frames processed anyway (not dropped): every frame is published late
     server = ServerProcess("--demo", "--no-status", *SOURCES, "--metrics-port", str(ports["metrics"]),

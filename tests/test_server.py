@@ -144,6 +144,9 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--engines", "x.onnx", "--gpus", "cpu", "--track-min-score", "1.5"], "--track-min-score must be 0..1"),
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
       "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--no-state",
+      "--evidence-dir", "/proc/no-such/evidence"], "--evidence-dir /proc/no-such/evidence: No such file or directory"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--evidence-max-mb", "0"], "--evidence-max-mb must be positive"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)

@@ -83,6 +83,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track-min-score", type=float, default=0.5, metavar="S",
                    help="on cameras added with track, the score a detection needs to start an object (weaker ones "
                    "only continue one: a model's weak duplicate boxes are not counted as parts; default 0.5)")
+    p.add_argument("--evidence-dir", metavar="DIR",
+                   help="write a picture of every object a tracked camera counts, its box drawn, with a JSON record "
+                   "(DIR/CAMERA/TIME_CLASS_ID.jpg and .json): the quality record of each defect")
+    p.add_argument("--evidence-max-mb", type=float, default=1024.0, metavar="MB",
+                   help="the evidence folder's cap: the oldest pictures are removed past it (default 1024)")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
@@ -166,6 +171,8 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
     if not args.blind_after_s >= 0:
         raise ConfigError(f"--blind-after-s must be 0 (never) or more, got {args.blind_after_s}")
+    if not args.evidence_max_mb > 0:
+        raise ConfigError(f"--evidence-max-mb must be positive, got {args.evidence_max_mb}")
     if not 0 <= args.track_min_score <= 1:
         raise ConfigError(f"--track-min-score must be 0..1, got {args.track_min_score}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
@@ -178,6 +185,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, track_min_score=args.track_min_score,
+        evidence_dir=args.evidence_dir, evidence_max_mb=args.evidence_max_mb,
         allow_files=args.allow_files,
         allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
         health_port=args.health_port,

@@ -61,6 +61,8 @@ class ServerConfig:
     max_streams: int = 64
     process_late: bool = False  # process frames that can no longer meet the SLO instead of dropping them
     track_min_score: float = 0.5  # on tracked cameras, the score a detection needs to start an object (tracking.py)
+    evidence_dir: str | None = None  # a picture of each object tracked cameras count goes here (evidence.py)
+    evidence_max_mb: float = 1024.0  # the evidence folder's size cap: the oldest pictures go first
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
     allow_synthetic: bool = False  # accept synthetic:// demo cameras (--allow-synthetic, --demo): ~250 MB each
     allow_hosts: tuple[str, ...] = ()  # networks and names cameras may be at (empty: all but link-local, metadata)

@@ -40,6 +40,7 @@ from .errors import (
     UnavailableError,
     WrongShardError,
 )
+from .evidence import EvidenceFolder, EvidenceRecorder, Picture
 from .failover import DeviceCare
 from .fanout import Fanout, Subscription
 from .frames import Frame, FrameResult, now
@@ -114,6 +115,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self.runtimes: dict[str, DeviceRuntime] = {}
         self.placement = Placement()
         self.metrics: Metrics | None = None
+        self.evidence: EvidenceRecorder | None = None  # --evidence-dir (made at start)
         self.fanout = Fanout(on_overflow=self._on_subscriber_overflow)
         self.supervisor = RunSupervisor(self._on_hung)
         self.deadline = RunDeadline(config.run_deadline_floor_s, config.run_deadline_factor)
@@ -163,6 +165,16 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self._saved = self.store.load()
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot,
                                before_scrape=self.sync_counts)
+        if cfg.evidence_dir is not None:
+            try:
+                folder = EvidenceFolder(Path(cfg.evidence_dir), int(cfg.evidence_max_mb * 1024 * 1024))
+            except OSError as e:
+                raise ConfigError(f"--evidence-dir {cfg.evidence_dir}: {e.strerror or e}; give a folder this user "
+                                  "can write") from None
+            skipped = self.metrics.evidence_skipped
+            self.evidence = EvidenceRecorder(folder, take_picture=self._evidence_picture,
+                                             on_written=self.metrics.evidence_written.inc,
+                                             on_skipped=lambda reason, n: skipped.labels(reason).inc(n))
         processes = cfg.processes and not (self._load_engine is not None and cfg.worker_processes == "auto")
         if processes:  # (an engine loader given to the core opens engines in this process: auto keeps them here)
             if self._load_engine is not None:
@@ -242,6 +254,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self._stop.wait(0.02)
         self._stop.set()
         self.supervisor.stop()
+        if self.evidence is not None:
+            self.evidence.close()  # what is queued is written
         for rt in self.runtimes.values():
             rt.worker.stop(max(0.1, end - now()))
         self.fanout.close_all()
@@ -449,6 +463,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 stream.source.stop()
             self._unbind(stream, reason)
             self.placement.release(stream.stream_id)
+            if self.evidence is not None:
+                self.evidence.forget(stream.stream_id)
             if self.metrics is not None:
                 self.metrics.forget_stream(stream.stream_id)
 
@@ -484,6 +500,14 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         """GetSnapshot: the camera's next picture as (JPEG, width, height). NOT_FOUND for an unknown id,
         FAILED_PRECONDITION for a pushed stream (its client has the picture), UNAVAILABLE when no frame comes within
         `timeout` (a camera that is down: its state and last error say why)."""
+        return self.picture(stream_id, timeout)[:3]
+
+    def _evidence_picture(self, stream_id: str) -> Picture:
+        jpeg, _, _, frame_id = self.picture(stream_id)
+        return Picture(jpeg, frame_id)
+
+    def picture(self, stream_id: str, timeout: float = SNAPSHOT_WAIT_S) -> tuple[bytes, int, int, int]:
+        """The camera's next picture as (JPEG, width, height, frame id): `snapshot`, and the frame it shows."""
         with self._lock:
             stream = self._streams.get(stream_id)
         if stream is None:
@@ -501,10 +525,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 raise UnavailableError(f"{runtime.name}: {e}") from None
         else:
             try:
-                picture = stream.pictures.take(timeout)
+                local = stream.pictures.take(timeout)
             except PictureUnreadableError as e:
                 raise UnavailableError(f"the picture of {stream_id!r} cannot be taken: {e}") from None
-            taken = None if picture is None else (encode_jpeg(picture), picture.shape[1], picture.shape[0])
+            taken = None if local is None else (encode_jpeg(local[0]), local[0].shape[1], local[0].shape[0], local[1])
         if taken is None:
             why = f": {stream.last_error}" if stream.last_error else ""
             raise UnavailableError(f"no frame came from {stream_id!r} in {timeout:g} s (it is {stream.state.name}"
@@ -596,10 +620,18 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if stream.filter.active and len(result.detections):  # the camera's own score, classes and zone (AddStream)
             names = self.class_names(result.model_version, result.device)
             result = dataclasses.replace(result, detections=stream.filter(result.detections, result.src_hw, names))
-        confirmed: list[int] = []
+        confirmed: list[int] = []  # the classes of the objects this frame confirmed
         if stream.tracker is not None and not result.error:  # AddStream track: each object's id
-            track_ids, confirmed = stream.track(result.detections, result.capture_time_us / 1e6 or now())
+            track_ids, new = stream.track(result.detections, result.capture_time_us / 1e6 or now())
             result = dataclasses.replace(result, track_ids=track_ids)
+            confirmed = result.detections[new, 5].astype(int).tolist()
+            evidence = self.evidence
+            if evidence is not None:  # --evidence-dir: a picture of each new object
+                if confirmed:
+                    evidence.objects(stream.stream_id, track_ids[new].tolist(), confirmed,
+                                     self.class_names(result.model_version, result.device))
+                if stream.stream_id in evidence.pending:
+                    evidence.result(result)
         if result.error:
             stream.stats.record_drop("error")
             stream.note_error(result.error)

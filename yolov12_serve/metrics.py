@@ -184,6 +184,12 @@ class Metrics:
         self._objects: dict[tuple[str, str], Any] = {}
         self.reconnects = Counter("yolov12_stream_reconnects", "Camera reconnect attempts (lost, failed or stalled).",
                                   ["stream"], registry=r)
+        self.evidence_written = Counter("yolov12_evidence_pictures",
+                                        "Pictures of counted objects written to --evidence-dir.", registry=r)
+        self.evidence_skipped = Counter("yolov12_evidence_skipped", "Counted objects with no picture written, by "
+                                        "reason: no picture (camera down), not in its pictures (it left or "
+                                        "flickered), busy (the writer fell behind), write failed (disk full?).",
+                                        ["reason"], registry=r)
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
                                        "Results a slow subscriber lost (its own oldest), summed over subscribers.",
                                        registry=r)

@@ -22,11 +22,12 @@ class PictureUnreadableError(Exception):
 
 
 class _Waiter:
-    __slots__ = ("done", "error", "picture")
+    __slots__ = ("done", "error", "frame_id", "picture")
 
     def __init__(self) -> None:
         self.done = threading.Event()
         self.picture: np.ndarray | None = None
+        self.frame_id = -1
         self.error = ""
 
 
@@ -39,9 +40,9 @@ class PictureRequests:
         self._lock = threading.Lock()
         self._waiting: list[_Waiter] = []
 
-    def take(self, timeout: float) -> np.ndarray | None:
-        """The next frame's RGB picture [H, W, 3], or None when no frame came within `timeout` seconds;
-        PictureUnreadableError when one came whose picture could not be made."""
+    def take(self, timeout: float) -> tuple[np.ndarray, int] | None:
+        """The next frame's RGB picture [H, W, 3] and its frame id, or None when no frame came within `timeout`
+        seconds; PictureUnreadableError when one came whose picture could not be made."""
         waiter = _Waiter()
         with self._lock:
             self._waiting.append(waiter)
@@ -53,9 +54,9 @@ class PictureRequests:
                 self.wanted = bool(self._waiting)
         if waiter.error:  # (a frame may have come between the wait's end and the lock)
             raise PictureUnreadableError(waiter.error)
-        return waiter.picture
+        return None if waiter.picture is None else (waiter.picture, waiter.frame_id)
 
-    def offer(self, prepare: object) -> None:
+    def offer(self, prepare: object, frame_id: int) -> None:
         """A frame came (its deferred letterbox, see preprocess.source_picture): hand its picture to the waiting.
         Runs in the camera's thread, so it never raises: a picture it cannot make is the waiters' error."""
         with self._lock:
@@ -70,7 +71,7 @@ class PictureRequests:
         except Exception as e:
             error = f"{type(e).__name__}: {e}"
         for waiter in waiting:
-            waiter.picture, waiter.error = picture, error
+            waiter.picture, waiter.frame_id, waiter.error = picture, frame_id, error
             waiter.done.set()
 
 

@@ -167,7 +167,7 @@ class Stream:
             return None
         self.src_hw = letterbox.src_hw
         if self.pictures.wanted:  # GetSnapshot is waiting for this camera's next picture
-            self.pictures.offer(image)
+            self.pictures.offer(image, fid)
         if t >= self._next_picture_check:  # every PICTURE_CHECK_S: is its picture blank or frozen?
             self._check_picture(image, t)
         deferred = callable(image)  # a camera's letterbox, run only if the frame reaches an engine
@@ -228,14 +228,16 @@ class Stream:
         if check.add(grey, t) != before:
             self.note_picture(check.reported)
 
-    def track(self, detections: np.ndarray, t: float) -> tuple[np.ndarray, list[int]]:
-        """Its tracker's ids for a result's detections at capture time `t`, and the classes of objects confirmed
-        (one result at a time: two workers may publish this camera's frames at once)."""
+    def track(self, detections: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
+        """Its tracker's ids for a result's detections at capture time `t`, and the rows whose object this frame
+        confirmed (one result at a time: two workers may publish this camera's frames at once)."""
         assert self.tracker is not None
         with self._lock:
-            ids, confirmed = self.tracker.update(detections, t)
-            self.objects += len(confirmed)
-            return ids, confirmed
+            first = self.tracker.next_id
+            ids, _ = self.tracker.update(detections, t)
+            new = np.flatnonzero(ids >= first)
+            self.objects += len(new)
+            return ids, new
 
     def note_picture(self, problem: str) -> None:
         """Its picture went blank or frozen ("blank", "frozen"), or is back (""): shown in ListStreams and metrics."""

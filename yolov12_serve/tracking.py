@@ -63,7 +63,7 @@ class Tracker:
         self._seen = np.zeros(0)  # when it was last matched
         self._hits = np.zeros(0, np.int64)
         self._ids = np.zeros(0, np.int64)  # 0 until confirmed
-        self._next_id = 1
+        self.next_id = 1  # the id the next confirmed object gets
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -92,8 +92,8 @@ class Tracker:
             self._hits[k] += 1
             new = k[(self._ids[k] == 0) & (self._hits[k] >= CONFIRM_HITS)]
             if len(new):
-                self._ids[new] = np.arange(self._next_id, self._next_id + len(new))
-                self._next_id += len(new)
+                self._ids[new] = np.arange(self.next_id, self.next_id + len(new))
+                self.next_id += len(new)
                 confirmed = self._classes[new].astype(int).tolist()
             ids[d] = self._ids[k]
         unmatched = detections[:, 4] >= self.new_track_score  # a weak detection may continue a track, not start one

@@ -252,14 +252,15 @@ class DeviceHost:
 
         def answer() -> None:
             try:
-                picture = stream.pictures.take(timeout)
+                taken = stream.pictures.take(timeout)
             except PictureUnreadableError as e:
                 self._reply(request, False, f"the picture cannot be taken: {e}")
                 return
-            if picture is None:
+            if taken is None:
                 self._reply(request, False, "")  # no frame came
             else:
-                self._reply(request, True, (encode_jpeg(picture), picture.shape[1], picture.shape[0]))
+                picture, frame_id = taken
+                self._reply(request, True, (encode_jpeg(picture), picture.shape[1], picture.shape[0], frame_id))
 
         threading.Thread(target=answer, name=f"snapshot {stream_id}", daemon=True).start()
 

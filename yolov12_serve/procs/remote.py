@@ -441,10 +441,10 @@ class RemoteRuntime:
                 if not pending:
                     del self._pushes[(stream_id, epoch)]
 
-    def snapshot(self, stream_id: str, epoch: int, timeout: float) -> tuple[bytes, int, int] | None:
-        """The camera's next picture, taken and encoded in the device process (GetSnapshot): (JPEG, width, height),
-        or None when no frame came within `timeout`; EngineError if the process does not answer, or says why the
-        picture cannot be taken."""
+    def snapshot(self, stream_id: str, epoch: int, timeout: float) -> tuple[bytes, int, int, int] | None:
+        """The camera's next picture, taken and encoded in the device process (GetSnapshot): (JPEG, width, height,
+        frame id), or None when no frame came within `timeout`; EngineError if the process does not answer, or says
+        why the picture cannot be taken."""
         ok, payload = self.request("snapshot", stream_id, epoch, timeout, timeout=timeout + 5)
         if not ok and payload:
             raise EngineError(str(payload))

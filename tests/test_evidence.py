@@ -1,0 +1,155 @@
+"""Evidence pictures (evidence.py): each counted object drawn on the picture of the frame it was seen in, asked for
+again when it is not in that frame, never for a removed camera, and a folder that stays under its cap."""
+
+from __future__ import annotations
+
+import io
+import json
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from yolov12_serve.evidence import ATTEMPTS, EvidenceFolder, EvidenceRecorder, Picture, safe_name
+from yolov12_serve.frames import FrameResult
+from yolov12_serve.predict.results import _PALETTE
+
+NAMES = {0: "scratch", 1: "dent"}
+GREY = np.full((120, 160, 3), 90, np.uint8)
+
+
+def jpeg(picture: np.ndarray = GREY) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(picture).save(out, format="JPEG", quality=95)
+    return out.getvalue()
+
+
+def result(frame_id: int, rows: list[tuple[list[float], int]]) -> FrameResult:
+    """A camera's published result: rows of ([x1, y1, x2, y2, score, class], track id)."""
+    dets = np.array([d for d, _ in rows], np.float32).reshape(-1, 6)
+    return FrameResult("cam/1", frame_id, dets, (120, 160), 1_796_000_000_000_000 + frame_id * 40_000, 0.01, "cpu",
+                       track_ids=np.array([t for _, t in rows], np.int64))
+
+
+class Camera:
+    """take_picture: the frames a camera delivers, one per call (frame ids counting up), or None when it is down."""
+
+    def __init__(self, first: int = 10, down: bool = False) -> None:
+        self.next, self.down, self.calls = first, down, 0
+        self.gate = threading.Event()
+        self.gate.set()
+
+    def __call__(self, stream_id: str) -> Picture | None:
+        self.calls += 1
+        self.gate.wait(10)
+        if self.down:
+            return None
+        self.next += 1
+        return Picture(jpeg(), self.next - 1)
+
+
+def recorder(tmp_path: Path, camera: Camera, skipped: list | None = None) -> EvidenceRecorder:
+    return EvidenceRecorder(EvidenceFolder(tmp_path, 10_000_000), camera,
+                            on_skipped=lambda reason, n: (skipped if skipped is not None else []).append((reason, n)))
+
+
+def settle(rec: EvidenceRecorder, sid: str = "cam/1") -> None:
+    """Until the camera's picture has come (or it gave up)."""
+    end = time.monotonic() + 10
+    while sid in rec._asking and time.monotonic() < end:
+        time.sleep(0.01)
+
+
+def written(tmp_path: Path) -> dict[int, dict]:
+    rec_files = sorted((tmp_path / safe_name("cam/1")).glob("*.json"))
+    return {json.loads(p.read_text())["track_id"]: json.loads(p.read_text()) for p in rec_files}
+
+
+def test_each_object_is_drawn_on_the_frame_its_picture_shows_and_asked_for_again_when_absent(tmp_path):
+    camera = Camera(first=10)
+    rec = recorder(tmp_path, camera)
+    rec.objects("cam/1", [1, 2], [0, 1], NAMES)
+    settle(rec)  # the picture of frame 10 is in hand
+    rec.result(result(9, [([10, 10, 50, 50, 0.9, 0], 1)]))  # an older frame: not the one pictured
+    rec.result(result(10, [([20, 30, 60, 70, 0.8, 0], 1), ([90, 20, 130, 60, 0.3, 1], 5)]))  # 2 is not in it
+    settle(rec)  # asked again for 2: frame 11, whose result never comes (dropped): frame 12's is not its picture
+    rec.result(result(12, [([100, 40, 140, 80, 0.7, 1], 2)]))
+    settle(rec)  # so asked again: frame 12
+    rec.result(result(12, [([104, 40, 144, 80, 0.7, 1], 2)]))
+    rec.close()
+    got = written(tmp_path)
+    assert set(got) == {1, 2} and camera.calls == 3
+    assert got[1]["frame_id"] == 10 and got[1]["box"] == [20, 30, 60, 70] and got[1]["class_name"] == "scratch"
+    assert got[2]["frame_id"] == 12 and got[2]["box"][0] == 104 and got[2]["class_name"] == "dent"
+    assert got[2]["stream_id"] == "cam/1"
+    picture = np.asarray(Image.open(tmp_path / "cam_1" / got[1]["picture"]))
+    assert picture.shape == (120, 160, 3)
+    edge = picture[45:65, 20].astype(int)  # the box's left edge, below its label
+    assert np.abs(edge - _PALETTE[0]).mean() < 40, edge  # drawn in its class's colour on the grey picture
+    assert np.abs(picture[45:65, 40].astype(int) - 90).mean() < 10  # inside the box: the picture
+    assert not rec.pending
+
+
+def test_a_picture_that_comes_after_its_frame_s_result_still_finds_it(tmp_path):
+    camera = Camera(first=7)
+    camera.gate.clear()  # the picture is on its way...
+    rec = recorder(tmp_path, camera)
+    rec.objects("cam/1", [3], [1], NAMES)
+    rec.result(result(7, [([5, 5, 40, 40, 0.6, 1], 3)]))  # ...while its frame's result is published
+    camera.gate.set()
+    settle(rec)
+    rec.close()
+    assert written(tmp_path)[3]["frame_id"] == 7
+
+
+def test_an_object_never_seen_again_or_a_camera_that_is_down_is_counted_as_skipped(tmp_path):
+    skipped: list = []
+    camera = Camera(first=1)
+    rec = recorder(tmp_path, camera, skipped)
+    rec.objects("cam/1", [4], [0], NAMES)
+    for _ in range(ATTEMPTS):
+        settle(rec)
+        rec.result(result(camera.next - 1, []))  # it left the frame
+    assert skipped == [("not in its pictures", 1)] and camera.calls == ATTEMPTS and not rec.pending
+    down = Camera(down=True)
+    rec = recorder(tmp_path / "down", down, skipped)
+    rec.objects("cam/1", [1, 2], [0, 0], NAMES)
+    settle(rec)
+    assert skipped[-1] == ("no picture", 2) and not rec.pending
+    rec.close()
+    assert not list(tmp_path.rglob("*.jpg"))
+
+
+def test_a_removed_camera_s_objects_are_not_recorded(tmp_path):
+    camera = Camera(first=3)
+    camera.gate.clear()
+    rec = recorder(tmp_path, camera)
+    rec.objects("cam/1", [1], [0], NAMES)
+    rec.forget("cam/1")  # removed while its picture was taken
+    camera.gate.set()
+    settle(rec)
+    rec.result(result(3, [([5, 5, 40, 40, 0.9, 0], 1)]))
+    rec.close()
+    assert not written(tmp_path) and not rec.pending
+
+
+def test_the_folder_stays_under_its_cap_oldest_first_counting_what_was_there(tmp_path):
+    old = tmp_path / "a" / "old.jpg"
+    old.parent.mkdir()
+    old.write_bytes(b"x" * 400)
+    folder = EvidenceFolder(tmp_path, 1000)
+    assert folder.bytes == 400
+    folder.write(tmp_path / "a" / "one.jpg", b"y" * 400)
+    assert old.exists() and folder.bytes == 800
+    folder.write(tmp_path / "b" / "two.jpg", b"z" * 400)  # 1,200 > 1,000: the oldest goes
+    assert not old.exists() and (tmp_path / "a" / "one.jpg").exists() and folder.bytes == 800
+    assert not list(tmp_path.rglob("*.part"))
+
+
+@pytest.mark.parametrize("name, safe", [("line1-cam3", "line1-cam3"), ("../etc", "_etc"), ("a/b:c", "a_b_c"),
+                                        ("..", "_")])
+def test_names_become_safe_file_names(name, safe):
+    assert safe_name(name) == safe
