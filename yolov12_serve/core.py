@@ -622,16 +622,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             result = dataclasses.replace(result, detections=stream.filter(result.detections, result.src_hw, names))
         confirmed: list[int] = []  # the classes of the objects this frame confirmed
         if stream.tracker is not None and not result.error:  # AddStream track: each object's id
-            track_ids, new = stream.track(result.detections, result.capture_time_us / 1e6 or now())
-            result = dataclasses.replace(result, track_ids=track_ids)
-            confirmed = result.detections[new, 5].astype(int).tolist()
-            evidence = self.evidence
-            if evidence is not None:  # --evidence-dir: a picture of each new object
-                if confirmed:
-                    evidence.objects(stream.stream_id, track_ids[new].tolist(), confirmed,
-                                     self.class_names(result.model_version, result.device))
-                if stream.stream_id in evidence.pending:
-                    evidence.result(result)
+            result, confirmed = self._track(stream, result)
         if result.error:
             stream.stats.record_drop("error")
             stream.note_error(result.error)
@@ -651,6 +642,21 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                     for c in confirmed:
                         self.metrics.counted(label, names.get(c, str(c))).inc()
         self.fanout.publish(result)
+
+    def _track(self, stream: Stream, result: FrameResult) -> tuple[FrameResult, list[int]]:
+        """`result` with its detections' track ids, and the classes of the objects it confirmed (with
+        --evidence-dir, their pictures are asked for, and a picture waiting for this frame gets its boxes)."""
+        track_ids, new = stream.track(result.detections, result.capture_time_us / 1e6 or now())
+        result = dataclasses.replace(result, track_ids=track_ids)
+        confirmed = result.detections[new, 5].astype(int).tolist()
+        evidence = self.evidence
+        if evidence is not None:
+            if confirmed:
+                evidence.objects(stream.stream_id, track_ids[new].tolist(), confirmed,
+                                 self.class_names(result.model_version, result.device))
+            if stream.stream_id in evidence.pending:
+                evidence.result(result)
+        return result, confirmed
 
     def _count_detections(self, label: str, result: FrameResult) -> None:
         """yolov12_detections_total{stream, class}: one increment per class found in the frame (a Counter over the
