@@ -117,6 +117,9 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
         assert f"yolov12-ctl --server 127.0.0.1:{srv.port} streams" in out  # and how to drive it from a shell
         summary = out[out.index("summary after"):]
         assert all(f"line1-cam{i}" in summary for i in range(1, 5)) and "results/s" in summary
+        header, *rows = summary.splitlines()[1:6]
+        end = header.index("objects") + len("objects")
+        assert all(row[:end].split()[-1].isdigit() for row in rows), summary  # the demo cameras count their parts
     finally:
         srv.close()
 

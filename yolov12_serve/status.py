@@ -35,14 +35,16 @@ def render_table(views: Iterable[StreamView], slo_ms: float, title: str = "") ->
 def render_summary(streams: Iterable[Stream], slo_ms: float, seconds: float) -> str:
     """Whole-run figures per stream and in total, with the drop reasons."""
     lines = [f"summary after {seconds:.1f} s (SLO {slo_ms:g} ms)",
-             f"{'stream':<16} {'frames':>7} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'dets/f':>6}  dropped"]
+             f"{'stream':<16} {'frames':>7} {'fps':>6} {'p50 ms':>7} {'p99 ms':>7} {'dets/f':>6} {'objects':>7}  "
+             "dropped"]
     total = 0
     for s in streams:
         life = s.stats.lifetime()
         total += life.processed
         reasons = ", ".join(f"{k} {v}" for k, v in sorted(life.dropped_by_reason.items())) or "0"
         lines.append(f"{s.stream_id[:16]:<16} {life.processed:>7} {life.fps:>6.1f} {life.latency_p50_ms:>7.1f} "
-                     f"{life.latency_p99_ms:>7.1f} {life.detections_per_frame:>6.1f}  {reasons}")
+                     f"{life.latency_p99_ms:>7.1f} {life.detections_per_frame:>6.1f} "
+                     f"{str(s.objects) if s.tracker is not None else '-':>7}  {reasons}")
     lines.append(f"total: {total} frames published, {total / seconds if seconds > 0 else 0:.1f} results/s")
     return "\n".join(lines)
 
