@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import re
 import subprocess
 import sys
 import time
@@ -78,6 +79,22 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     rc, out = run(*at, "remove", "dock-cam", "--json")
     assert rc == 0 and json_lines(out)[0]["state"] == "STOPPED"
     assert run(*at, "streams") == (0, "no streams (add one: yolov12-ctl add ID URL)\n")
+
+
+def test_watch_objects_prints_each_tracked_part_once(server):
+    """watch --objects: a line per object (its first frame with a track id), what an MES recording each defect once
+    gets; --count counts objects; an object never comes twice."""
+    at = ("--server", server.address)
+    assert run(*at, "add", "parts", "synthetic://parts?fps=10&size=640x360&seed=2", "--track")[0] == 0
+    try:
+        rc, out = run(*at, "watch", "parts", "--objects", "--count", "2", "--json", "--duration", "60")
+        first, second = json_lines(out)
+        assert rc == 0 and first["stream_id"] == "parts" and int(first["track_id"]) >= 1
+        assert first["track_id"] != second["track_id"] and first["time"].endswith("Z") and "x1" in first
+        rc, out = run(*at, "watch", "parts", "--objects", "--count", "1", "--duration", "60")
+        assert rc == 0 and re.fullmatch(r"parts \[\d+\] \S+ 0\.\d\d \(\d+,\d+,\d+,\d+\) #\d+ at \S+Z\n", out), out
+    finally:
+        run(*at, "remove", "parts")
 
 
 def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, capsys):

@@ -101,3 +101,16 @@ def test_a_weak_detection_continues_an_object_but_never_starts_one():
     assert all(f == [1, 0] for f in ids[1:]) and confirmed == [0], ids
     ids, confirmed = run(Tracker(new_track_score=0.0), frames)
     assert sorted(ids[1]) == [1, 2] and sorted(confirmed) == [0, 1], ids  # without the rule: two objects
+
+
+def test_new_objects_yields_each_object_once_per_camera_and_afresh_after_a_restart():
+    from yolov12_serve.client import new_objects
+    from yolov12_serve.proto import detector_pb2 as pb
+
+    def fd(sid: str, frame: int, *ids: int) -> pb.FrameDetections:
+        return pb.FrameDetections(stream_id=sid, frame_id=frame, detections=[pb.Detection(track_id=i) for i in ids])
+
+    results = [fd("a", 1, 0), fd("a", 2, 1, 0), fd("b", 2, 1), fd("a", 3, 1, 3),  # 2's first frame was not seen
+               fd("a", 4, 1, 2, 3), fd("a", 0, 0), fd("a", 1, 1)]  # camera a numbers its frames from 0 again
+    got = [(r.stream_id, r.frame_id, d.track_id) for r, d in new_objects(results)]
+    assert got == [("a", 2, 1), ("b", 2, 1), ("a", 3, 3), ("a", 4, 2), ("a", 1, 1)]

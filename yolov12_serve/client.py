@@ -34,7 +34,7 @@ from .proto import detector_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["Client", "FollowedWatch", "Watch", "make_frame"]
+__all__ = ["Client", "FollowedWatch", "Watch", "make_frame", "new_objects"]
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +270,28 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
         return continuation(self._details(client_call_details), request_iterator)
+
+
+def new_objects(results: Iterable[pb.FrameDetections]) -> Iterator[tuple[pb.FrameDetections, pb.Detection]]:
+    """(result, detection) once per object of tracked cameras (AddStream track): the first result in `results` (a
+    watch) that carries its track id. What a system that records each defect once wants:
+    `for fd, d in new_objects(client.watch(follow=True)): record(fd.stream_id, d.track_id, d.class_name, ...)`.
+    A camera whose frame numbers start again (the server restarted, the camera was added again) numbers its
+    objects from 1 again: it is followed afresh."""
+    seen: dict[str, tuple[int, set[int]]] = {}  # camera -> (latest frame id, the ids seen)
+    for fd in results:
+        last, ids = seen.get(fd.stream_id, (-1, set()))
+        if fd.frame_id < last:
+            ids = set()
+        seen[fd.stream_id] = (fd.frame_id, ids)
+        for d in fd.detections:
+            if d.track_id and d.track_id not in ids:
+                ids.add(d.track_id)
+                yield fd, d
+        if len(ids) > 8192:  # a long watch: ids far behind the newest cannot come back (forgotten after 1 s)
+            keep = sorted(ids)[-4096:]
+            ids.clear()
+            ids.update(keep)
 
 
 def _flat(zone: Sequence[tuple[float, float]] | Sequence[float]) -> list[float]:

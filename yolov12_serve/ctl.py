@@ -19,6 +19,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -27,7 +28,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from . import __version__
-from .client import Client, make_frame
+from .client import Client, make_frame, new_objects
 from .config import StreamSpec, load_streams_file, redact_url
 from .errors import ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     watch.add_argument("--follow", action="store_true", default=False,
                        help="go on through server restarts and outages, trying again until the server is back (a "
                             "note on stderr at each gap); without it the watch ends when the server does")
+    watch.add_argument("--objects", action="store_true", default=False,
+                       help="a line per object of tracked cameras (AddStream track), when first seen, not per frame: "
+                       "what a system recording each defect once receives (--count counts objects)")
     detect = sub("detect", "detections for image files or folders of them (JPEG, PNG; BMP, TIFF, WebP sent as PNG) "
                  "pushed to the server")
     detect.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders of them")
@@ -250,9 +254,11 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
 
     watch = c.watch(args.stream_ids, timeout=args.duration or None, follow=args.follow, on_gap=note)
     seen = 0
+    lines = (_describe_object(fd, d, args.json) for fd, d in new_objects(watch)) if args.objects else \
+        (json.dumps(_as_dict(fd)) if args.json else _describe(fd) for fd in watch)
     try:
-        for fd in watch:
-            out.write((json.dumps(_as_dict(fd)) if args.json else _describe(fd)) + "\n")
+        for line in lines:
+            out.write(line + "\n")
             out.flush()
             seen += 1
             if args.count and seen >= args.count:
@@ -263,6 +269,17 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
     finally:
         watch.cancel()
     return 0
+
+
+def _describe_object(fd: pb.FrameDetections, d: pb.Detection, as_json: bool) -> str:
+    """One object when first seen: a line ('belt [12] dent 0.91 (x1,y1,x2,y2) #frame at TIME') or a JSON object."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fd.capture_time_us / 1e6)) + \
+        f".{fd.capture_time_us // 1000 % 1000:03d}Z"
+    if as_json:
+        return json.dumps({"stream_id": fd.stream_id, "frame_id": fd.frame_id, "capture_time_us": fd.capture_time_us,
+                           "time": at, **_as_dict(d)})
+    return (f"{fd.stream_id} [{d.track_id}] {d.class_name or d.class_id} {d.score:.2f} "
+            f"({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f}) #{fd.frame_id} at {at}")
 
 
 def _remove(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
