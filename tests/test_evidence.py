@@ -31,7 +31,7 @@ def result(frame_id: int, rows: list[tuple[list[float], int]]) -> FrameResult:
     """A camera's published result: rows of ([x1, y1, x2, y2, score, class], track id)."""
     dets = np.array([d for d, _ in rows], np.float32).reshape(-1, 6)
     return FrameResult("cam/1", frame_id, dets, (120, 160), 1_796_000_000_000_000 + frame_id * 40_000, 0.01, "cpu",
-                       track_ids=np.array([t for _, t in rows], np.int64))
+                       model_version="demo.onnx@1a2b", track_ids=np.array([t for _, t in rows], np.int64))
 
 
 class Camera:
@@ -84,7 +84,7 @@ def test_each_object_is_drawn_on_the_frame_its_picture_shows_and_asked_for_again
     assert set(got) == {1, 2} and camera.calls == 3
     assert got[1]["frame_id"] == 10 and got[1]["box"] == [20, 30, 60, 70] and got[1]["class_name"] == "scratch"
     assert got[2]["frame_id"] == 12 and got[2]["box"][0] == 104 and got[2]["class_name"] == "dent"
-    assert got[2]["stream_id"] == "cam/1"
+    assert got[2]["stream_id"] == "cam/1" and got[2]["model_version"] == "demo.onnx@1a2b"
     picture = np.asarray(Image.open(tmp_path / "cam_1" / got[1]["picture"]))
     assert picture.shape == (120, 160, 3)
     edge = picture[45:65, 20].astype(int)  # the box's left edge, below its label

@@ -1,5 +1,6 @@
 """Evidence pictures (--evidence-dir): a JPEG of every object a tracked camera counts, its box drawn, with a JSON
-record beside it, for the quality record ("show me each defect of the last shift").
+record beside it (the model version that found it included), for the quality record ("show me each defect of the
+last shift").
 
 When a camera's tracker confirms objects, the camera's next picture is asked for (GetSnapshot's way: only then does
 a frame cost more than a flag test, in one process or a device process) with the number of the frame it shows;
@@ -232,7 +233,7 @@ class EvidenceRecorder:
             record = {"stream_id": job.stream_id, "track_id": tid, "class_name": cls, "class_id": int(det[5]),
                       "score": round(float(det[4]), 4), "box": [round(float(v), 1) for v in det[:4]],
                       "frame_id": r.frame_id, "capture_time_us": r.capture_time_us, "width": r.src_hw[1],
-                      "height": r.src_hw[0], "picture": f"{stem}.jpg"}
+                      "height": r.src_hw[0], "model_version": r.model_version, "picture": f"{stem}.jpg"}
             self.folder.write(folder / f"{stem}.jpg", out.getvalue())
             self.folder.write(folder / f"{stem}.json", json.dumps(record, indent=1).encode())
             self._on_written()
