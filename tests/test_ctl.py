@@ -81,12 +81,17 @@ def test_a_camera_added_listed_watched_and_removed_from_the_shell(server):
     assert run(*at, "streams") == (0, "no streams (add one: yolov12-ctl add ID URL)\n")
 
 
-def test_watch_objects_prints_each_tracked_part_once(server):
+def test_watch_objects_prints_each_tracked_part_once(server, capsys):
     """watch --objects: a line per object (its first frame with a track id), what an MES recording each defect once
-    gets; --count counts objects; an object never comes twice."""
+    gets; --count counts objects; an object never comes twice. On a camera that does not track it would wait for
+    ever: one line saying so, exit 2."""
     at = ("--server", server.address)
-    assert run(*at, "add", "parts", "synthetic://parts?fps=10&size=640x360&seed=2", "--track")[0] == 0
     try:
+        assert run(*at, "add", "plain", "synthetic://plain?fps=2&size=320x180")[0] == 0
+        rc, _ = run(*at, "watch", "plain", "--objects", "--duration", "30")
+        err = capsys.readouterr().err
+        assert rc == 2 and err.count("\n") == 1 and "this camera does not track objects" in err, err
+        assert run(*at, "add", "parts", "synthetic://parts?fps=10&size=640x360&seed=2", "--track")[0] == 0
         rc, out = run(*at, "watch", "parts", "--objects", "--count", "2", "--json", "--duration", "60")
         first, second = json_lines(out)
         assert rc == 0 and first["stream_id"] == "parts" and int(first["track_id"]) >= 1
@@ -94,7 +99,7 @@ def test_watch_objects_prints_each_tracked_part_once(server):
         rc, out = run(*at, "watch", "parts", "--objects", "--count", "1", "--duration", "60")
         assert rc == 0 and re.fullmatch(r"parts \[\d+\] \S+ 0\.\d\d \(\d+,\d+,\d+,\d+\) #\d+ at \S+Z\n", out), out
     finally:
-        run(*at, "remove", "parts")
+        run(*at, "remove", "parts", "plain")
 
 
 def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, capsys):

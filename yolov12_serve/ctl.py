@@ -252,6 +252,12 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
     def note(text: str) -> None:
         print(f"yolov12-ctl: {text}", file=sys.stderr, flush=True)
 
+    if args.objects and not args.follow:  # (with --follow the server may be down now: it is waited for)
+        listed = [s for s in c.list_streams() if not args.stream_ids or s.stream_id in args.stream_ids]
+        if listed and not any(s.track for s in listed):  # else it would wait for ever, printing nothing
+            what = "this camera does not track" if len(listed) == 1 else "none of these cameras tracks"
+            raise UsageError(f"--objects: {what} objects, so none would come: add cameras with --track "
+                             "(yolov12-ctl add ID URL --track, or track: true in a streams file)")
     watch = c.watch(args.stream_ids, timeout=args.duration or None, follow=args.follow, on_gap=note)
     seen = 0
     lines = (_describe_object(fd, d, args.json) for fd, d in new_objects(watch)) if args.objects else \
