@@ -20,7 +20,7 @@ from PIL import Image
 from test_server_harness import ServerProcess, model_path, wait_until
 
 from yolov12_serve.client import make_frame
-from yolov12_serve.predict.results import _PALETTE
+from yolov12_serve.drawing import PALETTE
 from yolov12_serve.proto import detector_pb2 as pb
 
 pytestmark = pytest.mark.timeout(180)
@@ -476,7 +476,7 @@ def test_a_tracked_camera_gives_each_part_one_id_and_counts_the_parts(client, se
         assert picture.shape == (360, 640, 3) and r["stream_id"] == "tracked" and 0 <= x1 < x2 <= 640, r
         assert r["model_version"] == client.server_info().engines[0].model_version, r  # which model found it
         edge = picture[(y1 + y2) // 2 - 2:(y1 + y2) // 2 + 3, max(x1, 1)].astype(int)  # its left edge, halfway down
-        assert np.abs(edge - _PALETTE[r["class_id"] % len(_PALETTE)]).mean() < 50, (r, edge)
+        assert np.abs(edge - PALETTE[r["class_id"] % len(PALETTE)]).mean() < 50, (r, edge)
     assert re.search(r"^yolov12_evidence_pictures_total [1-9]", server.metrics(), flags=re.M)
 
 

@@ -251,7 +251,7 @@ def test_detect_save_draws_the_boxes_on_the_picture_as_the_server_saw_it(server,
     from matplotlib import cbook
     from PIL import Image
 
-    from yolov12_serve.predict.results import _PALETTE
+    from yolov12_serve.drawing import PALETTE
 
     with Image.open(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)) as img:
         upright = np.asarray(img.convert("RGB"))  # 600 high, 512 wide
@@ -268,7 +268,7 @@ def test_detect_save_draws_the_boxes_on_the_picture_as_the_server_saw_it(server,
     first = got["detections"][0]
     x, y = int(first["x1"]), int((first["y1"] + first["y2"]) / 2)  # the box's left edge, halfway down
     edge = {tuple(px) for px in drawn[y, x - 1:x + 3]}
-    assert _PALETTE[first["class_id"] % len(_PALETTE)] in edge, (edge, first)
+    assert PALETTE[first["class_id"] % len(PALETTE)] in edge, (edge, first)
     before = photo.read_bytes()
     rc, out = run("--server", server.address, "detect", str(photo), "--save", str(tmp_path))
     err = capsys.readouterr().err

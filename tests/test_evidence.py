@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from yolov12_serve.drawing import PALETTE
 from yolov12_serve.evidence import ATTEMPTS, EvidenceFolder, EvidenceRecorder, Picture, safe_name
 from yolov12_serve.frames import FrameResult
-from yolov12_serve.predict.results import _PALETTE
 
 NAMES = {0: "scratch", 1: "dent"}
 GREY = np.full((120, 160, 3), 90, np.uint8)
@@ -88,7 +88,7 @@ def test_each_object_is_drawn_on_the_frame_its_picture_shows_and_asked_for_again
     picture = np.asarray(Image.open(tmp_path / "cam_1" / got[1]["picture"]))
     assert picture.shape == (120, 160, 3)
     edge = picture[45:65, 20].astype(int)  # the box's left edge, below its label
-    assert np.abs(edge - _PALETTE[0]).mean() < 40, edge  # drawn in its class's colour on the grey picture
+    assert np.abs(edge - PALETTE[0]).mean() < 40, edge  # drawn in its class's colour on the grey picture
     assert np.abs(picture[45:65, 40].astype(int) - 90).mean() < 10  # inside the box: the picture
     assert not rec.pending
 

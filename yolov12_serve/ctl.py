@@ -343,8 +343,8 @@ def _save_drawn(path: str, fd: pb.FrameDetections, folder: Path) -> str:
     import numpy as np
     from PIL import Image
 
+    from .drawing import draw_boxes
     from .predict.inputs import load_rgb
-    from .predict.results import draw_boxes
 
     dets = np.array([[d.x1, d.y1, d.x2, d.y2, d.score, d.class_id] for d in fd.detections], np.float32)
     target = folder / Path(path).name
@@ -391,8 +391,8 @@ def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, i
     import numpy as np
     from PIL import Image, ImageDraw
 
+    from .drawing import draw_boxes
     from .filters import DetectionFilter
-    from .predict.results import draw_boxes
 
     info = next((s for s in c.list_streams() if s.stream_id == shot.stream_id), None)
     client = c.client_for(shot.stream_id) if isinstance(c, ShardedClient) else c

@@ -216,7 +216,7 @@ class EvidenceRecorder:
                 self._on_skipped("write failed", len(job.rows))
 
     def _write(self, job: _Job) -> None:
-        from .predict.results import draw_boxes
+        from .drawing import draw_boxes
 
         r = job.result
         image = np.asarray(Image.open(io.BytesIO(job.picture.jpeg)).convert("RGB"))
