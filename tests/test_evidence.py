@@ -136,6 +136,30 @@ def test_a_removed_camera_s_objects_are_not_recorded(tmp_path):
     assert not written(tmp_path) and not rec.pending
 
 
+def test_a_camera_removed_and_added_again_while_its_picture_was_taken_gets_a_picture_of_its_own(tmp_path):
+    """The new incarnation numbers its frames anew: the picture asked for the old one (frame 100) must neither be
+    used for it nor keep it from asking for its own (frame 5)."""
+    release, calls = threading.Event(), []
+
+    def take(stream_id: str) -> Picture:
+        calls.append(stream_id)
+        if len(calls) == 1:
+            release.wait(10)
+            return Picture(jpeg(), 100)  # the removed camera's frame
+        return Picture(jpeg(), 5)
+
+    rec = EvidenceRecorder(EvidenceFolder(tmp_path, 10_000_000), take)
+    rec.objects("cam/1", [1], [0], NAMES)
+    rec.forget("cam/1")
+    rec.objects("cam/1", [1], [0], NAMES)  # added again, an object confirmed at once
+    settle(rec)  # its own picture (frame 5) is in hand
+    release.set()
+    time.sleep(0.2)  # the stale answer arrives, and is dropped
+    rec.result(result(5, [([30, 30, 70, 70, 0.9, 0], 1)]))
+    rec.close()
+    assert len(calls) == 2 and [r["frame_id"] for r in written(tmp_path).values()] == [5] and not rec.pending
+
+
 def test_the_folder_stays_under_its_cap_oldest_first_counting_what_was_there(tmp_path):
     old = tmp_path / "a" / "old.jpg"
     old.parent.mkdir()

@@ -109,6 +109,7 @@ class EvidenceRecorder:
         self._pictures: dict[str, Picture] = {}  # camera -> its picture, waiting for that frame's result
         self._recent: dict[str, collections.deque[FrameResult]] = {}
         self._names: dict[str, Mapping[int, str]] = {}
+        self._generation: dict[str, int] = {}  # bumped when a camera is forgotten: a picture asked before is stale
         self._jobs: queue.Queue[_Job | None] = queue.Queue(QUEUE)
         self._writer = threading.Thread(target=self._write_all, name="evidence", daemon=True)
         self._writer.start()
@@ -148,7 +149,8 @@ class EvidenceRecorder:
     def _ask(self, sid: str) -> None:
         if sid not in self._asking and sid not in self._pictures and self._wanted.get(sid):
             self._asking.add(sid)
-            threading.Thread(target=self._picture_of, args=(sid,), name=f"evidence {sid}", daemon=True).start()
+            threading.Thread(target=self._picture_of, args=(sid, self._generation.get(sid, 0)), name=f"evidence {sid}",
+                             daemon=True).start()
 
     def _match(self, sid: str, picture: Picture, result: FrameResult) -> None:
         if result.frame_id < picture.frame_id:
@@ -176,6 +178,8 @@ class EvidenceRecorder:
             self._forget(sid)
 
     def _forget(self, sid: str) -> None:
+        self._generation[sid] = self._generation.get(sid, 0) + 1  # (removed and added again: its frames count anew)
+        self._asking.discard(sid)
         self._wanted.pop(sid, None)
         self._pictures.pop(sid, None)
         self._recent.pop(sid, None)
@@ -183,17 +187,17 @@ class EvidenceRecorder:
         self.pending.discard(sid)
 
     # ---------------------------------------------------------------------------------------------- threads
-    def _picture_of(self, sid: str) -> None:
+    def _picture_of(self, sid: str, generation: int) -> None:
         try:
             picture = self._take(sid)
             error = "" if picture is not None else "no frame came"
         except Exception as e:  # the camera was removed, is down, or its picture cannot be made
             picture, error = None, f"{type(e).__name__}: {e}"
         with self._lock:
+            if self._generation.get(sid, 0) != generation:
+                return  # the camera was removed meanwhile (and maybe added again, asking afresh)
             self._asking.discard(sid)
-            wanted = self._wanted.get(sid)
-            if wanted is None:
-                return  # removed meanwhile
+            wanted = self._wanted[sid]
             for w in wanted.values():
                 w.attempts += 1
             if picture is None:
