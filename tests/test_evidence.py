@@ -171,6 +171,10 @@ def test_the_folder_stays_under_its_cap_oldest_first_counting_what_was_there(tmp
     folder.write(tmp_path / "b" / "two.jpg", b"z" * 400)  # 1,200 > 1,000: the oldest goes
     assert not old.exists() and (tmp_path / "a" / "one.jpg").exists() and folder.bytes == 800
     assert not list(tmp_path.rglob("*.part"))
+    with pytest.raises(OSError):  # the file cannot be written (here: its name is taken by a folder)
+        (tmp_path / "c" / "three.jpg").mkdir(parents=True)
+        folder.write(tmp_path / "c" / "three.jpg", b"w" * 10)
+    assert not list(tmp_path.rglob("*.part")) and folder.bytes == 800  # no half file, nothing counted
 
 
 @pytest.mark.parametrize("name, safe", [("line1-cam3", "line1-cam3"), ("../etc", "_etc"), ("a/b:c", "a_b_c"),

@@ -67,8 +67,12 @@ class EvidenceFolder:
         """Write `data` to `path` (under the root; whole or not at all), then remove the oldest files over the cap."""
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
-        part.write_bytes(data)
-        part.replace(path)
+        try:
+            part.write_bytes(data)
+            part.replace(path)
+        except OSError:
+            part.unlink(missing_ok=True)  # a full disk leaves no half file behind
+            raise
         self._files.append((path, len(data)))
         self.bytes += len(data)
         while self.bytes > self.max_bytes and len(self._files) > 1:
