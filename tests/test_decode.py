@@ -66,12 +66,18 @@ class Sink:
         self.reconnects = 0
         self.admitting = True  # what the stream would say under overload (Stream.admit): False sheds every frame
         self.shed = 0
+        self.ahead = 0  # what shed_ahead says: the next frames that would be shed too
+        self.skipped = 0
         self._lock = threading.Lock()
 
     def admit(self, t: float) -> bool:
         if not self.admitting:
             self.shed += 1
         return self.admitting
+
+    def shed_ahead(self, period: float) -> int:
+        self.skipped += self.ahead
+        return self.ahead
 
     def plan(self, src_hw):
         return self.planner.plan(src_hw)
@@ -291,6 +297,21 @@ def test_a_camera_sheds_the_frames_its_stream_does_not_admit_and_stays_alive(tmp
     finally:
         for source in sources:
             source.stop()
+
+
+def test_a_synthetic_camera_does_not_tick_for_the_frames_its_stream_will_shed_anyway():
+    """Past capacity a synthetic camera skips the frames the stream says will be shed too (Stream.shed_ahead): told
+    that the next 4 would be, it asks about one frame in 5 and the others count as shed, none lost from the offered
+    load."""
+    from yolov12_serve.sources.synthetic import SyntheticSource
+
+    sink = Sink()
+    sink.admitting, sink.ahead = False, 4
+    source = SyntheticSource(sink, "synthetic://cam?fps=25&size=64x64")
+    run_source(source, 2.0)
+    offered = sink.shed + sink.skipped
+    assert 35 <= offered <= 55, (sink.shed, sink.skipped)  # ~2 s at 25 fps, after the strip is rendered
+    assert sink.skipped == 4 * sink.shed and 7 <= sink.shed <= 11, (sink.shed, sink.skipped)
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts the process's threads in Linux's /proc")

@@ -466,19 +466,22 @@ def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exa
     """A camera's ingested and superseded frames are counted per frame only in its stats (two counter increments
     a tick were a fifth of its cost) and added to frames_total and frames_dropped_total{superseded} before each
     scrape: every scrape shows exactly what the stats hold, and scraping again adds nothing twice. Those of its
-    frames shed under overload (never handed over: Stream.admit) are among them."""
+    frames shed under overload (never handed over: Stream.admit) are among them (three cameras, batches of one:
+    only the camera next in turn hands over frames)."""
     from test_scheduler import CostEngine
 
     from yolov12_serve.config import ServerConfig, StreamSpec
     from yolov12_serve.core import ServerCore
 
     core = ServerCore(ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
-                                   allow_synthetic=True),
+                                   allow_synthetic=True, max_batch=1),
                       load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.2, b=0.0))
     core.start()
     try:
-        core.add_stream(StreamSpec("cam", "synthetic://cam?fps=50&size=320x180"))  # 50 fps, 10 frames/s run
-        stream = core.get_stream("cam")
+        for name in ("cam", "cam2", "cam3"):  # 150 frames/s offered, 10 run
+            core.add_stream(StreamSpec(name, f"synthetic://{name}?fps=50&size=320x180"))
+        streams = [core.get_stream(name) for name in ("cam", "cam2", "cam3")]
+        stream = streams[0]
 
         def counted(text: str, name: str, **labels: str) -> float:
             want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
@@ -489,11 +492,13 @@ def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exa
         scheduler = core.runtimes["cpu"].scheduler
         while time.monotonic() < deadline and (stream.stats.counts()[1] < 10 or scheduler.stats().shed < 5):
             time.sleep(0.1)
-        assert scheduler.stats().shed >= 5  # 5x overloaded, turns 100 ms apart: the camera sheds frames
-        stream.source.stop()  # nothing more comes: what the stats hold is final
+        assert scheduler.stats().shed >= 5  # 15x overloaded: the cameras shed frames
+        for s in streams:
+            s.source.stop()  # nothing more comes: what the stats hold is final
         time.sleep(0.3)
         offered, superseded = stream.stats.counts()
-        assert offered == next(stream._ids) + scheduler.stats().shed  # handed over (numbered) or shed
+        # handed over (numbered) or shed
+        assert sum(s.stats.counts()[0] for s in streams) == sum(next(s._ids) for s in streams) + scheduler.stats().shed
         for _ in range(2):
             text = core.metrics.exposition().decode()
             assert counted(text, "yolov12_frames_total", stream="cam") == offered > 10

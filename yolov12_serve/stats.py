@@ -74,12 +74,12 @@ class StreamStats:
             self._offer(t, n)
             self.dropped["superseded"] += n
 
-    def note_shed(self) -> None:
-        """One frame of this camera not handed over under overload (Stream.admit), counted without the lock: past
+    def note_shed(self, n: int = 1) -> None:
+        """`n` frames of this camera not handed over under overload (Stream.admit), counted without the lock: past
         capacity most ticks shed, and the lock, the window's deque and the drop counter were 3 of a shed tick's ~9
         us (1,000 cameras on the 2-core VM). Only the thread delivering the camera's frames calls it (one at a
         time: no count is lost); the next locked call takes the count in (`_take_shed`), so readers see it all."""
-        self._shed += 1
+        self._shed += n
 
     def _take_shed(self, t: float) -> None:
         """Move the frames shed since the last call into the counts, the window (at `t`: no reader asks the rate

@@ -329,8 +329,8 @@ class DeviceHost:
     def _on_ingest(self, stream: Stream) -> None:
         self.outbox.count("in", (stream.stream_id, stream.epoch))
 
-    def _on_shed(self, stream: Stream) -> None:
-        self.outbox.count("sh", (stream.stream_id, stream.epoch))
+    def _on_shed(self, stream: Stream, n: int) -> None:
+        self.outbox.count("sh", (stream.stream_id, stream.epoch), n)
 
     def _drop(self, frame: Frame, reason: str) -> None:
         if self._lookup(frame.stream_id, frame.epoch) is not None:

@@ -42,6 +42,11 @@ class FrameSink(Protocol):
         turn is far (the sink counted this one as offered and dropped); the source still counts it as arrived."""
         ...
 
+    def shed_ahead(self, period: float) -> int:
+        """After `admit` said no, for a source that makes its own frames every `period` s: how many of the next ones
+        would be shed too (the sink counted them as offered and dropped); the source skips them."""
+        ...
+
     def put(self, image: np.ndarray | Callable[..., np.ndarray], letterbox: Letterbox, capture_time_us: int) -> None:
         """Hand over one letterboxed frame, or the call that letterboxes it (run only if the frame reaches an
         engine, as `call(out=None)`: given `out`, its place in a batch array, it writes there and returns it);

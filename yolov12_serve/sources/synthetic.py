@@ -200,6 +200,8 @@ class SyntheticSource(Source):
         t = self.last_frame_at = now()
         if self.sink.admit(t):
             self._hand_over()
+        else:  # shed under overload: skip the frames that would be shed too (counted as shed by the sink)
+            self._n += self.sink.shed_ahead(self._dt)
         self._n += 1
         t = now()
         if self._t0 + self._n * self._dt < t - self._dt:  # fell behind: skip the ticks already missed
