@@ -394,17 +394,22 @@ class DeadlineScheduler(Scheduler):
     def _walk_turns(self, t: float, late: list[Frame], busy: int,
                     lone: dict[tuple[int, int], tuple[float, float]]) -> list[tuple[Frame, _StreamSlot]] | None:
         """Under overload, the ready frames a batch is made of without looking at every stream: groups in the
-        order of their turns, longest ago first, until a batch's worth of frames of the first one's shape is found
-        and the groups whose turn came at the same time are all seen (their newest frame goes first). Hundreds
+        order of their turns, longest ago first, until a batch's worth of frames of the first one's shape that can
+        wait for a run of a batch is found and the groups whose turn came at the same time are all seen (their
+        newest frame goes first). Hundreds
         of cameras over capacity made every pick sort them all (1.2 ms a pick at 1,024 cameras on the 2-core VM:
         the interpreter lock the engine workers needed). None when a frame runs late anyway: deadline order."""
         want = self.max_batch if self._idle <= 1 else min(self.max_batch, -(-len(self._ready) // self._idle))
-        turns = self._turns
         ready: list[tuple[Frame, _StreamSlot]] = []
-        block = None
-        for group, turn in turns.items():
+        block = shape = None
+        need, enough = 0.0, 0  # of the first frame's shape, frames that can wait for a run of `want` (`_fullest`)
+        for group, turn in self._turns.items():
             if turn != block:
-                if ready and self._enough(ready, want, t, busy):
+                if ready and shape is None:  # the first block with a frame: its newest frame goes first
+                    shape = max(ready, key=lambda fs: fs[0].deadline)[0].shape
+                    need = t + self.cost.predict(want, shape, 0.9, busy)
+                    enough = sum(f.shape == shape and f.deadline >= need for f, _ in ready)
+                if enough >= want:
                     break
                 block = turn
             for slot in self._members[group].values():
@@ -412,15 +417,8 @@ class DeadlineScheduler(Scheduler):
                     if t + lone[frame.shape][0] > frame.deadline:
                         return None
                     ready.append((frame, slot))
+                    enough += frame.shape == shape and frame.deadline >= need
         return ready
-
-    def _enough(self, ready: list[tuple[Frame, _StreamSlot]], want: int, t: float, busy: int) -> bool:
-        """Do the frames walked so far hold `want` of the shape that goes first (the group served longest ago, its
-        newest frame) that can wait for a run of `want` (those `_fullest` makes a batch of)?"""
-        turns = self._turns
-        shape = min(ready, key=lambda fs: (turns[fs[1].group], -fs[0].deadline))[0].shape
-        need = t + self.cost.predict(want, shape, 0.9, busy)
-        return sum(f.shape == shape and f.deadline >= need for f, _ in ready) >= want
 
     def _overloaded(self, t: float, busy: int) -> bool:
         """Do cameras offer more frames per second than the device's instances can run (each at its best batch)?
