@@ -1210,7 +1210,6 @@ def simulate_cameras(admission: bool, a: float = 0.004, b: float = 0.001,
     return s, clock, counts
 
 
-
 @pytest.mark.parametrize("skip_ahead", [False, True], ids=["every-tick", "skip-ahead"])
 def test_past_capacity_cameras_shed_the_frames_that_cannot_run_and_an_idle_worker_stops_it(skip_ahead: bool):
     """Under measured overload a camera hands over frames only near its turn (`admits`); the others are shed before
