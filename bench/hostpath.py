@@ -16,6 +16,7 @@ The interpreter lock: py-spy's `--gil` sampling (250 Hz, 10 s, each server proce
 in which a thread of the process holds it; the busy fraction over the processed rate is the lock time per frame,
 and its inverse the frames/s one process could carry however many cores it has.
 
+    pip install -e '.[bench]'                  # py-spy and psutil
     python bench/hostpath.py                   # 3 rounds (about 20 minutes on 2 cores)
     python bench/hostpath.py --rounds 1 --seconds 8 --warm 5
 """
@@ -229,9 +230,15 @@ def measure(layout: str, cameras: int, model: Path, warm: float, seconds: float,
         srv.stop()
 
 
+def py_spy() -> str | None:
+    """py-spy's path (on PATH or beside this Python: the `bench` extra), or None."""
+    beside = Path(PY).with_name("py-spy")
+    return shutil.which("py-spy") or (str(beside) if beside.is_file() else None)
+
+
 def gil_per_process(srv: Server, seconds: float, rate: int = 250) -> list[dict]:
     """Per server process: the fraction of py-spy's samples in which one of its threads held the interpreter lock."""
-    spy = shutil.which("py-spy") or str(Path(PY).with_name("py-spy"))
+    spy = py_spy()
     procs = [srv.processes()[0], *srv.device_processes()]
     out = []
     runs = []
@@ -276,6 +283,15 @@ def main() -> int:
     if args.subscribe:
         subscribe(args.subscribe)
         return 0
+    if args.gil_seconds > 0 and py_spy() is None:  # found out at the end, the whole run was lost
+        print("hostpath: py-spy not found: pip install -e '.[bench]' (or --gil-seconds 0 to skip the lock "
+              "measurement)", file=sys.stderr)
+        return 2
+    try:
+        import psutil  # noqa: F401 - the CPU of every server process
+    except ImportError:
+        print("hostpath: psutil not found: pip install -e '.[bench]'", file=sys.stderr)
+        return 2
     model = zero_model()
     print(f"machine: {machine()}", flush=True)
     ceiling = args.ceiling
