@@ -1246,3 +1246,25 @@ def test_past_capacity_cameras_shed_the_frames_that_cannot_run_and_an_idle_worke
     while s.schedule(0) is not None:  # the cameras stop: what waits runs, then a worker finds nothing
         pass
     assert all(s.admits(f"c{i}") for i in range(60))  # admission is off: the next frame of every camera is wanted
+
+
+def test_frames_without_a_deadline_are_never_shed_however_overloaded():
+    """predict's frames have no deadline (NO_DEADLINE: inf); 20 cameras offering 12x what runs are overloaded by
+    measure, and every camera is still admitted (admission by turn position priced an infinite lead: a worker
+    error at every pick)."""
+    clock = Clock(100.0)
+    s = DeadlineScheduler(linear_cost(0.004, 0.001), 4, clock=clock, probe_s=1e9)
+    for i in range(20):
+        s.add_stream(f"c{i}")
+    fid, ran = 0, 0
+    while clock.t < 102.0:
+        for i in range(20):
+            fid += 1
+            s.submit(frame(f"c{i}", fid, clock.t, slo=float("inf")))
+        batch = s.schedule(0)
+        assert batch is not None
+        ran += batch.size
+        s.update_from_output(batch, 0.008)
+        clock.t += 0.008
+    assert s._measured_over and ran > 400
+    assert all(s.admits(f"c{i}") for i in range(20)) and s.shed_for("c0") == 0.0

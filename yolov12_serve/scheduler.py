@@ -68,6 +68,7 @@ DropCallback = Callable[[Frame, str], None]
 ARRIVAL_WINDOW_S = 1.0  # the offered frame rate (overload or not) is counted over this long
 RAN_MARGIN = 1.25  # offered over run frames/s beyond which a device is overloaded whatever its engine's estimate
 ADMIT_LEAD = 1.0  # under measured overload a camera hands over frames from this many SLOs before its turn is due
+NO_LEAD_S = 3600.0  # frames given longer than this (predict's, which have no deadline) are never shed
 SHED_AHEAD_SHARE, SHED_AHEAD_MAX_S = 0.75, 0.25  # shed_for: this share of the time until a group's turn, at most
 ADMISSION_EVERY_S = 0.1  # how often a pick re-reads the offered and run rates for admission
 
@@ -341,8 +342,8 @@ class DeadlineScheduler(Scheduler):
             frames.append(frame)
         if self._measured_over:  # admitted: the groups next in turn order, as many as run frames in ADMIT_LEAD SLOs
             lead_s = ADMIT_LEAD * (first.deadline - first.ingest_time)
-            k = max(self.max_batch, int(self._ran_frames / ARRIVAL_WINDOW_S * lead_s))
-            self._admit_until = next(islice(self._turns.values(), k - 1, None), float("inf"))
+            k = max(self.max_batch, int(self._ran_frames / ARRIVAL_WINDOW_S * lead_s)) if lead_s < NO_LEAD_S else 0
+            self._admit_until = next(islice(self._turns.values(), k - 1, None), float("inf")) if k else float("inf")
         self._ran.append((t, n))
         self._ran_frames += n
         if self._first_pick is None:
