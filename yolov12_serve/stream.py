@@ -156,7 +156,9 @@ class Stream:
     def shed_ahead(self, period: float) -> int:
         """After `admit` said no, for a source that makes its own frames every `period` s (a synthetic camera): how
         many of its next frames would be shed too (the scheduler's `shed_for`). They are counted as offered and shed
-        now and the source skips them: ticking each to be told no cost ~9 us, a fifth of a core at 4x overload."""
+        now and the source skips them: ticking each to be told no cost ~9 us, a fifth of a core at 4x overload (1,144
+        cameras, one process, 2-core AMD EPYC VM). Counted ahead: a camera removed meanwhile has counted up to
+        SHED_AHEAD_MAX_S of frames that never came."""
         runtime = self.runtime
         n = int(runtime.scheduler.shed_for(self.group or self.stream_id) / period) if runtime and period > 0 else 0
         if n > 0:
