@@ -356,10 +356,10 @@ def render(rows: list[dict], gil: list[dict], ceiling: float, levels: dict[str, 
             mine = [x for x in rows if x["round"] == r and x["layout"] == layout]
             peak = max(x["processed"] for x in mine)
             ratios += [x["processed"] / peak for x in mine if x["level"] == "4x"]
-        goals.append(f"- {layout}: delivered / processed at 3,200/s offered: min {min(at3200, default=0):.3f} "
-                     "(goal >= 0.99); "
-                     f"4x overload / peak processed per round: {', '.join(f'{x:.2f}' for x in ratios)} "
-                     "(goal >= 0.95 every round)")
+        delivery = f"min {min(at3200):.3f}" if at3200 else "not run"
+        overload = f"{', '.join(f'{x:.2f}' for x in ratios)} (mean {mean_se(ratios)})" if ratios else "not run"
+        goals.append(f"- {layout}: delivered / processed at 3,200/s offered: {delivery} (goal >= 0.99); "
+                     f"4x overload / peak processed per round: {overload} (goal >= 0.95 every round)")
     one = [r["cpu_ms"] for r in rows if r["layout"] == "one process"]
     two = [r["cpu_ms"] for r in rows if r["layout"] == "cpu:2"]
     if one and two:
