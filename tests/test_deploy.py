@@ -371,6 +371,63 @@ def test_slurm_script_passes_shellcheck():
 
 
 # ------------------------------------------------------------------------------------------------ the metrics
+def _busy_metrics(streams: int = 40):
+    from yolov12_serve.metrics import Metrics
+
+    m = Metrics(0.045, ["cpu"])
+    for i in range(streams):
+        m.add_stream(f"cam{i}")
+        series = m.series(f"cam{i}", "cpu")
+        series.processed.inc(i)
+        series.latency.observe(0.001 * i)
+        m.dropped(f"cam{i}", "late").inc()
+    return m
+
+
+def test_a_scrape_pauses_while_it_renders_and_serves_the_same_text():
+    """/metrics renders through PacedScrape: the same bytes as the registry's (text and OpenMetrics, all or some
+    series), with a pause at least every 16 series so that the serving threads get the interpreter lock."""
+    from prometheus_client import generate_latest
+    from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+
+    from yolov12_serve.metrics import PacedScrape
+
+    m = _busy_metrics()
+    pauses: list[float] = []
+    paced = PacedScrape(m.registry, work_s=0.0, pause_s=0.002, sleep=pauses.append)
+    text = generate_latest(paced)
+    series = sum(1 for line in text.decode().splitlines() if not line.startswith("#"))
+    assert text == generate_latest(m.registry) and series > 40 * 25
+    assert len(pauses) >= series / 16 and set(pauses) == {0.002}
+    assert generate_openmetrics(paced) == generate_openmetrics(m.registry)
+    names = ["yolov12_frames_processed_total", "yolov12_slo_seconds"]
+    pauses.clear()
+    some = generate_latest(paced.restricted_registry(names))  # a scrape with ?name[]=...
+    assert some == generate_latest(m.registry.restricted_registry(names)) and b"yolov12_frames_processed_total{" in some
+    assert len(pauses) >= 40 / 16
+    pauses.clear()
+    generate_latest(PacedScrape(m.registry, work_s=60.0, sleep=pauses.append))
+    assert pauses == []  # rendering shorter than work_s: no pause
+    generate_latest(PacedScrape(m.registry, work_s=0.0, max_s=0.0, sleep=pauses.append))
+    assert pauses == []  # a scrape that has taken max_s already is not slowed down any more
+
+
+def test_the_metrics_endpoint_serves_the_paced_rendering():
+    """What a scraper gets over HTTP went through Metrics.scrape (paused while rendering) and is the exposition."""
+    import urllib.request
+
+    m = _busy_metrics(10)
+    pauses: list[float] = []
+    m.scrape.work_s, m.scrape._sleep = 0.0, pauses.append
+    port = m.serve(0, "127.0.0.1")
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+            body = r.read()
+    finally:
+        m.stop()
+    assert body == m.exposition() and len(pauses) > 10
+
+
 def test_scrape_time_gauges_for_the_alerts():
     """yolov12_stream_state (one 1 per stream), yolov12_device_healthy and yolov12_stream_picture_problem come from
     the live snapshot."""
