@@ -98,7 +98,8 @@ class PacedScrape(Collector):
     more beside the frames being served), and a scrape served at once held those frames back. One process,
     128 cameras, 3,200 frames/s, scraped every 2 s (bench/scrape.py): frames over the SLO or dropped late
     62.5 +- 3.9 a second at once, 11.3 +- 3.1 paced, 7.6 +- 1.9 unscraped; a scrape takes 0.31 s instead of
-    0.15 (1.2 s instead of 0.5 at 380 cameras). Families and samples are the registry's, unchanged."""
+    0.15 (1.2 s instead of 0.5 at 380 cameras). Families and samples are the registry's, unchanged, each
+    family read as the rendering reaches it (counters taken a second apart still rate the same)."""
 
     def __init__(self, registry: Collector, work_s: float = SCRAPE_WORK_S, pause_s: float = SCRAPE_PAUSE_S,
                  max_s: float = SCRAPE_MAX_S, sleep: Callable[[float], None] = time.sleep) -> None:
