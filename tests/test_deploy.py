@@ -412,6 +412,28 @@ def test_a_scrape_pauses_while_it_renders_and_serves_the_same_text():
     assert pauses == []  # a scrape that has taken max_s already is not slowed down any more
 
 
+def test_a_scrape_of_some_series_reads_counts_as_fresh_as_a_full_one():
+    """`?name[]=yolov12_frames_total`: prometheus-client collects only the named metric's collector, so the counts
+    kept outside the counters (Metrics' before_scrape) must be added first there too."""
+    from prometheus_client import generate_latest
+
+    from yolov12_serve.metrics import Metrics
+
+    kept = {"cam": 0}  # frames a camera counted since the last scrape, as a stream's stats keep them
+
+    def sync() -> None:
+        m.frames.labels("cam").inc(kept["cam"])
+        kept["cam"] = 0
+
+    m = Metrics(0.045, ["cpu"], before_scrape=sync)
+    m.add_stream("cam")
+    kept["cam"] = 7
+    some = generate_latest(m.scrape.restricted_registry(["yolov12_frames_total"])).decode()
+    assert 'yolov12_frames_total{stream="cam"} 7.0' in some and "yolov12_slo_seconds" not in some
+    kept["cam"] = 3
+    assert 'yolov12_frames_total{stream="cam"} 10.0' in generate_latest(m.scrape).decode()  # once each, in full too
+
+
 def test_the_metrics_endpoint_serves_the_paced_rendering():
     """What a scraper gets over HTTP went through Metrics.scrape (paused while rendering) and is the exposition."""
     import urllib.request

@@ -77,17 +77,17 @@ class StreamSeries:
 
 class _BeforeScrape(Collector):
     """Runs a callback at the start of every scrape (counts kept outside the counters are added to them) and
-    yields no metric."""
+    yields no metric, or those of `then` after it."""
 
-    def __init__(self, callback: Callable[[], None]) -> None:
-        self._callback = callback
+    def __init__(self, callback: Callable[[], None], then: Collector | None = None) -> None:
+        self._callback, self._then = callback, then
 
     def describe(self) -> list:
         return []
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[Any]:
         self._callback()
-        return []
+        return [] if self._then is None else self._then.collect()
 
 
 class PacedScrape(Collector):
@@ -102,8 +102,10 @@ class PacedScrape(Collector):
     family read as the rendering reaches it (counters taken a second apart still rate the same)."""
 
     def __init__(self, registry: Collector, work_s: float = SCRAPE_WORK_S, pause_s: float = SCRAPE_PAUSE_S,
-                 max_s: float = SCRAPE_MAX_S, sleep: Callable[[float], None] = time.sleep) -> None:
+                 max_s: float = SCRAPE_MAX_S, sleep: Callable[[float], None] = time.sleep,
+                 before_some: Callable[[], None] | None = None) -> None:
         self._registry, self.work_s, self.pause_s, self.max_s, self._sleep = registry, work_s, pause_s, max_s, sleep
+        self._before_some = before_some  # what a scrape of some series only runs first (see restricted_registry)
 
     def collect(self) -> Iterator[Any]:
         start = since = time.perf_counter()
@@ -121,9 +123,14 @@ class PacedScrape(Collector):
             yield paced
 
     def restricted_registry(self, names: Iterable[str]) -> PacedScrape:
-        """What a scrape asking for some series only (`?name[]=...`) reads, paced the same."""
-        return PacedScrape(self._registry.restricted_registry(names), self.work_s, self.pause_s, self.max_s,
-                           self._sleep)
+        """What a scrape asking for some series only (`?name[]=...`) reads, paced the same. prometheus-client
+        collects only the named metrics' collectors then, so Metrics' `before_scrape` (the counts kept outside
+        the counters added to them) is run here first: without it such a scrape read yolov12_frames_total as
+        the last full scrape left it."""
+        some = self._registry.restricted_registry(names)
+        if self._before_some is not None:
+            some = _BeforeScrape(self._before_some, then=some)
+        return PacedScrape(some, self.work_s, self.pause_s, self.max_s, self._sleep)
 
 
 def _paced(samples: Iterable[Any], breathe: Callable[[], None], every: int = 16) -> Iterator[Any]:
@@ -204,7 +211,7 @@ class Metrics:
 
         disable_created_metrics()  # the *_created series double the exposition and nobody graphs them
         self.registry = r = CollectorRegistry()
-        self.scrape = PacedScrape(r)  # what /metrics renders: the registry, its rendering spread out
+        self.scrape = PacedScrape(r, before_some=before_scrape)  # what /metrics renders, spread out
         if before_scrape is not None:  # registered first: collected (run) before every other metric
             r.register(_BeforeScrape(before_scrape))
         self.devices = list(devices)
