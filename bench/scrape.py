@@ -99,6 +99,8 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=20.0)
     parser.add_argument("--arm", choices=ARMS, help=argparse.SUPPRESS)  # one measurement, in a child process
     args = parser.parse_args()
+    if args.rounds < 1 or args.cameras < 1 or args.every <= 0 or args.seconds <= 0 or args.warm < 0:
+        parser.error("--rounds, --cameras, --every and --seconds must be positive (--warm 0 or more)")
     if args.arm:
         print(json.dumps(measure(args.arm, args.cameras, args.every, args.warm, args.seconds)), flush=True)
         os._exit(0)  # the server's threads are not worth stopping one by one
