@@ -266,10 +266,21 @@ def test_error_codes(client, photo):
     finally:
         client.remove_stream("dup")
     assert code_of(lambda: client.remove_stream("nope")) == grpc.StatusCode.NOT_FOUND
+    for call in (client.remove_stream, client.snapshot, lambda sid: next(client.watch([sid]))):
+        with pytest.raises(grpc.RpcError) as e:  # quoted whole, a 100 KB id overflowed the 16 KB status trailer
+            call("x" * 100_000)
+        assert e.value.code() == grpc.StatusCode.NOT_FOUND and "(100000 characters)" in e.value.details()
+    assert code_of(lambda: client.detect_image(make_frame(photo[:64, :64], "has space", 0, "png"))) == INVALID
     assert code_of(lambda: next(client.watch(["nope"]))) == grpc.StatusCode.NOT_FOUND
     assert code_of(lambda: client.detect_image(b"\xff\xd8\xff\xe0 not really a jpeg")) == INVALID
     assert code_of(lambda: client.detect_image(b"GIF89a....")) == INVALID
     assert code_of(lambda: client.detect_image(png_header_claiming(8000, 6000))) == INVALID  # 48M pixels
+    # Pillow's own limit and its "cannot identify <_io.BytesIO object at 0x...>" said in our words
+    for data, said in [(png_header_claiming(20000, 20000), "at most 40M pixels and 16384 on a side"),
+                       (pb.Frame(data=b"junk", encoding=pb.ENCODING_JPEG), "not an image Pillow recognises")]:
+        with pytest.raises(grpc.RpcError) as e:
+            client.detect_image(data)
+        assert e.value.code() == INVALID and said in e.value.details(), e.value.details()
     bad_raw = pb.Frame(data=b"\x00" * 100, encoding=pb.ENCODING_RGB24, width=640, height=360)
     assert code_of(lambda: client.detect_image(bad_raw)) == INVALID
     assert code_of(lambda: client.detect_image(pb.Frame(data=b"", encoding=pb.ENCODING_PNG))) == INVALID
@@ -281,6 +292,50 @@ def test_error_codes(client, photo):
     huge = pb.Frame(data=bytes(3 * 700 * 700), encoding=pb.ENCODING_RGB24, width=700, height=700)
     assert code_of(lambda: client.detect_image(huge)) == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert client.list_streams() == []
+
+
+def test_a_bad_pushed_frame_ends_the_call_after_the_frames_before_it_are_answered(client, photo):
+    """The call ends INVALID_ARGUMENT naming the bad frame; the good frames sent before it still get their results
+    (the frame before the bad one was lost, the call ended as soon as the bad one was read)."""
+    good = [make_frame(photo[:64, :64], "goodbad", i, "png") for i in range(3)]
+    results, call = [], client.detect(iter([*good, pb.Frame(stream_id="goodbad", data=b"junk", frame_id=99)]),
+                                      timeout=30)
+    with pytest.raises(grpc.RpcError) as e:
+        for fd in call:
+            results.append(fd.frame_id)
+    assert e.value.code() == INVALID and e.value.details().startswith("frame 99: "), e.value.details()
+    assert results == [0, 1, 2]
+
+
+def test_snapshots_waiting_for_a_dead_camera_hold_up_no_other_call(client):
+    """Each GetSnapshot of a camera that sends nothing waits 5 s: in threads of their own (8), so AddStream is
+    answered meanwhile (it waited behind them in the loop's shared threads), and more at once are refused."""
+    from yolov12_serve.api import SNAPSHOT_WAITS
+
+    client.add_stream("silent", "rtsp://127.0.0.1:9/none")  # nothing listens there: it never sends a frame
+    answers = []  # (code, when)
+
+    def snap() -> None:
+        code = code_of(lambda: client.snapshot("silent"))
+        answers.append((code, time.monotonic()))
+
+    threads = [threading.Thread(target=snap) for _ in range(SNAPSHOT_WAITS + 4)]
+    try:
+        for t in threads:
+            t.start()
+        time.sleep(1.5)
+        client.add_stream("meanwhile", "synthetic://meanwhile?fps=2&size=320x180")
+        added = time.monotonic()
+        for t in threads:
+            t.join(30)
+        codes = [code for code, _ in answers]
+        assert codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 4, codes
+        assert codes.count(grpc.StatusCode.UNAVAILABLE) == SNAPSHOT_WAITS, codes  # "no frame came ... in 5 s"
+        assert added < min(when for code, when in answers if code == grpc.StatusCode.UNAVAILABLE)
+    finally:
+        client.remove_stream("silent")
+        if client.stream("meanwhile"):
+            client.remove_stream("meanwhile")
 
 
 def test_stream_limit_is_resource_exhausted(client):

@@ -395,6 +395,21 @@ def test_a_server_that_answers_unavailable_itself_is_quoted_not_called_unreachab
     assert failed.startswith("UNAVAILABLE: cannot reach plant:50051 (failed to connect") and "--server" in failed
 
 
+def test_a_camera_that_sends_nothing_is_not_called_an_unreachable_server(server, tmp_path, capsys):
+    """GetSnapshot of a camera that sends no frame is the server's own UNAVAILABLE (marked in its trailers): its
+    words, not "cannot reach" with network advice."""
+    at = ("--server", server.address)
+    assert run(*at, "add", "dark", "rtsp://127.0.0.1:9/none")[0] == 0  # nothing listens there
+    try:
+        capsys.readouterr()
+        assert run(*at, "snapshot", "dark", str(tmp_path / "dark.jpg"))[0] == 1
+        err = capsys.readouterr().err
+        assert err.startswith("yolov12-ctl: UNAVAILABLE: no frame came from 'dark' in 5 s (it is ") and \
+            "cannot reach" not in err and "--server" not in err and err.count("\n") == 1, err
+    finally:
+        run(*at, "remove", "dark")
+
+
 def test_an_unreachable_server_says_where_it_looked(capsys):
     rc, _ = run("--server", "127.0.0.1:1", "--timeout", "5", "streams")
     err = capsys.readouterr().err

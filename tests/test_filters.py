@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -49,6 +51,10 @@ def test_zones_are_checked_with_the_fix_in_the_message():
     assert zone_from_flat([0, 0, 1, 0, 1, 1]) == ((0, 0), (1, 0), (1, 1))
     for bad, message in [([0, 0, 1, 0, 1], "x, y pairs"), ([0, 0, 1, 1], "at least 3 points"),
                          ([0, 0, 1, 0, 1, 1.2], "outside the frame"), ([0, 0, 1, 0, float("nan"), 1], "outside"),
-                         ([0, 0, 0.5, 0.5, 1, 1], "encloses no area")]:
+                         ([0, 0, 0.5, 0.5, 1, 1], "encloses no area"),
+                         ([0, 0, 1, 1, 1, 0, 0, 1], "edges cross"),  # a symmetric bowtie: its halves cancel
+                         ([0.5, 0.5] * 257, "at most 256 points")]:  # each detection is tested against each edge
         with pytest.raises(InvalidArgumentError, match=message):
             zone_from_flat(bad)
+    ring = [(0.5 + 0.4 * math.cos(a * math.tau / 256), 0.5 + 0.4 * math.sin(a * math.tau / 256)) for a in range(256)]
+    assert len(check_zone(ring)) == 256

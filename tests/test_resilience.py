@@ -658,6 +658,10 @@ def test_engines_swap_while_cameras_stream(tmp_path):
         with pytest.raises(grpc.RpcError) as e:
             c.reload_engines([str(tmp_path / "missing.onnx")])
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        for path, said in [(tmp_path, "is a directory"), (tmp_path / ("a" * 5000 + ".onnx"), "cannot be read")]:
+            with pytest.raises(grpc.RpcError) as e:  # a name too long for the file system was INTERNAL
+                c.reload_engines([str(path)])
+            assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and said in e.value.details(), e.value.details()
         broken = tmp_path / "broken.onnx"
         broken.write_bytes(b"not an onnx file at all")
         with pytest.raises(grpc.RpcError) as e:

@@ -173,7 +173,8 @@ def test_a_snapshot_of_an_rtsp_camera_is_a_frame_it_sent_full_size(client, rtsp)
     from yolov12_serve.sources.synthetic import SyntheticCamera, render_strip
 
     (w, h), seed = SIZES["cam1"], 11  # start_cameras' second mount
-    client.add_stream("rtsp-shot", rtsp.url("cam1"))
+    # the scheme in capitals, as some camera manuals write it (FFmpeg knows only "rtsp": it used to never connect)
+    client.add_stream("rtsp-shot", rtsp.url("cam1").replace("rtsp://", "RTSP://", 1))
     try:
         wait_state(client, "rtsp-shot", pb.STREAM_STATE_STREAMING)
         shot = client.snapshot("rtsp-shot")

@@ -16,6 +16,7 @@ import pytest
 from engines.base import Engine, EngineInfo
 from engines.letterbox import plan_letterbox
 from yolov12_serve.costmodel import RunTimeModel
+from yolov12_serve.errors import UnavailableError
 from yolov12_serve.fanout import Fanout
 from yolov12_serve.frames import Frame, FrameResult
 from yolov12_serve.health import DeviceHealth, DeviceState, Verdict
@@ -701,7 +702,7 @@ def test_placement_picks_the_least_loaded_healthy_device():
     p.set_healthy("cuda:1", False)
     assert p.assign("after") == "cuda:0"
     p.set_healthy("cuda:0", False)
-    with pytest.raises(RuntimeError, match="no healthy device"):
+    with pytest.raises(UnavailableError, match="no healthy device"):
         p.assign("none")
 
 

@@ -285,6 +285,13 @@ def test_stream_ids_and_urls():
         url_kind("/videos/line1.mp4")
     with pytest.raises(InvalidArgumentError, match=r"(?i)port out of range"):
         url_kind("rtsp://cam:99999/s")
+    assert url_kind("RTSP://admin:pw@cam_1.plant-a.local:554/s") == url_kind("rtsp://[fe80::1]/s") == "rtsp"
+    assert url_kind("rtsp://10.0.0.5/" + "a" * 2000) == "rtsp"
+    with pytest.raises(InvalidArgumentError, match=r"url is 170025 characters long; the limit is 2048 \(it begins "
+                       r"'rtsp://admin:\*\*\*@10.0.0.5/aaa"):  # a 17 MB one made ListStreams fail; no password shown
+        url_kind("rtsp://admin:pw@10.0.0.5/" + "a" * 170_000)
+    with pytest.raises(InvalidArgumentError, match=r"the host '10.0.0.1\\\\x' holds characters no host name has"):
+        url_kind("rtsp://admin:pw@10.0.0.1\\x")  # a backslash for the path's slash: FFmpeg tried to resolve it
     assert redact_url("rtsp://admin:secret@10.0.0.5:554/s") == "rtsp://admin:***@10.0.0.5:554/s"
 
 

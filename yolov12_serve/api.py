@@ -3,12 +3,13 @@
 Status codes: InvalidArgumentError -> INVALID_ARGUMENT (bad id, URL, image; also a request that cannot be parsed:
 guard.py), PermissionDeniedError -> PERMISSION_DENIED (a camera host outside --allow-hosts), StreamExistsError ->
 ALREADY_EXISTS, StreamNotFoundError -> NOT_FOUND, ResourceExhaustedError -> RESOURCE_EXHAUSTED (stream
-limit; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
-UNAVAILABLE (draining, loading), AbortedError -> ABORTED (a pushed stream removed meanwhile), WrongShardError
--> FAILED_PRECONDITION (a camera another replica owns, --shard-count > 1: the message names it), a failed
-engine run (EngineRunError) and anything unexpected -> INTERNAL. `grpc.health.v1.Health` says SERVING
-once the engines are loaded and NOT_SERVING while draining or when no engine works; each device has its own
-entry, `yolov12.v1.Detector/DEVICE`, NOT_SERVING while that device is out of service.
+limit, snapshots waiting; oversized messages are refused by gRPC itself with the same code), UnavailableError ->
+UNAVAILABLE (draining, loading, no healthy device, a camera that sent no frame), AbortedError -> ABORTED (a pushed
+stream removed meanwhile), WrongShardError -> FAILED_PRECONDITION (a camera another replica owns, --shard-count > 1:
+the message names it), a failed engine run (EngineRunError) and anything unexpected -> INTERNAL. The service's own
+errors carry ANSWERED_BY_SERVER in their trailers (`abort`). `grpc.health.v1.Health` says SERVING once the engines
+are loaded and NOT_SERVING while draining or when no engine works; each device has its own entry,
+`yolov12.v1.Detector/DEVICE`, NOT_SERVING while that device is out of service.
 """
 
 # ruff: noqa: N802 - gRPC method names are the proto's (AddStream, ...)
@@ -29,9 +30,10 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import messages
-from .config import StreamSpec
-from .core import ServerCore
+from .config import StreamSpec, quote_id, validate_stream_id
+from .core import SNAPSHOT_WAIT_S, ServerCore
 from .errors import (
+    ANSWERED_BY_SERVER,
     AbortedError,
     FailedPreconditionError,
     InvalidArgumentError,
@@ -52,12 +54,13 @@ from .pushcall import PushCall
 from .security import Security
 from .urls import redact_text
 
-__all__ = ["BATCH_LIMIT", "SERVICE_NAME", "DetectorService", "GrpcServer", "create_server", "device_health_name",
-           "status_code"]
+__all__ = ["BATCH_LIMIT", "SERVICE_NAME", "SNAPSHOT_WAITS", "DetectorService", "GrpcServer",
+           "abort", "create_server", "device_health_name", "status_code"]
 
 log = logging.getLogger(__name__)
 
 BATCH_LIMIT = 1024  # results per DetectionBatch at most (and half of --max-message-mb in bytes)
+SNAPSHOT_WAITS = 8  # GetSnapshot calls waiting for a frame at once
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Detector"].full_name  # yolov12.v1.Detector
 
 _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
@@ -76,6 +79,12 @@ _CODES: list[tuple[type[Exception], grpc.StatusCode]] = [
 def _weigh(result: FrameResult) -> int:
     """An upper bound of a result's bytes in a DetectionBatch (a batch stays within half the message limit)."""
     return 96 + 64 * len(result.detections) + len(result.error or "")
+
+
+async def abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, details: str) -> None:
+    """End the call with `code`, marked as the server's own answer (ANSWERED_BY_SERVER in its trailers): a client
+    tells "the camera sent no frame" (UNAVAILABLE from here) from "the server cannot be reached" (from gRPC)."""
+    await context.abort(code, details, trailing_metadata=ANSWERED_BY_SERVER)
 
 
 def device_health_name(device: str) -> str:
@@ -99,7 +108,7 @@ def _unary(fn: Callable) -> Callable:
         try:
             return await fn(self, request, context)
         except ServerError as e:
-            await context.abort(status_code(e), redact_text(str(e)))
+            await abort(context, status_code(e), redact_text(str(e)))
 
     return wrapper
 
@@ -110,6 +119,10 @@ class DetectorService(pb_grpc.DetectorServicer):
     def __init__(self, core: ServerCore, executor: ThreadPoolExecutor | None = None) -> None:
         self.core = core
         self.executor = executor or ThreadPoolExecutor(max_workers=4, thread_name_prefix="decode")
+        # GetSnapshot waits up to 5 s for a frame: in threads of its own, so that viewers of a dead camera never hold
+        # the ones AddStream and RemoveStream run in; RESOURCE_EXHAUSTED beyond SNAPSHOT_WAITS at once
+        self.snapshots = ThreadPoolExecutor(max_workers=SNAPSHOT_WAITS, thread_name_prefix="snapshot")
+        self._snapshots_waiting = 0
         self._push_ids = itertools.count()
 
     def _names(self, result: FrameResult) -> dict[int, str]:
@@ -147,7 +160,15 @@ class DetectorService(pb_grpc.DetectorServicer):
     @_unary
     async def GetSnapshot(self, request: pb.GetSnapshotRequest, context) -> pb.Snapshot:
         """The camera's next picture as JPEG (waited for in a thread: the loop serves others meanwhile)."""
-        jpeg, width, height = await asyncio.to_thread(self.core.snapshot, request.stream_id)
+        if self._snapshots_waiting >= SNAPSHOT_WAITS:
+            raise ResourceExhaustedError(f"{SNAPSHOT_WAITS} snapshots are being taken already (each waits up to "
+                                         f"{SNAPSHOT_WAIT_S:g} s for the camera's next frame): retry in a moment")
+        self._snapshots_waiting += 1
+        try:
+            jpeg, width, height = await asyncio.get_running_loop().run_in_executor(
+                self.snapshots, self.core.snapshot, request.stream_id)
+        finally:
+            self._snapshots_waiting -= 1
         return pb.Snapshot(stream_id=request.stream_id, jpeg=jpeg, width=width, height=height)
 
     async def _check_watch(self, stream_ids, context) -> list[str]:
@@ -159,15 +180,16 @@ class DetectorService(pb_grpc.DetectorServicer):
             try:
                 self.core.check_owner(sid)
             except WrongShardError as e:
-                await context.abort(status_code(e), str(e))
+                await abort(context, status_code(e), str(e))
         if missing:
             try:
                 self.core.check_started()  # it may be one of the saved streams, not added yet: UNAVAILABLE
             except ServerError as e:
-                await context.abort(status_code(e), str(e))
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no stream {missing[0]!r} (ListStreams shows the ids)")
+                await abort(context, status_code(e), str(e))
+            await abort(context, grpc.StatusCode.NOT_FOUND,
+                                f"no stream {quote_id(missing[0])} (ListStreams shows the ids)")
         if self.core.draining:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
+            await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return ids
 
     async def WatchDetections(self, request: pb.WatchDetectionsRequest, context) -> AsyncIterator[pb.FrameDetections]:
@@ -188,7 +210,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         ids = await self._check_watch(request.stream_ids, context)
         delay_ms = request.max_delay_ms or self.core.config.watch_batch_ms
         if not 1 <= delay_ms <= 1000:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"max_delay_ms must be 1..1000 (0: the server's "
+            await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"max_delay_ms must be 1..1000 (0: the server's "
                                 f"{self.core.config.watch_batch_ms:g}), got {delay_ms}")
         delay = delay_ms / 1000.0
         loop = asyncio.get_running_loop()
@@ -217,15 +239,17 @@ class DetectorService(pb_grpc.DetectorServicer):
             async for result in call.results(first, request_iterator):
                 yield messages.frame_detections(result, self._names(result), sid)
         except ServerError as e:
-            await context.abort(status_code(e), redact_text(str(e)))
+            await abort(context, status_code(e), redact_text(str(e)))
         except Exception as e:  # a broken client stream, mostly
             log.exception("Detect call on %s failed", sid)
-            await context.abort(grpc.StatusCode.INTERNAL, redact_text(f"{type(e).__name__}: {e}"))
+            await abort(context, grpc.StatusCode.INTERNAL, redact_text(f"{type(e).__name__}: {e}"))
 
     @_unary
     async def DetectImage(self, request: pb.Frame, context) -> pb.FrameDetections:
         """One image through the same scheduler and engines as the cameras."""
         received = now()
+        if request.stream_id:  # echoed in the answer: the same rules as a stream's id
+            validate_stream_id(request.stream_id)
         stream = self.core.open_image()
         sub = self.core.fanout.subscribe([stream.stream_id], 2, asyncio.get_running_loop())
         try:
@@ -243,7 +267,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         if result.drop_reason == "late":
             raise ResourceExhaustedError(f"{result.error}: retry later")
         if result.error is not None:
-            await context.abort(grpc.StatusCode.INTERNAL, result.error)
+            await abort(context, grpc.StatusCode.INTERNAL, result.error)
         return messages.frame_detections(result, self._names(result), request.stream_id)
 
     @_unary
@@ -313,6 +337,7 @@ class GrpcServer:
         if self.health_only is not None:
             await self.health_only.stop(0)
         self.service.executor.shutdown(wait=False, cancel_futures=True)
+        self.service.snapshots.shutdown(wait=False, cancel_futures=True)
 
 
 def _cannot_listen(address: str, why: str, fix: str = "pick another with --port (0: any free port)") -> str:

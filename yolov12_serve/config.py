@@ -17,14 +17,18 @@ from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text
 from .urls import redact_url as _redact_url
 
-__all__ = ["DECODE_MODES", "MAX_ID_LEN", "PULL_SCHEMES", "WORKER_PROCESSES", "RtspOptions", "ServerConfig",
-           "StreamSpec", "load_streams_file", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
+__all__ = ["DECODE_MODES", "MAX_FPS", "MAX_ID_LEN", "MAX_URL_LEN", "MIN_FPS", "PULL_SCHEMES", "WORKER_PROCESSES",
+           "RtspOptions", "ServerConfig", "StreamSpec", "load_streams_file", "quote_id", "redact_url", "scrub_url",
+           "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
+MAX_URL_LEN = 2048  # a camera URL is saved, listed and logged at each reconnect: 17 MB ones made ListStreams fail
+MIN_FPS, MAX_FPS = 0.001, 1000.0  # a max_fps other than 0 (every frame): one frame per 1,000 s .. 1,000 a second
 DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
 PULL_SCHEMES = ("rtsp", "rtsps", "synthetic")
 WORKER_PROCESSES = ("auto", "on", "off")  # --worker-processes
 _ID_RE = re.compile(r"^[\x21-\x7e]+$")  # printable ASCII, no whitespace
+_HOST_RE = re.compile(r"^[A-Za-z0-9._~-]+$")  # a host name or IPv4 address (IPv6 ones come in brackets)
 
 
 @dataclass
@@ -157,8 +161,9 @@ class StreamSpec:
     track: bool = False  # follow each object: track ids on its detections, objects counted (tracking.py)
 
     def __post_init__(self) -> None:
-        if not math.isfinite(self.max_fps) or self.max_fps < 0:  # NaN would pass a '< 0' test and poison placement
-            raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {self.max_fps}")
+        if not (self.max_fps == 0 or MIN_FPS <= self.max_fps <= MAX_FPS):  # NaN fails this too
+            raise InvalidArgumentError(f"max_fps must be 0 (every frame) or {MIN_FPS:g}..{MAX_FPS:g} frames a second, "
+                                       f"got {self.max_fps:g}")
         if not 0.0 <= self.min_score <= 1.0:  # NaN fails this too
             raise InvalidArgumentError(f"min_score must be 0..1 (0: every detection), got {self.min_score}")
         if self.blind_after_s is not None and not (math.isfinite(self.blind_after_s) and self.blind_after_s >= 0):
@@ -183,10 +188,21 @@ def validate_stream_id(stream_id: str) -> str:
     return stream_id
 
 
+def quote_id(stream_id: str) -> str:
+    """`stream_id` quoted for a message, cut to MAX_ID_LEN characters (a request's id may be megabytes long, and
+    an error's text travels in a gRPC trailer of at most 16 KB)."""
+    if len(stream_id) <= MAX_ID_LEN:
+        return repr(stream_id)
+    return f"{stream_id[:MAX_ID_LEN]!r}... ({len(stream_id)} characters)"
+
+
 def url_kind(url: str, allow_files: bool = False) -> str:
     """Classify a stream URL as 'rtsp', 'synthetic' or 'file', or raise InvalidArgumentError saying what is accepted."""
     if not url or not url.strip():
         raise InvalidArgumentError("url is empty: give an rtsp:// or rtsps:// address")
+    if len(url) > MAX_URL_LEN:
+        raise InvalidArgumentError(f"url is {len(url)} characters long; the limit is {MAX_URL_LEN} (it begins "
+                                   f"{redact_url(url[:60])!r})")
     if any(c.isspace() for c in url):
         raise InvalidArgumentError(f"url {redact_url(url)!r} contains whitespace")
     if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in url):
@@ -203,6 +219,9 @@ def url_kind(url: str, allow_files: bool = False) -> str:
         if not parts.hostname.isascii():
             raise InvalidArgumentError(f"url {redact_url(url)!r}: write a non-ASCII host name in its ASCII "
                                        "(punycode, xn--...) form")
+        if "[" not in parts.netloc and not _HOST_RE.match(parts.hostname):
+            raise InvalidArgumentError(f"url {redact_url(url)!r}: the host {parts.hostname!r} holds characters no "
+                                       "host name has (use rtsp://HOST[:PORT]/PATH, with / before the path)")
         try:
             parts.port  # noqa: B018 - raises ValueError on a bad port
         except ValueError as e:

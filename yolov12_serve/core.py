@@ -27,7 +27,7 @@ import numpy as np
 from engines.base import EngineError, EngineInfo
 
 from . import __version__
-from .config import ServerConfig, StreamSpec, redact_url, url_kind, validate_stream_id
+from .config import ServerConfig, StreamSpec, quote_id, redact_url, url_kind, validate_stream_id
 from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
@@ -301,8 +301,6 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self.check_owner(spec.stream_id)
         kind = url_kind(spec.url, self.config.allow_files)
         self.config.camera_policy.check(spec.url, kind)  # scheme and host allowed? (allowlist.py)
-        if spec.max_fps < 0:
-            raise InvalidArgumentError(f"max_fps must be >= 0 (0: every frame), got {spec.max_fps}")
         blind_after_s = self.config.rtsp.blind_after_s if spec.blind_after_s is None else spec.blind_after_s
         stream = self._register(spec.stream_id, redact_url(spec.url), kind, spec.max_fps, droppable=True,
                                 blind_after_s=blind_after_s)
@@ -445,7 +443,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             if stream is None:
                 self.check_owner(stream_id)  # another replica's camera: say which
                 self.check_started()
-                raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
+                raise StreamNotFoundError(f"no stream {quote_id(stream_id)} (ListStreams shows the registered ids)")
             self._unregister(stream, "removed")
         if stream.persistent:
             self._save_streams_logged()
@@ -484,8 +482,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         shard = self.config.shard
         if not shard.owns(stream_id):
             owner = shard.owner(stream_id)
-            raise WrongShardError(f"stream {stream_id!r} belongs to shard {owner} of {shard.count}, not to this "
-                                  f"server (shard {shard.index}): send it to replica {owner} (the Python client's "
+            raise WrongShardError(f"stream {quote_id(stream_id)} belongs to shard {owner} of {shard.count}, not to "
+                                  f"this server (shard {shard.index}): send it to replica {owner} (the Python client's "
                                   "ShardedClient routes by itself)", owner)
 
     def get_stream(self, stream_id: str) -> Stream:
@@ -493,7 +491,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         with self._lock:
             stream = self._streams.get(stream_id)
         if stream is None:
-            raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
+            raise StreamNotFoundError(f"no stream {quote_id(stream_id)} (ListStreams shows the registered ids)")
         return stream
 
     def snapshot(self, stream_id: str, timeout: float = SNAPSHOT_WAIT_S) -> tuple[bytes, int, int]:
@@ -513,7 +511,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if stream is None:
             self.check_owner(stream_id)
             self.check_started()
-            raise StreamNotFoundError(f"no stream {stream_id!r} (ListStreams shows the registered ids)")
+            raise StreamNotFoundError(f"no stream {quote_id(stream_id)} (ListStreams shows the registered ids)")
         if stream.kind == "push":
             raise FailedPreconditionError(f"stream {stream_id!r} is pushed by a client (Detect): its pictures are the "
                                           "client's")

@@ -30,7 +30,7 @@ from google.protobuf.json_format import MessageToDict
 from . import __version__
 from .client import Client, make_frame, new_objects
 from .config import StreamSpec, load_streams_file, redact_url
-from .errors import ConfigError, InvalidArgumentError
+from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
 from .proto import detector_pb2 as pb
 from .routing import ShardedClient
@@ -547,12 +547,21 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
             client.close()
 
 
+def _answered_by_server(e: grpc.RpcError) -> bool:
+    """Whether the error is the server's own answer (its trailers say so), not gRPC's failing to reach it."""
+    try:
+        trailers = e.trailing_metadata() or ()
+    except AttributeError:  # an RpcError that is not a call
+        return False
+    return any((key, value) in ANSWERED_BY_SERVER for key, value in trailers)
+
+
 def _one_line(e: grpc.RpcError, servers: list[str]) -> str:
     code = e.code()
     details = (e.details() or "").splitlines()[0] if e.details() else ""
     hint = HINTS.get(code)
-    if code == grpc.StatusCode.UNAVAILABLE and details.startswith(SERVER_SAYS_UNAVAILABLE):
-        hint = None  # the server was reached and said why (starting, shutting down): its words, no network advice
+    if code == grpc.StatusCode.UNAVAILABLE and (_answered_by_server(e) or details.startswith(SERVER_SAYS_UNAVAILABLE)):
+        hint = None  # the server was reached and said why (a camera sent no frame, starting, shutting down): its words
     elif code == grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach {', '.join(servers)}" + (f" ({details})" if details else "")
     return f"{code.name}: {details}" + (f"; {hint}" if hint else "")

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-__all__ = ["AbortedError", "ConfigError", "EngineRunError", "FailedPreconditionError", "InvalidArgumentError",
-           "PermissionDeniedError", "ResourceExhaustedError", "ServerError", "StreamExistsError", "StreamNotFoundError",
-           "UnavailableError", "WrongShardError"]
+__all__ = ["ANSWERED_BY_SERVER", "AbortedError", "ConfigError", "EngineRunError", "FailedPreconditionError",
+           "InvalidArgumentError", "PermissionDeniedError", "ResourceExhaustedError", "ServerError",
+           "StreamExistsError", "StreamNotFoundError", "UnavailableError", "WrongShardError"]
+
+
+# Trailing metadata on every error the Detector service itself returns: a client tells the server's UNAVAILABLE
+# ("no frame came from the camera", "still starting") from gRPC's own ("cannot connect").
+ANSWERED_BY_SERVER = (("yolov12-answered", "1"),)
 
 
 class ServerError(Exception):

@@ -11,11 +11,15 @@ import numpy as np
 from .errors import InvalidArgumentError
 
 Point = tuple[float, float]
+MAX_ZONE_POINTS = 256
 
 
 def check_zone(zone: Sequence[Point]) -> tuple[Point, ...]:
     """`zone` as a tuple of (x, y) fractions of the frame, or InvalidArgumentError: empty (the whole frame) or
-    at least three points, each coordinate in 0..1."""
+    3..MAX_ZONE_POINTS points, each coordinate in 0..1."""
+    if len(zone) > MAX_ZONE_POINTS:  # every detection is tested against each edge
+        raise InvalidArgumentError(f"a zone has at most {MAX_ZONE_POINTS} points, got {len(zone)}: outline the "
+                                   "region with fewer corners")
     points = tuple((float(x), float(y)) for x, y in zone)
     if points and len(points) < 3:
         raise InvalidArgumentError(f"a zone is a polygon of at least 3 points (x, y as fractions of the frame's "
@@ -25,8 +29,9 @@ def check_zone(zone: Sequence[Point]) -> tuple[Point, ...]:
             raise InvalidArgumentError(f"zone point ({x:g}, {y:g}) is outside the frame: coordinates are fractions "
                                        "of its width and height, 0..1 (0, 0 the top left corner)")
     if points and zone_area(points) < 1e-6:  # a line or a point: nothing would ever be published
-        raise InvalidArgumentError("the zone encloses no area (its points are on one line): give the corners of "
-                                   "the region whose detections to publish")
+        raise InvalidArgumentError("the zone encloses no area (its points are on one line, or its edges cross and "
+                                   "its parts cancel out): give the corners of the region whose detections to "
+                                   "publish, in order around it")
     return points
 
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass
 
+from .errors import UnavailableError
+
 __all__ = ["DEFAULT_FPS", "Placement"]
 
 DEFAULT_FPS = 25.0
@@ -63,12 +65,15 @@ class Placement:
         return fps * info.frame_cost_s / info.instances
 
     def assign(self, stream_id: str, fps: float = 0.0, exclude: tuple[str, ...] = ()) -> str:
-        """Place a stream on the least-loaded healthy device (ties: the first); returns the device name."""
+        """Place a stream on the least-loaded healthy device (ties: the first); returns the device name
+        (UnavailableError when none is healthy: AddStream and DetectImage answer UNAVAILABLE)."""
         fps = fps if fps > 0 else DEFAULT_FPS
         with self._lock:
             candidates = [d for d, info in self._devices.items() if info.healthy and d not in exclude]
             if not candidates:
-                raise RuntimeError("no healthy device to place the stream on")
+                raise UnavailableError("no healthy device to place the stream on (a device out of service is "
+                                       "re-checked every --recheck-s): retry in a moment; the health service shows "
+                                       "each device's state")
             self._streams.pop(stream_id, None)
             device = min(candidates, key=lambda d: (self._load(d), list(self._devices).index(d)))
             self._streams[stream_id] = (device, fps)

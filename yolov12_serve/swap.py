@@ -7,8 +7,9 @@ none).
 from __future__ import annotations
 
 import logging
+import os
+import stat
 import threading
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import FailedPreconditionError, InvalidArgumentError
@@ -66,8 +67,7 @@ class EngineSwap:
             raise InvalidArgumentError(f"{len(paths)} engine files for {len(cfg.devices)} devices: give one file for "
                                        "all devices or one per device")
         for p in paths:
-            if not Path(p).is_file():
-                raise InvalidArgumentError(f"engine file not found: {p}")
+            _check_engine_path(p)
         log.info("reloading engines: %s", ", ".join(paths))
         loaded: dict[str, LoadedEngine] = {}
         for i, device in enumerate(cfg.devices):
@@ -115,3 +115,18 @@ class EngineSwap:
             return
         previous.engine.close()
         release_freed_memory()
+
+
+def _check_engine_path(path: str) -> None:
+    """InvalidArgumentError unless `path` names a regular file (a long path or a directory said as such)."""
+    shown = path if len(path) <= 300 else f"{path[:300]}... ({len(path)} characters)"
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InvalidArgumentError(f"engine file not found: {shown}") from None
+    except (OSError, ValueError) as e:  # a name too long, a NUL byte, no permission
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise InvalidArgumentError(f"engine file {shown} cannot be read: {why}") from None
+    if not stat.S_ISREG(st.st_mode):
+        what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise InvalidArgumentError(f"engine path {shown} is {what}: give an .onnx, .engine or .pt file")

@@ -72,7 +72,13 @@ def decode_frame(data: bytes, encoding: int, width: int, height: int,
         return letterbox_upright(img, plan)
     except InvalidArgumentError:
         raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    except Image.DecompressionBombError:  # Pillow's own limit, met before ours when a header claims a huge size
+        raise InvalidArgumentError(f"image is larger than accepted: at most {MAX_PIXELS / 1e6:.0f}M pixels and "
+                                   f"{MAX_SIDE} on a side") from None
+    except UnidentifiedImageError:  # its text names a BytesIO object
+        raise InvalidArgumentError(f"cannot decode the {enc.name} image: the data is not an image Pillow "
+                                   "recognises (truncated or corrupt?)") from None
+    except (OSError, SyntaxError, ValueError) as e:
         raise InvalidArgumentError(f"cannot decode the {enc.name} image: {e}") from None
 
 

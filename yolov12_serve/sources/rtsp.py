@@ -72,6 +72,9 @@ class AvSource(Source):
 
     def __init__(self, sink: FrameSink, url: str, options: RtspOptions, is_file: bool = False) -> None:
         super().__init__(sink)
+        if not is_file:  # FFmpeg's protocol names are lower case: RTSP://cam is "protocol not found"
+            scheme, sep, rest = url.partition("://")
+            url = scheme.lower() + sep + rest
         self.url = url
         self.options = options
         self.is_file = is_file
