@@ -29,6 +29,41 @@ def test_help_states_each_default_once() -> None:
     assert "--epochs EPOCHS (default: 100) --imgsz" in text and "(default: 16) (default" not in text
 
 
+def test_without_torch_each_tool_says_how_to_install_it(tiny_data: Path) -> None:
+    """The serving install (scripts/demo) has no torch: train, val, export and YOLO("x.yaml") say what to run
+    instead of a traceback ending in "No module named 'torch'"."""
+    block = "import sys; sys.modules['torch'] = None; "
+    for tool in ("train_main", "val_main", "export_main"):
+        code = block + f"from trainer.cli import {tool}; sys.exit({tool}(sys.argv[1:]))"
+        out = subprocess.run([sys.executable, "-c", code, "--model", "yolov12n.yaml", "--data", str(tiny_data)]
+                             if tool == "train_main" else [sys.executable, "-c", code, "--weights", "x.pt"],
+                             capture_output=True, text=True, timeout=120)
+        lines = out.stderr.strip().splitlines()
+        assert out.returncode == 2 and len(lines) == 1, (tool, out.stderr)
+        assert "needs PyTorch, which this environment lacks: run scripts/setup train" in lines[0], lines
+    code = block + "from trainer import YOLO; YOLO('yolov12n.yaml')"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "ModuleNotFoundError: YOLO('yolov12n.yaml') needs PyTorch" in out.stderr, out.stderr
+
+
+def test_the_command_line_says_where_the_weights_are(tiny_data: Path, tmp_path: Path, capsys) -> None:
+    import signal
+
+    from trainer.cli import train_main
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        assert train_main(["--data", str(tiny_data), "--imgsz", "64", "--batch", "8", "--epochs", "1", "--workers",
+                           "0", "--device", "cpu", "--no-plots", "--no-val", "--project", str(tmp_path), "--name",
+                           "cli"]) == 0
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    weights = tmp_path / "cli" / "weights"
+    last_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last_line == f"weights: {weights / 'best.pt'} (the best epoch), {weights / 'last.pt'} (the last)"
+    assert (weights / "last.pt").is_file() and (weights / "best.pt").is_file()
+
+
 def test_sigterm_stops_with_one_line_and_results_log_each_epochs_own_learning_rate(tiny_data: Path,
                                                                                    tmp_path: Path) -> None:
     """SIGTERM mid-run: exit 143 with one line saying how to resume, no traceback; results.csv holds the learning
@@ -280,6 +315,9 @@ def test_resume_continues_exactly(tiny_data: Path, tmp_path: Path) -> None:
             torch.testing.assert_close(a[key][k], b[key][k], rtol=1e-5, atol=1e-6, msg=f"{key}:{k}")
     rows = (tmp_path / "parted" / "results.csv").read_text().strip().splitlines()
     assert len(rows) == 3  # header + one row per epoch, across the two runs
+    with pytest.raises(ValueError, match=r"nothing to resume: the run in .* finished its 2 epochs; to train on, start"):
+        YOLO(str(tmp_path / "parted" / "weights" / "last.pt")).train(resume=str(tmp_path / "parted" / "weights" /
+                                                                                 "last.pt"))
 
 
 def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:

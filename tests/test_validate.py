@@ -306,6 +306,9 @@ def test_val_end_to_end_on_synthetic_defects(tmp_path, capsys) -> None:
     assert metrics["images"] == 4 and 0.0 <= metrics["mAP50-95"] <= metrics["mAP50"] <= 1.0
     assert {"precision", "recall", "per_class", "speed_ms", "pr_curve"} <= set(metrics)
     assert sum(v["instances"] for v in metrics["per_class"].values()) > 0
+    small = save_checkpoint(tmp_path / "small.pt", model, imgsz=96)  # trained at 96: validated at 96 unless told
+    assert val(str(small), data=str(data), batch=4, verbose=False)["imgsz"] == 96
+    assert val(YOLO(str(small)), data=str(data), imgsz=128, batch=4, verbose=False)["imgsz"] == 128
 
     assert val_main(["--weights", str(weights), "--data", str(tmp_path / "missing.yaml")]) == 2
     assert "missing.yaml" in capsys.readouterr().err

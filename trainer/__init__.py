@@ -14,8 +14,18 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .yolo import YOLO
 
-__all__ = ["YOLO"]
+__all__ = ["YOLO", "require_torch"]
 __version__ = "0.1.0"
+TORCH_FIX = "run scripts/setup train in the project (or pip install -e '.[train]')"
+
+
+def require_torch(what: str) -> None:
+    """ModuleNotFoundError with the fix when PyTorch is missing: the serving install (scripts/demo) has none, and
+    a bare "No module named 'torch'" from deep inside does not say what to install."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        raise ModuleNotFoundError(f"{what} needs PyTorch, which this environment lacks: {TORCH_FIX}", name="torch")
 
 
 def __getattr__(name: str) -> Any:

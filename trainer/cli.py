@@ -11,6 +11,7 @@ import signal
 import sys
 import typing
 from dataclasses import MISSING, fields
+from pathlib import Path
 
 from . import __version__
 from .config import TrainConfig
@@ -74,6 +75,17 @@ def _fail(prog: str, e: BaseException) -> int:
     return 2
 
 
+def _torch_missing(prog: str) -> int:
+    """2 with one line saying how to install PyTorch when it is missing (the serving install has none), else 0."""
+    from . import require_torch
+
+    try:
+        require_torch(prog)
+    except ModuleNotFoundError as e:
+        return _fail(prog, e)
+    return 0
+
+
 def train_main(argv: list[str] | None = None) -> int:
     """yolov12-train: train a YOLOv12 model on one GPU, several, several machines (torchrun) or the CPU."""
     parser = argparse.ArgumentParser(
@@ -83,6 +95,8 @@ def train_main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_config_flags(parser)
     args = vars(parser.parse_args(argv))
+    if _torch_missing("yolov12-train"):
+        return 2
     from .data.config import load_data_config
 
     try:  # option and data errors come before torch is even imported
@@ -97,7 +111,8 @@ def train_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         model = args.pop("model")
-        metrics = YOLO(model).train(model=model, **args)
+        yolo = YOLO(model)
+        metrics = yolo.train(model=model, **args)
     except KeyboardInterrupt:
         print("yolov12-train: interrupted (resume with --resume)", file=sys.stderr)
         return 130
@@ -111,11 +126,15 @@ def train_main(argv: list[str] | None = None) -> int:
         return 143
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    weights = Path(yolo.save_dir) / "weights"
+    print(f"weights: {weights / 'best.pt'} (the best epoch), {weights / 'last.pt'} (the last)")
     return 0
 
 
 def val_main(argv: list[str] | None = None) -> int:
     """yolov12-val: mAP of a checkpoint on a dataset's val split."""
+    if _torch_missing("yolov12-val"):
+        return 2
     from .validate import val_main as run
 
     return run(argv)
@@ -123,6 +142,8 @@ def val_main(argv: list[str] | None = None) -> int:
 
 def export_main(argv: list[str] | None = None) -> int:
     """yolov12-export: write an ONNX model or a TensorRT engine with its metadata inside."""
+    if _torch_missing("yolov12-export"):
+        return 2
     from .export import export_main as run
 
     return run(argv)

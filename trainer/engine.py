@@ -491,6 +491,10 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
         if raw.get("format") != FORMAT or "train_model" not in raw:
             raise ValueError(f"{last} is not a resumable checkpoint of this trainer (or training already finished)")
         saved = TrainConfig(**raw["train_args"])
+        if int(raw.get("epoch", -1)) + 1 >= saved.epochs:
+            raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "
+                             f"epochs; to train on, start a new run from its weights (--model "
+                             f"{last.parent / 'best.pt'} --epochs N)")
         cfg = replace(saved, resume=str(last), **{k: kwargs[k] for k in _RESUME_MAY_CHANGE if k in kwargs})
         save_dir = last.parent.parent
     if not cfg.data:

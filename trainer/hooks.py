@@ -80,7 +80,8 @@ class CloseMosaicHook(HookBase):
         if t.cfg.close_mosaic and t.epoch >= t.cfg.epochs - t.cfg.close_mosaic and not getattr(self, "done", False):
             t.train_set.close_mosaic()
             self.done = True
-            t.log(f"closing mosaic for the last {t.cfg.close_mosaic} epochs")
+            left = t.cfg.epochs - t.epoch
+            t.log(f"closing mosaic for the last {left} epoch{'s' if left != 1 else ''}")
 
 
 class ValidationHook(HookBase):

@@ -17,7 +17,7 @@ import sys
 import time
 from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,9 @@ from .boxes import xywh2xyxy
 from .loss import DetectionLoss
 from .metrics import MetricsAccumulator
 from .postprocess import non_max_suppression, scale_boxes
+
+if TYPE_CHECKING:
+    from .checkpoint import Checkpoint
 
 __all__ = ["Validator", "format_metrics", "val", "val_main"]
 
@@ -140,21 +143,26 @@ class Validator:
         return contextlib.nullcontext()
 
 
-def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int = 640, batch: int = 16, device: str = "cpu",
+def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = None, batch: int = 16,
+        device: str = "cpu",
         conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False, workers: int = 0,
         plots: bool = False, save_dir: str | Path | None = None, verbose: bool = True,
         split: str = "val") -> dict[str, Any]:
     """Validate a `YOLO`, a `DetectionModel` or a checkpoint path on `data`'s `split`; returns the metrics dict.
 
     Keys: 'mAP50-95', 'mAP50', 'precision', 'recall', 'per_class' (name -> ap50_95, ap50, precision,
-    recall, instances, images), 'speed_ms' (preprocess / inference / postprocess per image), 'pr_curve'.
+    recall, instances, images), 'speed_ms' (preprocess / inference / postprocess per image), 'pr_curve', 'imgsz'.
+    `imgsz` None: the size the checkpoint was trained at (640 when it does not say), as export does.
     """
     from .data import DetectionDataset, build_dataloader, load_data_config
     from .distributed import parse_devices
 
     if not data:
         raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
-    model = _as_model(yolo_or_model)
+    ckpt = _load(yolo_or_model) if isinstance(yolo_or_model, str | Path) else getattr(yolo_or_model, "ckpt", None)
+    model = ckpt.model if isinstance(yolo_or_model, str | Path) else _as_model(yolo_or_model)
+    if imgsz is None:
+        imgsz = ckpt.imgsz if ckpt is not None else 640
     devices = parse_devices(device)
     if len(devices) > 1:
         raise ValueError(f"validation runs on one device; got device={device!r}: pass one GPU index or cpu")
@@ -168,6 +176,7 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int = 640, ba
     validator = Validator(loader, data_cfg.names, dev, conf=conf, iou=iou, max_det=max_det, half=half,
                           progress=verbose, warmup=True)
     metrics = validator(copy.deepcopy(model).fuse().to(dev))  # BatchNorm folded, the caller's model untouched
+    metrics["imgsz"] = imgsz
     if verbose:
         print(format_metrics(metrics))
     if plots:
@@ -200,7 +209,7 @@ def val_main(argv: list[str] | None = None) -> int:
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="checkpoint (.pt): ours, official YOLOv12 or ultralytics")
     p.add_argument("--data", required=True, help="data.yaml (YOLO format)")
-    p.add_argument("--imgsz", type=int, default=640)
+    p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the training size)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--device", default="cpu", help="cpu or one GPU index")
     p.add_argument("--conf", type=float, default=0.001)
@@ -223,18 +232,20 @@ def val_main(argv: list[str] | None = None) -> int:
 
 
 def _as_model(obj: Any) -> nn.Module:
-    """A YOLO handle, a DetectionModel, or a checkpoint path -> the nn.Module."""
+    """A YOLO handle or a DetectionModel -> the nn.Module."""
     if isinstance(obj, nn.Module):
         return obj
     if hasattr(obj, "model") and isinstance(obj.model, nn.Module):
         return obj.model
-    if isinstance(obj, str | Path):
-        from .checkpoint import load_checkpoint
-
-        if not Path(obj).exists():
-            raise FileNotFoundError(f"weights '{obj}' not found: pass the path of a .pt checkpoint")
-        return load_checkpoint(obj).model
     raise TypeError(f"cannot validate a {type(obj).__name__}: pass a YOLO, a DetectionModel or a .pt path")
+
+
+def _load(path: str | Path) -> Checkpoint:
+    from .checkpoint import load_checkpoint
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"weights '{path}' not found: pass the path of a .pt checkpoint")
+    return load_checkpoint(path)
 
 
 def _on(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:

@@ -46,6 +46,10 @@ class YOLO:
         if isinstance(model, str | Path):
             self.source = str(model)
             text = self.source.lower()
+            if text.endswith((".yaml", ".yml", ".pt", ".pth")):
+                from . import require_torch
+
+                require_torch(f"YOLO({self.source!r})")
             if text.endswith((".yaml", ".yml")):
                 from .nn import build_model
 
