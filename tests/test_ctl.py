@@ -365,7 +365,7 @@ def test_info_health_and_the_installed_command(server, monkeypatch):
     (("--token-file", "/nonexistent/token", "streams"), 2, "yolov12-ctl: cannot read the token file"),
     (("--cert", __file__, "streams"), 2, "yolov12-ctl: --cert and --key go together"),
     (("detect", "/nonexistent.jpg"), 2, "yolov12-ctl: cannot read /nonexistent.jpg"),
-    (("detect", __file__), 1, "yolov12-ctl: INVALID_ARGUMENT: frame data is neither JPEG nor PNG"),
+    (("detect", __file__), 2, f"yolov12-ctl: {__file__} is not an image (JPEG, PNG, BMP, TIFF, WebP, ... are)"),
 ])
 def test_a_refusal_is_one_line_with_its_status(server, capsys, argv, status, line):
     rc, out = run("--server", server.address, *argv)

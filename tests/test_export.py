@@ -9,6 +9,7 @@ import copy
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -218,11 +219,14 @@ def test_cli_bad_input_is_one_line_and_exit_2(checkpoint: Path, argv: list[str],
 
 def test_cli_writes_the_file(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "cli.onnx"
-    rc = export_main(["--weights", str(checkpoint), "--imgsz", "96,128", "--max-det", "20", "--no-simplify",
-                      "--output", str(out)])
+    with warnings.catch_warnings(record=True) as said:  # the tracer's TracerWarnings are not the user's concern
+        warnings.simplefilter("always")
+        rc = export_main(["--weights", str(checkpoint), "--imgsz", "96,128", "--max-det", "20", "--no-simplify",
+                          "--dynamic", "--output", str(out)])
+    assert not [w for w in said if issubclass(w.category, torch.jit.TracerWarning)], [str(w.message) for w in said]
     assert rc == 0 and capsys.readouterr().out.strip() == str(out)
     info = engines.read_info(out)
-    assert (info.imgsz, info.max_det, info.batch, info.dynamic_hw) == ((96, 128), 20, (1, 1), False)
+    assert (info.imgsz, info.max_det, info.batch, info.dynamic_hw) == ((96, 128), 20, (1, 32), True)
 
 
 def test_console_script_entry_point_runs(tmp_path: Path) -> None:

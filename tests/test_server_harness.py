@@ -98,7 +98,7 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line)
-            m = re.search(r"gRPC on [\d.]+:(\d+), metrics on (?:[\d.]+:(\d+)|off)", line)
+            m = re.search(r"gRPC on [\d.]+:(\d+), metrics (?:on [\d.]+:(\d+)|off)", line)
             if m:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2) or 0)
                 self._ready.set()

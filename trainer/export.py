@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -285,7 +286,10 @@ def export_onnx(model: DetectionModel, path: str | Path, imgsz: tuple[int, int],
         names_in, names_out = ["images"], ["detections"]
         axes = {"images": {0: "batch", 1: "height", 2: "width"}, "detections": {0: "batch"}}
     tmp = path.with_suffix(".tmp.onnx")
-    with torch.no_grad():
+    # The tracer warns of each shape it turns into a constant (area attention's reshapes, the anchor grid); the
+    # dynamic axes keep the graph general, as the tests check by running it at other sizes: not the user's concern.
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
         torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, opset_version=OPSET, input_names=names_in,
                           output_names=names_out, dynamic_axes=axes if dynamic else None, do_constant_folding=True)
     proto = onnx.load(str(tmp))

@@ -80,8 +80,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         core.restore_streams()
         core.opened()
         https = " over HTTPS" if config.security.metrics_tls else ""
-        print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics on "
-              f"{f'{metrics_host}:{metrics_port}/metrics{https}' if metrics_port is not None else 'off'}, devices "
+        print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics "
+              f"{f'on {metrics_host}:{metrics_port}/metrics{https}' if metrics_port is not None else 'off'}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms, {security.describe()}"
               f"{'' if health_port is None else f', health also on {config.host}:{health_port}'}", file=out, flush=True)
         security.warn_if_open(config.host)  # once it serves (a start that fails says only why)

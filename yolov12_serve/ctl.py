@@ -240,11 +240,12 @@ def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO)
 
 
 def _describe(fd: pb.FrameDetections) -> str:
+    who = f"{fd.stream_id} #{fd.frame_id}" if fd.stream_id else f"#{fd.frame_id}"  # detect: the file names it
     if fd.error:
-        return f"{fd.stream_id} #{fd.frame_id}: error: {fd.error}"
+        return f"{who}: error: {fd.error}"
     boxes = ", ".join(f"{d.class_name or d.class_id}{f' [{d.track_id}]' if d.track_id else ''} {d.score:.2f} "
                       f"({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f})" for d in fd.detections)
-    return (f"{fd.stream_id} #{fd.frame_id} {fd.width}x{fd.height} {fd.latency_ms:.1f} ms: "
+    return (f"{who} {fd.width}x{fd.height} {fd.latency_ms:.1f} ms: "
             f"{len(fd.detections)} detections{': ' + boxes if boxes else ''}")
 
 
@@ -331,6 +332,8 @@ def _detect(c: Client, args: argparse.Namespace, out: TextIO) -> int:
             frame = make_frame(data)  # JPEG and PNG as they are; BMP, TIFF, WebP... as PNG
         except ValueError as e:
             raise UsageError(f"{path}: {e}") from None
+        if frame.data[:3] != b"\xff\xd8\xff" and frame.data[:8] != b"\x89PNG\r\n\x1a\n":  # nothing Pillow reads
+            raise UsageError(f"{path} is not an image (JPEG, PNG, BMP, TIFF, WebP, ... are)")
         fd = c.detect_image(frame)
         drawn = {} if args.save is None else {"saved": _save_drawn(path, fd, Path(args.save))}
         out.write((json.dumps({"image": path, **drawn, **_as_dict(fd)}) if args.json else
@@ -379,13 +382,13 @@ def _snapshot(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) 
     out.write((json.dumps({"stream_id": shot.stream_id, "saved": str(target), "width": shot.width,
                            "height": shot.height, **found}) if args.json else
                f"{target}: {shot.stream_id} {shot.width}x{shot.height}" +
-               (f", its zone and {drawn[1]} detections drawn" if drawn is not None else "")) + "\n")
+               (f", {'its zone and ' if drawn[2] else ''}{drawn[1]} detections drawn" if drawn else "")) + "\n")
     return 0
 
 
-def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, int]:
+def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, int, bool]:
     """The picture with the camera's zone outlined and the detections it would publish (DetectImage, then its
-    filters) drawn; and how many."""
+    filters) drawn; how many, and whether it has a zone."""
     import io
 
     import numpy as np
@@ -407,7 +410,7 @@ def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, i
         width = max(2, round((shot.width + shot.height) / 2 * 0.004))
         corners = [(x * shot.width, y * shot.height) for x, y in zone]
         ImageDraw.Draw(picture).line([*corners, corners[0]], fill=ZONE_COLOUR, width=width, joint="curve")
-    return picture, len(dets)
+    return picture, len(dets), bool(zone)
 
 
 def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
