@@ -131,7 +131,7 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
      "engine file not found"),
     (["--gpus", "cpu"], "no engine given"),
     (["--engines", "a.onnx,b.onnx", "--gpus", "cpu"], "2 files for 1 devices"),
-    (["--engines", "x.onnx", "--gpus", "cpu", "--slo-ms", "0"], "--slo-ms must be positive"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--slo-ms", "0"], "--slo-ms must be a positive number"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--port", "99999"], "--port must be 0..65535"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--metrics-port", "70000"], "--metrics-port must be -1..65535"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--host", "192.0.2.1", "--port", "5000"], "check --host"),
@@ -150,6 +150,16 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--no-state",
       "--evidence-dir", "/proc/no-such/evidence"], "--evidence-dir /proc/no-such/evidence: No such file or directory"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--evidence-max-mb", "0"], "--evidence-max-mb must be positive"),
+    # NaN passed every '< 0' check; inf ended in a traceback from the latency histogram's buckets
+    (["--engines", "x.onnx", "--gpus", "cpu", "--slo-ms", "inf"], "--slo-ms must be a finite number, got inf"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--stall-s", "nan"], "--stall-s must be a finite number, got nan"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--instances", "100000"], "--instances must be at most 64"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--threads", "100000"], "--threads must be at most 256"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--max-message-mb", "0"], "--max-message-mb must be at least 0.1"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--rebalance-s", "-1"], "--rebalance-s must be 0 (never) or more"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--duration", "0"], "--duration must be positive"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--streams", str(model_path())], "is not a text file"),  # a binary
+    (["--port", "abc"], "argument --port: invalid int value: 'abc' (see --help)"),  # not the 60-flag usage block
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import math
 import sys
 
 from . import __version__
@@ -25,9 +26,15 @@ from .urls import expand_credentials, redact_text
 __all__ = ["build_parser", "main", "parse_config"]
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (not the usage block of 60 flags)
+        sys.stderr.write(f"yolov12-serve: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (names are a contract: see DESIGN.md)."""
-    p = argparse.ArgumentParser(prog="yolov12-serve", description="Real-time multi-camera YOLOv12 detection server "
+    """The argument parser (names are a contract: docs/serving.md lists them)."""
+    p = _Parser(prog="yolov12-serve", description="Real-time multi-camera YOLOv12 detection server "
                                 "(gRPC in and out, Prometheus metrics).")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "
@@ -114,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "$XDG_STATE_HOME/yolov12-serve, else ~/.local/state/yolov12-serve)")
     p.add_argument("--no-state", action="store_true", help="keep no stream set: a restart forgets streams added "
                    "over gRPC")
-    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                   help="the least severe log lines shown (default INFO)")
     _add_security_flags(p)
     return p
 
@@ -158,6 +166,9 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     from .devices import parse_gpus
     from .sources.synthetic import parse_synthetic_url
 
+    for name, value in vars(args).items():  # NaN passes every '< 0' check below; inf broke the SLO's buckets
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     engines = [e.strip() for e in (args.engines or "").split(",") if e.strip()]
     if not engines:
         if not args.demo:
@@ -169,6 +180,13 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
                           "give one file for all or one per device")
     if args.stall_s <= 0 or args.backoff_cap_s <= 0:
         raise ConfigError("--stall-s and --backoff-cap-s must be positive")
+    if args.duration is not None and args.duration <= 0:
+        raise ConfigError(f"--duration must be positive (leave it out to run until stopped), got {args.duration:g}")
+    if args.max_message_mb < 0.1:
+        raise ConfigError(f"--max-message-mb must be at least 0.1 (a 1080p JPEG frame is about 0.3), got "
+                          f"{args.max_message_mb:g}")
+    if args.rebalance_s < 0:
+        raise ConfigError(f"--rebalance-s must be 0 (never) or more, got {args.rebalance_s:g}")
     if not args.blind_after_s >= 0:
         raise ConfigError(f"--blind-after-s must be 0 (never) or more, got {args.blind_after_s}")
     if not args.evidence_max_mb > 0:

@@ -17,12 +17,14 @@ from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text
 from .urls import redact_url as _redact_url
 
-__all__ = ["DECODE_MODES", "MAX_FPS", "MAX_ID_LEN", "MAX_URL_LEN", "MIN_FPS", "PULL_SCHEMES", "WORKER_PROCESSES",
-           "RtspOptions", "ServerConfig", "StreamSpec", "load_streams_file", "quote_id", "redact_url", "scrub_url",
-           "url_kind", "validate_stream_id"]
+__all__ = ["DECODE_MODES", "MAX_FPS", "MAX_ID_LEN", "MAX_INSTANCES", "MAX_THREADS", "MAX_URL_LEN", "MIN_FPS",
+           "PULL_SCHEMES", "WORKER_PROCESSES", "RtspOptions", "ServerConfig", "StreamSpec", "load_streams_file",
+           "quote_id", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
 MAX_URL_LEN = 2048  # a camera URL is saved, listed and logged at each reconnect: 17 MB ones made ListStreams fail
+MAX_INSTANCES = 64  # engine instances per device (--instances): each holds the engine's weights and buffers
+MAX_THREADS = 256  # intra-op threads per instance (--threads)
 MIN_FPS, MAX_FPS = 0.001, 1000.0  # a max_fps other than 0 (every frame): one frame per 1,000 s .. 1,000 a second
 DECODE_MODES = ("cpu", "nvdec", "auto")  # where pulled video is decoded: sources/hwdecode.py
 PULL_SCHEMES = ("rtsp", "rtsps", "synthetic")
@@ -93,12 +95,17 @@ class ServerConfig:
     shard: ShardSpec = field(default_factory=ShardSpec)  # which cameras this replica serves (sharding.py)
 
     def __post_init__(self) -> None:
-        if self.slo_ms <= 0:
-            raise ConfigError(f"--slo-ms must be positive, got {self.slo_ms}")
+        if not (math.isfinite(self.slo_ms) and self.slo_ms > 0):
+            raise ConfigError(f"--slo-ms must be a positive number, got {self.slo_ms}")
         for name in ("instances", "max_batch", "max_streams", "subscriber_queue", "batch_subscriber_queue",
                      "max_pending_images", "max_concurrent_rpcs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.instances > MAX_INSTANCES:  # 100,000 took every byte of memory before failing
+            raise ConfigError(f"--instances must be at most {MAX_INSTANCES} (each holds a copy of the engine), got "
+                              f"{self.instances}")
+        if self.threads is not None and self.threads > MAX_THREADS:
+            raise ConfigError(f"--threads must be at most {MAX_THREADS} per instance, got {self.threads}")
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"--port must be 0..65535 (0: any free port), got {self.port}")
         if not -1 <= self.metrics_port <= 65535:
@@ -267,6 +274,8 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         doc = yaml.safe_load(path.read_text())
     except OSError as e:
         raise ConfigError(f"cannot read streams file {path}: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"streams file {path} is not a text file (a YAML list of cameras: id, url, ...)") from None
     except yaml.YAMLError as e:  # its str() spans lines with a caret drawing: keep where and what
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
