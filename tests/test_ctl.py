@@ -365,6 +365,11 @@ def test_info_health_and_the_installed_command(server, monkeypatch):
     (("--token-file", "/nonexistent/token", "streams"), 2, "yolov12-ctl: cannot read the token file"),
     (("--cert", __file__, "streams"), 2, "yolov12-ctl: --cert and --key go together"),
     (("detect", "/nonexistent.jpg"), 2, "yolov12-ctl: cannot read /nonexistent.jpg"),
+    # a typo in --server, or a --tls-ca that is no certificate, read as "is the server running?" (exit 1)
+    (("--server", "http://localhost:50051", "streams"), 2, "yolov12-ctl: --server 'http://localhost:50051': expected "
+     "HOST:PORT such as localhost:50051 (no http://)"),
+    (("--server", "localhost:abc", "streams"), 2, "yolov12-ctl: --server 'localhost:abc': expected HOST:PORT"),
+    (("--tls-ca", __file__, "streams"), 2, f"yolov12-ctl: --tls-ca {__file__} is not a PEM file (-----BEGIN"),
     (("detect", __file__), 2, f"yolov12-ctl: {__file__} is not an image (JPEG, PNG, BMP, TIFF, WebP, ... are)"),
 ])
 def test_a_refusal_is_one_line_with_its_status(server, capsys, argv, status, line):

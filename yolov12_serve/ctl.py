@@ -48,6 +48,7 @@ HINTS = {  # what to do about a refused call, by status code
 }
 
 
+GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6")  # gRPC target forms --server also takes
 SERVER_SAYS_UNAVAILABLE = ("the server is ", "cannot save the stream set")  # how the server's own UNAVAILABLE begin
 
 
@@ -180,7 +181,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _servers(args: argparse.Namespace) -> list[str]:
     given = args.server or [s for s in os.environ.get("YOLOV12_SERVER", "").split(",") if s.strip()]
-    return [s.strip() for s in given] or [DEFAULT_SERVER]
+    servers = [s.strip() for s in given] or [DEFAULT_SERVER]
+    for server in servers:
+        _check_server(server)
+    return servers
+
+
+def _check_server(server: str) -> None:
+    """UsageError unless `server` is HOST:PORT (or a gRPC target such as dns:///HOST:PORT or unix:PATH): a typo
+    there otherwise read as a server that is down."""
+    scheme = server.split(":", 1)[0]
+    if scheme in GRPC_SCHEMES and server.startswith(f"{scheme}:") and len(server) > len(scheme) + 1:
+        return
+    host, _, port = server.rpartition(":")
+    if "://" in server or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UsageError(f"--server {server!r}: expected HOST:PORT such as localhost:50051 (no http://)")
 
 
 def _token(args: argparse.Namespace) -> str | None:
@@ -196,11 +211,19 @@ def _token(args: argparse.Namespace) -> str | None:
 
 
 def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    for flag, path in (("--tls-ca", args.tls_ca), ("--cert", args.cert), ("--key", args.key)):
-        if path is not None and not Path(path).is_file():
-            raise UsageError(f"{flag} {path}: no such file")
     if (args.cert is None) != (args.key is None):
         raise UsageError("--cert and --key go together (mutual TLS)")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--cert", args.cert), ("--key", args.key)):
+        if path is None:
+            continue
+        try:
+            head = Path(path).read_bytes()[:64 * 1024]
+        except IsADirectoryError:
+            raise UsageError(f"{flag} {path} is a directory: give the PEM file") from None
+        except OSError as e:
+            raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
+        if b"-----BEGIN " not in head:  # gRPC would log its own lines and then fail to connect, "unreachable"
+            raise UsageError(f"{flag} {path} is not a PEM file (-----BEGIN ...-----)")
     return {"timeout": args.timeout, "tls_ca": args.tls_ca, "cert": args.cert, "key": args.key,
             "server_name": args.server_name, "token": _token(args)}
 
