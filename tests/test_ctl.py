@@ -158,6 +158,13 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
         assert plan("--prune")[:2] == (0, {sid: ("keep", "") for sid in ("keep", "late", "new", "tune")})
         rc, _ = run(*at, "apply", str(tmp_path / "missing.yaml"))
         assert rc == 2 and capsys.readouterr().err.startswith("yolov12-ctl: cannot read streams file")
+        ftp = tmp_path / "ftp.yaml"  # a URL no server takes: refused before anything changes, in a dry run too
+        ftp.write_text("streams:\n  - {id: keep, url: 'synthetic://keep?fps=2&size=320x180', max_fps: 1}\n"
+                       "  - {id: odd, url: 'ftp://cam/x'}\n")
+        for extra in ("--dry-run", "--prune"):
+            assert run(*at, "apply", str(ftp), extra) == (2, "")
+            assert capsys.readouterr().err.startswith(f"yolov12-ctl: {ftp}: stream odd: unsupported url 'ftp://cam/x'")
+        assert sorted(s.stream_id for s in c.list_streams()) == ["keep", "late", "new", "tune"]
         cameras.write_text(cameras.read_text().replace("synthetic://tune?fps=2&size=320x180", "/clips/tune.mp4"))
         rc, steps, err = plan()  # a file camera on a server without --allow-files: the old one is gone, say so
         assert rc == 1 and steps["tune"][0] == "replace" and steps["tune"][1].endswith("(removed, not added back)")

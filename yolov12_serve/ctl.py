@@ -29,7 +29,7 @@ from google.protobuf.json_format import MessageToDict
 
 from . import __version__
 from .client import Client, make_frame, new_objects
-from .config import StreamSpec, load_streams_file, redact_url
+from .config import StreamSpec, load_streams_file, redact_url, url_kind
 from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
 from .proto import detector_pb2 as pb
@@ -468,6 +468,11 @@ def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
 def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
     try:
         wanted = load_streams_file(args.file)
+        for spec in wanted:  # a URL the server would refuse fails the whole file first (and a dry run with it)
+            try:
+                url_kind(spec.url, allow_files=True)  # files: the server's --allow-files decides
+            except InvalidArgumentError as e:
+                raise ConfigError(f"{args.file}: stream {spec.stream_id}: {e}") from None
     except ConfigError as e:
         raise UsageError(str(e)) from None
     done: list[tuple[str, str, str, str]] = []  # action, id, url, result
