@@ -614,9 +614,15 @@ def test_cli_saves_annotated_images_video_and_json(folder, video, tmp_path, caps
     (["--source", "rtsp://127.0.0.1:{port}/x"], "cannot connect"),
     (["--source", "{folder}", "--batch", "0"], "batch must be"),
     (["--source", "{folder}", "--classes", "7"], "classes"),
+    # outputs that cannot be written: refused before the engine loads (they ended in tracebacks after it)
+    (["--source", "{folder}", "--save", "/proc/x"], "--save /proc/x: cannot write /proc/x: No such file"),
+    (["--source", "{folder}", "--save", "{a_file}"], "is a file: give a folder"),
+    (["--source", "{folder}", "--save-json", "{folder}"], "is a folder: give a file name"),
+    (["--source", "{folder}", "--device", "cpu:999"], "'cpu:N' takes N in 1..64"),  # these hung loading
+    (["--source", "{folder}", "--instances", "100000"], "instances must be 1..64"),
 ])
 def test_cli_bad_input_is_one_line_and_exit_2(folder, capsys, args, match):
-    args = [a.format(port=free_port(), folder=folder) for a in args]
+    args = [a.format(port=free_port(), folder=folder, a_file=__file__) for a in args]
     rc = predict_main(["--weights", str(DEMO), *args, "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and match in err[0] and err[0].startswith("yolov12-predict: "), err

@@ -18,6 +18,7 @@ import logging
 import re
 import sys
 import time
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 from typing import Any, TextIO
@@ -80,12 +81,17 @@ def main(argv: list[str] | None = None) -> int:
         sources = resolve_sources(args.source)
         if args.duration is not None and args.duration <= 0:
             raise ValueError(f"--duration must be positive, got {args.duration}")
+        saver = _output("--save", args.save, _Saver)  # before the engine loads: a bad path is one line, at once
+        json_out = _output("--save-json", args.save_json, _JsonArray)
+    except (SourceError, ValueError) as e:
+        return _fail(e, 2)
+    try:
         predictor = Predictor(args.weights, device=args.device, instances=args.instances, half=args.half,
                               max_batch=max(32, args.batch))
-    except (SourceError, EngineError, ValueError) as e:
+    except (EngineError, ValueError) as e:
+        if json_out is not None:
+            json_out.close()
         return _fail(e, 2)
-    saver = _Saver(Path(args.save)) if args.save else None
-    json_out = _JsonArray(Path(args.save_json)) if args.save_json else None
     bar = results = None
     t0 = time.perf_counter()
     frames = detections = 0
@@ -145,6 +151,20 @@ def _progress(total: int | None) -> Any:
     except ImportError:  # tqdm comes with the train extra; the serving install may lack it
         return None
     return tqdm(total=total, unit="frame", desc="predict", dynamic_ncols=True)
+
+
+def _output(flag: str, path: str | None, open_it: Callable[[Path], Any]) -> Any:
+    """`open_it(Path(path))` (None without a path), or ValueError naming the flag when it cannot be written there."""
+    if not path:
+        return None
+    try:
+        return open_it(Path(path))
+    except FileExistsError:
+        raise ValueError(f"{flag} {path} is a file: give a folder") from None
+    except IsADirectoryError:
+        raise ValueError(f"{flag} {path} is a folder: give a file name") from None
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot write {e.filename or path}: {e.strerror or e}") from None
 
 
 class _JsonArray:

@@ -47,6 +47,7 @@ import numpy as np
 import engines
 from engines.base import Engine, EngineError, EngineInfo
 
+from ..config import MAX_INSTANCES
 from ..costmodel import RunTimeModel
 from ..frames import Frame, FrameResult, now
 from ..preprocess import InputPlanner, source_picture
@@ -95,8 +96,8 @@ def parse_device(device: str | int | Sequence[int | str] | None, backend: str) -
         return [DeviceSpec("cpu", "cpu")]
     if len(parts) == 1 and parts[0].startswith("cpu:"):
         n = parts[0][4:]
-        if not n.isdigit() or int(n) < 1:
-            raise ValueError(f"device {device!r}: 'cpu:N' takes N >= 1 engines")
+        if not n.isdigit() or not 1 <= int(n) <= 64:  # as yolov12-serve --gpus: 999 engines never finished loading
+            raise ValueError(f"device {device!r}: 'cpu:N' takes N in 1..64 engines")
         return [DeviceSpec(f"cpu:{i}", "cpu") for i in range(int(n))]
     gpus: list[int] = []
     for p in parts:
@@ -261,8 +262,8 @@ class Predictor:
             raise EngineError(f"'{self.weights}': unknown engine format '{self.weights.suffix}': use .pt, .onnx or "
                               ".engine")
         self.devices = parse_device(device, self.backend)
-        if instances is not None and instances < 1:
-            raise ValueError(f"instances must be >= 1, got {instances}")
+        if instances is not None and not 1 <= instances <= MAX_INSTANCES:
+            raise ValueError(f"instances must be 1..{MAX_INSTANCES} (each holds a copy of the engine), got {instances}")
         self.half = half
         self.engines: dict[str, Engine] = {}
         self._warned: set[str] = set()
