@@ -168,6 +168,21 @@ def test_bad_command_lines_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_a_health_port_in_use_is_one_line():
+    """It was the line, then gRPC's own bind error before it and an 'Event loop is closed' traceback after it (the
+    main port, open already, was never closed)."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = run_cli("--engines", str(model_path()), "--gpus", "cpu", "--host", "127.0.0.1", "--port", "0",
+                    "--metrics-port", "-1", "--no-state", "--health-port", str(port))
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+    assert r.returncode == 2 and lines == [f"yolov12-serve: error: cannot listen for health checks on 127.0.0.1:{port}:"
+                                           " the port is in use (another yolov12-serve?); pick another with "
+                                           "--health-port (0: any free port)"], r.stderr
+
+
 def test_a_broken_streams_file_is_one_line_saying_where():
     with tempfile.TemporaryDirectory() as tmp:
         bad = Path(tmp) / "cams.yaml"

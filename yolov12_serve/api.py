@@ -16,11 +16,9 @@ are loaded and NOT_SERVING while draining or when no engine works; each device h
 from __future__ import annotations
 
 import asyncio
-import errno
 import functools
 import itertools
 import logging
-import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -48,6 +46,7 @@ from .errors import (
 from .filters import zone_from_flat
 from .frames import FrameResult, now
 from .healthport import start_health_port
+from .ports import check_bindable
 from .proto import detector_pb2 as pb
 from .proto import detector_pb2_grpc as pb_grpc
 from .pushcall import PushCall
@@ -299,7 +298,7 @@ class GrpcServer:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 self.server)
-        _check_bindable(address)  # grpc would log its own multi-line error before failing
+        check_bindable(address)  # grpc would log its own multi-line error before failing
         credentials = security.server_credentials()
         try:  # grpc returns 0 or, in newer releases, raises RuntimeError when it cannot bind
             self.port = (self.server.add_insecure_port(address) if credentials is None
@@ -307,7 +306,7 @@ class GrpcServer:
         except RuntimeError:
             self.port = 0
         if self.port == 0:
-            raise OSError(_cannot_listen(address, "grpc could not bind it", "check --host and --port"))
+            raise OSError(f"cannot listen for gRPC on {address}: grpc could not bind it; check --host and --port")
 
     async def set_serving(self, serving: bool) -> None:
         """Flip the health status of the whole server and of the Detector service."""
@@ -338,27 +337,6 @@ class GrpcServer:
             await self.health_only.stop(0)
         self.service.executor.shutdown(wait=False, cancel_futures=True)
         self.service.snapshots.shutdown(wait=False, cancel_futures=True)
-
-
-def _cannot_listen(address: str, why: str, fix: str = "pick another with --port (0: any free port)") -> str:
-    return f"cannot listen for gRPC on {address}: {why}; {fix}"
-
-
-def _check_bindable(address: str) -> None:
-    """OSError with the fix when `address` (host:port, port not 0) cannot be bound, e.g. a port in use."""
-    host, _, port = address.rpartition(":")
-    if not port.isdigit() or int(port) == 0:
-        return
-    host = host.strip("[]") or "0.0.0.0"
-    try:
-        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
-            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as grpc does: TIME_WAIT is no conflict
-            probe.bind((host, int(port)))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            raise OSError(_cannot_listen(address, "the port is in use (another yolov12-serve?)")) from None
-        raise OSError(_cannot_listen(address, e.strerror or str(e), "check --host (0.0.0.0: every interface of "
-                                     "this machine)")) from None
 
 
 async def create_server(core: ServerCore, address: str = "127.0.0.1:0", max_message_bytes: int = 32 * 1024 * 1024,

@@ -53,8 +53,12 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     security = Security(config.security)  # certificates and tokens checked before anything else starts
     grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes,
                                             security)
-    health_port = None if config.health_port is None else await grpc_server.serve_health_on(config.host,
-                                                                                             config.health_port)
+    try:
+        health_port = None if config.health_port is None else await grpc_server.serve_health_on(config.host,
+                                                                                                 config.health_port)
+    except OSError:  # the main port is open already: closed before the one line is printed
+        await grpc_server.stop(0)
+        raise
     core.on_health_change = lambda serving: loop.call_soon_threadsafe(_flip_health, grpc_server, serving)
     core.on_device_health = lambda device, ok: loop.call_soon_threadsafe(_flip_device, grpc_server, device, ok)
     stop = asyncio.Event()

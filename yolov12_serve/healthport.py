@@ -11,15 +11,18 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health, health_pb2_grpc
 
+from .ports import check_bindable
+
 __all__ = ["start_health_port"]
 
 
 async def start_health_port(servicer: health.aio.HealthServicer, host: str, port: int) -> tuple[grpc.aio.Server, int]:
     """Serve `servicer` alone on host:port (0: any free port), plaintext; returns the server and the bound port
     (OSError naming the flag when it cannot bind)."""
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    check_bindable(address, "health checks", "--health-port")
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4096)])
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError:
