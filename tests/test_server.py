@@ -138,6 +138,9 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     # a bad camera URL is reported before anything loads (x.onnx does not exist: it would say so later)
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "ftp://cam"], "stream cam0: unsupported url 'ftp://cam'"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "/videos/line1.mp4"], "start the server with --allow-files"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--allow-files", "--source", "/videos/line1.mp4"],
+     "stream cam0: no such video file: /videos/line1.mp4"),  # it started, then logged the camera failed
+    (["--engines", "/tmp", "--gpus", "cpu"], "engine path /tmp is a directory: give an .onnx, .engine or .pt file"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--allow-synthetic", "--source", "synthetic://belt?fps=0"],
      "stream cam0: synthetic url"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--source", "synthetic://belt"], "stream cam0: synthetic:// demo cameras "

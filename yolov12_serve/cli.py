@@ -14,6 +14,7 @@ import asyncio
 import logging
 import math
 import sys
+from pathlib import Path
 
 from . import __version__
 from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
@@ -243,6 +244,9 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
             config.camera_policy.check(spec.url, kind)
             if kind == "synthetic":
                 parse_synthetic_url(spec.url)
+            path = spec.url.removeprefix("file://")
+            if kind == "file" and not Path(path).is_file():  # it used to start, then log the camera failed
+                raise InvalidArgumentError(f"no such video file: {path}")
         except (InvalidArgumentError, PermissionDeniedError) as e:
             raise ConfigError(f"stream {spec.stream_id}: {redact_text(str(e))}") from None
     return config, streams

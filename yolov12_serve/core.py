@@ -58,7 +58,7 @@ from .sources.synthetic import parse_synthetic_url
 from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
-from .swap import EngineSwap
+from .swap import EngineSwap, check_engine_path
 from .tracking import Tracker
 from .worker import DeviceWorker
 
@@ -158,8 +158,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             raise ConfigError(f"--engines lists {len(paths)} files for {len(cfg.devices)} devices: give one file "
                               "for all devices or one per device")
         for p in paths:
-            if not Path(p).is_file():
-                raise ConfigError(f"engine file not found: {p}")
+            check_engine_path(p)
         if self.store is not None:  # a state folder that cannot be used is said before the engines load
             self.store.open()
             self._saved = self.store.load()

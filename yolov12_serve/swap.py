@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from .runtime import DeviceRuntime, EngineLoader
     from .supervisor import RunDeadline, RunSupervisor
 
-__all__ = ["EngineSwap"]
+__all__ = ["EngineSwap", "check_engine_path"]
 
 log = logging.getLogger("yolov12_serve.core")
 
@@ -67,7 +67,7 @@ class EngineSwap:
             raise InvalidArgumentError(f"{len(paths)} engine files for {len(cfg.devices)} devices: give one file for "
                                        "all devices or one per device")
         for p in paths:
-            _check_engine_path(p)
+            check_engine_path(p)
         log.info("reloading engines: %s", ", ".join(paths))
         loaded: dict[str, LoadedEngine] = {}
         for i, device in enumerate(cfg.devices):
@@ -117,7 +117,7 @@ class EngineSwap:
         release_freed_memory()
 
 
-def _check_engine_path(path: str) -> None:
+def check_engine_path(path: str) -> None:
     """InvalidArgumentError unless `path` names a regular file (a long path or a directory said as such)."""
     shown = path if len(path) <= 300 else f"{path[:300]}... ({len(path)} characters)"
     try:
