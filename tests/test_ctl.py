@@ -173,7 +173,7 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
             c.remove_stream(sid)
 
 
-def test_snapshot_saves_what_the_camera_sees_with_its_zone_and_published_boxes_drawn(server, tmp_path):
+def test_snapshot_saves_what_the_camera_sees_with_its_zone_and_published_boxes_drawn(server, tmp_path, capsys):
     """`snapshot ID FILE` saves the camera's picture as the server sent it; with --draw, its zone is outlined and only
     the detections it would publish are drawn. A still belt (speed=0): every snapshot is the same picture, so the
     test can count what the zone keeps of DetectImage's answer for it."""
@@ -202,6 +202,10 @@ def test_snapshot_saves_what_the_camera_sees_with_its_zone_and_published_boxes_d
         edge = picture[int(0.05 * 360), 64:300]  # the zone's top edge
         assert (np.abs(edge - ctl.ZONE_COLOUR).max(axis=1) < 30).mean() > 0.8
         assert run(*at, "snapshot", "aim", str(tmp_path / "no-such-dir" / "x.jpg"))[0] == 2
+        capsys.readouterr()
+        assert run(*at, "snapshot", "aim", str(tmp_path))[0] == 2
+        assert capsys.readouterr().err == f"yolov12-ctl: {tmp_path} is a folder: give a file name such as " \
+                                          f"{tmp_path / 'cam1.jpg'}\n"
     finally:
         run(*at, "remove", "aim")
 

@@ -390,8 +390,10 @@ def _snapshot(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) 
 
     from PIL import Image
 
-    shot = c.snapshot(args.stream_id)
     target = Path(args.file)
+    if target.is_dir():  # Pillow said "unknown file extension: "
+        raise UsageError(f"{target} is a folder: give a file name such as {target / 'cam1.jpg'}")
+    shot = c.snapshot(args.stream_id)
     drawn = _draw_snapshot(c, shot) if args.draw else None
     try:
         if drawn is None and target.suffix.lower() in (".jpg", ".jpeg"):
