@@ -239,3 +239,14 @@ def test_console_script_entry_point_runs(tmp_path: Path) -> None:
 def test_yolo_export_method_returns_the_path(checkpoint: Path, tmp_path: Path) -> None:
     path = YOLO(checkpoint).export(format="onnx", imgsz=64, simplify=False, output=tmp_path / "y.onnx")
     assert path == str(tmp_path / "y.onnx") and engines.read_info(path).imgsz == (64, 64)
+
+
+def test_cli_names_a_binary_file_given_as_yaml(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A JPEG renamed to .yaml: one line naming the file and the fix, not the codec's bare complaint."""
+    fake = tmp_path / "img.yaml"
+    fake.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)))
+    assert export_main(["--weights", str(fake)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"yolov12-export: error: {fake} is not a text YAML file ("), err
+    assert "pass a model yaml such as yolov12n.yaml" in err
+    assert not list(tmp_path.glob("*.onnx"))

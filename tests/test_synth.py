@@ -102,10 +102,51 @@ def test_cli(tmp_path, capsys):
     assert "data.yaml" in capsys.readouterr().out
     cfg = load_data_config(tmp_path / "cli" / "data.yaml")
     assert len(cfg.images("train")) + len(cfg.images("val")) == 4
-    with pytest.raises(SystemExit) as e:
-        synth_main(["synth", "--out", str(tmp_path / "bad"), "--images", "0"])
-    assert e.value.code == 2
-    assert "at least 1 image" in capsys.readouterr().err
+    assert synth_main(["synth", "--out", str(tmp_path / "bad"), "--images", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("yolov12-data synth: error: ") and "at least 1 image" in err, err
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--images", "2", "--imgsz", "100000"], "each in 32..4096"),  # once tried to allocate 63 GiB
+    (["--images", "2", "--imgsz", "16"], "each in 32..4096"),
+    (["--images", "2", "--imgsz", "64x5000"], "each in 32..4096"),
+    (["--images", "0"], "at least 1 image"),
+    (["--images", "2", "--seed", "-1"], "seed=-1: give a whole number >= 0"),
+])
+def test_cli_checks_options_before_making_any_folder(tmp_path, capsys, argv, message):
+    out = tmp_path / "new"
+    assert synth_main(["--out", str(out), *argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("yolov12-data synth: error: ") and message in err, err
+    assert not out.exists()
+
+
+def test_cli_unwritable_out_is_one_line(tmp_path, capsys):
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    assert synth_main(["--out", str(blocked / "x"), "--images", "2", "--imgsz", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"--out {blocked / 'x'}: cannot create the folder" in err, err
+
+
+def test_an_interrupted_run_can_be_run_again(tmp_path, monkeypatch):
+    """A run that dies half-way leaves a folder the next run recognises as its own, and no loadable dataset."""
+    import trainer.data.synth as synth
+
+    def broken(rng, hw):
+        raise MemoryError("drawing failed")
+
+    out = tmp_path / "ds"
+    with monkeypatch.context() as m:
+        m.setattr(synth, "render_scene", broken)
+        with pytest.raises(MemoryError):
+            synthesize(out, images=3, imgsz=64)
+    with pytest.raises(ValueError, match="unfinished `yolov12-data synth` run; run it again"):
+        load_data_config(out / "data.yaml")
+    path = synthesize(out, images=3, imgsz=64, val_fraction=0.34)
+    cfg = load_data_config(path)
+    assert len(cfg.images("train")) + len(cfg.images("val")) == 3
 
 
 def test_renderer_imports_without_torch_or_opencv():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,39 @@ def test_help_states_each_default_once() -> None:
     out = subprocess.run([sys.executable, "-m", "trainer.cli", "--help"], capture_output=True, text=True, timeout=60)
     text = " ".join(out.stdout.split())  # argparse wraps lines
     assert out.returncode == 0 and "--memory-budget" in text and "--rect" in text
-    assert "--epochs EPOCHS (default: 100) --imgsz" in text and "(default: 16) (default" not in text
+    assert "--epochs EPOCHS number of epochs to train for (default: 100) --imgsz" in text
+    assert not re.search(r"\(default[^()]*\) \(default", text), "an option states its default twice"
+
+
+def _unexplained_options(help_text: str) -> list[str]:
+    """The options of an argparse --help whose entry says nothing but its default."""
+    entries: list[list[str]] = []
+    for line in help_text.split("options:", 1)[1].splitlines():
+        if re.match(r"  -", line):
+            entries.append([line])
+        elif line.startswith("   ") and entries:
+            entries[-1].append(line)
+    bare = []
+    for lines in entries:
+        parts = re.split(r"\s{2,}", lines[0].strip(), maxsplit=1)
+        words = " ".join([*parts[1:], *(ln.strip() for ln in lines[1:])])
+        if not re.sub(r"\(default: [^)]*\)", "", words).strip():
+            bare.append(parts[0])
+    return bare
+
+
+def test_every_option_of_train_val_and_export_is_explained(capsys: pytest.CaptureFixture[str]) -> None:
+    from trainer.cli import export_main, train_main, val_main
+
+    for tool in (train_main, val_main):
+        with pytest.raises(SystemExit):
+            tool(["--help"])
+        text = capsys.readouterr().out
+        assert "--batch" in text and _unexplained_options(text) == [], tool.__name__
+    assert export_main(["--help"]) == 0
+    text = capsys.readouterr().out
+    assert "--max-det" in text and _unexplained_options(text) == []
+    assert _unexplained_options("options:\n  --a A  (default: 1)\n  --b B  bee (default: 2)\n") == ["--a A"]
 
 
 def test_without_torch_each_tool_says_how_to_install_it(tiny_data: Path) -> None:
@@ -332,6 +365,74 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("yolov12-train: error:"), out.stderr
 
 
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("lr0", -1.0, "lr0 must be > 0"),
+    ("lr0", float("nan"), "lr0 must be a finite number"),
+    ("lrf", 2.0, r"lrf must be in \[0, 1\]"),
+    ("momentum", float("inf"), "momentum must be a finite number"),
+    ("nproc", -1, "nproc must be >= 0"),
+    ("workers", -2, "workers must be >= 0"),
+    ("patience", -1, "patience must be >= 0"),
+    ("close_mosaic", -5, "close_mosaic must be >= 0"),
+    ("save_period", -4, "save_period must be >= 1"),
+    ("seed", -1, "seed must be >= 0"),
+    ("weight_decay", -0.1, "weight_decay must be >= 0"),
+    ("dist_timeout", 0.0, "dist_timeout must be > 0"),
+    ("mosaic", 5.0, r"mosaic must be in \[0, 1\]"),
+    ("fliplr", 2.0, r"fliplr must be in \[0, 1\]"),
+    ("mixup", -0.5, r"mixup must be in \[0, 1\]"),
+    ("scale", 1.0, r"scale must be in \[0, 1\)"),
+    ("perspective", 0.1, r"perspective must be in \[0, 0.001\]"),
+])
+def test_config_refuses_nonsense_numbers(option: str, value: float, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig.from_kwargs(data="d.yaml", **{option: value})
+    TrainConfig.from_kwargs(data="d.yaml", scale=None, mixup=0.2, save_period=-1, close_mosaic=0, nproc=0)
+
+
+def _train_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
+    """train_main in this process (cheap: nothing here trains): exit status and stderr lines."""
+    import signal
+
+    from trainer.cli import train_main
+
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = train_main(argv)
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    return rc, [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+
+
+@pytest.mark.parametrize("option", [["--lr0", "-1"], ["--lr0", "nan"], ["--nproc", "-1"], ["--patience", "-1"],
+                                    ["--close-mosaic", "-5"], ["--mosaic", "5"], ["--fliplr", "2"]])
+def test_cli_refuses_bad_numbers_before_making_a_run_folder(option: list[str], tiny_data: Path, tmp_path: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    rc, err = _train_cli(["--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--workers", "0", "--device",
+                          "cpu", "--project", str(tmp_path / "runs"), *option], capsys)
+    assert not (tmp_path / "runs").exists(), "a refused run leaves no run folder behind"
+    name = option[0][2:].replace("-", "_")
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"yolov12-train: error: {name} must be"), err
+
+
+def test_cli_bad_files_are_one_line_naming_the_file(tiny_data: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    text = tmp_path / "text.pt"
+    text.write_text("hello, not a checkpoint\n")
+    jpeg = tmp_path / "img.yaml"  # a JPEG renamed
+    jpeg.write_bytes(b"\xff\xd8\xff\xe0\x00\x10JFIF\x00" + bytes(range(256)))
+    project = ["--project", str(tmp_path / "runs"), "--device", "cpu", "--workers", "0"]
+    rc, err = _train_cli(["--data", str(tiny_data), "--epochs", "1", "--resume", str(text), *project], capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith(f"yolov12-train: error: {text}: unreadable checkpoint (") and "last.pt" in err[0], err
+    rc, err = _train_cli(["--data", str(tiny_data), "--model", str(jpeg), *project], capsys)
+    assert rc == 2 and err == [f"yolov12-train: error: {jpeg} is not a text YAML file (byte 0xff at position 0 is "
+                               "not UTF-8 text); pass a model yaml such as yolov12n.yaml, or a .pt checkpoint"], err
+    rc, err = _train_cli(["--epochs", "1", *project], capsys)
+    assert rc == 2 and len(err) == 1 and "add --data path/to/data.yaml" in err[0], err
+    assert not (tmp_path / "runs").exists()
+
+
 def test_learns_synthetic_defects(tmp_path: Path) -> None:
     """Acceptance 5, sized for CI: the demo model with blank class-prediction layers learns to classify again.
 
@@ -390,3 +491,19 @@ def test_rect_training_batches_are_aspect_ratio_groups_shuffled_per_epoch(tiny_d
     assert epoch(0, 0) == epoch(0, 0) and [epoch(0, e) for e in range(4)] != [epoch(0, 0)] * 4
     short = RectBatchSampler(10, 4, 1, 4, seed=0, shuffle=False)  # groups of 4, 4, 2 over 4 ranks
     assert [len(b) for b in short] == [1, 1, 1]
+
+
+def test_patience_0_never_stops_early() -> None:
+    """As ultralytics: --patience 0 turns early stopping off (the hook's decision, on a trainer 50 epochs past its
+    best fitness)."""
+    from types import SimpleNamespace
+
+    from trainer.hooks import EarlyStopHook
+
+    hook = EarlyStopHook()
+    hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), fitness=0.1, best_fitness=0.5, best_epoch=0,
+                                   epoch=50, cfg=SimpleNamespace(patience=0), broadcast_flag=bool, log=lambda m: None)
+    hook.after_epoch()
+    hook.trainer.cfg.patience = 10
+    with pytest.raises(StopTraining):
+        hook.after_epoch()

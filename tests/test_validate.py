@@ -317,3 +317,55 @@ def test_val_end_to_end_on_synthetic_defects(tmp_path, capsys) -> None:
     two_classes.write_text(yaml.safe_dump({**cfg, "nc": 2, "names": ["a", "b"]}))
     with pytest.raises(ValueError, match=r"predicts 5 classes but .*two\.yaml has 2"):
         val(model, data=str(two_classes), imgsz=128, verbose=False)
+
+
+@pytest.fixture(scope="module")
+def random_weights(tmp_path_factory: pytest.TempPathFactory):
+    """A random yolov12n checkpoint with the 5 synthetic-defect classes (validating it is quick on tiny_data)."""
+    from trainer.checkpoint import save_checkpoint
+    from trainer.nn import build_model
+
+    torch.manual_seed(0)
+    return save_checkpoint(tmp_path_factory.mktemp("w") / "w.pt", build_model("yolov12n.yaml", nc=5), imgsz=64)
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--conf", "5", "--iou", "-1", "--max-det", "0"], r"conf must be in \[0, 1\), got 5.0"),
+    (["--conf", "nan"], r"conf must be in \[0, 1\), got nan"),
+    (["--iou", "-1"], r"iou must be in \(0, 1\], got -1.0"),
+    (["--max-det", "0"], "max_det must be >= 1, got 0"),
+    (["--batch", "0"], "batch must be >= 1, got 0"),
+    (["--workers", "-1"], "workers must be >= 0"),
+    (["--imgsz", "100"], "imgsz must be a multiple of 32"),
+])
+def test_val_cli_refuses_out_of_range_options(random_weights, tiny_data, argv, message, capsys) -> None:
+    """As predict and export do, before any model or data is loaded (no metrics table, no numpy warning)."""
+    import re
+    import warnings
+
+    from trainer.validate import val_main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # `--batch 0` once printed numpy's divide-by-zero warning first
+        rc = val_main(["--weights", str(random_weights), "--data", str(tiny_data), *argv])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1 and re.match(f"yolov12-val: error: {message}", err), err
+    assert "mAP50" not in out
+
+
+def test_val_cli_says_what_it_needs_for_engines_and_unwritable_folders(random_weights, tiny_data, tmp_path,
+                                                                      capsys) -> None:
+    from trainer.validate import val_main
+
+    onnx_file = tmp_path / "demo.onnx"
+    onnx_file.write_bytes(b"\x08\x07\x12\x07pytorch")  # what an ONNX protobuf starts with
+    assert val_main(["--weights", str(onnx_file), "--data", str(tiny_data)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "val needs a .pt checkpoint" in err and "demo.onnx" in err, err
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    argv = ["--weights", str(random_weights), "--data", str(tiny_data), "--imgsz", "64", "--plots"]
+    assert val_main([*argv, "--save-dir", str(blocked / "val")]) == 2
+    out, err = capsys.readouterr()
+    assert err.count("\n") == 1 and f"cannot create the save folder '{blocked / 'val'}'" in err, err
+    assert "mAP50" not in out, "refused before the evaluation, not after it"

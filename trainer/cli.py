@@ -21,9 +21,53 @@ __all__ = ["data_main", "export_main", "train_main", "val_main"]
 _HELP = {
     "model": "model yaml (yolov12n.yaml ... yolov12x.yaml turbo, yolov12n-v1.yaml ... v1) or a .pt to fine-tune",
     "data": "dataset yaml (YOLO format: path, train, val, names)",
+    "epochs": "number of epochs to train for",
+    "imgsz": "training image size in pixels, a multiple of 32",
     "batch": "GLOBAL batch size, split across GPUs and then into micro-batches as memory requires",
     "device": "cpu, 0, or 0,1,2,3 (one process per GPU); default: GPU 0 if present else cpu",
-    "nproc": "processes on this machine (default: one per GPU listed; 1 on CPU; CPU DDP uses gloo)",
+    "nproc": "processes on this machine: 0 = one per GPU listed, 1 on CPU (CPU DDP uses gloo)",
+    "workers": "dataloader worker processes per training process (0 = load in the main process)",
+    "project": "folder the runs are saved in",
+    "name": "run name: results go to PROJECT/NAME (NAME2, NAME3 ... when it exists)",
+    "exist_ok": "reuse PROJECT/NAME when it exists instead of numbering a new one",
+    "deterministic": "deterministic algorithms only: bitwise-repeatable runs, somewhat slower",
+    "sync_bn": "synchronise BatchNorm statistics across GPUs",
+    "dist_timeout": "seconds a collective waits for the other processes before the run gives up",
+    "optimizer": "optimizer; auto picks SGD or AdamW and its learning rate from the run length",
+    "lr0": "initial learning rate (e.g. SGD 1e-2, AdamW 1e-3)",
+    "lrf": "final learning rate as a fraction of lr0 (lr0 * lrf)",
+    "momentum": "SGD momentum / AdamW beta1",
+    "weight_decay": "optimizer weight decay (L2), relative to the nominal batch",
+    "nbs": "nominal batch size: weight decay and loss scale are relative to it",
+    "warmup_epochs": "warm-up epochs (fractions ok; 0 = none)",
+    "warmup_momentum": "momentum at the start of warm-up",
+    "warmup_bias_lr": "bias learning rate at the start of warm-up",
+    "ema": "keep an exponential moving average of the weights (validated and saved)",
+    "ema_decay": "EMA decay",
+    "ema_tau": "EMA warm-up, in iterations",
+    "clip_grad": "clip the gradient norm to this (0 = no clipping)",
+    "box": "box loss gain",
+    "cls": "classification loss gain",
+    "dfl": "distribution focal loss gain",
+    "hsv_h": "image HSV-hue augmentation (fraction)",
+    "hsv_s": "image HSV-saturation augmentation (fraction)",
+    "hsv_v": "image HSV-value augmentation (fraction)",
+    "degrees": "image rotation (+/- degrees)",
+    "translate": "image translation (+/- fraction)",
+    "scale": "image scale (+/- gain) (default: per model scale, 0.5 for n, 0.9 for s..x)",
+    "shear": "image shear (+/- degrees)",
+    "perspective": "image perspective (+/- fraction), 0..0.001",
+    "flipud": "image flip up-down (probability)",
+    "fliplr": "image flip left-right (probability)",
+    "mosaic": "image mosaic (probability)",
+    "mixup": "image mixup (probability) (default: per model scale, 0 for n ... 0.2 for x)",
+    "copy_paste": "copy-paste of objects (probability) (default: per model scale, 0.1 for n ... 0.6 for x)",
+    "close_mosaic": "turn mosaic off for the final N epochs (0 = keep it on)",
+    "val": "validate after each epoch",
+    "patience": "stop early after this many epochs without a better fitness (0: never)",
+    "save_period": "also keep weights/epochN.pt every N epochs (-1 = off)",
+    "plots": "save plots (results.png, PR curve)",
+    "verbose": "print progress and per-epoch results",
     "micro_batch": "images per forward/backward (0 = probe GPU memory automatically)",
     "memory_budget": "peak memory per process the automatic micro-batch plans for, e.g. 40GB or 20GiB "
                      "(default: 90%% of the GPU; on a CPU, set it to probe there too)",
@@ -102,6 +146,9 @@ def train_main(argv: list[str] | None = None) -> int:
     try:  # option and data errors come before torch is even imported
         TrainConfig.from_kwargs(**args)
         if not args.get("resume"):
+            if not args["data"]:
+                raise ValueError("no dataset given: add --data path/to/data.yaml (YOLO format: path, train, val, "
+                                 "names; `yolov12-data synth --out DIR` writes one), or --resume a run")
             load_data_config(args["data"])
     except (ValueError, FileNotFoundError) as e:
         return _fail("yolov12-train", e)

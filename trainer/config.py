@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -77,7 +78,7 @@ class TrainConfig:
 
     # validation, saving, logging
     val: bool = True
-    patience: int = 100  # stop after this many epochs without a better fitness
+    patience: int = 100  # stop after this many epochs without a better fitness (0: never)
     save_period: int = -1  # also keep epoch{N}.pt every N epochs
     plots: bool = True
     verbose: bool = True
@@ -115,6 +116,48 @@ class TrainConfig:
             raise ValueError(f"micro_batch must be >= 0 (0 = automatic), got {self.micro_batch}")
         if self.memory_budget:
             parse_bytes(self.memory_budget)
+        self._validate_numbers()
+
+    def _validate_numbers(self) -> None:
+        """Counts, optimisation and augmentation values in their sensible ranges (and finite), so a nonsense value
+        is refused before any run folder is made rather than training on it or failing epochs later."""
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"{f.name} must be a finite number, got {value}")
+        counts = {"nproc": (0, "0 = one per listed GPU"), "workers": (0, "0 = load in the main process"),
+                  "seed": (0, "numpy takes no negative seed"), "close_mosaic": (0, "0 = keep mosaic to the end"),
+                  "patience": (0, "epochs without improvement before stopping early; 0 = never"),
+                  "nbs": (1, "the nominal batch, 64 in the recipe")}
+        for name, (low, meaning) in counts.items():
+            if getattr(self, name) < low:
+                raise ValueError(f"{name} must be >= {low} ({meaning}), got {getattr(self, name)}")
+        if self.save_period < -1:
+            raise ValueError(f"save_period must be >= 1 (keep epochN.pt every N epochs) or -1 (off), "
+                             f"got {self.save_period}")
+        if self.lr0 <= 0:
+            raise ValueError(f"lr0 must be > 0 (the initial learning rate, e.g. 0.01 for SGD), got {self.lr0}")
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0 seconds, got {self.dist_timeout}")
+        if self.ema_tau <= 0:
+            raise ValueError(f"ema_tau must be > 0 (EMA warm-up in iterations), got {self.ema_tau}")
+        for name in ("weight_decay", "warmup_epochs", "warmup_bias_lr", "clip_grad", "box", "cls", "dfl"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        ranges = {"lrf": "final learning rate = lr0 x lrf", "momentum": "SGD momentum / Adam beta1",
+                  "warmup_momentum": "momentum at the start of warm-up", "ema_decay": "EMA decay",
+                  # the augmentation strengths and probabilities (trainer.data.augment.check_hyp checks the same)
+                  "hsv_h": "a fraction", "hsv_s": "a fraction", "hsv_v": "a fraction", "translate": "a fraction",
+                  "flipud": "a probability", "fliplr": "a probability", "mosaic": "a probability",
+                  "mixup": "a probability", "copy_paste": "a probability"}
+        for name, meaning in ranges.items():
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"{name} must be in [0, 1] ({meaning}), got {value}")
+        if self.scale is not None and not 0 <= self.scale < 1:
+            raise ValueError(f"scale must be in [0, 1) (zoom range 1 +/- scale), got {self.scale}")
+        if not 0 <= self.perspective <= 0.001:
+            raise ValueError(f"perspective must be in [0, 0.001], got {self.perspective}")
 
     def augment_defaults(self, scale_letter: str) -> None:
         """Fill scale / mixup / copy_paste left at None with the official per-scale values."""

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import FORMAT, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     DistContext,
@@ -477,6 +477,26 @@ def _launched(cfg_dict: dict[str, Any], save_dir: str, init_weights: str) -> dic
     return record(_run)(cfg_dict, save_dir, init_weights)
 
 
+def _read_resumable(last: Path) -> dict[str, Any]:
+    """The raw contents of a last.pt to resume from; a file that is no such checkpoint (text, a torn or foreign .pt)
+    is one CheckpointError / ValueError line naming it, like `--model`'s, instead of torch.load's traceback."""
+    import pickle
+
+    not_ours = (f"{last} is not a resumable checkpoint of this trainer (or training already finished): pass the "
+                "weights/last.pt of an unfinished run, or start a new run with --model")
+    try:
+        raw = torch.load(last, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:  # pickled classes: an official / ultralytics file, never one of our runs
+        raise ValueError(not_ours) from None
+    except Exception as e:  # text, zip errors, truncated files
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise CheckpointError(f"{last}: unreadable checkpoint ({e.__class__.__name__}: {reason}); pass the "
+                              "weights/last.pt of an unfinished run") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or "train_model" not in raw:
+        raise ValueError(not_ours)
+    return raw
+
+
 def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict[str, Any]:
     """`YOLO(...).train(**kwargs)`: validate options, pick the save dir, start 1..N processes, load the best weights.
 
@@ -487,9 +507,7 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
         last = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.project) / cfg.name / "weights" / "last.pt"
         if not last.is_file():
             raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        raw = torch.load(last, map_location="cpu", weights_only=True)
-        if raw.get("format") != FORMAT or "train_model" not in raw:
-            raise ValueError(f"{last} is not a resumable checkpoint of this trainer (or training already finished)")
+        raw = _read_resumable(last)
         saved = TrainConfig(**raw["train_args"])
         if int(raw.get("epoch", -1)) + 1 >= saved.epochs:
             raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "

@@ -426,16 +426,19 @@ def export_main(argv: list[str] | None = None) -> int:
     p = _OneLineParser(prog="yolov12-export", description="Export a checkpoint to ONNX or a TensorRT engine.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="checkpoint (.pt) or model yaml (random weights)")
-    p.add_argument("--format", default="onnx", choices=["onnx", "engine"])
+    p.add_argument("--format", default="onnx", choices=["onnx", "engine"],
+                   help="onnx (ONNX Runtime, CPU or GPU) or engine (TensorRT) (default: %(default)s)")
     p.add_argument("--imgsz", nargs="+", default=None, help="640, or height,width (default: the training size)")
     p.add_argument("--batch", type=int, default=1, help="fixed batch, or the largest with --dynamic")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--half", action="store_true", help="FP16 (TensorRT)")
     p.add_argument("--int8", action="store_true", help="INT8 with calibration on --data (TensorRT)")
     p.add_argument("--data", default=None, help="data.yaml whose images calibrate INT8")
-    p.add_argument("--conf", type=float, default=0.25)
-    p.add_argument("--iou", type=float, default=0.7)
-    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--conf", type=float, default=0.25,
+                   help="score threshold of the NMS in the graph, in [0, 1) (default: %(default)s)")
+    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold, in (0, 1] (default: %(default)s)")
+    p.add_argument("--max-det", type=int, default=300,
+                   help="most detections per image, 1..3840 (default: %(default)s)")
     p.add_argument("--raw", action="store_true", help="plain [B, 4+nc, N] head, float NCHW input (no NMS)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
     p.add_argument("--nms", default="onnx", choices=list(NMS_KINDS), help="TensorRT: NMS layer or EfficientNMS")

@@ -146,7 +146,8 @@ class CheckpointHook(HookBase):
 
 
 class EarlyStopHook(HookBase):
-    """Stop when the fitness has not improved for `patience` epochs (decided on the main process, shared)."""
+    """Stop when the fitness has not improved for `patience` epochs (0: never; decided on the main process,
+    shared)."""
 
     def after_epoch(self) -> None:
         t = self.trainer
@@ -154,7 +155,7 @@ class EarlyStopHook(HookBase):
         if t.ctx.is_main and t.fitness is not None:
             if t.best_fitness is None or t.fitness >= t.best_fitness:
                 t.best_epoch = t.epoch
-            stop = int(t.epoch - t.best_epoch >= t.cfg.patience)
+            stop = int(t.cfg.patience > 0 and t.epoch - t.best_epoch >= t.cfg.patience)  # 0: never
         if t.broadcast_flag(stop):
             t.log(f"stopping early: no improvement for {t.cfg.patience} epochs (best epoch {t.best_epoch + 1})")
             raise StopTraining

@@ -159,18 +159,24 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = 
 
     if not data:
         raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
-    ckpt = _load(yolo_or_model) if isinstance(yolo_or_model, str | Path) else getattr(yolo_or_model, "ckpt", None)
-    model = ckpt.model if isinstance(yolo_or_model, str | Path) else _as_model(yolo_or_model)
-    if imgsz is None:
-        imgsz = ckpt.imgsz if ckpt is not None else 640
+    _check_options(imgsz=imgsz, batch=batch, conf=conf, iou=iou, max_det=max_det, workers=workers)
+    if isinstance(yolo_or_model, str | Path):
+        _check_weights_path(yolo_or_model)
     devices = parse_devices(device)
     if len(devices) > 1:
         raise ValueError(f"validation runs on one device; got device={device!r}: pass one GPU index or cpu")
     dev = torch.device("cpu" if devices == ["cpu"] else f"cuda:{devices[0]}")
-    data_cfg = load_data_config(data)
+    data_cfg = load_data_config(data)  # a bad dataset fails before the model is loaded
+    ckpt = _load(yolo_or_model) if isinstance(yolo_or_model, str | Path) else getattr(yolo_or_model, "ckpt", None)
+    model = ckpt.model if isinstance(yolo_or_model, str | Path) else _as_model(yolo_or_model)
+    if imgsz is None:
+        imgsz = ckpt.imgsz if ckpt is not None else 640
     if model.nc != data_cfg.nc:
         raise ValueError(f"the model predicts {model.nc} classes but {data} has {data_cfg.nc}: "
                          "validate on the data the model was trained for")
+    out = Path(save_dir or "runs/val")
+    if plots:  # made before the evaluation, so an unwritable folder fails in a second, not after the whole split
+        _make_save_dir(out)
     dataset = DetectionDataset(data_cfg, split, imgsz=imgsz, augment=False, rect=True, batch_size=batch)
     loader = build_dataloader(dataset, batch, workers, shuffle=False, rank=0, world_size=1)
     validator = Validator(loader, data_cfg.names, dev, conf=conf, iou=iou, max_det=max_det, half=half,
@@ -182,7 +188,6 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = 
     if plots:
         from .plots import plot_pr_curve
 
-        out = Path(save_dir or "runs/val")
         metrics["plots"] = [str(plot_pr_curve(metrics, out / "PR_curve.png"))]
     return metrics
 
@@ -207,19 +212,23 @@ def val_main(argv: list[str] | None = None) -> int:
     """yolov12-val --weights best.pt --data data.yaml [--imgsz --batch --device ...]; exit status 0 on success."""
     p = argparse.ArgumentParser(prog="yolov12-val", description="mAP of a checkpoint on a dataset split (COCO metrics)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    p.add_argument("--weights", required=True, help="checkpoint (.pt): ours, official YOLOv12 or ultralytics")
+    p.add_argument("--weights", required=True, help="checkpoint (.pt): ours, official YOLOv12 or ultralytics "
+                   "(not an exported .onnx/.engine)")
     p.add_argument("--data", required=True, help="data.yaml (YOLO format)")
     p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the training size)")
-    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--batch", type=int, default=16, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or one GPU index")
-    p.add_argument("--conf", type=float, default=0.001)
-    p.add_argument("--iou", type=float, default=0.7)
-    p.add_argument("--max-det", type=int, default=300)
+    p.add_argument("--conf", type=float, default=0.001,
+                   help="confidence threshold, in [0, 1) (default: %(default)s, the usual for mAP)")
+    p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold, in (0, 1] (default: %(default)s)")
+    p.add_argument("--max-det", type=int, default=300, help="most detections per image (default: %(default)s)")
     p.add_argument("--half", action="store_true", help="fp16 inference (GPU only)")
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--split", default="val", choices=("train", "val", "test"))
+    p.add_argument("--workers", type=int, default=0,
+                   help="dataloader worker processes (default: %(default)s = load in the main process)")
+    p.add_argument("--split", default="val", choices=("train", "val", "test"),
+                   help="dataset split to evaluate (default: %(default)s)")
     p.add_argument("--plots", action="store_true", help="write PR_curve.png into --save-dir")
-    p.add_argument("--save-dir", default="runs/val")
+    p.add_argument("--save-dir", default="runs/val", help="folder for --plots output (default: %(default)s)")
     args = p.parse_args(argv)
     try:
         val(args.weights, data=args.data, imgsz=args.imgsz, batch=args.batch, device=args.device, conf=args.conf,
@@ -238,6 +247,40 @@ def _as_model(obj: Any) -> nn.Module:
     if hasattr(obj, "model") and isinstance(obj.model, nn.Module):
         return obj.model
     raise TypeError(f"cannot validate a {type(obj).__name__}: pass a YOLO, a DetectionModel or a .pt path")
+
+
+def _check_options(*, imgsz: int | None, batch: int, conf: float, iou: float, max_det: int, workers: int) -> None:
+    """Refuse out-of-range options up front (as predict and export do), before a model or dataset is loaded."""
+    if imgsz is not None and (imgsz < 32 or imgsz % 32):
+        raise ValueError(f"imgsz must be a multiple of 32 (>= 32), got {imgsz}: e.g. 640")
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    if not 0 <= conf < 1:  # also refuses nan
+        raise ValueError(f"conf must be in [0, 1), got {conf}: 0.001 gives the usual mAP")
+    if not 0 < iou <= 1:
+        raise ValueError(f"iou must be in (0, 1], got {iou}: 0.7 is the usual NMS threshold")
+    if max_det < 1:
+        raise ValueError(f"max_det must be >= 1, got {max_det}: 300 is the usual")
+    if workers < 0:
+        raise ValueError(f"workers must be >= 0 (0 = load in the main process), got {workers}")
+
+
+def _check_weights_path(path: str | Path) -> None:
+    """Validation runs the PyTorch model: an exported engine has none, so say so instead of a pickle error."""
+    from .yolo import ENGINE_SUFFIXES
+
+    if Path(path).suffix.lower() in ENGINE_SUFFIXES:
+        raise ValueError(f"'{path}' is an exported engine: val needs a .pt checkpoint (an exported .onnx/.engine "
+                         "cannot be validated here); pass the .pt it was exported from")
+
+
+def _make_save_dir(out: Path) -> None:
+    """Create the folder the plots go to, or say in one line why it cannot be."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"cannot create the save folder '{out}' ({e.strerror or e}): pass a writable folder "
+                         "with --save-dir") from None
 
 
 def _load(path: str | Path) -> Checkpoint:

@@ -74,6 +74,9 @@ def load_data_config(path: str | Path) -> DataConfig:
     if not isinstance(raw, dict):
         raise DataError(f"{yaml_path}: expected a mapping with 'path', 'train', 'val', 'names'; "
                         f"got {type(raw).__name__}")
+    if raw.get("complete") is False:  # the placeholder an interrupted `yolov12-data synth` run leaves
+        raise DataError(f"{yaml_path}: an unfinished `{raw.get('generator', 'dataset generator')}` run; run it again "
+                        "to write the dataset")
 
     yaml_dir = yaml_path.resolve().parent
     root = Path(str(raw.get("path") or yaml_dir)).expanduser()

@@ -49,10 +49,15 @@ def synthesize(out_dir: str | Path, images: int = 200, imgsz: int | tuple[int, i
 
     `out_dir` must be empty, new, or an earlier output of this generator (then it is replaced).
     """
-    n_val, n_train = _split_sizes(images, val_fraction)
+    n_val, n_train = _split_sizes(images, val_fraction)  # every option is checked before any folder is made
     _check_imgsz(imgsz)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed={seed!r}: give a whole number >= 0")
     out = Path(out_dir).expanduser().resolve()
     _prepare(out)
+    # tagged at once: a run that stops half-way (Ctrl-C, a full disk) leaves a folder the next run may replace
+    (out / "data.yaml").write_text(f"# An unfinished `{GENERATOR_TAG}` run: run it again to regenerate.\n"
+                                   + yaml.safe_dump({"generator": GENERATOR_TAG, "complete": False}))
     val_ids = set(np.random.default_rng([seed, 1]).permutation(images)[:n_val].tolist())
     for split in ("train", "val"):
         (out / "images" / split).mkdir(parents=True, exist_ok=True)
@@ -92,16 +97,26 @@ def _split_sizes(images: int, val_fraction: float) -> tuple[int, int]:
     return n_val, images - n_val
 
 
+MAX_SIDE = 4096  # drawing a 4096x4096 frame peaks near 1 GB of memory; 100000 would ask for 63 GiB
+
+
 def _check_imgsz(imgsz: int | tuple[int, int]) -> None:
+    """Each side in 32..MAX_SIDE: smaller frames cannot hold a defect, larger ones exhaust memory while drawing."""
     sides = [imgsz] if isinstance(imgsz, int) else list(imgsz)
-    if len(sides) not in (1, 2) or not all(isinstance(s, (int, np.integer)) and s >= 32 for s in sides):
-        raise ValueError(f"imgsz={imgsz!r}: give one side (e.g. 640) or (h, w) (e.g. (360, 640)), each at least 32")
+    if len(sides) not in (1, 2) or not all(isinstance(s, (int, np.integer)) and not isinstance(s, bool)
+                                           and 32 <= s <= MAX_SIDE for s in sides):
+        raise ValueError(f"imgsz={imgsz!r}: give one side (e.g. 640) or (h, w) (e.g. (360, 640)), each in "
+                         f"32..{MAX_SIDE}")
 
 
 def _prepare(out: Path) -> None:
     """Make `out` ready: new or empty is fine; an earlier synth output is cleared; anything else is refused."""
     if not out.exists():
-        out.mkdir(parents=True)
+        try:
+            out.mkdir(parents=True)
+        except OSError as e:
+            raise ValueError(f"--out {out}: cannot create the folder ({e.strerror or e}); give a folder you can "
+                             "write to") from None
         return
     if not out.is_dir():
         raise ValueError(f"--out {out} is a file; give a folder")
@@ -165,8 +180,13 @@ def synth_main(argv: list[str] | None = None) -> int:
     try:
         path = synthesize(args.out, images=args.images, imgsz=args.imgsz, val_fraction=args.val_fraction,
                           seed=args.seed, progress=True)
-    except ValueError as e:
-        parser.error(str(e))  # prints usage and the reason, exits 2
+    except ValueError as e:  # one line, exit status 2 (the project's rule for bad input)
+        print(f"{GENERATOR_TAG}: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # the folder vanished or the disk filled up while writing
+        print(f"{GENERATOR_TAG}: error: writing {args.out} failed ({e.strerror or e}); free space or give another "
+              "--out folder", file=sys.stderr)
+        return 2
     seconds = time.perf_counter() - start
     print(f"wrote {args.images} images in {seconds:.1f} s ({args.images / seconds:.0f} images/s): {path}")
     return 0

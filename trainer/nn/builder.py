@@ -130,8 +130,21 @@ def resolve_model_yaml(name: str | Path) -> tuple[Path, str]:
 def load_model_yaml(name: str | Path) -> dict:
     """Read a model yaml (by name or path) and record the scale the name asked for in `scale`."""
     path, scale = resolve_model_yaml(name)
-    with open(path) as f:
-        d = yaml.safe_load(f)
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f)
+    except UnicodeDecodeError as e:  # an image or a .pt renamed: say which file, not just the codec's complaint
+        raise ValueError(f"{path} is not a text YAML file (byte 0x{e.object[e.start]:02x} at position {e.start} "
+                         "is not UTF-8 text); pass a model yaml such as yolov12n.yaml, or a .pt checkpoint") from None
+    except yaml.reader.ReaderError as e:  # control characters: a binary file that happens to decode
+        raise ValueError(f"{path} is not a text YAML file ({e.reason} at position {e.position}); pass a model "
+                         "yaml such as yolov12n.yaml, or a .pt checkpoint") from None
+    except yaml.YAMLError as e:
+        reason = " ".join(str(e).split())
+        raise ValueError(f"{path} is not valid YAML ({reason}); fix its syntax or pass a model yaml such as "
+                         "yolov12n.yaml") from None
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a folder; pass a model yaml file such as yolov12n.yaml") from None
     if not isinstance(d, dict) or "backbone" not in d or "head" not in d:
         raise ValueError(f"{path}: not a model yaml (needs 'backbone' and 'head' layer lists)")
     d["scale"] = scale or d.get("scale") or next(iter(d.get("scales", {"": None})))
