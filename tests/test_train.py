@@ -507,3 +507,17 @@ def test_patience_0_never_stops_early() -> None:
     hook.trainer.cfg.patience = 10
     with pytest.raises(StopTraining):
         hook.after_epoch()
+
+
+@pytest.mark.parametrize("tool, argv", [("train_main", ["--epochs", "abc"]), ("val_main", ["--batch", "x"]),
+                                        ("export_main", ["--weights", "w.pt", "--batch", "x"]),
+                                        ("data_main", ["synth", "--images", "x"])])
+def test_a_mistyped_option_is_one_line_not_the_usage_block(tool: str, argv: list[str], capsys) -> None:
+    import trainer.cli
+
+    try:
+        rc = getattr(trainer.cli, tool)(argv)
+    except SystemExit as e:
+        rc = e.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "invalid int value" in err[0] and err[0].endswith("(see --help)"), err

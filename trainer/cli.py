@@ -16,7 +16,7 @@ from pathlib import Path
 from . import __version__
 from .config import TrainConfig
 
-__all__ = ["data_main", "export_main", "train_main", "val_main"]
+__all__ = ["OneLineParser", "data_main", "export_main", "train_main", "val_main"]
 
 _HELP = {
     "model": "model yaml (yolov12n.yaml ... yolov12x.yaml turbo, yolov12n-v1.yaml ... v1) or a .pt to fine-tune",
@@ -114,6 +114,15 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise TerminatedError
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad option as one line, `PROG: error: ... (see --help)`, exit status 2 (not the usage
+    block of every option)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def _fail(prog: str, e: BaseException) -> int:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
@@ -132,7 +141,7 @@ def _torch_missing(prog: str) -> int:
 
 def train_main(argv: list[str] | None = None) -> int:
     """yolov12-train: train a YOLOv12 model on one GPU, several, several machines (torchrun) or the CPU."""
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="yolov12-train",
         description="Train YOLOv12. Writes PROJECT/NAME/weights/{last,best}.pt, results.csv and plots. "
                     "A global batch of any size fits: it is split across GPUs, then into micro-batches.")

@@ -25,7 +25,6 @@ dynamic, which dynamic H/W needs. BatchNorm is fused first, and flash-attn is ne
 
 from __future__ import annotations
 
-import argparse
 import copy
 import sys
 import warnings
@@ -388,13 +387,6 @@ def _calibration_images(data: str | Path | None) -> list[Path]:
     return cfg.images(split)
 
 
-class _OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one line (no usage dump) and exit status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise ExportError(f"{message} (see yolov12-export --help)")
-
-
 def _parse_imgsz(values: list[str]) -> int | tuple[int, int]:
     parts = [p for v in values for p in v.replace("x", ",").split(",") if p]
     try:
@@ -423,7 +415,9 @@ def _parse_shapes(text: str | None) -> list[tuple[int, int]] | None:
 
 def export_main(argv: list[str] | None = None) -> int:
     """yolov12-export: the CLI of `export`; prints the written path, or one error line and exits 2."""
-    p = _OneLineParser(prog="yolov12-export", description="Export a checkpoint to ONNX or a TensorRT engine.")
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="yolov12-export", description="Export a checkpoint to ONNX or a TensorRT engine.")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="checkpoint (.pt) or model yaml (random weights)")
     p.add_argument("--format", default="onnx", choices=["onnx", "engine"],
@@ -453,7 +447,7 @@ def export_main(argv: list[str] | None = None) -> int:
                       dynamic=a.dynamic, half=a.half, int8=a.int8, data=a.data, conf=a.conf, iou=a.iou,
                       max_det=a.max_det, raw=a.raw, simplify=not a.no_simplify, output=a.output, device=a.device,
                       workspace=a.workspace, nms=a.nms, shapes=_parse_shapes(a.shapes), contexts=a.contexts)
-    except SystemExit as e:  # --help
+    except SystemExit as e:  # --help, or a bad option (said in one line)
         return int(e.code or 0)
     except Exception as e:
         from engines.base import EngineError

@@ -10,7 +10,6 @@ conf 0.001, so its figures compare with theirs; serving engines keep the best cl
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import sys
@@ -210,7 +209,9 @@ def format_metrics(metrics: dict[str, Any]) -> str:
 
 def val_main(argv: list[str] | None = None) -> int:
     """yolov12-val --weights best.pt --data data.yaml [--imgsz --batch --device ...]; exit status 0 on success."""
-    p = argparse.ArgumentParser(prog="yolov12-val", description="mAP of a checkpoint on a dataset split (COCO metrics)")
+    from .cli import OneLineParser
+
+    p = OneLineParser(prog="yolov12-val", description="mAP of a checkpoint on a dataset split (COCO metrics)")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--weights", required=True, help="checkpoint (.pt): ours, official YOLOv12 or ultralytics "
                    "(not an exported .onnx/.engine)")

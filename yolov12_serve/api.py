@@ -185,8 +185,8 @@ class DetectorService(pb_grpc.DetectorServicer):
                 self.core.check_started()  # it may be one of the saved streams, not added yet: UNAVAILABLE
             except ServerError as e:
                 await abort(context, status_code(e), str(e))
-            await abort(context, grpc.StatusCode.NOT_FOUND,
-                                f"no stream {quote_id(missing[0])} (ListStreams shows the ids)")
+            await abort(context, grpc.StatusCode.NOT_FOUND, f"no stream {quote_id(missing[0])} (ListStreams shows "
+                        "the ids)")
         if self.core.draining:
             await abort(context, grpc.StatusCode.UNAVAILABLE, "the server is shutting down")
         return ids
@@ -210,7 +210,7 @@ class DetectorService(pb_grpc.DetectorServicer):
         delay_ms = request.max_delay_ms or self.core.config.watch_batch_ms
         if not 1 <= delay_ms <= 1000:
             await abort(context, grpc.StatusCode.INVALID_ARGUMENT, f"max_delay_ms must be 1..1000 (0: the server's "
-                                f"{self.core.config.watch_batch_ms:g}), got {delay_ms}")
+                        f"{self.core.config.watch_batch_ms:g}), got {delay_ms}")
         delay = delay_ms / 1000.0
         loop = asyncio.get_running_loop()
         sub = self.core.open_watch(ids or None, loop, context.peer(), batched=True)

@@ -166,7 +166,9 @@ def synth_main(argv: list[str] | None = None) -> int:
     args_in = list(sys.argv[1:] if argv is None else argv)
     if args_in[:1] == ["synth"]:
         args_in = args_in[1:]
-    parser = argparse.ArgumentParser(prog=GENERATOR_TAG, description="Write a synthetic factory-defect dataset "
+    from ..cli import OneLineParser
+
+    parser = OneLineParser(prog=GENERATOR_TAG, description="Write a synthetic factory-defect dataset "
                                      f"({', '.join(CLASS_NAMES)}) in YOLO format with exact labels.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("--out", required=True, type=Path, help="output folder (new, empty, or an earlier synth run)")
