@@ -486,6 +486,9 @@ def test_a_snapshot_is_the_camera_s_next_picture_full_size(client, server):
             client.snapshot("dark")
         assert e.value.code() == grpc.StatusCode.UNAVAILABLE and "no frame came from 'dark' in 5 s (it is " \
             in e.value.details(), e.value.details()
+        dark, aimed = client.stream("dark"), client.stream("aimed")  # news or history: how old the last error is
+        assert dark.last_error and 0 < dark.last_error_age_s < 60, (dark.last_error, dark.last_error_age_s)
+        assert (aimed.last_error, aimed.last_error_age_s) == ("", 0)
     finally:
         client.remove_stream("aimed")
         client.remove_stream("dark")

@@ -451,3 +451,8 @@ def test_watch_lines_show_each_tracked_object_s_id():
         pb.Detection(x1=5, y1=6, x2=9, y2=9, score=0.5, class_id=2, class_name="crack")])  # seen once: no id yet
     assert ctl._describe(fd) == ("belt #7 640x360 3.0 ms: 2 detections: dent [12] 0.91 (1,2,30,40), "
                                  "crack 0.50 (5,6,9,9)")
+
+
+def test_a_last_error_says_how_old_it_is():
+    assert [ctl._ago(s) for s in (0.4, 59, 60, 3599, 7200, 3 * 86400)] == [
+        "0 s ago", "59 s ago", "1 min ago", "59 min ago", "2 h ago", "3 d ago"]

@@ -257,9 +257,17 @@ def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO)
         rows.append((s.stream_id, state, s.device or "-", f"{s.fps:.1f}", f"{s.latency_p50_ms:.1f}",
                      f"{s.latency_p99_ms:.1f}", str(s.frames_processed), str(s.frames_dropped), str(s.reconnects),
                      str(s.objects) if s.track else "-", f"{s.width}x{s.height}" if s.width else "-", s.url,
-                     s.last_error or ""))
+                     f"{s.last_error} ({_ago(s.last_error_age_s)})" if s.last_error else ""))
     _table(rows, out)
     return 0
+
+
+def _ago(seconds: float) -> str:
+    """'40 s ago', '12 min ago', '3 h ago', '2 d ago': whether a camera's last error is news or history."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)} {unit} ago"
+    return f"{int(seconds)} s ago"
 
 
 def _describe(fd: pb.FrameDetections) -> str:

@@ -20,7 +20,8 @@ def stream_info(view: StreamView) -> pb.StreamInfo:
         reconnects=view.reconnects, latency_p50_ms=view.latency_p50_ms, latency_p99_ms=view.latency_p99_ms,
         width=view.width, height=view.height, max_fps=view.max_fps, min_score=view.min_score,
         classes=view.classes, zone=[c for point in view.zone for c in point], picture_problem=view.picture_problem,
-        blind_after_s=view.blind_after_s, track=view.track, objects=view.objects)
+        blind_after_s=view.blind_after_s, track=view.track, objects=view.objects,
+        last_error_age_s=view.last_error_age_s)
 
 
 def frame_detections(result: FrameResult, names: dict[int, str], stream_id: str | None = None) -> pb.FrameDetections:

@@ -63,6 +63,7 @@ class StreamView:
     blind_after_s: float | None = None  # as asked for in AddStream (None: the server's --blind-after-s)
     track: bool = False
     objects: int = 0  # with track: objects counted so far
+    last_error_age_s: float = 0.0  # since last_error last changed (0: none yet)
 
 
 class Stream:
@@ -95,6 +96,7 @@ class Stream:
         self.group = group  # streams sharing one turn under overload (all DetectImage calls); None: its own
         self.state = StreamState.CONNECTING
         self.last_error = ""
+        self.last_error_at = 0.0  # now() when last_error last changed
         self.reconnects = 0
         self.src_hw = (0, 0)
         self.stats = StreamStats()
@@ -214,7 +216,7 @@ class Stream:
                 return
             self.state = state
             if error:
-                self.last_error = redact_text(error)  # shown by ListStreams and the status table: no passwords
+                self._note(redact_text(error))  # shown by ListStreams and the status table: no passwords
         if state != StreamState.STREAMING and self._picture_check is not None:  # judged again once it streams
             self._picture_check = PictureCheck(self._picture_check.after_s)
             self.picture_problem = ""  # its state tells now (a device process's API side clears its own on "st")
@@ -268,7 +270,12 @@ class Stream:
     def note_error(self, error: str) -> None:
         """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""
         with self._lock:
-            self.last_error = error
+            self._note(error)
+
+    def _note(self, error: str) -> None:
+        """Keep `error` as the last one, timed when it differs from the one before (the lock held)."""
+        if error != self.last_error:
+            self.last_error, self.last_error_at = error, now()
 
     def restart_if_stalled(self, t: float, stall_s: float) -> None:
         """The watchdog's check: reconnect a pulled camera that is STREAMING but sent no frame for `stall_s`."""
@@ -294,4 +301,4 @@ class Stream:
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
                           self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
                           self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None,
-                          self.objects)
+                          self.objects, now() - self.last_error_at if self.last_error else 0.0)

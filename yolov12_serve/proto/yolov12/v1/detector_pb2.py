@@ -24,57 +24,57 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19yolov12/v1/detector.proto\x12\nyolov12.v1\"\xb2\x01\n\x10\x41\x64\x64StreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0f\n\x07max_fps\x18\x03 \x01(\x02\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x0f\n\x07\x63lasses\x18\x05 \x03(\t\x12\x0c\n\x04zone\x18\x06 \x03(\x02\x12\x1a\n\rblind_after_s\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05track\x18\x08 \x01(\x08\x42\x10\n\x0e_blind_after_s\"\xc4\x03\n\nStreamInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.yolov12.v1.StreamState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x02\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x18\n\x10\x66rames_processed\x18\x07 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x08 \x01(\x04\x12\x12\n\nreconnects\x18\t \x01(\r\x12\x16\n\x0elatency_p50_ms\x18\n \x01(\x02\x12\x16\n\x0elatency_p99_ms\x18\x0b \x01(\x02\x12\r\n\x05width\x18\x0c \x01(\x05\x12\x0e\n\x06height\x18\r \x01(\x05\x12\x0f\n\x07max_fps\x18\x0e \x01(\x02\x12\x11\n\tmin_score\x18\x0f \x01(\x02\x12\x0f\n\x07\x63lasses\x18\x10 \x03(\t\x12\x0c\n\x04zone\x18\x11 \x03(\x02\x12\x17\n\x0fpicture_problem\x18\x12 \x01(\t\x12\x1a\n\rblind_after_s\x18\x13 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05track\x18\x14 \x01(\x08\x12\x0f\n\x07objects\x18\x15 \x01(\x04\x42\x10\n\x0e_blind_after_s\"(\n\x13RemoveStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\">\n\x14RemoveStreamResponse\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.yolov12.v1.StreamInfo\"\x14\n\x12ListStreamsRequest\">\n\x13ListStreamsResponse\x12\'\n\x07streams\x18\x01 \x03(\x0b\x32\x16.yolov12.v1.StreamInfo\",\n\x16WatchDetectionsRequest\x12\x12\n\nstream_ids\x18\x01 \x03(\t\"H\n\x1cWatchDetectionBatchesRequest\x12\x12\n\nstream_ids\x18\x01 \x03(\t\x12\x14\n\x0cmax_delay_ms\x18\x02 \x01(\r\"O\n\x0e\x44\x65tectionBatch\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.yolov12.v1.FrameDetections\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"\x9a\x01\n\x05\x46rame\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.yolov12.v1.Encoding\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x17\n\x0f\x63\x61pture_time_us\x18\x07 \x01(\x03\"\x82\x01\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x06 \x01(\x05\x12\x12\n\nclass_name\x18\x07 \x01(\t\x12\x10\n\x08track_id\x18\x08 \x01(\x04\"\xe3\x01\n\x0f\x46rameDetections\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12)\n\ndetections\x18\x03 \x03(\x0b\x32\x15.yolov12.v1.Detection\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x17\n\x0f\x63\x61pture_time_us\x18\x06 \x01(\x03\x12\x12\n\nlatency_ms\x18\x07 \x01(\x02\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\t\"\x16\n\x14GetServerInfoRequest\"\'\n\x12GetSnapshotRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"J\n\x08Snapshot\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0c\n\x04jpeg\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"\'\n\x14ReloadEnginesRequest\x12\x0f\n\x07\x65ngines\x18\x01 \x03(\t\"@\n\x15ReloadEnginesResponse\x12\'\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x16.yolov12.v1.EngineInfo\"\xa8\x02\n\nEngineInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cinput_height\x18\x03 \x01(\x05\x12\x13\n\x0binput_width\x18\x04 \x01(\x05\x12\x0e\n\x06stride\x18\x05 \x01(\x05\x12\x11\n\tbatch_min\x18\x06 \x01(\x05\x12\x11\n\tbatch_max\x18\x07 \x01(\x05\x12\x12\n\ndynamic_hw\x18\x08 \x01(\x08\x12\x11\n\tprecision\x18\t \x01(\t\x12\x0f\n\x07variant\x18\n \x01(\t\x12\r\n\x05scale\x18\x0b \x01(\t\x12\x11\n\tinstances\x18\x0c \x01(\x05\x12\x0c\n\x04\x63onf\x18\r \x01(\x02\x12\x0b\n\x03iou\x18\x0e \x01(\x02\x12\x0f\n\x07max_det\x18\x0f \x01(\x05\x12\x15\n\rmodel_version\x18\x10 \x01(\t\"q\n\x0c\x44\x65viceStatus\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\"\x96\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x07\x65ngines\x18\x02 \x03(\x0b\x32\x16.yolov12.v1.EngineInfo\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x14\n\x0cinput_height\x18\x05 \x01(\x05\x12\x13\n\x0binput_width\x18\x06 \x01(\x05\x12\x0e\n\x06slo_ms\x18\x07 \x01(\x02\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x13\n\x0bmax_streams\x18\t \x01(\x05\x12\x14\n\x0cprocess_late\x18\n \x01(\x08\x12/\n\rdevice_status\x18\x0b \x03(\x0b\x32\x18.yolov12.v1.DeviceStatus*q\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_JPEG\x10\x01\x12\x10\n\x0c\x45NCODING_PNG\x10\x02\x12\x12\n\x0e\x45NCODING_RGB24\x10\x03\x12\x12\n\x0e\x45NCODING_BGR24\x10\x04*\xb6\x01\n\x0bStreamState\x12\x1c\n\x18STREAM_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17STREAM_STATE_CONNECTING\x10\x01\x12\x1a\n\x16STREAM_STATE_STREAMING\x10\x02\x12\x1d\n\x19STREAM_STATE_RECONNECTING\x10\x03\x12\x18\n\x14STREAM_STATE_STOPPED\x10\x04\x12\x17\n\x13STREAM_STATE_FAILED\x10\x05\x32\x8a\x06\n\x08\x44\x65tector\x12\x41\n\tAddStream\x12\x1c.yolov12.v1.AddStreamRequest\x1a\x16.yolov12.v1.StreamInfo\x12Q\n\x0cRemoveStream\x12\x1f.yolov12.v1.RemoveStreamRequest\x1a .yolov12.v1.RemoveStreamResponse\x12N\n\x0bListStreams\x12\x1e.yolov12.v1.ListStreamsRequest\x1a\x1f.yolov12.v1.ListStreamsResponse\x12T\n\x0fWatchDetections\x12\".yolov12.v1.WatchDetectionsRequest\x1a\x1b.yolov12.v1.FrameDetections0\x01\x12_\n\x15WatchDetectionBatches\x12(.yolov12.v1.WatchDetectionBatchesRequest\x1a\x1a.yolov12.v1.DetectionBatch0\x01\x12<\n\x06\x44\x65tect\x12\x11.yolov12.v1.Frame\x1a\x1b.yolov12.v1.FrameDetections(\x01\x30\x01\x12=\n\x0b\x44\x65tectImage\x12\x11.yolov12.v1.Frame\x1a\x1b.yolov12.v1.FrameDetections\x12I\n\rGetServerInfo\x12 .yolov12.v1.GetServerInfoRequest\x1a\x16.yolov12.v1.ServerInfo\x12\x43\n\x0bGetSnapshot\x12\x1e.yolov12.v1.GetSnapshotRequest\x1a\x14.yolov12.v1.Snapshot\x12T\n\rReloadEngines\x12 .yolov12.v1.ReloadEnginesRequest\x1a!.yolov12.v1.ReloadEnginesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19yolov12/v1/detector.proto\x12\nyolov12.v1\"\xb2\x01\n\x10\x41\x64\x64StreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0f\n\x07max_fps\x18\x03 \x01(\x02\x12\x11\n\tmin_score\x18\x04 \x01(\x02\x12\x0f\n\x07\x63lasses\x18\x05 \x03(\t\x12\x0c\n\x04zone\x18\x06 \x03(\x02\x12\x1a\n\rblind_after_s\x18\x07 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05track\x18\x08 \x01(\x08\x42\x10\n\x0e_blind_after_s\"\xde\x03\n\nStreamInfo\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12&\n\x05state\x18\x03 \x01(\x0e\x32\x17.yolov12.v1.StreamState\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\x0b\n\x03\x66ps\x18\x05 \x01(\x02\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x18\n\x10\x66rames_processed\x18\x07 \x01(\x04\x12\x16\n\x0e\x66rames_dropped\x18\x08 \x01(\x04\x12\x12\n\nreconnects\x18\t \x01(\r\x12\x16\n\x0elatency_p50_ms\x18\n \x01(\x02\x12\x16\n\x0elatency_p99_ms\x18\x0b \x01(\x02\x12\r\n\x05width\x18\x0c \x01(\x05\x12\x0e\n\x06height\x18\r \x01(\x05\x12\x0f\n\x07max_fps\x18\x0e \x01(\x02\x12\x11\n\tmin_score\x18\x0f \x01(\x02\x12\x0f\n\x07\x63lasses\x18\x10 \x03(\t\x12\x0c\n\x04zone\x18\x11 \x03(\x02\x12\x17\n\x0fpicture_problem\x18\x12 \x01(\t\x12\x1a\n\rblind_after_s\x18\x13 \x01(\x02H\x00\x88\x01\x01\x12\r\n\x05track\x18\x14 \x01(\x08\x12\x0f\n\x07objects\x18\x15 \x01(\x04\x12\x18\n\x10last_error_age_s\x18\x16 \x01(\x02\x42\x10\n\x0e_blind_after_s\"(\n\x13RemoveStreamRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\">\n\x14RemoveStreamResponse\x12&\n\x06stream\x18\x01 \x01(\x0b\x32\x16.yolov12.v1.StreamInfo\"\x14\n\x12ListStreamsRequest\">\n\x13ListStreamsResponse\x12\'\n\x07streams\x18\x01 \x03(\x0b\x32\x16.yolov12.v1.StreamInfo\",\n\x16WatchDetectionsRequest\x12\x12\n\nstream_ids\x18\x01 \x03(\t\"H\n\x1cWatchDetectionBatchesRequest\x12\x12\n\nstream_ids\x18\x01 \x03(\t\x12\x14\n\x0cmax_delay_ms\x18\x02 \x01(\r\"O\n\x0e\x44\x65tectionBatch\x12,\n\x07results\x18\x01 \x03(\x0b\x32\x1b.yolov12.v1.FrameDetections\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x04\"\x9a\x01\n\x05\x46rame\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\x12&\n\x08\x65ncoding\x18\x04 \x01(\x0e\x32\x14.yolov12.v1.Encoding\x12\r\n\x05width\x18\x05 \x01(\x05\x12\x0e\n\x06height\x18\x06 \x01(\x05\x12\x17\n\x0f\x63\x61pture_time_us\x18\x07 \x01(\x03\"\x82\x01\n\tDetection\x12\n\n\x02x1\x18\x01 \x01(\x02\x12\n\n\x02y1\x18\x02 \x01(\x02\x12\n\n\x02x2\x18\x03 \x01(\x02\x12\n\n\x02y2\x18\x04 \x01(\x02\x12\r\n\x05score\x18\x05 \x01(\x02\x12\x10\n\x08\x63lass_id\x18\x06 \x01(\x05\x12\x12\n\nclass_name\x18\x07 \x01(\t\x12\x10\n\x08track_id\x18\x08 \x01(\x04\"\xe3\x01\n\x0f\x46rameDetections\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x10\n\x08\x66rame_id\x18\x02 \x01(\x04\x12)\n\ndetections\x18\x03 \x03(\x0b\x32\x15.yolov12.v1.Detection\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x0e\n\x06height\x18\x05 \x01(\x05\x12\x17\n\x0f\x63\x61pture_time_us\x18\x06 \x01(\x03\x12\x12\n\nlatency_ms\x18\x07 \x01(\x02\x12\x0e\n\x06\x64\x65vice\x18\x08 \x01(\t\x12\r\n\x05\x65rror\x18\t \x01(\t\x12\x15\n\rmodel_version\x18\n \x01(\t\"\x16\n\x14GetServerInfoRequest\"\'\n\x12GetSnapshotRequest\x12\x11\n\tstream_id\x18\x01 \x01(\t\"J\n\x08Snapshot\x12\x11\n\tstream_id\x18\x01 \x01(\t\x12\x0c\n\x04jpeg\x18\x02 \x01(\x0c\x12\r\n\x05width\x18\x03 \x01(\x05\x12\x0e\n\x06height\x18\x04 \x01(\x05\"\'\n\x14ReloadEnginesRequest\x12\x0f\n\x07\x65ngines\x18\x01 \x03(\t\"@\n\x15ReloadEnginesResponse\x12\'\n\x07\x65ngines\x18\x01 \x03(\x0b\x32\x16.yolov12.v1.EngineInfo\"\xa8\x02\n\nEngineInfo\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x02 \x01(\t\x12\x14\n\x0cinput_height\x18\x03 \x01(\x05\x12\x13\n\x0binput_width\x18\x04 \x01(\x05\x12\x0e\n\x06stride\x18\x05 \x01(\x05\x12\x11\n\tbatch_min\x18\x06 \x01(\x05\x12\x11\n\tbatch_max\x18\x07 \x01(\x05\x12\x12\n\ndynamic_hw\x18\x08 \x01(\x08\x12\x11\n\tprecision\x18\t \x01(\t\x12\x0f\n\x07variant\x18\n \x01(\t\x12\r\n\x05scale\x18\x0b \x01(\t\x12\x11\n\tinstances\x18\x0c \x01(\x05\x12\x0c\n\x04\x63onf\x18\r \x01(\x02\x12\x0b\n\x03iou\x18\x0e \x01(\x02\x12\x0f\n\x07max_det\x18\x0f \x01(\x05\x12\x15\n\rmodel_version\x18\x10 \x01(\t\"q\n\x0c\x44\x65viceStatus\x12\x0e\n\x06\x64\x65vice\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\r\n\x05state\x18\x03 \x01(\t\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x0b\n\x03pid\x18\x06 \x01(\x05\"\x96\x02\n\nServerInfo\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\'\n\x07\x65ngines\x18\x02 \x03(\x0b\x32\x16.yolov12.v1.EngineInfo\x12\x0f\n\x07\x64\x65vices\x18\x03 \x03(\t\x12\x13\n\x0b\x63lass_names\x18\x04 \x03(\t\x12\x14\n\x0cinput_height\x18\x05 \x01(\x05\x12\x13\n\x0binput_width\x18\x06 \x01(\x05\x12\x0e\n\x06slo_ms\x18\x07 \x01(\x02\x12\x11\n\tmax_batch\x18\x08 \x01(\x05\x12\x13\n\x0bmax_streams\x18\t \x01(\x05\x12\x14\n\x0cprocess_late\x18\n \x01(\x08\x12/\n\rdevice_status\x18\x0b \x03(\x0b\x32\x18.yolov12.v1.DeviceStatus*q\n\x08\x45ncoding\x12\x18\n\x14\x45NCODING_UNSPECIFIED\x10\x00\x12\x11\n\rENCODING_JPEG\x10\x01\x12\x10\n\x0c\x45NCODING_PNG\x10\x02\x12\x12\n\x0e\x45NCODING_RGB24\x10\x03\x12\x12\n\x0e\x45NCODING_BGR24\x10\x04*\xb6\x01\n\x0bStreamState\x12\x1c\n\x18STREAM_STATE_UNSPECIFIED\x10\x00\x12\x1b\n\x17STREAM_STATE_CONNECTING\x10\x01\x12\x1a\n\x16STREAM_STATE_STREAMING\x10\x02\x12\x1d\n\x19STREAM_STATE_RECONNECTING\x10\x03\x12\x18\n\x14STREAM_STATE_STOPPED\x10\x04\x12\x17\n\x13STREAM_STATE_FAILED\x10\x05\x32\x8a\x06\n\x08\x44\x65tector\x12\x41\n\tAddStream\x12\x1c.yolov12.v1.AddStreamRequest\x1a\x16.yolov12.v1.StreamInfo\x12Q\n\x0cRemoveStream\x12\x1f.yolov12.v1.RemoveStreamRequest\x1a .yolov12.v1.RemoveStreamResponse\x12N\n\x0bListStreams\x12\x1e.yolov12.v1.ListStreamsRequest\x1a\x1f.yolov12.v1.ListStreamsResponse\x12T\n\x0fWatchDetections\x12\".yolov12.v1.WatchDetectionsRequest\x1a\x1b.yolov12.v1.FrameDetections0\x01\x12_\n\x15WatchDetectionBatches\x12(.yolov12.v1.WatchDetectionBatchesRequest\x1a\x1a.yolov12.v1.DetectionBatch0\x01\x12<\n\x06\x44\x65tect\x12\x11.yolov12.v1.Frame\x1a\x1b.yolov12.v1.FrameDetections(\x01\x30\x01\x12=\n\x0b\x44\x65tectImage\x12\x11.yolov12.v1.Frame\x1a\x1b.yolov12.v1.FrameDetections\x12I\n\rGetServerInfo\x12 .yolov12.v1.GetServerInfoRequest\x1a\x16.yolov12.v1.ServerInfo\x12\x43\n\x0bGetSnapshot\x12\x1e.yolov12.v1.GetSnapshotRequest\x1a\x14.yolov12.v1.Snapshot\x12T\n\rReloadEngines\x12 .yolov12.v1.ReloadEnginesRequest\x1a!.yolov12.v1.ReloadEnginesResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'yolov12.v1.detector_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ENCODING']._serialized_start=2533
-  _globals['_ENCODING']._serialized_end=2646
-  _globals['_STREAMSTATE']._serialized_start=2649
-  _globals['_STREAMSTATE']._serialized_end=2831
+  _globals['_ENCODING']._serialized_start=2559
+  _globals['_ENCODING']._serialized_end=2672
+  _globals['_STREAMSTATE']._serialized_start=2675
+  _globals['_STREAMSTATE']._serialized_end=2857
   _globals['_ADDSTREAMREQUEST']._serialized_start=42
   _globals['_ADDSTREAMREQUEST']._serialized_end=220
   _globals['_STREAMINFO']._serialized_start=223
-  _globals['_STREAMINFO']._serialized_end=675
-  _globals['_REMOVESTREAMREQUEST']._serialized_start=677
-  _globals['_REMOVESTREAMREQUEST']._serialized_end=717
-  _globals['_REMOVESTREAMRESPONSE']._serialized_start=719
-  _globals['_REMOVESTREAMRESPONSE']._serialized_end=781
-  _globals['_LISTSTREAMSREQUEST']._serialized_start=783
-  _globals['_LISTSTREAMSREQUEST']._serialized_end=803
-  _globals['_LISTSTREAMSRESPONSE']._serialized_start=805
-  _globals['_LISTSTREAMSRESPONSE']._serialized_end=867
-  _globals['_WATCHDETECTIONSREQUEST']._serialized_start=869
-  _globals['_WATCHDETECTIONSREQUEST']._serialized_end=913
-  _globals['_WATCHDETECTIONBATCHESREQUEST']._serialized_start=915
-  _globals['_WATCHDETECTIONBATCHESREQUEST']._serialized_end=987
-  _globals['_DETECTIONBATCH']._serialized_start=989
-  _globals['_DETECTIONBATCH']._serialized_end=1068
-  _globals['_FRAME']._serialized_start=1071
-  _globals['_FRAME']._serialized_end=1225
-  _globals['_DETECTION']._serialized_start=1228
-  _globals['_DETECTION']._serialized_end=1358
-  _globals['_FRAMEDETECTIONS']._serialized_start=1361
-  _globals['_FRAMEDETECTIONS']._serialized_end=1588
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1590
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1612
-  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1614
-  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1653
-  _globals['_SNAPSHOT']._serialized_start=1655
-  _globals['_SNAPSHOT']._serialized_end=1729
-  _globals['_RELOADENGINESREQUEST']._serialized_start=1731
-  _globals['_RELOADENGINESREQUEST']._serialized_end=1770
-  _globals['_RELOADENGINESRESPONSE']._serialized_start=1772
-  _globals['_RELOADENGINESRESPONSE']._serialized_end=1836
-  _globals['_ENGINEINFO']._serialized_start=1839
-  _globals['_ENGINEINFO']._serialized_end=2135
-  _globals['_DEVICESTATUS']._serialized_start=2137
-  _globals['_DEVICESTATUS']._serialized_end=2250
-  _globals['_SERVERINFO']._serialized_start=2253
-  _globals['_SERVERINFO']._serialized_end=2531
-  _globals['_DETECTOR']._serialized_start=2834
-  _globals['_DETECTOR']._serialized_end=3612
+  _globals['_STREAMINFO']._serialized_end=701
+  _globals['_REMOVESTREAMREQUEST']._serialized_start=703
+  _globals['_REMOVESTREAMREQUEST']._serialized_end=743
+  _globals['_REMOVESTREAMRESPONSE']._serialized_start=745
+  _globals['_REMOVESTREAMRESPONSE']._serialized_end=807
+  _globals['_LISTSTREAMSREQUEST']._serialized_start=809
+  _globals['_LISTSTREAMSREQUEST']._serialized_end=829
+  _globals['_LISTSTREAMSRESPONSE']._serialized_start=831
+  _globals['_LISTSTREAMSRESPONSE']._serialized_end=893
+  _globals['_WATCHDETECTIONSREQUEST']._serialized_start=895
+  _globals['_WATCHDETECTIONSREQUEST']._serialized_end=939
+  _globals['_WATCHDETECTIONBATCHESREQUEST']._serialized_start=941
+  _globals['_WATCHDETECTIONBATCHESREQUEST']._serialized_end=1013
+  _globals['_DETECTIONBATCH']._serialized_start=1015
+  _globals['_DETECTIONBATCH']._serialized_end=1094
+  _globals['_FRAME']._serialized_start=1097
+  _globals['_FRAME']._serialized_end=1251
+  _globals['_DETECTION']._serialized_start=1254
+  _globals['_DETECTION']._serialized_end=1384
+  _globals['_FRAMEDETECTIONS']._serialized_start=1387
+  _globals['_FRAMEDETECTIONS']._serialized_end=1614
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1616
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1638
+  _globals['_GETSNAPSHOTREQUEST']._serialized_start=1640
+  _globals['_GETSNAPSHOTREQUEST']._serialized_end=1679
+  _globals['_SNAPSHOT']._serialized_start=1681
+  _globals['_SNAPSHOT']._serialized_end=1755
+  _globals['_RELOADENGINESREQUEST']._serialized_start=1757
+  _globals['_RELOADENGINESREQUEST']._serialized_end=1796
+  _globals['_RELOADENGINESRESPONSE']._serialized_start=1798
+  _globals['_RELOADENGINESRESPONSE']._serialized_end=1862
+  _globals['_ENGINEINFO']._serialized_start=1865
+  _globals['_ENGINEINFO']._serialized_end=2161
+  _globals['_DEVICESTATUS']._serialized_start=2163
+  _globals['_DEVICESTATUS']._serialized_end=2276
+  _globals['_SERVERINFO']._serialized_start=2279
+  _globals['_SERVERINFO']._serialized_end=2557
+  _globals['_DETECTOR']._serialized_start=2860
+  _globals['_DETECTOR']._serialized_end=3638
 # @@protoc_insertion_point(module_scope)
