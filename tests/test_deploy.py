@@ -313,6 +313,13 @@ def test_statefulset_shards_probes_and_drains_as_the_issue_asks(tmp_path):
     assert len(load_streams_file(cameras)) == 4
 
     build_parser().parse_args(server["args"])  # the server accepts its command line
+    # the root file system is read-only: the stream set must be kept on a writable volume of the pod's own (the
+    # default, under $HOME in the image, stopped the server at start), one per ordinal
+    assert server["securityContext"]["readOnlyRootFilesystem"] and "no-state" not in args
+    mounts = {m["mountPath"]: m for m in server["volumeMounts"]}
+    state = mounts.get(args.get("state-dir"))
+    assert state is not None and not state.get("readOnly"), (args.get("state-dir"), sorted(mounts))
+    assert state["name"] in {t["metadata"]["name"] for t in spec.get("volumeClaimTemplates", [])}
 
 
 def _pod(template: dict, name: str) -> dict:

@@ -103,7 +103,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert", metavar="FILE", help="this client's certificate, for a server with --tls-client-ca")
     parser.add_argument("--key", metavar="FILE", help="this client's key (with --cert)")
     parser.add_argument("--server-name", help="check the server's certificate for this name instead of the host's")
-    parser.add_argument("--token-file", metavar="FILE", help="file holding the bearer token (default: $YOLOV12_TOKEN)")
+    parser.add_argument("--token-file", metavar="FILE",
+                        help="file holding the bearer token (without it: the token itself from $YOLOV12_TOKEN)")
     parser.add_argument("--timeout", type=seconds, help="seconds a call may take (default: 10)")
     parser.add_argument("--json", action="store_true", help="JSON output, one object per line (for scripts)")
 

@@ -27,7 +27,7 @@ Shape = tuple[int, int]
 
 
 class DeviceState(enum.Enum):
-    """Where a device stands (the `state` label of yolov12_device_state and GetServerInfo's device status)."""
+    """Where a device stands (GetServerInfo's device status; yolov12_device_healthy says whether it takes streams)."""
 
     HEALTHY = "healthy"
     SUSPECT = "suspect"  # failures in a row, all of one shape: a probe of a known shape decides (still serving)
