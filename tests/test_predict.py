@@ -496,7 +496,16 @@ def test_result_plot_save_and_json(predictor, folder, tmp_path, monkeypatch):
     out = r.save(tmp_path / "drawn.png")
     assert Image.open(out).size == (r.orig_shape[1], r.orig_shape[0])
     monkeypatch.chdir(tmp_path)
-    assert r.save() == Path(r.path).name  # a folder's image keeps its name (its frame is its place in the folder)
+    assert r.save() == f"results_{Path(r.path).name}"  # as ultralytics names it (its frame: its place in the folder)
+    assert r.save(tmp_path) == str(tmp_path / f"results_{Path(r.path).name}")  # a folder: the same name in it
+    monkeypatch.chdir(Path(r.path).parent)  # where the source is: r.save() used to write over it
+    source = Path(r.path).read_bytes()
+    with pytest.raises(ValueError, match="would overwrite the source image"):
+        r.save(Path(r.path).name)
+    assert Path(r.save()).name == f"results_{Path(r.path).name}" and Path(r.path).read_bytes() == source
+    Path(r.save()).unlink()
+    with pytest.raises(ValueError, match=r"name a picture file \(.jpg, .png, ...\) or a folder"):
+        r.save(tmp_path / "drawn.xyz")
     d = json.loads(r.to_json())
     assert d["path"] == r.path and d["frame"] == r.frame and d["shape"] == list(r.orig_shape)
     assert [det["class"] for det in d["detections"]] == r.boxes.cls.tolist()
@@ -631,3 +640,11 @@ def test_cli_bad_input_is_one_line_and_exit_2(folder, capsys, args, match):
 def test_cli_bad_weights_exit_2(folder, capsys):
     assert predict_main(["--weights", "/no/model.onnx", "--source", str(folder)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_a_stream_left_half_read_when_the_script_ends_exits_cleanly(folder):
+    """`g = predict(..., stream=True); next(g)` and the end of the script: the workers, still in the engine while the
+    interpreter went down, aborted the process (SIGABRT, 'terminate called without an active exception')."""
+    code = (f"from trainer import YOLO; g = YOLO({str(DEMO)!r}).predict({str(folder)!r}, stream=True); next(g)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])

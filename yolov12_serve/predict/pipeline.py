@@ -31,11 +31,13 @@ once (export again to get it). `classes` is always a host filter.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import math
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -446,6 +448,17 @@ class Predictor:
         self.close()
 
 
+_RUNNING: weakref.WeakSet[_Run] = weakref.WeakSet()  # predict calls started and not stopped
+
+
+@atexit.register
+def _stop_running() -> None:
+    """A stream=True generator left half-read when the script ends: stop its threads before the interpreter goes
+    (its workers, still inside the engine while modules were torn down, aborted the process: SIGABRT)."""
+    for run in list(_RUNNING):
+        run.stop()
+
+
 class _Run:
     """One predict call: devices started, the offline reader, the cameras, and results in order (module docs)."""
 
@@ -473,6 +486,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        _RUNNING.add(self)
         lanes = self.p._lanes_per_device(self.opts.batch)
         shapes = plannable_shapes(self.planner)
         for spec in self.p.devices:
@@ -517,6 +531,7 @@ class _Run:
         return not any(args[:1] == (s.stream_id,) and not s.streamed for s in self.sinks)
 
     def stop(self) -> None:
+        _RUNNING.discard(self)
         with self.cond:
             self.stopping = True
             self.cond.notify_all()

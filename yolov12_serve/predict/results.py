@@ -138,14 +138,21 @@ class Result:
                           ids=self.boxes.id)
 
     def save(self, filename: str | Path | None = None) -> str:
-        """Write `plot()` to `filename` (format from its suffix; default: the image's name, or
-        'STEM_FRAME.jpg' for a video or camera frame, in the working directory); returns the path written."""
-        if filename is None:
-            p = Path(self.path)
-            still = p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
-            filename = p.name if still else f"{p.stem or 'frame'}_{self.frame:06d}.jpg"
-        Image.fromarray(self.plot()).save(filename)
-        return str(filename)
+        """Write `plot()` to `filename` (format from its suffix; a folder: the default name in it); returns the path
+        written. Default, as ultralytics: 'results_NAME' for an image, 'results_STEM_FRAME.jpg' for a video or camera
+        frame, in the working directory. Never over the source image itself (it used to be the default)."""
+        p = Path(self.path)
+        still = p.suffix.lower() in (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
+        default = f"results_{p.name}" if still else f"results_{p.stem or 'frame'}_{self.frame:06d}.jpg"
+        target = Path(default) if filename is None else Path(filename)
+        if target.is_dir():
+            target = target / default
+        if target.suffix.lower() not in Image.registered_extensions():
+            raise ValueError(f"cannot save {target}: name a picture file (.jpg, .png, ...) or a folder")
+        if still and p.is_file() and target.resolve() == p.resolve():
+            raise ValueError(f"saving to {target} would overwrite the source image: give another name")
+        Image.fromarray(self.plot()).save(target)
+        return str(target)
 
     def __repr__(self) -> str:
         return (f"Result({self.source!r} frame {self.frame}: {len(self)} detections in {self.orig_shape[1]}x"
