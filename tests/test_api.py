@@ -288,6 +288,11 @@ def test_error_codes(client, photo):
     assert code_of(lambda: list(client.detect(bad_push, timeout=30))) == INVALID
     mixed = iter([make_frame(photo[:64, :64], "p2", 0, "png"), make_frame(photo[:64, :64], "p3", 1, "png")])
     assert code_of(lambda: list(client.detect(mixed, timeout=30))) == INVALID
+    with pytest.raises(ValueError, match="float32"):  # the caller's own error, not UNKNOWN "Exception iterating"
+        list(client.detect([photo[:64, :64], np.zeros((64, 64, 3), np.float32)], stream_id="p4", timeout=30))
+    with pytest.raises(grpc.RpcError) as e:  # one id alone: not the ids 'n', 'o', 'p', 'e'
+        next(client.watch("nope"))
+    assert e.value.code() == grpc.StatusCode.NOT_FOUND and "'nope'" in e.value.details()
     # larger than --max-message-mb 1
     huge = pb.Frame(data=bytes(3 * 700 * 700), encoding=pb.ENCODING_RGB24, width=700, height=700)
     assert code_of(lambda: client.detect_image(huge)) == grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -64,6 +64,9 @@ def test_nc_override_and_names() -> None:
     assert model.head.cv3[0][-1].out_channels == 3
     with pytest.raises(ValueError, match="class names"):
         build_model("yolov12n.yaml", nc=4, names=["a"])
+    for bad in (0, "3", 2.5):  # 0 failed deep in torch's conv2d; "3" was taken
+        with pytest.raises(ValueError, match="nc must be a whole number of classes >= 1"):
+            build_model("yolov12n.yaml", nc=bad)
     with pytest.raises(FileNotFoundError, match=r"yolov12n\.yaml"):
         build_model("yolov13q.yaml")
 

@@ -316,6 +316,19 @@ def test_conf_classes_and_max_det_filter_on_end_to_end_graphs(predictor, folder)
     assert sum(map(len, high)) < sum(map(len, base)) and sum(map(len, only)) < sum(map(len, base))
     with pytest.raises(ValueError, match="classes"):
         predictor.predict(folder, classes=[9])
+    names = [predictor.names[3], predictor.names[4]]  # names as the server's AddStream takes them
+    for o, n in zip(only, predictor.predict(folder, classes=names)):
+        assert_same(n.boxes.data, o.boxes.data, "classes by name")
+    # each was a raw error or, worse, silently another filter ('12' was classes 1 and 2, 2.7 was 2)
+    for bad, said in [("12", "'12' is not a class"), ([2.7], "2.7 is not a class"), (["nope"], "'nope' is not"),
+                      (None, None)]:
+        if bad is not None:
+            with pytest.raises(ValueError, match=said):
+                predictor.predict(folder, classes=bad)
+    for kwargs, said in [({"conf": "0.5"}, "conf must be a number"), ({"max_det": 2.5}, "max_det must be an "
+                                                                                          "integer")]:
+        with pytest.raises(ValueError, match=said):
+            predictor.predict(folder, **kwargs)
 
 
 def test_pt_checkpoint_predicts_like_its_pytorch_engine_with_host_thresholds(folder):
@@ -561,6 +574,22 @@ def test_yolo_opens_an_onnx_engine_for_predict_without_importing_torch(folder):
     assert out.returncode == 0, out.stderr[-2000:]
     n, boxes, name = out.stdout.split()
     assert int(n) == 7 and int(boxes) > 0 and name == "scratch"
+
+
+def test_yolo_predict_names_its_keywords_before_loading(folder):
+    """ultralytics' keywords: `verbose` is taken (nothing is printed per frame anyway), `save` says where saving
+    is, a typo gets its near match; all before the engines load (it was a bare TypeError after)."""
+    from trainer import YOLO
+
+    m = YOLO(DEMO)
+    assert len(m.predict(folder, verbose=False)) > 0
+    with pytest.raises(TypeError, match=r"predict\(\) takes no 'save': save each result with result.save\(\)"):
+        m.predict(folder, save=True)
+    with pytest.raises(TypeError, match="unexpected keyword 'confidence': did you mean 'conf'"):
+        m.predict(folder, confidence=0.5)
+    with pytest.raises(ValueError, match="batch must be an integer >= 1, got 'x'"):
+        m.predict(folder, batch="x")
+    m.close()
 
 
 def test_yolo_engine_refuses_to_train_validate_or_export(tmp_path):

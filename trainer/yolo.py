@@ -150,7 +150,8 @@ class YOLO:
         (not OpenCV's BGR: flip it with `frame[..., ::-1]`), a PIL image, or a list of these. Files, folders,
         videos and arrays are read as fast as the engine takes them and every frame is answered in order;
         cameras keep the newest frame (those the engine is too busy for are dropped), so use `stream=True`.
-        Keywords: imgsz, conf, iou, classes, max_det, batch, vid_stride, track (an id per object: `track()`);
+        Keywords: imgsz, conf, iou, classes (ids or names), max_det, batch, vid_stride, track (an id per object:
+        `track()`), verbose (taken, as ultralytics', and ignored);
         `device` 'cpu', 'cpu:N', '0', '0,1,2,3' (files are spread over the devices, cameras placed round-robin);
         `half` fp16 where the engine can choose (a .pt on a GPU); `instances` engine instances per device
         (default: 2 on GPUs and for ONNX on a multi-core CPU). Runs the server's engines, scheduler and workers:
@@ -158,7 +159,11 @@ class YOLO:
         A model built from a yaml, or changed in memory since it was read or last predicted with, is saved to a
         temporary checkpoint first (engines load files); the engines are kept for the next call otherwise.
         """
-        batch = int(kwargs.get("batch", 1) or 1)
+        _check_predict_keywords(kwargs)  # before the engines load
+        batch = kwargs.get("batch", 1)
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+            raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        kwargs.pop("verbose", None)  # ultralytics' flag: nothing is printed per frame here anyway
         weights = self._predict_weights()
         key = (str(weights), str(device), bool(half), instances, max(32, batch))
         if self._predictor is None or self._predictor[0] != key:
@@ -207,3 +212,26 @@ def _fingerprint(model: Any) -> tuple[Any, ...]:
     optimizer step, `zero_()`, `load_state_dict` and `.to()` all change one), without reading the weights."""
     tensors = [*model.parameters(), *model.buffers()]
     return (id(model), *((t.data_ptr(), t._version) for t in tensors))
+
+
+PREDICT_KEYWORDS = ("imgsz", "conf", "iou", "classes", "max_det", "batch", "vid_stride", "window", "track", "verbose")
+_ELSEWHERE = {"save": "save each result with result.save(), or run yolov12-predict --save DIR",
+              "save_txt": "write result.to_json() yourself, or run yolov12-predict --save-json FILE",
+              "show": "draw with result.plot() (an RGB array) and show it yourself"}
+
+
+def _check_predict_keywords(kwargs: dict[str, Any]) -> None:
+    """TypeError naming the keywords predict takes (and where an ultralytics one went) for one it does not know,
+    before the engines load (Predictor.predict said "unexpected keyword argument" only after)."""
+    import difflib
+
+    for name in kwargs:
+        if name in PREDICT_KEYWORDS:
+            continue
+        if name in _ELSEWHERE:
+            raise TypeError(f"predict() takes no {name!r}: {_ELSEWHERE[name]}")
+        near = [k for k in PREDICT_KEYWORDS if name.startswith(k)] or difflib.get_close_matches(name, PREDICT_KEYWORDS,
+                                                                                                 n=1)
+        hint = f"did you mean {near[0]!r}? " if near else ""
+        raise TypeError(f"predict() got an unexpected keyword {name!r}: {hint}it takes source, stream, device, half, "
+                        f"instances, {', '.join(PREDICT_KEYWORDS)}")

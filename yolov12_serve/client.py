@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import numpy as np
@@ -163,6 +163,28 @@ class Watch:
 
     def __getattr__(self, name: str) -> object:
         """The rest of grpc's call (`code()`, `details()`, `add_done_callback`, ...), as watch() returned before."""
+        return getattr(self.call, name)
+
+
+class _PushAnswers:
+    """A Detect call's answers; when the frames given could not all be sent, the caller's own error instead of the
+    UNKNOWN status gRPC ends the call with. The rest of the call (`cancel()`, `code()`, ...) as grpc's."""
+
+    def __init__(self, call: Any, failed: list[Exception]) -> None:
+        self.call, self._failed = call, failed
+
+    def __iter__(self) -> _PushAnswers:
+        return self
+
+    def __next__(self) -> pb.FrameDetections:
+        try:
+            return next(self.call)
+        except grpc.RpcError:
+            if self._failed:
+                raise self._failed[0] from None
+            raise
+
+    def __getattr__(self, name: str) -> Any:
         return getattr(self.call, name)
 
 
@@ -374,7 +396,10 @@ class Client:
         messages, every `max_delay_ms` at most (0: the server's default, 5 ms), so a watcher that keeps up gets
         every result at thousands a second (a server without that call is watched per result instead);
         `batched=False`: one WatchDetections message per result (a slow watcher loses more). `follow`: go on
-        through server restarts and outages (`FollowedWatch`; `on_gap` hears of each gap)."""
+        through server restarts and outages (`FollowedWatch`; `on_gap` hears of each gap). One id may be given
+        alone (a string is not read as a list of one-letter ids)."""
+        if isinstance(stream_ids, str):
+            stream_ids = [stream_ids]
         if follow:
             return FollowedWatch(lambda left: self.watch(stream_ids, left, batched, max_delay_ms), timeout, on_gap)
         ids = list(stream_ids)
@@ -390,14 +415,21 @@ class Client:
 
     def detect(self, frames: Iterable[pb.Frame | np.ndarray], stream_id: str = "",
                timeout: float | None = None) -> Iterator[pb.FrameDetections]:
-        """Push mode: frames (Frame messages or RGB arrays, sent as JPEG) in, detections out in the same order."""
+        """Push mode: frames (Frame messages or RGB arrays, sent as JPEG) in, detections out in the same order. A
+        frame that cannot be made into a message (make_frame's ValueError) is raised as itself when reading the
+        answers, not as gRPC's UNKNOWN "Exception iterating requests!"."""
+        failed: list[Exception] = []
 
         def messages() -> Iterator[pb.Frame]:
-            for i, f in enumerate(frames):
-                yield f if isinstance(f, pb.Frame) else make_frame(f, stream_id, i,
-                                                                   capture_time_us=time.time_ns() // 1000)
+            try:
+                for i, f in enumerate(frames):
+                    yield f if isinstance(f, pb.Frame) else make_frame(f, stream_id, i,
+                                                                       capture_time_us=time.time_ns() // 1000)
+            except Exception as e:
+                failed.append(e)
+                raise
 
-        return self.stub.Detect(messages(), timeout=timeout)
+        return _PushAnswers(self.stub.Detect(messages(), timeout=timeout), failed)
 
     def detect_image(self, image: np.ndarray | Image | bytes | str | Path | pb.Frame, stream_id: str = "",
                      frame_id: int = 0) -> pb.FrameDetections:

@@ -165,6 +165,8 @@ def build_model(cfg: str | Path | dict, nc: int | None = None, names: dict[int, 
     d = copy.deepcopy(cfg) if isinstance(cfg, dict) else load_model_yaml(cfg)
     if isinstance(names, list):
         names = dict(enumerate(names))
+    if nc is not None and (isinstance(nc, bool) or not isinstance(nc, int) or nc < 1):
+        raise ValueError(f"nc must be a whole number of classes >= 1, got {nc!r}")
     nc = int(nc if nc is not None else len(names) if names else d.get("nc", 80))
     names = names or {int(k): str(v) for k, v in (d.get("names") or {}).items()} or {i: f"class{i}" for i in range(nc)}
     if len(names) != nc:

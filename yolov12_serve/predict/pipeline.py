@@ -313,7 +313,8 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------------- calls
     def predict(self, source: Any, *, stream: bool = False, imgsz: int | Sequence[int] | None = None,
-                conf: float | None = None, iou: float | None = None, classes: int | Sequence[int] | None = None,
+                conf: float | None = None, iou: float | None = None,
+                classes: int | str | Sequence[int | str] | None = None,
                 max_det: int | None = None, batch: int = 1, vid_stride: int = 1,
                 window: int | None = None, track: bool = False) -> Iterator[Result] | list[Result]:
         """Detections for every frame of `source` (see `resolve_sources`): a generator when `stream`, else a list.
@@ -356,6 +357,22 @@ class Predictor:
         return {"read": run.read, "results": run.yielded, "dropped": sum(s.dropped for s in run.sinks),
                 "reconnects": sum(s.reconnects for s in run.sinks)}
 
+    def _class_ids(self, classes: Any) -> frozenset[int]:
+        """`classes` (ids or names, one or a list) as the model's class ids; ValueError listing them otherwise."""
+        info = self.info
+        listed = f"0..{info.nc - 1}: {', '.join(info.names.values())}"
+        items = [classes] if isinstance(classes, str | int | np.integer) else classes
+        by_name = {name: i for i, name in info.names.items()}
+        ids = []
+        for c in items:
+            if isinstance(c, str) and c in by_name:
+                ids.append(by_name[c])
+            elif isinstance(c, int | np.integer) and not isinstance(c, bool) and int(c) in info.names:
+                ids.append(int(c))
+            else:
+                raise ValueError(f"classes: {c!r} is not a class of this model (give ids or names: {listed})")
+        return frozenset(ids)
+
     def _options(self, imgsz: Any, conf: float | None, iou: float | None, classes: Any, max_det: int | None,
                  batch: int, vid_stride: int, window: int | None) -> PredictOptions:
         info = self.info
@@ -363,12 +380,16 @@ class Predictor:
             raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
         if isinstance(vid_stride, bool) or not isinstance(vid_stride, int) or vid_stride < 1:
             raise ValueError(f"vid_stride must be an integer >= 1, got {vid_stride!r}")
+        for name, value in (("conf", conf), ("iou", iou)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float | np.floating)):
+                raise ValueError(f"{name} must be a number, got {value!r}")
         if conf is not None and not 0 <= conf < 1:
             raise ValueError(f"conf must be within [0, 1), got {conf}")
         if iou is not None and not 0 < iou <= 1:
             raise ValueError(f"iou must be within (0, 1], got {iou}")
-        if max_det is not None and max_det < 1:
-            raise ValueError(f"max_det must be >= 1, got {max_det}")
+        if max_det is not None and (isinstance(max_det, bool) or not isinstance(max_det, int | np.integer)
+                                    or max_det < 1):
+            raise ValueError(f"max_det must be an integer >= 1, got {max_det!r}")
         if window is not None and window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
         if batch > info.batch[1]:
@@ -377,11 +398,7 @@ class Predictor:
             batch = info.batch[1]
         hw = self._imgsz(imgsz)
         if classes is not None:
-            classes = frozenset(int(c) for c in ([classes] if isinstance(classes, int) else classes))
-            unknown = sorted(c for c in classes if c not in info.names)
-            if unknown:
-                raise ValueError(f"classes {unknown} are not classes of this model (0..{info.nc - 1}: "
-                                 f"{', '.join(info.names.values())})")
+            classes = self._class_ids(classes)
         host_nms = self.backend == "pytorch" or info.extra.get("layout") == "raw"
         if host_nms:  # the backend runs NMS with the engine's thresholds: set them for this call
             new = dataclasses.replace(info, conf=info.conf if conf is None else conf,
