@@ -106,6 +106,19 @@ def test_health_reflection_and_server_info(client, server):
 
 
 # ------------------------------------------------------------------------------------------------ the client's frames
+def test_add_stream_names_the_argument_of_the_wrong_type():
+    """protobuf said "must be real number, not str" or "bad argument type for built-in operation", naming none."""
+    from yolov12_serve.client import Client
+
+    with Client("127.0.0.1:1") as c:  # refused before any call: nothing listens there
+        for kwargs, said in [({"max_fps": "5"}, "max_fps takes a number, got '5'"),
+                             ({"track": "no"}, "track takes bool, got 'no'"),
+                             ({"blind_after_s": "3"}, "blind_after_s takes a number or None"),
+                             ({"classes": [2]}, "classes are the model's class names (str), got [2]")]:
+            with pytest.raises(TypeError, match=re.escape(f"add_stream: {said}")):
+                c.add_stream("cam", "rtsp://10.0.0.5/s", **kwargs)
+
+
 def test_make_frame_takes_mono_and_pil_pixels_and_refuses_what_it_would_have_to_guess():
     """A machine-vision SDK hands out mono [H, W] uint8 arrays, a script PIL images: both are sent as RGB. Other
     dtypes are refused with what to do: they were cast to uint8 (uint16 3000 became 184, floats in 0..1 black)."""

@@ -19,6 +19,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -164,6 +165,16 @@ class Watch:
     def __getattr__(self, name: str) -> object:
         """The rest of grpc's call (`code()`, `details()`, `add_done_callback`, ...), as watch() returned before."""
         return getattr(self.call, name)
+
+
+def _check_types(call: str, **given: tuple[Any, type | tuple[type, ...]]) -> None:
+    """TypeError naming the argument and the type it takes (protobuf's says neither: "must be real number, not
+    str")."""
+    for name, (value, kind) in given.items():
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is Real):
+            wanted = " or ".join(k.__name__ if k is not type(None) else "None" for k in
+                                 (kind if isinstance(kind, tuple) else (kind,)))
+            raise TypeError(f"{call}: {name} takes {wanted.replace('Real', 'a number')}, got {value!r}")
 
 
 class _PushAnswers:
@@ -371,9 +382,15 @@ class Client:
         numbers flat; empty: all). `blind_after_s`: report its picture blank or frozen after this long (0: never;
         None: the server's --blind-after-s). `track`: follow each object, its detections carrying one `track_id`
         from frame to frame (0 for one seen once so far), and count objects in yolov12_objects_total."""
+        url = str(url) if isinstance(url, Path) else url  # a video file (the server's --allow-files)
+        _check_types("add_stream", stream_id=(stream_id, str), url=(url, str), max_fps=(max_fps, Real),
+                     min_score=(min_score, Real), blind_after_s=(blind_after_s, (Real, type(None))),
+                     track=(track, bool))
+        classes = [classes] if isinstance(classes, str) else list(classes)
+        if not all(isinstance(c, str) for c in classes):
+            raise TypeError(f"add_stream: classes are the model's class names (str), got {classes!r}")
         request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score,
-                                      classes=[classes] if isinstance(classes, str) else list(classes),
-                                      zone=_flat(zone), blind_after_s=blind_after_s, track=track)
+                                      classes=classes, zone=_flat(zone), blind_after_s=blind_after_s, track=track)
         return self.stub.AddStream(request, timeout=self.timeout)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:
