@@ -704,6 +704,7 @@ def test_placement_picks_the_least_loaded_healthy_device():
     p.set_healthy("cuda:0", False)
     with pytest.raises(UnavailableError, match="no healthy device"):
         p.assign("none")
+    assert p.assign("saved", any_device=True) in ("cuda:0", "cuda:1")  # at start: waits on its device, not dropped
 
 
 def test_placement_plans_the_move_that_lightens_the_busiest_device_most():

@@ -428,7 +428,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             stream = Stream(stream_id, url, kind, max_fps, self.config.slo_s, self._on_ingest, self._drop,
                             self._on_reconnect, droppable=droppable, epoch=next(self._epochs))
             stream.watch_picture(blind_after_s)  # before it is bound: a device process is told it then
-            device = self.placement.assign(stream_id, max_fps)
+            device = self.placement.assign(stream_id, max_fps, any_device=self.starting)  # saved ones kept
             stream.bind(self.runtimes[device])
             self._streams[stream_id] = stream
             if self.metrics is not None:

@@ -64,12 +64,16 @@ class Placement:
         fps = sum(f for d, f in self._streams.values() if d == device)
         return fps * info.frame_cost_s / info.instances
 
-    def assign(self, stream_id: str, fps: float = 0.0, exclude: tuple[str, ...] = ()) -> str:
+    def assign(self, stream_id: str, fps: float = 0.0, exclude: tuple[str, ...] = (), any_device: bool = False) -> str:
         """Place a stream on the least-loaded healthy device (ties: the first); returns the device name
-        (UnavailableError when none is healthy: AddStream and DetectImage answer UNAVAILABLE)."""
+        (UnavailableError when none is healthy: AddStream and DetectImage answer UNAVAILABLE). `any_device`: with
+        none healthy, the least-loaded of the others (the streams a server starts with: a saved camera refused here
+        would be dropped from the saved set; it waits on its device, as the streams already there do)."""
         fps = fps if fps > 0 else DEFAULT_FPS
         with self._lock:
             candidates = [d for d, info in self._devices.items() if info.healthy and d not in exclude]
+            if not candidates and any_device:
+                candidates = [d for d in self._devices if d not in exclude]
             if not candidates:
                 raise UnavailableError("no healthy device to place the stream on (a device out of service is "
                                        "re-checked every --recheck-s): retry in a moment; the health service shows "
