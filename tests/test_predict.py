@@ -195,6 +195,10 @@ def test_a_16_bit_image_is_refused_with_what_to_do_not_clipped_to_white(predicto
         decode_frame(path.read_bytes(), 0, 0, 0, planner.plan)
     with pytest.raises(SourceError, match=r"mono16.png: cannot read the image .*8-bit RGB"):
         predictor.predict(str(path))
+    with Image.open(path) as img, pytest.raises(SourceError, match=r"image0: .*mode I;16 .*8-bit RGB"):
+        predictor.predict(img)  # the same picture handed over as a PIL image, then a float one
+    with pytest.raises(SourceError, match=r"image1: .*mode F .*8-bit RGB"):
+        predictor.predict([Image.fromarray(np.zeros((8, 8), np.uint8)), Image.fromarray(np.ones((8, 8), np.float32))])
 
 
 def test_glob_list_and_mixed_sources_keep_the_order_named(predictor, folder):

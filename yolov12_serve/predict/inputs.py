@@ -33,7 +33,14 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from engines.letterbox import Letterbox
 
-from ..preprocess import EXIF_ORIENTATION, AvPicture, letterbox_avframe, letterbox_image, letterbox_upright
+from ..preprocess import (
+    EXIF_ORIENTATION,
+    AvPicture,
+    check_eight_bit,
+    letterbox_avframe,
+    letterbox_image,
+    letterbox_upright,
+)
 
 __all__ = ["IMAGE_SUFFIXES", "VIDEO_SUFFIXES", "AvPicture", "Decoded", "Input", "SourceError", "Sources", "load_rgb",
            "resolve_sources"]
@@ -135,6 +142,10 @@ def _one(source: Any, counter: list[int]) -> list[Input]:
     if isinstance(source, Image.Image):
         name = f"image{counter[0]}"
         counter[0] += 1
+        try:
+            check_eight_bit(source)  # a 16-bit or float image would be clipped to white by convert("RGB")
+        except ValueError as e:
+            raise SourceError(f"{name}: {e}") from None
         return [Input(name, "arrays", arrays=[source])]
     if isinstance(source, Path):
         return _path(source, str(source))
