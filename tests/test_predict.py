@@ -348,6 +348,55 @@ def test_pt_checkpoint_predicts_like_its_pytorch_engine_with_host_thresholds(fol
     assert max(map(len, results)) == 5 and sum(map(len, results)) > sum(map(len, default))  # conf 0.1 < 0.25
 
 
+
+def test_thresholds_are_the_running_calls_and_a_call_inside_needing_others_is_refused(folder):
+    """A .pt engine runs NMS on the host with one setting: each call's is set when it starts (a generator made
+    first but read last ran with the later call's conf), and a call started inside a running one with other
+    thresholds is refused, naming both, instead of changing the outer call's results under it."""
+    with Predictor(CHECKPOINT, device="cpu") as p:
+        low, high = p.predict(folder, conf=0.1), p.predict(folder, conf=0.5)
+        made_first = p.predict(folder, stream=True, conf=0.1)
+        made_last = p.predict(folder, stream=True, conf=0.5)
+        got_last, got_first = list(made_last), list(made_first)
+        outer = p.predict(folder, stream=True, conf=0.1)
+        taken = [next(outer)]
+        taken += p.predict(str(folder / "part01.png"), conf=0.1)  # the same thresholds: runs inside
+        with pytest.raises(ValueError, match=r"asks for conf 0.5, .* earlier one still running asks for conf 0.1"):
+            p.predict(str(folder / "part01.png"), conf=0.5)
+        taken += list(outer)
+    for a, b in zip(got_first, low):
+        assert_same(a.boxes.data, b.boxes.data, f"first made, read last: {a.path}")
+    for a, b in zip(got_last, high):
+        assert_same(a.boxes.data, b.boxes.data, f"last made, read first: {a.path}")
+    for a, b in zip([taken[0], *taken[2:]], low):
+        assert_same(a.boxes.data, b.boxes.data, f"outer call around another: {a.path}")
+    assert_same(taken[1].boxes.data, low[1].boxes.data, "the call inside")
+    assert sum(map(len, low)) > sum(map(len, high))
+
+
+def test_a_predict_inside_an_open_stream_that_needs_new_engines_leaves_the_stream_running(folder):
+    """YOLO.predict with batch > 32 loads the engines again: the stream still open on the old ones runs to its end,
+    and they are freed then (they were closed under it: 'the engine was closed')."""
+    from trainer import YOLO
+
+    m = YOLO(DEMO)
+    whole = m.predict(folder)
+    gen = m.predict(folder, stream=True)
+    results = [next(gen)]
+    old = m._predictor[1]
+    inner = m.predict(str(folder / "part02.png"), batch=64)
+    assert m._predictor[1] is not old and old.engines, "the old engines are kept while their stream runs"
+    results += list(gen)
+    assert not old.engines, "and freed when it ends"
+    assert len(results) == len(whole) == 7
+    for a, b in zip(results, whole):
+        assert_same(a.boxes.data, b.boxes.data, a.path)
+    assert_same(inner[0].boxes.data, whole[2].boxes.data, "inner")
+    m.close()
+    with pytest.raises(Exception, match="closed"):
+        old.predict(folder)
+
+
 # ----------------------------------------------------------------------------------------------------- devices
 def test_cpu_n_spreads_offline_frames_over_devices_and_keeps_order(folder):
     with Predictor(DEMO, device="cpu:2") as p:

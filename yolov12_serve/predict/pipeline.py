@@ -234,6 +234,12 @@ def _mask(text: str, url: str) -> str:
     return text.replace(password, "***") if password else text
 
 
+def _thresholds(info: EngineInfo, text: bool = False) -> Any:
+    """What a host-NMS engine is run with, as a tuple or as words."""
+    values = (info.conf, info.iou, info.max_det, tuple(info.imgsz))
+    return values if not text else f"conf {info.conf}, iou {info.iou}, max_det {info.max_det}, imgsz {info.imgsz}"
+
+
 @dataclass(frozen=True)
 class PredictOptions:
     """One call's settings (validated by `Predictor.predict`)."""
@@ -247,13 +253,16 @@ class PredictOptions:
     vid_stride: int
     window: int  # offline frames read and not yet handed over
     track: bool = False  # give each object a track id per source (tracking.py)
+    engine_info: EngineInfo | None = None  # host-NMS engines: the thresholds set on them when the call starts
 
 
 class Predictor:
     """Engines for one weights file on one or more devices; `predict(source, ...)` runs them (see the module docs).
 
     The engines stay loaded between calls (a script calling `predict` per frame pays for loading once);
-    `close()` frees them. Calls must not overlap (thresholds are set on the shared engines per call).
+    `close()` frees them, once the predict calls still running have ended. Calls may run inside one another
+    (a second predict on crops while a stream=True generator is open); on engines that run NMS on the host
+    (`.pt`, raw-head ONNX) those share the engines' thresholds, so they must ask for the same ones.
     """
 
     def __init__(self, weights: str | Path, device: str | int | Sequence[int | str] | None = None,
@@ -270,6 +279,9 @@ class Predictor:
         self.engines: dict[str, Engine] = {}
         self._warned: set[str] = set()
         self._last_run: _Run | None = None
+        self._running: list[_Run] = []  # calls started and not stopped: close() waits for them to end
+        self._close_when_idle = False
+        self._lock = threading.Lock()
         try:
             for spec in self.devices:
                 self.engines[spec.name] = self._load(spec, instances, max_batch)
@@ -324,6 +336,7 @@ class Predictor:
         Sources are checked at once (SourceError names a bad one); a camera is found unreachable when the
         generator first runs. `window`: frames read ahead of the caller (default: 4 per lane).
         """
+        self._check_open()
         sources = resolve_sources(source)
         if not stream and sources.live:
             raise ValueError(f"{sources.live[0].name} is a live camera: its results never end; use stream=True and "
@@ -400,12 +413,12 @@ class Predictor:
         if classes is not None:
             classes = self._class_ids(classes)
         host_nms = self.backend == "pytorch" or info.extra.get("layout") == "raw"
-        if host_nms:  # the backend runs NMS with the engine's thresholds: set them for this call
-            new = dataclasses.replace(info, conf=info.conf if conf is None else conf,
-                                      iou=info.iou if iou is None else iou,
-                                      max_det=info.max_det if max_det is None else max_det, imgsz=self._reach(hw))
-            for e in self.engines.values():
-                e.info = new
+        engine_info = None
+        if host_nms:  # the backend runs NMS with the engine's thresholds: set for this call when it starts
+            engine_info = dataclasses.replace(info, conf=info.conf if conf is None else conf,
+                                              iou=info.iou if iou is None else iou,
+                                              max_det=info.max_det if max_det is None else max_det,
+                                              imgsz=self._reach(hw))
         else:
             if conf is not None and conf < info.conf:
                 self._warn_once(f"conf{conf}", f"conf {conf}: this engine drops scores <= {info.conf} inside its graph "
@@ -415,7 +428,38 @@ class Predictor:
                                              f"(export again with --iou {iou})")
         lanes = self._lanes_per_device(batch) * len(self.devices)
         host_conf = conf if conf is not None and not host_nms and conf > info.conf else None  # else the engine's
-        return PredictOptions(hw, host_conf, iou, classes, max_det, batch, vid_stride, window or 4 * lanes)
+        return PredictOptions(hw, host_conf, iou, classes, max_det, batch, vid_stride, window or 4 * lanes,
+                              engine_info=engine_info)
+
+    def _begin(self, run: _Run) -> None:
+        """A call starts: set its thresholds on the engines, unless a running call needs others (ValueError)."""
+        with self._lock:
+            self._check_open()
+            new = run.opts.engine_info
+            if new is not None:
+                for other in self._running:
+                    old = other.opts.engine_info
+                    if old is not None and _thresholds(old) != _thresholds(new):
+                        raise ValueError(
+                            f"this predict call asks for {_thresholds(new, text=True)} while an earlier one still "
+                            f"running asks for {_thresholds(old, text=True)}: {self.weights.name} runs NMS on the "
+                            "host with one setting at a time; ask for the same, or finish (or close()) the first")
+                for e in self.engines.values():
+                    e.info = new
+            self._running.append(run)
+
+    def _check_open(self) -> None:
+        if not self.engines or self._close_when_idle:
+            raise PredictError(f"{self.weights.name}: this predictor was closed: make a new one")
+
+    def _end(self, run: _Run) -> None:
+        """A call stopped: free the engines if close() was asked for while it ran."""
+        with self._lock:
+            if run in self._running:
+                self._running.remove(run)
+            close = self._close_when_idle and not self._running
+        if close:
+            self._close_engines()
 
     def _imgsz(self, imgsz: Any) -> tuple[int, int]:
         """The largest engine input (h, w) of this call: stride multiples (rounded up), within what the engine takes."""
@@ -453,7 +497,15 @@ class Predictor:
         return batch * (self._instances() + 1)  # a batch per instance running, and one ready
 
     def close(self) -> None:
-        """Free the engines."""
+        """Free the engines: now, or when the predict calls still running end (a stream=True generator left open
+        keeps them until it is read to its end, closed, or dropped)."""
+        with self._lock:
+            self._close_when_idle = bool(self._running)
+            if self._close_when_idle:
+                return
+        self._close_engines()
+
+    def _close_engines(self) -> None:
         for e in self.engines.values():
             e.close()
         self.engines = {}
@@ -503,6 +555,7 @@ class _Run:
 
     # ------------------------------------------------------------------------------------------------- lifecycle
     def start(self) -> None:
+        self.p._begin(self)
         _RUNNING.add(self)
         lanes = self.p._lanes_per_device(self.opts.batch)
         shapes = plannable_shapes(self.planner)
@@ -561,6 +614,7 @@ class _Run:
             dev.worker.stop(timeout=5.0)
         if self._reader is not None:
             self._reader.join(5.0)
+        self.p._end(self)
 
     # ------------------------------------------------------------------------------------------------- offline
     def _read(self) -> None:
