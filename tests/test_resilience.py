@@ -321,7 +321,7 @@ def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_p
     from test_rtsp import free_port
 
     from yolov12_serve import ctl
-    from yolov12_serve.client import FollowedWatch
+    from yolov12_serve.client import Client, FollowedWatch
     from yolov12_serve.proto import detector_pb2 as pb
 
     port, state = free_port(), tmp_path / "state"
@@ -382,6 +382,10 @@ def test_a_followed_watch_goes_on_through_a_restart_where_a_plain_one_ends(tmp_p
         time.sleep(2)  # the server is down: every try meets UNAVAILABLE
         srv = ServerProcess(*args)
         wait_until(lambda: len(seen["followed"]) >= before + 5, 60, what="results after the restart")
+        # a followed watch with a timeout ends the same way connected or not: the loop ends (StopIteration)
+        timed = [fd.frame_id for fd in srv.client().watch(["belt"], timeout=1.5, follow=True)]
+        nowhere = Client(f"127.0.0.1:{free_port()}").watch(["belt"], timeout=1.0, follow=True, on_gap=lambda t: None)
+        assert timed and list(nowhere) == []
         shell.join(60)
         followed.cancel()
         readers[0].join(10)

@@ -206,7 +206,8 @@ class FollowedWatch:
     (NOT_FOUND, UNAUTHENTICATED, ...) ends it as it would a plain watch. `on_gap(text)` hears of each gap and each
     resumption (default: a warning on this module's logger); `gaps` counts them. Results published while no call was
     open are not seen, and a camera restored after a restart numbers its frames from 0 again. `timeout` bounds the
-    whole watch; `cancel()` ends it from any thread, during a wait too (the reader then gets StopIteration)."""
+    whole watch: when it is up the reader gets StopIteration, connected or not (a plain watch's call ends in
+    DEADLINE_EXCEEDED); `cancel()` ends it from any thread, during a wait too (StopIteration as well)."""
 
     def __init__(self, open_call: Callable[[float | None], Watch], timeout: float | None = None,
                  on_gap: Callable[[str], None] | None = None, retry_cap_s: float = 5.0) -> None:
@@ -241,6 +242,9 @@ class FollowedWatch:
             except StopIteration:
                 why = "the server ended the call (shutting down or restarting)"
             except grpc.RpcError as e:
+                if (e.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self._end is not None
+                        and time.monotonic() >= self._end - 0.05):  # the watch's own time is up: ended as below
+                    raise StopIteration from None
                 if self._stop.is_set() or e.code() != grpc.StatusCode.UNAVAILABLE:
                     raise
                 why = f"UNAVAILABLE: {e.details()}"
