@@ -184,6 +184,42 @@ def test_a_hung_engine_fails_its_device_over_and_a_hung_re_check_stops_no_watchd
         srv.close()
 
 
+def test_sigterm_while_the_engine_warms_up_for_ever_stops_the_server_at_once(tmp_path):
+    """A wedged GPU hangs the warm-up: the server never says SERVING, and SIGTERM waited for the load (for ever, so
+    only SIGKILL ended it: Kubernetes' grace period, every restart). It exits now, with one line, status 0."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    from fault_injection import ENV
+    from test_rtsp import free_port
+    from test_server_harness import ROOT, SERVE_WITH_FAULTS, model_path
+
+    (tmp_path / "hang-cpu").touch()  # every engine call blocks, the warm-up's first
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_WITH_FAULTS, "--host", "127.0.0.1", "--port", str(port),
+                             "--metrics-port", "0", "--gpus", "cpu", "--engines", str(model_path()), "--no-state"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, ENV: str(tmp_path)})
+    try:
+        def listening() -> bool:  # gRPC is bound (and the signals handled) before the engines load
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", port)) == 0
+        wait_until(listening, 60, 0.1, what="the gRPC port open")
+        time.sleep(1.0)  # inside the warm-up now
+        assert proc.poll() is None
+        proc.terminate()
+        out, err = proc.communicate(timeout=10)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err[-2000:]
+    assert err.strip().splitlines()[-1] == "yolov12-serve: stopped while the engines were loading", err[-2000:]
+    assert "Traceback" not in err and "gRPC on" not in out
+
+
 def test_a_camera_whose_frames_the_engine_cannot_run_fails_alone(tmp_path):
     """The engine fails on every 192x320 input (a 640x360 camera's) and runs others. That camera shows the error
     (error results, last_error); its device stays in service, and so does the other one (the bad camera used to

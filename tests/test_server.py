@@ -205,6 +205,7 @@ def test_a_port_in_use_is_one_line_naming_the_option(which):
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
     assert r.returncode == 2 and len(lines) == 1, r.stderr
     assert f":{port}" in lines[0] and "in use" in lines[0] and f"pick another with {which}" in lines[0], r.stderr
+    assert "(model " not in r.stderr, "said before the engines load, not after"
 
 
 def test_the_start_up_heap_is_frozen_out_of_garbage_collections():

@@ -13,6 +13,7 @@ import os
 import shutil
 import signal
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -23,15 +24,22 @@ from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
 from .errors import ServerError
 from .frames import now
+from .ports import check_bindable
 from .security import Security
 from .status import StatusPrinter, render_summary, render_table
 
-__all__ = ["DRAIN_S", "RunOptions", "run_server"]
+__all__ = ["DRAIN_S", "LoadingInterruptedError", "RunOptions", "run_server"]
 
 log = logging.getLogger(__name__)
 
 DRAIN_S = 3.0  # frames in flight get this long to finish; gRPC calls get GRPC_GRACE_S more
 GRPC_GRACE_S = 2.0
+LOADING_NOTE_S = 30.0  # while the engines load (a TensorRT engine, a wedged GPU), a line this often
+
+
+class LoadingInterruptedError(Exception):
+    """SIGTERM / SIGINT came while the engines loaded: gRPC is stopped, the loading thread cannot be interrupted
+    (an engine opening or warming up is native code), so the caller exits the process without waiting for it."""
 
 
 @dataclass
@@ -56,6 +64,9 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     try:
         health_port = None if config.health_port is None else await grpc_server.serve_health_on(config.host,
                                                                                                  config.health_port)
+        if config.metrics_port > 0:  # said now, not after the engines took their time to load
+            check_bindable(f"{config.metrics_host or config.host}:{config.metrics_port}", "metrics",
+                           "--metrics-port (-1: off)")
     except OSError:  # the main port is open already: closed before the one line is printed
         await grpc_server.stop(0)
         raise
@@ -72,7 +83,10 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     started = now()
     try:
-        await loop.run_in_executor(None, core.start, True)  # health says SERVING once the streams are back
+        if not await _start_unless_stopped(core, stop):  # health says SERVING once the streams are back
+            log.warning("stopped while the engines were loading")
+            await grpc_server.stop(0)
+            raise LoadingInterruptedError
         metrics_host = config.metrics_host or config.host
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
         # the workers run: all else yields to them (priority.py)
@@ -95,6 +109,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
             await asyncio.wait_for(stop.wait(), options.duration)
         if status is not None:
             status.cancel()
+    except LoadingInterruptedError:
+        raise
     except BaseException:
         await _shutdown(core, grpc_server)
         raise
@@ -108,6 +124,42 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         loop.remove_signal_handler(sig)
     return 0
+
+
+async def _start_unless_stopped(core: ServerCore, stop: asyncio.Event) -> bool:
+    """`core.start` (engines loaded and warmed up) in a thread of its own; True when done, False as soon as `stop`
+    is set first. A daemon thread, not the loop's executor: asyncio.run would wait for an executor's threads at
+    exit, and a hung warm-up would then hold SIGTERM off for ever."""
+    loop = asyncio.get_running_loop()
+    started: asyncio.Future[None] = loop.create_future()
+
+    def run() -> None:
+        try:
+            core.start(True)
+        except BaseException as e:  # handed to the loop, raised there
+            loop.call_soon_threadsafe(_settle, started, e)
+        else:
+            loop.call_soon_threadsafe(_settle, started, None)
+
+    threading.Thread(target=run, name="engine-load", daemon=True).start()
+    stopping = asyncio.ensure_future(stop.wait())
+    t0 = now()
+    try:
+        while True:
+            await asyncio.wait({started, stopping}, timeout=LOADING_NOTE_S, return_when=asyncio.FIRST_COMPLETED)
+            if started.done():
+                started.result()
+                return True
+            if stopping.done():
+                return False
+            log.warning("the engines are still loading after %.0f s (SIGTERM or Ctrl-C stops the server)", now() - t0)
+    finally:
+        stopping.cancel()
+
+
+def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
+    if not future.done():
+        future.set_result(None) if error is None else future.set_exception(error)
 
 
 async def _reload_on_sighup(core: ServerCore) -> None:

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -256,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of `yolov12-serve`; returns the exit status."""
     from engines.base import EngineError
 
-    from .app import RunOptions, run_server
+    from .app import LoadingInterruptedError, RunOptions, run_server
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -273,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:  # a port in use, mostly
         print(f"yolov12-serve: error: {redact_text(str(e))}", file=sys.stderr)
         return 2
+    except LoadingInterruptedError:  # the loading thread is native code that cannot be stopped: leave without it
+        print("yolov12-serve: stopped while the engines were loading", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        os._exit(0)
     except KeyboardInterrupt:
         return 130
 
