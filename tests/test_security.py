@@ -34,6 +34,14 @@ pytestmark = pytest.mark.timeout(120)
     ("rtsp://u:p@ss:w@rd@host/x", "rtsp://u:***@host/x"),  # '@' in the password: the last one ends user-info
     ("rtsp://u:pw@[::1/broken", "rtsp://u:***@[::1/broken"),  # malformed for urllib: masked all the same
     ("rtsp://onlyuser@host/x", "rtsp://onlyuser@host/x"),
+    # a raw # / ? in a password ends the host for every parser: masked up to the last '@' all the same
+    ("rtsp://admin:1234#s3cret@10.0.0.5/s1", "rtsp://admin:***@10.0.0.5/s1"),
+    ("rtsp://admin:99/s3cret@10.0.0.5/s1?ch=1", "rtsp://admin:***@10.0.0.5/s1?ch=1"),
+    ("rtsp://admin:ab?s3cret@10.0.0.5/a", "rtsp://admin:***@10.0.0.5/a"),
+    ("rtsp://10.0.0.5/live@main", "rtsp://10.0.0.5/live@main"),  # no password possible: as written
+    # ';name=value' parameters (some cameras take credentials so), in the path and the query
+    ("rtsp://10.0.0.5/media.amp;user=op;password=s3cret?x=1;pwd=s3cret",
+     "rtsp://10.0.0.5/media.amp;user=op;password=***?x=1;pwd=***"),
     ("https://h/cb#access_token=t0k&state=1", "https://h/cb#access_token=***&state=1"),
     ("synthetic://belt?fps=5&size=640x360", "synthetic://belt?fps=5&size=640x360"),
     ("/videos/line1.mp4", "/videos/line1.mp4"),
@@ -41,6 +49,18 @@ pytestmark = pytest.mark.timeout(120)
 ])
 def test_redact_url_masks_secrets_and_keeps_the_rest_as_written(url, masked):
     assert redact_url(url) == masked
+
+
+@pytest.mark.parametrize("url", ["rtsp://admin:1234#s3cret@10.0.0.5/s1", "rtsp://admin:99/s3cret@10.0.0.5/s1",
+                                 "rtsp://admin:ab?s3cret@10.0.0.5/a"])
+def test_a_password_with_a_raw_hash_slash_or_question_mark_is_refused_masked(url):
+    """Accepted, the host read was 'admin' and the password was shown in ListStreams, the log and the saved
+    camera list; refused, the message says how to write it and shows no password."""
+    with pytest.raises(InvalidArgumentError, match=r"an '@' after the host: write a / \? # or @ in a password "
+                                                   r"as %2F %3F %23 %40") as e:
+        url_kind(url)
+    assert "s3cret" not in str(e.value) and "admin:***@10.0.0.5" in str(e.value)
+    assert url_kind(url.replace("#", "%23").replace("99/", "99%2F").replace("?", "%3F")) == "rtsp"
 
 
 def test_redact_text_masks_every_url_in_an_error_message():

@@ -14,7 +14,7 @@ from .errors import ConfigError, InvalidArgumentError
 from .filters import DetectionFilter, check_classes, check_zone
 from .security import SecurityConfig
 from .sharding import ShardSpec
-from .urls import expand_credentials, redact_text
+from .urls import expand_credentials, redact_text, stray_userinfo
 from .urls import redact_url as _redact_url
 
 __all__ = ["DECODE_MODES", "MAX_FPS", "MAX_ID_LEN", "MAX_INSTANCES", "MAX_THREADS", "MAX_URL_LEN", "MIN_FPS",
@@ -214,6 +214,10 @@ def url_kind(url: str, allow_files: bool = False) -> str:
         raise InvalidArgumentError(f"url {redact_url(url)!r} contains whitespace")
     if any(ord(c) < 0x20 or 0x7f <= ord(c) < 0xa0 for c in url):
         raise InvalidArgumentError(f"url {redact_url(url)!r} contains control characters")
+    head, sep, rest = url.partition("://")
+    if sep and head.lower() in ("rtsp", "rtsps") and stray_userinfo(rest):
+        raise InvalidArgumentError(f"url {redact_url(url)!r}: an '@' after the host: write a / ? # or @ in a password "
+                                   "as %2F %3F %23 %40 (and an @ in a path as %40)")
     try:
         parts = urlsplit(url)
         parts.hostname  # noqa: B018 - raises ValueError on a malformed host ('[::1' or bad IDNA)

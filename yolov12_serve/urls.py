@@ -25,7 +25,8 @@ from urllib.parse import quote, unquote
 
 from .errors import ConfigError
 
-__all__ = ["MASK", "expand_credentials", "redact_text", "redact_url", "secret_param"]
+__all__ = ["MASK", "authority_end", "expand_credentials", "redact_text", "redact_url", "secret_param",
+           "stray_userinfo"]
 
 MASK = "***"
 
@@ -44,12 +45,25 @@ def secret_param(name: str) -> bool:
     return bool(_SECRET_NAME.search(unquote(name)))
 
 
-def _mask_params(text: str, sep: str = "&") -> str:
-    out = []
-    for part in text.split(sep):
-        name, eq, value = part.partition("=")
-        out.append(f"{name}={MASK}" if eq and value and secret_param(name) else part)
-    return sep.join(out)
+_PARAM = re.compile(r"(?P<name>[^&;=/?#]+)=(?P<value>[^&;/?#]*)")  # name=value between & ; / ? #
+
+
+def _mask_params(text: str) -> str:
+    """`name=value` pairs (separated by & or ;, as some cameras write `;password=`) with secret values masked."""
+    return _PARAM.sub(lambda m: f"{m['name']}={MASK}" if m["value"] and secret_param(m["name"]) else m[0], text)
+
+
+def authority_end(rest: str) -> int:
+    """Where the authority of `rest` (a URL after its '//') ends: at the first / ? or #."""
+    return min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+
+
+def stray_userinfo(rest: str) -> bool:
+    """True when `rest` (a URL after its '//') looks like a password holding a raw / ? or # ('admin:ab#c@host/'):
+    an authority with a ':' and no '@', and an '@' after it. Every URL parser, FFmpeg's too, ends the host at that
+    character, so the host read is 'admin', the password sits in the path, and no host:port tells it apart."""
+    cut = authority_end(rest)
+    return ":" in rest[:cut] and "@" not in rest[:cut] and "@" in rest[cut:]
 
 
 def redact_url(url: str) -> str:
@@ -63,21 +77,19 @@ def redact_url(url: str) -> str:
     scheme, slashes, rest = m.group("scheme") or "", m.group("slashes") or "", m.group("rest")
     if not slashes:  # no authority part: 'file.mp4', 'mailto:x', ... (a query may still carry a token)
         authority, tail = "", rest
+    elif stray_userinfo(rest):  # everything up to the last '@' may be secret
+        user, _, after = rest.partition(":")
+        return f"{scheme}{slashes}{user}:{MASK}@{_mask_params(after.rpartition('@')[2])}"
     else:
-        cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
+        cut = authority_end(rest)
         authority, tail = rest[:cut], rest[cut:]
     if "@" in authority:
         userinfo, _, hostport = authority.rpartition("@")
         user, colon, password = userinfo.partition(":")
         if colon and password:
             authority = f"{user}:{MASK}@{hostport}"
-    path, hash_, fragment = tail.partition("#")
-    path, qmark, query = path.partition("?")
-    if qmark:
-        query = _mask_params(query)
-    if hash_:
-        fragment = _mask_params(fragment)  # OAuth-style '#access_token=...'
-    return f"{scheme}{slashes}{authority}{path}{qmark}{query}{hash_}{fragment}"
+    # query, fragment (OAuth-style '#access_token=...') and ';name=value' path parameters
+    return f"{scheme}{slashes}{authority}{_mask_params(tail)}"
 
 
 def redact_text(text: str) -> str:
@@ -130,7 +142,6 @@ def expand_credentials(url: str, where: str, credentials: str | Path | None = No
     if not sep:
         raise ConfigError(f"{where}: credentials need a URL with a host (rtsp://HOST/...)")
     hostpart = rest
-    cut = min((i for i in (rest.find("/"), rest.find("?"), rest.find("#")) if i >= 0), default=len(rest))
-    if "@" in rest[:cut]:
+    if "@" in rest[:authority_end(rest)]:
         raise ConfigError(f"{where}: its url already holds a user name: give credentials in one place only")
     return f"{head}://{quote(user, safe='')}:{quote(password, safe='')}@{hostpart}"
