@@ -356,13 +356,32 @@ def test_snapshots_waiting_for_a_dead_camera_hold_up_no_other_call(client):
             client.remove_stream("meanwhile")
 
 
-def test_stream_limit_is_resource_exhausted(client):
+def test_stream_limit_is_resource_exhausted_and_counts_cameras_and_pushed_streams_apart(client):
+    """--max-streams cameras, and as many Detect calls: a viewer's pushes (viewers may push) took the slots an
+    operator's AddStream needed."""
     ids = [f"lim{i}" for i in range(4)]
+    release = threading.Event()
+
+    def held(i: int):  # a Detect call that stays open after its first frame
+        yield make_frame(np.zeros((64, 64, 3), np.uint8), f"push{i}", 0)
+        release.wait(60)
+
+    pushes = [client.detect(held(i), stream_id=f"push{i}") for i in range(4)]
     try:
+        for call in pushes:
+            next(call)  # answered: its stream is registered
         for sid in ids:
-            client.add_stream(sid, f"synthetic://{sid}?fps=2&size=320x180")
-        assert code_of(lambda: client.add_stream("one-more", "synthetic://x")) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            client.add_stream(sid, f"synthetic://{sid}?fps=2&size=320x180")  # four pushes open: cameras still go in
+        with pytest.raises(grpc.RpcError) as e:
+            client.add_stream("one-more", "synthetic://x")
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 cameras" in e.value.details()
+        with pytest.raises(grpc.RpcError) as e:
+            next(client.detect(held(4), stream_id="push4"))
+        assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and "4 Detect calls" in e.value.details()
     finally:
+        release.set()
+        for call in pushes:
+            call.cancel()
         for sid in ids:
             if client.stream(sid):
                 client.remove_stream(sid)

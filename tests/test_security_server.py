@@ -327,6 +327,91 @@ def _gstreamer_ok() -> bool:
 
 
 @pytest.mark.slow
+class RedirectingCamera:
+    """An RTSP 'camera' on loopback that answers OPTIONS and then redirects DESCRIBE to `target` (302), and a plain
+    listener that records every connection to it and the bytes it got: what the redirect would reach."""
+
+    def __init__(self, target_host: str) -> None:
+        import threading
+
+        self.listener = socket.create_server((target_host, 0))
+        self.target = f"rtsp://{target_host}:{self.listener.getsockname()[1]}/latest/meta-data/"
+        self.camera = socket.create_server(("127.0.0.1", 0))
+        self.url = f"rtsp://127.0.0.1:{self.camera.getsockname()[1]}/cam"
+        self.reached: list[bytes] = []  # one entry per connection to the target: what it was sent
+        self.describes = 0
+        for fn in (self._camera, self._listen):
+            threading.Thread(target=fn, daemon=True).start()
+
+    def _listen(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.listener.accept()
+                conn.settimeout(1.0)
+                with conn:
+                    try:
+                        self.reached.append(conn.recv(4096))
+                    except OSError:
+                        self.reached.append(b"")
+
+    def _camera(self) -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = self.camera.accept()
+                conn.settimeout(3.0)
+                with conn, contextlib.suppress(OSError):
+                    buf = b""
+                    while data := conn.recv(4096):
+                        buf += data
+                        while b"\r\n\r\n" in buf:
+                            request, buf = buf.split(b"\r\n\r\n", 1)
+                            lines = request.decode().split("\r\n")
+                            cseq = next(v.strip() for k, _, v in (ln.partition(":") for ln in lines)
+                                        if k.lower() == "cseq")
+                            if lines[0].startswith("OPTIONS"):
+                                conn.sendall(f"RTSP/1.0 200 OK\r\nCSeq: {cseq}\r\nPublic: OPTIONS, DESCRIBE, SETUP, "
+                                             "PLAY\r\n\r\n".encode())
+                            else:
+                                self.describes += 1
+                                conn.sendall(f"RTSP/1.0 302 Moved\r\nCSeq: {cseq}\r\nLocation: {self.target}\r\n"
+                                             "\r\n".encode())
+
+    def close(self) -> None:
+        self.listener.close()
+        self.camera.close()
+
+
+def test_a_camera_that_redirects_to_a_refused_host_fails_without_reaching_it(tmp_path):
+    """FFmpeg follows an RTSP redirect to any host: a camera (or whoever answers at its address) could send the
+    server past --allow-hosts, to a metadata service or across the plant network, on every reconnect. Now a
+    refused target is not sent a byte, and the camera fails for good saying why; an allowed target is followed."""
+    refused, allowed = RedirectingCamera("127.0.0.2"), RedirectingCamera("127.0.0.1")
+    srv = ServerProcess("--allow-hosts", "127.0.0.1/32", "--backoff-cap-s", "0.3")
+    try:
+        with srv.client() as c:
+            c.wait_ready(60)
+            with pytest.raises(grpc.RpcError, match="not in --allow-hosts"):
+                c.add_stream("direct", refused.target)  # the target itself is refused, as before
+            c.add_stream("moved", refused.url)
+            c.add_stream("moved-ok", allowed.url)
+            wait_until(lambda: c.stream("moved").state == pb.STREAM_STATE_FAILED, 30, what="the camera failed")
+            wait_until(lambda: len(allowed.reached) >= 2, 30, what="the allowed redirect followed, and retried")
+            time.sleep(2.0)  # a retrying camera would have come back six times by now
+            moved = c.stream("moved")
+        srv.terminate()
+        log = srv.log()
+    finally:
+        srv.close()
+        refused.close()
+        allowed.close()
+    assert "libav" not in log, "FFmpeg's own lines stay out of the server's log"
+    assert refused.describes == 1, "failed for good: not retried"
+    assert all(sent == b"" for sent in refused.reached), f"the refused host was sent {refused.reached}"
+    assert re.search(r"the camera redirected to rtsp://127\.0\.0\.2:\d+/latest/meta-data/, which this server "
+                     r"refuses \(.*not in --allow-hosts.*\): not followed", moved.last_error), moved.last_error
+    assert all(sent.startswith(b"OPTIONS rtsp://127.0.0.1:") for sent in allowed.reached), allowed.reached
+
+
 def test_a_camera_password_appears_nowhere(tmp_path, monkeypatch):
     """Cameras whose URLs hold passwords and tokens fail to connect (a closed port; with GStreamer, a real RTSP
     camera that streams and then dies) for seconds: the secrets are in no log line, ListStreams, GetServerInfo,

@@ -449,7 +449,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
     from test_scheduler import CostEngine
 
     from yolov12_serve.api import create_server
-    from yolov12_serve.client import Client
+    from yolov12_serve.client import Client, make_frame
     from yolov12_serve.config import ServerConfig, StreamSpec
     from yolov12_serve.core import ServerCore
 
@@ -474,8 +474,10 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
     server, port = asyncio.run_coroutine_threadsafe(create_server(core), loop).result(30)
     try:
         with Client(f"127.0.0.1:{port}") as c:
+            pushed = make_frame(np.zeros((64, 64, 3), np.uint8))  # a viewer may push: not an id taken from a camera
             for call in (c.list_streams, lambda: c.remove_stream("belt"), lambda: next(iter(c.watch(["belt"]))),
-                         lambda: c.add_stream("belt", "synthetic://belt?fps=5&size=320x180")):
+                         lambda: c.add_stream("belt", "synthetic://belt?fps=5&size=320x180"),
+                         lambda: next(iter(c.detect([pushed], stream_id="belt")))):
                 with pytest.raises(grpc.RpcError) as e:
                     call()
                 assert e.value.code() == grpc.StatusCode.UNAVAILABLE, e.value

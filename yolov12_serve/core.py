@@ -360,8 +360,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
 
     def open_push(self, stream_id: str) -> Stream:
         """Register a stream fed by a Detect call (listed as push://; its frames run in order, a late one is answered
-        as dropped)."""
+        as dropped). Not while the server starts: a pushed id taken then would push a saved or command-line camera
+        of that id out (a viewer may push, only an operator may change cameras)."""
         validate_stream_id(stream_id)
+        self.check_started()
         stream = self._register(stream_id, "push://", "push", 0.0, droppable=False)
         stream.set_state(StreamState.STREAMING)
         return stream
@@ -422,9 +424,12 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         with self._lock:  # registration and removal are one step each: an id re-added never meets its old self
             if stream_id in self._streams:
                 raise StreamExistsError(f"stream {stream_id!r} already exists: remove it first or pick another id")
-            if len(self._streams) >= self.config.max_streams:
-                raise ResourceExhaustedError(f"stream limit reached ({self.config.max_streams}): remove a stream "
-                                             "or start the server with a larger --max-streams")
+            pushed = kind == "push"  # cameras and Detect calls are counted apart: a viewer's calls take no camera's
+            if sum((s.kind == "push") == pushed for s in self._streams.values()) >= self.config.max_streams:
+                what = "Detect calls pushing frames" if pushed else "cameras"
+                raise ResourceExhaustedError(f"stream limit reached ({self.config.max_streams} {what}; cameras and "
+                                             "pushed streams count apart): remove a stream or start the server "
+                                             "with a larger --max-streams")
             stream = Stream(stream_id, url, kind, max_fps, self.config.slo_s, self._on_ingest, self._drop,
                             self._on_reconnect, droppable=droppable, epoch=next(self._epochs))
             stream.watch_picture(blind_after_s)  # before it is bound: a device process is told it then

@@ -4,7 +4,8 @@ Connection: TCP transport, socket and read timeouts, low-delay flags (no demuxer
 probe. Decoding and the letterbox resize (swscale) run in this thread; PyAV releases the GIL meanwhile.
 Failures: any error (refused, timeout, server gone, stream ended) -> RECONNECTING with `last_error`,
 then a retry after exponential backoff with jitter, forever until the stream is removed. Only errors
-that retrying cannot fix (no video track, no decoder for the codec, a missing file) -> FAILED.
+that retrying cannot fix (no video track, no decoder for the codec, a missing file, a redirect to a host
+the server refuses: redirects.py) -> FAILED.
 Stalls: the server's watchdog calls `restart()` when STREAMING brings no frame for `stall_s`; the stuck
 thread is abandoned (it exits at its next wake-up, when its read times out) and a fresh one connects.
 Files are paced at their own frame rate and loop at the end, like a camera that never stops (a recording
@@ -29,6 +30,7 @@ from ..config import RtspOptions, redact_url, scrub_url
 from ..frames import now
 from ..preprocess import letterbox_avframe
 from ..urls import redact_text
+from . import redirects
 from .backoff import Backoff
 from .base import FrameSink, Source, StreamState
 from .hwdecode import decoded_on_gpu, hwaccel_for
@@ -61,6 +63,8 @@ class _HardwareDecodeError(RuntimeError):
 def _describe(e: BaseException) -> str:
     """The error in one line, URLs in it masked: FFmpeg's errors quote the URL, password included."""
     text = str(e).strip() or repr(e)
+    if getattr(e, "log", None):  # PyAV adds FFmpeg's last error line, which may be another camera's thread's
+        text = text.split("; last error log:")[0]
     return redact_text(f"{type(e).__name__}: {text}")
 
 
@@ -167,15 +171,29 @@ class AvSource(Source):
         extra = {"hwaccel": hwaccel} if hwaccel is not None else {}  # PyAV < 14 has no such argument
         # the host checked again and pinned to an allowed address: no DNS rebinding past --allow-hosts
         url = self.url if self.is_file or self.options.hosts is None else self.options.hosts.pin(self.url)
-        try:
-            return av.open(url, options=self._av_options(),
-                           timeout=(self.options.open_timeout_s, self.options.read_timeout_s), **extra)
-        except FileNotFoundError as e:
-            if self.is_file:
-                raise PermanentSourceError(f"no such file: {self.url}") from e
-            raise
-        except av.error.ExitError:  # PyAV's timeout interrupts FFmpeg; say what timed out
-            raise TimeoutError(f"no answer within {self.options.open_timeout_s:g} s while connecting") from None
+        with redirects.checked(None if self.is_file else self.options.hosts) as refused:
+            try:
+                container = av.open(url, options=self._av_options(),
+                                    timeout=(self.options.open_timeout_s, self.options.read_timeout_s), **extra)
+            except FileNotFoundError as e:
+                if self.is_file:
+                    raise PermanentSourceError(f"no such file: {self.url}") from e
+                raise
+            except Exception as e:
+                if refused() is not None:  # interrupted at the redirect (or failed after it): said below
+                    container = None
+                elif isinstance(e, av.error.ExitError):  # PyAV's timeout interrupts FFmpeg; say what timed out
+                    raise TimeoutError(f"no answer within {self.options.open_timeout_s:g} s while "
+                                       "connecting") from None
+                else:
+                    raise
+            if refused() is not None:
+                if container is not None:
+                    container.close()
+                target, why = refused()
+                raise PermanentSourceError(f"the camera redirected to {redact_url(target)}, which this server "
+                                           f"refuses ({why}): not followed")
+        return container
 
     def _open_with_fallback(self) -> tuple[InputContainer, bool]:
         """(container, hardware decoding asked for?): a source that opens without the GPU but not with it keeps

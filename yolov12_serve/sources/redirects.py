@@ -1,0 +1,94 @@
+"""RTSP redirects held to the camera host policy (--allow-hosts and the refusals every server makes).
+
+FFmpeg's RTSP client follows a 3xx answer to whatever host its Location names (libavformat/rtsp.c; no option
+turns that off), so a camera, or whoever answers at its address, could send the server on to a host the policy
+refuses (a cloud's metadata service, a port scan of the plant network): the host was checked, and pinned, only
+for the first connection. FFmpeg logs each redirect ("Status 302: Redirecting to URL") in the thread that opens
+the camera, before it connects. `checked(policy)` wraps an `av.open`: a handler on PyAV's log checks that URL
+with the policy; a refused one makes PyAV's interrupt callback, which reads the clock, see the open's time as
+up, so FFmpeg gives up after the TCP connection and before its first request (no byte reaches that host), and
+the caller fails the camera for good instead of retrying. Should a PyAV release read the clock otherwise, the
+refusal still ends the open once it returns: one request, no retries.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+from ..allowlist import CameraPolicy
+from ..errors import ServerError
+
+__all__ = ["checked"]
+
+_REDIRECT = "Redirecting to "
+_local = threading.local()  # per opening thread: .policy (CameraPolicy | None), .refused ((url, why) | None)
+_installed = False
+_install_lock = threading.Lock()
+
+
+class _Handler(logging.Handler):
+    """Sees FFmpeg's log lines in the thread that wrote them; checks a redirect's target during a `checked` open."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        policy = getattr(_local, "policy", None)
+        if policy is None:
+            return
+        message = record.getMessage()
+        at = message.find(_REDIRECT)
+        if at < 0 or getattr(_local, "refused", None) is not None:
+            return
+        url = message[at + len(_REDIRECT):].strip()
+        from ..config import url_kind
+
+        try:
+            policy.check(url, url_kind(url))
+        except ServerError as e:
+            _local.refused = (url, str(e))
+
+
+class _Clock:
+    """`time` as PyAV's interrupt callback sees it: the open's time is up once its thread met a refused redirect."""
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+    @staticmethod
+    def monotonic() -> float:
+        return float("inf") if getattr(_local, "refused", None) is not None else time.monotonic()
+
+
+def _install() -> None:
+    global _installed
+    with _install_lock:
+        if _installed:
+            return
+        import av.container.core
+        import av.logging
+
+        logger = logging.getLogger("libav")  # FFmpeg's lines stay out of the server's log, as before
+        logger.propagate = False
+        logger.setLevel(logging.INFO)
+        logger.addHandler(_Handler())
+        av.logging.set_level(av.logging.INFO)  # redirects are logged at INFO
+        if getattr(av.container.core, "time", None) is time:
+            av.container.core.time = _Clock()
+        _installed = True
+
+
+@contextlib.contextmanager
+def checked(policy: CameraPolicy | None) -> Iterator[Callable[[], tuple[str, str] | None]]:
+    """Around an `av.open` in this thread: yields a function that returns (target URL, why) when the camera
+    redirected to a host `policy` refuses (the open was then interrupted), else None. No policy: no check."""
+    if policy is None:
+        yield lambda: None
+        return
+    _install()
+    _local.policy, _local.refused = policy, None
+    try:
+        yield lambda: _local.refused
+    finally:
+        _local.policy = _local.refused = None  # the clock is the real one again for this thread's reads
