@@ -279,6 +279,36 @@ def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, t
         srv.close()
 
 
+def test_metrics_over_mutual_tls_trusts_only_the_client_ca_of_the_latest_reload(pki, tmp_path):
+    """/metrics with --metrics-tls and a client CA: SIGHUP with another CA in the file must stop serving scrapers
+    of the old one (it went on trusting both: the new CA was added to the context in use)."""
+    live = tmp_path / "live"
+    live.mkdir()
+    client_ca = live / "clients.crt"
+    shutil.copy(pki["ca"].cert, client_ca)
+    srv = ServerProcess("--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key),
+                        "--tls-client-ca", str(client_ca), "--metrics-tls")
+
+    def scraped(client) -> bool:
+        https = ssl.create_default_context(cafile=str(pki["ca"].cert))
+        https.load_cert_chain(str(client.cert), str(client.key))
+        try:
+            with urllib.request.urlopen(f"https://127.0.0.1:{srv.metrics_port}/metrics", context=https,
+                                        timeout=10) as r:
+                return b"yolov12_slo_seconds" in r.read()
+        except (urllib.error.URLError, ConnectionError, ssl.SSLError, http_errors()):
+            return False
+
+    try:
+        assert scraped(pki["client"]) and not scraped(pki["rogue_client"])
+        shutil.copy(pki["rogue"].cert, client_ca)  # the plant's scrapers now hold certificates of the other CA
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: scraped(pki["rogue_client"]), 30, what="the new client CA in use")
+        assert not scraped(pki["client"]), "a scraper of the removed CA is still served"
+    finally:
+        srv.close()
+
+
 def http_errors() -> type[Exception]:
     import http.client
 

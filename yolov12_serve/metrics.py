@@ -278,6 +278,7 @@ class Metrics:
         self._gpus = GpuTelemetry(self.devices)
         r.register(_LiveCollector(snapshot or LiveSnapshot, self._gpus))
         self._http = None
+        self._tls_context: ssl.SSLContext | None = None  # /metrics over HTTPS: what the next handshake uses
         self._series: dict[tuple[str, str], StreamSeries] = {}
         self._dropped: dict[tuple[str, str], Any] = {}
 
@@ -378,13 +379,24 @@ class Metrics:
             raise OSError(f"cannot serve metrics on {host}:{port}: {e.strerror or e}; pick another with "
                           "--metrics-port (0: any free port, -1: off)") from None
         self._http = httpd
+        context = getattr(httpd.socket, "context", None)
+        if context is not None:  # each handshake takes the context of the latest reload (reload_certificate)
+            self._tls_context = context
+            context.sni_callback = self._use_latest_context
         return int(httpd.server_port)
 
+    def _use_latest_context(self, sock: ssl.SSLSocket, _server_name: str | None, context: ssl.SSLContext) -> None:
+        """Called for every TLS handshake (with or without SNI): the connection gets the current context."""
+        if self._tls_context is not context:
+            sock.context = self._tls_context
+
     def reload_certificate(self, certfile: str, keyfile: str, client_cafile: str | None = None) -> None:
-        """Use new certificate files for the next HTTPS connections (SIGHUP); ConfigError when they are bad."""
-        context = getattr(getattr(self._http, "socket", None), "context", None)
-        if context is None:
+        """Use new certificate files for the next HTTPS connections (SIGHUP); ConfigError when they are bad. A fresh
+        context each time: loading a client CA into the one in use would add to the CAs it trusts, never drop one."""
+        old = self._tls_context
+        if old is None:
             return
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         try:
             context.load_cert_chain(certfile, keyfile)
             if client_cafile:
@@ -392,6 +404,9 @@ class Metrics:
         except (ssl.SSLError, OSError) as e:
             raise ConfigError(f"metrics certificate {certfile} not reloaded: {getattr(e, 'reason', None) or e}") \
                 from None
+        context.verify_mode = old.verify_mode
+        context.minimum_version = old.minimum_version
+        self._tls_context = context
 
     def stop(self) -> None:
         """Stop the HTTP endpoint."""
