@@ -8,6 +8,7 @@ import logging
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 from certs import HAVE_OPENSSL, make_ca, make_cert
 from test_server_harness import NO_TORCH, ROOT
@@ -309,3 +310,39 @@ def test_rates_that_are_not_finite_numbers_are_invalid():
             StreamSpec("cam", "rtsp://10.0.0.5/s", rate)
     for rate in (0.0, 0.001, 12.5, 1000.0):
         assert StreamSpec("cam", "rtsp://10.0.0.5/s", rate).max_fps == rate
+
+
+def test_a_small_png_of_a_huge_picture_decodes_in_bounded_memory_and_upright(tmp_path):
+    """A 155 KB PNG of a 6320x6320 RGBA picture turned by EXIF (under the 40M-pixel limit) took 0.5 GB to decode,
+    four at once 1.9 GB: now it is shrunk before it is turned and such pictures are decoded one at a time. The
+    pixels are still those of the upright picture, letterboxed."""
+    from PIL import Image
+
+    from yolov12_serve.preprocess import InputPlanner, letterbox_image
+
+    rgba = np.zeros((6320, 6320, 4), np.uint8)
+    rgba[:3160, :, 0] = 200  # the top half red: upright (turned by EXIF orientation 6), the right half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = tmp_path / "huge.png"
+    Image.fromarray(rgba).save(path, exif=exif)
+    assert path.stat().st_size < 400_000
+    code = (NO_TORCH + "import resource, threading, numpy as np\n"
+            "from yolov12_serve.sources.push import decode_frame\n"
+            "from yolov12_serve.preprocess import InputPlanner\n"
+            f"data = open({str(path)!r}, 'rb').read(); plan = InputPlanner((320, 320), 32, True).plan\n"
+            "x, lb = decode_frame(data, 2, 0, 0, plan)\n"
+            "one = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024\n"
+            "ts = [threading.Thread(target=decode_frame, args=(data, 2, 0, 0, plan)) for _ in range(4)]\n"
+            "[t.start() for t in ts]; [t.join() for t in ts]\n"
+            "np.save('out.npy', x)\n"
+            "print(one, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    one, four = map(int, out.stdout.split())
+    assert one < 450 and four < 600, f"peak {one} MB for one decode, {four} MB with four at once (was 513, 1901)"
+    x = np.load(tmp_path / "out.npy")
+    upright = Image.fromarray(np.rot90(rgba[..., :3], k=-1).copy())  # orientation 6: turned 90 degrees clockwise
+    lb = InputPlanner((320, 320), 32, True).plan((6320, 6320))
+    assert np.abs(x.astype(int) - letterbox_image(upright, lb).astype(int)).max() <= 1
+

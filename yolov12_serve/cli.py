@@ -54,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--instances", type=int, default=2, help="engine instances per device, run concurrently (default 2)")
     p.add_argument("--threads", type=int, help="CPU threads per instance (default: cores / instances)")
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (capped by the engine's; default 8)")
-    p.add_argument("--max-streams", type=int, default=64, help="cameras at most (default 64); as many Detect calls pushing frames, counted apart")
+    p.add_argument("--max-streams", type=int, default=64,
+                   help="cameras at most (default 64); as many Detect calls pushing frames, counted apart")
     p.add_argument("--streams", metavar="FILE.yaml", help="cameras to add at start: 'streams: [{id, url, max_fps}]'")
     p.add_argument("--source", action="append", default=[], metavar="URL",
                    help="a camera to add at start (repeatable); ids cam0, cam1, ...")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import io
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -18,12 +19,17 @@ from engines.letterbox import Letterbox
 
 from ..errors import InvalidArgumentError
 from ..preprocess import letterbox_image, letterbox_upright
+from ..runtime import release_freed_memory
 
 __all__ = ["MAX_PIXELS", "MAX_SIDE", "Encoding", "decode_frame", "sniff_encoding"]
 
 MAX_SIDE = 16384  # larger frames are refused (a decompression bomb guard as well)
 MAX_PIXELS = 40_000_000  # encoded images decoding to more are refused: an 8K frame is 33M; a small PNG must not
                          # make the server allocate half a gigabyte (Pillow's own limit is 179M pixels)
+
+
+ONE_AT_A_TIME_PIXELS = 16_000_000  # PNGs decoding to more (full size, no reduced decode) are decoded one at a time
+_one_big_decode = threading.Lock()
 
 
 class Encoding(enum.IntEnum):
@@ -69,7 +75,14 @@ def decode_frame(data: bytes, encoding: int, width: int, height: int,
                                        f"{MAX_PIXELS / 1e6:.0f}M pixels are accepted (an 8K frame is 33M)")
         if (enc == Encoding.JPEG) != (fmt == "JPEG") or (enc == Encoding.PNG) != (fmt == "PNG"):
             raise InvalidArgumentError(f"encoding says {enc.name} but the data is {fmt}")
-        return letterbox_upright(img, plan)
+        if fmt == "JPEG" or w0 * h0 < ONE_AT_A_TIME_PIXELS:
+            return letterbox_upright(img, plan)
+        with _one_big_decode:  # a few hundred MB each: four at once took 2 GB
+            try:
+                return letterbox_upright(img, plan)
+            finally:
+                del img
+                release_freed_memory()
     except InvalidArgumentError:
         raise
     except Image.DecompressionBombError:  # Pillow's own limit, met before ours when a header claims a huge size
