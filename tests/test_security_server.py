@@ -357,6 +357,40 @@ def _gstreamer_ok() -> bool:
 
 
 @pytest.mark.slow
+def test_one_client_cannot_hold_every_call_slot_with_watches():
+    """One client with one connection opened watches until --max-concurrent-rpcs was reached: health checks on the
+    main port and every operator call were then refused. Its watch and Detect calls are capped per client address;
+    health and other calls go on, and a watch ended frees its place."""
+    srv = ServerProcess("--max-calls-per-client", "3", "--allow-synthetic")
+    try:
+        with srv.client() as c:
+            c.wait_ready(60)
+            watches = [c.watch(batched=bool(i % 2)) for i in range(3)]
+            wait_until(lambda: "yolov12_watcher_results_dropped_total{" in srv.metrics() and
+                       srv.metrics().count("yolov12_watcher_results_dropped_total{") == 3, 20, what="3 watchers")
+            with pytest.raises(grpc.RpcError) as e:
+                next(iter(c.watch()))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "this client (127.0.0.1) has 3 watch or Detect calls open" in e.value.details()
+            with pytest.raises(grpc.RpcError) as e:
+                next(iter(c.detect([make_frame(np.zeros((64, 64, 3), np.uint8))], stream_id="p")))
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert c.health() == "SERVING" and c.list_streams() == []
+            c.add_stream("cam", "synthetic://cam?fps=5&size=320x180")  # an operator's call is not held up
+            watches[0].cancel()
+
+            def watch_again() -> bool:
+                try:
+                    return next(iter(c.watch(["cam"], timeout=5))).stream_id == "cam"
+                except grpc.RpcError:
+                    return False
+            wait_until(watch_again, 20, what="a place freed by the ended watch")
+            for w in watches[1:]:
+                w.cancel()
+    finally:
+        srv.close()
+
+
 class RedirectingCamera:
     """An RTSP 'camera' on loopback that answers OPTIONS and then redirects DESCRIBE to `target` (302), and a plain
     listener that records every connection to it and the bytes it got: what the redirect would reach."""

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-rpcs", type=int, default=256,
                    help="gRPC calls at once, watchers and Detect calls included; more are refused with "
                         "RESOURCE_EXHAUSTED (default 256)")
+    p.add_argument("--max-calls-per-client", type=int, default=None, metavar="N",
+                   help="watch and Detect calls one client address may hold open; more are refused with "
+                        "RESOURCE_EXHAUSTED (default: half of --max-concurrent-rpcs, so one client cannot take "
+                        "them all)")
     p.add_argument("--rebalance-s", type=float, default=10.0,
                    help="a device whose cameras offer more frames than it can run for this long hands one to a less "
                         "loaded device (0: never; default 10)")
@@ -218,6 +222,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         background_nice=args.background_nice, run_deadline_floor_s=args.run_deadline_s,
         run_deadline_factor=args.run_deadline_factor, recheck_s=args.recheck_s, state_dir=state_dir,
         max_pending_images=args.max_pending_images, max_concurrent_rpcs=args.max_concurrent_rpcs,
+        max_calls_per_client=args.max_calls_per_client,
         rebalance_s=args.rebalance_s, worker_processes=args.worker_processes,
         rtsp=RtspOptions(stall_s=args.stall_s, backoff_cap_s=args.backoff_cap_s,
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode,

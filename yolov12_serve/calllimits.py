@@ -1,0 +1,61 @@
+"""Long-lived calls counted per client: one client, with one token and one connection, could hold every one of
+--max-concurrent-rpcs with watches, and the main port's health checks were then refused with everything else.
+
+Calls that stream their answers (WatchDetections, WatchDetectionBatches, Detect, health's Watch) are counted per
+client address (the peer's IP; every port of it); beyond `--max-calls-per-client` a new one is RESOURCE_EXHAUSTED
+at once. Unary calls (ListStreams, health Check, GetSnapshot, ...) are not counted: they end by themselves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+
+__all__ = ["PerClientCallLimit", "client_address"]
+
+
+def client_address(peer: str) -> str:
+    """'ipv4:10.1.2.3:5123' -> '10.1.2.3', 'ipv6:[::1]:5123' -> '[::1]'; other forms (unix:...) as they are."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6") and rest:
+        return rest.rpartition(":")[0] or rest
+    return peer
+
+
+class PerClientCallLimit(grpc.aio.ServerInterceptor):
+    """At most `limit` answer-streaming calls open per client address."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.open: dict[str, int] = {}  # client address -> its calls open (the event loop's thread only)
+
+    async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler.response_streaming:
+            return handler
+        streamed_in = handler.request_streaming
+        fn = handler.stream_stream if streamed_in else handler.unary_stream
+        limit, open_calls = self.limit, self.open
+
+        async def behaviour(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            client = client_address(context.peer() or "")
+            n = open_calls.get(client, 0)
+            if n >= limit:
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"this client ({client}) has {n} watch or Detect calls open, the limit per client "
+                                    "(--max-calls-per-client): end some, or watch several streams in one call")
+            open_calls[client] = n + 1
+            try:
+                async for response in fn(request, context):
+                    yield response
+            finally:
+                left = open_calls.get(client, 1) - 1
+                if left > 0:
+                    open_calls[client] = left
+                else:
+                    open_calls.pop(client, None)
+
+        make = grpc.stream_stream_rpc_method_handler if streamed_in else grpc.unary_stream_rpc_method_handler
+        return make(behaviour, request_deserializer=handler.request_deserializer,
+                    response_serializer=handler.response_serializer)
