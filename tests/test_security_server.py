@@ -203,7 +203,9 @@ def test_ctl_speaks_mutual_tls_with_a_token_file_and_names_the_missing_token_or_
     err = capsys.readouterr().err
     assert err.startswith("yolov12-ctl: UNAUTHENTICATED: ") and "--token-file FILE" in err
     assert ctl.main([*tls, "--token-file", str(viewer), "add", "ctl-cam", "synthetic://c?fps=5"], out) == 1
-    assert capsys.readouterr().err.startswith("yolov12-ctl: PERMISSION_DENIED: ")
+    err = capsys.readouterr().err
+    assert err.startswith("yolov12-ctl: PERMISSION_DENIED: ") and err.rstrip().endswith(
+        "; use a token with the role the message names"), err
     assert ctl.main([*tls, "--token-file", str(operator), "add", "ctl-cam", "synthetic://c?fps=5"], out) == 0
     monkeypatch.setenv("YOLOV12_TOKEN", VIEWER)  # where --token-file is not given
     assert ctl.main([*tls, "--json", "streams"], out) == 0
@@ -316,7 +318,9 @@ def http_errors() -> type[Exception]:
 
 
 # ------------------------------------------------------------------------------------------------ cameras
-def test_camera_schemes_and_hosts_are_refused_over_grpc_with_the_reason_and_metrics_bind_apart(tmp_path):
+def test_camera_schemes_and_hosts_are_refused_over_grpc_with_the_reason_and_metrics_bind_apart(tmp_path, capsys):
+    from yolov12_serve import ctl
+
     srv = ServerProcess("--metrics-host", "127.0.0.2", "--allow-hosts", "127.0.0.0/8,10.0.0.0/8,cam.example")
     try:
         assert f"metrics on 127.0.0.2:{srv.metrics_port}/metrics" in "".join(srv.output)  # --metrics-host
@@ -340,6 +344,9 @@ def test_camera_schemes_and_hosts_are_refused_over_grpc_with_the_reason_and_metr
                 with pytest.raises(grpc.RpcError) as e:
                     c.add_stream("cam", url)
                 assert (e.value.code(), reason in e.value.details()) == (code, True), (url, e.value.details())
+            assert ctl.main(["--server", srv.address, "add", "cam", "rtsp://192.168.1.20/stream1"]) == 1
+            err = capsys.readouterr().err  # the host is the matter, not a token: no advice about roles
+            assert "not in --allow-hosts" in err and "role" not in err, err
             info = c.add_stream("fine", f"rtsp://127.0.0.1:{free_port()}/x")
             assert info.state == pb.STREAM_STATE_CONNECTING
             c.remove_stream("fine")

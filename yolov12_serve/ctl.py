@@ -606,6 +606,8 @@ def _one_line(e: grpc.RpcError, servers: list[str]) -> str:
         hint = None  # the server was reached and said why (a camera sent no frame, starting, shutting down): its words
     elif code == grpc.StatusCode.UNAVAILABLE:
         details = f"cannot reach {', '.join(servers)}" + (f" ({details})" if details else "")
+    elif code == grpc.StatusCode.PERMISSION_DENIED and " role" not in details:
+        hint = None  # a camera host the server refuses, not a token's role: the message says what to change
     return f"{code.name}: {details}" + (f"; {hint}" if hint else "")
 
 

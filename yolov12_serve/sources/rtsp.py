@@ -92,6 +92,12 @@ class AvSource(Source):
     def start(self) -> None:
         self._spawn()
 
+    def stop(self) -> None:
+        """Stop producing; under the lock the thread holds while it checks it is current and logs a failure, so no
+        'reconnecting' line comes after the stream was removed."""
+        with self._lock:
+            super().stop()
+
     def restart(self, reason: str) -> None:
         """Abandon the current (stalled) connection and start a fresh one."""
         with self._lock:
