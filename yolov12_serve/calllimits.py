@@ -8,6 +8,7 @@ at once. Unary calls (ListStreams, health Check, GetSnapshot, ...) are not count
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import AsyncIterator
 
 import grpc
@@ -36,9 +37,11 @@ class PerClientCallLimit(grpc.aio.ServerInterceptor):
             return handler
         streamed_in = handler.request_streaming
         fn = handler.stream_stream if streamed_in else handler.unary_stream
+        if not (inspect.isasyncgenfunction(fn) or inspect.iscoroutinefunction(fn)):
+            return handler  # not an asyncio servicer's
         limit, open_calls = self.limit, self.open
 
-        async def behaviour(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+        async def enter(context: grpc.aio.ServicerContext) -> str:
             client = client_address(context.peer() or "")
             n = open_calls.get(client, 0)
             if n >= limit:
@@ -46,15 +49,30 @@ class PerClientCallLimit(grpc.aio.ServerInterceptor):
                                     f"this client ({client}) has {n} watch or Detect calls open, the limit per client "
                                     "(--max-calls-per-client): end some, or watch several streams in one call")
             open_calls[client] = n + 1
-            try:
-                async for response in fn(request, context):
-                    yield response
-            finally:
-                left = open_calls.get(client, 1) - 1
-                if left > 0:
-                    open_calls[client] = left
-                else:
-                    open_calls.pop(client, None)
+            return client
+
+        def leave(client: str) -> None:
+            left = open_calls.get(client, 1) - 1
+            if left > 0:
+                open_calls[client] = left
+            else:
+                open_calls.pop(client, None)
+
+        if inspect.isasyncgenfunction(fn):  # answers yielded
+            async def behaviour(request, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+                client = await enter(context)
+                try:
+                    async for response in fn(request, context):
+                        yield response
+                finally:
+                    leave(client)
+        else:  # answers written with context.write (grpc.health's Watch)
+            async def behaviour(request, context: grpc.aio.ServicerContext) -> None:  # type: ignore[misc]
+                client = await enter(context)
+                try:
+                    await fn(request, context)
+                finally:
+                    leave(client)
 
         make = grpc.stream_stream_rpc_method_handler if streamed_in else grpc.unary_stream_rpc_method_handler
         return make(behaviour, request_deserializer=handler.request_deserializer,

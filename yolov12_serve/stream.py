@@ -198,6 +198,17 @@ class Stream:
             self._on_drop(replaced, "removed" if replaced is frame else "superseded")
         return frame
 
+    def next_frame_id(self) -> int:
+        """The id a device process that starts serving this stream numbers its frames from: past every published
+        one (a process restarted, or a move, numbering from 0 again had each result refused until it caught up:
+        a camera blind for as long as it had run)."""
+        with self._lock:
+            return self._last_published + 1
+
+    def number_from(self, first: int) -> None:
+        """Number this stream's next frames from `first` on (a device process taking the stream over)."""
+        self._ids = itertools.count(first)
+
     def accept(self, frame_id: int) -> bool:
         """True if a result for `frame_id` may be published: newer than any published so far (so watchers see
         frame ids increasing even when two frames of the stream ran at once). Pushed frames keep their order."""

@@ -177,6 +177,7 @@ class DeviceHost:
                 stream.state = StreamState.STREAMING
             else:  # a camera: its picture is checked here, where its frames are
                 stream.watch_picture(opts.get("blind_after_s", self.cfg.rtsp.blind_after_s))
+            stream.number_from(opts.get("first_id", 0))  # on from what the API process published
             stream.bind(self.rt)
             self.streams[stream_id] = stream
         if opts.get("source") is not None:

@@ -264,7 +264,8 @@ class RemoteRuntime:
             else None
         opts = {"url": stream.url, "kind": stream.kind, "max_fps": stream.max_fps, "slo_s": stream.slo_s,
                 "droppable": stream.droppable, "public": stream.public, "metrics_label": stream.metrics_label,
-                "group": stream.group, "source": source, "blind_after_s": stream.blind_after_s}
+                "group": stream.group, "source": source, "blind_after_s": stream.blind_after_s,
+                "first_id": stream.next_frame_id()}
         self.send("bind", stream.stream_id, stream.epoch, opts)
 
     def push(self, stream: Stream, data: bytes, encoding: int, width: int, height: int, frame_id: int,
