@@ -6,6 +6,7 @@ engines behind fault switches (tests/fault_injection.py) over loopback gRPC."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -170,6 +171,47 @@ def test_a_killed_device_process_is_restarted_and_its_streams_resume_while_the_s
         for x in (health, reader):
             if x is not None:
                 x.close()
+        srv.close()
+
+
+def test_a_stopped_device_process_is_found_silent_and_started_again(tmp_path):
+    """A device process frozen (SIGSTOP here; a wedged driver call holding its interpreter does the same) has its run
+    supervisor and camera watchdog inside it: nothing noticed, its cameras stayed STREAMING without a result. The
+    API process hears from each device process every quarter second: after 2 x --stall-s of silence it ends it
+    and starts it again, and its cameras resume."""
+    srv = ServerProcess("--gpus", "cpu:2", "--worker-processes", "on", "--instances", "1", "--allow-synthetic",
+                        "--stall-s", "1.5", "--slo-ms", "2000", "--process-late")
+    reader = None
+    stopped = 0
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        pids = device_pids(c)
+        for i in range(4):
+            c.add_stream(f"cam{i}", f"synthetic://cam{i}?fps=10&size=320x180")
+        placed = {s.stream_id: s.device for s in c.list_streams()}
+        reader = Reader(c.watch())
+        for sid in placed:
+            reader.first(lambda fd, sid=sid: fd.stream_id == sid and not fd.error, 60)
+        victim = placed["cam0"]
+        stopped = pids[victim]
+        os.kill(stopped, signal.SIGSTOP)
+        t = time.monotonic()
+        wait_until(lambda: device_pids(c)[victim] != stopped, 30, what="the stopped process replaced")
+        for sid in placed:
+            reader.first(lambda fd, sid=sid: fd.stream_id == sid and not fd.error and time.monotonic() > t + 4, 60)
+        time.sleep(3.5)  # longer than the silence allowed: processes that report are left alone
+        assert gauge(srv.metrics(), "yolov12_worker_restarts_total", device=victim) == 1
+        other = next(d for d in DEVICES if d != victim)
+        assert device_pids(c)[other] == pids[other] and device_pids(c)[victim] != stopped
+        assert c.health() == "SERVING"
+        assert re.search(rf"{victim}: the device process {stopped} has sent nothing for \d+ s", srv.log())
+    finally:
+        if stopped:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(stopped, signal.SIGCONT)
+        if reader is not None:
+            reader.close()
         srv.close()
 
 

@@ -716,6 +716,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self.placement.update_fps(s.stream_id, s.stats.offered_fps(t))  # offered, not processed: see placement
             s.restart_if_stalled(t, stall)
         self._rebalance(t)
+        self.kill_silent_processes(t, max(2 * stall, 2.0))
 
     def live_snapshot(self) -> LiveSnapshot:
         """Streams by state, per-device queue depth, frames in flight and engine health, for the metrics scrape."""

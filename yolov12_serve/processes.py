@@ -197,6 +197,18 @@ class ProcessDevices:
                                                 epoch, drop_reason="error"))
 
     # ------------------------------------------------------------------------------------------ restarts
+    def kill_silent_processes(self, t: float, silent_s: float) -> None:
+        """A device process that has sent nothing for `silent_s` (it reports every quarter second) is hung, frozen
+        or stopped (SIGSTOP): its run supervisor and camera watchdog are inside it, so nothing else would notice
+        and its cameras would stay STREAMING with no results. It is killed, and started again as if it had died."""
+        for rt in list(self.runtimes.values()):
+            if isinstance(rt, RemoteRuntime) and rt.alive and not rt.loading and not self.draining \
+                    and t - rt.last_heard > silent_s:
+                log.error("%s: the device process %d has sent nothing for %.0f s (hung or stopped): ending it to "
+                          "start it again", rt.name, rt.pid, t - rt.last_heard)
+                rt.last_heard = t  # told once; the kill ends its reader, which starts it again (remote_exit)
+                rt.kill()
+
     def remote_exit(self, rt: RemoteRuntime, exitcode: int | None) -> None:
         """A device process ended unasked: say so, and start it again in a thread of its own."""
         if self.draining or self._stop.is_set():

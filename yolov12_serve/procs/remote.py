@@ -219,6 +219,8 @@ class RemoteRuntime:
         self.pid = 0
         self.restarts = 0
         self.alive = False
+        self.last_heard = 0.0  # now() of the device process's last message (it reports every STATS_S)
+        self.loading = False  # a hot swap's engine is loading in the process (prepare_swap)
         self.stats = SchedulerStats(0, 0, 0)
         self.live_threads = 0
         self._events = events
@@ -295,7 +297,12 @@ class RemoteRuntime:
         """Load and warm up `path` in the device process beside the running engine (blocking); EngineError if it
         cannot serve."""
         request = next(self._requests)
-        ok, payload = self.request("load", path, request=request, timeout=START_TIMEOUT_S)
+        self.loading = True  # an engine may hold the process's interpreter while it loads: not a sign of a hang
+        try:
+            ok, payload = self.request("load", path, request=request, timeout=START_TIMEOUT_S)
+        finally:
+            self.loading = False
+            self.last_heard = now()
         if not ok:
             raise EngineError(payload)
         return RemoteLoaded.from_description(self, payload, request)
@@ -345,6 +352,7 @@ class RemoteRuntime:
         self.pid = hello[2]
         self._conn, self._proc = parent, proc
         self._stopping = False
+        self.last_heard = now()
         self.alive = True
         for ev in early:
             self._dispatch(ev)
@@ -402,6 +410,7 @@ class RemoteRuntime:
                 data = conn.recv_bytes()
             except (EOFError, OSError):
                 break
+            self.last_heard = now()
             try:
                 events = loads(data)
             except Exception:
