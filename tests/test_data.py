@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainer.data.augment import CopyPaste, MixUp, default_hyp, scale_defaults
 from trainer.data.config import DataError, load_data_config
@@ -84,6 +84,10 @@ def test_config_errors_are_one_clear_message_each(tmp_path):
                                           "names: {0: a, 2: b}\n")
     with pytest.raises(DataError, match="without gaps"):
         load_data_config(bad_ids)
+    bad_nc = _write_yaml(tmp_path / "c", f"path: {tmp_path}\ntrain: images/val\nval: images/val\nnc: 7\n"
+                                         "names: [scratch, dent]\n")
+    with pytest.raises(DataError, match=r"'nc: 7' but 'names' lists 2 classes \(scratch, dent\); make them agree"):
+        load_data_config(bad_nc)
 
 
 def test_config_resolves_folders_lists_and_relative_paths(tmp_path):
@@ -149,31 +153,135 @@ def test_scan_skips_corrupt_and_missing_images_and_treats_missing_labels_as_back
     noise = np.random.default_rng(0).integers(0, 255, (60, 80, 3), dtype=np.uint8)
     Image.fromarray(noise).save(images / "cut.jpg")
     (images / "cut.jpg").write_bytes((images / "cut.jpg").read_bytes()[:-100])  # a download cut short
+    (images / "trailer.jpg").write_bytes((images / "good.jpg").read_bytes() + b"\0" * 16)  # camera trailer: fine
     (images / "binary.png").write_bytes((images / "good.jpg").read_bytes())  # fine: content decides, not suffix
     (tmp_path / "labels" / "binary.txt").write_bytes(b"\xff\xfe\x00bad")
     files = sorted(images.iterdir()) + [images / "gone.jpg"]
     records, report = scan_split(files, nc=2, split="train")
-    assert sorted(Path(r.im_file).name for r in records) == ["background.png", "good.jpg"]
+    assert sorted(Path(r.im_file).name for r in records) == ["background.png", "good.jpg", "trailer.jpg"]
     good = next(r for r in records if r.im_file.endswith("good.jpg"))
     assert good.shape == (30, 40) and good.cls.tolist() == [1]
     assert report.counts == {"corrupt image": 2, "missing image": 1, "unreadable label file": 1}
-    assert report.images_found == 6 and report.images_used == 2 and report.backgrounds == 1
+    assert report.images_found == 7 and report.images_used == 3 and report.backgrounds == 2
     assert any("cut.jpg: truncated JPEG" in line for line in report.lines)
     assert any("gone.jpg: listed but does not exist" in line for line in report.lines)
 
 
-def test_dataset_goes_on_with_the_good_rows_and_fails_clearly_when_nothing_is_left(tmp_path):
+def test_an_image_with_a_bad_label_row_is_skipped_whole_and_nothing_left_fails_clearly(tmp_path):
+    """A skipped row would leave its object in the image as background: the whole image goes (as ultralytics),
+    named with file:line and counted; duplicates and clipped rows keep their image."""
     yaml_path = _colour_dataset(tmp_path / "ds", [(64, 64)] * 4)
-    label = tmp_path / "ds" / "labels" / "train" / "000.txt"
-    label.write_text(label.read_text() + "9 0.5 0.5 0.1 0.1\n")
+    labels = tmp_path / "ds" / "labels" / "train"
+    (labels / "000.txt").write_text((labels / "000.txt").read_text() + "9 0.5 0.5 0.1 0.1\n")
+    first = (labels / "001.txt").read_text().splitlines()[0]
+    (labels / "001.txt").write_text((labels / "001.txt").read_text() + f"{first}\n")  # a duplicate: image kept
     (tmp_path / "ds" / "images" / "train" / "zzz.png").write_bytes(b"broken")
     ds = DetectionDataset(load_data_config(yaml_path), "train", imgsz=64)
-    assert len(ds) == 3 and ds.report.counts == {"class out of range": 1, "corrupt image": 1}
+    assert len(ds) == 2 and not any(r.im_file.endswith("000.png") for r in ds.records)
+    assert ds.report.counts == {"class out of range": 1, "corrupt image": 1, "duplicate row": 1}
+    assert ds.report.bad_label_images == 1 and "1 skipped for bad label rows" in ds.report.summary()
+    assert any(line.startswith(f"{labels / '000.txt'}:") and line.endswith("image skipped") for line in ds.report.lines)
     assert ds[0]["cls"].shape[1] == 1
     for f in (tmp_path / "ds" / "images" / "val").iterdir():
         f.write_bytes(b"broken")
     with pytest.raises(DataError, match="split 'val' has no usable images"):
         DetectionDataset(load_data_config(yaml_path), "val", imgsz=64)
+
+
+def test_missing_label_files_are_counted_apart_from_empty_ones_and_warned(tmp_path):
+    images, labels = tmp_path / "images" / "train", tmp_path / "labels" / "train"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for name in ("boxed", "empty", "unlabelled"):
+        Image.new("RGB", (40, 30)).save(images / f"{name}.png")
+    (labels / "boxed.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (labels / "empty.txt").write_text("")
+    _, report = scan_split(sorted(images.iterdir()), nc=2, split="train")
+    assert (report.backgrounds, report.no_label_file, report.boxes_used) == (2, 1, 1)
+    lines = report.summary().splitlines()
+    assert lines[0] == ("train: 3/3 images used (2 without objects, 1 of them with no label file), 1 boxes, "
+                        "no label problems")
+    assert lines[1] == (f"WARNING train: 1 of 3 images have no label file (looked for {labels / '*.txt'}: images/ -> "
+                        "labels/, as ultralytics); they train as backgrounds")
+    assert report.needs_attention
+    _, none = scan_split([images / "unlabelled.png", images / "empty.png"][:1], nc=2, split="train")
+    assert none.no_boxes_message() == (f"no labels found for any of 1 train images: looked for {labels / '*.txt'} "
+                                       "(images/ -> labels/, as ultralytics); put the YOLO .txt label files there or "
+                                       "fix the folder names")
+
+
+def _labelled(root: Path, files: dict[str, Image.Image], exif: dict[str, int] | None = None) -> Path:
+    """A dataset whose train and val splits hold `files` (name -> image, saved with an EXIF orientation where given),
+    each labelled with one centred box; returns data.yaml."""
+    for split in ("train", "val"):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for name, im in files.items():
+            extra = {}
+            if exif and name in exif:
+                tags = Image.Exif()
+                tags[274] = exif[name]
+                extra["exif"] = tags
+            if name.endswith(".webp"):
+                extra["lossless"] = True
+            im.save(root / "images" / split / name, **extra)
+            (root / "labels" / split / f"{Path(name).stem}.txt").write_text("0 0.5 0.5 0.4 0.4\n")
+    return _write_yaml(root, f"path: {root}\ntrain: images/train\nval: images/val\n{NAMES}")
+
+
+def _corner_image(w: int = 60, h: int = 40) -> Image.Image:
+    """An image whose orientation shows: a red top-left and a blue bottom-right block on grey."""
+    a = np.full((h, w, 3), 114, np.uint8)
+    a[: h // 4, : w // 3] = (255, 0, 0)
+    a[-h // 4:, -w // 6:] = (0, 0, 255)
+    return Image.fromarray(a)
+
+
+def test_exif_orientation_gives_the_same_shape_and_pixels_in_every_format(tmp_path):
+    """The recorded shape (rect batches, ratio_pad) and the decoded pixels agree with PIL's exif_transpose (what
+    serving shows the model) for every orientation of JPEG, PNG, WebP and TIFF. OpenCV itself rotates JPEG, PNG and
+    WebP, and fails on a quarter-turned TIFF ('Internal imread issue')."""
+    files = {f"o{o}.{ext}": _corner_image() for ext in ("jpg", "png", "webp", "tif") for o in range(1, 9)}
+    yaml_path = _labelled(tmp_path / "ds", files, {name: int(name[1]) for name in files})
+    ds = DetectionDataset(load_data_config(yaml_path), "train", imgsz=64)
+    assert len(ds) == len(files) and not ds.report.counts
+    for i, record in enumerate(ds.records):
+        expected = np.asarray(ImageOps.exif_transpose(Image.open(record.im_file)).convert("RGB")).astype(int)
+        img = ds._read(i)
+        assert record.shape == img.shape[:2] == expected.shape[:2], (record.im_file, record.shape, img.shape)
+        assert np.abs(img.astype(int) - expected).mean() < 4, record.im_file
+    rect = DetectionDataset(load_data_config(yaml_path), "val", imgsz=64, rect=True, batch_size=1)
+    quarter = [i for i, r in enumerate(rect.records) if r.orientation in (5, 6, 7, 8)]
+    assert all(rect[i]["img"].shape[1] > rect[i]["img"].shape[2] for i in quarter)  # upright: taller than wide
+
+
+def test_images_opencv_cannot_decode_are_read_like_the_scan_saw_them(tmp_path):
+    """A TIFF with an EXIF orientation passes the scan but OpenCV 5.1 cannot decode it: it trains (Pillow decodes it),
+    with no 'changed or removed since' crash mid-epoch, in the RAM cache too."""
+    yaml_path = _labelled(tmp_path / "ds", {"scan.tif": _corner_image(128, 64), "plain.png": _corner_image()},
+                          {"scan.tif": 6})
+    for cache in (False, "ram"):
+        ds = DetectionDataset(load_data_config(yaml_path), "train", imgsz=64, cache=cache)
+        i = next(i for i, r in enumerate(ds.records) if r.im_file.endswith("scan.tif"))
+        assert ds.records[i].shape == (128, 64) and ds.load(i)["img"].shape == (64, 32, 3) and len(ds[i]["cls"]) == 1
+        assert tuple(ds._read(i)[0, -1]) == (255, 0, 0)  # top-left red block turned to the top-right
+
+
+def test_images_deeper_than_8_bits_are_skipped_as_serving_refuses_them(tmp_path):
+    """16-bit PNG/TIFF and 32-bit float TIFF: serving refuses them ('more than 8 bits a channel'), so the scan skips
+    them, counted and named, with the same advice (OpenCV would train on a /256 copy, or not read the float)."""
+    rng = np.random.default_rng(0)
+    deep = {"s16.png": Image.fromarray((rng.random((48, 64)) * 65535).astype(np.uint16)),
+            "g16.tif": Image.fromarray((rng.random((48, 64)) * 65535).astype(np.uint16)),
+            "f32.tif": Image.fromarray(rng.random((48, 64)).astype(np.float32)),
+            "ok.png": _corner_image()}
+    yaml_path = _labelled(tmp_path / "ds", deep)
+    ds = DetectionDataset(load_data_config(yaml_path), "train", imgsz=64)
+    assert [Path(r.im_file).name for r in ds.records] == ["ok.png"]
+    assert ds.report.counts == {"more than 8 bits": 3}
+    for name in ("s16.png", "g16.tif", "f32.tif"):
+        assert any(line.startswith(str(tmp_path / "ds" / "images" / "train" / name)) and "(more than 8 bits a "
+                   "channel): convert it to 8-bit RGB" in line for line in ds.report.lines), (name, ds.report.lines)
 
 
 # ------------------------------------------------------------------------------------------- augmentation
@@ -346,3 +454,17 @@ def test_ram_and_disk_caches_give_the_same_samples(colour_yaml):
             assert torch.equal(other[i]["img"], ref["img"]) and torch.equal(other[i]["bboxes"], ref["bboxes"])
     with pytest.raises(ValueError, match="cache='yes'"):
         DetectionDataset(cfg, "val", cache="yes")
+
+
+def test_disk_cache_keeps_images_of_the_same_stem_apart(tmp_path):
+    """x.jpg and x.png in one folder get their own cache file (x.jpg.rgb.npy, x.png.rgb.npy): one never trains on
+    the other's pixels."""
+    yaml_path = _labelled(tmp_path / "ds", {"pair.jpg": Image.new("RGB", (96, 48), (255, 0, 0)),
+                                            "pair.png": Image.new("RGB", (48, 96), (0, 0, 255))})
+    ds = DetectionDataset(load_data_config(yaml_path), "train", imgsz=96, cache="disk")
+    assert sorted(p.name for p in (tmp_path / "ds" / "images" / "train").glob("*.npy")) == ["pair.jpg.rgb.npy",
+                                                                                            "pair.png.rgb.npy"]
+    for i, record in enumerate(ds.records):
+        img = ds._read(i)
+        colour = (0, 0, 255) if record.im_file.endswith(".png") else (255, 0, 0)
+        assert img.shape[:2] == record.shape and np.abs(img.reshape(-1, 3).mean(0) - colour).max() < 3, record

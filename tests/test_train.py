@@ -92,8 +92,11 @@ def test_the_command_line_says_where_the_weights_are(tiny_data: Path, tmp_path: 
     finally:
         signal.signal(signal.SIGTERM, before)
     weights = tmp_path / "cli" / "weights"
-    last_line = capsys.readouterr().out.strip().splitlines()[-1]
-    assert last_line == f"weights: {weights / 'best.pt'} (the best epoch), {weights / 'last.pt'} (the last)"
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out[-1] == f"weights: {weights / 'best.pt'} (the best epoch), {weights / 'last.pt'} (the last)"
+    assert any(re.fullmatch(r"train: 16/16 images used \(\d+ without objects\), \d+ boxes, no label problems", line)
+               for line in out), out  # each split's scan summary is shown, not only logged
+    assert any(line.startswith("val: 4/4 images used") for line in out), out
     assert (weights / "last.pt").is_file() and (weights / "best.pt").is_file()
 
 
@@ -521,3 +524,147 @@ def test_a_mistyped_option_is_one_line_not_the_usage_block(tool: str, argv: list
         rc = e.code
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "invalid int value" in err[0] and err[0].endswith("(see --help)"), err
+
+
+def _unlabelled_data(root: Path, train: int = 5, val: int = 2) -> Path:
+    """A dataset whose label files are not where YOLO looks (a misnamed 'Labels' folder); returns data.yaml."""
+    from PIL import Image
+
+    for split, n in (("train", train), ("val", val)):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "Labels" / split).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (64, 48), (i * 40, 90, 160)).save(root / "images" / split / f"{i}.png")
+            (root / "Labels" / split / f"{i}.txt").write_text("0 0.5 0.5 0.2 0.2\n")
+    (root / "data.yaml").write_text(f"path: {root}\ntrain: images/train\nval: images/val\nnames: [dent]\n")
+    return root / "data.yaml"
+
+
+def test_a_train_split_without_labels_stops_in_one_line_after_the_split_summary(tmp_path: Path,
+                                                                              capsys: pytest.CaptureFixture[str]
+                                                                              ) -> None:
+    """No label file found for any train image: not a silent run on zero boxes, but the summary and a warning
+    (on stderr, shown to the user, not only logged), then one error line saying where labels were looked for."""
+    data = _unlabelled_data(tmp_path / "ds")
+    rc, err = _train_cli(["--data", str(data), "--epochs", "1", "--imgsz", "64", "--batch", "4", "--workers", "0",
+                          "--device", "cpu", "--project", str(tmp_path / "runs"), "--name", "nolab"], capsys)
+    looked = tmp_path / "ds" / "labels" / "train" / "*.txt"
+    assert rc == 2 and err[-1] == (f"yolov12-train: error: no labels found for any of 5 train images: looked for "
+                                   f"{looked} (images/ -> labels/, as ultralytics); put the YOLO .txt label files "
+                                   "there or fix the folder names"), err
+    assert "train: 5/5 images used (5 without objects, 5 of them with no label file), 0 boxes, no label problems" in err
+    assert f"WARNING train: 5 of 5 images have no label file (looked for {looked}: images/ -> labels/, as " \
+           "ultralytics); they train as backgrounds" in err
+    assert not (tmp_path / "runs" / "nolab").exists(), "a run that saved nothing leaves no folder"
+
+
+def _fake_run(monkeypatch: pytest.MonkeyPatch, effect: BaseException | None = None) -> list[dict]:
+    """Replace the training processes (`engine._run`) by a stub: it records the options it was given, or raises
+    `effect` (a stop); everything around it (options, run folder, init.pt, resume) runs for real."""
+    import trainer.engine
+
+    seen: list[dict] = []
+
+    def run(cfg_dict: dict, save_dir: str, init_weights: str, hooks=None) -> dict:
+        seen.append({**cfg_dict, "init_weights": init_weights})
+        if effect is not None:
+            raise effect
+        return {}
+
+    monkeypatch.setattr(trainer.engine, "_run", run)
+    return seen
+
+
+def _fake_last(run: Path, **train_args) -> Path:
+    """A resumable last.pt after epoch 1 of 3 (only what resuming reads before training starts)."""
+    from trainer.checkpoint import FORMAT
+
+    (run / "weights").mkdir(parents=True)
+    last = run / "weights" / "last.pt"
+    torch.save({"format": FORMAT, "train_model": {}, "epoch": 0,
+                "train_args": TrainConfig(epochs=3, **train_args).to_dict()}, last)
+    return last
+
+
+def test_a_run_stores_its_data_yaml_absolute_and_resume_accepts_data_when_it_moved(tiny_data: Path, tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    seen = _fake_run(monkeypatch)
+    monkeypatch.chdir(tiny_data.parent)
+    YOLO("yolov12n.yaml").train(data=tiny_data.name, project=str(tmp_path), name="rel", epochs=1)
+    assert seen[-1]["data"] == str(tiny_data)  # typed relative, saved absolute: resumable from any folder
+    last = _fake_last(tmp_path / "moved", data="old/place/data.yaml")
+    with pytest.raises(FileNotFoundError, match=r"^old/place/data.yaml: the data.yaml the run in .*moved trained on "
+                                                r"is not there any more .*; resume with --data path/to/data.yaml"):
+        YOLO("yolov12n.yaml").train(resume=str(last))
+    with pytest.raises(FileNotFoundError, match=r"^--data nope.yaml: data.yaml not found \(the run's own "
+                                                r"old/place/data.yaml is gone too\)"):
+        YOLO("yolov12n.yaml").train(resume=str(last), data="nope.yaml")
+    YOLO("yolov12n.yaml").train(resume=str(last), data=str(tiny_data))
+    assert seen[-1]["data"] == str(tiny_data) and seen[-1]["resume"] == str(last) and seen[-1]["epochs"] == 3
+
+
+def test_init_pt_is_removed_at_the_end_of_a_resumed_run(tiny_data: Path, tmp_path: Path, monkeypatch) -> None:
+    """weights/init.pt left by an interrupted start is not needed to resume (last.pt is): the resumed run removes it."""
+    seen = _fake_run(monkeypatch)
+    last = _fake_last(tmp_path / "run", data=str(tiny_data))
+    (last.parent / "init.pt").write_bytes(b"left by the interrupted start")
+    YOLO("yolov12n.yaml").train(resume=str(last))
+    assert seen[-1]["init_weights"] == str(last)
+    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+
+
+@pytest.mark.parametrize(("stop", "rc", "line"), [
+    ("ctrl-c", 130, "yolov12-train: interrupted before the first epoch finished: nothing can be resumed yet; start "
+                    "the run again"),
+    ("sigint-ddp", 130, "yolov12-train: interrupted before the first epoch finished: nothing can be resumed yet; "
+                        "start the run again"),
+    ("sigterm-ddp", 143, "yolov12-train: terminated before the first epoch finished: nothing can be resumed yet; "
+                         "start the run again"),
+    ("sigint-ddp-after-epoch", 130, "yolov12-train: interrupted (resume with --resume)"),
+])
+def test_a_stop_says_whether_there_is_anything_to_resume(stop: str, rc: int, line: str, tiny_data: Path,
+                                                         tmp_path: Path, monkeypatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """Ctrl-C is 'interrupted', exit 130, also when several processes ran (torch's launcher raises its
+    SignalException carrying SIGINT); SIGTERM is 'terminated', 143. Before a last.pt exists there is nothing to
+    resume (and the empty run folder goes); after, --resume."""
+    import signal
+
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    effect: BaseException = KeyboardInterrupt() if stop == "ctrl-c" else SignalException(
+        "got signal", signal.SIGTERM if stop == "sigterm-ddp" else signal.SIGINT)
+    run_dir = tmp_path / "runs" / "stop"
+    if stop.endswith("after-epoch"):
+        (run_dir / "weights").mkdir(parents=True)
+        (run_dir / "weights" / "last.pt").write_bytes(b"epoch 1")
+    _fake_run(monkeypatch, effect)
+    got, err = _train_cli(["--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--workers", "0", "--device",
+                           "cpu", "--project", str(tmp_path / "runs"), "--name", "stop", "--exist-ok"], capsys)
+    assert (got, err) == (rc, [line])
+    assert not (run_dir / "weights" / "init.pt").exists()
+    assert run_dir.exists() == stop.endswith("after-epoch")
+
+
+def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
+    """--exist-ok reusing a folder: the new run's results.csv holds only its own epochs (a resumed run appends)."""
+    import time
+    from types import SimpleNamespace
+
+    from trainer.hooks import ResultsCSVHook
+
+    (tmp_path / "results.csv").write_text("epoch,train/box_loss\n1,0.5\n2,0.4\n")  # the previous run's
+
+    def run(resume: bool | str, epoch: int) -> None:
+        hook = ResultsCSVHook()
+        hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=resume),
+                                       save_dir=tmp_path, epoch=epoch, epoch_losses={"box": 0.3}, metrics={},
+                                       optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
+                                       start_time=time.time())
+        hook.before_train()
+        hook.after_epoch()
+
+    run(False, 0)
+    assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1"]
+    run(str(tmp_path / "weights" / "last.pt"), 1)
+    assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1", "2"]

@@ -114,6 +114,19 @@ def _on_sigterm(signum: int, frame: object) -> None:
     raise TerminatedError
 
 
+def _stopped(yolo: object, signum: int) -> int:
+    """One line for a run stopped by Ctrl-C (exit 130) or SIGTERM (143): how to resume it, or, before its first
+    epoch saved a last.pt, that there is nothing to resume yet."""
+    how, status = ("interrupted", 130) if signum == signal.SIGINT else ("terminated", 143)
+    save_dir = getattr(yolo, "save_dir", None)
+    if save_dir is not None and (Path(save_dir) / "weights" / "last.pt").is_file():
+        print(f"yolov12-train: {how} (resume with --resume)", file=sys.stderr)
+    else:
+        print(f"yolov12-train: {how} before the first epoch finished: nothing can be resumed yet; start the run "
+              "again", file=sys.stderr)
+    return status
+
+
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad option as one line, `PROG: error: ... (see --help)`, exit status 2 (not the usage
     block of every option)."""
@@ -165,21 +178,20 @@ def train_main(argv: list[str] | None = None) -> int:
     from .checkpoint import CheckpointError
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    yolo = None
     try:
         model = args.pop("model")
         yolo = YOLO(model)
         metrics = yolo.train(model=model, **args)
     except KeyboardInterrupt:
-        print("yolov12-train: interrupted (resume with --resume)", file=sys.stderr)
-        return 130
+        return _stopped(yolo, signal.SIGINT)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, TypeError) as e:
         return _fail("yolov12-train", e)
     except Exception as e:
-        # with several processes torch's launcher stops the ranks and raises its own SignalException
+        # with several processes torch's launcher stops the ranks and raises its own SignalException (with the signal)
         if not isinstance(e, TerminatedError) and type(e).__name__ != "SignalException":
             raise
-        print("yolov12-train: terminated (resume with --resume)", file=sys.stderr)
-        return 143
+        return _stopped(yolo, getattr(e, "sigval", signal.SIGTERM))
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     weights = Path(yolo.save_dir) / "weights"

@@ -15,10 +15,11 @@ import contextlib
 import math
 import os
 import random
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -45,6 +46,9 @@ from .memory import MemoryPlan, autocast, choose_precision, is_oom, parse_bytes,
 from .nn import DetectionModel, build_model
 from .optim import build_optimizer, lr_lambda
 
+if TYPE_CHECKING:
+    from .data import LabelReport
+
 __all__ = ["Trainer", "train"]
 
 
@@ -53,7 +57,7 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig, model: DetectionModel, ctx: DistContext, save_dir: Path,
                  hooks: list[HookBase] | None = None) -> None:
-        from .data import DetectionDataset, build_dataloader, load_data_config
+        from .data import DataError, DetectionDataset, build_dataloader, load_data_config
         from .loss import DetectionLoss
 
         self.cfg, self.ctx, self.device, self.save_dir = cfg, ctx, ctx.device, save_dir
@@ -69,7 +73,10 @@ class Trainer:
         self.train_set = DetectionDataset(self.data, "train", imgsz=cfg.imgsz, augment=True, hyp=cfg.to_dict(),
                                           cache=cfg.cache, rect=cfg.rect, pad=0.0,  # no extra stride: as ultralytics
                                           batch_size=cfg.batch if cfg.rect else self.per_process, seed=cfg.seed,
-                                          workers=max(cfg.workers, 1), verbose=ctx.is_main)
+                                          workers=max(cfg.workers, 1), verbose=False)
+        self.show_report(self.train_set.report)
+        if not self.train_set.report.boxes_used:  # every rank sees the same scan, so every rank stops here
+            raise DataError(self.train_set.report.no_boxes_message())
         self.train_loader = build_dataloader(self.train_set, self.per_process, cfg.workers, shuffle=True,
                                              rank=ctx.rank, world_size=ctx.world_size, seed=cfg.seed,
                                              rect_batches=cfg.rect)
@@ -79,7 +86,9 @@ class Trainer:
             from .validate import Validator
 
             val_set = DetectionDataset(self.data, "val", imgsz=cfg.imgsz, augment=False, cache=cfg.cache, rect=True,
-                                       batch_size=self.per_process * 2, seed=cfg.seed, workers=max(cfg.workers, 1))
+                                       batch_size=self.per_process * 2, seed=cfg.seed, workers=max(cfg.workers, 1),
+                                       verbose=False)
+            self.show_report(val_set.report)
             val_loader = build_dataloader(val_set, self.per_process * 2, cfg.workers, shuffle=False, rank=0,
                                           world_size=1, seed=cfg.seed)
             self.validator = Validator(val_loader, self.data.names, self.device, progress=cfg.verbose)
@@ -358,6 +367,16 @@ class Trainer:
         if self.ctx.is_main and self.cfg.verbose:
             print(msg, flush=True)
 
+    def show_report(self, report: LabelReport) -> None:
+        """A split's scan summary (`train: N/M images used ...`) for the user, on the main process: on stderr even
+        when not verbose if images were skipped, rows changed or label files are missing; else like `log`."""
+        if not self.ctx.is_main:
+            return
+        if report.needs_attention:
+            print(report.summary(), file=sys.stderr, flush=True)
+        else:
+            self.log(report.summary())
+
 
 # ---------------------------------------------------------------------- helpers
 def _slice_batch(batch: dict[str, Any], a: int, b: int) -> dict[str, Any]:
@@ -431,7 +450,7 @@ def adapt_to_names(model: DetectionModel, names: dict[int, str]) -> DetectionMod
 
 
 # what a resumed run may run differently; everything else is the saved run's
-_RESUME_MAY_CHANGE = ("device", "nproc", "workers", "dist_timeout", "verbose", "plots", "memory_budget")
+_RESUME_MAY_CHANGE = ("device", "nproc", "workers", "dist_timeout", "verbose", "plots", "memory_budget", "data")
 
 
 def _initial_model(yolo: Any, names: dict[int, str], seed: int) -> DetectionModel:
@@ -497,55 +516,88 @@ def _read_resumable(last: Path) -> dict[str, Any]:
     return raw
 
 
+def _resume_config(cfg: TrainConfig, kwargs: dict[str, Any]) -> tuple[TrainConfig, Path]:
+    """The saved options of the run to resume (except `_RESUME_MAY_CHANGE`) and its folder; errors say what to do."""
+    last = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.project) / cfg.name / "weights" / "last.pt"
+    if not last.is_file():
+        raise FileNotFoundError(f"nothing to resume: {last} does not exist")
+    raw = _read_resumable(last)
+    saved = TrainConfig(**raw["train_args"])
+    if int(raw.get("epoch", -1)) + 1 >= saved.epochs:
+        raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "
+                         f"epochs; to train on, start a new run from its weights (--model "
+                         f"{last.parent / 'best.pt'} --epochs N)")
+    changes = {k: kwargs[k] for k in _RESUME_MAY_CHANGE if k in kwargs and k != "data"}
+    changes["data"] = _resume_data(saved.data, kwargs.get("data"), last.parent.parent)
+    return replace(saved, resume=str(last), **changes), last.parent.parent
+
+
+def _resume_data(saved: str, given: str | None, run: Path) -> str:
+    """The data.yaml a resumed run reads: `--data` when given (the dataset moved), else the one the run saved."""
+    if given:
+        if Path(given).expanduser().is_file():
+            return given
+        state = "is still there" if Path(saved).expanduser().is_file() else "is gone too"
+        raise FileNotFoundError(f"--data {given}: data.yaml not found (the run's own {saved} {state}); pass the "
+                                "path of an existing dataset yaml")
+    if Path(saved).expanduser().is_file():
+        return saved
+    raise FileNotFoundError(f"{saved}: the data.yaml the run in {run} trained on is not there any more (moved or "
+                            "deleted?); resume with --data path/to/data.yaml where the dataset is now")
+
+
 def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict[str, Any]:
     """`YOLO(...).train(**kwargs)`: validate options, pick the save dir, start 1..N processes, load the best weights.
 
     Returns the final validation metrics ('mAP50-95', 'mAP50', 'precision', 'recall').
     """
     cfg = TrainConfig.from_kwargs(**{"model": getattr(yolo, "source", "yolov12n.yaml"), **kwargs})
-    if cfg.resume:  # the saved options, except where to run
-        last = Path(cfg.resume) if isinstance(cfg.resume, str) else Path(cfg.project) / cfg.name / "weights" / "last.pt"
-        if not last.is_file():
-            raise FileNotFoundError(f"nothing to resume: {last} does not exist")
-        raw = _read_resumable(last)
-        saved = TrainConfig(**raw["train_args"])
-        if int(raw.get("epoch", -1)) + 1 >= saved.epochs:
-            raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "
-                             f"epochs; to train on, start a new run from its weights (--model "
-                             f"{last.parent / 'best.pt'} --epochs N)")
-        cfg = replace(saved, resume=str(last), **{k: kwargs[k] for k in _RESUME_MAY_CHANGE if k in kwargs})
-        save_dir = last.parent.parent
+    if cfg.resume:  # the saved options, except where to run (and the dataset, when it moved)
+        cfg, save_dir = _resume_config(cfg, kwargs)
     if not cfg.data:
         raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
     devices = parse_devices(cfg.device)  # fail before anything is written
     from .data import load_data_config
 
     data = load_data_config(cfg.data)
+    cfg = replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))  # saved absolute: resumable from anywhere
     if not cfg.resume:
         save_dir = _unique_dir(cfg.project, cfg.name, cfg.exist_ok)
+    made = not save_dir.exists()
     (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    yolo.save_dir = save_dir  # known from here on: a stop (Ctrl-C) can tell whether a last.pt exists
 
     # the starting weights travel to every rank as a file (identical initialisation everywhere);
     # on resume the checkpoint itself gives the architecture, and `resume_from` the training state
-    if cfg.resume:
-        init_weights = str(cfg.resume)
-    else:
-        init_weights = str(save_dir / "weights" / "init.pt")
-        save_checkpoint(init_weights, _initial_model(yolo, data.names, cfg.seed))
-    nproc = cfg.nproc or (len(devices) if devices != ["cpu"] else 1)
-    cfg_dict = cfg.to_dict()
-    if nproc > 1 and not under_launcher():
-        if hooks:
-            raise ValueError("extra hooks are not supported with several processes: run under torchrun instead")
-        metrics = launch(_launched, nproc, cfg_dict, str(save_dir), init_weights)
-    else:
-        metrics = _run(cfg_dict, str(save_dir), init_weights, hooks)
-    if not cfg.resume:
-        Path(init_weights).unlink(missing_ok=True)
+    init_file = save_dir / "weights" / "init.pt"
+    try:
+        if cfg.resume:
+            init_weights = str(cfg.resume)
+        else:
+            init_weights = str(save_checkpoint(init_file, _initial_model(yolo, data.names, cfg.seed)))
+        nproc = cfg.nproc or (len(devices) if devices != ["cpu"] else 1)
+        cfg_dict = cfg.to_dict()
+        if nproc > 1 and not under_launcher():
+            if hooks:
+                raise ValueError("extra hooks are not supported with several processes: run under torchrun instead")
+            metrics = launch(_launched, nproc, cfg_dict, str(save_dir), init_weights)
+        else:
+            metrics = _run(cfg_dict, str(save_dir), init_weights, hooks)
+    finally:
+        _tidy_run_dir(save_dir, init_file, made)
     best = save_dir / "weights" / "best.pt"
     if best.exists():
         yolo.ckpt = load_checkpoint(best)
         yolo.model = yolo.ckpt.model
         yolo.cfg_yaml = None  # trained: a next train() continues from these weights
-    yolo.save_dir = save_dir
     return metrics or {}
+
+
+def _tidy_run_dir(save_dir: Path, init_file: Path, made: bool) -> None:
+    """After a run, finished or stopped (a resumed one too): remove init.pt, which only the start reads, and a run
+    folder this run made that holds nothing (stopped before its first epoch: the next run may take its name)."""
+    init_file.unlink(missing_ok=True)
+    if made:
+        with contextlib.suppress(OSError):  # not empty: something was saved
+            (save_dir / "weights").rmdir()
+            save_dir.rmdir()

@@ -100,6 +100,11 @@ class ValidationHook(HookBase):
 class ResultsCSVHook(HookBase):
     """Append one row per epoch to results.csv: losses, metrics, the learning rates the epoch ran with, speed."""
 
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.ctx.is_main and not t.cfg.resume:  # a new run (--exist-ok reusing a folder too) starts a new file
+            (t.save_dir / "results.csv").unlink(missing_ok=True)
+
     def after_step(self) -> None:
         # read here: by the time after_epoch runs, LRScheduleHook has already moved to the next epoch's rates
         self.lrs = [g["lr"] for g in self.trainer.optimizer.param_groups]

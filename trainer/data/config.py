@@ -83,6 +83,7 @@ def load_data_config(path: str | Path) -> DataConfig:
     if not root.is_absolute():
         root = (yaml_dir / root).resolve()
     names = _parse_names(raw, yaml_path)
+    _check_nc(raw, names, yaml_path)
 
     splits: dict[str, list[Path]] = {}
     for split in SPLITS:
@@ -118,6 +119,16 @@ def _parse_names(raw: dict[str, Any], yaml_path: Path) -> dict[int, str]:
             raise DataError(f"{yaml_path}: 'names' ids must be 0..{len(parsed) - 1} without gaps, got {sorted(parsed)}")
         return dict(sorted(parsed.items()))
     raise DataError(f"{yaml_path}: 'names' must be a list or a {{id: name}} mapping, got {type(names).__name__}")
+
+
+def _check_nc(raw: dict[str, Any], names: dict[int, str], yaml_path: Path) -> None:
+    """An `nc` that disagrees with `names` is a DataError naming both: trained on, labels of the classes beyond the
+    names would be dropped (or the names would be wrong)."""
+    if "nc" not in raw or raw["nc"] == len(names):
+        return
+    shown = ", ".join(list(names.values())[:10]) + (", ..." if len(names) > 10 else "")
+    raise DataError(f"{yaml_path}: 'nc: {raw['nc']}' but 'names' lists {len(names)} classes ({shown}); make them "
+                    "agree (names decide the classes: fix the names, or drop nc)")
 
 
 def _resolve(source: str, root: Path, yaml_dir: Path, yaml_path: Path, split: str) -> Path:

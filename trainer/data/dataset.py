@@ -29,6 +29,7 @@ from typing import Any
 import cv2
 import numpy as np
 import torch
+from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 
 from .augment import Compose, CopyPaste, LetterBox, MixUp, Mosaic, RandomAffine, RandomFlip, RandomHSV, check_hyp
@@ -45,8 +46,8 @@ _CACHE_MODES = {False: None, None: None, "": None, True: "ram", "ram": "ram", "d
 class DetectionDataset(Dataset):
     """Images and boxes of one split of a data.yaml, letterboxed (eval) or augmented with the recipe (train).
 
-    cache: False, "ram" (resized uint8 images kept in memory) or "disk" (decoded images as `.rgb.npy` beside
-    the images, reused while newer than the image). rect: rectangular batches (images sorted by aspect
+    cache: False, "ram" (resized uint8 images kept in memory) or "disk" (decoded images as `NAME.EXT.rgb.npy`
+    beside the images, reused while newer than the image). rect: rectangular batches (images sorted by aspect
     ratio, each batch padded to its widest image rounded up to the stride plus `pad` strides, as
     ultralytics' validation does); use with a non-shuffled loader of the same `batch_size`.
     seed: augmentations of sample i in epoch e come from rng(seed, e, i). workers: threads for the scan and
@@ -160,18 +161,15 @@ class DetectionDataset(Dataset):
             self._recent_bytes -= self._recent.popitem(last=False)[1].nbytes
 
     def _read(self, index: int) -> np.ndarray:
-        """The original decoded RGB image (from the disk cache when it is fresh)."""
-        im_file = self.records[index].im_file
-        npy = _npy_path(im_file)
-        if self.cache == "disk" and npy.exists() and npy.stat().st_mtime >= Path(im_file).stat().st_mtime:
+        """The original decoded RGB image, upright (from the disk cache when it is fresh)."""
+        record = self.records[index]
+        npy = _npy_path(record.im_file)
+        if self.cache == "disk" and npy.exists() and npy.stat().st_mtime >= Path(record.im_file).stat().st_mtime:
             try:
                 return np.load(npy)
             except (OSError, ValueError):
                 pass  # a damaged cache file: decode the image again
-        bgr = cv2.imread(im_file, cv2.IMREAD_COLOR)
-        if bgr is None:
-            raise DataError(f"{im_file}: could not be read; it passed the scan, so it was changed or removed since")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return decode_image(record.im_file, record.orientation)
 
     def _resize(self, img: np.ndarray) -> np.ndarray:
         h0, w0 = img.shape[:2]
@@ -197,7 +195,7 @@ class DetectionDataset(Dataset):
         self.batch_shapes = (np.ceil(np.array(shapes) * self.imgsz / self.stride + self.pad) * self.stride).astype(int)
 
     def _fill_cache(self, workers: int) -> None:
-        """RAM: keep every resized image. Disk: write missing or stale `.rgb.npy` files (atomically, DDP-safe)."""
+        """RAM: keep every resized image. Disk: write missing or stale `NAME.EXT.rgb.npy` files (atomic, DDP-safe)."""
         def ram(i: int) -> None:
             self._ram[i] = self._resize(self._read(i))
 
@@ -206,12 +204,10 @@ class DetectionDataset(Dataset):
             npy = _npy_path(im_file)
             if npy.exists() and npy.stat().st_mtime >= Path(im_file).stat().st_mtime:
                 return
-            bgr = cv2.imread(im_file, cv2.IMREAD_COLOR)
-            if bgr is None:
-                raise DataError(f"{im_file}: could not be read while caching")
+            img = decode_image(im_file, self.records[i].orientation)
             tmp = npy.with_name(f".{npy.name}.{os.getpid()}.tmp.npy")
             try:
-                np.save(tmp, cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), allow_pickle=False)
+                np.save(tmp, img, allow_pickle=False)
                 os.replace(tmp, npy)
             except OSError as e:
                 tmp.unlink(missing_ok=True)
@@ -246,7 +242,41 @@ class DetectionDataset(Dataset):
 
 
 def _npy_path(im_file: str) -> Path:
-    return Path(im_file).with_suffix(".rgb.npy")
+    """The disk cache of an image: its whole name plus `.rgb.npy`, so `x.jpg` and `x.png` never share one."""
+    path = Path(im_file)
+    return path.with_name(path.name + ".rgb.npy")
+
+
+def decode_image(im_file: str, orientation: int = 1) -> np.ndarray:
+    """RGB uint8 [h, w, 3], upright by the EXIF `orientation` the scan recorded (the shape it recorded), any format.
+
+    OpenCV decodes the pixels as stored and this turns them, since OpenCV's own EXIF handling differs by format and
+    version; Pillow decodes what OpenCV cannot, and TIFFs with an orientation (libtiff turns those itself, and
+    OpenCV 5.1 fails on quarter turns)."""
+    if orientation != 1 and Path(im_file).suffix.lower() in (".tif", ".tiff"):
+        return _decode_with_pil(im_file)
+    bgr = cv2.imread(im_file, cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+    if bgr is None:
+        return _decode_with_pil(im_file)
+    return apply_orientation(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), orientation)
+
+
+def _decode_with_pil(im_file: str) -> np.ndarray:
+    """RGB uint8, upright, by Pillow (the scan's decoder); DataError when it cannot decode the file either."""
+    try:
+        with Image.open(im_file) as im:
+            return np.array(ImageOps.exif_transpose(im).convert("RGB"))
+    except Exception as e:
+        raise DataError(f"{im_file}: cannot be decoded ({e.__class__.__name__}: {e}); it passed the scan, so it was "
+                        "probably changed or removed since: restore it, or remove it and start again") from None
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """An image as stored -> upright by its EXIF orientation (what PIL's ImageOps.exif_transpose and serving do)."""
+    turned = {2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+              5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, -1),
+              7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, 1)}
+    return np.ascontiguousarray(turned[orientation](img)) if orientation in turned else img
 
 
 def _to_item(sample: Sample) -> dict[str, Any]:
