@@ -442,3 +442,36 @@ def test_a_synthetic_camera_moved_to_an_engine_of_another_size_keeps_serving_its
     for image, lb in frames:
         windows = (letterbox_image(picture, lb, (x, 0, x + w, h)) for x in range(0, period, cam.speed))
         assert any(np.array_equal(image, want) for want in windows), lb
+
+
+def test_camera_threads_inside_ffmpeg_are_ended_before_the_process_exits():
+    """A camera that accepts the connection and never answers holds its thread inside FFmpeg's open for the open
+    timeout (5 s). A server exiting meanwhile tore the interpreter down under it, and FFmpeg's interrupt callback
+    then crashed the process (segmentation fault, 4 of 9 SIGTERMs in an audit). `end_camera_threads` has every
+    FFmpeg call give up and waits: the thread is gone well before its open would have timed out."""
+    import socket
+
+    from yolov12_serve.sources.rtsp import end_camera_threads
+
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+    sink = Sink()
+    source = AvSource(sink, f"rtsp://127.0.0.1:{silent.getsockname()[1]}/x", RtspOptions(open_timeout_s=5.0))
+    try:
+        source.start()
+        deadline = time.monotonic() + 5
+        while not held and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert held, "the camera did not connect"
+        time.sleep(0.3)  # inside avformat_open_input, waiting for an answer
+        source.stop()
+        t0 = time.monotonic()
+        left = end_camera_threads(timeout=3.0)
+        took = time.monotonic() - t0
+    finally:
+        silent.close()
+        for conn in held:
+            conn.close()
+    assert left == 0 and took < 2.0, f"{left} camera threads left after {took:.1f} s"
+    assert not any(t.name.startswith("source-cam") and t.is_alive() for t in threading.enumerate())

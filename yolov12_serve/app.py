@@ -26,6 +26,7 @@ from .errors import ServerError
 from .frames import now
 from .ports import check_bindable
 from .security import Security
+from .sources.rtsp import end_camera_threads
 from .status import StatusPrinter, render_summary, render_table
 
 __all__ = ["DRAIN_S", "LoadingInterruptedError", "RunOptions", "run_server"]
@@ -215,6 +216,9 @@ async def _shutdown(core: ServerCore, grpc_server: GrpcServer) -> None:
     await grpc_server.set_serving(False)
     await asyncio.get_running_loop().run_in_executor(None, core.drain, DRAIN_S)
     await grpc_server.stop(GRPC_GRACE_S)
+    left = await asyncio.get_running_loop().run_in_executor(None, end_camera_threads)
+    if left:
+        log.warning("%d camera threads still inside FFmpeg at exit", left)
 
 
 async def _show_status(core: ServerCore, options: RunOptions, out: TextIO, port: int) -> None:

@@ -415,4 +415,7 @@ def main(conn: Any, spec: WorkerSpec) -> None:
         host.outbox.close()
         return
     host.serve()
+    from ..sources.rtsp import end_camera_threads
+
+    end_camera_threads()  # none may be inside FFmpeg when this interpreter goes (segmentation fault)
     log.debug("%s: device process ends", spec.device)

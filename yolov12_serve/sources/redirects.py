@@ -5,10 +5,10 @@ turns that off), so a camera, or whoever answers at its address, could send the 
 refuses (a cloud's metadata service, a port scan of the plant network): the host was checked, and pinned, only
 for the first connection. FFmpeg logs each redirect ("Status 302: Redirecting to URL") in the thread that opens
 the camera, before it connects. `checked(policy)` wraps an `av.open`: a handler on PyAV's log checks that URL
-with the policy; a refused one makes PyAV's interrupt callback, which reads the clock, see the open's time as
-up, so FFmpeg gives up after the TCP connection and before its first request (no byte reaches that host), and
-the caller fails the camera for good instead of retrying. Should a PyAV release read the clock otherwise, the
-refusal still ends the open once it returns: one request, no retries.
+with the policy; a refused one interrupts the open in this thread (interrupts.py), so FFmpeg gives up after the
+TCP connection and before its first request (no byte reaches that host), and the caller fails the camera for good
+instead of retrying. Should a PyAV release not let the open be interrupted, the refusal still ends the open once
+it returns: one request, no retries.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
 
 from ..allowlist import CameraPolicy
 from ..errors import ServerError
+from . import interrupts
 
 __all__ = ["checked"]
 
@@ -48,17 +48,7 @@ class _Handler(logging.Handler):
             policy.check(url, url_kind(url))
         except ServerError as e:
             _local.refused = (url, str(e))
-
-
-class _Clock:
-    """`time` as PyAV's interrupt callback sees it: the open's time is up once its thread met a refused redirect."""
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(time, name)
-
-    @staticmethod
-    def monotonic() -> float:
-        return float("inf") if getattr(_local, "refused", None) is not None else time.monotonic()
+            interrupts.interrupt_this_thread(True)
 
 
 def _install() -> None:
@@ -66,7 +56,6 @@ def _install() -> None:
     with _install_lock:
         if _installed:
             return
-        import av.container.core
         import av.logging
 
         logger = logging.getLogger("libav")  # FFmpeg's lines stay out of the server's log, as before
@@ -74,8 +63,7 @@ def _install() -> None:
         logger.setLevel(logging.INFO)
         logger.addHandler(_Handler())
         av.logging.set_level(av.logging.INFO)  # redirects are logged at INFO
-        if getattr(av.container.core, "time", None) is time:
-            av.container.core.time = _Clock()
+        interrupts.install()
         _installed = True
 
 
@@ -91,4 +79,5 @@ def checked(policy: CameraPolicy | None) -> Iterator[Callable[[], tuple[str, str
     try:
         yield lambda: _local.refused
     finally:
-        _local.policy = _local.refused = None  # the clock is the real one again for this thread's reads
+        _local.policy = _local.refused = None
+        interrupts.interrupt_this_thread(False)  # this thread's reads run as usual again

@@ -23,6 +23,7 @@ import functools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -30,7 +31,7 @@ from ..config import RtspOptions, redact_url, scrub_url
 from ..frames import now
 from ..preprocess import letterbox_avframe
 from ..urls import redact_text
-from . import redirects
+from . import interrupts, redirects
 from .backoff import Backoff
 from .base import FrameSink, Source, StreamState
 from .hwdecode import decoded_on_gpu, hwaccel_for
@@ -66,6 +67,25 @@ def _describe(e: BaseException) -> str:
     if getattr(e, "log", None):  # PyAV adds FFmpeg's last error line, which may be another camera's thread's
         text = text.split("; last error log:")[0]
     return redact_text(f"{type(e).__name__}: {text}")
+
+
+_THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every camera thread started, while it lives
+
+
+def end_camera_threads(timeout: float = 2.0) -> int:
+    """Before the process exits, once its cameras are stopped: make every FFmpeg call give up (interrupts.py) and
+    wait up to `timeout` for the camera threads to end; returns how many are still running. A thread still inside
+    FFmpeg when the interpreter is torn down has FFmpeg's interrupt callback call into a Python that is gone: the
+    process ended in a segmentation fault (4 of 9 SIGTERMs while a camera was connecting)."""
+    interrupts.interrupt_all()
+    end = time.monotonic() + timeout
+    for t in list(_THREADS):
+        if t is not threading.current_thread():
+            t.join(max(0.0, end - time.monotonic()))
+    left = sum(t.is_alive() and t is not threading.current_thread() for t in list(_THREADS))
+    if not left:
+        interrupts.interrupt_all(False)  # none left to cut short: a server run again in this process reads as usual
+    return left
 
 
 class AvSource(Source):
@@ -113,6 +133,7 @@ class AvSource(Source):
         self._gen += 1
         t = threading.Thread(target=self._run, args=(self._gen,), daemon=True,
                              name=f"source-{self.sink.stream_id}-{self._gen}")
+        _THREADS.add(t)
         t.start()
 
     def _current(self, gen: int) -> bool:
@@ -177,6 +198,7 @@ class AvSource(Source):
         extra = {"hwaccel": hwaccel} if hwaccel is not None else {}  # PyAV < 14 has no such argument
         # the host checked again and pinned to an allowed address: no DNS rebinding past --allow-hosts
         url = self.url if self.is_file or self.options.hosts is None else self.options.hosts.pin(self.url)
+        interrupts.install()  # its open and reads can be cut short at exit (end_camera_threads)
         with redirects.checked(None if self.is_file else self.options.hosts) as refused:
             try:
                 container = av.open(url, options=self._av_options(),
