@@ -729,6 +729,16 @@ def test_the_stream_store_keeps_the_set_whole_and_passwords_apart(tmp_path):
     assert not [p for p in store.folder.iterdir() if p.name.endswith(".tmp")]
     store.save(lambda: [])  # every stream removed: its credentials go too
     assert json.loads(store.credentials_path.read_text())["urls"] == {} and store.load() == []
+    store.save(lambda: [StreamSpec("f32", "rtsp://cam/f", float(np.float32(12.5)), float(np.float32(0.4)),
+                                    zone=((float(np.float32(0.1)), 0.0), (1.0, 0.0), (1.0, 1.0)))])
+    (saved,) = json.loads(store.streams_path.read_text())["streams"]
+    assert (saved["min_score"], saved["zone"][0]) == (0.4, [0.1, 0.0])  # as the client meant it, not 0.40000000596
+    # a broken file is set aside, not a server that refuses to start (its command-line cameras blind with it)
+    doc = json.loads(store.streams_path.read_text())
+    doc["streams"] += [{"id": "no-url"}, {"id": "zone", "url": "rtsp://cam/z", "zone": [[1, 2, 3]]}]
+    store.streams_path.write_text(json.dumps(doc))
+    assert [s.stream_id for s in StreamStore(tmp_path / "state").load()] == ["f32"]  # malformed entries left out
     store.streams_path.write_text("{not json")
-    with pytest.raises(ConfigError, match=r"streams\.json is not valid JSON"):
-        store.load()
+    assert store.load() == [] and not store.streams_path.exists()
+    (kept,) = store.folder.glob("streams.json.unreadable-*")
+    assert kept.read_text() == "{not json"

@@ -18,6 +18,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -31,6 +32,11 @@ log = logging.getLogger(__name__)
 STREAMS_FILE = "streams.json"
 CREDENTIALS_FILE = "credentials.json"
 FORMAT = 1
+
+
+def _short(x: float) -> float:
+    """A number as the client meant it: gRPC's floats are 32-bit, so 0.4 arrives as 0.4000000059604645."""
+    return float(f"{float(x):.7g}")
 
 
 def default_state_dir() -> Path:
@@ -89,7 +95,9 @@ class StreamStore:
 
     def load(self) -> list[StreamSpec]:
         """The saved streams, passwords restored (empty when nothing was saved yet); ConfigError for a file that
-        cannot be read (it is never left half-written; a hand edit can break it)."""
+        cannot be read. A file that is not one of ours any more (never left half-written, but a hand edit or a
+        failing disk can break it) is set aside and logged, and a malformed entry is logged and left out: the
+        command line's cameras start all the same (refused, a plant's every camera stayed blind)."""
         streams = self._read(self.streams_path)
         credentials = self._read(self.credentials_path)
         self._credentials = dict(credentials.get("urls", {})) if credentials else {}
@@ -102,9 +110,10 @@ class StreamStore:
                 zone = tuple((float(x), float(y)) for x, y in item.get("zone", ()))
                 blind_after_s = None if item.get("blind_after_s") is None else float(item["blind_after_s"])
                 track = bool(item.get("track", False))
-            except (KeyError, TypeError, ValueError):
-                raise ConfigError(f"{self.streams_path}: malformed entry {item!r}; fix or remove it (or start with "
-                                  "--no-state)") from None
+            except (KeyError, TypeError, ValueError, AttributeError):
+                log.error("%s: malformed entry %r left out (its camera is not restored: add it again)",
+                          self.streams_path, item)
+                continue
             full = self._credentials.get(sid)
             if full is not None and redact_url(full) == url:
                 url = full
@@ -114,8 +123,7 @@ class StreamStore:
             try:
                 specs.append(StreamSpec(sid, url, max_fps, min_score, classes, zone, blind_after_s, track))
             except InvalidArgumentError as e:
-                raise ConfigError(f"{self.streams_path}: entry {sid}: {e}; fix or remove it (or start with "
-                                  "--no-state)") from None
+                log.error("%s: entry %s left out (%s): add its camera again", self.streams_path, sid, e)
         return specs
 
     def _read(self, path: Path) -> dict | None:
@@ -128,11 +136,20 @@ class StreamStore:
         try:
             doc = json.loads(text)
         except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix or remove it (or start "
-                              "with --no-state)") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-            raise ConfigError(f"{path}: not a yolov12-serve state file of format {FORMAT}")
-        return doc
+            why = f"not valid JSON ({e.msg} at line {e.lineno})"
+        else:
+            if isinstance(doc, dict) and doc.get("format") == FORMAT:
+                return doc
+            why = f"not a yolov12-serve state file of format {FORMAT}"
+        kept = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%dT%H%M%S')}")
+        try:
+            path.rename(kept)
+        except OSError as e:
+            raise ConfigError(f"{path} is {why} and cannot be set aside ({e.strerror or e}); fix or remove it (or "
+                              "start with --no-state)") from None
+        log.error("%s was %s: set aside as %s; starting without what it held (the streams it lists are not "
+                  "restored: add them again, e.g. yolov12-ctl apply)", path, why, kept.name)
+        return None
 
     def save(self, snapshot: Callable[[], list[StreamSpec]]) -> None:
         """Write the stream set `snapshot()` returns, taken under this store's lock (so that of two saves at once
@@ -141,8 +158,10 @@ class StreamStore:
         with self._lock:
             specs = snapshot()
             credentials = {s.stream_id: s.url for s in specs if redact_url(s.url) != s.url}
-            streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": s.max_fps, "min_score": s.min_score,
-                        "classes": list(s.classes), "zone": [list(p) for p in s.zone], "blind_after_s": s.blind_after_s,
+            streams = [{"id": s.stream_id, "url": redact_url(s.url), "max_fps": _short(s.max_fps),
+                        "min_score": _short(s.min_score), "classes": list(s.classes),
+                        "zone": [[_short(x), _short(y)] for x, y in s.zone],
+                        "blind_after_s": None if s.blind_after_s is None else _short(s.blind_after_s),
                         "track": s.track}
                        for s in specs]
             old = self._credentials or {}
