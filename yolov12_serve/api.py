@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import messages
-from .calllimits import PerClientCallLimit
+from .calllimits import PerClientCallLimit, default_per_client
 from .config import StreamSpec, quote_id, validate_stream_id
 from .core import SNAPSHOT_WAIT_S, ServerCore
 from .errors import (
@@ -285,7 +285,7 @@ class GrpcServer:
                  security: Security | None = None) -> None:
         self.core = core
         self.security = security = security or Security()
-        per_client = core.config.max_calls_per_client or max(1, core.config.max_concurrent_rpcs // 2)
+        per_client = core.config.max_calls_per_client or default_per_client(core.config.max_concurrent_rpcs)
         chain = security.interceptors()  # the token check first, then the limit per client, then the guard
         chain.insert(len(chain) - 1, PerClientCallLimit(per_client))
         self.server = grpc.aio.server(interceptors=chain, options=[

@@ -2,8 +2,9 @@
 --max-concurrent-rpcs with watches, and the main port's health checks were then refused with everything else.
 
 Calls that stream their answers (WatchDetections, WatchDetectionBatches, Detect, health's Watch) are counted per
-client address (the peer's IP; every port of it); beyond `--max-calls-per-client` a new one is RESOURCE_EXHAUSTED
-at once. Unary calls (ListStreams, health Check, GetSnapshot, ...) are not counted: they end by themselves.
+client address (the peer's IP; every port of it); beyond `--max-calls-per-client` (default: all but HEADROOM of
+--max-concurrent-rpcs) a new one is RESOURCE_EXHAUSTED at once. Unary calls (ListStreams, health Check,
+GetSnapshot, ...) are not counted: they end by themselves.
 """
 
 from __future__ import annotations
@@ -13,7 +14,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-__all__ = ["PerClientCallLimit", "client_address"]
+__all__ = ["HEADROOM", "PerClientCallLimit", "client_address", "default_per_client"]
+
+
+HEADROOM = 8  # calls of --max-concurrent-rpcs one client leaves to the others (health checks, operators)
+
+
+def default_per_client(max_concurrent_rpcs: int) -> int:
+    """--max-calls-per-client when not given: all but HEADROOM of the server's calls (all of a small limit)."""
+    return max_concurrent_rpcs - HEADROOM if max_concurrent_rpcs > 2 * HEADROOM else max_concurrent_rpcs
 
 
 def client_address(peer: str) -> str:

@@ -118,8 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "RESOURCE_EXHAUSTED (default 256)")
     p.add_argument("--max-calls-per-client", type=int, default=None, metavar="N",
                    help="watch and Detect calls one client address may hold open; more are refused with "
-                        "RESOURCE_EXHAUSTED (default: half of --max-concurrent-rpcs, so one client cannot take "
-                        "them all)")
+                        "RESOURCE_EXHAUSTED (default: --max-concurrent-rpcs less 8, left for health checks and "
+                        "operators)")
     p.add_argument("--rebalance-s", type=float, default=10.0,
                    help="a device whose cameras offer more frames than it can run for this long hands one to a less "
                         "loaded device (0: never; default 10)")

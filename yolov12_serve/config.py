@@ -88,7 +88,7 @@ class ServerConfig:
     state_dir: str | None = None  # where the streams added over gRPC are kept across restarts (None: nowhere)
     max_pending_images: int = 32  # DetectImage calls being decoded, waiting or running at once; more: refused
     max_concurrent_rpcs: int = 256  # gRPC calls at once (watchers and Detect calls included); more: refused
-    max_calls_per_client: int | None = None  # watch / Detect calls open per client address (None: half the above)
+    max_calls_per_client: int | None = None  # watch / Detect calls open per client address (None: the above less 8)
     rebalance_s: float = 10.0  # a device over capacity this long gives a stream to a less loaded one (0: never)
     worker_processes: str = "auto"  # a process per device: on, off, auto (on for two or more devices: `processes`)
     engine_loader: str | None = None  # 'module:function' device processes open engines with (tests: faults)

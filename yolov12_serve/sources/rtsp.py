@@ -104,7 +104,7 @@ class AvSource(Source):
         self.is_file = is_file
         self.kind = "file" if is_file else "rtsp"
         self._gen = 0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # stop() may come from the sink while this thread reports a failure
         self._streaming = False
         self._hardware_failed = ""  # why hardware decoding was given up for this stream ('' while allowed)
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
