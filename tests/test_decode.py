@@ -475,3 +475,17 @@ def test_camera_threads_inside_ffmpeg_are_ended_before_the_process_exits():
             conn.close()
     assert left == 0 and took < 2.0, f"{left} camera threads left after {took:.1f} s"
     assert not any(t.name.startswith("source-cam") and t.is_alive() for t in threading.enumerate())
+
+
+def test_a_camera_s_error_text_leaves_out_ffmpeg_s_last_log_line():
+    """With FFmpeg's log on (the server reads it for redirects), PyAV appends the last error line logged by any
+    thread to an error's text: another camera's, maybe. A camera's last_error keeps its own error only."""
+    import av
+
+    from yolov12_serve.sources.rtsp import _describe
+
+    e = av.error.InvalidDataError(1094995529, "Invalid data found when processing input", "rtsp://op:pw@cam/x",
+                                  (16, "rtsp", "method DESCRIBE failed: 404 Not Found (rtsp://other/camera)"))
+    assert "last error log" in str(e)
+    assert _describe(e) == ("InvalidDataError: [Errno 1094995529] Invalid data found when processing input: "
+                            "'rtsp://op:***@cam/x'")

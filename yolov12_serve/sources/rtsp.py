@@ -63,10 +63,13 @@ class _HardwareDecodeError(RuntimeError):
 
 def _describe(e: BaseException) -> str:
     """The error in one line, URLs in it masked: FFmpeg's errors quote the URL, password included."""
+    return redact_text(f"{type(e).__name__}: {_own_text(e)}")
+
+
+def _own_text(e: BaseException) -> str:
+    """The error's own text: PyAV appends FFmpeg's last error line, which may be another camera's thread's."""
     text = str(e).strip() or repr(e)
-    if getattr(e, "log", None):  # PyAV adds FFmpeg's last error line, which may be another camera's thread's
-        text = text.split("; last error log:")[0]
-    return redact_text(f"{type(e).__name__}: {text}")
+    return text.split("; last error log:")[0] if getattr(e, "log", None) else text
 
 
 _THREADS: weakref.WeakSet[threading.Thread] = weakref.WeakSet()  # every camera thread started, while it lives
@@ -269,7 +272,7 @@ class AvSource(Source):
                 if not hardware:
                     raise
                 self._give_up_hardware(scrub_url(f"decoding: {_describe(e)}", self.url))
-                raise _HardwareDecodeError(str(e)) from e
+                raise _HardwareDecodeError(_own_text(e)) from e
             yield from frames
 
     def _stream_once(self, gen: int, backoff: Backoff) -> None:
@@ -322,7 +325,7 @@ class AvSource(Source):
                         return  # a camera that ended, or a file that cannot seek (the caller reopens it)
                     pacer.rewind()
             except av.error.DecoderNotFoundError as e:
-                raise PermanentSourceError(f"no decoder for {redact_url(self.url)}'s video: {e}") from e
+                raise PermanentSourceError(f"no decoder for {redact_url(self.url)}'s video: {_own_text(e)}") from e
             except av.error.ExitError:
                 raise TimeoutError(f"no data for {self.options.read_timeout_s:g} s") from None
         finally:
