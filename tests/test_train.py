@@ -668,3 +668,27 @@ def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1"]
     run(str(tmp_path / "weights" / "last.pt"), 1)
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1", "2"]
+
+
+def test_a_new_run_in_a_reused_folder_does_not_keep_the_last_run_s_best(tmp_path: Path) -> None:
+    """--exist-ok --no-val: the end of the run saves best.pt only when there is none, so the previous run's stayed
+    and was loaded as this run's result. A new run starts without it; a resumed run keeps its own."""
+    from types import SimpleNamespace
+
+    from trainer.hooks import CheckpointHook
+
+    weights = tmp_path / "weights"
+    weights.mkdir()
+
+    def start(resume: bool | str) -> None:
+        (weights / "best.pt").write_bytes(b"the previous run's")
+        hook = CheckpointHook()
+        hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=resume),
+                                       save_dir=tmp_path)
+        hook.before_train()
+
+    start(False)
+    assert not (weights / "best.pt").exists()
+    start(str(weights / "last.pt"))
+    assert (weights / "best.pt").exists()
+

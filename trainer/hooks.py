@@ -131,6 +131,11 @@ class ResultsCSVHook(HookBase):
 class CheckpointHook(HookBase):
     """Save last.pt every epoch, best.pt when the fitness improves (main process only, atomically)."""
 
+    def before_train(self) -> None:
+        t = self.trainer
+        if t.ctx.is_main and not t.cfg.resume:  # --exist-ok reusing a folder: the last run's best is not this one's
+            (t.save_dir / "weights" / "best.pt").unlink(missing_ok=True)
+
     def after_epoch(self) -> None:
         t = self.trainer
         if not t.ctx.is_main:
