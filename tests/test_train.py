@@ -658,7 +658,8 @@ def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
     def run(resume: bool | str, epoch: int) -> None:
         hook = ResultsCSVHook()
         hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=resume),
-                                       save_dir=tmp_path, epoch=epoch, epoch_losses={"box": 0.3}, metrics={},
+                                       save_dir=tmp_path, epoch=epoch, start_epoch=epoch, epoch_losses={"box": 0.3},
+                                       metrics={},
                                        optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
                                        start_time=time.time())
         hook.before_train()
@@ -667,6 +668,8 @@ def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
     run(False, 0)
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1"]
     run(str(tmp_path / "weights" / "last.pt"), 1)
+    assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1", "2"]
+    run(str(tmp_path / "weights" / "last.pt"), 1)  # stopped after epoch 2's row, before its last.pt: done again
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1", "2"]
 
 

@@ -102,8 +102,17 @@ class ResultsCSVHook(HookBase):
 
     def before_train(self) -> None:
         t = self.trainer
-        if t.ctx.is_main and not t.cfg.resume:  # a new run (--exist-ok reusing a folder too) starts a new file
-            (t.save_dir / "results.csv").unlink(missing_ok=True)
+        path = t.save_dir / "results.csv"
+        if not t.ctx.is_main:
+            return
+        if not t.cfg.resume:  # a new run (--exist-ok reusing a folder too) starts a new file
+            path.unlink(missing_ok=True)
+        elif path.exists():  # rows of epochs last.pt does not hold (a stop between the row and the save) go
+            lines = path.read_text().splitlines(keepends=True)
+            kept = lines[:1] + [ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit()
+                                and int(ln.split(",", 1)[0]) <= getattr(t, "start_epoch", 0)]
+            if len(kept) != len(lines):
+                path.write_text("".join(kept))
 
     def after_step(self) -> None:
         # read here: by the time after_epoch runs, LRScheduleHook has already moved to the next epoch's rates
