@@ -500,6 +500,37 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
         core.drain(2)
 
 
+def test_a_saved_camera_is_restored_onto_a_device_out_of_service_not_dropped(tmp_path):
+    """With its only device out of service when the saved streams come back, placement has nowhere healthy: the
+    saved camera is placed there all the same and waits, as the cameras already there do. Refused (UNAVAILABLE),
+    the restore dropped it from the saved set, and the operator's camera was forgotten."""
+    from test_scheduler import CostEngine
+
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+
+    config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
+                          allow_synthetic=True, state_dir=str(tmp_path))
+
+    def load(path, device="cpu", instances=1, **opts):
+        return CostEngine(a=0.002, b=0.001)
+
+    before = ServerCore(config, load_engine=load)
+    before.start()
+    before.add_stream(StreamSpec("belt", "synthetic://belt?fps=5&size=320x180"))
+    before.drain(2)
+    core = ServerCore(config, load_engine=load)
+    core.start(hold=True)
+    try:
+        core.placement.set_healthy("cpu", False)  # its engine failing since start
+        assert core.restore_streams() == 1
+        core.opened()
+        assert [(s.stream_id, s.device) for s in core.list_streams()] == [("belt", "cpu")]
+        assert [s.stream_id for s in ServerCore(config, load_engine=load).store.load()] == ["belt"]  # still saved
+    finally:
+        core.drain(2)
+
+
 def test_a_camera_s_frames_and_superseded_drops_reach_metrics_at_each_scrape_exactly():
     """A camera's ingested and superseded frames are counted per frame only in its stats (two counter increments
     a tick were a fifth of its cost) and added to frames_total and frames_dropped_total{superseded} before each
