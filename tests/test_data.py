@@ -127,14 +127,16 @@ def test_every_bad_row_is_reported_with_file_and_line_and_good_rows_are_kept(tmp
         "\n"                           # 10 blank: ignored
         "1 0.1 0.1 0.3 0.1 0.3 0.3\n"  # 11 polygon: its bounding box, kept
         "0 nan 0.5 0.2 0.2\n"          # 12 not a number
+        "1 0.9 0.1 1.004 0.1 1.004 0.3\n"  # 13 polygon overshooting by 0.004: clipped (counted), kept
     )
     report = LabelReport(max_lines=50)
     cls, boxes = parse_label_file(label, nc=3, report=report)
-    assert cls.tolist() == [0, 2, 1]
-    np.testing.assert_allclose(boxes, [[0.5, 0.5, 0.2, 0.2], [0.9925, 0.5, 0.015, 0.1], [0.2, 0.2, 0.2, 0.2]],
-                               atol=1e-6)
+    assert cls.tolist() == [0, 2, 1, 1]
+    np.testing.assert_allclose(boxes, [[0.5, 0.5, 0.2, 0.2], [0.9925, 0.5, 0.015, 0.1], [0.2, 0.2, 0.2, 0.2],
+                                       [0.95, 0.2, 0.1, 0.2]], atol=1e-6)
     expected = {2: "class out of range", 3: "class not an integer", 4: "wrong column count", 5: "not a number",
-                6: "out of bounds", 7: "non-positive size", 8: "duplicate row", 9: "clipped", 12: "not a number"}
+                6: "out of bounds", 7: "non-positive size", 8: "duplicate row", 9: "clipped", 12: "not a number",
+                13: "clipped"}
     assert dict(report.counts) == {k: list(expected.values()).count(k) for k in set(expected.values())}
     for line, kind in expected.items():
         assert any(msg.startswith(f"{label}:{line}: ") for msg in report.lines), (line, kind, report.lines)

@@ -298,7 +298,9 @@ def test_val_end_to_end_on_synthetic_defects(tmp_path, capsys) -> None:
     weights = save_checkpoint(tmp_path / "w.pt", model)
     argv = ["--weights", str(weights), "--data", str(data), "--imgsz", "128", "--batch", "2"]
     assert val_main([*argv, "--plots", "--save-dir", str(tmp_path / "val")]) == 0
-    table = capsys.readouterr().out
+    out = capsys.readouterr().out
+    summary, table = out.split("\n", 1)
+    assert summary.startswith("val: 4/4 images used (") and "boxes, no label problems" in summary  # what it ran on
     assert "mAP50-95" in table and "all" in table.split("\n")[1]
     assert (tmp_path / "val" / "PR_curve.png").stat().st_size > 0
 

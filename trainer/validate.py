@@ -176,7 +176,12 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = 
     out = Path(save_dir or "runs/val")
     if plots:  # made before the evaluation, so an unwritable folder fails in a second, not after the whole split
         _make_save_dir(out)
-    dataset = DetectionDataset(data_cfg, split, imgsz=imgsz, augment=False, rect=True, batch_size=batch)
+    dataset = DetectionDataset(data_cfg, split, imgsz=imgsz, augment=False, rect=True, batch_size=batch,
+                               verbose=False)
+    if dataset.report.needs_attention:  # what was skipped or changed, always; the plain count with the metrics
+        print(dataset.report.summary(), file=sys.stderr, flush=True)
+    elif verbose:
+        print(dataset.report.summary(), flush=True)
     loader = build_dataloader(dataset, batch, workers, shuffle=False, rank=0, world_size=1)
     validator = Validator(loader, data_cfg.names, dev, conf=conf, iou=iou, max_det=max_det, half=half,
                           progress=verbose, warmup=True)

@@ -287,7 +287,7 @@ def _parse_row(fields: list[str], nc: int, where: str, report: LabelReport
     if clipped[2] - clipped[0] <= 0 or clipped[3] - clipped[1] <= 0:
         report.add("non-positive size", f"{where}: box has no area inside the image; image skipped")
         return None
-    if clipped != (x1, y1, x2, y2) and n == 5:
+    if clipped != (x1, y1, x2, y2):  # a box or a polygon
         report.add("clipped", f"{where}: box overshoots the image edge by < {BOUNDS_TOLERANCE:g}; clipped and kept")
     x1, y1, x2, y2 = clipped
     return int(c), ((x1 + x2) / 2, (y1 + y2) / 2, x2 - x1, y2 - y1)
