@@ -447,7 +447,7 @@ def test_a_synthetic_camera_moved_to_an_engine_of_another_size_keeps_serving_its
 def test_camera_threads_inside_ffmpeg_are_ended_before_the_process_exits():
     """A camera that accepts the connection and never answers holds its thread inside FFmpeg's open for the open
     timeout (5 s). A server exiting meanwhile tore the interpreter down under it, and FFmpeg's interrupt callback
-    then crashed the process (segmentation fault, 4 of 9 SIGTERMs in an audit). `end_camera_threads` has every
+    could then crash the process (a segmentation fault at SIGTERM). `end_camera_threads` has every
     FFmpeg call give up and waits: the thread is gone well before its open would have timed out."""
     import socket
 

@@ -79,7 +79,7 @@ def end_camera_threads(timeout: float = 2.0) -> int:
     """Before the process exits, once its cameras are stopped: make every FFmpeg call give up (interrupts.py) and
     wait up to `timeout` for the camera threads to end; returns how many are still running. A thread still inside
     FFmpeg when the interpreter is torn down has FFmpeg's interrupt callback call into a Python that is gone: the
-    process ended in a segmentation fault (4 of 9 SIGTERMs while a camera was connecting)."""
+    process could end in a segmentation fault (a SIGTERM while a camera was connecting)."""
     interrupts.interrupt_all()
     end = time.monotonic() + timeout
     for t in list(_THREADS):
