@@ -21,6 +21,7 @@ import engines
 from engines import EngineError, EngineInfo
 from engines.metadata import ONNX_KEY, info_from_metadata, info_to_props, read_onnx_props
 from trainer import YOLO
+import trainer.export as export_module
 from trainer.export import ExportError, export, export_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -198,6 +199,42 @@ def test_engine_export_without_tensorrt_says_how_to_get_it(yolo: YOLO, tmp_path:
         assert not list(tmp_path.iterdir()), "nothing is written when TensorRT is missing"
     else:
         pytest.skip("TensorRT is installed here")
+
+
+@pytest.mark.parametrize("build_fails", [False, True])
+def test_engine_build_leaves_the_users_onnx_alone(checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  build_fails: bool) -> None:
+    """`best.pt` -> `best.engine` must not write TensorRT's static ONNX over the user's `best.onnx` (which then no
+    longer loads in ONNX Runtime), whether the build works or fails, and leaves no work files behind.
+    TensorRT is replaced by a builder that records what it was given: all before it is the real export."""
+    import engines.build
+
+    weights = tmp_path / "best.pt"
+    weights.write_bytes(checkpoint.read_bytes())
+    users = export(weights, imgsz=64, dynamic=True, batch=4, simplify=False)
+    assert users == tmp_path / "best.onnx"
+    before = users.read_bytes()
+    given: list[EngineInfo] = []
+
+    def build(onnx_path: Path, output: Path, opts: object) -> Path:
+        given.append(engines.read_info(onnx_path))
+        if build_fails:
+            raise EngineError("the build failed")
+        output.write_bytes(b"engine")
+        return output
+
+    monkeypatch.setattr(engines.build, "tensorrt_major", lambda: 10)
+    monkeypatch.setattr(engines.build, "build_engine", build)
+    monkeypatch.setattr(export_module, "_device", lambda device: torch.device("cpu"))
+    if build_fails:
+        with pytest.raises(EngineError):
+            export(weights, format="engine", imgsz=64, simplify=False, nms="efficient")
+    else:
+        assert export(weights, format="engine", imgsz=64, simplify=False, nms="efficient") == tmp_path / "best.engine"
+    assert given and given[0].batch == (1, 1) and given[0].extra["nms"] == "efficient"  # the builder's own ONNX
+    assert users.read_bytes() == before
+    left = {p.name for p in tmp_path.iterdir()}
+    assert left == {"best.onnx", "best.pt"} | (set() if build_fails else {"best.engine"}), left
 
 
 @pytest.mark.parametrize("argv", [

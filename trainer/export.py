@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -369,13 +370,18 @@ def export(yolo: Any, format: str = "onnx", imgsz: int | tuple[int, int] | None 
     trt_major = tensorrt_major()  # first: without TensorRT nothing is written
     dev = _device(device if device is not None else 0)
     fp16_onnx = half and trt_major >= 11  # TensorRT 11 builds strongly typed: precision comes from the ONNX
-    onnx_path = export_onnx(model, output.with_suffix(".onnx"), size, batch=batch, dynamic=dynamic, half=fp16_onnx,
-                            conf=conf, iou=iou, max_det=max_det, raw=raw, simplify=simplify, nms=nms, device=dev)
     opts = BuildOptions(half=half, int8=int8, data=data, calib_images=_calibration_images(data) if int8 else None,
                         batch=32 if dynamic and batch == 1 else batch,  # as the ONNX records: --dynamic alone is 1..32
                         dynamic=dynamic, shapes=shapes, workspace_gib=workspace, contexts=contexts,
                         timing_cache=timing_cache, calib_cache=calib_cache, device=dev.index or 0)
-    return build_engine(onnx_path, output, opts)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    # The ONNX that TensorRT parses is built for it (static batch, plugin NMS, fp16 under TensorRT 11): it goes in
+    # a folder of its own beside the engine and is deleted after, never over the user's `<stem>.onnx`.
+    with tempfile.TemporaryDirectory(prefix=f".{output.name}.", dir=output.parent) as work:
+        onnx_path = export_onnx(model, Path(work) / (output.stem + ".onnx"), size, batch=batch, dynamic=dynamic,
+                                half=fp16_onnx, conf=conf, iou=iou, max_det=max_det, raw=raw, simplify=simplify,
+                                nms=nms, device=dev)
+        return build_engine(onnx_path, output, opts)
 
 
 def _calibration_images(data: str | Path | None) -> list[Path]:
