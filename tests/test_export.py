@@ -237,6 +237,28 @@ def test_engine_build_leaves_the_users_onnx_alone(checkpoint: Path, tmp_path: Pa
     assert left == {"best.onnx", "best.pt"} | (set() if build_fails else {"best.engine"}), left
 
 
+def test_output_that_is_a_folder_is_refused_before_the_trace(checkpoint: Path, tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "d.onnx").mkdir()
+    assert export_main(["--weights", str(checkpoint), "--output", str(tmp_path / "d.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "is a folder: name a file" in err and err.count("\n") == 1, err
+    assert [p.name for p in tmp_path.iterdir()] == ["d.onnx"]
+
+
+def test_a_failed_save_leaves_no_half_written_files(yolo: YOLO, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A full disk mid-save: the error reaches the user and neither work file (10 MB at n) stays beside theirs."""
+    def full_disk(proto: object, path: str) -> None:
+        Path(path).write_bytes(b"half a model")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(onnx, "save", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        export(yolo, imgsz=64, simplify=False, output=tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("argv", [
     ["--weights", "missing.pt"],
     ["--weights", "{ckpt}", "--imgsz", "300"],

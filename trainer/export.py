@@ -263,6 +263,8 @@ def export_onnx(model: DetectionModel, path: str | Path, imgsz: tuple[int, int],
 
     device = device or torch.device("cpu")
     path = Path(path)
+    if path.is_dir():  # said before the trace (seconds at 640), not after it as the rename's errno
+        raise ExportError(f"output '{path}' is a folder: name a file, e.g. {path / 'model.onnx'}")
     path.parent.mkdir(parents=True, exist_ok=True)
     stride = int(max(model.stride))
     net = copy.deepcopy(model).float().eval().fuse().to(device)
@@ -285,38 +287,41 @@ def export_onnx(model: DetectionModel, path: str | Path, imgsz: tuple[int, int],
         example = torch.randint(0, 255, (example_batch, th, tw, 3), dtype=torch.uint8, device=device)
         names_in, names_out = ["images"], ["detections"]
         axes = {"images": {0: "batch", 1: "height", 2: "width"}, "detections": {0: "batch"}}
-    tmp = path.with_suffix(".tmp.onnx")
-    # The tracer warns of each shape it turns into a constant (area attention's reshapes, the anchor grid); the
-    # dynamic axes keep the graph general, as the tests check by running it at other sizes: not the user's concern.
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", torch.jit.TracerWarning)
-        torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, opset_version=OPSET, input_names=names_in,
-                          output_names=names_out, dynamic_axes=axes if dynamic else None, do_constant_folding=True)
-    proto = onnx.load(str(tmp))
-    tmp.unlink()
-    if simplify:
-        import onnxslim
+    tmp, tmp_out = path.with_suffix(".tmp.onnx"), path.with_suffix(path.suffix + ".tmp")
+    try:
+        # The tracer warns of each shape it turns into a constant (area attention's reshapes, the anchor grid); the
+        # dynamic axes keep the graph general, as the tests check by running it at other sizes: not the user's concern.
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            torch.onnx.export(wrapper, (example,), str(tmp), dynamo=False, opset_version=OPSET, input_names=names_in,
+                              output_names=names_out, dynamic_axes=axes if dynamic else None, do_constant_folding=True)
+        proto = onnx.load(str(tmp))
+        if simplify:
+            import onnxslim
 
-        proto = onnxslim.slim(proto)
-    spec = model.spec
-    max_batch = (batch if batch > 1 else 32) if dynamic else batch  # --dynamic alone: batches of 1..32
-    info = EngineInfo(
-        names={int(k): str(v) for k, v in model.names.items()}, imgsz=(h, w), stride=stride,
-        batch=(1, max_batch) if dynamic else (batch, batch), dynamic_hw=dynamic, precision="fp16" if half else "fp32",
-        variant=spec.variant, scale=spec.scale, conf=conf, iou=iou, max_det=max_det, version=_version(),
-        extra={"layout": "raw" if raw else "end2end", "nms": None if raw else nms, "opset": OPSET,
-               "input": "float-nchw" if raw else "uint8-nhwc", "source": "yolov12-serve"},
-    )
-    _name_output_dims(proto, ["batch", 4 + model.nc, "anchors"] if raw else ["batch", max_det, 6], dynamic)
-    del proto.metadata_props[:]
-    for k, v in info_to_props(info).items():
-        proto.metadata_props.add(key=k, value=v)
-    if nms != "efficient":
-        onnx.checker.check_model(proto)
-    tmp_out = path.with_suffix(path.suffix + ".tmp")
-    onnx.save(proto, str(tmp_out))
-    tmp_out.replace(path)
-    return path
+            proto = onnxslim.slim(proto)
+        spec = model.spec
+        max_batch = (batch if batch > 1 else 32) if dynamic else batch  # --dynamic alone: batches of 1..32
+        info = EngineInfo(
+            names={int(k): str(v) for k, v in model.names.items()}, imgsz=(h, w), stride=stride,
+            batch=(1, max_batch) if dynamic else (batch, batch), dynamic_hw=dynamic,
+            precision="fp16" if half else "fp32",
+            variant=spec.variant, scale=spec.scale, conf=conf, iou=iou, max_det=max_det, version=_version(),
+            extra={"layout": "raw" if raw else "end2end", "nms": None if raw else nms, "opset": OPSET,
+                   "input": "float-nchw" if raw else "uint8-nhwc", "source": "yolov12-serve"},
+        )
+        _name_output_dims(proto, ["batch", 4 + model.nc, "anchors"] if raw else ["batch", max_det, 6], dynamic)
+        del proto.metadata_props[:]
+        for k, v in info_to_props(info).items():
+            proto.metadata_props.add(key=k, value=v)
+        if nms != "efficient":
+            onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp_out))
+        tmp_out.replace(path)
+        return path
+    finally:  # a failed trace or save leaves no half-written model (10 MB at n) beside the user's files
+        tmp.unlink(missing_ok=True)
+        tmp_out.unlink(missing_ok=True)
 
 
 def _name_output_dims(proto: Any, dims: list[int | str], dynamic: bool) -> None:
