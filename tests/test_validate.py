@@ -45,6 +45,15 @@ def test_nms_conf_threshold_and_max_det() -> None:
     assert non_max_suppression(_pred(rows, nc=1), conf=0.9)[0].shape == (0, 6)
 
 
+@pytest.mark.parametrize("cls", [0, 4, 30, 79])
+def test_nms_of_a_half_precision_model_keeps_small_boxes_apart(cls: int) -> None:
+    """A CUDA .pt engine's head gives fp16. Two 16 px boxes (IoU 0.52, NMS at 0.55) must both stay whatever their
+    class: batched_nms shifts boxes by class x 640 and in fp16 (4-8 px apart out there) they merged."""
+    rows = [[300, 300, 316, 316, cls, 0.9], [305, 300, 321, 316, cls, 0.8], [600, 600, 639, 639, 0, 0.5]]
+    out = non_max_suppression(_pred(rows, nc=80).half(), conf=0.25, iou=0.55)[0]
+    assert out.dtype == torch.float32 and len(out) == 3, out
+
+
 def test_nms_multi_label_keeps_each_class_above_conf() -> None:
     pred = _pred([[0, 0, 10, 10, 0, 0.6]], nc=3)
     pred[0, 4 + 2, 0] = 0.4

@@ -39,10 +39,12 @@ def non_max_suppression(pred: torch.Tensor, conf: float = 0.25, iou: float = 0.7
         if score.numel() > max_nms:
             top = score.topk(max_nms).indices
             anchor, score, cls = anchor[top], score[top], cls[top]
-        xyxy = xywh2xyxy(boxes[anchor])
+        # fp32 from here (fp16 CUDA models give half): batched_nms shifts each class's boxes by class x (largest
+        # coordinate + 1), thousands of pixels, where fp16's spacing (4-8 px) merges or splits small defects
+        xyxy, score = xywh2xyxy(boxes[anchor].float()), score.float()
         keep = nms(xyxy, score, iou) if agnostic else batched_nms(xyxy, score, cls, iou)
         keep = keep[:max_det]
-        out.append(torch.cat((xyxy[keep], score[keep, None], cls[keep, None].to(xyxy.dtype)), 1).float())
+        out.append(torch.cat((xyxy[keep], score[keep, None], cls[keep, None].to(xyxy.dtype)), 1))
     return out
 
 
