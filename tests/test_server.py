@@ -500,6 +500,43 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
         core.drain(2)
 
 
+def test_a_pushed_frame_answered_before_its_hand_over_returns_is_still_answered_in_order():
+    """A fast engine publishes a pushed frame's result before the executor's return reaches the call's reader: the
+    call must count the frame first (it popped an empty deque: INTERNAL, the rest of the client's stream lost).
+    The hand-over is made to linger after the frame is in, so the answer always comes first."""
+    import asyncio
+
+    from test_scheduler import CostEngine
+
+    from yolov12_serve.api import create_server
+    from yolov12_serve.client import Client
+    from yolov12_serve.config import ServerConfig
+    from yolov12_serve.core import ServerCore
+
+    config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1)
+    core = ServerCore(config, load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.001, b=0))
+    hand_over = core.ingest_encoded
+
+    def lingering(*args):
+        frame = hand_over(*args)
+        time.sleep(0.05)  # the frame is with the scheduler: its answer is published meanwhile
+        return frame
+
+    core.ingest_encoded = lingering
+    core.start()
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, daemon=True).start()
+    server, port = asyncio.run_coroutine_threadsafe(create_server(core), loop).result(30)
+    try:
+        with Client(f"127.0.0.1:{port}") as c:
+            frames = [np.full((48, 64, 3), i, np.uint8) for i in range(8)]
+            assert [r.frame_id for r in c.detect(frames, stream_id="quick", timeout=30)] == list(range(8))
+    finally:
+        asyncio.run_coroutine_threadsafe(server.stop(0), loop).result(30)
+        loop.call_soon_threadsafe(loop.stop)
+        core.drain(2)
+
+
 def test_a_saved_camera_is_restored_onto_a_device_out_of_service_not_dropped(tmp_path):
     """With its only device out of service when the saved streams come back, placement has nowhere healthy: the
     saved camera is placed there all the same and waits, as the cameras already there do. Refused (UNAVAILABLE),

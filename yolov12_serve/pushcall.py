@@ -95,14 +95,20 @@ class PushCall:
                                                f"after {sid!r} (open a call per stream)")
                 await window.acquire()
                 received = now()
+                # counted before it is handed over: a fast engine publishes it, and `results` takes its answer,
+                # before the executor's return reaches this coroutine
+                self.sent += 1
+                self.pending.append(msg.frame_id)
                 try:
                     await loop.run_in_executor(self.executor, self.core.ingest_encoded, self.stream, msg.data,
                                                msg.encoding, msg.width, msg.height, msg.frame_id,
                                                msg.capture_time_us or time.time_ns() // 1000, received)
-                except InvalidArgumentError as e:
-                    raise InvalidArgumentError(f"frame {msg.frame_id}: {e}") from None
-                self.sent += 1
-                self.pending.append(msg.frame_id)
+                except Exception as e:  # not taken: not waited for (a cancel is results' own doing: it recounts)
+                    self.sent -= 1
+                    self.pending.pop()
+                    if isinstance(e, InvalidArgumentError):
+                        raise InvalidArgumentError(f"frame {msg.frame_id}: {e}") from None
+                    raise
                 msg = await anext(aiter(rest), None)
         except Exception as e:  # a bad frame (or a broken client stream) ends the call with its status, once the
             self.error = e      # frames before it are answered
