@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import no_augment
@@ -220,14 +221,20 @@ def _ddp_rank(runs: list[dict], init: str, save_dir: str, steps: int) -> None:
         if run["bn_eval"]:
             _bn_eval(trainer.model)
         loader = iter(trainer.train_loader)
-        for _ in range(steps):
-            trainer.run_step(next(loader))
+        losses = [_step_loss(trainer.run_step(next(loader))) for _ in range(steps)]
         results[i] = trainer.model.state_dict()
+        results[f"losses{i}"] = losses
     torch.save(results, Path(save_dir) / f"rank{ctx.rank}.pt")
     torch.distributed.destroy_process_group()
 
 
-def _single(cfg: TrainConfig, init: Path, tmp_path: Path, steps: int, bn_eval: bool) -> dict[str, torch.Tensor]:
+def _step_loss(stats: dict) -> list[float]:
+    """The box/cls/dfl losses a step logs (what results.csv and the progress bar average)."""
+    return (stats["loss_sums"] / stats["weight"]).tolist()
+
+
+def _single(cfg: TrainConfig, init: Path, tmp_path: Path, steps: int, bn_eval: bool,
+            losses: list | None = None) -> dict[str, torch.Tensor]:
     from trainer.checkpoint import load_checkpoint
 
     single = Trainer(cfg, load_checkpoint(init).model, DistContext(), tmp_path)
@@ -235,7 +242,9 @@ def _single(cfg: TrainConfig, init: Path, tmp_path: Path, steps: int, bn_eval: b
         _bn_eval(single.model)
     loader = iter(single.train_loader)
     for _ in range(steps):
-        single.run_step(next(loader))
+        stats = single.run_step(next(loader))
+        if losses is not None:
+            losses.append(_step_loss(stats))
     return single.model.state_dict()
 
 
@@ -260,8 +269,14 @@ def test_two_gloo_processes_equal_one_process(tiny_data: Path, tmp_path: Path) -
         return torch.cat([(state[k] - start[k]).flatten() for k in start
                           if start[k].is_floating_point() and "running" not in k])
 
-    exact = _single(_cfg(tiny_data, **small), init, tmp_path, 2, bn_eval=True)
+    whole, in_micro_batches = [], []
+    exact = _single(_cfg(tiny_data, **small), init, tmp_path, 2, bn_eval=True, losses=whole)
     assert moved(exact).norm() > 1e-3  # the steps did change the weights
+    # the losses logged are the global batch's: the same on both ranks, in one process, in micro-batches of 2
+    # (a random model's target-score sum is below the loss's floor of 1: per-rank numbers were 2x off)
+    _single(_cfg(tiny_data, micro_batch=2, **small), init, tmp_path, 2, bn_eval=True, losses=in_micro_batches)
+    for got in (rank0["losses0"], rank1["losses0"], in_micro_batches):
+        np.testing.assert_allclose(got, whole, rtol=1e-4)
     # exact up to float32 summation order over two steps (measured 1.2e-5); a wrong scale is off by O(1)
     assert (moved(rank0[0]) - moved(exact)).norm() / moved(exact).norm() < 1e-4
 

@@ -151,7 +151,7 @@ class Trainer:
                 self.epoch = epoch
                 self._set_epoch(epoch)
                 self._call("before_epoch")
-                self.epoch_losses, sums, weights = {}, torch.zeros(3), 0.0
+                self.epoch_losses, sums, weights = {}, torch.zeros(3, dtype=torch.float64), 0.0
                 for batch in self.train_loader:
                     self._call("before_step")
                     self.last_step = self.run_step(batch)
@@ -250,7 +250,7 @@ class Trainer:
         chunks = [(i, min(i + self.micro_batch, n)) for i in range(0, n, self.micro_batch)]
         scale = 1.0 / (chunks[0][1] - chunks[0][0])  # constant within the step, so the final rescale is exact
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        loss_sums, norm, weight, failed = torch.zeros(3), 0.0, 0.0, False
+        loss_sums, norm, failed = torch.zeros(3, dtype=torch.float64), 0.0, False
         with self.ledger.active():
             for k, (a, b) in enumerate(chunks):
                 self.ledger.begin_micro_step()
@@ -266,12 +266,13 @@ class Trainer:
                     failed = True
                 else:
                     norm += float(out.norm)
-                    weight += max(float(out.norm), 1.0)  # items are per max(norm, 1): weigh them back to sums
-                    loss_sums += out.items.cpu() * max(float(out.norm), 1.0)
+                    # items are per max(norm, 1): weighed back to sums
+                    loss_sums += out.items.detach().cpu().double() * max(float(out.norm), 1.0)
                     continue
                 self.ledger.enter_rest(len(chunks) - k - 1)  # outside `except`: the failed graph is freed
                 break
-        any_failed, global_norm, global_images = self._sum_over_ranks([float(failed), norm, float(n)])
+        any_failed, global_norm, global_images, *global_sums = self._sum_over_ranks(
+            [float(failed), norm, float(n), *loss_sums.tolist()])
         if any_failed:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():
@@ -290,7 +291,10 @@ class Trainer:
         factor = global_images / max(global_norm, 1.0) / scale
         self.scaler.unscale_(self.optimizer)
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
-        return {"loss_sums": loss_sums, "norm": norm, "weight": weight, "images": n}
+        # the losses logged are the global batch's, normalised as its gradient is: the same numbers whatever the
+        # split into processes and micro-batches (per micro-batch weights made them depend on it, up to 2x)
+        return {"loss_sums": torch.tensor(global_sums, dtype=torch.float64), "norm": norm,
+                "weight": max(global_norm, 1.0), "images": n}
 
     def optimizer_step(self) -> bool:
         """Clip, step, update the loss scaler, clear the gradients. False when fp16 overflow skipped the step."""
