@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,37 @@ def test_an_oom_on_one_rank_is_agreed_discarded_and_replayed_by_every_rank(tmp_p
             torch.testing.assert_close(faulty[k], clean[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         moved = max((faulty[k] - start[k]).abs().max().item() for k in start if faulty[k].is_floating_point())
         assert moved > 1e-4, name  # the replayed step did step
+
+
+def _slow_validation_rank(cfg_dict: dict, init: str, out_dir: str, validation_s: float) -> None:
+    """The main process's validation outlasts --dist-timeout while the other rank waits for it at the epoch's end."""
+    from trainer.checkpoint import load_checkpoint
+
+    ctx = init_process(["cpu"], cfg_dict["dist_timeout"])
+    t = Trainer(TrainConfig(**cfg_dict), load_checkpoint(init).model, ctx, Path(out_dir))
+    if ctx.is_main:
+        validate = t.validator
+
+        def slow(model: torch.nn.Module) -> dict:
+            time.sleep(validation_s)  # a val split that takes longer than --dist-timeout
+            return validate(model)
+
+        t.validator = slow
+    metrics = t.train()
+    torch.save(sorted(metrics), Path(out_dir) / f"slow-val-rank{ctx.rank}.pt")
+    torch.distributed.destroy_process_group()
+
+
+def test_a_validation_longer_than_the_dist_timeout_does_not_end_the_run(tmp_path: Path, tiny_data: Path) -> None:
+    """--dist-timeout is there to catch dead ranks, not to cap how long the main process may validate and save:
+    the waiting rank timed out ("rank 1 failed: ... Timed out waiting 15000ms") and the epoch was lost."""
+    from trainer.checkpoint import save_checkpoint
+    from trainer.nn import build_model
+
+    torch.manual_seed(0)
+    init = save_checkpoint(tmp_path / "init.pt", build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]))
+    cfg = TrainConfig.from_kwargs(data=str(tiny_data), imgsz=64, batch=4, epochs=1, workers=0, optimizer="SGD",
+                                  ema=False, verbose=False, plots=False, dist_timeout=8.0, **no_augment())
+    launch(_slow_validation_rank, 2, cfg.to_dict(), str(init), str(tmp_path), 12.0)
+    assert "mAP50-95" in torch.load(tmp_path / "slow-val-rank0.pt")
+    assert (tmp_path / "slow-val-rank1.pt").exists() and (tmp_path / "weights" / "last.pt").exists()

@@ -21,8 +21,8 @@ from torch import nn
 
 from .lockstep import all_reduce_sum
 
-__all__ = ["CrossRankBatchNorm", "DistContext", "all_reduce_tensors", "barrier", "broadcast_module",
-           "convert_sync_batchnorm", "init_process", "launch", "parse_devices", "under_launcher"]
+__all__ = ["EPOCH_END_WAIT_S", "CrossRankBatchNorm", "DistContext", "all_reduce_tensors", "barrier", "broadcast_module",
+           "convert_sync_batchnorm", "epoch_end_group", "init_process", "launch", "parse_devices", "under_launcher"]
 
 
 @dataclass(frozen=True)
@@ -90,6 +90,20 @@ def init_process(devices: list[str], timeout_s: float) -> DistContext:
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if backend == "nccl" else None)
     return DistContext(rank, world, local, dev)
+
+
+# How long the other ranks wait at an epoch's end while the main process validates and saves (the whole val split
+# on one process): a wait bounded by --dist-timeout ended long validations with a timeout blamed on a waiting rank.
+# A rank that dies meanwhile is still noticed at once: the launcher (ours or torchrun) ends the job.
+EPOCH_END_WAIT_S = 24 * 3600.0
+
+
+def epoch_end_group(ctx: DistContext, timeout_s: float) -> Any:
+    """A gloo group whose collectives wait up to max(`timeout_s`, EPOCH_END_WAIT_S) (None alone); every rank calls
+    it at the same point (group creation is collective)."""
+    if not ctx.distributed:
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, EPOCH_END_WAIT_S)))
 
 
 def barrier(ctx: DistContext) -> None:

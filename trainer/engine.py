@@ -31,9 +31,9 @@ from .config import TrainConfig
 from .distributed import (
     DistContext,
     all_reduce_tensors,
-    barrier,
     broadcast_module,
     convert_sync_batchnorm,
+    epoch_end_group,
     init_process,
     launch,
     parse_devices,
@@ -103,6 +103,7 @@ class Trainer:
         self.dtype = choose_precision(cfg.amp, self.device)
         self.loss_fn = DetectionLoss(model, box=cfg.box, cls=cfg.cls, dfl=cfg.dfl)
         self.ledger = StepLedger(self.device)
+        self.epoch_end_group = epoch_end_group(ctx, cfg.dist_timeout)  # waits out the main process's validation
         self.plan = self.plan_memory()
         self.micro_batch = self.plan.micro_batch
         self.log(f"memory plan: {self.plan.describe(self.per_process)}; global batch {cfg.batch} over "
@@ -166,7 +167,8 @@ class Trainer:
                     break
         finally:
             self._call("after_train")
-        barrier(self.ctx)  # only on the normal path: a failing rank must not wait for the others
+        if self.ctx.distributed:  # only on the normal path: a failing rank must not wait for the others
+            dist.barrier(group=self.epoch_end_group)  # the main process's last validation and saves
         return self.metrics
 
     def _set_epoch(self, epoch: int) -> None:
@@ -326,11 +328,12 @@ class Trainer:
         return t.tolist()
 
     def broadcast_flag(self, value: int, op: str = "max") -> bool:
-        """Agree on a flag across ranks (max of all); True when any rank raised it."""
+        """Agree on a flag across ranks (max of all); True when any rank raised it. Called at an epoch's end, where
+        the others wait for the main process's validation and saving: on the patient epoch-end group."""
         if not self.ctx.distributed:
             return bool(value)
-        t = torch.tensor([value], device=self._comm_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        t = torch.tensor([value])
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.epoch_end_group)
         return bool(t.item())
 
     # ------------------------------------------------------------------ saving, resuming, logging
