@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import time
 from pathlib import Path
 
@@ -160,3 +161,17 @@ def test_a_validation_longer_than_the_dist_timeout_does_not_end_the_run(tmp_path
     launch(_slow_validation_rank, 2, cfg.to_dict(), str(init), str(tmp_path), 12.0)
     assert "mAP50-95" in torch.load(tmp_path / "slow-val-rank0.pt")
     assert (tmp_path / "slow-val-rank1.pt").exists() and (tmp_path / "weights" / "last.pt").exists()
+
+
+def _failing_rank() -> None:
+    if os.environ["RANK"] == "1":
+        raise ValueError("rank one broke")
+
+
+def test_a_failed_rank_is_one_line_not_the_launchers_log(capfd: pytest.CaptureFixture[str]) -> None:
+    """The launcher logged the failed rank's traceback line by line (some 25 'E1207 ... api.py:836]' lines) and
+    a line per rank it stopped, before our one line said the same."""
+    with pytest.raises(RuntimeError, match="training process rank 1 failed: ValueError: rank one broke"):
+        launch(_failing_rank, 2)
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "api.py" not in err and "Terminating process" not in err, err

@@ -9,6 +9,7 @@ Every collective has a timeout, so a dead rank ends the run with an error instea
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import socket
 from collections.abc import Callable, Iterator
@@ -133,6 +134,12 @@ def launch(entrypoint: Callable[..., Any], nproc: int, *args: Any) -> Any:
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=f"yolov12-{os.getpid()}",
                           rdzv_backend="c10d", rdzv_endpoint=f"127.0.0.1:{_free_port()}", max_restarts=0,
                           monitor_interval=0.5, start_method="spawn")
+    # The launcher logs a failed rank's traceback, and each rank it stops, line by line (some 25 lines, prefixed
+    # "E1207 ... api.py:836]") before the one line below says the same: kept to what goes wrong in the launcher.
+    quiet = {"torch.distributed.elastic": logging.CRITICAL, "torch.multiprocessing.spawn": logging.ERROR}
+    saved = {name: logging.getLogger(name).level for name in quiet}
+    for name, level in quiet.items():
+        logging.getLogger(name).setLevel(level)
     try:
         results = elastic_launch(config, entrypoint)(*args)
     except ChildFailedError as e:
@@ -141,6 +148,9 @@ def launch(entrypoint: Callable[..., Any], nproc: int, *args: Any) -> Any:
         if isinstance(message, dict):
             message = message.get("message", message)
         raise RuntimeError(f"training process rank {rank} failed: {message}") from None
+    finally:
+        for name, level in saved.items():
+            logging.getLogger(name).setLevel(level)
     return results[0]
 
 
