@@ -161,6 +161,8 @@ class TorchEngine(Engine):
                 dets = self._nms(pred, self.info.conf, self.info.iou, self.info.max_det)
                 return [d.numpy() for d in dets]
             with torch.cuda.stream(slot.stream):
+                if batch.size > slot.staging.numel():  # larger than the checkpoint's size (predict's imgsz): grow
+                    slot.staging = torch.empty(batch.size, dtype=torch.uint8, pin_memory=True)
                 host = slot.staging.view(-1)[:batch.size].view(batch.shape)
                 host.numpy()[...] = batch  # pinned: the copy up is asynchronous (this slot's last one has ended)
                 x = host.to(self._device, non_blocking=True)

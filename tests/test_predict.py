@@ -349,6 +349,36 @@ def test_pt_checkpoint_predicts_like_its_pytorch_engine_with_host_thresholds(fol
 
 
 
+def test_a_pt_engine_with_cuda_graphs_runs_at_the_imgsz_asked(monkeypatch):
+    """On CUDA a .pt engine lists the shapes it captures graphs for, at its training size (320 here); predict(imgsz=640)
+    planned every frame within those, so it ran at 320 whatever imgsz asked. The real engine on the CPU, carrying
+    the metadata CUDA gives it; the shapes that reach it are recorded."""
+    import dataclasses
+
+    from engines.base import Engine
+    from engines.letterbox import aspect_shapes
+
+    real = engines.load(CHECKPOINT)
+    graphs = [list(hw) for hw in aspect_shapes(real.info.imgsz, real.info.stride)]
+    seen: list[tuple[int, int]] = []
+
+    class AsOnCuda(Engine):
+        info = dataclasses.replace(real.info, extra={**real.info.extra, "graph_shapes": graphs})
+        device, instances = "cpu", 1
+
+        def infer(self, batch: np.ndarray) -> list[np.ndarray]:
+            seen.append(batch.shape[1:3])
+            real.info = self.info  # as predict set it for this call (imgsz, thresholds)
+            return real.infer(batch)
+
+    assert real.info.imgsz == (320, 320)
+    monkeypatch.setattr(engines, "load", lambda *args, **kwargs: AsOnCuda())
+    with Predictor(CHECKPOINT, device="cpu") as p:
+        p.predict(np.zeros((1080, 1920, 3), np.uint8), imgsz=640)
+        p.predict(np.zeros((1080, 1920, 3), np.uint8))
+    assert seen == [(384, 640), (192, 320)]
+
+
 def test_thresholds_are_the_running_calls_and_a_call_inside_needing_others_is_refused(folder):
     """A .pt engine runs NMS on the host with one setting: each call's is set when it starts (a generator made
     first but read last ran with the later call's conf), and a call started inside a running one with other

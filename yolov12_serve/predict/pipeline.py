@@ -48,6 +48,7 @@ import numpy as np
 
 import engines
 from engines.base import Engine, EngineError, EngineInfo
+from engines.letterbox import aspect_shapes
 
 from ..config import MAX_INSTANCES
 from ..costmodel import RunTimeModel
@@ -534,8 +535,13 @@ class _Run:
     def __init__(self, predictor: Predictor, sources: Sources, opts: PredictOptions) -> None:
         self.p, self.sources, self.opts = predictor, sources, opts
         info = predictor.info
-        # within the shapes the engine was built or prepared for (a TensorRT engine's profiles), as the server plans
-        self.planner = InputPlanner(opts.imgsz, info.stride, info.dynamic_hw, info.plan_shapes)
+        # within the shapes the engine was built or prepared for (a TensorRT engine's profiles), as the server plans;
+        # a .pt engine's CUDA graphs were listed for its training size: at another imgsz, this call's own (they are
+        # captured at start), or every frame was fitted into the training size whatever imgsz asked
+        shapes = info.plan_shapes
+        if shapes is not None and predictor.backend == "pytorch" and tuple(opts.imgsz) != tuple(info.imgsz):
+            shapes = aspect_shapes(opts.imgsz, info.stride)
+        self.planner = InputPlanner(opts.imgsz, info.stride, info.dynamic_hw, shapes)
         self.names = dict(info.names)
         self.cond = threading.Condition()
         self.devices: list[_Device] = []
