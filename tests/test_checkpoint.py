@@ -6,6 +6,7 @@ import copy
 import io
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zipfile
@@ -126,3 +127,39 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
     (tmp_path / "zip.pt").write_bytes(buf.getvalue())
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "zip.pt")
+
+
+def test_own_format_spec_disagreeing_with_weights_is_one_line(tmp_path: Path) -> None:
+    """An edited or corrupt spec (nc, names, variant, scale, missing) is one CheckpointError line naming the file and
+    what disagrees, never a load_state_dict traceback nor a model carrying the wrong class names."""
+    model = build_model("yolov12n.yaml", names=["scratch", "dent"]).eval()
+    good = torch.load(save_checkpoint(tmp_path / "good.pt", model), weights_only=True)
+
+    def corrupt(name: str, edit) -> Path:
+        raw = copy.deepcopy(good)
+        edit(raw)
+        torch.save(raw, tmp_path / name)
+        return tmp_path / name
+
+    cases = {
+        "nc3.pt": (lambda r: r["spec"].update(nc=3, names={0: "a", 1: "b", 2: "c"}), r"nc=3 but the weights have 2"),
+        "names3.pt": (lambda r: r["spec"].update(names={0: "a", 1: "b", 2: "c"}), r"3 class names but .* 2 classes"),
+        "names_list.pt": (lambda r: r["spec"].update(names=["a", "b"]), r"2 class names but"),
+        "names_str_keys.pt": (lambda r: r["spec"].update(names={"0": "a", "1": "b"}), r"must map 0\.\.1 to text"),
+        "v1.pt": (lambda r: r["spec"].update(variant="v1"), r"variant 'v1' but the weights are 'turbo'"),
+        "scale_s.pt": (lambda r: r["spec"]["yaml"].update(scale="s"), r"tensors differ"),
+        "no_yaml.pt": (lambda r: r["spec"].pop("yaml"), r"no buildable architecture"),
+        "no_spec.pt": (lambda r: r.pop("spec"), r"has no 'spec'"),
+        "no_model.pt": (lambda r: r.pop("model"), r"holds no weights"),
+    }
+    for name, (edit, why) in cases.items():
+        path = corrupt(name, edit)
+        with pytest.raises(CheckpointError) as err:
+            load_checkpoint(path)
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith(str(path)) and re.search(why, msg), (name, msg)
+        if name != "no_model.pt":
+            assert "plain state dict" in msg, (name, msg)  # the way out
+    # the way out the message names: the weights alone rebuild, with placeholder names rather than wrong ones
+    torch.save(good["model"], tmp_path / "weights_only.pt")
+    assert load_checkpoint(tmp_path / "weights_only.pt").spec.names == {0: "class0", 1: "class1"}

@@ -261,6 +261,53 @@ def save_checkpoint(path: str | Path, model: DetectionModel, **extra: Any) -> Pa
     return path
 
 
+def _model_from_own(path: Path, raw: dict[str, Any]) -> DetectionModel:
+    """Build our checkpoint's model from its spec, first checking the spec against the weights.
+
+    A spec that disagrees with the weights (edited, or corrupt) is refused in one line naming what disagrees,
+    never rebuilt from the weights alone: its class names could not be trusted, and wrong labels are worse than none.
+    """
+    fix = ("the file was edited or is corrupt: use the best.pt / last.pt its training run wrote, or save its 'model' "
+           "entry alone as a plain state dict (class names then become class0..N-1)")
+    state = raw.get("model")
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"{path}: this yolov12-serve checkpoint holds no weights (its 'model' entry is not a "
+                              "state dict); use the weights/best.pt or last.pt its training run wrote")
+    state = strip_ddp_prefix(state)
+    spec = raw.get("spec")
+    if not isinstance(spec, dict):
+        raise CheckpointError(f"{path}: this yolov12-serve checkpoint has no 'spec' (variant, nc, class names); {fix}")
+    try:
+        variant, nc = _variant_of(state), _nc_of(state)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    names = spec.get("names")
+    wrong = []
+    if spec.get("variant") != variant:
+        wrong.append(f"variant {spec.get('variant')!r} but the weights are {variant!r}")
+    if spec.get("nc") != nc or isinstance(spec.get("nc"), bool):
+        wrong.append(f"nc={spec.get('nc')!r} but the weights have {nc} classes")
+    names_explained = wrong and isinstance(names, dict) and len(names) == spec.get("nc")  # the nc line said it
+    if not names_explained and not (isinstance(names, dict) and all(isinstance(v, str) for v in names.values())
+            and sorted(k for k in names if isinstance(k, int) and not isinstance(k, bool)) == list(range(nc))
+            and len(names) == nc):
+        shown = f"{len(names)} class names" if isinstance(names, dict | list | tuple) else f"names {names!r:.40}"
+        wrong.append(f"{shown} but the weights have {nc} classes (names must map 0..{nc - 1} to text)")
+    if wrong:
+        raise CheckpointError(f"{path}: the checkpoint's spec disagrees with its weights: {'; '.join(wrong)}; {fix}")
+    try:
+        model = build_model(spec.get("yaml"), nc=nc, names={k: names[k] for k in range(nc)}, variant=variant)
+    except (ValueError, KeyError, IndexError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{path}: the checkpoint's spec holds no buildable architecture "
+                              f"({e.__class__.__name__}: {e}); {fix}") from None
+    bad = _shapes_match(model, state)
+    if bad:
+        raise CheckpointError(f"{path}: the checkpoint's spec (scale {spec.get('scale')!r}) disagrees with its "
+                              f"weights: {len(bad)} tensors differ, first {bad[0]}; {fix}")
+    model.load_state_dict(state)
+    return model
+
+
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load our checkpoint or an official / ultralytics one; the model comes back in fp32, eval mode."""
     path = Path(path)
@@ -273,9 +320,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     except Exception as e:  # zip errors, truncated files
         raise CheckpointError(f"{path}: unreadable checkpoint ({e.__class__.__name__}: {e})") from None
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
-        spec = raw["spec"]
-        model = build_model(spec["yaml"], nc=spec["nc"], names=spec["names"], variant=spec["variant"])
-        model.load_state_dict(strip_ddp_prefix(raw["model"]))
+        model = _model_from_own(path, raw)
         meta = {k: v for k, v in raw.items() if k not in ("model", "ema", "optimizer", "scaler")}
         return Checkpoint(model.float().eval(), meta, raw, "yolov12-serve")
     if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
