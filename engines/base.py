@@ -14,13 +14,28 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PAD_VALUE", "Engine", "EngineError", "EngineInfo", "pad_batch", "run_padded"]
+__all__ = ["PAD_VALUE", "Engine", "EngineError", "EngineInfo", "class_names", "pad_batch", "run_padded"]
 
 PAD_VALUE = 114  # the grey of letterbox borders, also what pads a batch up to an engine's minimum
 
 
 class EngineError(RuntimeError):
     """A model artifact that cannot be loaded or run; the message says what to do."""
+
+
+def class_names(names: Any) -> dict[int, str]:
+    """`names` as {0: str, ..., N-1: str} (keys may be digit strings, as JSON writes them); ValueError otherwise, so a
+    corrupt list never labels detections with the wrong class."""
+    if not isinstance(names, dict):
+        raise ValueError(f"'names' must map class ids 0..N-1 to text, got a {type(names).__name__}")
+    try:
+        out = {int(k): v for k, v in names.items() if not isinstance(k, bool | float)}
+    except ValueError:
+        out = {}
+    if len(out) != len(names) or sorted(out) != list(range(len(out))) or not all(isinstance(v, str)
+                                                                                   for v in out.values()):
+        raise ValueError(f"'names' must map class ids 0..N-1 to text, got {str(names)[:60]}")
+    return dict(sorted(out.items()))
 
 
 @dataclass(frozen=True)
@@ -71,9 +86,12 @@ class EngineInfo:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> EngineInfo:
+        """EngineInfo from `to_json`'s text; ValueError / TypeError say what is malformed (callers name the file)."""
         d = json.loads(text)
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object, got {type(d).__name__}")
         known = {k: d[k] for k in cls.__dataclass_fields__ if k in d}
-        known["names"] = {int(k): str(v) for k, v in (d.get("names") or {}).items()}
+        known["names"] = class_names(d.get("names") or {})
         for key in ("imgsz", "batch"):
             if key in known:
                 v = known[key]

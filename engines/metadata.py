@@ -15,12 +15,13 @@ import ast
 import datetime
 import io
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .base import EngineError, EngineInfo
+from .base import EngineError, EngineInfo, class_names
 
-__all__ = ["ONNX_KEY", "check_file", "engine_header", "info_from_metadata", "info_to_props", "read_info",
+__all__ = ["ONNX_KEY", "check_file", "check_graph", "engine_header", "info_from_metadata", "info_to_props", "read_info",
            "read_onnx_props", "write_engine_file"]
 
 ONNX_KEY = "yolov12_serve"  # the metadata_props entry holding EngineInfo as JSON
@@ -137,7 +138,18 @@ def _literal(value: Any) -> Any:
 
 
 def info_from_metadata(meta: dict[str, Any], source: str = "") -> EngineInfo:
-    """EngineInfo from our metadata (the `yolov12_serve` JSON entry or a JSON header) or from ultralytics' keys."""
+    """EngineInfo from our metadata (the `yolov12_serve` JSON entry or a JSON header) or from ultralytics' keys;
+    malformed metadata is one EngineError line naming the file, not a JSON or attribute traceback."""
+    try:
+        return _info_from_metadata(meta, source)
+    except (ValueError, TypeError, AttributeError, KeyError, IndexError) as e:
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        kind = ONNX_KEY if ONNX_KEY in meta or "extra" in meta else "ultralytics"
+        raise EngineError(f"{source or 'engine'}: corrupt {kind} metadata ({reason}): export the model again "
+                          "with yolov12-export") from None
+
+
+def _info_from_metadata(meta: dict[str, Any], source: str) -> EngineInfo:
     if ONNX_KEY in meta:
         return EngineInfo.from_json(meta[ONNX_KEY])
     if "precision" in meta and "extra" in meta:  # our TensorRT header: EngineInfo itself
@@ -155,7 +167,7 @@ def info_from_metadata(meta: dict[str, Any], source: str = "") -> EngineInfo:
     end2end = bool(_literal(meta.get("end2end", False)) or args.get("nms", False))
     precision = "int8" if args.get("int8") else "fp16" if args.get("half") else "fp32"
     return EngineInfo(
-        names={int(k): str(v) for k, v in names.items()}, imgsz=(int(imgsz[0]), int(imgsz[1])),
+        names=class_names(names), imgsz=(int(imgsz[0]), int(imgsz[1])),
         stride=int(_literal(meta.get("stride", 32))),
         batch=(1, batch if batch > 1 else 32) if dynamic else (batch, batch),  # as ours: --dynamic alone is 1..32
         dynamic_hw=dynamic, precision=precision, conf=float(args.get("conf") or 0.25),
@@ -163,6 +175,24 @@ def info_from_metadata(meta: dict[str, Any], source: str = "") -> EngineInfo:
         version=f"ultralytics {meta.get('version', '')}".strip(),
         extra={"source": "ultralytics", "layout": "end2end" if end2end else "raw", "input": "float-nchw"},
     )
+
+
+def check_graph(info: EngineInfo, source: str, input_shape: Sequence[Any], output_shape: Sequence[Any],
+                nhwc: bool) -> None:
+    """Refuse metadata the graph contradicts (EngineError, one line): a raw head's [B, 4+nc, N] output against the
+    class names, a static input's H, W against imgsz. Dimensions that are not ints (symbolic, -1) are not checked;
+    nor is the class count of an NMS-inside graph, whose [B, max_det, 6] output does not carry it."""
+    fix = "the metadata was edited or is corrupt: export the model again with yolov12-export"
+    if info.extra.get("layout", "end2end") == "raw" and len(output_shape) == 3:
+        channels = output_shape[1]
+        if isinstance(channels, int) and channels > 0 and channels != 4 + info.nc:
+            raise EngineError(f"{source}: the metadata names {info.nc} classes of a raw head (output [B, "
+                              f"{4 + info.nc}, N]) but the graph outputs {list(output_shape)}; {fix}")
+    if len(input_shape) == 4:
+        h, w = (input_shape[1], input_shape[2]) if nhwc else (input_shape[2], input_shape[3])
+        if isinstance(h, int) and isinstance(w, int) and h > 0 and w > 0 and (h, w) != tuple(info.imgsz):
+            raise EngineError(f"{source}: the graph takes {h}x{w} input but its metadata says imgsz "
+                              f"{info.imgsz[0]}x{info.imgsz[1]}; {fix}")
 
 
 def info_to_props(info: EngineInfo) -> dict[str, str]:

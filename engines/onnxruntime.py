@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from .base import Engine, EngineError, EngineInfo
-from .metadata import read_info
+from .metadata import check_graph, read_info
 from .nms import nms_numpy
 from .ort_fixed import FixedShapeSessions
 from .pool import InstancePool
@@ -100,6 +100,7 @@ class OnnxRuntimeEngine(Engine):
         if self._input_dtype is None:
             raise EngineError(f"{self.path}: input '{inp.name}' is {inp.type}; expected uint8 NHWC (yolov12-export) "
                               "or float NCHW (a raw-head export)")
+        check_graph(self.info, str(self.path), inp.shape, out.shape, nhwc=self._input_dtype == np.uint8)
         self._raw = self.info.extra.get("layout", "end2end") == "raw"
         self.providers = first.get_providers()
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 import threading
 import time
 import weakref
@@ -481,3 +482,53 @@ def test_cuda_device_without_cuda_provider_is_explained(onnx_path: Path) -> None
         engines.load(onnx_path, device="tpu")
     with pytest.raises(EngineError, match="it takes threads, spinning"):
         engines.load(onnx_path, max_batch=8)
+
+
+def _edit_metadata(src: Path, dst: Path, edit) -> Path:
+    """A copy of `src` whose `yolov12_serve` metadata JSON is replaced by `edit(dict) -> dict | str`."""
+    import json
+
+    import onnx
+
+    proto = onnx.load(str(src))
+    props = {p.key: p.value for p in proto.metadata_props}
+    new = edit(json.loads(props["yolov12_serve"]))
+    props["yolov12_serve"] = new if isinstance(new, str) else json.dumps(new)
+    del proto.metadata_props[:]
+    for k, v in props.items():
+        proto.metadata_props.add(key=k, value=v)
+    onnx.save(proto, str(dst))
+    return dst
+
+
+def test_metadata_the_graph_contradicts_is_refused_at_load(yolo: YOLO, onnx_path: Path, tmp_path: Path) -> None:
+    """Class names a raw head's [B, 4+nc, N] output contradicts, an imgsz a static graph contradicts, and malformed
+    metadata are one EngineError line naming the file at load, not wrong labels or an error on every frame.
+    An NMS-inside graph's output does not carry its class count: fewer names than classes still load (an id without
+    a name is shown by its number)."""
+    from trainer.export import export
+
+    raw = export(yolo, imgsz=160, batch=1, raw=True, simplify=False, output=tmp_path / "raw160.onnx")
+    assert engines.load(raw).info.nc == 5
+    cases = {
+        "raw80.onnx": (raw, lambda d: {**d, "names": {str(i): f"c{i}" for i in range(80)}},
+                       r"names 80 classes .* outputs \[1, 9, "),
+        "raw3.onnx": (raw, lambda d: {**d, "names": {"0": "a", "1": "b", "2": "c"}}, r"names 3 classes"),
+        "imgsz640.onnx": (raw, lambda d: {**d, "imgsz": [640, 640]}, r"takes 160x160 input but .* imgsz 640x640"),
+        "names_list.onnx": (onnx_path, lambda d: {**d, "names": ["a", "b", "c", "d", "e"]},
+                            r"corrupt yolov12_serve metadata "
+                            r"\('names' must map class ids 0\.\.N-1 to text, got a list"),
+        "names_gap.onnx": (onnx_path, lambda d: {**d, "names": {"0": "a", "7": "b"}}, r"corrupt yolov12_serve"),
+        "bad_json.onnx": (onnx_path, lambda d: "{not json", r"corrupt yolov12_serve metadata"),
+        "not_object.onnx": (onnx_path, lambda d: "[1, 2]", r"corrupt yolov12_serve metadata"),
+    }
+    for name, (src, edit, why) in cases.items():
+        path = _edit_metadata(src, tmp_path / name, edit)
+        with pytest.raises(EngineError) as err:
+            engines.load(path)
+        msg = str(err.value)
+        assert msg.startswith(str(path)) and "\n" not in msg and "yolov12-export" in msg, (name, msg)
+        assert re.search(why, msg), (name, msg)
+    fewer = engines.load(_edit_metadata(onnx_path, tmp_path / "e2e3.onnx",
+                                        lambda d: {**d, "names": {"0": "a", "1": "b", "2": "c"}}))
+    assert fewer.info.nc == 3
