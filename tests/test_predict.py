@@ -754,6 +754,31 @@ def test_cli_bad_weights_exit_2(folder, capsys):
     assert "not found" in capsys.readouterr().err
 
 
+def test_cli_failed_run_leaves_no_json_and_no_empty_save_folder(folder, tmp_path, capsys):
+    """A run that fails (the model does not load, or a frame cannot be read) leaves no valid-looking `[ ]` or torn
+    `[` --save-json and no empty --save folder it made; an earlier JSON there stays as it was."""
+    bad_model = tmp_path / "bad.onnx"
+    bad_model.write_bytes(b"not a model")
+    out = tmp_path / "out"
+    outputs = ["--save", str(out / "annotated"), "--save-json", str(out / "json" / "r.json"), "--no-progress"]
+    assert predict_main(["--weights", str(bad_model), "--source", str(folder), *outputs]) == 2
+    assert "bad.onnx" in capsys.readouterr().err
+    assert not out.exists()
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "a.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)  # the first frame fails, after the load
+    assert predict_main(["--weights", str(DEMO), "--source", str(broken), *outputs]) == 2
+    assert "a.png: cannot read the image" in capsys.readouterr().err
+    assert not out.exists()
+
+    (out / "json").mkdir(parents=True)
+    (out / "json" / "r.json").write_text('[{"earlier": 1}]')
+    assert predict_main(["--weights", str(DEMO), "--source", str(broken), *outputs]) == 2
+    assert (out / "json" / "r.json").read_text() == '[{"earlier": 1}]'
+    assert sorted(p.name for p in out.rglob("*")) == ["json", "r.json"]  # no r.json.tmp, no annotated/
+
+
 def test_a_stream_left_half_read_when_the_script_ends_exits_cleanly(folder):
     """`g = predict(..., stream=True); next(g)` and the end of the script: the workers, still in the engine while the
     interpreter went down, aborted the process (SIGABRT, 'terminate called without an active exception')."""

@@ -81,18 +81,30 @@ def main(argv: list[str] | None = None) -> int:
         sources = resolve_sources(args.source)
         if args.duration is not None and args.duration <= 0:
             raise ValueError(f"--duration must be positive, got {args.duration}")
-        saver = _output("--save", args.save, _Saver)  # before the engine loads: a bad path is one line, at once
-        json_out = _output("--save-json", args.save_json, _JsonArray)
+        # a bad path is one line at once, before the engine loads; tried, then taken back: nothing is left behind
+        # when the model then fails to load
+        for flag, path, kind in (("--save", args.save, _Saver), ("--save-json", args.save_json, _JsonArray)):
+            probe = _output(flag, path, kind)
+            if probe is not None:
+                probe.close(keep=False)
     except (SourceError, ValueError) as e:
         return _fail(e, 2)
     try:
         predictor = Predictor(args.weights, device=args.device, instances=args.instances, half=args.half,
                               max_batch=max(32, args.batch))
     except (EngineError, ValueError) as e:
-        if json_out is not None:
-            json_out.close()
+        return _fail(e, 2)
+    saver = json_out = None
+    try:
+        saver = _output("--save", args.save, _Saver)
+        json_out = _output("--save-json", args.save_json, _JsonArray)
+    except ValueError as e:  # the path changed since it was tried
+        if saver is not None:
+            saver.close(keep=False)
+        predictor.close()
         return _fail(e, 2)
     bar = results = None
+    finished = False  # True: the outputs are kept (a full run, or one the user stopped); False: taken back
     t0 = time.perf_counter()
     frames = detections = 0
     objects: set[tuple[str, int]] = set()  # (source, track id) with --track
@@ -116,11 +128,13 @@ def main(argv: list[str] | None = None) -> int:
                 bar.update(1)
             if args.duration is not None and time.perf_counter() - t0 >= args.duration:
                 break
+        finished = True
     except (SourceError, ValueError) as e:
         return _fail(e, 2)
     except (PredictError, EngineError) as e:
         return _fail(e, 1)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # how a camera run ends: what it saved is kept
+        finished = True
         sys.stderr.write("yolov12-predict: interrupted\n")
         return 130
     finally:
@@ -128,9 +142,9 @@ def main(argv: list[str] | None = None) -> int:
             results.close()  # stops the reader, the cameras and the workers before the engines are freed
         if bar is not None:
             bar.close()
-        for closer in (saver, json_out):
+        for closer in (json_out, saver):  # the JSON first: its FILE.tmp may sit in the --save folder
             if closer is not None:
-                closer.close()
+                closer.close(keep=finished)
         predictor.close()
     seconds = time.perf_counter() - t0
     where = f"; saved to {args.save}" if args.save else ""
@@ -167,12 +181,36 @@ def _output(flag: str, path: str | None, open_it: Callable[[Path], Any]) -> Any:
         raise ValueError(f"{flag} {path}: cannot write {e.filename or path}: {e.strerror or e}") from None
 
 
+def _make_dirs(folder: Path) -> list[Path]:
+    """`folder.mkdir(parents=True, exist_ok=True)`; returns the folders it created, outermost first."""
+    missing = [d for d in (folder, *folder.parents) if not d.exists()][::-1]
+    folder.mkdir(parents=True, exist_ok=True)
+    return missing
+
+
+def _remove_empty(created: list[Path]) -> None:
+    """Remove the folders `_make_dirs` created, innermost first, while they are still empty."""
+    for d in reversed(created):
+        try:
+            d.rmdir()
+        except OSError:  # something was written there: keep it
+            break
+
+
 class _JsonArray:
-    """A JSON array written one element at a time (valid JSON once closed, whatever the number of frames)."""
+    """A JSON array written one element at a time to FILE.tmp, renamed to FILE when the run ends well: a failed run
+    leaves no valid-looking empty or torn FILE (and an earlier FILE stays as it was)."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.f: TextIO = open(path, "w")  # noqa: SIM115 - closed by close()
+        if path.is_dir():
+            raise IsADirectoryError(21, "Is a directory", str(path))
+        self.path, self.tmp = path, path.with_name(path.name + ".tmp")
+        self.created = _make_dirs(path.parent)
+        try:
+            self.f: TextIO = open(self.tmp, "w")  # noqa: SIM115 - closed by close()
+        except OSError:
+            _remove_empty(self.created)
+            raise
         self.f.write("[")
         self.n = 0
 
@@ -180,9 +218,16 @@ class _JsonArray:
         self.f.write(("\n" if self.n == 0 else ",\n") + json.dumps(obj))
         self.n += 1
 
-    def close(self) -> None:
-        self.f.write("\n]\n")
+    def close(self, keep: bool = True) -> None:
+        """Finish the array and put it in place (`keep`), or delete it and the folders made for it."""
+        if keep:
+            self.f.write("\n]\n")
+            self.f.close()
+            self.tmp.replace(self.path)
+            return
         self.f.close()
+        self.tmp.unlink(missing_ok=True)
+        _remove_empty(self.created)
 
 
 class _Saver:
@@ -190,7 +235,7 @@ class _Saver:
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
-        folder.mkdir(parents=True, exist_ok=True)
+        self.created = _make_dirs(folder)
         self.videos: dict[str, _VideoWriter] = {}
         self.used: set[str] = set()
 
@@ -214,9 +259,12 @@ class _Saver:
             writer = self.videos[r.source] = _VideoWriter(self._name(f"{stem.strip('_') or 'camera'}.mp4"))
         writer.add(r.plot(), r.time)
 
-    def close(self) -> None:
+    def close(self, keep: bool = True) -> None:
+        """Finish the videos; without `keep` (a failed run) also remove the folders made for it if nothing was saved."""
         for w in self.videos.values():
             w.close()
+        if not keep:
+            _remove_empty(self.created)
 
 
 class _VideoWriter:
