@@ -335,6 +335,22 @@ def test_conf_classes_and_max_det_filter_on_end_to_end_graphs(predictor, folder)
             predictor.predict(folder, **kwargs)
 
 
+def test_a_max_det_above_an_end_to_end_graph_s_is_warned_about_once(folder, caplog):
+    """An NMS-inside graph keeps at most its exported max_det: asking for more is said once (like a lower conf or
+    another iou), not silently capped; asking for up to that many says nothing."""
+    import logging
+
+    first = sorted(folder.glob("*.png"))[0]
+    with Predictor(DEMO, device="cpu") as p, caplog.at_level(logging.WARNING, logger="yolov12_serve.predict"):
+        assert p.info.max_det == 300 and p.info.extra["layout"] == "end2end"
+        p.predict(first, max_det=300)
+        assert not [r for r in caplog.records if "max_det" in r.getMessage()]
+        p.predict(first, max_det=500)
+        p.predict(first, max_det=500)
+        said = [r.getMessage() for r in caplog.records if "max_det" in r.getMessage()]
+    assert len(said) == 1 and "at most 300" in said[0] and "--max-det 500" in said[0], said
+
+
 def test_pt_checkpoint_predicts_like_its_pytorch_engine_with_host_thresholds(folder):
     ref = engines.load(CHECKPOINT, conf=0.1, iou=0.5, max_det=5)
     planner = InputPlanner(ref.info.imgsz, ref.info.stride, ref.info.dynamic_hw)

@@ -25,8 +25,8 @@ lane (faster devices take more); cameras are placed round-robin.
 
 Thresholds: `.pt` engines and raw-head ONNX graphs run NMS on the host with the `conf`, `iou` and `max_det`
 asked for; end-to-end ONNX / TensorRT graphs carry theirs from export (yolov12-export --conf/--iou), so there
-a higher `conf` or a smaller `max_det` filters on the host and a lower `conf` or another `iou` is warned about
-once (export again to get it). `classes` is always a host filter.
+a higher `conf` or a smaller `max_det` filters on the host and a lower `conf`, another `iou` or a larger `max_det`
+is warned about once (export again to get it). `classes` is always a host filter.
 """
 
 from __future__ import annotations
@@ -427,6 +427,10 @@ class Predictor:
             if iou is not None and abs(iou - info.iou) > 1e-6:
                 self._warn_once(f"iou{iou}", f"iou {iou}: this engine's NMS runs inside its graph at IoU {info.iou} "
                                              f"(export again with --iou {iou})")
+            if max_det is not None and max_det > info.max_det:
+                self._warn_once(f"max_det{max_det}", f"max_det {max_det}: this engine keeps at most {info.max_det} "
+                                                     f"detections per frame inside its graph (export again with "
+                                                     f"--max-det {max_det} to get more)")
         lanes = self._lanes_per_device(batch) * len(self.devices)
         host_conf = conf if conf is not None and not host_nms and conf > info.conf else None  # else the engine's
         return PredictOptions(hw, host_conf, iou, classes, max_det, batch, vid_stride, window or 4 * lanes,
