@@ -772,7 +772,8 @@ def test_cli_bad_weights_exit_2(folder, capsys):
 
 def test_cli_failed_run_leaves_no_json_and_no_empty_save_folder(folder, tmp_path, capsys):
     """A run that fails (the model does not load, or a frame cannot be read) leaves no valid-looking `[ ]` or torn
-    `[` --save-json and no empty --save folder it made; an earlier JSON there stays as it was."""
+    `[` --save-json and no empty --save folder it made; an earlier JSON there stays as it was. Results written
+    before a failure are kept (a long run must not lose them to its last frame)."""
     bad_model = tmp_path / "bad.onnx"
     bad_model.write_bytes(b"not a model")
     out = tmp_path / "out"
@@ -793,6 +794,10 @@ def test_cli_failed_run_leaves_no_json_and_no_empty_save_folder(folder, tmp_path
     assert predict_main(["--weights", str(DEMO), "--source", str(broken), *outputs]) == 2
     assert (out / "json" / "r.json").read_text() == '[{"earlier": 1}]'
     assert sorted(p.name for p in out.rglob("*")) == ["json", "r.json"]  # no r.json.tmp, no annotated/
+
+    (broken / "0.png").write_bytes((folder / "part00.png").read_bytes())  # read before a.png: its result is kept
+    assert predict_main(["--weights", str(DEMO), "--source", str(broken), *outputs]) == 2
+    assert [r["path"] for r in json.loads((out / "json" / "r.json").read_text())] == [str(broken / "0.png")]
 
 
 def test_a_stream_left_half_read_when_the_script_ends_exits_cleanly(folder):

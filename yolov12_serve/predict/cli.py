@@ -142,9 +142,11 @@ def main(argv: list[str] | None = None) -> int:
             results.close()  # stops the reader, the cameras and the workers before the engines are freed
         if bar is not None:
             bar.close()
-        for closer in (json_out, saver):  # the JSON first: its FILE.tmp may sit in the --save folder
+        # the JSON first (its FILE.tmp may sit in the --save folder); the results of a run that failed part-way
+        # are kept (the error line says where it stopped), an empty one is taken back
+        for closer in (json_out, saver):
             if closer is not None:
-                closer.close(keep=finished)
+                closer.close(keep=finished or (closer is json_out and json_out.n > 0))
         predictor.close()
     seconds = time.perf_counter() - t0
     where = f"; saved to {args.save}" if args.save else ""
