@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 
 from .base import Engine, EngineError, EngineInfo
-from .metadata import engine_header, info_from_metadata
+from .metadata import check_graph, engine_header, info_from_metadata
 from .nms import nms_torch
 from .pool import InstancePool
 
@@ -198,6 +198,8 @@ class TensorRTEngine(Engine):
         layout = self.info.extra.get("layout", "raw")
         self._raw = layout == "raw"
         self._output = "detections" if "detections" in self._outputs else self._outputs[0]
+        check_graph(self.info, str(self.path), tuple(self._engine.get_tensor_shape(self._input)),
+                    tuple(self._engine.get_tensor_shape(self._output)), nhwc=self._nhwc)  # dynamic dims are -1
         # the host-synchronising NMS layer cannot be captured; a raw head or the EfficientNMS plugin can
         self._graphs = cuda_graphs and (self._raw or self.info.extra.get("nms") == "efficient")
         self._capture_lock = threading.Lock()
