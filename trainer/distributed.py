@@ -100,20 +100,20 @@ EPOCH_END_WAIT_S = 24 * 3600.0
 
 
 def epoch_end_group(ctx: DistContext, timeout_s: float) -> Any:
-    """A gloo group whose collectives wait up to max(`timeout_s`, EPOCH_END_WAIT_S) (None alone); every rank calls
-    it at the same point (group creation is collective)."""
+    """All ranks again, on the job's backend, with collectives that wait up to max(`timeout_s`, EPOCH_END_WAIT_S)
+    (None alone); every rank calls it at the same point (group creation is collective)."""
     if not ctx.distributed:
         return None
-    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=max(timeout_s, EPOCH_END_WAIT_S)))
+    return dist.new_group(timeout=datetime.timedelta(seconds=max(timeout_s, EPOCH_END_WAIT_S)))
 
 
-def barrier(ctx: DistContext) -> None:
-    """Wait for every rank (no-op alone)."""
+def barrier(ctx: DistContext, group: Any = None) -> None:
+    """Wait for every rank (no-op alone), on `group` if given (e.g. `epoch_end_group`'s patient one)."""
     if ctx.distributed:
         if ctx.device.type == "cuda":
-            dist.barrier(device_ids=[ctx.device.index])
+            dist.barrier(group=group, device_ids=[ctx.device.index])
         else:
-            dist.barrier()
+            dist.barrier(group=group)
 
 
 def _free_port() -> int:

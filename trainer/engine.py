@@ -31,6 +31,7 @@ from .config import TrainConfig
 from .distributed import (
     DistContext,
     all_reduce_tensors,
+    barrier,
     broadcast_module,
     convert_sync_batchnorm,
     epoch_end_group,
@@ -167,8 +168,8 @@ class Trainer:
                     break
         finally:
             self._call("after_train")
-        if self.ctx.distributed:  # only on the normal path: a failing rank must not wait for the others
-            dist.barrier(group=self.epoch_end_group)  # the main process's last validation and saves
+        # only on the normal path (a failing rank must not wait for the others), for the main process's last saves
+        barrier(self.ctx, self.epoch_end_group)
         return self.metrics
 
     def _set_epoch(self, epoch: int) -> None:
@@ -332,7 +333,7 @@ class Trainer:
         the others wait for the main process's validation and saving: on the patient epoch-end group."""
         if not self.ctx.distributed:
             return bool(value)
-        t = torch.tensor([value])
+        t = torch.tensor([value], device=self._comm_device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.epoch_end_group)
         return bool(t.item())
 
