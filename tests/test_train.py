@@ -628,6 +628,38 @@ def test_init_pt_is_removed_at_the_end_of_a_resumed_run(tiny_data: Path, tmp_pat
     assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
 
 
+def test_resume_keeps_the_runs_options_unless_given_and_refuses_those_it_cannot_change(
+        tiny_data: Path, tmp_path: Path, monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`--resume` alone continues a 2-process run on 2 processes with its own workers, plots and timeout (the
+    flags' defaults do not count as given); a given option a resume may change applies; one it cannot change
+    (epochs, batch, imgsz ...) is refused in one line before anything runs; the same through the Python API."""
+    import trainer.engine
+
+    seen = _fake_run(monkeypatch)
+    monkeypatch.setattr(trainer.engine, "launch", lambda fn, nproc, cfg, save_dir, init: seen.append(
+        {**cfg, "processes": nproc}) or {})  # the training processes are not under test: what they are given is
+    last = _fake_last(tmp_path / "run", data=str(tiny_data), nproc=2, device="cpu", workers=0, plots=False,
+                      dist_timeout=60.0, batch=8)
+    assert _train_cli(["--resume", str(last)], capsys) == (0, [])
+    given = ("processes", "nproc", "workers", "plots", "dist_timeout", "epochs", "batch")  # processes: 1 via _run
+    assert {k: seen[-1].get(k, 1) for k in given} == {"processes": 2, "nproc": 2, "workers": 0, "plots": False,
+                                                      "dist_timeout": 60.0, "epochs": 3, "batch": 8}
+    assert _train_cli(["--resume", str(last), "--workers", "2", "--micro-batch", "2", "--epochs", "3", "--batch", "8"],
+                      capsys) == (0, [])  # the same epochs and batch as the run's are no change
+    assert (seen[-1]["workers"], seen[-1]["micro_batch"], seen[-1]["processes"]) == (2, 2, 2)
+    runs = len(seen)
+    rc, err = _train_cli(["--resume", str(last), "--batch", "16", "--micro-batch", "2", "--epochs", "8", "--cos-lr"],
+                         capsys)
+    assert rc == 2 and len(err) == 1, err
+    assert err[0].startswith("yolov12-train: error: --batch 16 (the run has 8), --epochs 8 (the run has 3), "
+                             "--cos-lr (the run has False): a resumed run keeps the options it started with (only "
+                             "--device, "), err
+    assert f"start a new run from its weights: --model {last} with the options you want" in err[0], err
+    with pytest.raises(ValueError, match=r"^--imgsz 128 \(the run has 640\): a resumed run keeps the options"):
+        YOLO("yolov12n.yaml").train(resume=str(last), imgsz=128)
+    assert len(seen) == runs, "a refused resume starts nothing"
+
+
 @pytest.mark.parametrize(("stop", "rc", "line"), [
     ("ctrl-c", 130, "yolov12-train: interrupted before the first epoch finished: nothing can be resumed yet; start "
                     "the run again"),

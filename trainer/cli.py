@@ -76,7 +76,8 @@ _HELP = {
     "seed": "seeds the initial weights of a model built from a yaml, the data order and every augmentation",
     "grad_checkpointing": "recompute activations in backward: auto (when it lets more fit), on, off",
     "amp": "mixed precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, off",
-    "resume": "continue the run in PROJECT/NAME (or give the path of a last.pt)",
+    "resume": "continue the run in PROJECT/NAME (or give the path of a last.pt) with its own options; only where "
+              "and how it runs (--device, --nproc, --workers, --micro-batch, --memory-budget ...) may be given",
     "cache": "cache decoded images: ram or disk",
     "cos_lr": "cosine LR schedule instead of linear",
 }
@@ -87,6 +88,8 @@ _CHOICES = {"amp": ["auto", "bf16", "fp16", "off"], "grad_checkpointing": ["auto
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per `TrainConfig` field. Defaults are left out of the parsed result (SUPPRESS; `--help` states
+    them): only the options the user typed reach `train()`, so that a resume can tell them from its saved ones."""
     hints = typing.get_type_hints(TrainConfig)
     for f in fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
@@ -95,14 +98,14 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         help_text = " ".join(part for part in (_HELP.get(f.name, ""), shown) if part)
         hint = hints[f.name]
         if hint is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
-                                help=help_text)
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=argparse.SUPPRESS, help=help_text)
         elif f.name in ("resume", "cache"):  # bool | str: a bare flag means True, or give a value
-            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=default, help=help_text)
+            parser.add_argument(flag, dest=f.name, nargs="?", const=True, default=argparse.SUPPRESS, help=help_text)
         else:
             base = {int: int, float: float, str: str}.get(typing.get_args(hint)[0] if typing.get_args(hint) else hint,
                                                           str)
-            parser.add_argument(flag, dest=f.name, type=base, default=default, help=help_text,
+            parser.add_argument(flag, dest=f.name, type=base, default=argparse.SUPPRESS, help=help_text,
                                 choices=_CHOICES.get(f.name))
 
 
@@ -160,7 +163,7 @@ def train_main(argv: list[str] | None = None) -> int:
                     "A global batch of any size fits: it is split across GPUs, then into micro-batches.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     _add_config_flags(parser)
-    args = vars(parser.parse_args(argv))
+    args = vars(parser.parse_args(argv))  # the options typed, nothing else (see _add_config_flags)
     if _torch_missing("yolov12-train"):
         return 2
     from .data.config import load_data_config
@@ -168,7 +171,7 @@ def train_main(argv: list[str] | None = None) -> int:
     try:  # option and data errors come before torch is even imported
         TrainConfig.from_kwargs(**args)
         if not args.get("resume"):
-            if not args["data"]:
+            if not args.get("data"):
                 raise ValueError("no dataset given: add --data path/to/data.yaml (YOLO format: path, train, val, "
                                  "names; `yolov12-data synth --out DIR` writes one), or --resume a run")
             load_data_config(args["data"])
@@ -180,9 +183,8 @@ def train_main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     yolo = None
     try:
-        model = args.pop("model")
-        yolo = YOLO(model)
-        metrics = yolo.train(model=model, **args)
+        yolo = YOLO(args.get("model", TrainConfig.model))
+        metrics = yolo.train(**args)
     except KeyboardInterrupt:
         return _stopped(yolo, signal.SIGINT)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, TypeError) as e:

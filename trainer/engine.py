@@ -457,8 +457,10 @@ def adapt_to_names(model: DetectionModel, names: dict[int, str]) -> DetectionMod
     return fresh
 
 
-# what a resumed run may run differently; everything else is the saved run's
-_RESUME_MAY_CHANGE = ("device", "nproc", "workers", "dist_timeout", "verbose", "plots", "memory_budget", "data")
+# what a resumed run may run differently (where and how it runs, not what it computes); everything else is the saved
+# run's, and giving another value is refused (`_resume_config`)
+_RESUME_MAY_CHANGE = ("device", "nproc", "workers", "dist_timeout", "verbose", "plots", "memory_budget", "micro_batch",
+                      "grad_checkpointing", "data")
 
 
 def _initial_model(yolo: Any, names: dict[int, str], seed: int) -> DetectionModel:
@@ -535,9 +537,30 @@ def _resume_config(cfg: TrainConfig, kwargs: dict[str, Any]) -> tuple[TrainConfi
         raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "
                          f"epochs; to train on, start a new run from its weights (--model "
                          f"{last.parent / 'best.pt'} --epochs N)")
+    _refuse_fixed_options(saved, kwargs, last, by_path=isinstance(cfg.resume, str))
     changes = {k: kwargs[k] for k in _RESUME_MAY_CHANGE if k in kwargs and k != "data"}
     changes["data"] = _resume_data(saved.data, kwargs.get("data"), last.parent.parent)
     return replace(saved, resume=str(last), **changes), last.parent.parent
+
+
+def _as_flag(key: str, value: Any) -> str:
+    """An option as the command line spells it: --epochs 8, --cos-lr, --no-val."""
+    flag = key.replace("_", "-")
+    if isinstance(value, bool):
+        return f"--{flag}" if value else f"--no-{flag}"
+    return f"--{flag} {value}"
+
+
+def _refuse_fixed_options(saved: TrainConfig, kwargs: dict[str, Any], last: Path, by_path: bool) -> None:
+    """One ValueError line for options given with a resume that differ from the run's and that a resume cannot
+    change (batch, epochs, imgsz, ...): applying them silently, or silently not, both surprise."""
+    ignore = {*_RESUME_MAY_CHANGE, "resume", "exist_ok", *(() if by_path else ("project", "name"))}  # True: they locate
+    fixed = [k for k, v in kwargs.items() if k not in ignore and v != getattr(saved, k, v)]
+    if fixed:
+        given = ", ".join(f"{_as_flag(k, kwargs[k])} (the run has {getattr(saved, k)})" for k in fixed)
+        may = ", ".join(f"--{k.replace('_', '-')}" for k in _RESUME_MAY_CHANGE)
+        raise ValueError(f"{given}: a resumed run keeps the options it started with (only {may} may change); resume "
+                         f"without them, or start a new run from its weights: --model {last} with the options you want")
 
 
 def _resume_data(saved: str, given: str | None, run: Path) -> str:
