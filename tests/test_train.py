@@ -660,6 +660,67 @@ def test_resume_keeps_the_runs_options_unless_given_and_refuses_those_it_cannot_
     assert len(seen) == runs, "a refused resume starts nothing"
 
 
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A CPU run (8 training images: one step an epoch) stopped after epoch 1 of 2 whose last.pt says it came down
+    to micro-batch 2 (an out-of-memory retry halves it; a CPU never runs out, so the number is written in), for
+    resume tests to copy."""
+    from trainer.data import synthesize
+
+    root = tmp_path_factory.mktemp("stopped")
+    data = synthesize(root / "data", images=10, imgsz=64, val_fraction=0.2, seed=3)
+    YOLO("yolov12n.yaml").train(data=str(data), imgsz=64, batch=8, workers=0, epochs=2, close_mosaic=0, val=False,
+                                plots=False, device="cpu", project=str(root), name="run", hooks=[_StopAfter(1)],
+                                **no_augment())
+    last = root / "run" / "weights" / "last.pt"
+    raw = torch.load(last, weights_only=True)
+    assert (raw["epoch"], raw["micro_batch"]) == (0, 8)
+    torch.save({**raw, "micro_batch": 2}, last)
+    return root / "run"
+
+
+def _resume_copy(run: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str], **options) -> tuple[list[str], int]:
+    """Resume a copy of `run` to its end: the plan lines it logged and the micro-batch its final last.pt saved."""
+    import shutil
+
+    last = shutil.copytree(run, tmp_path / "run") / "weights" / "last.pt"
+    capfd.readouterr()
+    YOLO("yolov12n.yaml").train(resume=str(last), **options)
+    out = capfd.readouterr().out.splitlines()
+    after = torch.load(last, weights_only=True)
+    assert after["epoch"] == 1
+    return [ln for ln in out if ln.startswith(("memory plan", "resumed on"))], after["micro_batch"]
+
+
+def test_a_resumed_run_keeps_the_micro_batch_it_came_down_to_and_logs_it(stopped_run: Path, tmp_path: Path,
+                                                                         capfd: pytest.CaptureFixture[str]) -> None:
+    """Same kind of device, same per-process batch and memory options: the micro-batch the run had come down to
+    runs on (not the fresh plan's 8 that would run out again), and the logged plan says so."""
+    assert _resume_copy(stopped_run, tmp_path, capfd) == (
+        ["memory plan: micro-batch 2 (kept: the resumed run came down to it after out of memory) x 4 accumulation "
+         "step(s) per process, fp32, gradient checkpointing off; global batch 8 over 1 process(es)"], 2)
+    raw = torch.load(stopped_run / "weights" / "last.pt", weights_only=True)
+    assert (raw["world_size"], raw["device_kind"]) == (1, "cpu")  # what a resume compares
+
+
+def test_a_resumed_run_with_a_new_memory_budget_plans_afresh(stopped_run: Path, tmp_path: Path,
+                                                             capfd: pytest.CaptureFixture[str]) -> None:
+    """A memory budget given on resume is planned for (probed), and that plan is the one that runs."""
+    assert _resume_copy(stopped_run, tmp_path, capfd, memory_budget="64GB") == (
+        ["memory plan: micro-batch 8 (probed) x 1 accumulation step(s) per process, fp32, gradient checkpointing off; "
+         "global batch 8 over 1 process(es)"], 8)
+
+
+def test_a_resumed_run_on_another_world_size_plans_afresh_and_says_so(stopped_run: Path, tmp_path: Path,
+                                                                      capfd: pytest.CaptureFixture[str]) -> None:
+    """Resumed on 2 processes instead of 1: the global batch stays 8, each process plans for its 4 (one line
+    says so), and the old micro-batch does not carry over."""
+    assert _resume_copy(stopped_run, tmp_path, capfd, nproc=2) == (
+        ["memory plan: micro-batch 4 x 1 accumulation step(s) per process, fp32, gradient checkpointing off; global "
+         "batch 8 over 2 process(es)",
+         "resumed on 2 process(es) instead of 1: the global batch 8 is kept, 4 images per process instead of 8"], 4)
+
+
 @pytest.mark.parametrize(("stop", "rc", "line"), [
     ("ctrl-c", 130, "yolov12-train: interrupted before the first epoch finished: nothing can be resumed yet; start "
                     "the run again"),

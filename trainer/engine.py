@@ -57,7 +57,9 @@ class Trainer:
     """Owns the loop and the parts it wires together: data, model, loss, optimizer, EMA, hooks."""
 
     def __init__(self, cfg: TrainConfig, model: DetectionModel, ctx: DistContext, save_dir: Path,
-                 hooks: list[HookBase] | None = None) -> None:
+                 hooks: list[HookBase] | None = None, resume: dict[str, Any] | None = None) -> None:
+        """`resume`: the raw last.pt of the run this one continues (its memory plan and world size are compared with
+        this run's before the plan is logged); `resume_from` then restores the training state."""
         from .data import DataError, DetectionDataset, build_dataloader, load_data_config
         from .loss import DetectionLoss
 
@@ -69,7 +71,8 @@ class Trainer:
 
         # data: the global batch split evenly across processes
         if cfg.batch % ctx.world_size:
-            raise ValueError(f"batch {cfg.batch} does not split evenly over {ctx.world_size} processes: use a multiple")
+            fix = f"resume on a number of processes that divides {cfg.batch}" if cfg.resume else "use a multiple"
+            raise ValueError(f"batch {cfg.batch} does not split evenly over {ctx.world_size} processes: {fix}")
         self.per_process = cfg.batch // ctx.world_size
         self.train_set = DetectionDataset(self.data, "train", imgsz=cfg.imgsz, augment=True, hyp=cfg.to_dict(),
                                           cache=cfg.cache, rect=cfg.rect, pad=0.0,  # no extra stride: as ultralytics
@@ -106,9 +109,15 @@ class Trainer:
         self.ledger = StepLedger(self.device)
         self.epoch_end_group = epoch_end_group(ctx, cfg.dist_timeout)  # waits out the main process's validation
         self.plan = self.plan_memory()
+        if resume is not None:
+            self.plan = self._plan_on_resume(self.plan, resume)
         self.micro_batch = self.plan.micro_batch
         self.log(f"memory plan: {self.plan.describe(self.per_process)}; global batch {cfg.batch} over "
                  f"{ctx.world_size} process(es)")
+        before = int((resume or {}).get("world_size") or 0)
+        if before and before != ctx.world_size:
+            self.log(f"resumed on {ctx.world_size} process(es) instead of {before}: the global batch {cfg.batch} is "
+                     f"kept, {self.per_process} images per process instead of {cfg.batch // before}")
 
         # optimisation
         iterations = math.ceil(len(self.train_set) / max(cfg.batch, cfg.nbs)) * cfg.epochs
@@ -212,6 +221,23 @@ class Trainer:
             self._forward_loss(batch).total.backward()
         finally:
             self.model.zero_grad(set_to_none=True)
+
+    def _plan_on_resume(self, plan: MemoryPlan, raw: dict[str, Any]) -> MemoryPlan:
+        """The plan a resumed run uses: the interrupted run's micro-batch when smaller (it was halved after an
+        out-of-memory error) and it ran on the same kind of device with the same per-process batch and memory
+        options; otherwise this run's own plan. Agreed by every rank, as `plan_memory`."""
+        saved = raw.get("train_args") or {}
+        same = (raw.get("device_kind") == device_kind(self.device) and raw.get("world_size") == self.ctx.world_size
+                and all(saved.get(k) == getattr(self.cfg, k)
+                        for k in ("batch", "micro_batch", "memory_budget", "grad_checkpointing", "amp")))
+        micro = int(raw.get("micro_batch") or 0) if same else 0
+        if self.ctx.distributed:  # kept only where every rank would keep it
+            agreed = torch.tensor([-micro], device=self._comm_device)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MAX)
+            micro = -int(agreed[0])
+        if 0 < micro < plan.micro_batch:
+            return replace(plan, micro_batch=micro, probed=False, resumed=True)
+        return plan
 
     @contextlib.contextmanager
     def _buffers_kept(self):
@@ -349,6 +375,7 @@ class Trainer:
                                                         self.model.state_dict().items()},
             ema=self.ema.state_dict() if self.ema else None, optimizer=self.optimizer.state_dict(),
             scaler=self.scaler.state_dict(), scheduler=self.scheduler.state_dict(), micro_batch=self.micro_batch,
+            world_size=self.ctx.world_size, device_kind=device_kind(self.device),
             best_fitness=self.best_fitness, best_epoch=self.best_epoch, metrics=_plain(self.metrics),
             rng=_rng_state(), hooks=[h.state_dict() for h in self.hooks])
 
@@ -361,7 +388,6 @@ class Trainer:
         self.scaler.load_state_dict(raw["scaler"])
         self.scheduler.load_state_dict(raw["scheduler"])
         self.start_epoch, self.iter = int(raw["epoch"]) + 1, int(raw["iteration"])
-        self.micro_batch = int(raw.get("micro_batch") or self.micro_batch)
         self.best_fitness, self.best_epoch = raw.get("best_fitness"), int(raw.get("best_epoch") or 0)
         self.metrics = dict(raw.get("metrics") or {})
         for h, state in zip(self.hooks, raw.get("hooks") or []):
@@ -387,6 +413,14 @@ class Trainer:
 
 
 # ---------------------------------------------------------------------- helpers
+def device_kind(device: torch.device) -> str:
+    """'cpu', or the GPU's name and memory: a resumed run keeps its memory plan only on the same kind."""
+    if device.type != "cuda":
+        return device.type
+    props = torch.cuda.get_device_properties(device)
+    return f"{props.name} {props.total_memory // 2**20} MiB"
+
+
 def _slice_batch(batch: dict[str, Any], a: int, b: int) -> dict[str, Any]:
     """Images a..b of a batch, with their labels re-indexed from 0."""
     keep = (batch["batch_idx"] >= a) & (batch["batch_idx"] < b)
@@ -490,7 +524,7 @@ def _run(cfg_dict: dict[str, Any], save_dir: str, init_weights: str,
     try:
         resume_raw = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
         model = load_checkpoint(init_weights).model
-        trainer = Trainer(cfg, model, ctx, Path(save_dir), hooks)
+        trainer = Trainer(cfg, model, ctx, Path(save_dir), hooks, resume=resume_raw)
         if resume_raw is not None:
             trainer.resume_from(resume_raw)
         metrics = trainer.train()

@@ -141,11 +141,13 @@ class MemoryPlan:
     grad_checkpointing: bool
     dtype: torch.dtype | None
     probed: bool = False
+    resumed: bool = False  # the micro-batch the resumed run had come down to after out-of-memory errors
 
     def describe(self, per_process: int) -> str:
         steps = -(-per_process // self.micro_batch)
         precision = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[self.dtype]
-        how = " (probed)" if self.probed else ""
+        how = (" (probed)" if self.probed else
+               " (kept: the resumed run came down to it after out of memory)" if self.resumed else "")
         return (f"micro-batch {self.micro_batch}{how} x {steps} accumulation step(s) per process, "
                 f"{precision}, gradient checkpointing {'on' if self.grad_checkpointing else 'off'}")
 
