@@ -64,6 +64,15 @@ def tiny_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return synthesize(tmp_path_factory.mktemp("tiny"), images=20, imgsz=96, val_fraction=0.2, seed=3)
 
 
+@pytest.fixture(scope="session")
+def mixed_aspect_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """24 val images (6 train) at 96 px wide, square, 4:3 and 16:9: rect batches of 4, 8 or 16 of them are padded to
+    different shapes, so a validation whose batch size changed would score the same weights differently."""
+    from trainer.data import synthesize
+
+    return synthesize(tmp_path_factory.mktemp("aspect"), images=30, imgsz=96, val_fraction=0.8, seed=4)
+
+
 def _hypothesis_profiles() -> None:
     """Property-based tests (tests/test_fuzz.py) run a bounded number of examples by default ('ci', within a couple
     of minutes); `pytest --hypothesis-profile long` is the longer run."""

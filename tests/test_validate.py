@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -380,3 +382,74 @@ def test_val_cli_says_what_it_needs_for_engines_and_unwritable_folders(random_we
     out, err = capsys.readouterr()
     assert err.count("\n") == 1 and f"cannot create the save folder '{blocked / 'val'}'" in err, err
     assert "mAP50" not in out, "refused before the evaluation, not after it"
+
+
+# ----------------------------------------------------------------------------- validation in chunks
+DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
+
+
+def _rect_loader(data: Path, batch: int = 8):
+    from trainer.data import DetectionDataset, build_dataloader, load_data_config
+
+    cfg = load_data_config(data)
+    dataset = DetectionDataset(cfg, "val", imgsz=96, augment=False, rect=True, batch_size=batch, verbose=False)
+    return build_dataloader(dataset, batch, 0, shuffle=False), cfg.names
+
+
+class _OOMAbove:
+    """A memory limit on one layer's forward: torch.OutOfMemoryError for more than `most` images at once."""
+
+    def __init__(self, layer: torch.nn.Module, most: int) -> None:
+        self.most, self.sizes, self.fired = most, [], 0
+        self.handle = layer.register_forward_hook(self._forward)
+
+    def _forward(self, module: torch.nn.Module, inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> None:
+        self.sizes.append(inputs[0].shape[0])
+        if inputs[0].shape[0] > self.most:
+            self.fired += 1
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+
+def _scores(metrics: dict) -> dict:
+    return {k: metrics[k] for k in ("mAP50-95", "mAP50", "precision", "recall", "images")}
+
+
+def test_a_batch_run_in_chunks_scores_as_the_whole_batch(mixed_aspect_data: Path) -> None:
+    """Chunks of a rect batch run at the batch's padded shape with BatchNorm in eval: the same mAP, at any chunk size
+    (up to the last bits of the CPU convolutions, which may pick other kernels for other batch sizes)."""
+    from trainer.checkpoint import load_checkpoint
+
+    loader, names = _rect_loader(mixed_aspect_data)
+    model = load_checkpoint(DEMO_CKPT).model
+    whole = Validator(loader, names, "cpu", progress=False)(model)
+    assert whole["images"] == 24 and whole["mAP50-95"] > 0.01  # a trained model on a real split: a meaningful mAP
+    for chunk in (1, 5):
+        v = Validator(loader, names, "cpu", progress=False, chunk=chunk)
+        scores = _scores(v(model))
+        assert (scores["mAP50-95"], scores["mAP50"]) == (whole["mAP50-95"], whole["mAP50"]), chunk
+        assert scores == pytest.approx(_scores(whole), abs=1e-6), chunk  # P and R: measured 2e-7 apart at chunk 1
+        assert v.chunk == chunk
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        Validator(loader, names, "cpu", chunk=0)
+
+
+def test_out_of_memory_in_validation_halves_the_chunk_and_scores_the_same(mixed_aspect_data: Path) -> None:
+    """An out-of-memory error in a forward of 8 images (injected in a backbone layer while it sees more than 2) is
+    survived by halving the chunk to 2, kept for the batches after it, with the metrics of a run without it; out of
+    memory even at 1 image is one clear error."""
+    from trainer.checkpoint import load_checkpoint
+
+    loader, names = _rect_loader(mixed_aspect_data)
+    model = load_checkpoint(DEMO_CKPT).model
+    clean = Validator(loader, names, "cpu", progress=False, chunk=8)(model)
+    fault = _OOMAbove(model.model[5], most=2)
+    v = Validator(loader, names, "cpu", progress=False, chunk=8)
+    assert _scores(v(model)) == pytest.approx(_scores(clean), abs=1e-6)
+    assert fault.fired == 2 and v.chunk == 2  # 8 -> 4 -> 2, once
+    assert fault.sizes == [8, 4] + [2] * 12  # batch 1: 8, 4, then 4 x 2; batches 2 and 3: 4 x 2 each
+    assert not model.training
+
+    fault.most = 0
+    with pytest.raises(torch.OutOfMemoryError, match="validation ran out of memory even at 1 image per forward"):
+        Validator(loader, names, "cpu", progress=False)(model)
+    fault.handle.remove()

@@ -3,7 +3,8 @@
     from trainer import YOLO
     metrics = YOLO("best.pt").val(data="defects.yaml", imgsz=640)     # or: yolov12-val --weights ... --data ...
 
-The trainer calls `Validator(dataloader, names, device)(ema_model)` after each epoch instead.
+The trainer calls `Validator(dataloader, names, device, chunk=micro_batch)(ema_model)` after each epoch instead,
+on rect batches of `VAL_BATCH` images (yolov12-val's default), so its mAP is the one yolov12-val reports.
 Like ultralytics' validation, NMS keeps every class above `conf` per anchor (multi-label) at
 conf 0.001, so its figures compare with theirs; serving engines keep the best class only.
 """
@@ -31,7 +32,11 @@ from .postprocess import non_max_suppression, scale_boxes
 if TYPE_CHECKING:
     from .checkpoint import Checkpoint
 
-__all__ = ["Validator", "format_metrics", "val", "val_main"]
+__all__ = ["VAL_BATCH", "Validator", "format_metrics", "val", "val_main"]
+
+# images per rect batch of validation, in training as in yolov12-val: the batch fixes each batch's padded shape,
+# so the mAP of the same weights would otherwise depend on --batch and the number of processes
+VAL_BATCH = 16
 
 
 class Validator:
@@ -41,13 +46,20 @@ class Validator:
     `warmup` runs one untimed image first so one-off kernel set-up does not count as inference)
     and, when `loss` is given, 'losses' (box / cls / dfl, normalised over the whole split as in training).
     The model's train/eval mode is restored afterwards.
+
+    chunk: most images per forward (None: the whole batch). A batch runs in chunks of that size, all at the batch's
+    padded shape, so the results do not depend on it (BatchNorm in eval). A chunk that runs out of memory is
+    halved and the batch run again; the smaller size is kept for the batches after it.
     """
 
     def __init__(self, dataloader: Iterable[dict[str, Any]], names: dict[int, str], device: str | torch.device = "cpu",
                  conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False,
                  multi_label: bool = True, loss: DetectionLoss | None = None, progress: bool = True,
-                 warmup: bool = False) -> None:
+                 warmup: bool = False, chunk: int | None = None) -> None:
+        if chunk is not None and chunk < 1:
+            raise ValueError(f"chunk must be >= 1 (or None for the whole batch), got {chunk}")
         self.dataloader, self.names = dataloader, dict(names)
+        self.chunk = chunk
         self.device = torch.device(device)
         self.conf, self.iou, self.max_det, self.multi_label = conf, iou, max_det, multi_label
         self.half = half and self.device.type == "cuda"  # fp16 autocast on GPU only
@@ -80,8 +92,7 @@ class Validator:
                     with self._autocast():
                         model(img[:1])
                 t1 = self._sync(time.perf_counter())
-                with self._autocast():
-                    preds, maps = self._forward(model, img)
+                preds, maps = self._forward_chunked(model, img)
                 t2 = self._sync(time.perf_counter())
                 if self.loss is not None:
                     out = self.loss([m.float() for m in maps], _on(batch, self.device))
@@ -101,6 +112,35 @@ class Validator:
         if self.loss is not None:
             result["losses"] = dict(zip(("box", "cls", "dfl"), (loss_sums / max(norm_sum, 1.0)).tolist()))
         return result
+
+    def _forward_chunked(self, model: nn.Module,
+                         img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """`_forward` of the batch in chunks of at most `chunk` images, halving `chunk` on out of memory."""
+        from .memory import is_oom
+
+        while True:
+            size = min(self.chunk or img.shape[0], img.shape[0])
+            try:
+                parts = []
+                for a in range(0, img.shape[0], size):
+                    with self._autocast():
+                        parts.append(self._forward(model, img[a:a + size]))
+                break
+            except Exception as e:
+                if not is_oom(e):
+                    raise
+            parts = []  # outside `except`: the failed chunk's tensors are freed before the retry
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            if size == 1:
+                raise torch.cuda.OutOfMemoryError(
+                    f"validation ran out of memory even at 1 image per forward (input {tuple(img.shape[2:])}): "
+                    "lower --imgsz, free the device, or validate separately with yolov12-val")
+            self.chunk = size // 2
+        preds = torch.cat([p for p, _ in parts]) if len(parts) > 1 else parts[0][0]
+        if parts[0][1] is None:
+            return preds, None
+        return preds, [torch.cat(level) for level in zip(*(m for _, m in parts))]
 
     def _forward(self, model: nn.Module, img: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Eval-mode predictions [B, 4+nc, N]; also the raw head maps when the loss is wanted."""
@@ -142,7 +182,7 @@ class Validator:
         return contextlib.nullcontext()
 
 
-def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = None, batch: int = 16,
+def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = None, batch: int = VAL_BATCH,
         device: str = "cpu",
         conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False, workers: int = 0,
         plots: bool = False, save_dir: str | Path | None = None, verbose: bool = True,
@@ -222,7 +262,7 @@ def val_main(argv: list[str] | None = None) -> int:
                    "(not an exported .onnx/.engine)")
     p.add_argument("--data", required=True, help="data.yaml (YOLO format)")
     p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the training size)")
-    p.add_argument("--batch", type=int, default=16, help="images per batch (default: %(default)s)")
+    p.add_argument("--batch", type=int, default=VAL_BATCH, help="images per batch (default: %(default)s)")
     p.add_argument("--device", default="cpu", help="cpu or one GPU index")
     p.add_argument("--conf", type=float, default=0.001,
                    help="confidence threshold, in [0, 1) (default: %(default)s, the usual for mAP)")
