@@ -803,3 +803,21 @@ def test_a_new_run_in_a_reused_folder_does_not_keep_the_last_run_s_best(tmp_path
     start(str(weights / "last.pt"))
     assert (weights / "best.pt").exists()
 
+
+
+def test_validation_in_training_scores_as_yolov12_val_whatever_the_batch(mixed_aspect_data: Path,
+                                                                         tmp_path: Path) -> None:
+    """The same weights score what yolov12-val reports, whatever --batch (so whatever the number of processes, which
+    only changes the per-process batch): validation's rect batches have yolov12-val's fixed size (they fix the
+    padded shapes, which move the mAP by ~1e-3 on this split), and only the forward is split, by the micro-batch."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.validate import val
+
+    keys = ("mAP50-95", "mAP50", "precision", "recall", "images")
+    ref = val(str(DEMO_CKPT), data=str(mixed_aspect_data), imgsz=96, verbose=False)  # fused BatchNorm: last bits
+    for batch, micro in ((2, 0), (4, 3)):
+        t = Trainer(_cfg(mixed_aspect_data, batch=batch, micro_batch=micro, epochs=1),
+                    load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path)
+        got = t.validator(t.eval_model())
+        assert {k: got[k] for k in keys} == pytest.approx({k: ref[k] for k in keys}, abs=1e-6), batch
+        assert t.validator.dataloader.batch_size == 16 and t.validator.chunk == (micro or batch)

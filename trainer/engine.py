@@ -87,14 +87,16 @@ class Trainer:
         self.iters_per_epoch = len(self.train_loader)
         self.validator = None
         if ctx.is_main and (cfg.val or cfg.epochs):
-            from .validate import Validator
+            from .validate import VAL_BATCH, Validator
 
+            # rect batches of a fixed size (yolov12-val's): the padded shapes, so the mAP, are those of yolov12-val
+            # whatever --batch and the number of processes; the forward chunk follows the memory plan (below)
             val_set = DetectionDataset(self.data, "val", imgsz=cfg.imgsz, augment=False, cache=cfg.cache, rect=True,
-                                       batch_size=self.per_process * 2, seed=cfg.seed, workers=max(cfg.workers, 1),
+                                       batch_size=VAL_BATCH, seed=cfg.seed, workers=max(cfg.workers, 1),
                                        verbose=False)
             self.show_report(val_set.report)
-            val_loader = build_dataloader(val_set, self.per_process * 2, cfg.workers, shuffle=False, rank=0,
-                                          world_size=1, seed=cfg.seed)
+            val_loader = build_dataloader(val_set, VAL_BATCH, cfg.workers, shuffle=False, rank=0, world_size=1,
+                                          seed=cfg.seed)
             self.validator = Validator(val_loader, self.data.names, self.device, progress=cfg.verbose)
 
         # model, precision, memory plan
@@ -112,6 +114,8 @@ class Trainer:
         if resume is not None:
             self.plan = self._plan_on_resume(self.plan, resume)
         self.micro_batch = self.plan.micro_batch
+        if self.validator is not None:
+            self.validator.chunk = self.micro_batch
         self.log(f"memory plan: {self.plan.describe(self.per_process)}; global batch {cfg.batch} over "
                  f"{ctx.world_size} process(es)")
         before = int((resume or {}).get("world_size") or 0)
