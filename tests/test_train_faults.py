@@ -23,11 +23,13 @@ from conftest import no_augment
 from trainer.config import TrainConfig
 from trainer.distributed import init_process, launch
 from trainer.engine import Trainer
+from trainer.hooks import HookBase
 
 pytestmark = pytest.mark.slow
 
 FAULT_LAYER = 5  # backbone: Conv at P4/16 (not a checkpointed block, so its hooks run once per forward)
 PER_RANK, MICRO = 6, 2  # three micro-batches per rank: first, middle, last
+DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
 
 
 class InjectedOOM:
@@ -175,3 +177,63 @@ def test_a_failed_rank_is_one_line_not_the_launchers_log(capfd: pytest.CaptureFi
         launch(_failing_rank, 2)
     err = capfd.readouterr().err
     assert "Traceback" not in err and "api.py" not in err and "Terminating process" not in err, err
+
+
+class _ArmBeforeValidation(HookBase):
+    """Arms an `InjectedOOM` on the layer after the epoch's last step: it fires in validation's first forward."""
+
+    def before_train(self) -> None:
+        self.fault = InjectedOOM(self.trainer.model.model[FAULT_LAYER])
+
+    def after_step(self) -> None:
+        t = self.trainer
+        if t.iter % t.iters_per_epoch == 0:
+            self.fault.arm("forward", 0)
+
+
+def test_an_oom_in_validation_is_survived_by_halving_the_forward_chunk(tiny_data: Path, tmp_path: Path) -> None:
+    """Validation after an epoch forwards at most one training micro-batch at once; an out-of-memory error there
+    (injected in its first forward) halves that chunk and validates on, with the metrics of a validation without it."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.distributed import DistContext
+    from trainer.validate import Validator
+
+    cfg = TrainConfig.from_kwargs(data=str(tiny_data), imgsz=96, batch=8, epochs=1, workers=0, micro_batch=4,
+                                  ema=False, verbose=False, plots=False, optimizer="SGD", lr0=0.01, **no_augment())
+    arm = _ArmBeforeValidation()
+    t = Trainer(cfg, load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path, hooks=[arm])
+    t.train()
+    assert arm.fault.fired == 1 and t.validator.chunk == 2  # the micro-batch 4, halved once
+    arm.fault.armed = None
+    clean = Validator(t.validator.dataloader, t.data.names, "cpu", progress=False)(t.model)  # the whole batch at once
+    for k in ("mAP50-95", "mAP50", "precision", "recall", "images"):
+        assert t.metrics[k] == pytest.approx(clean[k], abs=1e-6), k
+    assert t.metrics["mAP50-95"] > 0.01 and (tmp_path / "weights" / "best.pt").is_file()
+
+
+class _ValidationAlwaysOOM(HookBase):
+    def before_train(self) -> None:
+        def no_memory(*_: object) -> None:
+            raise torch.OutOfMemoryError("CUDA out of memory (injected by the test)")
+
+        self.trainer.validator._forward = no_memory
+
+
+def test_a_validation_that_fails_leaves_the_trained_epoch_in_last_pt(tiny_data: Path, tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    """Out of memory in validation even at 1 image ends the run with that error, but only after last.pt of the
+    epoch just trained is saved (validation runs before the checkpoint hook): the epoch is not lost."""
+    from trainer import YOLO
+    from trainer.checkpoint import load_checkpoint
+
+    with pytest.raises(torch.OutOfMemoryError, match="validation ran out of memory even at 1 image per forward"):
+        YOLO(str(DEMO_CKPT)).train(data=str(tiny_data), imgsz=96, batch=8, epochs=3, workers=0, micro_batch=4,
+                                   verbose=False, plots=False, optimizer="SGD", lr0=0.01, project=str(tmp_path),
+                                   name="run", hooks=[_ValidationAlwaysOOM()], **no_augment())
+    last = tmp_path / "run" / "weights" / "last.pt"
+    raw = torch.load(last, weights_only=True)
+    assert raw["epoch"] == 0 and raw["iteration"] == 2  # epoch 1's two steps
+    start = load_checkpoint(DEMO_CKPT).model.state_dict()
+    assert any(not torch.equal(v, start[k]) for k, v in raw["train_model"].items() if v.is_floating_point())
+    err = capsys.readouterr().err
+    assert f"validation of epoch 1 failed; the epoch's weights are saved in {last} (resume with --resume)" in err

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import resource
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -85,16 +86,41 @@ class CloseMosaicHook(HookBase):
 
 
 class ValidationHook(HookBase):
-    """Validate the EMA model on the main process after each epoch; others wait at a barrier."""
+    """Validate the EMA model on the main process after each epoch; others wait at a barrier.
+
+    Each forward holds at most the training micro-batch (inference keeps no activations for a backward, so it
+    needs less than the training step that fits); the validator halves it further on out of memory. If validation
+    fails anyway, last.pt of the trained epoch is saved before the error ends the run, so the epoch is not lost.
+    """
 
     def after_epoch(self) -> None:
         t = self.trainer
         final = t.epoch + 1 == t.cfg.epochs
         if t.ctx.is_main and t.validator is not None and (t.cfg.val or final):
-            t.metrics = m = t.validator(t.eval_model())
+            t.validator.chunk = min(t.validator.chunk or t.micro_batch, t.micro_batch)
+            try:
+                m = t.validator(t.eval_model())
+            except Exception:
+                self._save_trained_epoch(final)
+                raise
+            t.metrics = m
             t.fitness = 0.1 * m["mAP50"] + 0.9 * m["mAP50-95"]
             t.log(f"epoch {t.epoch + 1}: mAP50-95 {m['mAP50-95']:.4f}  mAP50 {m['mAP50']:.4f}  "
                   f"P {m.get('precision', 0):.3f}  R {m.get('recall', 0):.3f}")
+
+    def _save_trained_epoch(self, final: bool) -> None:
+        """last.pt as CheckpointHook would save it (without this epoch's metrics), before a validation error ends the
+        run; a save that fails too is reported, and the validation error is the one raised."""
+        t = self.trainer
+        last = t.save_dir / "weights" / "last.pt"
+        try:
+            t.save(last)
+        except Exception as e:
+            print(f"validation of epoch {t.epoch + 1} failed, and saving {last} too: {e}", file=sys.stderr, flush=True)
+            return
+        then = "validate it with yolov12-val" if final else "resume with --resume"
+        print(f"validation of epoch {t.epoch + 1} failed; the epoch's weights are saved in {last} ({then})",
+              file=sys.stderr, flush=True)
 
 
 class ResultsCSVHook(HookBase):
