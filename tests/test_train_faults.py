@@ -1,4 +1,7 @@
-"""Out of memory on one rank of a real two-process gloo job: every rank discards the step, halves, replays, in step.
+"""Faults in real two-process gloo jobs: out of memory on one rank (in a step or in validation), a validation longer
+than --dist-timeout, a rank that fails.
+
+Out of memory on one rank: every rank discards the step, halves, replays, in step.
 
 An out-of-memory error is raised on one rank inside a middle layer (layer 5, a plain convolution of the
 backbone, so BatchNorm layers run before and after it), in its forward or in its backward, at the first,
@@ -138,13 +141,13 @@ def _slow_validation_rank(cfg_dict: dict, init: str, out_dir: str, validation_s:
     ctx = init_process(["cpu"], cfg_dict["dist_timeout"])
     t = Trainer(TrainConfig(**cfg_dict), load_checkpoint(init).model, ctx, Path(out_dir))
     if ctx.is_main:
-        validate = t.validator
+        base = type(t.validator)
 
-        def slow(model: torch.nn.Module) -> dict:
+        def slow(self, model: torch.nn.Module) -> dict:
             time.sleep(validation_s)  # a val split that takes longer than --dist-timeout
-            return validate(model)
+            return base.__call__(self, model)
 
-        t.validator = slow
+        t.validator.__class__ = type("SlowValidator", (base,), {"__call__": slow})
     metrics = t.train()
     torch.save(sorted(metrics), Path(out_dir) / f"slow-val-rank{ctx.rank}.pt")
     torch.distributed.destroy_process_group()
