@@ -18,10 +18,10 @@ import pytest
 import torch
 
 import engines
+import trainer.export as export_module
 from engines import EngineError, EngineInfo
 from engines.metadata import ONNX_KEY, info_from_metadata, info_to_props, read_onnx_props
 from trainer import YOLO
-import trainer.export as export_module
 from trainer.export import ExportError, export, export_main
 
 REPO = Path(__file__).resolve().parents[1]
