@@ -804,7 +804,6 @@ def test_a_new_run_in_a_reused_folder_does_not_keep_the_last_run_s_best(tmp_path
     assert (weights / "best.pt").exists()
 
 
-
 def test_validation_in_training_scores_as_yolov12_val_whatever_the_batch(mixed_aspect_data: Path,
                                                                          tmp_path: Path) -> None:
     """The same weights score what yolov12-val reports, whatever --batch (so whatever the number of processes, which

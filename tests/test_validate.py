@@ -17,6 +17,8 @@ from trainer.plots import plot_pr_curve, plot_results
 from trainer.postprocess import non_max_suppression, scale_boxes
 from trainer.validate import Validator, format_metrics
 
+DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"  # trained: meaningful mAPs
+
 
 def _pred(rows: list[list[float]], nc: int) -> torch.Tensor:
     """Rows of (x1, y1, x2, y2, class, score) -> one image's [1, 4 + nc, N] head output (xywh, class scores)."""
@@ -385,9 +387,6 @@ def test_val_cli_says_what_it_needs_for_engines_and_unwritable_folders(random_we
 
 
 # ----------------------------------------------------------------------------- validation in chunks
-DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
-
-
 def _rect_loader(data: Path, batch: int = 8):
     from trainer.data import DetectionDataset, build_dataloader, load_data_config
 
