@@ -371,12 +371,15 @@ def training_memory(device: str, tmp: Path, smoke: bool, budget_s: float = 1e9) 
                 break
             cfg = TrainConfig.from_kwargs(data=str(data), imgsz=size, batch=b, workers=0, amp=amp,
                                           grad_checkpointing=ckpt, micro_batch=0 if micro_auto else b, verbose=False,
-                                          device=dev_index if device.startswith("cuda") else "cpu", ema=False)
+                                          device=dev_index if device.startswith("cuda") else "cpu", ema=False,
+                                          nbs=b)  # one optimizer step per batch, whatever its size
             ctx = DistContext(device=torch.device(device))
             trainer = None
             try:
                 trainer = Trainer(cfg, build_model(f"yolov12{scale}.yaml", nc=5), ctx, tmp / "run")
                 batch = _synthetic_batch(b, size)
+                if not micro_auto:  # the whole batch in one pass, or out of memory: no halving
+                    trainer.begin_step(batch)
                 step = trainer.run_step if micro_auto else trainer.accumulate_gradients
                 if step(batch) is None:  # out of memory at this micro-batch size
                     raise torch.cuda.OutOfMemoryError("accumulate_gradients returned None")

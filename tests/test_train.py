@@ -18,7 +18,7 @@ from trainer import YOLO
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, init_process, launch
 from trainer.engine import Trainer
-from trainer.hooks import HookBase, StopTraining
+from trainer.hooks import HookBase, LRScheduleHook, StopTraining
 from trainer.nn import build_model
 
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
@@ -130,10 +130,12 @@ def test_sigterm_stops_with_one_line_and_results_log_each_epochs_own_learning_ra
 
 
 def _cfg(data: Path, **kw) -> TrainConfig:
-    """Small CPU runs. Clipping is off: it rescales every step to one norm and would hide a wrong gradient scale."""
+    """Small CPU runs. Clipping is off: it rescales every step to one norm and would hide a wrong gradient scale.
+    Each batch is one optimizer step (--nbs = --batch) unless `nbs` is given."""
     base = {"data": str(data), "imgsz": 96, "batch": 8, "workers": 0, "epochs": 2, "optimizer": "SGD", "lr0": 0.01,
             "ema": False, "verbose": False, "plots": False, "warmup_epochs": 0.0, "clip_grad": 0.0, **no_augment()}
     base.update(kw)
+    base.setdefault("nbs", base["batch"])
     return TrainConfig.from_kwargs(**base)
 
 
@@ -148,6 +150,15 @@ def _bn_eval(model: torch.nn.Module) -> None:
             m.eval()
 
 
+def _batch_gradient(trainer: Trainer, batch: dict) -> dict:
+    """Leave in `.grad` the gradient of one optimizer step on `batch` alone, without stepping."""
+    trainer.begin_step(batch)
+    stats = trainer.accumulate_gradients(batch)
+    assert stats is not None
+    trainer.reduce_gradients()
+    return stats
+
+
 def test_micro_batches_give_the_whole_batch_gradient(tiny_data: Path, tmp_path: Path) -> None:
     """k micro-batches accumulate to the gradient of one step on the whole batch (BatchNorm in eval: in train
     mode each micro-batch normalises by its own statistics, as any split batch does)."""
@@ -158,8 +169,8 @@ def test_micro_batches_give_the_whole_batch_gradient(tiny_data: Path, tmp_path: 
     grads = {}
     for micro in (8, 4, 3, 1):
         trainer.micro_batch = micro
-        stats = trainer.accumulate_gradients(batch)
-        assert stats is not None and stats["images"] == 8
+        stats = _batch_gradient(trainer, batch)
+        assert stats["images"] == 8
         grads[micro] = _grads(trainer.model).clone()
         trainer.optimizer.zero_grad(set_to_none=True)
     for micro in (4, 3, 1):
@@ -183,12 +194,72 @@ def test_every_image_weighs_the_same_in_a_short_last_batch(tiny_data: Path, tmp_
               "ratio_pad": None} for i in range(4)]
     grads = []
     for batch in (collate(items), collate(items + items)):
-        stats = trainer.accumulate_gradients(batch)
-        assert stats is not None and stats["norm"] > 1
+        stats = _batch_gradient(trainer, batch)
+        assert stats["norm"] > 1
         grads.append(_grads(trainer.model).clone())
         trainer.optimizer.zero_grad(set_to_none=True)
     rel = (grads[1] - 2 * grads[0]).norm() / (2 * grads[0]).norm()
     assert rel < 1e-5, rel.item()
+
+
+def test_batches_below_nbs_accumulate_to_one_step_on_all_their_images(tiny_data: Path, tmp_path: Path) -> None:
+    """--batch 4 with --nbs 8: the first batch does not step, the second steps with the update of one batch of 8
+    holding both (the gradient normalised once over the step's images and target-score sum, weight decay as at
+    batch 8). The trained demo model, so that the target-score sums are above the loss's floor of 1."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.engine import _slice_batch
+
+    whole = Trainer(_cfg(tiny_data, batch=8), load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path)
+    _bn_eval(whole.model)
+    batch = next(iter(whole.train_loader))
+    start = {k: v.clone() for k, v in whole.model.state_dict().items()}
+    assert whole.run_step(batch)["stepped"]
+    split = Trainer(_cfg(tiny_data, batch=4, nbs=8), load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path)
+    _bn_eval(split.model)
+    assert split.accumulate == 2
+    assert [g["weight_decay"] for g in split.optimizer.param_groups] == \
+        [g["weight_decay"] for g in whole.optimizer.param_groups]
+    assert not split.run_step(_slice_batch(batch, 0, 4))["stepped"]
+    assert all(torch.equal(v, start[k]) for k, v in split.model.state_dict().items())  # no step yet
+    assert split.run_step(_slice_batch(batch, 4, 8))["stepped"]
+
+    def moved(state: dict) -> torch.Tensor:
+        return torch.cat([(state[k] - start[k]).flatten() for k in start if start[k].is_floating_point()])
+
+    one, accumulated = moved(whole.model.state_dict()), moved(split.model.state_dict())
+    assert one.norm() > 1e-4
+    assert (accumulated - one).norm() / one.norm() < 1e-4, ((accumulated - one).norm() / one.norm()).item()
+
+
+def test_an_epoch_ends_with_a_step_on_the_batches_it_accumulated(tiny_data: Path, tmp_path: Path) -> None:
+    """16 images in batches of 4 with --nbs 64 (16 batches a step): the epoch's last batch steps with the 4 it
+    holds, so nothing is carried into validation or the checkpoint."""
+    stepped = []
+
+    class Steps(HookBase):
+        def after_step(self) -> None:
+            stepped.append(self.trainer.last_step["stepped"])
+
+    t = Trainer(_cfg(tiny_data, batch=4, nbs=64, epochs=1), build_model("yolov12n.yaml"), DistContext(), tmp_path,
+                hooks=[Steps()])
+    t.train()
+    assert t.accumulate == 16 and stepped == [False, False, False, True]
+    assert all(p.grad is None for p in t.model.parameters())
+
+
+def test_warmup_ramps_the_batches_accumulated_per_step(tiny_data: Path, tmp_path: Path) -> None:
+    """As ultralytics: one batch a step at the start of warmup, the nominal 64 images a step from its end on."""
+    t = Trainer(_cfg(tiny_data, batch=4, nbs=64, warmup_epochs=1.0), build_model("yolov12n.yaml"), DistContext(),
+                tmp_path)
+    hook = next(h for h in t.hooks if isinstance(h, LRScheduleHook))
+    hook.before_train()
+    assert hook.warmup_iters == 100
+    got = []
+    for it in (0, 50, 100, 101, 5000):
+        t.iter = it
+        hook.before_step()
+        got.append(t.accumulate)
+    assert got == [1, 8, 16, 16, 16]
 
 
 def test_the_memory_planner_probes_on_the_cpu_and_leaves_the_model_untouched(tiny_data: Path,
@@ -457,9 +528,9 @@ def test_learns_synthetic_defects(tmp_path: Path) -> None:
     Training yolov12n from scratch needs thousands of iterations before mAP moves (measured here: mAP50
     0.001 after 8 epochs of 240 images), far beyond a CI budget. So the network comes from the bundled
     demo checkpoint and the last 1x1 convolution of every class branch is blanked (zero weights, the prior
-    bias): every score sits below the 0.001 confidence floor, mAP50 is 0, and two short epochs (24 steps)
-    must lift it clearly (measured: 0.27). The bias warm-up of ultralytics' recipe (0.1; the official
-    YOLOv12 recipe uses 0.0) lets the class biases leave the prior within those steps. A broken loss,
+    bias): every score sits below the 0.001 confidence floor, mAP50 is 0, and two short epochs (24 steps:
+    --nbs 8, one step a batch) must lift it clearly (measured: 0.27). The bias warm-up of ultralytics' recipe
+    (0.1; the official YOLOv12 recipe uses 0.0) lets the class biases leave the prior within those steps. A broken loss,
     assigner, optimizer or gradient normalisation keeps mAP50 near 0 (without the warm-up it stays at 0.02).
     """
     from trainer.checkpoint import load_checkpoint
@@ -473,9 +544,9 @@ def test_learns_synthetic_defects(tmp_path: Path) -> None:
         nn.init.constant_(branch[-1].bias, math.log(5 / model.head.nc / (640 / stride) ** 2))  # Detect.bias_init
     yolo = YOLO(model)
     before = yolo.val(data=str(data), imgsz=320, batch=16, verbose=False)["mAP50"]
-    metrics = yolo.train(data=str(data), epochs=2, imgsz=320, batch=8, workers=0, optimizer="AdamW", lr0=0.002,
-                         warmup_bias_lr=0.1, close_mosaic=1, project=str(tmp_path), name="learn", plots=False,
-                         verbose=False)
+    metrics = yolo.train(data=str(data), epochs=2, imgsz=320, batch=8, nbs=8, workers=0, optimizer="AdamW",
+                         lr0=0.002, warmup_bias_lr=0.1, close_mosaic=1, project=str(tmp_path), name="learn",
+                         plots=False, verbose=False)
     assert before < 0.01
     assert metrics["mAP50"] > max(0.15, before + 0.15), (before, metrics)
 

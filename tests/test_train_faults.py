@@ -24,7 +24,7 @@ import torch
 from conftest import no_augment
 
 from trainer.config import TrainConfig
-from trainer.distributed import init_process, launch
+from trainer.distributed import DistContext, init_process, launch
 from trainer.engine import Trainer
 from trainer.hooks import HookBase
 
@@ -118,7 +118,7 @@ def test_an_oom_on_one_rank_is_agreed_discarded_and_replayed_by_every_rank(tmp_p
     init = save_checkpoint(tmp_path / "init.pt", build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]))
     cfg = TrainConfig.from_kwargs(data=str(tiny_data), imgsz=96, batch=2 * PER_RANK, workers=0, optimizer="SGD",
                                   lr0=0.01, ema=False, verbose=False, plots=False, warmup_epochs=0.0, clip_grad=0.0,
-                                  micro_batch=MICRO, dist_timeout=60.0, **no_augment())
+                                  micro_batch=MICRO, dist_timeout=60.0, nbs=2 * PER_RANK, **no_augment())
     launch(_fault_rank, 2, cfg.to_dict(), str(init), str(tmp_path))
     ranks = [torch.load(tmp_path / f"faults-rank{r}.pt") for r in (0, 1)]
     start = torch.load(init)["model"]
@@ -132,6 +132,38 @@ def test_an_oom_on_one_rank_is_agreed_discarded_and_replayed_by_every_rank(tmp_p
             torch.testing.assert_close(faulty[k], clean[k], rtol=1e-5, atol=1e-6, msg=f"{name}: {k}")
         moved = max((faulty[k] - start[k]).abs().max().item() for k in start if faulty[k].is_floating_point())
         assert moved > 1e-4, name  # the replayed step did step
+
+
+def test_an_oom_in_a_later_batch_of_an_accumulated_step_replays_the_whole_step(tmp_path: Path,
+                                                                              tiny_data: Path) -> None:
+    """--batch 4 with --nbs 8 in micro-batches of 2: out of memory in the backward of the step's second batch undoes
+    the step and replays both of its batches at micro-batch 1. The update equals a clean step at micro-batch 1 (the
+    first batch's gradient neither lost nor counted twice; BatchNorm in train mode, its statistics rolled back)."""
+    from trainer.checkpoint import load_checkpoint
+    from trainer.engine import _slice_batch
+
+    cfg = TrainConfig.from_kwargs(data=str(tiny_data), imgsz=96, batch=4, nbs=8, micro_batch=2, workers=0,
+                                  optimizer="SGD", lr0=0.01, ema=False, verbose=False, plots=False, warmup_epochs=0.0,
+                                  clip_grad=0.0, **no_augment())
+    clean = Trainer(cfg, load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path)
+    start = copy.deepcopy(clean.model.state_dict())
+    eight = next(iter(Trainer(TrainConfig(**{**cfg.to_dict(), "batch": 8}), load_checkpoint(DEMO_CKPT).model,
+                              DistContext(), tmp_path).train_loader))
+    first, second = _slice_batch(eight, 0, 4), _slice_batch(eight, 4, 8)
+    clean.micro_batch = 1
+    clean.run_step(first)
+    assert clean.run_step(second)["stepped"]
+
+    faulty = Trainer(cfg, load_checkpoint(DEMO_CKPT).model, DistContext(), tmp_path)
+    fault = InjectedOOM(faulty.model.model[FAULT_LAYER])
+    assert not faulty.run_step(first)["stepped"]
+    fault.arm("backward", 1)
+    assert faulty.run_step(second)["stepped"]
+    assert fault.fired == 1 and faulty.micro_batch == 1
+    for k, v in faulty.model.state_dict().items():
+        torch.testing.assert_close(v, clean.model.state_dict()[k], rtol=1e-5, atol=1e-6, msg=k)
+    assert max((v - start[k]).abs().max().item() for k, v in faulty.model.state_dict().items()
+               if v.is_floating_point()) > 1e-4
 
 
 def _slow_validation_rank(cfg_dict: dict, init: str, out_dir: str, validation_s: float) -> None:

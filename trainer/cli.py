@@ -38,7 +38,7 @@ _HELP = {
     "lrf": "final learning rate as a fraction of lr0 (lr0 * lrf)",
     "momentum": "SGD momentum / AdamW beta1",
     "weight_decay": "optimizer weight decay (L2), relative to the nominal batch",
-    "nbs": "nominal batch size: weight decay and loss scale are relative to it",
+    "nbs": "nominal batch: smaller batches are accumulated up to it per optimizer step; weight decay is relative to it",
     "warmup_epochs": "warm-up epochs (fractions ok; 0 = none)",
     "warmup_momentum": "momentum at the start of warm-up",
     "warmup_bias_lr": "bias learning rate at the start of warm-up",

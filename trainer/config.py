@@ -47,7 +47,7 @@ class TrainConfig:
     lrf: float = 0.01
     momentum: float = 0.937
     weight_decay: float = 5e-4
-    nbs: int = 64  # nominal batch: weight decay and loss scale are relative to it
+    nbs: int = 64  # nominal batch: smaller batches are accumulated up to it per step (ultralytics)
     warmup_epochs: float = 3.0
     warmup_momentum: float = 0.8
     warmup_bias_lr: float = 0.0

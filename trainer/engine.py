@@ -1,12 +1,13 @@
 """The distributed trainer: a loop of steps with hooks (detectron2's shape), and the `train()` entry point.
 
-One optimizer step is one step on the whole global batch, however it is split: the batch is
-divided across processes, then into micro-batches; gradients of every micro-batch and rank are
-summed and normalised once by the global target-score sum (see `DetectionLoss`), so the update
-equals the one a single device holding the whole batch would make. There is no DDP wrapper: each
-rank runs all its micro-batches inside the out-of-memory guard, then every rank enters the same
-collectives at the step's end (the failure flag, then gradients and BatchNorm statistics). An
-out-of-memory error on any rank makes every rank discard the step, halve the micro-batch and retry.
+One optimizer step is one step on all its images, however they are split: a step holds one global
+batch, or several accumulated up to the nominal batch (--nbs) below it; each is divided across
+processes, then into micro-batches; gradients of every micro-batch, rank and batch are summed and
+normalised once by the step's target-score sum (see `DetectionLoss`), so the update equals the one a
+single device holding all of the step's images would make. There is no DDP wrapper: each rank runs
+all its micro-batches inside the out-of-memory guard, then every rank enters the same collectives at
+each batch's end (the failure flag) and at the step's end (gradients and BatchNorm statistics). An
+out-of-memory error on any rank makes every rank discard the step, halve the micro-batch and replay it.
 """
 
 from __future__ import annotations
@@ -124,8 +125,11 @@ class Trainer:
                      f"kept, {self.per_process} images per process instead of {cfg.batch // before}")
 
         # optimisation
+        # below the nominal batch, loader batches are accumulated up to --nbs images per optimizer step (ultralytics')
+        self.nominal_accumulate = max(round(cfg.nbs / cfg.batch), 1)
+        self.accumulate = self.nominal_accumulate  # ramped up from 1 during warmup (LRScheduleHook)
         iterations = math.ceil(len(self.train_set) / max(cfg.batch, cfg.nbs)) * cfg.epochs
-        decay = cfg.weight_decay * cfg.batch / cfg.nbs
+        decay = cfg.weight_decay * cfg.batch * self.nominal_accumulate / cfg.nbs
         self.optimizer, self.optimizer_name, lr0 = build_optimizer(model, cfg.optimizer, cfg.lr0, cfg.momentum, decay,
                                                                    iterations, model.nc)
         self.momentum = cfg.momentum if cfg.optimizer != "auto" else 0.9
@@ -133,7 +137,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
-        self.log(f"optimizer {self.optimizer_name} lr0={lr0:g} momentum={self.momentum} weight_decay={decay:g}")
+        accumulated = (f"; {self.nominal_accumulate} batches of {cfg.batch} per step (--nbs {cfg.nbs})"
+                       if self.nominal_accumulate > 1 else "")
+        self.log(f"optimizer {self.optimizer_name} lr0={lr0:g} momentum={self.momentum} weight_decay={decay:g}"
+                 f"{accumulated}")
 
         # loop state
         self.start_epoch, self.epoch, self.iter = 0, 0, 0
@@ -144,6 +151,7 @@ class Trainer:
         self.epoch_losses: dict[str, float] = {}
         self.epoch_images_per_s = 0.0
         self.last_step: dict[str, Any] = {}
+        self.step_batches: list[dict[str, Any]] = []  # the loader batches of the optimizer step under way
         self.start_time = time.time()
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks() + list(hooks or []))
@@ -167,9 +175,9 @@ class Trainer:
                 self._set_epoch(epoch)
                 self._call("before_epoch")
                 self.epoch_losses, sums, weights = {}, torch.zeros(3, dtype=torch.float64), 0.0
-                for batch in self.train_loader:
+                for i, batch in enumerate(self.train_loader, 1):
                     self._call("before_step")
-                    self.last_step = self.run_step(batch)
+                    self.last_step = self.run_step(batch, ends_epoch=i == self.iters_per_epoch)
                     sums += self.last_step["loss_sums"]
                     weights += self.last_step["weight"]
                     self.epoch_losses = dict(zip(("box", "cls", "dfl"), (sums / max(weights, 1e-12)).tolist()))
@@ -255,34 +263,67 @@ class Trainer:
                     b.copy_(v)
 
     # ------------------------------------------------------------------ one optimizer step
-    def run_step(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """data -> loss -> backward over micro-batches -> one optimizer step.
+    def run_step(self, batch: dict[str, Any], ends_epoch: bool = False) -> dict[str, Any]:
+        """data -> loss -> backward over micro-batches; the optimizer steps once the step holds `accumulate`
+        loader batches (`--nbs` images, as ultralytics) or the epoch ends. Returns the batch's statistics.
 
-        Out of memory on any rank: every rank discards the step, halves the micro-batch and replays it.
+        Out of memory on any rank: every rank discards the step's gradients, halves the micro-batch and replays
+        the step's batches (kept until it is taken, at most --nbs images).
         """
-        while (stats := self.accumulate_gradients(batch)) is None:
+        if not self.step_batches:
+            self.begin_step(batch)
+        self.step_batches.append(batch)
+        stats = self.accumulate_gradients(batch)
+        while stats is None:
             if self.micro_batch == 1:
                 raise torch.cuda.OutOfMemoryError("out of memory even at micro-batch 1: lower --imgsz or use "
                                                   "--grad-checkpointing on")
             self.micro_batch = max(1, self.micro_batch // 2)
             self.log(f"out of memory on a rank: every rank retries the step with micro-batch {self.micro_batch}")
-        stats["stepped"] = self.optimizer_step()
+            stats = self._replay_step()
+        stats["stepped"] = False
+        if ends_epoch or len(self.step_batches) >= self.accumulate:
+            self.reduce_gradients()
+            stats["stepped"] = self.optimizer_step()
+            self.step_batches = []
+        return stats
+
+    def begin_step(self, batch: dict[str, Any]) -> None:
+        """Open an optimizer step whose first batch is `batch`: no gradients, no batches, zero sums, the BatchNorm
+        statistics a replay returns to, the step's loss scale."""
+        self.step_batches = []
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step_buffers = [b.detach().clone() for b in self.model.buffers()]
+        self.step_sums = {"norm": 0.0, "images": 0.0}
+        # constant within the step, so the final rescale is exact; keeps a chunk's summed loss near 1 for fp16
+        self.loss_scale = 1.0 / min(self.micro_batch, batch["img"].shape[0])
+
+    def _replay_step(self) -> dict[str, Any] | None:
+        """Undo the step (on every rank alike) and run its batches again; the last one's statistics, or None."""
+        with torch.no_grad():
+            for buf, saved in zip(self.model.buffers(), self.step_buffers):
+                buf.copy_(saved)
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        batches = self.step_batches
+        self.begin_step(batches[0])
+        for b in batches:
+            self.step_batches.append(b)
+            if (stats := self.accumulate_gradients(b)) is None:
+                self.step_batches = batches
+                return None
         return stats
 
     def accumulate_gradients(self, batch: dict[str, Any]) -> dict[str, Any] | None:
-        """Leave in `.grad` the gradient of the whole global batch's loss; None when any rank ran out of memory.
+        """Add one loader batch's un-normalised loss gradient to `.grad`; None when any rank ran out of memory
+        (the step's gradients and BatchNorm statistics are then partial: `run_step` replays the step).
 
-        Each micro-batch's un-normalised loss is back-propagated with one constant scale, all inside the
-        out-of-memory guard. At the step's end every rank enters the same collectives in the same order:
-        the failure flag with the target-score and image sums, then (when no rank failed) the gradients and
-        the BatchNorm statistics. The summed gradients are rescaled once by the global image count over the
-        global target-score sum: exactly the gradient of one step on the whole batch. A failed step is undone
-        on every rank: gradients cleared, BatchNorm statistics restored.
+        Each micro-batch's un-normalised loss is back-propagated with the step's constant scale, all inside the
+        out-of-memory guard. At the batch's end every rank enters the same collective: the failure flag with
+        the target-score, image and loss sums, so every rank knows at once whether to replay.
         """
         n = batch["img"].shape[0]
         chunks = [(i, min(i + self.micro_batch, n)) for i in range(0, n, self.micro_batch)]
-        scale = 1.0 / (chunks[0][1] - chunks[0][0])  # constant within the step, so the final rescale is exact
-        buffers = [b.detach().clone() for b in self.model.buffers()]
         loss_sums, norm, failed = torch.zeros(3, dtype=torch.float64), 0.0, False
         with self.ledger.active():
             for k, (a, b) in enumerate(chunks):
@@ -292,7 +333,7 @@ class Trainer:
                     if not torch.isfinite(out.total):
                         raise FloatingPointError(f"non-finite loss at iteration {self.iter} (epoch {self.epoch + 1}): "
                                                  f"box/cls/dfl = {out.items.tolist()}")
-                    self.scaler.scale(out.total * scale).backward()
+                    self.scaler.scale(out.total * self.loss_scale).backward()
                 except Exception as e:
                     if not is_oom(e):
                         raise
@@ -307,13 +348,18 @@ class Trainer:
         any_failed, global_norm, global_images, *global_sums = self._sum_over_ranks(
             [float(failed), norm, float(n), *loss_sums.tolist()])
         if any_failed:
-            self.optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():
-                for buf, saved in zip(self.model.buffers(), buffers):
-                    buf.copy_(saved)
-            if self.device.type == "cuda":
-                torch.cuda.empty_cache()
             return None
+        self.step_sums["norm"] += global_norm
+        self.step_sums["images"] += global_images
+        # the losses logged are the global batch's, normalised as its gradient is: the same numbers whatever the
+        # split into processes and micro-batches (per micro-batch weights made them depend on it, up to 2x)
+        return {"loss_sums": torch.tensor(global_sums, dtype=torch.float64), "norm": norm,
+                "weight": max(global_norm, 1.0), "images": n}
+
+    def reduce_gradients(self) -> None:
+        """Leave in `.grad` the gradient of one step on every image of the step (all loader batches, ranks and
+        micro-batches): gradients and BatchNorm statistics summed over ranks (the same collectives on every
+        rank, in the same order), then rescaled once by the step's image count over its target-score sum."""
         params = [p for p in self.model.parameters() if p.requires_grad]
         if self.ctx.distributed:
             for p in params:
@@ -321,16 +367,13 @@ class Trainer:
                     p.grad = torch.zeros_like(p)
             all_reduce_tensors([p.grad for p in params])
             all_reduce_tensors([b for b in self.model.buffers() if b.is_floating_point()], average=True)
-        factor = global_images / max(global_norm, 1.0) / scale
-        self.scaler.unscale_(self.optimizer)
+        factor = self.step_sums["images"] / max(self.step_sums["norm"], 1.0) / self.loss_scale
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], factor)
-        # the losses logged are the global batch's, normalised as its gradient is: the same numbers whatever the
-        # split into processes and micro-batches (per micro-batch weights made them depend on it, up to 2x)
-        return {"loss_sums": torch.tensor(global_sums, dtype=torch.float64), "norm": norm,
-                "weight": max(global_norm, 1.0), "images": n}
 
     def optimizer_step(self) -> bool:
-        """Clip, step, update the loss scaler, clear the gradients. False when fp16 overflow skipped the step."""
+        """Unscale, clip, step, update the loss scaler, clear the gradients. False when fp16 overflow (in any
+        batch of the step) skipped the step."""
+        self.scaler.unscale_(self.optimizer)
         if self.cfg.clip_grad > 0:
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip_grad)
         scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else 1.0

@@ -12,6 +12,7 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
 
 from .optim import warmup
@@ -48,7 +49,8 @@ class HookBase:
 
 
 class LRScheduleHook(HookBase):
-    """Warmup per iteration for the first epochs, then the epoch schedule (linear or cosine)."""
+    """Warmup per iteration for the first epochs (learning rate, momentum, and the batches accumulated per step
+    ramped from 1 to the nominal batch's, as ultralytics), then the epoch schedule (linear or cosine)."""
 
     def before_train(self) -> None:
         t = self.trainer
@@ -59,6 +61,7 @@ class LRScheduleHook(HookBase):
         if t.iter <= self.warmup_iters:
             warmup(t.optimizer, t.iter, self.warmup_iters, t.lr_factor(t.epoch), t.cfg.warmup_bias_lr,
                    t.cfg.warmup_momentum, t.momentum)
+            t.accumulate = max(1, round(float(np.interp(t.iter, [0, self.warmup_iters], [1, t.nominal_accumulate]))))
 
     def after_epoch(self) -> None:
         self.trainer.scheduler.step()

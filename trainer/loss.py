@@ -43,11 +43,12 @@ class DetectionLoss:
 
         loss = sum_i total_i / max(sum_i norm_i, 1) * B
 
-    where the norm sum runs over every micro-batch of every rank (all-reduce it once per step), which is
+    where the sums run over every micro-batch of every rank (and every batch accumulated into the step;
+    B is then all their images), all-reduced once per step, which is
     ultralytics' loss on the whole batch: `(total / max(norm, 1)) * B` equals their `loss.sum()` (their
     loss is a per-batch mean scaled by the batch size). In practice it backpropagates each `total_i`
-    as it comes and rescales the summed gradients by B / max(sum of norms, 1) before the optimiser step
-    (under DDP, also times world size, since DDP averages gradients over ranks).
+    as it comes and rescales the summed gradients (summed over ranks, not averaged) by B / max(sum of
+    norms, 1) before the optimiser step.
     Maths in float32 whatever the autocast dtype (sums over every anchor and class).
     """
 

@@ -1,9 +1,8 @@
 """Optimizer and learning-rate schedule of the YOLOv12 recipe.
 
-Three parameter groups: weights with decay, norm weights and biases without. Weight decay is
-scaled by batch / nbs, and the loss by the global batch, so with SGD the update per image is the same at
-every batch size (the linear scaling rule); AdamW's steps do not grow with the gradient, so below nbs its
-updates per image grow as the batch shrinks (ultralytics accumulates to nbs instead: docs/training.md).
+Three parameter groups: weights with decay, norm weights and biases without. Below the nominal
+batch (nbs) the trainer accumulates batches up to nbs images a step; weight decay is scaled by the
+images a step holds over nbs, and the loss by them, as in ultralytics.
 """
 
 from __future__ import annotations
