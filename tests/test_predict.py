@@ -626,6 +626,22 @@ def test_result_plot_save_and_json(predictor, folder, tmp_path, monkeypatch):
     assert isinstance(r, Result) and len(r.boxes.xywh) == len(r) and (r.boxes.xyxyn <= 1).all()
 
 
+def test_boxes_index_and_iterate_as_ultralytics_boxes_do():
+    """The loop ultralytics' docs teach, `for box in r.boxes: x1, y1, x2, y2 = box.xyxy[0]; int(box.cls[0])`, and
+    masks like `r.boxes[r.boxes.conf > 0.5]`, work on our numpy boxes (they were a TypeError: not iterable)."""
+    from yolov12_serve.predict import Boxes
+
+    data = np.array([[10, 20, 30, 60, 0.9, 2], [0, 0, 40, 20, 0.3, 1], [5, 5, 15, 15, 0.7, 0]], np.float32)
+    boxes = Boxes(data, (100, 200), ids=np.array([4, 0, 7]))
+    seen = [(box.xyxy[0].tolist(), float(box.conf[0]), int(box.cls[0]), int(box.id[0])) for box in boxes]
+    assert seen == [([10, 20, 30, 60], pytest.approx(0.9), 2, 4), ([0, 0, 40, 20], pytest.approx(0.3), 1, 0),
+                    ([5, 5, 15, 15], pytest.approx(0.7), 0, 7)]
+    sure = boxes[boxes.conf > 0.5]
+    assert isinstance(sure, Boxes) and sure.shape == (2, 6) and sure.id.tolist() == [4, 7]
+    assert boxes[1:].cls.tolist() == [1, 0] and boxes[0].shape == (1, 6) and sure.orig_shape == (100, 200)
+    assert boxes.xywhn[0].tolist() == pytest.approx([0.1, 0.4, 0.1, 0.4])
+
+
 def test_track_gives_each_object_one_id_through_a_video(predictor, video, tmp_path, capsys):
     """track=True: the same boxes, each with its object's id (0 in an object's first frame), the same while the
     object slides right 4 px a frame (the video's scenes change every 6 frames: a scene's objects leave, others

@@ -10,7 +10,7 @@ drawn costs no full-size RGB frame each.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,11 @@ __all__ = ["Boxes", "Result", "draw_boxes"]
 
 class Boxes:
     """Detections of one frame: `data` float32 [n, 6] = x1, y1, x2, y2 (source pixels), score, class; with
-    `predict(track=True)` also `id` [n] int64, each object's track id (0 for one seen in one frame so far)."""
+    `predict(track=True)` also `id` [n] int64, each object's track id (0 for one seen in one frame so far).
+
+    numpy arrays, not torch tensors (the ONNX path imports no torch). Indexing and iterating give `Boxes` too, as
+    ultralytics': `for box in r.boxes: x1, y1, x2, y2 = box.xyxy[0]`; `r.boxes[r.boxes.conf > 0.5]`.
+    """
 
     __slots__ = ("data", "id", "orig_shape")
 
@@ -33,6 +37,19 @@ class Boxes:
         self.data = np.asarray(data, dtype=np.float32).reshape(-1, 6)
         self.orig_shape = orig_shape  # (h, w) of the source frame
         self.id = None if ids is None else np.asarray(ids, dtype=np.int64).reshape(-1)
+
+    def __getitem__(self, index: int | slice | np.ndarray | list[int]) -> Boxes:
+        """The boxes at `index` (an int gives one box, still [1, 6]), their track ids with them."""
+        ids = None if self.id is None else self.id[index]
+        return Boxes(self.data[index], self.orig_shape, ids)
+
+    def __iter__(self) -> Iterator[Boxes]:
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Of `data`: (n, 6)."""
+        return self.data.shape
 
     @property
     def is_track(self) -> bool:
@@ -65,6 +82,12 @@ class Boxes:
         """[n, 4] corners as fractions of the frame's width and height."""
         h, w = self.orig_shape
         return self.xyxy / np.array([w, h, w, h], np.float32)
+
+    @property
+    def xywhn(self) -> np.ndarray:
+        """[n, 4] `xywh` as fractions of the frame's width and height."""
+        h, w = self.orig_shape
+        return self.xywh / np.array([w, h, w, h], np.float32)
 
     def __len__(self) -> int:
         return len(self.data)
