@@ -891,3 +891,30 @@ def test_validation_in_training_scores_as_yolov12_val_whatever_the_batch(mixed_a
         got = t.validator(t.eval_model())
         assert {k: got[k] for k in keys} == pytest.approx({k: ref[k] for k in keys}, abs=1e-6), batch
         assert t.validator.dataloader.batch_size == 16 and t.validator.chunk == (micro or batch)
+
+
+def test_predict_after_training_again_into_the_same_run_uses_the_new_weights(tiny_data: Path, tmp_path: Path,
+                                                                             monkeypatch) -> None:
+    """A second train() into the same run folder (exist_ok, or a resume) writes best.pt at the same path: predict
+    must load it again, not keep the engines it loaded from the first best.pt (it silently did)."""
+    import trainer.engine
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    def run(cfg_dict: dict, save_dir: str, init_weights: str, hooks=None) -> dict:  # the 2nd blanks the head
+        model = load_checkpoint(init_weights).model
+        if Path(save_dir, "weights", "best.pt").exists():
+            with torch.no_grad():
+                for p in model.head.parameters():
+                    p.zero_()  # every score 0.5
+        save_checkpoint(Path(save_dir) / "weights" / "best.pt", model, imgsz=96)
+        return {}
+
+    monkeypatch.setattr(trainer.engine, "_run", run)
+    images = tiny_data.parent / "images" / "val"
+    m = YOLO(str(DEMO_CKPT))
+    options = {"data": str(tiny_data), "epochs": 1, "project": str(tmp_path), "name": "same", "exist_ok": True}
+    m.train(**options)
+    assert sum(len(r) for r in m.predict(images, conf=0.6)) > 0
+    m.train(**options)
+    assert sum(len(r) for r in m.predict(images, conf=0.6)) == 0, "predict used the first run's best.pt"
+    m.close()

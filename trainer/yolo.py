@@ -120,6 +120,7 @@ class YOLO:
         from .engine import train
 
         metrics = train(self, **kwargs)
+        self.close()  # engines predict loaded may hold the weights a best.pt at this same path had before
         best = Path(getattr(self, "save_dir", "")) / "weights" / "best.pt"
         if self.ckpt is not None and best.is_file():  # predict reads the trained weights from their file
             self._weights_file = (best, _fingerprint(self.model))
