@@ -918,3 +918,22 @@ def test_predict_after_training_again_into_the_same_run_uses_the_new_weights(tin
     m.train(**options)
     assert sum(len(r) for r in m.predict(images, conf=0.6)) == 0, "predict used the first run's best.pt"
     m.close()
+
+
+def test_export_after_training_writes_beside_the_trained_weights(tiny_data: Path, tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """As ultralytics: train() then export() gives PROJECT/NAME/weights/best.onnx. It wrote yolov12n.onnx into the
+    working directory (named after the yaml the run started from), over any earlier export of that name."""
+    import trainer.engine
+    from trainer.checkpoint import load_checkpoint, save_checkpoint
+
+    def run(cfg_dict: dict, save_dir: str, init_weights: str, hooks=None) -> dict:
+        save_checkpoint(Path(save_dir) / "weights" / "best.pt", load_checkpoint(init_weights).model, imgsz=64)
+        return {}
+
+    monkeypatch.setattr(trainer.engine, "_run", run)
+    monkeypatch.chdir(tmp_path)
+    m = YOLO("yolov12n.yaml")
+    m.train(data=str(tiny_data), epochs=1, project=str(tmp_path), name="run")
+    assert m.export(format="onnx", simplify=False) == str(tmp_path / "run" / "weights" / "best.onnx")
+    assert not (tmp_path / "yolov12n.onnx").exists()

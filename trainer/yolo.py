@@ -124,6 +124,7 @@ class YOLO:
         best = Path(getattr(self, "save_dir", "")) / "weights" / "best.pt"
         if self.ckpt is not None and best.is_file():  # predict reads the trained weights from their file
             self._weights_file = (best, _fingerprint(self.model))
+            self.source = str(best)  # what the handle holds now: export() writes best.onnx beside it, as ultralytics
         return metrics
 
     def val(self, **kwargs: Any) -> dict[str, Any]:
