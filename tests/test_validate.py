@@ -297,6 +297,25 @@ def test_plots_from_one_epoch(tmp_path) -> None:
         plot_pr_curve({"mAP50": 0.0}, tmp_path / "pr.png")
 
 
+def test_val_without_data_uses_the_dataset_the_checkpoint_was_trained_on(tiny_data, tmp_path) -> None:
+    """ultralytics' `model.val()  # no arguments needed, dataset and settings remembered`: after train(), or on a
+    best.pt, val() reads the data.yaml the checkpoint names (it said 'no data: pass data=...')."""
+    from trainer import YOLO
+    from trainer.checkpoint import save_checkpoint
+    from trainer.nn import build_model
+
+    model = build_model("yolov12n.yaml", nc=5)
+    trained = save_checkpoint(tmp_path / "best.pt", model, imgsz=96, train_args={"data": str(tiny_data)})
+    metrics = YOLO(str(trained)).val(batch=4, verbose=False)
+    assert metrics["images"] == 4 and metrics["imgsz"] == 96
+    moved = save_checkpoint(tmp_path / "moved.pt", model, train_args={"data": str(tmp_path / "gone.yaml")})
+    with pytest.raises(ValueError, match=r"^no data: pass data=path/to/data.yaml .*gone.yaml is not there any more"):
+        YOLO(str(moved)).val()
+    with pytest.raises(ValueError, match=r"^no data: pass data=path/to/data.yaml \(YOLO format: path, train, val, "
+                                         r"names\)$"):
+        YOLO(model).val()
+
+
 def test_val_end_to_end_on_synthetic_defects(tmp_path, capsys) -> None:
     """yolov12-val and YOLO.val on the synthetic defects: the dataset's loader, a checkpoint, the table, the plot."""
     from trainer import YOLO

@@ -191,13 +191,13 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = 
 
     Keys: 'mAP50-95', 'mAP50', 'precision', 'recall', 'per_class' (name -> ap50_95, ap50, precision,
     recall, instances, images), 'speed_ms' (preprocess / inference / postprocess per image), 'pr_curve', 'imgsz'.
-    `imgsz` None: the size the checkpoint was trained at (640 when it does not say), as export does.
+    `imgsz` None: the size the checkpoint was trained at (640 when it does not say), as export does. `data` None,
+    for a YOLO handle: the data.yaml its checkpoint was trained on (as ultralytics' `model.val()`).
     """
     from .data import DetectionDataset, build_dataloader, load_data_config
     from .distributed import parse_devices
 
-    if not data:
-        raise ValueError("no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names)")
+    data = data or _trained_on(yolo_or_model)
     _check_options(imgsz=imgsz, batch=batch, conf=conf, iou=iou, max_det=max_det, workers=workers)
     if isinstance(yolo_or_model, str | Path):
         _check_weights_path(yolo_or_model)
@@ -284,6 +284,16 @@ def val_main(argv: list[str] | None = None) -> int:
         print(f"yolov12-val: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _trained_on(obj: Any) -> str:
+    """The data.yaml the checkpoint of a YOLO handle was trained on (still there); ValueError asking for one else."""
+    ckpt = getattr(obj, "ckpt", None)
+    saved = ((ckpt.meta.get("train_args") or {}).get("data") if ckpt is not None else None) or ""
+    if isinstance(saved, str) and saved and Path(saved).expanduser().is_file():
+        return saved
+    gone = f" (the checkpoint's own {saved} is not there any more)" if isinstance(saved, str) and saved else ""
+    raise ValueError(f"no data: pass data=path/to/data.yaml (YOLO format: path, train, val, names){gone}")
 
 
 def _as_model(obj: Any) -> nn.Module:

@@ -128,7 +128,8 @@ class YOLO:
         return metrics
 
     def val(self, **kwargs: Any) -> dict[str, Any]:
-        """Validate on `data=...yaml`; returns a dict with at least 'mAP50-95' and 'mAP50'."""
+        """Validate on `data=...yaml` (default: the one the checkpoint was trained on); returns a dict with at least
+        'mAP50-95' and 'mAP50'."""
         if self.engine is not None:
             raise ValueError(self._engine_only("cannot be validated here"))
         from .validate import val
