@@ -479,6 +479,30 @@ def test_config_refuses_nonsense_numbers(option: str, value: float, message: str
     TrainConfig.from_kwargs(data="d.yaml", scale=None, mixup=0.2, save_period=-1, close_mosaic=0, nproc=0)
 
 
+def test_python_values_become_plain_options_and_a_wrong_type_is_one_error_naming_the_option() -> None:
+    """The options are saved in every checkpoint: a Path or a numpy number in them made a best.pt that
+    torch.load(weights_only=True) refused (project=Path(...) trained, then nothing could load its weights). A
+    value of the wrong type was a bare TypeError ("'<' not supported between instances of 'str' and 'int'") or
+    taken as it was (epochs=1.5, val='no')."""
+    import io
+
+    cfg = TrainConfig.from_kwargs(data=Path("d.yaml"), project=Path("runs"), resume=Path("last.pt"), device=0,
+                                  lr0=np.float64(0.02), epochs=np.int64(3), amp=False)
+    assert (cfg.data, cfg.project, cfg.resume, cfg.device, cfg.amp) == ("d.yaml", "runs", "last.pt", "0", "off")
+    assert type(cfg.lr0) is float and type(cfg.epochs) is int and TrainConfig.from_kwargs(device=[0, 1]).device == "0,1"
+    saved = io.BytesIO()
+    torch.save({"train_args": cfg.to_dict()}, saved)
+    saved.seek(0)
+    assert torch.load(saved, weights_only=True)["train_args"]["project"] == "runs"
+    for option, value, message in (("imgsz", "640", "imgsz must be an integer, got '640'"),
+                                   ("epochs", 1.5, "epochs must be an integer, got 1.5"),
+                                   ("lr0", "0.01", "lr0 must be a number, got '0.01'"),
+                                   ("val", "no", "val must be True or False, got 'no'"),
+                                   ("scale", "x", "scale must be a number or None, got 'x'")):
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            TrainConfig.from_kwargs(data="d.yaml", **{option: value})
+
+
 def _train_cli(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, list[str]]:
     """train_main in this process (cheap: nothing here trains): exit status and stderr lines."""
     import signal

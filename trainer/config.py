@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import difflib
 import math
+import numbers
+import os
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
@@ -92,7 +94,8 @@ class TrainConfig:
                 close = difflib.get_close_matches(key, names, n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
                 raise ValueError(f"unknown training option '{key}'{hint}")
-        cfg = cls(**kwargs)
+        types = {f.name: str(f.type) for f in fields(cls)}
+        cfg = cls(**{key: _plain(key, types[key], value) for key, value in kwargs.items()})
         cfg.validate()
         return cfg
 
@@ -170,6 +173,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def _plain(name: str, annotation: str, value: Any) -> Any:
+    """`value` as the plain type its field is annotated with, or a ValueError naming the option. A Path becomes text
+    (the options are saved in every checkpoint, and `torch.load(weights_only=True)` refuses a pickled Path: a run
+    given project=Path(...) wrote a best.pt nothing could load); numpy numbers become Python ones; device=0 or
+    [0, 1] becomes '0' / '0,1'; amp=True / False (ultralytics' flag) becomes 'auto' / 'off'."""
+    kinds = annotation.replace(" ", "").split("|")
+    if value is None and "None" in kinds:
+        return None
+    if isinstance(value, bool):
+        if "bool" in kinds:
+            return value
+        if name == "amp":
+            return "auto" if value else "off"
+    elif isinstance(value, numbers.Integral) and "int" in kinds:
+        return int(value)
+    elif isinstance(value, numbers.Real) and "float" in kinds:
+        return float(value)
+    elif isinstance(value, str | os.PathLike) and "str" in kinds:
+        return os.fspath(value)
+    elif name == "device" and isinstance(value, int | list | tuple):
+        return ",".join(str(d) for d in (value if isinstance(value, list | tuple) else [value]))
+    want = {"int": "an integer", "float": "a number", "bool": "True or False", "str": "text"}
+    raise ValueError(f"{name} must be {' or '.join(want.get(k, k) for k in kinds)}, got {value!r}")
 
 
 _UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
