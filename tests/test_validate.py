@@ -316,6 +316,29 @@ def test_val_without_data_uses_the_dataset_the_checkpoint_was_trained_on(tiny_da
         YOLO(model).val()
 
 
+def test_val_runs_on_the_first_gpu_by_default_as_train_and_predict_do(tiny_data, monkeypatch) -> None:
+    """YOLO.val() and yolov12-val with no device: a GPU machine validates on its first GPU (it validated on the CPU,
+    while train() and predict() picked the GPU)."""
+    import trainer.validate
+    from trainer import YOLO
+    from trainer.nn import build_model
+
+    class ReachedError(Exception):
+        pass
+
+    def validator(loader, names, device, **kw):
+        raise ReachedError(str(device))
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(trainer.validate, "Validator", validator)
+    with pytest.raises(ReachedError, match=r"^cuda:0$"):
+        YOLO(build_model("yolov12n.yaml", nc=5)).val(data=str(tiny_data), imgsz=64, verbose=False)
+    with pytest.raises(ReachedError, match=r"^cpu$"):
+        YOLO(build_model("yolov12n.yaml", nc=5)).val(data=str(tiny_data), imgsz=64, device="cpu", verbose=False)
+    with pytest.raises(ReachedError, match=r"^cuda:0$"):
+        trainer.validate.val_main(["--weights", str(DEMO_CKPT), "--data", str(tiny_data), "--imgsz", "64"])
+
+
 def test_val_end_to_end_on_synthetic_defects(tmp_path, capsys) -> None:
     """yolov12-val and YOLO.val on the synthetic defects: the dataset's loader, a checkpoint, the table, the plot."""
     from trainer import YOLO

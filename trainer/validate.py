@@ -183,7 +183,7 @@ class Validator:
 
 
 def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = None, batch: int = VAL_BATCH,
-        device: str = "cpu",
+        device: str | int = "",
         conf: float = 0.001, iou: float = 0.7, max_det: int = 300, half: bool = False, workers: int = 0,
         plots: bool = False, save_dir: str | Path | None = None, verbose: bool = True,
         split: str = "val") -> dict[str, Any]:
@@ -192,7 +192,8 @@ def val(yolo_or_model: Any, data: str | Path | None = None, imgsz: int | None = 
     Keys: 'mAP50-95', 'mAP50', 'precision', 'recall', 'per_class' (name -> ap50_95, ap50, precision,
     recall, instances, images), 'speed_ms' (preprocess / inference / postprocess per image), 'pr_curve', 'imgsz'.
     `imgsz` None: the size the checkpoint was trained at (640 when it does not say), as export does. `data` None,
-    for a YOLO handle: the data.yaml its checkpoint was trained on (as ultralytics' `model.val()`).
+    for a YOLO handle: the data.yaml its checkpoint was trained on (as ultralytics' `model.val()`). `device` ''
+    (default): the first GPU when there is one, else the CPU, as train and predict choose.
     """
     from .data import DetectionDataset, build_dataloader, load_data_config
     from .distributed import parse_devices
@@ -263,7 +264,7 @@ def val_main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", required=True, help="data.yaml (YOLO format)")
     p.add_argument("--imgsz", type=int, default=None, help="inference size (default: the training size)")
     p.add_argument("--batch", type=int, default=VAL_BATCH, help="images per batch (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="cpu or one GPU index")
+    p.add_argument("--device", default="", help="cpu or one GPU index (default: the first GPU, else cpu)")
     p.add_argument("--conf", type=float, default=0.001,
                    help="confidence threshold, in [0, 1) (default: %(default)s, the usual for mAP)")
     p.add_argument("--iou", type=float, default=0.7, help="NMS IoU threshold, in (0, 1] (default: %(default)s)")
