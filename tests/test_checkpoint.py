@@ -115,6 +115,9 @@ def test_ddp_prefixed_turbo_state_dict_reads_architecture(tmp_path: Path) -> Non
 def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+    with pytest.raises(CheckpointError, match=r"^checkpoint 'yolo12s.pt' not found \(weights are never downloaded "
+                                              r"here\): give the path .* or build a fresh model from 'yolo12s.yaml'$"):
+        YOLO("yolo12s.pt")  # what ultralytics users type: theirs downloads it
     model = build_model("yolov12n.yaml")
     good = save_checkpoint(tmp_path / "good.pt", model)
     torn = tmp_path / "torn.pt"

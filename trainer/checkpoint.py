@@ -311,8 +311,11 @@ def _model_from_own(path: Path, raw: dict[str, Any]) -> DetectionModel:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load our checkpoint or an official / ultralytics one; the model comes back in fp32, eval mode."""
     path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"checkpoint '{path}' not found")
+    if not path.is_file():  # ultralytics downloads yolo12n.pt by its name; nothing here reaches the network
+        yaml = f"{path.stem}.yaml" if re.fullmatch(r"yolov?12[nsmlx](-v1)?", path.stem.lower()) else "yolov12n.yaml"
+        raise CheckpointError(f"checkpoint '{path}' not found (weights are never downloaded here): give the path of "
+                              f"a .pt file (ours, official YOLOv12 or ultralytics weights), or build a fresh model "
+                              f"from '{yaml}'")
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
