@@ -723,6 +723,9 @@ def test_yolo_engine_refuses_to_train_validate_or_export(tmp_path):
             m.model  # noqa: B018
     with pytest.raises(engines.EngineError, match="not found"):
         YOLO(tmp_path / "missing.onnx")
+    assert YOLO(DEMO, task="detect").names == info.names  # ultralytics' way to open an ONNX (a TypeError here)
+    with pytest.raises(ValueError, match="task='segment': this project's YOLOv12 models detect only"):
+        YOLO(DEMO, task="segment")
 
 
 def test_yolo_pt_predict_uses_the_checkpoint_and_follows_in_memory_changes(folder):

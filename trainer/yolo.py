@@ -33,7 +33,11 @@ class YOLO:
     """
 
     def __init__(self, model: str | Path | DetectionModel = "yolov12n.yaml", nc: int | None = None,
-                 names: dict[int, str] | list[str] | None = None) -> None:
+                 names: dict[int, str] | list[str] | None = None, task: str | None = None) -> None:
+        """`task`: taken as ultralytics' (`YOLO("best.onnx", task="detect")`); detection is the only one here."""
+        if task not in (None, "detect"):
+            raise ValueError(f"task={task!r}: this project's YOLOv12 models detect only; use task='detect' or leave it "
+                             "out")
         self.ckpt: Checkpoint | None = None
         self.cfg_yaml: str | None = None  # set while `.model` is a fresh build of a yaml: training rebuilds it seeded
         self.engine: Path | None = None  # an exported engine: prediction only
