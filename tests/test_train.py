@@ -753,6 +753,9 @@ def test_resume_keeps_the_runs_options_unless_given_and_refuses_those_it_cannot_
     with pytest.raises(ValueError, match=r"^--imgsz 128 \(the run has 640\): a resumed run keeps the options"):
         YOLO("yolov12n.yaml").train(resume=str(last), imgsz=128)
     assert len(seen) == runs, "a refused resume starts nothing"
+    # Python values reach the run as the plain types a checkpoint stores (torch.load(weights_only) refuses others)
+    YOLO("yolov12n.yaml").train(resume=str(last), workers=np.int64(2), epochs=np.int64(3), data=tiny_data)
+    assert (type(seen[-1]["workers"]), type(seen[-1]["data"])) == (int, str), seen[-1]
 
 
 @pytest.fixture(scope="module")

@@ -618,9 +618,10 @@ def _resume_config(cfg: TrainConfig, kwargs: dict[str, Any]) -> tuple[TrainConfi
         raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "
                          f"epochs; to train on, start a new run from its weights (--model "
                          f"{last.parent / 'best.pt'} --epochs N)")
-    _refuse_fixed_options(saved, kwargs, last, by_path=isinstance(cfg.resume, str))
-    changes = {k: kwargs[k] for k in _RESUME_MAY_CHANGE if k in kwargs and k != "data"}
-    changes["data"] = _resume_data(saved.data, kwargs.get("data"), last.parent.parent)
+    given = {k: getattr(cfg, k) for k in kwargs if hasattr(cfg, k)}  # as `cfg` holds them: plain types (from_kwargs)
+    _refuse_fixed_options(saved, given, last, by_path=isinstance(cfg.resume, str))
+    changes = {k: given[k] for k in _RESUME_MAY_CHANGE if k in given and k != "data"}
+    changes["data"] = _resume_data(saved.data, given.get("data"), last.parent.parent)
     return replace(saved, resume=str(last), **changes), last.parent.parent
 
 
