@@ -272,3 +272,4 @@ def test_a_validation_that_fails_leaves_the_trained_epoch_in_last_pt(tiny_data: 
     assert any(not torch.equal(v, start[k]) for k, v in raw["train_model"].items() if v.is_floating_point())
     err = capsys.readouterr().err
     assert f"validation of epoch 1 failed; the epoch's weights are saved in {last} (resume with --resume)" in err
+    assert not (last.parent / "best.pt").exists()  # unvalidated weights are not passed off as the best

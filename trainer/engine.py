@@ -152,6 +152,7 @@ class Trainer:
         self.epoch_images_per_s = 0.0
         self.last_step: dict[str, Any] = {}
         self.step_batches: list[dict[str, Any]] = []  # the loader batches of the optimizer step under way
+        self.finished = False  # the loop ran to its end (or an early stop), not ended by an error
         self.start_time = time.time()
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks() + list(hooks or []))
@@ -187,6 +188,7 @@ class Trainer:
                     self._call("after_epoch")
                 except StopTraining:
                     break
+            self.finished = True
         finally:
             self._call("after_train")
         # only on the normal path (a failing rank must not wait for the others), for the main process's last saves

@@ -189,8 +189,10 @@ class CheckpointHook(HookBase):
     def after_train(self) -> None:
         t = self.trainer
         best = t.save_dir / "weights" / "best.pt"
-        if t.ctx.is_main and not best.exists() and (t.save_dir / "weights" / "last.pt").exists():
-            t.save(best)  # no validation ran: the last weights are the best we know
+        # no validation ran (--val False): the last weights are the best we know; not after a failure, whose
+        # unvalidated weights would pass for validated ones (last.pt has them, to resume)
+        if t.ctx.is_main and t.finished and not best.exists() and (t.save_dir / "weights" / "last.pt").exists():
+            t.save(best)
 
 
 class EarlyStopHook(HookBase):
