@@ -112,6 +112,35 @@ def test_ddp_prefixed_turbo_state_dict_reads_architecture(tmp_path: Path) -> Non
     assert ckpt.model.model[1].conv.groups == 2 and ckpt.model.model[3].conv.groups == 4
 
 
+def test_our_checkpoint_with_a_path_among_its_options_loads_and_resumes(tmp_path: Path) -> None:
+    """A run given project=Path(...) (before options were made plain) saved a pathlib.Path and numpy numbers in
+    its checkpoints; torch's weights-only load refuses them. They load through the restricted unpickler (the path
+    as text) as our own format, for predict/val/export and for --resume, not as a foreign file ("no area-attention
+    weights")."""
+    import numpy as np
+
+    from trainer.config import TrainConfig
+    from trainer.engine import _read_resumable, _resume_config
+
+    model = build_model("yolov12n.yaml", names=["a", "b"])
+    data = tmp_path / "d.yaml"
+    data.write_text("names: [a, b]\n")
+    args = TrainConfig(data=str(data), epochs=3).to_dict()
+    last = save_checkpoint(tmp_path / "last.pt", model, imgsz=64, epoch=0, train_model=model.state_dict(),
+                           train_args=args)
+    raw = torch.load(last, weights_only=True)
+    raw["train_args"].update(project=Path("runs/x"), workers=np.int64(2))
+    torch.save(raw, last)
+    with pytest.raises(pickle.UnpicklingError):
+        torch.load(last, weights_only=True)
+    ckpt = load_checkpoint(last)
+    assert ckpt.source == "yolov12-serve" and ckpt.meta["train_args"]["project"] == "runs/x"
+    assert ckpt.model.names == {0: "a", 1: "b"}
+    assert _read_resumable(last)["train_args"]["workers"] == 2
+    cfg, _ = _resume_config(TrainConfig(data=str(data), resume=str(last)), {})
+    assert (type(cfg.project), type(cfg.workers)) == (str, int)  # saved plain by the resumed run
+
+
 def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")

@@ -23,7 +23,8 @@ import torch
 from .nn import DetectionModel, ModelSpec, build_model
 from .nn.builder import VARIANTS, load_model_yaml
 
-__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "load_checkpoint", "read_ultralytics", "save_checkpoint"]
+__all__ = ["FORMAT", "Checkpoint", "CheckpointError", "load_checkpoint", "load_raw", "read_ultralytics",
+           "save_checkpoint"]
 
 FORMAT = "yolov12-serve/1"
 
@@ -95,6 +96,7 @@ _ALLOWED: dict[tuple[str, str], Any] = {
     ("pathlib", "PosixPath"): _path, ("pathlib", "WindowsPath"): lambda *p: str(PureWindowsPath(*p)),
     ("pathlib", "Path"): _path, ("pathlib", "PurePosixPath"): _path,
     ("datetime", "datetime"): datetime.datetime, ("datetime", "date"): datetime.date,
+    ("_codecs", "encode"): lambda text, encoding="utf-8": str(text).encode(encoding),  # protocol 2 bytes
 }
 _STUB_MODULES = ("ultralytics.", "models.", "utils.", "torch.nn.modules.", "torch.nn.parameter", "types", "argparse")
 
@@ -174,12 +176,24 @@ def strip_ddp_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return state
 
 
-def read_ultralytics(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read an official / ultralytics `.pt` without ultralytics: (flat state dict, info dict)."""
+def load_raw(path: str | Path) -> Any:
+    """A .pt's contents without running its code: torch's weights-only load, else (a file that pickles classes: an
+    official / ultralytics one, or ours whose options held a pathlib.Path or a numpy number) the restricted
+    unpickler, which builds data only. pickle.UnpicklingError when the file asks for anything else."""
     try:
-        raw = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        return torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+
+
+def read_ultralytics(path: str | Path, raw: Any = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read an official / ultralytics `.pt` without ultralytics: (flat state dict, info dict). `raw`: its contents
+    when already loaded (`load_raw`)."""
+    if raw is None:
+        try:
+            raw = torch.load(path, map_location="cpu", pickle_module=_restricted_pickle, weights_only=False)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{path}: {e}") from None
     if not isinstance(raw, dict):
         raise CheckpointError(f"{path}: not a checkpoint (a {type(raw).__name__}, expected a dict with 'model')")
     net = raw.get("ema") or raw.get("model")
@@ -317,9 +331,9 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                               f"a .pt file (ours, official YOLOv12 or ultralytics weights), or build a fresh model "
                               f"from '{yaml}'")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raw = None  # pickled classes: an official / ultralytics file
+        raw = load_raw(path)
+    except pickle.UnpicklingError as e:  # asks to run code
+        raise CheckpointError(f"{path}: {e}") from None
     except Exception as e:  # zip errors, truncated files
         raise CheckpointError(f"{path}: unreadable checkpoint ({e.__class__.__name__}: {e})") from None
     if isinstance(raw, dict) and raw.get("format") == FORMAT:
@@ -328,7 +342,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         return Checkpoint(model.float().eval(), meta, raw, "yolov12-serve")
     if isinstance(raw, dict) and raw and all(isinstance(v, torch.Tensor) for v in raw.values()):
         return Checkpoint(model_from_state(raw), {}, raw, "state_dict")
-    state, info = read_ultralytics(path)
+    state, info = read_ultralytics(path, raw)
     model = model_from_state(state, info.get("names"), info.get("yaml"))
     imgsz = (info.get("train_args") or {}).get("imgsz")
     meta = {**info, "imgsz": imgsz if isinstance(imgsz, int) else 640}

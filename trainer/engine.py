@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from .checkpoint import FORMAT, CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import FORMAT, CheckpointError, load_checkpoint, load_raw, save_checkpoint
 from .config import TrainConfig
 from .distributed import (
     DistContext,
@@ -571,7 +571,7 @@ def _run(cfg_dict: dict[str, Any], save_dir: str, init_weights: str,
     cfg = TrainConfig(**cfg_dict)
     ctx = init_process(parse_devices(cfg.device), cfg.dist_timeout)
     try:
-        resume_raw = torch.load(cfg.resume, map_location="cpu", weights_only=True) if cfg.resume else None
+        resume_raw = load_raw(cfg.resume) if cfg.resume else None
         model = load_checkpoint(init_weights).model
         trainer = Trainer(cfg, model, ctx, Path(save_dir), hooks, resume=resume_raw)
         if resume_raw is not None:
@@ -597,8 +597,8 @@ def _read_resumable(last: Path) -> dict[str, Any]:
     not_ours = (f"{last} is not a resumable checkpoint of this trainer (or training already finished): pass the "
                 "weights/last.pt of an unfinished run, or start a new run with --model")
     try:
-        raw = torch.load(last, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # pickled classes: an official / ultralytics file, never one of our runs
+        raw = load_raw(last)
+    except pickle.UnpicklingError:  # asks to run code: never one of our runs
         raise ValueError(not_ours) from None
     except Exception as e:  # text, zip errors, truncated files
         reason = (str(e).strip().splitlines() or [""])[0]
@@ -615,7 +615,7 @@ def _resume_config(cfg: TrainConfig, kwargs: dict[str, Any]) -> tuple[TrainConfi
     if not last.is_file():
         raise FileNotFoundError(f"nothing to resume: {last} does not exist")
     raw = _read_resumable(last)
-    saved = TrainConfig(**raw["train_args"])
+    saved = TrainConfig.from_kwargs(**raw["train_args"])  # plain types, also from runs that saved a Path
     if int(raw.get("epoch", -1)) + 1 >= saved.epochs:
         raise ValueError(f"nothing to resume: the run in {last.parent.parent} finished its {saved.epochs} "
                          f"epochs; to train on, start a new run from its weights (--model "
