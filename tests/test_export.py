@@ -6,6 +6,7 @@ Equality of the exported graph with PyTorch + NMS is in test_engines.py; here th
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import subprocess
 import sys
@@ -244,6 +245,20 @@ def test_output_that_is_a_folder_is_refused_before_the_trace(checkpoint: Path, t
     err = capsys.readouterr().err
     assert "is a folder: name a file" in err and err.count("\n") == 1, err
     assert [p.name for p in tmp_path.iterdir()] == ["d.onnx"]
+
+
+def test_yolo_export_and_val_take_ultralytics_spellings_and_name_their_keywords(yolo: YOLO, tmp_path: Path) -> None:
+    """format='ONNX' is 'onnx' (ultralytics lowercases it; 'TensorRT' and 'trt' are 'engine'); a mistyped keyword
+    of export or val names its near match and every keyword they take (Python's TypeError named neither)."""
+    assert Path(yolo.export(format="ONNX", imgsz=64, simplify=False, output=tmp_path / "m.onnx")).is_file()
+    if importlib.util.find_spec("tensorrt") is None:
+        with pytest.raises(EngineError, match="TensorRT is not installed"):  # not "unknown format"
+            yolo.export(format="TensorRT", imgsz=64, output=tmp_path / "m.engine")
+    with pytest.raises(TypeError, match=r"export\(\) got an unexpected keyword 'imgs': did you mean 'imgsz'\? it "
+                                        r"takes format, imgsz, batch"):
+        yolo.export(imgs=64)
+    with pytest.raises(TypeError, match=r"val\(\) got an unexpected keyword 'dat': did you mean 'data'\?"):
+        yolo.val(dat="x.yaml")
 
 
 def test_a_failed_save_leaves_no_half_written_files(yolo: YOLO, tmp_path: Path,

@@ -138,14 +138,20 @@ class YOLO:
             raise ValueError(self._engine_only("cannot be validated here"))
         from .validate import val
 
+        _check_keywords("val", kwargs, val)
         return val(self, **kwargs)
 
     def export(self, format: str = "onnx", **kwargs: Any) -> str:
-        """Export to `format` ('onnx' or 'engine'); returns the written path."""
+        """Export to `format` ('onnx' or 'engine'; any case, 'tensorrt'/'trt' too, as ultralytics); returns the
+        written path."""
         if self.engine is not None:
             raise ValueError(self._engine_only("is exported already"))
         from .export import export
 
+        _check_keywords("export", kwargs, export)
+        if isinstance(format, str):
+            format = format.lower()
+            format = "engine" if format in ("tensorrt", "trt") else format
         return str(export(self, format=format, **kwargs))
 
     # ------------------------------------------------------------------------------------------------- predict
@@ -225,6 +231,21 @@ PREDICT_KEYWORDS = ("imgsz", "conf", "iou", "classes", "max_det", "batch", "vid_
 _ELSEWHERE = {"save": "save each result with result.save(), or run yolov12-predict --save DIR",
               "save_txt": "write result.to_json() yourself, or run yolov12-predict --save-json FILE",
               "show": "draw with result.plot() (an RGB array) and show it yourself"}
+
+
+def _check_keywords(call: str, kwargs: dict[str, Any], fn: Any) -> None:
+    """TypeError naming the closest keyword `fn` takes (after its first, the model) for one it does not, and all
+    of them: Python's "unexpected keyword argument" names neither."""
+    import difflib
+    import inspect
+
+    params = inspect.signature(fn).parameters.values()
+    takes = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)][1:]
+    for name in kwargs:
+        if name not in takes:
+            near = difflib.get_close_matches(name, takes, n=1)
+            hint = f"did you mean {near[0]!r}? " if near else ""
+            raise TypeError(f"{call}() got an unexpected keyword {name!r}: {hint}it takes {', '.join(takes)}")
 
 
 def _check_predict_keywords(kwargs: dict[str, Any]) -> None:
