@@ -18,6 +18,7 @@ import os
 import random
 import sys
 import time
+from collections.abc import Iterable, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -176,9 +177,9 @@ class Trainer:
                 self._set_epoch(epoch)
                 self._call("before_epoch")
                 self.epoch_losses, sums, weights = {}, torch.zeros(3, dtype=torch.float64), 0.0
-                for i, batch in enumerate(self.train_loader, 1):
+                for batch, last in _with_last(self.train_loader):
                     self._call("before_step")
-                    self.last_step = self.run_step(batch, ends_epoch=i == self.iters_per_epoch)
+                    self.last_step = self.run_step(batch, ends_epoch=last)
                     sums += self.last_step["loss_sums"]
                     weights += self.last_step["weight"]
                     self.epoch_losses = dict(zip(("box", "cls", "dfl"), (sums / max(weights, 1e-12)).tolist()))
@@ -468,6 +469,19 @@ def device_kind(device: torch.device) -> str:
         return device.type
     props = torch.cuda.get_device_properties(device)
     return f"{props.name} {props.total_memory // 2**20} MiB"
+
+
+def _with_last(batches: Iterable[Any]) -> Iterator[tuple[Any, bool]]:
+    """(batch, whether it is the last) for each batch: one read ahead, so the end is known whatever len() says."""
+    it = iter(batches)
+    try:
+        current = next(it)
+    except StopIteration:
+        return
+    for following in it:
+        yield current, False
+        current = following
+    yield current, True
 
 
 def _slice_batch(batch: dict[str, Any], a: int, b: int) -> dict[str, Any]:
