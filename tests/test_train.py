@@ -292,7 +292,7 @@ def _ddp_rank(runs: list[dict], init: str, save_dir: str, steps: int) -> None:
         if run["bn_eval"]:
             _bn_eval(trainer.model)
         loader = iter(trainer.train_loader)
-        losses = [_step_loss(trainer.run_step(next(loader))) for _ in range(steps)]
+        losses = [_step_loss(trainer.run_step(next(loader))) for _ in range(run.get("batches", steps))]
         results[i] = trainer.model.state_dict()
         results[f"losses{i}"] = losses
     torch.save(results, Path(save_dir) / f"rank{ctx.rank}.pt")
@@ -321,14 +321,17 @@ def _single(cfg: TrainConfig, init: Path, tmp_path: Path, steps: int, bn_eval: b
 
 def test_two_gloo_processes_equal_one_process(tiny_data: Path, tmp_path: Path) -> None:
     """Two real gloo ranks end with bitwise-identical weights, equal to one process on the whole batch: exactly
-    (1e-5) with BatchNorm in eval, and up to summation order with cross-rank BatchNorm in train mode."""
+    (1e-5) with BatchNorm in eval, also when the steps are accumulated from smaller global batches (--nbs), and up
+    to summation order with cross-rank BatchNorm in train mode."""
     from trainer.checkpoint import save_checkpoint
 
     torch.manual_seed(0)
     init = save_checkpoint(tmp_path / "init.pt", build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]))
     small = {"lr0": 1e-4}  # unclipped steps of a random model are large: keep them small, so they stay comparable
     runs = [{"cfg": _cfg(tiny_data, **small).to_dict(), "bn_eval": True},
-            {"cfg": _cfg(tiny_data, sync_bn=True, **small).to_dict(), "bn_eval": False}]
+            {"cfg": _cfg(tiny_data, sync_bn=True, **small).to_dict(), "bn_eval": False},
+            # global batches of 4 accumulated to --nbs 8: 4 batches make the same 2 steps
+            {"cfg": _cfg(tiny_data, batch=4, nbs=8, **small).to_dict(), "bn_eval": True, "batches": 4}]
     launch(_ddp_rank, 2, runs, str(init), str(tmp_path), 2)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     start = torch.load(init)["model"]
@@ -350,6 +353,9 @@ def test_two_gloo_processes_equal_one_process(tiny_data: Path, tmp_path: Path) -
         np.testing.assert_allclose(got, whole, rtol=1e-4)
     # exact up to float32 summation order over two steps (measured 1.2e-5); a wrong scale is off by O(1)
     assert (moved(rank0[0]) - moved(exact)).norm() / moved(exact).norm() < 1e-4
+    for k in rank0[2]:
+        assert torch.equal(rank0[2][k], rank1[2][k]), ("accumulated", k)
+    assert (moved(rank0[2]) - moved(exact)).norm() / moved(exact).norm() < 1e-4
 
     ref = _single(_cfg(tiny_data, **small), init, tmp_path, 2, bn_eval=False)
     # equal up to float32 summation order (which BatchNorm statistics amplify through depth: ~1e-4)
