@@ -142,9 +142,9 @@ class ServerConfig:
     def processes(self) -> bool:
         """Whether each device runs in a process of its own (procs/). `auto`: with two or more devices (GPUs, or
         `--gpus cpu:N`). Measured on 2 cores with a zero-cost model (bench/README.md, host path): within one
-        process's ceiling both layouts cost the same CPU per frame (1.06-1.14x) and deliver everything; past it
-        one process slowed to 0.22-0.86 of its peak while `cpu:2` in processes stayed at its own, 1.7x higher.
-        One device has nothing to split per device: it stays in the server's process."""
+        process's ceiling both layouts cost about the same CPU per frame and deliver everything; past it `cpu:2`
+        in processes carries more frames on the same cores (docs/architecture.md has the figures). One device has
+        nothing to split per device: it stays in the server's process."""
         if self.worker_processes == "auto":
             return len(self.devices) >= 2
         return self.worker_processes == "on"

@@ -162,10 +162,8 @@ def _fail(e: BaseException, code: int) -> int:
 
 
 def _progress(total: int | None) -> Any:
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm comes with the train extra; the serving install may lack it
-        return None
+    from tqdm import tqdm
+
     return tqdm(total=total, unit="frame", desc="predict", dynamic_ncols=True)
 
 
