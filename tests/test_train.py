@@ -460,6 +460,14 @@ def test_cli_bad_input_is_one_line(tmp_path: Path) -> None:
         assert len(lines) == 1 and lines[0].startswith("yolov12-train: error:"), out.stderr
 
 
+def test_a_gpu_that_is_not_there_is_one_line_for_the_command_line_and_python() -> None:
+    from trainer.distributed import parse_devices
+
+    with pytest.raises(ValueError, match=r"^device 99 requested but .*; use --device cpu \(device='cpu' from Python\) "
+                                         r"or a visible GPU$"):
+        parse_devices("99")
+
+
 @pytest.mark.parametrize(("option", "value", "message"), [
     ("lr0", -1.0, "lr0 must be > 0"),
     ("lr0", float("nan"), "lr0 must be a finite number"),

@@ -61,7 +61,8 @@ def parse_devices(device: str) -> list[str]:
     missing = [d for d in ids if int(d) >= count]
     if missing:
         seen = f"GPUs 0-{count - 1} are visible" if count else "no GPU is visible (CUDA not available)"
-        raise ValueError(f"device {','.join(missing)} requested but {seen}; use --device cpu or a visible GPU")
+        raise ValueError(f"device {','.join(missing)} requested but {seen}; use --device cpu (device='cpu' from "
+                         "Python) or a visible GPU")
     return ids
 
 
