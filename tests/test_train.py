@@ -937,7 +937,8 @@ def test_validation_in_training_scores_as_yolov12_val_whatever_the_batch(mixed_a
 def test_predict_after_training_again_into_the_same_run_uses_the_new_weights(tiny_data: Path, tmp_path: Path,
                                                                              monkeypatch) -> None:
     """A second train() into the same run folder (exist_ok, or a resume) writes best.pt at the same path: predict
-    must load it again, not keep the engines it loaded from the first best.pt (it silently did)."""
+    must load it again, not keep the engines it loaded from the first best.pt (it silently did). The training
+    processes are replaced by one that writes best.pt: YOLO.train's handling of the run's result is under test."""
     import trainer.engine
     from trainer.checkpoint import load_checkpoint, save_checkpoint
 
@@ -964,7 +965,9 @@ def test_predict_after_training_again_into_the_same_run_uses_the_new_weights(tin
 def test_export_after_training_writes_beside_the_trained_weights(tiny_data: Path, tmp_path: Path,
                                                                  monkeypatch) -> None:
     """As ultralytics: train() then export() gives PROJECT/NAME/weights/best.onnx. It wrote yolov12n.onnx into the
-    working directory (named after the yaml the run started from), over any earlier export of that name."""
+    working directory (named after the yaml the run started from), over any earlier export of that name. The
+    training processes are replaced by one that writes best.pt: YOLO.train's handling of the run's result is under
+    test."""
     import trainer.engine
     from trainer.checkpoint import load_checkpoint, save_checkpoint
 

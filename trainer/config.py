@@ -177,9 +177,9 @@ class TrainConfig:
 
 def _plain(name: str, annotation: str, value: Any) -> Any:
     """`value` as the plain type its field is annotated with, or a ValueError naming the option. A Path becomes text
-    (the options are saved in every checkpoint, and `torch.load(weights_only=True)` refuses a pickled Path: a run
-    given project=Path(...) wrote a best.pt nothing could load); numpy numbers become Python ones; device=0 or
-    [0, 1] becomes '0' / '0,1'; amp=True / False (ultralytics' flag) becomes 'auto' / 'off'."""
+    (the options are saved in every checkpoint, and `torch.load(weights_only=True)` refuses a pickled Path: with
+    project=Path(...) kept as given, no tool could load the run's best.pt); numpy numbers become Python ones;
+    device=0 or [0, 1] becomes '0' / '0,1'; amp=True / False (ultralytics' flag) becomes 'auto' / 'off'."""
     kinds = annotation.replace(" ", "").split("|")
     if value is None and "None" in kinds:
         return None

@@ -250,7 +250,7 @@ def _check_keywords(call: str, kwargs: dict[str, Any], fn: Any) -> None:
 
 def _check_predict_keywords(kwargs: dict[str, Any]) -> None:
     """TypeError naming the keywords predict takes (and where an ultralytics one went) for one it does not know,
-    before the engines load (Predictor.predict said "unexpected keyword argument" only after)."""
+    before the engines load (Predictor.predict would say "unexpected keyword argument" only once they had)."""
     import difflib
 
     for name in kwargs:

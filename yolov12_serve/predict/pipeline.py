@@ -540,8 +540,8 @@ class _Run:
         self.p, self.sources, self.opts = predictor, sources, opts
         info = predictor.info
         # within the shapes the engine was built or prepared for (a TensorRT engine's profiles), as the server plans;
-        # a .pt engine's CUDA graphs were listed for its training size: at another imgsz, this call's own (they are
-        # captured at start), or every frame was fitted into the training size whatever imgsz asked
+        # a .pt engine's CUDA graphs are listed for its training size: at another imgsz, this call's own shapes (they
+        # are captured at start), else every frame would be fitted into the training size whatever imgsz asks
         shapes = info.plan_shapes
         if shapes is not None and predictor.backend == "pytorch" and tuple(opts.imgsz) != tuple(info.imgsz):
             shapes = aspect_shapes(opts.imgsz, info.stride)
