@@ -380,6 +380,29 @@ def test_gpus_option():
     assert split_cpu_threads(["cpu"], instances=2, cores=8) is None  # the backend's default
 
 
+
+def test_without_gpus_an_onnx_engine_stays_on_the_cpu_where_onnx_runtime_has_no_cuda(monkeypatch):
+    """`yolov12-serve --demo` (README: the embedded default, CPU) on a host with a GPU and the serving install's
+    `onnxruntime` (no CUDA provider) ran the bundled .onnx on cuda:0 and stopped at start. Without --gpus, .onnx
+    engines go to GPUs only where ONNX Runtime can run them there; --gpus and other engines are as asked."""
+    import onnxruntime
+
+    from yolov12_serve import devices
+    from yolov12_serve.cli import build_parser, parse_config
+
+    monkeypatch.setattr(devices, "visible_gpus", lambda: [0, 1])
+
+    def config_devices(*argv: str) -> list[str]:
+        return parse_config(build_parser().parse_args(["--no-state", *argv]))[0].devices
+
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    assert config_devices("--demo") == ["cpu"]
+    assert config_devices("--engines", "m.onnx") == ["cpu"]
+    assert config_devices("--engines", "m.engine") == ["cuda:0", "cuda:1"]  # TensorRT: GPUs only
+    assert config_devices("--engines", "m.onnx", "--gpus", "0") == ["cuda:0"]  # asked for: the load error says why
+    monkeypatch.setattr(onnxruntime, "get_available_providers",
+                        lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
+    assert config_devices("--demo") == ["cuda:0", "cuda:1"]
 def test_stream_stats_keep_only_the_window():
     """Readers (the watchdog's placement refresh 4x a second, the status table) scan what they keep under the lock
     workers record with: it used to be the last 4096 results of every stream, now the last 5 s."""

@@ -42,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "
                    "(.onnx: ONNX Runtime; .engine/.plan: TensorRT; .pt: PyTorch)")
     p.add_argument("--gpus", help="'cpu', 'cpu:N' (N CPU devices sharing the cores), a list '0,2' or a range '0-3' "
-                   "(default: all visible GPUs, else cpu)")
+                   "(default: all visible GPUs, else cpu; cpu for .onnx engines where ONNX Runtime has no CUDA "
+                   "provider)")
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     p.add_argument("--port", type=int, default=50051, help="gRPC port (0: any free port; default 50051)")
     p.add_argument("--metrics-port", type=int, default=9464,
@@ -167,6 +168,18 @@ def _security_config(args: argparse.Namespace) -> SecurityConfig:
                           metrics_tls=args.metrics_tls)
 
 
+def _onnx_gpu_usable(engines: list[str]) -> bool:
+    """False when every engine is an `.onnx` file and ONNX Runtime here has no GPU provider (the `onnxruntime`
+    package, not `onnxruntime-gpu`): such engines can run on the CPU only. True for any other engine."""
+    if not all(Path(e).suffix.lower() == ".onnx" for e in engines):
+        return True
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return True  # loading the engine reports the missing package
+    return bool({"CUDAExecutionProvider", "TensorrtExecutionProvider"} & set(ort.get_available_providers()))
+
+
 def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpec]]:
     """Resolve engines, devices and initial streams; ConfigError on anything wrong."""
     from .demo import demo_model, demo_streams
@@ -182,6 +195,10 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
             raise ConfigError("no engine given: pass --engines MODEL.onnx (or --demo for the bundled model)")
         engines = [demo_model()]
     devices = parse_gpus(args.gpus)
+    if not (args.gpus or "").strip() and devices != ["cpu"] and not _onnx_gpu_usable(engines):
+        logging.getLogger(__name__).info("no --gpus: the .onnx engines run on the CPU (this ONNX Runtime has no "
+                                         "CUDA provider: pip install onnxruntime-gpu, then --gpus 0-3)")
+        devices = ["cpu"]
     if len(engines) > 1 and len(engines) != len(devices):
         raise ConfigError(f"--engines lists {len(engines)} files for {len(devices)} devices ({','.join(devices)}): "
                           "give one file for all or one per device")
