@@ -473,3 +473,63 @@ def test_scrape_time_gauges_for_the_alerts():
     assert 'yolov12_stream_picture_problem{problem="blank",stream="cam2"} 1.0' in text
     assert 'yolov12_stream_picture_problem{problem="frozen",stream="cam2"} 0.0' in text
     assert 'yolov12_stream_picture_problem{problem="blank",stream="cam1"} 0.0' in text
+
+
+def _full_exposition(monkeypatch) -> str:
+    """What a GPU server with a tracked camera, a watcher and an evidence folder exports: every family the server
+    registers, each with a sample (NVML readings faked)."""
+    from yolov12_serve import metrics as metrics_module
+    from yolov12_serve.devices import GpuSample
+    from yolov12_serve.metrics import LiveSnapshot, Metrics
+
+    class FixedTelemetry:
+        def __init__(self, devices: list[str]) -> None:
+            self.devices = devices
+
+        def sample(self) -> list[GpuSample]:
+            return [GpuSample(d, 0.5, 2**30, 2**33) for d in self.devices]
+
+    monkeypatch.setattr(metrics_module, "GpuTelemetry", FixedTelemetry)
+    snap = LiveSnapshot(streams_by_state={"STREAMING": 1}, queue_depth={"cuda:0": 0}, in_flight={"cuda:0": 1},
+                        stream_states={"cam": "STREAMING"}, picture_problems={"cam": ""},
+                        device_healthy={"cuda:0": True}, watcher_queued={"1 ipv4:10.0.0.9:5000": 0})
+    m = Metrics(0.045, ["cuda:0"], snapshot=lambda: snap)
+    m.add_stream("cam")
+    series = m.series("cam", "cuda:0")
+    series.processed.inc()
+    series.latency.observe(0.01)
+    inference, batch = m.runs("cuda:0")
+    inference.observe(0.004)
+    batch.observe(1)
+    m.detected("cam", "dent").inc()
+    m.counted("cam", "dent").inc()
+    m.add_watcher("1 ipv4:10.0.0.9:5000")
+    m.evidence_skipped.labels("busy").inc()
+    return m.exposition().decode()
+
+
+def _exported_names(text: str) -> set[str]:
+    """Every series name of an exposition, with the family names of its histograms."""
+    names = set(re.findall(r"^# TYPE (\S+)", text, flags=re.M))
+    return names | {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and line[0] != "#"}
+
+
+def test_every_metric_named_in_deploy_and_docs_is_one_the_server_exports(monkeypatch):
+    """A rule, panel or runbook on a name the server does not export never fires or shows nothing (the live test
+    runs the queries, but not on GPU-only or event-only series, and not the docs)."""
+    exported = _exported_names(_full_exposition(monkeypatch))
+    files = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")),
+             *sorted(p for p in DEPLOY.rglob("*") if p.is_file() and p.suffix in (".yml", ".yaml", ".py", ".json"))]
+    unknown = set()
+    for f in files:
+        for name in re.findall(r"(?<![\w:])(yolov12_[a-z0-9_]+)(?![\w:./-])", f.read_text()):
+            if name != "yolov12_serve" and name not in exported:  # yolov12_serve: the package
+                unknown.add(f"{f.relative_to(ROOT)}: {name}")
+    assert not unknown, sorted(unknown)
+
+
+def test_serving_md_names_every_metric_the_server_exports(monkeypatch):
+    """docs/serving.md is where the metric names are listed as a contract (production.md, Upgrading)."""
+    doc = (ROOT / "docs" / "serving.md").read_text()
+    families = set(re.findall(r"^# TYPE (\S+)", _full_exposition(monkeypatch), flags=re.M))
+    assert families and not {n for n in families if n not in doc}
