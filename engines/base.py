@@ -14,13 +14,24 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["PAD_VALUE", "Engine", "EngineError", "EngineInfo", "class_names", "pad_batch", "run_padded"]
+__all__ = ["PAD_VALUE", "Engine", "EngineError", "EngineInfo", "class_names", "import_torch", "pad_batch", "run_padded"]
 
 PAD_VALUE = 114  # the grey of letterbox borders, also what pads a batch up to an engine's minimum
 
 
 class EngineError(RuntimeError):
     """A model artifact that cannot be loaded or run; the message says what to do."""
+
+
+def import_torch(what: str) -> Any:
+    """The torch module, or EngineError saying how to get it: the serving install (ONNX Runtime only) has none, and
+    a bare "No module named 'torch'" ended yolov12-serve with a traceback."""
+    try:
+        import torch
+    except ImportError:
+        raise EngineError(f"{what} needs PyTorch, which this environment lacks: pip install torch (the project's "
+                          "`train` extra has it), or export ONNX and serve it with ONNX Runtime") from None
+    return torch
 
 
 def class_names(names: Any) -> dict[int, str]:

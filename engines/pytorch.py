@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineError, EngineInfo
+from .base import Engine, EngineError, EngineInfo, import_torch
 from .letterbox import aspect_shapes
 from .pool import InstancePool
 
@@ -45,6 +45,7 @@ def batch_buckets(max_batch: int) -> list[int]:
 
 
 def _load(path: str | Path) -> Any:
+    import_torch("a .pt engine")
     from trainer.checkpoint import CheckpointError, load_checkpoint
 
     try:
@@ -100,8 +101,7 @@ class TorchEngine(Engine):
     def __init__(self, path: str | Path, device: str = "cpu", instances: int = 1, max_batch: int = 32,
                  conf: float = 0.25, iou: float = 0.7, max_det: int = 300, cuda_graphs: bool = True,
                  info: EngineInfo | None = None) -> None:
-        import torch
-
+        torch = import_torch("a .pt engine")
         from trainer.postprocess import non_max_suppression
 
         if instances < 1 or max_batch < 1:

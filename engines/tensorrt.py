@@ -34,7 +34,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Engine, EngineError, EngineInfo
+from .base import Engine, EngineError, EngineInfo, import_torch
 from .metadata import check_graph, engine_header, info_from_metadata
 from .nms import nms_torch
 from .pool import InstancePool
@@ -157,8 +157,7 @@ class TensorRTEngine(Engine):
 
     def __init__(self, path: str | Path, device: str = "cuda:0", instances: int = 1, cuda_graphs: bool = True,
                  info: EngineInfo | None = None) -> None:
-        import torch
-
+        torch = import_torch("a TensorRT engine (its input and output buffers are torch CUDA tensors)")
         trt = import_tensorrt()
         self.path = Path(path)
         if str(device).lower() == "cpu":

@@ -289,6 +289,26 @@ def test_inference_threads_keep_the_default_priority_and_all_else_yields():
     assert r.returncode == 2 and "--background-nice must be 0..19" in r.stderr.strip().splitlines()[-1], r.stderr
 
 
+def test_a_pt_or_tensorrt_engine_without_torch_is_one_line_saying_what_to_install(tmp_path):
+    """The serving install has no torch, nor had production.md's `pip install ".[gpu]"` for TensorRT engines
+    (whose buffers are torch CUDA tensors): a .pt or .engine given to it ended in a traceback of
+    "No module named 'torch'". It is an EngineError with the fix, one line from yolov12-serve."""
+    from engines.metadata import read_info, write_engine_file
+    from yolov12_serve.demo import demo_model
+
+    checkpoint = tmp_path / "best.pt"
+    checkpoint.write_bytes(b"a checkpoint")
+    r = run_cli("--engines", str(checkpoint), "--gpus", "cpu", "--no-state", "--no-status", "--port", "0",
+                "--metrics-port", "-1")
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+    assert "a .pt engine needs PyTorch" in r.stderr and "pip install torch" in r.stderr, r.stderr
+    plan = write_engine_file(tmp_path / "m.engine", read_info(demo_model()), b"plan")
+    code = NO_TORCH + f"import engines; engines.load({str(plan)!r}, device='cuda:0')"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert "EngineError: a TensorRT engine (its input and output buffers are torch CUDA tensors) needs PyTorch" \
+        in r.stderr, r.stderr
+
+
 def test_serving_imports_no_torch():
     """The whole serving path (engines, sources, API) imported with torch blocked, and none of it pulls torch in."""
     code = ("import sys; import yolov12_serve.cli, yolov12_serve.app, yolov12_serve.api, yolov12_serve.client, "
