@@ -226,6 +226,42 @@ def test_dockerfiles_pass_hadolint(tmp_path):
     assert run(tool("hadolint"), "--no-color", broken).returncode != 0
 
 
+def _dockerfile_json(text: str, instruction: str) -> list[str]:
+    """The exec-form (JSON) arguments of a Dockerfile instruction; [] when absent."""
+    found = re.findall(rf"^{instruction}\s+(\[.*\])\s*$", text, flags=re.M)
+    return json.loads(found[-1]) if found else []
+
+
+def test_images_copy_install_and_run_what_the_repository_has():
+    """What `docker build` would need and what the container would run, checked without an engine: each COPY
+    source exists and passes the image's .dockerignore, each pip extra exists, the entry point is a console
+    script of pyproject.toml and its command line (the image's CMD, and compose's command) is one the program
+    accepts."""
+    from yolov12_serve.cli import build_parser
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    scripts, extras = project["scripts"], project["optional-dependencies"]
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())["services"]["server"]
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu", "Dockerfile.train"):
+        text = (DOCKER / name).read_text()
+        allowed = {line[1:].rstrip("/") for line in (DOCKER / f"{name}.dockerignore").read_text().splitlines()
+                   if line.startswith("!")}
+        for line in re.findall(r"^COPY (?!--from)(.+)$", text, flags=re.M):
+            for src in line.split()[:-1]:
+                assert (ROOT / src).exists() and src.rstrip("/") in allowed, (name, src)
+        for wanted in re.findall(r'pip install [^\n]*"\.\[([a-z,]+)\]"', text):
+            assert set(wanted.split(",")) <= set(extras), (name, wanted)
+        entry, cmd = _dockerfile_json(text, "ENTRYPOINT"), _dockerfile_json(text, "CMD")
+        argv = entry + cmd if entry else cmd
+        assert argv and argv[0] in scripts, (name, argv)
+        if argv[0] == "yolov12-serve":
+            build_parser().parse_args(argv[1:])
+            if compose["build"]["dockerfile"].endswith(name):
+                build_parser().parse_args(entry[1:] + compose["command"])
+
+
 @needs("check-jsonschema", "pip install check-jsonschema")
 def test_compose_file_matches_the_compose_spec(tmp_path):
     compose = DOCKER / "compose.yaml"
