@@ -8,7 +8,9 @@ yolov12_objects_total{stream,class} (objects on cameras that track them, each co
 yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
 yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
-yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes); and with
+yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes),
+yolov12_stream_moves_total{reason} (failover, rebalance); evidence: yolov12_evidence_pictures_total,
+yolov12_evidence_skipped_total{reason}; and with
 NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
