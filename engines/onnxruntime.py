@@ -61,7 +61,8 @@ def _providers(device: str, model_path: Path) -> list[Any]:
         providers.append(("CUDAExecutionProvider", {"device_id": index}))
     if not providers:
         raise EngineError(f"device {device} asked for, but this onnxruntime has no CUDA provider "
-                          f"(it has {', '.join(available)}): `pip install onnxruntime-gpu`, or use device='cpu'")
+                          f"(it has {', '.join(available)}): `pip install onnxruntime-gpu`, or run on the CPU "
+                          "(yolov12-serve --gpus cpu; device='cpu' from Python)")
     return [*providers, "CPUExecutionProvider"]
 
 

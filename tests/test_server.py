@@ -414,7 +414,6 @@ def test_gpus_option():
     assert split_cpu_threads(["cpu"], instances=2, cores=8) is None  # the backend's default
 
 
-
 def test_without_gpus_an_onnx_engine_stays_on_the_cpu_where_onnx_runtime_has_no_cuda(monkeypatch):
     """`yolov12-serve --demo` (README: the embedded default, CPU) on a host with a GPU and the serving install's
     `onnxruntime` (no CUDA provider) ran the bundled .onnx on cuda:0 and stopped at start. Without --gpus, .onnx
@@ -437,6 +436,8 @@ def test_without_gpus_an_onnx_engine_stays_on_the_cpu_where_onnx_runtime_has_no_
     monkeypatch.setattr(onnxruntime, "get_available_providers",
                         lambda: ["CUDAExecutionProvider", "CPUExecutionProvider"])
     assert config_devices("--demo") == ["cuda:0", "cuda:1"]
+
+
 def test_stream_stats_keep_only_the_window():
     """Readers (the watchdog's placement refresh 4x a second, the status table) scan what they keep under the lock
     workers record with: it used to be the last 4096 results of every stream, now the last 5 s."""
