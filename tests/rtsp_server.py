@@ -3,12 +3,15 @@
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --mount cam0=frames0.rgb:640x360 --mount cam1=...:800x600
 
 Each mount loops the raw RGB24 frames of its file as a live H.264 stream at --fps (appsrc ! x264enc
-tune=zerolatency), shared by all clients of the mount. A --clip mount plays an H.264 .mp4 instead, with
+tune=zerolatency), shared by all clients of the mount. A mount may list more files of other sizes
+(cam=a.rgb:640x360,b.rgb:1280x720): it starts with the first. A --clip mount plays an H.264 .mp4 instead, with
 no encoder (benchmarks: the test server then takes almost no CPU), each client its own session from the
 clip's start: cameras connected one after another are out of phase, as real cameras are (the clients of
 a shared mount all get every frame at the same instant). Prints "ready PORT" once listening. Commands on
 stdin, one per line: "pause NAME" (stop sending frames but keep connections open: a stalled camera),
-"resume NAME", "quit".
+"resume NAME", "size NAME WxH" (send that file's frames from now on, same sessions: new SPS, as when an
+operator changes a camera's resolution), "corrupt NAME N" (the next N frames go out with their slice headers
+damaged, as after a lost packet: the decoder rejects them), "quit".
 
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --clip cam=clip.mp4
 """
@@ -29,14 +32,20 @@ from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
 class LoopingMount:
     """A shared live mount that pushes the next frame of its file into every prepared appsrc at `fps`."""
 
-    def __init__(self, name: str, path: str, width: int, height: int, fps: int) -> None:
-        self.name, self.width, self.height, self.fps = name, width, height, fps
-        with open(path, "rb") as f:
-            data = f.read()
-        size = width * height * 3
-        if not data or len(data) % size:
-            raise SystemExit(f"{path}: {len(data)} bytes is not a whole number of {width}x{height} RGB frames")
-        self.frames = [data[i:i + size] for i in range(0, len(data), size)]
+    def __init__(self, name: str, files: list[tuple[str, int, int]], fps: int) -> None:
+        self.name, self.fps = name, fps
+        self.sizes: dict[tuple[int, int], list[bytes]] = {}
+        for path, width, height in files:
+            with open(path, "rb") as f:
+                data = f.read()
+            size = width * height * 3
+            if not data or len(data) % size:
+                raise SystemExit(f"{path}: {len(data)} bytes is not a whole number of {width}x{height} RGB frames")
+            self.sizes[(width, height)] = [data[i:i + size] for i in range(0, len(data), size)]
+        width, height = files[0][1:]
+        self.frames = self.sizes[(width, height)]
+        self.corrupt = 0  # frames still to send with damaged slice headers
+        self._chaining = False
         self.paused = False
         self.appsrcs: list[Gst.Element] = []
         self.index = 0
@@ -55,6 +64,37 @@ class LoopingMount:
         src = media.get_element().get_by_name_recurse_up("src")
         self.appsrcs.append(src)
         media.connect("unprepared", lambda m: self.appsrcs.remove(src) if src in self.appsrcs else None)
+        pay = media.get_element().get_by_name_recurse_up("pay0")
+        pay.get_static_pad("sink").add_probe(Gst.PadProbeType.BUFFER, self._damage)
+
+    def _damage(self, pad, info):
+        """While `corrupt` frames are due: the encoded frame (AVC, 4-byte NAL lengths) is sent instead with each
+        slice's first_mb_in_slice out of range, which the decoder rejects; the original is dropped."""
+        buf = info.get_buffer()
+        if self.corrupt <= 0 or self._chaining:  # (the damaged copy itself passes this probe too)
+            return Gst.PadProbeReturn.OK
+        self.corrupt -= 1
+        data, i = bytearray(buf.extract_dup(0, buf.get_size())), 0
+        while i + 9 <= len(data):
+            n = int.from_bytes(data[i:i + 4], "big")
+            if data[i + 4] & 0x1F in (1, 5) and n > 5:  # a slice: the bytes after its header byte
+                data[i + 5:i + 9] = b"\x00\x01\x00\x01"
+            i += 4 + n
+        damaged = Gst.Buffer.new_wrapped(bytes(data))
+        damaged.pts, damaged.dts, damaged.duration = buf.pts, buf.dts, buf.duration
+        self._chaining = True
+        try:
+            pad.chain(damaged)
+        finally:
+            self._chaining = False
+        return Gst.PadProbeReturn.DROP
+
+    def resize(self, width: int, height: int) -> None:
+        """Send the frames of that size from now on, on the same sessions (the encoder starts a new SPS)."""
+        self.frames = self.sizes[(width, height)]
+        caps = Gst.Caps.from_string(f"video/x-raw,format=RGB,width={width},height={height},framerate={self.fps}/1")
+        for src in self.appsrcs:
+            src.set_property("caps", caps)
 
     def _tick(self) -> bool:
         if self.paused or not self.appsrcs:
@@ -81,7 +121,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, required=True)
     p.add_argument("--fps", type=int, default=25)
-    p.add_argument("--mount", action="append", default=[], help="NAME=FILE.rgb:WxH")
+    p.add_argument("--mount", action="append", default=[], help="NAME=FILE.rgb:WxH[,FILE.rgb:WxH...]")
     p.add_argument("--clip", action="append", default=[], help="NAME=FILE.mp4 (H.264)")
     args = p.parse_args()
     if not args.mount and not args.clip:
@@ -93,9 +133,12 @@ def main() -> None:
     mounts: dict[str, LoopingMount] = {}
     for spec in args.mount:
         name, rest = spec.split("=", 1)
-        path, size = rest.rsplit(":", 1)
-        w, h = (int(v) for v in size.split("x"))
-        mounts[name] = LoopingMount(name, path, w, h, args.fps)
+        files = []
+        for part in rest.split(","):
+            path, size = part.rsplit(":", 1)
+            w, h = (int(v) for v in size.split("x"))
+            files.append((path, w, h))
+        mounts[name] = LoopingMount(name, files, args.fps)
         server.get_mount_points().add_factory(f"/{name}", mounts[name].factory)
     for spec in args.clip:
         name, path = spec.split("=", 1)
@@ -108,11 +151,16 @@ def main() -> None:
 
     def commands() -> None:
         for line in sys.stdin:
-            cmd, _, name = line.strip().partition(" ")
+            cmd, _, rest = line.strip().partition(" ")
+            name, _, arg = rest.partition(" ")
             if cmd == "quit":
                 break
             if name in mounts and cmd in ("pause", "resume"):
                 GLib.idle_add(setattr, mounts[name], "paused", cmd == "pause")
+            elif name in mounts and cmd == "size":
+                GLib.idle_add(mounts[name].resize, *(int(v) for v in arg.split("x")))
+            elif name in mounts and cmd == "corrupt":
+                GLib.idle_add(setattr, mounts[name], "corrupt", int(arg))
         GLib.idle_add(loop.quit)
 
     threading.Thread(target=commands, daemon=True).start()

@@ -222,6 +222,23 @@ def test_stalled_camera_is_caught_by_the_watchdog(client, rtsp):
         client.remove_stream("stall")
 
 
+def test_corrupt_video_packets_are_skipped_on_the_same_connection(client, rtsp):
+    """Damaged NAL units (a lost packet, a flaky link) that the decoder rejects are skipped: the camera keeps
+    streaming on its connection, the count in its last error (a reconnect costs seconds and a wait for a keyframe)."""
+    client.add_stream("damaged", rtsp.url("cam0"))
+    try:
+        wait_state(client, "damaged", pb.STREAM_STATE_STREAMING)
+        rtsp.command("corrupt cam0 3")  # three frames whose every slice header is out of range
+        info = wait_until(lambda: (s := client.stream("damaged")).last_error and s, 10, what="the damage noticed")
+        before = info.frames_processed
+        wait_until(lambda: client.stream("damaged").frames_processed > before + 10, 10, what="frames after it")
+        info = client.stream("damaged")
+        assert info.state == pb.STREAM_STATE_STREAMING and info.reconnects == 0, info
+        assert "corrupt video packet" in info.last_error, info.last_error
+    finally:
+        client.remove_stream("damaged")
+
+
 def test_camera_that_goes_offline_reconnects_with_backoff(client, rtsp, server):
     client.add_stream("flaky", rtsp.url("cam0"))
     try:

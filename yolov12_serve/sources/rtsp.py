@@ -3,7 +3,8 @@
 Connection: TCP transport, socket and read timeouts, low-delay flags (no demuxer buffering), a short
 probe. Decoding and the letterbox resize (swscale) run in this thread; PyAV releases the GIL meanwhile.
 Failures: any error (refused, timeout, server gone, stream ended) -> RECONNECTING with `last_error`,
-then a retry after exponential backoff with jitter, forever until the stream is removed. Only errors
+then a retry after exponential backoff with jitter, forever until the stream is removed. A video packet the
+decoder rejects as corrupt is skipped on the same connection (the decoder resyncs at the next slice). Only errors
 that retrying cannot fix (no video track, no decoder for the codec, a missing file, a redirect to a host
 the server refuses: redirects.py) -> FAILED.
 Stalls: the server's watchdog calls `restart()` when STREAMING brings no frame for `stall_s`; the stuck
@@ -260,20 +261,44 @@ class AvSource(Source):
                          self.sink.stream_id, ctx.name, ctx.format.name if ctx.format else "unknown format")
         self.decoder = decoder
 
-    def _frames(self, container: InputContainer, video: VideoStream, hardware: bool) -> Iterator[av.VideoFrame]:
+    def _frames(self, container: InputContainer, video: VideoStream, hardware: bool,
+                gen: int) -> Iterator[av.VideoFrame]:
         """The video's decoded frames (demuxing and decoding apart, so that a packet the hardware decoder fails
-        on is told from a failing source: it raises _HardwareDecodeError after giving up the hardware)."""
+        on is told from a failing source: it raises _HardwareDecodeError after giving up the hardware). A packet the
+        CPU decoder rejects as corrupt is skipped, unless nothing has decoded for a whole read timeout since."""
         import av
 
+        failing_since: float | None = None  # when the decoder began rejecting packets with no frame since
+        skipped = 0
         for packet in container.demux(video):
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as e:
-                if not hardware:
-                    raise
-                self._give_up_hardware(scrub_url(f"decoding: {_describe(e)}", self.url))
-                raise _HardwareDecodeError(_own_text(e)) from e
+                if hardware:
+                    self._give_up_hardware(scrub_url(f"decoding: {_describe(e)}", self.url))
+                    raise _HardwareDecodeError(_own_text(e)) from e
+                t = now()
+                failing_since = t if failing_since is None else failing_since
+                if not isinstance(e, av.error.InvalidDataError) or t - failing_since > self.options.read_timeout_s:
+                    raise  # not corrupt data, or nothing decodable for a whole read timeout: reconnect
+                skipped += 1
+                self._skip_corrupt(e, skipped, gen)
+                continue
+            if frames:
+                failing_since = None
             yield from frames
+
+    def _skip_corrupt(self, e: BaseException, skipped: int, gen: int) -> None:
+        """A packet the decoder rejected as corrupt (a lost or damaged NAL unit) is skipped, not reconnected for:
+        the decoder picks up again at the next slice or keyframe, where a new connection would wait for a keyframe.
+        Logged once per connection; while streaming, the count is the stream's last error (ListStreams)."""
+        why = scrub_url(f"{skipped} corrupt video packet{'s' if skipped > 1 else ''} skipped on this connection "
+                        f"({_describe(e)})", self.url)
+        if skipped == 1:
+            log.warning("stream %s: %s", self.sink.stream_id, why)
+        with self._lock:
+            if self._streaming and self._current(gen):
+                self.sink.set_state(StreamState.STREAMING, why)
 
     def _stream_once(self, gen: int, backoff: Backoff) -> None:
         import av
@@ -293,7 +318,7 @@ class AvSource(Source):
             first = True
             try:
                 while True:
-                    for frame in self._frames(container, video, hardware):
+                    for frame in self._frames(container, video, hardware, gen):
                         if not self._current(gen):
                             return
                         if first:
