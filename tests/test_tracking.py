@@ -66,6 +66,17 @@ def test_a_part_gone_longer_than_max_age_comes_back_as_a_new_object():
     assert confirmed == [0, 0]
 
 
+def test_a_camera_at_one_frame_a_second_keeps_its_parts_ids():
+    """At 1 fps each frame comes just after max_age_s (1 s): a part seen in the previous frame keeps its id (every
+    track used to be forgotten there, and no part was ever counted); one missing from a frame is still let go."""
+    frames = [(i * 1.003, [part(600 - 40 * i, 100)]) for i in range(8)]
+    ids, confirmed = run(Tracker(), frames)
+    assert ids[0] == [0] and all(f == [1] for f in ids[1:]) and confirmed == [0], ids
+    frames[4] = (frames[4][0], [])  # not in one frame: 2 s unseen, two frame intervals
+    ids, confirmed = run(Tracker(), frames)
+    assert ids[1:4] == [[1]] * 3 and ids[5] == [0] and ids[6:] == [[2]] * 2, ids
+
+
 def test_a_one_frame_flicker_never_becomes_an_object():
     frames = [(i / 25, [part(300 - 6 * i, 100)] + ([part(50, 200, cls=2)] if i == 7 else [])) for i in range(20)]
     ids, confirmed = run(Tracker(), frames)

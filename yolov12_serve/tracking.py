@@ -6,14 +6,18 @@ at its measured velocity over the time since: frames dropped under overload only
 only, best pairs first; what IoU leaves unmatched is matched by centre distance within one box size (a fast part
 or a low frame rate moves further than its own width). A track is confirmed, and gets its id, at its second
 match: a one-frame flicker never becomes an object, and only a detection scoring `new_track_score` starts a track
-(weaker ones continue one). One not seen for `max_age_s` is forgotten.
+(weaker ones continue one). One not seen for `max_age_s` is forgotten, or, on a camera whose results come further
+apart than that (1 fps, a low max_fps), for SLOW_CAMERA_FRAMES of its frame intervals.
 """
 
 from __future__ import annotations
 
+import collections
+import statistics
+
 import numpy as np
 
-__all__ = ["MAX_AGE_S", "MIN_IOU", "NEW_TRACK_SCORE", "Tracker"]
+__all__ = ["MAX_AGE_S", "MIN_IOU", "NEW_TRACK_SCORE", "SLOW_CAMERA_FRAMES", "Tracker"]
 
 MAX_AGE_S = 1.0  # a track not matched for this long is over (a part hidden by an arm for a moment keeps its id)
 MIN_IOU = 0.2  # IoU with a track's predicted box that counts as the same object
@@ -22,6 +26,10 @@ CONFIRM_HITS = 2  # matches before a track is confirmed (gets an id and is count
 # flickering boxes would each become an object. The demo model's four cameras, 23 s each: 17, 23, 8 and 16 objects
 # counted where 17, 18, 10 and 18 parts passed; without this rule 28, 38, 19 and 43.
 NEW_TRACK_SCORE = 0.5
+# On a slow camera a track lives this many of its frame intervals (the median of the last few gaps between results,
+# so a stall does not stretch it): at 1 fps a part seen in the previous frame is still tracked, one missing from a
+# frame is not. At max_age_s alone, each frame 1.002 s after the last forgot every track: no part was counted.
+SLOW_CAMERA_FRAMES = 1.5
 
 
 def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -64,6 +72,8 @@ class Tracker:
         self._hits = np.zeros(0, np.int64)
         self._ids = np.zeros(0, np.int64)  # 0 until confirmed
         self.next_id = 1  # the id the next confirmed object gets
+        self._last_t: float | None = None  # time of the previous update
+        self._gaps: collections.deque[float] = collections.deque(maxlen=9)  # the latest times between updates
 
     def __len__(self) -> int:
         return len(self._ids)
@@ -73,8 +83,14 @@ class Tracker:
         of each track confirmed by this frame)."""
         n = len(detections)
         ids = np.zeros(n, np.int64)
+        if self._last_t is not None and t > self._last_t:
+            self._gaps.append(t - self._last_t)
+        self._last_t = t
         if len(self._ids):
-            live = t - self._seen <= self.max_age_s
+            max_age = self.max_age_s
+            if self._gaps:
+                max_age = max(max_age, SLOW_CAMERA_FRAMES * statistics.median(self._gaps))
+            live = t - self._seen <= max_age
             if not live.all():
                 self._keep(live)
         if not n:
