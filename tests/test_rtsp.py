@@ -43,13 +43,18 @@ def free_port() -> int:
 
 
 class RtspServer:
-    """tests/rtsp_server.py in a subprocess: start, pause/resume a mount, kill, start again on the same port."""
+    """tests/rtsp_server.py in a subprocess: start, pause/resume a mount, kill, start again on the same port. A mount
+    is a file of frames and their size, or a list of such (the first is sent first: "size NAME WxH" switches)."""
 
-    def __init__(self, port: int, mounts: dict[str, tuple[Path, tuple[int, int]]]) -> None:
+    def __init__(self, port: int, mounts: dict[str, tuple[Path, tuple[int, int]] | list[tuple[Path, tuple[int, int]]]]
+                 ) -> None:
         self.port, self.mounts, self.proc = port, mounts, None
 
     def start(self) -> None:
-        args = [f"--mount={n}={p}:{w}x{h}" for n, (p, (w, h)) in self.mounts.items()]
+        args = []
+        for name, files in self.mounts.items():
+            files = files if isinstance(files, list) else [files]
+            args.append(f"--mount={name}=" + ",".join(f"{p}:{w}x{h}" for p, (w, h) in files))
         self.proc = subprocess.Popen([GST_PYTHON, str(ROOT / "tests" / "rtsp_server.py"), "--port", str(self.port),
                                       *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      text=True)
@@ -205,6 +210,53 @@ def test_a_camera_sending_black_frames_is_reported_blank(tmp_path):
     finally:
         srv.close()
         stop_cameras(cams)
+
+
+def test_a_resolution_change_mid_stream_keeps_boxes_and_tracks_in_the_new_frame_s_pixels(client, tmp_path):
+    """The operator sets the camera from 640x360 to 1280x720 (a new SPS on the same session, the same view): each
+    result's size and boxes are its own frame's (twice the old ones), and the parts in sight keep their track ids
+    rather than being counted again."""
+    from PIL import Image
+
+    from yolov12_serve.sources.synthetic import SyntheticCamera, render_strip
+
+    scene = np.ascontiguousarray(render_strip(SyntheticCamera("cam0", size=(360, 640), seed=10))[:, :640])
+    small, large = tmp_path / "360.rgb", tmp_path / "720.rgb"
+    small.write_bytes(scene.tobytes())  # one picture: the same parts in every frame
+    large.write_bytes(np.asarray(Image.fromarray(scene).resize((1280, 720), Image.BILINEAR)).tobytes())
+    cams = RtspServer(free_port(), {"cam": [(small, (640, 360)), (large, (1280, 720))]})
+    cams.start()
+    client.add_stream("resized", cams.url("cam"), track=True)
+    try:
+        wait_state(client, "resized", pb.STREAM_STATE_STREAMING)
+        watch = client.watch(["resized"])
+        got: list[pb.FrameDetections] = []
+        try:
+            for fd in watch:
+                got.append(fd)
+                if len(got) == 10:
+                    cams.command("size cam 1280x720")
+                if sum(fd.width == 1280 for fd in got) >= 10 or len(got) > 300:
+                    break
+        finally:
+            watch.cancel()
+        objects = client.stream("resized").objects
+    finally:
+        client.remove_stream("resized")
+        stop_cameras(cams)
+    assert all((fd.width, fd.height) in ((640, 360), (1280, 720)) for fd in got)
+    before = {d.track_id: d for fd in got[:10] for d in fd.detections if d.track_id}
+    after = [fd for fd in got if fd.width == 1280][2:]  # from its third frame: every part seen at the new size twice
+    assert before and len(after) >= 8, (before, len(after))
+    for fd in after:
+        ids = {d.track_id for d in fd.detections if d.track_id}
+        assert ids and ids <= set(before), (ids, sorted(before))  # the same objects, no new ones
+        for d in fd.detections:
+            assert 0 <= d.x1 < d.x2 <= 1280 and 0 <= d.y1 < d.y2 <= 720
+            if d.track_id:
+                old = before[d.track_id]
+                assert np.allclose([d.x1, d.y1, d.x2, d.y2], [2 * old.x1, 2 * old.y1, 2 * old.x2, 2 * old.y2], atol=8)
+    assert objects == len(before), objects
 
 
 def test_stalled_camera_is_caught_by_the_watchdog(client, rtsp):

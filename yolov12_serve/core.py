@@ -648,7 +648,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
     def _track(self, stream: Stream, result: FrameResult) -> tuple[FrameResult, list[int]]:
         """`result` with its detections' track ids, and the classes of the objects it confirmed (with
         --evidence-dir, their pictures are asked for, and a picture waiting for this frame gets its boxes)."""
-        track_ids, new = stream.track(result.detections, result.capture_time_us / 1e6 or now())
+        track_ids, new = stream.track(result.detections, result.capture_time_us / 1e6 or now(), result.src_hw)
         result = dataclasses.replace(result, track_ids=track_ids)
         confirmed = result.detections[new, 5].astype(int).tolist()
         evidence = self.evidence

@@ -256,13 +256,14 @@ class Stream:
         if check.add(grey, t) != before:
             self.note_picture(check.reported)
 
-    def track(self, detections: np.ndarray, t: float) -> tuple[np.ndarray, np.ndarray]:
-        """Its tracker's ids for a result's detections at capture time `t`, and the rows whose object this frame
-        confirmed (one result at a time: two workers may publish this camera's frames at once)."""
+    def track(self, detections: np.ndarray, t: float,
+              src_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Its tracker's ids for a result's detections at capture time `t` in a frame of `src_hw`, and the rows whose
+        object this frame confirmed (one result at a time: two workers may publish this camera's frames at once)."""
         assert self.tracker is not None
         with self._lock:
             first = self.tracker.next_id
-            ids, _ = self.tracker.update(detections, t)
+            ids, _ = self.tracker.update(detections, t, src_hw)
             new = np.flatnonzero(ids >= first)
             self.objects += len(new)
             return ids, new

@@ -73,16 +73,20 @@ class Tracker:
         self._ids = np.zeros(0, np.int64)  # 0 until confirmed
         self.next_id = 1  # the id the next confirmed object gets
         self._last_t: float | None = None  # time of the previous update
+        self._src_hw: tuple[int, int] | None = None  # the frame size the tracks' boxes are in pixels of
         self._gaps: collections.deque[float] = collections.deque(maxlen=9)  # the latest times between updates
 
     def __len__(self) -> int:
         return len(self._ids)
 
-    def update(self, detections: np.ndarray, t: float) -> tuple[np.ndarray, list[int]]:
+    def update(self, detections: np.ndarray, t: float,
+               src_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, list[int]]:
         """(track id per row of `detections` [N, 6] (x1, y1, x2, y2, score, class) at time `t` in seconds, the class
-        of each track confirmed by this frame)."""
+        of each track confirmed by this frame). `src_hw`: the (h, w) of the frame the boxes are in pixels of."""
         n = len(detections)
         ids = np.zeros(n, np.int64)
+        if src_hw is not None:
+            self._rescale(src_hw)
         if self._last_t is not None and t > self._last_t:
             self._gaps.append(t - self._last_t)
         self._last_t = t
@@ -144,6 +148,17 @@ class Tracker:
         closeness = np.where(same_class[np.ix_(r, c)], 1.0 - gap / np.maximum(size, 1.0), -1.0)
         d2, k2 = _greedy(closeness, 0.0)
         return np.concatenate([d, r[d2]]), np.concatenate([k, c[k2]])
+
+    def _rescale(self, src_hw: tuple[int, int]) -> None:
+        """The camera's frames changed size (its resolution set anew, on the same or a new connection): its tracks'
+        boxes and speeds are scaled to the new pixels, the same view assumed, so parts in sight keep their ids
+        rather than being counted again (or a part's old box, in the old pixels, matching another part)."""
+        old, self._src_hw = self._src_hw, (int(src_hw[0]), int(src_hw[1]))
+        if old is None or old == self._src_hw or not all(old):
+            return
+        sy, sx = self._src_hw[0] / old[0], self._src_hw[1] / old[1]
+        self._boxes = self._boxes * np.array([sx, sy, sx, sy])
+        self._velocity = self._velocity * np.array([sx, sy])
 
     def _keep(self, which: np.ndarray) -> None:
         self._boxes, self._velocity = self._boxes[which], self._velocity[which]

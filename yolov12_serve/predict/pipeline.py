@@ -825,4 +825,4 @@ class _Run:
         frame's time (a video's position, a camera's capture time; images: 30 a second)."""
         tracker = self.trackers.setdefault(result.source, Tracker())
         t = result.time if result.time is not None else result.frame / 30.0
-        result.boxes.id, _ = tracker.update(result.boxes.data, t)
+        result.boxes.id, _ = tracker.update(result.boxes.data, t, result.boxes.orig_shape)
