@@ -7,8 +7,9 @@ tune=zerolatency), shared by all clients of the mount. A mount may list more fil
 (cam=a.rgb:640x360,b.rgb:1280x720): it starts with the first. A --clip mount plays an H.264 .mp4 instead, with
 no encoder (benchmarks: the test server then takes almost no CPU), each client its own session from the
 clip's start: cameras connected one after another are out of phase, as real cameras are (the clients of
-a shared mount all get every frame at the same instant). Prints "ready PORT" once listening. Commands on
-stdin, one per line: "pause NAME" (stop sending frames but keep connections open: a stalled camera),
+a shared mount all get every frame at the same instant). --udp-only mounts refuse RTSP over TCP (461
+Unsupported Transport), as some cameras do. Prints "ready PORT" once listening. Commands on stdin, one per line:
+"pause NAME" (stop sending frames but keep connections open: a stalled camera),
 "resume NAME", "size NAME WxH" (send that file's frames from now on, same sessions: new SPS, as when an
 operator changes a camera's resolution), "corrupt NAME N" (the next N frames go out with their slice headers
 damaged, as after a lost packet: the decoder rejects them), "quit".
@@ -25,8 +26,9 @@ import threading
 import gi
 
 gi.require_version("Gst", "1.0")
+gi.require_version("GstRtsp", "1.0")
 gi.require_version("GstRtspServer", "1.0")
-from gi.repository import GLib, Gst, GstRtspServer  # noqa: E402
+from gi.repository import GLib, Gst, GstRtsp, GstRtspServer  # noqa: E402
 
 
 class LoopingMount:
@@ -123,6 +125,7 @@ def main() -> None:
     p.add_argument("--fps", type=int, default=25)
     p.add_argument("--mount", action="append", default=[], help="NAME=FILE.rgb:WxH[,FILE.rgb:WxH...]")
     p.add_argument("--clip", action="append", default=[], help="NAME=FILE.mp4 (H.264)")
+    p.add_argument("--udp-only", action="store_true", help="refuse RTSP over TCP (461), as some cameras do")
     args = p.parse_args()
     if not args.mount and not args.clip:
         p.error("give at least one --mount or --clip")
@@ -139,6 +142,8 @@ def main() -> None:
             w, h = (int(v) for v in size.split("x"))
             files.append((path, w, h))
         mounts[name] = LoopingMount(name, files, args.fps)
+        if args.udp_only:
+            mounts[name].factory.set_protocols(GstRtsp.RTSPLowerTrans.UDP)
         server.get_mount_points().add_factory(f"/{name}", mounts[name].factory)
     for spec in args.clip:
         name, path = spec.split("=", 1)

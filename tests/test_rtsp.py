@@ -46,9 +46,9 @@ class RtspServer:
     """tests/rtsp_server.py in a subprocess: start, pause/resume a mount, kill, start again on the same port. A mount
     is a file of frames and their size, or a list of such (the first is sent first: "size NAME WxH" switches)."""
 
-    def __init__(self, port: int, mounts: dict[str, tuple[Path, tuple[int, int]] | list[tuple[Path, tuple[int, int]]]]
-                 ) -> None:
-        self.port, self.mounts, self.proc = port, mounts, None
+    def __init__(self, port: int, mounts: dict[str, tuple[Path, tuple[int, int]] | list[tuple[Path, tuple[int, int]]]],
+                 *options: str) -> None:
+        self.port, self.mounts, self.options, self.proc = port, mounts, options, None
 
     def start(self) -> None:
         args = []
@@ -56,8 +56,8 @@ class RtspServer:
             files = files if isinstance(files, list) else [files]
             args.append(f"--mount={name}=" + ",".join(f"{p}:{w}x{h}" for p, (w, h) in files))
         self.proc = subprocess.Popen([GST_PYTHON, str(ROOT / "tests" / "rtsp_server.py"), "--port", str(self.port),
-                                      *args], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     text=True)
+                                      *args, *self.options], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
         line = self.proc.stdout.readline()
         assert line.startswith("ready"), f"RTSP server did not start: {line}{self.proc.stdout.read()[:2000]}"
 
@@ -257,6 +257,23 @@ def test_a_resolution_change_mid_stream_keeps_boxes_and_tracks_in_the_new_frame_
                 old = before[d.track_id]
                 assert np.allclose([d.x1, d.y1, d.x2, d.y2], [2 * old.x1, 2 * old.y1, 2 * old.x2, 2 * old.y2], atol=8)
     assert objects == len(before), objects
+
+
+def test_a_camera_that_refuses_rtsp_over_tcp_is_received_over_udp(client, tmp_path):
+    """Some cameras answer SETUP over TCP with 461 Unsupported Transport: the server takes their video over UDP
+    (it used to retry over TCP for ever, RECONNECTING with "Protocol not supported")."""
+    frames = tmp_path / "udp.rgb"
+    frames.write_bytes(bytes(range(256)) * (320 * 180 * 3 * 5 // 256))
+    cams = RtspServer(free_port(), {"udp": (frames, (320, 180))}, "--udp-only")
+    cams.start()
+    client.add_stream("udp-only", cams.url("udp"))
+    try:
+        wait_state(client, "udp-only", pb.STREAM_STATE_STREAMING, timeout=15)
+        wait_until(lambda: client.stream("udp-only").frames_processed >= 10, 10, what="frames over UDP")
+        assert client.stream("udp-only").reconnects == 0
+    finally:
+        client.remove_stream("udp-only")
+        stop_cameras(cams)
 
 
 def test_stalled_camera_is_caught_by_the_watchdog(client, rtsp):

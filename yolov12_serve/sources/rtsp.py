@@ -1,7 +1,8 @@
 """Cameras pulled with PyAV (RTSP over TCP, or video files with --allow-files), one thread per stream.
 
-Connection: TCP transport, socket and read timeouts, low-delay flags (no demuxer buffering), a short
-probe. Decoding and the letterbox resize (swscale) run in this thread; PyAV releases the GIL meanwhile.
+Connection: TCP transport (UDP for a camera that refuses TCP), socket and read timeouts, low-delay flags (no
+demuxer buffering), a short probe. Decoding and the letterbox resize (swscale) run in this thread; PyAV releases
+the GIL meanwhile.
 Failures: any error (refused, timeout, server gone, stream ended) -> RECONNECTING with `last_error`,
 then a retry after exponential backoff with jitter, forever until the stream is removed. A video packet the
 decoder rejects as corrupt is skipped on the same connection (the decoder resyncs at the next slice). Only errors
@@ -20,6 +21,7 @@ stream is reopened at once on the CPU, with one warning, and stays there until i
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import threading
@@ -111,6 +113,7 @@ class AvSource(Source):
         self._lock = threading.RLock()  # stop() may come from the sink while this thread reports a failure
         self._streaming = False
         self._hardware_failed = ""  # why hardware decoding was given up for this stream ('' while allowed)
+        self._transport = "tcp"  # RTSP's lower transport: UDP only for a camera that refuses TCP (_udp_instead)
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
 
     def start(self) -> None:
@@ -147,7 +150,7 @@ class AvSource(Source):
         if self.is_file:
             return {}
         return {
-            "rtsp_transport": "tcp",
+            "rtsp_transport": self._transport,
             "timeout": str(int(self.options.read_timeout_s * 1e6)),  # socket timeout, microseconds
             "fflags": "nobuffer",
             "flags": "low_delay",
@@ -175,6 +178,8 @@ class AvSource(Source):
                     self.sink.set_state(StreamState.FAILED, why)
                 return
             except Exception as e:
+                if self._udp_instead(e):
+                    continue  # connect again at once, over UDP
                 with self._lock:
                     if not self._current(gen):
                         break
@@ -184,6 +189,16 @@ class AvSource(Source):
                     self.sink.set_state(StreamState.RECONNECTING, msg)
                     self.sink.count_reconnect()
                 self._stopped.wait(backoff.next_delay())
+
+    def _udp_instead(self, e: BaseException) -> bool:
+        """True (and UDP from now on) when the camera refused RTSP over TCP (461 Unsupported Transport: some
+        cameras stream over UDP only, which would otherwise be retried over TCP forever)."""
+        if self.is_file or self._transport != "tcp" or not isinstance(e, OSError) or e.errno != errno.EPROTONOSUPPORT:
+            return False
+        self._transport = "udp"
+        log.warning("stream %s: the camera refuses RTSP over TCP; receiving it over UDP (a packet lost on the "
+                    "network damages a frame)", self.sink.stream_id)
+        return True
 
     def _hwaccel(self) -> HWAccel | None:
         """The hardware acceleration for the next connection (None: decode on the CPU)."""
