@@ -866,6 +866,38 @@ def test_a_stop_says_whether_there_is_anything_to_resume(stop: str, rc: int, lin
     assert run_dir.exists() == stop.endswith("after-epoch")
 
 
+@pytest.mark.parametrize("stop", [False, True])
+def test_under_torchrun_a_rank_other_than_0_makes_no_run_folder(stop: bool, tiny_data: Path, tmp_path: Path,
+                                                               monkeypatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """Under torchrun every rank runs yolov12-train. A rank other than 0 (another GPU, another node) picks no run
+    folder and writes nothing: on a shared project folder each rank numbered its own (rank 0 in NAME2 while rank 1
+    took NAME, or both wrote NAME/weights/init.pt at once). Its starting weights are built in memory (rank 0's are
+    broadcast to it); it prints no `weights:` line and, stopped, no resume advice (rank 0 says it)."""
+    import signal
+
+    from torch import nn
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+
+    from trainer.cli import train_main
+
+    (tmp_path / "runs" / "run").mkdir(parents=True)  # a run of that name exists: a new one goes to run2
+    for key, value in {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}.items():
+        monkeypatch.setenv(key, value)
+    seen = _fake_run(monkeypatch, SignalException("got signal", signal.SIGTERM) if stop else None)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        rc = train_main(["--data", str(tiny_data), "--epochs", "1", "--imgsz", "64", "--workers", "0", "--device",
+                         "cpu", "--project", str(tmp_path / "runs"), "--name", "run"])
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    out, err = capsys.readouterr()
+    assert rc == (143 if stop else 0), err
+    assert [p.relative_to(tmp_path) for p in sorted(tmp_path.rglob("*"))] == [Path("runs"), Path("runs/run")]
+    assert isinstance(seen[0]["init_weights"], nn.Module)
+    assert "weights:" not in out
+    assert err.strip().splitlines() == (["yolov12-train: terminated"] if stop else [])
+
+
 def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
     """--exist-ok reusing a folder: the new run's results.csv holds only its own epochs (a resumed run appends)."""
     import time

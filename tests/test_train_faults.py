@@ -1,5 +1,5 @@
 """Faults in real two-process gloo jobs: out of memory on one rank (in a step or in validation), a validation longer
-than --dist-timeout, a rank that fails.
+than --dist-timeout, a rank that fails; two torchrun "machines" on loopback whose second cannot start or has other data.
 
 Out of memory on one rank: every rank discards the step, halves, replays, in step.
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -273,3 +274,75 @@ def test_a_validation_that_fails_leaves_the_trained_epoch_in_last_pt(tiny_data: 
     err = capsys.readouterr().err
     assert f"validation of epoch 1 failed; the epoch's weights are saved in {last} (resume with --resume)" in err
     assert not (last.parent / "best.pt").exists()  # unvalidated weights are not passed off as the best
+
+
+def _node_copy(tiny_data: Path, node: Path, drop: int = 0) -> None:
+    """The dataset on one "machine": its own copy under node/data, data.yaml without an absolute `path` (the root
+    is the yaml's folder), `drop` train images (and their labels) left out."""
+    import shutil
+
+    src = tiny_data.parent if tiny_data.is_file() else tiny_data
+    shutil.copytree(src, node / "data", ignore=shutil.ignore_patterns("*.cache"))
+    yaml = node / "data" / "data.yaml"
+    yaml.write_text("".join(ln for ln in yaml.read_text().splitlines(keepends=True) if not ln.startswith("path:")))
+    for image in sorted((node / "data" / "images" / "train").iterdir())[:drop]:
+        image.unlink()
+        (node / "data" / "labels" / "train" / f"{image.stem}.txt").unlink(missing_ok=True)
+
+
+def _two_torchrun_nodes(nodes: list[Path], *args: str, timeout: float = 100) -> list[tuple[int, str]]:
+    """`torchrun --nnodes 2 --nproc-per-node 1` twice on loopback, each "machine" in its own folder (nothing shared
+    but the rendezvous), running `yolov12-train ARGS`: the static form the Kubeflow PyTorchJob uses (node 0 hosts
+    the store). Each node's (exit status, stderr)."""
+    import contextlib
+    import signal
+    import subprocess
+    import sys
+
+    from trainer.distributed import _free_port
+
+    port = str(_free_port())
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", port,
+                               "-m", "trainer.cli", *args], cwd=node, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, start_new_session=True)
+             for rank, node in enumerate(nodes)]
+    try:
+        return [(p.returncode, err) for p in procs for _, err in [p.communicate(timeout=timeout)]]
+    finally:
+        for p in procs:  # each launcher with the training process it started
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(p.pid, signal.SIGKILL)
+
+
+@pytest.mark.parametrize("node1", ["no-dataset", "other-dataset"])
+def test_a_node_whose_dataset_is_missing_or_differs_ends_both_nodes_at_once(node1: str, tiny_data: Path,
+                                                                           tmp_path: Path) -> None:
+    """Two real torchrun "machines" on loopback, each with its own disk. Node 1's dataset is missing (it stops
+    before joining the others), or holds other images (the ranks would run different numbers of steps): both
+    nodes end at once with one line naming the cause, not after --dist-timeout (600 s here) with a gloo timeout;
+    node 1, not rank 0, leaves nothing in its project folder."""
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    _node_copy(tiny_data, nodes[0])
+    if node1 == "no-dataset":
+        nodes[1].mkdir()
+    else:
+        _node_copy(tiny_data, nodes[1], drop=8)
+    t0 = time.monotonic()
+    (rc0, err0), (rc1, err1) = _two_torchrun_nodes(nodes, "--data", "data/data.yaml", "--imgsz", "64", "--batch",
+                                                   "4", "--epochs", "1", "--workers", "0", "--device", "cpu",
+                                                   "--dist-timeout", "600", "--project", "runs", "--no-plots")
+    assert time.monotonic() - t0 < 90
+    lines = [[ln for ln in err.splitlines() if ln.startswith("yolov12-train: error:")] for err in (err0, err1)]
+    assert rc0 and rc1, (err0[-2000:], err1[-2000:])
+    if node1 == "no-dataset":
+        assert lines[1] == [lines[1][0]] and "data/data.yaml: data.yaml not found" in lines[1][0], err1[-2000:]
+        assert lines[0] == [f"yolov12-train: error: rank 1 (host {socket.gethostname()}) could not start: "
+                            f"{lines[1][0].removeprefix('yolov12-train: error: ')}"], err0[-2000:]
+    else:
+        for got in lines:
+            assert len(got) == 1 and got[0].startswith("yolov12-train: error: the train split differs between the "
+                                                       "processes (rank 0: 16 images"), (err0[-2000:], err1[-2000:])
+            assert "rank 1: 8 images" in got[0] and "every node needs the same dataset at the same path" in got[0]
+    assert not (nodes[1] / "runs").exists()

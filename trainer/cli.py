@@ -122,7 +122,9 @@ def _stopped(yolo: object, signum: int) -> int:
     epoch saved a last.pt, that there is nothing to resume yet."""
     how, status = ("interrupted", 130) if signum == signal.SIGINT else ("terminated", 143)
     save_dir = getattr(yolo, "save_dir", None)
-    if save_dir is not None and (Path(save_dir) / "weights" / "last.pt").is_file():
+    if _launched_rank() != 0:  # under torchrun: rank 0 holds the run folder and says whether it can be resumed
+        print(f"yolov12-train: {how}", file=sys.stderr)
+    elif save_dir is not None and (Path(save_dir) / "weights" / "last.pt").is_file():
         print(f"yolov12-train: {how} (resume with --resume)", file=sys.stderr)
     else:
         print(f"yolov12-train: {how} before the first epoch finished: nothing can be resumed yet; start the run "
@@ -142,6 +144,25 @@ class OneLineParser(argparse.ArgumentParser):
 def _fail(prog: str, e: BaseException) -> int:
     print(f"{prog}: error: {e}", file=sys.stderr)
     return 2
+
+
+def _launched_rank() -> int:
+    """The global rank torchrun gave this process (RANK), 0 when not launched; read without importing torch."""
+    import os
+
+    return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ else 0
+
+
+def _fail_train(e: BaseException) -> int:
+    """`_fail` for yolov12-train; under torchrun, before this rank joined the others, its error is posted for them
+    too (they stop with it at once instead of waiting --dist-timeout for this rank)."""
+    import os
+
+    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        from .distributed import report_start_failure
+
+        report_start_failure(str(e))
+    return _fail("yolov12-train", e)
 
 
 def _torch_missing(prog: str) -> int:
@@ -176,7 +197,7 @@ def train_main(argv: list[str] | None = None) -> int:
                                  "names; `yolov12-data synth --out DIR` writes one), or --resume a run")
             load_data_config(args["data"])
     except (ValueError, FileNotFoundError) as e:
-        return _fail("yolov12-train", e)
+        return _fail_train(e)
     from . import YOLO
     from .checkpoint import CheckpointError
 
@@ -188,12 +209,14 @@ def train_main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return _stopped(yolo, signal.SIGINT)
     except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, TypeError) as e:
-        return _fail("yolov12-train", e)
+        return _fail_train(e)
     except Exception as e:
         # with several processes torch's launcher stops the ranks and raises its own SignalException (with the signal)
         if not isinstance(e, TerminatedError) and type(e).__name__ != "SignalException":
             raise
         return _stopped(yolo, getattr(e, "sigval", signal.SIGTERM))
+    if _launched_rank() != 0:  # under torchrun: rank 0 wrote the run and says where
+        return 0
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     weights = Path(yolo.save_dir) / "weights"

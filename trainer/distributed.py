@@ -3,15 +3,19 @@
 Started plainly with several devices, training re-launches itself through
 `torch.distributed.launcher.api.elastic_launch` (what `torchrun` runs): one process per GPU,
 NCCL on CUDA, gloo on CPU. Started under `torchrun` (any number of nodes) it joins that group.
-Every collective has a timeout, so a dead rank ends the run with an error instead of a hang.
+Every collective has a timeout, so a dead rank ends the run with an error instead of a hang. Under torchrun,
+a rank that cannot start (its node's dataset or last.pt missing) posts its error in the launcher's store
+before exiting, and every rank reads those posts before joining: the others stop with that line at once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,7 +27,8 @@ from torch import nn
 from .lockstep import all_reduce_sum
 
 __all__ = ["EPOCH_END_WAIT_S", "CrossRankBatchNorm", "DistContext", "all_reduce_tensors", "barrier", "broadcast_module",
-           "convert_sync_batchnorm", "epoch_end_group", "init_process", "launch", "parse_devices", "under_launcher"]
+           "convert_sync_batchnorm", "epoch_end_group", "init_process", "launch", "launched_rank", "parse_devices",
+           "report_start_failure", "under_launcher"]
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,68 @@ def under_launcher() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
 
 
+def launched_rank() -> int:
+    """This process's global rank under torchrun (RANK); 0 when not launched. Known before the group is joined."""
+    return int(os.environ["RANK"]) if under_launcher() else 0
+
+
+_joined = False  # this process reached the process group (a failure after that is seen by the others' collectives)
+
+
+def _start_store(timeout_s: float) -> Any:
+    """The launcher's key-value store (torchrun's agent on the rendezvous host: MASTER_ADDR, MASTER_PORT), under
+    keys of this launch attempt only; None when not launched with several processes."""
+    if not (under_launcher() and int(os.environ["WORLD_SIZE"]) > 1 and "MASTER_ADDR" in os.environ
+            and "MASTER_PORT" in os.environ):
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                          timeout=datetime.timedelta(seconds=timeout_s))
+    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
+    return dist.PrefixStore(f"yolov12-train/start/{attempt}/", store)
+
+
+def report_start_failure(message: str) -> None:
+    """Under torchrun, before this process joined the group: post why it cannot start, so that every other rank
+    stops with this line at once (`init_process`) instead of waiting --dist-timeout for it. Best effort, never
+    raises; a no-op once joined or when not launched."""
+    if _joined:
+        return
+    with contextlib.suppress(Exception):
+        store = _start_store(10.0)
+        if store is not None:  # the first failure posted is the one every rank reports
+            store.compare_set("failed", "", f"{os.environ['RANK']}\n{socket.gethostname()}\n{message}")
+
+
+def _agree_to_start(timeout_s: float) -> None:
+    """Count this rank ready and wait until every rank is; a failure a rank posted (or a rank missing after
+    `timeout_s`) is one RuntimeError line here, on every rank, before anyone waits in the group."""
+    try:
+        store = _start_store(timeout_s)
+        if store is None:
+            return
+        world = int(os.environ["WORLD_SIZE"])
+        ready, deadline = store.add("ready", 1), time.monotonic() + timeout_s
+        while True:
+            if store.check(["failed"]):
+                rank, host, failure = store.get("failed").decode().split("\n", 2)
+                raise RuntimeError(f"rank {rank} (host {host}) could not start: {failure}")
+            if ready >= world:
+                return
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{world - ready} of {world} processes did not start within --dist-timeout "
+                                   f"{timeout_s:g} s: see the log of every node")
+            time.sleep(0.25)
+            ready = store.add("ready", 0)
+    except dist.DistError as e:
+        reason = (str(e).strip().splitlines() or [""])[0]
+        raise RuntimeError(f"lost torchrun's store while waiting for every rank to start (its node's launcher "
+                           f"ended?): {reason}") from None
+
+
 def init_process(devices: list[str], timeout_s: float) -> DistContext:
-    """Join the process group when launched (or return a single-process context) and pick this rank's device."""
+    """Join the process group when launched (or return a single-process context) and pick this rank's device.
+    Under torchrun every rank first waits for all the others to be ready to join (`_agree_to_start`)."""
+    global _joined
     if not under_launcher():
         dev = torch.device("cpu") if devices == ["cpu"] else torch.device(f"cuda:{devices[0]}")
         if dev.type == "cuda":
@@ -89,6 +154,8 @@ def init_process(devices: list[str], timeout_s: float) -> DistContext:
         dev, backend = torch.device(f"cuda:{devices[local % len(devices)]}"), "nccl"
         torch.cuda.set_device(dev)
     if not dist.is_initialized():
+        _agree_to_start(timeout_s)
+        _joined = True
         dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s),
                                 device_id=dev if backend == "nccl" else None)
     return DistContext(rank, world, local, dev)

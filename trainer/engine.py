@@ -39,6 +39,7 @@ from .distributed import (
     epoch_end_group,
     init_process,
     launch,
+    launched_rank,
     parse_devices,
     under_launcher,
 )
@@ -81,6 +82,7 @@ class Trainer:
                                           batch_size=cfg.batch if cfg.rect else self.per_process, seed=cfg.seed,
                                           workers=max(cfg.workers, 1), verbose=False)
         self.show_report(self.train_set.report)
+        self._agree_on_train_split()
         if not self.train_set.report.boxes_used:  # every rank sees the same scan, so every rank stops here
             raise DataError(self.train_set.report.no_boxes_message())
         self.train_loader = build_dataloader(self.train_set, self.per_process, cfg.workers, shuffle=True,
@@ -157,6 +159,33 @@ class Trainer:
         self.start_time = time.time()
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks() + list(hooks or []))
+
+    def _agree_on_train_split(self) -> None:
+        """Every rank reads the train split from its own node's disk: its class names, images (relative to the
+        dataset's root) and labels must be the same everywhere, or the ranks would run different numbers of
+        steps and wait on each other until --dist-timeout. A difference stops every rank with one line."""
+        if not self.ctx.distributed:
+            return
+        import hashlib
+
+        from .data import DataError
+
+        digest = hashlib.blake2b(repr(sorted(self.data.names.items())).encode(), digest_size=7)
+        records = self.train_set.records
+        for rec in sorted(records, key=lambda r: r.im_file):
+            path = Path(rec.im_file)
+            digest.update(str(path.relative_to(self.data.root) if path.is_relative_to(self.data.root) else path.name)
+                          .encode())
+            digest.update(np.ascontiguousarray(rec.cls, dtype=np.int64).tobytes())
+            digest.update(np.ascontiguousarray(rec.boxes, dtype=np.float32).tobytes())
+        boxes = sum(len(r.cls) for r in records)
+        mine = torch.tensor([len(records), boxes, int.from_bytes(digest.digest(), "big")], device=self._comm_device)
+        every = [torch.zeros_like(mine) for _ in range(self.ctx.world_size)]
+        dist.all_gather(every, mine)
+        if any(not torch.equal(t, every[0]) for t in every):
+            seen = "; ".join(f"rank {r}: {int(t[0])} images, {int(t[1])} boxes" for r, t in enumerate(every))
+            raise DataError(f"the train split differs between the processes ({seen}; or other files, labels or "
+                            f"class names): every node needs the same dataset at the same path ({self.cfg.data})")
 
     # ------------------------------------------------------------------ hooks and the loop
     def register_hooks(self, hooks: list[HookBase]) -> None:
@@ -579,14 +608,15 @@ def _unique_dir(project: str, name: str, exist_ok: bool) -> Path:
     return Path(project) / f"{name}{i}"
 
 
-def _run(cfg_dict: dict[str, Any], save_dir: str, init_weights: str,
+def _run(cfg_dict: dict[str, Any], save_dir: str, init_weights: str | DetectionModel,
          hooks: list[HookBase] | None = None) -> dict[str, Any]:
-    """One process's training (also the entry point of each launched rank)."""
+    """One process's training (also the entry point of each launched rank); `init_weights`: a checkpoint's path,
+    or the model itself (rank 0 broadcasts its weights to every rank)."""
     cfg = TrainConfig(**cfg_dict)
     ctx = init_process(parse_devices(cfg.device), cfg.dist_timeout)
     try:
         resume_raw = load_raw(cfg.resume) if cfg.resume else None
-        model = load_checkpoint(init_weights).model
+        model = init_weights if isinstance(init_weights, nn.Module) else load_checkpoint(init_weights).model
         trainer = Trainer(cfg, model, ctx, Path(save_dir), hooks, resume=resume_raw)
         if resume_raw is not None:
             trainer.resume_from(resume_raw)
@@ -690,14 +720,16 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
 
     data = load_data_config(cfg.data)
     cfg = replace(cfg, data=os.path.abspath(os.path.expanduser(cfg.data)))  # saved absolute: resumable from anywhere
+    if launched_rank() != 0:  # under torchrun, a rank other than 0: rank 0 alone makes and writes the run folder
+        return _run_other_rank(yolo, cfg, data.names, hooks)
     if not cfg.resume:
         save_dir = _unique_dir(cfg.project, cfg.name, cfg.exist_ok)
     made = not save_dir.exists()
     (save_dir / "weights").mkdir(parents=True, exist_ok=True)
     yolo.save_dir = save_dir  # known from here on: a stop (Ctrl-C) can tell whether a last.pt exists
 
-    # the starting weights travel to every rank as a file (identical initialisation everywhere);
-    # on resume the checkpoint itself gives the architecture, and `resume_from` the training state
+    # the starting weights travel to the ranks this process launches as a file (identical initialisation
+    # everywhere); on resume the checkpoint itself gives the architecture, and `resume_from` the training state
     init_file = save_dir / "weights" / "init.pt"
     try:
         if cfg.resume:
@@ -720,6 +752,17 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
         yolo.model = yolo.ckpt.model
         yolo.cfg_yaml = None  # trained: a next train() continues from these weights
     return metrics or {}
+
+
+def _run_other_rank(yolo: Any, cfg: TrainConfig, names: dict[int, str],
+                    hooks: list[HookBase] | None) -> dict[str, Any]:
+    """A rank other than 0 under torchrun (another GPU, or another node): it trains, but writes nothing. Rank 0
+    picks the run folder (NAME2 ... when NAME exists, which the ranks could see differently) and saves every
+    output there; this rank's starting weights are overwritten by rank 0's. A resume reads the run's last.pt here
+    too: on several nodes, the project folder must be on a file system every node mounts."""
+    init = str(cfg.resume) if cfg.resume else _initial_model(yolo, names, cfg.seed)
+    project_run = Path(cfg.resume).parent.parent if cfg.resume else Path(cfg.project) / cfg.name  # not created
+    return _run(cfg.to_dict(), str(project_run), init, hooks) or {}
 
 
 def _tidy_run_dir(save_dir: Path, init_file: Path, made: bool) -> None:
