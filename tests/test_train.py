@@ -898,6 +898,32 @@ def test_under_torchrun_a_rank_other_than_0_makes_no_run_folder(stop: bool, tiny
     assert err.strip().splitlines() == (["yolov12-train: terminated"] if stop else [])
 
 
+def test_resume_auto_starts_the_run_then_continues_it_then_leaves_it_finished(
+        tiny_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A job a scheduler restarts (a preempted pod, a requeued Slurm job) runs the same command again. With
+    resume="auto" the first start trains in PROJECT/NAME itself (a folder left without a last.pt by an attempt that
+    died early is no reason for NAME2), a restart after a stop continues from last.pt, a restart after the last
+    epoch trains nothing; the CLI still asks for --data when there is nothing to resume."""
+    kw = {"data": str(tiny_data), "imgsz": 64, "batch": 8, "workers": 0, "epochs": 2, "close_mosaic": 0,
+          "plots": False, "project": str(tmp_path), "name": "job", "resume": "auto"}
+    (tmp_path / "job").mkdir()
+    YOLO("yolov12n.yaml").train(hooks=[_StopAfter(1)], **kw)
+    last = tmp_path / "job" / "weights" / "last.pt"
+    assert torch.load(last, weights_only=True)["epoch"] == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["job"]
+    capsys.readouterr()
+    YOLO("yolov12n.yaml").train(**kw)
+    assert "resuming at epoch 2 of 2" in capsys.readouterr().out
+    assert torch.load(last, weights_only=True)["epoch"] == 1
+    assert len((tmp_path / "job" / "results.csv").read_text().strip().splitlines()) == 3  # header + 2 epochs
+    stamp = last.stat().st_mtime_ns
+    again = YOLO("yolov12n.yaml")
+    assert again.train(**kw) == {} and last.stat().st_mtime_ns == stamp
+    assert f"{tmp_path / 'job'} finished its epochs already: nothing to train" in capsys.readouterr().out
+    assert again.ckpt is not None and Path(again.save_dir) == tmp_path / "job"  # its best weights, as after training
+    rc, err = _train_cli(["--resume", "auto", "--project", str(tmp_path), "--name", "new"], capsys)
+    assert rc == 2 and err[-1].startswith("yolov12-train: error: no dataset given: add --data"), err
+
+
 def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
     """--exist-ok reusing a folder: the new run's results.csv holds only its own epochs (a resumed run appends)."""
     import time

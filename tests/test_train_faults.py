@@ -346,3 +346,34 @@ def test_a_node_whose_dataset_is_missing_or_differs_ends_both_nodes_at_once(node
                                                        "processes (rank 0: 16 images"), (err0[-2000:], err1[-2000:])
             assert "rank 1: 8 images" in got[0] and "every node needs the same dataset at the same path" in got[0]
     assert not (nodes[1] / "runs").exists()
+
+
+class _StopAfterFirstEpoch(HookBase):
+    def after_epoch(self) -> None:
+        from trainer.hooks import StopTraining
+
+        raise StopTraining
+
+
+def test_nodes_that_would_start_at_different_epochs_stop_at_once(tiny_data: Path, tmp_path: Path) -> None:
+    """`--resume auto` where node 0's project folder holds a last.pt after epoch 1 and node 1's holds nothing (the
+    project not on a shared file system): node 0 would resume at epoch 2 and node 1 start at epoch 1, a different
+    number of steps each. Both nodes stop with one line saying the project folder must be shared."""
+    from trainer import YOLO
+
+    nodes = [tmp_path / "node0", tmp_path / "node1"]
+    for node in nodes:
+        _node_copy(tiny_data, node)
+    YOLO("yolov12n.yaml").train(data=str(nodes[0] / "data" / "data.yaml"), imgsz=64, batch=4, epochs=2, workers=0,
+                                device="cpu", project=str(nodes[0] / "runs"), name="job", plots=False, val=False,
+                                verbose=False, hooks=[_StopAfterFirstEpoch()])
+    assert (nodes[0] / "runs" / "job" / "weights" / "last.pt").is_file()
+    (rc0, err0), (rc1, err1) = _two_torchrun_nodes(nodes, "--data", "data/data.yaml", "--imgsz", "64", "--batch",
+                                                   "4", "--epochs", "2", "--workers", "0", "--device", "cpu",
+                                                   "--dist-timeout", "600", "--project", "runs", "--name", "job",
+                                                   "--no-plots", "--no-val", "--resume", "auto")
+    for rc, err in ((rc0, err0), (rc1, err1)):
+        lines = [ln for ln in err.splitlines() if ln.startswith("yolov12-train: error:")]
+        assert rc and lines == ["yolov12-train: error: the processes would start at different epochs (rank 0: epoch "
+                                "2; rank 1: epoch 1): a resume reads the run's last.pt on every node, so the project "
+                                "folder (--project) must be on a file system every node mounts"], err[-2000:]

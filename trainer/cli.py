@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 
 from . import __version__
-from .config import TrainConfig
+from .config import AUTO_RESUME, TrainConfig
 
 __all__ = ["OneLineParser", "data_main", "export_main", "train_main", "val_main"]
 
@@ -77,7 +77,9 @@ _HELP = {
     "grad_checkpointing": "recompute activations in backward: auto (when it lets more fit), on, off",
     "amp": "mixed precision: auto (bf16 where supported, else fp16; fp32 on CPU), bf16, fp16, off",
     "resume": "continue the run in PROJECT/NAME (or give the path of a last.pt) with its own options; only where "
-              "and how it runs (--device, --nproc, --workers, --micro-batch, --memory-budget ...) may be given",
+              "and how it runs (--device, --nproc, --workers, --micro-batch, --memory-budget ...) may be given. "
+              "--resume auto (for jobs a scheduler restarts): continue PROJECT/NAME if it has a last.pt, else start "
+              "it there; a finished run is not trained again",
     "cache": "cache decoded images: ram or disk",
     "cos_lr": "cosine LR schedule instead of linear",
 }
@@ -191,7 +193,7 @@ def train_main(argv: list[str] | None = None) -> int:
 
     try:  # option and data errors come before torch is even imported
         TrainConfig.from_kwargs(**args)
-        if not args.get("resume"):
+        if args.get("resume") in (None, AUTO_RESUME):  # auto: a new run when there is nothing to resume
             if not args.get("data"):
                 raise ValueError("no dataset given: add --data path/to/data.yaml (YOLO format: path, train, val, "
                                  "names; `yolov12-data synth --out DIR` writes one), or --resume a run")

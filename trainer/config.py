@@ -10,7 +10,9 @@ import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-__all__ = ["TrainConfig", "parse_bytes"]
+__all__ = ["AUTO_RESUME", "TrainConfig", "parse_bytes"]
+
+AUTO_RESUME = "auto"  # resume="auto": continue PROJECT/NAME if it has a last.pt, else start it (a restarted job)
 
 
 @dataclass
@@ -29,7 +31,7 @@ class TrainConfig:
     project: str = "runs/train"
     name: str = "exp"
     exist_ok: bool = False
-    resume: bool | str = False  # True = PROJECT/NAME/weights/last.pt, or a path
+    resume: bool | str = False  # True = PROJECT/NAME/weights/last.pt, or a path, or AUTO_RESUME
     cache: bool | str = False  # False | "ram" | "disk"
     rect: bool = False  # rectangular batches: aspect-ratio groups, each padded to its own shape (no mosaic)
     seed: int = 0

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .checkpoint import FORMAT, CheckpointError, load_checkpoint, load_raw, save_checkpoint
-from .config import TrainConfig
+from .config import AUTO_RESUME, TrainConfig
 from .distributed import (
     DistContext,
     all_reduce_tensors,
@@ -82,7 +82,7 @@ class Trainer:
                                           batch_size=cfg.batch if cfg.rect else self.per_process, seed=cfg.seed,
                                           workers=max(cfg.workers, 1), verbose=False)
         self.show_report(self.train_set.report)
-        self._agree_on_train_split()
+        self._agree_on_start(int(resume["epoch"]) + 1 if resume is not None else 0)
         if not self.train_set.report.boxes_used:  # every rank sees the same scan, so every rank stops here
             raise DataError(self.train_set.report.no_boxes_message())
         self.train_loader = build_dataloader(self.train_set, self.per_process, cfg.workers, shuffle=True,
@@ -160,10 +160,11 @@ class Trainer:
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks() + list(hooks or []))
 
-    def _agree_on_train_split(self) -> None:
-        """Every rank reads the train split from its own node's disk: its class names, images (relative to the
-        dataset's root) and labels must be the same everywhere, or the ranks would run different numbers of
-        steps and wait on each other until --dist-timeout. A difference stops every rank with one line."""
+    def _agree_on_start(self, start_epoch: int) -> None:
+        """Every rank reads the train split, and a resumed run's last.pt, from its own node's disk: the split's class
+        names, images (relative to the dataset's root) and labels, and the epoch training starts at, must be the
+        same everywhere, or the ranks would run different numbers of steps and wait on each other until
+        --dist-timeout. A difference stops every rank with one line."""
         if not self.ctx.distributed:
             return
         import hashlib
@@ -179,13 +180,19 @@ class Trainer:
             digest.update(np.ascontiguousarray(rec.cls, dtype=np.int64).tobytes())
             digest.update(np.ascontiguousarray(rec.boxes, dtype=np.float32).tobytes())
         boxes = sum(len(r.cls) for r in records)
-        mine = torch.tensor([len(records), boxes, int.from_bytes(digest.digest(), "big")], device=self._comm_device)
+        mine = torch.tensor([len(records), boxes, int.from_bytes(digest.digest(), "big"), start_epoch],
+                            device=self._comm_device)
         every = [torch.zeros_like(mine) for _ in range(self.ctx.world_size)]
         dist.all_gather(every, mine)
-        if any(not torch.equal(t, every[0]) for t in every):
+        if any(not torch.equal(t[:3], every[0][:3]) for t in every):
             seen = "; ".join(f"rank {r}: {int(t[0])} images, {int(t[1])} boxes" for r, t in enumerate(every))
             raise DataError(f"the train split differs between the processes ({seen}; or other files, labels or "
                             f"class names): every node needs the same dataset at the same path ({self.cfg.data})")
+        if any(int(t[3]) != start_epoch for t in every):
+            seen = "; ".join(f"rank {r}: epoch {int(t[3]) + 1}" for r, t in enumerate(every))
+            raise ValueError(f"the processes would start at different epochs ({seen}): a resume reads the run's "
+                             "last.pt on every node, so the project folder (--project) must be on a file system "
+                             "every node mounts")
 
     # ------------------------------------------------------------------ hooks and the loop
     def register_hooks(self, hooks: list[HookBase]) -> None:
@@ -711,6 +718,10 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     Returns the final validation metrics ('mAP50-95', 'mAP50', 'precision', 'recall').
     """
     cfg = TrainConfig.from_kwargs(**{"model": getattr(yolo, "source", "yolov12n.yaml"), **kwargs})
+    if cfg.resume == AUTO_RESUME:
+        cfg, finished = _auto_resume(cfg)
+        if finished is not None:
+            return _already_finished(yolo, finished)
     if cfg.resume:  # the saved options, except where to run (and the dataset, when it moved)
         cfg, save_dir = _resume_config(cfg, kwargs)
     if not cfg.data:
@@ -752,6 +763,33 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
         yolo.model = yolo.ckpt.model
         yolo.cfg_yaml = None  # trained: a next train() continues from these weights
     return metrics or {}
+
+
+def _auto_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
+    """`--resume auto`, for a job a scheduler restarts with the same command (a preempted pod, a requeued Slurm job):
+    the run in PROJECT/NAME is continued when it has a last.pt, else started there (never in NAME2); a run that
+    finished all its epochs is not trained again (its folder is returned: nothing to do)."""
+    run = Path(cfg.project) / cfg.name
+    last = run / "weights" / "last.pt"
+    if not last.is_file():
+        return replace(cfg, resume=False, exist_ok=True), None
+    raw = _read_resumable(last)
+    if int(raw.get("epoch", -1)) + 1 >= int(raw["train_args"].get("epochs", 0)):
+        return cfg, run
+    return replace(cfg, resume=True), None
+
+
+def _already_finished(yolo: Any, run: Path) -> dict[str, Any]:
+    """`--resume auto` of a run that finished: nothing is trained; its best weights are loaded, as after training."""
+    if launched_rank() == 0:
+        print(f"{run} finished its epochs already: nothing to train (--resume auto)", flush=True)
+    yolo.save_dir = run
+    best = run / "weights" / "best.pt"
+    if best.exists():
+        yolo.ckpt = load_checkpoint(best)
+        yolo.model = yolo.ckpt.model
+        yolo.cfg_yaml = None
+    return {}
 
 
 def _run_other_rank(yolo: Any, cfg: TrainConfig, names: dict[int, str],
