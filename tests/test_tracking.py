@@ -125,3 +125,39 @@ def test_new_objects_yields_each_object_once_per_camera_and_afresh_after_a_resta
                fd("a", 4, 1, 2, 3), fd("a", 0, 0), fd("a", 1, 1)]  # camera a numbers its frames from 0 again
     got = [(r.stream_id, r.frame_id, d.track_id) for r, d in new_objects(results)]
     assert got == [("a", 2, 1), ("b", 2, 1), ("a", 3, 3), ("a", 4, 2), ("a", 1, 1)]
+
+
+def test_a_wall_clock_step_on_a_tracked_camera_neither_forgets_its_parts_nor_counts_them_again(monkeypatch):
+    """The server tracks at each frame's monotonic ingest time: the host clock stepped an hour forwards, then two
+    back (NTP correcting a wrong RTC), while a camera sees one standing part, still counts it once under one id
+    (tracked at the wall-clock capture time, the step forwards forgot the track: the part was counted again)."""
+    import time
+
+    from test_scheduler import CostEngine
+    from test_server_harness import ROOT
+
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+
+    offset_ns = 0
+    wall = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: wall() + offset_ns)  # what a step of the host clock looks like
+    config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
+                          allow_synthetic=True, state_dir=None)
+    core = ServerCore(config, load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.002, b=0.001))
+    core.start()
+    try:
+        core.add_stream(StreamSpec("belt", "synthetic://belt?fps=20&size=320x180", track=True), persist=False)
+        stream = core._streams["belt"]
+
+        deadline = time.monotonic() + 10
+        while stream.objects < 1 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert stream.objects == 1
+        for step_s in (3600, -7200):
+            offset_ns += step_s * 10**9
+            time.sleep(0.5)  # ~10 frames after the step
+            assert stream.objects == 1, f"after a step of {step_s} s the part was counted again"
+        assert stream.tracker is not None and stream.tracker.next_id == 2
+    finally:
+        core.drain(2)

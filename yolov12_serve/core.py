@@ -648,7 +648,9 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
     def _track(self, stream: Stream, result: FrameResult) -> tuple[FrameResult, list[int]]:
         """`result` with its detections' track ids, and the classes of the objects it confirmed (with
         --evidence-dir, their pictures are asked for, and a picture waiting for this frame gets its boxes)."""
-        track_ids, new = stream.track(result.detections, result.capture_time_us / 1e6 or now(), result.src_hw)
+        # at the frame's monotonic ingest time, not its wall-clock capture time: a clock step (NTP, a wrong RTC) would
+        # forget every track (a step forwards: each part in sight counted again) or keep stale ones alive
+        track_ids, new = stream.track(result.detections, result.ingest_time or now(), result.src_hw)
         result = dataclasses.replace(result, track_ids=track_ids)
         confirmed = result.detections[new, 5].astype(int).tolist()
         evidence = self.evidence

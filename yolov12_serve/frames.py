@@ -69,3 +69,4 @@ class FrameResult:
     model_version: str = ""  # the engine that ran it (runtime.model_version); '' when none did
     drop_reason: str = ""  # the frame was dropped before it ran ('late', ...): `error` says so to its caller
     track_ids: np.ndarray | None = None  # per detection, on a tracked camera (tracking.py; 0: seen once so far)
+    ingest_time: float = 0.0  # its frame's Frame.ingest_time (now(), monotonic): the tracker's clock; 0: unknown

@@ -136,7 +136,7 @@ class ProcessDevices:
     def remote_result(self, rt: RemoteRuntime, r: tuple) -> None:
         _, sid, epoch, frame_id, dets, src_hw, capture_us, ingest_time, public, error, version, reason = r
         result = FrameResult(sid, frame_id, EMPTY if dets is None else dets, src_hw, capture_us, now() - ingest_time,
-                             rt.name, public, error, epoch, version, reason)
+                             rt.name, public, error, epoch, version, reason, ingest_time=ingest_time)
         stream = self._lookup(sid, epoch)
         if stream is None:
             return

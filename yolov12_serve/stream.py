@@ -258,8 +258,9 @@ class Stream:
 
     def track(self, detections: np.ndarray, t: float,
               src_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Its tracker's ids for a result's detections at capture time `t` in a frame of `src_hw`, and the rows whose
-        object this frame confirmed (one result at a time: two workers may publish this camera's frames at once)."""
+        """Its tracker's ids for a result's detections at time `t` (now(), monotonic) in a frame of `src_hw`, and the
+        rows whose object this frame confirmed (one result at a time: two workers may publish this camera's frames
+        at once)."""
         assert self.tracker is not None
         with self._lock:
             first = self.tracker.next_id

@@ -244,4 +244,5 @@ class DeviceWorker:
     def _publish(self, frame: Frame, boxes: np.ndarray, error: str | None, version: str | None = None) -> None:
         self.publish(FrameResult(frame.stream_id, frame.frame_id, boxes, frame.letterbox.src_hw,
                                  frame.capture_time_us, now() - frame.ingest_time, self.device, frame.public, error,
-                                 frame.epoch, self.model_version if version is None else version))
+                                 frame.epoch, self.model_version if version is None else version,
+                                 ingest_time=frame.ingest_time))
