@@ -939,7 +939,7 @@ def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
                                        save_dir=tmp_path, epoch=epoch, start_epoch=epoch, epoch_losses={"box": 0.3},
                                        metrics={},
                                        optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
-                                       start_time=time.time())
+                                       start_time=time.monotonic())
         hook.before_train()
         hook.after_epoch()
 
@@ -949,6 +949,38 @@ def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1", "2"]
     run(str(tmp_path / "weights" / "last.pt"), 1)  # stopped after epoch 2's row, before its last.pt: done again
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1", "2"]
+
+
+def test_a_results_row_the_disk_refuses_leaves_no_partial_row(tmp_path: Path) -> None:
+    """A full disk while results.csv gets its row: OSError, and the file as it was (a partial row would be glued to
+    the next epoch's, after a resume); once there is room the row is appended whole."""
+    import resource
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from trainer.hooks import ResultsCSVHook
+
+    path = tmp_path / "results.csv"
+    path.write_text("epoch,train/box_loss,lr/pg0,images_per_s,time_s\n1,0.5,0.01,1.0,2.0\n")
+    before = path.read_bytes()
+    hook = ResultsCSVHook()
+    hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=False),
+                                   save_dir=tmp_path, epoch=1, start_epoch=1, epoch_losses={"box": 0.3}, metrics={},
+                                   optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
+                                   start_time=time.monotonic())
+    old_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as when full
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 5, old[1]))  # room for 5 bytes of the row
+    try:
+        with pytest.raises(OSError):
+            hook.after_epoch()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_signal)
+    assert path.read_bytes() == before
+    hook.after_epoch()
+    assert [r.split(",")[0] for r in path.read_text().splitlines()] == ["epoch", "1", "2"]
 
 
 def test_a_new_run_in_a_reused_folder_does_not_keep_the_last_run_s_best(tmp_path: Path) -> None:

@@ -11,8 +11,10 @@ any other global (a function a malicious pickle would call) is refused. The arch
 from __future__ import annotations
 
 import datetime
+import os
 import pickle
 import re
+import shutil
 import types
 from collections import OrderedDict
 from pathlib import Path, PurePosixPath, PureWindowsPath
@@ -270,7 +272,19 @@ def save_checkpoint(path: str | Path, model: DetectionModel, **extra: Any) -> Pa
                                                                      net.state_dict().items()},
             "date": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
     tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(ckpt, tmp)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(ckpt, f)
+            f.flush()
+            os.fsync(f.fileno())  # on the disk before the rename, so a power cut cannot leave an empty last.pt
+    except (OSError, RuntimeError) as e:  # torch reports a full disk as RuntimeError ("unexpected pos ...")
+        tmp.unlink(missing_ok=True)  # no partial file left taking the space
+        try:
+            free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
+        except OSError:
+            free = "its free space unknown"
+        raise OSError(getattr(e, "errno", None), f"cannot save {path} ({free}: a full disk?): {e}; "
+                      f"{'the previous one is kept' if path.exists() else 'nothing was written'}") from e
     tmp.replace(path)  # atomic: a crash mid-write never leaves a torn last.pt
     return path
 

@@ -210,7 +210,7 @@ def train_main(argv: list[str] | None = None) -> int:
         metrics = yolo.train(**args)
     except KeyboardInterrupt:
         return _stopped(yolo, signal.SIGINT)
-    except (ValueError, FileNotFoundError, CheckpointError, RuntimeError, TypeError) as e:
+    except (ValueError, OSError, CheckpointError, RuntimeError, TypeError) as e:  # OSError: a full disk too
         return _fail_train(e)
     except Exception as e:
         # with several processes torch's launcher stops the ranks and raises its own SignalException (with the signal)

@@ -156,7 +156,7 @@ class Trainer:
         self.last_step: dict[str, Any] = {}
         self.step_batches: list[dict[str, Any]] = []  # the loader batches of the optimizer step under way
         self.finished = False  # the loop ran to its end (or an early stop), not ended by an error
-        self.start_time = time.time()
+        self.start_time = time.monotonic()  # for durations: a wall-clock step (NTP) would jump results.csv time_s
         self.hooks: list[HookBase] = []
         self.register_hooks(default_hooks() + list(hooks or []))
 

@@ -7,9 +7,12 @@ Order matters only where noted in `default_hooks`.
 from __future__ import annotations
 
 import csv
+import io
+import os
 import resource
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -156,14 +159,31 @@ class ResultsCSVHook(HookBase):
                **{f"metrics/{k}": round(float(t.metrics[k]), 5) for k in ("precision", "recall", "mAP50", "mAP50-95")
                   if k in t.metrics},
                **{f"lr/pg{i}": lr for i, lr in enumerate(lrs)},
-               "images_per_s": round(t.epoch_images_per_s, 2), "time_s": round(time.time() - t.start_time, 1)}
+               "images_per_s": round(t.epoch_images_per_s, 2), "time_s": round(time.monotonic() - t.start_time, 1)}
         path = t.save_dir / "results.csv"
-        new = not path.exists()
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)
+        text = io.StringIO(newline="")
+        writer = csv.DictWriter(text, fieldnames=list(row))
+        if not path.exists():
+            writer.writeheader()
+        writer.writerow(row)
+        _append_whole(path, text.getvalue().encode())
+
+
+def _append_whole(path: Path, data: bytes) -> None:
+    """Append `data` to `path` whole or not at all: a write the disk refuses (full) is cut back off, so no partial
+    row is left for the next one to run into."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        size = os.fstat(fd).st_size
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        except OSError:
+            os.ftruncate(fd, size)
+            raise
+    finally:
+        os.close(fd)
 
 
 class CheckpointHook(HookBase):
