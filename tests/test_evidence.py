@@ -181,3 +181,36 @@ def test_the_folder_stays_under_its_cap_oldest_first_counting_what_was_there(tmp
                                         ("..", "_")])
 def test_names_become_safe_file_names(name, safe):
     assert safe_name(name) == safe
+
+
+def test_a_hung_evidence_disk_never_holds_up_closing(tmp_path):
+    """The writer stuck in a write that never returns (a hung network disk) with its queue full: close() gives up
+    after its timeout, logging what was not written, instead of waiting for the disk (a drain waited forever)."""
+    import dataclasses
+
+    from yolov12_serve.evidence import QUEUE
+
+    disk = threading.Event()
+
+    class HungFolder(EvidenceFolder):
+        def write(self, path: Path, data: bytes) -> None:
+            disk.wait()  # the disk answers only when the test ends
+            super().write(path, data)
+
+    skipped: list = []
+    rec = EvidenceRecorder(HungFolder(tmp_path, 10_000_000), lambda sid: Picture(jpeg(), 0),
+                           on_skipped=lambda reason, n: skipped.append((reason, n)))
+    try:
+        for i in range(QUEUE + 2):  # one in the writer's hands, QUEUE waiting, one more turned away
+            sid = f"cam{i}"
+            rec.objects(sid, [1], [0], NAMES)
+            settle(rec, sid)
+            rec.result(dataclasses.replace(result(0, [([10, 10, 50, 50, 0.9, 0], 1)]), stream_id=sid))
+        assert ("busy", 1) in skipped
+        closing = threading.Thread(target=rec.close, kwargs={"timeout": 0.5}, daemon=True)
+        started = time.monotonic()
+        closing.start()
+        closing.join(5)
+        assert not closing.is_alive() and time.monotonic() - started < 2
+    finally:
+        disk.set()

@@ -254,7 +254,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self._stop.set()
         self.supervisor.stop()
         if self.evidence is not None:
-            self.evidence.close()  # what is queued is written
+            self.evidence.close()  # what is queued is written, within 2 s: a slow or hung disk is not waited for
         for rt in self.runtimes.values():
             rt.worker.stop(max(0.1, end - now()))
         self.fanout.close_all()

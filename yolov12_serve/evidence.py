@@ -15,6 +15,7 @@ file names).
 from __future__ import annotations
 
 import collections
+import contextlib
 import io
 import json
 import logging
@@ -144,10 +145,17 @@ class EvidenceRecorder:
         with self._lock:
             self._forget(stream_id)
 
-    def close(self) -> None:
-        """Write what is queued, then stop the writer."""
-        self._jobs.put(None)
-        self._writer.join(10)
+    def close(self, timeout: float = 2.0) -> None:
+        """Write what is queued within `timeout` seconds, then stop the writer. A writer held up by a slow or hung
+        disk is left behind (a daemon thread: it ends with the process) and what it had not written is logged, so
+        a drain never waits on the disk."""
+        end = time.monotonic() + timeout
+        with contextlib.suppress(queue.Full):  # the queue may be full and the writer stuck
+            self._jobs.put(None, timeout=timeout)
+        self._writer.join(max(0.0, end - time.monotonic()))
+        if self._writer.is_alive():
+            log.warning("evidence: the writer is still busy after %.0f s (a slow or hung disk under %s?): %d "
+                        "queued pictures not written", timeout, self.folder.root, self._jobs.qsize())
 
     # ---------------------------------------------------------------------------------------------- (lock held)
     def _ask(self, sid: str) -> None:
