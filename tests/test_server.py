@@ -868,3 +868,32 @@ def test_the_stream_store_keeps_the_set_whole_and_passwords_apart(tmp_path):
     assert store.load() == [] and not store.streams_path.exists()
     (kept,) = store.folder.glob("streams.json.unreadable-*")
     assert kept.read_text() == "{not json"
+
+
+def test_a_low_open_files_limit_is_raised_to_what_the_limits_need_or_said_at_start():
+    """60 cameras and 300 watchers under `ulimit -n 256` hit the limit: cameras fail with 'Too many open files' and
+    new gRPC calls wait. At start the soft limit is raised as far as the hard one allows, and a warning says when
+    that is still short of what --max-streams and --max-concurrent-rpcs need."""
+    import resource
+
+    from yolov12_serve.app import ensure_descriptors
+    from yolov12_serve.config import ServerConfig
+
+    config = ServerConfig(engines=["x.onnx"], devices=["cpu"], max_streams=64, max_concurrent_rpcs=256)
+    need = 64 + 4 * 64 + 256
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"the hard open-files limit here ({hard}) is below {need}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+    try:
+        assert ensure_descriptors(config) == need == resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    script = ("import logging, sys; logging.basicConfig(); from yolov12_serve.app import ensure_descriptors; "
+              "from yolov12_serve.config import ServerConfig; "
+              "sys.exit(ensure_descriptors(ServerConfig(engines=['x.onnx'], devices=['cpu'])) != 256)")
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=ROOT,
+                         preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256)))
+    assert run.returncode == 0, run.stderr
+    assert ("open files are limited to 256 (ulimit -n, systemd LimitNOFILE, docker --ulimit nofile) but --max-streams "
+            f"64 and --max-concurrent-rpcs 256 may need about {need}") in run.stderr, run.stderr

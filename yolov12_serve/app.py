@@ -10,6 +10,7 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -29,7 +30,7 @@ from .security import Security
 from .sources.rtsp import end_camera_threads
 from .status import StatusPrinter, render_summary, render_table
 
-__all__ = ["DRAIN_S", "LoadingInterruptedError", "RunOptions", "run_server"]
+__all__ = ["DRAIN_S", "LoadingInterruptedError", "RunOptions", "ensure_descriptors", "run_server"]
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +55,37 @@ class RunOptions:
     out: TextIO | None = None
 
 
+# Open files the server may need: its own (engines, logs, pipes to device processes, epoll) plus per camera (an RTSP
+# connection over UDP holds RTSP, RTP and RTCP sockets) and per gRPC call (a watcher or Detect call on a connection of
+# its own).
+BASE_DESCRIPTORS = 64
+DESCRIPTORS_PER_CAMERA = 4
+
+
+def ensure_descriptors(config: ServerConfig) -> int:
+    """Raise the soft open-files limit towards what --max-streams and --max-concurrent-rpcs need (as far as the hard
+    limit allows) and warn when it stays short; returns the soft limit now. Past it, a camera's connection fails with
+    'Too many open files' (retried) and new gRPC connections wait unanswered."""
+    need = BASE_DESCRIPTORS + DESCRIPTORS_PER_CAMERA * config.max_streams + config.max_concurrent_rpcs
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < need:
+        raised = need if hard == resource.RLIM_INFINITY else min(hard, need)
+        if raised > soft:
+            with contextlib.suppress(ValueError, OSError):
+                resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+                soft = raised
+        if soft < need:
+            log.warning("open files are limited to %d (ulimit -n, systemd LimitNOFILE, docker --ulimit nofile) but "
+                        "--max-streams %d and --max-concurrent-rpcs %d may need about %d: past the limit cameras "
+                        "fail to connect ('Too many open files', retried) and new gRPC calls wait; raise the limit "
+                        "or lower those options", soft, config.max_streams, config.max_concurrent_rpcs, need)
+    return soft
+
+
 async def run_server(config: ServerConfig, options: RunOptions, load_engine: EngineLoader | None = None) -> int:
     """Run until stopped; returns the exit status (0 after a clean drain). ConfigError/EngineError on bad set-up."""
     out = options.out or sys.stdout
+    ensure_descriptors(config)
     loop = asyncio.get_running_loop()
     core = ServerCore(config, load_engine)
     security = Security(config.security)  # certificates and tokens checked before anything else starts
