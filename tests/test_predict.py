@@ -825,3 +825,24 @@ def test_a_stream_left_half_read_when_the_script_ends_exits_cleanly(folder):
     code = (f"from trainer import YOLO; g = YOLO({str(DEMO)!r}).predict({str(folder)!r}, stream=True); next(g)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+def test_a_wall_clock_step_does_not_make_a_tracked_camera_count_its_parts_again(predictor, monkeypatch):
+    """`track=True` on a camera tracks at each frame's monotonic ingest time: the host clock stepped an hour forwards
+    (NTP correcting a wrong RTC) mid-stream leaves the parts in sight with their ids (tracked at the wall-clock
+    capture time, every track was forgotten at the step and each part in sight got a new id)."""
+    offset_ns = 0
+    wall = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: wall() + offset_ns)  # what a step of the host clock looks like
+    gen = predictor.predict("synthetic://belt?fps=20&size=640x360&seed=4", stream=True, track=True)
+    try:
+        before = [next(gen) for _ in range(30)]
+        offset_ns = 3600 * 10**9
+        after = [next(gen) for _ in range(3)]
+    finally:
+        gen.close()
+    recent = {int(i) for r in before[-5:] if r.boxes.id is not None for i in r.boxes.id if i}
+    kept = {int(i) for r in after if r.boxes.id is not None for i in r.boxes.id if i}
+    assert recent, "no part was tracked before the step"
+    assert after[-1].time > before[-1].time + 3000  # the step shows in the results' wall-clock time
+    assert recent & kept, (sorted(recent), sorted(kept))

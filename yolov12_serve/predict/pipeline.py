@@ -560,6 +560,8 @@ class _Run:
         self.fatal: BaseException | None = None  # a camera error, raised at once
         self.yielded = 0
         self.trackers: dict[str, Tracker] = {}  # per source, with opts.track
+        # a camera result's monotonic ingest time, for its tracker: its `time` is the wall clock, which NTP may step
+        self.clocks: weakref.WeakKeyDictionary[Result, float] = weakref.WeakKeyDictionary()
         self.stopping = False
         self._reader: threading.Thread | None = None
 
@@ -780,6 +782,7 @@ class _Run:
                     else:
                         sink.untaken = 1
                     self.live_results.append((sink, item))
+                    self.clocks[item] = fr.ingest_time or now()
             self.cond.notify_all()
 
     def _filter(self, dets: np.ndarray) -> np.ndarray:
@@ -822,7 +825,10 @@ class _Run:
 
     def _track(self, result: Result) -> None:
         """Its boxes' track ids: one tracker per source, fed in the source's frame order (results() order), at the
-        frame's time (a video's position, a camera's capture time; images: 30 a second)."""
+        frame's time (a video's position; a camera's monotonic ingest time, so a wall-clock step neither forgets
+        its tracks nor keeps stale ones; images: 30 a second)."""
         tracker = self.trackers.setdefault(result.source, Tracker())
-        t = result.time if result.time is not None else result.frame / 30.0
+        t = self.clocks.pop(result, None)
+        if t is None:
+            t = result.time if result.time is not None else result.frame / 30.0
         result.boxes.id, _ = tracker.update(result.boxes.data, t, result.boxes.orig_shape)
