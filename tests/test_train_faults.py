@@ -377,3 +377,39 @@ def test_nodes_that_would_start_at_different_epochs_stop_at_once(tiny_data: Path
         assert rc and lines == ["yolov12-train: error: the processes would start at different epochs (rank 0: epoch "
                                 "2; rank 1: epoch 1): a resume reads the run's last.pt on every node, so the project "
                                 "folder (--project) must be on a file system every node mounts"], err[-2000:]
+
+
+def _one_of_two_ranks(monkeypatch: pytest.MonkeyPatch, port: int, agent_store: bool, restart: int) -> None:
+    """This process as rank 1 of 2 under torchrun, the launcher's store at 127.0.0.1:`port`."""
+    for key, value in {"RANK": "1", "LOCAL_RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                       "MASTER_PORT": str(port), "TORCHELASTIC_RUN_ID": "job",
+                       "TORCHELASTIC_USE_AGENT_STORE": str(agent_store),
+                       "TORCHELASTIC_RESTART_COUNT": str(restart)}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_start_agreement_is_skipped_where_the_agent_serves_no_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (or a rendezvous without a shared store): nobody listens at MASTER_PORT
+    until rank 0 joins the group, so waiting there for every rank would end every rank after --dist-timeout."""
+    from trainer.distributed import _agree_to_start, _free_port
+
+    _one_of_two_ranks(monkeypatch, _free_port(), agent_store=False, restart=0)
+    t0 = time.monotonic()
+    _agree_to_start(3.0)
+    assert time.monotonic() - t0 < 2.5
+
+
+def test_start_agreement_is_skipped_on_a_restart(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A restart where node A's workers failed (its agent counts restart 1) and node B's agent restarted its healthy
+    workers for the new round (its count stays 0): B's ranks find attempt 0's keys done and join the group, so a
+    rank of A waiting for every rank under attempt 1's keys would wait --dist-timeout and end the restart."""
+    import torch.distributed as dist
+
+    from trainer.distributed import _agree_to_start
+
+    server = dist.TCPStore("127.0.0.1", 0, is_master=True, wait_for_workers=False)
+    dist.PrefixStore("yolov12-train/start/job/0/", server).add("ready", 2)  # attempt 0: both ranks started
+    _one_of_two_ranks(monkeypatch, server.port, agent_store=True, restart=1)
+    t0 = time.monotonic()
+    _agree_to_start(3.0)
+    assert time.monotonic() - t0 < 2.5

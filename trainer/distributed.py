@@ -3,9 +3,10 @@
 Started plainly with several devices, training re-launches itself through
 `torch.distributed.launcher.api.elastic_launch` (what `torchrun` runs): one process per GPU,
 NCCL on CUDA, gloo on CPU. Started under `torchrun` (any number of nodes) it joins that group.
-Every collective has a timeout, so a dead rank ends the run with an error instead of a hang. Under torchrun,
-a rank that cannot start (its node's dataset or last.pt missing) posts its error in the launcher's store
-before exiting, and every rank reads those posts before joining: the others stop with that line at once.
+Every collective has a timeout, so a dead rank ends the run with an error instead of a hang. Under torchrun
+(a first attempt, its agent serving the store), a rank that cannot start (its node's dataset or last.pt missing)
+posts its error in the launcher's store before exiting, and every rank reads those posts before joining: the others
+stop with that line at once.
 """
 
 from __future__ import annotations
@@ -86,14 +87,17 @@ _joined = False  # this process reached the process group (a failure after that 
 
 def _start_store(timeout_s: float) -> Any:
     """The launcher's key-value store (torchrun's agent on the rendezvous host: MASTER_ADDR, MASTER_PORT), under
-    keys of this launch attempt only; None when not launched with several processes."""
+    keys of this launch attempt only; None when not launched with several processes, when the agent serves no store
+    there (TORCHELASTIC_USE_AGENT_STORE not True: rank 0's own init_process_group opens it), or on a restart: each
+    node's agent counts its own restarts (one restarted for a newcomer keeps its count), so the keys of a restarted
+    attempt would differ between nodes, or be those of an earlier attempt."""
     if not (under_launcher() and int(os.environ["WORLD_SIZE"]) > 1 and "MASTER_ADDR" in os.environ
-            and "MASTER_PORT" in os.environ):
+            and "MASTER_PORT" in os.environ and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == str(True)
+            and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"):
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
                           timeout=datetime.timedelta(seconds=timeout_s))
-    attempt = f"{os.environ.get('TORCHELASTIC_RUN_ID', '')}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-    return dist.PrefixStore(f"yolov12-train/start/{attempt}/", store)
+    return dist.PrefixStore(f"yolov12-train/start/{os.environ.get('TORCHELASTIC_RUN_ID', '')}/0/", store)
 
 
 def report_start_failure(message: str) -> None:
