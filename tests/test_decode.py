@@ -489,3 +489,48 @@ def test_a_camera_s_error_text_leaves_out_ffmpeg_s_last_log_line():
     assert "last error log" in str(e)
     assert _describe(e) == ("InvalidDataError: [Errno 1094995529] Invalid data found when processing input: "
                             "'rtsp://op:***@cam/x'")
+
+
+class _RefusesTcp(AvSource):
+    """A camera that answers SETUP over TCP with 461 (FFmpeg: EPROTONOSUPPORT) and whose UDP connections fail (the
+    network drops them); the transports asked for, in order."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: list[str] = []
+
+    def _open(self, hwaccel):
+        import errno
+
+        self.asked.append(self._av_options()["rtsp_transport"])
+        if self.asked[-1] == "tcp":
+            raise OSError(errno.EPROTONOSUPPORT, "Protocol not supported")
+        raise ConnectionError("no packets over UDP")
+
+
+def _transports(url: str, attempts: int) -> list[str]:
+    source = _RefusesTcp(Sink(), url, RtspOptions(backoff_base_s=0.01, backoff_cap_s=0.01))
+    source.start()
+    try:
+        deadline = time.monotonic() + 10
+        while len(source.asked) < attempts and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        source.stop()
+    return source.asked[:attempts]
+
+
+def test_a_camera_refusing_tcp_gets_udp_for_that_connection_only(caplog):
+    """UDP is taken for the connection after a 461, not for ever: a camera that refused TCP once (all its TCP
+    sessions taken, a reboot) is asked for TCP again at the next connection; the switch is a warning once."""
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    assert _transports("rtsp://127.0.0.1:1/x", 6) == ["tcp", "udp"] * 3
+    warnings = [r for r in caplog.records if "refuses RTSP over TCP" in r.getMessage()]
+    assert [r.levelno for r in warnings[:3]] == [logging.WARNING, logging.INFO, logging.INFO]
+
+
+def test_an_rtsps_camera_refusing_tcp_is_not_said_to_be_received_over_udp(caplog):
+    """FFmpeg takes rtsps:// over TCP only (TLS), whatever rtsp_transport says: no switch, and no line saying UDP."""
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    assert _transports("rtsps://127.0.0.1:1/x", 3) == ["tcp"] * 3
+    assert not any("over UDP" in r.getMessage() for r in caplog.records)

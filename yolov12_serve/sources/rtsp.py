@@ -114,6 +114,7 @@ class AvSource(Source):
         self._streaming = False
         self._hardware_failed = ""  # why hardware decoding was given up for this stream ('' while allowed)
         self._transport = "tcp"  # RTSP's lower transport: UDP only for a camera that refuses TCP (_udp_instead)
+        self._udp_warned = False  # the switch to UDP was logged as a warning (later switches: info)
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
 
     def start(self) -> None:
@@ -180,6 +181,7 @@ class AvSource(Source):
             except Exception as e:
                 if self._udp_instead(e):
                     continue  # connect again at once, over UDP
+                self._transport = "tcp"  # the next connection asks for TCP first again: a refusal may have passed
                 with self._lock:
                     if not self._current(gen):
                         break
@@ -191,13 +193,16 @@ class AvSource(Source):
                 self._stopped.wait(backoff.next_delay())
 
     def _udp_instead(self, e: BaseException) -> bool:
-        """True (and UDP from now on) when the camera refused RTSP over TCP (461 Unsupported Transport: some
-        cameras stream over UDP only, which would otherwise be retried over TCP forever)."""
-        if self.is_file or self._transport != "tcp" or not isinstance(e, OSError) or e.errno != errno.EPROTONOSUPPORT:
+        """True (and UDP for this connection, until it fails) when the camera refused RTSP over TCP (461 Unsupported
+        Transport: some cameras stream over UDP only, which would otherwise be retried over TCP forever). Never for
+        rtsps://, which FFmpeg takes over TCP only (TLS)."""
+        if (self.is_file or self._transport != "tcp" or self.url.startswith("rtsps:") or not isinstance(e, OSError)
+                or e.errno != errno.EPROTONOSUPPORT):
             return False
         self._transport = "udp"
-        log.warning("stream %s: the camera refuses RTSP over TCP; receiving it over UDP (a packet lost on the "
-                    "network damages a frame)", self.sink.stream_id)
+        log.log(logging.INFO if self._udp_warned else logging.WARNING, "stream %s: the camera refuses RTSP over "
+                "TCP; receiving it over UDP (a packet lost on the network damages a frame)", self.sink.stream_id)
+        self._udp_warned = True
         return True
 
     def _hwaccel(self) -> HWAccel | None:
