@@ -983,6 +983,35 @@ def test_a_results_row_the_disk_refuses_leaves_no_partial_row(tmp_path: Path) ->
     assert [r.split(",")[0] for r in path.read_text().splitlines()] == ["epoch", "1", "2"]
 
 
+def test_a_first_results_row_the_disk_refuses_leaves_the_header_for_the_next(tmp_path: Path) -> None:
+    """A full disk at the first epoch's row: the file is cut back to empty, and the row written once there is room
+    (after a resume) comes with its header, not as a header-less first line that readers take for the header."""
+    import resource
+    import signal
+    import time
+    from types import SimpleNamespace
+
+    from trainer.hooks import ResultsCSVHook
+
+    hook = ResultsCSVHook()
+    hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=False),
+                                   save_dir=tmp_path, epoch=0, start_epoch=0, epoch_losses={"box": 0.3}, metrics={},
+                                   optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
+                                   start_time=time.monotonic())
+    old_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (5, old[1]))  # room for 5 bytes of the header
+    try:
+        with pytest.raises(OSError):
+            hook.after_epoch()
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_signal)
+    assert (tmp_path / "results.csv").read_bytes() == b""
+    hook.after_epoch()
+    assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1"]
+
+
 def test_a_new_run_in_a_reused_folder_does_not_keep_the_last_run_s_best(tmp_path: Path) -> None:
     """--exist-ok --no-val: the end of the run saves best.pt only when there is none, so the previous run's stayed
     and was loaded as this run's result. A new run starts without it; a resumed run keeps its own."""

@@ -163,7 +163,7 @@ class ResultsCSVHook(HookBase):
         path = t.save_dir / "results.csv"
         text = io.StringIO(newline="")
         writer = csv.DictWriter(text, fieldnames=list(row))
-        if not path.exists():
+        if not path.exists() or path.stat().st_size == 0:  # empty: a first row the disk refused (cut back to 0)
             writer.writeheader()
         writer.writerow(row)
         _append_whole(path, text.getvalue().encode())
