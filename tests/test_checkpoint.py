@@ -226,3 +226,18 @@ def test_a_checkpoint_the_disk_refuses_keeps_the_previous_one_and_leaves_no_part
     assert "the previous one is kept" in str(e.value)
     assert last.read_bytes() == good and load_checkpoint(last).raw["epoch"] == 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_a_save_torch_refuses_says_so_without_an_errno(tmp_path, monkeypatch):
+    """torch reports a full disk as a RuntimeError, which has no errno: the line starts with what failed."""
+    model = build_model("yolov12n.yaml", names=["a", "b"])
+
+    def refuse(obj, f, *args, **kwargs):
+        raise RuntimeError("PytorchStreamWriter failed writing file data/0: file write failed")
+
+    monkeypatch.setattr(torch, "save", refuse)
+    with pytest.raises(OSError) as e:
+        save_checkpoint(tmp_path / "last.pt", model, imgsz=64, epoch=0)
+    assert str(e.value).startswith(f"cannot save {tmp_path / 'last.pt'} ("), str(e.value)
+    assert "file write failed; nothing was written" in str(e.value)
+    assert list(tmp_path.iterdir()) == []

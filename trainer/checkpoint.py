@@ -283,8 +283,10 @@ def save_checkpoint(path: str | Path, model: DetectionModel, **extra: Any) -> Pa
             free = f"{shutil.disk_usage(path.parent).free / 2**20:.0f} MiB free there"
         except OSError:
             free = "its free space unknown"
-        raise OSError(getattr(e, "errno", None), f"cannot save {path} ({free}: a full disk?): {e}; "
-                      f"{'the previous one is kept' if path.exists() else 'nothing was written'}") from e
+        message = (f"cannot save {path} ({free}: a full disk?): {e}; "
+                   f"{'the previous one is kept' if path.exists() else 'nothing was written'}")
+        code = getattr(e, "errno", None)  # torch's RuntimeError has none: no '[Errno None]' before the message
+        raise (OSError(code, message) if code is not None else OSError(message)) from e
     tmp.replace(path)  # atomic: a crash mid-write never leaves a torn last.pt
     return path
 
