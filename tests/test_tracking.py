@@ -161,3 +161,14 @@ def test_a_wall_clock_step_on_a_tracked_camera_neither_forgets_its_parts_nor_cou
         assert stream.tracker is not None and stream.tracker.next_id == 2
     finally:
         core.drain(2)
+
+
+def test_a_frame_of_unknown_size_leaves_the_tracks_in_their_pixels():
+    """src_hw (0, 0) (a size not known) neither collapses the tracks' boxes to the origin nor is taken as the size
+    the next frame's change is measured from: the part keeps its id across it."""
+    tracker = Tracker()
+    box = np.array([[100.0, 100.0, 140.0, 140.0, 0.9, 0.0]])
+    ids = [tracker.update(box, t, (360, 640))[0][0] for t in (0.0, 0.1)]
+    ids.append(tracker.update(box, 0.2, (0, 0))[0][0])
+    ids.append(tracker.update(box, 0.3, (360, 640))[0][0])
+    assert ids == [0, 1, 1, 1]

@@ -153,8 +153,11 @@ class Tracker:
         """The camera's frames changed size (its resolution set anew, on the same or a new connection): its tracks'
         boxes and speeds are scaled to the new pixels, the same view assumed, so parts in sight keep their ids
         rather than being counted again (or a part's old box, in the old pixels, matching another part)."""
-        old, self._src_hw = self._src_hw, (int(src_hw[0]), int(src_hw[1]))
-        if old is None or old == self._src_hw or not all(old):
+        new = (int(src_hw[0]), int(src_hw[1]))
+        if not all(new):  # a size not known: the tracks stay in the pixels they are in
+            return
+        old, self._src_hw = self._src_hw, new
+        if old is None or old == new:
             return
         sy, sx = self._src_hw[0] / old[0], self._src_hw[1] / old[1]
         self._boxes = self._boxes * np.array([sx, sy, sx, sy])
