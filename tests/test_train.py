@@ -920,6 +920,8 @@ def test_resume_auto_starts_the_run_then_continues_it_then_leaves_it_finished(
     assert again.train(**kw) == {} and last.stat().st_mtime_ns == stamp
     assert f"{tmp_path / 'job'} finished its epochs already: nothing to train" in capsys.readouterr().out
     assert again.ckpt is not None and Path(again.save_dir) == tmp_path / "job"  # its best weights, as after training
+    with pytest.raises(ValueError, match=r"^--epochs 3 \(the run has 2\): a resumed run keeps the options"):
+        YOLO("yolov12n.yaml").train(**{**kw, "epochs": 3})  # the job's command edited: not silently "finished"
     rc, err = _train_cli(["--resume", "auto", "--project", str(tmp_path), "--name", "new"], capsys)
     assert rc == 2 and err[-1].startswith("yolov12-train: error: no dataset given: add --data"), err
 

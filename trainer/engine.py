@@ -719,7 +719,7 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     """
     cfg = TrainConfig.from_kwargs(**{"model": getattr(yolo, "source", "yolov12n.yaml"), **kwargs})
     if cfg.resume == AUTO_RESUME:
-        cfg, finished = _auto_resume(cfg)
+        cfg, finished = _auto_resume(cfg, kwargs)
         if finished is not None:
             return _already_finished(yolo, finished)
     if cfg.resume:  # the saved options, except where to run (and the dataset, when it moved)
@@ -765,16 +765,19 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     return metrics or {}
 
 
-def _auto_resume(cfg: TrainConfig) -> tuple[TrainConfig, Path | None]:
+def _auto_resume(cfg: TrainConfig, kwargs: dict[str, Any]) -> tuple[TrainConfig, Path | None]:
     """`--resume auto`, for a job a scheduler restarts with the same command (a preempted pod, a requeued Slurm job):
     the run in PROJECT/NAME is continued when it has a last.pt, else started there (never in NAME2); a run that
-    finished all its epochs is not trained again (its folder is returned: nothing to do)."""
+    finished all its epochs is not trained again (its folder is returned: nothing to do), unless the command now
+    asks for other options (more epochs): that is refused in one line, as a resume is."""
     run = Path(cfg.project) / cfg.name
     last = run / "weights" / "last.pt"
     if not last.is_file():
         return replace(cfg, resume=False, exist_ok=True), None
     raw = _read_resumable(last)
-    if int(raw.get("epoch", -1)) + 1 >= int(raw["train_args"].get("epochs", 0)):
+    saved = TrainConfig.from_kwargs(**raw["train_args"])
+    if int(raw.get("epoch", -1)) + 1 >= saved.epochs:
+        _refuse_fixed_options(saved, {k: getattr(cfg, k) for k in kwargs if hasattr(cfg, k)}, last, by_path=False)
         return cfg, run
     return replace(cfg, resume=True), None
 
