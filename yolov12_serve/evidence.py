@@ -15,7 +15,6 @@ file names).
 from __future__ import annotations
 
 import collections
-import contextlib
 import io
 import json
 import logging
@@ -149,13 +148,16 @@ class EvidenceRecorder:
         """Write what is queued within `timeout` seconds, then stop the writer. A writer held up by a slow or hung
         disk is left behind (a daemon thread: it ends with the process) and what it had not written is logged, so
         a drain never waits on the disk."""
-        end = time.monotonic() + timeout
-        with contextlib.suppress(queue.Full):  # the queue may be full and the writer stuck
+        end, marked = time.monotonic() + timeout, True
+        try:
             self._jobs.put(None, timeout=timeout)
+        except queue.Full:  # the queue full and the writer stuck
+            marked = False
         self._writer.join(max(0.0, end - time.monotonic()))
         if self._writer.is_alive():
-            log.warning("evidence: the writer is still busy after %.0f s (a slow or hung disk under %s?): %d "
-                        "queued pictures not written", timeout, self.folder.root, self._jobs.qsize())
+            log.warning("evidence: the writer is still busy after %.0f s (a slow or hung disk under %s?): the picture "
+                        "it is writing and %d queued not written", timeout, self.folder.root,
+                        max(0, self._jobs.qsize() - marked))
 
     # ---------------------------------------------------------------------------------------------- (lock held)
     def _ask(self, sid: str) -> None:
