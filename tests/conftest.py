@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import resource
 import shutil
+import signal
 import tempfile
 from pathlib import Path
 
@@ -48,6 +51,20 @@ def ultralytics():
 
     Image.open, cv2.imread, cv2.imwrite, cv2.imshow = saved
     return module
+
+
+@contextlib.contextmanager
+def file_size_limit(limit: int):
+    """Writes past `limit` bytes fail with EFBIG, as on a disk that fills (SIGXFSZ ignored: the write returns the
+    error instead of killing the process); the limit is lifted on exit."""
+    old_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    old = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, old)
+        signal.signal(signal.SIGXFSZ, old_signal)
 
 
 def no_augment() -> dict[str, float]:

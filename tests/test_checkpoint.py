@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import io
 import os
 import pickle
 import re
-import resource
-import signal
 import subprocess
 import sys
 import zipfile
@@ -17,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import file_size_limit
 
 from trainer import YOLO
 from trainer.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -200,27 +198,13 @@ def test_own_format_spec_disagreeing_with_weights_is_one_line(tmp_path: Path) ->
     assert load_checkpoint(tmp_path / "weights_only.pt").spec.names == {0: "class0", 1: "class1"}
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit: int):
-    """Writes past `limit` bytes fail with EFBIG, as on a disk that fills (SIGXFSZ ignored: the write returns the
-    error instead of killing the process); the limit is lifted on exit."""
-    old_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, old[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, old_signal)
-
-
 def test_a_checkpoint_the_disk_refuses_keeps_the_previous_one_and_leaves_no_partial_file(tmp_path):
     """A full disk during a save: OSError naming the file and the free space, the previous last.pt intact (it loads),
     and no partial last.pt.tmp left taking the space the next save or results.csv needs."""
     model = build_model("yolov12n.yaml", names=["a", "b"])
     last = save_checkpoint(tmp_path / "last.pt", model, imgsz=64, epoch=0)
     good = last.read_bytes()
-    with _file_size_limit(64 * 1024), pytest.raises(OSError) as e:
+    with file_size_limit(64 * 1024), pytest.raises(OSError) as e:
         save_checkpoint(last, model, imgsz=64, epoch=1)
     assert f"cannot save {last}" in str(e.value) and "free there" in str(e.value)
     assert "the previous one is kept" in str(e.value)

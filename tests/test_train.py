@@ -11,14 +11,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import no_augment
+from conftest import file_size_limit, no_augment
 from torch import nn
 
 from trainer import YOLO
 from trainer.config import TrainConfig
 from trainer.distributed import DistContext, init_process, launch
 from trainer.engine import Trainer
-from trainer.hooks import HookBase, LRScheduleHook, StopTraining
+from trainer.hooks import HookBase, LRScheduleHook, ResultsCSVHook, StopTraining
 from trainer.nn import build_model
 
 DEMO_CKPT = Path(__file__).resolve().parent / "assets" / "yolov12n-defects.pt"
@@ -926,22 +926,25 @@ def test_resume_auto_starts_the_run_then_continues_it_then_leaves_it_finished(
     assert rc == 2 and err[-1].startswith("yolov12-train: error: no dataset given: add --data"), err
 
 
-def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
-    """--exist-ok reusing a folder: the new run's results.csv holds only its own epochs (a resumed run appends)."""
+def _results_hook(save_dir: Path, epoch: int, resume: bool | str = False) -> ResultsCSVHook:
+    """ResultsCSVHook on a stand-in trainer holding only what its row reads (epoch `epoch`, 0-based)."""
     import time
     from types import SimpleNamespace
 
-    from trainer.hooks import ResultsCSVHook
+    hook = ResultsCSVHook()
+    hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=resume),
+                                   save_dir=save_dir, epoch=epoch, start_epoch=epoch, epoch_losses={"box": 0.3},
+                                   metrics={}, optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]),
+                                   epoch_images_per_s=1.0, start_time=time.monotonic())
+    return hook
 
+
+def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
+    """--exist-ok reusing a folder: the new run's results.csv holds only its own epochs (a resumed run appends)."""
     (tmp_path / "results.csv").write_text("epoch,train/box_loss\n1,0.5\n2,0.4\n")  # the previous run's
 
     def run(resume: bool | str, epoch: int) -> None:
-        hook = ResultsCSVHook()
-        hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=resume),
-                                       save_dir=tmp_path, epoch=epoch, start_epoch=epoch, epoch_losses={"box": 0.3},
-                                       metrics={},
-                                       optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
-                                       start_time=time.monotonic())
+        hook = _results_hook(tmp_path, epoch, resume)
         hook.before_train()
         hook.after_epoch()
 
@@ -956,30 +959,12 @@ def test_a_new_run_starts_a_new_results_csv(tmp_path: Path) -> None:
 def test_a_results_row_the_disk_refuses_leaves_no_partial_row(tmp_path: Path) -> None:
     """A full disk while results.csv gets its row: OSError, and the file as it was (a partial row would be glued to
     the next epoch's, after a resume); once there is room the row is appended whole."""
-    import resource
-    import signal
-    import time
-    from types import SimpleNamespace
-
-    from trainer.hooks import ResultsCSVHook
-
     path = tmp_path / "results.csv"
     path.write_text("epoch,train/box_loss,lr/pg0,images_per_s,time_s\n1,0.5,0.01,1.0,2.0\n")
     before = path.read_bytes()
-    hook = ResultsCSVHook()
-    hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=False),
-                                   save_dir=tmp_path, epoch=1, start_epoch=1, epoch_losses={"box": 0.3}, metrics={},
-                                   optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
-                                   start_time=time.monotonic())
-    old_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past the limit a write fails (EFBIG), as when full
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(before) + 5, old[1]))  # room for 5 bytes of the row
-    try:
-        with pytest.raises(OSError):
-            hook.after_epoch()
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, old_signal)
+    hook = _results_hook(tmp_path, 1)
+    with file_size_limit(len(before) + 5), pytest.raises(OSError):  # room for 5 bytes of the row
+        hook.after_epoch()
     assert path.read_bytes() == before
     hook.after_epoch()
     assert [r.split(",")[0] for r in path.read_text().splitlines()] == ["epoch", "1", "2"]
@@ -988,27 +973,9 @@ def test_a_results_row_the_disk_refuses_leaves_no_partial_row(tmp_path: Path) ->
 def test_a_first_results_row_the_disk_refuses_leaves_the_header_for_the_next(tmp_path: Path) -> None:
     """A full disk at the first epoch's row: the file is cut back to empty, and the row written once there is room
     (after a resume) comes with its header, not as a header-less first line that readers take for the header."""
-    import resource
-    import signal
-    import time
-    from types import SimpleNamespace
-
-    from trainer.hooks import ResultsCSVHook
-
-    hook = ResultsCSVHook()
-    hook.trainer = SimpleNamespace(ctx=SimpleNamespace(is_main=True), cfg=SimpleNamespace(resume=False),
-                                   save_dir=tmp_path, epoch=0, start_epoch=0, epoch_losses={"box": 0.3}, metrics={},
-                                   optimizer=SimpleNamespace(param_groups=[{"lr": 0.01}]), epoch_images_per_s=1.0,
-                                   start_time=time.monotonic())
-    old_signal = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    old = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (5, old[1]))  # room for 5 bytes of the header
-    try:
-        with pytest.raises(OSError):
-            hook.after_epoch()
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, old)
-        signal.signal(signal.SIGXFSZ, old_signal)
+    hook = _results_hook(tmp_path, 0)
+    with file_size_limit(5), pytest.raises(OSError):  # room for 5 bytes of the header
+        hook.after_epoch()
     assert (tmp_path / "results.csv").read_bytes() == b""
     hook.after_epoch()
     assert [r.split(",")[0] for r in (tmp_path / "results.csv").read_text().splitlines()] == ["epoch", "1"]
