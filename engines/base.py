@@ -24,8 +24,8 @@ class EngineError(RuntimeError):
 
 
 def import_torch(what: str) -> Any:
-    """The torch module, or EngineError saying how to get it: the serving install (ONNX Runtime only) has none, and
-    a bare "No module named 'torch'" ended yolov12-serve with a traceback."""
+    """The torch module, or EngineError saying how to get it (one line from yolov12-serve, not a traceback of "No
+    module named 'torch'"): the serving install (ONNX Runtime only) has none."""
     try:
         import torch
     except ImportError:

@@ -28,7 +28,7 @@ CONFIRM_HITS = 2  # matches before a track is confirmed (gets an id and is count
 NEW_TRACK_SCORE = 0.5
 # On a slow camera a track lives this many of its frame intervals (the median of the last few gaps between results,
 # so a stall does not stretch it): at 1 fps a part seen in the previous frame is still tracked, one missing from a
-# frame is not. At max_age_s alone, each frame 1.002 s after the last forgot every track: no part was counted.
+# frame is not. At max_age_s alone, each frame 1.002 s after the last would forget every track: nothing counted.
 SLOW_CAMERA_FRAMES = 1.5
 
 
