@@ -64,6 +64,7 @@ class Sink:
         self.shapes: set[tuple[int, ...]] = set()
         self.states: list[tuple[StreamState, str]] = []
         self.reconnects = 0
+        self.corrupt = 0
         self.admitting = True  # what the stream would say under overload (Stream.admit): False sheds every frame
         self.shed = 0
         self.ahead = 0  # what shed_ahead says: the next frames that would be shed too
@@ -94,6 +95,9 @@ class Sink:
 
     def count_reconnect(self) -> None:
         self.reconnects += 1
+
+    def count_corrupt(self) -> None:
+        self.corrupt += 1
 
 
 def run_source(source: AvSource, seconds: float) -> None:
@@ -252,6 +256,7 @@ def test_packet_failing_in_the_hardware_decoder_moves_the_stream_to_the_cpu(tmp_
     assert warnings[0] == gave_up[0] and len(warnings) >= 2
     assert all("1 corrupt video packet skipped on this connection (InvalidDataError" in w for w in warnings[1:])
     assert sink.reconnects == 0 and not [s for s, _ in sink.states if s == StreamState.RECONNECTING]
+    assert sink.corrupt >= 1  # each skipped packet counted (FrameSink.count_corrupt)
     assert any("corrupt video packet skipped" in e for s, e in sink.states if s == StreamState.STREAMING)
     assert len(sink.times) >= 12  # frames on both sides of the bad one, again and again
 

@@ -5,6 +5,7 @@ catches a stalled camera with its watchdog."""
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import subprocess
 import time
@@ -291,21 +292,41 @@ def test_stalled_camera_is_caught_by_the_watchdog(client, rtsp):
         client.remove_stream("stall")
 
 
-def test_corrupt_video_packets_are_skipped_on_the_same_connection(client, rtsp):
-    """Damaged NAL units (a lost packet, a flaky link) that the decoder rejects are skipped: the camera keeps
-    streaming on its connection, the count in its last error (a reconnect costs seconds and a wait for a keyframe)."""
-    client.add_stream("damaged", rtsp.url("cam0"))
+def _corrupt_packets_skipped(srv: ServerProcess, client, rtsp, stream_id: str) -> None:
+    client.add_stream(stream_id, rtsp.url("cam0"))
     try:
-        wait_state(client, "damaged", pb.STREAM_STATE_STREAMING)
+        wait_state(client, stream_id, pb.STREAM_STATE_STREAMING)
         rtsp.command("corrupt cam0 3")  # three frames whose every slice header is out of range
-        info = wait_until(lambda: (s := client.stream("damaged")).last_error and s, 10, what="the damage noticed")
+        info = wait_until(lambda: (s := client.stream(stream_id)).last_error and s, 10, what="the damage noticed")
         before = info.frames_processed
-        wait_until(lambda: client.stream("damaged").frames_processed > before + 10, 10, what="frames after it")
-        info = client.stream("damaged")
+        wait_until(lambda: client.stream(stream_id).frames_processed > before + 10, 10, what="frames after it")
+        info = client.stream(stream_id)
         assert info.state == pb.STREAM_STATE_STREAMING and info.reconnects == 0, info
         assert "corrupt video packet" in info.last_error, info.last_error
+        counted = re.search(rf'^yolov12_stream_corrupt_packets_total{{stream="{stream_id}"}} (\S+)$', srv.metrics(),
+                            re.M)
+        assert counted and float(counted.group(1)) >= 1, counted
     finally:
-        client.remove_stream("damaged")
+        client.remove_stream(stream_id)
+
+
+def test_corrupt_video_packets_are_skipped_on_the_same_connection(server, client, rtsp):
+    """Damaged NAL units (a lost packet, a flaky link) that the decoder rejects are skipped: the camera keeps
+    streaming on its connection, the count in its last error and in yolov12_stream_corrupt_packets_total (a
+    reconnect costs seconds and a wait for a keyframe)."""
+    _corrupt_packets_skipped(server, client, rtsp, "damaged")
+
+
+def test_corrupt_packets_of_a_camera_in_a_device_process_are_counted_by_the_api_process(rtsp):
+    """The same with the camera decoded in a device process (--gpus cpu:2): its count reaches /metrics."""
+    srv = ServerProcess("--gpus", "cpu:2")
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        _corrupt_packets_skipped(srv, c, rtsp, "damaged-remote")
+        c.close()
+    finally:
+        srv.close()
 
 
 def test_camera_that_goes_offline_reconnects_with_backoff(client, rtsp, server):

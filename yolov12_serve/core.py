@@ -431,7 +431,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                                              "pushed streams count apart): remove a stream or start the server "
                                              "with a larger --max-streams")
             stream = Stream(stream_id, url, kind, max_fps, self.config.slo_s, self._on_ingest, self._drop,
-                            self._on_reconnect, droppable=droppable, epoch=next(self._epochs))
+                            self._on_reconnect, droppable=droppable, epoch=next(self._epochs),
+                            on_corrupt=self._on_corrupt)
             stream.watch_picture(blind_after_s)  # before it is bound: a device process is told it then
             device = self.placement.assign(stream_id, max_fps, any_device=self.starting)  # saved ones kept
             stream.bind(self.runtimes[device])
@@ -605,6 +606,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
     def _on_reconnect(self, stream: Stream) -> None:
         if self.metrics is not None:
             self.metrics.reconnects.labels(stream.metrics_label).inc()
+
+    def _on_corrupt(self, stream: Stream, n: int = 1) -> None:
+        if self.metrics is not None:
+            self.metrics.corrupt_packets.labels(stream.metrics_label).inc(n)
 
     def _lookup(self, stream_id: str, epoch: int) -> Stream | None:
         """The registered stream of this id and incarnation (None once removed, even if the id was added again)."""

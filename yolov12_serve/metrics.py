@@ -5,8 +5,9 @@ the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12
 yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
 yolov12_detections_total{stream,class} (a class's series from its first detection),
 yolov12_objects_total{stream,class} (objects on cameras that track them, each counted once),
-yolov12_stream_reconnects_total{stream}, yolov12_streams{state}, yolov12_queue_depth{device},
-yolov12_slo_seconds, yolov12_frames_in_flight{device}; device faults: yolov12_device_healthy{device},
+yolov12_stream_reconnects_total{stream}, yolov12_stream_corrupt_packets_total{stream} (skipped, no reconnect),
+yolov12_streams{state}, yolov12_queue_depth{device}, yolov12_slo_seconds, yolov12_frames_in_flight{device};
+device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
 yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes),
 yolov12_stream_moves_total{reason} (failover, rebalance); evidence: yolov12_evidence_pictures_total,
@@ -243,6 +244,9 @@ class Metrics:
         self._objects: dict[tuple[str, str], Any] = {}
         self.reconnects = Counter("yolov12_stream_reconnects", "Camera reconnect attempts (lost, failed or stalled).",
                                   ["stream"], registry=r)
+        self.corrupt_packets = Counter("yolov12_stream_corrupt_packets", "Video packets a camera's decoder rejected "
+                                       "as corrupt (damaged on the network), skipped without a reconnect.",
+                                       ["stream"], registry=r)
         self.evidence_written = Counter("yolov12_evidence_pictures",
                                         "Pictures of counted objects written to --evidence-dir.", registry=r)
         self.evidence_skipped = Counter("yolov12_evidence_skipped", "Counted objects with no picture written, by "
@@ -343,6 +347,7 @@ class Metrics:
         """Create a stream's series at zero so rates exist from the start."""
         self.frames.labels(stream_id)
         self.reconnects.labels(stream_id)
+        self.corrupt_packets.labels(stream_id)
         for reason in DROP_REASONS:
             self.frames_dropped.labels(stream_id, reason)
 
@@ -355,7 +360,8 @@ class Metrics:
         for cache in (self._series, self._dropped):  # list(): one step, while workers may add keys
             for key in [k for k in list(cache) if k[0] == stream_id]:
                 cache.pop(key, None)
-        for metric, labelsets in ((self.frames, [(stream_id,)]), (self.reconnects, [(stream_id,)])):
+        for metric, labelsets in ((self.frames, [(stream_id,)]), (self.reconnects, [(stream_id,)]),
+                                  (self.corrupt_packets, [(stream_id,)])):
             for labels in labelsets:
                 _remove(metric, labels)
         for dev in self.devices:

@@ -167,6 +167,8 @@ class ProcessDevices:
                 self._count_drop(stream, key[2], n)
             elif kind == "sh":  # frames a camera did not hand over under overload: offered, and superseded
                 stream.stats.record_shed(t, n)
+            elif kind == "cp":  # corrupt video packets its decoder skipped
+                self._on_corrupt(stream, n)
 
     def remote_state(self, rt: RemoteRuntime, stream_id: str, epoch: int, state: int, error: str) -> None:
         stream = self._lookup(stream_id, epoch)

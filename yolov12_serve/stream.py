@@ -73,7 +73,8 @@ class Stream:
                  on_ingest: Callable[[Stream], None], on_drop: Callable[[Frame, str], None],
                  on_reconnect: Callable[[Stream], None], droppable: bool = True, public: bool = True,
                  metrics_label: str | None = None, epoch: int = 0, group: str | None = None,
-                 on_shed: Callable[[Stream, int], None] | None = None) -> None:
+                 on_shed: Callable[[Stream, int], None] | None = None,
+                 on_corrupt: Callable[[Stream], None] | None = None) -> None:
         self.stream_id = stream_id
         self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
         self.spec: StreamSpec | None = None  # what AddStream asked for, URL credentials included (never shown)
@@ -107,6 +108,7 @@ class Stream:
         self._on_drop = on_drop
         self._on_reconnect = on_reconnect
         self._on_shed = on_shed  # told how many frames `admit` turned away (a device process tells the API process)
+        self._on_corrupt = on_corrupt  # told of each corrupt video packet its camera's decoder skipped
         self._ids = itertools.count()
         self._lock = threading.Lock()
         self._on_close: list[Callable[[], None]] = []
@@ -305,6 +307,11 @@ class Stream:
         with self._lock:
             self.reconnects += 1
         self._on_reconnect(self)
+
+    def count_corrupt(self) -> None:
+        """Count one corrupt video packet skipped (metrics show it; its last_error gives the connection's count)."""
+        if self._on_corrupt is not None:
+            self._on_corrupt(self)
 
     def view(self) -> StreamView:
         """A snapshot with rates over the last few seconds."""

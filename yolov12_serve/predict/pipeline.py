@@ -220,6 +220,9 @@ class _LiveSink:
     def count_reconnect(self) -> None:
         self.reconnects += 1
 
+    def count_corrupt(self) -> None:
+        """A skipped corrupt packet: the camera goes on (predict reports no per-packet figures)."""
+
 
 def _mask(text: str, url: str) -> str:
     """`text` with `url` (FFmpeg quotes it in its errors) and its password masked."""

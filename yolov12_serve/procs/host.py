@@ -172,7 +172,7 @@ class DeviceHost:
             stream = _HostStream(self, stream_id, opts["url"], opts["kind"], opts["max_fps"], opts["slo_s"],
                                  self._on_ingest, self._drop, self._on_reconnect, droppable=opts["droppable"],
                                  public=opts["public"], metrics_label=opts["metrics_label"], epoch=epoch,
-                                 group=opts["group"], on_shed=self._on_shed)
+                                 group=opts["group"], on_shed=self._on_shed, on_corrupt=self._on_corrupt)
             if not opts["droppable"]:
                 stream.state = StreamState.STREAMING
             else:  # a camera: its picture is checked here, where its frames are
@@ -346,6 +346,9 @@ class DeviceHost:
 
     def _on_reconnect(self, stream: Stream) -> None:
         self.outbox.put(("rc", stream.stream_id, stream.epoch))
+
+    def _on_corrupt(self, stream: Stream) -> None:
+        self.outbox.count("cp", (stream.stream_id, stream.epoch))
 
     def _publish(self, result: FrameResult) -> None:
         if self._lookup(result.stream_id, result.epoch) is None:

@@ -61,6 +61,10 @@ class FrameSink(Protocol):
         """Count one reconnect attempt."""
         ...
 
+    def count_corrupt(self) -> None:
+        """Count one video packet the decoder rejected as corrupt (skipped on its connection, no reconnect)."""
+        ...
+
 
 class Source(ABC):
     """A producer of frames for one stream, running in its own thread."""

@@ -316,6 +316,7 @@ class AvSource(Source):
                         f"({_describe(e)})", self.url)
         if skipped == 1:
             log.warning("stream %s: %s", self.sink.stream_id, why)
+        self.sink.count_corrupt()
         with self._lock:
             if self._streaming and self._current(gen):
                 self.sink.set_state(StreamState.STREAMING, why)
