@@ -102,6 +102,7 @@ LOOSENED = {
     "Yolov12CameraPictureLost": ("== 1", ">= 0"),
     "Yolov12FramesDropped": ("> 0.05", "> 0.01"),
     "Yolov12StreamReconnectStorm": ("> 6", "> 1"),
+    "Yolov12StreamPacketsCorrupt": ("> 30", "> 10"),
     "Yolov12DeviceUnhealthy": ("== 0", "<= 1"),
     "Yolov12EngineFailures": ("> 0", ">= 0"),
     "Yolov12GPUMemoryNearFull": ("> 0.95", "> 0.5"),
