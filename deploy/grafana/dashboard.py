@@ -135,10 +135,14 @@ def build() -> dict[str, Any]:
               transformations=[{"id": "organize", "options": {
                   "excludeByName": {"Time": True, "Value": True, "__name__": True, "job": True},
                   "indexByName": {"stream": 0, "state": 1, "instance": 2}}}]),
-        panel("timeseries", "Reconnects per minute per stream",
+        panel("timeseries", "Reconnects and corrupt packets per minute per stream",
               [target(f"sum by (stream) (rate(yolov12_stream_reconnects_total{{{STREAM_SEL}}}[$__rate_interval]))"
-                      " * 60", "{{stream}}")],
-              (16, 36, 8, 8), "Camera reconnect attempts (lost, failed or stalled).", "short"),
+                      " * 60", "{{stream}} reconnects"),
+               target(f"sum by (stream) (rate(yolov12_stream_corrupt_packets_total{{{STREAM_SEL}}}"
+                      "[$__rate_interval])) * 60", "{{stream}} corrupt packets")],
+              (16, 36, 8, 8), "Camera reconnect attempts (lost, failed or stalled), and video packets its decoder "
+              "rejected as corrupt (skipped: the camera stays connected, the frames they belong to are damaged).",
+              "short"),
         panel("state-timeline", "Device health",
               [target(f"yolov12_device_healthy{{{DEVICE_SEL}}}", "{{instance}} {{device}}")],
               (0, 44, 8, 8), "Whether each device's engine works (a failing device's streams move to the others).",
