@@ -392,6 +392,31 @@ def test_serving_md_names_every_flag_with_its_default():
     assert [(o, v, actions[o].default) for o, v in stated if float(v) != actions[o].default] == []
 
 
+@pytest.mark.parametrize("script, argv, meant", [
+    ("yolov12_serve.cli:main", ["--gpu", "none"], "did you mean --gpus for --gpu?"),
+    ("yolov12_serve.cli:main", ["--stall", "-5"], "--stall-s for --stall"),
+    ("yolov12_serve.ctl:main", ["add", "c", "synthetic://x", "--max", "x"], "--max-fps for --max"),
+    ("yolov12_serve.predict.cli:main", ["--weight", "m.onnx", "--source", "x"], "--weights for --weight"),
+    ("trainer.cli:train_main", ["--epoch", "-1"], "--epochs for --epoch"),
+    ("trainer.cli:export_main", ["--weigths", "m.pt"], "--weights for --weigths"),
+    ("trainer.cli:val_main", ["--weights", "m.pt", "--dat", "d.yaml"], "--data for --dat"),
+])
+def test_console_scripts_take_only_full_option_names(script, argv, meant, capsys):
+    """argparse's default took any unambiguous prefix (`--gpu` for `--gpus`): a command line or manifest written
+    so would change meaning or stop starting the day a flag sharing the prefix is added. Refused, one line, exit 2,
+    naming the option meant."""
+    import importlib
+
+    module, name = script.split(":")
+    main = getattr(importlib.import_module(module), name)
+    try:
+        code = main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    err = capsys.readouterr().err
+    assert code == 2 and meant in err and err.count("\n") == 1, err
+
+
 def test_gpus_option():
     assert parse_gpus(None, visible=[]) == ["cpu"]
     assert parse_gpus(None, visible=[0, 1]) == ["cuda:0", "cuda:1"]

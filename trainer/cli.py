@@ -13,6 +13,8 @@ import typing
 from dataclasses import MISSING, fields
 from pathlib import Path
 
+from yolov12_serve.argparsing import OneLineParser
+
 from . import __version__
 from .config import AUTO_RESUME, TrainConfig
 
@@ -132,15 +134,6 @@ def _stopped(yolo: object, signum: int) -> int:
         print(f"yolov12-train: {how} before the first epoch finished: nothing can be resumed yet; start the run "
               "again", file=sys.stderr)
     return status
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad option as one line, `PROG: error: ... (see --help)`, exit status 2 (not the usage
-    block of every option)."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        print(f"{self.prog}: error: {message} (see --help)", file=sys.stderr)
-        raise SystemExit(2)
 
 
 def _fail(prog: str, e: BaseException) -> int:

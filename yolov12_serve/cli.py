@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from . import __version__
+from .argparsing import OneLineParser
 from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .security import SecurityConfig, install_log_redaction
@@ -28,15 +29,9 @@ from .urls import expand_credentials, redact_text
 __all__ = ["build_parser", "main", "parse_config"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (not the usage block of 60 flags)
-        sys.stderr.write(f"yolov12-serve: error: {message} (see --help)\n")
-        raise SystemExit(2)
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (names are a contract: docs/serving.md lists them)."""
-    p = _Parser(prog="yolov12-serve", description="Real-time multi-camera YOLOv12 detection server "
+    p = OneLineParser(prog="yolov12-serve", description="Real-time multi-camera YOLOv12 detection server "
                                 "(gRPC in and out, Prometheus metrics).")
     p.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     p.add_argument("--engines", help="engine file(s): one for all devices or one per device, comma-separated "

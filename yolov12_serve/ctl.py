@@ -28,6 +28,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from . import __version__
+from .argparsing import OneLineParser
 from .client import Client, make_frame, new_objects
 from .config import StreamSpec, load_streams_file, redact_url, url_kind
 from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
@@ -88,10 +89,8 @@ def class_list(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (not the usage block)
-        sys.stderr.write(f"yolov12-ctl: {message} (see --help)\n")
-        raise SystemExit(2)
+class _Parser(OneLineParser):
+    error_format = "yolov12-ctl: {message} (see --help)"  # sub-commands' messages too (their prog is longer)
 
 
 def _common_options(parser: argparse.ArgumentParser) -> None:

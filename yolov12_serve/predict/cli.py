@@ -24,16 +24,15 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from .. import __version__
+from ..argparsing import OneLineParser
 from .inputs import IMAGE_SUFFIXES, SourceError, resolve_sources
 from .results import Result
 
 __all__ = ["main"]
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints the usage too)
-        sys.stderr.write(f"yolov12-predict: {message}\n")
-        raise SystemExit(2)
+class _Parser(OneLineParser):
+    error_format = "{prog}: {message}"
 
 
 def _imgsz(text: str) -> int | tuple[int, int]:
