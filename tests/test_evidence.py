@@ -3,6 +3,7 @@ again when it is not in that frame, never for a removed camera, and a folder tha
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import threading
@@ -175,6 +176,30 @@ def test_the_folder_stays_under_its_cap_oldest_first_counting_what_was_there(tmp
         (tmp_path / "c" / "three.jpg").mkdir(parents=True)
         folder.write(tmp_path / "c" / "three.jpg", b"w" * 10)
     assert not list(tmp_path.rglob("*.part")) and folder.bytes == 800  # no half file, nothing counted
+
+
+def test_a_full_disk_makes_room_by_removing_the_oldest_files(tmp_path, caplog):
+    """--evidence-max-mb above the space the disk has: a write that finds the disk full removed nothing, so the
+    newest defects were lost and the oldest kept. The oldest files now make room (at least twice the file and a
+    twentieth of the folder), as a recorder overwrites its oldest footage; logged once a minute at most."""
+    disk = 10_000  # bytes the (simulated) disk holds; the cap is far above it
+
+    class SmallDisk(EvidenceFolder):
+        def _write_whole(self, path: Path, data: bytes) -> None:
+            used = sum(f.stat().st_size for f in self.root.rglob("*") if f.is_file())
+            if used + len(data) > disk:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            super()._write_whole(path, data)
+
+    folder = SmallDisk(tmp_path, 10_000_000)
+    for i in range(25):  # 1,000 bytes each: the 11th finds the disk full
+        folder.write(tmp_path / "cam" / f"{i:02d}.jpg", bytes(1000))
+    kept = sorted(p.name for p in tmp_path.rglob("*.jpg"))
+    assert kept[-1] == "24.jpg" and len(kept) >= 8 and kept[0] != "00.jpg", kept  # the newest kept, the oldest gone
+    assert folder.bytes == 1000 * len(kept) and not list(tmp_path.rglob("*.part"))
+    assert caplog.text.count("is full: removed the 2 oldest files") == 1, caplog.text
+    with pytest.raises(OSError, match="No space left"):  # nothing of ours left to remove: the error as before
+        SmallDisk(tmp_path / "other", 10_000_000).write(tmp_path / "other" / "big.jpg", bytes(disk + 1))
 
 
 @pytest.mark.parametrize("name, safe", [("line1-cam3", "line1-cam3"), ("../etc", "_etc"), ("a/b:c", "a_b_c"),

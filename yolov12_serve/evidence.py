@@ -6,7 +6,8 @@ When a camera's tracker confirms objects, the camera's next picture is asked for
 a frame cost more than a flag test, in one process or a device process) with the number of the frame it shows;
 when that frame's result is published, the boxes of those objects in it are drawn and the files written by one
 thread of their own, never in the publishing path. An object missing from that frame (a flicker) is asked for
-again, up to `ATTEMPTS` times. The folder is kept under `max_bytes`, oldest files first.
+again, up to `ATTEMPTS` times. The folder is kept under `max_bytes` and within the disk's space, oldest files
+removed first.
 
 Files: DIR/<camera>/<UTC capture time>_<class>_<track id>.jpg and .json (camera and class names made safe for
 file names).
@@ -15,9 +16,11 @@ file names).
 from __future__ import annotations
 
 import collections
+import errno
 import io
 import json
 import logging
+import math
 import queue
 import re
 import threading
@@ -62,9 +65,26 @@ class EvidenceFolder:
         found = sorted((p.stat().st_mtime, p) for p in root.rglob("*") if p.suffix in (".jpg", ".json"))
         self._files: collections.deque[tuple[Path, int]] = collections.deque((p, p.stat().st_size) for _, p in found)
         self.bytes = sum(size for _, size in self._files)
+        self._warned_at = -math.inf  # when a full disk was last logged
 
     def write(self, path: Path, data: bytes) -> None:
-        """Write `data` to `path` (under the root; whole or not at all), then remove the oldest files over the cap."""
+        """Write `data` to `path` (under the root; whole or not at all), then remove the oldest files over the cap.
+        A full disk (the cap above the space there is) is a cap too: the oldest files make room, as a recorder
+        overwrites its oldest footage, so the newest defects are the ones kept."""
+        try:
+            self._write_whole(path, data)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT) or not self._make_room(len(data)):
+                raise
+            self._write_whole(path, data)
+        self._files.append((path, len(data)))
+        self.bytes += len(data)
+        while self.bytes > self.max_bytes and len(self._files) > 1:
+            old, size = self._files.popleft()
+            self.bytes -= size
+            old.unlink(missing_ok=True)
+
+    def _write_whole(self, path: Path, data: bytes) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
         try:
@@ -73,12 +93,23 @@ class EvidenceFolder:
         except OSError:
             part.unlink(missing_ok=True)  # a full disk leaves no half file behind
             raise
-        self._files.append((path, len(data)))
-        self.bytes += len(data)
-        while self.bytes > self.max_bytes and len(self._files) > 1:
-            old, size = self._files.popleft()
-            self.bytes -= size
+
+    def _make_room(self, size: int) -> bool:
+        """The disk is full: remove the oldest files, at least twice `size` and a twentieth of the folder (room for
+        the next writes too, and for the server's state files on the same disk). False: nothing left to remove."""
+        goal, freed, removed = max(2 * size, self.bytes // 20), 0, 0
+        while freed < goal and self._files:
+            old, old_size = self._files.popleft()
+            self.bytes -= old_size
             old.unlink(missing_ok=True)
+            freed, removed = freed + old_size, removed + 1
+        now = time.monotonic()
+        if removed and now >= self._warned_at + 60:  # a disk that another program keeps full: a line a minute
+            self._warned_at = now
+            log.warning("evidence: the disk under %s is full: removed the %d oldest files (%.1f MB) to write new "
+                        "ones; set --evidence-max-mb below the space the disk has for evidence (now %.0f MB in the "
+                        "folder)", self.root, removed, freed / 1e6, self.bytes / 1e6)
+        return removed > 0
 
 
 @dataclass
