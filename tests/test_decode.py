@@ -232,33 +232,79 @@ def test_hardware_decoder_that_will_not_open_falls_back_to_the_cpu_with_one_warn
 
 
 class _CorruptedHardware(AvSource):
-    """A source whose software decoder is declared 'hardware' until given up: a corrupt packet then stands for a
-    failing GPU decoder (what cannot be broken on purpose on a real GPU)."""
+    """A source whose software decoder is declared 'hardware' until given up: what it does with a packet the
+    decoder rejects is then what a GPU decoder's stream would do (what cannot be broken on purpose on a real GPU)."""
 
     def _on_hardware(self, video, requested: bool) -> bool:
         return not self._hardware_failed
 
 
-def test_packet_failing_in_the_hardware_decoder_moves_the_stream_to_the_cpu(tmp_path, caplog):
+class _FailingHardware(_CorruptedHardware):
+    """Also fails its 7th packet as NVDEC fails a picture (FFmpeg: AVERROR_EXTERNAL from cuvidDecodePicture)."""
+
+    def _open(self, hwaccel):
+        container = super()._open(hwaccel)
+        return container if self._hardware_failed else _FailsAt(container, 6)
+
+
+class _FailsAt:
+    def __init__(self, container, index: int) -> None:
+        self._container, self._index = container, index
+
+    def __getattr__(self, name):
+        return getattr(self._container, name)
+
+    def demux(self, *streams):
+        import av
+
+        for i, packet in enumerate(self._container.demux(*streams)):
+            if i != self._index:
+                yield packet
+                continue
+
+            class Failing:
+                def decode(self):
+                    raise av.error.ExternalError(-542398533, "Generic error in an external library")
+            yield Failing()
+
+
+def _warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records
+            if r.levelno == logging.WARNING and r.name == "yolov12_serve.sources.rtsp"]
+
+
+def test_a_corrupt_packet_on_the_hardware_decoder_is_skipped_and_the_stream_stays_there(tmp_path, caplog):
+    """A damaged packet (InvalidDataError: FFmpeg's bitstream parsing, the same on NVDEC) used to move the stream
+    to the CPU for good, at the first damaged packet of a camera on a lossy link. Now skipped as on the CPU."""
     caplog.set_level(logging.INFO, "yolov12_serve")
     clip = write_clip(tmp_path / "bad.avi", frames=12, codec="mjpeg", corrupt=6)
     sink = Sink()
     source = _CorruptedHardware(sink, str(clip), RtspOptions(decode="nvdec", backoff_base_s=0.05, backoff_cap_s=0.05),
                                 is_file=True)
     run_source(source, 1.5)
-    warnings = [r.getMessage() for r in caplog.records
-                if r.levelno == logging.WARNING and r.name == "yolov12_serve.sources.rtsp"]
-    gave_up = [w for w in warnings if "hardware decoding failed (decoding: InvalidDataError" in w]
-    assert len(gave_up) == 1, warnings  # once, then the stream stays on the CPU
-    assert source.decoder == "cpu"
-    # the hardware failure came first and reopened at once; the same bad packet on the CPU is a corrupt packet,
+    warnings = _warnings(caplog)
+    assert not source._hardware_failed and not [w for w in warnings if "hardware decoding failed" in w], warnings
     # skipped on its connection (each loop of the file is one): no reconnect, the count in the last error
-    assert warnings[0] == gave_up[0] and len(warnings) >= 2
-    assert all("1 corrupt video packet skipped on this connection (InvalidDataError" in w for w in warnings[1:])
+    assert warnings and all("1 corrupt video packet skipped on this connection (InvalidDataError" in w
+                            for w in warnings), warnings
     assert sink.reconnects == 0 and not [s for s, _ in sink.states if s == StreamState.RECONNECTING]
     assert sink.corrupt >= 1  # each skipped packet counted (FrameSink.count_corrupt)
     assert any("corrupt video packet skipped" in e for s, e in sink.states if s == StreamState.STREAMING)
     assert len(sink.times) >= 12  # frames on both sides of the bad one, again and again
+
+
+def test_packet_failing_in_the_hardware_decoder_moves_the_stream_to_the_cpu(tmp_path, caplog):
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    clip = write_clip(tmp_path / "good.avi", frames=12, codec="mjpeg")
+    sink = Sink()
+    source = _FailingHardware(sink, str(clip), RtspOptions(decode="nvdec", backoff_base_s=0.05, backoff_cap_s=0.05),
+                              is_file=True)
+    run_source(source, 1.5)
+    warnings = _warnings(caplog)
+    assert len(warnings) == 1 and "hardware decoding failed (decoding: ExternalError" in warnings[0], warnings
+    assert source.decoder == "cpu" and source._hardware_failed  # once, then the stream stays on the CPU
+    assert sink.reconnects == 0 and not [s for s, _ in sink.states if s == StreamState.RECONNECTING]
+    assert len(sink.times) >= 18  # the hardware's 6 frames, then the CPU's, reopened at once and looping
 
 
 # ------------------------------------------------------------------------------------------------ files as cameras

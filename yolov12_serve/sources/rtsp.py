@@ -15,8 +15,9 @@ replayed as a camera; the GPU check's 1080p cameras are such files): the loop se
 same connection and keeps one schedule, so the seam has no gap and costs no decoder set-up.
 Decoding: on the CPU, or on the GPU's NVDEC (`--decode`, chosen per connect by hwdecode.py). Frames come
 back to system memory either way and are letterboxed here as before. When hardware decoding fails on a
-stream that is otherwise fine (the decoder will not open, or a packet fails in the hardware decoder), the
-stream is reopened at once on the CPU, with one warning, and stays there until it is removed.
+stream that is otherwise fine (the decoder will not open, a packet fails in the hardware decoder, or corrupt
+packets go on for a read timeout), the stream is reopened at once on the CPU, with one warning, and stays there
+until it is removed. A corrupt packet alone is skipped on the GPU as on the CPU.
 """
 
 from __future__ import annotations
@@ -285,7 +286,8 @@ class AvSource(Source):
                 gen: int) -> Iterator[av.VideoFrame]:
         """The video's decoded frames (demuxing and decoding apart, so that a packet the hardware decoder fails
         on is told from a failing source: it raises _HardwareDecodeError after giving up the hardware). A packet the
-        CPU decoder rejects as corrupt is skipped, unless nothing has decoded for a whole read timeout since."""
+        decoder rejects as corrupt data (FFmpeg's bitstream parsing, the same on the GPU) is skipped, unless nothing
+        has decoded for a whole read timeout since; any other decoding error on the GPU is the hardware's."""
         import av
 
         failing_since: float | None = None  # when the decoder began rejecting packets with no frame since
@@ -294,12 +296,13 @@ class AvSource(Source):
             try:
                 frames = packet.decode()
             except av.error.FFmpegError as e:
-                if hardware:
-                    self._give_up_hardware(scrub_url(f"decoding: {_describe(e)}", self.url))
-                    raise _HardwareDecodeError(_own_text(e)) from e
                 t = now()
                 failing_since = t if failing_since is None else failing_since
-                if not isinstance(e, av.error.InvalidDataError) or t - failing_since > self.options.read_timeout_s:
+                corrupt = isinstance(e, av.error.InvalidDataError)
+                if hardware and (not corrupt or t - failing_since > self.options.read_timeout_s):
+                    self._give_up_hardware(scrub_url(f"decoding: {_describe(e)}", self.url))
+                    raise _HardwareDecodeError(_own_text(e)) from e
+                if not corrupt or t - failing_since > self.options.read_timeout_s:
                     raise  # not corrupt data, or nothing decodable for a whole read timeout: reconnect
                 skipped += 1
                 self._skip_corrupt(e, skipped, gen)
