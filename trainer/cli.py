@@ -17,6 +17,7 @@ from yolov12_serve.argparsing import OneLineParser
 
 from . import __version__
 from .config import AUTO_RESUME, TrainConfig
+from .torchrun_env import launched_rank, under_launcher
 
 __all__ = ["OneLineParser", "data_main", "export_main", "train_main", "val_main"]
 
@@ -126,7 +127,7 @@ def _stopped(yolo: object, signum: int) -> int:
     epoch saved a last.pt, that there is nothing to resume yet."""
     how, status = ("interrupted", 130) if signum == signal.SIGINT else ("terminated", 143)
     save_dir = getattr(yolo, "save_dir", None)
-    if _launched_rank() != 0:  # under torchrun: rank 0 holds the run folder and says whether it can be resumed
+    if launched_rank() != 0:  # under torchrun: rank 0 holds the run folder and says whether it can be resumed
         print(f"yolov12-train: {how}", file=sys.stderr)
     elif save_dir is not None and (Path(save_dir) / "weights" / "last.pt").is_file():
         print(f"yolov12-train: {how} (resume with --resume)", file=sys.stderr)
@@ -141,19 +142,10 @@ def _fail(prog: str, e: BaseException) -> int:
     return 2
 
 
-def _launched_rank() -> int:
-    """The global rank torchrun gave this process (RANK), 0 when not launched; read without importing torch."""
-    import os
-
-    return int(os.environ.get("RANK", "0")) if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ else 0
-
-
 def _fail_train(e: BaseException) -> int:
     """`_fail` for yolov12-train; under torchrun, before this rank joined the others, its error is posted for them
     too (they stop with it at once instead of waiting --dist-timeout for this rank)."""
-    import os
-
-    if "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ:
+    if under_launcher():
         from .distributed import report_start_failure
 
         report_start_failure(str(e))
@@ -210,7 +202,7 @@ def train_main(argv: list[str] | None = None) -> int:
         if not isinstance(e, TerminatedError) and type(e).__name__ != "SignalException":
             raise
         return _stopped(yolo, getattr(e, "sigval", signal.SIGTERM))
-    if _launched_rank() != 0:  # under torchrun: rank 0 wrote the run and says where
+    if launched_rank() != 0:  # under torchrun: rank 0 wrote the run and says where
         return 0
     if metrics:
         print("final: " + "  ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float)))

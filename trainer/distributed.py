@@ -26,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .lockstep import all_reduce_sum
+from .torchrun_env import launched_rank, under_launcher
 
 __all__ = ["EPOCH_END_WAIT_S", "CrossRankBatchNorm", "DistContext", "all_reduce_tensors", "barrier", "broadcast_module",
            "convert_sync_batchnorm", "epoch_end_group", "init_process", "launch", "launched_rank", "parse_devices",
@@ -70,16 +71,6 @@ def parse_devices(device: str) -> list[str]:
         raise ValueError(f"device {','.join(missing)} requested but {seen}; use --device cpu (device='cpu' from "
                          "Python) or a visible GPU")
     return ids
-
-
-def under_launcher() -> bool:
-    """True when started by torchrun / elastic_launch (the environment carries RANK and WORLD_SIZE)."""
-    return "RANK" in os.environ and "WORLD_SIZE" in os.environ and "LOCAL_RANK" in os.environ
-
-
-def launched_rank() -> int:
-    """This process's global rank under torchrun (RANK); 0 when not launched. Known before the group is joined."""
-    return int(os.environ["RANK"]) if under_launcher() else 0
 
 
 _joined = False  # this process reached the process group (a failure after that is seen by the others' collectives)
