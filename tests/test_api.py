@@ -462,6 +462,29 @@ def test_a_camera_s_min_score_keeps_its_weaker_detections_from_everyone(client, 
     assert client.list_streams() == []
 
 
+def test_a_class_s_own_min_score_on_a_live_camera(client, server):
+    """AddStream class_min_scores: with min_score 1 (nothing else published) and the most seen class given its
+    median score, the camera publishes that class only, from that score; ListStreams shows it; an unknown class
+    or a score outside 0..1 is INVALID_ARGUMENT."""
+    url = "synthetic://per-class?fps=10&size=640x360"
+    seen = [(d.class_name, d.score) for fd in results_of_a_camera(client, "open", url, 20) for d in fd.detections]
+    wanted = max({c for c, _ in seen}, key=[c for c, _ in seen].count)
+    threshold = float(np.median([s for c, s in seen if c == wanted]))
+    assert any(s < threshold for c, s in seen if c == wanted), seen  # some of it below, or this shows nothing
+    client.add_stream("own", url, min_score=1.0, class_min_scores={wanted: threshold})
+    try:
+        assert dict(client.stream("own").class_min_scores) == pytest.approx({wanted: threshold})
+        kept = [(d.class_name, d.score) for fd in first_results(client, "own", 20) for d in fd.detections]
+        assert kept and all(c == wanted and s >= threshold - 1e-6 for c, s in kept), (wanted, threshold, kept)
+    finally:
+        client.remove_stream("own")
+    with pytest.raises(grpc.RpcError) as e:
+        client.add_stream("bad", url, class_min_scores={"scrach": 0.5})
+    assert e.value.code() == INVALID and "unknown classes ['scrach']" in e.value.details()
+    assert code_of(lambda: client.add_stream("bad", url, class_min_scores={wanted: 1.5})) == INVALID
+    assert client.list_streams() == []
+
+
 def test_a_camera_s_classes_and_zone_keep_the_rest_from_everyone(client, server):
     """AddStream classes and zone: watched with them, the same synthetic camera publishes only detections of the
     class asked for whose box centre is in the zone (a left part of the frame), ListStreams shows both, and an unknown

@@ -106,9 +106,11 @@ def test_remove_takes_several_ids_and_goes_on_past_one_it_cannot_remove(server, 
     at = ("--server", server.address)
     for sid in ("r1", "r2"):
         rc, out = run(*at, "add", sid, f"synthetic://{sid}?fps=2&size=320x180", "--min-score", "0.3", "--json",
-                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1", "--blind-after-s", "0", "--track")
+                      "--classes", "dent, crack", "--zone", "0,.5,1,.5,1,1", "--blind-after-s", "0", "--track",
+                      "--class-min-score", "dent=0.6", "--class-min-score", "crack=0.2")
         (info,) = json_lines(out)
         assert rc == 0 and info["min_score"] == pytest.approx(0.3) and info["classes"] == ["dent", "crack"]
+        assert info["class_min_scores"] == pytest.approx({"dent": 0.6, "crack": 0.2})
         assert info["zone"] == pytest.approx([0, 0.5, 1, 0.5, 1, 1]) and info["blind_after_s"] == 0
         assert info["track"] is True
     assert all(n.isdigit() for n in column(run(*at, "streams")[1], "OBJECTS"))  # tracked: a count, not '-'
@@ -235,6 +237,14 @@ def test_apply_never_touches_a_pushed_stream_and_compares_urls_masked():
     listed[1].blind_after_s = 0
     assert [a for a, _, _ in ctl.plan_apply(own, listed, prune=True)] == ["keep"]
     assert [a for a, _, _ in ctl.plan_apply(same, listed, prune=True)] == ["replace"]  # its own -> the server's
+    scored = [dataclasses.replace(own[0], class_min_scores={"dent": 0.3})]
+    assert [a for a, _, _ in ctl.plan_apply(scored, listed, prune=True)] == ["replace"]  # a class's own score set
+    listed[1].class_min_scores["dent"] = float(np.float32(0.3))
+    assert [a for a, _, _ in ctl.plan_apply(scored, listed, prune=True)] == ["keep"]
+    assert [a for a, _, _ in ctl.plan_apply([dataclasses.replace(scored[0], class_min_scores={"dent": 0.4})],
+                                            listed, prune=True)] == ["replace"]
+    assert [a for a, _, _ in ctl.plan_apply(own, listed, prune=True)] == ["replace"]  # and dropped again
+    del listed[1].class_min_scores["dent"]
     tracked = [dataclasses.replace(own[0], track=True)]
     assert [a for a, _, _ in ctl.plan_apply(tracked, listed, prune=True)] == ["replace"]  # tracking turned on
     listed[1].track = True
@@ -372,6 +382,10 @@ def test_info_health_and_the_installed_command(server, monkeypatch):
     (("add", "c", "synthetic://x", "--zone", "0,0,1,1"), 2, "yolov12-ctl: argument --zone: a zone is a polygon of "
      "at least 3 points"),
     (("add", "c", "synthetic://x", "--zone", "0,0,1,0,left"), 2, "yolov12-ctl: argument --zone: expected numbers"),
+    (("add", "c", "synthetic://x", "--class-min-score", "dent"), 2,
+     "yolov12-ctl: argument --class-min-score: expected CLASS=SCORE such as dent=0.3, got 'dent'"),
+    (("add", "c", "synthetic://x", "--class-min-score", "scrach=0.5"), 1, "yolov12-ctl: INVALID_ARGUMENT: unknown "
+     "classes ['scrach']"),
     (("watch", "no-such-cam", "--count", "1"), 1, "yolov12-ctl: NOT_FOUND: "),
     (("--token-file", "/nonexistent/token", "streams"), 2, "yolov12-ctl: cannot read the token file"),
     (("--cert", __file__, "streams"), 2, "yolov12-ctl: --cert and --key go together"),

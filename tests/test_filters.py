@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from yolov12_serve.errors import InvalidArgumentError
-from yolov12_serve.filters import DetectionFilter, check_zone, inside, zone_from_flat
+from yolov12_serve.filters import DetectionFilter, check_class_scores, check_zone, inside, zone_from_flat
 
 NAMES = {0: "scratch", 1: "dent", 2: "crack"}
 
@@ -44,6 +44,28 @@ def test_classes_follow_the_model_s_names_after_a_swap():
     assert f(det, (100, 100), NAMES)[:, 5].tolist() == [2]
     assert f(det, (100, 100), {0: "crack", 1: "dent", 2: "scratch"})[:, 5].tolist() == [0]
     assert len(f(det, (100, 100), {0: "hole"})) == 0  # a model without the class: none of it
+
+
+def test_a_class_s_own_score_replaces_the_camera_s_for_that_class_only():
+    """class_min_scores: dents from 0.3, cracks from 0.8, the rest from min_score 0.5; by name, so a model numbering
+    the classes otherwise is filtered by its own names."""
+    f = DetectionFilter(0.5, class_scores=check_class_scores({"dent": 0.3, "crack": 0.8}))
+    det = boxes((0, 0, 10, 10, 0.35, 1),   # dent above its own 0.3: kept though under 0.5
+                (0, 0, 10, 10, 0.25, 1),   # dent under 0.3
+                (0, 0, 10, 10, 0.7, 2),    # crack under its own 0.8, though over 0.5
+                (0, 0, 10, 10, 0.85, 2),   # crack: kept
+                (0, 0, 10, 10, 0.45, 0),   # scratch: the camera's 0.5
+                (0, 0, 10, 10, 0.55, 0))   # scratch: kept
+    assert f.active and f(det, (100, 100), NAMES).tolist() == det[[0, 3, 5]].tolist()
+    renumbered = {0: "crack", 1: "scratch", 2: "dent"}
+    kept = f(det, (100, 100), renumbered)[:, 4].tolist()  # 1 = scratch (0.5), 2 = dent (0.3), 0 = crack (0.8)
+    assert kept == pytest.approx([0.7, 0.85])
+    assert DetectionFilter(class_scores=(("dent", 0.0),)).active  # a class named at 0: still the filter's work
+    assert check_class_scores([(" dent ", 0.3), ("dent", 0.4)]) == (("dent", 0.4),)
+    for bad, message in [({"": 0.3}, "empty class name"), ({"dent": 1.5}, "must be 0..1"),
+                         ({"dent": float("nan")}, "must be 0..1")]:
+        with pytest.raises(InvalidArgumentError, match=message):
+            check_class_scores(bad)
 
 
 def test_zones_are_checked_with_the_fix_in_the_message():

@@ -348,7 +348,8 @@ def test_streams_file(tmp_path):
     good = tmp_path / "cams.yaml"
     good.write_text("streams:\n  - id: a\n    url: rtsp://h/a\n    max_fps: 5\n    min_score: 0.6\n"
                     "    classes: [scratch, dent]\n    zone: [[0, 0.3], [1, 0.3], [1, 0.8], [0, 0.8]]\n"
-                    "  - {id: b, url: 'synthetic://b', classes: crack, blind_after_s: 0, track: true}\n")
+                    "  - {id: b, url: 'synthetic://b', classes: crack, blind_after_s: 0, track: true,\n"
+                    "     class_min_scores: {dent: 0.3, crack: 0.75}}\n")
     specs = load_streams_file(good)
     assert [(s.stream_id, s.url, s.max_fps, s.min_score) for s in specs] == [("a", "rtsp://h/a", 5.0, 0.6),
                                                                              ("b", "synthetic://b", 0.0, 0.0)]
@@ -356,12 +357,16 @@ def test_streams_file(tmp_path):
     assert specs[1].classes == ("crack",) and specs[1].zone == () and specs[1].blind_after_s == 0
     assert specs[0].blind_after_s is None  # the server's --blind-after-s
     assert (specs[0].track, specs[1].track) == (False, True)
+    assert (specs[0].class_min_scores, specs[1].class_min_scores) == ((), (("crack", 0.75), ("dent", 0.3)))
     for text, message in [("streams: 3", "expected 'streams:'"), ("streams:\n  - {id: a}", "'url'"),
                           ("- {id: a, url: x, fps: 3}", "unknown keys"), ("- {id: a, url: x}\n- {id: a, url: y}",
                                                                           "duplicate ids"),
                           ("- {id: '', url: x}", "empty"), ("streams: [", "not valid YAML"),
                           ("- {id: a, url: 'rtsp://h/a', min_score: 1.5}", "min_score must be 0..1"),
                           ("- {id: a, url: 'rtsp://h/a', min_score: high}", "min_score must be a number"),
+                          ("- {id: a, url: 'rtsp://h/a', class_min_scores: {dent: 2}}", "the score of 'dent' must"),
+                          ("- {id: a, url: 'rtsp://h/a', class_min_scores: [dent]}", "must map class names"),
+                          ("- {id: a, url: 'rtsp://h/a', class_min_scores: {dent: x}}", "must map class names"),
                           ("- {id: a, url: 'rtsp://h/a', zone: [[0, 0], [1, 1]]}", "at least 3 points"),
                           ("- {id: a, url: 'rtsp://h/a', zone: [0, 0, 1, 0, 1, 1]}", r"list of \[x, y\] points"),
                           ("- {id: a, url: 'rtsp://h/a', zone: [[0, 0], [1, 0], [2, 1]]}", "outside the frame"),
@@ -546,7 +551,7 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
     before.start()
     zone = ((0.0, 0.25), (1.0, 0.25), (1.0, 0.75), (0.0, 0.75))
     before.add_stream(StreamSpec("belt", "synthetic://belt?fps=5&size=320x180", min_score=0.4, classes=("part",),
-                                 zone=zone, blind_after_s=120, track=True))
+                                 zone=zone, blind_after_s=120, track=True, class_min_scores={"part": 0.25}))
     before.drain(2)
     core = ServerCore(config, load_engine=load)
     health: list[bool] = []
@@ -570,8 +575,9 @@ def test_until_its_saved_streams_are_back_a_starting_server_is_not_serving_and_s
             assert core.restore_streams() == 1
             core.opened()
             assert health[-1] is True and [(s.stream_id, round(s.min_score, 3), list(s.classes), list(s.zone),
-                                            s.blind_after_s, s.track) for s in c.list_streams()] == [
-                ("belt", 0.4, ["part"], [c for p in zone for c in p], 120, True)]  # its filters saved with it
+                                            s.blind_after_s, s.track, dict(s.class_min_scores))
+                                           for s in c.list_streams()] == [
+                ("belt", 0.4, ["part"], [c for p in zone for c in p], 120, True, {"part": 0.25})]  # filters saved
             assert core._streams["belt"].tracker.new_track_score == 0.8  # --track-min-score
             c.remove_stream("belt")
             with pytest.raises(grpc.RpcError) as e:

@@ -135,7 +135,8 @@ class DetectorService(pb_grpc.DetectorServicer):
         self.core.check_started()
         spec = StreamSpec(request.stream_id, request.url, request.max_fps, request.min_score, tuple(request.classes),
                           zone_from_flat(request.zone),
-                          request.blind_after_s if request.HasField("blind_after_s") else None, request.track)
+                          request.blind_after_s if request.HasField("blind_after_s") else None, request.track,
+                          tuple(request.class_min_scores.items()))
         # in a thread: the stream set is saved (fsync) before the answer, and the loop serves others meanwhile
         return messages.stream_info(await asyncio.to_thread(self.core.add_stream, spec))
 

@@ -18,7 +18,7 @@ import io
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from numbers import Real
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -379,9 +379,11 @@ class Client:
 
     def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0, min_score: float = 0.0,
                    classes: Sequence[str] = (), zone: Sequence[tuple[float, float]] = (),
-                   blind_after_s: float | None = None, track: bool = False) -> pb.StreamInfo:
+                   blind_after_s: float | None = None, track: bool = False,
+                   class_min_scores: Mapping[str, float] | None = None) -> pb.StreamInfo:
         """Have the server pull a camera (returns at once, state CONNECTING). Publish only its detections scoring at
-        least `min_score` (0: all the engine returns), of `classes` (names; empty: all), whose box centre lies in
+        least `min_score` (0: all the engine returns; `class_min_scores` gives some classes a score of their own,
+        e.g. {"dent": 0.3}), of `classes` (names; empty: all), whose box centre lies in
         `zone` (a polygon of (x, y) fractions of the frame, e.g. [(0, .3), (1, .3), (1, .8), (0, .8)], or the same
         numbers flat; empty: all). `blind_after_s`: report its picture blank or frozen after this long (0: never;
         None: the server's --blind-after-s). `track`: follow each object, its detections carrying one `track_id`
@@ -393,8 +395,12 @@ class Client:
         classes = [classes] if isinstance(classes, str) else list(classes)
         if not all(isinstance(c, str) for c in classes):
             raise TypeError(f"add_stream: classes are the model's class names (str), got {classes!r}")
+        scores = dict(class_min_scores or {})
+        if not all(isinstance(k, str) and isinstance(v, Real) for k, v in scores.items()):
+            raise TypeError(f"add_stream: class_min_scores maps class names (str) to scores, got {scores!r}")
         request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score,
-                                      classes=classes, zone=_flat(zone), blind_after_s=blind_after_s, track=track)
+                                      classes=classes, zone=_flat(zone), blind_after_s=blind_after_s, track=track,
+                                      class_min_scores=scores)
         return self.stub.AddStream(request, timeout=self.timeout)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:

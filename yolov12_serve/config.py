@@ -11,7 +11,7 @@ from urllib.parse import urlsplit
 
 from .allowlist import CameraPolicy
 from .errors import ConfigError, InvalidArgumentError
-from .filters import DetectionFilter, check_classes, check_zone
+from .filters import DetectionFilter, check_class_scores, check_classes, check_zone
 from .security import SecurityConfig
 from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text, stray_userinfo
@@ -169,6 +169,7 @@ class StreamSpec:
     zone: tuple[tuple[float, float], ...] = ()  # polygon corners (x, y) as fractions of the frame's width, height
     blind_after_s: float | None = None  # its own --blind-after-s (0: never); None: the server's
     track: bool = False  # follow each object: track ids on its detections, objects counted (tracking.py)
+    class_min_scores: tuple[tuple[str, float], ...] = ()  # (class name, its own min_score); a mapping is taken too
 
     def __post_init__(self) -> None:
         if not (self.max_fps == 0 or MIN_FPS <= self.max_fps <= MAX_FPS):  # NaN fails this too
@@ -181,10 +182,11 @@ class StreamSpec:
                                        f"{self.blind_after_s}")
         object.__setattr__(self, "classes", check_classes(self.classes))
         object.__setattr__(self, "zone", check_zone(self.zone))
+        object.__setattr__(self, "class_min_scores", check_class_scores(self.class_min_scores))
 
     def detection_filter(self) -> DetectionFilter:
         """What of this camera's detections is published."""
-        return DetectionFilter(self.min_score, self.classes, self.zone)
+        return DetectionFilter(self.min_score, self.classes, self.zone, self.class_min_scores)
 
 
 def validate_stream_id(stream_id: str) -> str:
@@ -270,10 +272,10 @@ def scrub_url(text: str, url: str) -> str:
 
 
 def load_streams_file(path: str | Path) -> list[StreamSpec]:
-    """Read a YAML list of cameras (`streams: [{id, url, max_fps, min_score, classes, zone, blind_after_s,
-    credentials}]`, or a bare list); one clear error per mistake. URLs may hold `${VAR}` (from the environment) and
-    `credentials: FILE` names a file holding `USER:PASSWORD` (relative to the list's folder), so that the list itself
-    holds no secret (urls.py)."""
+    """Read a YAML list of cameras (`streams: [{id, url, max_fps, min_score, class_min_scores, classes, zone,
+    blind_after_s, track, credentials}]`, or a bare list); one clear error per mistake. URLs may hold `${VAR}` (from
+    the environment) and `credentials: FILE` names a file holding `USER:PASSWORD` (relative to the list's folder), so
+    that the list itself holds no secret (urls.py)."""
     import yaml
 
     path = Path(path)
@@ -296,11 +298,11 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         where = f"streams file {path}, entry {i + 1}"
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
-        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "classes", "zone", "blind_after_s",
-                               "track", "credentials"}
+        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "class_min_scores", "classes", "zone",
+                               "blind_after_s", "track", "credentials"}
         if unknown:
             raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, min_score, "
-                              "classes, zone, blind_after_s, track, credentials)")
+                              "class_min_scores, classes, zone, blind_after_s, track, credentials)")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)
@@ -314,6 +316,14 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
             blind_after_s = None if item.get("blind_after_s") is None else float(item["blind_after_s"])
         except (TypeError, ValueError):
             raise ConfigError(f"{where}: blind_after_s must be a number, got {item['blind_after_s']!r}") from None
+        class_scores = item.get("class_min_scores") or {}
+        try:
+            if not isinstance(class_scores, dict):
+                raise TypeError
+            class_scores = {str(k): float(v) for k, v in class_scores.items()}
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: class_min_scores must map class names to scores, e.g. {{dent: 0.3}}, got "
+                              f"{item['class_min_scores']!r}") from None
         track = item.get("track", False)
         if not isinstance(track, bool):
             raise ConfigError(f"{where}: track must be true or false, got {track!r}")
@@ -336,7 +346,7 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         url = expand_credentials(str(item["url"]), f"{where} ({sid})", item.get("credentials"), base=path.parent)
         try:
             specs.append(StreamSpec(sid, url, max_fps, min_score, tuple(str(c) for c in classes), tuple(zone),
-                                    blind_after_s, track))
+                                    blind_after_s, track, tuple(class_scores.items())))
         except InvalidArgumentError as e:
             raise ConfigError(f"{where}: {e}") from None
     ids = [s.stream_id for s in specs]

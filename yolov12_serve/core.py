@@ -288,7 +288,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         """InvalidArgumentError for a class the served models do not have (a typo would publish nothing). Saved
         streams are not checked again: after a swap to a model without the class they keep their other ones."""
         known = {n for rt in self.runtimes.values() for n in rt.engine.info.names.values()}
-        unknown = [c for c in spec.classes if c not in known]
+        unknown = [c for c in [*spec.classes, *(n for n, _ in spec.class_min_scores)] if c not in known]
         if unknown:
             shown = sorted(known)
             listed = ", ".join(shown[:40]) + (f", ... ({len(shown)} in all)" if len(shown) > 40 else "")

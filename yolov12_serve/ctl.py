@@ -84,6 +84,17 @@ def zone(text: str) -> list[tuple[float, float]]:
         raise argparse.ArgumentTypeError(f"expected numbers X0,Y0,X1,Y1,... got {text!r}") from None
 
 
+def class_score(text: str) -> tuple[str, float]:
+    """argparse type: NAME=SCORE."""
+    name, eq, score = text.rpartition("=")
+    try:
+        if not eq or not name.strip():
+            raise ValueError
+        return name.strip(), float(score)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected CLASS=SCORE such as dent=0.3, got {text!r}") from None
+
+
 def class_list(text: str) -> list[str]:
     """argparse type: comma-separated class names."""
     return [n.strip() for n in text.split(",") if n.strip()]
@@ -131,6 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("--max-fps", type=float, default=0.0, help="frames per second to detect on (default: all)")
     add.add_argument("--min-score", type=float, default=0.0,
                      help="publish only detections scoring at least this, 0..1 (default 0: all the engine returns)")
+    add.add_argument("--class-min-score", type=class_score, action="append", default=[], metavar="CLASS=SCORE",
+                     dest="class_min_scores", help="a score of its own for a class instead of --min-score (repeat for "
+                     "others), e.g. --class-min-score dent=0.3")
     add.add_argument("--classes", type=class_list, default=[], metavar="NAME,NAME",
                      help="publish only detections of these classes, as the model names them (default: all)")
     add.add_argument("--blind-after-s", type=float, default=None, metavar="S",
@@ -144,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     rm = sub("remove", "stop cameras")
     rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
-                "replace those whose URL, max_fps, min_score, classes, zone, blind_after_s or track changed, and with "
+                "replace those whose URL, max_fps, min_score, class_min_scores, classes, zone, blind_after_s or track "
+                "changed, and with "
                 "--prune remove the others")
     apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, min_score, classes, zone, blind_after_s, "
                        "track, credentials}] (docs/serving.md)")
@@ -171,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     snap.add_argument("file", help="where to save it (.jpg as the server sends it; .png and others converted)")
     snap.add_argument("--draw", action="store_true", default=False,
                       help="draw the camera's zone and the detections in the picture that the camera would publish "
-                      "(its min_score, classes and zone applied)")
+                      "(its min_score, class_min_scores, classes and zone applied)")
     sub("info", "engines, devices and their health, classes, SLO")
     sub("health", "SERVING or not, per server (exit 0 only when every one serves)")
     reload = sub("reload", "swap in engine files while streams flow (none: the same files again)")
@@ -437,7 +452,8 @@ def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, i
     names = {d.class_id: d.class_name for d in fd.detections}
     zone = list(zip(info.zone[0::2], info.zone[1::2], strict=True)) if info is not None else []
     if info is not None:
-        dets = DetectionFilter(info.min_score, list(info.classes), zone)(dets, (shot.height, shot.width), names)
+        dets = DetectionFilter(info.min_score, list(info.classes), zone, sorted(info.class_min_scores.items()))(
+            dets, (shot.height, shot.width), names)
     picture = Image.fromarray(draw_boxes(np.asarray(Image.open(io.BytesIO(shot.jpeg)).convert("RGB")), dets, names))
     if zone:
         width = max(2, round((shot.width + shot.height) / 2 * 0.004))
@@ -468,11 +484,17 @@ def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
         same = (same_blind and cur.track == spec.track and cur.url == redact_url(spec.url)
                 and abs(cur.max_fps - spec.max_fps) < 1e-3 and abs(cur.min_score - spec.min_score) < 1e-4
                 and tuple(cur.classes) == spec.classes
+                and _same_scores(dict(cur.class_min_scores), spec.class_min_scores)
                 and len(cur.zone) == len(flat_zone) and all(abs(a - b) < 1e-4 for a, b in zip(cur.zone, flat_zone)))
         steps.append(("keep" if same else "replace", sid, spec))
     steps += [("add", sid, spec) for sid, spec in want.items() if sid not in have]
     order = {"remove": 0, "replace": 1, "add": 2, "keep": 3, "unlisted": 4}
     return sorted(steps, key=lambda step: order[step[0]])
+
+
+def _same_scores(have: dict[str, float], want: Sequence[tuple[str, float]]) -> bool:
+    """Per-class scores equal within the wire's float32 rounding."""
+    return set(have) == {n for n, _ in want} and all(abs(have[n] - s) < 1e-4 for n, s in want)
 
 
 def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -497,7 +519,7 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                     removed = True
                 if spec is not None and action in ("replace", "add"):
                     c.add_stream(sid, spec.url, spec.max_fps, spec.min_score, spec.classes, spec.zone,
-                                 spec.blind_after_s, spec.track)
+                                 spec.blind_after_s, spec.track, dict(spec.class_min_scores))
             except grpc.RpcError as e:
                 gone = " (removed, not added back)" if removed and action == "replace" else ""
                 result = f"failed: {e.code().name}{gone}"
@@ -570,7 +592,8 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
     commands: dict[str, Callable[[], int]] = {
         "streams": lambda: _print_streams(c.list_streams(), args.json, out),
         "add": lambda: _print_streams([c.add_stream(args.stream_id, args.url, args.max_fps, args.min_score,
-                                                    args.classes, args.zone, args.blind_after_s, args.track)],
+                                                    args.classes, args.zone, args.blind_after_s, args.track,
+                                                    dict(args.class_min_scores))],
                                                args.json, out),
         "remove": lambda: _remove(c, args, out),
         "apply": lambda: _apply(c, args, out),

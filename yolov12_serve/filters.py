@@ -1,5 +1,6 @@
-"""What of a camera's detections is published: its own score threshold, classes and zone (AddStream's min_score,
-classes and zone), applied where results are published, so the same in one process and with device processes."""
+"""What of a camera's detections is published: its own score threshold (one for all classes, and one of their own for
+some), classes and zone (AddStream's min_score, class_min_scores, classes and zone), applied where results are
+published, so the same in one process and with device processes."""
 
 from __future__ import annotations
 
@@ -50,6 +51,21 @@ def check_classes(classes: Sequence[str]) -> tuple[str, ...]:
     return names
 
 
+def check_class_scores(scores: Mapping[str, float] | Sequence[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+    """Per-class scores as sorted (name, score) pairs, or InvalidArgumentError: names not empty, scores 0..1."""
+    pairs = scores.items() if isinstance(scores, Mapping) else scores
+    out: dict[str, float] = {}
+    for name, score in pairs:
+        name, score = str(name).strip(), float(score)
+        if not name:
+            raise InvalidArgumentError("class_min_scores holds an empty class name: give class names as the model "
+                                       "knows them")
+        if not 0.0 <= score <= 1.0:  # NaN fails this too
+            raise InvalidArgumentError(f"class_min_scores: the score of {name!r} must be 0..1, got {score:g}")
+        out[name] = score
+    return tuple(sorted(out.items()))
+
+
 def inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
     """Which of `points` [N, 2] lie inside `polygon` [M, 2] (even-odd rule, by a ray towards +x)."""
     x, y = points[:, :1], points[:, 1:]
@@ -62,26 +78,35 @@ def inside(points: np.ndarray, polygon: np.ndarray) -> np.ndarray:
 
 
 class DetectionFilter:
-    """Keeps the detections a camera publishes: score >= min_score, class among `classes` (names; empty: any),
-    box centre inside `zone` (a polygon in fractions of the frame; empty: anywhere)."""
+    """Keeps the detections a camera publishes: score >= min_score (or the class's own in `class_scores`), class
+    among `classes` (names; empty: any), box centre inside `zone` (a polygon in fractions of the frame; empty:
+    anywhere)."""
 
-    def __init__(self, min_score: float = 0.0, classes: Sequence[str] = (), zone: Sequence[Point] = ()) -> None:
+    def __init__(self, min_score: float = 0.0, classes: Sequence[str] = (), zone: Sequence[Point] = (),
+                 class_scores: Sequence[tuple[str, float]] = ()) -> None:
         self.min_score, self.classes, self.zone = min_score, tuple(classes), tuple(zone)  # as asked for (shown)
+        self.class_scores = tuple(class_scores)
         self._allowed = frozenset(classes)
         self._polygon = np.asarray(zone, np.float64).reshape(-1, 2)
         self._ids: tuple[Mapping[int, str], np.ndarray] | None = None  # (a model's names, the ids they allow)
+        self._scores: tuple[Mapping[int, str], list[tuple[int, float]]] | None = None  # (names, (id, score) pairs)
 
     @property
     def active(self) -> bool:
         """Whether it leaves anything out (else publishing skips it)."""
-        return self.min_score > 0 or bool(self.classes) or bool(self.zone)
+        return self.min_score > 0 or bool(self.classes) or bool(self.zone) or bool(self.class_scores)
 
     def __call__(self, detections: np.ndarray, src_hw: tuple[int, int], names: Mapping[int, str]) -> np.ndarray:
         """The rows of `detections` [N, 6] (x1, y1, x2, y2 in source pixels, score, class) this camera publishes."""
         if not len(detections) or not self.active:
             return detections
         keep = np.ones(len(detections), bool)
-        if self.min_score > 0:
+        if self.class_scores:
+            threshold = np.full(len(detections), self.min_score, np.float32)
+            for class_id, score in self._class_scores(names):
+                threshold[detections[:, 5] == class_id] = score
+            keep &= detections[:, 4] >= threshold
+        elif self.min_score > 0:
             keep &= detections[:, 4] >= self.min_score
         if self.classes:
             keep &= np.isin(detections[:, 5], self._class_ids(names))
@@ -97,6 +122,13 @@ class DetectionFilter:
         if self._ids is None or self._ids[0] is not names:
             self._ids = (names, np.array([i for i, n in names.items() if n in self._allowed], np.float32))
         return self._ids[1]
+
+    def _class_scores(self, names: Mapping[int, str]) -> list[tuple[int, float]]:
+        """(class id, its score) for the model's classes named in `class_scores` (cached per names mapping)."""
+        if self._scores is None or self._scores[0] is not names:
+            own = dict(self.class_scores)
+            self._scores = (names, [(i, own[n]) for i, n in names.items() if n in own])
+        return self._scores[1]
 
 
 def zone_area(zone: Sequence[Point]) -> float:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -109,10 +109,11 @@ class ShardedClient:
 
     def add_stream(self, stream_id: str, url: str, max_fps: float = 0.0, min_score: float = 0.0,
                    classes: Sequence[str] = (), zone: Sequence[tuple[float, float]] = (),
-                   blind_after_s: float | None = None, track: bool = False) -> pb.StreamInfo:
+                   blind_after_s: float | None = None, track: bool = False,
+                   class_min_scores: Mapping[str, float] | None = None) -> pb.StreamInfo:
         """AddStream on the camera's owner."""
         return self.client_for(stream_id).add_stream(stream_id, url, max_fps, min_score, classes, zone, blind_after_s,
-                                                     track)
+                                                     track, class_min_scores)
 
     def remove_stream(self, stream_id: str) -> pb.StreamInfo:
         """RemoveStream on the camera's owner."""

@@ -110,6 +110,7 @@ class StreamStore:
                 zone = tuple((float(x), float(y)) for x, y in item.get("zone", ()))
                 blind_after_s = None if item.get("blind_after_s") is None else float(item["blind_after_s"])
                 track = bool(item.get("track", False))
+                class_scores = tuple((str(k), float(v)) for k, v in item.get("class_min_scores", {}).items())
             except (KeyError, TypeError, ValueError, AttributeError):
                 log.error("%s: malformed entry %r left out (its camera is not restored: add it again)",
                           self.streams_path, item)
@@ -121,7 +122,8 @@ class StreamStore:
                 log.warning("stream %s: its credentials are missing from %s; it is added with the masked URL",
                             sid, self.credentials_path)
             try:
-                specs.append(StreamSpec(sid, url, max_fps, min_score, classes, zone, blind_after_s, track))
+                specs.append(StreamSpec(sid, url, max_fps, min_score, classes, zone, blind_after_s, track,
+                                        class_scores))
             except InvalidArgumentError as e:
                 log.error("%s: entry %s left out (%s): add its camera again", self.streams_path, sid, e)
         return specs
@@ -162,7 +164,7 @@ class StreamStore:
                         "min_score": _short(s.min_score), "classes": list(s.classes),
                         "zone": [[_short(x), _short(y)] for x, y in s.zone],
                         "blind_after_s": None if s.blind_after_s is None else _short(s.blind_after_s),
-                        "track": s.track}
+                        "track": s.track, "class_min_scores": {k: _short(v) for k, v in s.class_min_scores}}
                        for s in specs]
             old = self._credentials or {}
             if any(old.get(k) != v for k, v in credentials.items()):

@@ -64,6 +64,7 @@ class StreamView:
     track: bool = False
     objects: int = 0  # with track: objects counted so far
     last_error_age_s: float = 0.0  # since last_error last changed (0: none yet)
+    class_min_scores: tuple[tuple[str, float], ...] = ()
 
 
 class Stream:
@@ -321,4 +322,5 @@ class Stream:
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
                           self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
                           self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None,
-                          self.objects, now() - self.last_error_at if self.last_error else 0.0)
+                          self.objects, now() - self.last_error_at if self.last_error else 0.0,
+                          self.filter.class_scores)
