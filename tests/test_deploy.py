@@ -553,6 +553,7 @@ def _full_exposition(monkeypatch) -> str:
     m.counted("cam", "dent").inc()
     m.add_watcher("1 ipv4:10.0.0.9:5000")
     m.evidence_skipped.labels("busy").inc()
+    m.add_mqtt("broker:1883")
     return m.exposition().decode()
 
 

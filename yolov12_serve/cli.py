@@ -21,6 +21,7 @@ from . import __version__
 from .argparsing import OneLineParser
 from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
+from .mqtt import MqttOptions
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
 from .tls import TlsFiles
@@ -94,6 +95,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "(DIR/CAMERA/TIME_CLASS_ID.jpg and .json): the quality record of each defect")
     p.add_argument("--evidence-max-mb", type=float, default=1024.0, metavar="MB",
                    help="the evidence folder's cap: the oldest pictures are removed past it (default 1024)")
+    p.add_argument("--mqtt", metavar="URL",
+                   help="also publish to this MQTT broker, mqtt://[USER@]HOST[:PORT][/PREFIX] (mqtts:// for TLS; "
+                   "${VAR} taken from the environment): PREFIX/CAMERA/detections, /objects (tracked cameras, each "
+                   "object once), /state (retained) and PREFIX/status online/offline (default prefix yolov12)")
+    p.add_argument("--mqtt-credentials", metavar="FILE",
+                   help="a file holding USER:PASSWORD for the broker (kept off the command line)")
+    p.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate the mqtts:// broker's is checked with "
+                   "(default: the system's)")
+    p.add_argument("--mqtt-queue", type=int, default=10000, metavar="N",
+                   help="objects and states held while the broker is away; more are dropped, counted (default "
+                   "10000)")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
@@ -128,6 +140,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the least severe log lines shown (default INFO)")
     _add_security_flags(p)
     return p
+
+
+def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
+    """--mqtt and its options (None without it); ConfigError for what cannot work."""
+    if args.mqtt is None:
+        for flag in ("mqtt_credentials", "mqtt_ca"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} is for --mqtt: give the broker's URL too")
+        return None
+    if args.mqtt_ca is not None and not Path(args.mqtt_ca).is_file():
+        raise ConfigError(f"--mqtt-ca {args.mqtt_ca}: no such file")
+    return MqttOptions(expand_credentials(args.mqtt, "--mqtt", args.mqtt_credentials), args.mqtt_ca, args.mqtt_queue)
 
 
 def _add_security_flags(p: argparse.ArgumentParser) -> None:
@@ -213,6 +237,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     if not 0 <= args.track_min_score <= 1:
         raise ConfigError(f"--track-min-score must be 0..1, got {args.track_min_score}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
+    mqtt = _mqtt_options(args)
     if args.no_state and args.state_dir:
         raise ConfigError("--state-dir and --no-state contradict each other: give one")
     from .state import default_state_dir
@@ -222,7 +247,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, track_min_score=args.track_min_score,
-        evidence_dir=args.evidence_dir, evidence_max_mb=args.evidence_max_mb,
+        evidence_dir=args.evidence_dir, evidence_max_mb=args.evidence_max_mb, mqtt=mqtt,
         allow_files=args.allow_files,
         allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
         health_port=args.health_port,

@@ -35,7 +35,8 @@ from .proto import detector_pb2_grpc as pb_grpc
 if TYPE_CHECKING:
     from PIL.Image import Image
 
-__all__ = ["Client", "FollowedWatch", "Watch", "make_frame", "new_objects"]
+__all__ = ["Client", "FollowedWatch", "NewObjects", "Watch", "make_frame", "message_dict", "new_objects",
+           "object_dict"]
 
 log = logging.getLogger(__name__)
 
@@ -315,20 +316,55 @@ def new_objects(results: Iterable[pb.FrameDetections]) -> Iterator[tuple[pb.Fram
     `for fd, d in new_objects(client.watch(follow=True)): record(fd.stream_id, d.track_id, d.class_name, ...)`.
     A camera whose frame numbers start again (the server restarted, the camera was added again) numbers its
     objects from 1 again: it is followed afresh."""
-    seen: dict[str, tuple[int, set[int]]] = {}  # camera -> (latest frame id, the ids seen)
+    objects = NewObjects()
     for fd in results:
-        last, ids = seen.get(fd.stream_id, (-1, set()))
-        if fd.frame_id < last:
+        for d in objects.new(fd):
+            yield fd, d
+
+
+class NewObjects:
+    """The track ids seen per camera: `new(fd)` gives the detections of `fd` whose object was not seen before."""
+
+    def __init__(self) -> None:
+        self._seen: dict[str, tuple[int, set[int]]] = {}  # camera -> (latest frame id, the ids seen)
+
+    def new(self, fd: pb.FrameDetections) -> list[pb.Detection]:
+        last, ids = self._seen.get(fd.stream_id, (-1, set()))
+        if fd.frame_id < last:  # its frame numbers started again: followed afresh
             ids = set()
-        seen[fd.stream_id] = (fd.frame_id, ids)
+        self._seen[fd.stream_id] = (fd.frame_id, ids)
+        found = []
         for d in fd.detections:
             if d.track_id and d.track_id not in ids:
                 ids.add(d.track_id)
-                yield fd, d
+                found.append(d)
         if len(ids) > 8192:  # a long watch: ids far behind the newest cannot come back (forgotten after 1 s)
             keep = sorted(ids)[-4096:]
             ids.clear()
             ids.update(keep)
+        return found
+
+    def forget(self, stream_id: str) -> None:
+        """A camera gone: its ids are not kept."""
+        self._seen.pop(stream_id, None)
+
+
+def message_dict(message: Any) -> dict[str, Any]:
+    """A protobuf message as a JSON-ready dict with the .proto's field names, every field present
+    (`yolov12-ctl ... --json`, MQTT): a result is `message_dict(fd)`."""
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def object_dict(fd: pb.FrameDetections, d: pb.Detection) -> dict[str, Any]:
+    """An object when first seen as a JSON-ready dict: camera, frame, capture time (and as UTC text) and the
+    detection (`yolov12-ctl watch --objects --json`, MQTT objects)."""
+    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fd.capture_time_us / 1e6)) + \
+        f".{fd.capture_time_us // 1000 % 1000:03d}Z"
+    return {"stream_id": fd.stream_id, "frame_id": fd.frame_id, "capture_time_us": fd.capture_time_us, "time": at,
+            **message_dict(d)}
+
 
 
 def _flat(zone: Sequence[tuple[float, float]] | Sequence[float]) -> list[float]:

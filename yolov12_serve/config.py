@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 from .allowlist import CameraPolicy
 from .errors import ConfigError, InvalidArgumentError
 from .filters import DetectionFilter, check_class_scores, check_classes, check_zone
+from .mqtt import MqttOptions
 from .security import SecurityConfig
 from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text, stray_userinfo
@@ -69,6 +70,7 @@ class ServerConfig:
     track_min_score: float = 0.5  # on tracked cameras, the score a detection needs to start an object (tracking.py)
     evidence_dir: str | None = None  # a picture of each object tracked cameras count goes here (evidence.py)
     evidence_max_mb: float = 1024.0  # the evidence folder's size cap: the oldest pictures go first
+    mqtt: MqttOptions | None = None  # detections, objects and camera states published to a broker (mqtt.py)
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
     allow_synthetic: bool = False  # accept synthetic:// demo cameras (--allow-synthetic, --demo): ~250 MB each
     allow_hosts: tuple[str, ...] = ()  # networks and names cameras may be at (empty: all but link-local, metadata)

@@ -46,6 +46,7 @@ from .fanout import Fanout, Subscription
 from .frames import Frame, FrameResult, now
 from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
+from .mqtt import MqttOptions, MqttPublisher
 from .placement import Placement
 from .processes import ProcessDevices
 from .procs import RemoteRuntime, RemoteSource
@@ -116,6 +117,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self.placement = Placement()
         self.metrics: Metrics | None = None
         self.evidence: EvidenceRecorder | None = None  # --evidence-dir (made at start)
+        self.mqtt: MqttPublisher | None = None  # --mqtt (made at start)
         self.fanout = Fanout(on_overflow=self._on_subscriber_overflow)
         self.supervisor = RunSupervisor(self._on_hung)
         self.deadline = RunDeadline(config.run_deadline_floor_s, config.run_deadline_factor)
@@ -174,6 +176,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self.evidence = EvidenceRecorder(folder, take_picture=self._evidence_picture,
                                              on_written=self.metrics.evidence_written.inc,
                                              on_skipped=lambda reason, n: skipped.labels(reason).inc(n))
+        if cfg.mqtt is not None:
+            self._start_mqtt(cfg.mqtt)
         processes = cfg.processes and not (self._load_engine is not None and cfg.worker_processes == "auto")
         if processes:  # (an engine loader given to the core opens engines in this process: auto keeps them here)
             if self._load_engine is not None:
@@ -191,6 +195,20 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self.on_device_health(device, True)
         if not hold:
             self.opened()
+
+    def _start_mqtt(self, options: MqttOptions) -> None:
+        """--mqtt: a watcher of every camera publishing to the broker (mqtt.py), connecting in the background."""
+        assert self.metrics is not None
+        metrics, broker, label = self.metrics, options.broker, f"mqtt {options.broker}"
+        metrics.add_mqtt(broker)
+        metrics.add_watcher(label)
+        sub = self.fanout.subscribe(None, self.config.batch_subscriber_queue, None, label=label)
+        self.mqtt = MqttPublisher(options, sub, names=lambda r: self.class_names(r.model_version, r.device),
+                                  states=lambda: {s.stream_id: (s.state.name, s.last_error) for s in self.streams()},
+                                  on_sent=lambda kind: metrics.mqtt_messages.labels(kind).inc(),
+                                  on_dropped=lambda reason: metrics.mqtt_dropped.labels(reason).inc(),
+                                  on_connected=lambda up: metrics.mqtt_connected.labels(broker).set(int(up)))
+        self.mqtt.start()
 
     def opened(self) -> None:
         """The streams the server starts with are in: health may say SERVING, and a watch or removal of an unknown
@@ -258,6 +276,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         for rt in self.runtimes.values():
             rt.worker.stop(max(0.1, end - now()))
         self.fanout.close_all()
+        if self.mqtt is not None:
+            self.mqtt.close()  # what is queued and "offline", within 2 s
         for s in streams:
             s.close()
         for rt in self.runtimes.values():

@@ -19,17 +19,15 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from google.protobuf.json_format import MessageToDict
 
 from . import __version__
 from .argparsing import OneLineParser
-from .client import Client, make_frame, new_objects
+from .client import Client, make_frame, message_dict, new_objects, object_dict
 from .config import StreamSpec, load_streams_file, redact_url, url_kind
 from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
@@ -247,10 +245,6 @@ def _state(value: int) -> str:
     return pb.StreamState.Name(value).removeprefix("STREAM_STATE_")
 
 
-def _as_dict(message: Any) -> dict[str, Any]:
-    return MessageToDict(message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
-
-
 def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for r in rows:
@@ -260,7 +254,7 @@ def _table(rows: Sequence[Sequence[str]], out: TextIO) -> None:
 def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO) -> int:
     if as_json:
         for s in streams:
-            out.write(json.dumps({**_as_dict(s), "state": _state(s.state)}) + "\n")
+            out.write(json.dumps({**message_dict(s), "state": _state(s.state)}) + "\n")
         return 0
     if not streams:
         out.write("no streams (add one: yolov12-ctl add ID URL)\n")
@@ -308,7 +302,7 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
     watch = c.watch(args.stream_ids, timeout=args.duration or None, follow=args.follow, on_gap=note)
     seen = 0
     lines = (_describe_object(fd, d, args.json) for fd, d in new_objects(watch)) if args.objects else \
-        (json.dumps(_as_dict(fd)) if args.json else _describe(fd) for fd in watch)
+        (json.dumps(message_dict(fd)) if args.json else _describe(fd) for fd in watch)
     try:
         for line in lines:
             out.write(line + "\n")
@@ -326,13 +320,11 @@ def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
 
 def _describe_object(fd: pb.FrameDetections, d: pb.Detection, as_json: bool) -> str:
     """One object when first seen: a line ('belt [12] dent 0.91 (x1,y1,x2,y2) #frame at TIME') or a JSON object."""
-    at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fd.capture_time_us / 1e6)) + \
-        f".{fd.capture_time_us // 1000 % 1000:03d}Z"
+    record = object_dict(fd, d)
     if as_json:
-        return json.dumps({"stream_id": fd.stream_id, "frame_id": fd.frame_id, "capture_time_us": fd.capture_time_us,
-                           "time": at, **_as_dict(d)})
+        return json.dumps(record)
     return (f"{fd.stream_id} [{d.track_id}] {d.class_name or d.class_id} {d.score:.2f} "
-            f"({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f}) #{fd.frame_id} at {at}")
+            f"({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f}) #{fd.frame_id} at {record['time']}")
 
 
 def _remove(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -382,7 +374,7 @@ def _detect(c: Client, args: argparse.Namespace, out: TextIO) -> int:
             raise UsageError(f"{path} is not an image (JPEG, PNG, BMP, TIFF, WebP, ... are)")
         fd = c.detect_image(frame)
         drawn = {} if args.save is None else {"saved": _save_drawn(path, fd, Path(args.save))}
-        out.write((json.dumps({"image": path, **drawn, **_as_dict(fd)}) if args.json else
+        out.write((json.dumps({"image": path, **drawn, **message_dict(fd)}) if args.json else
                    f"{path}: {_describe(fd)}" + (f" (drawn in {drawn['saved']})" if drawn else "")) + "\n")
     return 0
 
@@ -545,7 +537,7 @@ def _info(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> 
     for address, c in clients:
         info = c.server_info()
         if as_json:
-            out.write(json.dumps({"server": address, **_as_dict(info)}) + "\n")
+            out.write(json.dumps({"server": address, **message_dict(info)}) + "\n")
             continue
         out.write(f"{address}: yolov12-serve {info.version}, SLO {info.slo_ms:g} ms, max batch {info.max_batch}, "
                   f"up to {info.max_streams} streams, input {info.input_height}x{info.input_width}\n")
@@ -576,7 +568,7 @@ def _reload(clients: Sequence[tuple[str, Client]], args: argparse.Namespace, out
     for address, c in clients:
         engines = c.reload_engines(args.engines, timeout=max(args.timeout, 300.0))
         for e in engines:
-            out.write((json.dumps({"server": address, **_as_dict(e)}) if args.json
+            out.write((json.dumps({"server": address, **message_dict(e)}) if args.json
                        else f"{address}: {e.device} runs {e.path} (model {e.model_version})") + "\n")
     return 0
 

@@ -11,7 +11,8 @@ device faults: yolov12_device_healthy{device},
 yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_total{device},
 yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes),
 yolov12_stream_moves_total{reason} (failover, rebalance); evidence: yolov12_evidence_pictures_total,
-yolov12_evidence_skipped_total{reason}; and with
+yolov12_evidence_skipped_total{reason}; --mqtt: yolov12_mqtt_connected{broker}, yolov12_mqtt_messages_total{kind},
+yolov12_mqtt_messages_dropped_total{reason}; and with
 NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
@@ -253,6 +254,14 @@ class Metrics:
                                         "reason: no picture (camera down), not in its pictures (it left or "
                                         "flickered), busy (the writer fell behind), write failed (disk full?).",
                                         ["reason"], registry=r)
+        self.mqtt_connected = Gauge("yolov12_mqtt_connected", "1 while the connection to the --mqtt broker is up, "
+                                    "0 while it is being retried.", ["broker"], registry=r)
+        self.mqtt_messages = Counter("yolov12_mqtt_messages", "Messages handed to the --mqtt broker connection, by "
+                                     "kind: detections, objects, state (objects and states held while it is away).",
+                                     ["kind"], registry=r)
+        self.mqtt_dropped = Counter("yolov12_mqtt_messages_dropped", "Messages not sent to the --mqtt broker, by "
+                                    "reason: disconnected (detections while it is away), queue full (objects and "
+                                    "states past --mqtt-queue while it is away).", ["reason"], registry=r)
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
                                        "Results a slow subscriber lost (its own oldest), summed over subscribers.",
                                        registry=r)
@@ -333,6 +342,14 @@ class Metrics:
         if found is None:
             found = self._watchers[label] = self.watcher_results_dropped.labels(label)
         return found
+
+    def add_mqtt(self, broker: str) -> None:
+        """Create the MQTT series at zero (their rates exist from the start)."""
+        self.mqtt_connected.labels(broker).set(0)
+        for kind in ("detections", "objects", "state"):
+            self.mqtt_messages.labels(kind)
+        for reason in ("disconnected", "queue full"):
+            self.mqtt_dropped.labels(reason)
 
     def add_watcher(self, label: str) -> None:
         """Create a watcher's loss counter at zero (its rate exists from the start)."""

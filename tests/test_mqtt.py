@@ -1,0 +1,214 @@
+"""--mqtt (mqtt.py) against a real mosquitto broker on loopback and the real server: detections, objects once each,
+retained camera states and server status (its last will when killed), a broker that comes and goes, credentials."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from test_server_harness import ServerProcess, wait_until
+
+MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
+pytestmark = pytest.mark.skipif(MOSQUITTO is None, reason="mosquitto is not installed (scripts/setup test installs "
+                                "it with apt)")
+
+CAMERA = "synthetic://belt?fps=10&size=320x180"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Broker:
+    """mosquitto on 127.0.0.1:`port`, no persistence; `users` {name: password} turns anonymous access off."""
+
+    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
+        self.port = port or free_port()
+        self.conf = folder / f"mosquitto-{self.port}.conf"
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        if os.geteuid() == 0:  # as root it would run as user mosquitto, who may not read the test's folder
+            lines.append("user root")
+        if users:
+            passwords = folder / "passwords"
+            passwords.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+            passwords.chmod(0o600)
+            subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-U", str(passwords)],
+                           check=True)  # the passwords hashed, as mosquitto wants them
+            lines += ["allow_anonymous false", f"password_file {passwords}"]
+        else:
+            lines.append("allow_anonymous true")
+        self.conf.write_text("\n".join(lines) + "\n")
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.DEVNULL)
+        wait_until(lambda: _connects(self.port), 10, what="mosquitto listening")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+
+
+def _connects(port: int) -> bool:
+    with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+        return True
+    return False
+
+
+class Listener:
+    """A subscriber to PREFIX/# keeping (topic, payload, retained) as they come."""
+
+    def __init__(self, port: int, prefix: str, user: str | None = None, password: str | None = None) -> None:
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[tuple[str, str, bool]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        if user:
+            self.client.username_pw_set(user, password)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: c.subscribe(f"{prefix}/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self._lock:
+            self.messages.append((message.topic, message.payload.decode(), bool(message.retain)))
+
+    def on(self, topic: str) -> list[tuple[str, bool]]:
+        with self._lock:
+            return [(p, r) for t, p, r in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    found = re.findall(rf"^{re.escape(name)} (\S+)$", server.metrics(), flags=re.M)
+    return float(found[0]) if found else float("nan")
+
+
+def test_detections_objects_states_and_status_reach_the_broker(tmp_path):
+    broker = Broker(tmp_path)
+    listener = Listener(broker.port, "plant")
+    server = ServerProcess("--allow-synthetic", "--no-status", "--instances", "1",
+                           "--mqtt", f"mqtt://127.0.0.1:{broker.port}/plant")
+    try:
+        wait_until(lambda: ("online", True) in listener.on("plant/status") or ("online", False)
+                   in listener.on("plant/status"), 20, what="status online")
+        with server.client() as c:
+            c.wait_ready(30)
+            c.add_stream("line/1", CAMERA, track=True)  # a '/' in an id: one topic level all the same
+            objects = wait_until(lambda: len(listener.on("plant/line_1/objects")) >= 3 and
+                                 listener.on("plant/line_1/objects"), 60, what="three objects")
+            records = [json.loads(p) for p, _ in objects]
+            assert all(r["stream_id"] == "line/1" and r["class_name"] and r["time"].endswith("Z") for r in records)
+            ids = [int(r["track_id"]) for r in records]
+            assert len(ids) == len(set(ids)) and min(ids) >= 1, ids  # each object once
+            frames = [json.loads(p) for p, _ in listener.on("plant/line_1/detections")]
+            assert frames and all(f["stream_id"] == "line/1" and f["detections"] for f in frames)
+            states = [json.loads(p) for p, _ in listener.on("plant/line_1/state")]
+            assert states[-1] == {"stream_id": "line/1", "state": "STREAMING", "last_error": ""}, states
+            broker_label = f'broker="127.0.0.1:{broker.port}"'
+            assert metric(server, f"yolov12_mqtt_connected{{{broker_label}}}") == 1
+            assert metric(server, 'yolov12_mqtt_messages_total{kind="objects"}') >= 3
+            c.remove_stream("line/1")
+            wait_until(lambda: ("", False) in listener.on("plant/line_1/state") or ("", True)
+                       in listener.on("plant/line_1/state"), 10, what="its retained state cleared")
+        rc, _ = server.terminate()
+        assert rc == 0
+        wait_until(lambda: listener.on("plant/status")[-1][0] == "offline", 10, what="status offline")
+    finally:
+        server.close()
+        listener.close()
+        broker.stop()
+
+
+def test_a_broker_that_comes_and_goes_never_stops_the_server_and_a_killed_server_is_offline(tmp_path):
+    """The broker down at start: the server serves all the same (connected 0, detections counted as dropped) and
+    connects when it comes; killed, the broker announces it offline (its last will)."""
+    port = free_port()
+    server = ServerProcess("--allow-synthetic", "--no-status", "--instances", "1",
+                           "--mqtt", f"mqtt://127.0.0.1:{port}")
+    broker = None
+    try:
+        with server.client() as c:
+            c.wait_ready(30)
+            c.add_stream("belt", CAMERA)
+            label = f'yolov12_mqtt_connected{{broker="127.0.0.1:{port}"}}'
+            wait_until(lambda: metric(server, 'yolov12_mqtt_messages_dropped_total{reason="disconnected"}') > 0, 30,
+                       what="detections dropped while the broker is away")
+            assert metric(server, label) == 0 and c.stream("belt").state == 2  # STREAMING all the same
+            broker = Broker(tmp_path, port)
+            listener = Listener(port, "yolov12")  # the default prefix
+            try:
+                wait_until(lambda: metric(server, label) == 1, 40, what="connected once the broker is up")
+                wait_until(lambda: listener.on("yolov12/belt/detections"), 20, what="detections after it came")
+                server.kill()
+                wait_until(lambda: listener.on("yolov12/status") and listener.on("yolov12/status")[-1][0] ==
+                           "offline", 20, what="its last will")
+            finally:
+                listener.close()
+    finally:
+        server.close()
+        if broker is not None:
+            broker.stop()
+
+
+def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
+    broker = Broker(tmp_path, users={"detector": "s3cret"})
+    listener = Listener(broker.port, "yolov12", "detector", "s3cret")
+    good, bad = tmp_path / "good", tmp_path / "bad"
+    good.write_text("detector:s3cret\n")
+    bad.write_text("detector:wrong\n")
+    refused = ServerProcess("--no-status", "--instances", "1", "--mqtt", f"mqtt://127.0.0.1:{broker.port}",
+                            "--mqtt-credentials", str(bad))
+    server = ServerProcess("--no-status", "--instances", "1", "--mqtt", f"mqtt://127.0.0.1:{broker.port}",
+                           "--mqtt-credentials", str(good))
+    try:
+        wait_until(lambda: listener.on("yolov12/status"), 20, what="the server with the password online")
+        wait_until(lambda: "refused the connection" in refused.log(), 20, what="the refusal logged")
+        time.sleep(3)  # retries meanwhile (1 s apart at first): said once
+        log = refused.log()
+        assert log.count("refused the connection") == 1 and "s3cret" not in log and "wrong" not in log, log
+        assert metric(refused, f'yolov12_mqtt_connected{{broker="127.0.0.1:{broker.port}"}}') == 0
+        with refused.client() as c:
+            assert c.health() == "SERVING"  # the detections go on without the broker
+    finally:
+        refused.close()
+        server.close()
+        listener.close()
+        broker.stop()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--mqtt", "http://broker"], "expected mqtt://HOST"),
+    (["--mqtt", "mqtt://broker:99999"], "the port must be 1..65535"),
+    (["--mqtt", "mqtt://broker/plant/#"], "without wildcards"),
+    (["--mqtt-ca", "ca.pem"], "--mqtt-ca is for --mqtt"),
+    (["--mqtt", "mqtt://broker", "--mqtt-ca", __file__], "--mqtt-ca is for TLS: give an mqtts:// URL"),
+    (["--mqtt", "mqtts://broker", "--mqtt-ca", "/nonexistent/ca.pem"], "--mqtt-ca /nonexistent/ca.pem: no such"),
+    (["--mqtt", "mqtt://broker", "--mqtt-credentials", "/nonexistent/creds"], "cannot read its credentials file"),
+    (["--mqtt", "mqtt://u:pw@broker", "--mqtt-queue", "0"], "--mqtt-queue must be at least 1"),
+])
+def test_bad_mqtt_options_are_one_line(argv, message, capsys):
+    from yolov12_serve.cli import main
+
+    assert main(["--engines", "x.onnx", "--gpus", "cpu", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "pw@" not in err, err

@@ -1,0 +1,242 @@
+"""Detections published to an MQTT broker (`--mqtt`): what a plant's MES, SCADA or Node-RED flow takes without a gRPC
+client, as DeepStream's message broker and Frigate's MQTT events do.
+
+Topics under PREFIX (the URL's path; default `yolov12`), STREAM the camera id with '/', '+' and '#' as '_':
+  PREFIX/status             `online` (retained) while the server runs; `offline` when it stops, or from the broker
+                            (the connection's last will) when the server is gone
+  PREFIX/STREAM/state       the camera's state as JSON (retained): stream_id, state, last_error; cleared (an empty
+                            retained message) when the camera is removed
+  PREFIX/STREAM/detections  each result with detections, JSON as `yolov12-ctl watch --json` prints it (QoS 0: the
+                            next one follows within a frame; not sent while the broker is away)
+  PREFIX/STREAM/objects     each object of a tracked camera once, when first seen, JSON as `yolov12-ctl watch
+                            --objects --json` (QoS 1: held in memory while the broker is away, up to --mqtt-queue)
+
+The publisher reads results from its own fan-out queue in its own thread: a slow or absent broker never holds up
+results or watchers. What it loses is counted: yolov12_mqtt_messages_dropped_total{reason}, and results it fell
+behind on as a watcher's (yolov12_watcher_results_dropped_total{watcher="mqtt HOST:PORT"}).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from .errors import ConfigError
+from .fanout import Subscription
+from .frames import FrameResult
+from .urls import redact_url
+
+__all__ = ["MqttOptions", "MqttPublisher", "topic_name"]
+
+log = logging.getLogger(__name__)
+
+STATE_EVERY_S = 1.0  # how often camera states are compared with what was last published
+
+
+@dataclass(frozen=True)
+class MqttOptions:
+    """Where and how to publish: `mqtt://[USER[:PASSWORD]@]HOST[:PORT][/PREFIX]` (mqtts:// for TLS, with `ca` or
+    the system's CAs)."""
+
+    url: str
+    ca: str | None = None
+    queue: int = 10000  # QoS 1 messages held while the broker is away; more are dropped (counted)
+
+    def __post_init__(self) -> None:
+        self.target  # noqa: B018 (parsed now: a bad URL stops the server at start, not later)
+        if self.queue < 1:
+            raise ConfigError(f"--mqtt-queue must be at least 1, got {self.queue}")
+        if self.ca is not None and not self.tls:
+            raise ConfigError("--mqtt-ca is for TLS: give an mqtts:// URL")
+
+    @property
+    def tls(self) -> bool:
+        return self.url.startswith("mqtts://")
+
+    @property
+    def target(self) -> tuple[str, int, str, str | None, str | None]:
+        """(host, port, topic prefix, user, password); ConfigError for a URL that is not one."""
+        shown = redact_url(self.url)
+        parts = urlsplit(self.url)
+        if parts.scheme not in ("mqtt", "mqtts") or not parts.hostname:
+            raise ConfigError(f"--mqtt {shown}: expected mqtt://HOST[:PORT][/PREFIX] or mqtts://... (TLS)")
+        try:
+            port = parts.port or (8883 if parts.scheme == "mqtts" else 1883)
+        except ValueError:
+            raise ConfigError(f"--mqtt {shown}: the port must be 1..65535") from None
+        prefix = parts.path.strip("/") or "yolov12"
+        if parts.query or "#" in self.url or any(c in prefix for c in "+\0"):
+            raise ConfigError(f"--mqtt {shown}: the path is the topic prefix, without wildcards (+ #), a query or "
+                              "a fragment")
+        user = unquote(parts.username) if parts.username else None
+        password = unquote(parts.password) if parts.password is not None else None
+        return parts.hostname, port, prefix, user, password
+
+    @property
+    def broker(self) -> str:
+        """HOST:PORT, for logs and metric labels."""
+        host, port, *_ = self.target
+        return f"{host}:{port}"
+
+
+def topic_name(stream_id: str) -> str:
+    """A camera id as one topic level: the separator and wildcards become '_' (the id is in the message too)."""
+    return stream_id.replace("/", "_").replace("+", "_").replace("#", "_")
+
+
+class MqttPublisher:
+    """Publishes a subscription's results, new objects and camera states to the broker, in a thread of its own.
+
+    `names(result)`: the class names of the model that produced a result. `states()`: {stream id: (state name,
+    last error)} of the cameras now. `on_sent(kind)`, `on_dropped(reason)`, `on_connected(up)`: metrics."""
+
+    def __init__(self, options: MqttOptions, subscription: Subscription,
+                 names: Callable[[FrameResult], dict[int, str]], states: Callable[[], dict[str, tuple[str, str]]],
+                 on_sent: Callable[[str], None] = lambda kind: None,
+                 on_dropped: Callable[[str], None] = lambda reason: None,
+                 on_connected: Callable[[bool], None] = lambda up: None) -> None:
+        import paho.mqtt.client as mqtt
+
+        from .client import NewObjects
+
+        self.options = options
+        host, port, self.prefix, user, password = options.target
+        self._sub, self._names, self._states = subscription, names, states
+        self._on_sent, self._on_dropped, self._on_connected = on_sent, on_dropped, on_connected
+        self._objects = NewObjects()
+        self._published_states: dict[str, tuple[str, str]] = {}
+        self._lock = threading.Lock()  # the published states, between this thread and paho's on_connect
+        self._stop = threading.Event()
+        self._connected = False
+        self._refusal = ""  # the last reason the broker gave for refusing us (logged once per reason)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"yolov12-serve-{socket.gethostname()}"
+                             f"-{id(self):x}"[:64], protocol=mqtt.MQTTv311)
+        if user is not None:
+            client.username_pw_set(user, password)
+        if options.tls:
+            try:
+                client.tls_set(ca_certs=options.ca)
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                raise ConfigError(f"--mqtt-ca {options.ca}: {getattr(e, 'strerror', None) or e}") from None
+        client.will_set(self.topic("status"), "offline", qos=1, retain=True)
+        client.max_queued_messages_set(options.queue)
+        client.reconnect_delay_set(1, 30)
+        client.on_connect = self._connected_cb
+        client.on_disconnect = self._disconnected_cb
+        self._client = client
+        self._host, self._port = host, port
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+
+    def topic(self, *levels: str) -> str:
+        return "/".join((self.prefix, *levels))
+
+    def start(self) -> None:
+        """Connect in the background (a broker that is down is retried, 1 s to 30 s apart) and start publishing."""
+        self._client.connect_async(self._host, self._port, keepalive=30)
+        self._client.loop_start()
+        self._thread.start()
+        log.info("mqtt: publishing to %s under %s/", redact_url(self.options.url), self.prefix)
+
+    def close(self, timeout: float = 2.0) -> None:
+        """Publish what is queued and `offline` (retained) within `timeout` seconds, then disconnect (called once
+        the subscription is closed: no result comes after)."""
+        end = time.monotonic() + timeout
+        self._stop.set()
+        self._thread.join(max(0.0, end - time.monotonic()))
+        if self._connected:
+            info = self._client.publish(self.topic("status"), "offline", qos=1, retain=True)
+            with contextlib.suppress(Exception):  # the connection went meanwhile
+                info.wait_for_publish(max(0.1, end - time.monotonic()))
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # ------------------------------------------------------------------------------------------- paho's thread
+    def _connected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+        if reason.is_failure:
+            why = str(reason)
+            if why != self._refusal:
+                self._refusal = why
+                log.error("mqtt: %s refused the connection: %s (check the user and password of --mqtt or "
+                          "--mqtt-credentials); trying again", self.options.broker, why)
+            return
+        self._refusal = ""
+        self._connected = True
+        self._on_connected(True)
+        log.info("mqtt: connected to %s", self.options.broker)
+        client.publish(self.topic("status"), "online", qos=1, retain=True)
+        with self._lock:
+            self._published_states.clear()  # a broker without persistence lost the retained states: sent again
+
+    def _disconnected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
+        if self._connected and not self._stop.is_set():
+            log.warning("mqtt: lost the connection to %s (%s): reconnecting; objects are held (up to --mqtt-queue "
+                        "%d), detections are not sent meanwhile", self.options.broker, reason, self.options.queue)
+        self._connected = False
+        self._on_connected(False)
+
+    # ------------------------------------------------------------------------------------------- own thread
+    def _run(self) -> None:
+        next_states = 0.0
+        while True:
+            result = self._sub.get(timeout=0.25)
+            if result is not None:
+                try:
+                    self._publish_result(result)
+                except Exception:  # a bug here must not end publishing for good
+                    log.exception("mqtt: a result of %s could not be published", result.stream_id)
+            elif self._stop.is_set():
+                return  # closing, and what was queued is out
+            elif self._sub.closed:
+                self._stop.wait(0.25)
+            if not self._stop.is_set() and time.monotonic() >= next_states:
+                next_states = time.monotonic() + STATE_EVERY_S
+                self._publish_states()
+
+    def _publish_result(self, result: FrameResult) -> None:
+        from .client import message_dict, object_dict
+        from .messages import frame_detections
+
+        if result.error or not len(result.detections):
+            return
+        fd = frame_detections(result, self._names(result))
+        level = topic_name(fd.stream_id)
+        self._send("detections", self.topic(level, "detections"), json.dumps(message_dict(fd)), qos=0)
+        for d in self._objects.new(fd):
+            self._send("objects", self.topic(level, "objects"), json.dumps(object_dict(fd, d)), qos=1)
+
+    def _publish_states(self) -> None:
+        now = self._states()
+        with self._lock:
+            changed = {sid: s for sid, s in now.items() if self._published_states.get(sid) != s}
+            removed = [sid for sid in self._published_states if sid not in now]
+        for sid, (state, error) in changed.items():
+            payload = json.dumps({"stream_id": sid, "state": state, "last_error": error})
+            if self._send("state", self.topic(topic_name(sid), "state"), payload, qos=1, retain=True):
+                with self._lock:
+                    self._published_states[sid] = (state, error)
+        for sid in removed:
+            self._objects.forget(sid)
+            if self._send("state", self.topic(topic_name(sid), "state"), "", qos=1, retain=True):
+                with self._lock:
+                    self._published_states.pop(sid, None)
+
+    def _send(self, kind: str, topic: str, payload: str, qos: int, retain: bool = False) -> bool:
+        import paho.mqtt.client as mqtt
+
+        if not self._connected and qos == 0:
+            self._on_dropped("disconnected")
+            return False
+        rc = self._client.publish(topic, payload, qos=qos, retain=retain).rc
+        if rc == mqtt.MQTT_ERR_SUCCESS or (qos > 0 and rc == mqtt.MQTT_ERR_NO_CONN):  # the latter held for later
+            self._on_sent(kind)
+            return True
+        self._on_dropped("queue full" if rc == mqtt.MQTT_ERR_QUEUE_SIZE else "disconnected")
+        return False
