@@ -350,6 +350,27 @@ def test_camera_that_goes_offline_reconnects_with_backoff(client, rtsp, server):
         client.remove_stream("flaky")
 
 
+def test_a_camera_down_for_long_is_logged_on_change_not_at_every_retry(client, rtsp, server):
+    """A camera down for a weekend wrote one line per retry (about 180 an hour at the 30 s backoff cap, per camera):
+    now its first failure, summaries at growing intervals, and one line when it streams again. No password."""
+    camera = RtspServer(free_port(), rtsp.mounts)
+    client.add_stream("down1", f"rtsp://admin:pw-down1@127.0.0.1:{camera.port}/cam0")
+    try:
+        wait_until(lambda: client.stream("down1").reconnects >= 10, 30, what="10 failed connects")
+        lines = [line for line in Path(server.stderr.name).read_text().splitlines() if "down1" in line]
+        assert 1 <= len(lines) <= 3, "\n".join(lines)  # added, the first failure; a summary only after a minute
+        camera.start()
+        wait_state(client, "down1", pb.STREAM_STATE_STREAMING, timeout=30)
+        log = wait_until(lambda: "down1: streaming again" in (t := Path(server.stderr.name).read_text()) and t, 10,
+                         what="the line saying it streams again")
+        assert re.search(r"stream down1: streaming again after \d+ failures over \d+ s \(last: "
+                         r"ConnectionRefusedError", log), log[-3000:]
+        assert "pw-down1" not in log
+    finally:
+        client.remove_stream("down1")
+        stop_cameras(camera)
+
+
 def test_unreachable_camera_retries_without_failing(client):
     client.add_stream("nowhere", f"rtsp://127.0.0.1:{free_port()}/cam")
     try:

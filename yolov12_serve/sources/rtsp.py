@@ -4,7 +4,8 @@ Connection: TCP transport (UDP for a camera that refuses TCP), socket and read t
 demuxer buffering), a short probe. Decoding and the letterbox resize (swscale) run in this thread; PyAV releases
 the GIL meanwhile.
 Failures: any error (refused, timeout, server gone, stream ended) -> RECONNECTING with `last_error`,
-then a retry after exponential backoff with jitter, forever until the stream is removed. A video packet the
+then a retry after exponential backoff with jitter, forever until the stream is removed; logged on change
+(faultlog.py: the first failure, a new reason, a summary at growing intervals, "streaming again"). A video packet the
 decoder rejects as corrupt is skipped on the same connection (the decoder resyncs at the next slice). Only errors
 that retrying cannot fix (no video track, no decoder for the codec, a missing file, a redirect to a host
 the server refuses: redirects.py) -> FAILED.
@@ -32,6 +33,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from ..config import RtspOptions, redact_url, scrub_url
+from ..faultlog import FaultLog
 from ..frames import now
 from ..preprocess import letterbox_avframe
 from ..urls import redact_text
@@ -117,6 +119,7 @@ class AvSource(Source):
         self._transport = "tcp"  # RTSP's lower transport: UDP only for a camera that refuses TCP (_udp_instead)
         self._udp_warned = False  # the switch to UDP was logged as a warning (later switches: info)
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
+        self._faults = FaultLog(log, f"stream {sink.stream_id}")  # a camera down for days: lines on change only
 
     def start(self) -> None:
         self._spawn()
@@ -188,7 +191,7 @@ class AvSource(Source):
                         break
                     self._streaming = False
                     msg = scrub_url(_describe(e), self.url)
-                    log.warning("stream %s: %s; reconnecting", self.sink.stream_id, msg)
+                    self._faults.failed(msg, "; reconnecting")
                     self.sink.set_state(StreamState.RECONNECTING, msg)
                     self.sink.count_reconnect()
                 self._stopped.wait(backoff.next_delay())
@@ -314,10 +317,11 @@ class AvSource(Source):
     def _skip_corrupt(self, e: BaseException, skipped: int, gen: int) -> None:
         """A packet the decoder rejected as corrupt (a lost or damaged NAL unit) is skipped, not reconnected for:
         the decoder picks up again at the next slice or keyframe, where a new connection would wait for a keyframe.
-        Logged once per connection; while streaming, the count is the stream's last error (ListStreams)."""
+        Logged once per connection, not while the camera is failing to stream (a camera that sends nothing else:
+        the connection's end says it); while streaming, the count is the stream's last error (ListStreams)."""
         why = scrub_url(f"{skipped} corrupt video packet{'s' if skipped > 1 else ''} skipped on this connection "
                         f"({_describe(e)})", self.url)
-        if skipped == 1:
+        if skipped == 1 and not self._faults.failing:
             log.warning("stream %s: %s", self.sink.stream_id, why)
         self.sink.count_corrupt()
         with self._lock:
@@ -357,6 +361,7 @@ class AvSource(Source):
                                 self._streaming = True
                                 self.sink.set_state(StreamState.STREAMING)
                             backoff.reset()
+                            self._faults.ok("streaming again")
                         if pacer is not None and frame.time is not None:  # pace files at their own rate
                             wait = pacer.wait(frame.time, t)
                             if wait > 0:
