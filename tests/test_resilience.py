@@ -9,6 +9,7 @@ import queue
 import re
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -249,6 +250,30 @@ def test_a_camera_whose_frames_the_engine_cannot_run_fails_alone(tmp_path):
         text = srv.metrics()
         assert gauge(text, "yolov12_engine_failures_total", device=streams["bad"].device) >= 3  # every batch
         reader.close()
+    finally:
+        srv.close()
+
+
+def test_an_engine_failing_every_batch_is_logged_on_change_not_per_batch(tmp_path):
+    """An engine that fails every batch wrote an ERROR line per batch (20 a second for two 10 fps cameras: 1.7
+    million a day) and a warning per re-check: now its first failure, the failover, summaries at growing intervals,
+    and a line each when the engine and its batches work again."""
+    srv = ServerProcess("--allow-synthetic", "--recheck-s", "0.3", faults=tmp_path)
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        for sid in ("a", "b"):
+            c.add_stream(sid, f"synthetic://{sid}?fps=10&size=320x192")
+        wait_until(lambda: c.stream("a").frames_processed > 5, 30, what="frames served")
+        (tmp_path / "fail-cpu").touch()
+        wait_until(lambda: (gauge(srv.metrics(), "yolov12_engine_failures_total", device="cpu") or 0) >= 60, 60,
+                   what="60 failed batches")
+        lines = [line for line in Path(srv.stderr.name).read_text().splitlines() if "injected failure" in line]
+        # the first failure, the probe, out of service, the first failed re-check (more only after a minute)
+        assert 1 <= len(lines) <= 5, "\n".join(lines)
+        (tmp_path / "fail-cpu").unlink()
+        wait_until(lambda: "cpu: engine runs: work again after" in srv.log(), 60, what="the batches' recovery line")
+        wait_until(lambda: "cpu: engine works again" in srv.log(), 60, what="the device's recovery line")
     finally:
         srv.close()
 

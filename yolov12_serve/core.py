@@ -43,6 +43,7 @@ from .errors import (
 from .evidence import EvidenceFolder, EvidenceRecorder, Picture
 from .failover import DeviceCare
 from .fanout import Fanout, Subscription
+from .faultlog import FaultLog
 from .frames import Frame, FrameResult, now
 from .health import DeviceHealth
 from .metrics import LiveSnapshot, Metrics
@@ -129,6 +130,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self._lock = threading.RLock()
         self._failover_lock = threading.Lock()  # one device's streams move at a time (two failing at once)
         self._over_since: dict[str, float] = {}  # device -> since when its load is over capacity (rebalancing)
+        self._recheck_faults: dict[str, FaultLog] = {}  # device -> its failed re-checks, logged on change
         self._reload_lock = threading.Lock()  # one engine reload at a time, the next waits
         self._names: dict[str, dict[int, str]] = {}  # model version -> class names (results name their classes
         # by the engine that ran them, also across a swap that changes them)

@@ -11,6 +11,7 @@ import logging
 import threading
 from typing import TYPE_CHECKING
 
+from .faultlog import FaultLog
 from .frames import now
 from .health import Verdict
 from .runtime import DeviceRuntime
@@ -52,6 +53,7 @@ class DeviceCare:
         _lock: threading.RLock
         _failover_lock: threading.Lock
         _over_since: dict[str, float]
+        _recheck_faults: dict[str, FaultLog]
         _stop: threading.Event
 
         def _drop(self, frame: Frame, reason: str) -> None: ...
@@ -125,8 +127,9 @@ class DeviceCare:
             ok, error = rt.probe(shape, size, self.supervisor, self.deadline)
             if ok is None:
                 return  # it hung: the supervisor reported that
-            if not ok:
-                log.warning("%s: engine still failing on a batch of %d at %dx%d (%s)", rt.name, size, *shape, error)
+            if not ok:  # every --recheck-s while it lasts: on change only
+                faults = self._recheck_faults.setdefault(rt.name, FaultLog(log, f"{rt.name}: engine re-check"))
+                faults.failed(f"still failing on a batch of {size} at {shape[0]}x{shape[1]} ({error})")
             refused = rt.health.refused_shapes
             self._act(rt, rt.health.probed(ok, error))
             new = rt.health.refused_shapes - refused
@@ -185,7 +188,9 @@ class DeviceCare:
     def _recover(self, rt: DeviceRuntime) -> None:
         with self._failover_lock:
             self.placement.set_healthy(rt.name, True)
-        log.info("%s: engine works again: the device takes streams", rt.name)
+        faults = self._recheck_faults.pop(rt.name, None)
+        log.info("%s: engine works again: the device takes streams%s", rt.name,
+                 f" ({faults.failures} re-checks failed before)" if faults is not None and faults.failures else "")
         self.on_device_health(rt.name, True)
         self._update_serving()
 

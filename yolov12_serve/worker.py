@@ -26,6 +26,7 @@ import numpy as np
 from engines.base import PAD_VALUE, Engine, EngineError
 
 from . import priority
+from .faultlog import FaultLog
 from .frames import Frame, FrameResult, now
 from .scheduler import Batch, Scheduler
 from .supervisor import Run, RunDeadline, RunSupervisor
@@ -73,6 +74,9 @@ class DeviceWorker:
         self._threads: list[threading.Thread] = []
         self._retired: set[threading.Thread] = set()
         self._serial = 0
+        # an engine failing every batch wrote a line per batch (20 a second for two 10 fps cameras): on change only
+        self._failures = FaultLog(log, f"{device}: engine runs", logging.ERROR, recovery_after=2)
+        self._refusals = FaultLog(log, f"{device}: the engine cannot take some frames")
 
     @property
     def engine(self) -> Engine:
@@ -150,7 +154,7 @@ class DeviceWorker:
                 engine.check_batch(inputs)
             except EngineError as e:  # the frames' shape or number, not the device: their streams' error
                 why = f"the engine cannot take this frame: {e}"
-                log.warning("%s: %s (%d frames of %s)", self.device, why, len(frames), frames[0].stream_id)
+                self._refusals.failed(f"{e} (frames of {frames[0].stream_id})")
                 for frame in frames:
                     self._publish(frame, EMPTY, why)
                 return True
@@ -179,7 +183,9 @@ class DeviceWorker:
             with self._lock:  # K threads share the counter
                 self.batches += 1
             if error is not None:
-                log.error("%s: batch of %d failed: %s", self.device, len(frames), error)
+                self._failures.failed(error)
+            elif self._failures.failures:
+                self._failures.ok("work again")
             self._report(BatchOutcome(self.device, shape, len(frames), elapsed, batch.scheduled_at, error))
             return True
         finally:
