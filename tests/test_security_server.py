@@ -281,6 +281,31 @@ def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, t
         srv.close()
 
 
+def test_peers_that_speak_no_tls_to_the_tls_port_write_nothing_to_the_log(pki):
+    """gRPC core wrote a line of its own ('Handshake failed ... WRONG_VERSION_NUMBER') for every plaintext or junk
+    connection to a TLS port, past --log-level: any peer that reached the port, with no certificate or token,
+    could fill the disk through the log (10 a second: 864,000 lines a day). Refused, and silent."""
+    srv = ServerProcess("--tls-cert", str(pki["server"].cert), "--tls-key", str(pki["server"].key))
+    try:
+        with Client(srv.address, tls_ca=pki["ca"].cert) as c:
+            c.wait_ready(60)
+        for _ in range(10):
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=5) as s:
+                s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                s.settimeout(2)
+                with contextlib.suppress(OSError):
+                    s.recv(100)
+            with Client(srv.address, timeout=5) as plain:
+                assert code_of(plain.health) == grpc.StatusCode.UNAVAILABLE
+        with Client(srv.address, tls_ca=pki["ca"].cert) as c:
+            assert c.health() == "SERVING"
+        srv.terminate()
+        log = Path(srv.stderr.name).read_text()
+        assert "Handshake failed" not in log and len(log.splitlines()) < 10, log[-3000:]
+    finally:
+        srv.close()
+
+
 def test_metrics_over_mutual_tls_trusts_only_the_client_ca_of_the_latest_reload(pki, tmp_path):
     """/metrics with --metrics-tls and a client CA: SIGHUP with another CA in the file must stop serving scrapers
     of the old one (it went on trusting both: the new CA was added to the context in use)."""
