@@ -107,6 +107,19 @@ def test_sigterm_drains_and_exits_zero_within_10_s(tmp_path):
         srv.close()
 
 
+def test_demo_into_a_log_prints_no_live_table_unless_asked():
+    """--demo's live table went to a journal or `docker logs` too: a block of lines every second (a line per camera,
+    29,000 lines an hour for four). Off when stdout is not a terminal; --status still asks for it; the summary stays."""
+    srv = ServerProcess("--demo", "--duration", "4", "--engines", str(model_path()))
+    try:
+        rc = srv.proc.wait(60)
+        out = srv.log()
+        assert rc == 0, out
+        assert "summary after" in out and "gRPC :" not in out, out  # the summary, and no live table's title
+    finally:
+        srv.close()
+
+
 def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     srv = ServerProcess("--demo", "--duration", "6", "--status", "--engines", str(model_path()))
     try:

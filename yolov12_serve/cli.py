@@ -67,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where camera video is decoded: cpu (default), nvdec (the GPU's video decoder, falling back "
                    "to the CPU where it is unavailable) or auto (nvdec for streams served on a GPU)")
     p.add_argument("--status", action=argparse.BooleanOptionalAction, default=None,
-                   help="show the live status table (default: on with --demo)")
+                   help="show the live status table (default: on with --demo on a terminal)")
     p.add_argument("--subscriber-queue", type=int, default=64,
                    help="results buffered per WatchDetections client before its oldest are dropped (default 64)")
     p.add_argument("--batch-subscriber-queue", type=int, default=8192,
@@ -307,7 +307,8 @@ def main(argv: list[str] | None = None) -> int:
     install_log_redaction()  # no camera password in any log line, whoever writes it
     try:
         config, streams = parse_config(args)
-        show = args.demo if args.status is None else args.status
+        # a table a second (a line per camera) in a journal or a container's log is noise: --demo's only on a terminal
+        show = (args.demo and sys.stdout.isatty()) if args.status is None else args.status
         options = RunOptions(streams, duration=args.duration, status_interval=1.0 if show else None,
                              summary=bool(args.duration) or args.demo)
         return asyncio.run(run_server(config, options))
