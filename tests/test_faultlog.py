@@ -15,7 +15,8 @@ def lines(caplog) -> list[str]:
 
 def test_an_outage_is_its_first_failure_new_reasons_growing_summaries_and_one_recovery(caplog):
     caplog.set_level(logging.INFO, "test.faultlog")
-    faults = FaultLog(logging.getLogger("test.faultlog"), "stream cam0", first_summary_s=0.2, max_summary_s=0.4)
+    faults = FaultLog(logging.getLogger("test.faultlog"), "stream %s", ("cam0",), first_summary_s=0.2,
+                      max_summary_s=0.4)
     for _ in range(50):
         faults.failed("refused", "; reconnecting")
     assert lines(caplog) == ["stream cam0: refused; reconnecting"]
@@ -35,7 +36,7 @@ def test_an_outage_is_its_first_failure_new_reasons_growing_summaries_and_one_re
 
 def test_a_flapping_source_is_one_episode_not_a_line_pair_per_drop(caplog):
     caplog.set_level(logging.INFO, "test.faultlog")
-    faults = FaultLog(logging.getLogger("test.faultlog"), "stream cam0", first_summary_s=60)
+    faults = FaultLog(logging.getLogger("test.faultlog"), "stream %s", ("cam0",), first_summary_s=60)
     for _ in range(100):
         faults.failed("server ended the stream")
         faults.ok("streaming again")
@@ -46,7 +47,8 @@ def test_a_flapping_source_is_one_episode_not_a_line_pair_per_drop(caplog):
 
 def test_a_single_failure_below_recovery_after_says_no_recovery(caplog):
     caplog.set_level(logging.INFO, "test.faultlog")
-    faults = FaultLog(logging.getLogger("test.faultlog"), "cpu: engine runs", logging.ERROR, recovery_after=2)
+    faults = FaultLog(logging.getLogger("test.faultlog"), "%s: engine runs", ("cpu",), logging.ERROR,
+                       recovery_after=2)
     faults.failed("RuntimeError: once")
     faults.ok("work again")
     assert lines(caplog) == ["cpu: engine runs: RuntimeError: once"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import itertools
 import json
+import logging
 import socket
 import subprocess
 import sys
@@ -511,12 +512,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_unreachable_camera_is_one_error_naming_it(predictor):
+def test_unreachable_camera_is_one_error_naming_it(predictor, caplog):
+    caplog.set_level(logging.INFO, "yolov12_serve.sources.rtsp")
     url = f"rtsp://user:secret@127.0.0.1:{free_port()}/cam"
     gen = predictor.predict(url, stream=True)
     with pytest.raises(SourceError, match=r"rtsp://user:\*\*\*@127\.0\.0\.1:\d+/cam: cannot connect") as e:
         next(gen)
     assert "secret" not in str(e.value)
+    assert not [r.getMessage() for r in caplog.records if r.name == "yolov12_serve.sources.rtsp"]  # not twice
 
 
 @pytest.fixture(scope="module")

@@ -128,7 +128,7 @@ class DeviceCare:
             if ok is None:
                 return  # it hung: the supervisor reported that
             if not ok:  # every --recheck-s while it lasts: on change only
-                faults = self._recheck_faults.setdefault(rt.name, FaultLog(log, f"{rt.name}: engine re-check"))
+                faults = self._recheck_faults.setdefault(rt.name, FaultLog(log, "%s: engine re-check", (rt.name,)))
                 faults.failed(f"still failing on a batch of {size} at {shape[0]}x{shape[1]} ({error})")
             refused = rt.health.refused_shapes
             self._act(rt, rt.health.probed(ok, error))

@@ -29,15 +29,16 @@ def _ago(seconds: float) -> str:
 
 class FaultLog:
     """The log lines of one repeating fault (thread-safe): `failed(reason)` at every failure, `ok()` at every
-    success; `subject` starts each line ("stream cam0", "cpu:1: batches"). A failure within `first_summary_s` of
+    success; `subject % subject_args` starts each line ("stream %s", (stream_id,)): the record's args keep them,
+    for filters that pick a camera's lines (yolov12-predict's). A failure within `first_summary_s` of
     a success continues the episode (a camera that drops every few seconds flaps: one episode, not a line pair per
     drop): after its first end is said, the next failure is said too (the log never ends on a recovery while it
     fails), then further ends and failures only with the summaries."""
 
-    def __init__(self, logger: logging.Logger, subject: str, level: int = logging.WARNING,
-                 recovery_after: int = 1, first_summary_s: float = FIRST_SUMMARY_S,
+    def __init__(self, logger: logging.Logger, subject: str, subject_args: tuple[object, ...] = (),
+                 level: int = logging.WARNING, recovery_after: int = 1, first_summary_s: float = FIRST_SUMMARY_S,
                  max_summary_s: float = MAX_SUMMARY_S) -> None:
-        self.logger, self.subject, self.level = logger, subject, level
+        self.logger, self.subject, self.subject_args, self.level = logger, subject, subject_args, level
         self.recovery_after = recovery_after  # failures an episode needs before its end is logged
         self.first_summary_s, self.max_summary_s = first_summary_s, max_summary_s
         self._lock = threading.Lock()
@@ -72,20 +73,20 @@ class FaultLog:
                 self._next_summary = t + self._interval
                 self._reasons = {reason}
                 self._said_ok = False
-                line = f"{self.subject}: {reason}{suffix}"
+                line = f"{reason}{suffix}"
             elif again or (reason not in self._reasons and len(self._reasons) < KNOWN_REASONS):
                 self._reasons.add(reason)
-                line = f"{self.subject}: {reason}{suffix}"
+                line = f"{reason}{suffix}"
             elif t >= self._next_summary:
                 self._interval = min(self._interval * 2, self.max_summary_s)
                 self._next_summary = t + self._interval
-                line = (f"{self.subject}: still failing, {self.failures} times since "
+                line = (f"still failing, {self.failures} times since "
                         f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(self._wall_since))} (last: {reason}); "
                         f"the next summary after {_ago(self._interval)}")
             else:
                 return
             self._last_line_ok = False
-        self.logger.log(self.level, "%s", line)
+        self.logger.log(self.level, f"{self.subject}: %s", *self.subject_args, line)
 
     def ok(self, what: str = "works again") -> None:
         """A success: one INFO line at the end of an episode of `recovery_after` failures or more (in a flapping
@@ -104,5 +105,5 @@ class FaultLog:
                 self._next_summary = t + self._interval
             self._said_ok = self._last_line_ok = True
             failures, lasted, last = self.failures, t - self._since, self._last
-        self.logger.info("%s: %s after %d failure%s over %s (last: %s)", self.subject, what, failures,
-                         "" if failures == 1 else "s", _ago(lasted), last)
+        self.logger.info(f"{self.subject}: %s after %d failure%s over %s (last: %s)", *self.subject_args, what,
+                         failures, "" if failures == 1 else "s", _ago(lasted), last)

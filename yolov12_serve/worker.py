@@ -75,8 +75,8 @@ class DeviceWorker:
         self._retired: set[threading.Thread] = set()
         self._serial = 0
         # an engine failing every batch wrote a line per batch (20 a second for two 10 fps cameras): on change only
-        self._failures = FaultLog(log, f"{device}: engine runs", logging.ERROR, recovery_after=2)
-        self._refusals = FaultLog(log, f"{device}: the engine cannot take some frames")
+        self._failures = FaultLog(log, "%s: engine runs", (device,), logging.ERROR, recovery_after=2)
+        self._refusals = FaultLog(log, "%s: the engine cannot take some frames", (device,))
 
     @property
     def engine(self) -> Engine:

@@ -119,7 +119,7 @@ class AvSource(Source):
         self._transport = "tcp"  # RTSP's lower transport: UDP only for a camera that refuses TCP (_udp_instead)
         self._udp_warned = False  # the switch to UDP was logged as a warning (later switches: info)
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
-        self._faults = FaultLog(log, f"stream {sink.stream_id}")  # a camera down for days: lines on change only
+        self._faults = FaultLog(log, "stream %s", (sink.stream_id,))  # a camera down for days: lines on change only
 
     def start(self) -> None:
         self._spawn()
