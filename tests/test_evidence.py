@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import io
 import json
+import logging
 import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import file_size_limit
 from PIL import Image
 
 from yolov12_serve.drawing import PALETTE
@@ -122,6 +124,35 @@ def test_an_object_never_seen_again_or_a_camera_that_is_down_is_counted_as_skipp
     assert skipped[-1] == ("no picture", 2) and not rec.pending
     rec.close()
     assert not list(tmp_path.rglob("*.jpg"))
+
+
+def test_a_full_disk_is_logged_on_change_not_once_per_object(tmp_path, caplog):
+    """A full disk failed every picture with a warning each: a line per counted object for as long as the disk stays
+    full. Now its first failure, summaries, and one line when pictures are written again; every one still counted."""
+    caplog.set_level(logging.INFO, "yolov12_serve.evidence")
+    skipped: list = []
+    camera = Camera(first=1)
+    rec = recorder(tmp_path, camera, skipped)
+
+    def count(track: int) -> None:
+        rec.objects("cam/1", [track], [0], NAMES)
+        settle(rec)
+        rec.result(result(camera.next - 1, [([10, 10, 50, 50, 0.9, 0], track)]))
+
+    with file_size_limit(100):  # no picture fits: writes fail with EFBIG, as on a full disk
+        for track in range(20):
+            count(track)
+        wait = time.monotonic() + 10
+        while len(skipped) < 20 and time.monotonic() < wait:
+            time.sleep(0.01)
+    assert skipped == [("write failed", 1)] * 20
+    count(99)
+    rec.close()
+    assert set(written(tmp_path)) == {99}
+    lines = [r.getMessage() for r in caplog.records if r.name == "yolov12_serve.evidence"]
+    assert len(lines) == 2, lines
+    assert lines[0] == f"evidence under {tmp_path}: cam/1's pictures not written: OSError: File too large", lines
+    assert lines[1].startswith(f"evidence under {tmp_path}: written again after 20 failures over "), lines
 
 
 def test_a_removed_camera_s_objects_are_not_recorded(tmp_path):

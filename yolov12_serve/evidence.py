@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .faultlog import FaultLog
 from .frames import FrameResult
 
 __all__ = ["ATTEMPTS", "EvidenceFolder", "EvidenceRecorder", "Picture"]
@@ -138,6 +139,8 @@ class EvidenceRecorder:
         self.pending: set[str] = set()  # cameras with objects waiting for their picture
         self._take = take_picture
         self._on_written, self._on_skipped = on_written, on_skipped
+        # a full disk fails every picture (a line per counted object): logged on change, the counter counts each
+        self._write_faults = FaultLog(log, "evidence under %s", (folder.root,))
         self._lock = threading.Lock()
         self._wanted: dict[str, dict[int, _Wanted]] = {}  # camera -> track id -> what is known of it
         self._asking: set[str] = set()  # cameras whose picture is being taken
@@ -260,9 +263,12 @@ class EvidenceRecorder:
         while (job := self._jobs.get()) is not None:
             try:
                 self._write(job)
-            except Exception as e:  # a full disk must not stop the server: counted, logged
-                log.warning("evidence of %s not written: %s: %s", job.stream_id, type(e).__name__, e)
+            except Exception as e:  # a full disk must not stop the server: counted, logged on change
+                why = e.strerror if isinstance(e, OSError) and e.strerror else e  # one reason, not one per file
+                self._write_faults.failed(f"{job.stream_id}'s pictures not written: {type(e).__name__}: {why}")
                 self._on_skipped("write failed", len(job.rows))
+            else:
+                self._write_faults.ok("written again")
 
     def _write(self, job: _Job) -> None:
         from .drawing import draw_boxes
