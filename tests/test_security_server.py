@@ -12,6 +12,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -299,6 +300,13 @@ def test_peers_that_speak_no_tls_to_the_tls_port_write_nothing_to_the_log(pki):
                 assert code_of(plain.health) == grpc.StatusCode.UNAVAILABLE
         with Client(srv.address, tls_ca=pki["ca"].cert) as c:
             assert c.health() == "SERVING"
+        # yolov12-ctl trusting another CA: its one line, without gRPC core's own lines about each failed handshake
+        ctl = subprocess.run([sys.executable, "-c", "import sys; from yolov12_serve.ctl import main; "
+                              "sys.exit(main(sys.argv[1:]))", "--server", srv.address, "--tls-ca",
+                              str(pki["rogue"].cert), "--timeout", "3", "streams"],
+                             capture_output=True, text=True, timeout=60)
+        assert ctl.returncode == 1 and "Handshake failed" not in ctl.stderr, ctl.stderr
+        assert len(ctl.stderr.strip().splitlines()) == 1, ctl.stderr
         srv.terminate()
         log = Path(srv.stderr.name).read_text()
         assert "Handshake failed" not in log and len(log.splitlines()) < 10, log[-3000:]

@@ -6,3 +6,5 @@ Layers, one way: api (gRPC) -> core (stream registry, placement) -> sources (RTS
 """
 
 __version__ = "0.1.0"
+
+from . import corelog  # noqa: F401 - before anything imports grpc (server, yolov12-ctl, the client alike)

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import __version__, corelog  # noqa: F401 - corelog first: before anything imports grpc
+from . import __version__
 from .argparsing import OneLineParser
 from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError

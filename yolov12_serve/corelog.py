@@ -1,5 +1,6 @@
-"""gRPC core's own log lines: errors only, unless GRPC_VERBOSITY says otherwise. Imported by the entry points before
-anything imports grpc (core reads the variable once, when it loads: setting it later changes nothing).
+"""gRPC core's own log lines: errors only, unless GRPC_VERBOSITY says otherwise. Imported by the package's
+__init__, so before anything of ours imports grpc (core reads the variable once, when it loads: setting it later
+changes nothing); yolov12-ctl and the Python client are spared the lines too.
 
 Left at its default, gRPC core writes an INFO line of its own format (`I1207 15:49:23.150361 ...
 ssl_transport_security.cc:2563] Handshake failed ...`) to stderr for every connection to a TLS port that does
