@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from certs import HAVE_OPENSSL, Pair, make_ca, make_cert
 from test_server_harness import ServerProcess, wait_until
 
 MOSQUITTO = shutil.which("mosquitto") or next((p for p in ("/usr/sbin/mosquitto",) if os.access(p, os.X_OK)), None)
@@ -33,10 +34,13 @@ def free_port() -> int:
 class Broker:
     """mosquitto on 127.0.0.1:`port`, no persistence; `users` {name: password} turns anonymous access off."""
 
-    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None) -> None:
+    def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
+                 tls: Pair | None = None) -> None:
         self.port = port or free_port()
         self.conf = folder / f"mosquitto-{self.port}.conf"
         lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        if tls is not None:  # the server's certificate and key (TLS only: the listener then takes no plaintext)
+            lines += [f"certfile {tls.cert}", f"keyfile {tls.key}"]
         if os.geteuid() == 0:  # as root it would run as user mosquitto, who may not read the test's folder
             lines.append("user root")
         if users:
@@ -56,6 +60,7 @@ class Broker:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         wait_until(lambda: _connects(self.port), 10, what="mosquitto listening")
+        assert self.proc.poll() is None, f"mosquitto stopped: {self.conf.read_text()}"
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -153,6 +158,8 @@ def test_a_broker_that_comes_and_goes_never_stops_the_server_and_a_killed_server
             label = f'yolov12_mqtt_connected{{broker="127.0.0.1:{port}"}}'
             wait_until(lambda: metric(server, 'yolov12_mqtt_messages_dropped_total{reason="disconnected"}') > 0, 30,
                        what="detections dropped while the broker is away")
+            time.sleep(2.5)  # connection attempts 1 s apart meanwhile: said once
+            assert server.log().count(f"mqtt: cannot connect to 127.0.0.1:{port}") == 1, server.log()
             assert metric(server, label) == 0 and c.stream("belt").state == 2  # STREAMING all the same
             broker = Broker(tmp_path, port)
             listener = Listener(port, "yolov12")  # the default prefix
@@ -193,6 +200,29 @@ def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
         refused.close()
         server.close()
         listener.close()
+        broker.stop()
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_mqtts_checks_the_broker_with_the_ca_given(tmp_path):
+    """mqtts:// with --mqtt-ca: a broker whose certificate that CA signed is published to; one signed by another CA
+    is never connected to (said once, retried), and the server serves all the same."""
+    ca, rogue = make_ca(tmp_path, "plant-ca"), make_ca(tmp_path, "rogue-ca")
+    broker = Broker(tmp_path, tls=make_cert(tmp_path, ca, "broker", dns=["localhost"], ips=["127.0.0.1"]))
+    trusting = ServerProcess("--no-status", "--instances", "1", "--mqtt", f"mqtts://127.0.0.1:{broker.port}/tls",
+                             "--mqtt-ca", str(ca.cert))
+    doubting = ServerProcess("--no-status", "--instances", "1", "--mqtt", f"mqtts://127.0.0.1:{broker.port}/tls",
+                             "--mqtt-ca", str(rogue.cert))
+    try:
+        label = f'yolov12_mqtt_connected{{broker="127.0.0.1:{broker.port}"}}'
+        wait_until(lambda: metric(trusting, label) == 1, 20, what="connected over TLS")
+        wait_until(lambda: "mqtt: cannot connect to" in doubting.log(), 20, what="the other CA's failure said")
+        time.sleep(2.5)
+        assert metric(doubting, label) == 0 and doubting.log().count("mqtt: cannot connect to") == 1
+        assert "does --mqtt-ca hold the CA that signed its certificate" in doubting.log()
+    finally:
+        trusting.close()
+        doubting.close()
         broker.stop()
 
 

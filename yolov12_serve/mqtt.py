@@ -117,6 +117,7 @@ class MqttPublisher:
         self._stop = threading.Event()
         self._connected = False
         self._refusal = ""  # the last reason the broker gave for refusing us (logged once per reason)
+        self._unreachable = False  # a failed connection attempt was logged (once until connected again)
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"yolov12-serve-{socket.gethostname()}"
                              f"-{id(self):x}"[:64], protocol=mqtt.MQTTv311)
         if user is not None:
@@ -131,6 +132,7 @@ class MqttPublisher:
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._connected_cb
         client.on_disconnect = self._disconnected_cb
+        client.on_connect_fail = self._connect_failed_cb
         self._client = client
         self._host, self._port = host, port
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
@@ -167,13 +169,20 @@ class MqttPublisher:
                 log.error("mqtt: %s refused the connection: %s (check the user and password of --mqtt or "
                           "--mqtt-credentials); trying again", self.options.broker, why)
             return
-        self._refusal = ""
+        self._refusal, self._unreachable = "", False
         self._connected = True
         self._on_connected(True)
         log.info("mqtt: connected to %s", self.options.broker)
         client.publish(self.topic("status"), "online", qos=1, retain=True)
         with self._lock:
             self._published_states.clear()  # a broker without persistence lost the retained states: sent again
+
+    def _connect_failed_cb(self, client: Any, userdata: Any) -> None:
+        if not self._unreachable:
+            self._unreachable = True
+            tls = ", and does --mqtt-ca hold the CA that signed its certificate" if self.options.tls else ""
+            log.warning("mqtt: cannot connect to %s (is the broker up and reachable there%s?); trying again every "
+                        "1 to 30 s", self.options.broker, tls)
 
     def _disconnected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
         if self._connected and not self._stop.is_set():
