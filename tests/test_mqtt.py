@@ -203,6 +203,42 @@ def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
         broker.stop()
 
 
+def test_without_detections_only_objects_and_states_are_published(tmp_path):
+    """--no-mqtt-detections (a fraction of the cost): a tracked camera's new objects still go out, once each; no
+    detections topic. The publisher itself, fed through a fan-out as the server feeds it."""
+    import numpy as np
+
+    from yolov12_serve.fanout import Fanout
+    from yolov12_serve.frames import FrameResult
+    from yolov12_serve.mqtt import MqttOptions, MqttPublisher
+
+    broker = Broker(tmp_path)
+    listener = Listener(broker.port, "quiet")
+    fanout = Fanout()
+    publisher = MqttPublisher(MqttOptions(f"mqtt://127.0.0.1:{broker.port}/quiet", detections=False),
+                              fanout.subscribe(None, 64), names=lambda r: {0: "scratch", 1: "dent"},
+                              states=lambda: {"cam": ("STREAMING", "")})
+    publisher.start()
+    try:
+        wait_until(lambda: listener.on("quiet/cam/state"), 20, what="the camera's state")
+        box = [10, 10, 50, 50, 0.9, 1]
+        for frame, ids in enumerate([[0], [1], [1], [1, 2], [2]]):
+            fanout.publish(FrameResult("cam", frame, np.array([box] * len(ids), np.float32), (100, 100), 1, 0.01,
+                                       "cpu", track_ids=np.array(ids)))
+        fanout.publish(FrameResult("plain", 0, np.array([box], np.float32), (100, 100), 1, 0.01, "cpu"))
+        records = wait_until(lambda: len(listener.on("quiet/cam/objects")) >= 2 and listener.on("quiet/cam/objects"),
+                             20, what="two objects")
+        time.sleep(0.5)
+        assert [json.loads(p)["track_id"] for p, _ in listener.on("quiet/cam/objects")] == ["1", "2"]
+        assert not [t for t, _, _ in listener.messages if t.endswith("/detections")], listener.messages
+        assert records
+    finally:
+        fanout.close_all()
+        publisher.close()
+        listener.close()
+        broker.stop()
+
+
 @pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
 def test_mqtts_checks_the_broker_with_the_ca_given(tmp_path):
     """mqtts:// with --mqtt-ca: a broker whose certificate that CA signed is published to; one signed by another CA

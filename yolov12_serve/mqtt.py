@@ -49,6 +49,7 @@ class MqttOptions:
     url: str
     ca: str | None = None
     queue: int = 10000  # QoS 1 messages held while the broker is away; more are dropped (counted)
+    detections: bool = True  # PREFIX/CAMERA/detections too (off: objects and states only, a fraction of the cost)
 
     def __post_init__(self) -> None:
         self.target  # noqa: B018 (parsed now: a bad URL stops the server at start, not later)
@@ -215,9 +216,13 @@ class MqttPublisher:
 
         if result.error or not len(result.detections):
             return
+        tracked = result.track_ids is not None and bool(result.track_ids.any())
+        if not (self.options.detections or tracked):
+            return
         fd = frame_detections(result, self._names(result))
         level = topic_name(fd.stream_id)
-        self._send("detections", self.topic(level, "detections"), json.dumps(message_dict(fd)), qos=0)
+        if self.options.detections:
+            self._send("detections", self.topic(level, "detections"), json.dumps(message_dict(fd)), qos=0)
         for d in self._objects.new(fd):
             self._send("objects", self.topic(level, "objects"), json.dumps(object_dict(fd, d)), qos=1)
 
