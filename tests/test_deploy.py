@@ -108,6 +108,7 @@ LOOSENED = {
     "Yolov12GPUMemoryNearFull": ("> 0.95", "> 0.5"),
     "Yolov12ServerDown": ("== 0", ">= 0"),
     "Yolov12ServerAbsent": ('job="yolov12-serve"', 'job="none"'),
+    "Yolov12MqttDisconnected": ("== 0", "<= 1"),
 }
 
 
