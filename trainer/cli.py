@@ -236,7 +236,7 @@ def data_main(argv: list[str] | None = None) -> int:
         print(f"yolov12-data {__version__}")
         return 0
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: yolov12-data synth --out DIR --images N [--imgsz S] [--seed K] [--val-fraction F]\n\n"
+        print("usage: yolov12-data synth --out DIR [--images N] [--imgsz S] [--seed K] [--val-fraction F]\n\n"
               "  synth    textured factory surfaces with labelled defects (scratch, dent, crack, stain, missing_part)")
         return 0 if argv else 2
     if argv[0] != "synth":

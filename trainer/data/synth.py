@@ -159,7 +159,7 @@ def _parse_imgsz(text: str) -> int | tuple[int, int]:
 
 
 def synth_main(argv: list[str] | None = None) -> int:
-    """`yolov12-data synth --out DIR --images N [--imgsz 640|HxW] [--seed S] [--val-fraction F]`; returns the exit code.
+    """`yolov12-data synth --out DIR [--images N] [--imgsz 640|HxW] [--seed S] [--val-fraction F]`: the exit code.
 
     `argv` is what follows `synth` on the command line (a leading 'synth' is accepted too).
     """
