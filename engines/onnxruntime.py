@@ -62,7 +62,7 @@ def _providers(device: str, model_path: Path) -> list[Any]:
     if not providers:
         raise EngineError(f"device {device} asked for, but this onnxruntime has no CUDA provider "
                           f"(it has {', '.join(available)}): `pip install onnxruntime-gpu`, or run on the CPU "
-                          "(yolov12-serve --gpus cpu; device='cpu' from Python)")
+                          "(yolov12-serve --gpus cpu; yolov12-predict --device cpu; device='cpu' from Python)")
     return [*providers, "CPUExecutionProvider"]
 
 

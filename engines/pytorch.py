@@ -112,7 +112,7 @@ class TorchEngine(Engine):
             raise EngineError(f"unknown device '{device}': use 'cpu' or 'cuda:N'") from None
         if self._device.type == "cuda" and not torch.cuda.is_available():
             raise EngineError(f"device {device} asked for but torch sees no CUDA GPU: run on the CPU "
-                              "(yolov12-serve --gpus cpu; device='cpu' from Python)")
+                              "(yolov12-serve --gpus cpu; yolov12-predict --device cpu; device='cpu' from Python)")
         self.path, self.device, self.instances = Path(path), str(self._device), instances
         ckpt = _load(path)
         self._cuda = self._device.type == "cuda"

@@ -478,7 +478,7 @@ def test_cuda_device_without_cuda_provider_is_explained(onnx_path: Path) -> None
         pytest.skip("onnxruntime-gpu is installed here")
     with pytest.raises(EngineError, match="onnxruntime-gpu") as e:
         engines.load(onnx_path, device="cuda:0")
-    assert "yolov12-serve --gpus cpu; device='cpu' from Python" in str(e.value)  # the server's flag and the API's
+    assert "yolov12-serve --gpus cpu; yolov12-predict --device cpu; device='cpu' from Python" in str(e.value)
     with pytest.raises(EngineError, match="unknown device"):
         engines.load(onnx_path, device="tpu")
     with pytest.raises(EngineError, match="it takes threads, spinning"):

@@ -184,19 +184,22 @@ def test_bad_command_lines_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
-def test_a_health_port_in_use_is_one_line():
+@pytest.mark.parametrize("flag, what, values", [("--health-port", "health checks", "0: any free port"),
+                                                 ("--metrics-port", "metrics", "0: any free port, -1: off")])
+def test_a_health_or_metrics_port_in_use_is_one_line(flag, what, values):
     """It was the line, then gRPC's own bind error before it and an 'Event loop is closed' traceback after it (the
     main port, open already, was never closed)."""
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        r = run_cli("--engines", str(model_path()), "--gpus", "cpu", "--host", "127.0.0.1", "--port", "0",
-                    "--metrics-port", "-1", "--no-state", "--health-port", str(port))
+        other = ["--metrics-port", "-1"] if flag == "--health-port" else []
+        r = run_cli("--engines", str(model_path()), "--gpus", "cpu", "--host", "127.0.0.1", "--port", "0", *other,
+                    "--no-state", flag, str(port))
     lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
-    assert r.returncode == 2 and lines == [f"yolov12-serve: error: cannot listen for health checks on 127.0.0.1:{port}:"
+    assert r.returncode == 2 and lines == [f"yolov12-serve: error: cannot listen for {what} on 127.0.0.1:{port}:"
                                            " the port is in use (another yolov12-serve?); pick another with "
-                                           "--health-port (0: any free port)"], r.stderr
+                                           f"{flag} ({values})"], r.stderr
 
 
 def test_a_broken_streams_file_is_one_line_saying_where():
@@ -411,13 +414,13 @@ def test_serving_md_names_every_flag_with_its_default():
 
 
 @pytest.mark.parametrize("script, argv, meant", [
-    ("yolov12_serve.cli:main", ["--gpu", "none"], "did you mean --gpus for --gpu?"),
-    ("yolov12_serve.cli:main", ["--stall", "-5"], "--stall-s for --stall"),
-    ("yolov12_serve.ctl:main", ["add", "c", "synthetic://x", "--max", "x"], "--max-fps for --max"),
-    ("yolov12_serve.predict.cli:main", ["--weight", "m.onnx", "--source", "x"], "--weights for --weight"),
-    ("trainer.cli:train_main", ["--epoch", "-1"], "--epochs for --epoch"),
-    ("trainer.cli:export_main", ["--weigths", "m.pt"], "--weights for --weigths"),
-    ("trainer.cli:val_main", ["--weights", "m.pt", "--dat", "d.yaml"], "--data for --dat"),
+    ("yolov12_serve.cli:main", ["--gpu", "none"], "--gpu: did you mean --gpus?"),
+    ("yolov12_serve.cli:main", ["--stall", "-5"], "--stall: did you mean --stall-s?"),
+    ("yolov12_serve.ctl:main", ["add", "c", "synthetic://x", "--max", "x"], "--max: did you mean --max-fps?"),
+    ("yolov12_serve.predict.cli:main", ["--weight", "m.onnx", "--source", "x"], "--weight: did you mean --weights?"),
+    ("trainer.cli:train_main", ["--epoch", "-1"], "--epoch: did you mean --epochs?"),
+    ("trainer.cli:export_main", ["--weigths", "m.pt"], "--weigths: did you mean --weights?"),
+    ("trainer.cli:val_main", ["--weights", "m.pt", "--dat", "d.yaml"], "--dat: did you mean --data?"),
 ])
 def test_console_scripts_take_only_full_option_names(script, argv, meant, capsys):
     """argparse's default took any unambiguous prefix (`--gpu` for `--gpus`): a command line or manifest written

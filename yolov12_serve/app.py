@@ -96,7 +96,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
                                                                                                  config.health_port)
         if config.metrics_port > 0:  # said now, not after the engines took their time to load
             check_bindable(f"{config.metrics_host or config.host}:{config.metrics_port}", "metrics",
-                           "--metrics-port (-1: off)")
+                           "--metrics-port", "0: any free port, -1: off")
     except OSError:  # the main port is open already: closed before the one line is printed
         await grpc_server.stop(0)
         raise

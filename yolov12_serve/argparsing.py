@@ -37,7 +37,7 @@ class OneLineParser(argparse.ArgumentParser):
         raise SystemExit(2)
 
     def suggestion(self, message: str) -> str:
-        """'; did you mean --gpus for --gpu?' when the command line has options this parser does not know (argparse
+        """'; --gpu: did you mean --gpus?' when the command line has options this parser does not know (argparse
         may report a missing required option first), else ''."""
         known = sorted(_option_names(self))
         words = message[len(_UNRECOGNIZED):].split() if message.startswith(_UNRECOGNIZED) else getattr(
@@ -49,10 +49,10 @@ class OneLineParser(argparse.ArgumentParser):
                 continue
             candidates = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
             if len(candidates) == 1:
-                meant.append(f"{candidates[0]} for {name}")
+                meant.append(f"{name}: did you mean {candidates[0]}?")
             elif candidates:
-                meant.append(f"one of {', '.join(candidates)} for {name}")
-        return f"; did you mean {'; '.join(meant)}?" if meant else ""
+                meant.append(f"{name}: did you mean one of {', '.join(candidates)}?")
+        return f"; {' '.join(meant)}" if meant else ""
 
 
 def _option_names(parser: argparse.ArgumentParser) -> set[str]:

@@ -432,7 +432,10 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
     def check_started(self) -> None:
         """UNAVAILABLE while the streams the server starts with are still being added (an unknown id may be one)."""
         if self.starting:
-            raise UnavailableError("the server is starting and still adding its saved streams; retry in a moment")
+            raise UnavailableError("the server is starting and still adding its saved streams; retry in a moment"
+                                   if self.store is not None else
+                                   "the server is starting (its engines warming up, its cameras being added); retry "
+                                   "in a moment")
 
     def _check_serving(self) -> None:
         if self.draining:

@@ -286,7 +286,7 @@ def _describe(fd: pb.FrameDetections) -> str:
     boxes = ", ".join(f"{d.class_name or d.class_id}{f' [{d.track_id}]' if d.track_id else ''} {d.score:.2f} "
                       f"({d.x1:.0f},{d.y1:.0f},{d.x2:.0f},{d.y2:.0f})" for d in fd.detections)
     return (f"{who} {fd.width}x{fd.height} {fd.latency_ms:.1f} ms: "
-            f"{len(fd.detections)} detections{': ' + boxes if boxes else ''}")
+            f"{len(fd.detections)} detection{'' if len(fd.detections) == 1 else 's'}{': ' + boxes if boxes else ''}")
 
 
 def _watch(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
@@ -419,10 +419,11 @@ def _snapshot(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) 
     except (OSError, ValueError) as e:  # ValueError: a suffix Pillow has no format for
         raise UsageError(f"cannot save {target}: {getattr(e, 'strerror', None) or e}") from None
     found = {} if drawn is None else {"detections": drawn[1]}
+    what = "" if drawn is None else \
+        f", {'its zone and ' if drawn[2] else ''}{drawn[1]} detection{'' if drawn[1] == 1 else 's'} drawn"
     out.write((json.dumps({"stream_id": shot.stream_id, "saved": str(target), "width": shot.width,
                            "height": shot.height, **found}) if args.json else
-               f"{target}: {shot.stream_id} {shot.width}x{shot.height}" +
-               (f", {'its zone and ' if drawn[2] else ''}{drawn[1]} detections drawn" if drawn else "")) + "\n")
+               f"{target}: {shot.stream_id} {shot.width}x{shot.height}{what}") + "\n")
     return 0
 
 

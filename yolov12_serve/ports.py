@@ -8,7 +8,7 @@ import socket
 __all__ = ["check_bindable"]
 
 
-def check_bindable(address: str, what: str = "gRPC", flag: str = "--port") -> None:
+def check_bindable(address: str, what: str = "gRPC", flag: str = "--port", values: str = "0: any free port") -> None:
     """OSError with the fix when `address` (HOST:PORT, port not 0) cannot be bound, e.g. a port in use; `what` and
     `flag` name the listener and the flag that moves it in the message."""
     host, _, port = address.rpartition(":")
@@ -21,7 +21,7 @@ def check_bindable(address: str, what: str = "gRPC", flag: str = "--port") -> No
             probe.bind((host, int(port)))
     except OSError as e:
         if e.errno == errno.EADDRINUSE:
-            why, fix = "the port is in use (another yolov12-serve?)", f"pick another with {flag} (0: any free port)"
+            why, fix = "the port is in use (another yolov12-serve?)", f"pick another with {flag} ({values})"
         else:
             why, fix = e.strerror or str(e), "check --host (0.0.0.0: every interface of this machine)"
         raise OSError(f"cannot listen for {what} on {address}: {why}; {fix}") from None
