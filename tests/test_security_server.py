@@ -176,6 +176,13 @@ def test_tokens_and_roles_on_every_rpc(mtls, pki):
         got[rpc] = {name: code_of(lambda c=c, call=call: call(c)) for name, c in clients.items()}
     assert got == want
     assert clients["operator"].list_streams() == []
+    # each refusal reason once per client address in the log (the audit trail), not a line per refused call
+    for _ in range(20):
+        code_of(clients["wrong"].list_streams)
+    log = Path(mtls.stderr.name).read_text()
+    for why in ("UNAUTHENTICATED: no token", "UNAUTHENTICATED: a token not valid on this server",
+                "PERMISSION_DENIED: AddStream needs the operator role; this token is a viewer's"):
+        assert len(re.findall(rf"auth: calls refused from ipv4:127\.0\.0\.1: {re.escape(why)}", log)) == 1, log
     for c in clients.values():
         c.close()
 

@@ -12,13 +12,15 @@ ReloadEngines). `grpc.health.v1.Health` stays open, for load balancers and Kuber
 does not know needs `operator` (a new RPC is closed until someone decides who may call it).
 
 Clients send `authorization: Bearer TOKEN` metadata. No token, or one the file does not hold: UNAUTHENTICATED; a
-viewer calling an operator method: PERMISSION_DENIED. Refused calls are answered without reading their request.
+viewer calling an operator method: PERMISSION_DENIED. Refused calls are answered without reading their request,
+and logged per client address on change (the audit trail, which a client retrying in a loop cannot flood).
 Tokens are kept only as SHA-256 digests and compared in constant time (every entry, hmac.compare_digest), never
 logged. The file is read again on SIGHUP (security.py): a broken file then keeps the tokens already loaded.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import hmac
 import logging
@@ -31,6 +33,7 @@ from pathlib import Path
 import grpc
 
 from .errors import ConfigError
+from .faultlog import FaultLog
 
 __all__ = ["METHOD_ROLES", "MIN_TOKEN_LEN", "OPEN", "ROLES", "AuthInterceptor", "TokenTable", "bearer_token",
            "deny", "required_role"]
@@ -40,6 +43,7 @@ log = logging.getLogger(__name__)
 ROLES = ("viewer", "operator")  # each may do what the ones before it may
 OPEN = ""  # the role of methods that need no token
 MIN_TOKEN_LEN = 16
+MAX_REFUSING_PEERS = 256  # client addresses whose refusals are followed (the least recent forgotten)
 _DETECTOR = "/yolov12.v1.Detector/"
 METHOD_ROLES: dict[str, str] = {
     **{_DETECTOR + m: "viewer" for m in ("WatchDetections", "WatchDetectionBatches", "ListStreams", "GetServerInfo",
@@ -135,13 +139,17 @@ def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | No
     return None
 
 
-def deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that answers `code` without reading the request."""
+def deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
+         on_deny: Callable[[str], None] = lambda peer: None) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` that answers `code` without reading the request (`on_deny(peer)`
+    told first)."""
 
     async def unary(request: object, context: grpc.aio.ServicerContext) -> None:
+        on_deny(context.peer())
         await context.abort(code, message)
 
     async def streaming(request: object, context: grpc.aio.ServicerContext):
+        on_deny(context.peer())
         await context.abort(code, message)
         yield  # pragma: no cover - an async generator, as grpc wants for streamed responses
 
@@ -156,10 +164,23 @@ def deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str) ->
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    """Checks each call's bearer token against the current TokenTable (`table()`, swapped on reload)."""
+    """Checks each call's bearer token against the current TokenTable (`table()`, swapped on reload). Refusals are
+    the security team's audit trail: logged per client address on change (its first refusal and each new reason,
+    then summaries at growing intervals), so a client retrying a wrong token in a loop cannot flood the log."""
 
     def __init__(self, table: Callable[[], TokenTable]) -> None:
         self._table = table
+        self._refusals: collections.OrderedDict[str, FaultLog] = collections.OrderedDict()  # address -> its log
+
+    def _refused(self, code: grpc.StatusCode, why: str) -> Callable[[str], None]:
+        def note(peer: str) -> None:
+            address = peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer  # ipv4:10.0.0.9:5000 -> ipv4:10.0.0.9
+            faults = self._refusals.pop(address, None) or FaultLog(log, "auth: calls refused from %s", (address,))
+            self._refusals[address] = faults  # the most recent last
+            while len(self._refusals) > MAX_REFUSING_PEERS:
+                self._refusals.popitem(last=False)
+            faults.failed(f"{code.name}: {why}")
+        return note
 
     async def intercept_service(self, continuation, handler_call_details: grpc.HandlerCallDetails):
         handler = await continuation(handler_call_details)
@@ -170,15 +191,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         # an unknown method is UNIMPLEMENTED, but only to a caller allowed to call it: the refusal says nothing
         shape = handler or grpc.unary_unary_rpc_method_handler(None)
         token = bearer_token(handler_call_details.invocation_metadata)
+        unauthenticated = grpc.StatusCode.UNAUTHENTICATED
         if token is None:
-            return deny(shape, grpc.StatusCode.UNAUTHENTICATED,
-                        "this server needs a token: send metadata 'authorization: Bearer TOKEN' "
-                        "(the Python client: Client(..., token=...))")
+            return deny(shape, unauthenticated, "this server needs a token: send metadata 'authorization: Bearer "
+                        "TOKEN' (the Python client: Client(..., token=...))",
+                        self._refused(unauthenticated, "no token"))
         role = self._table().role_of(token)
         if role is None:
-            return deny(shape, grpc.StatusCode.UNAUTHENTICATED, "the token is not valid on this server")
+            return deny(shape, unauthenticated, "the token is not valid on this server",
+                        self._refused(unauthenticated, "a token not valid on this server"))
         if ROLES.index(role) < ROLES.index(need):
             name = method.rsplit("/", 1)[-1]
-            return deny(shape, grpc.StatusCode.PERMISSION_DENIED,
-                        f"{name} needs the {need} role; this token is a {role}'s")
+            why = f"{name} needs the {need} role; this token is a {role}'s"
+            return deny(shape, grpc.StatusCode.PERMISSION_DENIED, why,
+                        self._refused(grpc.StatusCode.PERMISSION_DENIED, why))
         return handler  # None for an unknown method: grpc answers UNIMPLEMENTED
