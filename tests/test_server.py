@@ -127,6 +127,7 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
         out = srv.log()
         assert rc == 0, out
         assert "p99 ms" in out and "line1-cam4" in out  # the live table
+        assert out.count("gRPC :") == 1, out  # into a log (stdout a pipe): after a second, then every 30 s
         assert f"yolov12-ctl --server 127.0.0.1:{srv.port} streams" in out  # and how to drive it from a shell
         summary = out[out.index("summary after"):]
         assert all(f"line1-cam{i}" in summary for i in range(1, 5)) and "results/s" in summary

@@ -254,8 +254,10 @@ async def _show_status(core: ServerCore, options: RunOptions, out: TextIO, port:
     printer = StatusPrinter(out)
     host = core.config.host if core.config.host not in ("0.0.0.0", "::", "") else "localhost"
     hint = f"from another shell: {_ctl_command()} --server {host}:{port} streams (or watch, info, add ID URL, --help)"
+    wait = min(1.0, options.status_interval)  # the first table soon, then every status_interval
     while True:
-        await asyncio.sleep(options.status_interval)
+        await asyncio.sleep(wait)
+        wait = options.status_interval
         title = f"yolov12-serve on {','.join(core.runtimes)}, gRPC :{port} - "
         printer.show(render_table(core.list_streams(), core.config.slo_ms, title) + "\n" + hint)
 

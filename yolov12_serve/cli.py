@@ -29,6 +29,8 @@ from .urls import expand_credentials, redact_text
 
 __all__ = ["build_parser", "main", "parse_config"]
 
+STATUS_TO_A_LOG_S = 30.0  # --status into a file, journal or container log: a table this often (a terminal: 1 s)
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (names are a contract: docs/serving.md lists them)."""
@@ -67,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where camera video is decoded: cpu (default), nvdec (the GPU's video decoder, falling back "
                    "to the CPU where it is unavailable) or auto (nvdec for streams served on a GPU)")
     p.add_argument("--status", action=argparse.BooleanOptionalAction, default=None,
-                   help="show the live status table (default: on with --demo on a terminal)")
+                   help="show the live status table, every second on a terminal, every 30 s into a log (default: "
+                   "on with --demo on a terminal)")
     p.add_argument("--subscriber-queue", type=int, default=64,
                    help="results buffered per WatchDetections client before its oldest are dropped (default 64)")
     p.add_argument("--batch-subscriber-queue", type=int, default=8192,
@@ -313,7 +316,8 @@ def main(argv: list[str] | None = None) -> int:
         config, streams = parse_config(args)
         # a table a second (a line per camera) in a journal or a container's log is noise: --demo's only on a terminal
         show = (args.demo and sys.stdout.isatty()) if args.status is None else args.status
-        options = RunOptions(streams, duration=args.duration, status_interval=1.0 if show else None,
+        every = 1.0 if sys.stdout.isatty() else STATUS_TO_A_LOG_S  # a table a second is for a person watching
+        options = RunOptions(streams, duration=args.duration, status_interval=every if show else None,
                              summary=bool(args.duration) or args.demo)
         return asyncio.run(run_server(config, options))
     except (ServerError, EngineError) as e:
