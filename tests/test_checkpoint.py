@@ -212,6 +212,36 @@ def test_a_checkpoint_the_disk_refuses_keeps_the_previous_one_and_leaves_no_part
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
 
 
+def test_a_stop_signal_during_a_save_waits_for_the_checkpoint(tmp_path, monkeypatch):
+    """SIGTERM (a scheduler's stop) arriving while torch.save writes: its handler raised inside torch's writes, the
+    file was torn and the run ended as if the disk were full (CI saw exit 2 for 143). Now the stop waits for the
+    save: last.pt complete and loadable, nothing left over, then the stop as the handler raises it."""
+    import signal
+
+    class StopError(Exception):
+        pass
+
+    def stop(signum, frame):
+        raise StopError
+
+    real = torch.save
+
+    def save_as_the_signal_comes(obj, f, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # delivered while the checkpoint is being written
+        return real(obj, f, *args, **kwargs)
+
+    model = build_model("yolov12n.yaml", names=["a", "b"])
+    monkeypatch.setattr(torch, "save", save_as_the_signal_comes)
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        with pytest.raises(StopError):
+            save_checkpoint(tmp_path / "last.pt", model, imgsz=64, epoch=3)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert load_checkpoint(tmp_path / "last.pt").raw["epoch"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
 def test_a_save_torch_refuses_says_so_without_an_errno(tmp_path, monkeypatch):
     """torch reports a full disk as a RuntimeError, which has no errno: the line starts with what failed."""
     model = build_model("yolov12n.yaml", names=["a", "b"])

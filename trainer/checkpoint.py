@@ -10,13 +10,17 @@ any other global (a function a malicious pickle would call) is refused. The arch
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import pickle
 import re
 import shutil
+import signal
+import threading
 import types
 from collections import OrderedDict
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
@@ -272,6 +276,38 @@ def save_checkpoint(path: str | Path, model: DetectionModel, **extra: Any) -> Pa
                                                                      net.state_dict().items()},
             "date": datetime.datetime.now().isoformat(timespec="seconds"), **extra}
     tmp = path.with_suffix(path.suffix + ".tmp")
+    with _stops_held():  # a SIGTERM or Ctrl-C mid-write would tear the file (torch: "unexpected pos"): after it
+        _write(ckpt, path, tmp)
+    return path
+
+
+@contextlib.contextmanager
+def _stops_held() -> Iterator[None]:
+    """SIGINT and SIGTERM during the block are held and handled when it ends, as they would have been: a checkpoint
+    being written is finished first. Their Python handlers raised inside torch.save's writes, which torch turned
+    into "[enforce fail ... unexpected pos]": the run ended as if the disk were full, and last.pt was not saved.
+    (Handlers, not a signal mask: a process-directed signal goes to any thread that does not block it.)"""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread runs Python handlers
+        yield
+        return
+    caught: list[tuple[int, Any]] = []
+    stops = (signal.SIGINT, signal.SIGTERM)
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append((signum, frame))) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if caught:
+        signum, frame = caught[0]
+        handler = previous[signum]
+        if callable(handler):
+            handler(signum, frame)  # the run's own (TerminatedError, KeyboardInterrupt)
+        elif handler == signal.SIG_DFL:
+            signal.raise_signal(signum)  # what the signal would have done: end the process
+
+
+def _write(ckpt: dict[str, Any], path: Path, tmp: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             torch.save(ckpt, f)
@@ -288,7 +324,6 @@ def save_checkpoint(path: str | Path, model: DetectionModel, **extra: Any) -> Pa
         code = getattr(e, "errno", None)  # torch's RuntimeError has none: no '[Errno None]' before the message
         raise (OSError(code, message) if code is not None else OSError(message)) from e
     tmp.replace(path)  # atomic: a crash mid-write never leaves a torn last.pt
-    return path
 
 
 def _model_from_own(path: Path, raw: dict[str, Any]) -> DetectionModel:
