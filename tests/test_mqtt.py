@@ -193,6 +193,7 @@ def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
         time.sleep(3)  # retries meanwhile (1 s apart at first): said once
         log = refused.log()
         assert log.count("refused the connection") == 1 and "s3cret" not in log and "wrong" not in log, log
+        assert "cannot connect" not in log, log  # a refusal is no unreachable broker
         assert metric(refused, f'yolov12_mqtt_connected{{broker="127.0.0.1:{broker.port}"}}') == 0
         with refused.client() as c:
             assert c.health() == "SERVING"  # the detections go on without the broker
@@ -259,6 +260,25 @@ def test_mqtts_checks_the_broker_with_the_ca_given(tmp_path):
     finally:
         trusting.close()
         doubting.close()
+        broker.stop()
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_a_port_that_takes_the_connection_but_is_no_plaintext_broker_is_said_once(tmp_path):
+    """mqtt:// to a broker's TLS port (a usual slip: 8883 with mqtt://): TCP connects, the CONNECT is never answered
+    as MQTT, and paho calls no on_connect_fail for it, only on_disconnect; said once all the same, retried."""
+    ca = make_ca(tmp_path, "plant-ca")
+    broker = Broker(tmp_path, tls=make_cert(tmp_path, ca, "broker", dns=["localhost"], ips=["127.0.0.1"]))
+    server = ServerProcess("--no-status", "--instances", "1", "--mqtt", f"mqtt://127.0.0.1:{broker.port}")
+    try:
+        said = f"mqtt: cannot connect to 127.0.0.1:{broker.port}"
+        wait_until(lambda: said in server.log(), 20, what="the failed connection said")
+        time.sleep(2.5)  # retries 1 s apart meanwhile: said once
+        log = server.log()
+        assert log.count(said) == 1 and "is it a TLS port (mqtts://)" in log, log
+        assert metric(server, f'yolov12_mqtt_connected{{broker="127.0.0.1:{broker.port}"}}') == 0
+    finally:
+        server.close()
         broker.stop()
 
 

@@ -189,6 +189,13 @@ class MqttPublisher:
         if self._connected and not self._stop.is_set():
             log.warning("mqtt: lost the connection to %s (%s): reconnecting; objects are held (up to --mqtt-queue "
                         "%d), detections are not sent meanwhile", self.options.broker, reason, self.options.queue)
+        elif not self._connected and not self._stop.is_set() and not self._refusal and not self._unreachable:
+            # TCP connected but no answer to CONNECT: the peer closed it (mqtt:// to a TLS port, not a broker) or
+            # never answered (a hung broker; closed after the keepalive); paho calls no on_connect_fail for these
+            self._unreachable = True
+            tls = "" if self.options.tls else "; is it a TLS port (mqtts://)"
+            log.warning("mqtt: cannot connect to %s: it took the connection but never answered as an MQTT broker "
+                        "(is one listening there%s?); trying again every 1 to 30 s", self.options.broker, tls)
         self._connected = False
         self._on_connected(False)
 
