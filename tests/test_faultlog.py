@@ -52,3 +52,34 @@ def test_a_single_failure_below_recovery_after_says_no_recovery(caplog):
     faults.failed("RuntimeError: once")
     faults.ok("work again")
     assert lines(caplog) == ["cpu: engine runs: RuntimeError: once"]
+
+
+def test_a_flapping_source_that_then_stays_up_is_said_to_work_again(caplog):
+    """A camera that drops every few seconds, then streams for good: its last line must not be a failure. The
+    source calls ok() at every frame; once it has worked for first_summary_s the episode ends, said once."""
+    caplog.set_level(logging.INFO, "test.faultlog")
+    faults = FaultLog(logging.getLogger("test.faultlog"), "stream %s", ("cam0",), first_summary_s=0.2)
+    for _ in range(5):
+        faults.failed("server ended the stream", "; reconnecting")
+        faults.ok("streaming again")
+    assert lines(caplog)[-1] == "stream cam0: server ended the stream; reconnecting"  # it works meanwhile
+    end = time.monotonic() + 0.5
+    while time.monotonic() < end:  # frames flow
+        faults.ok("streaming again")
+        time.sleep(0.01)
+    said = lines(caplog)
+    assert said[-1].startswith("stream cam0: streaming again after 5 failures over "), said
+    assert len(said) == 4 and not faults.failing, said
+    faults.failed("server ended the stream", "; reconnecting")  # a new episode, said at once
+    assert lines(caplog)[-1] == "stream cam0: server ended the stream; reconnecting"
+
+
+def test_a_lone_failure_below_recovery_after_stays_unsaid_when_steady(caplog):
+    caplog.set_level(logging.INFO, "test.faultlog")
+    faults = FaultLog(logging.getLogger("test.faultlog"), "%s: engine runs", ("cpu",), logging.ERROR,
+                      recovery_after=2, first_summary_s=0.1)
+    faults.failed("RuntimeError: once")
+    for _ in range(30):
+        faults.ok("work again")
+        time.sleep(0.01)
+    assert lines(caplog) == ["cpu: engine runs: RuntimeError: once"] and faults.failures == 0

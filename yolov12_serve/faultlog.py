@@ -90,20 +90,33 @@ class FaultLog:
 
     def ok(self, what: str = "works again") -> None:
         """A success: one INFO line at the end of an episode of `recovery_after` failures or more (in a flapping
-        episode, again only when a summary is due)."""
+        episode, again only when a summary is due). Called at every success (each frame, each batch: healthy, it is
+        one attribute read), it ends the episode once it has worked for `first_summary_s`, saying so where the log's
+        latest line is still a failure (a flapping source that then stays up)."""
+        if not self.failures:  # healthy: the common case, no lock
+            return
         t = time.monotonic()
         with self._lock:
-            if self.failures == 0 or self._ok_at is not None:
+            if self.failures == 0:
                 return
-            self._ok_at = t
-            if self.failures < max(1, self.recovery_after) or self._last_line_ok:
-                return
-            if self._said_ok:
-                if t < self._next_summary:
+            if self._ok_at is not None:  # working since _ok_at
+                if t - self._ok_at <= self.first_summary_s:
                     return
-                self._interval = min(self._interval * 2, self.max_summary_s)
-                self._next_summary = t + self._interval
-            self._said_ok = self._last_line_ok = True
-            failures, lasted, last = self.failures, t - self._since, self._last
+                failures, lasted, last = self.failures, self._ok_at - self._since, self._last
+                self.failures = 0  # steady: the episode is over
+                if self._last_line_ok or failures < max(1, self.recovery_after):
+                    return
+                self._last_line_ok = True
+            else:
+                self._ok_at = t
+                if self.failures < max(1, self.recovery_after) or self._last_line_ok:
+                    return
+                if self._said_ok:
+                    if t < self._next_summary:
+                        return
+                    self._interval = min(self._interval * 2, self.max_summary_s)
+                    self._next_summary = t + self._interval
+                self._said_ok = self._last_line_ok = True
+                failures, lasted, last = self.failures, t - self._since, self._last
         self.logger.info(f"{self.subject}: %s after %d failure%s over %s (last: %s)", *self.subject_args, what,
                          failures, "" if failures == 1 else "s", _ago(lasted), last)

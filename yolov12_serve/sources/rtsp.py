@@ -361,7 +361,7 @@ class AvSource(Source):
                                 self._streaming = True
                                 self.sink.set_state(StreamState.STREAMING)
                             backoff.reset()
-                            self._faults.ok("streaming again")
+                        self._faults.ok("streaming again")  # each frame: a flapping camera that stays up is said
                         if pacer is not None and frame.time is not None:  # pace files at their own rate
                             wait = pacer.wait(frame.time, t)
                             if wait > 0:
