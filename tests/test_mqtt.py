@@ -263,6 +263,42 @@ def test_mqtts_checks_the_broker_with_the_ca_given(tmp_path):
         broker.stop()
 
 
+def test_close_keeps_its_limit_while_a_connection_attempt_hangs(tmp_path):
+    """A broker whose listen queue is full drops the SYN (as a firewall or a host gone does): paho sits in its 5 s
+    connect timeout. close(timeout) must not wait for that (SIGTERM drains within ~5 s in all): paho's network thread
+    is still in the attempt when close returns, and ends by itself after."""
+    from yolov12_serve.fanout import Fanout
+    from yolov12_serve.mqtt import MqttOptions, MqttPublisher
+
+    full = socket.socket()
+    full.bind(("127.0.0.1", 0))
+    full.listen(0)
+    port = full.getsockname()[1]
+    fillers = []
+    for _ in range(3):  # the accept queue full: further SYNs are dropped
+        s = socket.socket()
+        s.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            s.connect(("127.0.0.1", port))
+        fillers.append(s)
+    fanout = Fanout()
+    publisher = MqttPublisher(MqttOptions(f"mqtt://127.0.0.1:{port}"), fanout.subscribe(None, 8),
+                              names=lambda r: {}, states=lambda: {})
+    try:
+        publisher.start()
+        time.sleep(0.5)  # inside the first connection attempt (5 s)
+        network = publisher._client._thread
+        assert network is not None and network.is_alive()
+        fanout.close_all()
+        publisher.close(timeout=0.5)
+        assert network.is_alive(), "close waited for paho's connection attempt to time out"
+        network.join(10)
+        assert not network.is_alive()
+    finally:
+        for s in [*fillers, full]:
+            s.close()
+
+
 @pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
 def test_a_port_that_takes_the_connection_but_is_no_plaintext_broker_is_said_once(tmp_path):
     """mqtt:// to a broker's TLS port (a usual slip: 8883 with mqtt://): TCP connects, the CONNECT is never answered

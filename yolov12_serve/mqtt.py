@@ -159,7 +159,11 @@ class MqttPublisher:
             with contextlib.suppress(Exception):  # the connection went meanwhile
                 info.wait_for_publish(max(0.1, end - time.monotonic()))
         self._client.disconnect()
-        self._client.loop_stop()
+        # paho's loop_stop() joins its thread without a limit: one inside a connection attempt to a broker that
+        # drops the SYN (or never finishes TLS) holds it for paho's 5 s connect timeout; the thread is a daemon
+        stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
+        stopper.start()
+        stopper.join(max(0.1, end - time.monotonic()))
 
     # ------------------------------------------------------------------------------------------- paho's thread
     def _connected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
