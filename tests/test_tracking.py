@@ -114,6 +114,26 @@ def test_a_weak_detection_continues_an_object_but_never_starts_one():
     assert sorted(ids[1]) == [1, 2] and sorted(confirmed) == [0, 1], ids  # without the rule: two objects
 
 
+def test_a_class_given_a_lower_score_of_its_own_starts_objects_from_it():
+    """class_min_scores {crack: 0.3} on a tracked camera with --track-min-score 0.5: a crack scoring 0.35 was
+    published with track id 0 (never an object: not counted, no evidence, no MQTT object). The class's own score
+    starts its objects; other classes keep the server's."""
+    from yolov12_serve.filters import DetectionFilter
+
+    names = {0: "scratch", 1: "crack"}
+    dets = [part(100, 100, cls=1, score=0.35), part(300, 100, cls=0, score=0.35)]
+    f = DetectionFilter(0.2, class_scores=(("crack", 0.3), ("scratch", 0.8)))
+    starts = f.track_start_scores(np.array(dets, np.float32), names, 0.5)
+    assert starts is not None and starts.tolist() == [np.float32(0.3), 0.5]  # scratch's own 0.8 is above: 0.5
+    assert DetectionFilter(0.2, class_scores=(("scratch", 0.8),)).track_start_scores(
+        np.array(dets, np.float32), names, 0.5) is None
+    tracker, confirmed = Tracker(new_track_score=0.5), []
+    for i in range(3):
+        frame = np.array(dets, np.float32)
+        confirmed += tracker.update(frame, i / 25, start_scores=f.track_start_scores(frame, names, 0.5))[1]
+    assert confirmed == [1]  # the crack is an object; the weak scratch is not
+
+
 def test_new_objects_yields_each_object_once_per_camera_and_afresh_after_a_restart():
     from yolov12_serve.client import new_objects
     from yolov12_serve.proto import detector_pb2 as pb

@@ -678,16 +678,17 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
     def _track(self, stream: Stream, result: FrameResult) -> tuple[FrameResult, list[int]]:
         """`result` with its detections' track ids, and the classes of the objects it confirmed (with
         --evidence-dir, their pictures are asked for, and a picture waiting for this frame gets its boxes)."""
+        names = self.class_names(result.model_version, result.device)
+        starts = stream.filter.track_start_scores(result.detections, names, self.config.track_min_score)
         # at the frame's monotonic ingest time, not its wall-clock capture time: a clock step (NTP, a wrong RTC) would
         # forget every track (a step forwards: each part in sight counted again) or keep stale ones alive
-        track_ids, new = stream.track(result.detections, result.ingest_time or now(), result.src_hw)
+        track_ids, new = stream.track(result.detections, result.ingest_time or now(), result.src_hw, starts)
         result = dataclasses.replace(result, track_ids=track_ids)
         confirmed = result.detections[new, 5].astype(int).tolist()
         evidence = self.evidence
         if evidence is not None:
             if confirmed:
-                evidence.objects(stream.stream_id, track_ids[new].tolist(), confirmed,
-                                 self.class_names(result.model_version, result.device))
+                evidence.objects(stream.stream_id, track_ids[new].tolist(), confirmed, names)
             if stream.stream_id in evidence.pending:
                 evidence.result(result)
         return result, confirmed

@@ -117,6 +117,19 @@ class DetectionFilter:
             keep &= inside(centres, self._polygon)
         return detections[keep]
 
+    def track_start_scores(self, detections: np.ndarray, names: Mapping[int, str],
+                           track_min_score: float) -> np.ndarray | None:
+        """Each detection's score to start an object on a tracked camera: `track_min_score`, or its class's own
+        score where lower (the operator said such a crack counts: it must become an object, not a detection with
+        no id). None when no class has a lower one."""
+        lower = [(c, s) for c, s in self._class_scores(names) if s < track_min_score] if self.class_scores else []
+        if not lower:
+            return None
+        starts = np.full(len(detections), track_min_score, np.float32)
+        for class_id, score in lower:
+            starts[detections[:, 5] == class_id] = score
+        return starts
+
     def _class_ids(self, names: Mapping[int, str]) -> np.ndarray:
         """The ids of the model's classes named in `classes` (cached per names mapping: a swap brings a new one)."""
         if self._ids is None or self._ids[0] is not names:

@@ -259,15 +259,15 @@ class Stream:
         if check.add(grey, t) != before:
             self.note_picture(check.reported)
 
-    def track(self, detections: np.ndarray, t: float,
-              src_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def track(self, detections: np.ndarray, t: float, src_hw: tuple[int, int] | None = None,
+              start_scores: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Its tracker's ids for a result's detections at time `t` (now(), monotonic) in a frame of `src_hw`, and the
         rows whose object this frame confirmed (one result at a time: two workers may publish this camera's frames
         at once)."""
         assert self.tracker is not None
         with self._lock:
             first = self.tracker.next_id
-            ids, _ = self.tracker.update(detections, t, src_hw)
+            ids, _ = self.tracker.update(detections, t, src_hw, start_scores)
             new = np.flatnonzero(ids >= first)
             self.objects += len(new)
             return ids, new

@@ -79,10 +79,11 @@ class Tracker:
     def __len__(self) -> int:
         return len(self._ids)
 
-    def update(self, detections: np.ndarray, t: float,
-               src_hw: tuple[int, int] | None = None) -> tuple[np.ndarray, list[int]]:
+    def update(self, detections: np.ndarray, t: float, src_hw: tuple[int, int] | None = None,
+               start_scores: np.ndarray | None = None) -> tuple[np.ndarray, list[int]]:
         """(track id per row of `detections` [N, 6] (x1, y1, x2, y2, score, class) at time `t` in seconds, the class
-        of each track confirmed by this frame). `src_hw`: the (h, w) of the frame the boxes are in pixels of."""
+        of each track confirmed by this frame). `src_hw`: the (h, w) of the frame the boxes are in pixels of.
+        `start_scores`: each row's score to start a track, where not `new_track_score` (a class of its own score)."""
         n = len(detections)
         ids = np.zeros(n, np.int64)
         if src_hw is not None:
@@ -116,7 +117,8 @@ class Tracker:
                 self.next_id += len(new)
                 confirmed = self._classes[new].astype(int).tolist()
             ids[d] = self._ids[k]
-        unmatched = detections[:, 4] >= self.new_track_score  # a weak detection may continue a track, not start one
+        start = self.new_track_score if start_scores is None else start_scores
+        unmatched = detections[:, 4] >= start  # a weak detection may continue a track, not start one
         unmatched[d] = False
         if unmatched.any():  # a tentative track each
             m = int(unmatched.sum())
