@@ -206,7 +206,8 @@ def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
 
 def test_without_detections_only_objects_and_states_are_published(tmp_path):
     """--no-mqtt-detections (a fraction of the cost): a tracked camera's new objects still go out, once each; no
-    detections topic. The publisher itself, fed through a fan-out as the server feeds it."""
+    detections topic; a shard's status under status/INDEX. The publisher itself, fed through a fan-out as the
+    server feeds it."""
     import numpy as np
 
     from yolov12_serve.fanout import Fanout
@@ -218,10 +219,13 @@ def test_without_detections_only_objects_and_states_are_published(tmp_path):
     fanout = Fanout()
     publisher = MqttPublisher(MqttOptions(f"mqtt://127.0.0.1:{broker.port}/quiet", detections=False),
                               fanout.subscribe(None, 64), names=lambda r: {0: "scratch", 1: "dent"},
-                              states=lambda: {"cam": ("STREAMING", "")})
+                              states=lambda: {"cam": ("STREAMING", "")}, shard="1")
     publisher.start()
     try:
         wait_until(lambda: listener.on("quiet/cam/state"), 20, what="the camera's state")
+        # replica 1 of a sharded deployment says its own status; a client id every MQTT 3.1.1 broker takes
+        assert [p for p, _ in listener.on("quiet/status/1")] == ["online"] and not listener.on("quiet/status")
+        assert len(publisher._client._client_id) <= 23
         box = [10, 10, 50, 50, 0.9, 1]
         for frame, ids in enumerate([[0], [1], [1], [1, 2], [2]]):
             fanout.publish(FrameResult("cam", frame, np.array([box] * len(ids), np.float32), (100, 100), 1, 0.01,

@@ -47,7 +47,8 @@ class OneLineParser(argparse.ArgumentParser):
             name = str(word).split("=", 1)[0]
             if not name.startswith("--") or name in known or name == "--":
                 continue
-            candidates = [k for k in known if k.startswith(name)] or difflib.get_close_matches(name, known, n=1)
+            candidates = [k for k in known if k.startswith(name)] or \
+                difflib.get_close_matches(name, known, n=1, cutoff=0.7)  # (0.6 took --addr for --draw)
             if len(candidates) == 1:
                 meant.append(f"{name}: did you mean {candidates[0]}?")
             elif candidates:

@@ -209,7 +209,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                                   states=lambda: {s.stream_id: (s.state.name, s.last_error) for s in self.streams()},
                                   on_sent=lambda kind: metrics.mqtt_messages.labels(kind).inc(),
                                   on_dropped=lambda reason: metrics.mqtt_dropped.labels(reason).inc(),
-                                  on_connected=lambda up: metrics.mqtt_connected.labels(broker).set(int(up)))
+                                  on_connected=lambda up: metrics.mqtt_connected.labels(broker).set(int(up)),
+                                  shard=str(self.config.shard.index) if self.config.shard.count > 1 else "")
         self.mqtt.start()
 
     def opened(self) -> None:

@@ -3,7 +3,8 @@ client, as DeepStream's message broker and Frigate's MQTT events do.
 
 Topics under PREFIX (the URL's path; default `yolov12`), STREAM the camera id with '/', '+' and '#' as '_':
   PREFIX/status             `online` (retained) while the server runs; `offline` when it stops, or from the broker
-                            (the connection's last will) when the server is gone
+                            (the connection's last will) when the server is gone; PREFIX/status/I for the replica
+                            of --shard-index I when replicas share the cameras (--shard-count above 1)
   PREFIX/STREAM/state       the camera's state as JSON (retained): stream_id, state, last_error; cleared (an empty
                             retained message) when the camera is removed
   PREFIX/STREAM/detections  each result with detections, JSON as `yolov12-ctl watch --json` prints it (QoS 0: the
@@ -19,8 +20,10 @@ behind on as a watcher's (yolov12_watcher_results_dropped_total{watcher="mqtt HO
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import socket
 import threading
 import time
@@ -103,13 +106,15 @@ class MqttPublisher:
                  names: Callable[[FrameResult], dict[int, str]], states: Callable[[], dict[str, tuple[str, str]]],
                  on_sent: Callable[[str], None] = lambda kind: None,
                  on_dropped: Callable[[str], None] = lambda reason: None,
-                 on_connected: Callable[[bool], None] = lambda up: None) -> None:
+                 on_connected: Callable[[bool], None] = lambda up: None, shard: str = "") -> None:
         import paho.mqtt.client as mqtt
 
         from .client import NewObjects
 
         self.options = options
         host, port, self.prefix, user, password = options.target
+        # replicas sharing the cameras (--shard-count) share the prefix: each says its own status
+        self.status_topic = self.topic("status", shard) if shard else self.topic("status")
         self._sub, self._names, self._states = subscription, names, states
         self._on_sent, self._on_dropped, self._on_connected = on_sent, on_dropped, on_connected
         self._objects = NewObjects()
@@ -119,8 +124,9 @@ class MqttPublisher:
         self._connected = False
         self._refusal = ""  # the last reason the broker gave for refusing us (logged once per reason)
         self._unreachable = False  # a failed connection attempt was logged (once until connected again)
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"yolov12-serve-{socket.gethostname()}"
-                             f"-{id(self):x}"[:64], protocol=mqtt.MQTTv311)
+        # unique per process, and at most 23 characters: the length every MQTT 3.1.1 broker must accept
+        unique = hashlib.sha1(f"{socket.gethostname()} {os.getpid()} {id(self)}".encode()).hexdigest()[:15]
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"yolov12-{unique}", protocol=mqtt.MQTTv311)
         if user is not None:
             client.username_pw_set(user, password)
         if options.tls:
@@ -128,7 +134,7 @@ class MqttPublisher:
                 client.tls_set(ca_certs=options.ca)
             except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
                 raise ConfigError(f"--mqtt-ca {options.ca}: {getattr(e, 'strerror', None) or e}") from None
-        client.will_set(self.topic("status"), "offline", qos=1, retain=True)
+        client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.max_queued_messages_set(options.queue)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._connected_cb
@@ -155,7 +161,7 @@ class MqttPublisher:
         self._stop.set()
         self._thread.join(max(0.0, end - time.monotonic()))
         if self._connected:
-            info = self._client.publish(self.topic("status"), "offline", qos=1, retain=True)
+            info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
             with contextlib.suppress(Exception):  # the connection went meanwhile
                 info.wait_for_publish(max(0.1, end - time.monotonic()))
         self._client.disconnect()
@@ -178,7 +184,7 @@ class MqttPublisher:
         self._connected = True
         self._on_connected(True)
         log.info("mqtt: connected to %s", self.options.broker)
-        client.publish(self.topic("status"), "online", qos=1, retain=True)
+        client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
             self._published_states.clear()  # a broker without persistence lost the retained states: sent again
 
