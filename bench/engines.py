@@ -1,4 +1,4 @@
-"""ONNX Runtime engine throughput, and our end-to-end export beside ultralytics' own ONNX export (issue 4).
+"""ONNX Runtime engine throughput, and our end-to-end export beside ultralytics' own ONNX export.
 
 1. images/s against batch size (1..16) at 320 and 640 (yolov12n turbo, our default), one session;
 2. images/s against intra-op threads x instances (K sessions driven by K threads) at 320;

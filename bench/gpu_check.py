@@ -1,4 +1,4 @@
-"""Everything GPU-related, checked and timed in one call (issue 6): run it whenever a GPU is lent.
+"""Everything GPU-related, checked and timed in one call: run it whenever a GPU is lent.
 
     python bench/gpu_check.py --out $OUT          # on a CUDA machine: about 7 minutes (--budget 400)
     python bench/gpu_check.py --smoke --out DIR   # CPU, seconds: keeps the script from rotting (CI runs it)

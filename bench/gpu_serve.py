@@ -1,10 +1,10 @@
-"""Section 4 of bench/gpu_check.py: the real server on one GPU with N 1080p@25 H.264 cameras (issue 6, item 4).
+"""Section 4 of bench/gpu_check.py: the real server on one GPU with N 1080p@25 H.264 cameras.
 
 Each camera is a synthetic conveyor recording (trainer.data.synth scenes on a sliding belt, encoded once per run
 by libx264 like an IP camera: High profile, no B-frames, one keyframe a second) that the server plays as a camera
 (`--allow-files`: real-time pace, seamless loop). `yolov12-serve` runs as a subprocess with the PyTorch backend
 on the GPU, once per decode path (`--decode cpu`, then `--decode nvdec`: PyAV's CUDA hwaccel), then the better
-path again with the device in a process of its own (`--worker-processes on`, issue 28); cameras are added
+path again with the device in a process of its own (`--worker-processes on`); cameras are added
 over gRPC in steps (N = 8, 16, 32, 48, 64) and one `Client.watch` reads every result. Per step: results/s,
 p50/p99 latency (FrameDetections.latency_ms: ingest to publish), server-counted drops, frames delivered
 against what the cameras sent (a decoder that cannot keep up loses frames before the server counts them),

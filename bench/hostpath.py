@@ -1,4 +1,4 @@
-"""The host path with a model that costs nothing (issue 28): what one server process, and one process per device,
+"""The host path with a model that costs nothing: what one server process, and one process per device,
 can carry and deliver, printed as a table (not a test).
 
 The model is the zero-cost graph of tests/zero_model.py (`images` uint8 in, `detections` [B, 300, 6] out holding

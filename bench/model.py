@@ -1,4 +1,4 @@
-"""CPU forward latency of our YOLOv12 beside ultralytics' on the same weights (issue 2).
+"""CPU forward latency of our YOLOv12 beside ultralytics' on the same weights.
 
 Both models are built from the same random initialisation (ultralytics' yolo12{n,s}, its state
 dict loaded into our v1 model), fused, in eval mode, with the same thread count, and timed in

@@ -1,4 +1,4 @@
-"""In-process prediction beside ultralytics (issue 26): frames/s on a folder of images and on a video file.
+"""In-process prediction beside ultralytics: frames/s on a folder of images and on a video file.
 
 Same weights on both sides: ultralytics' yolo12n at its seed-0 initialisation, loaded into our v1 model
 and exported by our exporter (NMS in the graph, uint8 input, dynamic shapes), and exported by ultralytics

@@ -1,4 +1,4 @@
-"""Server throughput and latency on CPU (yolov12n at 320 through ONNX Runtime), printed as tables (issue 5).
+"""Server throughput and latency on CPU (yolov12n at 320 through ONNX Runtime), printed as tables.
 
 (a) saturation: results/s of the whole server (synthetic cameras -> mailboxes -> scheduler -> K engine
     instances -> fan-out -> a gRPC watcher) over raw `Engine.infer` images/s on the same batches (the batch

@@ -1,4 +1,4 @@
-"""Soak: the real server for a long run with churn, sampling its memory, threads and file descriptors (issue 27).
+"""Soak: the real server for a long run with churn, sampling its memory, threads and file descriptors.
 
 N synthetic cameras stream into one server (subprocess, torch blocked, the bundled model unless --model) with one
 gRPC watcher on all of them; every --readd-s one camera is removed and added again under the same id (a URL

@@ -1,4 +1,4 @@
-"""Training on this CPU beside ultralytics: images/s, peak memory, and convergence (issue 3).
+"""Training on this CPU beside ultralytics: images/s, peak memory, and convergence.
 
 Each run is a fresh subprocess (so peak RSS is its own) with the same threads, data, model
 (yolov12n v1 = ultralytics yolo12n), image size, batch and seed. Speed is timed over whole

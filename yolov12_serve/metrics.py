@@ -1,6 +1,6 @@
 """Prometheus metrics (prometheus-client, own registry) and the /metrics HTTP endpoint.
 
-Names are a contract (issue 5): yolov12_frame_latency_seconds{stream,device} (buckets dense around
+Names are a contract (docs/serving.md lists them): yolov12_frame_latency_seconds{stream,device} (buckets dense around
 the SLO), yolov12_inference_seconds{device}, yolov12_batch_size{device}, yolov12_frames_total{stream},
 yolov12_frames_processed_total{stream,device}, yolov12_frames_dropped_total{stream,reason},
 yolov12_detections_total{stream,class} (a class's series from its first detection),
