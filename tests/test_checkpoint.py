@@ -214,7 +214,7 @@ def test_a_checkpoint_the_disk_refuses_keeps_the_previous_one_and_leaves_no_part
 
 def test_a_stop_signal_during_a_save_waits_for_the_checkpoint(tmp_path, monkeypatch):
     """SIGTERM (a scheduler's stop) arriving while torch.save writes: its handler raised inside torch's writes, the
-    file was torn and the run ended as if the disk were full (CI saw exit 2 for 143). Now the stop waits for the
+    file was torn and the run ended as if the disk were full (exit 2, not 143). Now the stop waits for the
     save: last.pt complete and loadable, nothing left over, then the stop as the handler raises it."""
     import signal
 

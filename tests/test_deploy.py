@@ -241,7 +241,7 @@ def test_images_copy_install_and_run_what_the_repository_has():
     accepts."""
     from yolov12_serve.cli import build_parser
 
-    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    tomllib = pytest.importorskip("tomllib", reason="tomllib is Python 3.11+; this checks pyproject.toml")
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     scripts, extras = project["scripts"], project["optional-dependencies"]
