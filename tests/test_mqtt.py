@@ -8,6 +8,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import threading
@@ -32,15 +33,19 @@ def free_port() -> int:
 
 
 class Broker:
-    """mosquitto on 127.0.0.1:`port`, no persistence; `users` {name: password} turns anonymous access off."""
+    """mosquitto on 127.0.0.1:`port`, no persistence; `users` {name: password} turns anonymous access off; `tls`
+    its certificate, `client_ca` the CA whose client certificates it requires. Its log: `log()`."""
 
     def __init__(self, folder: Path, port: int | None = None, users: dict[str, str] | None = None,
-                 tls: Pair | None = None) -> None:
+                 tls: Pair | None = None, client_ca: Pair | None = None) -> None:
         self.port = port or free_port()
         self.conf = folder / f"mosquitto-{self.port}.conf"
-        lines = [f"listener {self.port} 127.0.0.1", "persistence false"]
+        self.log_file = folder / f"mosquitto-{self.port}.log"
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false", f"log_dest file {self.log_file}"]
         if tls is not None:  # the server's certificate and key (TLS only: the listener then takes no plaintext)
             lines += [f"certfile {tls.cert}", f"keyfile {tls.key}"]
+        if client_ca is not None:
+            lines += [f"cafile {client_ca.cert}", "require_certificate true"]
         if os.geteuid() == 0:  # as root it would run as user mosquitto, who may not read the test's folder
             lines.append("user root")
         if users:
@@ -61,6 +66,9 @@ class Broker:
                                      stderr=subprocess.DEVNULL)
         wait_until(lambda: _connects(self.port), 10, what="mosquitto listening")
         assert self.proc.poll() is None, f"mosquitto stopped: {self.conf.read_text()}"
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -260,11 +268,72 @@ def test_mqtts_checks_the_broker_with_the_ca_given(tmp_path):
         wait_until(lambda: "mqtt: cannot connect to" in doubting.log(), 20, what="the other CA's failure said")
         time.sleep(2.5)
         assert metric(doubting, label) == 0 and doubting.log().count("mqtt: cannot connect to") == 1
-        assert "does --mqtt-ca hold the CA that signed its certificate" in doubting.log()
+        log = doubting.log()
+        assert "its certificate was not accepted" in log and "does --mqtt-ca hold the CA" in log, log
     finally:
         trusting.close()
         doubting.close()
         broker.stop()
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_a_broker_requiring_client_certificates_gets_ours_and_a_rotated_one_after_sighup(tmp_path):
+    """A broker that requires client certificates (mosquitto's require_certificate; AWS IoT Core always does):
+    --mqtt-cert/--mqtt-key signed by its CA is published to, under --mqtt-client-id; none is said to be wanted;
+    one from another CA is said to be refused, and after the files are replaced and SIGHUP the next connection uses
+    the new one. TLS 1.3 refuses a client certificate after the handshake: only paho's log line tells why."""
+    ca, rogue = make_ca(tmp_path, "plant-ca"), make_ca(tmp_path, "rogue-ca")
+    broker = Broker(tmp_path, tls=make_cert(tmp_path, ca, "broker", dns=["localhost"], ips=["127.0.0.1"]),
+                    client_ca=ca)
+    good = make_cert(tmp_path, ca, "detector", client=True)
+    wrong = make_cert(tmp_path, rogue, "stranger", client=True)
+    rotated = Pair(tmp_path / "rotated.crt", tmp_path / "rotated.key")
+    shutil.copy(wrong.cert, rotated.cert)
+    shutil.copy(wrong.key, rotated.key)
+    url = ["--mqtt", f"mqtts://localhost:{broker.port}/mtls", "--mqtt-ca", str(ca.cert)]
+    trusted = ServerProcess("--no-status", "--instances", "1", *url, "--mqtt-cert", str(good.cert),
+                            "--mqtt-key", str(good.key), "--mqtt-client-id", "line1-detector")
+    anonymous = ServerProcess("--no-status", "--instances", "1", *url)
+    rotating = ServerProcess("--no-status", "--instances", "1", *url, "--mqtt-cert", str(rotated.cert),
+                             "--mqtt-key", str(rotated.key))
+    label = f'yolov12_mqtt_connected{{broker="localhost:{broker.port}"}}'
+    try:
+        wait_until(lambda: metric(trusted, label) == 1, 30, what="connected with its client certificate")
+        assert "as line1-detector" in broker.log(), broker.log()
+        wait_until(lambda: "mqtt: cannot connect" in anonymous.log(), 30, what="no certificate said")
+        wait_until(lambda: "mqtt: cannot connect" in rotating.log(), 30, what="the stranger's refusal said")
+        assert "it wants a client certificate" in anonymous.log() and "--mqtt-cert" in anonymous.log()
+        assert "did not accept our client certificate" in rotating.log(), rotating.log()
+        shutil.copy(good.cert, rotated.cert)
+        shutil.copy(good.key, rotated.key)
+        rotating.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: metric(rotating, label) == 1, 45, what="connected with the rotated certificate")
+        assert "mqtt: TLS files reloaded" in rotating.log()
+        for server in (anonymous, rotating):
+            assert server.log().count("mqtt: cannot connect") == 1, server.log()  # said once, retried meanwhile
+        assert metric(anonymous, label) == 0
+    finally:
+        for server in (trusted, anonymous, rotating):
+            server.close()
+        broker.stop()
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_client_certificate_files_that_cannot_work_are_one_line(tmp_path, capsys):
+    """A key of another certificate, or an encrypted key (OpenSSL would ask for its passphrase on the terminal and
+    hang a service), stops the server at start in one line naming the file."""
+    from yolov12_serve.cli import main
+
+    ca = make_ca(tmp_path, "plant-ca")
+    one, other = make_cert(tmp_path, ca, "one", client=True), make_cert(tmp_path, ca, "other", client=True)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(one.key), "-aes256", "-passout", "pass:secret", "-out",
+                    str(encrypted)], check=True)
+    base = ["--engines", "x.onnx", "--gpus", "cpu", "--mqtt", "mqtts://broker"]
+    for key, message in [(other.key, "does not belong to --mqtt-cert"), (encrypted, "is encrypted: give it")]:
+        assert main([*base, "--mqtt-cert", str(one.cert), "--mqtt-key", str(key)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(key) in err and err.count("\n") == 1, err
 
 
 def test_close_keeps_its_limit_while_a_connection_attempt_hangs(tmp_path):
@@ -331,6 +400,12 @@ def test_a_port_that_takes_the_connection_but_is_no_plaintext_broker_is_said_onc
     (["--mqtt", "mqtts://broker", "--mqtt-ca", "/nonexistent/ca.pem"], "--mqtt-ca /nonexistent/ca.pem: no such"),
     (["--mqtt", "mqtt://broker", "--mqtt-credentials", "/nonexistent/creds"], "cannot read its credentials file"),
     (["--mqtt", "mqtt://u:pw@broker", "--mqtt-queue", "0"], "--mqtt-queue must be at least 1"),
+    (["--mqtt-cert", "client.pem"], "--mqtt-cert is for --mqtt"),
+    (["--mqtt", "mqtt://broker", "--mqtt-cert", __file__, "--mqtt-key", __file__], "give an mqtts:// URL"),
+    (["--mqtt", "mqtts://broker", "--mqtt-cert", __file__], "--mqtt-cert and --mqtt-key go together: --mqtt-key"),
+    (["--mqtt", "mqtts://broker", "--mqtt-cert", __file__, "--mqtt-key", __file__], "is not a certificate in PEM"),
+    (["--mqtt", "mqtts://broker", "--mqtt-cert", "/nonexistent/c.pem", "--mqtt-key", __file__], "c.pem: no such"),
+    (["--mqtt", "mqtt://broker", "--mqtt-client-id", "line 1"], "--mqtt-client-id 'line 1': 1 to 128 printable"),
 ])
 def test_bad_mqtt_options_are_one_line(argv, message, capsys):
     from yolov12_serve.cli import main

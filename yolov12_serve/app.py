@@ -119,6 +119,8 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
             raise LoadingInterruptedError
         metrics_host = config.metrics_host or config.host
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
+        if core.mqtt is not None:  # its client certificate rotates with the server's (SIGHUP)
+            security.on_reload("MQTT TLS files", core.mqtt.reload_certificate)
         # the workers run: all else yields to them (priority.py)
         priority.lower_others(config.background_nice, config.background_batch)
         priority.shorten_lock_turns()
@@ -208,7 +210,7 @@ def _serve_metrics(core: ServerCore, config: ServerConfig, security: Security, h
         return core.metrics.serve(config.metrics_port, host)
     port = core.metrics.serve(config.metrics_port, host, certfile=tls.cert, keyfile=tls.key,
                               client_cafile=tls.client_ca)
-    security.on_reload(lambda: core.metrics.reload_certificate(tls.cert, tls.key, tls.client_ca))
+    security.on_reload("metrics certificate", lambda: core.metrics.reload_certificate(tls.cert, tls.key, tls.client_ca))
     return port
 
 

@@ -21,7 +21,7 @@ from . import __version__
 from .argparsing import OneLineParser
 from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
-from .mqtt import MqttOptions
+from .mqtt import MqttOptions, client_tls_context
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
 from .tls import TlsFiles
@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a file holding USER:PASSWORD for the broker (kept off the command line)")
     p.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate the mqtts:// broker's is checked with "
                    "(default: the system's)")
+    p.add_argument("--mqtt-cert", metavar="FILE", help="client certificate shown to an mqtts:// broker that wants "
+                   "one (mosquitto's require_certificate, AWS IoT Core), with --mqtt-key; reloaded on SIGHUP")
+    p.add_argument("--mqtt-key", metavar="FILE", help="the unencrypted private key of --mqtt-cert")
+    p.add_argument("--mqtt-client-id", metavar="ID", help="the MQTT client id, where the broker's rules name it "
+                   "(AWS IoT: the thing name); unique per server, or the broker drops the older connection "
+                   "(default: yolov12- and a hash unique to the process)")
     p.add_argument("--mqtt-detections", action=argparse.BooleanOptionalAction, default=True,
                    help="publish every result with detections (about 0.3 ms of CPU each: 1,600 a second take half a "
                    "core); --no-mqtt-detections: objects and states only (default: on)")
@@ -151,14 +157,19 @@ def build_parser() -> argparse.ArgumentParser:
 def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
     """--mqtt and its options (None without it); ConfigError for what cannot work."""
     if args.mqtt is None:
-        for flag in ("mqtt_credentials", "mqtt_ca"):
+        for flag in ("mqtt_credentials", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id"):
             if getattr(args, flag) is not None:
                 raise ConfigError(f"--{flag.replace('_', '-')} is for --mqtt: give the broker's URL too")
         return None
-    if args.mqtt_ca is not None and not Path(args.mqtt_ca).is_file():
-        raise ConfigError(f"--mqtt-ca {args.mqtt_ca}: no such file")
-    return MqttOptions(expand_credentials(args.mqtt, "--mqtt", args.mqtt_credentials), args.mqtt_ca, args.mqtt_queue,
-                       args.mqtt_detections)
+    for flag in ("mqtt_ca", "mqtt_cert", "mqtt_key"):
+        path = getattr(args, flag)
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    options = MqttOptions(expand_credentials(args.mqtt, "--mqtt", args.mqtt_credentials), args.mqtt_ca,
+                          args.mqtt_queue, args.mqtt_detections, args.mqtt_cert, args.mqtt_key, args.mqtt_client_id)
+    if options.tls:
+        client_tls_context(options)  # the certificate files checked now, not after the engines loaded
+    return options
 
 
 def _add_security_flags(p: argparse.ArgumentParser) -> None:

@@ -12,6 +12,11 @@ Topics under PREFIX (the URL's path; default `yolov12`), STREAM the camera id wi
   PREFIX/STREAM/objects     each object of a tracked camera once, when first seen, JSON as `yolov12-ctl watch
                             --objects --json` (QoS 1: held in memory while the broker is away, up to --mqtt-queue)
 
+TLS (mqtts://): the broker's certificate is checked with --mqtt-ca (or the system's CAs) and its name; a client
+certificate (--mqtt-cert, --mqtt-key) for brokers that require one (mosquitto's require_certificate, AWS IoT Core,
+HiveMQ). SIGHUP reads the client certificate again and adds --mqtt-ca's certificates (a CA rotation trusts both for a
+while); the next connection uses them, the one open keeps its own.
+
 The publisher reads results from its own fan-out queue in its own thread: a slow or absent broker never holds up
 results or watchers. What it loses is counted: yolov12_mqtt_messages_dropped_total{reason}, and results it fell
 behind on as a watcher's (yolov12_watcher_results_dropped_total{watcher="mqtt HOST:PORT"}).
@@ -24,7 +29,10 @@ import hashlib
 import json
 import logging
 import os
+import re
 import socket
+import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -35,24 +43,29 @@ from urllib.parse import unquote, urlsplit
 from .errors import ConfigError
 from .fanout import Subscription
 from .frames import FrameResult
+from .tls import read_pem
 from .urls import redact_url
 
-__all__ = ["MqttOptions", "MqttPublisher", "topic_name"]
+__all__ = ["MqttOptions", "MqttPublisher", "client_tls_context", "topic_name"]
 
 log = logging.getLogger(__name__)
 
 STATE_EVERY_S = 1.0  # how often camera states are compared with what was last published
+_CLIENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII: what brokers take (AWS IoT: up to 128)
 
 
 @dataclass(frozen=True)
 class MqttOptions:
     """Where and how to publish: `mqtt://[USER[:PASSWORD]@]HOST[:PORT][/PREFIX]` (mqtts:// for TLS, with `ca` or
-    the system's CAs)."""
+    the system's CAs, and a client certificate `cert` and `key` where the broker wants one)."""
 
     url: str
     ca: str | None = None
     queue: int = 10000  # QoS 1 messages held while the broker is away; more are dropped (counted)
     detections: bool = True  # PREFIX/CAMERA/detections too (off: objects and states only, a fraction of the cost)
+    cert: str | None = None  # the client certificate (chain) shown to the broker, PEM
+    key: str | None = None  # its private key, PEM, unencrypted
+    client_id: str | None = None  # the MQTT client id (default: yolov12- and a hash unique to the process)
 
     def __post_init__(self) -> None:
         self.target  # noqa: B018 (parsed now: a bad URL stops the server at start, not later)
@@ -60,6 +73,13 @@ class MqttOptions:
             raise ConfigError(f"--mqtt-queue must be at least 1, got {self.queue}")
         if self.ca is not None and not self.tls:
             raise ConfigError("--mqtt-ca is for TLS: give an mqtts:// URL")
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(f"--mqtt-cert and --mqtt-key go together: {'--mqtt-key' if self.cert else '--mqtt-cert'}"
+                              " is missing")
+        if self.cert is not None and not self.tls:
+            raise ConfigError("--mqtt-cert is a TLS client certificate: give an mqtts:// URL")
+        if self.client_id is not None and not _CLIENT_ID_RE.match(self.client_id):
+            raise ConfigError(f"--mqtt-client-id {self.client_id!r}: 1 to 128 printable ASCII characters, no spaces")
 
     @property
     def tls(self) -> bool:
@@ -89,6 +109,83 @@ class MqttOptions:
         """HOST:PORT, for logs and metric labels."""
         host, port, *_ = self.target
         return f"{host}:{port}"
+
+
+def client_tls_context(options: MqttOptions) -> ssl.SSLContext:
+    """The TLS settings of an mqtts:// connection: the broker checked with --mqtt-ca (else the system's CAs) and by
+    name; the client certificate shown when one is given. ConfigError naming the file when one cannot be used."""
+    if options.ca is None:
+        ctx = ssl.create_default_context()  # the system's CAs
+    else:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # the CA given only; names checked, a certificate required
+        _load_ca(ctx, options.ca)
+    if options.cert is not None and options.key is not None:
+        _load_client_certificate(ctx, options.cert, options.key)
+    return ctx
+
+
+def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
+    read_pem(ca, "--mqtt-ca", "CERTIFICATE")
+    try:
+        ctx.load_verify_locations(cafile=ca)
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        raise ConfigError(f"--mqtt-ca {ca}: {getattr(e, 'strerror', None) or e}") from None
+
+
+class _EncryptedKeyError(Exception):
+    """The key file asks for a passphrase (OpenSSL would otherwise prompt for it on the terminal)."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKeyError
+
+
+def _load_client_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
+    """`cert` and `key` into `ctx`; ConfigError saying which file is wrong and how."""
+    read_pem(cert, "--mqtt-cert", "CERTIFICATE")
+    read_pem(key, "--mqtt-key", "PRIVATE KEY")
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKeyError:
+        raise ConfigError(f"--mqtt-key {key} is encrypted: give it unencrypted (openssl pkey -in {key} -out "
+                          "KEY.pem), readable by this server only") from None
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e) or "mismatch" in str(e).lower():
+            raise ConfigError(f"--mqtt-key {key} does not belong to --mqtt-cert {cert} (the key of another "
+                              "certificate)") from None
+        raise ConfigError(f"--mqtt-cert {cert} / --mqtt-key {key} cannot be used: {e.reason or e}") from None
+    except OSError as e:  # pragma: no cover - read_pem caught unreadable files already
+        raise ConfigError(f"cannot read --mqtt-cert {cert} or --mqtt-key {key}: {e.strerror}") from None
+
+
+def _tls_failure(error: str, has_cert: bool) -> str:
+    """What a TLS error from connecting to the broker means, and what to check ('' when it is no TLS error)."""
+    found = re.search(r"\[SSL: ([A-Z0-9_]+)\] ([^(]+)", error)
+    if not found:
+        return ""
+    code, text = found[1], found[2].strip()
+    if "CERTIFICATE_VERIFY_FAILED" in code:
+        return (f"its certificate was not accepted ({text}): does --mqtt-ca hold the CA that signed it, and is the "
+                "URL's host a name in it?")
+    if "CERTIFICATE_REQUIRED" in code or ("HANDSHAKE_FAILURE" in code and not has_cert):
+        return f"it wants a client certificate ({text}): give --mqtt-cert and --mqtt-key"
+    if any(k in code for k in ("UNKNOWN_CA", "BAD_CERTIFICATE", "CERTIFICATE_UNKNOWN", "CERTIFICATE_EXPIRED",
+                               "CERTIFICATE_REVOKED", "ACCESS_DENIED")):
+        return (f"it did not accept our client certificate ({text}): is --mqtt-cert signed by a CA the broker "
+                "trusts, and valid now?")
+    return f"the TLS handshake failed ({text})"
+
+
+class _PahoErrors(logging.Handler):
+    """paho's error lines, the last one kept: a broker's TLS alert after the handshake (TLS 1.3 refuses a client
+    certificate that way) reaches us only as paho's 'failed to receive on socket' line before the disconnect."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.last = ""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.last = record.getMessage()
 
 
 def topic_name(stream_id: str) -> str:
@@ -126,14 +223,18 @@ class MqttPublisher:
         self._unreachable = False  # a failed connection attempt was logged (once until connected again)
         # unique per process, and at most 23 characters: the length every MQTT 3.1.1 broker must accept
         unique = hashlib.sha1(f"{socket.gethostname()} {os.getpid()} {id(self)}".encode()).hexdigest()[:15]
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=f"yolov12-{unique}", protocol=mqtt.MQTTv311)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=options.client_id or f"yolov12-{unique}",
+                             protocol=mqtt.MQTTv311)
         if user is not None:
             client.username_pw_set(user, password)
+        self._tls: ssl.SSLContext | None = None
         if options.tls:
-            try:
-                client.tls_set(ca_certs=options.ca)
-            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-                raise ConfigError(f"--mqtt-ca {options.ca}: {getattr(e, 'strerror', None) or e}") from None
+            self._tls = client_tls_context(options)
+            client.tls_set_context(self._tls)
+        self._paho_errors = _PahoErrors()
+        paho_log = logging.Logger("paho", logging.ERROR)  # apart from logging's tree: paho's own lines stay quiet
+        paho_log.addHandler(self._paho_errors)
+        client.enable_logger(paho_log)
         client.will_set(self.status_topic, "offline", qos=1, retain=True)
         client.max_queued_messages_set(options.queue)
         client.reconnect_delay_set(1, 30)
@@ -153,6 +254,21 @@ class MqttPublisher:
         self._client.loop_start()
         self._thread.start()
         log.info("mqtt: publishing to %s under %s/", redact_url(self.options.url), self.prefix)
+
+    def reload_certificate(self) -> None:
+        """SIGHUP: read --mqtt-cert and --mqtt-key again and add --mqtt-ca's certificates, for the next connection.
+        ConfigError (what is in use stays) when a file is bad: checked on a context of its own first."""
+        if self._tls is None or (self.options.cert is None and self.options.ca is None):
+            return
+        trial = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        if self.options.ca is not None:
+            _load_ca(trial, self.options.ca)
+            _load_ca(self._tls, self.options.ca)
+        if self.options.cert is not None and self.options.key is not None:
+            _load_client_certificate(trial, self.options.cert, self.options.key)
+            _load_client_certificate(self._tls, self.options.cert, self.options.key)
+        log.info("mqtt: TLS files reloaded (%s), used from the next connection to %s",
+                 ", ".join(f for f in (self.options.cert, self.options.ca) if f), self.options.broker)
 
     def close(self, timeout: float = 2.0) -> None:
         """Publish what is queued and `offline` (retained) within `timeout` seconds, then disconnect (called once
@@ -191,21 +307,30 @@ class MqttPublisher:
     def _connect_failed_cb(self, client: Any, userdata: Any) -> None:
         if not self._unreachable:
             self._unreachable = True
-            tls = ", and does --mqtt-ca hold the CA that signed its certificate" if self.options.tls else ""
-            log.warning("mqtt: cannot connect to %s (is the broker up and reachable there%s?); trying again every "
-                        "1 to 30 s", self.options.broker, tls)
+            error = sys.exc_info()[1]  # paho calls this inside its `except OSError` around the attempt
+            why = (getattr(error, "strerror", None) or str(error) or type(error).__name__) if error else "no reason"
+            tls = _tls_failure(f"{error}", self.options.cert is not None) if self.options.tls else ""
+            log.warning("mqtt: cannot connect to %s: %s (trying again every 1 to 30 s)", self.options.broker,
+                        tls or f"{why}: is the broker up and reachable there?")
 
     def _disconnected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
         if self._connected and not self._stop.is_set():
             log.warning("mqtt: lost the connection to %s (%s): reconnecting; objects are held (up to --mqtt-queue "
                         "%d), detections are not sent meanwhile", self.options.broker, reason, self.options.queue)
         elif not self._connected and not self._stop.is_set() and not self._refusal and not self._unreachable:
-            # TCP connected but no answer to CONNECT: the peer closed it (mqtt:// to a TLS port, not a broker) or
-            # never answered (a hung broker; closed after the keepalive); paho calls no on_connect_fail for these
+            # TCP connected but no answer to CONNECT: the peer closed it (mqtt:// to a TLS port, not a broker; a
+            # TLS 1.3 broker refusing our client certificate after the handshake) or never answered (a hung
+            # broker; closed after the keepalive); paho calls no on_connect_fail for these
             self._unreachable = True
-            tls = "" if self.options.tls else "; is it a TLS port (mqtts://)"
-            log.warning("mqtt: cannot connect to %s: it took the connection but never answered as an MQTT broker "
-                        "(is one listening there%s?); trying again every 1 to 30 s", self.options.broker, tls)
+            refused = _tls_failure(self._paho_errors.last, self.options.cert is not None) if self.options.tls else ""
+            if refused:
+                log.warning("mqtt: cannot connect to %s: %s (trying again every 1 to 30 s)", self.options.broker,
+                            refused)
+            else:
+                tls = "" if self.options.tls else "; is it a TLS port (mqtts://)"
+                log.warning("mqtt: cannot connect to %s: it took the connection but never answered as an MQTT "
+                            "broker (is one listening there%s?); trying again every 1 to 30 s", self.options.broker,
+                            tls)
         self._connected = False
         self._on_connected(False)
 

@@ -49,7 +49,7 @@ class Security:
         self.config = config or SecurityConfig()
         self.tls = ServerTls(self.config.tls) if self.config.tls is not None else None
         self.tokens = TokenTable.load(self.config.token_file) if self.config.token_file else None
-        self._on_reload: list[Callable[[], None]] = []
+        self._on_reload: list[tuple[str, Callable[[], None]]] = []
 
     @property
     def reflection(self) -> bool:
@@ -72,9 +72,10 @@ class Security:
         """Credentials for the gRPC port, or None for plaintext."""
         return self.tls.credentials() if self.tls is not None else None
 
-    def on_reload(self, action: Callable[[], None]) -> None:
-        """Run `action` too on every reload (the /metrics endpoint's certificate); it raises ConfigError when bad."""
-        self._on_reload.append(action)
+    def on_reload(self, what: str, action: Callable[[], None]) -> None:
+        """Run `action` too on every reload (the /metrics endpoint's certificate, the MQTT client certificate); it
+        raises ConfigError when bad, and `what` names it in the log line."""
+        self._on_reload.append((what, action))
 
     def reload(self) -> bool:
         """SIGHUP: read certificates and tokens again; True when all of them reloaded (failures are logged, and
@@ -85,7 +86,7 @@ class Security:
             actions.append(("TLS certificates", self.tls.reload))
         if self.config.token_file:
             actions.append(("tokens", self._reload_tokens))
-        actions += [("metrics certificate", a) for a in self._on_reload]
+        actions += self._on_reload
         for what, action in actions:
             try:
                 action()
