@@ -273,6 +273,9 @@ def test_bad_security_flags_are_one_line_naming_the_file(pki, tmp_path):
     _, ca, server, other = pki
     garbage = tmp_path / "garbage.pem"
     garbage.write_text("not a certificate\n")
+    encrypted = tmp_path / "encrypted.key"  # OpenSSL would ask for its passphrase on the terminal, holding the start
+    subprocess.run(["openssl", "pkey", "-in", str(server.key), "-aes256", "-passout", "pass:secret", "-out",
+                    str(encrypted)], check=True)
     cases = [
         (["--tls-cert", str(server.cert)], "--tls-cert and --tls-key go together: --tls-key is missing"),
         (["--tls-cert", str(tmp_path / "nope.crt"), "--tls-key", str(server.key)],
@@ -281,6 +284,8 @@ def test_bad_security_flags_are_one_line_naming_the_file(pki, tmp_path):
          f"--tls-cert {garbage} is not a certificate in PEM format"),
         (["--tls-cert", str(server.cert), "--tls-key", str(other.key)],
          f"--tls-key {other.key} does not belong to --tls-cert {server.cert}"),
+        (["--tls-cert", str(server.cert), "--tls-key", str(encrypted)],
+         f"--tls-key {encrypted} is encrypted: give it unencrypted"),
         (["--tls-cert", str(server.cert), "--tls-key", str(server.key), "--tls-client-ca", str(garbage)],
          f"--tls-client-ca {garbage} is not a certificate in PEM format"),
         (["--tls-client-ca", str(ca.cert)], "--tls-client-ca needs --tls-cert and --tls-key"),

@@ -284,6 +284,14 @@ def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, t
         srv.proc.send_signal(signal.SIGHUP)
         wait_until(lambda: "tokens not reloaded" in srv.log(), 20, what="the refused reload logged")
         assert served_with(new_ca.cert, new_operator)  # the tokens in use stay
+
+        # an encrypted key: OpenSSL would ask for its passphrase on the server's terminal, in the event loop
+        subprocess.run(["openssl", "pkey", "-in", str(fresh.key), "-aes256", "-passout", "pass:secret", "-out",
+                        str(key)], check=True)
+        srv.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "metrics certificate not reloaded" in srv.log(), 20, what="the refused reload logged")
+        assert srv.log().count(f"--tls-key {key} is encrypted") == 2, srv.log()  # gRPC's and /metrics'
+        assert served_with(new_ca.cert, new_operator)
         assert srv.proc.poll() is None
     finally:
         srv.close()

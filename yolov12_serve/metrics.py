@@ -421,9 +421,11 @@ class Metrics:
         old = self._tls_context
         if old is None:
             return
+        from .tls import load_key_pair
+
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        load_key_pair(context, certfile, keyfile)  # an encrypted key: ConfigError, not a prompt on the terminal
         try:
-            context.load_cert_chain(certfile, keyfile)
             if client_cafile:
                 context.load_verify_locations(cafile=client_cafile)
         except (ssl.SSLError, OSError) as e:

@@ -43,7 +43,7 @@ from urllib.parse import unquote, urlsplit
 from .errors import ConfigError
 from .fanout import Subscription
 from .frames import FrameResult
-from .tls import read_pem
+from .tls import load_key_pair, read_pem
 from .urls import redact_url
 
 __all__ = ["MqttOptions", "MqttPublisher", "client_tls_context", "topic_name"]
@@ -132,30 +132,11 @@ def _load_ca(ctx: ssl.SSLContext, ca: str) -> None:
         raise ConfigError(f"--mqtt-ca {ca}: {getattr(e, 'strerror', None) or e}") from None
 
 
-class _EncryptedKeyError(Exception):
-    """The key file asks for a passphrase (OpenSSL would otherwise prompt for it on the terminal)."""
-
-
-def _no_passphrase() -> bytes:
-    raise _EncryptedKeyError
-
-
 def _load_client_certificate(ctx: ssl.SSLContext, cert: str, key: str) -> None:
     """`cert` and `key` into `ctx`; ConfigError saying which file is wrong and how."""
     read_pem(cert, "--mqtt-cert", "CERTIFICATE")
     read_pem(key, "--mqtt-key", "PRIVATE KEY")
-    try:
-        ctx.load_cert_chain(cert, key, password=_no_passphrase)
-    except _EncryptedKeyError:
-        raise ConfigError(f"--mqtt-key {key} is encrypted: give it unencrypted (openssl pkey -in {key} -out "
-                          "KEY.pem), readable by this server only") from None
-    except ssl.SSLError as e:
-        if "KEY_VALUES_MISMATCH" in str(e) or "mismatch" in str(e).lower():
-            raise ConfigError(f"--mqtt-key {key} does not belong to --mqtt-cert {cert} (the key of another "
-                              "certificate)") from None
-        raise ConfigError(f"--mqtt-cert {cert} / --mqtt-key {key} cannot be used: {e.reason or e}") from None
-    except OSError as e:  # pragma: no cover - read_pem caught unreadable files already
-        raise ConfigError(f"cannot read --mqtt-cert {cert} or --mqtt-key {key}: {e.strerror}") from None
+    load_key_pair(ctx, cert, key, "--mqtt-cert", "--mqtt-key")
 
 
 def _tls_failure(error: str, has_cert: bool) -> str:

@@ -21,7 +21,7 @@ import grpc
 
 from .errors import ConfigError
 
-__all__ = ["ServerTls", "TlsFiles", "read_pem"]
+__all__ = ["ServerTls", "TlsFiles", "load_key_pair", "read_pem"]
 
 log = logging.getLogger(__name__)
 
@@ -52,16 +52,7 @@ class TlsFiles:
         read_pem(self.cert, "--tls-cert", "CERTIFICATE")
         read_pem(self.key, "--tls-key", "PRIVATE KEY")
         ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            ctx.load_cert_chain(self.cert, self.key)
-        except ssl.SSLError as e:
-            why = e.reason or str(e)
-            if "KEY_VALUES_MISMATCH" in str(e) or "mismatch" in str(e).lower():
-                raise ConfigError(f"--tls-key {self.key} does not belong to --tls-cert {self.cert} "
-                                  "(the key of another certificate)") from None
-            raise ConfigError(f"--tls-cert {self.cert} / --tls-key {self.key} cannot be used: {why}") from None
-        except OSError as e:  # pragma: no cover - read_pem caught unreadable files already
-            raise ConfigError(f"cannot read --tls-cert {self.cert} or --tls-key {self.key}: {e.strerror}") from None
+        load_key_pair(ctx, self.cert, self.key)
         if self.client_ca:
             read_pem(self.client_ca, "--tls-client-ca", "CERTIFICATE")
             try:
@@ -88,6 +79,32 @@ def read_pem(path: str, flag: str, kind: str) -> bytes:
         what = "a private key" if kind == "PRIVATE KEY" else "a certificate"
         raise ConfigError(f"{flag} {path} is not {what} in PEM format (-----BEGIN {kind}-----)")
     return data
+
+
+class _EncryptedKeyError(Exception):
+    """The key file asks for a passphrase."""
+
+
+def _no_passphrase() -> bytes:
+    raise _EncryptedKeyError
+
+
+def load_key_pair(ctx: ssl.SSLContext, cert: str, key: str, cert_flag: str = "--tls-cert",
+                  key_flag: str = "--tls-key") -> None:
+    """`cert` and `key` into `ctx`; ConfigError naming the file: a key of another certificate, an encrypted key
+    (OpenSSL would otherwise ask for its passphrase on the terminal, holding up a start or a SIGHUP), or unusable."""
+    try:
+        ctx.load_cert_chain(cert, key, password=_no_passphrase)
+    except _EncryptedKeyError:
+        raise ConfigError(f"{key_flag} {key} is encrypted: give it unencrypted (openssl pkey -in {key} -out "
+                          "KEY.pem), readable by this server only") from None
+    except ssl.SSLError as e:
+        if "KEY_VALUES_MISMATCH" in str(e) or "mismatch" in str(e).lower():
+            raise ConfigError(f"{key_flag} {key} does not belong to {cert_flag} {cert} (the key of another "
+                              "certificate)") from None
+        raise ConfigError(f"{cert_flag} {cert} / {key_flag} {key} cannot be used: {e.reason or e}") from None
+    except OSError as e:
+        raise ConfigError(f"cannot read {cert_flag} {cert} or {key_flag} {key}: {e.strerror or e}") from None
 
 
 class ServerTls:
