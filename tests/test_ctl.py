@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from certs import HAVE_OPENSSL, make_ca, make_cert
 from test_server_harness import ROOT, ServerProcess, wait_until
 
 from yolov12_serve import ctl
@@ -401,6 +402,26 @@ def test_a_refusal_is_one_line_with_its_status(server, capsys, argv, status, lin
     rc, out = run("--server", server.address, *argv)
     err = capsys.readouterr().err
     assert (rc, out) == (status, "") and err.startswith(line) and err.count("\n") == 1, err
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_a_client_key_that_cannot_work_is_one_line_before_connecting(tmp_path, capsys):
+    """A key of another certificate or an encrypted key: gRPC logged its own lines ("Invalid private key") and the
+    command said the server was unreachable (exit 1); now one line naming the file (exit 2)."""
+    ca = make_ca(tmp_path)
+    mine, other = make_cert(tmp_path, ca, "mine", client=True), make_cert(tmp_path, ca, "other", client=True)
+    encrypted = tmp_path / "encrypted.key"
+    subprocess.run(["openssl", "pkey", "-in", str(mine.key), "-aes256", "-passout", "pass:secret", "-out",
+                    str(encrypted)], check=True)
+    for key, line in [(other.key, f"yolov12-ctl: --key {other.key} does not belong to --cert {mine.cert}"),
+                      (encrypted, f"yolov12-ctl: --key {encrypted} is encrypted: give it unencrypted")]:
+        rc, out = run("--server", "127.0.0.1:1", "--cert", str(mine.cert), "--key", str(key), "health")
+        err = capsys.readouterr().err
+        assert (rc, out) == (2, "") and err.startswith(line) and err.count("\n") == 1, err
+    from yolov12_serve.client import Client
+
+    with pytest.raises(ValueError, match="the client key is encrypted"):  # the Python client: at once, not at a call
+        Client("127.0.0.1:1", cert=str(mine.cert), key=str(encrypted))
 
 
 def test_a_server_that_answers_unavailable_itself_is_quoted_not_called_unreachable():

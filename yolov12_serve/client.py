@@ -407,7 +407,10 @@ class Client:
             if tls_ca is not None or cert is not None:
                 raise ValueError("tls=False with tls_ca / cert / key: those are TLS settings")
             return grpc.insecure_channel(target, options=options)
-        creds = grpc.ssl_channel_credentials(_read_pem(tls_ca, "CA certificate"), _read_pem(key, "client key"),
+        key_pem = _read_pem(key, "client key")
+        if key_pem is not None and b"ENCRYPTED" in key_pem:  # gRPC reads no passphrase: "Invalid private key"
+            raise ValueError("the client key is encrypted: give it unencrypted (openssl pkey -in KEY -out KEY.pem)")
+        creds = grpc.ssl_channel_credentials(_read_pem(tls_ca, "CA certificate"), key_pem,
                                              _read_pem(cert, "client certificate"))
         if server_name:
             options = [*options, ("grpc.ssl_target_name_override", server_name)]

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -33,6 +34,7 @@ from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
 from .proto import detector_pb2 as pb
 from .routing import ShardedClient
+from .tls import load_key_pair
 
 __all__ = ["main"]
 
@@ -237,6 +239,11 @@ def _client_kwargs(args: argparse.Namespace) -> dict[str, Any]:
             raise UsageError(f"{flag} {path}: {e.strerror or e}") from None
         if b"-----BEGIN " not in head:  # gRPC would log its own lines and then fail to connect, "unreachable"
             raise UsageError(f"{flag} {path} is not a PEM file (-----BEGIN ...-----)")
+    if args.cert is not None:  # a key of another certificate, or an encrypted one: gRPC too says "unreachable"
+        try:
+            load_key_pair(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), args.cert, args.key, "--cert", "--key")
+        except ConfigError as e:
+            raise UsageError(str(e)) from None
     return {"timeout": args.timeout, "tls_ca": args.tls_ca, "cert": args.cert, "key": args.key,
             "server_name": args.server_name, "token": _token(args)}
 

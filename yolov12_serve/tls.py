@@ -97,7 +97,7 @@ def load_key_pair(ctx: ssl.SSLContext, cert: str, key: str, cert_flag: str = "--
         ctx.load_cert_chain(cert, key, password=_no_passphrase)
     except _EncryptedKeyError:
         raise ConfigError(f"{key_flag} {key} is encrypted: give it unencrypted (openssl pkey -in {key} -out "
-                          "KEY.pem), readable by this server only") from None
+                          "KEY.pem), readable by its user only") from None
     except ssl.SSLError as e:
         if "KEY_VALUES_MISMATCH" in str(e) or "mismatch" in str(e).lower():
             raise ConfigError(f"{key_flag} {key} does not belong to {cert_flag} {cert} (the key of another "
