@@ -255,6 +255,8 @@ def test_images_copy_install_and_run_what_the_repository_has():
                 assert (ROOT / src).exists() and src.rstrip("/") in allowed, (name, src)
         for wanted in re.findall(r'pip install [^\n]*"\.\[([a-z,]+)\]"', text):
             assert set(wanted.split(",")) <= set(extras), (name, wanted)
+        if name == "Dockerfile.gpu":  # .onnx engines on the GPUs: the CUDA build in place of the CPU one, not beside
+            assert re.search(r"pip uninstall --yes onnxruntime && pip install [^\n]*onnxruntime-gpu", text), text
         entry, cmd = _dockerfile_json(text, "ENTRYPOINT"), _dockerfile_json(text, "CMD")
         argv = entry + cmd if entry else cmd
         assert argv and argv[0] in scripts, (name, argv)
