@@ -17,8 +17,14 @@ same connection and keeps one schedule, so the seam has no gap and costs no deco
 Decoding: on the CPU, or on the GPU's NVDEC (`--decode`, chosen per connect by hwdecode.py). Frames come
 back to system memory either way and are letterboxed here as before. When hardware decoding fails on a
 stream that is otherwise fine (the decoder will not open, a packet fails in the hardware decoder, or corrupt
-packets go on for a read timeout), the stream is reopened at once on the CPU, with one warning, and stays there
-until it is removed. A corrupt packet alone is skipped on the GPU as on the CPU.
+packets go on for a read timeout), the stream is reopened at once on the CPU, with a warning that says when NVDEC
+is tried again: after a quiet period (10 min, doubling at each further give-up of the stream up to 4 h; back to
+10 min once NVDEC has decoded it for as long as the latest period). Most such failures pass (a session limit hit
+while many cameras reconnect at once, a driver hiccup, a lossy link), and cameras left on the CPU for good could
+saturate a GPU server's few cores. Once the period is over, the stream's next connect asks for NVDEC again; a
+stream still streaming on the CPU reconnects for it (one info line, not a RECONNECTING or a counted reconnect),
+since a healthy camera stays connected for weeks and would otherwise never leave the CPU: the cost is one gap of
+a connect and a keyframe, at most once per period. A corrupt packet alone is skipped on the GPU as on the CPU.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import random
 import threading
 import time
 import weakref
@@ -58,6 +65,17 @@ log = logging.getLogger(__name__)
 # keep them: a 4K frame took 13-16 ms in one thread here, 8-10 ms with slice threads.
 ONE_DECODER_THREAD_UP_TO = 1920 * 1088
 
+# After NVDEC is given up on a stream, it decodes on the CPU this long before NVDEC is asked for again. 10 min: the
+# usual causes (a decoder session limit while many cameras reconnect at once, a driver hiccup, a burst of loss on
+# the link) are over within minutes, and a stream whose NVDEC fails each time costs at most one switch (a gap of a
+# connect and a keyframe) and one log line per period. Doubling at each give-up that follows a short run on NVDEC,
+# up to 4 h: a stream NVDEC never takes costs 6 tries a day, and one whose cause went away (sessions freed, a
+# driver fixed) is back on the GPU within a shift. Each wait is drawn up to 20% longer, so that the cameras that
+# gave up together (a session limit) do not all try again at the same instant.
+NVDEC_RETRY_FIRST_S = 600.0
+NVDEC_RETRY_MAX_S = 4 * 3600.0
+NVDEC_RETRY_JITTER = 0.2
+
 
 class PermanentSourceError(RuntimeError):
     """A source problem that retrying cannot fix (the stream goes FAILED)."""
@@ -65,6 +83,11 @@ class PermanentSourceError(RuntimeError):
 
 class _HardwareDecodeError(RuntimeError):
     """NVDEC failed on a packet of a stream that was open and readable: reopen it decoding on the CPU."""
+
+
+def _duration(seconds: float) -> str:
+    """A wait of minutes or hours, as a log line says it."""
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
 def _describe(e: BaseException) -> str:
@@ -116,6 +139,11 @@ class AvSource(Source):
         self._lock = threading.RLock()  # stop() may come from the sink while this thread reports a failure
         self._streaming = False
         self._hardware_failed = ""  # why hardware decoding was given up for this stream ('' while allowed)
+        self._hardware_quiet_s = 0.0  # the latest quiet period on the CPU after a give-up (0: none yet, or reset)
+        self._hardware_given_up_at = self._hardware_retry_at = 0.0  # the latest give-up, and when NVDEC may be
+        # asked for again (self._clock)
+        self._hardware_back_at: float | None = None  # when NVDEC decoded the stream's first frame since a give-up
+        self._clock = now  # the retry schedule's clock (monotonic seconds; a test moves its own)
         self._transport = "tcp"  # RTSP's lower transport: UDP only for a camera that refuses TCP (_udp_instead)
         self._udp_warned = False  # the switch to UDP was logged as a warning (later switches: info)
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
@@ -168,7 +196,8 @@ class AvSource(Source):
         backoff = Backoff(self.options.backoff_base_s, self.options.backoff_cap_s)
         while self._current(gen):
             try:
-                self._stream_once(gen, backoff)
+                if self._stream_once(gen, backoff):
+                    continue  # reopen at once asking for NVDEC: its quiet period on the CPU is over (info line)
                 if not self._current(gen):
                     break
                 if self.is_file:
@@ -210,15 +239,36 @@ class AvSource(Source):
         return True
 
     def _hwaccel(self) -> HWAccel | None:
-        """The hardware acceleration for the next connection (None: decode on the CPU)."""
+        """The hardware acceleration for the next connection (None: decode on the CPU); once a give-up's quiet
+        period is over, NVDEC is asked for again."""
         if self._hardware_failed:
-            return None
+            if not self._hardware_due():
+                return None
+            log.info("stream %s: trying NVDEC again after %s on the CPU", self.sink.stream_id,
+                     _duration(self._clock() - self._hardware_given_up_at))
+            self._hardware_failed = ""
         return hwaccel_for(self.options.decode, getattr(self.sink, "device", ""))
 
+    def _hardware_due(self) -> bool:
+        """Whether hardware decoding was given up and its quiet period is over (read at every frame on the CPU:
+        an attribute read while it was never given up)."""
+        return bool(self._hardware_failed) and self._clock() >= self._hardware_retry_at
+
     def _give_up_hardware(self, reason: str) -> None:
+        """Decode on the CPU for a quiet period: the first one, or again after NVDEC ran as long as the latest one;
+        else twice the latest (NVDEC failed again soon after it was tried: warned already, so an info line)."""
+        t = self._clock()
+        fresh = not self._hardware_quiet_s or (self._hardware_back_at is not None
+                                               and t - self._hardware_back_at >= self._hardware_quiet_s)
+        self._hardware_quiet_s = (NVDEC_RETRY_FIRST_S if fresh
+                                  else min(2 * self._hardware_quiet_s, NVDEC_RETRY_MAX_S))
+        wait = self._hardware_quiet_s * random.uniform(1.0, 1.0 + NVDEC_RETRY_JITTER)
+        self._hardware_given_up_at, self._hardware_retry_at = t, t + wait
+        self._hardware_back_at = None
         self._hardware_failed = reason
-        log.warning("stream %s: hardware decoding failed (%s); decoding this stream on the CPU from now on",
-                    self.sink.stream_id, reason)
+        log.log(logging.WARNING if fresh else logging.INFO, "stream %s: hardware decoding failed (%s); decoding "
+                "this stream on the CPU; NVDEC tried again in %s", self.sink.stream_id, reason,
+                _duration(wait))
 
     def _open(self, hwaccel: HWAccel | None) -> InputContainer:
         import av
@@ -274,8 +324,10 @@ class AvSource(Source):
     def _note_decoder(self, video: VideoStream, frame: av.VideoFrame, requested: bool) -> None:
         """After a connection's first frame: record (and log when it changes) where this stream is decoded."""
         ctx = video.codec_context
-        on_gpu = requested and ctx.is_hwaccel and decoded_on_gpu(ctx, frame)  # else FFmpeg decoded it in software
+        on_gpu = self._on_hardware(video, requested) and decoded_on_gpu(ctx, frame)  # else decoded in software
         decoder = "nvdec" if on_gpu else "cpu"
+        if on_gpu and self._hardware_back_at is None:
+            self._hardware_back_at = self._clock()  # a run on NVDEC this long resets the retry backoff
         if decoder != self.decoder:
             if on_gpu:
                 log.info("stream %s: decoding on NVDEC (%s)", self.sink.stream_id,
@@ -328,7 +380,8 @@ class AvSource(Source):
             if self._streaming and self._current(gen):
                 self.sink.set_state(StreamState.STREAMING, why)
 
-    def _stream_once(self, gen: int, backoff: Backoff) -> None:
+    def _stream_once(self, gen: int, backoff: Backoff) -> bool:
+        """One connection's frames to the sink, until it ends (False) or NVDEC is to be tried again (True)."""
         import av
 
         container, requested = self._open_with_fallback()
@@ -348,7 +401,9 @@ class AvSource(Source):
                 while True:
                     for frame in self._frames(container, video, hardware, gen):
                         if not self._current(gen):
-                            return
+                            return False
+                        if self._hardware_due():
+                            return True  # on the CPU since a give-up whose quiet period is over
                         if first:
                             first = False
                             self._note_decoder(video, frame, requested)
@@ -357,7 +412,7 @@ class AvSource(Source):
                         if not self._streaming:
                             with self._lock:
                                 if not self._current(gen):
-                                    return
+                                    return False
                                 self._streaming = True
                                 self.sink.set_state(StreamState.STREAMING)
                             backoff.reset()
@@ -376,7 +431,7 @@ class AvSource(Source):
                         # deferred: newest-wins drops most frames of a busy camera before they reach an engine
                         self.sink.put(functools.partial(letterbox_avframe, frame, lb), lb, time.time_ns() // 1000)
                     if pacer is None or not self._current(gen) or not self._rewind(container):
-                        return  # a camera that ended, or a file that cannot seek (the caller reopens it)
+                        return False  # a camera that ended, or a file that cannot seek (the caller reopens it)
                     pacer.rewind()
             except av.error.DecoderNotFoundError as e:
                 raise PermanentSourceError(f"no decoder for {redact_url(self.url)}'s video: {_own_text(e)}") from e
