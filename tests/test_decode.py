@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import threading
 import time
 from pathlib import Path
@@ -305,6 +306,143 @@ def test_packet_failing_in_the_hardware_decoder_moves_the_stream_to_the_cpu(tmp_
     assert source.decoder == "cpu" and source._hardware_failed  # once, then the stream stays on the CPU
     assert sink.reconnects == 0 and not [s for s, _ in sink.states if s == StreamState.RECONNECTING]
     assert len(sink.times) >= 18  # the hardware's 6 frames, then the CPU's, reopened at once and looping
+
+
+class _RetriedHardware(AvSource):
+    """A source told NVDEC is there (hwaccel_for patched) whose 'hardware' connections decode in software declared
+    hardware; while `failing`, their 7th packet fails as NVDEC fails a picture. `asked` records, per connect, whether
+    NVDEC was asked for; the retry schedule runs on the clock `t`, which the test moves (no sleeping minutes)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.asked: list[bool] = []
+        self.failing = True
+        self.t = 0.0
+        self._clock = lambda: self.t
+
+    def _open(self, hwaccel):
+        container = super()._open(None)
+        self.asked.append(hwaccel is not None)
+        return _FailsAt(container, 6) if hwaccel is not None and self.failing else container
+
+    def _on_hardware(self, video, requested: bool) -> bool:
+        return requested
+
+
+@pytest.fixture
+def retried(tmp_path, monkeypatch, caplog):
+    """A started _RetriedHardware file camera (stopped after the test) whose hardware frames count as NVDEC's."""
+    from yolov12_serve.sources import rtsp
+
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    monkeypatch.setattr(rtsp, "hwaccel_for", lambda mode, device: object())
+    monkeypatch.setattr(rtsp, "decoded_on_gpu", lambda ctx, frame: True)
+    clip = write_clip(tmp_path / "good.avi", frames=12, codec="mjpeg")
+    source = _RetriedHardware(Sink(device="cuda:0"), str(clip), RtspOptions(decode="nvdec"), is_file=True)
+    source.start()
+    yield source
+    source.stop()
+
+
+def _connects(source: _RetriedHardware, n: int, decoder: str) -> None:
+    """Wait for the source's n-th connect and then for frames there decoded by `decoder`."""
+    wait_until(lambda: len(source.asked) >= n, 10, 0.01, what=f"connect {n} (asked: {source.asked})")
+    wait_until(lambda: source.decoder == decoder, 10, 0.01, what=f"decoding on {decoder}")
+    _frames(source, 3)
+    assert len(source.asked) == n, source.asked
+
+
+def _frames(source: AvSource, n: int) -> None:
+    """Wait for n more frames (each one checked the retry schedule before it was handed over)."""
+    start = len(source.sink.times)
+    wait_until(lambda: len(source.sink.times) >= start + n, 10, 0.01, what=f"{n} more frames")
+
+
+def _given_up(caplog) -> list[tuple[int, str]]:
+    return [(r.levelno, r.getMessage()) for r in caplog.records if "hardware decoding failed" in r.getMessage()]
+
+
+FIRST, JITTER = 600.0, 1.2  # rtsp.NVDEC_RETRY_FIRST_S and the longest draw of a wait: checked below
+
+
+def test_nvdec_given_up_is_asked_for_again_after_its_quiet_period_only(retried, caplog):
+    """A give-up keeps the stream on the CPU for a quiet period, at each connect meanwhile (a watchdog restart
+    here); once it is over, the stream streaming on the CPU reconnects asking for NVDEC, and decodes there again
+    (the decoder it reports follows), with one info line and no reconnect counted."""
+    from yolov12_serve.sources import rtsp
+
+    assert (rtsp.NVDEC_RETRY_FIRST_S, 1 + rtsp.NVDEC_RETRY_JITTER) == (FIRST, JITTER)
+    _connects(retried, 2, "cpu")  # NVDEC asked for, failed at its 7th packet; reopened on the CPU
+    assert retried.asked == [True, False]
+    (level, msg), = _given_up(caplog)
+    assert level == logging.WARNING and re.search(r"decoding this stream on the CPU; NVDEC tried again in 1[0-2] min$",
+                                                  msg), msg
+    retried.t = FIRST - 1
+    retried.restart("stalled")  # a connect that happens anyway, within the quiet period: on the CPU
+    _connects(retried, 3, "cpu")
+    retried.failing = False
+    retried.t = FIRST * JITTER + 1  # the quiet period is over: the streaming connection is replaced at once
+    _connects(retried, 4, "nvdec")
+    assert retried.asked == [True, False, False, True]
+    tried = [r for r in caplog.records if "trying NVDEC again" in r.getMessage()]
+    assert len(tried) == 1 and tried[0].levelno == logging.INFO, [r.getMessage() for r in tried]
+    assert retried.sink.reconnects == 1  # the watchdog's restart only
+    assert [s for s, _ in retried.sink.states if s == StreamState.RECONNECTING] == [StreamState.RECONNECTING]
+    assert len(_given_up(caplog)) == 1
+
+
+def test_nvdec_failing_again_soon_after_its_retry_doubles_the_quiet_period(retried, caplog):
+    """NVDEC that fails again right after it was tried waits twice as long (an info line: warned already)."""
+    _connects(retried, 2, "cpu")
+    retried.t = FIRST * JITTER + 1
+    _connects(retried, 4, "cpu")  # tried, failed again at its 7th packet, reopened on the CPU
+    assert retried.asked == [True, False, True, False]
+    _, (level, second) = _given_up(caplog)
+    assert level == logging.INFO and re.search(r"NVDEC tried again in 2[0-4] min$", second), second
+    given_up_at = retried.t
+    retried.t = given_up_at + FIRST * JITTER + 1  # the first period would be over: still on the CPU
+    _frames(retried, 5)
+    assert retried.asked == [True, False, True, False]
+    retried.failing = False
+    retried.t = given_up_at + 2 * FIRST * JITTER + 1
+    _connects(retried, 5, "nvdec")
+    assert retried.asked[-1] is True
+
+
+@pytest.mark.parametrize(("good_run", "next_wait"), [(FIRST, "1[0-2] min"), (FIRST / 2, "2[0-4] min")])
+def test_a_long_enough_run_on_nvdec_resets_the_quiet_period(retried, caplog, good_run, next_wait):
+    """After NVDEC decoded the stream for as long as the latest quiet period, a give-up starts the backoff again
+    (the first period, warned); after a shorter run the period doubles."""
+    _connects(retried, 2, "cpu")
+    retried.failing = False
+    retried.t = back = FIRST * JITTER + 1
+    _connects(retried, 3, "nvdec")
+    retried.failing = True
+    retried.t = back + good_run
+    retried.restart("stalled")  # the camera reconnects; NVDEC fails on the new connection
+    _connects(retried, 5, "cpu")
+    assert retried.asked == [True, False, True, True, False]
+    (level, msg) = _given_up(caplog)[-1]
+    assert re.search(f"NVDEC tried again in {next_wait}$", msg), msg
+    assert level == (logging.WARNING if good_run == FIRST else logging.INFO)
+
+
+def test_the_quiet_period_doubles_up_to_its_cap(caplog):
+    """Give-ups that each follow a retry failing at once: 10, 20, 40, 80, 160 min, then 4 h each time."""
+    from yolov12_serve.sources import rtsp
+
+    caplog.set_level(logging.INFO, "yolov12_serve")
+    source = AvSource(Sink(device="cuda:0"), "rtsp://cam/x", RtspOptions(decode="nvdec"))
+    t = [0.0]
+    source._clock = lambda: t[0]
+    waits = []
+    for _ in range(8):
+        source._give_up_hardware("decoding: ExternalError")
+        waits.append(source._hardware_retry_at - t[0])
+        t[0] = source._hardware_retry_at
+    periods = [60 * m for m in (10, 20, 40, 80, 160)] + [rtsp.NVDEC_RETRY_MAX_S] * 3
+    assert all(p <= w <= p * JITTER for w, p in zip(waits, periods, strict=True)), waits
+    assert all(" h" in m for _, m in _given_up(caplog)[5:])
 
 
 # ------------------------------------------------------------------------------------------------ files as cameras
