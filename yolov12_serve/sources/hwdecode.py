@@ -15,7 +15,8 @@ Choice per stream, at each (re)connect:
   nvdec  NVDEC on the stream's GPU (GPU 0 for a stream served on the CPU); when NVDEC cannot be used on this
          machine, the CPU, with one warning per process.
   auto   NVDEC when the stream is served on a GPU and NVDEC works there, else the CPU (logged once).
-A stream whose hardware decoding fails later falls back to the CPU with one warning (rtsp.py does that).
+A stream whose hardware decoding fails later falls back to the CPU with a warning, and asks for NVDEC again
+after a quiet period that doubles while it keeps failing (rtsp.py does that).
 """
 
 from __future__ import annotations
