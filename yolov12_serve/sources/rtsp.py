@@ -18,13 +18,14 @@ Decoding: on the CPU, or on the GPU's NVDEC (`--decode`, chosen per connect by h
 back to system memory either way and are letterboxed here as before. When hardware decoding fails on a
 stream that is otherwise fine (the decoder will not open, a packet fails in the hardware decoder, or corrupt
 packets go on for a read timeout), the stream is reopened at once on the CPU, with a warning that says when NVDEC
-is tried again: after a quiet period (10 min, doubling at each further give-up of the stream up to 4 h; back to
-10 min once NVDEC has decoded it for as long as the latest period). Most such failures pass (a session limit hit
-while many cameras reconnect at once, a driver hiccup, a lossy link), and cameras left on the CPU for good could
-saturate a GPU server's few cores. Once the period is over, the stream's next connect asks for NVDEC again; a
-stream still streaming on the CPU reconnects for it (one info line, not a RECONNECTING or a counted reconnect),
-since a healthy camera stays connected for weeks and would otherwise never leave the CPU: the cost is one gap of
-a connect and a keyframe, at most once per period. A corrupt packet alone is skipped on the GPU as on the CPU.
+is tried again: after a quiet period (10 min, doubling at each further give-up of the stream up to 4 h, said at
+INFO; back to 10 min, warned, once NVDEC has decoded it for as long as the latest period). Most such failures pass
+(a session limit hit while many cameras reconnect at once, a driver hiccup, a lossy link), and cameras left on the
+CPU for good could saturate a GPU server's few cores. Once the period is over, the stream's next connect asks for
+NVDEC again; a stream still streaming on the CPU reconnects for it (one info line, not a RECONNECTING or a counted
+reconnect), since a healthy camera stays connected for weeks and would otherwise never leave the CPU: the cost is
+one gap of a connect and a keyframe, at most once per period. A corrupt packet alone is skipped on the GPU as on
+the CPU.
 """
 
 from __future__ import annotations
