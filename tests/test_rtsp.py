@@ -271,7 +271,8 @@ def test_a_camera_that_refuses_rtsp_over_tcp_is_received_over_udp(client, tmp_pa
     try:
         wait_state(client, "udp-only", pb.STREAM_STATE_STREAMING, timeout=15)
         wait_until(lambda: client.stream("udp-only").frames_processed >= 10, 10, what="frames over UDP")
-        assert client.stream("udp-only").reconnects == 0
+        info = client.stream("udp-only")
+        assert info.reconnects == 0, info.last_error
     finally:
         client.remove_stream("udp-only")
         stop_cameras(cams)
