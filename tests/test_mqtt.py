@@ -152,6 +152,99 @@ def test_detections_objects_states_and_status_reach_the_broker(tmp_path):
         broker.stop()
 
 
+def test_states_of_cameras_removed_while_the_server_was_down_are_cleared_at_start(tmp_path):
+    """A camera taken out of the streams file, then a restart: its retained state said STREAMING forever. At
+    connection the server clears those of its own (its shard's) cameras it no longer has; another shard's camera,
+    a camera it has, and a retained message that is no state of ours are left."""
+    import paho.mqtt.client as mqtt
+
+    from yolov12_serve.sharding import owner
+
+    ids = (f"cam{i}" for i in range(1000))
+    ghost, live, other = next(i for i in ids if owner(i, 2) == 0), next(i for i in ids if owner(i, 2) == 0), \
+        next(i for i in ids if owner(i, 2) == 1)
+    broker = Broker(tmp_path)
+    before = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    before.connect("127.0.0.1", broker.port)
+    before.loop_start()
+    for sid in (ghost, live, other):  # what the server published before it was stopped
+        state = json.dumps({"stream_id": sid, "state": "STREAMING", "last_error": ""})
+        before.publish(f"plant/{sid}/state", state, qos=1, retain=True).wait_for_publish(5)
+    before.publish("plant/notes/state", "kept by someone else", qos=1, retain=True).wait_for_publish(5)
+    before.loop_stop()
+    before.disconnect()
+    streams = tmp_path / "cameras.yaml"
+    streams.write_text(f"streams:\n  - {{id: {live}, url: '{CAMERA}'}}\n")
+    server = ServerProcess("--allow-synthetic", "--no-status", "--instances", "1", "--streams", str(streams),
+                           "--shard-count", "2", "--shard-index", "0", "--mqtt", f"mqtt://127.0.0.1:{broker.port}/plant")
+    try:
+        wait_until(lambda: "cleared the retained state" in server.log(), 30, what="the ghost's state cleared")
+        time.sleep(1)
+        after = Listener(broker.port, "plant")  # a newcomer: gets what the broker retains now
+        try:
+            wait_until(lambda: after.on(f"plant/{other}/state"), 10, what="the retained states")
+            time.sleep(0.5)
+            assert not after.on(f"plant/{ghost}/state"), after.messages
+            assert json.loads(after.on(f"plant/{other}/state")[-1][0])["stream_id"] == other  # the other shard's
+            assert after.on("plant/notes/state") == [("kept by someone else", True)]
+            assert json.loads(after.on(f"plant/{live}/state")[-1][0])["stream_id"] == live
+        finally:
+            after.close()
+        assert server.log().count("cleared the retained state") == 1, server.log()
+    finally:
+        server.close()
+        broker.stop()
+
+
+def test_no_state_is_cleared_before_the_servers_cameras_are_back(tmp_path, monkeypatch):
+    """While the server is still adding its saved cameras, a retained state of one of them is no ghost's: kept until
+    the server has settled, then only the cameras still missing are cleared. The publisher alone, as the server
+    drives it."""
+    import paho.mqtt.client as mqtt
+
+    from yolov12_serve import mqtt as publishing
+    from yolov12_serve.fanout import Fanout
+
+    monkeypatch.setattr(publishing, "SWEEP_AFTER_S", 0.2)
+    broker = Broker(tmp_path)
+    before = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+    before.connect("127.0.0.1", broker.port)
+    before.loop_start()
+    for sid in ("saved", "gone"):
+        state = json.dumps({"stream_id": sid, "state": "STREAMING", "last_error": ""})
+        before.publish(f"yolov12/{sid}/state", state, qos=1, retain=True).wait_for_publish(5)
+    before.loop_stop()
+    before.disconnect()
+    cameras: dict[str, tuple[str, str]] = {}
+    settled = threading.Event()
+    fanout = Fanout()
+    publisher = publishing.MqttPublisher(publishing.MqttOptions(f"mqtt://127.0.0.1:{broker.port}"),
+                                         fanout.subscribe(None, 8), names=lambda r: {}, states=lambda: dict(cameras),
+                                         settled=settled.is_set)
+    publisher.start()
+
+    def retained() -> dict[str, str]:
+        listener = Listener(broker.port, "yolov12")
+        try:
+            wait_until(lambda: listener.on("yolov12/status"), 10, what="the retained messages")
+            time.sleep(0.3)
+            return {t: p for t, p, r in listener.messages if r}
+        finally:
+            listener.close()
+
+    try:
+        time.sleep(2.5)  # connected, the sweep due, states compared twice: the server still starting
+        assert set(retained()) >= {"yolov12/saved/state", "yolov12/gone/state"}
+        cameras["saved"] = ("CONNECTING", "")  # restored from the state folder; then the server is open
+        settled.set()
+        wait_until(lambda: "yolov12/gone/state" not in retained(), 10, what="the one still missing cleared")
+        assert json.loads(retained()["yolov12/saved/state"])["state"] == "CONNECTING"
+    finally:
+        fanout.close_all()
+        publisher.close()
+        broker.stop()
+
+
 def test_a_broker_that_comes_and_goes_never_stops_the_server_and_a_killed_server_is_offline(tmp_path):
     """The broker down at start: the server serves all the same (connected 0, detections counted as dropped) and
     connects when it comes; killed, the broker announces it offline (its last will)."""

@@ -210,7 +210,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                                   on_sent=lambda kind: metrics.mqtt_messages.labels(kind).inc(),
                                   on_dropped=lambda reason: metrics.mqtt_dropped.labels(reason).inc(),
                                   on_connected=lambda up: metrics.mqtt_connected.labels(broker).set(int(up)),
-                                  shard=str(self.config.shard.index) if self.config.shard.count > 1 else "")
+                                  shard=str(self.config.shard.index) if self.config.shard.count > 1 else "",
+                                  owns=self.config.shard.owns, settled=lambda: not self.starting)
         self.mqtt.start()
 
     def opened(self) -> None:

@@ -6,7 +6,9 @@ Topics under PREFIX (the URL's path; default `yolov12`), STREAM the camera id wi
                             (the connection's last will) when the server is gone; PREFIX/status/I for the replica
                             of --shard-index I when replicas share the cameras (--shard-count above 1)
   PREFIX/STREAM/state       the camera's state as JSON (retained): stream_id, state, last_error; cleared (an empty
-                            retained message) when the camera is removed
+                            retained message) when the camera is removed, and at each connection for cameras this
+                            server (this shard) no longer has: removed while it was down (a camera taken out of
+                            the streams file, then a restart), which would otherwise show their last state forever
   PREFIX/STREAM/detections  each result with detections, JSON as `yolov12-ctl watch --json` prints it (QoS 0: the
                             next one follows within a frame; not sent while the broker is away)
   PREFIX/STREAM/objects     each object of a tracked camera once, when first seen, JSON as `yolov12-ctl watch
@@ -51,6 +53,7 @@ __all__ = ["MqttOptions", "MqttPublisher", "client_tls_context", "topic_name"]
 log = logging.getLogger(__name__)
 
 STATE_EVERY_S = 1.0  # how often camera states are compared with what was last published
+SWEEP_AFTER_S = 2.0  # after connecting: the broker's retained states have come by then (they follow the SUBACK)
 _CLIENT_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")  # printable ASCII: what brokers take (AWS IoT: up to 128)
 
 
@@ -178,13 +181,17 @@ class MqttPublisher:
     """Publishes a subscription's results, new objects and camera states to the broker, in a thread of its own.
 
     `names(result)`: the class names of the model that produced a result. `states()`: {stream id: (state name,
-    last error)} of the cameras now. `on_sent(kind)`, `on_dropped(reason)`, `on_connected(up)`: metrics."""
+    last error)} of the cameras now. `owns(stream id)`: whether a camera is this server's (its shard's) to clear
+    when gone; `settled()`: whether the cameras the server starts with are back (none is cleared before).
+    `on_sent(kind)`, `on_dropped(reason)`, `on_connected(up)`: metrics."""
 
     def __init__(self, options: MqttOptions, subscription: Subscription,
                  names: Callable[[FrameResult], dict[int, str]], states: Callable[[], dict[str, tuple[str, str]]],
                  on_sent: Callable[[str], None] = lambda kind: None,
                  on_dropped: Callable[[str], None] = lambda reason: None,
-                 on_connected: Callable[[bool], None] = lambda up: None, shard: str = "") -> None:
+                 on_connected: Callable[[bool], None] = lambda up: None, shard: str = "",
+                 owns: Callable[[str], bool] = lambda stream_id: True,
+                 settled: Callable[[], bool] = lambda: True) -> None:
         import paho.mqtt.client as mqtt
 
         from .client import NewObjects
@@ -194,6 +201,9 @@ class MqttPublisher:
         # replicas sharing the cameras (--shard-count) share the prefix: each says its own status
         self.status_topic = self.topic("status", shard) if shard else self.topic("status")
         self._sub, self._names, self._states = subscription, names, states
+        self._owns, self._settled = owns, settled
+        self._retained: dict[str, bytes] = {}  # PREFIX/+/state as the broker held them when we connected
+        self._sweep_at = 0.0  # when to clear those of cameras gone (0: nothing to do)
         self._on_sent, self._on_dropped, self._on_connected = on_sent, on_dropped, on_connected
         self._objects = NewObjects()
         self._published_states: dict[str, tuple[str, str]] = {}
@@ -222,6 +232,7 @@ class MqttPublisher:
         client.on_connect = self._connected_cb
         client.on_disconnect = self._disconnected_cb
         client.on_connect_fail = self._connect_failed_cb
+        client.on_message = self._message_cb
         self._client = client
         self._host, self._port = host, port
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
@@ -284,6 +295,14 @@ class MqttPublisher:
         client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
             self._published_states.clear()  # a broker without persistence lost the retained states: sent again
+            self._retained.clear()
+            self._sweep_at = time.monotonic() + SWEEP_AFTER_S
+        client.subscribe(self.topic("+", "state"), qos=1)  # the retained states, to clear those of cameras gone
+
+    def _message_cb(self, client: Any, userdata: Any, message: Any) -> None:
+        if message.retain and message.payload:  # held by the broker (not our own publications coming back)
+            with self._lock:
+                self._retained[message.topic] = message.payload
 
     def _connect_failed_cb(self, client: Any, userdata: Any) -> None:
         if not self._unreachable:
@@ -332,6 +351,8 @@ class MqttPublisher:
             if not self._stop.is_set() and time.monotonic() >= next_states:
                 next_states = time.monotonic() + STATE_EVERY_S
                 self._publish_states()
+                if self._sweep_at and time.monotonic() >= self._sweep_at and self._settled():
+                    self._sweep()
 
     def _publish_result(self, result: FrameResult) -> None:
         from .client import message_dict, object_dict
@@ -364,6 +385,25 @@ class MqttPublisher:
             if self._send("state", self.topic(topic_name(sid), "state"), "", qos=1, retain=True):
                 with self._lock:
                     self._published_states.pop(sid, None)
+
+    def _sweep(self) -> None:
+        """Clear the retained states of this server's cameras that it no longer has: removed while it was down.
+        A state whose camera is another shard's, or that is no state of ours (not JSON with a stream_id naming its
+        topic), is left; so is a topic one of the cameras now shares (ids differing only in / + # _)."""
+        with self._lock:
+            retained, self._retained, self._sweep_at = self._retained, {}, 0.0
+        self._client.unsubscribe(self.topic("+", "state"))
+        ours = {self.topic(topic_name(sid), "state") for sid in self._states()}
+        for topic, payload in retained.items():
+            try:
+                sid = json.loads(payload).get("stream_id")
+            except (ValueError, AttributeError):
+                continue
+            if (not isinstance(sid, str) or topic in ours or topic != self.topic(topic_name(sid), "state")
+                    or not self._owns(sid)):
+                continue
+            if self._send("state", topic, "", qos=1, retain=True):
+                log.info("mqtt: cleared the retained state of camera %s (removed while this server was down)", sid)
 
     def _send(self, kind: str, topic: str, payload: str, qos: int, retain: bool = False) -> bool:
         import paho.mqtt.client as mqtt
