@@ -185,6 +185,48 @@ def test_bad_command_lines_exit_2_with_one_line(args, message):
     assert len(lines) == 1 and message in lines[0], r.stderr
 
 
+def test_check_says_what_a_start_would_use_beside_a_running_server(tmp_path):
+    """--check starts nothing: it passes with the gRPC and metrics ports held by another process (the running
+    server), and says what a start would use; the engine is read, the cameras' classes checked against it."""
+    streams = tmp_path / "cameras.yaml"
+    streams.write_text("streams:\n  - {id: belt, url: 'rtsp://10.0.0.5/s', classes: [dent], track: true}\n"
+                       "  - {id: press, url: 'rtsp://10.0.0.6/s', class_min_scores: {crack: 0.3}}\n")
+    state = tmp_path / "state"
+    with socket.socket() as grpc_port, socket.socket() as metrics_port:
+        for s in (grpc_port, metrics_port):
+            s.bind(("127.0.0.1", 0))
+            s.listen()
+        r = run_cli("--engines", str(model_path()), "--gpus", "cpu", "--streams", str(streams), "--host", "127.0.0.1",
+                    "--port", str(grpc_port.getsockname()[1]), "--metrics-port", str(metrics_port.getsockname()[1]),
+                    "--state-dir", str(state), "--evidence-dir", str(tmp_path / "evidence"), "--check")
+    assert r.returncode == 0, r.stderr
+    assert "the configuration is good" in r.stdout and "2 at start (1 tracked)" in r.stdout, r.stdout
+    assert f"engine   cpu: {model_path()} (fp32" in r.stdout and "5 classes" in r.stdout, r.stdout
+    assert f"state    {state}: to be created" in r.stdout and "plaintext, no tokens" in r.stdout, r.stdout
+    assert not state.exists() and not (tmp_path / "evidence").exists()  # checked, not made
+
+
+def test_check_stops_at_what_a_start_would_stop_at(tmp_path):
+    """Each in one line, exit 2: a class the model lacks (a start would refuse the camera), an evidence folder below
+    a file, an engine file that is missing, a certificate that is none."""
+    streams = tmp_path / "cameras.yaml"
+    streams.write_text("streams:\n  - {id: belt, url: 'rtsp://10.0.0.5/s', class_min_scores: {scrach: 0.3}}\n")
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    base = ["--gpus", "cpu", "--check", "--no-state"]
+    for args, message in [
+        (["--engines", str(model_path()), "--streams", str(streams)], "unknown classes ['scrach'] for stream belt"),
+        (["--engines", str(model_path()), "--evidence-dir", str(taken / "x")], f"{taken} is a file, not a folder"),
+        (["--engines", str(tmp_path / "gone.onnx")], "gone.onnx"),
+        (["--engines", str(model_path()), "--tls-cert", str(taken), "--tls-key", str(taken)],
+         f"--tls-cert {taken} is not a certificate in PEM format"),
+    ]:
+        r = run_cli(*base, *args)
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip() and " INFO " not in ln]
+        assert r.returncode == 2 and len(lines) == 1 and message in lines[0], (args, r.stderr)
+        assert "configuration is good" not in r.stdout
+
+
 @pytest.mark.parametrize("flag, what, values", [("--health-port", "health checks", "0: any free port"),
                                                  ("--metrics-port", "metrics", "0: any free port, -1: off")])
 def test_a_health_or_metrics_port_in_use_is_one_line(flag, what, values):

@@ -150,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "over gRPC")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
                    help="the least severe log lines shown (default INFO)")
+    p.add_argument("--check", action="store_true",
+                   help="check the configuration and exit, starting nothing (it can run beside the server, as the "
+                   "server's user): the flags, streams file, certificates, keys and tokens, the engine files' "
+                   "metadata and the cameras' classes, the state and evidence folders; exit 0 with what a start "
+                   "would use, or 2 with one line saying what would stop it")
     _add_security_flags(p)
     return p
 
@@ -325,6 +330,13 @@ def main(argv: list[str] | None = None) -> int:
     install_log_redaction()  # no camera password in any log line, whoever writes it
     try:
         config, streams = parse_config(args)
+        if args.check:
+            from .configcheck import check_config
+
+            lines = check_config(config, streams)
+            print("yolov12-serve: the configuration is good (engines read, not loaded: a start checks that the "
+                  "devices take them)\n  " + "\n  ".join(lines))
+            return 0
         # a table a second (a line per camera) in a journal or a container's log is noise: --demo's only on a terminal
         show = (args.demo and sys.stdout.isatty()) if args.status is None else args.status
         every = 1.0 if sys.stdout.isatty() else STATUS_TO_A_LOG_S  # a table a second is for a person watching

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import re
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -189,6 +190,16 @@ class StreamSpec:
     def detection_filter(self) -> DetectionFilter:
         """What of this camera's detections is published."""
         return DetectionFilter(self.min_score, self.classes, self.zone, self.class_min_scores)
+
+    def check_known_classes(self, known: Collection[str]) -> None:
+        """InvalidArgumentError for a class in `classes` or `class_min_scores` that the model (`known`, its class
+        names) does not have: a typo would publish nothing."""
+        unknown = [c for c in [*self.classes, *(n for n, _ in self.class_min_scores)] if c not in known]
+        if unknown:
+            shown = sorted(known)
+            listed = ", ".join(shown[:40]) + (f", ... ({len(shown)} in all)" if len(shown) > 40 else "")
+            raise InvalidArgumentError(f"unknown classes {unknown} for stream {self.stream_id}: the model's classes "
+                                       f"are {listed or '(none)'}")
 
 
 def validate_stream_id(stream_id: str) -> str:

@@ -32,7 +32,6 @@ from .devices import engine_device, split_cpu_threads
 from .errors import (
     ConfigError,
     FailedPreconditionError,
-    InvalidArgumentError,
     ResourceExhaustedError,
     ServerError,
     StreamExistsError,
@@ -311,13 +310,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
     def _check_classes(self, spec: StreamSpec) -> None:
         """InvalidArgumentError for a class the served models do not have (a typo would publish nothing). Saved
         streams are not checked again: after a swap to a model without the class they keep their other ones."""
-        known = {n for rt in self.runtimes.values() for n in rt.engine.info.names.values()}
-        unknown = [c for c in [*spec.classes, *(n for n, _ in spec.class_min_scores)] if c not in known]
-        if unknown:
-            shown = sorted(known)
-            listed = ", ".join(shown[:40]) + (f", ... ({len(shown)} in all)" if len(shown) > 40 else "")
-            raise InvalidArgumentError(f"unknown classes {unknown} for stream {spec.stream_id}: the model's classes "
-                                       f"are {listed or '(none)'}")
+        spec.check_known_classes({n for rt in self.runtimes.values() for n in rt.engine.info.names.values()})
 
     def _add(self, spec: StreamSpec, persistent: bool) -> Stream:
         validate_stream_id(spec.stream_id)
