@@ -7,6 +7,7 @@ Where NVDEC works, the same tests expect it to be used instead.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import re
@@ -66,6 +67,7 @@ class Sink:
         self.states: list[tuple[StreamState, str]] = []
         self.reconnects = 0
         self.corrupt = 0
+        self.decoders: list[str] = []
         self.admitting = True  # what the stream would say under overload (Stream.admit): False sheds every frame
         self.shed = 0
         self.ahead = 0  # what shed_ahead says: the next frames that would be shed too
@@ -99,6 +101,9 @@ class Sink:
 
     def count_corrupt(self) -> None:
         self.corrupt += 1
+
+    def note_decoder(self, decoder: str) -> None:
+        self.decoders.append(decoder)
 
 
 def run_source(source: AvSource, seconds: float) -> None:
@@ -384,6 +389,8 @@ def test_nvdec_given_up_is_asked_for_again_after_its_quiet_period_only(retried, 
     retried.t = FIRST * JITTER + 1  # the quiet period is over: the streaming connection is replaced at once
     _connects(retried, 4, "nvdec")
     assert retried.asked == [True, False, False, True]
+    decoders = retried.sink.decoders  # what ListStreams shows, told on each change only
+    assert decoders[-2:] == ["cpu", "nvdec"] and all(a != b for a, b in itertools.pairwise(decoders)), decoders
     tried = [r for r in caplog.records if "trying NVDEC again" in r.getMessage()]
     assert len(tried) == 1 and tried[0].levelno == logging.INFO, [r.getMessage() for r in tried]
     assert retried.sink.reconnects == 1  # the watchdog's restart only

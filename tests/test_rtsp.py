@@ -304,6 +304,7 @@ def _corrupt_packets_skipped(srv: ServerProcess, client, rtsp, stream_id: str) -
         info = client.stream(stream_id)
         assert info.state == pb.STREAM_STATE_STREAMING and info.reconnects == 0, info
         assert "corrupt video packet" in info.last_error, info.last_error
+        assert info.decoder == "cpu", info  # where it decodes, told by its decoder thread (a device process's too)
         counted = re.search(rf'^yolov12_stream_corrupt_packets_total{{stream="{stream_id}"}} (\S+)$', srv.metrics(),
                             re.M)
         assert counted and float(counted.group(1)) >= 1, counted

@@ -270,7 +270,8 @@ def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO)
              "SIZE", "URL", "LAST ERROR")]
     for s in streams:
         state = _state(s.state) + (f" ({s.picture_problem})" if s.picture_problem else "")  # e.g. STREAMING (blank)
-        rows.append((s.stream_id, state, s.device or "-", f"{s.fps:.1f}", f"{s.latency_p50_ms:.1f}",
+        device = (s.device or "-") + (f"/{s.decoder}" if s.decoder and s.device != "cpu" else "")  # cuda:0/nvdec
+        rows.append((s.stream_id, state, device, f"{s.fps:.1f}", f"{s.latency_p50_ms:.1f}",
                      f"{s.latency_p99_ms:.1f}", str(s.frames_processed), str(s.frames_dropped), str(s.reconnects),
                      str(s.objects) if s.track else "-", f"{s.width}x{s.height}" if s.width else "-", s.url,
                      f"{s.last_error} ({_ago(s.last_error_age_s)})" if s.last_error else ""))

@@ -180,6 +180,11 @@ class ProcessDevices:
         if stream is not None and stream.runtime is rt:
             stream.note_picture(problem)
 
+    def remote_decoder(self, rt: RemoteRuntime, stream_id: str, epoch: int, decoder: str) -> None:
+        stream = self._lookup(stream_id, epoch)
+        if stream is not None and stream.runtime is rt:
+            stream.note_decoder(decoder)
+
     def remote_reconnect(self, rt: RemoteRuntime, stream_id: str, epoch: int) -> None:
         stream = self._lookup(stream_id, epoch)
         if stream is not None:

@@ -65,6 +65,7 @@ class StreamView:
     objects: int = 0  # with track: objects counted so far
     last_error_age_s: float = 0.0  # since last_error last changed (0: none yet)
     class_min_scores: tuple[tuple[str, float], ...] = ()
+    decoder: str = ""  # a pulled camera's: 'cpu' or 'nvdec' ('' before its first frame, and for pushed frames)
 
 
 class Stream:
@@ -88,6 +89,7 @@ class Stream:
         self.objects = 0  # objects its tracker confirmed
         self.pictures = PictureRequests()  # GetSnapshot's callers, given the next frame's picture
         self.picture_problem = ""  # "blank" or "frozen" while its picture shows nothing (picture_check.py)
+        self.decoder = ""  # where its video is decoded: 'cpu', 'nvdec' (a pulled camera's, from its first frame)
         self._picture_check: PictureCheck | None = None  # watch_picture() turns it on (pulled cameras)
         self.blind_after_s = 0.0
         self._next_picture_check = math.inf
@@ -283,6 +285,10 @@ class Stream:
         else:
             log.info("stream %s: its picture is back", self.stream_id)
 
+    def note_decoder(self, decoder: str) -> None:
+        """Its video is decoded on `decoder` ('cpu', 'nvdec') from now on: shown in ListStreams."""
+        self.decoder = decoder
+
     def note_error(self, error: str) -> None:
         """Record an error that leaves the state as it is (an engine failure on this stream's frames)."""
         with self._lock:
@@ -323,4 +329,4 @@ class Stream:
                           self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
                           self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None,
                           self.objects, now() - self.last_error_at if self.last_error else 0.0,
-                          self.filter.class_scores)
+                          self.filter.class_scores, self.decoder)

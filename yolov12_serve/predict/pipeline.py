@@ -223,6 +223,9 @@ class _LiveSink:
     def count_corrupt(self) -> None:
         """A skipped corrupt packet: the camera goes on (predict reports no per-packet figures)."""
 
+    def note_decoder(self, decoder: str) -> None:
+        """Where the camera decodes: said in the log already (predict shows no per-camera table)."""
+
 
 def _mask(text: str, url: str) -> str:
     """`text` with `url` (FFmpeg quotes it in its errors) and its password masked."""

@@ -89,6 +89,11 @@ class _HostStream(Stream):
         self.picture_problem = problem
         self._host.outbox.put(("pic", self.stream_id, self.epoch, problem))
 
+    def note_decoder(self, decoder: str) -> None:
+        """Told to the API process, which shows it (ListStreams)."""
+        super().note_decoder(decoder)
+        self._host.outbox.put(("dec", self.stream_id, self.epoch, decoder))
+
 
 class DeviceHost:
     """One device served in this process for the API process at the other end of `conn`."""

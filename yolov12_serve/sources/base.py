@@ -65,6 +65,10 @@ class FrameSink(Protocol):
         """Count one video packet the decoder rejected as corrupt (skipped on its connection, no reconnect)."""
         ...
 
+    def note_decoder(self, decoder: str) -> None:
+        """Where its video is decoded from now on, 'cpu' or 'nvdec' (told when it changes; ListStreams shows it)."""
+        ...
+
 
 class Source(ABC):
     """A producer of frames for one stream, running in its own thread."""

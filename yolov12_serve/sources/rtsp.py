@@ -336,6 +336,7 @@ class AvSource(Source):
             elif requested:
                 log.info("stream %s: decoding on the CPU: NVDEC does not take its video (%s, %s)",
                          self.sink.stream_id, ctx.name, ctx.format.name if ctx.format else "unknown format")
+            self.sink.note_decoder(decoder)
         self.decoder = decoder
 
     def _frames(self, container: InputContainer, video: VideoStream, hardware: bool,
