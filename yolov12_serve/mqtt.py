@@ -289,6 +289,7 @@ class MqttPublisher:
                           "--mqtt-credentials); trying again", self.options.broker, why)
             return
         self._refusal, self._unreachable = "", False
+        self._paho_errors.last = ""  # an old outage's error must not explain a later one
         self._connected = True
         self._on_connected(True)
         log.info("mqtt: connected to %s", self.options.broker)
