@@ -6,7 +6,8 @@ stopping the one that runs. Checked: every flag, the streams file and its URLs (
 TLS certificates and keys, the token file, the MQTT TLS files, each engine file's metadata (read, not loaded: no
 session, no GPU memory taken beside a running server) and every camera's classes against the model's, and that
 the state and evidence folders can be written by this user. Not checked: that the GPUs and the engine's runtime
-accept the engine (only a start loads it) and that the ports are free (the running server holds them).
+accept the engine (only a start loads it), that the ports are free (the running server holds them), that the
+cameras and the MQTT broker answer.
 """
 
 from __future__ import annotations
