@@ -176,6 +176,29 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
             c.remove_stream(sid)
 
 
+def test_apply_refuses_a_class_the_model_lacks_before_it_removes_the_running_camera(server, tmp_path, capsys):
+    """A typo in a class name of an edited streams file (classes or class_min_scores) is refused before anything
+    changes, in a dry run too: the server would refuse the replacement only after `apply` had removed the camera
+    running now, taking a working camera off the line."""
+    at = ("--server", server.address)
+    with server.client() as c:
+        c.add_stream("belt", "synthetic://belt?fps=2&size=320x180", classes=["dent"])
+        try:
+            for typo in ("classes: [dent, bolt]", "class_min_scores: {dent: 0.3, bolt: 0.6}"):
+                cameras = tmp_path / "cameras.yaml"
+                cameras.write_text("streams:\n  - id: belt\n    url: 'synthetic://belt?fps=2&size=320x180'\n"
+                                   f"    {typo}\n")
+                for extra in ("--dry-run", "--prune"):
+                    assert run(*at, "apply", str(cameras), extra) == (2, "")
+                    err = capsys.readouterr().err
+                    assert err.startswith(f"yolov12-ctl: {cameras}: stream belt: unknown class 'bolt': the model's "
+                                          "classes are ") and "(nothing changed)" in err, err
+                    (belt,) = c.list_streams()
+                    assert belt.stream_id == "belt" and list(belt.classes) == ["dent"]
+        finally:
+            c.remove_stream("belt")
+
+
 def test_snapshot_saves_what_the_camera_sees_with_its_zone_and_published_boxes_drawn(server, tmp_path, capsys):
     """`snapshot ID FILE` saves the camera's picture as the server sent it; with --draw, its zone is outlined and only
     the detections it would publish are drawn. A still belt (speed=0): every snapshot is the same picture, so the

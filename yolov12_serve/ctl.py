@@ -160,9 +160,10 @@ def build_parser() -> argparse.ArgumentParser:
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
                 "replace those whose URL, max_fps, min_score, class_min_scores, classes, zone, blind_after_s or track "
                 "changed, and with "
-                "--prune remove the others")
-    apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, min_score, classes, zone, blind_after_s, "
-                       "track, credentials}] (docs/serving.md)")
+                "--prune remove the others; a file with a URL scheme or a class name the server does not know changes "
+                "nothing")
+    apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, min_score, class_min_scores, classes, zone, "
+                       "blind_after_s, track, credentials}] (docs/serving.md)")
     apply.add_argument("--prune", action="store_true", default=False,
                        help="also remove the cameras the file does not list (pushed streams are never touched)")
     apply.add_argument("--dry-run", action="store_true", default=False, help="print what would change, change nothing")
@@ -498,6 +499,24 @@ def _same_scores(have: dict[str, float], want: Sequence[tuple[str, float]]) -> b
     return set(have) == {n for n, _ in want} and all(abs(have[n] - s) < 1e-4 for n, s in want)
 
 
+def _check_apply_classes(c: Client | ShardedClient, wanted: Sequence[StreamSpec], file: str) -> None:
+    """UsageError, before anything changes (and in a dry run), for a class in `classes` or `class_min_scores` that
+    the server's model does not have. The server refuses such a camera too, but only after `apply` has removed the
+    running one it replaces: a typo in a class name would take a working camera off the line."""
+    named = [(spec.stream_id, n) for spec in wanted for n in (*spec.classes, *(n for n, _ in spec.class_min_scores))]
+    if not named:
+        return
+    known: set[str] = set()
+    for client in c.clients if isinstance(c, ShardedClient) else [c]:
+        known.update(client.server_info().class_names)
+    if not known:  # a server that names no classes: it decides
+        return
+    for sid, name in named:
+        if name not in known:
+            raise UsageError(f"{file}: stream {sid}: unknown class {name!r}: the model's classes are "
+                             f"{', '.join(sorted(known))} (nothing changed)")
+
+
 def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
     try:
         wanted = load_streams_file(args.file)
@@ -508,6 +527,7 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                 raise ConfigError(f"{args.file}: stream {spec.stream_id}: {e}") from None
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    _check_apply_classes(c, wanted, args.file)
     done: list[tuple[str, str, str, str]] = []  # action, id, url, result
     for action, sid, spec in plan_apply(wanted, c.list_streams(), args.prune):
         result = {"keep": "", "unlisted": "kept (--prune removes it)"}.get(action,
