@@ -447,6 +447,23 @@ def test_a_client_key_that_cannot_work_is_one_line_before_connecting(tmp_path, c
         Client("127.0.0.1:1", cert=str(mine.cert), key=str(encrypted))
 
 
+def test_ctl_pointed_at_the_health_port_says_that_port_answers_health_only(capsys):
+    """The plaintext --health-port answers grpc.health.v1 alone: `health` works there, and any other command is
+    UNIMPLEMENTED ("Method not found!"), which says nothing to an operator unless the line says where to look."""
+    srv = ServerProcess("--health-port", "0", "--no-status")
+    try:
+        health_port = int(re.search(r"health also on 127\.0\.0\.1:(\d+)", "".join(srv.output)).group(1))
+        at = ("--server", f"127.0.0.1:{health_port}")
+        assert run(*at, "health") == (0, f"127.0.0.1:{health_port}: SERVING\n")
+        assert run(*at, "streams") == (1, "")
+        err = capsys.readouterr().err
+        assert err.startswith("yolov12-ctl: UNIMPLEMENTED: ") and err.rstrip().endswith(
+            "; the server does not offer this call: is --server its gRPC --port (not its --health-port, which answers "
+            "health only), and is it as new as this yolov12-ctl?"), err
+    finally:
+        srv.close()
+
+
 def test_a_server_that_answers_unavailable_itself_is_quoted_not_called_unreachable():
     """Starting (adding its saved streams) or shutting down, the server was reached and says why: its words, without
     "cannot reach" and the network advice that fits only a connection that failed (that case: the test below)."""

@@ -223,6 +223,39 @@ def test_ctl_speaks_mutual_tls_with_a_token_file_and_names_the_missing_token_or_
     assert ctl.main(plaintext, out) == 1 and "UNAVAILABLE" in capsys.readouterr().err
 
 
+def test_ctl_says_which_tls_file_or_token_to_check_when_refused(mtls, pki, tmp_path, capsys, monkeypatch):
+    """What yolov12-ctl advises when TLS or the token fails names what to check: a token that was given and refused
+    is not "the server wants a token"; a server certificate of another CA, a name it does not hold, a client
+    certificate missing or of another CA (the server closes the connection: "Socket closed") each say so, not only
+    "is the server running?"."""
+    from yolov12_serve import ctl
+
+    monkeypatch.delenv("YOLOV12_TOKEN", raising=False)
+    mtls_client(mtls, pki).wait_ready(60)
+    wrong = tmp_path / "wrong.token"
+    wrong.write_text("not-a-token-of-this-server-0123456789\n")
+    ca, cert, key = str(pki["ca"].cert), str(pki["client"].cert), str(pki["client"].key)
+    rogue_cert, rogue_key = str(pki["rogue_client"].cert), str(pki["rogue_client"].key)
+    at = ["--server", mtls.address, "--timeout", "5", "--token-file", str(wrong)]
+    for argv, line in [
+        (["--tls-ca", ca, "--cert", cert, "--key", key], "UNAUTHENTICATED: the token is not valid on this server; "
+         "the token given (--token-file, or YOLOV12_TOKEN) is not in the server's --auth-token-file"),
+        (["--tls-ca", str(pki["rogue"].cert), "--cert", cert, "--key", key], "; the server's certificate is not "
+         "signed by --tls-ca: give the CA that signed it"),
+        (["--tls-ca", ca, "--cert", cert, "--key", key, "--server-name", "other.plant"], "; the server's certificate "
+         "is not for this host name: connect by a name it holds, or give it with --server-name"),
+        (["--tls-ca", ca], "; is the server running and reachable there? A server with mutual TLS (--tls-client-ca) "
+         "closes the connection of a client without a certificate: give --cert and --key"),
+        (["--tls-ca", ca, "--cert", rogue_cert, "--key", rogue_key], "; is the server running and reachable there? A "
+         "server with mutual TLS (--tls-client-ca) closes the connection of a client whose --cert that CA did not "
+         "sign"),
+    ]:
+        assert ctl.main([*at, *argv, "streams"], io.StringIO()) == 1
+        err = capsys.readouterr().err
+        assert line in err and err.count("\n") == 1, (argv, err)
+        assert "the server wants a token" not in err
+
+
 def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, tmp_path):
     """A TLS server without client CA: plaintext refused, any TLS client served (with a token), health alone on a
     plaintext port for probes. SIGHUP brings a certificate of another CA (for gRPC and /metrics) and a new token

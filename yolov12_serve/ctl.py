@@ -46,7 +46,16 @@ HINTS = {  # what to do about a refused call, by status code
     grpc.StatusCode.UNAUTHENTICATED: "the server wants a token: --token-file FILE (or YOLOV12_TOKEN)",
     grpc.StatusCode.PERMISSION_DENIED: "use a token with the role the message names",
     grpc.StatusCode.DEADLINE_EXCEEDED: "the server did not answer in time: --timeout S",
+    grpc.StatusCode.UNIMPLEMENTED: "the server does not offer this call: is --server its gRPC --port (not its "
+                                   "--health-port, which answers health only), and is it as new as this yolov12-ctl?",
 }
+TOKEN_REFUSED_HINT = ("the token given (--token-file, or YOLOV12_TOKEN) is not in the server's --auth-token-file: "
+                      "check the file, or ask for the new token if the server's were rotated")
+CA_REFUSED_HINT = "the server's certificate is not signed by --tls-ca: give the CA that signed it"
+NAME_REFUSED_HINT = ("the server's certificate is not for this host name: connect by a name it holds, or give it with "
+                     "--server-name")
+MUTUAL_TLS_HINT = ("is the server running and reachable there? A server with mutual TLS (--tls-client-ca) closes "
+                   "the connection of a client {}")
 
 
 GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6")  # gRPC target forms --server also takes
@@ -346,7 +355,7 @@ def _remove(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) ->
             if len(args.stream_ids) == 1:
                 raise
             failed += 1
-            print(f"yolov12-ctl: remove {sid}: {_one_line(e, _servers(args))}", file=sys.stderr, flush=True)
+            print(f"yolov12-ctl: remove {sid}: {_one_line(e, _servers(args), args)}", file=sys.stderr, flush=True)
     if removed:
         _print_streams(removed, args.json, out)
     return 1 if failed else 0
@@ -544,7 +553,7 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
             except grpc.RpcError as e:
                 gone = " (removed, not added back)" if removed and action == "replace" else ""
                 result = f"failed: {e.code().name}{gone}"
-                print(f"yolov12-ctl: {action} {sid}{gone}: {_one_line(e, _servers(args))}", file=sys.stderr,
+                print(f"yolov12-ctl: {action} {sid}{gone}: {_one_line(e, _servers(args), args)}", file=sys.stderr,
                       flush=True)
         done.append((action, sid, redact_url(spec.url) if spec is not None else "", result))
     if args.json:
@@ -641,10 +650,28 @@ def _answered_by_server(e: grpc.RpcError) -> bool:
     return any((key, value) in ANSWERED_BY_SERVER for key, value in trailers)
 
 
-def _one_line(e: grpc.RpcError, servers: list[str]) -> str:
+def _hint(code: grpc.StatusCode, details: str, args: argparse.Namespace | None) -> str | None:
+    """What to do about a refused call: HINTS', or, where the command line shows the usual hint does not fit (a
+    token was given; TLS is on), one that names what to check."""
+    if args is None:
+        return HINTS.get(code)
+    if code == grpc.StatusCode.UNAUTHENTICATED and (args.token_file or os.environ.get("YOLOV12_TOKEN")):
+        return TOKEN_REFUSED_HINT  # not "the server wants a token": one was sent, and refused
+    if code == grpc.StatusCode.UNAVAILABLE and args.tls_ca:
+        if "CERTIFICATE_VERIFY_FAILED" in details:
+            return CA_REFUSED_HINT
+        if "Hostname Verification" in details:
+            return NAME_REFUSED_HINT
+        # a handshake the server ends for want of a good client certificate reads as "Socket closed" here
+        return MUTUAL_TLS_HINT.format("without a certificate: give --cert and --key" if args.cert is None else
+                                      "whose --cert that CA did not sign")
+    return HINTS.get(code)
+
+
+def _one_line(e: grpc.RpcError, servers: list[str], args: argparse.Namespace | None = None) -> str:
     code = e.code()
     details = (e.details() or "").splitlines()[0] if e.details() else ""
-    hint = HINTS.get(code)
+    hint = _hint(code, details, args)
     if code == grpc.StatusCode.UNAVAILABLE and (_answered_by_server(e) or details.startswith(SERVER_SAYS_UNAVAILABLE)):
         hint = None  # the server was reached and said why (a camera sent no frame, starting, shutting down): its words
     elif code == grpc.StatusCode.UNAVAILABLE:
@@ -664,7 +691,7 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         sys.stderr.write(f"yolov12-ctl: {e}\n")
         return 2
     except grpc.RpcError as e:
-        sys.stderr.write(f"yolov12-ctl: {_one_line(e, _servers(args))}\n")
+        sys.stderr.write(f"yolov12-ctl: {_one_line(e, _servers(args), args)}\n")
         return 1
     except KeyboardInterrupt:
         return 130
