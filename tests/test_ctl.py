@@ -169,10 +169,12 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
             assert capsys.readouterr().err.startswith(f"yolov12-ctl: {ftp}: stream odd: unsupported url 'ftp://cam/x'")
         assert sorted(s.stream_id for s in c.list_streams()) == ["keep", "late", "new", "tune"]
         cameras.write_text(cameras.read_text().replace("synthetic://tune?fps=2&size=320x180", "/clips/tune.mp4"))
-        rc, steps, err = plan()  # a file camera on a server without --allow-files: the old one is gone, say so
-        assert rc == 1 and steps["tune"][0] == "replace" and steps["tune"][1].endswith("(removed, not added back)")
-        assert err.startswith("yolov12-ctl: replace tune (removed, not added back): INVALID_ARGUMENT"), err
-        for sid in ("keep", "late", "new"):
+        rc, steps, err = plan()  # a file camera on a server without --allow-files: the running one is added back
+        assert rc == 1 and steps["tune"] == ("replace", "failed: INVALID_ARGUMENT (the running one added back)")
+        assert err.startswith("yolov12-ctl: replace tune (the running one added back): INVALID_ARGUMENT"), err
+        tune = {s.stream_id: s for s in c.list_streams()}["tune"]
+        assert tune.url == "synthetic://tune?fps=2&size=320x180" and tune.max_fps == 1  # as it ran
+        for sid in ("keep", "late", "new", "tune"):
             c.remove_stream(sid)
 
 

@@ -526,6 +526,22 @@ def _check_apply_classes(c: Client | ShardedClient, wanted: Sequence[StreamSpec]
                              f"{', '.join(sorted(known))} (nothing changed)")
 
 
+def _add_back(c: Client | ShardedClient, was: pb.StreamInfo) -> bool:
+    """Add a camera that `apply` removed to replace it, as it ran, after its replacement was refused (a camera host
+    outside --allow-hosts, a file on a server without --allow-files ...): the line keeps its camera. Not possible
+    when ListStreams masked its URL (a password: `***`): False, as when the server refuses it now."""
+    if "***" in was.url:
+        return False
+    zone = list(zip(was.zone[0::2], was.zone[1::2], strict=True))
+    try:
+        c.add_stream(was.stream_id, was.url, was.max_fps, was.min_score, list(was.classes), zone,
+                     was.blind_after_s if was.HasField("blind_after_s") else None, was.track,
+                     dict(was.class_min_scores))
+    except grpc.RpcError:
+        return False
+    return True
+
+
 def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> int:
     try:
         wanted = load_streams_file(args.file)
@@ -538,7 +554,9 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
         raise UsageError(str(e)) from None
     _check_apply_classes(c, wanted, args.file)
     done: list[tuple[str, str, str, str]] = []  # action, id, url, result
-    for action, sid, spec in plan_apply(wanted, c.list_streams(), args.prune):
+    listed = c.list_streams()
+    running = {s.stream_id: s for s in listed}
+    for action, sid, spec in plan_apply(wanted, listed, args.prune):
         result = {"keep": "", "unlisted": "kept (--prune removes it)"}.get(action,
                                                                           "dry run" if args.dry_run else "done")
         if result == "done":
@@ -551,7 +569,10 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                     c.add_stream(sid, spec.url, spec.max_fps, spec.min_score, spec.classes, spec.zone,
                                  spec.blind_after_s, spec.track, dict(spec.class_min_scores))
             except grpc.RpcError as e:
-                gone = " (removed, not added back)" if removed and action == "replace" else ""
+                gone = ""
+                if removed and action == "replace":
+                    back = _add_back(c, running[sid])
+                    gone = " (the running one added back)" if back else " (removed, not added back)"
                 result = f"failed: {e.code().name}{gone}"
                 print(f"yolov12-ctl: {action} {sid}{gone}: {_one_line(e, _servers(args), args)}", file=sys.stderr,
                       flush=True)
