@@ -403,6 +403,26 @@ def test_stream_ids_and_urls():
     assert redact_url("rtsp://admin:secret@10.0.0.5:554/s") == "rtsp://admin:***@10.0.0.5:554/s"
 
 
+def test_the_helps_of_a_streams_file_name_every_key_it_takes(tmp_path, capsys):
+    """`yolov12-serve --help` (--streams) and `yolov12-ctl apply --help` list a streams file's keys: all those the
+    loader takes (a zone, track or class_min_scores set at start is found in the help), as its refusal of an
+    unknown key lists them."""
+    from yolov12_serve import ctl
+    from yolov12_serve.cli import build_parser
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("- {id: a, url: 'rtsp://h/a', fps: 3}\n")
+    with pytest.raises(ConfigError, match=r"\(allowed: ([a-z_, ]+)\)") as refused:
+        load_streams_file(bad)
+    allowed = re.search(r"\(allowed: ([a-z_, ]+)\)", str(refused.value)).group(1)
+    serve_help = " ".join(build_parser().format_help().split())
+    assert f"'streams: [{{{allowed}}}]'" in serve_help
+    with pytest.raises(SystemExit):
+        ctl.main(["apply", "--help"])
+    apply_help = " ".join(capsys.readouterr().out.split())
+    assert f"YAML: streams: [{{{allowed}}}]" in apply_help
+
+
 def test_streams_file(tmp_path):
     good = tmp_path / "cams.yaml"
     good.write_text("streams:\n  - id: a\n    url: rtsp://h/a\n    max_fps: 5\n    min_score: 0.6\n"

@@ -19,7 +19,16 @@ from pathlib import Path
 
 from . import __version__
 from .argparsing import OneLineParser
-from .config import DECODE_MODES, WORKER_PROCESSES, RtspOptions, ServerConfig, StreamSpec, load_streams_file, url_kind
+from .config import (
+    DECODE_MODES,
+    STREAM_KEYS,
+    WORKER_PROCESSES,
+    RtspOptions,
+    ServerConfig,
+    StreamSpec,
+    load_streams_file,
+    url_kind,
+)
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .mqtt import MqttOptions, client_tls_context
 from .security import SecurityConfig, install_log_redaction
@@ -55,7 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="largest batch (capped by the engine's; default 8)")
     p.add_argument("--max-streams", type=int, default=64,
                    help="cameras at most (default 64); as many Detect calls pushing frames, counted apart")
-    p.add_argument("--streams", metavar="FILE.yaml", help="cameras to add at start: 'streams: [{id, url, max_fps}]'")
+    p.add_argument("--streams", metavar="FILE.yaml",
+                   help=f"cameras to add at start: 'streams: [{{{', '.join(STREAM_KEYS)}}}]' (docs/production.md)")
     p.add_argument("--source", action="append", default=[], metavar="URL",
                    help="a camera to add at start (repeatable); ids cam0, cam1, ...")
     p.add_argument("--demo", action="store_true",

@@ -20,10 +20,12 @@ from .urls import expand_credentials, redact_text, stray_userinfo
 from .urls import redact_url as _redact_url
 
 __all__ = ["DECODE_MODES", "MAX_FPS", "MAX_ID_LEN", "MAX_INSTANCES", "MAX_THREADS", "MAX_URL_LEN", "MIN_FPS",
-           "PULL_SCHEMES", "WORKER_PROCESSES", "RtspOptions", "ServerConfig", "StreamSpec", "load_streams_file",
-           "quote_id", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
+           "PULL_SCHEMES", "STREAM_KEYS", "WORKER_PROCESSES", "RtspOptions", "ServerConfig", "StreamSpec",
+           "load_streams_file", "quote_id", "redact_url", "scrub_url", "url_kind", "validate_stream_id"]
 
 MAX_ID_LEN = 128
+STREAM_KEYS = ("id", "url", "max_fps", "min_score", "class_min_scores", "classes", "zone", "blind_after_s", "track",
+               "credentials")  # what a streams file's entry may hold (`stream_id` for `id` too); the helps list them
 MAX_URL_LEN = 2048  # a camera URL is saved, listed and logged at each reconnect: 17 MB ones made ListStreams fail
 MAX_INSTANCES = 64  # engine instances per device (--instances): each holds the engine's weights and buffers
 MAX_THREADS = 256  # intra-op threads per instance (--threads)
@@ -311,11 +313,9 @@ def load_streams_file(path: str | Path) -> list[StreamSpec]:
         where = f"streams file {path}, entry {i + 1}"
         if not isinstance(item, dict) or "url" not in item:
             raise ConfigError(f"{where}: expected a mapping with 'id' and 'url', got {redact_text(repr(item))}")
-        unknown = set(item) - {"id", "stream_id", "url", "max_fps", "min_score", "class_min_scores", "classes", "zone",
-                               "blind_after_s", "track", "credentials"}
+        unknown = set(item) - {*STREAM_KEYS, "stream_id"}
         if unknown:
-            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: id, url, max_fps, min_score, "
-                              "class_min_scores, classes, zone, blind_after_s, track, credentials)")
+            raise ConfigError(f"{where}: unknown keys {sorted(unknown)} (allowed: {', '.join(STREAM_KEYS)})")
         sid = str(item.get("id", item.get("stream_id", f"cam{i}")))
         try:
             max_fps = float(item.get("max_fps", 0) or 0)

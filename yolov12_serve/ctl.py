@@ -29,7 +29,7 @@ import grpc
 from . import __version__
 from .argparsing import OneLineParser
 from .client import Client, make_frame, message_dict, new_objects, object_dict
-from .config import StreamSpec, load_streams_file, redact_url, url_kind
+from .config import STREAM_KEYS, StreamSpec, load_streams_file, redact_url, url_kind
 from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
 from .proto import detector_pb2 as pb
@@ -171,8 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                 "changed, and with "
                 "--prune remove the others; a file with a URL scheme or a class name the server does not know changes "
                 "nothing")
-    apply.add_argument("file", help="YAML: streams: [{id, url, max_fps, min_score, class_min_scores, classes, zone, "
-                       "blind_after_s, track, credentials}] (docs/serving.md)")
+    apply.add_argument("file", help=f"YAML: streams: [{{{', '.join(STREAM_KEYS)}}}] (docs/production.md)")
     apply.add_argument("--prune", action="store_true", default=False,
                        help="also remove the cameras the file does not list (pushed streams are never touched)")
     apply.add_argument("--dry-run", action="store_true", default=False, help="print what would change, change nothing")
