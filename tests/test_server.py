@@ -13,6 +13,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -243,6 +244,38 @@ def test_a_health_or_metrics_port_in_use_is_one_line(flag, what, values):
     assert r.returncode == 2 and lines == [f"yolov12-serve: error: cannot listen for {what} on 127.0.0.1:{port}:"
                                            " the port is in use (another yolov12-serve?); pick another with "
                                            f"{flag} ({values})"], r.stderr
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.parametrize("host, shown", [("::", "[::]"), ("[::1]", "[::1]")])
+def test_an_ipv6_host_serves_grpc_health_and_metrics(host, shown):
+    """--host '::' (every interface, IPv6 and IPv4 on a dual-stack host) or an IPv6 address, bare or bracketed as in
+    a URL: gRPC needs it bracketed before its port, sockets and HTTP want it bare. '::' was 'cannot listen for gRPC
+    on :::0' and '[::]' 'cannot serve metrics on [::]:0: Name or service not known', so no IPv6 spelling started."""
+    from yolov12_serve.client import Client
+
+    srv = ServerProcess("--host", host, "--health-port", "0", "--no-status")
+    try:
+        line = "".join(srv.output)
+        health = int(re.search(r"health also on \[[0-9a-f:]+\]:(\d+)", line).group(1))
+        assert f"gRPC on {shown}:{srv.port}, metrics on {shown}:{srv.metrics_port}/metrics" in line, line
+        for port in (srv.port, health):
+            with Client(f"[::1]:{port}") as c:
+                c.wait_ready(60)
+                assert c.health() == "SERVING"
+        with urllib.request.urlopen(f"http://[::1]:{srv.metrics_port}/metrics", timeout=10) as r:
+            assert b"yolov12_slo_seconds" in r.read()
+    finally:
+        srv.close()
 
 
 def test_a_broken_streams_file_is_one_line_saying_where():

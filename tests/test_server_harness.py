@@ -98,7 +98,8 @@ class ServerProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.output.append(line)
-            m = re.search(r"gRPC on [\d.]+:(\d+), metrics (?:on [\d.]+:(\d+)|off)", line)
+            at = r"(?:[\d.]+|\[[0-9a-f:]+\])"  # an IPv6 address bracketed
+            m = re.search(rf"gRPC on {at}:(\d+), metrics (?:on {at}:(\d+)|off)", line)
             if m:
                 self.port, self.metrics_port = int(m.group(1)), int(m.group(2) or 0)
                 self._ready.set()

@@ -25,7 +25,7 @@ from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
 from .errors import ServerError
 from .frames import now
-from .ports import check_bindable
+from .ports import bare_host, check_bindable, host_port
 from .security import Security
 from .sources.rtsp import end_camera_threads
 from .status import StatusPrinter, render_summary, render_table
@@ -89,13 +89,13 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     loop = asyncio.get_running_loop()
     core = ServerCore(config, load_engine)
     security = Security(config.security)  # certificates and tokens checked before anything else starts
-    grpc_server, port = await create_server(core, f"{config.host}:{config.port}", config.max_message_bytes,
-                                            security)
+    host = bare_host(config.host)  # '::' and '[::]' alike: gRPC wants it bracketed, sockets and HTTP bare
+    grpc_server, port = await create_server(core, host_port(host, config.port), config.max_message_bytes, security)
     try:
-        health_port = None if config.health_port is None else await grpc_server.serve_health_on(config.host,
+        health_port = None if config.health_port is None else await grpc_server.serve_health_on(host,
                                                                                                  config.health_port)
         if config.metrics_port > 0:  # said now, not after the engines took their time to load
-            check_bindable(f"{config.metrics_host or config.host}:{config.metrics_port}", "metrics",
+            check_bindable(host_port(bare_host(config.metrics_host or host), config.metrics_port), "metrics",
                            "--metrics-port", "0: any free port, -1: off")
     except OSError:  # the main port is open already: closed before the one line is printed
         await grpc_server.stop(0)
@@ -117,7 +117,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
             log.warning("stopped while the engines were loading")
             await grpc_server.stop(0)
             raise LoadingInterruptedError
-        metrics_host = config.metrics_host or config.host
+        metrics_host = bare_host(config.metrics_host or host)
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
         if core.mqtt is not None:  # its client certificate rotates with the server's (SIGHUP)
             security.on_reload("MQTT TLS files", core.mqtt.reload_certificate)
@@ -130,11 +130,12 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         core.restore_streams()
         core.opened()
         https = " over HTTPS" if config.security.metrics_tls else ""
-        print(f"yolov12-serve {_version()}: gRPC on {config.host}:{port}, metrics "
-              f"{f'on {metrics_host}:{metrics_port}/metrics{https}' if metrics_port is not None else 'off'}, devices "
+        metrics_at = f"on {host_port(metrics_host, metrics_port)}/metrics{https}" if metrics_port is not None else "off"
+        print(f"yolov12-serve {_version()}: gRPC on {host_port(host, port)}, metrics {metrics_at}, devices "
               f"{','.join(core.runtimes)}, SLO {config.slo_ms:g} ms, {security.describe()}"
-              f"{'' if health_port is None else f', health also on {config.host}:{health_port}'}", file=out, flush=True)
-        security.warn_if_open(config.host)  # once it serves (a start that fails says only why)
+              f"{'' if health_port is None else f', health also on {host_port(host, health_port)}'}",
+              file=out, flush=True)
+        security.warn_if_open(host)  # once it serves (a start that fails says only why)
         started = now()
         status = asyncio.create_task(_show_status(core, options, out, port)) if options.status_interval else None
         with contextlib.suppress(asyncio.TimeoutError):
@@ -254,8 +255,10 @@ async def _shutdown(core: ServerCore, grpc_server: GrpcServer) -> None:
 
 async def _show_status(core: ServerCore, options: RunOptions, out: TextIO, port: int) -> None:
     printer = StatusPrinter(out)
-    host = core.config.host if core.config.host not in ("0.0.0.0", "::", "") else "localhost"
-    hint = f"from another shell: {_ctl_command()} --server {host}:{port} streams (or watch, info, add ID URL, --help)"
+    host = bare_host(core.config.host)
+    host = host if host not in ("0.0.0.0", "::", "") else "localhost"
+    hint = (f"from another shell: {_ctl_command()} --server {host_port(host, port)} streams (or watch, info, add ID "
+            "URL, --help)")
     wait = min(1.0, options.status_interval)  # the first table soon, then every status_interval
     while True:
         await asyncio.sleep(wait)

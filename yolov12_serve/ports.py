@@ -5,7 +5,19 @@ from __future__ import annotations
 import errno
 import socket
 
-__all__ = ["check_bindable"]
+__all__ = ["bare_host", "check_bindable", "host_port"]
+
+
+def bare_host(host: str) -> str:
+    """An address as sockets take it: '[::1]' -> '::1' (an IPv6 address written as URLs write it); others as given."""
+    return host[1:-1] if host.startswith("[") and host.endswith("]") else host
+
+
+def host_port(host: str, port: int) -> str:
+    """'HOST:PORT' as gRPC and messages want it: an IPv6 address bracketed ('[::]:50051'), which gRPC cannot tell
+    from its port otherwise."""
+    host = bare_host(host)
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def check_bindable(address: str, what: str = "gRPC", flag: str = "--port", values: str = "0: any free port") -> None:
