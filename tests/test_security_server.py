@@ -187,6 +187,38 @@ def test_tokens_and_roles_on_every_rpc(mtls, pki):
         c.close()
 
 
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+def test_an_ipv6_client_is_named_as_written_in_the_log_and_the_watcher_metrics(tmp_path):
+    """gRPC names an IPv6 peer percent-encoded ('ipv6:%5B::1%5D:5123'): the refused-calls log line and the per-watcher
+    metric label showed that, which no search for the client's address finds. They show 'ipv6:[::1]'."""
+    tokens = token_file(tmp_path / "tokens", f"{OPERATOR} operator")
+    srv = ServerProcess("--host", "::", "--auth-token-file", str(tokens), "--allow-synthetic", "--no-status")
+    try:
+        with Client(f"[::1]:{srv.port}", token="not-a-token-of-this-server-0123") as wrong:
+            assert code_of(wrong.list_streams) == UNAUTHENTICATED
+        wait_until(lambda: "auth: calls refused from" in srv.log(), 20, what="the refusal logged")
+        assert "auth: calls refused from ipv6:[::1]: UNAUTHENTICATED" in srv.log(), srv.log()
+        with Client(f"[::1]:{srv.port}", token=OPERATOR) as c:
+            c.wait_ready(60)
+            c.add_stream("v6", "synthetic://v6?fps=5&size=320x180")
+            watch = c.watch(["v6"], timeout=60)
+            next(iter(watch))
+            labels = re.findall(r'yolov12_watcher_queued_results\{watcher="([^"]+)"\}', srv.metrics())
+            assert labels and all(re.fullmatch(r"\d+ ipv6:\[::1\]:\d+", w) for w in labels), labels
+            watch.cancel()
+    finally:
+        srv.close()
+
+
 def test_sharded_client_passes_tls_and_token_to_every_replica(mtls, pki):
     with ShardedClient([mtls.address], tls_ca=pki["ca"].cert, cert=pki["client"].cert, key=pki["client"].key,
                        token=VIEWER) as fleet:

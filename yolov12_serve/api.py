@@ -28,7 +28,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from . import messages
-from .calllimits import PerClientCallLimit, default_per_client
+from .calllimits import PerClientCallLimit, default_per_client, peer_text
 from .config import StreamSpec, quote_id, validate_stream_id
 from .core import SNAPSHOT_WAIT_S, ServerCore
 from .errors import (
@@ -196,7 +196,7 @@ class DetectorService(pb_grpc.DetectorServicer):
     async def WatchDetections(self, request: pb.WatchDetectionsRequest, context) -> AsyncIterator[pb.FrameDetections]:
         """Results as published, from a bounded queue of this call's own (a slow reader loses its oldest)."""
         ids = await self._check_watch(request.stream_ids, context)
-        sub = self.core.open_watch(ids or None, asyncio.get_running_loop(), context.peer())
+        sub = self.core.open_watch(ids or None, asyncio.get_running_loop(), peer_text(context.peer()))
         try:
             while (result := await sub.next()) is not None:  # error results too: `error` says why no detections
                 yield messages.frame_detections(result, self._names(result))
@@ -215,7 +215,7 @@ class DetectorService(pb_grpc.DetectorServicer):
                         f"{self.core.config.watch_batch_ms:g}), got {delay_ms}")
         delay = delay_ms / 1000.0
         loop = asyncio.get_running_loop()
-        sub = self.core.open_watch(ids or None, loop, context.peer(), batched=True)
+        sub = self.core.open_watch(ids or None, loop, peer_text(context.peer()), batched=True)
         try:
             budget = self.core.config.max_message_bytes // 2
             while (taken := await sub.next_batch(BATCH_LIMIT, _weigh, budget)) is not None:

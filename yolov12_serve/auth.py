@@ -32,6 +32,7 @@ from pathlib import Path
 
 import grpc
 
+from .calllimits import peer_text
 from .errors import ConfigError
 from .faultlog import FaultLog
 
@@ -174,6 +175,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _refused(self, code: grpc.StatusCode, why: str) -> Callable[[str], None]:
         def note(peer: str) -> None:
+            peer = peer_text(peer)  # ipv6:[::1], not gRPC's ipv6:%5B::1%5D
             address = peer.rsplit(":", 1)[0] if peer.count(":") > 1 else peer  # ipv4:10.0.0.9:5000 -> ipv4:10.0.0.9
             faults = self._refusals.pop(address, None) or FaultLog(log, "auth: calls refused from %s", (address,))
             self._refusals[address] = faults  # the most recent last

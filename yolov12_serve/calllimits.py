@@ -10,11 +10,12 @@ GetSnapshot, ...) are not counted: they end by themselves.
 from __future__ import annotations
 
 import inspect
+import urllib.parse
 from collections.abc import AsyncIterator
 
 import grpc
 
-__all__ = ["HEADROOM", "PerClientCallLimit", "client_address", "default_per_client"]
+__all__ = ["HEADROOM", "PerClientCallLimit", "client_address", "default_per_client", "peer_text"]
 
 
 HEADROOM = 8  # calls of --max-concurrent-rpcs one client leaves to the others (health checks, operators)
@@ -25,9 +26,16 @@ def default_per_client(max_concurrent_rpcs: int) -> int:
     return max_concurrent_rpcs - HEADROOM if max_concurrent_rpcs > 2 * HEADROOM else max_concurrent_rpcs
 
 
+def peer_text(peer: str) -> str:
+    """A gRPC peer as people write it: gRPC gives an IPv6 one percent-encoded ('ipv6:%5B::1%5D:5123'), which a log
+    line or a metric label would otherwise show, and a search for the address would not find."""
+    return urllib.parse.unquote(peer)
+
+
 def client_address(peer: str) -> str:
-    """'ipv4:10.1.2.3:5123' -> '10.1.2.3', 'ipv6:[::1]:5123' -> '[::1]'; other forms (unix:...) as they are."""
-    kind, _, rest = peer.partition(":")
+    """'ipv4:10.1.2.3:5123' -> '10.1.2.3', 'ipv6:[::1]:5123' (or gRPC's 'ipv6:%5B::1%5D:5123') -> '[::1]'; other
+    forms (unix:...) as they are."""
+    kind, _, rest = peer_text(peer).partition(":")
     if kind in ("ipv4", "ipv6") and rest:
         return rest.rpartition(":")[0] or rest
     return peer
