@@ -513,6 +513,9 @@ def test_an_unreachable_server_says_where_it_looked(capsys):
     assert 1.9 < time.monotonic() - t0 < 10 and err.startswith("yolov12-ctl: watch interrupted (UNAVAILABLE: ") and (
         err.count("\n") == 1), err
     assert run("--server", "127.0.0.1:1", "--timeout", "5", "health") == (1, "127.0.0.1:1: UNAVAILABLE\n")
+    err = capsys.readouterr().err  # why, on stderr: stdout stays one status line per server for scripts
+    assert err.startswith("yolov12-ctl: 127.0.0.1:1: UNAVAILABLE: cannot reach 127.0.0.1:1") and "--server" in err and (
+        err.count("\n") == 1), err
     for argv, line in ((["frobnicate"], "argument COMMAND: invalid choice"),
                        (["watch", "--count", "-2"], "argument --count: must be 0 or more, got -2"),
                        (["--timeout", "0", "streams"], "argument --timeout: must be more than 0, got 0")):

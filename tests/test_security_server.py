@@ -288,6 +288,25 @@ def test_ctl_says_which_tls_file_or_token_to_check_when_refused(mtls, pki, tmp_p
         assert "the server wants a token" not in err
 
 
+def test_ctl_health_of_a_server_it_cannot_reach_says_why_on_stderr(mtls, pki, capsys):
+    """`health` prints a status line per server for scripts and probes; one it cannot reach (a TLS server asked in
+    plaintext, mutual TLS without a client certificate) was a bare 'UNAVAILABLE' with nothing to check. The reason
+    and the hint now go to stderr, stdout unchanged."""
+    from yolov12_serve import ctl
+
+    mtls_client(mtls, pki).wait_ready(60)
+    for argv, hint in [([], "; is the server running and reachable there? (--server, or YOLOV12_SERVER; --tls-ca for "
+                            "a server with TLS)"),
+                       (["--tls-ca", str(pki["ca"].cert)], "closes the connection of a client without a certificate: "
+                                                           "give --cert and --key")]:
+        out = io.StringIO()
+        assert ctl.main(["--server", mtls.address, "--timeout", "5", *argv, "health"], out) == 1
+        assert out.getvalue() == f"{mtls.address}: UNAVAILABLE\n"
+        err = capsys.readouterr().err
+        assert err.startswith(f"yolov12-ctl: {mtls.address}: UNAVAILABLE: cannot reach {mtls.address}") and \
+            hint in err and err.count("\n") == 1, err
+
+
 def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, tmp_path):
     """A TLS server without client CA: plaintext refused, any TLS client served (with a token), health alone on a
     plaintext port for probes. SIGHUP brings a certificate of another CA (for gRPC and /metrics) and a new token

@@ -610,13 +610,17 @@ def _info(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> 
     return 0
 
 
-def _health(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> int:
-    serving = True
+def _health(clients: Sequence[tuple[str, Client]], args: argparse.Namespace, out: TextIO) -> int:
+    """A line per server on stdout (its status, for scripts and probes); a server not reached also gets the reason
+    and what to check on stderr, as every refused call does: a bare UNAVAILABLE said nothing of a server with TLS
+    asked without --tls-ca, or of a typo in --server."""
+    serving, as_json = True, args.json
     for address, c in clients:
         try:
             status = c.health()
         except grpc.RpcError as e:
             status = e.code().name
+            print(f"yolov12-ctl: {address}: {_one_line(e, [address], args)}", file=sys.stderr, flush=True)
         serving &= status == "SERVING"
         out.write((json.dumps({"server": address, "status": status}) if as_json else f"{address}: {status}") + "\n")
     return 0 if serving else 1
@@ -651,7 +655,7 @@ def run(args: argparse.Namespace, out: TextIO) -> int:
         "detect": lambda: _detect(clients[0], args, out),
         "snapshot": lambda: _snapshot(c, args, out),
         "info": lambda: _info(each, args.json, out),
-        "health": lambda: _health(each, args.json, out),
+        "health": lambda: _health(each, args, out),
         "reload": lambda: _reload(each, args, out),
     }
     try:
