@@ -420,6 +420,8 @@ def test_info_health_and_the_installed_command(server, monkeypatch):
     (("--server", "http://localhost:50051", "streams"), 2, "yolov12-ctl: --server 'http://localhost:50051': expected "
      "HOST:PORT such as localhost:50051 (no http://)"),
     (("--server", "localhost:abc", "streams"), 2, "yolov12-ctl: --server 'localhost:abc': expected HOST:PORT"),
+    (("--server", "::1:50051", "health"), 2, "yolov12-ctl: --server '::1:50051': an IPv6 address goes in brackets "
+     "before the port, such as [::1]:50051"),
     (("--tls-ca", __file__, "streams"), 2, f"yolov12-ctl: --tls-ca {__file__} is not a PEM file (-----BEGIN"),
     (("detect", __file__), 2, f"yolov12-ctl: {__file__} is not an image (JPEG, PNG, BMP, TIFF, WebP, ... are)"),
 ])

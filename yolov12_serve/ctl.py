@@ -220,6 +220,9 @@ def _check_server(server: str) -> None:
     host, _, port = server.rpartition(":")
     if "://" in server or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
         raise UsageError(f"--server {server!r}: expected HOST:PORT such as localhost:50051 (no http://)")
+    if ":" in host and not (host.startswith("[") and host.endswith("]")):  # gRPC: "Misformatted domain name"
+        raise UsageError(f"--server {server!r}: an IPv6 address goes in brackets before the port, such as "
+                         "[::1]:50051")
 
 
 def _token(args: argparse.Namespace) -> str | None:
