@@ -278,6 +278,30 @@ def test_a_broker_that_comes_and_goes_never_stops_the_server_and_a_killed_server
             broker.stop()
 
 
+def test_a_lost_connection_says_what_may_have_closed_it_such_as_a_client_with_our_id(tmp_path):
+    """The broker drops our connection when another client connects with the same client id (two servers given one
+    --mqtt-client-id), or when it stops: paho calls either 'Unspecified error', which was the whole reason logged.
+    The line says what closes a connection so, naming the client id."""
+    import paho.mqtt.client as mqtt
+
+    broker = Broker(tmp_path)
+    server = ServerProcess("--no-status", "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--mqtt-client-id", "line1-det")
+    try:
+        label = f'yolov12_mqtt_connected{{broker="127.0.0.1:{broker.port}"}}'
+        wait_until(lambda: metric(server, label) == 1, 30, what="connected")
+        twin = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id="line1-det")  # no loop thread: no reconnect
+        twin.connect("127.0.0.1", broker.port)
+        twin.loop(timeout=1.0)
+        wait_until(lambda: "mqtt: lost the connection" in server.log(), 20, what="the connection lost")
+        twin.disconnect()
+        line = next(ln for ln in server.log().splitlines() if "mqtt: lost the connection" in ln)
+        assert "Unspecified error" not in line and "another client connected with this client id line1-det" in line \
+            and "--mqtt-client-id" in line, line
+    finally:
+        server.close()
+        broker.stop()
+
+
 def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
     broker = Broker(tmp_path, users={"detector": "s3cret"})
     listener = Listener(broker.port, "yolov12", "detector", "s3cret")

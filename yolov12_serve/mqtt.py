@@ -316,8 +316,13 @@ class MqttPublisher:
 
     def _disconnected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
         if self._connected and not self._stop.is_set():
+            why = str(reason)
+            if why == "Unspecified error":  # paho's word for a connection that closed under it (MQTT 3.1.1 says none)
+                named = f" {self.options.client_id}" if self.options.client_id else ""
+                why = (f"closed: the broker stopped, restarted or became unreachable, or another client connected with "
+                       f"this client id{named} and the broker dropped us (each server needs its own --mqtt-client-id)")
             log.warning("mqtt: lost the connection to %s (%s): reconnecting; objects are held (up to --mqtt-queue "
-                        "%d), detections are not sent meanwhile", self.options.broker, reason, self.options.queue)
+                        "%d), detections are not sent meanwhile", self.options.broker, why, self.options.queue)
         elif not self._connected and not self._stop.is_set() and not self._refusal and not self._unreachable:
             # TCP connected but no answer to CONNECT: the peer closed it (mqtt:// to a TLS port, not a broker; a
             # TLS 1.3 broker refusing our client certificate after the handshake) or never answered (a hung
