@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .config import ServerConfig, StreamSpec
 from .errors import ConfigError, InvalidArgumentError
+from .ports import host_port
 from .security import Security
 from .state import STREAMS_FILE
 from .urls import redact_url
@@ -53,10 +54,10 @@ def check_config(config: ServerConfig, streams: list[StreamSpec]) -> list[str]:
     if config.evidence_dir:
         lines.append(f"evidence {config.evidence_dir}: {_writable(config.evidence_dir, '--evidence-dir')}")
     security = Security(config.security)  # reads and checks the certificates, keys and tokens
-    lines.append(f"gRPC     {config.host}:{config.port}, {security.describe()}")
+    lines.append(f"gRPC     {host_port(config.host, config.port)}, {security.describe()}")
     if config.metrics_port >= 0:
         https = " over HTTPS" if config.security.metrics_tls else ""
-        lines.append(f"metrics  {config.metrics_host or config.host}:{config.metrics_port}{https}")
+        lines.append(f"metrics  {host_port(config.metrics_host or config.host, config.metrics_port)}{https}")
     if config.mqtt is not None:
         cert = f", client certificate {config.mqtt.cert}" if config.mqtt.cert else ""
         lines.append(f"mqtt     {redact_url(config.mqtt.url)}{cert}")
