@@ -381,6 +381,51 @@ def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, t
         srv.close()
 
 
+def test_a_reload_that_takes_a_token_away_ends_the_watches_it_opened(tmp_path):
+    """A watch is checked when it starts and streams for as long as its client stays: a viewer whose token was
+    removed (a reload) went on receiving detections. Now its watches end at the reload, UNAUTHENTICATED and logged;
+    a watch with a token still in the file goes on."""
+    import threading
+
+    revoked = "gone-" + "3" * 27
+    tokens = token_file(tmp_path / "tokens", f"{OPERATOR} operator", f"{VIEWER} viewer", f"{revoked} viewer")
+    srv = ServerProcess("--auth-token-file", str(tokens), "--allow-synthetic", "--instances", "1", "--no-status")
+    ended: dict[str, grpc.StatusCode | None] = {}
+    counts = {VIEWER: 0, revoked: 0}
+
+    def watch(token: str, batched: bool) -> None:
+        with Client(srv.address, token=token) as c:
+            try:
+                for _ in c.watch(["belt"], batched=batched):
+                    counts[token] += 1
+            except grpc.RpcError as e:
+                ended[token] = e.code()
+            else:
+                ended[token] = None
+
+    try:
+        with Client(srv.address, token=OPERATOR) as op:
+            op.wait_ready(60)
+            op.add_stream("belt", "synthetic://belt?fps=10&size=320x180")
+            threads = [threading.Thread(target=watch, args=(VIEWER, True), daemon=True),
+                       threading.Thread(target=watch, args=(revoked, False), daemon=True)]
+            for t in threads:
+                t.start()
+            wait_until(lambda: min(counts.values()) >= 5, 30, what="both watches receiving")
+            token_file(tokens, f"{OPERATOR} operator", f"{VIEWER} viewer")
+            srv.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: revoked in ended, 15, what="the revoked viewer's watch ended")
+            assert ended[revoked] == UNAUTHENTICATED, ended
+            before = counts[VIEWER]
+            wait_until(lambda: counts[VIEWER] > before + 5, 15, what="the other watch going on")
+            assert VIEWER not in ended
+            wait_until(lambda: "auth: a WatchDetections call from" in srv.log(), 10, what="the end logged")
+            assert "ended: the token was removed from the server's token file" in srv.log()
+            assert revoked not in srv.log()  # tokens are never logged
+    finally:
+        srv.close()
+
+
 def test_peers_that_speak_no_tls_to_the_tls_port_write_nothing_to_the_log(pki):
     """gRPC core wrote a line of its own ('Handshake failed ... WRONG_VERSION_NUMBER') for every plaintext or junk
     connection to a TLS port, past --log-level: any peer that reached the port, with no certificate or token,

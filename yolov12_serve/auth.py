@@ -15,18 +15,23 @@ Clients send `authorization: Bearer TOKEN` metadata. No token, or one the file d
 viewer calling an operator method: PERMISSION_DENIED. Refused calls are answered without reading their request,
 and logged per client address on change (the audit trail, which a client retrying in a loop cannot flood).
 Tokens are kept only as SHA-256 digests and compared in constant time (every entry, hmac.compare_digest), never
-logged. The file is read again on SIGHUP (security.py): a broken file then keeps the tokens already loaded.
+logged. The file is read again on SIGHUP (security.py): a broken file then keeps the tokens already loaded. A
+streaming call (a watch, a Detect push) outlives its start: when a reload takes its token away, or leaves it too low
+a role, the call is ended at once with UNAUTHENTICATED / PERMISSION_DENIED and logged (`revoke`), so that removing
+a viewer's token cuts off its `watch --follow` rather than letting it stream until it disconnects.
 """
 
 from __future__ import annotations
 
+import asyncio
 import collections
 import hashlib
 import hmac
+import inspect
 import logging
 import os
 import stat
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -164,14 +169,76 @@ def deny(handler: grpc.RpcMethodHandler, code: grpc.StatusCode, message: str,
     return grpc.unary_unary_rpc_method_handler(unary, **kw)
 
 
+@dataclass(eq=False)  # each call is itself (a set of them by identity)
+class _OpenCall:
+    """A streaming call that a token allowed, while it runs: ended by `AuthInterceptor.revoke` if a reload takes the
+    token's right away."""
+
+    method: str
+    token: str
+    need: str
+    peer: str = ""
+    task: asyncio.Task | None = None
+    revoked: tuple[grpc.StatusCode, str] | None = None
+
+
 class AuthInterceptor(grpc.aio.ServerInterceptor):
     """Checks each call's bearer token against the current TokenTable (`table()`, swapped on reload). Refusals are
     the security team's audit trail: logged per client address on change (its first refusal and each new reason,
-    then summaries at growing intervals), so a client retrying a wrong token in a loop cannot flood the log."""
+    then summaries at growing intervals), so a client retrying a wrong token in a loop cannot flood the log.
+    Streaming calls are followed while they run, so that `revoke` can end those a reload took the right from."""
 
     def __init__(self, table: Callable[[], TokenTable]) -> None:
         self._table = table
         self._refusals: collections.OrderedDict[str, FaultLog] = collections.OrderedDict()  # address -> its log
+        self._open: set[_OpenCall] = set()  # streaming calls running now (the event loop's thread only)
+
+    def revoke(self, table: TokenTable) -> int:
+        """After a reload to `table`: end the streaming calls whose token it no longer holds, or holds with too low a
+        role; returns how many. Called in the event loop's thread (SIGHUP's handler), as the calls run there."""
+        ended = 0
+        for call in list(self._open):
+            role = table.role_of(call.token)
+            if role is not None and ROLES.index(role) >= ROLES.index(call.need):
+                continue
+            name = call.method.rsplit("/", 1)[-1]
+            call.revoked = ((grpc.StatusCode.UNAUTHENTICATED, "the token was removed from the server's token file")
+                            if role is None else
+                            (grpc.StatusCode.PERMISSION_DENIED, f"{name} needs the {call.need} role; this token is "
+                             f"a {role}'s now"))
+            log.warning("auth: a %s call from %s ended: %s", name, call.peer, call.revoked[1])
+            if call.task is not None:
+                call.task.cancel()
+            ended += 1
+        return ended
+
+    def _followed(self, handler: grpc.RpcMethodHandler, method: str, token: str, need: str) -> grpc.RpcMethodHandler:
+        """`handler` with its streamed answer followed while it runs (revoke ends it); other shapes as they are."""
+        behavior = handler.unary_stream or handler.stream_stream
+        if not handler.response_streaming or not inspect.isasyncgenfunction(behavior):
+            return handler
+        calls = self._open
+
+        async def followed(request: object, context: grpc.aio.ServicerContext) -> AsyncIterator[object]:
+            call = _OpenCall(method, token, need, peer_text(context.peer()), asyncio.current_task())
+            calls.add(call)
+            try:
+                async for answer in behavior(request, context):
+                    yield answer
+            except asyncio.CancelledError:
+                if call.revoked is None:
+                    raise  # the client went, or the server stops
+                if call.task is not None and hasattr(call.task, "uncancel"):
+                    call.task.uncancel()  # consumed: the call ends with the refusal, not as cancelled
+                await context.abort(*call.revoked)
+            finally:
+                calls.discard(call)
+
+        kw = {"request_deserializer": handler.request_deserializer,
+              "response_serializer": handler.response_serializer}
+        if handler.request_streaming:
+            return grpc.stream_stream_rpc_method_handler(followed, **kw)
+        return grpc.unary_stream_rpc_method_handler(followed, **kw)
 
     def _refused(self, code: grpc.StatusCode, why: str) -> Callable[[str], None]:
         def note(peer: str) -> None:
@@ -207,4 +274,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             why = f"{name} needs the {need} role; this token is a {role}'s"
             return deny(shape, grpc.StatusCode.PERMISSION_DENIED, why,
                         self._refused(grpc.StatusCode.PERMISSION_DENIED, why))
-        return handler  # None for an unknown method: grpc answers UNIMPLEMENTED
+        if handler is None:
+            return None  # an unknown method: grpc answers UNIMPLEMENTED
+        return self._followed(handler, method, token, need)

@@ -50,6 +50,7 @@ class Security:
         self.tls = ServerTls(self.config.tls) if self.config.tls is not None else None
         self.tokens = TokenTable.load(self.config.token_file) if self.config.token_file else None
         self._on_reload: list[tuple[str, Callable[[], None]]] = []
+        self._auth: AuthInterceptor | None = None  # made with the interceptors; ends calls a token reload revokes
 
     @property
     def reflection(self) -> bool:
@@ -60,7 +61,8 @@ class Security:
         """The interceptors, outermost first: the token check answers before a request is read."""
         chain: list[grpc.aio.ServerInterceptor] = []
         if self.tokens is not None:
-            chain.append(AuthInterceptor(self._table))
+            self._auth = AuthInterceptor(self._table)
+            chain.append(self._auth)
         chain.append(GuardInterceptor())
         return chain
 
@@ -99,6 +101,8 @@ class Security:
         assert self.config.token_file
         table = TokenTable.load(self.config.token_file)
         self.tokens = table
+        if self._auth is not None:
+            self._auth.revoke(table)  # watches whose token went end now, not when their client leaves
         counts = table.counts()
         log.info("tokens reloaded from %s: %d operator, %d viewer", table.path, counts["operator"], counts["viewer"])
 
