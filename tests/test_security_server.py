@@ -356,6 +356,8 @@ def test_tls_refuses_plaintext_and_sighup_reloads_certificates_and_tokens(pki, t
                 return code_of(c.list_streams) == OK
 
         wait_until(lambda: served_with(new_ca.cert, new_operator), 30, what="the new certificate and token in use")
+        wait_until(lambda: "SIGHUP: the engine files are unchanged" in srv.log(), 10, what="the engines kept")
+        assert "reloading engines" not in srv.log()  # a certificate rotation loads no engine again
         assert not served_with(pki["ca"].cert, new_operator)  # the old certificate is gone
         with Client(srv.address, tls_ca=new_ca.cert, token=OPERATOR) as old:
             assert code_of(old.list_streams) == UNAUTHENTICATED  # the old token too

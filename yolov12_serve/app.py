@@ -196,7 +196,13 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
 
 
 async def _reload_on_sighup(core: ServerCore) -> None:
-    """SIGHUP: reload the engine files (ReloadEngines without arguments); a refusal is logged, nothing else."""
+    """SIGHUP: reload the engine files (ReloadEngines without arguments) when one was replaced or rewritten since it
+    was loaded; a refusal is logged, nothing else. Unchanged files are kept: a certificate rotation's SIGHUP (every
+    few weeks, from cert-manager) need not load every engine again beside the running ones."""
+    if not core.engine_files_changed():
+        log.info("SIGHUP: the engine files are unchanged since they were loaded: kept (yolov12-ctl reload loads "
+                 "them again all the same)")
+        return
     log.info("SIGHUP: reloading the engine files")
     try:
         await asyncio.get_running_loop().run_in_executor(None, core.reload_engines, None)

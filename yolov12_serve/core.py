@@ -59,7 +59,7 @@ from .sources.synthetic import parse_synthetic_url
 from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
-from .swap import EngineSwap, check_engine_path
+from .swap import EngineSwap, check_engine_path, engine_files_signature
 from .tracking import Tracker
 from .worker import DeviceWorker
 
@@ -131,6 +131,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self._over_since: dict[str, float] = {}  # device -> since when its load is over capacity (rebalancing)
         self._recheck_faults: dict[str, FaultLog] = {}  # device -> its failed re-checks, logged on change
         self._reload_lock = threading.Lock()  # one engine reload at a time, the next waits
+        self._loaded_files: tuple = ()  # the engine files as they were when loaded (swap.engine_files_signature)
         self._names: dict[str, dict[int, str]] = {}  # model version -> class names (results name their classes
         # by the engine that ran them, also across a swap that changes them)
         self._image_ids = itertools.count()
@@ -162,6 +163,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                               "for all devices or one per device")
         for p in paths:
             check_engine_path(p)
+        self._loaded_files = engine_files_signature(list(paths))  # before they are read (SIGHUP compares)
         if self.store is not None:  # a state folder that cannot be used is said before the engines load
             self.store.open()
             self._saved = self.store.load()

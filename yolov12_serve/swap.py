@@ -25,9 +25,23 @@ if TYPE_CHECKING:
     from .runtime import DeviceRuntime, EngineLoader
     from .supervisor import RunDeadline, RunSupervisor
 
-__all__ = ["EngineSwap", "check_engine_path"]
+__all__ = ["EngineSwap", "check_engine_path", "engine_files_signature"]
 
 log = logging.getLogger("yolov12_serve.core")
+
+
+def engine_files_signature(paths: list[str]) -> tuple:
+    """What tells an engine file replaced or rewritten since it was read, without reading it (an engine is hundreds
+    of MB): its size, inode, and modification and change times (no copy keeps the change time)."""
+    signature = []
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            signature.append((path, None))
+            continue
+        signature.append((path, st.st_size, st.st_ino, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(signature)
 
 
 class EngineSwap:
@@ -44,6 +58,7 @@ class EngineSwap:
         _reload_lock: threading.Lock
         _names: dict[str, dict[int, str]]
         _stop: threading.Event
+        _loaded_files: tuple
 
         def _check_serving(self) -> None: ...
         def _threads_per_instance(self) -> int | None: ...
@@ -61,6 +76,11 @@ class EngineSwap:
             self._check_serving()
             return self._reload(list(paths) if paths else list(self.config.engines))
 
+    def engine_files_changed(self) -> bool:
+        """Whether an engine file the devices run was replaced or rewritten since it was loaded (SIGHUP reloads the
+        engines only then: a certificate rotation's SIGHUP need not swap them)."""
+        return engine_files_signature(list(self.config.engines)) != self._loaded_files
+
     def _reload(self, paths: list[str]) -> ServerInfoView:
         cfg = self.config
         if len(paths) not in (1, len(cfg.devices)):
@@ -68,6 +88,7 @@ class EngineSwap:
                                        "all devices or one per device")
         for p in paths:
             check_engine_path(p)
+        signature = engine_files_signature(paths)  # before reading them: a file written meanwhile is read again
         log.info("reloading engines: %s", ", ".join(paths))
         loaded: dict[str, LoadedEngine] = {}
         for i, device in enumerate(cfg.devices):
@@ -94,6 +115,7 @@ class EngineSwap:
                 old[device] = rt.swap(new)
                 self.placement.set_cost(device, new.frame_cost_s)
         cfg.engines = paths
+        self._loaded_files = signature
         for device, new in loaded.items():
             log.info("%s: now serving %s (model %s, was %s)", device, new.path, new.version, old[device].version)
             rt = self.runtimes[device]
