@@ -535,6 +535,18 @@ def test_watch_lines_show_each_tracked_object_s_id():
                                  "crack 0.50 (5,6,9,9)")
 
 
+def test_an_object_record_has_its_ids_as_numbers():
+    """`watch --objects --json` and MQTT objects: frame_id, capture_time_us and track_id all numbers (proto3's JSON
+    wrote the 64-bit track_id as a string beside a numeric frame_id); the detection's other fields as before."""
+    from yolov12_serve.client import object_dict
+
+    fd = pb.FrameDetections(stream_id="belt", frame_id=7, capture_time_us=1_700_000_000_123_456)
+    d = pb.Detection(x1=1, y1=2, x2=30, y2=40, score=0.5, class_id=1, class_name="dent", track_id=12)
+    record = json.loads(json.dumps(object_dict(fd, d)))
+    assert (record["frame_id"], record["capture_time_us"], record["track_id"]) == (7, 1_700_000_000_123_456, 12)
+    assert record["class_name"] == "dent" and record["x2"] == 30 and record["time"] == "2023-11-14T22:13:20.123Z"
+
+
 def test_a_last_error_says_how_old_it_is():
     assert [ctl._ago(s) for s in (0.4, 59, 60, 3599, 7200, 3 * 86400)] == [
         "0 s ago", "59 s ago", "1 min ago", "59 min ago", "2 h ago", "3 d ago"]

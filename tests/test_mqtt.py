@@ -359,7 +359,8 @@ def test_without_detections_only_objects_and_states_are_published(tmp_path):
         records = wait_until(lambda: len(listener.on("quiet/cam/objects")) >= 2 and listener.on("quiet/cam/objects"),
                              20, what="two objects")
         time.sleep(0.5)
-        assert [json.loads(p)["track_id"] for p, _ in listener.on("quiet/cam/objects")] == ["1", "2"]
+        assert [json.loads(p)["track_id"] for p, _ in listener.on("quiet/cam/objects")] == [1, 2]  # numbers, as
+        # frame_id and the evidence record's
         assert not [t for t, _, _ in listener.messages if t.endswith("/detections")], listener.messages
         assert records
     finally:

@@ -359,11 +359,13 @@ def message_dict(message: Any) -> dict[str, Any]:
 
 def object_dict(fd: pb.FrameDetections, d: pb.Detection) -> dict[str, Any]:
     """An object when first seen as a JSON-ready dict: camera, frame, capture time (and as UTC text) and the
-    detection (`yolov12-ctl watch --objects --json`, MQTT objects)."""
+    detection (`yolov12-ctl watch --objects --json`, MQTT objects). Its ids are numbers, as in the evidence record
+    (evidence.py): proto3's JSON writes 64-bit fields as strings, which gave one record `"frame_id": 7` beside
+    `"track_id": "12"` (an MES parser keyed on the id then met both types)."""
     at = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(fd.capture_time_us / 1e6)) + \
         f".{fd.capture_time_us // 1000 % 1000:03d}Z"
     return {"stream_id": fd.stream_id, "frame_id": fd.frame_id, "capture_time_us": fd.capture_time_us, "time": at,
-            **message_dict(d)}
+            **message_dict(d), "track_id": d.track_id}
 
 
 
