@@ -359,7 +359,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         if dropped:
             self._save_streams_logged()
         if restored:
-            log.info("%d streams restored from %s", restored, self.store.folder if self.store else "?")
+            log.info("%d stream%s restored from %s", restored, "s" if restored != 1 else "",
+                     self.store.folder if self.store else "?")
         return restored
 
     def _save_streams(self) -> None:
