@@ -44,6 +44,7 @@ from urllib.parse import unquote, urlsplit
 
 from .errors import ConfigError
 from .fanout import Subscription
+from .faultlog import FaultLog
 from .frames import FrameResult
 from .tls import load_key_pair, read_pem
 from .urls import redact_url
@@ -212,6 +213,8 @@ class MqttPublisher:
         self._connected = False
         self._refusal = ""  # the last reason the broker gave for refusing us (logged once per reason)
         self._unreachable = False  # a failed connection attempt was logged (once until connected again)
+        # connections lost: on change, not a line pair per drop (two servers given one client id flap each second)
+        self._drops = FaultLog(log, "mqtt: %s", (options.broker,))
         # unique per process, and at most 23 characters: the length every MQTT 3.1.1 broker must accept
         unique = hashlib.sha1(f"{socket.gethostname()} {os.getpid()} {id(self)}".encode()).hexdigest()[:15]
         client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=options.client_id or f"yolov12-{unique}",
@@ -292,7 +295,10 @@ class MqttPublisher:
         self._paho_errors.last = ""  # an old outage's error must not explain a later one
         self._connected = True
         self._on_connected(True)
-        log.info("mqtt: connected to %s", self.options.broker)
+        if self._drops.failures:
+            self._drops.ok("connected again")
+        else:
+            log.info("mqtt: connected to %s", self.options.broker)
         client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
             self._published_states.clear()  # a broker without persistence lost the retained states: sent again
@@ -321,8 +327,8 @@ class MqttPublisher:
                 named = f" {self.options.client_id}" if self.options.client_id else ""
                 why = (f"closed: the broker stopped, restarted or became unreachable, or another client connected with "
                        f"this client id{named} and the broker dropped us (each server needs its own --mqtt-client-id)")
-            log.warning("mqtt: lost the connection to %s (%s): reconnecting; objects are held (up to --mqtt-queue "
-                        "%d), detections are not sent meanwhile", self.options.broker, why, self.options.queue)
+            self._drops.failed(f"lost the connection ({why})", f": reconnecting; objects are held (up to --mqtt-queue "
+                               f"{self.options.queue}), detections are not sent meanwhile")
         elif not self._connected and not self._stop.is_set() and not self._refusal and not self._unreachable:
             # TCP connected but no answer to CONNECT: the peer closed it (mqtt:// to a TLS port, not a broker; a
             # TLS 1.3 broker refusing our client certificate after the handshake) or never answered (a hung
