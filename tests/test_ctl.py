@@ -7,6 +7,7 @@ import dataclasses
 import io
 import json
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -533,6 +534,21 @@ def test_watch_lines_show_each_tracked_object_s_id():
         pb.Detection(x1=5, y1=6, x2=9, y2=9, score=0.5, class_id=2, class_name="crack")])  # seen once: no id yet
     assert ctl._describe(fd) == ("belt #7 640x360 3.0 ms: 2 detections: dent [12] 0.91 (1,2,30,40), "
                                  "crack 0.50 (5,6,9,9)")
+
+
+def test_reload_sends_absolute_paths(server, capsys, monkeypatch, tmp_path):
+    """A relative engine path was read from the server's working directory and shown relative by `info`: one that
+    exists here goes as its absolute path, one that does not is refused before a call (exit 2)."""
+    from test_server_harness import model_path
+
+    model = tmp_path / "line1.onnx"
+    shutil.copy(model_path(), model)
+    monkeypatch.chdir(tmp_path)
+    rc, out = run("--server", server.address, "--json", "reload", "line1.onnx")
+    assert rc == 0 and {e["path"] for e in json_lines(out)} == {str(model)}, out
+    rc, _ = run("--server", server.address, "reload", "nowhere.onnx")
+    err = capsys.readouterr().err
+    assert rc == 2 and "give the engine file's absolute path on the server's machine" in err, err
 
 
 def test_an_object_record_has_its_ids_as_numbers():

@@ -199,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub("info", "engines, devices and their health, classes, SLO")
     sub("health", "SERVING or not, per server (exit 0 only when every one serves)")
     reload = sub("reload", "swap in engine files while streams flow (none: the same files again)")
-    reload.add_argument("engines", nargs="*", default=[], metavar="ENGINE", help="engine files on the server's machine")
+    reload.add_argument("engines", nargs="*", default=[], metavar="ENGINE",
+                        help="engine files on the server's machine, by absolute path (a relative one that exists here "
+                        "is made absolute: the server's working directory is not this shell's)")
     return p
 
 
@@ -629,9 +631,25 @@ def _health(clients: Sequence[tuple[str, Client]], args: argparse.Namespace, out
     return 0 if serving else 1
 
 
+def _engine_paths(paths: Sequence[str]) -> list[str]:
+    """The engine files as the server should read them: absolute. A relative path was read from the server's working
+    directory (not this shell's) and shown so by `info`; one that exists here is made absolute (a server on this
+    machine), one that does not is a usage error."""
+    absolute = []
+    for path in paths:
+        if not os.path.isabs(path):
+            if not os.path.exists(path):
+                raise UsageError(f"reload {path}: give the engine file's absolute path on the server's machine (a "
+                                 "relative one would be read from the server's working directory)")
+            path = os.path.abspath(path)
+        absolute.append(path)
+    return absolute
+
+
 def _reload(clients: Sequence[tuple[str, Client]], args: argparse.Namespace, out: TextIO) -> int:
+    paths = _engine_paths(args.engines)
     for address, c in clients:
-        engines = c.reload_engines(args.engines, timeout=max(args.timeout, 300.0))
+        engines = c.reload_engines(paths, timeout=max(args.timeout, 300.0))
         for e in engines:
             out.write((json.dumps({"server": address, **message_dict(e)}) if args.json
                        else f"{address}: {e.device} runs {e.path} (model {e.model_version})") + "\n")
