@@ -34,7 +34,11 @@ class StreamStats:
     def __init__(self, window_s: float = 5.0, maxlen: int = 4096, history: int = 20000) -> None:
         self.window_s = window_s
         self._recent: deque[tuple[float, float, int]] = deque(maxlen=maxlen)  # (publish time, latency s, n dets)
-        self._history: deque[float] = deque(maxlen=history)  # latencies for the end-of-run summary
+        # the last `history` latencies (s) for the end-of-run summary, a float32 ring made at the first result: 80 KB a
+        # camera once full, where a deque of float objects held 640 KB (a steady server's memory rose for an hour)
+        self._history_size = history
+        self._history: np.ndarray | None = None
+        self._history_n = 0  # latencies recorded in all (the ring holds the last `history`)
         self._lock = threading.Lock()
         self.processed = 0
         self.detections = 0
@@ -54,7 +58,10 @@ class StreamStats:
             self._recent.append((t, latency_s, detections))
             while self._recent[0][0] < t - self.window_s:
                 self._recent.popleft()
-            self._history.append(latency_s)
+            if self._history is None:
+                self._history = np.empty(self._history_size, np.float32)
+            self._history[self._history_n % self._history_size] = latency_s
+            self._history_n += 1
             self.processed += 1
             self.detections += detections
             self.first_at = t if self.first_at is None else self.first_at
@@ -163,7 +170,8 @@ class StreamStats:
         """Figures over the whole run (the last `history` latencies) for the end-of-run summary."""
         with self._lock:
             self._take_shed(now())
-            lat = np.array(self._history) * 1000.0
+            kept = min(self._history_n, self._history_size)
+            lat = self._history[:kept] * 1000.0 if self._history is not None else np.empty(0, np.float32)
             span = (self.last_at - self.first_at) if self.first_at is not None and self.last_at else 0.0
             processed, dets, dropped = self.processed, self.detections, dict(self.dropped)
         fps = (processed - 1) / span if span > 0 else 0.0
