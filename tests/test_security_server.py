@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from certs import HAVE_OPENSSL, make_ca, make_cert
 from PIL import Image
-from test_server_harness import ServerProcess, wait_until
+from test_server_harness import ServerProcess, has_ipv6_loopback, wait_until
 
 from yolov12_serve.client import Client, make_frame
 from yolov12_serve.proto import detector_pb2 as pb
@@ -187,16 +187,7 @@ def test_tokens_and_roles_on_every_rpc(mtls, pki):
         c.close()
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
 def test_an_ipv6_client_is_named_as_written_in_the_log_and_the_watcher_metrics(tmp_path):
     """gRPC names an IPv6 peer percent-encoded ('ipv6:%5B::1%5D:5123'): the refused-calls log line and the per-watcher
     metric label showed that, which no search for the client's address finds. They show 'ipv6:[::1]'."""

@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
-from test_server_harness import NO_TORCH, ROOT, ServerProcess, model_path
+from test_server_harness import NO_TORCH, ROOT, ServerProcess, has_ipv6_loopback, model_path
 
 from engines.base import Engine, EngineInfo
 from yolov12_serve.config import load_streams_file, redact_url, url_kind, validate_stream_id
@@ -246,16 +246,7 @@ def test_a_health_or_metrics_port_in_use_is_one_line(flag, what, values):
                                            f"{flag} ({values})"], r.stderr
 
 
-def _ipv6_loopback() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6) as s:
-            s.bind(("::1", 0))
-        return True
-    except OSError:
-        return False
-
-
-@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+@pytest.mark.skipif(not has_ipv6_loopback(), reason="no IPv6 loopback on this machine")
 @pytest.mark.parametrize("host, shown", [("::", "[::]"), ("[::1]", "[::1]")])
 def test_an_ipv6_host_serves_grpc_health_and_metrics(host, shown):
     """--host '::' (every interface, IPv6 and IPv4 on a dual-stack host) or an IPv6 address, bare or bracketed as in

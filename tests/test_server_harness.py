@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -147,3 +148,13 @@ class ServerProcess:
             os.unlink(self.stderr.name)
         if self.state_dir is not None:
             shutil.rmtree(self.state_dir, ignore_errors=True)
+
+
+def has_ipv6_loopback() -> bool:
+    """Whether ::1 can be bound here (IPv6 tests skip where a container has no IPv6)."""
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
