@@ -12,7 +12,8 @@ Unsupported Transport), as some cameras do. Prints "ready PORT" once listening. 
 "pause NAME" (stop sending frames but keep connections open: a stalled camera),
 "resume NAME", "size NAME WxH" (send that file's frames from now on, same sessions: new SPS, as when an
 operator changes a camera's resolution), "corrupt NAME N" (the next N frames go out with their slice headers
-damaged, as after a lost packet: the decoder rejects them), "quit".
+damaged, as after a lost packet: the decoder rejects them), "quit". --auth USER:PASSWORD asks every client for
+those credentials (RTSP Basic authentication; others get 401 Unauthorized), as cameras do.
 
     /usr/bin/python3 tests/rtsp_server.py --port 8554 --clip cam=clip.mp4
 """
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("--mount", action="append", default=[], help="NAME=FILE.rgb:WxH[,FILE.rgb:WxH...]")
     p.add_argument("--clip", action="append", default=[], help="NAME=FILE.mp4 (H.264)")
     p.add_argument("--udp-only", action="store_true", help="refuse RTSP over TCP (461), as some cameras do")
+    p.add_argument("--auth", metavar="USER:PASSWORD", help="RTSP Basic authentication for every mount")
     args = p.parse_args()
     if not args.mount and not args.clip:
         p.error("give at least one --mount or --clip")
@@ -153,6 +155,16 @@ def main() -> None:
         if '"' in path or "\\" in path:
             p.error(f"--clip {spec!r}: the path may not contain a double quote or backslash (gst-launch syntax)")
         server.get_mount_points().add_factory(f"/{name}", clip_factory(path))
+    if args.auth:
+        user, password = args.auth.split(":", 1)
+        auth, token = GstRtspServer.RTSPAuth(), GstRtspServer.RTSPToken()
+        token.set_string(GstRtspServer.RTSP_TOKEN_MEDIA_FACTORY_ROLE, "viewer")
+        auth.add_basic(GstRtspServer.RTSPAuth.make_basic(user, password), token)
+        server.set_auth(auth)
+        role = Gst.Structure.new_from_string("viewer, media.factory.access=(boolean)true, "
+                                             "media.factory.construct=(boolean)true")
+        for factory in [m.factory for m in mounts.values()]:
+            factory.add_role_from_structure(role)
     if server.attach(None) == 0:
         raise SystemExit(f"cannot listen on port {args.port}")
     loop = GLib.MainLoop()

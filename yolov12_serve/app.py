@@ -15,12 +15,14 @@ import shutil
 import signal
 import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
 from . import priority
 from .api import GrpcServer, create_server
+from .camera_list import apply_camera_list
 from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
 from .errors import ServerError
@@ -53,6 +55,9 @@ class RunOptions:
     status_interval: float | None = None  # seconds between status tables; None: no table
     summary: bool = False  # print whole-run figures per stream at exit
     out: TextIO | None = None
+    # the command line's cameras read again (--streams, --source): SIGHUP applies them (camera_list.py); ConfigError
+    # when the file is bad. None: the list given at start stays.
+    reread_streams: Callable[[], list[StreamSpec]] | None = None
 
 
 # Open files the server may need: its own (engines, logs, pipes to device processes, epoll) plus per camera (an RTSP
@@ -106,9 +111,11 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
-    def on_sighup() -> None:  # certificates and tokens read again, then the engine files
+    sighups = asyncio.Lock()  # one after the other: two quick SIGHUPs would apply the camera list twice at once
+
+    def on_sighup() -> None:  # certificates and tokens read again, then the engine files, then the camera list
         security.reload()
-        _keep(asyncio.ensure_future(_reload_on_sighup(core)))
+        _keep(asyncio.ensure_future(_reload_on_sighup(core, options.reread_streams, sighups)))
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     started = now()
@@ -126,7 +133,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         priority.shorten_lock_turns()
         _freeze_startup_heap()  # before the streams: theirs come and go, and a removed one is collected as usual
         for spec in options.streams:
-            core.add_stream(spec, persist=False)  # the command line brings them back
+            core.add_stream(spec, persist=False, listed=True)  # the command line brings them back
         core.restore_streams()
         core.opened()
         https = " over HTTPS" if config.security.metrics_tls else ""
@@ -195,19 +202,37 @@ def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:
         future.set_result(None) if error is None else future.set_exception(error)
 
 
-async def _reload_on_sighup(core: ServerCore) -> None:
+async def _reload_on_sighup(core: ServerCore, reread_streams: Callable[[], list[StreamSpec]] | None,
+                            one_at_a_time: asyncio.Lock) -> None:
     """SIGHUP: reload the engine files (ReloadEngines without arguments) when one was replaced or rewritten since it
-    was loaded; a refusal is logged, nothing else. Unchanged files are kept: a certificate rotation's SIGHUP (every
-    few weeks, from cert-manager) need not load every engine again beside the running ones."""
-    if not core.engine_files_changed():
-        log.info("SIGHUP: the engine files are unchanged since they were loaded: kept (yolov12-ctl reload loads "
-                 "them again all the same)")
-        return
-    log.info("SIGHUP: reloading the engine files")
+    was loaded, then apply the command line's camera list read again (after the engines: a class the new model
+    brings may be named in it); a refusal of either is logged, nothing else. Unchanged engine files are kept: a
+    certificate rotation's SIGHUP (every few weeks, from cert-manager) need not load every engine again."""
+    loop = asyncio.get_running_loop()
+    async with one_at_a_time:
+        if not core.engine_files_changed():
+            log.info("SIGHUP: the engine files are unchanged since they were loaded: kept (yolov12-ctl reload "
+                     "loads them again all the same)")
+        else:
+            log.info("SIGHUP: reloading the engine files")
+            try:
+                await loop.run_in_executor(None, core.reload_engines, None)
+            except ServerError as e:
+                log.error("SIGHUP: engine reload refused: %s", e)
+        if reread_streams is not None and not core.draining:
+            await loop.run_in_executor(None, _apply_listed_cameras, core, reread_streams)
+
+
+def _apply_listed_cameras(core: ServerCore, reread_streams: Callable[[], list[StreamSpec]]) -> None:
+    """The camera list read again and applied (camera_list.py), in one log line; a list that cannot be read or
+    checked is one error line and changes nothing."""
     try:
-        await asyncio.get_running_loop().run_in_executor(None, core.reload_engines, None)
-    except ServerError as e:
-        log.error("SIGHUP: engine reload refused: %s", e)
+        wanted = reread_streams()
+    except ServerError as e:  # ConfigError mostly: one line naming the file, the entry and what is wrong
+        log.error("SIGHUP: the camera list was not applied (the running cameras are kept): %s", e)
+        return
+    change = apply_camera_list(core, wanted)
+    log.info("SIGHUP: camera list applied: %s", change.describe())
 
 
 def _serve_metrics(core: ServerCore, config: ServerConfig, security: Security, host: str) -> int:

@@ -65,7 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-streams", type=int, default=64,
                    help="cameras at most (default 64); as many Detect calls pushing frames, counted apart")
     p.add_argument("--streams", metavar="FILE.yaml",
-                   help=f"cameras to add at start: 'streams: [{{{', '.join(STREAM_KEYS)}}}]' (docs/production.md)")
+                   help=f"cameras to add at start: 'streams: [{{{', '.join(STREAM_KEYS)}}}]' (docs/production.md); "
+                        "SIGHUP applies the edited file")
     p.add_argument("--source", action="append", default=[], metavar="URL",
                    help="a camera to add at start (repeatable); ids cam0, cam1, ...")
     p.add_argument("--demo", action="store_true",
@@ -234,9 +235,8 @@ def _onnx_gpu_usable(engines: list[str]) -> bool:
 
 def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpec]]:
     """Resolve engines, devices and initial streams; ConfigError on anything wrong."""
-    from .demo import demo_model, demo_streams
+    from .demo import demo_model
     from .devices import parse_gpus
-    from .sources.synthetic import parse_synthetic_url
 
     for name, value in vars(args).items():  # NaN passes every '< 0' check below; inf broke the SLO's buckets
         if isinstance(value, float) and not math.isfinite(value):
@@ -298,6 +298,15 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
                          backoff_base_s=min(0.5, args.backoff_cap_s), decode=args.decode,
                          blind_after_s=args.blind_after_s),
         shard=shard)
+    return config, listed_streams(args, config)
+
+
+def listed_streams(args: argparse.Namespace, config: ServerConfig, quiet: bool = False) -> list[StreamSpec]:
+    """The cameras of the command line (--streams, --source; --demo's without them), this replica's share, each
+    checked; ConfigError with one line. Read at start, and again on SIGHUP (camera_list.py)."""
+    from .demo import demo_streams
+    from .sources.synthetic import parse_synthetic_url
+
     streams: list[StreamSpec] = []
     if args.streams:
         streams += load_streams_file(args.streams)
@@ -309,12 +318,14 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     dup = sorted({i for i in ids if ids.count(i) > 1})
     if dup:
         raise ConfigError(f"stream ids used twice: {dup} (--source gets cam0, cam1, ...; rename those in --streams)")
-    if shard.count > 1:  # every replica reads the same camera list and keeps its own share
-        mine = [s for s in streams if shard.owns(s.stream_id)]
-        logging.getLogger(__name__).info("%s: serving %d of the %d cameras listed", shard, len(mine), len(streams))
+    if config.shard.count > 1:  # every replica reads the same camera list and keeps its own share
+        mine = [s for s in streams if config.shard.owns(s.stream_id)]
+        if not quiet:
+            logging.getLogger(__name__).info("%s: serving %d of the %d cameras listed", config.shard, len(mine),
+                                             len(streams))
         streams = mine
     if len(streams) > config.max_streams:
-        raise ConfigError(f"{len(streams)} streams at start but --max-streams is {config.max_streams}")
+        raise ConfigError(f"{len(streams)} cameras listed but --max-streams is {config.max_streams}")
     for spec in streams:  # a mistyped URL is one line now, not after the engines have loaded
         try:
             kind = url_kind(spec.url, config.allow_files)
@@ -326,7 +337,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
                 raise InvalidArgumentError(f"no such video file: {path}")
         except (InvalidArgumentError, PermissionDeniedError) as e:
             raise ConfigError(f"stream {spec.stream_id}: {redact_text(str(e))}") from None
-    return config, streams
+    return streams
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -351,7 +362,8 @@ def main(argv: list[str] | None = None) -> int:
         show = (args.demo and sys.stdout.isatty()) if args.status is None else args.status
         every = 1.0 if sys.stdout.isatty() else STATUS_TO_A_LOG_S  # a table a second is for a person watching
         options = RunOptions(streams, duration=args.duration, status_interval=every if show else None,
-                             summary=bool(args.duration) or args.demo)
+                             summary=bool(args.duration) or args.demo,
+                             reread_streams=lambda: listed_streams(args, config, quiet=True))
         return asyncio.run(run_server(config, options))
     except (ServerError, EngineError) as e:
         print(f"yolov12-serve: error: {redact_text(str(e))}", file=sys.stderr)

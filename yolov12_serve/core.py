@@ -292,12 +292,14 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self.metrics.stop()
 
     # ----------------------------------------------------------------------------------------- streams
-    def add_stream(self, spec: StreamSpec, persist: bool = True) -> StreamView:
+    def add_stream(self, spec: StreamSpec, persist: bool = True, listed: bool = False) -> StreamView:
         """Validate, register and start pulling a camera; returns at once (state CONNECTING). With `persist` (a
         stream added over gRPC) and a state folder, the stream set is saved before this returns: a stream
-        acknowledged is a stream a restart brings back (UNAVAILABLE, and nothing added, when it cannot be saved)."""
+        acknowledged is a stream a restart brings back (UNAVAILABLE, and nothing added, when it cannot be saved).
+        `listed`: one of the command line's cameras (camera_list.py applies that list again on SIGHUP)."""
         self._check_classes(spec)
         stream = self._add(spec, persistent=persist and self.store is not None)
+        stream.listed = listed
         if stream.persistent:
             try:
                 self._save_streams()
@@ -308,6 +310,14 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         stream.source.start()
         log.info("stream %s added (%s) on %s", stream.stream_id, stream.url, stream.device)
         return stream.view()
+
+    def check_spec(self, spec: StreamSpec) -> None:
+        """What `add_stream` checks before anything changes (id, shard, URL, allowed host, classes), raising as it
+        would: a replacement is checked before the running camera is removed."""
+        validate_stream_id(spec.stream_id)
+        self.check_owner(spec.stream_id)
+        self.config.camera_policy.check(spec.url, url_kind(spec.url, self.config.allow_files))
+        self._check_classes(spec)
 
     def _check_classes(self, spec: StreamSpec) -> None:
         """InvalidArgumentError for a class the served models do not have (a typo would publish nothing). Saved
@@ -571,6 +581,11 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         """The registered streams, by id (live objects: for the status summary)."""
         with self._lock:
             return sorted(self._streams.values(), key=lambda s: s.stream_id)
+
+    def listed_specs(self) -> dict[str, StreamSpec]:
+        """The command line's cameras running now (added with `listed`), by id, as they were asked for."""
+        with self._lock:
+            return {sid: s.spec for sid, s in self._streams.items() if s.listed and s.spec is not None}
 
     def has_stream(self, stream_id: str) -> bool:
         """True when a stream with this id is registered."""

@@ -81,6 +81,7 @@ class Stream:
         self.epoch = epoch  # this incarnation of the id: its frames carry it, and only its results are published
         self.spec: StreamSpec | None = None  # what AddStream asked for, URL credentials included (never shown)
         self.persistent = False  # kept in the state folder (added over gRPC, not from the command line)
+        self.listed = False  # from the command line's cameras (--streams, --source): a SIGHUP reads them again
         self.url = url
         self.kind = kind
         self.max_fps = max_fps
