@@ -160,6 +160,11 @@ def test_apply_makes_the_cameras_those_of_a_streams_file(server, tmp_path, capsy
         assert rc == 0 and out.splitlines()[-1] == "1 added, 0 replaced, 1 removed, 3 unchanged, 0 not in the file"
         assert sorted(s.stream_id for s in c.list_streams()) == ["keep", "late", "new", "tune"]
         assert plan("--prune")[:2] == (0, {sid: ("keep", "") for sid in ("keep", "late", "new", "tune")})
+        # --replace: a camera that looks unchanged (a new password is masked in ListStreams) replaced all the same
+        rc, steps, _ = plan("--replace", "keep")
+        assert rc == 0 and steps["keep"] == ("replace", "done") and steps["new"] == ("keep", ""), steps
+        assert run(*at, "apply", str(cameras), "--replace", "nosuch") == (2, "")
+        assert capsys.readouterr().err == f"yolov12-ctl: --replace nosuch: not in {cameras} (nothing changed)\n"
         rc, _ = run(*at, "apply", str(tmp_path / "missing.yaml"))
         assert rc == 2 and capsys.readouterr().err.startswith("yolov12-ctl: cannot read streams file")
         ftp = tmp_path / "ftp.yaml"  # a URL no server takes: refused before anything changes, in a dry run too

@@ -20,7 +20,7 @@ import json
 import os
 import ssl
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -175,6 +175,9 @@ def build_parser() -> argparse.ArgumentParser:
     apply.add_argument("--prune", action="store_true", default=False,
                        help="also remove the cameras the file does not list (pushed streams are never touched)")
     apply.add_argument("--dry-run", action="store_true", default=False, help="print what would change, change nothing")
+    apply.add_argument("--replace", action="append", default=[], metavar="STREAM_ID",
+                       help="replace this camera even if it looks unchanged (repeatable): ListStreams masks passwords, "
+                            "so a camera's new password is not seen otherwise")
     watch = sub("watch", "detections as they are published, one line per frame")
     watch.add_argument("stream_ids", nargs="*", default=[], metavar="STREAM_ID", help="cameras to watch (default: all)")
     watch.add_argument("--count", type=count, default=0, help="stop after this many frames (default: never)")
@@ -478,11 +481,12 @@ def _draw_snapshot(c: Client | ShardedClient, shot: pb.Snapshot) -> tuple[Any, i
 
 
 def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
-               prune: bool) -> list[tuple[str, str, StreamSpec | None]]:
+               prune: bool, replace: Collection[str] = ()) -> list[tuple[str, str, StreamSpec | None]]:
     """(action, stream id, spec) to make `listed` what `wanted` says, in the order to carry them out: removals first
     (they free --max-streams room), then replacements (URL, max_fps, a filter, blind_after_s or track changed), then
     additions; unchanged cameras are "keep", and cameras the file does not list "unlisted" (or "remove" with
-    `prune`). URLs are compared as the server shows them, passwords masked: a changed password alone is not seen."""
+    `prune`). URLs are compared as the server shows them, passwords masked: a changed password alone is not seen,
+    hence `replace`, the ids replaced whatever the comparison says."""
     have = {s.stream_id: s for s in listed if s.url != "push://"}  # a pushed stream belongs to its Detect call
     want = {s.stream_id: s for s in wanted}
     steps: list[tuple[str, str, StreamSpec | None]] = []
@@ -501,7 +505,7 @@ def plan_apply(wanted: Sequence[StreamSpec], listed: Sequence[pb.StreamInfo],
                 and tuple(cur.classes) == spec.classes
                 and _same_scores(dict(cur.class_min_scores), spec.class_min_scores)
                 and len(cur.zone) == len(flat_zone) and all(abs(a - b) < 1e-4 for a, b in zip(cur.zone, flat_zone)))
-        steps.append(("keep" if same else "replace", sid, spec))
+        steps.append(("keep" if same and sid not in replace else "replace", sid, spec))
     steps += [("add", sid, spec) for sid, spec in want.items() if sid not in have]
     order = {"remove": 0, "replace": 1, "add": 2, "keep": 3, "unlisted": 4}
     return sorted(steps, key=lambda step: order[step[0]])
@@ -556,11 +560,14 @@ def _apply(c: Client | ShardedClient, args: argparse.Namespace, out: TextIO) -> 
                 raise ConfigError(f"{args.file}: stream {spec.stream_id}: {e}") from None
     except ConfigError as e:
         raise UsageError(str(e)) from None
+    unknown = sorted(set(args.replace) - {spec.stream_id for spec in wanted})
+    if unknown:
+        raise UsageError(f"--replace {', '.join(unknown)}: not in {args.file} (nothing changed)")
     _check_apply_classes(c, wanted, args.file)
     done: list[tuple[str, str, str, str]] = []  # action, id, url, result
     listed = c.list_streams()
     running = {s.stream_id: s for s in listed}
-    for action, sid, spec in plan_apply(wanted, listed, args.prune):
+    for action, sid, spec in plan_apply(wanted, listed, args.prune, set(args.replace)):
         result = {"keep": "", "unlisted": "kept (--prune removes it)"}.get(action,
                                                                           "dry run" if args.dry_run else "done")
         if result == "done":
