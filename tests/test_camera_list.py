@@ -74,6 +74,30 @@ def test_sighup_makes_the_running_cameras_those_of_the_edited_list(tmp_path):
         srv.close()
 
 
+def test_a_sighup_while_the_engines_load_applies_the_list_once_the_server_has_started(tmp_path):
+    """SIGHUP while the engines warm up (slowed by a fault switch): the list read then is applied after the start has
+    added the cameras it read itself; applied at once, its cameras were refused ("still loading") and lost."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "delay-cpu").write_text("0.2")  # seconds a frame: the warm-up takes several seconds
+    listed = tmp_path / "cameras.yaml"
+    _write(listed, ["{id: a, url: 'synthetic://a?fps=2&size=160x90'}"])
+    srv = ServerProcess("--streams", str(listed), "--allow-synthetic", faults=faults, wait=False)
+    try:
+        wait_until(lambda: "loading the engines" in srv.log(), 60, what="the engines loading")
+        _write(listed, ["{id: a, url: 'synthetic://a?fps=2&size=160x90'}", "{id: b, url: 'synthetic://b?fps=2'}"])
+        srv.proc.send_signal(signal.SIGHUP)
+        srv.wait_started()
+        assert "b added; 1 unchanged" in _applied(srv, 1)
+        (faults / "delay-cpu").unlink()
+        c = srv.client()
+        c.wait_ready(30)
+        assert sorted(s.stream_id for s in c.list_streams()) == ["a", "b"]
+        c.close()
+    finally:
+        srv.close()
+
+
 @pytest.mark.skipif(not _gstreamer_ok(), reason="GStreamer RTSP server (python3-gi, gir1.2-gst-rtsp-server-1.0) "
                     "not installed: scripts/setup test installs it")
 def test_a_changed_camera_password_is_taken_from_its_credentials_file_at_sighup(tmp_path):

@@ -67,9 +67,10 @@ class ServerProcess:
     """`yolov12-serve` on loopback with free ports, torch blocked; stdout is collected in `self.output`."""
 
     def __init__(self, *args: str, model: Path | None = None, startup_s: float = 90.0,
-                 faults: Path | None = None) -> None:
+                 faults: Path | None = None, wait: bool = True) -> None:
         """`faults`: a folder of fault switches for the engines (tests/fault_injection.py). Unless `args` name a
-        --state-dir or --no-state, the server keeps its streams in a fresh temporary folder (never the user's)."""
+        --state-dir or --no-state, the server keeps its streams in a fresh temporary folder (never the user's).
+        `wait` False: return once the process runs (`wait_started` waits for its start line)."""
         engines = [] if "--demo" in args and model is None else ["--engines", str(model or model_path())]
         gpus = [] if "--gpus" in args else ["--gpus", "cpu"]
         self.state_dir: str | None = None
@@ -89,6 +90,11 @@ class ServerProcess:
         self._ready = threading.Event()
         self.port = self.metrics_port = 0
         threading.Thread(target=self._read, daemon=True).start()
+        if wait:
+            self.wait_started(startup_s)
+
+    def wait_started(self, startup_s: float = 90.0) -> None:
+        """Wait for the start line (gRPC and metrics ports); AssertionError with the log if it does not come."""
         if not self._ready.wait(startup_s):
             self.kill()
             raise AssertionError(f"server did not start in {startup_s:.0f} s:\n{self.log()}")

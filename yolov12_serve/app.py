@@ -120,6 +120,7 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     started = now()
     try:
+        log.info("loading the engines (%s) on %s", ", ".join(config.engines), ", ".join(config.devices))
         if not await _start_unless_stopped(core, stop):  # health says SERVING once the streams are back
             log.warning("stopped while the engines were loading")
             await grpc_server.stop(0)
@@ -219,7 +220,11 @@ async def _reload_on_sighup(core: ServerCore, reread_streams: Callable[[], list[
                 await loop.run_in_executor(None, core.reload_engines, None)
             except ServerError as e:
                 log.error("SIGHUP: engine reload refused: %s", e)
-        if reread_streams is not None and not core.draining:
+        if reread_streams is None:
+            return
+        while core.starting and not core.draining:  # the start adds the list it read: this one goes after it
+            await asyncio.sleep(0.2)
+        if not core.draining:
             await loop.run_in_executor(None, _apply_listed_cameras, core, reread_streams)
 
 
