@@ -28,14 +28,16 @@ def _applied(srv: ServerProcess, count: int) -> str:
     return wait_until(line, 30, what=f"camera list applied {count} time(s)")
 
 
-def test_sighup_makes_the_running_cameras_those_of_the_edited_list(tmp_path):
+@pytest.mark.parametrize("gpus", ["cpu", "cpu:2"])
+def test_sighup_makes_the_running_cameras_those_of_the_edited_list(tmp_path, gpus):
     """Taken out: removed; changed: replaced; new: added; unchanged: left running (its frames go on counting); an id
-    held by a camera added over gRPC: that camera is kept. A list that cannot be read changes nothing."""
+    held by a camera added over gRPC: that camera is kept. A list that cannot be read changes nothing. In one
+    process and with a process per device (cameras decoded there)."""
     listed = tmp_path / "cameras.yaml"
     _write(listed, ["{id: a, url: 'synthetic://a?fps=5&size=160x90'}",
                     "{id: b, url: 'synthetic://b?fps=5&size=160x90'}",
                     "{id: c, url: 'synthetic://c?fps=5&size=160x90', max_fps: 5}"])
-    srv = ServerProcess("--streams", str(listed), "--allow-synthetic")
+    srv = ServerProcess("--streams", str(listed), "--allow-synthetic", "--gpus", gpus)
     try:
         c = srv.client()
         c.wait_ready(30)
