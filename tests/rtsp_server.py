@@ -47,6 +47,7 @@ class LoopingMount:
             self.sizes[(width, height)] = [data[i:i + size] for i in range(0, len(data), size)]
         width, height = files[0][1:]
         self.frames = self.sizes[(width, height)]
+        self.caps = self._caps(width, height)  # the size sent now: a media made after a resize starts with it
         self.corrupt = 0  # frames still to send with damaged slice headers
         self._chaining = False
         self.paused = False
@@ -65,6 +66,7 @@ class LoopingMount:
 
     def _configure(self, factory, media) -> None:
         src = media.get_element().get_by_name_recurse_up("src")
+        src.set_property("caps", self.caps)
         self.appsrcs.append(src)
         media.connect("unprepared", lambda m: self.appsrcs.remove(src) if src in self.appsrcs else None)
         pay = media.get_element().get_by_name_recurse_up("pay0")
@@ -95,9 +97,12 @@ class LoopingMount:
     def resize(self, width: int, height: int) -> None:
         """Send the frames of that size from now on, on the same sessions (the encoder starts a new SPS)."""
         self.frames = self.sizes[(width, height)]
-        caps = Gst.Caps.from_string(f"video/x-raw,format=RGB,width={width},height={height},framerate={self.fps}/1")
+        self.caps = self._caps(width, height)
         for src in self.appsrcs:
-            src.set_property("caps", caps)
+            src.set_property("caps", self.caps)
+
+    def _caps(self, width: int, height: int) -> Gst.Caps:
+        return Gst.Caps.from_string(f"video/x-raw,format=RGB,width={width},height={height},framerate={self.fps}/1")
 
     def _tick(self) -> bool:
         if self.paused or not self.appsrcs:

@@ -16,6 +16,7 @@ import pytest
 from test_server_harness import ROOT, ServerProcess, wait_until
 
 from yolov12_serve.proto import detector_pb2 as pb
+from yolov12_serve.sources.base import StreamState
 
 GST_PYTHON = "/usr/bin/python3"
 SIZES = {"cam0": (640, 360), "cam1": (800, 600)}
@@ -427,3 +428,51 @@ def test_clip_mount_serves_each_client_its_own_session_at_the_clip_rate(tmp_path
     finally:
         proc.kill()
         proc.wait(10)
+
+
+def test_a_camera_whose_frames_grow_past_one_decoder_thread_reconnects_once_for_more(tmp_path, monkeypatch, caplog):
+    """Small frames are decoded in one thread (ONE_DECODER_THREAD_UP_TO), and FFmpeg takes no threads once its
+    decoder is open: a camera turned from 640x360 to 4K mid-session stayed on one thread. It now reconnects once,
+    at once, without a RECONNECTING state or a counted reconnect, and the new connection decodes with threads.
+    The limit is lowered to 640x360 here (a 4K test camera would take the machine's two cores)."""
+    import logging
+
+    from test_decode import Sink
+
+    from yolov12_serve.config import RtspOptions
+    from yolov12_serve.sources import rtsp as rtsp_source
+
+    monkeypatch.setattr(rtsp_source, "ONE_DECODER_THREAD_UP_TO", 640 * 360)
+    small, large = tmp_path / "360.rgb", tmp_path / "600.rgb"
+    small.write_bytes(np.zeros((2, 360, 640, 3), np.uint8).tobytes())
+    large.write_bytes(np.full((2, 600, 800, 3), 128, np.uint8).tobytes())
+    cams = RtspServer(free_port(), {"cam": [(small, (640, 360)), (large, (800, 600))]})
+    cams.start()
+    connections: list[tuple[int, int]] = []  # each connection's first frame: (its width, its decoder's threads)
+    noted = rtsp_source.AvSource._note_decoder
+
+    def note(self, video, frame, requested):
+        connections.append((frame.width, video.codec_context.thread_count))
+        return noted(self, video, frame, requested)
+
+    monkeypatch.setattr(rtsp_source.AvSource, "_note_decoder", note)
+    sink = Sink(imgsz=320)
+    source = rtsp_source.AvSource(sink, cams.url("cam"), RtspOptions(stall_s=5.0))
+    caplog.set_level(logging.INFO, logger="yolov12_serve.sources.rtsp")
+    try:
+        source.start()
+        wait_until(lambda: len(sink.times) > 5, 20, what="640x360 frames")
+        cams.command("size cam 800x600")
+        wait_until(lambda: len(connections) == 2 and len(sink.times) > 60, 30, what="a second connection")
+        time.sleep(1.0)
+    finally:
+        source.stop()
+        stop_cameras(cams)
+    # the second connection decodes with threads, whatever size its first frame has (GStreamer's shared mount may
+    # still send one of the old size, as a camera may keep announcing it)
+    assert connections[0] == (640, 1) and connections[1][1] != 1, connections
+    assert len(sink.shapes) == 2, sink.shapes  # frames of both sizes went on to the stream
+    assert len(connections) == 2 and sink.reconnects == 0, (connections, sink.reconnects)
+    assert all(state == StreamState.STREAMING for state, _ in sink.states), sink.states
+    said = [r.getMessage() for r in caplog.records if "reconnecting to decode them with more threads" in r.message]
+    assert said == ["stream cam: its frames are 800x600 now: reconnecting to decode them with more threads"], said

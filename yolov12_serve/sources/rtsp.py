@@ -147,6 +147,7 @@ class AvSource(Source):
         self._clock = now  # the retry schedule's clock (monotonic seconds; a test moves its own)
         self._transport = "tcp"  # RTSP's lower transport: UDP only for a camera that refuses TCP (_udp_instead)
         self._udp_warned = False  # the switch to UDP was logged as a warning (later switches: info)
+        self._grew_to = 0  # pixels of a frame past ONE_DECODER_THREAD_UP_TO seen on a one-thread connection
         self.decoder = ""  # where the current connection decodes: 'cpu', 'nvdec', or '' before the first frame
         self._faults = FaultLog(log, "stream %s", (sink.stream_id,))  # a camera down for days: lines on change only
 
@@ -198,7 +199,7 @@ class AvSource(Source):
         while self._current(gen):
             try:
                 if self._stream_once(gen, backoff):
-                    continue  # reopen at once asking for NVDEC: its quiet period on the CPU is over (info line)
+                    continue  # reopen at once: NVDEC's quiet period is over, or the frames grew (info lines)
                 if not self._current(gen):
                     break
                 if self.is_file:
@@ -383,7 +384,8 @@ class AvSource(Source):
                 self.sink.set_state(StreamState.STREAMING, why)
 
     def _stream_once(self, gen: int, backoff: Backoff) -> bool:
-        """One connection's frames to the sink, until it ends (False) or NVDEC is to be tried again (True)."""
+        """One connection's frames to the sink, until it ends (False) or it is to be reopened at once (True: NVDEC to
+        be tried again, or frames grown past what one decoder thread is for)."""
         import av
 
         container, requested = self._open_with_fallback()
@@ -393,7 +395,11 @@ class AvSource(Source):
             video = container.streams.video[0]
             hardware = self._on_hardware(video, requested)
             video.thread_type = "SLICE"  # slice threads add no latency; frame threads would buffer frames
-            if video.codec_context.width * video.codec_context.height <= ONE_DECODER_THREAD_UP_TO:
+            # one thread only for a size known to be small (threads cannot be added once the decoder is open), and
+            # never again once larger frames came: a camera may keep announcing its old size
+            known = max(video.codec_context.width * video.codec_context.height, self._grew_to)
+            one_thread = 0 < known <= ONE_DECODER_THREAD_UP_TO
+            if one_thread:
                 video.codec_context.thread_count = 1
             min_gap = 1.0 / self.sink.max_fps if self.sink.max_fps > 0 else 0.0
             last_emit = -1e9
@@ -429,6 +435,9 @@ class AvSource(Source):
                         last_emit = t
                         if not self.sink.admit(t):
                             continue  # overloaded: this camera's turn comes with a later frame
+                        if one_thread and frame.width * frame.height > ONE_DECODER_THREAD_UP_TO:
+                            self._grown(frame)
+                            return True
                         lb = self.sink.plan((frame.height, frame.width))
                         # deferred: newest-wins drops most frames of a busy camera before they reach an engine
                         self.sink.put(functools.partial(letterbox_avframe, frame, lb), lb, time.time_ns() // 1000)
@@ -441,6 +450,14 @@ class AvSource(Source):
                 raise TimeoutError(f"no data for {self.options.read_timeout_s:g} s") from None
         finally:
             container.close()
+
+    def _grown(self, frame: av.VideoFrame) -> None:
+        """The camera's frames grew past ONE_DECODER_THREAD_UP_TO on a connection decoding in one thread (an
+        operator changed its resolution): remembered, so that this and every later connection decodes with slice
+        threads (a 4K frame took 13-16 ms in one thread here, 8-10 with them); the caller reconnects at once."""
+        self._grew_to = frame.width * frame.height
+        log.info("stream %s: its frames are %dx%d now: reconnecting to decode them with more threads",
+                 self.sink.stream_id, frame.width, frame.height)
 
     @staticmethod
     def _rewind(container: InputContainer) -> bool:
