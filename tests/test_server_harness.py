@@ -67,10 +67,11 @@ class ServerProcess:
     """`yolov12-serve` on loopback with free ports, torch blocked; stdout is collected in `self.output`."""
 
     def __init__(self, *args: str, model: Path | None = None, startup_s: float = 90.0,
-                 faults: Path | None = None, wait: bool = True) -> None:
-        """`faults`: a folder of fault switches for the engines (tests/fault_injection.py). Unless `args` name a
-        --state-dir or --no-state, the server keeps its streams in a fresh temporary folder (never the user's).
-        `wait` False: return once the process runs (`wait_started` waits for its start line)."""
+                 faults: Path | None = None, env: dict[str, str] | None = None, wait: bool = True) -> None:
+        """`faults`: a folder of fault switches for the engines (tests/fault_injection.py); `env`: variables added
+        to the server's environment. Unless `args` name a --state-dir or --no-state, the server keeps its streams in
+        a fresh temporary folder (never the user's). `wait` False: return once the process runs (`wait_started`
+        waits for its start line)."""
         engines = [] if "--demo" in args and model is None else ["--engines", str(model or model_path())]
         gpus = [] if "--gpus" in args else ["--gpus", "cpu"]
         self.state_dir: str | None = None
@@ -80,7 +81,7 @@ class ServerProcess:
         cmd = [sys.executable, "-c", SERVE if faults is None else SERVE_WITH_FAULTS, "--host", "127.0.0.1",
                "--port", "0", "--metrics-port", "0", *gpus, *engines, *args]
         self.stderr = tempfile.NamedTemporaryFile("w+", prefix="yolov12-serve-", suffix=".log", delete=False)  # noqa: SIM115 - lives as long as the server
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         if faults is not None:
             from fault_injection import ENV
 

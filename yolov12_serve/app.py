@@ -1,6 +1,8 @@
 """The server's life: start gRPC (NOT_SERVING), load engines, serve metrics, add the initial streams, SERVING;
 then wait for SIGTERM / SIGINT / --duration and drain (NOT_SERVING, stop sources, finish frames in flight,
-end watchers, stop gRPC) well inside 10 seconds.
+end watchers, stop gRPC) well inside 10 seconds. Under systemd each step is told to it (systemd.py): READY once
+SERVING, RELOADING and READY around a SIGHUP, STOPPING at the drain, and watchdog pings while the event loop and
+the core's supervision thread turn.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from .errors import ServerError
 from .frames import now
 from .ports import bare_host, check_bindable, host_port
 from .security import Security
+from .sources import StreamState
 from .sources.rtsp import end_camera_threads
 from .status import StatusPrinter, render_summary, render_table
+from .systemd import Notifier
 
 __all__ = ["DRAIN_S", "LoadingInterruptedError", "RunOptions", "ensure_descriptors", "run_server"]
 
@@ -39,6 +43,8 @@ log = logging.getLogger(__name__)
 DRAIN_S = 3.0  # frames in flight get this long to finish; gRPC calls get GRPC_GRACE_S more
 GRPC_GRACE_S = 2.0
 LOADING_NOTE_S = 30.0  # while the engines load (a TensorRT engine, a wedged GPU), a line this often
+STATUS_CHECK_S = 5.0  # under systemd, the Status: line of `systemctl status` is brought up to date this often
+SUPERVISION_STALL_MIN_S = 5.0  # watchdog pings stop once the core's supervision thread has not turned this long
 
 
 class LoadingInterruptedError(Exception):
@@ -90,6 +96,15 @@ def ensure_descriptors(config: ServerConfig) -> int:
 async def run_server(config: ServerConfig, options: RunOptions, load_engine: EngineLoader | None = None) -> int:
     """Run until stopped; returns the exit status (0 after a clean drain). ConfigError/EngineError on bad set-up."""
     out = options.out or sys.stdout
+    notifier = Notifier.from_environment()  # taken out of the environment before any device process is started
+    try:
+        return await _run(config, options, load_engine, out, notifier)
+    finally:
+        notifier.close()
+
+
+async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoader | None, out: TextIO,
+               notifier: Notifier) -> int:
     ensure_descriptors(config)
     loop = asyncio.get_running_loop()
     core = ServerCore(config, load_engine)
@@ -111,14 +126,32 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
 
+    announced = ""  # the gRPC address once systemd was told READY (reloads are told to it from then on)
+    reloads = 0  # SIGHUPs whose reload has not finished: READY again once none is left
     sighups = asyncio.Lock()  # one after the other: two quick SIGHUPs would apply the camera list twice at once
 
     def on_sighup() -> None:  # certificates and tokens read again, then the engine files, then the camera list
+        nonlocal reloads
+        told = bool(announced) and not stop.is_set()
+        if told:
+            reloads += 1
+            notifier.reloading("reloading certificates, tokens, engine files and the camera list (SIGHUP)")
         security.reload()
-        _keep(asyncio.ensure_future(_reload_on_sighup(core, options.reread_streams, sighups)))
+        _keep(asyncio.ensure_future(reload(told)))
+
+    async def reload(told: bool) -> None:
+        nonlocal reloads
+        try:
+            await _reload_on_sighup(core, options.reread_streams, sighups)
+        finally:
+            if told:
+                reloads -= 1
+                if reloads == 0 and not stop.is_set():
+                    notifier.ready(_status_line(core, announced))
 
     loop.add_signal_handler(signal.SIGHUP, on_sighup)
     started = now()
+    pings = asyncio.ensure_future(_watchdog_pings(notifier, core)) if notifier.watchdog_s else None
     try:
         log.info("loading the engines (%s) on %s", ", ".join(config.engines), ", ".join(config.devices))
         if not await _start_unless_stopped(core, stop):  # health says SERVING once the streams are back
@@ -146,17 +179,30 @@ async def run_server(config: ServerConfig, options: RunOptions, load_engine: Eng
         security.warn_if_open(host)  # once it serves (a start that fails says only why)
         started = now()
         status = asyncio.create_task(_show_status(core, options, out, port)) if options.status_interval else None
+        if notifier.enabled and not stop.is_set():
+            await _health_settled()  # health says SERVING on the port before systemd hears READY
+            announced = host_port(host, port)
+            notifier.ready(_status_line(core, announced))
+            _keep(asyncio.ensure_future(_keep_status(notifier, core, announced, stop)))
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(stop.wait(), options.duration)
         if status is not None:
             status.cancel()
     except LoadingInterruptedError:
+        notifier.stopping("stopped while the engines were loading")
         raise
     except BaseException:
+        stop.set()
+        notifier.stopping("stopping after an error")
         await _shutdown(core, grpc_server)
         raise
+    finally:
+        if pings is not None:
+            pings.cancel()
+    stop.set()  # (--duration) no READY after a reload still running
     elapsed = now() - started
     log.info("draining")
+    notifier.stopping(f"draining: {_cameras(len(core.streams()))}")
     t0 = now()
     await _shutdown(core, grpc_server)
     log.info("drained in %.2f s", now() - t0)
@@ -196,6 +242,71 @@ async def _start_unless_stopped(core: ServerCore, stop: asyncio.Event) -> bool:
             log.warning("the engines are still loading after %.0f s (SIGTERM or Ctrl-C stops the server)", now() - t0)
     finally:
         stopping.cancel()
+
+
+async def _health_settled() -> None:
+    """Let the health flips the core asked for (call_soon_threadsafe from `_update_serving`) reach the gRPC health
+    service: one loop turn runs the scheduled callbacks, which start the tasks awaited here."""
+    await asyncio.sleep(0)
+    if _pending:
+        await asyncio.gather(*list(_pending), return_exceptions=True)
+
+
+def _cameras(n: int) -> str:
+    return f"{n} camera{'' if n == 1 else 's'}"
+
+
+def _status_line(core: ServerCore, address: str) -> str:
+    """The Status: line of `systemctl status`, e.g. 'serving 5 cameras (4 streaming) on 2 devices (cpu:0,cpu:1);
+    gRPC on 0.0.0.0:50051'."""
+    streams = core.streams()
+    streaming = sum(s.state == StreamState.STREAMING for s in streams)
+    devices = list(core.runtimes.items())
+    down = [name for name, rt in devices if not rt.health.healthy]
+    line = (f"serving {_cameras(len(streams))} ({streaming} streaming) on {len(devices)} "
+            f"device{'' if len(devices) == 1 else 's'} ({','.join(name for name, _ in devices)})")
+    if down:
+        line += f", out of service: {','.join(down)}"
+    return f"{line}; gRPC on {address}"
+
+
+async def _keep_status(notifier: Notifier, core: ServerCore, address: str, stop: asyncio.Event) -> None:
+    """Bring systemd's Status: line up to date when cameras or devices change (checked every STATUS_CHECK_S)."""
+    last = _status_line(core, address)
+    while not stop.is_set():
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), STATUS_CHECK_S)
+        if stop.is_set():
+            return
+        line = _status_line(core, address)
+        if line != last:
+            notifier.status(line)
+            last = line
+
+
+async def _watchdog_pings(notifier: Notifier, core: ServerCore) -> None:
+    """WATCHDOG=1 every half watchdog period, sent from the event loop: a loop that hangs (a call that blocks it,
+    a deadlock under the GIL) stops the pings and systemd restarts the server. They stop too while the core's
+    supervision thread (stall detection, device re-checks, device-process restarts: core._watch) has not turned for
+    max(half the period, SUPERVISION_STALL_MIN_S): a core deadlocked on its lock serves nothing, though the loop runs.
+    Devices out of service do not stop them: the server moves their cameras, re-checks them every --recheck-s and
+    starts device processes again itself, and says so on health, metrics and alerts; a restart would drop the
+    devices that still serve."""
+    assert notifier.watchdog_s is not None
+    period = notifier.watchdog_s / 2
+    limit = max(period, SUPERVISION_STALL_MIN_S)
+    held = False
+    while True:
+        stalled = core.ready and not core.draining and now() - core.supervision_turned_at > limit
+        if not stalled:
+            notifier.watchdog()
+            if held:
+                log.warning("the core's supervision thread turns again: watchdog pings resumed")
+        elif not held:
+            log.error("the core's supervision thread has not turned for %.0f s: watchdog pings to systemd stop (it "
+                      "restarts the server after WatchdogSec)", now() - core.supervision_turned_at)
+        held = stalled
+        await asyncio.sleep(period)
 
 
 def _settle(future: asyncio.Future[None], error: BaseException | None) -> None:

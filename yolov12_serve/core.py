@@ -139,6 +139,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self._epochs = itertools.count(1)  # stream incarnations: every registration gets the next
         self._stop = threading.Event()
         self._watchdog: threading.Thread | None = None
+        self.supervision_turned_at = now()  # the watchdog thread's last turn (systemd's watchdog pings check it)
         self.ready = False
         self.starting = True  # until the streams of the command line and the state folder are back (`opened`)
         self.draining = False
@@ -745,7 +746,9 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         a re-check of each device out of service every `recheck_s` (in a probe thread: never on this one, so a
         hung re-check cannot stop stall detection)."""
         stall = self.config.rtsp.stall_s
+        self.supervision_turned_at = now()  # (not since __init__: the engines took their time to load)
         while not self._stop.wait(min(0.25, stall / 4)):
+            self.supervision_turned_at = now()
             try:
                 self._watch_once(stall)
             except Exception:  # the watchdog must outlive any one bad round
