@@ -1,6 +1,6 @@
 """The server under systemd: the notify protocol (yolov12_serve/systemd.py) spoken by the real server process to a
 real unix datagram socket bound here, as systemd binds it (SO_PASSCRED: each datagram's sender pid, as systemd
-checks it for NotifyAccess=main)."""
+checks it for NotifyAccess=main), and the unit file in deploy/systemd/ checked by `systemd-analyze verify`."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import shutil
 import signal
 import socket
 import struct
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -25,10 +27,12 @@ import grpc
 import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from test_server_harness import ServerProcess, model_path, wait_until
+from test_server_harness import ROOT, ServerProcess, model_path, wait_until
 
 from yolov12_serve import app
 from yolov12_serve.systemd import Notifier, monotonic_usec
+
+UNIT = ROOT / "deploy" / "systemd" / "yolov12-serve.service"
 
 
 @dataclass
@@ -283,3 +287,70 @@ def test_watchdog_pings_stop_while_the_core_is_wedged(monkeypatch):
         notifier.close()
         sock.close()
     assert before >= 4 and during == 0 and after >= 4, (before, during, after)
+
+
+# ------------------------------------------------------------------------------------------- the unit file
+def _verify(unit: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
+
+
+def _unit_with_this_venv(folder: Path, text: str | None = None) -> Path:
+    """The shipped unit with its ExecStart's /opt/yolov12-serve/.venv made this checkout's venv (verify checks the
+    program is there and executable); everything else as shipped."""
+    venv = Path(sys.executable).parent.parent
+    assert (venv / "bin" / "yolov12-serve").is_file(), "the project is installed in this venv"
+    unit = folder / UNIT.name
+    unit.write_text((text if text is not None else UNIT.read_text()).replace("/opt/yolov12-serve/.venv", str(venv)))
+    return unit
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None,
+                    reason="systemd-analyze not installed (it comes with the systemd package, which a container "
+                           "image or CI machine without systemd lacks; too large to install for one check)")
+def test_unit_file_passes_systemd_analyze_verify(tmp_path):
+    """`systemd-analyze verify` says nothing at all of the unit (an unknown key or value is a warning with exit 0:
+    any output fails); a misspelt directive in a copy is caught, so the check can fail."""
+    r = _verify(_unit_with_this_venv(tmp_path))
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    r = _verify(_unit_with_this_venv(broken, UNIT.read_text().replace("ProtectSystem=", "ProtectSytem=")))
+    assert "ProtectSytem" in r.stdout + r.stderr
+
+
+def test_unit_file_runs_what_the_server_accepts():
+    """The unit's ExecStart, with the example environment file's YOLOV12_ARGS, parses with the server's own
+    argument parser (systemd's ${VAR} expanded), state and evidence under StateDirectory, tokens from
+    LoadCredential; the notify type, reload, drain and watchdog settings are those docs/production.md describes."""
+    from yolov12_serve.cli import build_parser
+
+    text = UNIT.read_text().replace("\\\n", " ")  # continuation lines joined, as systemd joins them
+    env = dict(line.split("=", 1) for line in (UNIT.parent / "yolov12-serve.env").read_text().splitlines()
+               if line.strip() and not line.startswith("#"))
+    settings: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if "=" in line and not line.lstrip().startswith(("#", ";", "[")):
+            key, value = line.split("=", 1)
+            settings.setdefault(key.strip(), []).append(value.strip())
+    assert settings["Type"] == ["notify"] and settings["NotifyAccess"] == ["main"]
+    assert settings["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert settings["KillMode"] == ["mixed"]  # SIGTERM to the server alone; its device processes it ends itself
+    stop_s = int(settings["TimeoutStopSec"][0].removesuffix("s"))
+    assert app.DRAIN_S + app.GRPC_GRACE_S < stop_s <= 30
+    assert int(settings["WatchdogSec"][0].removesuffix("s")) >= 10
+    assert settings["StateDirectory"] == ["yolov12"] and settings["DynamicUser"] == ["yes"]
+    argv = settings["ExecStart"][0].split()
+    assert argv[0] == "/opt/yolov12-serve/.venv/bin/yolov12-serve"
+    expanded: list[str] = []
+    for word in argv[1:]:
+        if word.startswith("$") and not word.startswith("${"):  # $VAR: split into words
+            expanded += env[word[1:]].split()
+        else:
+            expanded.append(re.sub(r"\$\{(\w+)\}", lambda m: {"CREDENTIALS_DIRECTORY": "/run/credentials/x"}[
+                m.group(1)], word))
+    args = build_parser().parse_args(expanded)
+    assert args.state_dir.startswith("/var/lib/yolov12/") and args.evidence_dir.startswith("/var/lib/yolov12/")
+    credentials = {c.split(":")[0] for c in settings["LoadCredential"]}
+    assert args.auth_token_file == "/run/credentials/x/tokens" and "tokens" in credentials
+    assert args.gpus == "cpu" and args.metrics_host == "127.0.0.1"
