@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
-import psutil
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from test_server_harness import ROOT, ServerProcess, model_path, wait_until
@@ -116,6 +115,21 @@ def notified_server(*args: str, env: dict[str, str] | None = None, abstract: boo
         if srv is not None:
             srv.close()
         sock.close()
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes `pid` started, and theirs (from /proc: each process's parent)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
 
 
 def health(port: int) -> int:
@@ -220,11 +234,12 @@ def test_device_processes_neither_notify_nor_inherit_the_socket():
         info = srv.client().server_info()
         pids = [d.pid for d in info.device_status]
         assert len(pids) == 2 and all(pids) and srv.proc.pid not in pids, info
-        children = psutil.Process(srv.proc.pid).children(recursive=True)
-        assert set(pids) <= {c.pid for c in children}
+        children = descendants(srv.proc.pid)
+        assert set(pids) <= set(children), children
         for child in children:
-            environ = Path(f"/proc/{child.pid}/environ").read_bytes().split(b"\0")
-            assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_"))], child.cmdline()
+            environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{child}/cmdline").read_bytes().replace(b"\0", b" ")
+            assert not [v for v in environ if v.startswith((b"NOTIFY_SOCKET=", b"WATCHDOG_"))], cmdline
         time.sleep(1.5)
         assert len(sock.with_field("READY")) == 1 and "on 2 devices (cpu:0,cpu:1)" in sock.with_field(
             "READY")[0].fields["STATUS"]
