@@ -354,6 +354,7 @@ def test_unit_file_runs_what_the_server_accepts():
     stop_s = int(settings["TimeoutStopSec"][0].removesuffix("s"))
     assert app.DRAIN_S + app.GRPC_GRACE_S < stop_s <= 30
     assert int(settings["WatchdogSec"][0].removesuffix("s")) >= 10
+    assert "PYTHONFAULTHANDLER=1" in " ".join(settings["Environment"]).split()  # a watchdog abort shows the stacks
     assert settings["StateDirectory"] == ["yolov12"] and settings["DynamicUser"] == ["yes"]
     argv = settings["ExecStart"][0].split()
     assert argv[0] == "/opt/yolov12-serve/.venv/bin/yolov12-serve"
