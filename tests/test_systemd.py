@@ -162,7 +162,8 @@ def test_ready_only_once_the_port_serves_then_stopping_on_sigterm():
         assert ready.pid == srv.proc.pid and ready.fields["MAINPID"] == str(srv.proc.pid)
         assert ready.fields["STATUS"].startswith("serving 1 camera (") and "on 1 device (cpu)" in ready.fields[
             "STATUS"] and _port_of(ready.fields["STATUS"]) == srv.port, ready.fields
-        assert sock.received[0] is ready  # nothing before it (no watchdog asked for)
+        loading = sock.received[0]  # before it only the Status: line while the engines load (no watchdog asked for)
+        assert loading.fields["STATUS"].startswith("loading the engines on cpu") and sock.received[1:2] == [ready]
         rc, _ = srv.terminate()
         assert rc == 0
         stopping = sock.wait_for("STOPPING", timeout=5)[0]

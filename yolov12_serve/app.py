@@ -154,6 +154,8 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
     pings = asyncio.ensure_future(_watchdog_pings(notifier, core)) if notifier.watchdog_s else None
     try:
         log.info("loading the engines (%s) on %s", ", ".join(config.engines), ", ".join(config.devices))
+        notifier.status(f"loading the engines on {','.join(config.devices)} (gRPC on {host_port(host, port)} says "
+                        "NOT_SERVING until they are warm)")
         if not await _start_unless_stopped(core, stop):  # health says SERVING once the streams are back
             log.warning("stopped while the engines were loading")
             await grpc_server.stop(0)
