@@ -167,7 +167,13 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
       "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--no-state",
       "--evidence-dir", "/proc/no-such/evidence"], "--evidence-dir /proc/no-such/evidence: No such file or directory"),
-    (["--engines", "x.onnx", "--gpus", "cpu", "--evidence-max-mb", "0"], "--evidence-max-mb must be positive"),
+    (["--engines", "x.onnx", "--gpus", "cpu", "--evidence-dir", "/tmp/e", "--evidence-max-mb", "0"],
+     "--evidence-max-mb must be positive"),
+    # it was taken and ignored: no evidence is written without --evidence-dir (also with --check, below)
+    (["--engines", "x.onnx", "--gpus", "cpu", "--evidence-max-mb", "500"], "--evidence-max-mb caps the "
+     "--evidence-dir folder: give --evidence-dir too"),
+    (["--engines", str(model_path()), "--gpus", "cpu", "--evidence-max-mb", "500", "--check"],
+     "give --evidence-dir too"),
     # NaN passed every '< 0' check; inf ended in a traceback from the latency histogram's buckets
     (["--engines", "x.onnx", "--gpus", "cpu", "--slo-ms", "inf"], "--slo-ms must be a finite number, got inf"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--stall-s", "nan"], "--stall-s must be a finite number, got nan"),
@@ -204,6 +210,7 @@ def test_check_says_what_a_start_would_use_beside_a_running_server(tmp_path):
     assert "the configuration is good" in r.stdout and "2 at start (1 tracked)" in r.stdout, r.stdout
     assert f"engine   cpu: {model_path()} (fp32" in r.stdout and "5 classes" in r.stdout, r.stdout
     assert f"state    {state}: to be created" in r.stdout and "plaintext, no tokens" in r.stdout, r.stdout
+    assert "capped at 1024 MB" in r.stdout, r.stdout  # --evidence-max-mb's default, with --evidence-dir
     assert not state.exists() and not (tmp_path / "evidence").exists()  # checked, not made
 
 
@@ -489,7 +496,7 @@ def test_streams_file(tmp_path):
 def test_serving_md_names_every_flag_with_its_default():
     """README and production.md send the reader to docs/serving.md for every flag (a contract kept across
     releases): each one of the parser is named there, and a default written beside a flag is the parser's."""
-    from yolov12_serve.cli import build_parser
+    from yolov12_serve.cli import DEFAULTS_WHEN_LEFT_OUT, build_parser
 
     doc = (ROOT / "docs" / "serving.md").read_text()
     actions = {o: a for a in build_parser()._actions for o in a.option_strings if o.startswith("--")}
@@ -497,7 +504,8 @@ def test_serving_md_names_every_flag_with_its_default():
     assert not [o for o in actions if not re.search(rf"`{re.escape(o)}`", doc)]
     stated = re.findall(r"`(--[a-z-]+)` \(([0-9]+(?:\.[0-9]+)?)\)", doc)
     assert len(stated) > 20
-    assert [(o, v, actions[o].default) for o, v in stated if float(v) != actions[o].default] == []
+    default = {o: DEFAULTS_WHEN_LEFT_OUT.get(o) if a.default is None else a.default for o, a in actions.items()}
+    assert [(o, v, default[o]) for o, v in stated if float(v) != default[o]] == []
 
 
 @pytest.mark.parametrize("script, argv, meant", [

@@ -39,6 +39,10 @@ from .urls import expand_credentials, redact_text
 __all__ = ["build_parser", "main", "parse_config"]
 
 STATUS_TO_A_LOG_S = 30.0  # --status into a file, journal or container log: a table this often (a terminal: 1 s)
+EVIDENCE_MAX_MB = 1024.0  # --evidence-max-mb when not given (its parser default is None: given alone, it is refused)
+# flags whose parser default is None so that giving one is told apart from leaving it out, with the value a start
+# uses when it is left out (docs/serving.md states these; a test holds the two together)
+DEFAULTS_WHEN_LEFT_OUT = {"--evidence-max-mb": EVIDENCE_MAX_MB}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,8 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--evidence-dir", metavar="DIR",
                    help="write a picture of every object a tracked camera counts, its box drawn, with a JSON record "
                    "(DIR/CAMERA/TIME_CLASS_ID.jpg and .json): the quality record of each defect")
-    p.add_argument("--evidence-max-mb", type=float, default=1024.0, metavar="MB",
-                   help="the evidence folder's cap: the oldest pictures are removed past it (default 1024)")
+    p.add_argument("--evidence-max-mb", type=float, default=None, metavar="MB",
+                   help=f"the evidence folder's cap: the oldest pictures are removed past it, with --evidence-dir "
+                   f"(default {EVIDENCE_MAX_MB:g})")
     p.add_argument("--mqtt", metavar="URL",
                    help="also publish to this MQTT broker, mqtt://[USER@]HOST[:PORT][/PREFIX] (mqtts:// for TLS; "
                    "${VAR} taken from the environment): PREFIX/CAMERA/detections, /objects (tracked cameras, each "
@@ -265,8 +270,12 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         raise ConfigError(f"--rebalance-s must be 0 (never) or more, got {args.rebalance_s:g}")
     if not args.blind_after_s >= 0:
         raise ConfigError(f"--blind-after-s must be 0 (never) or more, got {args.blind_after_s}")
-    if not args.evidence_max_mb > 0:
-        raise ConfigError(f"--evidence-max-mb must be positive, got {args.evidence_max_mb}")
+    if args.evidence_max_mb is not None and args.evidence_dir is None:
+        raise ConfigError("--evidence-max-mb caps the --evidence-dir folder: give --evidence-dir too (without it no "
+                          "evidence is written)")
+    evidence_max_mb = EVIDENCE_MAX_MB if args.evidence_max_mb is None else args.evidence_max_mb
+    if not evidence_max_mb > 0:
+        raise ConfigError(f"--evidence-max-mb must be positive, got {evidence_max_mb}")
     if not 0 <= args.track_min_score <= 1:
         raise ConfigError(f"--track-min-score must be 0..1, got {args.track_min_score}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
@@ -280,7 +289,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         engines=engines, devices=devices, host=args.host, port=args.port, metrics_port=args.metrics_port,
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, track_min_score=args.track_min_score,
-        evidence_dir=args.evidence_dir, evidence_max_mb=args.evidence_max_mb, mqtt=mqtt,
+        evidence_dir=args.evidence_dir, evidence_max_mb=evidence_max_mb, mqtt=mqtt,
         allow_files=args.allow_files,
         allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
         health_port=args.health_port,

@@ -52,7 +52,8 @@ def check_config(config: ServerConfig, streams: list[StreamSpec]) -> list[str]:
         lines.append(f"state    {config.state_dir}: {_writable(config.state_dir, '--state-dir')}; "
                      f"{_saved(Path(config.state_dir) / STREAMS_FILE)}")
     if config.evidence_dir:
-        lines.append(f"evidence {config.evidence_dir}: {_writable(config.evidence_dir, '--evidence-dir')}")
+        lines.append(f"evidence {config.evidence_dir}: {_writable(config.evidence_dir, '--evidence-dir')}, capped at "
+                     f"{config.evidence_max_mb:g} MB")
     security = Security(config.security)  # reads and checks the certificates, keys and tokens
     lines.append(f"gRPC     {host_port(config.host, config.port)}, {security.describe()}")
     if config.metrics_port >= 0:
