@@ -48,18 +48,27 @@ class Broker:
             lines += [f"cafile {client_ca.cert}", "require_certificate true"]
         if os.geteuid() == 0:  # as root it would run as user mosquitto, who may not read the test's folder
             lines.append("user root")
+        self.passwords = folder / f"passwords-{self.port}"
         if users:
-            passwords = folder / "passwords"
-            passwords.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
-            passwords.chmod(0o600)
-            subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-U", str(passwords)],
-                           check=True)  # the passwords hashed, as mosquitto wants them
-            lines += ["allow_anonymous false", f"password_file {passwords}"]
+            self._write_passwords(users)
+            lines += ["allow_anonymous false", f"password_file {self.passwords}"]
         else:
             lines.append("allow_anonymous true")
         self.conf.write_text("\n".join(lines) + "\n")
         self.proc: subprocess.Popen | None = None
         self.start()
+
+    def _write_passwords(self, users: dict[str, str]) -> None:
+        self.passwords.write_text("".join(f"{u}:{p}\n" for u, p in users.items()))
+        self.passwords.chmod(0o600)
+        subprocess.run([shutil.which("mosquitto_passwd") or "/usr/bin/mosquitto_passwd", "-U", str(self.passwords)],
+                       check=True)  # the passwords hashed, as mosquitto wants them
+
+    def rotate_passwords(self, users: dict[str, str]) -> None:
+        """New passwords, read by the running broker on SIGHUP (it then drops clients whose password went)."""
+        self._write_passwords(users)
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGHUP)
 
     def start(self) -> None:
         self.proc = subprocess.Popen([MOSQUITTO, "-c", str(self.conf)], stdout=subprocess.DEVNULL,
@@ -337,6 +346,52 @@ def test_broker_credentials_from_a_file_and_a_refusal_said_once(tmp_path):
         refused.close()
         server.close()
         listener.close()
+        broker.stop()
+
+
+def test_a_password_rotation_is_taken_on_sighup_at_once_and_a_broken_file_leaves_the_one_in_use(tmp_path):
+    """The broker's password changes first (it drops us, then refuses the old one at each attempt, paho waiting 1,
+    2, 4, 8, 16 s between them); then --mqtt-credentials is rewritten and SIGHUP: the server connects with the new
+    one at once, not after paho's wait. A file that cannot be used on a later SIGHUP is one line; the password in
+    use stays (the broker restarted, the server connects with it)."""
+    broker = Broker(tmp_path, users={"detector": "first-pw"})
+    creds = tmp_path / "mqtt-credentials"
+    creds.write_text("detector:first-pw\n")
+    server = ServerProcess("--no-status", "--instances", "1", "--mqtt", f"mqtt://127.0.0.1:{broker.port}",
+                           "--mqtt-credentials", str(creds))
+    label = f'yolov12_mqtt_connected{{broker="127.0.0.1:{broker.port}"}}'
+    listener = None
+    try:
+        wait_until(lambda: metric(server, label) == 1, 30, what="connected with the first password")
+        broker.rotate_passwords({"detector": "second-pw"})
+        wait_until(lambda: "refused the connection" in server.log(), 30, what="the old password refused")
+
+        def refusals() -> int:
+            return broker.log().count("not authorised")
+
+        # four refusals: the next attempt is 16 s after the last (paho's wait doubles from 2 s by then)
+        wait_until(lambda: refusals() >= 4, 40, what="four refused attempts")
+        creds.write_text("detector:second-pw\n")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: metric(server, label) == 1, 8, what="connected with the new password soon after SIGHUP")
+        assert "mqtt: credentials reloaded from" in server.log(), server.log()
+
+        creds.write_text("not a user and password\n")
+        server.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: "SIGHUP: MQTT credentials not reloaded" in server.log(), 20, what="the broken file said")
+        broker.stop()  # no persistence: its retained messages go with it
+        broker.start()
+        listener = Listener(broker.port, "yolov12", "detector", "second-pw")
+        wait_until(lambda: any(p == "online" for p, _ in listener.on("yolov12/status")), 30,
+                   what="connected again with the password kept")
+        log = server.log()
+        lines = [ln for ln in log.splitlines() if "MQTT credentials" in ln]
+        assert len(lines) == 1 and "must hold one line USER:PASSWORD" in lines[0], lines
+        assert "first-pw" not in log and "second-pw" not in log and "not a user" not in log, log
+    finally:
+        if listener is not None:
+            listener.close()
+        server.close()
         broker.stop()
 
 

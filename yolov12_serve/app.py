@@ -162,8 +162,9 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
             raise LoadingInterruptedError
         metrics_host = bare_host(config.metrics_host or host)
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
-        if core.mqtt is not None:  # its client certificate rotates with the server's (SIGHUP)
+        if core.mqtt is not None:  # its client certificate and password rotate with the server's (SIGHUP)
             security.on_reload("MQTT TLS files", core.mqtt.reload_certificate)
+            security.on_reload("MQTT credentials", core.mqtt.reload_credentials)
         # the workers run: all else yields to them (priority.py)
         priority.lower_others(config.background_nice, config.background_batch)
         priority.shorten_lock_turns()

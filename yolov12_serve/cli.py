@@ -119,7 +119,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "${VAR} taken from the environment): PREFIX/CAMERA/detections, /objects (tracked cameras, each "
                    "object once), /state (retained) and PREFIX/status online/offline (default prefix yolov12)")
     p.add_argument("--mqtt-credentials", metavar="FILE",
-                   help="a file holding USER:PASSWORD for the broker (kept off the command line)")
+                   help="a file holding USER:PASSWORD for the broker (kept off the command line); reloaded on SIGHUP")
     p.add_argument("--mqtt-ca", metavar="FILE", help="CA certificate the mqtts:// broker's is checked with "
                    "(default: the system's)")
     p.add_argument("--mqtt-cert", metavar="FILE", help="client certificate shown to an mqtts:// broker that wants "
@@ -187,7 +187,8 @@ def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
     options = MqttOptions(expand_credentials(args.mqtt, "--mqtt", args.mqtt_credentials), args.mqtt_ca,
-                          args.mqtt_queue, args.mqtt_detections, args.mqtt_cert, args.mqtt_key, args.mqtt_client_id)
+                          args.mqtt_queue, args.mqtt_detections, args.mqtt_cert, args.mqtt_key, args.mqtt_client_id,
+                          args.mqtt_credentials)
     if options.tls:
         client_tls_context(options)  # the certificate files checked now, not after the engines loaded
     return options

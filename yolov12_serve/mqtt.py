@@ -17,7 +17,9 @@ Topics under PREFIX (the URL's path; default `yolov12`), STREAM the camera id wi
 TLS (mqtts://): the broker's certificate is checked with --mqtt-ca (or the system's CAs) and its name; a client
 certificate (--mqtt-cert, --mqtt-key) for brokers that require one (mosquitto's require_certificate, AWS IoT Core,
 HiveMQ). SIGHUP reads the client certificate again and adds --mqtt-ca's certificates (a CA rotation trusts both for a
-while); the next connection uses them, the one open keeps its own.
+while); the next connection uses them, the one open keeps its own. It reads --mqtt-credentials again too (a password
+rotation): used from the next connection, and at once while the broker is refusing the ones in use. A file that
+cannot be used leaves what is in use, one line saying why.
 
 The publisher reads results from its own fan-out queue in its own thread: a slow or absent broker never holds up
 results or watchers. What it loses is counted: yolov12_mqtt_messages_dropped_total{reason}, and results it fell
@@ -47,7 +49,7 @@ from .fanout import Subscription
 from .faultlog import FaultLog
 from .frames import FrameResult
 from .tls import load_key_pair, read_pem
-from .urls import redact_url
+from .urls import read_credentials, redact_url
 
 __all__ = ["MqttOptions", "MqttPublisher", "client_tls_context", "topic_name"]
 
@@ -70,6 +72,7 @@ class MqttOptions:
     cert: str | None = None  # the client certificate (chain) shown to the broker, PEM
     key: str | None = None  # its private key, PEM, unencrypted
     client_id: str | None = None  # the MQTT client id (default: yolov12- and a hash unique to the process)
+    credentials: str | None = None  # --mqtt-credentials, already in `url`: read again on SIGHUP
 
     def __post_init__(self) -> None:
         self.target  # noqa: B018 (parsed now: a bad URL stops the server at start, not later)
@@ -212,6 +215,8 @@ class MqttPublisher:
         self._stop = threading.Event()
         self._connected = False
         self._refusal = ""  # the last reason the broker gave for refusing us (logged once per reason)
+        self._relogin = False  # credentials were reloaded: their first refusal is logged whatever the reason
+        self._retry = threading.Event()  # connect again now, not after paho's wait (refused, and new credentials)
         self._unreachable = False  # a failed connection attempt was logged (once until connected again)
         # connections lost: on change, not a line pair per drop (two servers given one client id flap each second)
         self._drops = FaultLog(log, "mqtt: %s", (options.broker,))
@@ -265,6 +270,34 @@ class MqttPublisher:
         log.info("mqtt: TLS files reloaded (%s), used from the next connection to %s",
                  ", ".join(f for f in (self.options.cert, self.options.ca) if f), self.options.broker)
 
+    def reload_credentials(self) -> None:
+        """SIGHUP: read --mqtt-credentials again, for the next connection; while the broker is refusing us (a
+        password rotated there first), connect again now rather than after paho's wait (up to 30 s). ConfigError
+        (the ones in use stay) when the file cannot be used."""
+        if self.options.credentials is None:
+            return
+        user, password = read_credentials(self.options.credentials, "--mqtt")
+        self._client.username_pw_set(user, password)
+        self._relogin = True
+        refused = bool(self._refusal) and not self._connected
+        if refused:
+            self._retry.set()
+        log.info("mqtt: credentials reloaded from %s (user %s), %s %s", self.options.credentials, user,
+                 "connecting again with them to" if refused else "used from the next connection to",
+                 self.options.broker)
+
+    def _connect_again(self) -> None:
+        """Restart paho's network loop, which waits out its growing delay between attempts before it tries new
+        credentials (its thread sees the stop within a second)."""
+        client = self._client
+        client.loop_stop()
+        if self._stop.is_set():
+            return  # closing: close() ends the connection
+        if not self._connected:  # connected meanwhile (with the credentials before): that connection stays
+            client.reconnect_delay_set(1, 30)  # the delay starts at 1 s again
+            client.connect_async(self._host, self._port, keepalive=30)
+        client.loop_start()
+
     def close(self, timeout: float = 2.0) -> None:
         """Publish what is queued and `offline` (retained) within `timeout` seconds, then disconnect (called once
         the subscription is closed: no result comes after)."""
@@ -286,11 +319,14 @@ class MqttPublisher:
     def _connected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
         if reason.is_failure:
             why = str(reason)
-            if why != self._refusal:
+            if why != self._refusal or self._relogin:
                 self._refusal = why
-                log.error("mqtt: %s refused the connection: %s (check the user and password of --mqtt or "
-                          "--mqtt-credentials); trying again", self.options.broker, why)
+                log.error("mqtt: %s refused the connection%s: %s (check the user and password of --mqtt or "
+                          "--mqtt-credentials); trying again", self.options.broker,
+                          " with the reloaded credentials" if self._relogin else "", why)
+            self._relogin = False
             return
+        self._relogin = False
         self._refusal, self._unreachable = "", False
         self._paho_errors.last = ""  # an old outage's error must not explain a later one
         self._connected = True
@@ -360,6 +396,9 @@ class MqttPublisher:
                 return  # closing, and what was queued is out
             elif self._sub.closed:
                 self._stop.wait(0.25)
+            if self._retry.is_set() and not self._stop.is_set():
+                self._retry.clear()
+                self._connect_again()
             if not self._stop.is_set() and time.monotonic() >= next_states:
                 next_states = time.monotonic() + STATE_EVERY_S
                 self._publish_states()

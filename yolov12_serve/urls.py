@@ -25,8 +25,8 @@ from urllib.parse import quote, unquote
 
 from .errors import ConfigError
 
-__all__ = ["MASK", "authority_end", "expand_credentials", "redact_text", "redact_url", "secret_param",
-           "stray_userinfo"]
+__all__ = ["MASK", "authority_end", "expand_credentials", "read_credentials", "redact_text", "redact_url",
+           "secret_param", "stray_userinfo"]
 
 MASK = "***"
 
@@ -99,6 +99,23 @@ def redact_text(text: str) -> str:
     return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
 
 
+def read_credentials(credentials: str | Path, where: str, base: Path | None = None) -> tuple[str, str]:
+    """(user, password) from a file holding one line `USER:PASSWORD` (relative to `base`); ConfigError saying what
+    is wrong with it, never what it holds (`where` says whose file it is)."""
+    path = Path(credentials)
+    if base is not None and not path.is_absolute():
+        path = base / path
+    try:
+        line = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else "not text" if isinstance(e, ValueError) else e
+        raise ConfigError(f"{where}: cannot read its credentials file {path}: {why}") from None
+    user, colon, password = line.partition(":")
+    if not colon or not user or "\n" in line:
+        raise ConfigError(f"{where}: credentials file {path} must hold one line USER:PASSWORD")
+    return user, password
+
+
 def expand_credentials(url: str, where: str, credentials: str | Path | None = None,
                        env: Mapping[str, str] | None = None, base: Path | None = None) -> str:
     """The operator's `url` with `${VAR}` taken from the environment and, with `credentials` (a file holding
@@ -128,16 +145,7 @@ def expand_credentials(url: str, where: str, credentials: str | Path | None = No
     expanded = _VAR.sub(value, url)
     if credentials is None:
         return expanded
-    path = Path(credentials)
-    if base is not None and not path.is_absolute():
-        path = base / path
-    try:
-        line = path.read_text().strip()
-    except OSError as e:
-        raise ConfigError(f"{where}: cannot read its credentials file {path}: {e.strerror or e}") from None
-    user, colon, password = line.partition(":")
-    if not colon or not user or "\n" in line:
-        raise ConfigError(f"{where}: credentials file {path} must hold one line USER:PASSWORD")
+    user, password = read_credentials(credentials, where, base)
     head, sep, rest = expanded.partition("://")
     if not sep:
         raise ConfigError(f"{where}: credentials need a URL with a host (rtsp://HOST/...)")
