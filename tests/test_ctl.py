@@ -571,3 +571,9 @@ def test_an_object_record_has_its_ids_as_numbers():
 def test_a_last_error_says_how_old_it_is():
     assert [ctl._ago(s) for s in (0.4, 59, 60, 3599, 7200, 3 * 86400)] == [
         "0 s ago", "59 s ago", "1 min ago", "59 min ago", "2 h ago", "3 d ago"]
+    info = pb.StreamInfo(last_error="refused", last_error_age_s=2.4, failing_for_s=3700)
+    assert ctl._last_error(info) == "refused (2 s ago, failing for 1 h)"
+    info.failing_for_s = 2.9  # failing since this one error: said once
+    assert ctl._last_error(info) == "refused (2 s ago)"
+    info.failing_for_s = 0  # streaming again: the error is history
+    assert ctl._last_error(info) == "refused (2 s ago)"

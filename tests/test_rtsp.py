@@ -374,6 +374,50 @@ def test_a_camera_down_for_long_is_logged_on_change_not_at_every_retry(client, r
         stop_cameras(camera)
 
 
+def _failing_again_and_again(address: str, client, rtsp, sid: str) -> None:
+    """A camera whose port refuses every connection fails with the same error at every retry (1 s apart at most,
+    --backoff-cap-s 1): its last error is seconds old all along, and how long it has been failing is said apart
+    (`yolov12-ctl streams`: "2 s ago, failing for 6 s"); once it streams that ends, the error stays as history."""
+    import io
+
+    from yolov12_serve import ctl
+
+    camera = RtspServer(free_port(), rtsp.mounts)  # not started yet: connections to its port are refused
+    client.add_stream(sid, camera.url("cam0"))
+    try:
+        info = wait_until(lambda: (s := client.stream(sid)).failing_for_s >= 6 and s, 30, what="6 s of failures")
+        assert info.state == pb.STREAM_STATE_RECONNECTING and "refused" in info.last_error.lower(), info
+        assert info.reconnects >= 4 and info.last_error_age_s < 3, info  # the same error again: news each time
+        out = io.StringIO()
+        assert ctl.main(["--server", address, "streams"], out=out) == 0
+        line = next(ln for ln in out.getvalue().splitlines() if ln.startswith(sid))
+        assert re.search(r"refused.* \(\d s ago, failing for \d+ s\)$", line), line
+        camera.start()
+        wait_state(client, sid, pb.STREAM_STATE_STREAMING, timeout=30)
+        info = wait_until(lambda: (s := client.stream(sid)).last_error_age_s >= 2 and s, 10, what="an older error")
+        assert info.failing_for_s == 0 and "refused" in info.last_error.lower(), info  # history now
+    finally:
+        client.remove_stream(sid)
+        stop_cameras(camera)
+
+
+def test_a_camera_failing_again_and_again_says_when_it_last_failed_and_for_how_long(server, client, rtsp):
+    _failing_again_and_again(server.address, client, rtsp, "door")
+
+
+def test_a_camera_in_a_device_process_failing_again_and_again_says_when_it_last_failed(rtsp):
+    """The same with the camera pulled in a device process, which tells the API process of each failure (it told
+    only those that changed the state or the error's text)."""
+    srv = ServerProcess("--worker-processes", "on", "--backoff-cap-s", "1", "--instances", "1")
+    try:
+        c = srv.client()
+        c.wait_ready(60)
+        _failing_again_and_again(srv.address, c, rtsp, "door-remote")
+        c.close()
+    finally:
+        srv.close()
+
+
 def test_unreachable_camera_retries_without_failing(client):
     client.add_stream("nowhere", f"rtsp://127.0.0.1:{free_port()}/cam")
     try:

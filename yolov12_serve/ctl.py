@@ -291,17 +291,30 @@ def _print_streams(streams: Sequence[pb.StreamInfo], as_json: bool, out: TextIO)
         rows.append((s.stream_id, state, device, f"{s.fps:.1f}", f"{s.latency_p50_ms:.1f}",
                      f"{s.latency_p99_ms:.1f}", str(s.frames_processed), str(s.frames_dropped), str(s.reconnects),
                      str(s.objects) if s.track else "-", f"{s.width}x{s.height}" if s.width else "-", s.url,
-                     f"{s.last_error} ({_ago(s.last_error_age_s)})" if s.last_error else ""))
+                     _last_error(s)))
     _table(rows, out)
     return 0
 
 
-def _ago(seconds: float) -> str:
-    """'40 s ago', '12 min ago', '3 h ago', '2 d ago': whether a camera's last error is news or history."""
+def _last_error(s: pb.StreamInfo) -> str:
+    """'connection refused (2 s ago, failing for 1 h)': when it last happened, and since when the camera fails."""
+    if not s.last_error:
+        return ""
+    since = f", failing for {_span(s.failing_for_s)}" if s.failing_for_s >= s.last_error_age_s + 1 else ""
+    return f"{s.last_error} ({_ago(s.last_error_age_s)}{since})"
+
+
+def _span(seconds: float) -> str:
+    """'40 s', '12 min', '3 h', '2 d'."""
     for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
         if seconds >= size:
-            return f"{int(seconds // size)} {unit} ago"
-    return f"{int(seconds)} s ago"
+            return f"{int(seconds // size)} {unit}"
+    return f"{int(seconds)} s"
+
+
+def _ago(seconds: float) -> str:
+    """'40 s ago', '12 min ago', '3 h ago', '2 d ago': whether a camera's last error is news or history."""
+    return f"{_span(seconds)} ago"
 
 
 def _describe(fd: pb.FrameDetections) -> str:

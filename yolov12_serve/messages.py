@@ -21,7 +21,8 @@ def stream_info(view: StreamView) -> pb.StreamInfo:
         width=view.width, height=view.height, max_fps=view.max_fps, min_score=view.min_score,
         classes=view.classes, zone=[c for point in view.zone for c in point], picture_problem=view.picture_problem,
         blind_after_s=view.blind_after_s, track=view.track, objects=view.objects,
-        last_error_age_s=view.last_error_age_s, class_min_scores=dict(view.class_min_scores), decoder=view.decoder)
+        last_error_age_s=view.last_error_age_s, class_min_scores=dict(view.class_min_scores), decoder=view.decoder,
+        failing_for_s=view.failing_for_s)
 
 
 def frame_detections(result: FrameResult, names: dict[int, str], stream_id: str | None = None) -> pb.FrameDetections:

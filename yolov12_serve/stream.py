@@ -63,9 +63,10 @@ class StreamView:
     blind_after_s: float | None = None  # as asked for in AddStream (None: the server's --blind-after-s)
     track: bool = False
     objects: int = 0  # with track: objects counted so far
-    last_error_age_s: float = 0.0  # since last_error last changed (0: none yet)
+    last_error_age_s: float = 0.0  # since last_error last happened (0: none yet)
     class_min_scores: tuple[tuple[str, float], ...] = ()
     decoder: str = ""  # a pulled camera's: 'cpu' or 'nvdec' ('' before its first frame, and for pushed frames)
+    failing_for_s: float = 0.0  # since the first error of the failures going on now (0: streaming, or no error)
 
 
 class Stream:
@@ -101,7 +102,8 @@ class Stream:
         self.group = group  # streams sharing one turn under overload (all DetectImage calls); None: its own
         self.state = StreamState.CONNECTING
         self.last_error = ""
-        self.last_error_at = 0.0  # now() when last_error last changed
+        self.last_error_at = 0.0  # now() when last_error last happened (each retry that fails again counts)
+        self.failing_since = 0.0  # now() when the failures going on began: the first error since it streamed (0: none)
         self.reconnects = 0
         self.src_hw = (0, 0)
         self.stats = StreamStats()
@@ -234,6 +236,10 @@ class Stream:
             self.state = state
             if error:
                 self._note(redact_text(error))  # shown by ListStreams and the status table: no passwords
+            if state == StreamState.STREAMING:
+                self.failing_since = 0.0
+            elif error and state in (StreamState.RECONNECTING, StreamState.FAILED) and not self.failing_since:
+                self.failing_since = self.last_error_at
         if state != StreamState.STREAMING and self._picture_check is not None:  # judged again once it streams
             self._picture_check = PictureCheck(self._picture_check.after_s)
             self.picture_problem = ""  # its state tells now (a device process's API side clears its own on "st")
@@ -296,9 +302,8 @@ class Stream:
             self._note(error)
 
     def _note(self, error: str) -> None:
-        """Keep `error` as the last one, timed when it differs from the one before (the lock held)."""
-        if error != self.last_error:
-            self.last_error, self.last_error_at = error, now()
+        """Keep `error` as the last one, timed now: the same error again is news too (the lock held)."""
+        self.last_error, self.last_error_at = error, now()
 
     def restart_if_stalled(self, t: float, stall_s: float) -> None:
         """The watchdog's check: reconnect a pulled camera that is STREAMING but sent no frame for `stall_s`."""
@@ -324,10 +329,12 @@ class Stream:
     def view(self) -> StreamView:
         """A snapshot with rates over the last few seconds."""
         snap = self.stats.snapshot()
+        t = now()
         return StreamView(self.stream_id, self.url, self.kind, self.state, self.device, snap.fps, self.last_error,
                           snap.processed, snap.dropped, self.reconnects, snap.latency_p50_ms, snap.latency_p99_ms,
                           snap.detections_per_frame, self.src_hw[1], self.src_hw[0], self.max_fps,
                           self.filter.min_score, self.filter.classes, self.filter.zone, self.picture_problem,
                           self.spec.blind_after_s if self.spec is not None else None, self.tracker is not None,
-                          self.objects, now() - self.last_error_at if self.last_error else 0.0,
-                          self.filter.class_scores, self.decoder)
+                          self.objects, t - self.last_error_at if self.last_error else 0.0,
+                          self.filter.class_scores, self.decoder,
+                          t - self.failing_since if self.failing_since else 0.0)

@@ -81,7 +81,8 @@ class _HostStream(Stream):
     def set_state(self, state: StreamState, error: str = "") -> None:
         before = (self.state, self.last_error)
         super().set_state(state, error)
-        if (self.state, self.last_error) != before and self.state != StreamState.STOPPED:
+        # an error is told each time it happens, the same one again too: the API process times it (its age)
+        if ((self.state, self.last_error) != before or error) and self.state != StreamState.STOPPED:
             self._host.outbox.put(("st", self.stream_id, self.epoch, int(self.state), self.last_error))
 
     def note_picture(self, problem: str) -> None:
