@@ -207,6 +207,36 @@ def test_apply_refuses_a_class_the_model_lacks_before_it_removes_the_running_cam
             c.remove_stream("belt")
 
 
+def test_apply_knows_the_classes_of_every_device_s_engine(tmp_path, capsys):
+    """Devices running engines of other classes (--gpus cpu:2, an engine each): the server takes a camera whose
+    classes any of them has (its check unions all devices' engines), and so does `apply`, which read the first
+    device's classes only and refused it; a class none has is still refused before anything changes."""
+    from zero_model import write_zero_model
+
+    first = write_zero_model(tmp_path / "first.onnx", names={0: "dent", 1: "scratch"})
+    second = write_zero_model(tmp_path / "second.onnx", names={0: "crack"})
+    srv = ServerProcess("--gpus", "cpu:2", "--engines", f"{first},{second}", "--instances", "1", "--allow-synthetic",
+                        "--no-status")
+    try:
+        at = ("--server", srv.address)
+        c = srv.client()
+        c.wait_ready(60)
+        cameras = tmp_path / "cameras.yaml"
+        camera = "streams:\n  - id: press\n    url: 'synthetic://press?fps=2&size=320x180'\n    classes: [{}]\n"
+        cameras.write_text(camera.format("crack"))  # the second device's class
+        rc, out = run(*at, "apply", str(cameras))
+        assert rc == 0 and "1 added" in out, (out, capsys.readouterr().err)
+        assert [list(s.classes) for s in c.list_streams()] == [["crack"]]
+        cameras.write_text(camera.format("bolt"))
+        assert run(*at, "apply", str(cameras)) == (2, "")
+        err = capsys.readouterr().err
+        assert "unknown class 'bolt': the model's classes are crack, dent, scratch (nothing changed)" in err, err
+        assert [list(s.classes) for s in c.list_streams()] == [["crack"]]
+        c.close()
+    finally:
+        srv.close()
+
+
 def test_snapshot_saves_what_the_camera_sees_with_its_zone_and_published_boxes_drawn(server, tmp_path, capsys):
     """`snapshot ID FILE` saves the camera's picture as the server sent it; with --draw, its zone is outlined and only
     the detections it would publish are drawn. A still belt (speed=0): every snapshot is the same picture, so the

@@ -72,7 +72,8 @@ class ServerProcess:
         to the server's environment. Unless `args` name a --state-dir or --no-state, the server keeps its streams in
         a fresh temporary folder (never the user's). `wait` False: return once the process runs (`wait_started`
         waits for its start line)."""
-        engines = [] if "--demo" in args and model is None else ["--engines", str(model or model_path())]
+        given = "--engines" in args or ("--demo" in args and model is None)  # an engine per device, or the demo's
+        engines = [] if given else ["--engines", str(model or model_path())]
         gpus = [] if "--gpus" in args else ["--gpus", "cpu"]
         self.state_dir: str | None = None
         if "--state-dir" not in args and "--no-state" not in args:

@@ -531,14 +531,18 @@ def _same_scores(have: dict[str, float], want: Sequence[tuple[str, float]]) -> b
 
 def _check_apply_classes(c: Client | ShardedClient, wanted: Sequence[StreamSpec], file: str) -> None:
     """UsageError, before anything changes (and in a dry run), for a class in `classes` or `class_min_scores` that
-    the server's model does not have. The server refuses such a camera too, but only after `apply` has removed the
-    running one it replaces: a typo in a class name would take a working camera off the line."""
+    the server's models do not have. The server refuses such a camera too, but only after `apply` has removed the
+    running one it replaces: a typo in a class name would take a working camera off the line. Known are the classes
+    of every device's engine together, as the server's own check has them (StreamSpec.check_known_classes); a
+    server that does not list each engine's (older than EngineInfo.class_names) gives its first device's."""
     named = [(spec.stream_id, n) for spec in wanted for n in (*spec.classes, *(n for n, _ in spec.class_min_scores))]
     if not named:
         return
     known: set[str] = set()
     for client in c.clients if isinstance(c, ShardedClient) else [c]:
-        known.update(client.server_info().class_names)
+        info = client.server_info()
+        per_engine = [name for e in info.engines for name in e.class_names]
+        known.update(per_engine or info.class_names)
     if not known:  # a server that names no classes: it decides
         return
     for sid, name in named:

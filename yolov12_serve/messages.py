@@ -47,7 +47,8 @@ def server_info(view: ServerInfoView) -> pb.ServerInfo:
                              stride=info.stride, batch_min=info.batch[0], batch_max=info.batch[1],
                              dynamic_hw=info.dynamic_hw, precision=info.precision, variant=info.variant,
                              scale=info.scale, instances=instances, conf=info.conf, iou=info.iou,
-                             max_det=info.max_det, model_version=version)
+                             max_det=info.max_det, model_version=version,
+                             class_names=[info.names.get(i, str(i)) for i in range(max(info.names, default=-1) + 1)])
                for path, device, info, instances, version in view.engines]
     status = [pb.DeviceStatus(device=d.device, healthy=d.healthy, state=d.state, error=d.error,
                               model_version=d.model_version, pid=d.pid) for d in view.device_status]
