@@ -232,6 +232,10 @@ def test_apply_knows_the_classes_of_every_device_s_engine(tmp_path, capsys):
         err = capsys.readouterr().err
         assert "unknown class 'bolt': the model's classes are crack, dent, scratch (nothing changed)" in err, err
         assert [list(s.classes) for s in c.list_streams()] == [["crack"]]
+        rc, out = run(*at, "info")  # each engine's classes, not the first device's as the server's
+        assert rc == 0 and "\n  classes:" not in out, out
+        assert re.search(r"engine \S*first.onnx on cpu:0: .*\n    classes: dent, scratch\n", out), out
+        assert re.search(r"engine \S*second.onnx on cpu:1: .*\n    classes: crack\n", out), out
         c.close()
     finally:
         srv.close()

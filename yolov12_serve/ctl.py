@@ -628,11 +628,15 @@ def _info(clients: Sequence[tuple[str, Client]], as_json: bool, out: TextIO) -> 
             continue
         out.write(f"{address}: yolov12-serve {info.version}, SLO {info.slo_ms:g} ms, max batch {info.max_batch}, "
                   f"up to {info.max_streams} streams, input {info.input_height}x{info.input_width}\n")
-        out.write(f"  classes: {', '.join(info.class_names)}\n")
+        apart = len({tuple(e.class_names) for e in info.engines if e.class_names}) > 1  # engines of other classes
+        if not apart:
+            out.write(f"  classes: {', '.join(info.class_names)}\n")
         for e in info.engines:
             out.write(f"  engine {e.path} on {e.device}: {e.precision}, input {e.input_height}x{e.input_width}"
                       f"{' (dynamic)' if e.dynamic_hw else ''}, batch {e.batch_min}..{e.batch_max}, "
                       f"{e.instances} instances, model {e.model_version}\n")
+            if apart:
+                out.write(f"    classes: {', '.join(e.class_names)}\n")
         for d in info.device_status:
             where = f", process {d.pid}" if d.pid else ""
             out.write(f"  device {d.device}: {d.state}{where}{': ' + d.error if d.error else ''}\n")
