@@ -95,7 +95,7 @@ def _added(core: ServerCore, spec: StreamSpec) -> bool:
 
 def _removed(core: ServerCore, stream_id: str) -> bool:
     try:
-        core.remove_stream(stream_id)
+        core.remove_stream(stream_id, by_list=True)
     except ServerError as e:  # removed over gRPC meanwhile
         log.info("stream %s of the camera list: %s", stream_id, e)
         return False

@@ -475,8 +475,9 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 self.metrics.add_stream(stream_id)
         return stream
 
-    def remove_stream(self, stream_id: str) -> StreamView:
-        """Stop a stream and free what it held; NOT_FOUND if it is unknown."""
+    def remove_stream(self, stream_id: str, by_list: bool = False) -> StreamView:
+        """Stop a stream and free what it held; NOT_FOUND if it is unknown. `by_list`: the camera list applied
+        again (camera_list.py) removes it; else a camera of that list removed says it comes back with the list."""
         with self._lock:
             stream = self._streams.get(stream_id)
             if stream is None:
@@ -486,7 +487,11 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
             self._unregister(stream, "removed")
         if stream.persistent:
             self._save_streams_logged()
-        log.info("stream %s removed", stream_id)
+        if stream.listed and not by_list:  # removed over gRPC: the list still holds it
+            log.info("stream %s removed; it is in the camera list the server started with (--streams, --source): a "
+                     "SIGHUP or a restart adds it again, unless it is taken out of that list", stream_id)
+        else:
+            log.info("stream %s removed", stream_id)
         return stream.view()
 
     def _unregister(self, stream: Stream, reason: str) -> None:
