@@ -557,6 +557,7 @@ def _full_exposition(monkeypatch) -> str:
     m.add_watcher("1 ipv4:10.0.0.9:5000")
     m.evidence_skipped.labels("busy").inc()
     m.add_mqtt("broker:1883")
+    m.opcua_sessions.labels("opc.tcp://0.0.0.0:4840").set(0)
     return m.exposition().decode()
 
 

@@ -29,6 +29,7 @@ from .config import ServerConfig, StreamSpec
 from .core import EngineLoader, ServerCore
 from .errors import ServerError
 from .frames import now
+from .opcua import OpcUaServer
 from .ports import bare_host, check_bindable, host_port
 from .security import Security
 from .sources import StreamState
@@ -117,6 +118,7 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
         if config.metrics_port > 0:  # said now, not after the engines took their time to load
             check_bindable(host_port(bare_host(config.metrics_host or host), config.metrics_port), "metrics",
                            "--metrics-port", "0: any free port, -1: off")
+        opcua = _opcua_server(core, config) if config.opcua is not None else None
     except OSError:  # the main port is open already: closed before the one line is printed
         await grpc_server.stop(0)
         raise
@@ -159,7 +161,11 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
         if not await _start_unless_stopped(core, stop):  # health says SERVING once the streams are back
             log.warning("stopped while the engines were loading")
             await grpc_server.stop(0)
+            if opcua is not None:
+                opcua.close()
             raise LoadingInterruptedError
+        if opcua is not None:  # it was built and bound while the engines loaded
+            await loop.run_in_executor(None, opcua.wait_started)
         metrics_host = bare_host(config.metrics_host or host)
         metrics_port = _serve_metrics(core, config, security, metrics_host) if config.metrics_port >= 0 else None
         if core.mqtt is not None:  # its client certificate and password rotate with the server's (SIGHUP)
@@ -180,6 +186,10 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
               f"{'' if health_port is None else f', health also on {host_port(host, health_port)}'}",
               file=out, flush=True)
         security.warn_if_open(host)  # once it serves (a start that fails says only why)
+        if opcua is not None and not opcua.options.secure and bare_host(opcua.options.address[0]) not in (
+                "127.0.0.1", "::1", "localhost"):
+            log.warning("OPC UA on %s without --opcua-cert: unencrypted; anyone who reaches the port reads every "
+                        "camera's state, rates and object counts (read-only; docs/security.md)", opcua.endpoint)
         started = now()
         status = asyncio.create_task(_show_status(core, options, out, port)) if options.status_interval else None
         if notifier.enabled and not stop.is_set():
@@ -197,7 +207,7 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
     except BaseException:
         stop.set()
         notifier.stopping("stopping after an error")
-        await _shutdown(core, grpc_server)
+        await _shutdown(core, grpc_server, opcua)
         raise
     finally:
         if pings is not None:
@@ -207,7 +217,7 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
     log.info("draining")
     notifier.stopping(f"draining: {_cameras(len(core.streams()))}")
     t0 = now()
-    await _shutdown(core, grpc_server)
+    await _shutdown(core, grpc_server, opcua)
     log.info("drained in %.2f s", now() - t0)
     if options.summary:
         print(render_summary(core.streams(), config.slo_ms, elapsed), file=out, flush=True)
@@ -354,6 +364,28 @@ def _apply_listed_cameras(core: ServerCore, reread_streams: Callable[[], list[St
     log.info("SIGHUP: camera list applied: %s", change.describe())
 
 
+def _opcua_server(core: ServerCore, config: ServerConfig) -> OpcUaServer:
+    """--opcua: its port checked (OSError with the fix when taken), then built and bound in a thread of its own
+    while the engines load (opcua.py says why not on this loop)."""
+    options = config.opcua
+    assert options is not None
+    opc_host, opc_port = options.address
+    check_bindable(host_port(opc_host, opc_port), "OPC UA", "--opcua", "opc.tcp://HOST:PORT")
+
+    def on_sessions(n: int) -> None:
+        if core.metrics is not None:
+            core.metrics.opcua_sessions.labels(options.url).set(n)
+
+    def subscribe(loop: asyncio.AbstractEventLoop):
+        return core.fanout.subscribe(None, config.batch_subscriber_queue, loop, label=f"opcua {options.url}")
+
+    server = OpcUaServer(options, streams=core.streams, status=core.status_word,
+                         names=lambda r: core.class_names(r.model_version, r.device),
+                         class_names=core.counted_classes, subscribe=subscribe, on_sessions=on_sessions)
+    server.start()
+    return server
+
+
 def _serve_metrics(core: ServerCore, config: ServerConfig, security: Security, host: str) -> int:
     """Start /metrics on `host` (HTTPS with the gRPC certificate under --metrics-tls, reloaded with it)."""
     tls = config.security.tls if config.security.metrics_tls else None
@@ -394,9 +426,11 @@ def _keep(task: asyncio.Future) -> None:
     task.add_done_callback(_pending.discard)
 
 
-async def _shutdown(core: ServerCore, grpc_server: GrpcServer) -> None:
+async def _shutdown(core: ServerCore, grpc_server: GrpcServer, opcua: OpcUaServer | None = None) -> None:
     await grpc_server.set_serving(False)
     await asyncio.get_running_loop().run_in_executor(None, core.drain, DRAIN_S)
+    if opcua is not None:  # its clients saw Status "draining" meanwhile
+        await asyncio.get_running_loop().run_in_executor(None, opcua.close)
     await grpc_server.stop(GRPC_GRACE_S)
     left = await asyncio.get_running_loop().run_in_executor(None, end_camera_threads)
     if left:

@@ -31,6 +31,7 @@ from .config import (
 )
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .mqtt import MqttOptions, client_tls_context
+from .opcua import OpcUaOptions, check_installed, load_identity, load_trust
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
 from .tls import TlsFiles
@@ -134,6 +135,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-queue", type=int, default=10000, metavar="N",
                    help="objects and states held while the broker is away; more are dropped, counted (default "
                    "10000)")
+    p.add_argument("--opcua", metavar="URL",
+                   help="also serve OPC UA for PLCs and SCADA at opc.tcp://HOST:PORT (e.g. opc.tcp://0.0.0.0:4840): "
+                   "the server's status, each camera's state, rates and, on tracked cameras, object counts and the "
+                   "last object, read-only (needs asyncua: pip install \".[opcua]\")")
+    p.add_argument("--opcua-cert", metavar="FILE", help="the OPC UA application certificate (RSA, PEM or DER, its "
+                   "application URI in a URI subjectAltName), with --opcua-key: only encrypted sessions "
+                   "(Basic256Sha256 Sign, SignAndEncrypt) are served")
+    p.add_argument("--opcua-key", metavar="FILE", help="the unencrypted RSA private key of --opcua-cert")
+    p.add_argument("--opcua-trust", metavar="FILE|DIR", help="the OPC UA clients served (with --opcua-cert): a "
+                   "certificate file or a folder of them, CAs (what they signed is trusted) and clients' own "
+                   "certificates (default: any client with a certificate)")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
@@ -191,6 +203,23 @@ def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
                           args.mqtt_credentials)
     if options.tls:
         client_tls_context(options)  # the certificate files checked now, not after the engines loaded
+    return options
+
+
+def _opcua_options(args: argparse.Namespace) -> OpcUaOptions | None:
+    """--opcua and its options (None without it); ConfigError for what cannot work: asyncua not installed, a bad URL,
+    certificate or key files that cannot serve Basic256Sha256, a trust file that holds no certificate."""
+    if args.opcua is None:
+        for flag in ("opcua_cert", "opcua_key", "opcua_trust"):
+            if getattr(args, flag) is not None:
+                raise ConfigError(f"--{flag.replace('_', '-')} is for --opcua: give the endpoint's URL too")
+        return None
+    options = OpcUaOptions(args.opcua, args.opcua_cert, args.opcua_key, args.opcua_trust)
+    check_installed()
+    if options.secure:
+        load_identity(options)  # checked now, not after the engines loaded
+    if options.trust is not None:
+        load_trust(options.trust)
     return options
 
 
@@ -281,6 +310,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         raise ConfigError(f"--track-min-score must be 0..1, got {args.track_min_score}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
     mqtt = _mqtt_options(args)
+    opcua = _opcua_options(args)
     if args.no_state and args.state_dir:
         raise ConfigError("--state-dir and --no-state contradict each other: give one")
     from .state import default_state_dir
@@ -291,6 +321,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
         slo_ms=args.slo_ms, instances=args.instances, threads=args.threads, max_batch=args.max_batch,
         max_streams=args.max_streams, process_late=args.process_late, track_min_score=args.track_min_score,
         evidence_dir=args.evidence_dir, evidence_max_mb=evidence_max_mb, mqtt=mqtt,
+        opcua=opcua,
         allow_files=args.allow_files,
         allow_synthetic=args.allow_synthetic or args.demo, metrics_host=args.metrics_host,
         health_port=args.health_port,

@@ -14,6 +14,7 @@ from .allowlist import CameraPolicy
 from .errors import ConfigError, InvalidArgumentError
 from .filters import DetectionFilter, check_class_scores, check_classes, check_zone
 from .mqtt import MqttOptions
+from .opcua import OpcUaOptions
 from .security import SecurityConfig
 from .sharding import ShardSpec
 from .urls import expand_credentials, redact_text, stray_userinfo
@@ -74,6 +75,7 @@ class ServerConfig:
     evidence_dir: str | None = None  # a picture of each object tracked cameras count goes here (evidence.py)
     evidence_max_mb: float = 1024.0  # the evidence folder's size cap: the oldest pictures go first
     mqtt: MqttOptions | None = None  # detections, objects and camera states published to a broker (mqtt.py)
+    opcua: OpcUaOptions | None = None  # an OPC UA server of camera states and object counts for PLCs (opcua.py)
     allow_files: bool = False  # accept file paths as stream URLs (off: a client could read server files)
     allow_synthetic: bool = False  # accept synthetic:// demo cameras (--allow-synthetic, --demo): ~250 MB each
     allow_hosts: tuple[str, ...] = ()  # networks and names cameras may be at (empty: all but link-local, metadata)

@@ -3,11 +3,11 @@
 What `nginx -t` and `promtool check config` are to theirs: after editing cameras.yaml, rotating certificates or
 copying in a new model, an operator (or a deployment pipeline) learns whether the server would come up, without
 stopping the one that runs. Checked: every flag, the streams file and its URLs (cli.parse_config did those), the
-TLS certificates and keys, the token file, the MQTT TLS files, each engine file's metadata (read, not loaded: no
-session, no GPU memory taken beside a running server) and every camera's classes against the model's, and that
-the state and evidence folders can be written by this user. Not checked: that the GPUs and the engine's runtime
-accept the engine (only a start loads it), that the ports are free (the running server holds them), that the
-cameras and the MQTT broker answer.
+TLS certificates and keys, the token file, the MQTT TLS files, the OPC UA certificate, key and trusted clients,
+each engine file's metadata (read, not loaded: no session, no GPU memory taken beside a running server) and every
+camera's classes against the model's, and that the state and evidence folders can be written by this user. Not
+checked: that the GPUs and the engine's runtime accept the engine (only a start loads it), that the ports are free
+(the running server holds them), that the cameras and the MQTT broker answer.
 """
 
 from __future__ import annotations
@@ -62,7 +62,24 @@ def check_config(config: ServerConfig, streams: list[StreamSpec]) -> list[str]:
     if config.mqtt is not None:
         cert = f", client certificate {config.mqtt.cert}" if config.mqtt.cert else ""
         lines.append(f"mqtt     {redact_url(config.mqtt.url)}{cert}")
+    if config.opcua is not None:
+        lines.append(f"opcua    {_opcua(config)}")
     return lines
+
+
+def _opcua(config: ServerConfig) -> str:
+    """How the OPC UA endpoint would be served (its files checked again: they may have changed since parsing)."""
+    from .opcua import load_identity, load_trust
+
+    options = config.opcua
+    assert options is not None
+    if not options.secure:
+        return f"{options.url}, unencrypted (security None)"
+    identity = load_identity(options)
+    trusted = (f"{len(load_trust(options.trust))} trusted client certificates and CAs from {options.trust}"
+               if options.trust else "any client certificate")
+    return (f"{options.url}, Basic256Sha256 only, certificate {options.cert} (application URI {identity.uri}), "
+            f"{trusted}")
 
 
 def _engines(config: ServerConfig) -> list[tuple[str, str]]:

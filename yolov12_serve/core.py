@@ -216,6 +216,23 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                                   owns=self.config.shard.owns, settled=lambda: not self.starting)
         self.mqtt.start()
 
+    def status_word(self) -> str:
+        """The server's state in a word, as health judges it (OPC UA's Yolov12Serve.Status): starting (engines
+        loading, the starting cameras being added), serving, unhealthy (no device healthy), draining."""
+        if self.draining:
+            return "draining"
+        if not self.ready or self.starting:
+            return "starting"
+        return "serving" if any(rt.health.healthy for rt in list(self.runtimes.values())) else "unhealthy"
+
+    def counted_classes(self, stream: Stream) -> list[str]:
+        """The classes a tracked camera counts: those it asked for (AddStream classes), else its model's."""
+        if stream.filter.classes:
+            return list(stream.filter.classes)
+        if not self.runtimes:
+            return []
+        return list(self.class_names("", stream.device).values())
+
     def opened(self) -> None:
         """The streams the server starts with are in: health may say SERVING, and a watch or removal of an unknown
         id is NOT_FOUND from now on (before, UNAVAILABLE: a client that came back before its camera did retries)."""

@@ -12,7 +12,7 @@ yolov12_engine_failures_total{device} (failed batches), yolov12_engine_hangs_tot
 yolov12_worker_errors_total{device}, yolov12_worker_restarts_total{device} (device processes),
 yolov12_stream_moves_total{reason} (failover, rebalance); evidence: yolov12_evidence_pictures_total,
 yolov12_evidence_skipped_total{reason}; --mqtt: yolov12_mqtt_connected{broker}, yolov12_mqtt_messages_total{kind},
-yolov12_mqtt_messages_dropped_total{reason}; and with
+yolov12_mqtt_messages_dropped_total{reason}; --opcua: yolov12_opcua_sessions{endpoint}; and with
 NVML yolov12_gpu_utilization_ratio /
 yolov12_gpu_memory_{used,total}_bytes. Read at scrape time for the shipped alerts (deploy/prometheus):
 yolov12_stream_state{stream,state} (1 for the stream's current state, 0 for the others, as kube-state-metrics
@@ -262,6 +262,8 @@ class Metrics:
         self.mqtt_dropped = Counter("yolov12_mqtt_messages_dropped", "Messages not sent to the --mqtt broker, by "
                                     "reason: disconnected (detections while it is away), queue full (objects and "
                                     "states past --mqtt-queue while it is away).", ["reason"], registry=r)
+        self.opcua_sessions = Gauge("yolov12_opcua_sessions", "OPC UA sessions open on the --opcua server (PLCs, "
+                                    "SCADA): 0 when the plant's clients are not connected.", ["endpoint"], registry=r)
         self.results_dropped = Counter("yolov12_subscriber_results_dropped",
                                        "Results a slow subscriber lost (its own oldest), summed over subscribers.",
                                        registry=r)

@@ -1,0 +1,624 @@
+"""An OPC UA server (`--opcua opc.tcp://HOST:PORT`): what a plant's PLCs (Siemens S7-1500, Beckhoff, B&R) and SCADA
+(Ignition, WinCC, Kepware) read without a gRPC client or an MQTT broker. Optional: the `opcua` extra (asyncua).
+
+Address space, namespace NAMESPACE (string NodeIds, stable across restarts: a client's configured tags survive them):
+
+  Objects/Yolov12Serve                   Yolov12Serve
+    Status            String             Yolov12Serve.Status: starting, serving, unhealthy (no device healthy), draining
+    Cameras                              Cameras
+      <stream id>                        Cameras.<id>
+        State         String             Cameras.<id>.State: CONNECTING, STREAMING, RECONNECTING, ...
+        Streaming     Boolean            Cameras.<id>.Streaming
+        Fps           Float              Cameras.<id>.Fps           results a second, refreshed every second
+        LatencyP99Ms  Float              Cameras.<id>.LatencyP99Ms  ingest to publish, refreshed every second
+        Reconnects    UInt32             Cameras.<id>.Reconnects
+        PictureProblem String            Cameras.<id>.PictureProblem: '', blank, frozen
+        LastError     String             Cameras.<id>.LastError (credentials masked, as everywhere)
+        (cameras added with track:)
+        Objects       UInt64             Cameras.<id>.Objects: objects counted since the camera was added
+        ObjectsByClass/<class> UInt64    Cameras.<id>.ObjectsByClass.<class>
+        LastObject/Class, Score (Float), TrackId (UInt64), CaptureTime (DateTime)   Cameras.<id>.LastObject.<name>
+
+Every variable is read-only; there are no methods, and clients may not add, delete or write nodes. A camera's nodes
+appear when it is added and go when it is removed (a camera removed and added again starts from 0). States, status
+and objects are written when they change (looked at every TICK_S); rates every RATES_EVERY_S.
+
+Security: without a certificate the endpoint is unencrypted (security policy None: anyone who reaches the port reads
+the cameras' states and counts; a warning at start says so). With --opcua-cert/--opcua-key (RSA, PEM or DER) only
+Basic256Sha256 Sign and SignAndEncrypt are offered; the certificate's URI subjectAltName is the application URI.
+--opcua-trust (a certificate file or a folder of them: CAs and clients' own certificates) limits the clients to
+those it holds; without it any client with a certificate is served (encrypted, not authenticated).
+
+The server runs in a thread of its own with its own asyncio loop: the gRPC loop carries every watcher's results, and
+OPC UA's per-message signing and encryption (RSA, AES) and its clients' subscriptions must not run between them;
+the core is threads, and a blocking start()/close() fits it as the MQTT publisher's does. It reads results from a
+fan-out subscription of its own (only tracked cameras' results cost more than a look); without --opcua there is no
+subscription, no thread, and asyncua is never imported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from .errors import ConfigError
+from .fanout import Subscription
+from .frames import FrameResult
+
+__all__ = ["NAMESPACE", "OpcUaOptions", "OpcUaServer", "check_installed", "load_identity", "load_trust"]
+
+log = logging.getLogger(__name__)
+
+NAMESPACE = "urn:yolov12-serve"
+TICK_S = 0.25  # camera set, states, status, sessions: compared this often
+RATES_EVERY_S = 1.0  # Fps and LatencyP99Ms
+INSTALL_HINT = 'pip install ".[opcua]" in the project folder (scripts/setup test installs it too)'
+_NO_TIME = dt.datetime(1601, 1, 1, tzinfo=dt.timezone.utc)  # OPC UA's null DateTime: no object yet
+
+
+def check_installed() -> None:
+    """ConfigError when asyncua is not installed (one line saying how to install it)."""
+    try:
+        import asyncua  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"--opcua needs the asyncua package, which is not installed: {INSTALL_HINT}") from None
+
+
+@dataclass(frozen=True)
+class OpcUaOptions:
+    """Where to listen (`opc.tcp://HOST[:PORT][/PATH]`, port 4840 by default) and, for encrypted sessions only, the
+    server's certificate and key (`cert`, `key`) and the clients' trusted certificates (`trust`)."""
+
+    url: str
+    cert: str | None = None
+    key: str | None = None
+    trust: str | None = None
+
+    def __post_init__(self) -> None:
+        self.address  # noqa: B018 (parsed now: a bad URL stops the server at start)
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError(f"--opcua-cert and --opcua-key go together: "
+                              f"{'--opcua-key' if self.cert else '--opcua-cert'} is missing")
+        if self.trust is not None and self.cert is None:
+            raise ConfigError("--opcua-trust is for encrypted sessions: give --opcua-cert and --opcua-key too")
+
+    @property
+    def address(self) -> tuple[str, int]:
+        """(host, port) to listen on; ConfigError for a URL that is not one."""
+        parts = urlsplit(self.url)
+        if parts.scheme != "opc.tcp" or not parts.hostname or parts.query or parts.fragment or parts.username:
+            raise ConfigError(f"--opcua {self.url}: expected opc.tcp://HOST:PORT (e.g. opc.tcp://0.0.0.0:4840)")
+        try:
+            port = parts.port if parts.port is not None else 4840
+        except ValueError:
+            raise ConfigError(f"--opcua {self.url}: the port must be 1..65535") from None
+        if port == 0:
+            raise ConfigError(f"--opcua {self.url}: the port must be 1..65535 (PLCs are configured with it)")
+        return parts.hostname, port
+
+    @property
+    def secure(self) -> bool:
+        return self.cert is not None
+
+
+@dataclass(frozen=True)
+class Identity:
+    """The server's certificate and private key (cryptography objects) and the application URI its certificate
+    names."""
+
+    cert: Any
+    key: Any
+    uri: str
+
+
+def _read(path: str, flag: str) -> bytes:
+    try:
+        return Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: {e.strerror or e}") from None
+
+
+def _certificates(data: bytes, path: str, flag: str) -> list[Any]:
+    """The certificates in a PEM (one or more) or DER file; ConfigError naming it when it holds none."""
+    from cryptography import x509
+
+    try:
+        if b"-----BEGIN" in data:
+            return x509.load_pem_x509_certificates(data)
+        return [x509.load_der_x509_certificate(data)]
+    except ValueError:
+        raise ConfigError(f"{flag} {path}: not an X.509 certificate in PEM or DER") from None
+
+
+def load_identity(options: OpcUaOptions) -> Identity:
+    """--opcua-cert and --opcua-key read and checked: an RSA key of 2048 to 4096 bits (Basic256Sha256), unencrypted,
+    belonging to the certificate, which names the application URI in a URI subjectAltName; ConfigError naming the
+    file and what is wrong."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    assert options.cert is not None and options.key is not None
+    cert = _certificates(_read(options.cert, "--opcua-cert"), options.cert, "--opcua-cert")[0]
+    data = _read(options.key, "--opcua-key")
+    try:
+        if b"-----BEGIN" in data:
+            key = serialization.load_pem_private_key(data, password=None)
+        else:
+            key = serialization.load_der_private_key(data, password=None)
+    except TypeError:
+        raise ConfigError(f"--opcua-key {options.key} is encrypted: give it unencrypted (readable by the server's "
+                          "user only)") from None
+    except ValueError:
+        raise ConfigError(f"--opcua-key {options.key}: not a private key in PEM or DER") from None
+    if not isinstance(key, rsa.RSAPrivateKey) or not 2048 <= key.key_size <= 4096:
+        raise ConfigError(f"--opcua-key {options.key}: Basic256Sha256 needs an RSA key of 2048 to 4096 bits")
+    if cert.public_key().public_numbers() != key.public_key().public_numbers():
+        raise ConfigError(f"--opcua-key {options.key} does not belong to --opcua-cert {options.cert}")
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    if not uris:
+        raise ConfigError(f"--opcua-cert {options.cert}: an OPC UA application certificate names its application "
+                          "URI in a URI subjectAltName (e.g. URI:urn:HOST:yolov12-serve); this one has none")
+    return Identity(cert, key, uris[0])
+
+
+@dataclass(frozen=True)
+class Trust:
+    """Trusted client certificates: CAs (whose certificates they signed are trusted) and clients' own (pinned)."""
+
+    cas: tuple[Any, ...] = ()
+    pinned: frozenset[bytes] = frozenset()  # SHA-256 fingerprints
+
+    def __len__(self) -> int:
+        return len(self.cas) + len(self.pinned)
+
+
+def load_trust(path: str) -> Trust:
+    """--opcua-trust: a certificate file (PEM, one or more; or DER) or a folder of them (every file in it, whatever its
+    name ends with); CA certificates trust what they signed, others are trusted as they are. ConfigError when a file
+    is no certificate or none is found."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    root = Path(path)
+    if not root.exists():
+        raise ConfigError(f"--opcua-trust {path}: no such file or folder")
+    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")) if root.is_dir() \
+        else [root]
+    cas, pinned = [], set()
+    for file in files:
+        for cert in _certificates(_read(str(file), "--opcua-trust"), str(file), "--opcua-trust"):
+            try:
+                is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+            except x509.ExtensionNotFound:
+                is_ca = False
+            if is_ca:
+                cas.append(cert)
+            else:
+                pinned.add(cert.fingerprint(hashes.SHA256()))
+    if not cas and not pinned:
+        raise ConfigError(f"--opcua-trust {path}: no certificate in it")
+    return Trust(tuple(cas), frozenset(pinned))
+
+
+def _client_validator(trust: Trust) -> Callable[[Any, Any], Any]:
+    """asyncua's certificate check at CreateSession: valid now, its URI the client's application URI, and trusted
+    (pinned, or signed by a trusted CA); else the session is refused with the OPC UA status that says why."""
+    from asyncua import ua
+    from asyncua.common.utils import ServiceError
+    from asyncua.crypto.truststore import TrustStore
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+
+    verifier = None
+    if trust.cas:  # asyncua's own policy: CAs need basicConstraints CA, a client's extensions are not judged
+        verifier = TrustStore([], []).policy_builder.store(x509.verification.Store(list(trust.cas))) \
+            .build_client_verifier()
+
+    async def validate(cert: Any, app: Any) -> None:
+        name = cert.subject.rfc4514_string()
+        now = dt.datetime.now(dt.timezone.utc)
+        if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+            log.warning("opcua: refused a session: the client certificate %s is not valid now", name)
+            raise ServiceError(ua.StatusCodes.BadCertificateTimeInvalid)
+        try:
+            uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+                .get_values_for_type(x509.UniformResourceIdentifier)
+        except x509.ExtensionNotFound:
+            uris = []
+        if app.ApplicationUri not in uris:  # OPC UA Part 4: the certificate names the application it is for
+            log.warning("opcua: refused a session: the client certificate %s does not name its application URI %s",
+                        name, app.ApplicationUri)
+            raise ServiceError(ua.StatusCodes.BadCertificateUriInvalid)
+        if cert.fingerprint(hashes.SHA256()) in trust.pinned:
+            return
+        if verifier is not None:
+            try:
+                verifier.verify(cert, [])
+                return
+            except x509.verification.VerificationError:
+                pass
+        log.warning("opcua: refused a session: the client certificate %s (application %s) is not in --opcua-trust",
+                    name, app.ApplicationUri)
+        raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
+
+    return validate
+
+
+def _read_only_rules() -> Any:
+    """The requests any client may make: sessions, reads, browsing, subscriptions. No Write, Call, AddNodes,
+    DeleteNodes, AddReferences, DeleteReferences, RegisterServer or HistoryUpdate."""
+    from asyncua import ua
+    from asyncua.crypto.permission_rules import PermissionRuleset
+
+    allowed = {ua.NodeId(getattr(ua.ObjectIds, f"{name}Request_Encoding_DefaultBinary")) for name in (
+        "CreateSession", "CloseSession", "ActivateSession", "Read", "Browse", "BrowseNext", "GetEndpoints",
+        "FindServers", "TranslateBrowsePathsToNodeIds", "CreateSubscription", "ModifySubscription",
+        "DeleteSubscriptions", "TransferSubscriptions", "CreateMonitoredItems", "ModifyMonitoredItems",
+        "DeleteMonitoredItems", "SetMonitoringMode", "SetPublishingMode", "Publish", "Republish",
+        "CloseSecureChannel", "RegisterNodes", "UnregisterNodes")}
+
+    class ReadOnly(PermissionRuleset):
+        def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
+            return action_type_id in allowed
+
+    return ReadOnly()
+
+
+def _refuse_unencrypted() -> Any:
+    """A security policy None that refuses every request of a session (GetEndpoints, which needs none, stays open: a
+    client learns the Basic256Sha256 endpoints so). asyncua serves a None secure channel whether or not None is
+    among the endpoints, with no check on its requests: a client that skips its own endpoint check (asyncua's does
+    it client-side) could open an unencrypted session and read everything."""
+    from asyncua import ua
+    from asyncua.crypto.permission_rules import PermissionRuleset
+    from asyncua.crypto.security_policies import SecurityPolicyFactory, SecurityPolicyNone
+
+    class Nothing(PermissionRuleset):
+        def check_validity(self, user: Any, action_type_id: Any, body: Any) -> bool:
+            return False
+
+    return SecurityPolicyFactory(SecurityPolicyNone, ua.MessageSecurityMode.None_, permission_ruleset=Nothing())
+
+
+@dataclass
+class _Camera:
+    """One camera's nodes and what was last written to them."""
+
+    epoch: int
+    folder: Any  # its Node
+    tracked: bool
+    written: dict[str, Any] = field(default_factory=dict)  # NodeId string -> value last written
+    classes: set[str] = field(default_factory=set)  # ObjectsByClass variables made
+    by_class: dict[str, int] = field(default_factory=dict)
+    objects: int = 0
+    seen: set[int] = field(default_factory=set)  # track ids counted
+
+
+class OpcUaServer:
+    """The address space above, kept up to date from the core, in a thread with its own asyncio loop.
+
+    `streams()`: the registered streams (core.streams()); `status()`: the server's status word; `names(result)`:
+    the class names of the model that produced a result; `class_names(stream)`: the classes a tracked camera counts
+    (ObjectsByClass made for each at once); `subscribe(loop)`: a fan-out subscription of every camera's results read
+    on `loop`; `on_sessions(n)`: sessions open now (metrics)."""
+
+    def __init__(self, options: OpcUaOptions, streams: Callable[[], list[Any]], status: Callable[[], str],
+                 names: Callable[[FrameResult], dict[int, str]], class_names: Callable[[Any], list[str]],
+                 subscribe: Callable[[asyncio.AbstractEventLoop], Subscription],
+                 on_sessions: Callable[[int], None] = lambda n: None) -> None:
+        self.options = options
+        self._identity = load_identity(options) if options.secure else None
+        self._trust = load_trust(options.trust) if options.trust else None
+        self._streams, self._status, self._names, self._class_names = streams, status, names, class_names
+        self._subscribe, self._on_sessions = subscribe, on_sessions
+        self._cameras: dict[str, _Camera] = {}
+        self._clash: set[str] = set()  # cameras whose NodeIds another camera's hold (logged once)
+        self._written: dict[str, Any] = {}  # server-level NodeId -> value last written
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._started = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="opcua", daemon=True)
+        self._server: Any = None
+        self._ns = 0
+        self.results = 0  # results looked at (bench/opcua_cost.py divides its thread's CPU time by it)
+        self.busy_s = 0.0  # this thread's CPU time in handling results and ticks
+
+    @property
+    def endpoint(self) -> str:
+        host, port = self.options.address
+        return f"opc.tcp://{host}:{port}"
+
+    def start(self) -> None:
+        """Begin in the background: the address space is built and the port bound in the OPC UA thread (asyncua
+        takes ~3 s to build its standard nodes on a 2-core VM), while the engines load. `wait_started` says how it
+        went."""
+        self._thread.start()
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        """Block until the server listens; OSError (a port in use) or ConfigError when it cannot."""
+        if not self._started.wait(timeout):
+            raise ConfigError(f"--opcua {self.endpoint}: the OPC UA server did not start within {timeout:.0f} s")
+        if self._error is not None:
+            raise self._error
+
+    def close(self, timeout: float = 3.0) -> None:
+        """Stop serving (clients see the connection close) and end the thread, within `timeout` seconds."""
+        loop, stop = self._loop, self._stop
+        if loop is not None and stop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(stop.set)
+        self._thread.join(timeout)
+
+    # ------------------------------------------------------------------------------------------- own thread
+    def _main(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as e:  # a start failure reaches wait_started; a later one is logged
+            if not self._started.is_set():
+                self._error = e
+                self._started.set()
+            else:
+                log.exception("opcua: the OPC UA server stopped")
+
+    async def _serve(self) -> None:
+        from asyncua import Server, ua
+
+        self._loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        self._sync_lock = asyncio.Lock()  # the ticks and the results both make cameras' nodes: one at a time
+        for name in ("asyncua", "asyncuagds"):  # its own lines (every session opened, closed) stay quiet
+            logging.getLogger(name).setLevel(logging.ERROR)
+        # a refused request (a client trying to write) is an ERROR line there, each time: ours say what matters
+        logging.getLogger("asyncua.server.uaprocessor").setLevel(logging.CRITICAL)
+        server = Server()
+        await server.init()
+        host, port = self.options.address
+        server.set_endpoint(f"opc.tcp://{host}:{port}")
+        server.set_server_name("yolov12-serve")
+        server.product_uri = NAMESPACE
+        server.manufacturer_name = "yolov12-serve"
+        server.application_type = ua.ApplicationType.Server
+        server.allow_remote_admin(False)
+        server.set_identity_tokens([ua.AnonymousIdentityToken])
+        rules = _read_only_rules()
+        if self._identity is not None:
+            server.iserver.certificate, server.iserver.private_key = self._identity.cert, self._identity.key
+            await server.set_application_uri(self._identity.uri)
+            server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
+                                        ua.SecurityPolicyType.Basic256Sha256_Sign], permission_ruleset=rules)
+            if self._trust is not None:
+                server.set_certificate_validator(_client_validator(self._trust))
+            # before start(): it appends the Basic256Sha256 policies to this list and hands it to the listener (a
+            # None channel takes the first policy that matches it: this one, not asyncua's unchecked default)
+            server._policies.append(_refuse_unencrypted())
+        else:
+            await server.set_application_uri(f"urn:{socket.gethostname()}:yolov12-serve")
+            server.set_security_policy([ua.SecurityPolicyType.NoSecurity], permission_ruleset=rules)
+        self._ns = await server.register_namespace(NAMESPACE)
+        root = await server.nodes.objects.add_object(self._id("Yolov12Serve"), self._name("Yolov12Serve"))
+        await root.add_variable(self._id("Yolov12Serve.Status"), self._name("Status"), self._status(),
+                                varianttype=ua.VariantType.String)
+        self._cameras_folder = await root.add_folder(self._id("Cameras"), self._name("Cameras"))
+        try:
+            await server.start()
+        except OSError as e:
+            why = "the port is in use" if "in use" in str(e) else (e.strerror or str(e))
+            raise OSError(f"cannot listen for OPC UA on {host}:{port}: {why}; pick another port in --opcua") from None
+        self._server = server
+        sub = self._subscribe(self._loop)
+        self._started.set()
+        security = ("Basic256Sha256 (Sign, SignAndEncrypt), " + ("clients in --opcua-trust" if self._trust else
+                    "any client certificate") if self._identity is not None else "unencrypted (security None)")
+        log.info("opcua: serving on %s, namespace %s, %s", self.endpoint, NAMESPACE, security)
+        pump = asyncio.create_task(self._pump(sub))
+        try:
+            await self._ticks()
+        finally:
+            sub.close()
+            pump.cancel()
+            await server.stop()
+
+    def _id(self, name: str) -> Any:
+        from asyncua import ua
+
+        return ua.NodeId(name, self._ns)
+
+    def _name(self, name: str) -> Any:
+        from asyncua import ua
+
+        return ua.QualifiedName(name, self._ns)
+
+    async def _ticks(self) -> None:
+        assert self._stop is not None
+        next_rates = 0.0
+        while not self._stop.is_set():
+            t0 = time.thread_time()
+            rates = time.monotonic() >= next_rates
+            if rates:
+                next_rates = time.monotonic() + RATES_EVERY_S
+            try:
+                await self._tick(rates)
+            except Exception:  # a bug here must not end the server for good
+                log.exception("opcua: the address space could not be updated")
+            self.busy_s += time.thread_time() - t0
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), TICK_S)
+
+    async def _tick(self, rates: bool) -> None:
+        from asyncua import ua
+        from asyncua.server.internal_session import InternalSession
+
+        await self._write(self._written, "Yolov12Serve.Status", self._status(), ua.VariantType.String)
+        streams = await self._sync_cameras()
+        for s in streams:
+            cam = self._cameras.get(s.stream_id)
+            if cam is None or cam.epoch != s.epoch:
+                continue
+            base = f"Cameras.{s.stream_id}."
+            w = cam.written
+            await self._write(w, base + "State", s.state.name, ua.VariantType.String)
+            await self._write(w, base + "Streaming", s.state.name == "STREAMING", ua.VariantType.Boolean)
+            await self._write(w, base + "Reconnects", min(s.reconnects, 2**32 - 1), ua.VariantType.UInt32)
+            await self._write(w, base + "PictureProblem", s.picture_problem, ua.VariantType.String)
+            await self._write(w, base + "LastError", s.last_error, ua.VariantType.String)
+            if rates:
+                view = s.view()
+                await self._write(w, base + "Fps", round(view.fps, 2), ua.VariantType.Float)
+                await self._write(w, base + "LatencyP99Ms", round(view.latency_p99_ms, 2), ua.VariantType.Float)
+        # asyncua's own count of activated sessions (one server per process)
+        self._on_sessions(getattr(InternalSession, "_current_connections", 0))
+
+    async def _write(self, cache: dict[str, Any], node: str, value: Any, kind: Any) -> None:
+        """Write `value` to the variable `node` when it differs from what was last written there."""
+        from asyncua import ua
+
+        if cache.get(node, _UNSET) == value:
+            return
+        cache[node] = value
+        await self._server.write_attribute_value(self._id(node), ua.DataValue(ua.Variant(value, kind)))
+
+    async def _sync_cameras(self) -> list[Any]:
+        """Nodes made for cameras added, deleted for those removed (and remade for an id added again); returns the
+        streams now."""
+        async with self._sync_lock:
+            return await self._sync_cameras_locked()
+
+    async def _sync_cameras_locked(self) -> list[Any]:
+        streams = self._streams()
+        now = {s.stream_id: s for s in streams}
+        for sid in [sid for sid, cam in self._cameras.items() if sid not in now or now[sid].epoch != cam.epoch]:
+            await self._server.delete_nodes([self._cameras.pop(sid).folder], recursive=True)
+        self._clash &= set(now)
+        for sid, s in now.items():
+            if sid not in self._cameras and sid not in self._clash:
+                await self._add_camera(s)
+        return streams
+
+    async def _add_camera(self, s: Any) -> None:
+        from asyncua import ua
+
+        sid, base = s.stream_id, f"Cameras.{s.stream_id}"
+        tracked = s.tracker is not None
+        try:
+            folder = await self._cameras_folder.add_object(self._id(base), self._name(sid))
+        except ua.UaStatusCodeError:  # 'a.State' and camera 'a': the NodeId is the other camera's variable
+            self._clash.add(sid)
+            log.warning("opcua: camera %s has no OPC UA nodes: their NodeIds (%s...) are another camera's; give it an "
+                        "id that is not another's with a dot and a variable name added", sid, base)
+            return
+        cam = _Camera(s.epoch, folder, tracked)
+        try:
+            for name, kind, value in (("State", ua.VariantType.String, s.state.name),
+                                      ("Streaming", ua.VariantType.Boolean, s.state.name == "STREAMING"),
+                                      ("Fps", ua.VariantType.Float, 0.0),
+                                      ("LatencyP99Ms", ua.VariantType.Float, 0.0),
+                                      ("Reconnects", ua.VariantType.UInt32, 0),
+                                      ("PictureProblem", ua.VariantType.String, ""),
+                                      ("LastError", ua.VariantType.String, "")):
+                await folder.add_variable(self._id(f"{base}.{name}"), self._name(name), value, varianttype=kind)
+                cam.written[f"{base}.{name}"] = value
+            if tracked:
+                await folder.add_variable(self._id(f"{base}.Objects"), self._name("Objects"), 0,
+                                          varianttype=ua.VariantType.UInt64)
+                await folder.add_folder(self._id(f"{base}.ObjectsByClass"), self._name("ObjectsByClass"))
+                last = await folder.add_object(self._id(f"{base}.LastObject"), self._name("LastObject"))
+                for name, kind, value in (("Class", ua.VariantType.String, ""), ("Score", ua.VariantType.Float, 0.0),
+                                          ("TrackId", ua.VariantType.UInt64, 0),
+                                          ("CaptureTime", ua.VariantType.DateTime, _NO_TIME)):
+                    await last.add_variable(self._id(f"{base}.LastObject.{name}"), self._name(name), value,
+                                            varianttype=kind)
+                self._cameras[sid] = cam
+                for name in self._class_names(s):
+                    await self._add_class(cam, sid, name)
+        except ua.UaStatusCodeError:
+            self._cameras.pop(sid, None)
+            await self._server.delete_nodes([folder], recursive=True)
+            self._clash.add(sid)
+            log.warning("opcua: camera %s has no OPC UA nodes: some of their NodeIds are another camera's", sid)
+            return
+        self._cameras[sid] = cam
+
+    async def _add_class(self, cam: _Camera, sid: str, name: str) -> None:
+        from asyncua import ua
+
+        node = f"Cameras.{sid}.ObjectsByClass.{name}"
+        folder = self._server.get_node(self._id(f"Cameras.{sid}.ObjectsByClass"))
+        await folder.add_variable(self._id(node), self._name(name), 0, varianttype=ua.VariantType.UInt64)
+        cam.classes.add(name)
+        cam.by_class.setdefault(name, 0)
+
+    async def _pump(self, sub: Subscription) -> None:
+        while True:
+            batch = await sub.next_batch()
+            if batch is None:
+                return
+            t0 = time.thread_time()
+            for result in batch[0]:
+                self.results += 1
+                if result.track_ids is None or result.error or not len(result.track_ids):
+                    continue  # the cost of an untracked camera's result: this look
+                try:
+                    await self._objects(result)
+                except Exception:  # a bug here must not end the counting for good
+                    log.exception("opcua: a result of %s could not be counted", result.stream_id)
+            self.busy_s += time.thread_time() - t0
+
+    async def _objects(self, result: FrameResult) -> None:
+        """The objects a tracked camera's result sees first: counted, and the last one shown (the same objects as
+        yolov12_objects_total and MQTT's objects topic)."""
+        from asyncua import ua
+
+        cam = self._cameras.get(result.stream_id)
+        if cam is None or cam.epoch != result.epoch:  # added since the last tick: its nodes made now
+            await self._sync_cameras()
+            cam = self._cameras.get(result.stream_id)
+            if cam is None or cam.epoch != result.epoch or not cam.tracked:
+                return
+        assert result.track_ids is not None
+        new = [(row, tid) for row, tid in enumerate(result.track_ids.tolist()) if tid and tid not in cam.seen]
+        if not new:
+            return
+        names = self._names(result)
+        base = f"Cameras.{result.stream_id}"
+        for row, tid in new:
+            cam.seen.add(tid)
+            name = names.get(int(result.detections[row, 5]), str(int(result.detections[row, 5])))
+            if name not in cam.classes:
+                await self._add_class(cam, result.stream_id, name)
+            cam.by_class[name] += 1
+            cam.objects += 1
+            await self._write(cam.written, f"{base}.ObjectsByClass.{name}", cam.by_class[name],
+                              ua.VariantType.UInt64)
+        row, tid = new[-1]
+        at = dt.datetime.fromtimestamp(result.capture_time_us / 1e6, dt.timezone.utc) if result.capture_time_us \
+            else dt.datetime.now(dt.timezone.utc)
+        last = f"{base}.LastObject."
+        name = names.get(int(result.detections[row, 5]), str(int(result.detections[row, 5])))
+        await self._write(cam.written, last + "Class", name, ua.VariantType.String)
+        await self._write(cam.written, last + "Score", float(result.detections[row, 4]), ua.VariantType.Float)
+        await self._write(cam.written, last + "CaptureTime", at, ua.VariantType.DateTime)
+        await self._write(cam.written, last + "TrackId", tid, ua.VariantType.UInt64)  # last: the one to watch
+        await self._write(cam.written, f"{base}.Objects", cam.objects, ua.VariantType.UInt64)
+        if len(cam.seen) > 8192:  # ids far behind the newest never come back (a tracker forgets after a second)
+            keep = sorted(cam.seen)[-4096:]
+            cam.seen.clear()
+            cam.seen.update(keep)
+
+
+_UNSET = object()
