@@ -384,8 +384,10 @@ class OpcUaServer:
         self._sync_lock = asyncio.Lock()  # the ticks and the results both make cameras' nodes: one at a time
         for name in ("asyncua", "asyncuagds"):  # its own lines (every session opened, closed) stay quiet
             logging.getLogger(name).setLevel(logging.ERROR)
-        # a refused request (a client trying to write) is an ERROR line there, each time: ours say what matters
+        # a refused request (a client trying to write) is an ERROR line there, each time, and a port in use a
+        # traceback: ours say what matters
         logging.getLogger("asyncua.server.uaprocessor").setLevel(logging.CRITICAL)
+        logging.getLogger("asyncua.server.server").setLevel(logging.CRITICAL)
         server = Server()
         await server.init()
         host, port = self.options.address
