@@ -1,0 +1,364 @@
+"""--opcua (opcua.py) against the real server and a real asyncua client over a socket: the address space of a tracked
+camera, its objects counted and the last one seen by a data-change subscription, cameras removed and added over gRPC,
+read-only for clients, the encrypted endpoint (Basic256Sha256 only, clients limited to --opcua-trust), bad flags."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from certs import HAVE_OPENSSL, make_ca, make_cert
+from test_server_harness import ServerProcess, model_path, wait_until
+
+try:
+    import asyncua
+    from asyncua import Client, ua
+except ImportError:  # the `opcua` extra (in `test`: scripts/setup test installs it)
+    asyncua = None
+
+needs_asyncua = pytest.mark.skipif(asyncua is None, reason='asyncua is not installed: pip install ".[opcua]" (the '
+                                   'test extra holds it)')
+CAMERA = "synthetic://belt?fps=10&size=320x180"
+NS = "urn:yolov12-serve"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def metric(server: ServerProcess, name: str) -> float:
+    found = re.findall(rf"^{re.escape(name)} (\S+)$", server.metrics(), flags=re.M)
+    return float(found[0]) if found else float("nan")
+
+
+async def _names(client: Client, ns: int, node_id: str) -> list[str]:
+    """The browse names under a node; [] when it is gone."""
+    try:
+        children = await client.get_node(ua.NodeId(node_id, ns)).get_children()
+    except ua.UaStatusCodeError:
+        return []
+    return sorted([(await c.read_browse_name()).Name for c in children])
+
+
+async def _poll(what: str, check, timeout: float):
+    end = asyncio.get_running_loop().time() + timeout
+    last = None
+    while asyncio.get_running_loop().time() < end:
+        last = await check()
+        if last:
+            return last
+        await asyncio.sleep(0.2)
+    raise AssertionError(f"{what} not reached within {timeout:.0f} s (last: {last!r})")
+
+
+class Changes:
+    """A data-change handler keeping (node id, value) as they come."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    def datachange_notification(self, node, val, data) -> None:
+        self.seen.append((node.nodeid.Identifier, val))
+
+    def values(self, node_id: str) -> list[object]:
+        return [v for n, v in self.seen if n == node_id]
+
+
+@needs_asyncua
+def test_a_tracked_cameras_nodes_objects_and_cameras_coming_and_going():
+    """The nodes of a tracked camera appear; a subscription sees LastObject.TrackId and Objects change as objects
+    are counted (ObjectsByClass adding up to Objects); no node shows the camera's URL; clients may not write or add
+    nodes; a camera removed over gRPC takes its nodes with it, one added brings its own."""
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}"
+    server = ServerProcess("--allow-synthetic", "--no-status", "--instances", "1", "--opcua", url)
+    try:
+        with server.client() as c:
+            c.wait_ready(30)
+            c.add_stream("line/1", CAMERA, track=True)
+
+            async def run() -> None:
+                async with Client(url) as client:
+                    ns = await client.get_namespace_index(NS)
+                    node = lambda name: client.get_node(ua.NodeId(name, ns))  # noqa: E731
+                    assert await node("Yolov12Serve.Status").read_value() == "serving"
+                    assert NS in await _unencrypted_session_reads(url)  # what the encrypted test's refusal is of
+                    await _poll("the camera's nodes", lambda: _names(client, ns, "Cameras"), 10)
+                    assert await _names(client, ns, "Cameras") == ["line/1"]
+                    assert await _names(client, ns, "Cameras.line/1") == [
+                        "Fps", "LastError", "LastObject", "LatencyP99Ms", "Objects", "ObjectsByClass",
+                        "PictureProblem", "Reconnects", "State", "Streaming"]
+                    assert await _names(client, ns, "Cameras.line/1.ObjectsByClass") == [
+                        "crack", "dent", "missing_part", "scratch", "stain"]  # the model's, there from the start
+                    changes = Changes()
+                    sub = await client.create_subscription(50, changes)
+                    await sub.subscribe_data_change([node("Cameras.line/1.LastObject.TrackId"),
+                                                     node("Cameras.line/1.Objects")])
+                    await _poll("three objects", lambda: _at_least(node("Cameras.line/1.Objects"), 3), 60)
+                    ids = [v for v in changes.values("Cameras.line/1.LastObject.TrackId") if v]
+                    assert len(ids) >= 2 and ids == sorted(set(ids)), changes.seen  # each new object, once
+                    counts = [v for v in changes.values("Cameras.line/1.Objects") if v]
+                    assert counts == sorted(counts) and len(counts) >= 2, changes.seen
+                    objects = await node("Cameras.line/1.Objects").read_value()
+                    by_class = [await node(f"Cameras.line/1.ObjectsByClass.{n}").read_value()
+                                for n in ("crack", "dent", "missing_part", "scratch", "stain")]
+                    assert objects <= sum(by_class) <= objects + 3  # counted between the two reads meanwhile
+                    assert await node("Cameras.line/1.LastObject.Class").read_value() in (
+                        "crack", "dent", "missing_part", "scratch", "stain")
+                    assert 0 < await node("Cameras.line/1.LastObject.Score").read_value() <= 1
+                    assert (await node("Cameras.line/1.LastObject.CaptureTime").read_value()).year >= 2024
+                    assert await node("Cameras.line/1.State").read_value() == "STREAMING"
+                    assert await node("Cameras.line/1.Streaming").read_value() is True
+                    await _poll("its rate", lambda: _at_least(node("Cameras.line/1.Fps"), 1), 10)
+                    assert await node("Cameras.line/1.LatencyP99Ms").read_value() > 0
+                    exported = metric(server, 'yolov12_opcua_sessions{endpoint="' + url + '"}')
+                    assert exported == 1, exported
+                    values = await _all_values(client, node("Yolov12Serve"))
+                    assert not [v for v in values if "synthetic" in str(v)], values  # no camera URL anywhere
+                    for attempt in (node("Yolov12Serve.Status").write_value("hacked"),
+                                    node("Cameras").add_folder(ua.NodeId("X", ns), "X"),
+                                    client.delete_nodes([node("Cameras.line/1")], recursive=True)):
+                        with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                            await attempt
+                    assert await _names(client, ns, "Cameras") == ["line/1"]
+
+                    c.remove_stream("line/1")
+                    await _poll("its nodes gone", lambda: _gone(client, ns, "Cameras.line/1.State"), 10)
+                    assert await _names(client, ns, "Cameras") == []
+                    c.add_stream("cam2", CAMERA)  # untracked: no objects, state and rates only
+                    await _poll("the new camera's nodes", lambda: _names(client, ns, "Cameras.cam2"), 10)
+                    assert await _names(client, ns, "Cameras.cam2") == [
+                        "Fps", "LastError", "LatencyP99Ms", "PictureProblem", "Reconnects", "State", "Streaming"]
+                    assert await _names(client, ns, "Cameras") == ["cam2"]
+
+            asyncio.run(run())
+        rc, _ = server.terminate()
+        assert rc == 0
+    finally:
+        server.close()
+
+
+async def _at_least(node, n: float):
+    value = await node.read_value()
+    return value if value >= n else None
+
+
+async def _gone(client: Client, ns: int, node_id: str) -> bool:
+    try:
+        await client.get_node(ua.NodeId(node_id, ns)).read_value()
+    except ua.UaStatusCodeError as e:
+        return "BadNodeIdUnknown" in str(e)
+    return False
+
+
+async def _all_values(client: Client, root) -> list[object]:
+    """Every variable's value under `root`."""
+    values = []
+    for child in await root.get_children():
+        if await child.read_node_class() == ua.NodeClass.Variable:
+            values.append(await child.read_value())
+        values += await _all_values(client, child)
+    return values
+
+
+def _opcua_pair(folder: Path, ca, name: str):
+    return make_cert(folder, ca, name, uris=[f"urn:test:{name}"], dns=["localhost"], rsa=True)
+
+
+def _as_pem(pair) -> tuple[Path, Path]:
+    """The pair's files named .pem: asyncua's client reads any other name as DER (the server takes either)."""
+    cert, key = pair.cert.with_suffix(".cert.pem"), pair.key.with_suffix(".key.pem")
+    cert.write_bytes(pair.cert.read_bytes())
+    key.write_bytes(pair.key.read_bytes())
+    return cert, key
+
+
+@needs_asyncua
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_with_a_certificate_only_encrypted_sessions_of_trusted_clients_are_served(tmp_path):
+    """--opcua-cert/--opcua-key: only Basic256Sha256 endpoints are offered; an unencrypted client is refused; a client
+    whose certificate a --opcua-trust CA signed reads over SignAndEncrypt and Sign; one from another CA is refused."""
+    ca, rogue = make_ca(tmp_path, "plant-ca", rsa=True), make_ca(tmp_path, "rogue-ca", rsa=True)
+    server_pair = _opcua_pair(tmp_path, ca, "detector")
+    (trusted_cert, trusted_key), (stranger_cert, stranger_key) = (_as_pem(_opcua_pair(tmp_path, ca, "scada")),
+                                                                  _as_pem(_opcua_pair(tmp_path, rogue, "stranger")))
+    der = tmp_path / "detector.der"  # DER as well as PEM: what OPC UA tools write
+    subprocess.run(["openssl", "x509", "-in", str(server_pair.cert), "-outform", "DER", "-out", str(der)], check=True)
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    (trust / "plant-ca.crt").write_bytes(ca.cert.read_bytes())
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}"
+    server = ServerProcess("--no-status", "--instances", "1", "--opcua", url, "--opcua-cert", str(der),
+                           "--opcua-key", str(server_pair.key), "--opcua-trust", str(trust))
+    try:
+        async def run() -> None:
+            endpoints = await Client(url).connect_and_get_server_endpoints()
+            assert {(e.SecurityPolicyUri.rsplit("#", 1)[1], e.SecurityMode.name) for e in endpoints} == {
+                ("Basic256Sha256", "SignAndEncrypt"), ("Basic256Sha256", "Sign")}
+            assert {e.Server.ApplicationUri for e in endpoints} == {"urn:test:detector"}  # from its certificate
+            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                await _unencrypted_session_reads(url)
+            for mode in ("SignAndEncrypt", "Sign"):
+                client = Client(url, timeout=20)
+                client.application_uri = "urn:test:scada"
+                await client.set_security_string(f"Basic256Sha256,{mode},{trusted_cert},{trusted_key}")
+                async with client:
+                    ns = await client.get_namespace_index(NS)
+                    assert await client.get_node(ua.NodeId("Yolov12Serve.Status", ns)).read_value() == "serving"
+            rogue_client = Client(url, timeout=20)
+            rogue_client.application_uri = "urn:test:stranger"
+            await rogue_client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{stranger_cert},{stranger_key}")
+            with pytest.raises(ua.UaStatusCodeError, match="BadCertificateUntrusted"):
+                async with rogue_client:
+                    pass
+
+        with server.client() as c:
+            c.wait_ready(30)
+        asyncio.run(run())
+        log = server.log()
+        assert "not in --opcua-trust" in log and "stranger" in log, log
+        assert "Basic256Sha256 (Sign, SignAndEncrypt), clients in --opcua-trust" in log, log
+    finally:
+        server.close()
+
+
+async def _unencrypted_session_reads(url: str) -> list[str]:
+    """A session over an unencrypted channel (security None), made without asyncua's client-side check that the
+    server offers such an endpoint, as a client of another make could: the namespace array it reads."""
+    client = Client(url, timeout=20)
+    await client.connect_socket()
+    try:
+        await client.send_hello()
+        await client.open_secure_channel()
+        params = ua.CreateSessionParameters(ClientNonce=b"n" * 32, EndpointUrl=url, SessionName="plain",
+                                            RequestedSessionTimeout=60000, MaxResponseMessageSize=0,
+                                            ClientDescription=ua.ApplicationDescription(
+                                                ApplicationUri="urn:test:plain",
+                                                ApplicationType=ua.ApplicationType.Client))
+        await client.uaclient.create_session(params)
+        activate = ua.ActivateSessionParameters(UserIdentityToken=ua.AnonymousIdentityToken(PolicyId="anonymous"))
+        await client.uaclient.activate_session(activate)
+        return await client.get_namespace_array()
+    finally:
+        client.disconnect_socket()
+
+
+@needs_asyncua
+def test_without_a_certificate_the_server_warns_that_anyone_may_read():
+    port = free_port()
+    server = ServerProcess("--no-status", "--instances", "1", "--host", "0.0.0.0", "--opcua",
+                           f"opc.tcp://0.0.0.0:{port}")
+    try:
+        wait_until(lambda: "OPC UA on opc.tcp://0.0.0.0" in server.log(), 20, what="the warning")
+        line = next(ln for ln in server.log().splitlines() if "OPC UA on opc.tcp://0.0.0.0" in ln)
+        assert "WARNING" in line and "without --opcua-cert" in line and "docs/security.md" in line, line
+    finally:
+        server.close()
+
+
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+@needs_asyncua
+def test_bad_opcua_options_are_one_line(tmp_path, capsys):
+    from yolov12_serve.cli import main
+
+    ca = make_ca(tmp_path, "ca", rsa=True)
+    good = _opcua_pair(tmp_path, ca, "good")
+    ec = make_cert(tmp_path, make_ca(tmp_path, "ec-ca"), "ec", uris=["urn:test:ec"])
+    no_uri = make_cert(tmp_path, ca, "no-uri", dns=["localhost"], rsa=True)
+    other = _opcua_pair(tmp_path, ca, "other")
+    (tmp_path / "empty").mkdir()
+    base = ["--engines", "x.onnx", "--gpus", "cpu"]
+    for argv, message in [
+        (["--opcua", "http://0.0.0.0:4840"], "expected opc.tcp://HOST:PORT"),
+        (["--opcua", "opc.tcp://0.0.0.0:99999"], "the port must be 1..65535"),
+        (["--opcua-cert", str(good.cert)], "--opcua-cert is for --opcua"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert)], "--opcua-key is missing"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-trust", str(ca.cert)], "give --opcua-cert and --opcua-key too"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(ec.cert), "--opcua-key", str(ec.key)],
+         "Basic256Sha256 needs an RSA key"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(no_uri.cert), "--opcua-key", str(no_uri.key)],
+         "URI subjectAltName"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert), "--opcua-key", str(other.key)],
+         "does not belong to --opcua-cert"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert), "--opcua-key", __file__],
+         "not a private key in PEM or DER"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert), "--opcua-key", str(good.key),
+          "--opcua-trust", str(tmp_path / "empty")], "no certificate in it"),
+    ]:
+        assert main([*base, *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, (argv, err)
+
+
+@needs_asyncua
+def test_a_port_in_use_is_one_line_before_the_engines_load(capsys, caplog):
+    from yolov12_serve.cli import main
+
+    caplog.set_level(logging.INFO)
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        rc = main(["--engines", str(model_path()), "--gpus", "cpu", "--host", "127.0.0.1", "--port", "0",
+                   "--metrics-port", "-1", "--no-state", "--opcua", f"opc.tcp://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"cannot listen for OPC UA on 127.0.0.1:{port}: the port is in use" in err, err
+    assert err.count("\n") == 1, err
+    assert not [r for r in caplog.records if "(model " in r.getMessage()], caplog.text  # no engine was loaded
+
+
+@needs_asyncua
+def test_a_port_taken_between_the_check_and_the_bind_is_said_by_wait_started():
+    """The port checked free, then taken before the OPC UA thread binds it (another process in between): the
+    server's start says so in the same words."""
+    from yolov12_serve.fanout import Fanout
+    from yolov12_serve.opcua import OpcUaOptions, OpcUaServer
+
+    fanout = Fanout()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        server = OpcUaServer(OpcUaOptions(f"opc.tcp://127.0.0.1:{port}"), streams=lambda: [], status=lambda: "starting",
+                             names=lambda r: {}, class_names=lambda s: [],
+                             subscribe=lambda loop: fanout.subscribe(None, 8, loop))
+        server.start()
+        with pytest.raises(OSError, match=f"cannot listen for OPC UA on 127.0.0.1:{port}: the port is in use"):
+            server.wait_started()
+        server.close()
+
+
+@needs_asyncua
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_check_says_how_opcua_would_be_served(tmp_path, capsys):
+    from yolov12_serve.cli import main
+
+    ca = make_ca(tmp_path, "ca", rsa=True)
+    pair = _opcua_pair(tmp_path, ca, "detector")
+    base = ["--engines", str(model_path()), "--gpus", "cpu", "--no-state", "--check"]
+    assert main([*base, "--opcua", "opc.tcp://0.0.0.0:4840"]) == 0
+    assert "opcua    opc.tcp://0.0.0.0:4840, unencrypted (security None)" in capsys.readouterr().out
+    assert main([*base, "--opcua", "opc.tcp://0.0.0.0:4840", "--opcua-cert", str(pair.cert), "--opcua-key",
+                 str(pair.key), "--opcua-trust", str(ca.cert)]) == 0
+    out = capsys.readouterr().out
+    assert "Basic256Sha256 only" in out and "application URI urn:test:detector" in out and \
+        f"1 trusted client certificates and CAs from {ca.cert}" in out, out
+
+
+def test_without_asyncua_opcua_is_one_line_saying_how_to_install_it(tmp_path):
+    """In a process where asyncua cannot be imported (as on a serving install without the extra)."""
+    code = ("import sys; sys.modules['asyncua'] = None; from yolov12_serve.cli import main; "
+            "sys.exit(main(['--engines', 'x.onnx', '--gpus', 'cpu', '--opcua', 'opc.tcp://0.0.0.0:4840']))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 2, done
+    assert 'pip install ".[opcua]"' in done.stderr and done.stderr.count("\n") == 1, done.stderr
