@@ -327,7 +327,8 @@ class OpcUaServer:
         self._streams, self._status, self._names, self._class_names = streams, status, names, class_names
         self._subscribe, self._on_sessions = subscribe, on_sessions
         self._cameras: dict[str, _Camera] = {}
-        self._clash: set[str] = set()  # cameras whose NodeIds another camera's hold (logged once)
+        self._clash: set[str] = set()  # cameras whose NodeIds another camera's hold: tried again when one goes
+        self._warned: set[str] = set()  # ... and said so (once a camera id)
         self._written: dict[str, Any] = {}  # server-level NodeId -> value last written
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop: asyncio.Event | None = None
@@ -504,9 +505,10 @@ class OpcUaServer:
     async def _sync_cameras_locked(self) -> list[Any]:
         streams = self._streams()
         now = {s.stream_id: s for s in streams}
-        for sid in [sid for sid, cam in self._cameras.items() if sid not in now or now[sid].epoch != cam.epoch]:
+        gone = [sid for sid, cam in self._cameras.items() if sid not in now or now[sid].epoch != cam.epoch]
+        for sid in gone:
             await self._server.delete_nodes([self._cameras.pop(sid).folder], recursive=True)
-        self._clash &= set(now)
+        self._clash = set() if gone else self._clash & set(now)  # a camera gone may free their NodeIds: tried again
         for sid, s in now.items():
             if sid not in self._cameras and sid not in self._clash:
                 await self._add_camera(s)
@@ -520,41 +522,48 @@ class OpcUaServer:
         try:
             folder = await self._cameras_folder.add_object(self._id(base), self._name(sid))
         except ua.UaStatusCodeError:  # 'a.State' and camera 'a': the NodeId is the other camera's variable
-            self._clash.add(sid)
-            log.warning("opcua: camera %s has no OPC UA nodes: their NodeIds (%s...) are another camera's; give it an "
-                        "id that is not another's with a dot and a variable name added", sid, base)
+            self._clash_said(sid, base)
             return
         cam = _Camera(s.epoch, folder, tracked)
         try:
-            for name, kind, value in (("State", ua.VariantType.String, s.state.name),
-                                      ("Streaming", ua.VariantType.Boolean, s.state.name == "STREAMING"),
-                                      ("Fps", ua.VariantType.Float, 0.0),
-                                      ("LatencyP99Ms", ua.VariantType.Float, 0.0),
-                                      ("Reconnects", ua.VariantType.UInt32, 0),
-                                      ("PictureProblem", ua.VariantType.String, ""),
-                                      ("LastError", ua.VariantType.String, "")):
-                await folder.add_variable(self._id(f"{base}.{name}"), self._name(name), value, varianttype=kind)
-                cam.written[f"{base}.{name}"] = value
-            if tracked:
-                await folder.add_variable(self._id(f"{base}.Objects"), self._name("Objects"), 0,
-                                          varianttype=ua.VariantType.UInt64)
-                await folder.add_folder(self._id(f"{base}.ObjectsByClass"), self._name("ObjectsByClass"))
-                last = await folder.add_object(self._id(f"{base}.LastObject"), self._name("LastObject"))
-                for name, kind, value in (("Class", ua.VariantType.String, ""), ("Score", ua.VariantType.Float, 0.0),
-                                          ("TrackId", ua.VariantType.UInt64, 0),
-                                          ("CaptureTime", ua.VariantType.DateTime, _NO_TIME)):
-                    await last.add_variable(self._id(f"{base}.LastObject.{name}"), self._name(name), value,
-                                            varianttype=kind)
-                self._cameras[sid] = cam
-                for name in self._class_names(s):
-                    await self._add_class(cam, sid, name)
-        except ua.UaStatusCodeError:
-            self._cameras.pop(sid, None)
+            await self._add_variables(s, cam, folder, base)
+        except ua.UaStatusCodeError:  # camera 'a' after 'a.State': its State variable is the other's folder
             await self._server.delete_nodes([folder], recursive=True)
-            self._clash.add(sid)
-            log.warning("opcua: camera %s has no OPC UA nodes: some of their NodeIds are another camera's", sid)
+            self._clash_said(sid, base)
             return
         self._cameras[sid] = cam
+
+    def _clash_said(self, sid: str, base: str) -> None:
+        self._clash.add(sid)
+        if sid not in self._warned:
+            self._warned.add(sid)
+            log.warning("opcua: camera %s has no OPC UA nodes: their NodeIds (%s...) are another camera's; give it an "
+                        "id that is not another's with a dot and a variable name added", sid, base)
+
+    async def _add_variables(self, s: Any, cam: _Camera, folder: Any, base: str) -> None:
+        from asyncua import ua
+
+        for name, kind, value in (("State", ua.VariantType.String, s.state.name),
+                                  ("Streaming", ua.VariantType.Boolean, s.state.name == "STREAMING"),
+                                  ("Fps", ua.VariantType.Float, 0.0),
+                                  ("LatencyP99Ms", ua.VariantType.Float, 0.0),
+                                  ("Reconnects", ua.VariantType.UInt32, 0),
+                                  ("PictureProblem", ua.VariantType.String, ""),
+                                  ("LastError", ua.VariantType.String, "")):
+            await folder.add_variable(self._id(f"{base}.{name}"), self._name(name), value, varianttype=kind)
+            cam.written[f"{base}.{name}"] = value
+        if not cam.tracked:
+            return
+        await folder.add_variable(self._id(f"{base}.Objects"), self._name("Objects"), 0,
+                                  varianttype=ua.VariantType.UInt64)
+        await folder.add_folder(self._id(f"{base}.ObjectsByClass"), self._name("ObjectsByClass"))
+        last = await folder.add_object(self._id(f"{base}.LastObject"), self._name("LastObject"))
+        for name, kind, value in (("Class", ua.VariantType.String, ""), ("Score", ua.VariantType.Float, 0.0),
+                                  ("TrackId", ua.VariantType.UInt64, 0),
+                                  ("CaptureTime", ua.VariantType.DateTime, _NO_TIME)):
+            await last.add_variable(self._id(f"{base}.LastObject.{name}"), self._name(name), value, varianttype=kind)
+        for name in self._class_names(s):
+            await self._add_class(cam, s.stream_id, name)
 
     async def _add_class(self, cam: _Camera, sid: str, name: str) -> None:
         from asyncua import ua
@@ -587,6 +596,8 @@ class OpcUaServer:
         from asyncua import ua
 
         cam = self._cameras.get(result.stream_id)
+        if cam is None and result.stream_id in self._clash:  # no nodes of its own (said once)
+            return
         if cam is None or cam.epoch != result.epoch:  # added since the last tick: its nodes made now
             await self._sync_cameras()
             cam = self._cameras.get(result.stream_id)
