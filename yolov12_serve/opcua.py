@@ -337,8 +337,7 @@ class OpcUaServer:
         self._thread = threading.Thread(target=self._main, name="opcua", daemon=True)
         self._server: Any = None
         self._ns = 0
-        self.results = 0  # results looked at (bench/opcua_cost.py divides its thread's CPU time by it)
-        self.busy_s = 0.0  # this thread's CPU time in handling results and ticks
+        self.results = 0  # results looked at (bench/opcua.py waits for its own to be)
 
     @property
     def endpoint(self) -> str:
@@ -451,7 +450,6 @@ class OpcUaServer:
         assert self._stop is not None
         next_rates = 0.0
         while not self._stop.is_set():
-            t0 = time.thread_time()
             rates = time.monotonic() >= next_rates
             if rates:
                 next_rates = time.monotonic() + RATES_EVERY_S
@@ -459,7 +457,6 @@ class OpcUaServer:
                 await self._tick(rates)
             except Exception:  # a bug here must not end the server for good
                 log.exception("opcua: the address space could not be updated")
-            self.busy_s += time.thread_time() - t0
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), TICK_S)
 
@@ -579,7 +576,6 @@ class OpcUaServer:
             batch = await sub.next_batch()
             if batch is None:
                 return
-            t0 = time.thread_time()
             for result in batch[0]:
                 self.results += 1
                 if result.track_ids is None or result.error or not len(result.track_ids):
@@ -588,7 +584,6 @@ class OpcUaServer:
                     await self._objects(result)
                 except Exception:  # a bug here must not end the counting for good
                     log.exception("opcua: a result of %s could not be counted", result.stream_id)
-            self.busy_s += time.thread_time() - t0
 
     async def _objects(self, result: FrameResult) -> None:
         """The objects a tracked camera's result sees first: counted, and the last one shown (the same objects as
