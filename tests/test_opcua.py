@@ -227,7 +227,9 @@ def _as_pem(pair) -> tuple[Path, Path]:
 @pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
 def test_with_a_certificate_only_encrypted_sessions_of_trusted_clients_are_served(tmp_path):
     """--opcua-cert/--opcua-key: only Basic256Sha256 endpoints are offered; an unencrypted client is refused; a client
-    whose certificate a --opcua-trust CA signed reads over SignAndEncrypt and Sign; one from another CA is refused."""
+    whose certificate a --opcua-trust CA signed reads over SignAndEncrypt and Sign, as does one whose self-signed
+    certificate is in the folder; one from another CA, or one whose certificate names another application, is
+    refused."""
     ca, rogue = make_ca(tmp_path, "plant-ca", rsa=True), make_ca(tmp_path, "rogue-ca", rsa=True)
     server_pair = _opcua_pair(tmp_path, ca, "detector")
     (trusted_cert, trusted_key), (stranger_cert, stranger_key) = (_as_pem(_opcua_pair(tmp_path, ca, "scada")),
@@ -237,6 +239,12 @@ def test_with_a_certificate_only_encrypted_sessions_of_trusted_clients_are_serve
     trust = tmp_path / "trusted"
     trust.mkdir()
     (trust / "plant-ca.crt").write_bytes(ca.cert.read_bytes())
+    own_cert, own_key = tmp_path / "uaexpert.cert.pem", tmp_path / "uaexpert.key.pem"  # self-signed, as clients make
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(own_key),
+                    "-out", str(own_cert), "-subj", "/CN=uaexpert", "-addext", "subjectAltName=URI:urn:test:uaexpert",
+                    "-addext", "basicConstraints=critical,CA:FALSE"], check=True, capture_output=True)
+    subprocess.run(["openssl", "x509", "-in", str(own_cert), "-outform", "DER", "-out", str(trust / "uaexpert.der")],
+                   check=True)  # trusted as it is, in DER as UaExpert exports it
     port = free_port()
     url = f"opc.tcp://127.0.0.1:{port}"
     server = ServerProcess("--no-status", "--instances", "1", "--opcua", url, "--opcua-cert", str(der),
@@ -257,6 +265,17 @@ def test_with_a_certificate_only_encrypted_sessions_of_trusted_clients_are_serve
                     ns = await client.get_namespace_index(NS)
                     status = client.get_node(ua.NodeId("Yolov12Serve.Status", ns))
                     await _poll("status serving", lambda n=status: _is(n, "serving"), 5)
+            pinned = Client(url, timeout=20)
+            pinned.application_uri = "urn:test:uaexpert"
+            await pinned.set_security_string(f"Basic256Sha256,SignAndEncrypt,{own_cert},{own_key}")
+            async with pinned:
+                assert NS in await pinned.get_namespace_array()
+            impostor = Client(url, timeout=20)  # a trusted certificate, but another application's
+            impostor.application_uri = "urn:test:other"
+            await impostor.set_security_string(f"Basic256Sha256,SignAndEncrypt,{trusted_cert},{trusted_key}")
+            with pytest.raises(ua.UaStatusCodeError, match="BadCertificateUriInvalid"):
+                async with impostor:
+                    pass
             rogue_client = Client(url, timeout=20)
             rogue_client.application_uri = "urn:test:stranger"
             await rogue_client.set_security_string(f"Basic256Sha256,SignAndEncrypt,{stranger_cert},{stranger_key}")
