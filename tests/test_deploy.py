@@ -253,8 +253,10 @@ def test_images_copy_install_and_run_what_the_repository_has():
         for line in re.findall(r"^COPY (?!--from)(.+)$", text, flags=re.M):
             for src in line.split()[:-1]:
                 assert (ROOT / src).exists() and src.rstrip("/") in allowed, (name, src)
-        for wanted in re.findall(r'pip install [^\n]*"\.\[([a-z,]+)\]"', text):
+        for wanted in re.findall(r'pip (?:install|wheel) [^\n]*"\.\[([a-z,]+)\]"', text):
             assert set(wanted.split(",")) <= set(extras), (name, wanted)
+        if name != "Dockerfile.train":  # the serving images take --opcua without a rebuild
+            assert re.search(r'pip (?:install|wheel) [^\n]*"\.\[[a-z,]*opcua[a-z,]*\]"', text), name
         if name == "Dockerfile.gpu":  # .onnx engines on the GPUs: the CUDA build in place of the CPU one, not beside
             assert re.search(r"pip uninstall --yes onnxruntime && pip install [^\n]*onnxruntime-gpu", text), text
         entry, cmd = _dockerfile_json(text, "ENTRYPOINT"), _dockerfile_json(text, "CMD")
