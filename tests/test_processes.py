@@ -89,6 +89,42 @@ def test_the_outbox_batches_events_and_sums_counts():
     assert sum(e[2][("cam", 1)] for e in events if e[0] == "counts") == 100
 
 
+def test_a_device_process_tells_an_error_when_it_happens_not_again_at_each_state_change(monkeypatch):
+    """A camera decoded in a device process: its error goes to the API process ("st") when it happens, each retry
+    too, and a later state change carries none. When the error rode along with every state change, the API
+    process timed it anew when the camera streamed again: a camera back for a minute showed its old error as news
+    ("refused (0 s ago)"). The API side is replayed as ProcessEvents.remote_state does it."""
+    from types import SimpleNamespace
+
+    from yolov12_serve import stream as stream_module
+    from yolov12_serve.procs.host import _HostStream
+    from yolov12_serve.sources.base import StreamState
+    from yolov12_serve.stream import Stream
+
+    clock = [100.0]
+    monkeypatch.setattr(stream_module, "now", lambda: clock[0])
+    sent: list[tuple] = []
+    host = SimpleNamespace(outbox=SimpleNamespace(put=sent.append))
+    args = ("door", "rtsp://cam/1", "rtsp", 0.0, 0.1, lambda s: None, lambda f, r: None, lambda s: None)
+    there, here = _HostStream(host, *args), Stream(*args)
+
+    def at(t: float, state: StreamState, error: str = "") -> None:
+        clock[0] = t
+        there.set_state(state, error)
+        while sent:
+            _, _, _, told, told_error = sent.pop(0)
+            here.set_state(StreamState(told), told_error)
+
+    at(100.0, StreamState.RECONNECTING, "ConnectionRefusedError: refused")
+    at(101.0, StreamState.RECONNECTING, "ConnectionRefusedError: refused")  # the same again: news
+    assert (here.last_error_at, here.failing_since) == (101.0, 100.0)
+    at(130.0, StreamState.STREAMING)
+    clock[0] = 190.0
+    view = here.view()
+    assert view.state == StreamState.STREAMING and view.last_error == "ConnectionRefusedError: refused"
+    assert (view.last_error_age_s, view.failing_for_s) == (89.0, 0.0), view
+
+
 def test_a_killed_device_process_is_restarted_and_its_streams_resume_while_the_server_stays_serving(tmp_path):
     srv = ServerProcess("--gpus", "cpu:2", "--worker-processes", "on", "--instances", "1", "--allow-synthetic",
                         "--slo-ms", "2000", "--process-late", faults=tmp_path)

@@ -81,9 +81,10 @@ class _HostStream(Stream):
     def set_state(self, state: StreamState, error: str = "") -> None:
         before = (self.state, self.last_error)
         super().set_state(state, error)
-        # an error is told each time it happens, the same one again too: the API process times it (its age)
+        # an error is told each time it happens, the same one again too: the API process times it (its age); a
+        # state change without one tells none (the API process keeps the one it has, and its time)
         if ((self.state, self.last_error) != before or error) and self.state != StreamState.STOPPED:
-            self._host.outbox.put(("st", self.stream_id, self.epoch, int(self.state), self.last_error))
+            self._host.outbox.put(("st", self.stream_id, self.epoch, int(self.state), self.last_error if error else ""))
 
     def note_picture(self, problem: str) -> None:
         """Told to the API process, which shows and logs it (picture_check.py)."""
