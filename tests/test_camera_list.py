@@ -3,12 +3,14 @@ edited while it runs; and a camera whose password was changed, taken from its re
 
 from __future__ import annotations
 
+import shutil
 import signal
+import time
 from pathlib import Path
 
 import pytest
 from test_rtsp import RtspServer, _gstreamer_ok, free_port, start_cameras, stop_cameras, wait_state
-from test_server_harness import ServerProcess, wait_until
+from test_server_harness import ServerProcess, model_path, wait_until
 
 from yolov12_serve.proto import detector_pb2 as pb
 
@@ -81,20 +83,28 @@ def test_sighup_makes_the_running_cameras_those_of_the_edited_list(tmp_path, gpu
 
 def test_a_sighup_while_the_engines_load_applies_the_list_once_the_server_has_started(tmp_path):
     """SIGHUP while the engines warm up (slowed by a fault switch): the list read then is applied after the start has
-    added the cameras it read itself; applied at once, its cameras were refused ("still loading") and lost."""
+    added the cameras it read itself; applied at once, its cameras were refused ("still loading") and lost. The
+    engine file rewritten meanwhile is loaded again after the start too: it was refused ("still loading") and the
+    server went on with what it had read, whichever that was."""
     faults = tmp_path / "faults"
     faults.mkdir()
     (faults / "delay-cpu").write_text("0.2")  # seconds a frame: the warm-up takes several seconds
+    served = tmp_path / "model.onnx"
+    shutil.copy(model_path(), served)
     listed = tmp_path / "cameras.yaml"
     _write(listed, ["{id: a, url: 'synthetic://a?fps=2&size=160x90'}"])
-    srv = ServerProcess("--streams", str(listed), "--allow-synthetic", faults=faults, wait=False)
+    srv = ServerProcess("--streams", str(listed), "--allow-synthetic", model=served, faults=faults, wait=False)
     try:
         wait_until(lambda: "loading the engines" in srv.log(), 60, what="the engines loading")
         _write(listed, ["{id: a, url: 'synthetic://a?fps=2&size=160x90'}", "{id: b, url: 'synthetic://b?fps=2'}"])
+        time.sleep(0.3)  # the start has taken the file's signature (at once) and is warming it up (seconds)
+        shutil.copy(model_path(), served)  # rewritten on disk while it loads: a new model copied in
         srv.proc.send_signal(signal.SIGHUP)
         srv.wait_started()
+        (faults / "delay-cpu").unlink()  # the reload's warm-up at full speed
         assert "b added; 1 unchanged" in _applied(srv, 1)
-        (faults / "delay-cpu").unlink()
+        log = srv.log()
+        assert "engine reload refused" not in log and "cpu: now serving" in log, log[-3000:]
         c = srv.client()
         c.wait_ready(30)
         assert sorted(s.stream_id for s in c.list_streams()) == ["a", "b"]

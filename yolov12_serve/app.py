@@ -332,9 +332,14 @@ async def _reload_on_sighup(core: ServerCore, reread_streams: Callable[[], list[
     """SIGHUP: reload the engine files (ReloadEngines without arguments) when one was replaced or rewritten since it
     was loaded, then apply the command line's camera list read again (after the engines: a class the new model
     brings may be named in it); a refusal of either is logged, nothing else. Unchanged engine files are kept: a
-    certificate rotation's SIGHUP (every few weeks, from cert-manager) need not load every engine again."""
+    certificate rotation's SIGHUP (every few weeks, from cert-manager) need not load every engine again. A SIGHUP
+    while the server starts does both once it has started: its engines and cameras are not yet there to change."""
     loop = asyncio.get_running_loop()
     async with one_at_a_time:
+        while core.starting and not core.draining:  # the start loads the files and adds the list it read first
+            await asyncio.sleep(0.2)
+        if core.draining:
+            return
         if not core.engine_files_changed():
             log.info("SIGHUP: the engine files are unchanged since they were loaded: kept (yolov12-ctl reload "
                      "loads them again all the same)")
@@ -344,11 +349,7 @@ async def _reload_on_sighup(core: ServerCore, reread_streams: Callable[[], list[
                 await loop.run_in_executor(None, core.reload_engines, None)
             except ServerError as e:
                 log.error("SIGHUP: engine reload refused: %s", e)
-        if reread_streams is None:
-            return
-        while core.starting and not core.draining:  # the start adds the list it read: this one goes after it
-            await asyncio.sleep(0.2)
-        if not core.draining:
+        if reread_streams is not None and not core.draining:
             await loop.run_in_executor(None, _apply_listed_cameras, core, reread_streams)
 
 
