@@ -105,11 +105,13 @@ class NotifySocket:
 
 @contextlib.contextmanager
 def notified_server(*args: str, env: dict[str, str] | None = None, abstract: bool = False,
-                    on_datagram: Callable[[Datagram], None] | None = None, model: Path | None = None):
+                    on_datagram: Callable[[Datagram], None] | None = None, model: Path | None = None,
+                    faults: Path | None = None, wait: bool = True):
     sock = NotifySocket(abstract, on_datagram)
     srv = None
     try:
-        srv = ServerProcess(*args, model=model, env={"NOTIFY_SOCKET": sock.address, **(env or {})})
+        srv = ServerProcess(*args, model=model, faults=faults, wait=wait,
+                            env={"NOTIFY_SOCKET": sock.address, **(env or {})})
         yield srv, sock
     finally:
         if srv is not None:
@@ -171,10 +173,9 @@ def test_ready_only_once_the_port_serves_then_stopping_on_sigterm():
         assert len(sock.with_field("READY")) == 1 and {d.pid for d in sock.received} == {srv.proc.pid}
 
 
-def test_sighup_reloading_then_ready_once_the_engines_are_reloaded(tmp_path):
-    """SIGHUP: RELOADING=1 with MONOTONIC_USEC (CLOCK_MONOTONIC, after the signal was sent), then READY=1 only when
-    the rewritten engine file serves (its 'now serving' line already logged when READY arrives); a SIGHUP with
-    nothing changed is RELOADING then READY too."""
+def _reload_watch(tmp_path: Path) -> tuple[Path, list[bool], list[ServerProcess], Callable[[Datagram], None]]:
+    """An engine file of the test's own (to rewrite), and a datagram callback that notes at each READY=1 whether
+    an engine reload had been logged ('now serving') by then, once the server is put in the returned list."""
     served = tmp_path / "model.onnx"
     shutil.copy(model_path(), served)
     reloaded_at_ready: list[bool] = []
@@ -184,6 +185,14 @@ def test_sighup_reloading_then_ready_once_the_engines_are_reloaded(tmp_path):
         if d.fields.get("READY") == "1" and srv_box:
             reloaded_at_ready.append("now serving" in srv_box[0].log())
 
+    return served, reloaded_at_ready, srv_box, on_datagram
+
+
+def test_sighup_reloading_then_ready_once_the_engines_are_reloaded(tmp_path):
+    """SIGHUP: RELOADING=1 with MONOTONIC_USEC (CLOCK_MONOTONIC, after the signal was sent), then READY=1 only when
+    the rewritten engine file serves (its 'now serving' line already logged when READY arrives); a SIGHUP with
+    nothing changed is RELOADING then READY too."""
+    served, reloaded_at_ready, srv_box, on_datagram = _reload_watch(tmp_path)
     with notified_server(model=served, on_datagram=on_datagram) as (srv, sock):
         sock.wait_for("READY")
         srv_box.append(srv)
@@ -201,6 +210,26 @@ def test_sighup_reloading_then_ready_once_the_engines_are_reloaded(tmp_path):
         grams = [d.fields for d in sock.received if "READY" in d.fields or "RELOADING" in d.fields]
         assert [("READY" in g, "RELOADING" in g) for g in grams] == [(True, False), (False, True)] * 2 + [
             (True, False)]
+
+
+def test_ready_when_the_start_is_done_not_after_a_sighup_that_came_during_it(tmp_path):
+    """A SIGHUP while the engines load, the engine file replaced meanwhile: its reload runs once the server has
+    started, and READY does not wait for it (a second engine load, minutes on TensorRT, would push READY past
+    TimeoutStartSec and systemd would kill a server that serves). The reload is slowed by a fault switch."""
+    faults = tmp_path / "faults"
+    faults.mkdir()
+    (faults / "delay-cpu").write_text("0.2")  # seconds a frame: each warm-up takes several seconds
+    served, reloaded_at_ready, srv_box, on_datagram = _reload_watch(tmp_path)
+    with notified_server(model=served, faults=faults, wait=False, on_datagram=on_datagram) as (srv, sock):
+        srv_box.append(srv)
+        wait_until(lambda: "loading the engines" in srv.log(), 60, what="the engines loading")
+        time.sleep(0.3)  # the start has taken the file's signature (at once) and is warming it up (seconds)
+        shutil.copy(model_path(), served)
+        srv.proc.send_signal(signal.SIGHUP)
+        sock.wait_for("READY", timeout=90)
+        assert reloaded_at_ready == [False], srv.log()[-3000:]
+        wait_until(lambda: "cpu: now serving" in srv.log(), 90, what="the reload after the start")
+        assert not sock.with_field("RELOADING"), [d.fields for d in sock.received]  # not told: it was not READY
 
 
 def test_watchdog_pings_every_half_period():

@@ -259,10 +259,11 @@ async def _start_unless_stopped(core: ServerCore, stop: asyncio.Event) -> bool:
 
 async def _health_settled() -> None:
     """Let the health flips the core asked for (call_soon_threadsafe from `_update_serving`) reach the gRPC health
-    service: one loop turn runs the scheduled callbacks, which start the tasks awaited here."""
+    service: one loop turn runs the scheduled callbacks, which start the tasks awaited here. Only those: a SIGHUP's
+    reload that came during the start (an engine loaded again, minutes on TensorRT) runs on after READY."""
     await asyncio.sleep(0)
-    if _pending:
-        await asyncio.gather(*list(_pending), return_exceptions=True)
+    if _flips:
+        await asyncio.gather(*list(_flips), return_exceptions=True)
 
 
 def _cameras(n: int) -> str:
@@ -412,19 +413,21 @@ def _freeze_startup_heap() -> None:
 
 
 _pending: set[asyncio.Task] = set()
+_flips: set[asyncio.Task] = set()  # the health flips among them (READY waits for these)
 
 
 def _flip_health(server: GrpcServer, serving: bool) -> None:
-    _keep(asyncio.ensure_future(server.set_serving(serving)))
+    _keep(asyncio.ensure_future(server.set_serving(serving)), _flips)
 
 
 def _flip_device(server: GrpcServer, device: str, serving: bool) -> None:
-    _keep(asyncio.ensure_future(server.set_device_serving(device, serving)))
+    _keep(asyncio.ensure_future(server.set_device_serving(device, serving)), _flips)
 
 
-def _keep(task: asyncio.Future) -> None:
-    _pending.add(task)  # keep a reference until it ran (the loop holds only weak ones)
-    task.add_done_callback(_pending.discard)
+def _keep(task: asyncio.Future, *also: set[asyncio.Task]) -> None:
+    for kept in (_pending, *also):
+        kept.add(task)  # keep a reference until it ran (the loop holds only weak ones)
+        task.add_done_callback(kept.discard)
 
 
 async def _shutdown(core: ServerCore, grpc_server: GrpcServer, opcua: OpcUaServer | None = None) -> None:
