@@ -145,3 +145,31 @@ def test_a_changed_camera_password_is_taken_from_its_credentials_file_at_sighup(
         srv.close()
         camera.kill()
 
+
+def test_the_list_never_removes_a_camera_added_over_grpc_since_it_was_read(tmp_path):
+    """The list's removals check, under the registry's lock, that the camera is still the list's: one removed and
+    added again over gRPC between the list's snapshot and its removal is left running (it was removed: the
+    operator's camera gone at a certificate-rotation SIGHUP). The core in-process, its snapshot taken stale."""
+    from test_scheduler import CostEngine
+    from test_server_harness import ROOT
+
+    from yolov12_serve.camera_list import apply_camera_list
+    from yolov12_serve.config import ServerConfig, StreamSpec
+    from yolov12_serve.core import ServerCore
+
+    config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
+                          allow_synthetic=True, state_dir=str(tmp_path))
+    core = ServerCore(config, load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.001, b=0))
+    core.start()
+    try:
+        core.opened()
+        listed = StreamSpec("x", "synthetic://x?fps=2&size=160x90")
+        core.add_stream(listed, persist=False, listed=True)
+        stale = core.listed_specs()  # the list's snapshot, taken before the operator's change
+        core.remove_stream("x")
+        core.add_stream(StreamSpec("x", "synthetic://other?fps=2&size=160x90"))  # over gRPC: kept in the state
+        core.listed_specs = lambda: stale
+        change = apply_camera_list(core, [])  # the file no longer lists x
+        assert change.removed == [] and [s.url for s in core.list_streams()] == ["synthetic://other?fps=2&size=160x90"]
+    finally:
+        core.drain(2)

@@ -96,7 +96,7 @@ def _added(core: ServerCore, spec: StreamSpec) -> bool:
 def _removed(core: ServerCore, stream_id: str) -> bool:
     try:
         core.remove_stream(stream_id, by_list=True)
-    except ServerError as e:  # removed over gRPC meanwhile
+    except ServerError as e:  # removed, or removed and added again, over gRPC meanwhile: not the list's to remove
         log.info("stream %s of the camera list: %s", stream_id, e)
         return False
     return True

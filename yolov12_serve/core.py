@@ -501,6 +501,8 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 self.check_owner(stream_id)  # another replica's camera: say which
                 self.check_started()
                 raise StreamNotFoundError(f"no stream {quote_id(stream_id)} (ListStreams shows the registered ids)")
+            if by_list and not stream.listed:  # re-added over gRPC since the list was read: that one is not the list's
+                raise StreamExistsError(f"stream {quote_id(stream_id)} was added over gRPC meanwhile: left running")
             self._unregister(stream, "removed")
         if stream.persistent:
             self._save_streams_logged()
