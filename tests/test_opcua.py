@@ -342,6 +342,7 @@ def test_bad_opcua_options_are_one_line(tmp_path, capsys):
     for argv, message in [
         (["--opcua", "http://0.0.0.0:4840"], "expected opc.tcp://HOST:PORT"),
         (["--opcua", "opc.tcp://0.0.0.0:99999"], "the port must be 1..65535"),
+        (["--opcua", "opc.tcp://0.0.0.0:4840/freeopcua/server"], "the server takes no path"),
         (["--opcua-cert", str(good.cert)], "--opcua-cert is for --opcua"),
         (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert)], "--opcua-key is missing"),
         (["--opcua", "opc.tcp://h:4840", "--opcua-trust", str(ca.cert)], "give --opcua-cert and --opcua-key too"),

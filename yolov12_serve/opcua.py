@@ -76,7 +76,7 @@ def check_installed() -> None:
 
 @dataclass(frozen=True)
 class OpcUaOptions:
-    """Where to listen (`opc.tcp://HOST[:PORT][/PATH]`, port 4840 by default) and, for encrypted sessions only, the
+    """Where to listen (`opc.tcp://HOST[:PORT]`, port 4840 by default) and, for encrypted sessions only, the
     server's certificate and key (`cert`, `key`) and the clients' trusted certificates (`trust`)."""
 
     url: str
@@ -98,6 +98,9 @@ class OpcUaOptions:
         parts = urlsplit(self.url)
         if parts.scheme != "opc.tcp" or not parts.hostname or parts.query or parts.fragment or parts.username:
             raise ConfigError(f"--opcua {self.url}: expected opc.tcp://HOST:PORT (e.g. opc.tcp://0.0.0.0:4840)")
+        if parts.path not in ("", "/"):  # clients are given the endpoint without it: a path would be ignored
+            raise ConfigError(f"--opcua {self.url}: the server takes no path: give opc.tcp://HOST:PORT (clients "
+                              "connect to opc.tcp://HOST:PORT)")
         try:
             port = parts.port if parts.port is not None else 4840
         except ValueError:
