@@ -109,6 +109,8 @@ LOOSENED = {
     "Yolov12ServerDown": ("== 0", ">= 0"),
     "Yolov12ServerAbsent": ('job="yolov12-serve"', 'job="none"'),
     "Yolov12MqttDisconnected": ("== 0", "<= 1"),
+    "Yolov12EvidenceNotWritten": ('reason=~"write failed|busy"', 'reason=~".+"'),
+    "Yolov12WatcherLosingResults": ("[5m])) > 0", "[5m])) >= 0"),
 }
 
 
@@ -126,11 +128,15 @@ def _unit_tests_with(tmp: Path, alertname: str, mutate) -> subprocess.CompletedP
                 rule["expr"], changed = new, changed + 1
     assert changed, f"the mutation changed no rule of {alertname}"
     (tmp / "rules" / "yolov12-alerts.yml").write_text(yaml.safe_dump(doc))
-    files = []
+    files = []  # only the test groups that check this alert: the others cannot fail on its change (and cost time)
     for f in sorted((PROM / "tests").glob("*.yml")):
-        if alertname in f.read_text():
-            shutil.copy(f, tmp / "tests")
+        doc = yaml.safe_load(f.read_text())
+        doc["tests"] = [t for t in doc["tests"]
+                        if any(a["alertname"] == alertname for a in t.get("alert_rule_test", []))]
+        if doc["tests"]:
+            (tmp / "tests" / f.name).write_text(yaml.safe_dump(doc))
             files.append(tmp / "tests" / f.name)
+    assert files, f"no promtool unit test checks {alertname}"
     return run("promtool", "test", "rules", *files)
 
 
