@@ -395,7 +395,7 @@ def test_the_same_seed_gives_bitwise_the_same_weights(tiny_data: Path, tmp_path:
     """Two epochs from a yaml with --seed 7: the same weights, bit for bit, with 0 or 2 loader workers and
     run again; another seed starts elsewhere (the seed reaches the initial weights)."""
     def run(name: str, seed: int, workers: int) -> dict[str, torch.Tensor]:
-        YOLO("yolov12n.yaml").train(data=str(tiny_data), imgsz=96, batch=8, epochs=2, workers=workers, seed=seed,
+        YOLO("yolov12n.yaml").train(data=str(tiny_data), imgsz=64, batch=8, epochs=2, workers=workers, seed=seed,
                                     project=str(tmp_path), name=name, plots=False, verbose=False, val=False)
         return torch.load(tmp_path / name / "weights" / "last.pt", weights_only=True)["train_model"]
 

@@ -4,11 +4,12 @@ than --dist-timeout, a rank that fails; two torchrun "machines" on loopback whos
 Out of memory on one rank: every rank discards the step, halves, replays, in step.
 
 An out-of-memory error is raised on one rank inside a middle layer (layer 5, a plain convolution of the
-backbone, so BatchNorm layers run before and after it), in its forward or in its backward, at the first,
-a middle or the last of three micro-batches, with plain and with cross-rank BatchNorm (and once with
-gradient checkpointing). The run must go on (no hang, no error), every rank must end with bitwise-identical
-weights and statistics, and the step must equal a clean step at the halved micro-batch (BatchNorm in train
-mode: a failed attempt's statistics updates must have been rolled back).
+backbone, so BatchNorm layers run before and after it), in its forward or in its backward, at the first, a
+middle or the last of three micro-batches (each of the six once), with plain and with cross-rank BatchNorm in
+turn (and once with gradient checkpointing, once on both ranks). The run must go on (no hang, no error), every
+rank must end with bitwise-identical weights and statistics, and the step must equal a clean step at the
+halved micro-batch (BatchNorm in train mode: a failed attempt's statistics updates must have been rolled
+back).
 """
 
 from __future__ import annotations
@@ -67,8 +68,9 @@ class InjectedOOM:
 
 def _cases() -> list[tuple[str, bool, bool, str, tuple[int, ...]]]:
     """(name, sync_bn, checkpointing, phase, failing micro-batch per rank; -1 = this rank does not fail)."""
-    out = []
-    for sync_bn, phase, at in itertools.product((False, True), ("forward", "backward"), range(PER_RANK // MICRO)):
+    out = []  # every (phase, micro-batch) once and every (BatchNorm, phase) at least once: six, not all twelve
+    for (phase, at), sync_bn in zip(itertools.product(("forward", "backward"), range(PER_RANK // MICRO)),
+                                    (False, True, False, True, False, True)):
         out.append((f"{'syncbn' if sync_bn else 'bn'}-{phase}-{('first', 'middle', 'last')[at]}", sync_bn, False,
                     phase, (-1, at)))
     out.append(("syncbn-ckpt-backward-middle", True, True, "backward", (-1, 1)))
