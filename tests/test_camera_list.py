@@ -173,3 +173,19 @@ def test_the_list_never_removes_a_camera_added_over_grpc_since_it_was_read(tmp_p
         assert change.removed == [] and [s.url for s in core.list_streams()] == ["synthetic://other?fps=2&size=160x90"]
     finally:
         core.drain(2)
+
+
+def test_demo_cameras_come_only_without_a_list_not_when_the_list_is_emptied(tmp_path):
+    """--demo with --streams: the list's cameras; emptied and read again (as SIGHUP does), no camera at all, not
+    the four demo cameras in place of the plant's."""
+    from yolov12_serve.cli import build_parser, listed_streams, parse_config
+
+    listed = tmp_path / "cameras.yaml"
+    _write(listed, ["{id: line1, url: 'synthetic://?size=64x48&fps=5'}"])
+    args = build_parser().parse_args(["--demo", "--streams", str(listed)])
+    config, streams = parse_config(args)
+    assert [s.stream_id for s in streams] == ["line1"]
+    listed.write_text("streams: []\n")
+    assert listed_streams(args, config, quiet=True) == []
+    demo = build_parser().parse_args(["--demo"])
+    assert len(parse_config(demo)[1]) == 4

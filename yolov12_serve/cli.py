@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--source", action="append", default=[], metavar="URL",
                    help="a camera to add at start (repeatable); ids cam0, cam1, ...")
     p.add_argument("--demo", action="store_true",
-                   help="the embedded default: bundled model (unless --engines), 4 synthetic cameras, live table")
+                   help="the embedded default: bundled model (unless --engines), 4 synthetic cameras (unless "
+                   "--streams or --source), live table")
     p.add_argument("--duration", type=float, help="stop after this many seconds and print a summary")
     p.add_argument("--process-late", action="store_true",
                    help="run frames that can no longer meet the SLO instead of dropping them as 'late'")
@@ -353,7 +354,7 @@ def listed_streams(args: argparse.Namespace, config: ServerConfig, quiet: bool =
         streams += load_streams_file(args.streams)
     # ${VAR} in the operator's own URLs comes from the environment (never in URLs sent over gRPC: urls.py)
     streams += [StreamSpec(f"cam{i}", expand_credentials(url, f"--source cam{i}")) for i, url in enumerate(args.source)]
-    if args.demo and not streams:
+    if args.demo and not args.streams and not args.source:  # a list emptied (and read again at SIGHUP) stays empty
         streams = demo_streams()
     ids = [s.stream_id for s in streams]
     dup = sorted({i for i in ids if ids.count(i) > 1})
