@@ -425,3 +425,66 @@ def test_without_asyncua_opcua_is_one_line_saying_how_to_install_it(tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2, done
     assert 'pip install ".[opcua]"' in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+def test_the_opcua_users_command_prints_a_line_the_users_file_takes(tmp_path, capsys, caplog):
+    """`python -m yolov12_serve.opcua_users NAME` asks the password twice and prints NAME:HASH; the users file made
+    of such lines lets that name in with that password only (an unknown name, a wrong password: no); a file others
+    may read is warned of, as the token file is. Without a terminal the password is one line of stdin."""
+    from yolov12_serve.opcua_users import UserTable, main
+
+    answers = iter(["belt-plc-pass", "belt-plc-pass"])
+    assert main(["plc1"], ask=lambda prompt: next(answers)) == 0
+    line = capsys.readouterr().out
+    assert line.startswith("plc1:scrypt$") and line.count("\n") == 1 and "belt-plc-pass" not in line, line
+    piped = subprocess.run([sys.executable, "-m", "yolov12_serve.opcua_users", "scada"], input="scada-pass-1\n",
+                           capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert piped.returncode == 0 and piped.stdout.startswith("scada:scrypt$"), piped
+    users = tmp_path / "opcua-users"
+    users.write_text(f"# line 1 PLCs\n{line}\n{piped.stdout}")
+    users.chmod(0o600)
+    caplog.set_level(logging.WARNING)
+    table = UserTable.load(users)
+    assert not caplog.records, caplog.text
+    assert len(table) == 2
+    assert table.check("plc1", "belt-plc-pass") and table.check("scada", "scada-pass-1")
+    assert not table.check("plc1", "scada-pass-1") and not table.check("plc1", "belt-plc-pas")
+    assert not table.check("plc2", "belt-plc-pass") and not table.check(None, None) and not table.check("plc1", None)
+    users.chmod(0o644)
+    UserTable.load(users)
+    assert f"--opcua-users {users} can be read by other users (mode 644): chmod 600 it" in caplog.text
+
+    for argv, given, message in [
+        (["plc1"], ["a-password", "another-one"], "the two passwords differ: nothing printed"),
+        (["plc1"], ["short", "short"], "use at least 8"),
+        (["plc 1"], ["a-password", "a-password"], "1 to 64 characters without spaces, ':' or '#'"),
+        (["plc:1"], ["a-password", "a-password"], "1 to 64 characters without spaces, ':' or '#'"),
+    ]:
+        answers = iter(given)
+        assert main(argv, ask=lambda prompt, a=answers: next(a)) == 2, argv
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and err.count("\n") == 1, (argv, err)
+
+
+def test_a_users_file_that_cannot_be_used_is_one_line_naming_file_and_line(tmp_path):
+    from yolov12_serve.errors import ConfigError
+    from yolov12_serve.opcua_users import UserTable, hash_password
+
+    good = f"plc1:{hash_password('belt-plc-pass')}"
+    users = tmp_path / "users"
+    for text, message in [
+        ("", "holds no user"),
+        ("# only a comment\n", "holds no user"),
+        ("plc1\n", "line 1: expected NAME:HASH"),
+        ("plc 1:" + good.split(":", 1)[1], "line 1: expected NAME:HASH"),
+        (f"{good}\n{good}\n", "line 2: user plc1 is already listed above"),
+        ("plc1:5f4dcc3b5aa765d61d8327deb882cf99\n", "line 1: expected NAME:scrypt$N$R$P$SALT$KEY"),
+        ("plc1:" + good.split(":", 1)[1].replace("scrypt$16384$", "scrypt$1073741824$", 1), "out of range"),
+        ("plc1:" + good.split(":", 1)[1].replace("scrypt$16384$", "scrypt$1000$", 1), "out of range"),
+    ]:
+        users.write_text(text)
+        with pytest.raises(ConfigError) as e:
+            UserTable.load(users)
+        assert message in str(e.value) and str(users) in str(e.value) and "\n" not in str(e.value), (text, e.value)
+        assert "belt-plc-pass" not in str(e.value)
+    with pytest.raises(ConfigError, match=f"cannot read --opcua-users {tmp_path / 'missing'}"):
+        UserTable.load(tmp_path / "missing")

@@ -1,0 +1,175 @@
+"""OPC UA user names and passwords (`--opcua-users FILE`, only with `--opcua-cert`): the users file and the command
+that makes its lines.
+
+The file holds one `NAME:HASH` per line; blank lines and `#` comments are ignored. HASH is a salted scrypt hash
+(`scrypt$N$R$P$SALT$KEY`, base64), made by
+
+    python -m yolov12_serve.opcua_users NAME >> opcua-users     # asks the password twice; chmod 600 opcua-users
+
+so the file holds no password, and is read again on SIGHUP (opcua.py). A password is checked in constant time
+against every hash; a name the file does not hold costs the same as a wrong password (a dummy hash is checked),
+so that a client cannot learn which names exist from the time a refusal takes.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import hashlib
+import hmac
+import logging
+import os
+import re
+import stat
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from .argparsing import OneLineParser
+from .errors import ConfigError
+
+__all__ = ["MIN_PASSWORD_LEN", "UserTable", "hash_password", "main"]
+
+log = logging.getLogger(__name__)
+
+FLAG = "--opcua-users"
+PROG = "python -m yolov12_serve.opcua_users"
+MIN_PASSWORD_LEN = 8
+SCRYPT_N, SCRYPT_R, SCRYPT_P = 2**14, 8, 1  # ~16 MiB and ~50 ms a check on a 2-core VM
+_NAME = re.compile(r"[^\s:#]{1,64}")  # printable, no spaces, ':' (the separator) or '#' (comments)
+_HASH = re.compile(r"scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
+
+
+def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
+    return hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=salt, n=n, r=r, p=p,
+                          maxmem=256 * 1024 * 1024, dklen=length)
+
+
+def hash_password(password: str) -> str:
+    """A salted scrypt hash of `password` in the users file's form (`scrypt$N$R$P$SALT$KEY`)."""
+    salt = os.urandom(16)
+    key = _scrypt(password, salt, SCRYPT_N, SCRYPT_R, SCRYPT_P, 32)
+    b64 = lambda b: base64.b64encode(b).decode("ascii")  # noqa: E731
+    return f"scrypt${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt)}${b64(key)}"
+
+
+@dataclass(frozen=True)
+class _Hash:
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    key: bytes
+
+    def matches(self, password: str) -> bool:
+        return hmac.compare_digest(_scrypt(password, self.salt, self.n, self.r, self.p, len(self.key)), self.key)
+
+
+def _parse_hash(text: str, path: Path, line: int) -> _Hash:
+    where = f"{FLAG} {path}, line {line}"
+    found = _HASH.fullmatch(text)
+    if found is None:
+        raise ConfigError(f"{where}: expected NAME:scrypt$N$R$P$SALT$KEY (make the line with `python -m "
+                          "yolov12_serve.opcua_users NAME`)")
+    n, r, p = (int(found[i]) for i in (1, 2, 3))
+    # bounded: a line must not make every login take seconds or gigabytes
+    if n < 2**10 or n > 2**20 or n & (n - 1) or not 1 <= r <= 32 or not 1 <= p <= 16 or 128 * n * r > 2**28:
+        raise ConfigError(f"{where}: scrypt parameters N={n} R={r} P={p} out of range (N a power of 2 from 1024 to "
+                          "1048576, R 1..32, P 1..16, 128*N*R at most 256 MiB)")
+    try:
+        salt, key = base64.b64decode(found[4], validate=True), base64.b64decode(found[5], validate=True)
+    except ValueError:
+        raise ConfigError(f"{where}: the salt or key is not base64") from None
+    if len(salt) < 8 or not 16 <= len(key) <= 64:
+        raise ConfigError(f"{where}: the salt (at least 8 bytes) or key (16 to 64 bytes) is too short or long")
+    return _Hash(n, r, p, salt, key)
+
+
+_DUMMY = _Hash(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"\0" * 16, b"\0" * 32)  # checked for a name not in the file
+
+
+@dataclass(frozen=True)
+class UserTable:
+    """The users of one users file, by name."""
+
+    users: dict[str, _Hash]
+    path: str = ""
+
+    @classmethod
+    def load(cls, path: str | Path) -> UserTable:
+        """Read a users file; ConfigError naming the file and line (never a hash) for anything wrong."""
+        path = Path(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read {FLAG} {path}: {getattr(e, 'strerror', None) or e}") from None
+        users: dict[str, _Hash] = {}
+        for n, raw in enumerate(text.splitlines(), 1):
+            line = raw.split("#", 1)[0].strip()
+            if not line:
+                continue
+            name, sep, hashed = line.partition(":")
+            if not sep or not _NAME.fullmatch(name):
+                raise ConfigError(f"{FLAG} {path}, line {n}: expected NAME:HASH, a name of 1 to 64 characters "
+                                  "without spaces, ':' or '#'")
+            if name in users:
+                raise ConfigError(f"{FLAG} {path}, line {n}: user {name} is already listed above")
+            users[name] = _parse_hash(hashed.strip(), path, n)
+        if not users:
+            raise ConfigError(f"{FLAG} {path} holds no user: add lines made by `python -m yolov12_serve.opcua_users "
+                              "NAME`")
+        _warn_if_readable_by_others(path)
+        return cls(users, str(path))
+
+    def check(self, name: str | None, password: str | None) -> bool:
+        """Whether `name` may log in with `password`; as slow for an unknown name as for a wrong password."""
+        known = self.users.get(name or "")
+        ok = (known or _DUMMY).matches(password or "")
+        return ok and known is not None
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def _warn_if_readable_by_others(path: Path) -> None:
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        log.warning("%s %s can be read by other users (mode %o): chmod 600 it", FLAG, path, mode & 0o777)
+
+
+def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] | None = None) -> int:
+    """`python -m yolov12_serve.opcua_users NAME`: ask the password twice (`ask`, else getpass on a terminal; a
+    script's pipe: one line of stdin, once) and print the users file's line for NAME; a bad name or password is one
+    line and exit 2."""
+    parser = OneLineParser(prog=PROG, description=f"Print a line of the {FLAG} file: NAME and a salted scrypt hash "
+                           "of the password asked for (twice; without a terminal, one line read from stdin).")
+    parser.add_argument("name", help="the OPC UA user name: 1 to 64 characters without spaces, ':' or '#'")
+    args = parser.parse_args(argv)
+    try:
+        if not _NAME.fullmatch(args.name):
+            raise ConfigError(f"user name {args.name!r}: 1 to 64 characters without spaces, ':' or '#'")
+        if ask is None and not sys.stdin.isatty():
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            ask = ask or getpass.getpass
+            password = ask(f"password for {args.name}: ")
+            if ask(f"password for {args.name} again: ") != password:
+                raise ConfigError("the two passwords differ: nothing printed")
+        if len(password) < MIN_PASSWORD_LEN:
+            raise ConfigError(f"the password has {len(password)} characters: use at least {MIN_PASSWORD_LEN}")
+    except ConfigError as e:
+        sys.stderr.write(f"{PROG}: {e}\n")
+        return 2
+    except (KeyboardInterrupt, EOFError):
+        sys.stderr.write(f"{PROG}: no password given: nothing printed\n")
+        return 130
+    print(f"{args.name}:{hash_password(password)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
