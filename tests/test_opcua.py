@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import signal
 import socket
 import subprocess
 import sys
@@ -425,6 +426,148 @@ def test_without_asyncua_opcua_is_one_line_saying_how_to_install_it(tmp_path):
                           cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 2, done
     assert 'pip install ".[opcua]"' in done.stderr and done.stderr.count("\n") == 1, done.stderr
+
+
+def _der(cert_file: Path) -> bytes:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    return x509.load_pem_x509_certificate(cert_file.read_bytes()).public_bytes(Encoding.DER)
+
+
+def _pem_copy(cert_file: Path, name: str) -> Path:
+    """A copy named .pem (asyncua's client reads other names as DER): to pin a server certificate with."""
+    copy = cert_file.with_name(f"{name}.pem")
+    copy.write_bytes(cert_file.read_bytes())
+    return copy
+
+
+async def _session(url: str, uri: str, cert: Path, key: Path, pinned: Path | None = None, mode: str = "SignAndEncrypt",
+                   user: str | None = None, password: str | None = None) -> Client:
+    """A connected client (its caller disconnects it) of application `uri`; `pinned`: the server certificate it
+    expects (it then skips GetEndpoints, and refuses any other); with `user`, logged in as that user. At most 30 s:
+    a refusal must come as an error, not a hang."""
+    client = Client(url, timeout=20)
+    client.application_uri = uri
+    if user is not None:
+        client.set_user(user)
+        client.set_password(password or "")
+    await client.set_security_string(f"Basic256Sha256,{mode},{cert},{key}" + (f",{pinned}" if pinned else ""))
+    await asyncio.wait_for(client.connect(), 30)
+    return client
+
+
+async def _reads(url: str, *args, **kw) -> list[str]:
+    """The namespace array read in a session of its own (as `_session`), closed after."""
+    client = await _session(url, *args, **kw)
+    try:
+        return await client.get_namespace_array()
+    finally:
+        await client.disconnect()
+
+
+def _self_signed(folder: Path, name: str) -> tuple[Path, Path]:
+    """A client's own self-signed certificate (as UaExpert makes), naming urn:test:NAME; PEM files."""
+    cert, key = folder / f"{name}.cert.pem", folder / f"{name}.key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
+                    "-out", str(cert), "-subj", f"/CN={name}", "-addext", f"subjectAltName=URI:urn:test:{name}",
+                    "-addext", "basicConstraints=critical,CA:FALSE"], check=True, capture_output=True)
+    return cert, key
+
+
+def _lines(server: ServerProcess, text: str) -> list[str]:
+    return [line for line in server.log().splitlines() if text in line]
+
+
+@needs_asyncua
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_sighup_rotates_the_certificate_and_trust_list_and_a_broken_file_keeps_the_ones_in_use(tmp_path):
+    """Certificate A served; its files replaced by B (same application URI, a new key) and a client's own certificate
+    added to --opcua-trust, then SIGHUP: GetEndpoints gives B, a new client encrypting to it reads, a client that
+    pins B reads, the session open since before goes on, and the new client is trusted.
+    Then a half-written certificate, a key of another certificate and a trust folder holding a file that is no
+    certificate, each at a SIGHUP: one log line each, and B and the trust list stay in use."""
+    ca = make_ca(tmp_path, "plant-ca", rsa=True)
+    pairs = {}
+    for name in ("a", "b", "c"):  # the server's certificates, one after the other: the same application
+        (tmp_path / name).mkdir()
+        pairs[name] = _opcua_pair(tmp_path / name, ca, "detector")
+    cert, key = tmp_path / "opcua.crt", tmp_path / "opcua.key"
+    cert.write_bytes(pairs["a"].cert.read_bytes())
+    key.write_bytes(pairs["a"].key.read_bytes())
+    scada_cert, scada_key = _as_pem(_opcua_pair(tmp_path, ca, "scada"))
+    new_cert, new_key = _self_signed(tmp_path, "newcomer")
+    trust = tmp_path / "trusted"
+    trust.mkdir()
+    (trust / "plant-ca.crt").write_bytes(ca.cert.read_bytes())
+    pin_b = _pem_copy(pairs["b"].cert, "pin-b")
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}"
+    server = ServerProcess("--no-status", "--instances", "1", "--opcua", url, "--opcua-cert", str(cert),
+                           "--opcua-key", str(key), "--opcua-trust", str(trust))
+    scada = ("urn:test:scada", scada_cert, scada_key)
+    newcomer = ("urn:test:newcomer", new_cert, new_key)
+
+    async def served_certificates() -> set[bytes]:
+        return {e.ServerCertificate for e in await Client(url).connect_and_get_server_endpoints()}
+
+    async def said(text: str, count: int) -> None:
+        await asyncio.to_thread(wait_until, lambda: len(_lines(server, text)) >= count, 20, what=text)
+
+    async def run() -> None:
+        assert await served_certificates() == {_der(pairs["a"].cert)}
+        held = await _session(url, *scada)  # open across the rotation
+        try:
+            with pytest.raises(ua.UaStatusCodeError, match="BadCertificateUntrusted"):
+                await _reads(url, *newcomer)
+
+            cert.write_bytes(pairs["b"].cert.read_bytes())
+            key.write_bytes(pairs["b"].key.read_bytes())
+            (trust / "newcomer.der").write_bytes(_der(new_cert))
+            server.proc.send_signal(signal.SIGHUP)
+            await said("opcua: trust list reloaded", 1)
+            assert len(_lines(server, "opcua: certificate reloaded")) == 1
+            await _poll("B in the endpoints", lambda: _equal(served_certificates, {_der(pairs["b"].cert)}), 5)
+            assert NS in await _reads(url, *scada)  # encrypted to the certificate GetEndpoints gave
+            assert NS in await _reads(url, *scada, pinned=pin_b)  # no GetEndpoints: the channel is B's
+            assert NS in await _reads(url, *newcomer)  # trusted by the entry added
+            assert NS in await held.get_namespace_array()  # the session open before goes on
+
+            cert.write_bytes(pairs["c"].cert.read_bytes()[:700])  # half-written
+            (trust / "partial.crt").write_bytes(ca.cert.read_bytes()[:300])
+            server.proc.send_signal(signal.SIGHUP)
+            await said("SIGHUP: OPC UA trust list not reloaded", 1)
+            await said("SIGHUP: OPC UA certificate not reloaded", 1)
+            assert NS in await _reads(url, *newcomer)
+            (trust / "partial.crt").unlink()
+            cert.write_bytes(pairs["c"].cert.read_bytes())  # whole, but the key is still B's
+            server.proc.send_signal(signal.SIGHUP)
+            await said("SIGHUP: OPC UA certificate not reloaded", 2)
+            await said("opcua: trust list reloaded", 2)
+            assert await served_certificates() == {_der(pairs["b"].cert)}
+            assert NS in await _reads(url, *scada, pinned=pin_b)
+            assert NS in await _reads(url, *scada)
+            assert NS in await _reads(url, *newcomer)
+        finally:
+            await held.disconnect()
+
+    try:
+        with server.client() as c:
+            c.wait_ready(30)
+        asyncio.run(run())
+        failed = _lines(server, "not reloaded")
+        assert len(failed) == 3, failed
+        assert any(f"--opcua-cert {cert}: not an X.509 certificate" in line for line in failed), failed
+        assert any(f"--opcua-key {key} does not belong to --opcua-cert {cert}" in line for line in failed), failed
+        assert any("partial.crt: not an X.509 certificate" in line for line in failed), failed
+        assert "Traceback" not in server.log()
+    finally:
+        server.close()
+
+
+async def _equal(get, expected) -> bool:
+    return await get() == expected
+
 
 def test_the_opcua_users_command_prints_a_line_the_users_file_takes(tmp_path, capsys, caplog):
     """`python -m yolov12_serve.opcua_users NAME` asks the password twice and prints NAME:HASH; the users file made

@@ -119,6 +119,8 @@ async def _run(config: ServerConfig, options: RunOptions, load_engine: EngineLoa
             check_bindable(host_port(bare_host(config.metrics_host or host), config.metrics_port), "metrics",
                            "--metrics-port", "0: any free port, -1: off")
         opcua = _opcua_server(core, config) if config.opcua is not None else None
+        for what, action in opcua.reloads() if opcua is not None else ():  # SIGHUP: its certificate, trust, users
+            security.on_reload(what, action)
     except OSError:  # the main port is open already: closed before the one line is printed
         await grpc_server.stop(0)
         raise

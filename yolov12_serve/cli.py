@@ -142,11 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "last object, read-only (needs asyncua: pip install \".[opcua]\")")
     p.add_argument("--opcua-cert", metavar="FILE", help="the OPC UA application certificate (RSA, PEM or DER, its "
                    "application URI in a URI subjectAltName), with --opcua-key: only encrypted sessions "
-                   "(Basic256Sha256 Sign, SignAndEncrypt) are served")
+                   "(Basic256Sha256 Sign, SignAndEncrypt) are served; reloaded on SIGHUP")
     p.add_argument("--opcua-key", metavar="FILE", help="the unencrypted RSA private key of --opcua-cert")
     p.add_argument("--opcua-trust", metavar="FILE|DIR", help="the OPC UA clients served (with --opcua-cert): a "
                    "certificate file or a folder of them, CAs (what they signed is trusted) and clients' own "
-                   "certificates (default: any client with a certificate)")
+                   "certificates (default: any client with a certificate); reloaded on SIGHUP")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")

@@ -29,6 +29,11 @@ Basic256Sha256 Sign and SignAndEncrypt are offered; the certificate's URI subjec
 --opcua-trust (a certificate file or a folder of them: CAs and clients' own certificates) limits the clients to
 those it holds; without it any client with a certificate is served (encrypted, not authenticated).
 
+SIGHUP reads the certificate and key and the trust list again (`reloads`, run by security.py's
+reload, each on its own): new sessions get them, sessions already open keep the certificate they began with; a
+file that cannot be used is one log line and what was in use stays. Which of them are given is fixed at start: a
+reload cannot switch encryption on or off, nor change the application URI.
+
 The server runs in a thread of its own with its own asyncio loop: the gRPC loop carries every watcher's results, and
 OPC UA's per-message signing and encryption (RSA, AES) and its clients' subscriptions must not run between them;
 the core is threads, and a blocking start()/close() fits it as the MQTT publisher's does. It reads results from a
@@ -185,6 +190,7 @@ class Trust:
 
     cas: tuple[Any, ...] = ()
     pinned: frozenset[bytes] = frozenset()  # SHA-256 fingerprints
+    verifier: Any = field(default=None, compare=False)  # of the CAs (cryptography's), None without any
 
     def __len__(self) -> int:
         return len(self.cas) + len(self.pinned)
@@ -194,14 +200,18 @@ def load_trust(path: str) -> Trust:
     """--opcua-trust: a certificate file (PEM, one or more; or DER) or a folder of them (every file in it, whatever its
     name ends with); CA certificates trust what they signed, others are trusted as they are. ConfigError when a file
     is no certificate or none is found."""
+    from asyncua.crypto.truststore import TrustStore
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
     root = Path(path)
     if not root.exists():
         raise ConfigError(f"--opcua-trust {path}: no such file or folder")
-    files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")) if root.is_dir() \
-        else [root]
+    try:
+        files = sorted(p for p in root.iterdir() if p.is_file() and not p.name.startswith(".")) if root.is_dir() \
+            else [root]
+    except OSError as e:
+        raise ConfigError(f"--opcua-trust {path}: {e.strerror or e}") from None
     cas, pinned = [], set()
     for file in files:
         for cert in _certificates(_read(str(file), "--opcua-trust"), str(file), "--opcua-trust"):
@@ -215,24 +225,23 @@ def load_trust(path: str) -> Trust:
                 pinned.add(cert.fingerprint(hashes.SHA256()))
     if not cas and not pinned:
         raise ConfigError(f"--opcua-trust {path}: no certificate in it")
-    return Trust(tuple(cas), frozenset(pinned))
+    verifier = None
+    if cas:  # asyncua's own policy: CAs need basicConstraints CA, a client's extensions are not judged
+        verifier = TrustStore([], []).policy_builder.store(x509.verification.Store(cas)).build_client_verifier()
+    return Trust(tuple(cas), frozenset(pinned), verifier)
 
 
-def _client_validator(trust: Trust) -> Callable[[Any, Any], Any]:
+def _client_validator(current: Callable[[], Trust]) -> Callable[[Any, Any], Any]:
     """asyncua's certificate check at CreateSession: valid now, its URI the client's application URI, and trusted
-    (pinned, or signed by a trusted CA); else the session is refused with the OPC UA status that says why."""
+    (pinned, or signed by a trusted CA) by the trust list in use (`current()`: SIGHUP may replace it); else the
+    session is refused with the OPC UA status that says why."""
     from asyncua import ua
     from asyncua.common.utils import ServiceError
-    from asyncua.crypto.truststore import TrustStore
     from cryptography import x509
     from cryptography.hazmat.primitives import hashes
 
-    verifier = None
-    if trust.cas:  # asyncua's own policy: CAs need basicConstraints CA, a client's extensions are not judged
-        verifier = TrustStore([], []).policy_builder.store(x509.verification.Store(list(trust.cas))) \
-            .build_client_verifier()
-
     async def validate(cert: Any, app: Any) -> None:
+        trust = current()
         name = cert.subject.rfc4514_string()
         now = dt.datetime.now(dt.timezone.utc)
         if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
@@ -249,9 +258,9 @@ def _client_validator(trust: Trust) -> Callable[[Any, Any], Any]:
             raise ServiceError(ua.StatusCodes.BadCertificateUriInvalid)
         if cert.fingerprint(hashes.SHA256()) in trust.pinned:
             return
-        if verifier is not None:
+        if trust.verifier is not None:
             try:
-                verifier.verify(cert, [])
+                trust.verifier.verify(cert, [])
                 return
             except x509.verification.VerificationError:
                 pass
@@ -326,7 +335,9 @@ class OpcUaServer:
                  on_sessions: Callable[[int], None] = lambda n: None) -> None:
         self.options = options
         self._identity = load_identity(options) if options.secure else None
+        self._uri = self._identity.uri if self._identity is not None else None  # fixed at start
         self._trust = load_trust(options.trust) if options.trust else None
+        self._lock = threading.Lock()  # a reload's identity against the server being set up
         self._streams, self._status, self._names, self._class_names = streams, status, names, class_names
         self._subscribe, self._on_sessions = subscribe, on_sessions
         self._cameras: dict[str, _Camera] = {}
@@ -352,6 +363,42 @@ class OpcUaServer:
         takes ~3 s to build its standard nodes on a 2-core VM), while the engines load. `wait_started` says how it
         went."""
         self._thread.start()
+
+    def reloads(self) -> list[tuple[str, Callable[[], None]]]:
+        """What SIGHUP reads again, each (what, action) on its own for security.py's reload: an action raises
+        ConfigError, which is logged there, when its files cannot be used, and what is in use stays."""
+        actions: list[tuple[str, Callable[[], None]]] = []
+        if self.options.secure:
+            actions.append(("OPC UA certificate", self.reload_identity))
+        if self.options.trust:
+            actions.append(("OPC UA trust list", self.reload_trust))
+        return actions
+
+    def reload_identity(self) -> None:
+        """--opcua-cert and --opcua-key read again and checked: new secure channels and GetEndpoints get them, open
+        sessions keep theirs. ConfigError (a half-written file, a key of another certificate, another application
+        URI) leaves the ones in use."""
+        identity = load_identity(self.options)
+        if identity.uri != self._uri:
+            raise ConfigError(f"--opcua-cert {self.options.cert} names the application URI {identity.uri}, not "
+                              f"{self._uri} as the server's at start did (clients know the server by it: a new "
+                              "URI needs a restart)")
+        with self._lock:
+            self._identity = identity
+            loop = self._loop if self._server is not None else None  # not yet: the start hands it over
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # its loop has ended already
+                loop.call_soon_threadsafe(self._use_identity)
+        log.info("opcua: certificate reloaded from %s (%s, valid until %s): new sessions get it, open ones keep "
+                 "theirs", self.options.cert, identity.cert.subject.rfc4514_string(),
+                 f"{identity.cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC")
+
+    def reload_trust(self) -> None:
+        """--opcua-trust read again: new sessions are checked against it. ConfigError leaves the one in use."""
+        assert self.options.trust is not None
+        self._trust = load_trust(self.options.trust)
+        log.info("opcua: trust list reloaded from %s: %d certificates and CAs, for new sessions", self.options.trust,
+                 len(self._trust))
 
     def wait_started(self, timeout: float = 60.0) -> None:
         """Block until the server listens; OSError (a port in use) or ConfigError when it cannot."""
@@ -408,7 +455,7 @@ class OpcUaServer:
             server.set_security_policy([ua.SecurityPolicyType.Basic256Sha256_SignAndEncrypt,
                                         ua.SecurityPolicyType.Basic256Sha256_Sign], permission_ruleset=rules)
             if self._trust is not None:
-                server.set_certificate_validator(_client_validator(self._trust))
+                server.set_certificate_validator(_client_validator(lambda: self._trust))
             # before start(): it appends the Basic256Sha256 policies to this list and hands it to the listener (a
             # None channel takes the first policy that matches it: this one, not asyncua's unchecked default)
             server._policies.append(_refuse_unencrypted())
@@ -425,7 +472,10 @@ class OpcUaServer:
         except OSError as e:
             why = "the port is in use" if "in use" in str(e) else (e.strerror or str(e))
             raise OSError(f"cannot listen for OPC UA on {host}:{port}: {why}; pick another port in --opcua") from None
-        self._server = server
+        with self._lock:
+            self._server = server
+        if self._identity is not None:
+            self._use_identity()  # one reloaded while the server was set up
         sub = self._subscribe(self._loop)
         self._started.set()
         security = ("Basic256Sha256 (Sign, SignAndEncrypt), " + ("clients in --opcua-trust" if self._trust else
@@ -438,6 +488,28 @@ class OpcUaServer:
             sub.close()
             pump.cancel()
             await server.stop()
+
+    def _use_identity(self) -> None:
+        """The certificate and key in use handed to asyncua (in its loop): to the policy factories each new secure
+        channel's security is made from (asyncua's private Server._policies, the list its listener holds; a channel
+        open keeps its own), to its own copy (CreateSession signs with it, a password is encrypted to it) and to the
+        endpoint descriptions GetEndpoints answers with, which hold the certificate a client then encrypts to."""
+        from asyncua.crypto.security_policies import SecurityPolicyNone
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        with self._lock:
+            identity, server = self._identity, self._server
+        assert identity is not None and server is not None
+        iserver = server.iserver
+        if iserver.certificate is identity.cert:
+            return
+        iserver.certificate, iserver.private_key = identity.cert, identity.key
+        for factory in server._policies:
+            if factory.cls is not SecurityPolicyNone:
+                factory.certificate, factory.private_key = identity.cert, identity.key
+        der = identity.cert.public_bytes(Encoding.DER)
+        for endpoint in iserver.endpoints:
+            endpoint.ServerCertificate = der
 
     def _id(self, name: str) -> Any:
         from asyncua import ua
