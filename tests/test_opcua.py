@@ -339,6 +339,9 @@ def test_bad_opcua_options_are_one_line(tmp_path, capsys):
     no_uri = make_cert(tmp_path, ca, "no-uri", dns=["localhost"], rsa=True)
     other = _opcua_pair(tmp_path, ca, "other")
     (tmp_path / "empty").mkdir()
+    users, bad_users = tmp_path / "users", tmp_path / "bad-users"
+    users.write_text("plc1:scrypt$16384$8$1$c2FsdHNhbHRzYWx0$a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5\n")
+    bad_users.write_text("plc1:scrypt$16384$8$1$c2FsdHNhbHRzYWx0$a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5\nplc2\n")
     base = ["--engines", "x.onnx", "--gpus", "cpu"]
     for argv, message in [
         (["--opcua", "http://0.0.0.0:4840"], "expected opc.tcp://HOST:PORT"),
@@ -357,6 +360,11 @@ def test_bad_opcua_options_are_one_line(tmp_path, capsys):
          "not a private key in PEM or DER"),
         (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert), "--opcua-key", str(good.key),
           "--opcua-trust", str(tmp_path / "empty")], "no certificate in it"),
+        (["--opcua-users", str(users)], "--opcua-users is for --opcua"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-users", str(users)],
+         "must not cross an unencrypted channel: give --opcua-cert and --opcua-key too"),
+        (["--opcua", "opc.tcp://h:4840", "--opcua-cert", str(good.cert), "--opcua-key", str(good.key),
+          "--opcua-users", str(bad_users)], f"--opcua-users {bad_users}, line 2: expected NAME:HASH"),
     ]:
         assert main([*base, *argv]) == 2, argv
         err = capsys.readouterr().err
@@ -631,3 +639,75 @@ def test_a_users_file_that_cannot_be_used_is_one_line_naming_file_and_line(tmp_p
         assert "belt-plc-pass" not in str(e.value)
     with pytest.raises(ConfigError, match=f"cannot read --opcua-users {tmp_path / 'missing'}"):
         UserTable.load(tmp_path / "missing")
+
+
+@needs_asyncua
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="openssl is needed to make the test certificates")
+def test_with_opcua_users_a_session_logs_in_and_anonymous_or_wrong_ones_are_refused_and_sighup_reloads_them(
+        tmp_path):
+    """--opcua-users (lines made by the real command): endpoints offer only UserName; a user with its password reads
+    over SignAndEncrypt and over Sign (the password then encrypted to the server's certificate); a wrong password,
+    an unknown user and an anonymous session are refused with an error, not a hang. SIGHUP after the file is
+    rewritten: the new user reads, the removed one is refused, the session open since before goes on; a broken file
+    at the next SIGHUP is one log line and the users in use stay."""
+    ca = make_ca(tmp_path, "plant-ca", rsa=True)
+    server_pair = _opcua_pair(tmp_path, ca, "detector")
+    scada = ("urn:test:scada", *_as_pem(_opcua_pair(tmp_path, ca, "scada")))
+
+    def user_line(name: str, password: str) -> str:
+        made = subprocess.run([sys.executable, "-m", "yolov12_serve.opcua_users", name], input=password + "\n",
+                              capture_output=True, text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+        assert made.returncode == 0, made
+        return made.stdout
+
+    users = tmp_path / "opcua-users"
+    users.write_text("# line 1\n" + user_line("plc1", "belt-plc-pass"))
+    users.chmod(0o600)
+    port = free_port()
+    url = f"opc.tcp://127.0.0.1:{port}"
+    server = ServerProcess("--no-status", "--instances", "1", "--opcua", url, "--opcua-cert", str(server_pair.cert),
+                           "--opcua-key", str(server_pair.key), "--opcua-users", str(users))
+
+    async def said(text: str, count: int) -> None:
+        await asyncio.to_thread(wait_until, lambda: len(_lines(server, text)) >= count, 20, what=text)
+
+    async def run() -> None:
+        endpoints = await Client(url).connect_and_get_server_endpoints()
+        assert {t.TokenType for e in endpoints for t in e.UserIdentityTokens} == {ua.UserTokenType.UserName}
+        for mode in ("SignAndEncrypt", "Sign"):
+            assert NS in await _reads(url, *scada, mode=mode, user="plc1", password="belt-plc-pass")
+        for user, password in (("plc1", "wrong-password"), ("plc9", "belt-plc-pass")):
+            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                await _reads(url, *scada, user=user, password=password)
+        with pytest.raises(ua.UaStatusCodeError, match="BadIdentityTokenRejected"):
+            await _reads(url, *scada)  # anonymous
+        held = await _session(url, *scada, user="plc1", password="belt-plc-pass")
+        try:
+            users.write_text(user_line("plc2", "paint-plc-pass"))
+            server.proc.send_signal(signal.SIGHUP)
+            await said("opcua: users reloaded", 1)
+            assert NS in await _reads(url, *scada, user="plc2", password="paint-plc-pass")
+            with pytest.raises(ua.UaStatusCodeError, match="BadUserAccessDenied"):
+                await _reads(url, *scada, user="plc1", password="belt-plc-pass")
+            assert NS in await held.get_namespace_array()  # open before: goes on
+            users.write_text("plc3\n")
+            server.proc.send_signal(signal.SIGHUP)
+            await said("SIGHUP: OPC UA users not reloaded", 1)
+            assert NS in await _reads(url, *scada, user="plc2", password="paint-plc-pass")
+        finally:
+            await held.disconnect()
+
+    try:
+        with server.client() as c:
+            c.wait_ready(30)
+        asyncio.run(run())
+        log = server.log()
+        failed = _lines(server, "not reloaded")
+        assert len(failed) == 1 and f"--opcua-users {users}, line 1: expected NAME:HASH" in failed[0], failed
+        assert "1 users of --opcua-users (no anonymous sessions)" in log, log
+        assert "refused a session: user 'plc1' is not in --opcua-users or its password is wrong" in log, log
+        assert "refused a session: user 'plc9'" in log, log
+        assert "belt-plc-pass" not in log and "paint-plc-pass" not in log and "scrypt$" not in log, log
+        assert "Traceback" not in log
+    finally:
+        server.close()

@@ -31,7 +31,7 @@ from .config import (
 )
 from .errors import ConfigError, InvalidArgumentError, PermissionDeniedError, ServerError
 from .mqtt import MqttOptions, client_tls_context
-from .opcua import OpcUaOptions, check_installed, load_identity, load_trust
+from .opcua import OpcUaOptions, check_installed, load_identity, load_trust, load_users
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
 from .tls import TlsFiles
@@ -147,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opcua-trust", metavar="FILE|DIR", help="the OPC UA clients served (with --opcua-cert): a "
                    "certificate file or a folder of them, CAs (what they signed is trusted) and clients' own "
                    "certificates (default: any client with a certificate); reloaded on SIGHUP")
+    p.add_argument("--opcua-users", metavar="FILE", help="OPC UA sessions log in with a user name and password of "
+                   "this file (with --opcua-cert; one NAME:HASH a line, made by `python -m yolov12_serve.opcua_users "
+                   "NAME`), anonymous ones are refused (default: anonymous); reloaded on SIGHUP")
     p.add_argument("--shard-count", type=int, metavar="N",
                    help="replicas sharing the cameras (default 1): this one serves only the cameras whose ids "
                    "hash to its --shard-index (rendezvous hashing), others are refused with FAILED_PRECONDITION")
@@ -209,18 +212,21 @@ def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
 
 def _opcua_options(args: argparse.Namespace) -> OpcUaOptions | None:
     """--opcua and its options (None without it); ConfigError for what cannot work: asyncua not installed, a bad URL,
-    certificate or key files that cannot serve Basic256Sha256, a trust file that holds no certificate."""
+    certificate or key files that cannot serve Basic256Sha256, a trust file that holds no certificate, a users file
+    that cannot be used."""
     if args.opcua is None:
-        for flag in ("opcua_cert", "opcua_key", "opcua_trust"):
+        for flag in ("opcua_cert", "opcua_key", "opcua_trust", "opcua_users"):
             if getattr(args, flag) is not None:
                 raise ConfigError(f"--{flag.replace('_', '-')} is for --opcua: give the endpoint's URL too")
         return None
-    options = OpcUaOptions(args.opcua, args.opcua_cert, args.opcua_key, args.opcua_trust)
+    options = OpcUaOptions(args.opcua, args.opcua_cert, args.opcua_key, args.opcua_trust, args.opcua_users)
     check_installed()
     if options.secure:
         load_identity(options)  # checked now, not after the engines loaded
     if options.trust is not None:
         load_trust(options.trust)
+    if options.users is not None:
+        load_users(options.users)
     return options
 
 

@@ -69,7 +69,7 @@ def check_config(config: ServerConfig, streams: list[StreamSpec]) -> list[str]:
 
 def _opcua(config: ServerConfig) -> str:
     """How the OPC UA endpoint would be served (its files checked again: they may have changed since parsing)."""
-    from .opcua import load_identity, load_trust
+    from .opcua import load_identity, load_trust, load_users
 
     options = config.opcua
     assert options is not None
@@ -78,8 +78,10 @@ def _opcua(config: ServerConfig) -> str:
     identity = load_identity(options)
     trusted = (f"{len(load_trust(options.trust))} trusted client certificates and CAs from {options.trust}"
                if options.trust else "any client certificate")
+    users = (f"{len(load_users(options.users))} users from {options.users}" if options.users else
+             "anonymous sessions")
     return (f"{options.url}, Basic256Sha256 only, certificate {options.cert} (application URI {identity.uri}), "
-            f"{trusted}")
+            f"{trusted}, {users}")
 
 
 def _engines(config: ServerConfig) -> list[tuple[str, str]]:

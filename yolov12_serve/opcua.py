@@ -27,12 +27,14 @@ Security: without a certificate the endpoint is unencrypted (security policy Non
 the cameras' states and counts; a warning at start says so). With --opcua-cert/--opcua-key (RSA, PEM or DER) only
 Basic256Sha256 Sign and SignAndEncrypt are offered; the certificate's URI subjectAltName is the application URI.
 --opcua-trust (a certificate file or a folder of them: CAs and clients' own certificates) limits the clients to
-those it holds; without it any client with a certificate is served (encrypted, not authenticated).
+those it holds; without it any client with a certificate is served (encrypted, not authenticated). --opcua-users
+(opcua_users.py; only with a certificate: passwords never cross an unencrypted channel) makes a session log in with
+a user name and password of its file; anonymous sessions are then refused.
 
-SIGHUP reads the certificate and key and the trust list again (`reloads`, run by security.py's
-reload, each on its own): new sessions get them, sessions already open keep the certificate they began with; a
-file that cannot be used is one log line and what was in use stays. Which of them are given is fixed at start: a
-reload cannot switch encryption on or off, nor change the application URI.
+SIGHUP reads the certificate and key, the trust list and the users file again (`reloads`, run by security.py's
+reload, each on its own): new sessions get them, sessions already open keep the certificate and user they began
+with; a file that cannot be used is one log line and what was in use stays. Which of them are given is fixed at
+start: a reload cannot switch encryption or user names on or off, nor change the application URI.
 
 The server runs in a thread of its own with its own asyncio loop: the gRPC loop carries every watcher's results, and
 OPC UA's per-message signing and encryption (RSA, AES) and its clients' subscriptions must not run between them;
@@ -59,8 +61,10 @@ from urllib.parse import urlsplit
 from .errors import ConfigError
 from .fanout import Subscription
 from .frames import FrameResult
+from .opcua_users import UserTable
 
-__all__ = ["NAMESPACE", "OpcUaOptions", "OpcUaServer", "check_installed", "load_identity", "load_trust"]
+__all__ = ["NAMESPACE", "OpcUaOptions", "OpcUaServer", "check_installed", "load_identity", "load_trust",
+           "load_users"]
 
 log = logging.getLogger(__name__)
 
@@ -82,12 +86,14 @@ def check_installed() -> None:
 @dataclass(frozen=True)
 class OpcUaOptions:
     """Where to listen (`opc.tcp://HOST[:PORT]`, port 4840 by default) and, for encrypted sessions only, the
-    server's certificate and key (`cert`, `key`) and the clients' trusted certificates (`trust`)."""
+    server's certificate and key (`cert`, `key`), the clients' trusted certificates (`trust`) and the users file
+    (`users`)."""
 
     url: str
     cert: str | None = None
     key: str | None = None
     trust: str | None = None
+    users: str | None = None
 
     def __post_init__(self) -> None:
         self.address  # noqa: B018 (parsed now: a bad URL stops the server at start)
@@ -96,6 +102,9 @@ class OpcUaOptions:
                               f"{'--opcua-key' if self.cert else '--opcua-cert'} is missing")
         if self.trust is not None and self.cert is None:
             raise ConfigError("--opcua-trust is for encrypted sessions: give --opcua-cert and --opcua-key too")
+        if self.users is not None and self.cert is None:
+            raise ConfigError("--opcua-users: user names and passwords must not cross an unencrypted channel: give "
+                              "--opcua-cert and --opcua-key too")
 
     @property
     def address(self) -> tuple[str, int]:
@@ -231,6 +240,11 @@ def load_trust(path: str) -> Trust:
     return Trust(tuple(cas), frozenset(pinned), verifier)
 
 
+def load_users(path: str) -> UserTable:
+    """--opcua-users read and checked (opcua_users.py); ConfigError naming the file and line."""
+    return UserTable.load(path)
+
+
 def _client_validator(current: Callable[[], Trust]) -> Callable[[Any, Any], Any]:
     """asyncua's certificate check at CreateSession: valid now, its URI the client's application URI, and trusted
     (pinned, or signed by a trusted CA) by the trust list in use (`current()`: SIGHUP may replace it); else the
@@ -269,6 +283,25 @@ def _client_validator(current: Callable[[], Trust]) -> Callable[[Any, Any], Any]
         raise ServiceError(ua.StatusCodes.BadCertificateUntrusted)
 
     return validate
+
+
+def _user_manager(current: Callable[[], UserTable | None]) -> Any:
+    """asyncua's login check at ActivateSession with --opcua-users: a user name and password of the users file in
+    use (`current()`: SIGHUP may replace it); else None, which asyncua answers BadUserAccessDenied, and a warning."""
+    from asyncua.crypto.permission_rules import User, UserRole
+    from asyncua.server.user_managers import UserManager
+
+    class Users(UserManager):
+        def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
+                     certificate: Any = None) -> Any:
+            table = current()
+            if table is not None and table.check(username, password):
+                return User(role=UserRole.User, name=username)
+            log.warning("opcua: refused a session: user %r is not in --opcua-users or its password is wrong",
+                        (username or "")[:64])
+            return None
+
+    return Users()
 
 
 def _read_only_rules() -> Any:
@@ -337,6 +370,7 @@ class OpcUaServer:
         self._identity = load_identity(options) if options.secure else None
         self._uri = self._identity.uri if self._identity is not None else None  # fixed at start
         self._trust = load_trust(options.trust) if options.trust else None
+        self._users = load_users(options.users) if options.users else None
         self._lock = threading.Lock()  # a reload's identity against the server being set up
         self._streams, self._status, self._names, self._class_names = streams, status, names, class_names
         self._subscribe, self._on_sessions = subscribe, on_sessions
@@ -372,6 +406,8 @@ class OpcUaServer:
             actions.append(("OPC UA certificate", self.reload_identity))
         if self.options.trust:
             actions.append(("OPC UA trust list", self.reload_trust))
+        if self.options.users:
+            actions.append(("OPC UA users", self.reload_users))
         return actions
 
     def reload_identity(self) -> None:
@@ -399,6 +435,14 @@ class OpcUaServer:
         self._trust = load_trust(self.options.trust)
         log.info("opcua: trust list reloaded from %s: %d certificates and CAs, for new sessions", self.options.trust,
                  len(self._trust))
+
+    def reload_users(self) -> None:
+        """--opcua-users read again: new sessions log in with its users (open ones stay). ConfigError leaves the
+        ones in use."""
+        assert self.options.users is not None
+        self._users = load_users(self.options.users)
+        log.info("opcua: users reloaded from %s: %d, for new sessions (open ones stay)", self.options.users,
+                 len(self._users))
 
     def wait_started(self, timeout: float = 60.0) -> None:
         """Block until the server listens; OSError (a port in use) or ConfigError when it cannot."""
@@ -438,7 +482,7 @@ class OpcUaServer:
         # traceback: ours say what matters
         logging.getLogger("asyncua.server.uaprocessor").setLevel(logging.CRITICAL)
         logging.getLogger("asyncua.server.server").setLevel(logging.CRITICAL)
-        server = Server()
+        server = Server(user_manager=_user_manager(lambda: self._users) if self.options.users else None)
         await server.init()
         host, port = self.options.address
         server.set_endpoint(f"opc.tcp://{host}:{port}")
@@ -447,7 +491,8 @@ class OpcUaServer:
         server.manufacturer_name = "yolov12-serve"
         server.application_type = ua.ApplicationType.Server
         server.allow_remote_admin(False)
-        server.set_identity_tokens([ua.AnonymousIdentityToken])
+        # with users, only UserName is offered (and accepted): an anonymous session is refused BadIdentityTokenRejected
+        server.set_identity_tokens([ua.UserNameIdentityToken if self.options.users else ua.AnonymousIdentityToken])
         rules = _read_only_rules()
         if self._identity is not None:
             server.iserver.certificate, server.iserver.private_key = self._identity.cert, self._identity.key
@@ -480,6 +525,8 @@ class OpcUaServer:
         self._started.set()
         security = ("Basic256Sha256 (Sign, SignAndEncrypt), " + ("clients in --opcua-trust" if self._trust else
                     "any client certificate") if self._identity is not None else "unencrypted (security None)")
+        if self._users is not None:
+            security += f", {len(self._users)} users of --opcua-users (no anonymous sessions)"
         log.info("opcua: serving on %s, namespace %s, %s", self.endpoint, NAMESPACE, security)
         pump = asyncio.create_task(self._pump(sub))
         try:
