@@ -423,7 +423,13 @@ def test_check_says_how_opcua_would_be_served(tmp_path, capsys):
                  str(pair.key), "--opcua-trust", str(ca.cert)]) == 0
     out = capsys.readouterr().out
     assert "Basic256Sha256 only" in out and "application URI urn:test:detector" in out and \
-        f"1 trusted client certificates and CAs from {ca.cert}" in out, out
+        f"1 trusted client certificates and CAs from {ca.cert}" in out and "anonymous sessions" in out, out
+    users = tmp_path / "users"
+    users.write_text("plc1:scrypt$16384$8$1$c2FsdHNhbHRzYWx0$a2V5a2V5a2V5a2V5a2V5a2V5a2V5a2V5\n")
+    users.chmod(0o600)
+    assert main([*base, "--opcua", "opc.tcp://0.0.0.0:4840", "--opcua-cert", str(pair.cert), "--opcua-key",
+                 str(pair.key), "--opcua-users", str(users)]) == 0
+    assert f"any client certificate, 1 users from {users}" in capsys.readouterr().out
 
 
 def test_without_asyncua_opcua_is_one_line_saying_how_to_install_it(tmp_path):
