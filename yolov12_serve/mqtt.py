@@ -24,6 +24,9 @@ cannot be used leaves what is in use, one line saying why.
 The publisher reads results from its own fan-out queue in its own thread: a slow or absent broker never holds up
 results or watchers. What it loses is counted: yolov12_mqtt_messages_dropped_total{reason}, and results it fell
 behind on as a watcher's (yolov12_watcher_results_dropped_total{watcher="mqtt HOST:PORT"}).
+
+With --mqtt-sparkplug the same connection speaks Sparkplug B instead (sparkplug.py, a subclass of the publisher
+here: its hooks are the last will, what a new session sends, the periodic tick, the results and the goodbye).
 """
 
 from __future__ import annotations
@@ -73,6 +76,7 @@ class MqttOptions:
     key: str | None = None  # its private key, PEM, unencrypted
     client_id: str | None = None  # the MQTT client id (default: yolov12- and a hash unique to the process)
     credentials: str | None = None  # --mqtt-credentials, already in `url`: read again on SIGHUP
+    sparkplug: str | None = None  # --mqtt-sparkplug GROUP/EDGE_NODE (the edge node resolved): Sparkplug B instead
 
     def __post_init__(self) -> None:
         self.target  # noqa: B018 (parsed now: a bad URL stops the server at start, not later)
@@ -87,6 +91,13 @@ class MqttOptions:
             raise ConfigError("--mqtt-cert is a TLS client certificate: give an mqtts:// URL")
         if self.client_id is not None and not _CLIENT_ID_RE.match(self.client_id):
             raise ConfigError(f"--mqtt-client-id {self.client_id!r}: 1 to 128 printable ASCII characters, no spaces")
+        if self.sparkplug is not None:
+            from .sparkplug import check_ids
+
+            check_ids(self.sparkplug)
+            if urlsplit(self.url).path.strip("/"):
+                raise ConfigError(f"--mqtt {redact_url(self.url)}: with --mqtt-sparkplug the topics are "
+                                  "spBv1.0/GROUP/...: give the broker's URL without a path (topic prefix)")
 
     @property
     def tls(self) -> bool:
@@ -211,6 +222,7 @@ class MqttPublisher:
         self._on_sent, self._on_dropped, self._on_connected = on_sent, on_dropped, on_connected
         self._objects = NewObjects()
         self._published_states: dict[str, tuple[str, str]] = {}
+        self._next_states = 0.0  # when to compare the camera states again
         self._lock = threading.Lock()  # the published states, between this thread and paho's on_connect
         self._stop = threading.Event()
         self._connected = False
@@ -222,8 +234,8 @@ class MqttPublisher:
         self._drops = FaultLog(log, "mqtt: %s", (options.broker,))
         # unique per process, and at most 23 characters: the length every MQTT 3.1.1 broker must accept
         unique = hashlib.sha1(f"{socket.gethostname()} {os.getpid()} {id(self)}".encode()).hexdigest()[:15]
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=options.client_id or f"yolov12-{unique}",
-                             protocol=mqtt.MQTTv311)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
+                             client_id=options.client_id or self._default_client_id(unique), protocol=mqtt.MQTTv311)
         if user is not None:
             client.username_pw_set(user, password)
         self._tls: ssl.SSLContext | None = None
@@ -234,26 +246,38 @@ class MqttPublisher:
         paho_log = logging.Logger("paho", logging.ERROR)  # apart from logging's tree: paho's own lines stay quiet
         paho_log.addHandler(self._paho_errors)
         client.enable_logger(paho_log)
-        client.will_set(self.status_topic, "offline", qos=1, retain=True)
+        self._client = client
+        self._set_will()
         client.max_queued_messages_set(options.queue)
         client.reconnect_delay_set(1, 30)
         client.on_connect = self._connected_cb
         client.on_disconnect = self._disconnected_cb
         client.on_connect_fail = self._connect_failed_cb
         client.on_message = self._message_cb
-        self._client = client
         self._host, self._port = host, port
         self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
 
     def topic(self, *levels: str) -> str:
         return "/".join((self.prefix, *levels))
 
+    def _default_client_id(self, unique: str) -> str:
+        """The client id without --mqtt-client-id: `unique` to the process (a hash, 15 characters)."""
+        return f"yolov12-{unique}"
+
+    def _set_will(self) -> None:
+        """The connection's last will, published by the broker when the server is gone: PREFIX/status offline."""
+        self._client.will_set(self.status_topic, "offline", qos=1, retain=True)
+
+    def _where(self) -> str:
+        """Where it publishes, for the log line at start."""
+        return f"under {self.prefix}/"
+
     def start(self) -> None:
         """Connect in the background (a broker that is down is retried, 1 s to 30 s apart) and start publishing."""
         self._client.connect_async(self._host, self._port, keepalive=30)
         self._client.loop_start()
         self._thread.start()
-        log.info("mqtt: publishing to %s under %s/", redact_url(self.options.url), self.prefix)
+        log.info("mqtt: publishing to %s %s", redact_url(self.options.url), self._where())
 
     def reload_certificate(self) -> None:
         """SIGHUP: read --mqtt-cert and --mqtt-key again and add --mqtt-ca's certificates, for the next connection.
@@ -305,7 +329,7 @@ class MqttPublisher:
         self._stop.set()
         self._thread.join(max(0.0, end - time.monotonic()))
         if self._connected:
-            info = self._client.publish(self.status_topic, "offline", qos=1, retain=True)
+            info = self._goodbye()
             with contextlib.suppress(Exception):  # the connection went meanwhile
                 info.wait_for_publish(max(0.1, end - time.monotonic()))
         self._client.disconnect()
@@ -314,6 +338,10 @@ class MqttPublisher:
         stopper = threading.Thread(target=self._client.loop_stop, name="mqtt-stop", daemon=True)
         stopper.start()
         stopper.join(max(0.1, end - time.monotonic()))
+
+    def _goodbye(self) -> Any:
+        """What is published last when the server stops (`offline`, retained); its MQTTMessageInfo."""
+        return self._client.publish(self.status_topic, "offline", qos=1, retain=True)
 
     # ------------------------------------------------------------------------------------------- paho's thread
     def _connected_cb(self, client: Any, userdata: Any, flags: Any, reason: Any, properties: Any = None) -> None:
@@ -335,6 +363,10 @@ class MqttPublisher:
             self._drops.ok("connected again")
         else:
             log.info("mqtt: connected to %s", self.options.broker)
+        self._session_started(client)
+
+    def _session_started(self, client: Any) -> None:
+        """A connection is up (paho's thread): `online`, the states all sent again, the retained ones looked at."""
         client.publish(self.status_topic, "online", qos=1, retain=True)
         with self._lock:
             self._published_states.clear()  # a broker without persistence lost the retained states: sent again
@@ -384,7 +416,6 @@ class MqttPublisher:
 
     # ------------------------------------------------------------------------------------------- own thread
     def _run(self) -> None:
-        next_states = 0.0
         while True:
             result = self._sub.get(timeout=0.25)
             if result is not None:
@@ -399,11 +430,17 @@ class MqttPublisher:
             if self._retry.is_set() and not self._stop.is_set():
                 self._retry.clear()
                 self._connect_again()
-            if not self._stop.is_set() and time.monotonic() >= next_states:
-                next_states = time.monotonic() + STATE_EVERY_S
-                self._publish_states()
-                if self._sweep_at and time.monotonic() >= self._sweep_at and self._settled():
-                    self._sweep()
+            if not self._stop.is_set():
+                self._tick()
+
+    def _tick(self) -> None:
+        """After each result, and at least every 0.25 s: the camera states compared every STATE_EVERY_S, the retained
+        states of cameras gone cleared once the server has settled."""
+        if time.monotonic() >= self._next_states:
+            self._next_states = time.monotonic() + STATE_EVERY_S
+            self._publish_states()
+            if self._sweep_at and time.monotonic() >= self._sweep_at and self._settled():
+                self._sweep()
 
     def _publish_result(self, result: FrameResult) -> None:
         from .client import message_dict, object_dict
@@ -456,7 +493,7 @@ class MqttPublisher:
             if self._send("state", topic, "", qos=1, retain=True):
                 log.info("mqtt: cleared the retained state of camera %s (removed while this server was down)", sid)
 
-    def _send(self, kind: str, topic: str, payload: str, qos: int, retain: bool = False) -> bool:
+    def _send(self, kind: str, topic: str, payload: str | bytes, qos: int, retain: bool = False) -> bool:
         import paho.mqtt.client as mqtt
 
         if not self._connected and qos == 0:

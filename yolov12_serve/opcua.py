@@ -58,6 +58,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+from .camera_tags import ObjectTally, camera_rates, camera_states
 from .errors import ConfigError
 from .fanout import Subscription
 from .frames import FrameResult
@@ -349,9 +350,7 @@ class _Camera:
     tracked: bool
     written: dict[str, Any] = field(default_factory=dict)  # NodeId string -> value last written
     classes: set[str] = field(default_factory=set)  # ObjectsByClass variables made
-    by_class: dict[str, int] = field(default_factory=dict)
-    objects: int = 0
-    seen: set[int] = field(default_factory=set)  # track ids counted
+    tally: ObjectTally = field(default_factory=ObjectTally)  # its objects (camera_tags.py, as Sparkplug's)
 
 
 class OpcUaServer:
@@ -593,16 +592,12 @@ class OpcUaServer:
             if cam is None or cam.epoch != s.epoch:
                 continue
             base = f"Cameras.{s.stream_id}."
-            w = cam.written
-            await self._write(w, base + "State", s.state.name, ua.VariantType.String)
-            await self._write(w, base + "Streaming", s.state.name == "STREAMING", ua.VariantType.Boolean)
-            await self._write(w, base + "Reconnects", min(s.reconnects, 2**32 - 1), ua.VariantType.UInt32)
-            await self._write(w, base + "PictureProblem", s.picture_problem, ua.VariantType.String)
-            await self._write(w, base + "LastError", s.last_error, ua.VariantType.String)
+            values = camera_states(s)  # camera_tags.py: the values Sparkplug B shows too
+            values["Reconnects"] = min(values["Reconnects"], 2**32 - 1)
             if rates:
-                view = s.view()
-                await self._write(w, base + "Fps", round(view.fps, 2), ua.VariantType.Float)
-                await self._write(w, base + "LatencyP99Ms", round(view.latency_p99_ms, 2), ua.VariantType.Float)
+                values.update(camera_rates(s))
+            for name, value in values.items():
+                await self._write(cam.written, base + name, value, getattr(ua.VariantType, _KINDS[name]))
         # asyncua's own count of activated sessions (one server per process)
         self._on_sessions(getattr(InternalSession, "_current_connections", 0))
 
@@ -691,7 +686,6 @@ class OpcUaServer:
         folder = self._server.get_node(self._id(f"Cameras.{sid}.ObjectsByClass"))
         await folder.add_variable(self._id(node), self._name(name), 0, varianttype=ua.VariantType.UInt64)
         cam.classes.add(name)
-        cam.by_class.setdefault(name, 0)
 
     async def _pump(self, sub: Subscription) -> None:
         while True:
@@ -720,35 +714,25 @@ class OpcUaServer:
             cam = self._cameras.get(result.stream_id)
             if cam is None or cam.epoch != result.epoch or not cam.tracked:
                 return
-        assert result.track_ids is not None
-        new = [(row, tid) for row, tid in enumerate(result.track_ids.tolist()) if tid and tid not in cam.seen]
-        if not new:
+        tally = cam.tally
+        new = tally.count(result, self._names)
+        if not new or tally.last is None:
             return
-        names = self._names(result)
         base = f"Cameras.{result.stream_id}"
-        for row, tid in new:
-            cam.seen.add(tid)
-            name = names.get(int(result.detections[row, 5]), str(int(result.detections[row, 5])))
+        for name in dict.fromkeys(new):
             if name not in cam.classes:
                 await self._add_class(cam, result.stream_id, name)
-            cam.by_class[name] += 1
-            cam.objects += 1
-            await self._write(cam.written, f"{base}.ObjectsByClass.{name}", cam.by_class[name],
+            await self._write(cam.written, f"{base}.ObjectsByClass.{name}", tally.by_class[name],
                               ua.VariantType.UInt64)
-        row, tid = new[-1]
-        at = dt.datetime.fromtimestamp(result.capture_time_us / 1e6, dt.timezone.utc) if result.capture_time_us \
-            else dt.datetime.now(dt.timezone.utc)
-        last = f"{base}.LastObject."
-        name = names.get(int(result.detections[row, 5]), str(int(result.detections[row, 5])))
-        await self._write(cam.written, last + "Class", name, ua.VariantType.String)
-        await self._write(cam.written, last + "Score", float(result.detections[row, 4]), ua.VariantType.Float)
-        await self._write(cam.written, last + "CaptureTime", at, ua.VariantType.DateTime)
-        await self._write(cam.written, last + "TrackId", tid, ua.VariantType.UInt64)  # last: the one to watch
-        await self._write(cam.written, f"{base}.Objects", cam.objects, ua.VariantType.UInt64)
-        if len(cam.seen) > 8192:  # ids far behind the newest never come back (a tracker forgets after a second)
-            keep = sorted(cam.seen)[-4096:]
-            cam.seen.clear()
-            cam.seen.update(keep)
+        last, obj = f"{base}.LastObject.", tally.last
+        await self._write(cam.written, last + "Class", obj.class_name, ua.VariantType.String)
+        await self._write(cam.written, last + "Score", obj.score, ua.VariantType.Float)
+        await self._write(cam.written, last + "CaptureTime", dt.datetime.fromtimestamp(obj.capture_time_s,
+                          dt.timezone.utc), ua.VariantType.DateTime)
+        await self._write(cam.written, last + "TrackId", obj.track_id, ua.VariantType.UInt64)  # last: the one to watch
+        await self._write(cam.written, f"{base}.Objects", tally.objects, ua.VariantType.UInt64)
 
 
 _UNSET = object()
+_KINDS = {"State": "String", "Streaming": "Boolean", "Reconnects": "UInt32", "PictureProblem": "String",
+          "LastError": "String", "Fps": "Float", "LatencyP99Ms": "Float"}  # camera_tags' values: their OPC UA types
