@@ -4,6 +4,7 @@ retained camera states and server status (its last will when killed), a broker t
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import re
@@ -590,6 +591,12 @@ def test_a_port_that_takes_the_connection_but_is_no_plaintext_broker_is_said_onc
     (["--mqtt", "mqtts://broker", "--mqtt-cert", __file__, "--mqtt-key", __file__], "is not a certificate in PEM"),
     (["--mqtt", "mqtts://broker", "--mqtt-cert", "/nonexistent/c.pem", "--mqtt-key", __file__], "c.pem: no such"),
     (["--mqtt", "mqtt://broker", "--mqtt-client-id", "line 1"], "--mqtt-client-id 'line 1': 1 to 128 printable"),
+    (["--mqtt-sparkplug", "plant"], "--mqtt-sparkplug is for --mqtt"),
+    (["--mqtt", "mqtt://broker", "--mqtt-sparkplug", "plant+1"], "'plant+1': expected GROUP or GROUP/EDGE_NODE"),
+    (["--mqtt", "mqtt://broker", "--mqtt-sparkplug", "plant/line/1"], "ids without '/', '+' or '#'"),
+    (["--mqtt", "mqtt://broker", "--mqtt-sparkplug", "plant/#"], "ids without '/', '+' or '#'"),
+    (["--mqtt", "mqtt://broker", "--mqtt-sparkplug", "/line1"], "ids without '/', '+' or '#'"),
+    (["--mqtt", "mqtt://broker/plant", "--mqtt-sparkplug", "plant"], "give the broker's URL without a path"),
 ])
 def test_bad_mqtt_options_are_one_line(argv, message, capsys):
     from yolov12_serve.cli import main
@@ -597,3 +604,196 @@ def test_bad_mqtt_options_are_one_line(argv, message, capsys):
     assert main(["--engines", "x.onnx", "--gpus", "cpu", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1 and "pw@" not in err, err
+
+
+# ---------------------------------------------------------------------------------------------- Sparkplug B
+class SparkplugListener:
+    """A Sparkplug host's view: every message under spBv1.0/GROUP/, decoded with the generated classes, in order
+    as (message type, device or '', Payload)."""
+
+    def __init__(self, port: int, group: str) -> None:
+        import paho.mqtt.client as mqtt
+
+        from yolov12_serve.proto import sparkplug_b_pb2
+
+        self.pb = sparkplug_b_pb2
+        self.messages: list[tuple[str, str, object]] = []
+        self._lock = threading.Lock()
+        self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        subscribed = threading.Event()
+        self.client.on_subscribe = lambda *_: subscribed.set()
+        self.client.on_connect = lambda c, *_: c.subscribe(f"spBv1.0/{group}/#", qos=1)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        assert subscribed.wait(10), "the Sparkplug listener did not subscribe"
+
+    def _on_message(self, client, userdata, message) -> None:
+        levels = message.topic.split("/")
+        payload = self.pb.Payload()
+        payload.ParseFromString(message.payload)
+        with self._lock:
+            self.messages.append((levels[2], levels[4] if len(levels) > 4 else "", payload))
+
+    def of(self, kind: str, device: str = "") -> list:
+        with self._lock:
+            return [p for k, d, p in self.messages if k == kind and d == device]
+
+    def count(self, kind: str) -> int:
+        with self._lock:
+            return sum(k == kind for k, _, _ in self.messages)
+
+    def metrics(self, payload) -> dict[str, tuple[str, object]]:
+        """{name: (data type name, value)}."""
+        return {m.name: (self.pb.DataType.Name(m.datatype), getattr(m, m.WhichOneof("value")))
+                for m in payload.metrics}
+
+    def check_seqs(self) -> int:
+        """seq 0 in each NBIRTH and one more (mod 256) in each message after it (NDEATH has none); how many
+        numbered messages there were."""
+        with self._lock:
+            numbered = [(k, p.seq) for k, _, p in self.messages if k not in ("NDEATH", "NCMD")]
+        assert numbered and numbered[0][0] == "NBIRTH", numbered[:3]
+        for (_, before), (kind, seq) in itertools.pairwise(numbered):
+            assert seq == (0 if kind == "NBIRTH" else (before + 1) % 256), (kind, before, seq)
+        return len(numbered)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def rebirth_command(pb) -> bytes:
+    payload = pb.Payload(timestamp=int(time.time() * 1000))
+    payload.metrics.add(name="Node Control/Rebirth", datatype=pb.DataType.Value("Boolean"), boolean_value=True)
+    return payload.SerializeToString()
+
+
+def test_sparkplug_server_births_its_cameras_answers_a_rebirth_and_dies_with_its_bdseq(tmp_path):
+    """The real server with --mqtt-sparkplug: NBIRTH (seq 0, bdSeq, Node Control/Rebirth, Status) then a DBIRTH of
+    the tracked camera of its streams file with every metric's name and type; DDATA as it streams; NCMD Rebirth:
+    NBIRTH and DBIRTH again with the same bdSeq; a camera removed: DDEATH; SIGKILL: the broker's NDEATH carries the
+    NBIRTH's bdSeq. seq numbers every message after each NBIRTH."""
+    broker = Broker(tmp_path)
+    host = SparkplugListener(broker.port, "plant")
+    streams = tmp_path / "cameras.yaml"
+    streams.write_text(f"streams:\n  - {{id: line/1, url: '{CAMERA}', track: true}}\n")
+    server = ServerProcess("--allow-synthetic", "--no-status", "--instances", "1", "--streams", str(streams),
+                           "--mqtt", f"mqtt://127.0.0.1:{broker.port}", "--mqtt-sparkplug", "plant/line1")
+    try:
+        births = wait_until(lambda: host.of("DBIRTH", "line_1"), 30, what="the camera's DBIRTH")
+        nbirth = host.of("NBIRTH")[0]
+        node = host.metrics(nbirth)
+        assert nbirth.seq == 0 and node["Node Control/Rebirth"] == ("Boolean", False), node
+        assert node["bdSeq"][0] == "Int64" and node["Status"][0] == "String", node
+        device = host.metrics(births[0])
+        expected = {"State": "String", "Streaming": "Boolean", "Fps": "Float", "LatencyP99Ms": "Float",
+                    "Reconnects": "Int64", "PictureProblem": "String", "LastError": "String", "Objects": "Int64",
+                    "LastObject/Class": "String", "LastObject/Score": "Float", "LastObject/TrackId": "Int64",
+                    "LastObject/CaptureTime": "DateTime"}
+        assert {k: t for k, (t, _) in device.items() if k in expected} == expected, device
+        assert any(k.startswith("ObjectsByClass/") and t == "Int64" for k, (t, _) in device.items()), device
+        assert all(m.timestamp > 1.6e12 for m in births[0].metrics) and births[0].timestamp > 1.6e12  # ms UTC
+        wait_until(lambda: any(host.metrics(p).get("State") == ("String", "STREAMING") for p in
+                               [births[-1], *host.of("DDATA", "line_1")]), 30, what="STREAMING")
+        data = wait_until(lambda: [p for p in host.of("DDATA", "line_1") if "Objects" in host.metrics(p)], 30,
+                          what="objects counted in a DDATA")
+        assert host.metrics(data[-1])["Objects"][1] >= 1
+        assert all(len(p.metrics) < len(device) for p in host.of("DDATA", "line_1"))  # only what changed
+
+        host.client.publish("spBv1.0/plant/NCMD/line1", rebirth_command(host.pb), qos=0)
+        wait_until(lambda: len(host.of("DBIRTH", "line_1")) >= 2, 10, what="the DBIRTH after the rebirth")
+        again = host.of("NBIRTH")
+        assert len(again) == 2 and again[1].seq == 0
+        assert host.metrics(again[1])["bdSeq"] == node["bdSeq"]  # the same connection: the same bdSeq
+
+        with server.client() as c:
+            c.remove_stream("line/1")
+        wait_until(lambda: host.of("DDEATH", "line_1"), 10, what="the camera's DDEATH")
+        assert host.check_seqs() > 6
+        label = 'yolov12_mqtt_messages_total{kind="%s"}'
+        assert metric(server, label % "nbirth") == 2 and metric(server, label % "ddeath") == 1
+        assert not [t for t, _, _ in host.messages if t not in ("NBIRTH", "DBIRTH", "DDATA", "DDEATH", "NDATA",
+                                                                  "NCMD")]
+        server.kill()
+        death = wait_until(lambda: host.of("NDEATH"), 10, what="the broker's NDEATH (the last will)")
+        assert host.metrics(death[0])["bdSeq"] == node["bdSeq"] and not death[0].HasField("seq")
+    finally:
+        server.close()
+        host.close()
+        broker.stop()
+
+
+class FakeCamera:
+    """What the Sparkplug publisher reads of a stream (camera_tags.py), set by the test."""
+
+    def __init__(self, stream_id: str, epoch: int = 1) -> None:
+        from yolov12_serve.sources import StreamState
+
+        self.stream_id, self.epoch, self.tracker = stream_id, epoch, None
+        self.state, self.reconnects, self.picture_problem, self.last_error = StreamState.STREAMING, 0, "", ""
+        self.fps = 10.0
+
+    def view(self):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(fps=self.fps, latency_p99_ms=12.5)
+
+
+def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_again(tmp_path):
+    """The publisher alone, driven as the server drives it: 300 cameras make NBIRTH and 300 DBIRTHs, seq wrapping
+    from 255 to 0; a camera's new state is a DDATA of that metric only; a camera removed is a DDEATH, one added a
+    DBIRTH; the broker restarted: an NBIRTH with the next bdSeq and every DBIRTH again."""
+    from yolov12_serve.fanout import Fanout
+    from yolov12_serve.mqtt import MqttOptions
+    from yolov12_serve.sources import StreamState
+    from yolov12_serve.sparkplug import SparkplugPublisher
+
+    broker = Broker(tmp_path)
+    host = SparkplugListener(broker.port, "g")
+    cameras = {f"cam{i}": FakeCamera(f"cam{i}") for i in range(300)}
+    fanout = Fanout()
+    publisher = SparkplugPublisher(MqttOptions(f"mqtt://127.0.0.1:{broker.port}", sparkplug="g/edge"),
+                                   fanout.subscribe(None, 8), streams=lambda: list(cameras.values()),
+                                   status=lambda: "serving", names=lambda r: {}, class_names=lambda s: [])
+    publisher.start()
+    try:
+        wait_until(lambda: host.count("DBIRTH") == 300, 20, what="300 DBIRTHs")
+        assert [p.seq for p in host.of("DBIRTH", "cam299")] == [300 % 256]
+        cameras["cam7"].state = StreamState.RECONNECTING
+        wait_until(lambda: host.of("DDATA", "cam7"), 10, what="cam7's new state")
+        assert host.metrics(host.of("DDATA", "cam7")[0]) == {"State": ("String", "RECONNECTING"),
+                                                              "Streaming": ("Boolean", False)}
+        del cameras["cam3"]
+        cameras["new"] = FakeCamera("new")
+        wait_until(lambda: host.of("DDEATH", "cam3") and host.of("DBIRTH", "new"), 10, what="DDEATH and DBIRTH")
+        assert host.check_seqs() >= 303
+        bdseq = host.metrics(host.of("NBIRTH")[0])["bdSeq"]
+        assert bdseq == ("Int64", 0)
+        # the connection lost (a client with its id takes it over, as a restarted server does): the broker sends
+        # its will, and the publisher connects again
+        import paho.mqtt.client as mqtt
+
+        thief = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=publisher._client._client_id.decode())
+        thief.connect("127.0.0.1", broker.port)
+        thief.disconnect()
+        wait_until(lambda: len(host.of("NBIRTH")) == 2 and host.count("DBIRTH") >= 600, 30,
+                   what="the births after the connection came back")
+        assert [host.metrics(p)["bdSeq"] for p in host.of("NDEATH")] == [bdseq]  # the lost connection's will
+        assert host.metrics(host.of("NBIRTH")[1])["bdSeq"][1] > bdseq[1]  # a new connection: the next bdSeq
+        assert {d for k, d, _ in host.messages[-300:] if k == "DBIRTH"} == set(cameras)
+        host.check_seqs()
+    finally:
+        fanout.close_all()
+        publisher.close()
+        host.close()
+        broker.stop()
+
+
+def test_sparkplug_edge_node_defaults_to_the_host_name_or_the_replica():
+    """GROUP alone: the host name is the edge node; replicas sharing the cameras get yolov12-serve-I each."""
+    from yolov12_serve.sparkplug import resolve
+
+    assert resolve("plant") == f"plant/{socket.gethostname()}"
+    assert resolve("plant", 2) == "plant/yolov12-serve-2"
+    assert resolve("plant/press-7", 2) == "plant/press-7"

@@ -34,6 +34,7 @@ from .mqtt import MqttOptions, client_tls_context
 from .opcua import OpcUaOptions, check_installed, load_identity, load_trust, load_users
 from .security import SecurityConfig, install_log_redaction
 from .sharding import ShardSpec
+from .sparkplug import resolve as resolve_sparkplug
 from .tls import TlsFiles
 from .urls import expand_credentials, redact_text
 
@@ -133,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mqtt-detections", action=argparse.BooleanOptionalAction, default=True,
                    help="publish every result with detections (about 0.3 ms of CPU each: 1,600 a second take half a "
                    "core); --no-mqtt-detections: objects and states only (default: on)")
+    p.add_argument("--mqtt-sparkplug", metavar="GROUP[/EDGE_NODE]",
+                   help="speak Sparkplug B on the --mqtt connection instead of the JSON topics (the connection has "
+                   "one last will: Sparkplug's NDEATH): Ignition and other Sparkplug host applications find the "
+                   "server as edge node EDGE_NODE of group GROUP and each camera as a device, its values as tags "
+                   "(default edge node: the host name, or yolov12-serve-I for replica I of --shard-count N)")
     p.add_argument("--mqtt-queue", type=int, default=10000, metavar="N",
                    help="objects and states held while the broker is away; more are dropped, counted (default "
                    "10000)")
@@ -191,10 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
+def _mqtt_options(args: argparse.Namespace, shard: ShardSpec) -> MqttOptions | None:
     """--mqtt and its options (None without it); ConfigError for what cannot work."""
     if args.mqtt is None:
-        for flag in ("mqtt_credentials", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id"):
+        for flag in ("mqtt_credentials", "mqtt_ca", "mqtt_cert", "mqtt_key", "mqtt_client_id", "mqtt_sparkplug"):
             if getattr(args, flag) is not None:
                 raise ConfigError(f"--{flag.replace('_', '-')} is for --mqtt: give the broker's URL too")
         return None
@@ -202,9 +208,12 @@ def _mqtt_options(args: argparse.Namespace) -> MqttOptions | None:
         path = getattr(args, flag)
         if path is not None and not Path(path).is_file():
             raise ConfigError(f"--{flag.replace('_', '-')} {path}: no such file")
+    sparkplug = None
+    if args.mqtt_sparkplug is not None:
+        sparkplug = resolve_sparkplug(args.mqtt_sparkplug, shard.index if shard.count > 1 else None)
     options = MqttOptions(expand_credentials(args.mqtt, "--mqtt", args.mqtt_credentials), args.mqtt_ca,
                           args.mqtt_queue, args.mqtt_detections, args.mqtt_cert, args.mqtt_key, args.mqtt_client_id,
-                          args.mqtt_credentials)
+                          args.mqtt_credentials, sparkplug)
     if options.tls:
         client_tls_context(options)  # the certificate files checked now, not after the engines loaded
     return options
@@ -316,7 +325,7 @@ def parse_config(args: argparse.Namespace) -> tuple[ServerConfig, list[StreamSpe
     if not 0 <= args.track_min_score <= 1:
         raise ConfigError(f"--track-min-score must be 0..1, got {args.track_min_score}")
     shard = ShardSpec.resolve(args.shard_index, args.shard_count)
-    mqtt = _mqtt_options(args)
+    mqtt = _mqtt_options(args, shard)
     opcua = _opcua_options(args)
     if args.no_state and args.state_dir:
         raise ConfigError("--state-dir and --no-state contradict each other: give one")

@@ -56,6 +56,8 @@ from .snapshot import PictureUnreadableError, encode_jpeg
 from .sources import StreamState, make_source
 from .sources.push import decode_frame
 from .sources.synthetic import parse_synthetic_url
+from .sparkplug import KINDS as SPARKPLUG_KINDS
+from .sparkplug import SparkplugPublisher
 from .state import StreamStore
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
@@ -204,9 +206,18 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         """--mqtt: a watcher of every camera publishing to the broker (mqtt.py), connecting in the background."""
         assert self.metrics is not None
         metrics, broker, label = self.metrics, options.broker, f"mqtt {options.broker}"
-        metrics.add_mqtt(broker)
+        metrics.add_mqtt(broker, SPARKPLUG_KINDS if options.sparkplug else ("detections", "objects", "state"))
         metrics.add_watcher(label)
         sub = self.fanout.subscribe(None, self.config.batch_subscriber_queue, None, label=label)
+        if options.sparkplug:  # Sparkplug B instead of the JSON topics (sparkplug.py)
+            self.mqtt = SparkplugPublisher(options, sub, streams=self.streams, status=self.status_word,
+                                           names=lambda r: self.class_names(r.model_version, r.device),
+                                           class_names=self.counted_classes,
+                                           on_sent=lambda kind: metrics.mqtt_messages.labels(kind).inc(),
+                                           on_dropped=lambda reason: metrics.mqtt_dropped.labels(reason).inc(),
+                                           on_connected=lambda up: metrics.mqtt_connected.labels(broker).set(int(up)))
+            self.mqtt.start()
+            return
         self.mqtt = MqttPublisher(options, sub, names=lambda r: self.class_names(r.model_version, r.device),
                                   states=lambda: {s.stream_id: (s.state.name, s.last_error) for s in self.streams()},
                                   on_sent=lambda kind: metrics.mqtt_messages.labels(kind).inc(),

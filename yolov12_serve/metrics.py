@@ -257,7 +257,8 @@ class Metrics:
         self.mqtt_connected = Gauge("yolov12_mqtt_connected", "1 while the connection to the --mqtt broker is up, "
                                     "0 while it is being retried.", ["broker"], registry=r)
         self.mqtt_messages = Counter("yolov12_mqtt_messages", "Messages handed to the --mqtt broker connection, by "
-                                     "kind: detections, objects, state (objects and states held while it is away).",
+                                     "kind: detections, objects, state (objects and states held while it is away); "
+                                     "with --mqtt-sparkplug nbirth, ndata, ndeath, dbirth, ddata, ddeath.",
                                      ["kind"], registry=r)
         self.mqtt_dropped = Counter("yolov12_mqtt_messages_dropped", "Messages not sent to the --mqtt broker, by "
                                     "reason: disconnected (detections while it is away), queue full (objects and "
@@ -345,10 +346,11 @@ class Metrics:
             found = self._watchers[label] = self.watcher_results_dropped.labels(label)
         return found
 
-    def add_mqtt(self, broker: str) -> None:
-        """Create the MQTT series at zero (their rates exist from the start)."""
+    def add_mqtt(self, broker: str, kinds: tuple[str, ...] = ("detections", "objects", "state")) -> None:
+        """Create the MQTT series at zero (their rates exist from the start); `kinds`: the messages it sends
+        (Sparkplug B's message types with --mqtt-sparkplug)."""
         self.mqtt_connected.labels(broker).set(0)
-        for kind in ("detections", "objects", "state"):
+        for kind in kinds:
             self.mqtt_messages.labels(kind)
         for reason in ("disconnected", "queue full"):
             self.mqtt_dropped.labels(reason)
