@@ -61,7 +61,8 @@ def check_config(config: ServerConfig, streams: list[StreamSpec]) -> list[str]:
         lines.append(f"metrics  {host_port(config.metrics_host or config.host, config.metrics_port)}{https}")
     if config.mqtt is not None:
         cert = f", client certificate {config.mqtt.cert}" if config.mqtt.cert else ""
-        lines.append(f"mqtt     {redact_url(config.mqtt.url)}{cert}")
+        sparkplug = f", Sparkplug B edge node {config.mqtt.sparkplug}" if config.mqtt.sparkplug else ""
+        lines.append(f"mqtt     {redact_url(config.mqtt.url)}{cert}{sparkplug}")
     if config.opcua is not None:
         lines.append(f"opcua    {_opcua(config)}")
     return lines
