@@ -747,7 +747,8 @@ class FakeCamera:
 def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_again(tmp_path):
     """The publisher alone, driven as the server drives it: 300 cameras make NBIRTH and 300 DBIRTHs, seq wrapping
     from 255 to 0; a camera's new state is a DDATA of that metric only; a camera removed is a DDEATH, one added a
-    DBIRTH; the broker restarted: an NBIRTH with the next bdSeq and every DBIRTH again."""
+    DBIRTH; the connection lost: the broker's NDEATH, then an NBIRTH with the next bdSeq and every DBIRTH again;
+    closed: its own NDEATH."""
     from yolov12_serve.fanout import Fanout
     from yolov12_serve.mqtt import MqttOptions
     from yolov12_serve.sources import StreamState
@@ -787,6 +788,10 @@ def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_a
         assert host.metrics(host.of("NBIRTH")[1])["bdSeq"][1] > bdseq[1]  # a new connection: the next bdSeq
         assert {d for k, d, _ in host.messages[-300:] if k == "DBIRTH"} == set(cameras)
         host.check_seqs()
+        fanout.close_all()
+        publisher.close()  # stopping on purpose: its own NDEATH, with the bdSeq of the NBIRTH it ends
+        death = wait_until(lambda: len(host.of("NDEATH")) == 2 and host.of("NDEATH")[1], 10, what="the NDEATH")
+        assert host.metrics(death)["bdSeq"] == host.metrics(host.of("NBIRTH")[1])["bdSeq"]
     finally:
         fanout.close_all()
         publisher.close()
