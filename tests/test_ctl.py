@@ -567,6 +567,20 @@ def test_an_unreachable_server_says_where_it_looked(capsys):
         assert e.value.code == 2 and err.startswith(f"yolov12-ctl: {line}") and err.count("\n") == 1, err
 
 
+@pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command line")
+def test_tls_to_a_plaintext_server_or_to_nothing_says_which(server, tmp_path, capsys):
+    """--tls-ca against a plaintext server failed its handshake (WRONG_VERSION_NUMBER) and was told that a server
+    with mutual TLS wants --cert and --key; it now says the server speaks plaintext. Nothing listening at all is not
+    a TLS question either."""
+    ca = make_ca(tmp_path, "ca")
+    for address, hint in ((server.address, "; the server there speaks plaintext, not TLS: leave out --tls-ca"),
+                          ("127.0.0.1:1", "; is the server running there? (--server, or YOLOV12_SERVER)")):
+        assert run("--server", address, "--timeout", "5", "--tls-ca", str(ca.cert), "streams") == (1, "")
+        err = capsys.readouterr().err
+        assert err.startswith(f"yolov12-ctl: UNAVAILABLE: cannot reach {address}") and hint in err and (
+            "mutual TLS" not in err and err.count("\n") == 1), err
+
+
 def test_watch_lines_show_each_tracked_object_s_id():
     fd = pb.FrameDetections(stream_id="belt", frame_id=7, width=640, height=360, latency_ms=3.0, detections=[
         pb.Detection(x1=1, y1=2, x2=30, y2=40, score=0.91, class_id=1, class_name="dent", track_id=12),

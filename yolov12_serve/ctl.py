@@ -56,6 +56,8 @@ NAME_REFUSED_HINT = ("the server's certificate is not for this host name: connec
                      "--server-name")
 MUTUAL_TLS_HINT = ("is the server running and reachable there? A server with mutual TLS (--tls-client-ca) closes "
                    "the connection of a client {}")
+PLAINTEXT_SERVER_HINT = ("the server there speaks plaintext, not TLS: leave out --tls-ca (or start it with --tls-cert "
+                         "and --tls-key)")
 
 
 GRPC_SCHEMES = ("dns", "unix", "unix-abstract", "ipv4", "ipv6")  # gRPC target forms --server also takes
@@ -735,6 +737,10 @@ def _hint(code: grpc.StatusCode, details: str, args: argparse.Namespace | None) 
             return CA_REFUSED_HINT
         if "Hostname Verification" in details:
             return NAME_REFUSED_HINT
+        if "WRONG_VERSION_NUMBER" in details:  # a TLS handshake answered in plaintext
+            return PLAINTEXT_SERVER_HINT
+        if "Connection refused" in details:  # nothing listens there: no TLS question yet
+            return "is the server running there? (--server, or YOLOV12_SERVER)"
         # a handshake the server ends for want of a good client certificate reads as "Socket closed" here
         return MUTUAL_TLS_HINT.format("without a certificate: give --cert and --key" if args.cert is None else
                                       "whose --cert that CA did not sign")
