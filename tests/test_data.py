@@ -88,6 +88,11 @@ def test_config_errors_are_one_clear_message_each(tmp_path):
                                          "names: [scratch, dent]\n")
     with pytest.raises(DataError, match=r"'nc: 7' but 'names' lists 2 classes \(scratch, dent\); make them agree"):
         load_data_config(bad_nc)
+    for text, where in (("names: [a, b\n", "line 2, column 1"), ("train: images/val\n\tval: x\n", "line 2, column 1")):
+        broken = _write_yaml(tmp_path / f"y{len(text)}", text)  # one line, saying where: not PyYAML's caret drawing
+        with pytest.raises(DataError, match=f"not valid YAML at {where} \\(") as e:
+            load_data_config(broken)
+        assert "\n" not in str(e.value), str(e.value)
 
 
 def test_config_resolves_folders_lists_and_relative_paths(tmp_path):

@@ -69,8 +69,13 @@ def load_data_config(path: str | Path) -> DataConfig:
                         "(e.g. one written by `yolov12-data synth --out DIR`)")
     try:
         raw = yaml.safe_load(yaml_path.read_text(encoding="utf-8-sig"))
-    except (yaml.YAMLError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         raise DataError(f"{yaml_path}: not valid YAML ({e}); fix the file's syntax") from None
+    except yaml.YAMLError as e:  # its str() spans lines with a caret drawing: keep where and what, on one line
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise DataError(f"{yaml_path}: not valid YAML{where} ({what}); fix the file's syntax") from None
     if not isinstance(raw, dict):
         raise DataError(f"{yaml_path}: expected a mapping with 'path', 'train', 'val', 'names'; "
                         f"got {type(raw).__name__}")
