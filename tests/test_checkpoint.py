@@ -149,7 +149,14 @@ def test_bad_files_say_what_is_wrong(tmp_path: Path) -> None:
                                               r"here\): give the path .* or build a fresh model from 'yolo12s.yaml'$"):
         YOLO("yolo12s.pt")  # what ultralytics users type: theirs downloads it
     model = build_model("yolov12n.yaml")
-    good = save_checkpoint(tmp_path / "good.pt", model)
+    good = save_checkpoint(tmp_path / "weights" / "best.pt", model)
+    for folder, tail in ((tmp_path, f", e.g. {good}"), (good.parent, f", e.g. {good}"), (good.parent / "x.pt", "")):
+        folder.mkdir(exist_ok=True)  # a run's folder given for its weights was "not found", though it is there
+        said = f"checkpoint '{folder}' is a folder: give the .pt file in it{tail}"
+        with pytest.raises(CheckpointError, match=f"^{re.escape(said)}$"):
+            load_checkpoint(folder)
+    with pytest.raises(ValueError, match=r"is a folder: give a model yaml, a \.pt checkpoint or an exported engine"):
+        YOLO(str(tmp_path))
     torn = tmp_path / "torn.pt"
     torn.write_bytes(good.read_bytes()[:5000])
     with pytest.raises(CheckpointError, match="unreadable"):

@@ -376,6 +376,10 @@ def _model_from_own(path: Path, raw: dict[str, Any]) -> DetectionModel:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Load our checkpoint or an official / ultralytics one; the model comes back in fp32, eval mode."""
     path = Path(path)
+    if path.is_dir():  # a run's folder given for its weights: "not found" would send the operator hunting
+        best = next((str(p) for p in (path / "best.pt", path / "weights" / "best.pt") if p.is_file()), None)
+        raise CheckpointError(f"checkpoint '{path}' is a folder: give the .pt file in it" +
+                              (f", e.g. {best}" if best else ""))
     if not path.is_file():  # ultralytics downloads yolo12n.pt by its name; nothing here reaches the network
         yaml = f"{path.stem}.yaml" if re.fullmatch(r"yolov?12[nsmlx](-v1)?", path.stem.lower()) else "yolov12n.yaml"
         raise CheckpointError(f"checkpoint '{path}' not found (weights are never downloaded here): give the path of "

@@ -70,6 +70,9 @@ class YOLO:
 
                 self.engine_info = engines.read_info(model)  # missing, empty or corrupt files fail here, clearly
                 self.engine = Path(model)
+            elif Path(model).is_dir():
+                raise ValueError(f"'{model}' is a folder: give a model yaml, a .pt checkpoint or an exported engine "
+                                 "(.onnx, .engine) file in it")
             else:
                 raise ValueError(f"'{model}': expected a model yaml (yolov12n.yaml ... yolov12x-v1.yaml), a .pt "
                                  "checkpoint, or an exported engine (.onnx, .engine) to predict with")
