@@ -34,6 +34,10 @@ def load(path: str | Path, device: str = "cpu", instances: int = 1, **opts: Any)
     path = Path(path)
     backend = BACKENDS.get(path.suffix.lower())
     if backend is None:
+        if path.is_dir():  # a models folder given for its file: its empty suffix read as an unknown format ''
+            from .metadata import check_file
+
+            check_file(path)
         raise EngineError(f"'{path}': unknown engine format '{path.suffix}': use .onnx (ONNX Runtime), "
                           ".engine/.plan (TensorRT) or .pt (PyTorch)")
     unknown = sorted(set(opts) - set(OPTIONS[backend]))

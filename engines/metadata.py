@@ -219,7 +219,7 @@ def check_file(path: Path) -> None:
         raise EngineError(f"engine file '{path}' not found: check the path, or export one with "
                           "`yolov12-export --weights best.pt --format onnx`")
     if not path.is_file():
-        raise EngineError(f"'{path}' is a directory, not an engine file")
+        raise EngineError(f"'{path}' is a directory, not an engine file: give the engine file in it")
     if path.stat().st_size == 0:
         raise EngineError(f"engine file '{path}' is empty: export it again")
 
@@ -240,5 +240,7 @@ def read_info(path: str | Path) -> EngineInfo:
         from .pytorch import checkpoint_info
 
         return checkpoint_info(path)
+    if path.is_dir():  # a models folder given for its file: its empty suffix read as an unknown format ''
+        check_file(path)
     raise EngineError(f"'{path}': unknown engine format '{path.suffix}': use .onnx (ONNX Runtime), "
                       ".engine/.plan (TensorRT) or .pt (PyTorch)")

@@ -447,7 +447,7 @@ def _truncated(src: Path, dst: Path) -> Path:
      "not (a readable )?(an )?ONNX model"),
     (lambda src, d: _truncated(src, d / "t.onnx"), "corrupt or truncated"),
     (lambda src, d: (d / "e.onnx").write_bytes(b"") or d / "e.onnx", "is empty"),
-    (lambda src, d: d, "unknown engine format|is a directory"),
+    (lambda src, d: d, "is a directory, not an engine file: give the engine file in it"),
     (lambda src, d: (d / "m.bin").write_bytes(src.read_bytes()) and d / "m.bin", r"unknown engine format '\.bin'"),
     (lambda src, d: (d / "g.engine").write_bytes(b"\x00" * 64) and d / "g.engine", "no metadata header"),
     (lambda src, d: (d / "g.pt").write_bytes(b"garbage") and d / "g.pt", "a .pt engine is a checkpoint"),

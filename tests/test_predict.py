@@ -790,6 +790,8 @@ def test_cli_bad_input_is_one_line_and_exit_2(folder, capsys, args, match):
 def test_cli_bad_weights_exit_2(folder, capsys):
     assert predict_main(["--weights", "/no/model.onnx", "--source", str(folder)]) == 2
     assert "not found" in capsys.readouterr().err
+    assert predict_main(["--weights", str(folder), "--source", str(folder)]) == 2
+    assert "is a directory, not an engine file: give the engine file in it" in capsys.readouterr().err
 
 
 def test_cli_failed_run_leaves_no_json_and_no_empty_save_folder(folder, tmp_path, capsys):

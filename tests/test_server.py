@@ -184,6 +184,8 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
     (["--engines", "x.onnx", "--gpus", "cpu", "--duration", "0"], "--duration must be positive"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--streams", str(model_path())], "is not a text file"),  # a binary
     (["--port", "abc"], "argument --port: invalid int value: 'abc' (see --help)"),  # not the 60-flag usage block
+    # a models folder: --check called its empty suffix "unknown engine format ''"
+    (["--engines", str(model_path().parent), "--gpus", "cpu", "--check"], "is a directory, not an engine file"),
 ])
 def test_bad_command_lines_exit_2_with_one_line(args, message):
     r = run_cli(*args)

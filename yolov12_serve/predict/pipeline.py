@@ -277,6 +277,8 @@ class Predictor:
         self.weights = Path(weights)
         self.backend = engines.BACKENDS.get(self.weights.suffix.lower())
         if self.backend is None:
+            if self.weights.is_dir():
+                raise EngineError(f"'{self.weights}' is a directory, not an engine file: give the engine file in it")
             raise EngineError(f"'{self.weights}': unknown engine format '{self.weights.suffix}': use .pt, .onnx or "
                               ".engine")
         self.devices = parse_device(device, self.backend)
