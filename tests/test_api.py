@@ -119,6 +119,26 @@ def test_add_stream_names_the_argument_of_the_wrong_type():
                 c.add_stream("cam", "rtsp://10.0.0.5/s", **kwargs)
 
 
+def test_reload_engines_takes_one_file_alone_and_paths():
+    """c.reload_engines("new.onnx") sent each letter as an engine file: the server answered "14 engine files for 1
+    devices"; and a Path in the list was protobuf's TypeError."""
+    from yolov12_serve.client import Client
+
+    sent: list[list[str]] = []
+
+    class Stub:  # what ReloadEngines was asked (nothing listens at 127.0.0.1:1)
+        def ReloadEngines(self, request, timeout):  # noqa: N802 (the RPC's name)
+            sent.append(list(request.engines))
+            return pb.ReloadEnginesResponse()
+
+    with Client("127.0.0.1:1") as c:
+        c.stub = Stub()
+        for engines in ("/m/new.onnx", Path("/m/new.onnx"), [Path("/m/new.onnx")], ["/m/new.onnx"]):
+            assert c.reload_engines(engines) == []
+        assert c.reload_engines() == []
+    assert sent == [["/m/new.onnx"]] * 4 + [[]]
+
+
 def test_make_frame_takes_mono_and_pil_pixels_and_refuses_what_it_would_have_to_guess():
     """A machine-vision SDK hands out mono [H, W] uint8 arrays, a script PIL images: both are sent as RGB. Other
     dtypes are refused with what to do: they were cast to uint8 (uint16 3000 became 184, floats in 0..1 black)."""

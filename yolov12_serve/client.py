@@ -516,10 +516,14 @@ class Client:
         """Engines, devices, class names, input size and SLO."""
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
 
-    def reload_engines(self, engines: Iterable[str] = (), timeout: float = 300.0) -> list[pb.EngineInfo]:
+    def reload_engines(self, engines: Iterable[str | Path] | str | Path = (),
+                       timeout: float = 300.0) -> list[pb.EngineInfo]:
         """Swap in the engine files (again: empty `engines`), streams flowing; returns what runs now. A file that
-        cannot serve raises FAILED_PRECONDITION and the running engines stay."""
-        request = pb.ReloadEnginesRequest(engines=list(engines))
+        cannot serve raises FAILED_PRECONDITION and the running engines stay. One file may be given alone (a string
+        is not read as a list of one-letter paths), as str or Path."""
+        if isinstance(engines, str | Path):
+            engines = [engines]
+        request = pb.ReloadEnginesRequest(engines=[str(e) for e in engines])
         return list(self.stub.ReloadEngines(request, timeout=timeout).engines)
 
     def health(self, service: str = "") -> str:
