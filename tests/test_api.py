@@ -114,7 +114,10 @@ def test_add_stream_names_the_argument_of_the_wrong_type():
         for kwargs, said in [({"max_fps": "5"}, "max_fps takes a number, got '5'"),
                              ({"track": "no"}, "track takes bool, got 'no'"),
                              ({"blind_after_s": "3"}, "blind_after_s takes a number or None"),
-                             ({"classes": [2]}, "classes are the model's class names (str), got [2]")]:
+                             ({"classes": [2]}, "classes are the model's class names (str), got [2]"),
+                             ({"class_min_scores": ["dent"]}, "class_min_scores maps class names (str) to scores"),
+                             ({"zone": "0,0,1,0,1,1"}, "zone takes (x, y) pairs or the same numbers flat"),
+                             ({"zone": [("a", "b")]}, "zone takes (x, y) pairs or the same numbers flat")]:
             with pytest.raises(TypeError, match=re.escape(f"add_stream: {said}")):
                 c.add_stream("cam", "rtsp://10.0.0.5/s", **kwargs)
 

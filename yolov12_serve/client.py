@@ -436,11 +436,22 @@ class Client:
         classes = [classes] if isinstance(classes, str) else list(classes)
         if not all(isinstance(c, str) for c in classes):
             raise TypeError(f"add_stream: classes are the model's class names (str), got {classes!r}")
+        # a list here was dict()'s "dictionary update sequence element #0 has length 4; 2 is required"
+        if class_min_scores is not None and not isinstance(class_min_scores, Mapping):
+            raise TypeError(f"add_stream: class_min_scores maps class names (str) to scores, e.g. {{'dent': 0.3}}, "
+                            f"got {class_min_scores!r}")
+        try:
+            corners = _flat(zone) if not isinstance(zone, str | bytes) else None
+        except (TypeError, ValueError):
+            corners = None
+        if corners is None:  # a string's characters were read as numbers: "could not convert string to float: ','"
+            raise TypeError(f"add_stream: zone takes (x, y) pairs or the same numbers flat, e.g. [(0, .3), (1, .3), "
+                            f"(1, .8), (0, .8)], got {zone!r}")
         scores = dict(class_min_scores or {})
         if not all(isinstance(k, str) and isinstance(v, Real) for k, v in scores.items()):
             raise TypeError(f"add_stream: class_min_scores maps class names (str) to scores, got {scores!r}")
         request = pb.AddStreamRequest(stream_id=stream_id, url=url, max_fps=max_fps, min_score=min_score,
-                                      classes=classes, zone=_flat(zone), blind_after_s=blind_after_s, track=track,
+                                      classes=classes, zone=corners, blind_after_s=blind_after_s, track=track,
                                       class_min_scores=scores)
         return self.stub.AddStream(request, timeout=self.timeout)
 
