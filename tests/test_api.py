@@ -122,6 +122,17 @@ def test_add_stream_names_the_argument_of_the_wrong_type():
                 c.add_stream("cam", "rtsp://10.0.0.5/s", **kwargs)
 
 
+def test_a_client_target_that_cannot_work_is_a_value_error_at_once():
+    """Client("http://localhost:50051") was made, and its first call UNAVAILABLE "Misformatted domain name"; None
+    was an AttributeError, "" a gRPC error log."""
+    from yolov12_serve.client import Client
+
+    for target in ("http://localhost:50051", "https://detector.plant:50051", "grpc://localhost:50051", "", None):
+        with pytest.raises(ValueError, match=r"expected HOST:PORT such as localhost:50051 \(no http://"):
+            Client(target)
+    Client("dns:///localhost:50051").close()  # gRPC's own target forms still go through
+
+
 def test_reload_engines_takes_one_file_alone_and_paths():
     """c.reload_engines("new.onnx") sent each letter as an engine file: the server answered "14 engine files for 1
     devices"; and a Path in the list was protobuf's TypeError."""
