@@ -558,6 +558,10 @@ def test_cli_bad_files_are_one_line_naming_the_file(tiny_data: Path, tmp_path: P
     rc, err = _train_cli(["--epochs", "1", *project], capsys)
     assert rc == 2 and len(err) == 1 and "add --data path/to/data.yaml" in err[0], err
     assert not (tmp_path / "runs").exists()
+    rc, err = _train_cli(["--data", str(tiny_data), "--epochs", "1", "--project", str(text), "--device", "cpu"],
+                         capsys)  # a file where the runs go: was "[Errno 20] Not a directory: '.../exp/weights'"
+    assert rc == 2 and err == [f"yolov12-train: error: cannot make the run folder {text / 'exp'}: Not a directory; "
+                               "give --project (project=) a folder that can be written"], err
 
 
 def test_learns_synthetic_defects(tmp_path: Path) -> None:

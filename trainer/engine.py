@@ -736,7 +736,11 @@ def train(yolo: Any, hooks: list[HookBase] | None = None, **kwargs: Any) -> dict
     if not cfg.resume:
         save_dir = _unique_dir(cfg.project, cfg.name, cfg.exist_ok)
     made = not save_dir.exists()
-    (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    try:
+        (save_dir / "weights").mkdir(parents=True, exist_ok=True)
+    except OSError as e:  # "[Errno 20] Not a directory: 'runs/x/exp/weights'" named neither the option nor the fix
+        raise ValueError(f"cannot make the run folder {save_dir}: {e.strerror}; give --project (project=) a folder "
+                         "that can be written") from None
     yolo.save_dir = save_dir  # known from here on: a stop (Ctrl-C) can tell whether a last.pt exists
 
     # the starting weights travel to the ranks this process launches as a file (identical initialisation
