@@ -581,6 +581,23 @@ def test_tls_to_a_plaintext_server_or_to_nothing_says_which(server, tmp_path, ca
             "mutual TLS" not in err and err.count("\n") == 1), err
 
 
+def test_bytes_that_are_not_utf8_are_one_line_not_a_traceback(tmp_path, capsys):
+    """An id or URL typed with bytes UTF-8 has no text for (a Latin-1 terminal; Python hands them over as surrogates)
+    ended in protobuf's UnicodeEncodeError traceback, and a binary --token-file in UnicodeDecodeError's."""
+    at = ("--server", "127.0.0.1:1", "--timeout", "5")  # refused before any call: nothing listens there
+    for argv, shown in ((["add", "cam\udcff", "rtsp://10.0.0.5/s"], "'cam\\xff' is not UTF-8 text"),
+                        (["add", "cam", "rtsp://10.0.0.5/\udce9"], "'rtsp://10.0.0.5/\\xe9' is not UTF-8 text"),
+                        (["reload", "/models/\udcff.onnx"], "'/models/\\xff.onnx' is not UTF-8 text")):
+        assert run(*at, *argv) == (2, "")
+        err = capsys.readouterr().err
+        assert err.startswith(f"yolov12-ctl: {shown}, which the server takes") and err.count("\n") == 1, err
+    token = tmp_path / "token"
+    token.write_bytes(b"\xff\xfe\x00t")
+    assert run(*at, "--token-file", str(token), "streams") == (2, "")
+    err = capsys.readouterr().err
+    assert err == f"yolov12-ctl: {token} is not a text file: it must hold the token alone (one line, no spaces)\n"
+
+
 def test_watch_lines_show_each_tracked_object_s_id():
     fd = pb.FrameDetections(stream_id="belt", frame_id=7, width=640, height=360, latency_ms=3.0, detections=[
         pb.Detection(x1=1, y1=2, x2=30, y2=40, score=0.91, class_id=1, class_name="dent", track_id=12),

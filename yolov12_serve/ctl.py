@@ -239,6 +239,9 @@ def _token(args: argparse.Namespace) -> str | None:
         token = Path(args.token_file).read_text().strip()
     except OSError as e:
         raise UsageError(f"cannot read the token file: {e.strerror}: {args.token_file}") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"{args.token_file} is not a text file: it must hold the token alone (one line, no "
+                         "spaces)") from None
     if not token or any(c.isspace() for c in token):
         raise UsageError(f"{args.token_file} must hold the token alone (one line, no spaces)")
     return token
@@ -768,6 +771,11 @@ def main(argv: Sequence[str] | None = None, out: TextIO | None = None) -> int:
         return run(args, out)
     except UsageError as e:
         sys.stderr.write(f"yolov12-ctl: {e}\n")
+        return 2
+    except UnicodeEncodeError as e:  # bytes no UTF-8 text holds (a mistyped id, a Latin-1 terminal): not sendable
+        text = e.object.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")  # the bytes typed
+        sys.stderr.write(f"yolov12-ctl: '{text}' is not UTF-8 text, which the server takes: type it again in "
+                         "a UTF-8 terminal (ids: printable ASCII)\n")
         return 2
     except grpc.RpcError as e:
         sys.stderr.write(f"yolov12-ctl: {_one_line(e, _servers(args), args)}\n")
