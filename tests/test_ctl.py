@@ -598,6 +598,22 @@ def test_bytes_that_are_not_utf8_are_one_line_not_a_traceback(tmp_path, capsys):
     assert err == f"yolov12-ctl: {token} is not a text file: it must hold the token alone (one line, no spaces)\n"
 
 
+def test_every_argument_of_every_command_is_explained_in_its_help():
+    """`yolov12-ctl remove --help` showed a bare STREAM_ID: every argument of every command now says what it is."""
+    import argparse
+
+    def unexplained(parser: argparse.ArgumentParser, name: str) -> list[str]:
+        found = []
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                found += [u for sub, p in action.choices.items() for u in unexplained(p, f"{name} {sub}")]
+            elif not action.help:
+                found.append(f"{name} {action.metavar or action.dest}")
+        return found
+
+    assert unexplained(ctl.build_parser(), "yolov12-ctl") == []
+
+
 def test_watch_lines_show_each_tracked_object_s_id():
     fd = pb.FrameDetections(stream_id="belt", frame_id=7, width=640, height=360, latency_ms=3.0, detections=[
         pb.Detection(x1=1, y1=2, x2=30, y2=40, score=0.91, class_id=1, class_name="dent", track_id=12),

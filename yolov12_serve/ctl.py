@@ -167,7 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="publish only detections whose box centre lies in this polygon, its corners as fractions "
                      "of the frame's width and height (0,0 top left; e.g. 0,.3,1,.3,1,.8,0,.8; default: all)")
     rm = sub("remove", "stop cameras")
-    rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID")
+    rm.add_argument("stream_ids", nargs="+", metavar="STREAM_ID",
+                    help="cameras to stop (one of the server's --streams file comes back at its next SIGHUP or "
+                         "restart: take it out of the file too)")
     apply = sub("apply", "make the server's cameras those of a streams file (the --streams format): add the missing, "
                 "replace those whose URL, max_fps, min_score, class_min_scores, classes, zone, blind_after_s or track "
                 "changed, and with "
