@@ -24,6 +24,7 @@ from engines import EngineError, EngineInfo
 from engines.metadata import ONNX_KEY, info_from_metadata, info_to_props, read_onnx_props
 from trainer import YOLO
 from trainer.export import ExportError, export, export_main
+from yolov12_serve.predict.cli import main as predict_main
 
 REPO = Path(__file__).resolve().parents[1]
 ASSET = REPO / "tests" / "assets" / "yolov12n-defects.pt"
@@ -289,6 +290,23 @@ def test_cli_bad_input_is_one_line_and_exit_2(checkpoint: Path, argv: list[str],
     assert export_main([a.replace("{ckpt}", str(checkpoint)) for a in argv]) == 2
     err = capsys.readouterr().err
     assert err.startswith("yolov12-export: error: ") and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize(("main", "stated"), [
+    (export_main, ["--batch BATCH fixed batch (default: 1), or the largest with --dynamic (default: 32)",
+                   "EfficientNMS (efficient) (default: onnx)", "run at once (default: 2)", "GiB (default: 4)"]),
+    (predict_main, ["most detections per frame (default: the model's)",
+                    "engine instances per device (default: 2; 1 for a .pt on a CPU, or on one core)"]),
+])
+def test_cli_help_states_the_defaults(main, stated: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    """yolov12-export --help left out what --batch, --nms, --contexts and --workspace are when not given (--batch
+    is 32 with --dynamic alone), and yolov12-predict --help what --max-det and --instances are."""
+    try:
+        assert main(["--help"]) == 0
+    except SystemExit as e:
+        assert e.code in (0, None)
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    assert [s for s in stated if s not in text] == [], text
 
 
 def test_cli_writes_the_file(checkpoint: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

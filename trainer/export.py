@@ -434,7 +434,8 @@ def export_main(argv: list[str] | None = None) -> int:
     p.add_argument("--format", default="onnx", choices=["onnx", "engine"],
                    help="onnx (ONNX Runtime, CPU or GPU) or engine (TensorRT) (default: %(default)s)")
     p.add_argument("--imgsz", nargs="+", default=None, help="640, or height,width (default: the training size)")
-    p.add_argument("--batch", type=int, default=1, help="fixed batch, or the largest with --dynamic")
+    p.add_argument("--batch", type=int, default=1,
+                   help="fixed batch (default: %(default)s), or the largest with --dynamic (default: 32)")
     p.add_argument("--dynamic", action="store_true", help="dynamic batch, height and width")
     p.add_argument("--half", action="store_true", help="FP16 (TensorRT)")
     p.add_argument("--int8", action="store_true", help="INT8 with calibration on --data (TensorRT)")
@@ -446,10 +447,12 @@ def export_main(argv: list[str] | None = None) -> int:
                    help="most detections per image, 1..3840 (default: %(default)s)")
     p.add_argument("--raw", action="store_true", help="plain [B, 4+nc, N] head, float NCHW input (no NMS)")
     p.add_argument("--no-simplify", action="store_true", help="skip onnxslim")
-    p.add_argument("--nms", default="onnx", choices=list(NMS_KINDS), help="TensorRT: NMS layer or EfficientNMS")
+    p.add_argument("--nms", default="onnx", choices=list(NMS_KINDS),
+                   help="TensorRT: NMS layer (onnx) or EfficientNMS (efficient) (default: %(default)s)")
     p.add_argument("--shapes", default=None, help="TensorRT: camera input shapes, e.g. 640x640,384x640")
-    p.add_argument("--contexts", type=int, default=2, help="TensorRT: execution contexts run at once")
-    p.add_argument("--workspace", type=float, default=4, help="TensorRT workspace limit, GiB")
+    p.add_argument("--contexts", type=int, default=2,
+                   help="TensorRT: execution contexts run at once (default: %(default)s)")
+    p.add_argument("--workspace", type=float, default=4, help="TensorRT workspace limit, GiB (default: %(default)s)")
     p.add_argument("--device", default=None, help="cpu, 0, cuda:0 (engine builds default to GPU 0)")
     p.add_argument("--output", default=None, help="output file (default: beside the weights)")
     try:

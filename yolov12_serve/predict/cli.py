@@ -55,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--conf", type=float, help="score threshold (default: the model's, 0.25 unless exported otherwise)")
     p.add_argument("--iou", type=float, help="NMS IoU threshold (default: the model's)")
     p.add_argument("--classes", type=int, nargs="+", help="keep only these class indices")
-    p.add_argument("--max-det", type=int, help="most detections per frame")
+    p.add_argument("--max-det", type=int, help="most detections per frame (default: the model's)")
     p.add_argument("--batch", type=int, default=1, help="frames per engine run (default: 1)")
     p.add_argument("--device", help="cpu, cpu:N, 0, 0,1,2,3 (default: the first GPU the engine can use, else cpu)")
     p.add_argument("--half", action="store_true", help="fp16 where the engine allows (a .pt on a GPU)")
@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--track", action="store_true",
                    help="follow each object through its video or camera: a track id per box (drawn as #ID, "
                    "'track_id' in --save-json) and the objects counted")
-    p.add_argument("--instances", type=int, help="engine instances per device")
+    p.add_argument("--instances", type=int,
+                   help="engine instances per device (default: 2; 1 for a .pt on a CPU, or on one core)")
     p.add_argument("--duration", type=float, help="stop after this many seconds (cameras never end on their own)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
