@@ -1073,3 +1073,13 @@ def test_export_after_training_writes_beside_the_trained_weights(tiny_data: Path
     m.train(data=str(tiny_data), epochs=1, project=str(tmp_path), name="run")
     assert m.export(format="onnx", simplify=False) == str(tmp_path / "run" / "weights" / "best.onnx")
     assert not (tmp_path / "yolov12n.onnx").exists()
+
+
+def test_a_dataset_smaller_than_one_accumulated_step_says_it_steps_once_an_epoch(tiny_data: Path, tmp_path: Path,
+                                                                                   capsys) -> None:
+    """16 images at --batch 4 with --nbs 64: an epoch holds 4 of the 16 batches a step wants; the plan line says the
+    step comes once an epoch (at its end), not "16 batches per step" alone, which read as never."""
+    cfg = TrainConfig.from_kwargs(data=str(tiny_data), imgsz=64, batch=4, nbs=64, workers=0, plots=False)
+    Trainer(cfg, build_model("yolov12n.yaml", names=["a", "b", "c", "d", "e"]), DistContext(), tmp_path)
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("optimizer"))
+    assert "16 batches of 4 per step (--nbs 64), but an epoch holds 4: one step per epoch" in line, line

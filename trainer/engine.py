@@ -142,6 +142,10 @@ class Trainer:
         self.ema = ModelEMA(model, cfg.ema_decay, cfg.ema_tau) if cfg.ema else None
         accumulated = (f"; {self.nominal_accumulate} batches of {cfg.batch} per step (--nbs {cfg.nbs})"
                        if self.nominal_accumulate > 1 else "")
+        per_epoch = math.ceil(len(self.train_set) / cfg.batch)
+        if self.nominal_accumulate > 1 and per_epoch < self.nominal_accumulate:  # a small dataset: say what happens
+            accumulated += (f", but an epoch holds {per_epoch}: one step per epoch, at its end (lower --nbs for "
+                            "more)")
         self.log(f"optimizer {self.optimizer_name} lr0={lr0:g} momentum={self.momentum} weight_decay={decay:g}"
                  f"{accumulated}")
 
