@@ -622,6 +622,18 @@ def test_the_opcua_users_command_prints_a_line_the_users_file_takes(tmp_path, ca
         assert out == "" and message in err and err.count("\n") == 1, (argv, err)
 
 
+def test_a_users_file_saved_on_windows_with_a_bom_and_crlf_lets_its_first_user_in(tmp_path):
+    """Notepad's UTF-8 starts with a BOM and ends lines with CRLF: the first user must not become '\ufeffplc1'."""
+    from yolov12_serve.opcua_users import UserTable, hash_password
+
+    users = tmp_path / "opcua-users"
+    users.write_bytes(("\ufeff" + f"plc1:{hash_password('belt-plc-pass')}\r\n"
+                       f"scada:{hash_password('scada:pass-1')}\r\n").encode("utf-8"))
+    table = UserTable.load(users)
+    assert sorted(table.users) == ["plc1", "scada"]
+    assert table.check("plc1", "belt-plc-pass") and table.check("scada", "scada:pass-1")  # ':' in a password too
+
+
 def test_a_users_file_that_cannot_be_used_is_one_line_naming_file_and_line(tmp_path):
     from yolov12_serve.errors import ConfigError
     from yolov12_serve.opcua_users import UserTable, hash_password

@@ -101,7 +101,7 @@ class UserTable:
         """Read a users file; ConfigError naming the file and line (never a hash) for anything wrong."""
         path = Path(path)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8-sig")  # a BOM (Windows' Notepad) is no part of the first name
         except (OSError, UnicodeDecodeError) as e:
             raise ConfigError(f"cannot read {FLAG} {path}: {getattr(e, 'strerror', None) or e}") from None
         users: dict[str, _Hash] = {}
