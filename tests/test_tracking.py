@@ -192,3 +192,24 @@ def test_a_frame_of_unknown_size_leaves_the_tracks_in_their_pixels():
     ids.append(tracker.update(box, 0.2, (0, 0))[0][0])
     ids.append(tracker.update(box, 0.3, (360, 640))[0][0])
     assert ids == [0, 1, 1, 1]
+
+
+def test_with_evidence_dir_the_skipped_series_exist_at_zero_from_the_start(tmp_path):
+    """Yolov12EvidenceNotWritten is increase(yolov12_evidence_skipped_total[15m]): a series that appeared only at its
+    first increment would start at that count, and the first pictures a full disk loses would not be seen."""
+    from test_scheduler import CostEngine
+    from test_server_harness import ROOT
+
+    from yolov12_serve.config import ServerConfig
+    from yolov12_serve.core import ServerCore
+
+    config = ServerConfig(engines=[str(ROOT / "pyproject.toml")], devices=["cpu"], metrics_port=-1,
+                          allow_synthetic=True, state_dir=None, evidence_dir=str(tmp_path / "evidence"))
+    core = ServerCore(config, load_engine=lambda path, device="cpu", instances=1, **opts: CostEngine(a=0.002, b=0.001))
+    core.start()
+    try:
+        text = core.metrics.exposition().decode()
+        for reason in ("write failed", "busy", "no picture", "not in its pictures"):
+            assert f'yolov12_evidence_skipped_total{{reason="{reason}"}} 0.0' in text, reason
+    finally:
+        core.drain(2)

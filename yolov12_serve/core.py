@@ -179,6 +179,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
                 raise ConfigError(f"--evidence-dir {cfg.evidence_dir}: {e.strerror or e}; give a folder this user "
                                   "can write") from None
             skipped = self.metrics.evidence_skipped
+            self.metrics.add_evidence()
             self.evidence = EvidenceRecorder(folder, take_picture=self._evidence_picture,
                                              on_written=self.metrics.evidence_written.inc,
                                              on_skipped=lambda reason, n: skipped.labels(reason).inc(n))

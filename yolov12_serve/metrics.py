@@ -355,6 +355,12 @@ class Metrics:
         for reason in ("disconnected", "queue full"):
             self.mqtt_dropped.labels(reason)
 
+    def add_evidence(self) -> None:
+        """--evidence-dir: create the skipped series at zero, so that increase() sees the first picture not written
+        (an alert on a series that appears at its first increment misses that increment)."""
+        for reason in ("no picture", "not in its pictures", "busy", "write failed"):
+            self.evidence_skipped.labels(reason)
+
     def add_watcher(self, label: str) -> None:
         """Create a watcher's loss counter at zero (its rate exists from the start)."""
         self.watcher_dropped(label)
