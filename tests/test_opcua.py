@@ -634,6 +634,22 @@ def test_a_users_file_saved_on_windows_with_a_bom_and_crlf_lets_its_first_user_i
     assert table.check("plc1", "belt-plc-pass") and table.check("scada", "scada:pass-1")  # ':' in a password too
 
 
+def test_a_users_line_with_the_largest_scrypt_parameters_it_takes_can_log_in(tmp_path):
+    """128*N*R of 256 MiB is taken by the file's check: a login with such a line must work, not raise OpenSSL's
+    'memory limit exceeded' inside asyncua's ActivateSession (every login of that user refused, nothing said)."""
+    import base64
+    import hashlib
+
+    from yolov12_serve.opcua_users import UserTable
+
+    salt = b"0123456789abcdef"
+    key = hashlib.scrypt(b"belt-plc-pass", salt=salt, n=2**20, r=2, p=1, maxmem=2**29, dklen=32)
+    users = tmp_path / "opcua-users"
+    users.write_text(f"plc1:scrypt$1048576$2$1${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}\n")
+    table = UserTable.load(users)
+    assert table.check("plc1", "belt-plc-pass") and not table.check("plc1", "belt-plc-pas")
+
+
 def test_a_users_file_that_cannot_be_used_is_one_line_naming_file_and_line(tmp_path):
     from yolov12_serve.errors import ConfigError
     from yolov12_serve.opcua_users import UserTable, hash_password

@@ -41,9 +41,14 @@ _NAME = re.compile(r"[^\s:#]{1,64}")  # printable, no spaces, ':' (the separator
 _HASH = re.compile(r"scrypt\$(\d+)\$(\d+)\$(\d+)\$([A-Za-z0-9+/=]+)\$([A-Za-z0-9+/=]+)")
 
 
+# scrypt needs 128*N*R bytes and a little more (128*R*P, OpenSSL's own): the most a line may ask (128*N*R of 256 MiB,
+# _parse_hash) must fit, or every login of that user is a ValueError inside asyncua rather than a check
+_MAXMEM = 2**28 + 2**24
+
+
 def _scrypt(password: str, salt: bytes, n: int, r: int, p: int, length: int) -> bytes:
     return hashlib.scrypt(password.encode("utf-8", "surrogateescape"), salt=salt, n=n, r=r, p=p,
-                          maxmem=256 * 1024 * 1024, dklen=length)
+                          maxmem=_MAXMEM, dklen=length)
 
 
 def hash_password(password: str) -> str:
