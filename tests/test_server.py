@@ -167,6 +167,16 @@ def test_demo_runs_four_cameras_shows_the_table_and_a_summary():
       "/proc/no-such/state"], "cannot keep the stream set in /proc/no-such/state"),
     (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--no-state",
       "--evidence-dir", "/proc/no-such/evidence"], "--evidence-dir /proc/no-such/evidence: No such file or directory"),
+    # a file in the way: a start said "File exists" / "Not a directory", where --check said it clearly
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
+      "/etc/passwd"], "--state-dir /etc/passwd: /etc/passwd is a file, not a folder"),
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--state-dir",
+      "/etc/passwd/state"], "--state-dir /etc/passwd/state: /etc/passwd is a file, not a folder"),
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--no-state",
+      "--evidence-dir", "/etc/passwd"], "--evidence-dir /etc/passwd: /etc/passwd is a file, not a folder"),
+    (["--gpus", "cpu", "--engines", str(model_path()), "--port", "0", "--metrics-port", "-1", "--no-state",
+      "--evidence-dir", "/etc/passwd/evidence"], "--evidence-dir /etc/passwd/evidence: /etc/passwd is a file, "
+     "not a folder"),
     (["--engines", "x.onnx", "--gpus", "cpu", "--evidence-dir", "/tmp/e", "--evidence-max-mb", "0"],
      "--evidence-max-mb must be positive"),
     # it was taken and ignored: no evidence is written without --evidence-dir (also with --check, below)

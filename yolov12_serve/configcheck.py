@@ -21,7 +21,7 @@ from .config import ServerConfig, StreamSpec
 from .errors import ConfigError, InvalidArgumentError
 from .ports import host_port
 from .security import Security
-from .state import STREAMS_FILE
+from .state import STREAMS_FILE, nearest_folder
 from .urls import redact_url
 
 __all__ = ["check_config"]
@@ -96,11 +96,7 @@ def _writable(folder: str, flag: str) -> str:
     """How the server would keep files in `folder` ('writable', or created in the nearest folder above that is);
     ConfigError when this user could not."""
     path = Path(folder).expanduser().absolute()
-    existing = path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ConfigError(f"{flag} {folder}: {existing} is a file, not a folder")
+    existing = nearest_folder(folder, flag)
     try:  # a file made and removed: permissions, a read-only mount, a full disk or /proc all answer truly
         fd, probe = tempfile.mkstemp(dir=existing, prefix=".yolov12-check.")
         os.close(fd)

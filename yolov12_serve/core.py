@@ -58,7 +58,7 @@ from .sources.push import decode_frame
 from .sources.synthetic import parse_synthetic_url
 from .sparkplug import KINDS as SPARKPLUG_KINDS
 from .sparkplug import SparkplugPublisher
-from .state import StreamStore
+from .state import StreamStore, nearest_folder
 from .stream import Stream, StreamView
 from .supervisor import RunDeadline, RunSupervisor
 from .swap import EngineSwap, check_engine_path, engine_files_signature
@@ -173,6 +173,7 @@ class ServerCore(DeviceCare, EngineSwap, ProcessDevices):
         self.metrics = Metrics(cfg.slo_s, cfg.devices, cfg.max_batch, snapshot=self.live_snapshot,
                                before_scrape=self.sync_counts)
         if cfg.evidence_dir is not None:
+            nearest_folder(cfg.evidence_dir, "--evidence-dir")  # a file in the way: said as --check says it
             try:
                 folder = EvidenceFolder(Path(cfg.evidence_dir), int(cfg.evidence_max_mb * 1024 * 1024))
             except OSError as e:

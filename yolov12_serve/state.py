@@ -25,7 +25,7 @@ from pathlib import Path
 from .config import StreamSpec, redact_url
 from .errors import ConfigError, InvalidArgumentError
 
-__all__ = ["CREDENTIALS_FILE", "STREAMS_FILE", "StreamStore", "default_state_dir"]
+__all__ = ["CREDENTIALS_FILE", "STREAMS_FILE", "StreamStore", "default_state_dir", "nearest_folder"]
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,17 @@ def default_state_dir() -> Path:
     """$XDG_STATE_HOME/yolov12-serve, else ~/.local/state/yolov12-serve (the XDG base directory default)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "yolov12-serve"
+
+
+def nearest_folder(folder: str | Path, flag: str) -> Path:
+    """The folder itself, or the nearest one above it that exists (where it would be created); ConfigError when
+    that is a file, so `--state-dir /etc/passwd/x` says so instead of "Not a directory" (start and --check alike)."""
+    existing = Path(folder).expanduser().absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"{flag} {folder}: {existing} is a file, not a folder")
+    return existing
 
 
 def _write_atomically(path: Path, text: str, mode: int = 0o600) -> None:
@@ -84,6 +95,7 @@ class StreamStore:
 
     def open(self) -> None:
         """Create the folder (0700) and check it can be written; ConfigError saying how to fix it otherwise."""
+        nearest_folder(self.folder, "--state-dir")
         try:
             self.folder.mkdir(parents=True, exist_ok=True, mode=0o700)
             probe = self.folder / f".probe.{os.getpid()}"
