@@ -133,6 +133,30 @@ def test_a_client_target_that_cannot_work_is_a_value_error_at_once():
     Client("dns:///localhost:50051").close()  # gRPC's own target forms still go through
 
 
+def test_a_client_timeout_that_cannot_work_is_an_error_at_once():
+    """Client(timeout="5") failed only at the first call ("unsupported operand type(s) for +"), and 0, a negative
+    number or inf ended every call at once in DEADLINE_EXCEEDED; None (no deadline) still goes through."""
+    from yolov12_serve.client import Client, FollowedWatch
+
+    for timeout, error in (("5", TypeError), (True, TypeError), (0, ValueError), (-1.0, ValueError),
+                           (float("inf"), ValueError), (float("nan"), ValueError)):
+        with pytest.raises(error, match=r"^Client: timeout .*a number of seconds above 0 or None \(no deadline\), "
+                                        r"such as timeout=10, got "):
+            Client("127.0.0.1:1", timeout=timeout)
+    with Client("127.0.0.1:1", timeout=None) as c:  # nothing listens there: no call is made
+        for call in (lambda: c.watch("belt", timeout=0), lambda: c.watch("belt", timeout=0, follow=True),
+                     lambda: c.detect([], timeout="5"), lambda: c.reload_engines(timeout=-1)):
+            with pytest.raises((TypeError, ValueError), match=r"^(watch|detect|reload_engines): timeout "):
+                call()
+        with pytest.raises(ValueError, match=r"^wait_ready: timeout must be a number of seconds above 0, such as"):
+            c.wait_ready(0)
+        with pytest.raises(TypeError, match=r"^wait_ready: timeout takes a number of seconds above 0, such as"):
+            c.wait_ready(None)
+        with pytest.raises(ValueError, match=r"^FollowedWatch: timeout must be"):
+            FollowedWatch(lambda left: None, timeout=0)
+    Client("127.0.0.1:1", timeout=2.5).close()
+
+
 def test_reload_engines_takes_one_file_alone_and_paths():
     """c.reload_engines("new.onnx") sent each letter as an engine file: the server answered "14 engine files for 1
     devices"; and a Path in the list was protobuf's TypeError."""

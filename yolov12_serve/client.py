@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import io
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -178,6 +179,18 @@ def _check_types(call: str, **given: tuple[Any, type | tuple[type, ...]]) -> Non
             raise TypeError(f"{call}: {name} takes {wanted.replace('Real', 'a number')}, got {value!r}")
 
 
+def _check_timeout(call: str, timeout: Any, no_deadline: bool = True) -> None:
+    """TypeError / ValueError unless `timeout` is seconds above 0 (or None, no deadline, where `no_deadline`): "5"
+    failed only at the first call ("unsupported operand"), and 0, a negative number or inf ended every call at once."""
+    if timeout is None and no_deadline:
+        return
+    what = "a number of seconds above 0" + (" or None (no deadline)" if no_deadline else "")
+    if isinstance(timeout, bool) or not isinstance(timeout, Real):
+        raise TypeError(f"{call}: timeout takes {what}, such as timeout=10, got {timeout!r}")
+    if not 0 < timeout < math.inf:
+        raise ValueError(f"{call}: timeout must be {what}, such as timeout=10, got {timeout!r}")
+
+
 class _PushAnswers:
     """A Detect call's answers; when the frames given could not all be sent, the caller's own error instead of the
     UNKNOWN status gRPC ends the call with. The rest of the call (`cancel()`, `code()`, ...) as grpc's."""
@@ -212,6 +225,7 @@ class FollowedWatch:
 
     def __init__(self, open_call: Callable[[float | None], Watch], timeout: float | None = None,
                  on_gap: Callable[[str], None] | None = None, retry_cap_s: float = 5.0) -> None:
+        _check_timeout("FollowedWatch", timeout)
         self._open_call = open_call
         self._end = None if timeout is None else time.monotonic() + timeout
         self._on_gap = on_gap or (lambda text: log.warning("watch: %s", text))
@@ -382,10 +396,11 @@ class Client:
     --tls-client-ca (mutual TLS); `server_name` checks the server's certificate for that name instead of the
     target's host. Any of them turns TLS on. `token` is sent as `authorization: Bearer TOKEN` on every call."""
 
-    def __init__(self, target: str = "localhost:50051", timeout: float = 10.0,
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = 10.0,
                  max_message_bytes: int = 32 * 1024 * 1024, channel: grpc.Channel | None = None, *,
                  tls: bool | None = None, tls_ca: Pem | None = None, cert: Pem | None = None, key: Pem | None = None,
                  token: str | None = None, server_name: str | None = None) -> None:
+        _check_timeout("Client", timeout)
         self.timeout = timeout
         options = [
             ("grpc.max_receive_message_length", max_message_bytes),
@@ -480,6 +495,7 @@ class Client:
         `batched=False`: one WatchDetections message per result (a slow watcher loses more). `follow`: go on
         through server restarts and outages (`FollowedWatch`; `on_gap` hears of each gap). One id may be given
         alone (a string is not read as a list of one-letter ids)."""
+        _check_timeout("watch", timeout)
         if isinstance(stream_ids, str):
             stream_ids = [stream_ids]
         if follow:
@@ -500,6 +516,7 @@ class Client:
         """Push mode: frames (Frame messages or RGB arrays, sent as JPEG) in, detections out in the same order. A
         frame that cannot be made into a message (make_frame's ValueError) is raised as itself when reading the
         answers, not as gRPC's UNKNOWN "Exception iterating requests!"."""
+        _check_timeout("detect", timeout)
         failed: list[Exception] = []
 
         def messages() -> Iterator[pb.Frame]:
@@ -531,10 +548,11 @@ class Client:
         return self.stub.GetServerInfo(pb.GetServerInfoRequest(), timeout=self.timeout)
 
     def reload_engines(self, engines: Iterable[str | Path] | str | Path = (),
-                       timeout: float = 300.0) -> list[pb.EngineInfo]:
+                       timeout: float | None = 300.0) -> list[pb.EngineInfo]:
         """Swap in the engine files (again: empty `engines`), streams flowing; returns what runs now. A file that
         cannot serve raises FAILED_PRECONDITION and the running engines stay. One file may be given alone (a string
         is not read as a list of one-letter paths), as str or Path."""
+        _check_timeout("reload_engines", timeout)
         if isinstance(engines, str | Path):
             engines = [engines]
         request = pb.ReloadEnginesRequest(engines=[str(e) for e in engines])
@@ -547,6 +565,7 @@ class Client:
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         """Block until the server says SERVING (engines loaded); TimeoutError otherwise."""
+        _check_timeout("wait_ready", timeout, no_deadline=False)
         end = time.monotonic() + timeout
         last = ""
         while time.monotonic() < end:
