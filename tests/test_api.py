@@ -133,6 +133,20 @@ def test_a_client_target_that_cannot_work_is_a_value_error_at_once():
     Client("dns:///localhost:50051").close()  # gRPC's own target forms still go through
 
 
+def test_a_plaintext_client_target_without_a_port_is_a_value_error_at_once():
+    """Client("localhost") went to gRPC's default port, 443, where no yolov12-serve listens in plaintext, and failed at
+    the first call; over TLS a gateway may be there, so it is made."""
+    from yolov12_serve.client import Client
+
+    for target in ("localhost", "10.0.0.5", "[::1]", "dns:///localhost", "localhost:"):
+        with pytest.raises(ValueError, match=rf"^target '{re.escape(target)}' has no port: add it, such as "
+                                             rf"{re.escape(target)}:50051 \(plaintext would go to gRPC's default 443"):
+            Client(target)
+    for target, tls in (("localhost", {"tls": True}), ("gateway.plant", {"server_name": "gateway.plant"}),
+                        ("localhost:50051", {}), ("[::1]:50051", {}), ("unix:/run/yolov12.sock", {})):
+        Client(target, **tls).close()
+
+
 def test_a_client_timeout_that_cannot_work_is_an_error_at_once():
     """Client(timeout="5") failed only at the first call ("unsupported operand type(s) for +"), and 0, a negative
     number or inf ended every call at once in DEADLINE_EXCEEDED; None (no deadline) still goes through."""

@@ -567,6 +567,23 @@ def test_an_unreachable_server_says_where_it_looked(capsys):
         assert e.value.code == 2 and err.startswith(f"yolov12-ctl: {line}") and err.count("\n") == 1, err
 
 
+def test_a_server_without_a_port_is_refused_in_plaintext_and_goes_to_443_over_tls(capsys, monkeypatch):
+    """--server localhost went to gRPC's default port, 443, and read as a server that is down; the Python Client
+    refuses it the same way. Over TLS it is a gateway's address, and is tried."""
+    for argv in (["--server", "localhost"], ["--server", "dns:///localhost"], ["--server", "[::1]"], []):
+        if not argv:
+            monkeypatch.setenv("YOLOV12_SERVER", "localhost")
+        assert run(*argv, "streams") == (2, "")
+        err = capsys.readouterr().err
+        assert err.startswith("yolov12-ctl: --server '") and "' has no port: add it, such as " in err and (
+            ":50051 (plaintext would go to gRPC's default 443; a TLS gateway there: give --tls-ca)" in err) and (
+            err.count("\n") == 1), err
+    monkeypatch.delenv("YOLOV12_SERVER")
+    assert run("--server", "127.0.0.1", "--server-name", "gateway", "--timeout", "5", "streams") == (1, "")
+    err = capsys.readouterr().err  # tried over TLS: nothing listens at 127.0.0.1:443 here
+    assert err.startswith("yolov12-ctl: UNAVAILABLE: cannot reach 127.0.0.1") and err.count("\n") == 1, err
+
+
 @pytest.mark.skipif(not HAVE_OPENSSL, reason="needs the openssl command line")
 def test_tls_to_a_plaintext_server_or_to_nothing_says_which(server, tmp_path, capsys):
     """--tls-ca against a plaintext server failed its handshake (WRONG_VERSION_NUMBER) and was told that a server

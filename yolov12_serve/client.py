@@ -286,6 +286,21 @@ class FollowedWatch:
         return watch.cancel() if watch is not None else True
 
 
+def lacks_port(target: str) -> bool:
+    """Whether a target names a host but no port ("localhost", "[::1]", "dns:///host"): gRPC then goes to 443, where
+    only a TLS gateway may listen (unix:, ipv4:, ipv6: and other gRPC schemes are left to gRPC)."""
+    if target.startswith("dns:"):
+        target = target[4:]
+        if target.startswith("//"):  # dns://[AUTHORITY]/HOST[:PORT]
+            target = target[2:].split("/", 1)[-1]
+    elif target.split(":", 1)[0] in ("unix", "unix-abstract", "ipv4", "ipv6", "vsock"):
+        return False
+    if target.startswith("["):  # [IPv6]:PORT
+        return not target.rpartition("]")[2][1:]
+    _, colon, port = target.rpartition(":")
+    return not colon or not port
+
+
 def _read_pem(value: Pem | None, what: str) -> bytes | None:
     if value is None or isinstance(value, bytes):
         return value
@@ -390,6 +405,9 @@ def _flat(zone: Sequence[tuple[float, float]] | Sequence[float]) -> list[float]:
 
 class Client:
     """A connection to one server. Methods raise grpc.RpcError with the server's status code and message.
+    `target` is HOST:PORT (or a gRPC target such as unix:PATH); the port may be left out over TLS only (443, a
+    gateway's: gRPC's default), a plaintext target without one is a ValueError. `timeout` bounds each call (None:
+    no deadline).
 
     TLS (docs/security.md): `tls_ca` is the CA that signed the server's certificate (PEM bytes or a file; None with
     `tls=True`: the system's CAs); `cert` and `key` are this client's certificate and key for a server with
@@ -426,6 +444,9 @@ class Client:
         if not secure:
             if tls_ca is not None or cert is not None:
                 raise ValueError("tls=False with tls_ca / cert / key: those are TLS settings")
+            if lacks_port(target):  # gRPC's default, 443, is no yolov12-serve's in plaintext
+                raise ValueError(f"target {target!r} has no port: add it, such as {target}:50051 (plaintext would go "
+                                 "to gRPC's default 443; a TLS gateway there: tls=True)")
             return grpc.insecure_channel(target, options=options)
         key_pem = _read_pem(key, "client key")
         if key_pem is not None and b"ENCRYPTED" in key_pem:  # gRPC reads no passphrase: "Invalid private key"

@@ -28,7 +28,7 @@ import grpc
 
 from . import __version__
 from .argparsing import OneLineParser
-from .client import Client, make_frame, message_dict, new_objects, object_dict
+from .client import Client, lacks_port, make_frame, message_dict, new_objects, object_dict
 from .config import STREAM_KEYS, StreamSpec, load_streams_file, redact_url, url_kind
 from .errors import ANSWERED_BY_SERVER, ConfigError, InvalidArgumentError
 from .filters import zone_from_flat
@@ -119,7 +119,8 @@ def _common_options(parser: argparse.ArgumentParser) -> None:
     """The options every command takes, before or after its name ("watch cam1 --json" reads as meant)."""
     parser.add_argument("--server", action="append", metavar="HOST:PORT",
                         help="the server; repeat for every replica of a sharded deployment, in shard order "
-                        f"(default: $YOLOV12_SERVER, comma-separated, else {DEFAULT_SERVER})")
+                        f"(default: $YOLOV12_SERVER, comma-separated, else {DEFAULT_SERVER}); no default port: "
+                        "only with TLS may it be left out (443)")
     parser.add_argument("--tls-ca", metavar="FILE", help="CA certificate that signed the server's (turns TLS on)")
     parser.add_argument("--cert", metavar="FILE", help="this client's certificate, for a server with --tls-client-ca")
     parser.add_argument("--key", metavar="FILE", help="this client's key (with --cert)")
@@ -215,14 +216,21 @@ def build_parser() -> argparse.ArgumentParser:
 def _servers(args: argparse.Namespace) -> list[str]:
     given = args.server or [s for s in os.environ.get("YOLOV12_SERVER", "").split(",") if s.strip()]
     servers = [s.strip() for s in given] or [DEFAULT_SERVER]
+    tls = any(v is not None for v in (args.tls_ca, args.cert, args.server_name))
     for server in servers:
-        _check_server(server)
+        _check_server(server, tls)
     return servers
 
 
-def _check_server(server: str) -> None:
+def _check_server(server: str, tls: bool = False) -> None:
     """UsageError unless `server` is HOST:PORT (or a gRPC target such as dns:///HOST:PORT or unix:PATH): a typo
-    there otherwise read as a server that is down."""
+    there otherwise read as a server that is down. With TLS the port may be left out (443, a gateway's), as in
+    Client."""
+    if lacks_port(server):
+        if tls:
+            return
+        raise UsageError(f"--server {server!r} has no port: add it, such as {server}:50051 (plaintext would go to "
+                         "gRPC's default 443; a TLS gateway there: give --tls-ca)")
     scheme = server.split(":", 1)[0]
     if scheme in GRPC_SCHEMES and server.startswith(f"{scheme}:") and len(server) > len(scheme) + 1:
         return
