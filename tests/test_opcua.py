@@ -650,6 +650,33 @@ def test_a_users_line_with_the_largest_scrypt_parameters_it_takes_can_log_in(tmp
     assert table.check("plc1", "belt-plc-pass") and not table.check("plc1", "belt-plc-pas")
 
 
+def test_an_unknown_name_costs_what_the_files_lines_cost_and_mixed_costs_are_warned(tmp_path, caplog):
+    """A name not in the file is checked against a hash of the scrypt cost of the file's lines (not the default):
+    else a refusal of a listed name with costlier lines takes longer, and tells that the name exists. Lines of
+    several costs cannot all be matched: a warning says to make them again."""
+    import base64
+    import hashlib
+
+    from yolov12_serve.opcua_users import SCRYPT_N, UserTable
+
+    def line(name: str, n: int) -> str:
+        salt = name.encode().ljust(16, b"-")
+        key = hashlib.scrypt(b"belt-plc-pass", salt=salt, n=n, r=8, p=1, dklen=32)
+        return f"{name}:scrypt${n}$8$1${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}\n"
+
+    users = tmp_path / "opcua-users"
+    users.write_text(line("plc1", 2**11) + line("plc2", 2**11))
+    with caplog.at_level("WARNING", logger="yolov12_serve.opcua_users"):
+        table = UserTable.load(users)
+    assert (table.dummy.n, table.dummy.r, table.dummy.p) == (2**11, 8, 1) != (SCRYPT_N, 8, 1)
+    assert table.check("plc1", "belt-plc-pass") and not table.check("nobody", "belt-plc-pass")
+    assert "different scrypt costs" not in caplog.text
+    users.write_text(line("plc1", 2**11) + line("plc2", 2**11) + line("scada", 2**12))
+    with caplog.at_level("WARNING", logger="yolov12_serve.opcua_users"):
+        assert UserTable.load(users).dummy.n == 2**11
+    assert "2 different scrypt costs" in caplog.text
+
+
 def test_a_users_file_that_cannot_be_used_is_one_line_naming_file_and_line(tmp_path):
     from yolov12_serve.errors import ConfigError
     from yolov12_serve.opcua_users import UserTable, hash_password

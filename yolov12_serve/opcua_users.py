@@ -4,7 +4,7 @@ that makes its lines.
 The file holds one `NAME:HASH` per line; blank lines and `#` comments are ignored. HASH is a salted scrypt hash
 (`scrypt$N$R$P$SALT$KEY`, base64), made by
 
-    python -m yolov12_serve.opcua_users NAME >> opcua-users     # asks the password twice; chmod 600 opcua-users
+    (umask 077; python -m yolov12_serve.opcua_users NAME >> opcua-users)     # asks the password twice
 
 so the file holds no password, and is read again on SIGHUP (opcua.py). A password is checked in constant time
 against every hash; a name the file does not hold costs the same as a wrong password (a dummy hash is checked),
@@ -14,6 +14,7 @@ so that a client cannot learn which names exist from the time a refusal takes.
 from __future__ import annotations
 
 import base64
+import collections
 import getpass
 import hashlib
 import hmac
@@ -100,6 +101,7 @@ class UserTable:
 
     users: dict[str, _Hash]
     path: str = ""
+    dummy: _Hash = _DUMMY  # checked for a name not in the file: at the file's own scrypt cost (see load)
 
     @classmethod
     def load(cls, path: str | Path) -> UserTable:
@@ -125,16 +127,27 @@ class UserTable:
             raise ConfigError(f"{FLAG} {path} holds no user: add lines made by `python -m yolov12_serve.opcua_users "
                               "NAME`")
         _warn_if_readable_by_others(path)
-        return cls(users, str(path))
+        return cls(users, str(path), _dummy_like(users, path))
 
     def check(self, name: str | None, password: str | None) -> bool:
         """Whether `name` may log in with `password`; as slow for an unknown name as for a wrong password."""
         known = self.users.get(name or "")
-        ok = (known or _DUMMY).matches(password or "")
+        ok = (known or self.dummy).matches(password or "")
         return ok and known is not None
 
     def __len__(self) -> int:
         return len(self.users)
+
+
+def _dummy_like(users: dict[str, _Hash], path: Path) -> _Hash:
+    """The hash an unknown name is checked against, at the scrypt cost most lines have: a refusal of an unknown name
+    then takes as long as a wrong password of those lines. Lines of other costs are told apart by time: warned."""
+    costs = collections.Counter((h.n, h.r, h.p) for h in users.values())
+    (n, r, p), _ = costs.most_common(1)[0]
+    if len(costs) > 1:
+        log.warning("%s %s: its lines have %d different scrypt costs, so the time a refused login takes can tell which "
+                    "names exist: make every line again with `%s NAME`", FLAG, path, len(costs), PROG)
+    return _Hash(n, r, p, b"\0" * 16, b"\0" * 32)
 
 
 def _warn_if_readable_by_others(path: Path) -> None:
