@@ -70,7 +70,7 @@ def gpu_plan(tmp: Path) -> Plan:
 
 def smoke_plan(tmp: Path) -> Plan:
     demo = REPO / "yolov12_serve" / "assets" / "demo.onnx"
-    return Plan(demo if demo.is_file() else _checkpoint(tmp), "cpu", (360, 640), 2.0, (1, 2), 1.0, 2.0, 50.0,
+    return Plan(demo if demo.is_file() else _checkpoint(tmp), "cpu", (360, 640), 2.0, (1, 2), 0.5, 1.0, 50.0,
                 ["--max-batch", "4", "--instances", "1"], path_min_s=5.0)
 
 
