@@ -677,6 +677,33 @@ def test_an_unknown_name_costs_what_the_files_lines_cost_and_mixed_costs_are_war
     assert "2 different scrypt costs" in caplog.text
 
 
+def test_password_checks_are_limited_so_a_guessing_client_cannot_stall_the_loop(tmp_path, caplog):
+    """Each check costs ~50 ms on the OPC UA loop: 10 at once, then 2 a second; past that a login is refused
+    unchecked (a right password too, until the budget refills), said in one line a minute, not one per refusal."""
+    from yolov12_serve.opcua import _user_manager
+    from yolov12_serve.opcua_users import LoginLimiter, UserTable, hash_password
+
+    now = [100.0]
+    limiter = LoginLimiter(burst=3, per_s=2.0, clock=lambda: now[0])
+    with caplog.at_level("WARNING", logger="yolov12_serve.opcua_users"):
+        assert [limiter.allow() for _ in range(5)] == [True, True, True, False, False]
+        now[0] += 0.5  # one check's worth refilled
+        assert [limiter.allow() for _ in range(2)] == [True, False]
+        now[0] += 30
+        assert [limiter.allow() for _ in range(4)] == [True, True, True, False]  # refilled to the burst, no more
+    assert caplog.text.count("logins refused unchecked") == 1 and limiter.refused_total == 4
+
+    users = tmp_path / "opcua-users"
+    users.write_text(f"plc1:{hash_password('belt-plc-pass')}\n")
+    table = UserTable.load(users)
+    manager = _user_manager(lambda: table, LoginLimiter(burst=3, per_s=2.0, clock=lambda: now[0]))  # asyncua's
+    assert manager.get_user(None, "plc1", "belt-plc-pass") is not None
+    assert manager.get_user(None, "plc1", "guess") is None and manager.get_user(None, "plc9", "guess") is None
+    assert manager.get_user(None, "plc1", "belt-plc-pass") is None  # the budget is spent: refused unchecked
+    now[0] += 0.5
+    assert manager.get_user(None, "plc1", "belt-plc-pass") is not None
+
+
 def test_a_users_file_that_cannot_be_used_is_one_line_naming_file_and_line(tmp_path):
     from yolov12_serve.errors import ConfigError
     from yolov12_serve.opcua_users import UserTable, hash_password

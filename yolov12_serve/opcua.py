@@ -61,8 +61,9 @@ from urllib.parse import urlsplit
 from .camera_tags import ObjectTally, camera_rates, camera_states
 from .errors import ConfigError
 from .fanout import Subscription
+from .faultlog import FaultLog
 from .frames import FrameResult
-from .opcua_users import UserTable
+from .opcua_users import LoginLimiter, UserTable
 
 __all__ = ["NAMESPACE", "OpcUaOptions", "OpcUaServer", "check_installed", "load_identity", "load_trust",
            "load_users"]
@@ -286,20 +287,27 @@ def _client_validator(current: Callable[[], Trust]) -> Callable[[Any, Any], Any]
     return validate
 
 
-def _user_manager(current: Callable[[], UserTable | None]) -> Any:
+def _user_manager(current: Callable[[], UserTable | None], limiter: LoginLimiter | None = None) -> Any:
     """asyncua's login check at ActivateSession with --opcua-users: a user name and password of the users file in
-    use (`current()`: SIGHUP may replace it); else None, which asyncua answers BadUserAccessDenied, and a warning."""
+    use (`current()`: SIGHUP may replace it); else None, which asyncua answers BadUserAccessDenied, and a warning.
+    `limiter` bounds the checks (asyncua runs this on its loop: each costs ~50 ms)."""
     from asyncua.crypto.permission_rules import User, UserRole
     from asyncua.server.user_managers import UserManager
+
+    limiter = limiter or LoginLimiter()
+    refusals = FaultLog(log, "opcua")  # a line per episode (and per user name), then summaries: not one per refusal
 
     class Users(UserManager):
         def get_user(self, iserver: Any, username: str | None = None, password: str | None = None,
                      certificate: Any = None) -> Any:
+            if not limiter.allow():
+                return None
             table = current()
             if table is not None and table.check(username, password):
+                refusals.ok("a user logged in again")
                 return User(role=UserRole.User, name=username)
-            log.warning("opcua: refused a session: user %r is not in --opcua-users or its password is wrong",
-                        (username or "")[:64])
+            refusals.failed(f"refused a session: user {(username or '')[:64]!r} is not in --opcua-users or its "
+                            "password is wrong")
             return None
 
     return Users()

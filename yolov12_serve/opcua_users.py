@@ -19,10 +19,13 @@ import getpass
 import hashlib
 import hmac
 import logging
+import math
 import os
 import re
 import stat
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +33,7 @@ from pathlib import Path
 from .argparsing import OneLineParser
 from .errors import ConfigError
 
-__all__ = ["MIN_PASSWORD_LEN", "UserTable", "hash_password", "main"]
+__all__ = ["MIN_PASSWORD_LEN", "LoginLimiter", "UserTable", "hash_password", "main"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +140,39 @@ class UserTable:
 
     def __len__(self) -> int:
         return len(self.users)
+
+
+class LoginLimiter:
+    """At most `burst` password checks at once and `per_s` a second after that, for all clients together: a check
+    costs ~50 ms on the OPC UA loop (asyncua calls it there), so a client trying passwords in a loop would stall the
+    PLCs' tag updates and guess freely. Over the limit a login is refused unchecked; the refusals are logged in one
+    line a minute at most, not one each."""
+
+    def __init__(self, burst: int = 10, per_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+        self.burst, self.per_s, self._clock = burst, per_s, clock
+        self._tokens, self._at = float(burst), clock()
+        self._lock = threading.Lock()
+        self._refused = 0  # refused unchecked since the last line
+        self._said_at = -math.inf
+        self.refused_total = 0
+
+    def allow(self) -> bool:
+        """Whether a password may be checked now (one token taken), else False (counted, said once a minute)."""
+        with self._lock:
+            now = self._clock()
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_s)
+            self._at = now
+            if self._tokens >= 1:
+                self._tokens -= 1
+                return True
+            self._refused += 1
+            self.refused_total += 1
+            if now - self._said_at >= 60:
+                log.warning("opcua: %d logins refused unchecked: more than %d in a row or %g a second (a client "
+                            "trying passwords? its address is in the lines of asyncua's session log)", self._refused,
+                            self.burst, self.per_s)
+                self._said_at, self._refused = now, 0
+            return False
 
 
 def _dummy_like(users: dict[str, _Hash], path: Path) -> _Hash:
