@@ -744,7 +744,7 @@ class FakeCamera:
         return SimpleNamespace(fps=self.fps, latency_p99_ms=12.5)
 
 
-def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_again(tmp_path):
+def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_again(tmp_path, caplog):
     """The publisher alone, driven as the server drives it: 300 cameras make NBIRTH and 300 DBIRTHs, seq wrapping
     from 255 to 0; a camera's new state is a DDATA of that metric only; a camera removed is a DDEATH, one added a
     DBIRTH; the connection lost: the broker's NDEATH, then an NBIRTH with the next bdSeq and every DBIRTH again;
@@ -779,11 +779,15 @@ def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_a
         # its will, and the publisher connects again
         import paho.mqtt.client as mqtt
 
-        thief = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=publisher._client._client_id.decode())
-        thief.connect("127.0.0.1", broker.port)
-        thief.disconnect()
-        wait_until(lambda: len(host.of("NBIRTH")) == 2 and host.count("DBIRTH") >= 600, 30,
-                   what="the births after the connection came back")
+        thief = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=publisher.client_id)
+        with caplog.at_level("WARNING", logger="yolov12_serve.mqtt"):
+            thief.connect("127.0.0.1", broker.port)
+            thief.disconnect()
+            wait_until(lambda: len(host.of("NBIRTH")) == 2 and host.count("DBIRTH") >= 600, 30,
+                       what="the births after the connection came back")
+        lost = next(r.getMessage() for r in caplog.records if "lost the connection" in r.getMessage())
+        assert f"client id {publisher.client_id} " in lost and "--mqtt-sparkplug g/edge: " in lost \
+            and "the births after it carry every value" in lost, lost
         assert [host.metrics(p)["bdSeq"] for p in host.of("NDEATH")] == [bdseq]  # the lost connection's will
         assert host.metrics(host.of("NBIRTH")[1])["bdSeq"][1] > bdseq[1]  # a new connection: the next bdSeq
         assert {d for k, d, _ in host.messages[-300:] if k == "DBIRTH"} == set(cameras)

@@ -234,8 +234,8 @@ class MqttPublisher:
         self._drops = FaultLog(log, "mqtt: %s", (options.broker,))
         # unique per process, and at most 23 characters: the length every MQTT 3.1.1 broker must accept
         unique = hashlib.sha1(f"{socket.gethostname()} {os.getpid()} {id(self)}".encode()).hexdigest()[:15]
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2,
-                             client_id=options.client_id or self._default_client_id(unique), protocol=mqtt.MQTTv311)
+        self.client_id = options.client_id or self._default_client_id(unique)
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id, protocol=mqtt.MQTTv311)
         if user is not None:
             client.username_pw_set(user, password)
         self._tls: ssl.SSLContext | None = None
@@ -263,6 +263,14 @@ class MqttPublisher:
     def _default_client_id(self, unique: str) -> str:
         """The client id without --mqtt-client-id: `unique` to the process (a hash, 15 characters)."""
         return f"yolov12-{unique}"
+
+    def _while_away(self) -> str:
+        """What happens to what is published while the broker is away, for the lost-connection line."""
+        return f"objects are held (up to --mqtt-queue {self.options.queue}), detections are not sent meanwhile"
+
+    def _same_id_hint(self) -> str:
+        """What to change when another client takes over our client id, for the lost-connection line."""
+        return "each server needs its own --mqtt-client-id"
 
     def _set_will(self) -> None:
         """The connection's last will, published by the broker when the server is gone: PREFIX/status offline."""
@@ -392,11 +400,9 @@ class MqttPublisher:
         if self._connected and not self._stop.is_set():
             why = str(reason)
             if why == "Unspecified error":  # paho's word for a connection that closed under it (MQTT 3.1.1 says none)
-                named = f" {self.options.client_id}" if self.options.client_id else ""
                 why = (f"closed: the broker stopped, restarted or became unreachable, or another client connected with "
-                       f"this client id{named} and the broker dropped us (each server needs its own --mqtt-client-id)")
-            self._drops.failed(f"lost the connection ({why})", f": reconnecting; objects are held (up to --mqtt-queue "
-                               f"{self.options.queue}), detections are not sent meanwhile")
+                       f"this client id {self.client_id} and the broker dropped us ({self._same_id_hint()})")
+            self._drops.failed(f"lost the connection ({why})", f": reconnecting; {self._while_away()}")
         elif not self._connected and not self._stop.is_set() and not self._refusal and not self._unreachable:
             # TCP connected but no answer to CONNECT: the peer closed it (mqtt:// to a TLS port, not a broker; a
             # TLS 1.3 broker refusing our client certificate after the handshake) or never answered (a hung

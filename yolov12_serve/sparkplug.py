@@ -134,6 +134,15 @@ class SparkplugPublisher(MqttPublisher):
         # the new NBIRTH, rather than after the broker's keepalive); 23 characters, as every broker takes
         return "spB-" + hashlib.sha1(f"{self.group}/{self.edge_node}".encode()).hexdigest()[:19]
 
+    def _while_away(self) -> str:
+        return "nothing is queued meanwhile: the births after it carry every value"
+
+    def _same_id_hint(self) -> str:
+        if self.options.client_id:
+            return "each server needs its own --mqtt-client-id"
+        return (f"the client id comes from --mqtt-sparkplug {self.group}/{self.edge_node}: a restart of this server "
+                "does this once; over and over, another server has this edge node id: give each its own EDGE_NODE")
+
     def _set_will(self) -> None:
         self._client.on_pre_connect = self._pre_connect
 
