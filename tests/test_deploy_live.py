@@ -258,7 +258,8 @@ def test_panels_rules_and_the_latency_alert_live(stack):
     t0 = time.monotonic()
     # an SLO no frame can meet, and late frames processed anyway (not dropped): every frame is published late
     server = ServerProcess("--demo", "--no-status", *SOURCES, "--metrics-port", str(ports["metrics"]),
-                           "--slo-ms", "1", "--process-late", "--instances", "1")
+                           "--slo-ms", "1", "--process-late", "--instances", "1",
+                           "--evidence-dir", tempfile.mkdtemp(prefix="live-evidence-"))  # the evidence panel's series
     try:
         # (1) every panel query and every recording rule has a series once a few scrapes are in
         wanted = [(f"panel {title!r}", expr) for title, expr in dashboard_queries()]

@@ -180,6 +180,14 @@ def build() -> dict[str, Any]:
                       "{{stream}} {{class}}")],
               (0, 67, 24, 8), "Parts and defects on cameras that track objects (AddStream track): each object once, "
               "however many frames show it (parts per minute; a defect rate per part).", "short"),
+        panel("timeseries", "Evidence pictures per minute: written, and objects left without one",
+              [target(f"sum by (instance) (rate(yolov12_evidence_pictures_total{{{SEL}}}[$__rate_interval])) * 60",
+                      "{{instance}} written"),
+               target(f"sum by (instance, reason) (rate(yolov12_evidence_skipped_total{{{SEL}}}"
+                      "[$__rate_interval])) * 60", "{{instance}} none: {{reason}}")],
+              (0, 75, 24, 8), "Pictures of counted objects written to --evidence-dir (servers with one), and objects "
+              "counted without a picture by reason: write failed and busy are the disk's (Yolov12EvidenceNotWritten "
+              "opens a ticket), no picture and not in its pictures the camera's.", "short"),
     ]
     for i, p in enumerate(panels, start=1):
         p["id"] = i
