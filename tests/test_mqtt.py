@@ -618,6 +618,8 @@ class SparkplugListener:
 
         self.pb = sparkplug_b_pb2
         self.messages: list[tuple[str, str, object]] = []
+        self._types: dict[tuple[str, str], int] = {}  # (device or '', metric) -> data type of its last birth
+        self.typed_data: list[tuple[str, str, str]] = []  # data messages' metrics that repeated their type
         self._lock = threading.Lock()
         self.client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2)
         self.client.on_message = self._on_message
@@ -632,8 +634,14 @@ class SparkplugListener:
         levels = message.topic.split("/")
         payload = self.pb.Payload()
         payload.ParseFromString(message.payload)
+        kind, device = levels[2], levels[4] if len(levels) > 4 else ""
         with self._lock:
-            self.messages.append((levels[2], levels[4] if len(levels) > 4 else "", payload))
+            self.messages.append((kind, device, payload))
+            for m in payload.metrics:  # a host knows each metric's type from the birth (Sparkplug 3.0)
+                if kind in ("NBIRTH", "DBIRTH"):
+                    self._types[device, m.name] = m.datatype
+                elif kind in ("NDATA", "DDATA") and m.HasField("datatype"):
+                    self.typed_data.append((kind, device, m.name))  # "SHOULD NOT" be there
 
     def of(self, kind: str, device: str = "") -> list:
         with self._lock:
@@ -644,9 +652,13 @@ class SparkplugListener:
             return sum(k == kind for k, _, _ in self.messages)
 
     def metrics(self, payload) -> dict[str, tuple[str, object]]:
-        """{name: (data type name, value)}."""
-        return {m.name: (self.pb.DataType.Name(m.datatype), getattr(m, m.WhichOneof("value")))
-                for m in payload.metrics}
+        """{name: (data type name, value)}: a data message's types from the births, as a host reads them."""
+        with self._lock:
+            device = next((d for _, d, p in self.messages if p is payload), "")
+            return {m.name: (self.pb.DataType.Name(m.datatype if m.HasField("datatype") else
+                                                   self._types.get((device, m.name), 0)),
+                             getattr(m, m.WhichOneof("value")))
+                    for m in payload.metrics}
 
     def check_seqs(self) -> int:
         """seq 0 in each NBIRTH and one more (mod 256) in each message after it (NDEATH has none); how many
@@ -719,6 +731,7 @@ def test_sparkplug_server_births_its_cameras_answers_a_rebirth_and_dies_with_its
         assert metric(server, label % "nbirth") == 2 and metric(server, label % "ddeath") == 1
         assert not [t for t, _, _ in host.messages if t not in ("NBIRTH", "DBIRTH", "DDATA", "DDEATH", "NDATA",
                                                                   "NCMD")]
+        assert not host.typed_data, host.typed_data[:5]  # data messages leave the births' types out
         server.kill()
         death = wait_until(lambda: host.of("NDEATH"), 10, what="the broker's NDEATH (the last will)")
         assert host.metrics(death[0])["bdSeq"] == node["bdSeq"] and not death[0].HasField("seq")
@@ -792,6 +805,7 @@ def test_sparkplug_seq_wraps_cameras_come_and_go_and_a_reconnection_births_all_a
         assert host.metrics(host.of("NBIRTH")[1])["bdSeq"][1] > bdseq[1]  # a new connection: the next bdSeq
         assert {d for k, d, _ in host.messages[-300:] if k == "DBIRTH"} == set(cameras)
         host.check_seqs()
+        assert not host.typed_data, host.typed_data[:5]
         fanout.close_all()
         publisher.close()  # stopping on purpose: its own NDEATH, with the bdSeq of the NBIRTH it ends
         death = wait_until(lambda: len(host.of("NDEATH")) == 2 and host.of("NDEATH")[1], 10, what="the NDEATH")

@@ -212,12 +212,16 @@ class SparkplugPublisher(MqttPublisher):
             payload.seq = self._seq
         return payload
 
-    def _metric(self, payload: Any, name: str, value: Any) -> None:
-        """A metric with its name, type (by name, as _TYPES says) and value, stamped with the payload's time."""
+    def _metric(self, payload: Any, name: str, value: Any, typed: bool = True) -> None:
+        """A metric with its name, type (by name, as _TYPES says) and value, stamped with the payload's time. Not
+        `typed` in NDATA and DDATA: the type is the birth's, and Sparkplug 3.0 says data messages should not repeat
+        it."""
         pb = self._pb.DataType
         kind = pb.Value(_TYPES.get(name, "Int64"))
         m = payload.metrics.add()
-        m.name, m.timestamp, m.datatype = name, payload.timestamp, kind
+        m.name, m.timestamp = name, payload.timestamp
+        if typed:
+            m.datatype = kind
         if kind in (pb.Int64, pb.UInt64):
             m.long_value = int(value) & 0xFFFF_FFFF_FFFF_FFFF  # Int64 as its two's complement, as Sparkplug says
         elif kind == pb.DateTime:
@@ -264,7 +268,7 @@ class SparkplugPublisher(MqttPublisher):
         status = self._status_word()
         if status != self._node_sent.get("Status"):
             payload = self._payload()
-            self._metric(payload, "Status", status)
+            self._metric(payload, "Status", status, typed=False)
             if self._publish("NDATA", payload):
                 self._node_sent["Status"] = status
         streams = {s.stream_id: s for s in self._streams()}
@@ -285,7 +289,7 @@ class SparkplugPublisher(MqttPublisher):
             if changed:
                 payload = self._payload()
                 for name, value in changed.items():
-                    self._metric(payload, name, value)
+                    self._metric(payload, name, value, typed=False)
                 if self._publish("DDATA", payload, cam.device):
                     cam.sent.update(changed)
 
