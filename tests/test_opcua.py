@@ -678,8 +678,9 @@ def test_an_unknown_name_costs_what_the_files_lines_cost_and_mixed_costs_are_war
 
 
 def test_password_checks_are_limited_so_a_guessing_client_cannot_stall_the_loop(tmp_path, caplog):
-    """Each check costs ~50 ms on the OPC UA loop: 10 at once, then 2 a second; past that a login is refused
-    unchecked (a right password too, until the budget refills), said in one line a minute, not one per refusal."""
+    """Each check costs ~50 ms on the OPC UA loop: 20 at once (PLCs reconnecting together after a restart), then 4
+    a second; past that a login is refused unchecked (a right password too, until the budget refills), said in one
+    line a minute, not one per refusal."""
     from yolov12_serve.opcua import _user_manager
     from yolov12_serve.opcua_users import LoginLimiter, UserTable, hash_password
 

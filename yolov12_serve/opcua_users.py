@@ -148,7 +148,7 @@ class LoginLimiter:
     PLCs' tag updates and guess freely. Over the limit a login is refused unchecked; the refusals are logged in one
     line a minute at most, not one each."""
 
-    def __init__(self, burst: int = 10, per_s: float = 2.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, burst: int = 20, per_s: float = 4.0, clock: Callable[[], float] = time.monotonic) -> None:
         self.burst, self.per_s, self._clock = burst, per_s, clock
         self._tokens, self._at = float(burst), clock()
         self._lock = threading.Lock()
