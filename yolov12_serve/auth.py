@@ -42,7 +42,7 @@ from .errors import ConfigError
 from .faultlog import FaultLog
 
 __all__ = ["METHOD_ROLES", "MIN_TOKEN_LEN", "OPEN", "ROLES", "AuthInterceptor", "TokenTable", "bearer_token",
-           "deny", "required_role"]
+           "deny", "required_role", "warn_if_readable_by_others"]
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ class TokenTable:
             entries.append((digest, role))
         if not entries:
             raise ConfigError(f"--auth-token-file {path} holds no token: add lines 'TOKEN ROLE'")
-        _warn_if_readable_by_others(path)
+        warn_if_readable_by_others(path)
         return cls(tuple(entries), str(path))
 
     def role_of(self, token: str) -> str | None:
@@ -124,13 +124,14 @@ class TokenTable:
         return {r: sum(1 for _, role in self.entries if role == r) for r in ROLES}
 
 
-def _warn_if_readable_by_others(path: Path) -> None:
+def warn_if_readable_by_others(path: Path, flag: str = "--auth-token-file") -> None:
+    """A secrets file (tokens, OPC UA users) that other users may read: a warning naming its flag and the fix."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
         return
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("--auth-token-file %s can be read by other users (mode %o): chmod 600 it", path, mode & 0o777)
+        log.warning("%s %s can be read by other users (mode %o): chmod 600 it", flag, path, mode & 0o777)
 
 
 def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:

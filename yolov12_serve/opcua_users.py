@@ -22,7 +22,6 @@ import logging
 import math
 import os
 import re
-import stat
 import sys
 import threading
 import time
@@ -31,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .argparsing import OneLineParser
+from .auth import warn_if_readable_by_others
 from .errors import ConfigError
 
 __all__ = ["MIN_PASSWORD_LEN", "LoginLimiter", "UserTable", "hash_password", "main"]
@@ -129,7 +129,7 @@ class UserTable:
         if not users:
             raise ConfigError(f"{FLAG} {path} holds no user: add lines made by `python -m yolov12_serve.opcua_users "
                               "NAME`")
-        _warn_if_readable_by_others(path)
+        warn_if_readable_by_others(path, FLAG)
         return cls(users, str(path), _dummy_like(users, path))
 
     def check(self, name: str | None, password: str | None) -> bool:
@@ -185,14 +185,6 @@ def _dummy_like(users: dict[str, _Hash], path: Path) -> _Hash:
                     "names exist: make every line again with `%s NAME`", FLAG, path, len(costs), PROG)
     return _Hash(n, r, p, b"\0" * 16, b"\0" * 32)
 
-
-def _warn_if_readable_by_others(path: Path) -> None:
-    try:
-        mode = os.stat(path).st_mode
-    except OSError:
-        return
-    if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        log.warning("%s %s can be read by other users (mode %o): chmod 600 it", FLAG, path, mode & 0o777)
 
 
 def main(argv: Sequence[str] | None = None, ask: Callable[[str], str] | None = None) -> int:
