@@ -429,7 +429,7 @@ class Client:
         if channel is None:
             if not isinstance(target, str) or not target or target.split("://", 1)[0] in ("http", "https", "grpc"):
                 raise ValueError(f"target {target!r}: expected HOST:PORT such as localhost:50051 (no http://; TLS: "
-                                 "tls_ca=...)")  # gRPC said "Misformatted domain name" at the first call
+                                 "tls_ca=...)")  # else gRPC says "Misformatted domain name" at the first call
             channel = self._channel(target, options, tls, tls_ca, cert, key, server_name)
         self.channel = grpc.intercept_channel(channel, _BearerToken(token)) if token else channel
         self.stub = pb_grpc.DetectorStub(self.channel)
@@ -475,7 +475,7 @@ class Client:
         classes = [classes] if isinstance(classes, str) else list(classes)
         if not all(isinstance(c, str) for c in classes):
             raise TypeError(f"add_stream: classes are the model's class names (str), got {classes!r}")
-        # a list here was dict()'s "dictionary update sequence element #0 has length 4; 2 is required"
+        # a list here would reach dict() as "dictionary update sequence element #0 has length 4; 2 is required"
         if class_min_scores is not None and not isinstance(class_min_scores, Mapping):
             raise TypeError(f"add_stream: class_min_scores maps class names (str) to scores, e.g. {{'dent': 0.3}}, "
                             f"got {class_min_scores!r}")
@@ -483,7 +483,7 @@ class Client:
             corners = _flat(zone) if not isinstance(zone, str | bytes) else None
         except (TypeError, ValueError):
             corners = None
-        if corners is None:  # a string's characters were read as numbers: "could not convert string to float: ','"
+        if corners is None:  # a string's characters would be read as numbers: "could not convert string to float"
             raise TypeError(f"add_stream: zone takes (x, y) pairs or the same numbers flat, e.g. [(0, .3), (1, .3), "
                             f"(1, .8), (0, .8)], got {zone!r}")
         scores = dict(class_min_scores or {})
